@@ -60,6 +60,9 @@ __all__ = [
     "check_input",
     "check_model",
     "target_scores",
+    "class_indices",
+    "check_class_range",
+    "backward_seed",
 ]
 
 TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
@@ -613,12 +616,14 @@ def attach_debug_probes(model: nn.Module, debug: bool = False) -> Dict[str, Prob
 # ---------------------------------------------------------------------------------------------
 
 
-def check_input(input: Any, name: str = "input", min_dim: int = 3) -> torch.Tensor:
+def check_input(input: Any, name: str = "input", min_dim: int = 3,
+                needs_grad: bool = True) -> torch.Tensor:
     """Validate a batch ``(N, C, *spatial)`` of floating-point data and return it.
 
     Raises :class:`TypeError` for non-tensors and integer / boolean / complex tensors (with the
-    conversion to use), :class:`ValueError` for a wrong rank, an empty batch or an inference
-    tensor, and :class:`RuntimeError` inside :func:`torch.inference_mode`.
+    conversion to use), :class:`ValueError` for a wrong rank or an empty batch.  When
+    ``needs_grad`` (the method differentiates), also :class:`RuntimeError` inside
+    :func:`torch.inference_mode` and :class:`ValueError` for an inference tensor.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
@@ -635,6 +640,8 @@ def check_input(input: Any, name: str = "input", min_dim: int = 3) -> torch.Tens
             "x.unsqueeze(0)")
     if input.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(input.shape)})")
+    if not needs_grad:
+        return input
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "attribution needs autograd, which torch.inference_mode() disables; call it outside "
@@ -702,8 +709,13 @@ def model_state_guard(model: nn.Module, eval_mode: bool = True,
 # ---------------------------------------------------------------------------------------------
 
 
-def _class_indices(target: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """Turn an int, a sequence of ints or a 1-D integer tensor into a (batch,) long tensor."""
+def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "cpu"
+                  ) -> torch.Tensor:
+    """Turn an int, a sequence of ints or a 1-D integer tensor into a ``(batch,)`` long tensor.
+
+    Raises :class:`ValueError` for floats, wrong lengths and wrong ranks, :class:`TypeError` for
+    booleans and other types.  The range is not checked (see :func:`check_class_range`).
+    """
     if isinstance(target, bool) or (isinstance(target, torch.Tensor)
                                     and target.dtype == torch.bool):
         raise TypeError(f"target must be a class index (int), got the boolean {target!r}")
@@ -748,7 +760,8 @@ def _class_indices(target: Any, batch: int, device: torch.device) -> torch.Tenso
     return idx
 
 
-def _check_range(idx: torch.Tensor, low: int, high: int, what: str) -> None:
+def check_class_range(idx: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Raise :class:`ValueError` (ending with ``what``) if an index is outside [low, high)."""
     if idx.numel() and (int(idx.min()) < low or int(idx.max()) >= high):
         bad = idx[(idx < low) | (idx >= high)].tolist()
         raise ValueError(f"target class {bad[0]} is out of range: {what}")
@@ -799,13 +812,13 @@ def get_backward_gradient(pred_y: torch.Tensor, y: TargetType) -> torch.Tensor:
     if pred_y.dim() == 0:
         raise ValueError("the model output is a scalar; it needs a batch dimension")
     batch = pred_y.shape[0]
-    idx = _class_indices(y, batch, pred_y.device)
+    idx = class_indices(y, batch, pred_y.device)
     if _is_binary_head(pred_y):
-        _check_range(idx, 0, 2, "a single-logit (binary) head takes target 1 (explain +logit) "
+        check_class_range(idx, 0, 2, "a single-logit (binary) head takes target 1 (explain +logit) "
                                 "or 0 (explain -logit)")
         return (idx * 2 - 1).to(pred_y.dtype).view(pred_y.shape)
     num_classes = pred_y.shape[1]
-    _check_range(idx, 0, num_classes,
+    check_class_range(idx, 0, num_classes,
                  f"the model output has {num_classes} classes (valid: 0..{num_classes - 1})")
     seed = torch.zeros_like(pred_y)
     seed[torch.arange(batch, device=pred_y.device), idx] = 1
@@ -828,8 +841,8 @@ def get_pointing_gradient(pred_y: torch.Tensor, y: TargetType,
             or (isinstance(y, torch.Tensor) and y.is_floating_point())):
         return get_backward_gradient(pred_y, y)
     batch, num_classes = pred_y.shape[:2]
-    idx = _class_indices(y, batch, pred_y.device)
-    _check_range(idx, 0, num_classes,
+    idx = class_indices(y, batch, pred_y.device)
+    check_class_range(idx, 0, num_classes,
                  f"the model output has {num_classes} classes (valid: 0..{num_classes - 1})")
     rows = torch.arange(batch, device=pred_y.device)
     scores = pred_y.detach()[rows, idx].flatten(1)
