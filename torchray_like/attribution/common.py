@@ -276,16 +276,17 @@ class RuleContext(TorchFunctionMode):
 
     def _warn(self) -> None:
         name = type(self).__name__
+        others = ", ".join(f"{k} ×{v}" for k, v in sorted(self.unhandled.items()))
         if self.calls and not self.replaced:
             warnings.warn(
                 f"{name} saw {self.calls} torch calls but replaced no {self.replaces}: the model "
-                "uses none, so gradients computed from this pass are plain gradients, not the "
-                "method's.", NoRuleAppliedWarning, stacklevel=3)
-        if self.unhandled:
-            seen = ", ".join(f"{k} ×{v}" for k, v in sorted(self.unhandled.items()))
+                "uses none" + (f" (it calls {others} instead)" if others else "") + ", so "
+                "gradients computed from this pass are plain gradients, not the method's.",
+                NoRuleAppliedWarning, stacklevel=3)
+        elif self.unhandled:
             warnings.warn(
                 f"{name} replaced {self.replaced} {self.replaces} calls, but the model also calls "
-                f"non-linearities the rule does not cover ({seen}); those keep their plain "
+                f"non-linearities the rule does not cover ({others}); those keep their plain "
                 "gradient.", UnhandledActivationWarning, stacklevel=3)
 
 
@@ -1128,10 +1129,8 @@ def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
         model, saliency_layer)
     if not (isinstance(smooth, (int, float)) and smooth >= 0 and math.isfinite(smooth)):
         raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
-    if callable(target) and not isinstance(target, torch.Tensor):
-        pass
-    elif target is None:
-        backward_seed(None, None, 0)  # raises the explanation
+    if target is None:
+        backward_seed(None, None, 0)  # raises the explanation before any work
     batch = input.shape[0]
 
     probe = None

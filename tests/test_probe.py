@@ -1,0 +1,244 @@
+"""Probe and get_module."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchray_like.attribution.common import Probe, attach_debug_probes, get_module
+from torchray_like.attribution.guided_backprop import GuidedBackpropContext
+
+from .reference import RefGuidedReLU
+from .state import hook_counts
+
+
+class VGGish(nn.Module):
+    """conv → ReLU(inplace) → conv → ReLU(inplace) → linear, like VGG's features."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=inplace),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=inplace))
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_probe_survives_inplace_relu_after_the_probed_conv():
+    net = VGGish(inplace=True).double()
+    ref = VGGish(inplace=False).double()
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+
+    # Reference: the conv output kept with retain_grad in a net without in-place ops.
+    store = {}
+    h = ref.features[0].register_forward_hook(
+        _keep(store))
+    ref(x.clone().requires_grad_(True))[:, 1].sum().backward()
+    h.remove()
+
+    with Probe(net.features[0]) as probe:
+        net(x.clone().requires_grad_(True))[:, 1].sum().backward()
+        (act,) = probe.data
+        # The recorded values are the conv output, not the rectified one.
+        torch.testing.assert_close(act, store["a"], rtol=0, atol=0)
+        assert (act < 0).any()
+        torch.testing.assert_close(act.grad, store["a"].grad, rtol=0, atol=0)
+    assert probe.data == []
+
+
+def test_probe_records_guided_gradient_inside_context():
+    """The documented TorchRay usage: probe a layer, read activation and guided gradient."""
+    net = VGGish().double()
+    ref = VGGish(inplace=False).double()
+    ref.load_state_dict(net.state_dict())
+    ref.features[1] = ref.features[3] = _RefModule()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+
+    probe = Probe(get_module(net, "features.2"), target="output")
+    with GuidedBackpropContext():
+        y = net(x)
+        y[0, 2].backward()
+    act, grad = probe.data[0], probe.data[0].grad
+    probe.remove()
+
+    store = {}
+    h = ref.features[2].register_forward_hook(
+        _keep(store))
+    ref(x)[0, 2].backward()
+    h.remove()
+    torch.testing.assert_close(act, store["a"], rtol=0, atol=0)
+    torch.testing.assert_close(grad, store["a"].grad, rtol=1e-12, atol=1e-12)
+
+
+class _RefModule(nn.Module):
+    def forward(self, x):
+        return RefGuidedReLU.apply(x, None)
+
+
+def _keep(store):
+    def hook(module, inputs, output):
+        output.retain_grad()
+        store["a"] = output
+    return hook
+
+
+class SharedReLU(nn.Module):
+    """One ReLU module called three times, as torchvision's ResNet blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.relu(self.lin(x))
+        x = self.relu(self.lin(x) - 0.1)
+        return self.relu(self.lin(x) + 0.1).sum(1)
+
+
+def test_module_called_several_times_records_every_call_in_order():
+    net = SharedReLU().double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    # Reference: explicit tensors of each call.
+    h1 = F.relu(net.lin(x))
+    h2 = F.relu(net.lin(h1) - 0.1)
+    h3 = F.relu(net.lin(h2) + 0.1)
+    for h in (h1, h2, h3):
+        h.retain_grad()
+    h3.sum(1).sum().backward()
+
+    with Probe(net.relu) as probe:
+        net(x.detach().requires_grad_(True)).sum().backward()
+        assert len(probe.data) == 3
+        for rec, h in zip(probe.data, (h1, h2, h3)):
+            torch.testing.assert_close(rec, h, rtol=0, atol=0)
+            torch.testing.assert_close(rec.grad, h.grad, rtol=0, atol=0)
+
+
+def test_input_probe():
+    net = VGGish().double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    with Probe(net.features[1], target="input") as probe:
+        net(x)[0, 0].backward()
+        (rec,) = probe.data
+    # The input of the in-place ReLU is the conv output, recorded before the ReLU changed it.
+    with torch.no_grad():
+        conv = net.features[0](x)
+    torch.testing.assert_close(rec, conv, rtol=0, atol=0)
+    assert rec.grad.shape == conv.shape
+    # Only positive positions pass the (plain) ReLU gradient.
+    assert torch.all(rec.grad[conv <= 0] == 0)
+
+
+def test_probe_on_frozen_model_makes_the_layer_a_leaf():
+    net = VGGish().double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    with Probe(net.features[2]) as probe:
+        y = net(x)
+        y[0, 1].backward()
+        rec = probe.data[0]
+        assert rec.is_leaf and rec.grad is not None
+    assert net.fc.weight.grad is None
+
+
+def test_probe_under_no_grad_records_values_only():
+    net = VGGish()
+    with Probe(net.features[0]) as probe, torch.no_grad():
+        net(torch.randn(1, 3, 5, 5))
+        assert len(probe.data) == 1 and not probe.data[0].requires_grad
+
+
+def test_remove_and_context_manager_leave_no_hooks():
+    net = VGGish()
+    before = hook_counts(net)
+    p1 = Probe(net.features[0])
+    p2 = Probe(net.features[1], target="input")
+    assert hook_counts(net) != before
+    p1.remove()
+    p1.remove()  # idempotent
+    p2.remove()
+    assert hook_counts(net) == before
+    with Probe(net.fc):
+        assert hook_counts(net) != before
+    assert hook_counts(net) == before
+    assert not p1.active
+
+
+def test_no_reference_cycles():
+    """Dropping a probe frees it (and its hook) without the cycle collector."""
+    net = VGGish()
+    before = hook_counts(net)
+    gc.collect()
+    gc.disable()
+    try:
+        probe = Probe(net.features[0])
+        net(torch.randn(1, 3, 5, 5))
+        ref_probe = weakref.ref(probe)
+        ref_tensor = weakref.ref(probe.data[0])
+        del probe
+        assert ref_probe() is None
+        assert ref_tensor() is None
+        assert hook_counts(net) == before
+        # The model is not kept alive by a probe either.
+        probe = Probe(net.features[0])
+        ref_net = weakref.ref(net)
+        del net, probe
+        assert ref_net() is None
+    finally:
+        gc.enable()
+
+
+def test_probe_errors():
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        Probe("features.0")
+    with pytest.raises(ValueError, match="target must be 'output' or 'input'"):
+        Probe(nn.ReLU(), target="grad")
+
+    class TupleOut(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    m = TupleOut()
+    with Probe(m):
+        with pytest.raises(TypeError, match="is a tuple, not a tensor"):
+            m(torch.randn(2))
+
+
+def test_get_module():
+    net = VGGish()
+    assert get_module(net, "features.2") is net.features[2]
+    assert get_module(net, net.fc) is net.fc
+    assert get_module(net, "") is net
+    with pytest.raises(ValueError, match=r"no module named 'feature\.2'.*'features\.2'"):
+        get_module(net, "feature.2")
+    with pytest.raises(ValueError, match="no module named 'layer4'"):
+        get_module(net, "layer4")
+    with pytest.raises(ValueError, match="not a sub-module"):
+        get_module(net, nn.ReLU())
+    with pytest.raises(TypeError, match="dotted name or an nn.Module"):
+        get_module(net, 3)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        get_module("net", "fc")
+
+
+def test_attach_debug_probes():
+    net = VGGish()
+    assert attach_debug_probes(net) == {}
+    probes = attach_debug_probes(net, debug=True)
+    assert set(probes) == {"features", "features.0", "features.1", "features.2", "features.3",
+                           "fc"}
+    net(torch.randn(1, 3, 5, 5))
+    assert probes["fc"].data[0].shape == (1, 3)
+    for p in probes.values():
+        p.remove()
+    assert hook_counts(net) == {}
