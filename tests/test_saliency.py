@@ -519,3 +519,34 @@ def test_saliency_with_no_context_equals_gradient():
     net = ConvNet(2).eval()
     x = inputs(2)
     torch.testing.assert_close(saliency(net, x, 1), gradient(net, x, 1), rtol=0, atol=0)
+
+
+def test_concurrent_calls_on_one_model_restore_its_state():
+    """Two threads explaining one trainable model: neither leaves it frozen or in eval mode."""
+    import threading
+
+    net = ConvNet(2).train()
+    x = inputs(2)
+    expected = gradient(net, x, 1)
+    before = snapshot(net)
+    errors, results = [], []
+    start = threading.Barrier(4)
+
+    def work():
+        try:
+            start.wait(10)
+            for _ in range(10):
+                results.append(gradient(net, x, 1))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(results) == 40
+    for r in results:
+        torch.testing.assert_close(r, expected, rtol=0, atol=0)
+    assert_same_state(before, snapshot(net))

@@ -671,6 +671,41 @@ def check_model(model: Any) -> nn.Module:
     return model
 
 
+class _GuardState:
+    """The original state of a model under guard, shared by every thread guarding it."""
+
+    __slots__ = ("count", "modes", "params")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 0
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+
+    def apply(self, eval_mode: bool, freeze: bool) -> None:
+        if eval_mode:
+            for m, _ in self.modes:
+                if m.training:
+                    m.training = False
+        if freeze:
+            for p, _, _ in self.params:
+                if p.requires_grad:
+                    p.requires_grad_(False)
+
+    def restore(self) -> None:
+        for p, req, grad in self.params:
+            if p.requires_grad != req:
+                p.requires_grad_(req)
+            if p.grad is not grad:
+                p.grad = grad
+        for m, training in self.modes:
+            if m.training != training:
+                m.training = training
+
+
+_GUARD_LOCK = threading.Lock()
+_GUARDS: "weakref.WeakKeyDictionary[nn.Module, _GuardState]" = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def model_state_guard(model: nn.Module, eval_mode: bool = True,
                       freeze: bool = True) -> Iterator[nn.Module]:
@@ -682,27 +717,27 @@ def model_state_guard(model: nn.Module, eval_mode: bool = True,
 
     Freezing the parameters means the forward pass records no graph for weight gradients and
     backward never computes them: the method costs what the gradient it needs costs.
+
+    Several threads may explain the same model at once: the state is saved by the first guard
+    to enter and restored by the last to leave (a per-model count under a lock), so one thread
+    finishing never un-freezes the model under another, and the original flags always come
+    back.  Training the model in another thread *while* it is being explained is not
+    supported: module flags are shared by all threads.
     """
-    modes = [(m, m.training) for m in model.modules()] if eval_mode else []
-    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    with _GUARD_LOCK:
+        state = _GUARDS.get(model)
+        if state is None:
+            state = _GUARDS[model] = _GuardState(model)
+        state.count += 1
+        state.apply(eval_mode, freeze)
     try:
-        for m, training in modes:
-            if training:
-                m.training = False
-        if freeze:
-            for p, req, _ in params:
-                if req:
-                    p.requires_grad_(False)
         yield model
     finally:
-        for p, req, grad in params:
-            if p.requires_grad != req:
-                p.requires_grad_(req)
-            if p.grad is not grad:
-                p.grad = grad
-        for m, training in modes:
-            if m.training != training:
-                m.training = training
+        with _GUARD_LOCK:
+            state.count -= 1
+            if state.count == 0:
+                del _GUARDS[model]
+                state.restore()
 
 
 # ---------------------------------------------------------------------------------------------
