@@ -242,3 +242,16 @@ def test_attach_debug_probes():
     for p in probes.values():
         p.remove()
     assert hook_counts(net) == {}
+
+
+def test_probe_this_thread_only_ignores_other_threads():
+    import threading
+
+    net = VGGish()
+    x = torch.randn(1, 3, 5, 5)
+    with Probe(net.features[0], this_thread_only=True) as mine, Probe(net.features[0]) as every:
+        t = threading.Thread(target=lambda: net(x))
+        t.start()
+        t.join()
+        net(x)
+        assert len(mine.data) == 1 and len(every.data) == 2

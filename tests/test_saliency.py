@@ -550,3 +550,19 @@ def test_concurrent_calls_on_one_model_restore_its_state():
     for r in results:
         torch.testing.assert_close(r, expected, rtol=0, atol=0)
     assert_same_state(before, snapshot(net))
+
+
+def test_layer_off_the_output_path_and_resize_rank_errors():
+    class SideBranch(ConvNet):
+        def __init__(self):
+            super().__init__(2)
+            self.side = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            self.side(x)  # computed, but unused by the output
+            return super().forward(x)
+
+    with pytest.raises(ValueError, match="does not depend on the saliency_layer 'side'"):
+        gradient(SideBranch().eval(), inputs(2), 1, saliency_layer="side")
+    with pytest.raises(ValueError, match="resize=True: the map has 1 spatial dimensions"):
+        resize_saliency(torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 4), True)

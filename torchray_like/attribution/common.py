@@ -503,7 +503,7 @@ class _ProbeHook:
 
     def _record(self, value: Any) -> Any:
         probe = self.probe()
-        if probe is None:
+        if probe is None or (probe.thread is not None and probe.thread != threading.get_ident()):
             return None
         if not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -527,7 +527,7 @@ class _ProbeHook:
 
     def __call__(self, module, inputs, output=None):
         probe = self.probe()
-        if probe is None:
+        if probe is None or (probe.thread is not None and probe.thread != threading.get_ident()):
             return None
         if probe.target == "output":
             return self._record(output)
@@ -547,6 +547,9 @@ class Probe:
         The module to watch.
     target : {"output", "input"}
         What to record: the module's output, or its first positional input.
+    this_thread_only : bool
+        Record only calls made by the thread that created the probe (the library's own
+        wrappers use this, so that other threads running the same model do not add readings).
 
     Attributes
     ----------
@@ -564,13 +567,15 @@ class Probe:
     hook; :meth:`remove` (or leaving its ``with`` block) removes the hook and frees the data.
     """
 
-    def __init__(self, module: nn.Module, target: str = "output") -> None:
+    def __init__(self, module: nn.Module, target: str = "output",
+                 this_thread_only: bool = False) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Probe: module must be a torch.nn.Module, got {type(module).__name__}")
         if target not in ("output", "input"):
             raise ValueError(f"Probe: target must be 'output' or 'input', got {target!r}")
         self.module = module
         self.target = target
+        self.thread = threading.get_ident() if this_thread_only else None
         self.data: List[torch.Tensor] = []
         hook = _ProbeHook(self)
         if target == "output":
@@ -981,6 +986,11 @@ def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType
         adapted to the rank, so the default ``"bilinear"`` works for 1-D and 3-D maps too.
     """
     spatial = saliency.dim() - 2
+    if size is True and tensor.dim() != saliency.dim():
+        raise ValueError(
+            f"resize=True: the map has {spatial} spatial dimensions (shape "
+            f"{tuple(saliency.shape)}) but the input has {tensor.dim() - 2} (shape "
+            f"{tuple(tensor.shape)}); give the size explicitly")
     out_size = _spatial_size(size, spatial, tensor)
     if out_size is None:
         return saliency
@@ -1173,7 +1183,7 @@ def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
         x = input.detach().requires_grad_(layer is None)
         try:
             if layer is not None:
-                probe = Probe(layer, "output")
+                probe = Probe(layer, "output", this_thread_only=True)
             context = context_builder() if context_builder is not None else NullContext()
             if isinstance(context, RuleContext):
                 context.warn_if_unused = False
@@ -1187,9 +1197,11 @@ def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
                 read = _single_call(probe, saliency_layer)
             tensor, seed = backward_seed(output, target, batch, get_backward_gradient)
             if not tensor.requires_grad:
+                where = "input" if layer is None else f"saliency_layer {_label(saliency_layer)!r}"
                 raise ValueError(
-                    "the model output does not depend on the input through autograd (does the "
-                    "model detach its activations or run under torch.no_grad()?)")
+                    f"the model output does not depend on the {where} through autograd (is the "
+                    "layer on the path to the output? does the model detach its activations or "
+                    "run under torch.no_grad()?)")
             (grad,) = torch.autograd.grad(tensor, read, seed, allow_unused=True)
             if grad is None:
                 where = "input" if layer is None else f"layer {saliency_layer!r}"
@@ -1228,8 +1240,12 @@ def _check_context_used(context: RuleContext, model: nn.Module) -> None:
             UnhandledActivationWarning, stacklevel=4)
 
 
+def _label(name: Any) -> str:
+    return name if isinstance(name, str) else type(name).__name__
+
+
 def _single_call(probe: Probe, name: Any) -> torch.Tensor:
-    label = name if isinstance(name, str) else type(name).__name__
+    label = _label(name)
     if not probe.data:
         raise ValueError(f"saliency_layer {label!r} was not called in the forward pass")
     if len(probe.data) > 1:
