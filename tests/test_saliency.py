@@ -505,16 +505,6 @@ def test_torchvision_architectures(torchvision_model, name):
     assert_same_state(before, snapshot(model, x))
 
 
-def test_registry():
-    assert METHODS["gradient"] is gradient
-    assert METHODS["guided_backprop"] is guided_backprop
-    with pytest.raises(ValueError, match="unknown attribution method 'gradcam'.*known methods"):
-        METHODS["gradcam"]
-    net = ConvNet(2).eval()
-    x = inputs(2)
-    torch.testing.assert_close(METHODS["deconvnet"](net, x, 1), deconvnet(net, x, 1))
-
-
 def test_saliency_with_no_context_equals_gradient():
     net = ConvNet(2).eval()
     x = inputs(2)

@@ -15,8 +15,11 @@ from typing import Callable, Dict, Iterator, Mapping
 from . import common
 from .common import *  # noqa: F401,F403
 from .deconvnet import *  # noqa: F401,F403
+from .grad_cam import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
 from .guided_backprop import *  # noqa: F401,F403
+from .guided_grad_cam import *  # noqa: F401,F403
+from .linear_approx import *  # noqa: F401,F403
 
 # The star imports above rebind names such as ``gradient`` from the sub-module to the function
 # (as users expect); the modules themselves stay reachable through ``sys.modules``.
@@ -24,9 +27,8 @@ def _module(name: str):
     return sys.modules[f"{__name__}.{name}"]
 
 
-_gradient = _module("gradient")
-_guided_backprop = _module("guided_backprop")
-_deconvnet = _module("deconvnet")
+_MODULES = [_module(name) for name in (
+    "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "linear_approx")]
 
 
 class MethodRegistry(Mapping):
@@ -56,11 +58,13 @@ class MethodRegistry(Mapping):
 
 #: Method name → function ``f(model, input, target, **kwargs)``.
 METHODS = MethodRegistry({
-    "gradient": _gradient.gradient,
-    "guided_backprop": _guided_backprop.guided_backprop,
-    "deconvnet": _deconvnet.deconvnet,
+    "gradient": gradient,  # noqa: F405
+    "guided_backprop": guided_backprop,  # noqa: F405
+    "deconvnet": deconvnet,  # noqa: F405
+    "grad_cam": grad_cam,  # noqa: F405
+    "guided_grad_cam": guided_grad_cam,  # noqa: F405
+    "linear_approx": linear_approx,  # noqa: F405
 })
 
-__all__ = (["METHODS", "MethodRegistry", "common"] + list(common.__all__)
-           + list(_gradient.__all__) + list(_guided_backprop.__all__)
-           + list(_deconvnet.__all__))
+__all__ = ["METHODS", "MethodRegistry", "common"] + list(common.__all__) + [
+    name for module in _MODULES for name in module.__all__]

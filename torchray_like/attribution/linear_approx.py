@@ -1,0 +1,87 @@
+r"""Linear approximation.
+
+The first-order Taylor term of the class score ``y`` in a layer's activations ``A``:
+``map[u] = Σ_k A_k[u] · ∂y/∂A_k[u]``, signed and not clamped (at the input this is
+"gradient × input" summed over the colour channels).  If the network is affine after the layer,
+``y = ⟨W, A⟩ + b``, the map sums exactly to ``y − b``: the score minus its value at zero
+activation.  Compared with Grad-CAM (Selvaraju et al. 2017, arXiv 1610.02391), which averages
+the gradient over space before weighting and rectifies the result, the weighting is per position
+and the sign is kept.  Backpropagation stops at the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .common import SaliencyDebug, SizeType, TargetType, get_backward_gradient, saliency
+
+__all__ = ["linear_approx", "linear_approx_map"]
+
+
+def linear_approx_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``Σ_k A_k · ∂y/∂A_k`` per position: ``(N, K, *spatial)`` → ``(N, 1, *spatial)``, signed."""
+    if activation.dim() < 3:
+        raise ValueError(
+            f"linear approximation needs a tensor with spatial dimensions, shape "
+            f"(N, C, *spatial); got shape {tuple(activation.shape)}: choose a convolutional "
+            "layer, or the input (saliency_layer=None)")
+    if gradient.shape != activation.shape:
+        raise ValueError(
+            f"linear_approx_map: gradient shape {tuple(gradient.shape)} differs from the "
+            f"activation shape {tuple(activation.shape)}")
+    return (activation * gradient).sum(dim=1, keepdim=True)
+
+
+class _LinearApproxToSaliency:
+    def __init__(self, layer_label: str) -> None:
+        self.layer_label = layer_label
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ValueError(
+                f"linear_approx: saliency_layer {self.layer_label} outputs shape "
+                f"{tuple(x.shape)}, which has no spatial dimensions; the map needs "
+                "(N, C, *spatial): choose a convolutional layer, or the input "
+                "(saliency_layer=None)")
+        return linear_approx_map(x.detach(), x.grad)
+
+
+def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
+                  saliency_layer: Union[str, nn.Module, None] = None, resize: SizeType = False,
+                  resize_mode: str = "bilinear", smooth: float = 0,
+                  context_builder: Optional[Callable[[], Any]] = None,
+                  get_backward_gradient: Callable = get_backward_gradient,
+                  debug: bool = False
+                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
+    """Linear-approximation saliency map: ``Σ_k A_k · ∂y/∂A_k`` at a layer, signed.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (run in eval mode with frozen parameters; its state is restored).
+    input : torch.Tensor
+        ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).
+    target : int, sequence, torch.Tensor or callable
+        The class to explain (see :func:`~torchray_like.attribution.common.saliency`).
+    saliency_layer : str or torch.nn.Module, optional
+        The layer whose output ``A`` is used.  ``None`` or ``""`` (default) means the input, as
+        for every method built on :func:`~torchray_like.attribution.common.saliency` — the map
+        is then gradient × input summed over channels.  For the layer Grad-CAM would choose,
+        pass ``find_saliency_layer(model, input)``.
+    resize, resize_mode, smooth, context_builder, get_backward_gradient, debug
+        As in :func:`~torchray_like.attribution.common.saliency`.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, SaliencyDebug)
+        ``(N, 1, *spatial)`` signed maps (or resized), detached, on the input's device.
+    """
+    label = (repr(saliency_layer) if isinstance(saliency_layer, str) or saliency_layer is None
+             else type(saliency_layer).__name__)
+    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
+                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
+                    gradient_to_saliency=_LinearApproxToSaliency(label),
+                    get_backward_gradient=get_backward_gradient, debug=debug)
