@@ -33,8 +33,6 @@ from harness import HEADER, Case, floor_input, format_row, time_pair  # noqa: E4
 
 from torchray_like.attribution import METHODS  # noqa: E402
 from torchray_like.attribution.common import ReLUContext, saliency  # noqa: E402
-from torchray_like.attribution.deconvnet import DECONVNET_RULE  # noqa: E402
-from torchray_like.attribution.guided_backprop import GUIDED_BACKPROP_RULE  # noqa: E402
 
 
 def core_cases(model, x, target, args) -> List[Case]:

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, Mapping
 from . import common
 from .common import *  # noqa: F401,F403
 from .deconvnet import *  # noqa: F401,F403
+from .excitation_backprop import *  # noqa: F401,F403
 from .grad_cam import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
 from .guided_backprop import *  # noqa: F401,F403
@@ -28,7 +29,8 @@ def _module(name: str):
 
 
 _MODULES = [_module(name) for name in (
-    "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "linear_approx")]
+    "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "linear_approx",
+    "excitation_backprop")]
 
 
 class MethodRegistry(Mapping):
@@ -64,6 +66,8 @@ METHODS = MethodRegistry({
     "grad_cam": grad_cam,  # noqa: F405
     "guided_grad_cam": guided_grad_cam,  # noqa: F405
     "linear_approx": linear_approx,  # noqa: F405
+    "excitation_backprop": excitation_backprop,  # noqa: F405
+    "contrastive_excitation_backprop": contrastive_excitation_backprop,  # noqa: F405
 })
 
 __all__ = ["METHODS", "MethodRegistry", "common"] + list(common.__all__) + [

@@ -63,6 +63,10 @@ __all__ = [
     "class_indices",
     "check_class_range",
     "backward_seed",
+    "forward_pass",
+    "ForwardPass",
+    "finish_map",
+    "check_smooth",
 ]
 
 TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
@@ -215,6 +219,8 @@ class RuleContext(TorchFunctionMode):
 
     #: Names used in warnings: what the context replaces.
     replaces = "rule"
+    #: What a model needs for the context to apply (used in the error of the wrappers).
+    requirement = "a model whose forward pass calls the operations the rule replaces"
     #: Whether to warn about activations listed in ``_OTHER_ACTIVATIONS``.
     report_other_activations = False
 
@@ -315,6 +321,8 @@ class ReLUContext(RuleContext):
     """
 
     replaces = "ReLU"
+    requirement = ("a model that uses ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, "
+                   "ReLU6 ...)")
     report_other_activations = True
 
     def __init__(self, function_class: Union[ReLURule, type]) -> None:
@@ -1116,6 +1124,128 @@ def backward_seed(output: Any, target: TargetType, batch: int,
     return output, seed
 
 
+def _is_input(layer: Any) -> bool:
+    return layer is None or (isinstance(layer, str) and layer == "")
+
+
+def _label(name: Any) -> str:
+    return repr(name) if isinstance(name, str) else type(name).__name__
+
+
+def check_smooth(smooth: Any) -> float:
+    """Validate the ``smooth`` argument (a non-negative finite number)."""
+    if isinstance(smooth, bool) or not (isinstance(smooth, (int, float)) and smooth >= 0
+                                        and math.isfinite(smooth)):
+        raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
+    return float(smooth)
+
+
+def finish_map(input: torch.Tensor, smap: torch.Tensor, resize: SizeType = False,
+               resize_mode: str = "bilinear", smooth: float = 0) -> torch.Tensor:
+    """The last steps every method shares: detach, resize, then smooth with
+    ``sigma = smooth * max(spatial size)`` of the resized map."""
+    smap = resize_saliency(input, smap.detach(), resize, resize_mode)
+    if smooth:
+        smap = smooth_saliency(smap, smooth * max(smap.shape[2:]))
+    return smap
+
+
+@dataclass
+class ForwardPass:
+    """One forward pass made by :func:`forward_pass`, ready to differentiate.
+
+    Attributes
+    ----------
+    x : torch.Tensor
+        The leaf the model ran on (a detached alias of the caller's input; it requires grad
+        only when a reading is the input).
+    output : Any
+        The model output.
+    scores : torch.Tensor
+        The tensor to differentiate (the output, or the callable target's scores).
+    seed : torch.Tensor
+        Its seed gradient.
+    context : Any
+        The context the forward ran in.
+    reads : dict
+        Label → the tensor read (the input ``x``, or the single recorded call of a layer).
+    """
+
+    x: torch.Tensor
+    output: Any
+    scores: torch.Tensor
+    seed: torch.Tensor
+    context: Any
+    reads: Dict[str, torch.Tensor]
+    layers: Dict[str, Any]
+
+    def grad(self, label: str, retain_graph: bool = False) -> torch.Tensor:
+        """``∂(seed · scores) / ∂ reads[label]`` (under the context's rules)."""
+        (grad,) = torch.autograd.grad(self.scores, self.reads[label], self.seed,
+                                      retain_graph=retain_graph, allow_unused=True)
+        if grad is None:
+            layer = self.layers[label]
+            where = "the input" if _is_input(layer) else f"{label} {_label(layer)}"
+            raise ValueError(f"the target scores do not depend on {where}")
+        return grad
+
+
+@contextlib.contextmanager
+def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
+                 layers: Dict[str, Union[str, nn.Module, None]], context: Any = None,
+                 get_backward_gradient: Callable = get_backward_gradient
+                 ) -> Iterator[ForwardPass]:
+    """Run ``model(input)`` as every backprop method does and yield a :class:`ForwardPass`.
+
+    Checks the model, input and target; inside :func:`model_state_guard` (eval mode, frozen
+    parameters, all restored on exit) and with autograd enabled, probes each layer of ``layers``
+    (label → name, module, or ``None``/``""`` for the input), runs the forward pass inside
+    ``context`` and computes the seed.  A :class:`RuleContext` that replaced nothing raises a
+    :class:`ValueError`.  Probes are removed on exit, also when the body raises.
+
+    Backpropagation from ``scores`` reaches only what the readings need: parameters are frozen
+    and the input requires grad only when it is read, so a probed layer is a leaf of the graph.
+    """
+    check_model(model)
+    check_input(input)
+    modules = {label: None if _is_input(layer) else get_module(model, layer)
+               for label, layer in layers.items()}
+    if target is None:
+        backward_seed(None, None, 0)  # raises the explanation before any work
+    batch = input.shape[0]
+    probes: Dict[str, Probe] = {}
+    with model_state_guard(model), torch.enable_grad():
+        x = input.detach().requires_grad_(any(m is None for m in modules.values()))
+        try:
+            for label, module in modules.items():
+                if module is not None:
+                    probes[label] = Probe(module, "output", this_thread_only=True)
+            if context is None:
+                context = NullContext()
+            if isinstance(context, RuleContext):
+                context.warn_if_unused = False
+            with context:
+                output = model(x)
+            if isinstance(context, RuleContext):
+                _check_context_used(context, model)
+            reads = {label: x if module is None else _single_call(probes[label], label,
+                                                                  layers[label])
+                     for label, module in modules.items()}
+            scores, seed = backward_seed(output, target, batch, get_backward_gradient)
+            if not scores.requires_grad:
+                where = " or ".join(
+                    "the input" if m is None else f"{label} {_label(layers[label])}"
+                    for label, m in modules.items())
+                raise ValueError(
+                    f"the model output does not depend on {where} through autograd (is the "
+                    "layer on the path to the output? does the model detach its activations or "
+                    "run under torch.no_grad()?)")
+            yield ForwardPass(x, output, scores, seed, context, reads, dict(layers))
+        finally:
+            for probe in probes.values():
+                probe.remove()
+
+
 def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
              saliency_layer: Union[str, nn.Module, None] = None,
              resize: SizeType = False, resize_mode: str = "bilinear", smooth: float = 0,
@@ -1168,58 +1298,21 @@ def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         The map ``(N, 1, *spatial)`` (detached, on the input's device).
     """
-    check_model(model)
-    check_input(input)
-    layer = None if saliency_layer is None or saliency_layer == "" else get_module(
-        model, saliency_layer)
-    if not (isinstance(smooth, (int, float)) and smooth >= 0 and math.isfinite(smooth)):
-        raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
-    if target is None:
-        backward_seed(None, None, 0)  # raises the explanation before any work
-    batch = input.shape[0]
-
-    probe = None
-    with model_state_guard(model), torch.enable_grad():
-        x = input.detach().requires_grad_(layer is None)
+    smooth = check_smooth(smooth)
+    context = context_builder() if context_builder is not None else None
+    with forward_pass(model, input, target, {"saliency_layer": saliency_layer}, context,
+                      get_backward_gradient) as fp:
+        read = fp.reads["saliency_layer"]
+        grad = fp.grad("saliency_layer")
+        read.grad = grad
         try:
-            if layer is not None:
-                probe = Probe(layer, "output", this_thread_only=True)
-            context = context_builder() if context_builder is not None else NullContext()
-            if isinstance(context, RuleContext):
-                context.warn_if_unused = False
-            with context:
-                output = model(x)
-            if isinstance(context, RuleContext):
-                _check_context_used(context, model)
-            if layer is None:
-                read = x
-            else:
-                read = _single_call(probe, saliency_layer)
-            tensor, seed = backward_seed(output, target, batch, get_backward_gradient)
-            if not tensor.requires_grad:
-                where = "input" if layer is None else f"saliency_layer {_label(saliency_layer)!r}"
-                raise ValueError(
-                    f"the model output does not depend on the {where} through autograd (is the "
-                    "layer on the path to the output? does the model detach its activations or "
-                    "run under torch.no_grad()?)")
-            (grad,) = torch.autograd.grad(tensor, read, seed, allow_unused=True)
-            if grad is None:
-                where = "input" if layer is None else f"layer {saliency_layer!r}"
-                raise ValueError(f"the target scores do not depend on the {where}")
-            read.grad = grad
             smap = gradient_to_saliency(read)
         finally:
-            if probe is not None:
-                probe.remove()
-        smap = resize_saliency(input, smap.detach(), resize, resize_mode)
-        if smooth:
-            smap = smooth_saliency(smap, smooth * max(smap.shape[2:]))
-        if debug:
-            info = SaliencyDebug(_detach(output), read.detach(), grad.detach(),
-                                 dict(getattr(context, "counts", {})))
             read.grad = None
-            return smap, info
-        read.grad = None
+    smap = finish_map(input, smap, resize, resize_mode, smooth)
+    if debug:
+        return smap, SaliencyDebug(_detach(fp.output), read.detach(), grad.detach(),
+                                   dict(getattr(fp.context, "counts", {})))
     return smap
 
 
@@ -1228,8 +1321,7 @@ def _check_context_used(context: RuleContext, model: nn.Module) -> None:
         raise ValueError(
             f"{type(context).__name__} replaced no {context.replaces} in "
             f"{type(model).__name__}'s forward pass, so the result would be the plain gradient; "
-            "this method needs a model that uses ReLU (nn.ReLU, F.relu, torch.relu, "
-            "Tensor.relu, ReLU6 ...)" + (
+            f"this method needs {context.requirement}" + (
                 f" — the model uses {', '.join(sorted(context.unhandled))} instead"
                 if context.unhandled else ""))
     if context.unhandled:
@@ -1237,23 +1329,20 @@ def _check_context_used(context: RuleContext, model: nn.Module) -> None:
         warnings.warn(
             f"{type(context).__name__}: {type(model).__name__} also calls non-linearities the "
             f"rule does not cover ({seen}); those keep their plain gradient.",
-            UnhandledActivationWarning, stacklevel=4)
+            UnhandledActivationWarning, stacklevel=5)
 
 
-def _label(name: Any) -> str:
-    return name if isinstance(name, str) else type(name).__name__
-
-
-def _single_call(probe: Probe, name: Any) -> torch.Tensor:
-    label = _label(name)
+def _single_call(probe: Probe, label: str = "saliency_layer", name: Any = None) -> torch.Tensor:
+    """The one tensor ``probe`` recorded, or a ValueError naming ``label`` (the argument)."""
+    what = f"{label} {_label(name if name is not None else probe.module)}"
     if not probe.data:
-        raise ValueError(f"saliency_layer {label!r} was not called in the forward pass")
+        raise ValueError(f"{what} was not called in the forward pass")
     if len(probe.data) > 1:
         raise ValueError(
-            f"saliency_layer {label!r} was called {len(probe.data)} times in one forward pass "
-            "(a shared module such as torchvision ResNet's 'relu'), so which call to read is "
-            "ambiguous; choose a module called once (e.g. the enclosing block)")
+            f"{what} was called {len(probe.data)} times in one forward pass (a shared module "
+            "such as torchvision ResNet's 'relu'), so which call to read is ambiguous; choose a "
+            "module called once (e.g. the enclosing block)")
     read = probe.data[0]
     if not read.requires_grad:
-        raise ValueError(f"saliency_layer {label!r} produced a tensor autograd cannot follow")
+        raise ValueError(f"{what} produced a tensor autograd cannot follow")
     return read

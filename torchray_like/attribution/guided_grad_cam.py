@@ -26,17 +26,15 @@ forward pass.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .common import (GRADIENT_RULE, Probe, SaliencyDebug, SizeType, TargetType,
-                     _check_context_used, _detach, _single_call, backward_seed, check_input,
-                     check_model, get_backward_gradient, get_module, gradient_to_saliency,
-                     model_state_guard, resize_saliency, smooth_saliency)
+from .common import (GRADIENT_RULE, SaliencyDebug, SizeType, TargetType, _detach, check_smooth,
+                     finish_map, forward_pass, get_backward_gradient, gradient_to_saliency,
+                     resize_saliency)
 from .grad_cam import LayerType, _label, _resolve_layer, grad_cam_map
 from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
 
@@ -104,70 +102,37 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         ``(N, 1, *input_spatial)`` non-negative maps (with the default flattening), detached, on
         the input's device.
     """
-    check_model(model)
-    check_input(input)
+    smooth = check_smooth(smooth)
     name = _resolve_layer(model, input, saliency_layer)
-    layer = None if isinstance(name, str) and name == "" else get_module(model, name)
-    if not (isinstance(smooth, (int, float)) and smooth >= 0 and math.isfinite(smooth)):
-        raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
-    if target is None:
-        backward_seed(None, None, 0)  # raises the explanation before any work
-    batch = input.shape[0]
-
-    # MOVE-TO-COMMON: a saliency() driver that reads several tensors from one forward pass, each
-    # under its own rule, would make this function a few lines.
-    probe = None
-    with model_state_guard(model), torch.enable_grad():
-        x = input.detach().requires_grad_(True)
-        context = GuidedBackpropContext()
-        context.warn_if_unused = False
-        try:
-            if layer is not None:
-                probe = Probe(layer, "output")
-            with context:
-                output = model(x)
-            _check_context_used(context, model)
-            read = x if layer is None else _single_call(probe, name)
-            if read.dim() != x.dim():
-                raise ValueError(
-                    f"guided_grad_cam: saliency_layer {_label(name)} outputs shape "
-                    f"{tuple(read.shape)} but the input has shape {tuple(x.shape)}; the Grad-CAM "
-                    "map is upsampled to the input, so the layer needs as many spatial "
-                    "dimensions as the input")
-            tensor, seed = backward_seed(output, target, batch, get_backward_gradient)
-            if not tensor.requires_grad:
-                raise ValueError(
-                    "the model output does not depend on the input through autograd (does the "
-                    "model detach its activations or run under torch.no_grad()?)")
-            # Pass 1, plain rule, score -> layer only: the Grad-CAM weights.
-            context.rule = GRADIENT_RULE
-            (layer_grad,) = torch.autograd.grad(tensor, read, seed, retain_graph=True,
-                                                allow_unused=True)
-            if layer_grad is None:
-                where = "input" if layer is None else f"layer {_label(name)}"
-                raise ValueError(f"the target scores do not depend on the {where}")
-            # Pass 2, guided rule, score -> input, through the same graph.
-            context.rule = GUIDED_BACKPROP_RULE
-            (input_grad,) = torch.autograd.grad(tensor, x, seed, allow_unused=True)
-            if input_grad is None:
-                raise ValueError("the target scores do not depend on the input")
-            activation = read.detach()
-        finally:
-            if probe is not None:
-                probe.remove()
+    context = GuidedBackpropContext()
+    with forward_pass(model, input, target, {"saliency_layer": name, "input": None}, context,
+                      get_backward_gradient) as fp:
+        read = fp.reads["saliency_layer"]
+        if read.dim() != fp.x.dim():
+            raise ValueError(
+                f"guided_grad_cam: saliency_layer {_label(name)} outputs shape "
+                f"{tuple(read.shape)} but the input has shape {tuple(fp.x.shape)}; the Grad-CAM "
+                "map is upsampled to the input, so the layer needs as many spatial dimensions "
+                "as the input")
+        # Pass 1, plain rule, score -> layer only: the Grad-CAM weights.  The ReLU nodes hold
+        # the rule by reference, so switching it reuses the one forward pass.
+        context.rule = GRADIENT_RULE
+        layer_grad = fp.grad("saliency_layer", retain_graph=True)
+        # Pass 2, guided rule, score -> input, through the same graph.
+        context.rule = GUIDED_BACKPROP_RULE
+        input_grad = fp.grad("input")
+        activation = read.detach()
         cam = grad_cam_map(activation, layer_grad)
         cam_up = resize_saliency(input, cam, True, resize_mode)
         # Per the paper: the guided image (per channel) times the CAM, then flattened.
-        x.grad = input_grad * cam_up
+        fp.x.grad = input_grad * cam_up
         try:
-            smap = gradient_to_saliency(x).detach()
+            smap = gradient_to_saliency(fp.x)
         finally:
-            x.grad = None
-        smap = resize_saliency(input, smap, resize, resize_mode)
-        if smooth:
-            smap = smooth_saliency(smap, smooth * max(smap.shape[2:]))
+            fp.x.grad = None
+    smap = finish_map(input, smap, resize, resize_mode, smooth)
     if debug:
-        return smap, GuidedGradCamDebug(_detach(output), activation, layer_grad.detach(),
+        return smap, GuidedGradCamDebug(_detach(fp.output), activation, layer_grad.detach(),
                                         dict(context.counts), cam=cam,
                                         guided_gradient=input_grad.detach())
     return smap
