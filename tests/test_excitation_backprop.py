@@ -9,6 +9,7 @@ matrix built with plain autograd outside the context) for 1-D / 3-D / transposed
 from __future__ import annotations
 
 import copy
+import importlib
 import threading
 import warnings
 
@@ -289,7 +290,7 @@ def test_linear_rule_in_row_blocks(monkeypatch, chunk_rows):
     """The linear rule builds w⁺ block by block: any block size gives the formula, for inputs
     with extra dimensions, for the dual (negated) weights of the contrastive variant, and for a
     second backward pass that reuses the denominators."""
-    import torchray_like.attribution.excitation_backprop as ebp
+    ebp = importlib.import_module("torchray_like.attribution.excitation_backprop")
 
     monkeypatch.setattr(ebp, "_LINEAR_CHUNK_BYTES", chunk_rows * 5 * 8)
     torch.manual_seed(1)

@@ -21,6 +21,7 @@ from .gradient import *  # noqa: F401,F403
 from .guided_backprop import *  # noqa: F401,F403
 from .guided_grad_cam import *  # noqa: F401,F403
 from .linear_approx import *  # noqa: F401,F403
+from .rise import *  # noqa: F401,F403
 
 # The star imports above rebind names such as ``gradient`` from the sub-module to the function
 # (as users expect); the modules themselves stay reachable through ``sys.modules``.
@@ -30,7 +31,7 @@ def _module(name: str):
 
 _MODULES = [_module(name) for name in (
     "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "linear_approx",
-    "excitation_backprop")]
+    "excitation_backprop", "rise")]
 
 
 class MethodRegistry(Mapping):
@@ -68,6 +69,7 @@ METHODS = MethodRegistry({
     "linear_approx": linear_approx,  # noqa: F405
     "excitation_backprop": excitation_backprop,  # noqa: F405
     "contrastive_excitation_backprop": contrastive_excitation_backprop,  # noqa: F405
+    "rise": rise,  # noqa: F405
 })
 
 __all__ = ["METHODS", "MethodRegistry", "common"] + list(common.__all__) + [

@@ -1,0 +1,223 @@
+"""RISE speed and memory.
+
+Speed (picked up by ``benchmarks/speed.py``, or run ``python benchmarks/speed.py --methods
+rise``): RISE on one image against its floor, the same number of masked forward passes done
+directly — ``model(x * masks)`` in batches of the same size under :func:`torch.inference_mode`,
+with a precomputed bank — timed alternately in the same run.  The ratio (target ≤ 1.05) is the
+cost of drawing and upsampling the masks and folding the scores into the maps.
+
+Overhead (``python benchmarks/speed_rise.py --overhead``): the same comparison split into its
+parts, robust on a busy machine — RISE with a model that returns constant scores (so only the
+mask drawing and the accumulation of 1000-class maps are timed) against the direct loop with that
+model, divided by the time of the real masked forward passes.
+
+Memory (``python benchmarks/speed_rise.py --memory``): the peak memory of RISE at two values of
+``num_masks``, each measured in a fresh subprocess (peak RSS from ``resource.getrusage``, or
+``torch.cuda.max_memory_allocated`` on CUDA), next to the peak of one plain forward batch.  It
+must not grow with ``num_masks``.
+
+Environment: ``RISE_MASKS`` (default 64) and ``RISE_BATCH`` (default 32) set the speed cases'
+``num_masks`` and ``batch_size`` (CPU runs of ResNet-50 / VGG-16 at 224² are slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import List
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from harness import Case, frozen  # noqa: E402
+
+from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
+
+
+def _settings(args) -> tuple:
+    masks = int(getattr(args, "rise_masks", None) or os.environ.get("RISE_MASKS", 64))
+    batch = int(getattr(args, "rise_batch", None) or os.environ.get("RISE_BATCH", 32))
+    return masks, batch
+
+
+def cases(model, x, target, args) -> List[Case]:
+    num_masks, batch_size = _settings(args)
+    x1 = x[:1]
+    t1 = target[0] if isinstance(target, (list, tuple)) else target
+    bank = generate_masks(num_masks, tuple(x.shape[2:]), generator=0, device=x.device,
+                          dtype=x.dtype)
+
+    def floor():
+        with frozen(model), torch.inference_mode():
+            return [model(x1 * chunk) for chunk in bank.split(batch_size)]
+
+    floor_name = f"{num_masks} masked fwd, batch {batch_size}"
+    return [
+        Case("rise", lambda: rise(model, x1, t1, num_masks=num_masks, batch_size=batch_size,
+                                  generator=0, progress=False), floor, floor_name),
+        Case("rise(all classes)", lambda: rise(model, x1, None, num_masks=num_masks,
+                                               batch_size=batch_size, generator=0,
+                                               progress=False), floor, floor_name),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, one subprocess per measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(model_name: str, size: int, num_masks: int, batch_size: int, device: str,
+           target: str) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)().eval().to(device)
+    x = torch.randn(1, 3, size, size, device=device)
+    seen = []
+    model.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape[0]))
+    # Baseline: one plain forward batch of the same size (what any batched method needs).
+    with torch.inference_mode():
+        model(x.expand(batch_size, -1, -1, -1).contiguous())
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            model(x.expand(batch_size, -1, -1, -1).contiguous())
+    base = _peak_bytes(device)
+    seen.clear()
+    out = rise(model, x, None if target == "all" else 0, num_masks=num_masks,
+               batch_size=batch_size, generator=0, progress=False)
+    peak = _peak_bytes(device)
+    print(json.dumps({"num_masks": num_masks, "baseline_peak": base, "rise_peak": peak,
+                      "largest_forward_batch": max(seen), "forwards": sum(seen),
+                      "map_bytes": out.numel() * out.element_size()}))
+
+
+def memory(model_name: str, size: int, masks: List[int], batch_size: int, device: str,
+           target: str) -> None:
+    print(f"RISE peak memory, {model_name} {size}², batch_size {batch_size}, target {target}, "
+          f"{device} ({'max_memory_allocated' if device == 'cuda' else 'peak RSS'})")
+    print(f"{'num_masks':>10s} {'fwd-batch peak MiB':>19s} {'RISE peak MiB':>14s} "
+          f"{'largest batch':>14s} {'forwards':>9s} {'maps MiB':>9s}")
+    for n in masks:
+        res = subprocess.run(
+            [sys.executable, __file__, "--child", model_name, str(size), str(n), str(batch_size),
+             device, target], capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        mib = 1024 ** 2
+        print(f"{n:10d} {r['baseline_peak'] / mib:19.1f} {r['rise_peak'] / mib:14.1f} "
+              f"{r['largest_forward_batch']:14d} {r['forwards']:9d} {r['map_bytes'] / mib:9.1f}",
+              flush=True)
+
+
+class _ConstantScores(torch.nn.Module):
+    """A stand-in model: 1000 constant logits, so that only RISE's own work is timed."""
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[0], 1000)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def overhead(models: List[str], size: int, num_masks: int, batch_size: int, device: str,
+             repeats: int) -> None:
+    import torchvision
+
+    x = torch.randn(1, 3, size, size, device=device)
+    bank = generate_masks(num_masks, (size, size), generator=0, device=device)
+
+    def direct(model, n):
+        def run():
+            with torch.inference_mode():
+                out = [model(x * chunk) for chunk in bank[:n].split(batch_size)]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return run
+
+    def method(model, target):
+        def run():
+            out = rise(model, x, target, num_masks=num_masks, batch_size=batch_size,
+                       generator=0, progress=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return run
+
+    null = _ConstantScores()
+    base = _median_time(direct(null, num_masks), repeats)
+    own = {t: _median_time(method(null, t), repeats) - base for t in (0, None)}
+    print(f"RISE's own work, {num_masks} masks, batch_size {batch_size}, {size}², {device}, "
+          f"{torch.get_num_threads()} threads: one class {own[0] * 1e3:.1f} ms, 1000 classes "
+          f"{own[None] * 1e3:.1f} ms")
+    for name in models:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().eval().to(device)
+        # The masked forward passes, timed on the first batch_size masks and scaled.
+        fwd = _median_time(direct(model, batch_size), 3) * num_masks / min(batch_size,
+                                                                          num_masks)
+        print(f"{name:10s} {num_masks} masked forwards {fwd:8.2f} s   ratio one class "
+              f"{1 + own[0] / fwd:.4f}   ratio 1000 classes {1 + own[None] / fwd:.4f}",
+              flush=True)
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        name, size, n, bs, device, target = sys.argv[2:8]
+        _child(name, int(size), int(n), int(bs), device, target)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--memory", action="store_true", help="measure peak memory")
+    parser.add_argument("--overhead", action="store_true",
+                        help="time RISE's own work with a constant model")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"],
+                        help="models for --overhead")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--masks", type=int, nargs="+", default=[32, 256],
+                        help="num_masks values (--overhead uses the last)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--target", choices=["one", "all"], default="all")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.memory or args.overhead):
+        parser.error("the speed cases run from benchmarks/speed.py --methods rise; pass "
+                     "--overhead and/or --memory here")
+    if args.overhead:
+        overhead(args.models, args.size, args.masks[-1], args.batch_size, args.device,
+                 args.repeats)
+    if args.memory:
+        memory(args.model, args.size, args.masks, args.batch_size, args.device, args.target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
