@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torchvision
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the machine's cores: one intra-op thread each avoids
+    # oversubscription (which made small-op-heavy tests several times slower).
+    torch.set_num_threads(1)
 
 TORCHVISION_NAMES = ("vgg11", "resnet18", "densenet121", "squeezenet1_1", "mobilenet_v2")
 

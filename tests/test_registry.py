@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 import pytest
+import torch
 
 import torchray_like.attribution as attribution
 from torchray_like.attribution import METHODS, MethodRegistry
@@ -18,18 +20,37 @@ def test_every_public_name_is_reexported(module_name):
     module = importlib.import_module(f"torchray_like.attribution.{module_name}")
     assert module.__all__, f"{module_name} has an empty __all__"
     for name in module.__all__:
-        assert getattr(attribution, name) is getattr(module, name), name
         assert name in attribution.__all__
+        exported = getattr(attribution, name)
+        if name == module_name:
+            # The method and its module share the name: the package attribute is the module,
+            # callable as the method.
+            assert exported is module and callable(exported)
+            assert inspect.signature(exported) == inspect.signature(getattr(module, name))
+        else:
+            assert exported is getattr(module, name), name
 
 
-def test_every_method_module_is_registered():
+def test_method_module_is_both_module_and_function():
+    import torchray_like.attribution.grad_cam as gc  # the module, not the function
+    from torchray_like.attribution import gradient
+
+    assert hasattr(gc, "find_saliency_layer")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gradient(model, x, 1), gradient.gradient(model, x, 1))
+    torch.testing.assert_close(attribution.grad_cam(model, x, 1, "0"),
+                               gc.grad_cam(model, x, 1, "0"))
+
+
+def test_every_method_is_registered():
     expected = {"gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
                 "linear_approx", "excitation_backprop", "contrastive_excitation_backprop",
                 "rise", "extremal_perturbation"}
-    present = expected & set(dir(attribution))
-    assert set(METHODS) == present
+    assert set(METHODS) == expected
     for name in METHODS:
-        assert METHODS[name] is getattr(attribution, name)
+        assert inspect.isfunction(METHODS[name]) and METHODS[name].__name__ == name
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -5,17 +5,27 @@ name to its function so that scripts can say ``METHODS[name](model, x, target, *
 
     from torchray_like.attribution import METHODS, guided_backprop
     saliency_map = METHODS["guided_backprop"](model, x, target)
+
+A method and its module share a name (``grad_cam`` the function lives in ``grad_cam`` the
+module).  So that both ``torchray_like.attribution.grad_cam(model, x, c)`` and
+``import torchray_like.attribution.grad_cam as gc; gc.find_saliency_layer(...)`` work, the
+package attribute is the module made callable: calling it calls the function of the same name
+(its signature and docstring are the function's, for ``help`` and ``inspect``).  ``METHODS``
+holds the plain functions.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import types
 from typing import Callable, Dict, Iterator, Mapping
 
 from . import common
 from .common import *  # noqa: F401,F403
 from .deconvnet import *  # noqa: F401,F403
 from .excitation_backprop import *  # noqa: F401,F403
+from .extremal_perturbation import *  # noqa: F401,F403
 from .grad_cam import *  # noqa: F401,F403
 from .gradient import *  # noqa: F401,F403
 from .guided_backprop import *  # noqa: F401,F403
@@ -23,15 +33,31 @@ from .guided_grad_cam import *  # noqa: F401,F403
 from .linear_approx import *  # noqa: F401,F403
 from .rise import *  # noqa: F401,F403
 
-# The star imports above rebind names such as ``gradient`` from the sub-module to the function
-# (as users expect); the modules themselves stay reachable through ``sys.modules``.
-def _module(name: str):
-    return sys.modules[f"{__name__}.{name}"]
+_MODULE_NAMES = ("gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
+                 "linear_approx", "excitation_backprop", "rise", "extremal_perturbation")
 
 
-_MODULES = [_module(name) for name in (
-    "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "linear_approx",
-    "excitation_backprop", "rise")]
+class _MethodModule(types.ModuleType):
+    """A method module that, called, calls its function of the same name."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+def _callable_module(name: str) -> types.ModuleType:
+    module = sys.modules[f"{__name__}.{name}"]
+    function = getattr(module, name)
+    module.__class__ = _MethodModule
+    # inspect.signature() and help() on the package attribute describe the function.
+    module.__signature__ = inspect.signature(function)
+    return module
+
+
+_MODULES = [sys.modules[f"{__name__}.{name}"] for name in _MODULE_NAMES]
+# The star imports bound each method's name to its function; bind it to the callable module.
+for _name in _MODULE_NAMES:
+    globals()[_name] = _callable_module(_name)
+del _name
 
 
 class MethodRegistry(Mapping):
@@ -59,17 +85,19 @@ class MethodRegistry(Mapping):
         return f"MethodRegistry({sorted(self._methods)})"
 
 
-#: Method name → function ``f(model, input, target, **kwargs)``.
+#: Method name → function ``f(model, input, target, **kwargs)``.  Backprop methods and RISE
+#: return maps; ``extremal_perturbation`` returns ``(masks, history)`` as in TorchRay.
 METHODS = MethodRegistry({
-    "gradient": gradient,  # noqa: F405
-    "guided_backprop": guided_backprop,  # noqa: F405
-    "deconvnet": deconvnet,  # noqa: F405
-    "grad_cam": grad_cam,  # noqa: F405
-    "guided_grad_cam": guided_grad_cam,  # noqa: F405
-    "linear_approx": linear_approx,  # noqa: F405
-    "excitation_backprop": excitation_backprop,  # noqa: F405
-    "contrastive_excitation_backprop": contrastive_excitation_backprop,  # noqa: F405
-    "rise": rise,  # noqa: F405
+    "gradient": gradient.gradient,
+    "guided_backprop": guided_backprop.guided_backprop,
+    "deconvnet": deconvnet.deconvnet,
+    "grad_cam": grad_cam.grad_cam,
+    "guided_grad_cam": guided_grad_cam.guided_grad_cam,
+    "linear_approx": linear_approx.linear_approx,
+    "excitation_backprop": excitation_backprop.excitation_backprop,
+    "contrastive_excitation_backprop": excitation_backprop.contrastive_excitation_backprop,
+    "rise": rise.rise,
+    "extremal_perturbation": extremal_perturbation.extremal_perturbation,
 })
 
 __all__ = ["METHODS", "MethodRegistry", "common"] + list(common.__all__) + [

@@ -1,0 +1,860 @@
+"""Extremal perturbation (Fong, Patrick, Vedaldi, ICCV 2019): smooth masks, the perturbation
+pyramid, rewards, the optimisation on models whose evidence is known, batching, seeding, state
+invariants and errors."""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy import ndimage
+from scipy.interpolate import RegularGridInterpolator
+
+from torchray_like.attribution.common import smooth_saliency
+from torchray_like.attribution.extremal_perturbation import (
+    BLUR_PERTURBATION, DELETE_VARIANT, DUAL_VARIANT, FADE_PERTURBATION, PRESERVE_VARIANT,
+    ExtremalHistory, MaskGenerator, Perturbation, contrastive_reward, extremal_perturbation,
+    ranking_area_loss, simple_reward)
+
+from .state import assert_same_state, snapshot
+
+
+# MOVE-TO-COMMON (tests/conftest.py): with pytest-xdist, each worker's default of one OpenMP
+# thread per core oversubscribes the CPU; on 2 cores with "-n 2" this file then takes 45 s
+# instead of 13 s.  One thread per worker while these tests run.
+# ---------------------------------------------------------------------------------------------
+# Models whose evidence is known
+# ---------------------------------------------------------------------------------------------
+
+
+def pattern(shape, period=8):
+    """A product of cosines: the evidence, destroyed by blurring or fading."""
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij")
+    out = torch.ones(shape, dtype=torch.float64)
+    for g, s in zip(grids, shape):
+        out = out * torch.cos(2 * math.pi * g / period)
+    return out
+
+
+class BoxScore(nn.Module):
+    """Class ``c`` scores the correlation of the image with a fixed pattern inside box ``c``:
+    ``y_c = mean_{u ∈ box_c} Σ_channels x(u)·pattern(u)``.  The evidence for class ``c`` is
+    exactly box ``c`` of a patterned image.
+
+    ``pattern_shape`` gives the pattern a shape that broadcasts (constant along some axes).
+    The model records, per call, the batch size, its training flag, grad mode and whether its
+    parameter required grad; ``fail_at`` makes the n-th call raise.
+    """
+
+    def __init__(self, boxes, shape, pattern_shape=None, fail_at=None):
+        super().__init__()
+        self.boxes = [tuple(slice(a, b) for a, b in box) for box in boxes]
+        pat = pattern(pattern_shape or shape)
+        self.register_buffer("pat", pat.expand(shape).clone().float())
+        self.gain = nn.Parameter(torch.ones(()))
+        self.calls = []
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], self.training, torch.is_grad_enabled(),
+                           self.gain.requires_grad))
+        if self.fail_at is not None and len(self.calls) >= self.fail_at:
+            raise RuntimeError("boom inside the model")
+        e = (x * self.pat.to(x.dtype)).sum(1)
+        scores = [e[(slice(None),) + box].flatten(1).mean(1) for box in self.boxes]
+        return torch.stack(scores, 1) * self.gain
+
+
+def box_fraction(box, shape):
+    return math.prod(b - a for a, b in box) / math.prod(shape)
+
+
+def inside_fraction(mask, box):
+    """Share of the mask's mass inside the box."""
+    sl = tuple(slice(a, b) for a, b in box)
+    return float(mask[sl].sum() / mask.sum())
+
+
+def support_inside(mask, box):
+    """Share of the thresholded mask (m ≥ 0.5) inside the box."""
+    sl = tuple(slice(a, b) for a, b in box)
+    support = (mask >= 0.5).float()
+    return float(support[sl].sum() / support.sum().clamp(min=1))
+
+
+SHAPE2 = (48, 48)
+BOXES2 = [((6, 18), (6, 21)), ((28, 43), (24, 44))]          # 7.8 % and 13 % of the image
+AREAS = [0.05, 0.1, 0.2]
+KW2 = dict(step=2, sigma=3, max_blur=3, progress=False)
+
+
+def image2(n=2, dtype=torch.float32):
+    return pattern(SHAPE2).expand(n, 3, *SHAPE2).clone().to(dtype)
+
+
+@pytest.fixture(scope="module")
+def preserve_run():
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2()
+    masks, hist = extremal_perturbation(model, x, [0, 1], areas=AREAS, max_iter=120, **KW2)
+    return model, x, masks, hist
+
+
+# ---------------------------------------------------------------------------------------------
+# Smooth masks
+# ---------------------------------------------------------------------------------------------
+
+
+def grid_positions(gen, axis):
+    a = gen.axes[axis]
+    return gen.grid_origin[axis] + a.step * np.arange(a.count)
+
+
+def brute_force_max(params, positions, sigma, points):
+    """The paper's mask with the hard max, by brute force: at each point ``u``,
+    ``max_w g_σ(u − w) m̄(w)`` over the grid points ``w`` within 3σ along every axis."""
+    grids = np.meshgrid(*positions, indexing="ij")
+    w = np.stack([g.ravel() for g in grids], 1)                       # (P, d)
+    vals = params.reshape(params.shape[0], -1)                        # (B, P)
+    out = np.zeros((params.shape[0], len(points)))
+    for i, u in enumerate(points):
+        diff = u[None, :] - w
+        g = np.exp(-0.5 * (diff ** 2 / np.asarray(sigma) ** 2).sum(1))
+        g[(np.abs(diff) > 3 * np.asarray(sigma)).any(1)] = 0
+        out[:, i] = (vals * g).max(1)
+    return out
+
+
+@pytest.mark.parametrize("shape,step,sigma,jitter,sub", [
+    ((13, 17), (3, 2), (5.0, 4.0), (1, 0), None),
+    ((13, 17), (3, 2), (5.0, 4.0), (1, 0), (1, 2)),
+    ((5, 9, 7), (1, 2, 3), (1.5, 3.0, 4.0), (0, 1, 1), (1, 1, 2)),
+])
+def test_hard_max_mask_is_the_papers_formula_at_the_lattice_then_linear(shape, step, sigma,
+                                                                        jitter, sub):
+    gen = MaskGenerator(shape, step, sigma, jitter, temperature=0, dtype=torch.float64,
+                        subdivision=sub)
+    d = len(shape)
+    g = torch.Generator().manual_seed(0)
+    params = torch.rand((2, 1) + gen.param_shape, generator=g, dtype=torch.float64)
+    pos = [grid_positions(gen, a) for a in range(d)]
+    for a in range(d):          # the grid covers the canvas (image ± jitter)
+        assert pos[a][0] <= -jitter[a] and pos[a][-1] >= shape[a] - 1 + jitter[a]
+        assert pos[a][1] - pos[a][0] == step[a]
+    lattice = [gen.points(a).numpy() for a in range(d)]
+    if sub is not None:
+        for a in range(d):       # the lattice subdivides the grid `sub` times
+            np.testing.assert_allclose(lattice[a][::sub[a]], pos[a])
+            assert len(lattice[a]) == sub[a] * (len(pos[a]) - 1) + 1
+    pts = np.stack([m.ravel() for m in np.meshgrid(*lattice, indexing="ij")], 1)
+    expected = brute_force_max(params[:, 0].numpy(), pos, sigma, pts)
+    ones = brute_force_max(np.ones((1,) + gen.param_shape), pos, sigma, pts)
+    values = gen.grid(params)
+    assert values.shape == (2, 1) + tuple(len(p) for p in lattice)
+    assert values.dtype == torch.float64
+    np.testing.assert_allclose(values.flatten(1).numpy(), np.minimum(expected / ones, 1),
+                               atol=1e-12)
+    # Between lattice points: multilinear interpolation, on a canvas `jitter` pixels wider.
+    canvas = gen.canvas(params)
+    assert canvas.shape == (2, 1) + tuple(s + 2 * j for s, j in zip(shape, jitter))
+    pixels = [np.arange(-j, s + j) for s, j in zip(shape, jitter)]
+    pix = np.stack([m.ravel() for m in np.meshgrid(*pixels, indexing="ij")], 1)
+    for b in range(2):
+        interp = RegularGridInterpolator(lattice, values[b, 0].numpy())
+        np.testing.assert_allclose(canvas[b, 0].flatten().numpy(), interp(pix), atol=1e-12)
+    # The image window of the canvas.
+    mask = gen(params)
+    assert mask.shape == (2, 1) + tuple(shape)
+    sl = (slice(None), slice(None)) + tuple(slice(j, j + s) for s, j in zip(shape, jitter))
+    assert torch.equal(mask, canvas[sl])
+
+
+def test_mask_is_close_to_the_formula_at_every_pixel_with_the_papers_ratio():
+    # step 7, σ 21 as in the paper, evaluated every 3.5 pixels: near the (normalised) formula
+    # evaluated at every pixel, and equal to it with one evaluation point per pixel.
+    gen = MaskGenerator((40, 40), (7, 7), (21.0, 21.0), (0, 0), temperature=0,
+                        dtype=torch.float64)
+    exact_gen = MaskGenerator((40, 40), (7, 7), (21.0, 21.0), (0, 0), temperature=0,
+                              dtype=torch.float64, subdivision=(7, 7))
+    assert gen.axes[0].sub == 2
+    pos = [grid_positions(gen, a) for a in range(2)]
+    pts = np.stack([m.ravel() for m in np.meshgrid(np.arange(40), np.arange(40),
+                                                    indexing="ij")], 1)
+    ones = brute_force_max(np.ones((1,) + gen.param_shape), pos, (21.0, 21.0), pts)
+    blob = torch.zeros((1, 1) + gen.param_shape, dtype=torch.float64)
+    blob[0, 0, 2:4, 3] = 1.0
+    blob[0, 0, 5, 5] = 0.6
+    rnd = torch.rand((1, 1) + gen.param_shape, generator=torch.Generator().manual_seed(0),
+                     dtype=torch.float64)
+    for params, tol in ((blob, 0.02), (rnd, 0.045)):
+        exact = np.minimum(brute_force_max(params[:, 0].numpy(), pos, (21.0, 21.0), pts) / ones,
+                           1)
+        err = np.abs(gen(params).flatten(1).numpy() - exact).max()
+        assert err < tol, err
+        np.testing.assert_allclose(exact_gen(params).flatten(1).numpy(), exact, atol=1e-12)
+
+
+def test_smooth_max_mask_matches_an_independent_separable_computation():
+    shape, step, sigma, temp = (11, 10), (2, 3), (3.0, 5.0), 0.1
+    gen = MaskGenerator(shape, step, sigma, (0, 0), temperature=temp, dtype=torch.float64,
+                        subdivision=(1, 1))
+    params = torch.rand((1, 1) + gen.param_shape, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64)
+
+    def smax_axis(values, s, sg):            # values (..., Q) along the last axis
+        q = values.shape[-1]
+        out = np.zeros_like(values)
+        for i in range(q):
+            # Candidates: the grid points within 3σ.
+            near = [j for j in range(q) if abs(s * (i - j)) <= 3 * sg]
+            g = np.asarray([np.exp(-0.5 * (s * (i - j) / sg) ** 2) for j in near])
+            z = g * values[..., near]
+            w = np.exp(z / temp)
+            out[..., i] = (z * w).sum(-1) / w.sum(-1)
+        return out
+
+    m = params[0, 0].numpy()
+    for axis in range(2):
+        moved = np.moveaxis(m, axis, -1)
+        ones = np.ones(moved.shape[-1])
+        moved = smax_axis(moved, step[axis], sigma[axis]) / smax_axis(ones, step[axis],
+                                                                       sigma[axis])
+        m = np.moveaxis(moved, -1, axis)
+    np.testing.assert_allclose(gen.grid(params)[0, 0].numpy(), np.minimum(m, 1), atol=1e-12)
+    assert gen.axes[0].sub == 1 and gen.axes[1].sub == 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.05])
+def test_mask_limits_ones_zeros_and_range(temperature):
+    gen = MaskGenerator((20, 24), (3, 4), (6.0, 8.0), (1, 2), temperature=temperature)
+    ones = torch.ones((1, 1) + gen.param_shape)
+    assert torch.allclose(gen(ones), torch.ones(1, 1, 20, 24), atol=1e-6)
+    assert torch.equal(gen(torch.zeros_like(ones)), torch.zeros(1, 1, 20, 24))
+    rnd = torch.rand((3, 1) + gen.param_shape, generator=torch.Generator().manual_seed(2))
+    m = gen(rnd)
+    assert m.min() >= 0 and m.max() <= 1
+    # Differentiable with respect to the parameters.
+    rnd.requires_grad_(True)
+    (g,) = torch.autograd.grad(gen(rnd).sum(), rnd)
+    assert g.shape == rnd.shape and g.abs().sum() > 0
+
+
+def test_crop_shifts_the_mask():
+    gen = MaskGenerator((10, 12), (2, 2), (3.0, 3.0), (2, 2), temperature=0)
+    params = torch.rand((2, 1) + gen.param_shape, generator=torch.Generator().manual_seed(3))
+    canvas = gen.canvas(params)
+    plain = gen.crop(canvas)
+    shift = torch.tensor([[1, -2], [0, 2]])
+    moved = gen.crop(canvas, shift)
+    # A mask shifted by +s shows at pixel u the value at u − s.
+    assert torch.equal(moved[0, 0, 1:, :], canvas[0, 0, 2:11, 4:16])
+    assert torch.equal(moved[0, 0, :, :], canvas[0, 0, 1:11, 4:16])
+    assert torch.equal(moved[1, 0], canvas[1, 0, 2:12, 0:12])
+    assert torch.equal(plain, canvas[:, :, 2:12, 2:14])
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbation pyramid
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,max_blur", [((2, 3, 19, 23), 5.0),
+                                            ((1, 2, 6, 12, 10), (1.0, 3.0, 2.5)),
+                                            ((2, 1, 30), 4.0)])
+def test_blur_pyramid_matches_scipy(shape, max_blur):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    levels = 5
+    pert = Perturbation(x, num_levels=levels, max_blur=max_blur)
+    assert pert.pyramid.shape == (shape[0], levels) + shape[1:]
+    assert pert.pyramid.dtype == torch.float64
+    d = len(shape) - 2
+    blur = (max_blur,) * d if isinstance(max_blur, float) else max_blur
+    for l in range(levels):
+        sig = [b * (1 - l / (levels - 1)) for b in blur]
+        for n in range(shape[0]):
+            for c in range(shape[1]):
+                ref = ndimage.gaussian_filter(x[n, c].numpy(), sig, mode="nearest",
+                                              truncate=4.0)
+                np.testing.assert_allclose(pert.pyramid[n, l, c].numpy(), ref, atol=1e-12)
+    # The top level is the image itself; the same operator as common.smooth_saliency.
+    assert torch.equal(pert.pyramid[:, -1], x)
+    np.testing.assert_allclose(pert.pyramid[:, 0].numpy(), smooth_saliency(x, blur).numpy(),
+                               atol=1e-12)
+
+
+def test_perturbation_apply_selects_and_interpolates_levels():
+    x = torch.randn(2, 3, 8, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pert = Perturbation(x, num_levels=5, max_blur=4.0)
+    pyr = pert.pyramid
+    # K = 3 masks per image, sample-major: mask b perturbs image b // 3.
+    values = torch.tensor([0.0, 0.25, 1.0, 0.6, 0.9, 0.5], dtype=torch.float64)
+    masks = values.view(6, 1, 1, 1).expand(6, 1, 8, 9)
+    out = pert.apply(masks)
+    assert out.shape == (6, 3, 8, 9)
+    for b, v in enumerate(values.tolist()):
+        t = v * 4
+        lo = min(int(math.floor(t)), 3)
+        expected = pyr[b // 3, lo] + (t - lo) * (pyr[b // 3, lo + 1] - pyr[b // 3, lo])
+        torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-12)
+    # A spatially varying mask picks per pixel; the gradient is the level difference.
+    m = torch.rand(2, 1, 8, 9, generator=torch.Generator().manual_seed(6),
+                   dtype=torch.float64) * 0.9 + 0.05
+    m.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda mm: pert.apply(mm), (m,))
+
+
+def test_fade_perturbation_is_the_convex_combination():
+    x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    m = torch.rand(2, 1, 7, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    zero = Perturbation(x, num_levels=4, type=FADE_PERTURBATION)
+    torch.testing.assert_close(zero.apply(m), m * x, rtol=0, atol=1e-12)
+    mean = Perturbation(x, num_levels=3, type="fade", fade_to="mean")
+    base = x.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(mean.apply(m), m * x + (1 - m) * base, rtol=0, atol=1e-12)
+    assert zero.to("cpu") is zero and zero.pyramid.device.type == "cpu"
+
+
+def test_perturbation_errors():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="num_levels must be an integer ≥ 2"):
+        Perturbation(x, num_levels=1)
+    with pytest.raises(ValueError, match=r"perturbation type must be one of \('blur', 'fade'\)"):
+        Perturbation(x, type="noise")
+    with pytest.raises(ValueError, match="fade_to must be 'zero' or 'mean'"):
+        Perturbation(x, type="fade", fade_to="one")
+    with pytest.raises(ValueError, match="max_blur must be a finite number ≥ 0"):
+        Perturbation(x, max_blur=-1)
+    with pytest.raises(ValueError, match="max_blur must be one number ≥ 0 or 2 of them"):
+        Perturbation(x, max_blur=(1.0, 2.0, 3.0))
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        Perturbation(x.to(torch.uint8))
+    with pytest.raises(ValueError, match="1 to 3 spatial dimensions"):
+        Perturbation(torch.randn(1, 1, 2, 2, 2, 2))
+    pert = Perturbation(x)
+    with pytest.raises(ValueError, match=r"mask must have shape \(N·K, 1, 8, 8\)"):
+        pert.apply(torch.rand(3, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"mask must have shape"):
+        pert.apply(torch.rand(2, 1, 8, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def test_simple_and_contrastive_rewards():
+    act = torch.tensor([[1.0, 5.0, 2.0], [4.0, -1.0, 3.0]])
+    tgt = torch.tensor([1, 2])
+    assert torch.equal(simple_reward(act, tgt, "preserve"), torch.tensor([5.0, 3.0]))
+    assert torch.equal(simple_reward(act, tgt, "delete"), torch.tensor([-5.0, -3.0]))
+    dual = torch.cat([act, act - 1])
+    assert torch.equal(simple_reward(dual, tgt, "dual"), torch.tensor([1.0, 1.0]))
+    assert torch.equal(contrastive_reward(act, tgt, "preserve"), torch.tensor([3.0, -1.0]))
+    assert torch.equal(contrastive_reward(act, tgt, "delete"), torch.tensor([-3.0, 1.0]))
+    dual2 = torch.cat([act, torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])])
+    assert torch.equal(contrastive_reward(dual2, tgt, "dual"), torch.tensor([5.0, -1.0]))
+    # Single-logit heads: target 1 explains +z, target 0 explains −z.
+    z = torch.tensor([2.0, -3.0])
+    assert torch.equal(simple_reward(z, torch.tensor([1, 0]), "preserve"),
+                       torch.tensor([2.0, 3.0]))
+    assert torch.equal(simple_reward(z.view(2, 1), torch.tensor([1, 1]), "preserve"), z)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        simple_reward(act, tgt, "both")
+    with pytest.raises(ValueError, match=r"dual variant expects .* \(4 rows\)"):
+        simple_reward(act, tgt, "dual")
+    with pytest.raises(TypeError, match="pass a reward_func"):
+        simple_reward({"logits": act}, tgt, "preserve")
+    with pytest.raises(ValueError, match="at least two classes"):
+        contrastive_reward(z, tgt, "preserve")
+    with pytest.raises(ValueError, match=r"output has shape \(3, 3\), expected a batch of 2 rows"):
+        simple_reward(torch.zeros(3, 3), tgt, "preserve")
+
+
+def test_mask_generator_errors():
+    with pytest.raises(ValueError, match="subdivision must be between 1 and step=3, got 4"):
+        MaskGenerator((8, 8), (3, 3), (3.0, 3.0), (0, 0), subdivision=(4, 1))
+    with pytest.raises(ValueError, match="temperature must be a finite number ≥ 0"):
+        MaskGenerator((8, 8), (3, 3), (3.0, 3.0), (0, 0), temperature=float("inf"))
+
+
+def test_torchray_names():
+    assert (PRESERVE_VARIANT, DELETE_VARIANT, DUAL_VARIANT) == ("preserve", "delete", "dual")
+    assert (BLUR_PERTURBATION, FADE_PERTURBATION) == ("blur", "fade")
+    import torchray_like.attribution.extremal_perturbation as ep
+    for name in ep.__all__:
+        assert hasattr(ep, name), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The area constraint
+
+
+def test_ranking_loss_equals_the_sorted_formula_and_its_gradient():
+    g = torch.Generator().manual_seed(11)
+    mask = torch.rand(4, 1, 7, 9, generator=g, dtype=torch.float64)
+    areas = [0.1, 0.5, 0.02, 0.9]
+    m = mask.clone().requires_grad_(True)
+    loss = ranking_area_loss(m, areas)
+    (grad,) = torch.autograd.grad(loss.sum(), m)
+    # The paper's formula: sort, compare with (1 − a)|Ω| zeros then a|Ω| ones.
+    ref_m = mask.clone().requires_grad_(True)
+    flat = ref_m.flatten(1)
+    ones = torch.tensor([round(a * 63) for a in areas])
+    reference = (torch.arange(63).view(1, -1) >= (63 - ones).view(-1, 1)).double()
+    expected = (flat.sort(dim=1).values - reference).pow(2).mean(1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), ref_m)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    # Ties (saturated masks): the value is exact, the tied values share the gradient equally.
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.2]], dtype=torch.float64,
+                        requires_grad=True)
+    value = ranking_area_loss(tied, 2 / 6)
+    torch.testing.assert_close(value, torch.tensor([(1 + 0.04) / 6], dtype=torch.float64))
+    (g_tied,) = torch.autograd.grad(value.sum(), tied)
+    torch.testing.assert_close(g_tied, 2 * (tied.detach() - torch.tensor(
+        [[2 / 3, 2 / 3, 2 / 3, 0, 0, 0]], dtype=torch.float64)) / 6)
+    # No ones, all ones.
+    torch.testing.assert_close(ranking_area_loss(mask, 0.0), mask.flatten(1).pow(2).mean(1))
+    torch.testing.assert_close(ranking_area_loss(mask, 1.0),
+                               (mask.flatten(1) - 1).pow(2).mean(1))
+    with pytest.raises(ValueError, match="area must be one fraction or 4 \\(one per mask\\)"):
+        ranking_area_loss(mask, [0.1, 0.2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The method on known evidence
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preserve_masks_find_the_box_of_each_class(preserve_run):
+    model, x, masks, hist = preserve_run
+    assert masks.shape == (6, 1) + SHAPE2 and masks.dtype == torch.float32
+    assert masks.min() >= 0 and masks.max() <= 1
+    for i in range(6):
+        n, k = divmod(i, 3)
+        box, area = BOXES2[n], AREAS[k]
+        # The most of the mask the box can hold: all of it when the area fits in the box.
+        best = min(1.0, box_fraction(box, SHAPE2) / area)
+        # The thresholded mask lies in the box; so does most of its mass (its soft edges,
+        # about 2σ wide, spill over).  A mask elsewhere would score near 0, a uniform one
+        # the box's share of the image (8 % and 13 %).
+        assert support_inside(masks[i, 0], box) >= 0.8 * best, i
+        assert inside_fraction(masks[i, 0], box) >= 0.65 * best, i
+        if best == 1.0:
+            # Nothing of the other class's box (a larger area spends its surplus anywhere).
+            assert inside_fraction(masks[i, 0], BOXES2[1 - n]) < 0.01, i
+
+
+def test_achieved_areas_are_close_to_the_requested_ones(preserve_run):
+    _, _, masks, hist = preserve_run
+    target = torch.tensor(AREAS * 2)
+    assert torch.equal(hist.target_area, target)
+    torch.testing.assert_close(hist.achieved_area, masks.flatten(1).mean(1))
+    torch.testing.assert_close(hist.support_area, (masks >= 0.5).flatten(1).float().mean(1))
+    # Within 2 (soft area, Σm/|Ω|) and 1.5 (thresholded area) percentage points of the image.
+    assert ((hist.achieved_area - target).abs() <= 0.02).all(), hist.achieved_area
+    assert ((hist.support_area - target).abs() <= 0.015).all(), hist.support_area
+
+
+def test_preserve_reward_grows_with_area(preserve_run):
+    model, x, masks, hist = preserve_run
+    with torch.no_grad():
+        scores = model(Perturbation(x, 8, 3).apply(masks))
+    reward = scores[torch.arange(6), torch.tensor([0, 0, 0, 1, 1, 1])].view(2, 3)
+    assert (reward[:, 1:] > reward[:, :-1]).all(), reward
+    assert (hist.reward[-1].view(2, 3).diff(dim=1) > 0).all()
+    # The best mask keeps much more evidence than the initial half-on mask did.
+    assert (hist.reward[-1] > hist.reward[0]).all()
+
+
+def test_history_layout(preserve_run):
+    _, _, masks, hist = preserve_run
+    assert isinstance(hist, ExtremalHistory)
+    for key in ("energy", "reward", "area_loss", "area"):
+        value = getattr(hist, key)
+        assert value.shape == (120, 6) and torch.isfinite(value).all(), key
+    # λ grows geometrically from the first to the last weight.
+    w = hist.weight
+    assert w.shape == (120,)
+    torch.testing.assert_close(w[0], torch.tensor(1.0))
+    torch.testing.assert_close(w[-1], torch.tensor(1000.0))
+    torch.testing.assert_close(w[1:] / w[:-1], torch.full((119,), 1000.0 ** (1 / 119)))
+    torch.testing.assert_close(hist.energy, hist.weight[:, None] * hist.area_loss - hist.reward)
+    # The ranking regulariser ends small: the sorted mask is close to the reference.
+    assert (hist.area_loss[-1] < 0.03).all() and (hist.area_loss[0] > 0.2).all()
+    assert hist.seeds == [0, 1]
+
+
+def test_each_iteration_is_one_forward_pass_of_the_whole_batch_in_eval_mode():
+    model = BoxScore(BOXES2, SHAPE2).train()
+    x = image2()
+    for variant, rows in (("preserve", 4), ("delete", 4), ("dual", 8)):
+        model.calls.clear()
+        extremal_perturbation(model, x, [0, 1], areas=[0.1, 0.2], max_iter=4, variant=variant,
+                              **KW2)
+        # One pass per iteration of N·K images (2·N·K for dual), model in eval mode, autograd
+        # on, parameters frozen.
+        assert model.calls == [(rows, False, True, False)] * 4, variant
+    assert model.training and model.gain.requires_grad
+
+
+def test_fade_perturbation_finds_the_box():
+    model = BoxScore(BOXES2, SHAPE2)
+    masks, hist = extremal_perturbation(model, image2(), [0, 1], areas=[0.05], max_iter=100,
+                                        perturbation="fade", **KW2)
+    for n in range(2):
+        assert inside_fraction(masks[n, 0], BOXES2[n]) > 0.8
+    assert ((hist.achieved_area - 0.05).abs() < 0.01).all()
+
+
+def test_contrastive_reward_keeps_the_other_class_out():
+    # An area larger than box 0: the surplus may go anywhere except box 1, whose evidence
+    # would raise the competing class.
+    model = BoxScore(BOXES2, SHAPE2)
+    masks, hist = extremal_perturbation(model, image2(1), 0, areas=[0.3], max_iter=100,
+                                        reward_func=contrastive_reward, **KW2)
+    m = masks[0, 0]
+    assert support_inside(m, BOXES2[0]) > 0.8 * box_fraction(BOXES2[0], SHAPE2) / 0.3
+    # (With simple_reward about 2 % of the thresholded mask lands in box 1, and up to 0.23
+    # inside it.)
+    assert support_inside(m, BOXES2[1]) <= 0.005
+    assert m[30:41, 26:42].max() < 0.15
+    assert abs(float(hist.support_area[0]) - 0.3) < 0.015
+
+
+@pytest.mark.parametrize("variant", [DELETE_VARIANT, DUAL_VARIANT])
+def test_delete_and_dual_masks_cover_the_evidence(variant):
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2()
+    # Areas that cover each box: deleting the masked region removes the evidence.
+    masks, hist = extremal_perturbation(model, x, [0, 1], areas=[0.12, 0.2], max_iter=120,
+                                        variant=variant, **KW2)
+    assert masks.shape == (4, 1) + SHAPE2
+    with torch.no_grad():
+        full = model(x)[[0, 1], [0, 1]]
+        deleted = model(Perturbation(x, 8, 3).apply(1 - masks))[torch.arange(4),
+                                                                  torch.tensor([0, 0, 1, 1])]
+    for i in range(4):
+        n, k = divmod(i, 2)
+        best = min(1.0, box_fraction(BOXES2[n], SHAPE2) / [0.12, 0.2][k])
+        assert inside_fraction(masks[i, 0], BOXES2[n]) > 0.7 * best, i
+        assert support_inside(masks[i, 0], BOXES2[n]) > 0.8 * best, i
+        assert deleted[i] < 0.25 * full[n], (i, deleted[i], full[n])
+    assert ((hist.achieved_area - torch.tensor([0.12, 0.2] * 2)).abs() < 0.025).all()
+
+
+def test_video_masks_cover_time_height_and_width():
+    shape = (8, 24, 24)
+    box = ((2, 6), (4, 14), (8, 20))                                  # 10.4 % of the clip
+    other = ((0, 8), (18, 24), (0, 6))
+    model = BoxScore([box, other], shape, pattern_shape=(1, 24, 24))
+    x = pattern((1, 24, 24)).expand(1, 2, *shape).clone().float()
+    areas = [0.04, 0.06]
+    masks, hist = extremal_perturbation(model, x, 0, areas=areas, max_iter=120,
+                                        step=(1, 2, 2), sigma=(1.0, 3.0, 3.0),
+                                        max_blur=(0.0, 3.0, 3.0), progress=False)
+    assert masks.shape == (2, 1) + shape
+    for k, area in enumerate(areas):
+        assert support_inside(masks[k, 0], box) > 0.85, k
+        assert inside_fraction(masks[k, 0], box) > 0.6, k
+        # The soft edges take more room in 3-D (two frames of eight along time): the soft
+        # area overshoots more.
+        assert abs(float(hist.support_area[k]) - area) <= 0.015, hist.support_area
+        assert abs(float(hist.achieved_area[k]) - area) <= 0.025, hist.achieved_area
+    # Frames outside the box's time span are nearly off.
+    assert masks[:, 0, :2].mean() < 0.02 and masks[:, 0, 6:].mean() < 0.02
+
+
+def test_one_dimensional_signals():
+    model = BoxScore([((10, 26),), ((40, 56),)], (96,))
+    x = pattern((96,)).expand(1, 1, 96).clone().float()
+    masks, hist = extremal_perturbation(model, x, 1, areas=[0.15], max_iter=100, step=2,
+                                        sigma=3, max_blur=3, progress=False)
+    assert masks.shape == (1, 1, 96)
+    assert inside_fraction(masks[0, 0], ((40, 56),)) > 0.8
+    assert support_inside(masks[0, 0], ((40, 56),)) == 1.0
+
+
+def test_time_axis_defaults_scale_with_the_clip_length():
+    from torchray_like.attribution.extremal_perturbation import _per_axis
+    spatial = (16, 112, 112)
+    assert _per_axis(7, "step", spatial, integer=True, minimum=1, strict=False,
+                     time_scaled=True) == (1.0, 7.0, 7.0)
+    assert _per_axis(21, "sigma", spatial, integer=False, minimum=0, strict=True,
+                     time_scaled=True) == (3.0, 21.0, 21.0)
+    assert _per_axis(7, "step", (224, 224), integer=True, minimum=1, strict=False,
+                     time_scaled=True) == (7.0, 7.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seeds_reproduce_exactly_and_differ_between_seeds():
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2(1)
+    run = lambda g: extremal_perturbation(model, x, 0, areas=[0.1], max_iter=25, generator=g,
+                                          **KW2)[0]
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(run(None), run(0))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(run(g1), run(g2))
+    # Without jitter nothing is random.
+    nj = lambda g: extremal_perturbation(model, x, 0, areas=[0.1], max_iter=25, generator=g,
+                                         jitter=False, **KW2)[0]
+    assert torch.equal(nj(1), nj(2))
+
+
+def test_batched_call_equals_per_image_calls():
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2(2, torch.float64)
+    x[1] = x[1] * 0.8 + 0.1
+    kw = dict(areas=[0.05, 0.15], max_iter=40, **KW2)
+    masks, hist = extremal_perturbation(model, x, [0, 1], generator=5, **kw)
+    m0, h0 = extremal_perturbation(model, x[:1], 0, generator=5, **kw)
+    m1, h1 = extremal_perturbation(model, x[1:], [1], generator=6, **kw)
+    torch.testing.assert_close(masks, torch.cat([m0, m1]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(hist.energy, torch.cat([h0.energy, h1.energy], 1), rtol=0,
+                               atol=1e-12)
+    # One seed per image, given explicitly.
+    masks2, _ = extremal_perturbation(model, x, [0, 1], generator=[5, 6], **kw)
+    assert torch.equal(masks, masks2)
+    assert masks.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Real architectures, resize and smoothing, progress
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_torchvision_models(name, torchvision_models):
+    model = torchvision_models[name]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    before = snapshot(model, x)
+    masks, hist = extremal_perturbation(model, x, [3, 7], areas=[0.1, 0.3], max_iter=3,
+                                        step=4, sigma=8, max_blur=6, progress=False)
+    assert_same_state(before, snapshot(model, x))
+    assert masks.shape == (4, 1, 64, 64) and masks.dtype == torch.float32
+    assert masks.device == x.device and torch.isfinite(masks).all()
+    assert masks.min() >= 0 and masks.max() <= 1
+    # After three steps from the uniform start, the masks have moved and differ per image.
+    assert not torch.allclose(masks[0], masks[2])
+    assert torch.isfinite(hist.energy).all() and hist.energy.shape == (3, 4)
+
+
+def test_resize_and_smooth():
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2(1)
+    kw = dict(areas=[0.1], max_iter=5, **KW2)
+    masks, _ = extremal_perturbation(model, x, 0, **kw)
+    same, _ = extremal_perturbation(model, x, 0, resize=True, **kw)
+    assert torch.equal(same, masks)
+    small, _ = extremal_perturbation(model, x, 0, resize=(24, 12), **kw)
+    assert small.shape == (1, 1, 24, 12)
+    torch.testing.assert_close(small, torch.nn.functional.interpolate(
+        masks, size=(24, 12), mode="bilinear", align_corners=False))
+    smooth, _ = extremal_perturbation(model, x, 0, smooth=0.05, **kw)
+    torch.testing.assert_close(smooth, smooth_saliency(masks, 0.05 * 48))
+
+
+def test_progress_bar_can_be_switched_on_and_off(capsys):
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2(1)
+    threads = threading.active_count()
+    extremal_perturbation(model, x, 0, areas=[0.1], max_iter=3, step=2, sigma=3,
+                          progress=False)
+    assert "extremal perturbation" not in capsys.readouterr().err
+    extremal_perturbation(model, x, 0, areas=[0.1], max_iter=3, step=2, sigma=3,
+                          progress=True)
+    err = capsys.readouterr().err
+    assert "extremal perturbation" in err and "/3 [" in err
+    # tqdm's monitor thread is stopped again, also when the model raises.
+    assert threading.active_count() == threads
+    failing = BoxScore(BOXES2, SHAPE2, fail_at=2)
+    before = snapshot(failing, x)
+    with pytest.raises(RuntimeError, match="boom"):
+        extremal_perturbation(failing, x, 0, areas=[0.1], max_iter=3, step=2, sigma=3,
+                              progress=True)
+    assert_same_state(before, snapshot(failing, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# State invariants
+# ---------------------------------------------------------------------------------------------
+
+
+def test_state_is_restored_after_success_and_after_an_exception():
+    model = BoxScore(BOXES2, SHAPE2).train()
+    model.gain.grad = torch.tensor(0.5)
+    x = image2().requires_grad_(True)
+    x.grad = torch.ones_like(x)
+    before = snapshot(model, x)
+    extremal_perturbation(model, x, [0, 1], areas=[0.1], max_iter=3, **KW2)
+    assert_same_state(before, snapshot(model, x))
+    model.fail_at = 2
+    with pytest.raises(RuntimeError, match="boom inside the model"):
+        extremal_perturbation(model, x, [0, 1], areas=[0.1], max_iter=3, **KW2)
+    assert_same_state(before, snapshot(model, x))
+    model.fail_at = None
+    # An error found after the first forward pass (target out of range) restores too.
+    with pytest.raises(ValueError, match="out of range"):
+        extremal_perturbation(model, x, [0, 5], areas=[0.1], max_iter=3, **KW2)
+    assert_same_state(before, snapshot(model, x))
+
+
+def test_works_inside_no_grad_and_leaves_it_on():
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2(1)
+    ref, _ = extremal_perturbation(model, x, 0, areas=[0.1], max_iter=10, **KW2)
+    with torch.no_grad():
+        before = snapshot(model, x)
+        masks, _ = extremal_perturbation(model, x, 0, areas=[0.1], max_iter=10, **KW2)
+        assert_same_state(before, snapshot(model, x))
+        assert not torch.is_grad_enabled()
+    assert torch.equal(masks, ref) and not masks.requires_grad
+
+
+def test_inference_mode_is_a_clear_error():
+    model = BoxScore(BOXES2, SHAPE2)
+    with torch.inference_mode():
+        x = image2(1)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            extremal_perturbation(model, x, 0, max_iter=2, **KW2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda():
+    model = BoxScore(BOXES2, SHAPE2).cuda()
+    x = image2().cuda()
+    masks, hist = extremal_perturbation(model, x, [0, 1], areas=[0.05], max_iter=60, **KW2)
+    assert masks.device == x.device and hist.energy.device == x.device
+    for n in range(2):
+        assert inside_fraction(masks[n, 0].cpu(), BOXES2[n]) > 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.w.detach().expand(x.shape[0], 3)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(areas=[0.1, 1.0]), ValueError, r"areas must be fractions .* strictly between 0 and 1, "
+                                          r"got 1.0"),
+    (dict(areas=0.0), ValueError, "strictly between 0 and 1, got 0.0"),
+    (dict(areas=[-0.2]), ValueError, "strictly between 0 and 1"),
+    (dict(areas=[]), ValueError, "areas is empty"),
+    (dict(areas=["0.1"]), ValueError, "strictly between 0 and 1, got '0.1'"),
+    (dict(areas="0.1"), TypeError, "areas must be a number or a sequence"),
+    (dict(variant="keep"), ValueError, r"variant must be one of \('preserve', 'delete', 'dual'\)"),
+    (dict(perturbation="noise"), ValueError, r"perturbation must be one of \('blur', 'fade'\)"),
+    (dict(max_iter=0), ValueError, "max_iter must be an integer ≥ 1, got 0"),
+    (dict(max_iter=2.5), ValueError, "max_iter must be an integer ≥ 1, got 2.5"),
+    (dict(num_levels=1), ValueError, "num_levels must be an integer ≥ 2"),
+    (dict(step=0), ValueError, "step must be a finite integer ≥ 1, got 0"),
+    (dict(step=1.5), ValueError, "step must be a finite integer ≥ 1, got 1.5"),
+    (dict(step=(2, 2, 2)), ValueError, r"step must be one integer ≥ 1 or 2 of them"),
+    (dict(step="2"), TypeError, "step must be a number or a sequence of 2 numbers"),
+    (dict(sigma=0), ValueError, "sigma must be a finite number > 0, got 0"),
+    (dict(sigma=float("nan")), ValueError, "sigma must be a finite number > 0"),
+    (dict(max_blur=-2), ValueError, "max_blur must be a finite number ≥ 0"),
+    (dict(reward_func="simple"), TypeError, "reward_func must be callable"),
+    (dict(reward_func=lambda a, t, v: a[:, 0:1]), ValueError,
+     r"reward_func must return a tensor of 2 rewards \(one per mask\), got \(2, 1\)"),
+    (dict(smooth=-1), ValueError, "smooth must be a non-negative number"),
+    (dict(resize=(3, 4, 5)), ValueError, "resize must give 2 positive sizes"),
+    (dict(resize=True, resize_mode="cubic"), ValueError, "resize_mode must be one of"),
+    (dict(learning_rate=0), ValueError, "learning_rate must be a positive number"),
+    (dict(momentum=1.0), ValueError, r"momentum must be a number in \[0, 1\)"),
+    (dict(area_weight=(1.0,)), ValueError, r"area_weight must be two positive numbers"),
+    (dict(area_weight=(0.0, 10.0)), ValueError, r"area_weight must be two positive numbers"),
+    (dict(temperature=-0.1), ValueError, "temperature must be a finite number ≥ 0"),
+    (dict(progress="yes"), TypeError, "progress must be True, False or None"),
+    (dict(generator=[1, 2, 3]), ValueError, "generator has 3 entries but the batch has 2 images"),
+    (dict(generator=[1, "a"]), TypeError, "generator entries must be ints or torch.Generator"),
+    (dict(generator=1.5), TypeError, "generator must be None, an int seed, a torch.Generator"),
+    (dict(fade_to="grey", perturbation="fade"), ValueError, "fade_to must be 'zero' or 'mean'"),
+])
+def test_argument_errors(kwargs, error, match):
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2()
+    before = snapshot(model, x)
+    args = dict(max_iter=2, step=2, sigma=3, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        extremal_perturbation(model, x, [0, 1], **args)
+    assert_same_state(before, snapshot(model, x))
+    # Argument errors are found before any work, except the reward's (after one pass).
+    assert len(model.calls) == (1 if callable(kwargs.get("reward_func")) else 0)
+
+
+@pytest.mark.parametrize("target,error,match", [
+    ([0], ValueError, "target has 1 class indices but the batch has 2 samples"),
+    ([0, 1, 1], ValueError, "target has 3 class indices but the batch has 2 samples"),
+    ([0, 2], ValueError, r"target class 2 is out of range: the model output has 2 classes "
+                         r"\(valid: 0..1\)"),
+    (-1, ValueError, "target class -1 is out of range"),
+    (0.5, ValueError, "target must be an integer class index, got the float 0.5"),
+    (torch.tensor([0.0, 1.0]), ValueError, "target must hold integer class indices"),
+    (lambda out: out[:, 0], TypeError, "pass reward_func"),
+    (torch.tensor([[0, 1]]), ValueError, "1-D tensor with one class per sample"),
+    (True, TypeError, "got the boolean"),
+])
+def test_target_errors(target, error, match):
+    model = BoxScore(BOXES2, SHAPE2)
+    with pytest.raises(error, match=match):
+        extremal_perturbation(model, image2(), target, max_iter=2, **KW2)
+
+
+def test_input_and_model_errors():
+    model = BoxScore(BOXES2, SHAPE2)
+    with pytest.raises(TypeError, match="input must be a floating-point tensor.*uint8"):
+        extremal_perturbation(model, image2().to(torch.uint8), 0, max_iter=2, **KW2)
+    with pytest.raises(ValueError, match=re.escape("input must have shape (N, C, *spatial)")):
+        extremal_perturbation(model, torch.rand(48, 48), 0, max_iter=2, **KW2)
+    with pytest.raises(ValueError, match=re.escape("input must be (N, C, L), (N, C, H, W) or")):
+        extremal_perturbation(model, torch.rand(1, 1, 4, 4, 4, 4), 0, max_iter=2, step=1,
+                              sigma=1, progress=False)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        extremal_perturbation(lambda x: x, image2(), 0, max_iter=2, **KW2)
+    with pytest.raises(ValueError, match="the reward does not depend on the mask"):
+        extremal_perturbation(Constant(), image2(), 0, max_iter=2, **KW2)
+    with pytest.raises(TypeError, match="the model returned a dict, not a tensor"):
+        extremal_perturbation(DictModel(model), image2(), 0, max_iter=2, **KW2)
+    # ... which a reward_func handles.
+    masks, _ = extremal_perturbation(
+        DictModel(model), image2(), [0, 1], max_iter=2,
+        reward_func=lambda out, t, v: simple_reward(out["logits"], t, v), **KW2)
+    assert masks.shape == (2, 1) + SHAPE2
+
+
+class DictModel(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return {"logits": self.inner(x)}
+
+
+def test_warns_when_sigma_is_too_large_for_the_input():
+    model = BoxScore(BOXES2, SHAPE2)
+    x = image2()
+    with pytest.warns(UserWarning, match="more than a quarter of the input size"):
+        extremal_perturbation(model, x, 0, max_iter=1, progress=False)
