@@ -67,6 +67,8 @@ __all__ = [
     "ForwardPass",
     "finish_map",
     "check_smooth",
+    "saliency_gradient",
+    "ActivationMap",
 ]
 
 TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
@@ -930,6 +932,41 @@ def target_scores(output: Any, target: Callable, batch: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def saliency_gradient(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x.grad`` checked for flattening: it exists and is ``(N, C, *spatial)``.
+
+    ``name`` (the flattening function) starts the error messages.
+    """
+    grad = x.grad if isinstance(x, torch.Tensor) else None
+    if grad is None:
+        raise ValueError(
+            f"{name}: the tensor has no .grad; run backward first (did the output depend on "
+            "it?)")
+    if grad.dim() < 2:
+        raise ValueError(f"{name}: expected (N, C, *spatial), got shape {tuple(grad.shape)}")
+    return grad
+
+
+class ActivationMap:
+    """A ``gradient_to_saliency`` that computes ``map_fn(activation, gradient)`` for a layer.
+
+    Layer methods (Grad-CAM, linear approximation ...) weight the activation by its gradient;
+    this adapter hands :func:`saliency` the read tensor's values and ``.grad``, and rejects a
+    layer without spatial dimensions with an error naming the method and the layer.
+    """
+
+    def __init__(self, map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 method: str, layer: Any, hint: str) -> None:
+        self.map_fn, self.method, self.layer, self.hint = map_fn, method, layer, hint
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ValueError(
+                f"{self.method}: saliency_layer {_label(self.layer)} outputs shape "
+                f"{tuple(x.shape)}, which has no spatial dimensions; {self.hint}")
+        return self.map_fn(x.detach(), saliency_gradient(x, self.method))
+
+
 def gradient_to_saliency(x: torch.Tensor) -> torch.Tensor:
     """Channel-flattened saliency: the maximum over channels of ``|x.grad|``.
 
@@ -937,14 +974,7 @@ def gradient_to_saliency(x: torch.Tensor) -> torch.Tensor:
     ``x`` has shape ``(N, C, *spatial)`` (any number of spatial dimensions) and a ``.grad``; the
     map is ``(N, 1, *spatial)``.
     """
-    grad = x.grad if isinstance(x, torch.Tensor) else None
-    if grad is None:
-        raise ValueError(
-            "gradient_to_saliency: the tensor has no .grad; run backward first (did the output "
-            "depend on it?)")
-    if grad.dim() < 2:
-        raise ValueError(
-            f"gradient_to_saliency: expected (N, C, *spatial), got shape {tuple(grad.shape)}")
+    grad = saliency_gradient(x, "gradient_to_saliency")
     return grad.abs().amax(dim=1, keepdim=True)
 
 

@@ -93,6 +93,7 @@ from .common import (
     get_backward_gradient,
     get_module,
     saliency,
+    saliency_gradient,
 )
 
 __all__ = [
@@ -553,7 +554,7 @@ class ExcitationBackpropContext(RuleContext):
             return None
         return a, b
 
-    def _add(self, func, args, kwargs):
+    def _add(self, func, args, kwargs, inplace: bool = False):
         operands = self._sum_operands(args, kwargs)
         if operands is None:
             return func(*args, **kwargs)
@@ -561,17 +562,10 @@ class ExcitationBackpropContext(RuleContext):
         a, b = operands
         if not (_differentiated(a) or _differentiated(b)):
             return func(*args, **kwargs)
-        return _ExciteSum.apply(a, b, False)
+        return _ExciteSum.apply(a, b, inplace)
 
     def _add_inplace(self, func, args, kwargs):
-        operands = self._sum_operands(args, kwargs)
-        if operands is None:
-            return func(*args, **kwargs)
-        self.count("sum")
-        a, b = operands
-        if not (_differentiated(a) or _differentiated(b)):
-            return func(*args, **kwargs)
-        return _ExciteSum.apply(a, b, True)
+        return self._add(func, args, kwargs, inplace=True)
 
     def _rectify(self, func, args, kwargs, upper: float, inplace: bool):
         x = _get(args, kwargs, _slot(args, kwargs, 0, ("input",)))
@@ -615,15 +609,7 @@ def excitation_to_saliency(x: torch.Tensor) -> torch.Tensor:
     location wins is the sum over its channels (Zhang et al. 2016).  ``x`` is
     ``(N, C, *spatial)`` with a ``.grad``; the map is ``(N, 1, *spatial)``.
     """
-    # MOVE-TO-COMMON: a channel-sum flattening (next to gradient_to_saliency).
-    grad = x.grad if isinstance(x, torch.Tensor) else None
-    if grad is None:
-        raise ValueError(
-            "excitation_to_saliency: the tensor has no .grad; run backward first (did the output "
-            "depend on it?)")
-    if grad.dim() < 2:
-        raise ValueError(
-            f"excitation_to_saliency: expected (N, C, *spatial), got shape {tuple(grad.shape)}")
+    grad = saliency_gradient(x, "excitation_to_saliency")
     return grad.sum(dim=1, keepdim=True)
 
 

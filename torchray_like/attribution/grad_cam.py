@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import (SaliencyDebug, SizeType, TargetType, check_input, check_model,
+from .common import (ActivationMap, SaliencyDebug, SizeType, TargetType, check_input, check_model,
                      get_backward_gradient, model_state_guard, saliency)
 
 __all__ = ["grad_cam", "grad_cam_map", "find_saliency_layer"]
@@ -73,21 +73,6 @@ def grad_cam_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
     flat = activation.reshape(n, k, -1)
     weighted = torch.bmm(alpha.unsqueeze(1).to(flat.dtype), flat)  # (N, 1, positions)
     return weighted.view((n, 1) + tuple(activation.shape[2:])).clamp_(min=0)
-
-
-class _GradCamToSaliency:
-    """``gradient_to_saliency`` for :func:`~torchray_like.attribution.common.saliency`."""
-
-    def __init__(self, layer_label: str) -> None:
-        self.layer_label = layer_label
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            raise ValueError(
-                f"grad_cam: saliency_layer {self.layer_label} outputs shape {tuple(x.shape)}, "
-                "which has no spatial dimensions; Grad-CAM needs (N, C, *spatial): choose a "
-                "convolutional layer (or omit saliency_layer to pick one automatically)")
-        return grad_cam_map(x.detach(), x.grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +217,6 @@ def _resolve_layer(model: nn.Module, input: torch.Tensor, saliency_layer: LayerT
     return saliency_layer
 
 
-def _label(saliency_layer: Union[str, nn.Module]) -> str:
-    return repr(saliency_layer) if isinstance(saliency_layer, str) else type(
-        saliency_layer).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
@@ -288,5 +268,8 @@ def grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
     layer = _resolve_layer(model, input, saliency_layer)
     return saliency(model, input, target, saliency_layer=layer, resize=resize,
                     resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=_GradCamToSaliency(_label(layer)),
+                    gradient_to_saliency=ActivationMap(
+                        grad_cam_map, "grad_cam", layer,
+                        "Grad-CAM needs (N, C, *spatial): choose a convolutional layer (or omit "
+                        "saliency_layer to pick one automatically)"),
                     get_backward_gradient=get_backward_gradient, debug=debug)

@@ -32,10 +32,11 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import (GRADIENT_RULE, SaliencyDebug, SizeType, TargetType, _detach, check_smooth,
+from .common import (GRADIENT_RULE, SaliencyDebug, SizeType, TargetType, _detach, _label,
+                     check_smooth,
                      finish_map, forward_pass, get_backward_gradient, gradient_to_saliency,
                      resize_saliency)
-from .grad_cam import LayerType, _label, _resolve_layer, grad_cam_map
+from .grad_cam import LayerType, _resolve_layer, grad_cam_map
 from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
 
 __all__ = ["guided_grad_cam", "GuidedGradCamDebug"]

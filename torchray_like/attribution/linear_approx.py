@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import SaliencyDebug, SizeType, TargetType, get_backward_gradient, saliency
+from .common import (ActivationMap, SaliencyDebug, SizeType, TargetType, get_backward_gradient,
+                     saliency)
 
 __all__ = ["linear_approx", "linear_approx_map"]
 
@@ -33,20 +34,6 @@ def linear_approx_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch
             f"linear_approx_map: gradient shape {tuple(gradient.shape)} differs from the "
             f"activation shape {tuple(activation.shape)}")
     return (activation * gradient).sum(dim=1, keepdim=True)
-
-
-class _LinearApproxToSaliency:
-    def __init__(self, layer_label: str) -> None:
-        self.layer_label = layer_label
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            raise ValueError(
-                f"linear_approx: saliency_layer {self.layer_label} outputs shape "
-                f"{tuple(x.shape)}, which has no spatial dimensions; the map needs "
-                "(N, C, *spatial): choose a convolutional layer, or the input "
-                "(saliency_layer=None)")
-        return linear_approx_map(x.detach(), x.grad)
 
 
 def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
@@ -79,9 +66,10 @@ def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         ``(N, 1, *spatial)`` signed maps (or resized), detached, on the input's device.
     """
-    label = (repr(saliency_layer) if isinstance(saliency_layer, str) or saliency_layer is None
-             else type(saliency_layer).__name__)
     return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
                     resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=_LinearApproxToSaliency(label),
+                    gradient_to_saliency=ActivationMap(
+                        linear_approx_map, "linear_approx", saliency_layer,
+                        "the map needs (N, C, *spatial): choose a convolutional layer, or the "
+                        "input (saliency_layer=None)"),
                     get_backward_gradient=get_backward_gradient, debug=debug)
