@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", default=None,
                         help="only cases whose name starts with one of these")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write results")
+    parser.add_argument("--ep-iters", type=int, default=None, dest="ep_iters",
+                        help="extremal perturbation: iterations per timed call (default 5)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,13 +7,12 @@ perturbation, the ranking constraint and the SGD step; the target is ≤ 1.15× 
 
 Run alone::
 
-    python benchmarks/speed.py --methods extremal --repeats 3
-    python benchmarks/speed_extremal.py --models resnet50 vgg16 --iters 5
+    python benchmarks/speed.py --methods extremal --repeats 3 --ep-iters 5
+    python benchmarks/speed_extremal.py --models resnet50 --ep-iters 10
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from typing import Callable, List
@@ -48,7 +47,7 @@ def floor_iterations(model: torch.nn.Module, batch: torch.Tensor, target: torch.
 
 
 def cases(model, x, target, args) -> List[Case]:
-    iters = int(getattr(args, "ep_iters", ITERS))
+    iters = int(getattr(args, "ep_iters", None) or ITERS)
     k = len(AREAS)
     # The floor batch: each image repeated K times, as the method's N·K perturbed batch.
     batch = x.repeat_interleave(k, dim=0)
@@ -64,30 +63,10 @@ def cases(model, x, target, args) -> List[Case]:
 
 
 def main(argv=None) -> int:
-    import torchvision
-    from harness import HEADER, format_row, time_pair
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--iters", type=int, default=ITERS, dest="ep_iters")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.size}², median of {args.repeats}")
-    print(HEADER)
-    for name in args.models:
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, name)().eval()
-        x = torch.randn(args.batch, 3, args.size, args.size)
-        target = list(range(args.batch))
-        for case in cases(model, x, target, args):
-            print(format_row(name, case, time_pair(case.run, case.floor, args.repeats)),
-                  flush=True)
-    return 0
+    """The speed table restricted to extremal perturbation (same options as speed.py)."""
+    from speed import main as speed_main
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return speed_main(["--methods", "extremal_perturbation", "--repeats", "3"] + argv)
 
 
 if __name__ == "__main__":

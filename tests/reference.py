@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 
-class RefGuidedReLU(torch.autograd.Function):
-    """Springenberg et al.: p' = p · [x > 0] · [p > 0]."""
+class _RefRectifier(torch.autograd.Function):
+    """relu(x), or clamp(x, 0, upper); subclasses give the backward rule."""
 
     @staticmethod
     def forward(ctx, x, upper=None):
@@ -21,6 +21,10 @@ class RefGuidedReLU(torch.autograd.Function):
         ctx.upper = upper
         y = x.clamp(min=0)
         return y if upper is None else y.clamp(max=upper)
+
+
+class RefGuidedReLU(_RefRectifier):
+    """Springenberg et al.: p' = p · [x > 0] · [p > 0]."""
 
     @staticmethod
     def backward(ctx, g):
@@ -31,15 +35,8 @@ class RefGuidedReLU(torch.autograd.Function):
         return g * mask, None
 
 
-class RefDeconvReLU(torch.autograd.Function):
+class RefDeconvReLU(_RefRectifier):
     """Zeiler & Fergus: p' = max(p, 0) (and the upper clamp of ReLU6 keeps its gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, upper=None):
-        ctx.save_for_backward(x)
-        ctx.upper = upper
-        y = x.clamp(min=0)
-        return y if upper is None else y.clamp(max=upper)
 
     @staticmethod
     def backward(ctx, g):

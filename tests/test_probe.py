@@ -255,3 +255,24 @@ def test_probe_this_thread_only_ignores_other_threads():
         t.join()
         net(x)
         assert len(mine.data) == 1 and len(every.data) == 2
+
+
+def test_patch_restores_and_a_failed_patch_leaves_nothing(monkeypatch):
+    import gc
+    import sys
+
+    from torchray_like.attribution.common import Patch
+
+    class Holder:
+        value = 1
+
+    with Patch(Holder, "value", 2) as patch:
+        assert Holder.value == 2
+    assert Holder.value == 1 and not patch._active
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        Patch(Holder, "missing", 3)
+    gc.collect()
+    # The half-built Patch is collected without an error in __del__.
+    assert unraisable == []

@@ -459,7 +459,8 @@ class Patch:
         return False
 
     def __del__(self) -> None:
-        self.remove()
+        if getattr(self, "_active", False):  # __init__ may have raised before patching
+            self.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,10 +512,8 @@ class _ProbeHook:
     def __init__(self, probe: "Probe") -> None:
         self.probe = weakref.ref(probe)
 
-    def _record(self, value: Any) -> Any:
-        probe = self.probe()
-        if probe is None or (probe.thread is not None and probe.thread != threading.get_ident()):
-            return None
+    @staticmethod
+    def _record(probe: "Probe", value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"Probe: the {probe.target} of {type(probe.module).__name__} is a "
@@ -540,11 +539,11 @@ class _ProbeHook:
         if probe is None or (probe.thread is not None and probe.thread != threading.get_ident()):
             return None
         if probe.target == "output":
-            return self._record(output)
+            return self._record(probe, output)
         if not inputs:
             raise TypeError(
                 f"Probe: {type(module).__name__} was called without a positional input")
-        new = self._record(inputs[0])
+        new = self._record(probe, inputs[0])
         return None if new is None else (new,) + tuple(inputs[1:])
 
 
