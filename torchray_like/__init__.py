@@ -2,7 +2,27 @@
 
 A clean-room toolkit compatible with TorchRay's public API (rename ``torchray`` to
 ``torchray_like``): rule contexts and probes in :mod:`torchray_like.attribution.common`, one
-wrapper per method in :mod:`torchray_like.attribution`.
+module per method in :mod:`torchray_like.attribution`.  The methods' functions are also here, as
+a flat namespace::
+
+    import torchray_like as trl
+    saliency_map = trl.grad_cam(model, x, category_id)
 """
 
 __version__ = "0.1.0"
+
+from .attribution.deconvnet import deconvnet  # noqa: E402
+from .attribution.excitation_backprop import (contrastive_excitation_backprop,  # noqa: E402
+                                              excitation_backprop)
+from .attribution.extremal_perturbation import extremal_perturbation  # noqa: E402
+from .attribution.grad_cam import grad_cam  # noqa: E402
+from .attribution.gradient import gradient  # noqa: E402
+from .attribution.guided_backprop import guided_backprop  # noqa: E402
+from .attribution.guided_grad_cam import guided_grad_cam  # noqa: E402
+from .attribution.linear_approx import linear_approx  # noqa: E402
+from .attribution.registry import METHODS  # noqa: E402
+from .attribution.rise import rise  # noqa: E402
+
+__all__ = ["METHODS", "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
+           "linear_approx", "excitation_backprop", "contrastive_excitation_backprop", "rise",
+           "extremal_perturbation"]

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from .common import ReLUContext, ReLURule, saliency
+from .driver import saliency
+from .rules import ReLUContext, ReLURule
 
 __all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetContext", "deconvnet"]
 

@@ -76,25 +76,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .common import (
-    ReLURule,
-    RuleContext,
-    SaliencyDebug,
-    SizeType,
-    TargetType,
-    _detach,
-    _label,
-    _Rectifier,
-    _RuleCell,
-    check_model,
-    check_smooth,
-    finish_map,
-    forward_pass,
-    get_backward_gradient,
-    get_module,
-    saliency,
-    saliency_gradient,
-)
+from .context import RuleContext
+from .driver import SaliencyDebug, detach_all, forward_pass, saliency
+from .maps import SizeType, check_smooth, finish_map, saliency_gradient
+from .probe import get_module, layer_label
+from .rules import RectifierFunction, ReLURule, RuleCell
+from .state import check_model
+from .targets import TargetType, get_backward_gradient
 
 __all__ = [
     "ExcitationBackpropContext",
@@ -444,7 +432,7 @@ class ExcitationBackpropContext(RuleContext):
     def __init__(self) -> None:
         super().__init__()
         self._cell = _Cell()
-        self._relu_cell = _RuleCell(_POSITIVE_OUTPUT_RULE)
+        self._relu_cell = RuleCell(_POSITIVE_OUTPUT_RULE)
         self._next_index = 0
         #: Forward-order indices of the convolution / linear calls of the last forward pass.
         self.affine_calls: List[int] = []
@@ -572,7 +560,7 @@ class ExcitationBackpropContext(RuleContext):
         self.count("relu6" if upper == 6.0 else "hardtanh")
         if not _differentiated(x):
             return func(*args, **kwargs)
-        return _Rectifier.apply(x, self._relu_cell, upper, inplace)
+        return RectifierFunction.apply(x, self._relu_cell, upper, inplace)
 
     def _relu6(self, func, args, kwargs):
         inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
@@ -746,7 +734,7 @@ def contrastive_excitation_backprop(
         model, saliency_layer)
     if sal is not None and sal is get_module(model, contrast_layer):
         raise ValueError(
-            f"contrast_layer {_label(contrast_layer)} is the saliency_layer: it must be "
+            f"contrast_layer {layer_label(contrast_layer)} is the saliency_layer: it must be "
             "above it (closer to the output)")
     cls = None if classifier_layer is None or classifier_layer == "" else get_module(
         model, classifier_layer)
@@ -761,7 +749,7 @@ def contrastive_excitation_backprop(
             if call_range is not None:
                 if not call_range.indices:
                     raise ValueError(
-                        f"classifier_layer {_label(classifier_layer)} made no convolution "
+                        f"classifier_layer {layer_label(classifier_layer)} made no convolution "
                         "or linear call in the forward pass; name the module holding the "
                         "classifier weights")
                 classifier = call_range.indices[-1]
@@ -785,10 +773,10 @@ def contrastive_excitation_backprop(
                 cell.clear()
             if not cell.negated_used:
                 raise ValueError(
-                    "the classifier (" + (f"classifier_layer {_label(classifier_layer)}"
+                    "the classifier (" + (f"classifier_layer {layer_label(classifier_layer)}"
                                           if cls is not None else
                                           "the last convolution / linear call") +
-                    f") is not between contrast_layer {_label(contrast_layer)} and the "
+                    f") is not between contrast_layer {layer_label(contrast_layer)} and the "
                     "output, so the dual unit would equal the target; pass the module producing "
                     "the scores as classifier_layer, or a lower contrast_layer")
             top = top - dual  # (not in place: a pass-through graph may hand back the seed)
@@ -799,9 +787,9 @@ def contrastive_excitation_backprop(
                 (grad,) = torch.autograd.grad(con_read, sal_read, top, allow_unused=True)
             if grad is None:
                 where = "the input" if sal is None else (
-                    f"saliency_layer {_label(saliency_layer)}")
+                    f"saliency_layer {layer_label(saliency_layer)}")
                 raise ValueError(
-                    f"contrast_layer {_label(contrast_layer)} does not depend on {where}: "
+                    f"contrast_layer {layer_label(contrast_layer)} does not depend on {where}: "
                     "the contrast layer must be above the saliency layer (closer to the output)")
             smap = grad.sum(dim=1, keepdim=True).clamp_(min=0)
     finally:
@@ -810,6 +798,6 @@ def contrastive_excitation_backprop(
             call_range.remove()
     smap = finish_map(input, smap, resize, resize_mode, smooth)
     if debug:
-        return smap, SaliencyDebug(_detach(fp.output), sal_read.detach(), grad.detach(),
+        return smap, SaliencyDebug(detach_all(fp.output), sal_read.detach(), grad.detach(),
                                    dict(context.counts))
     return smap

@@ -77,8 +77,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import (check_class_range, check_input, check_model, class_indices,
-                     model_state_guard, resize_saliency, smooth_saliency)
+from .maps import resize_saliency, smooth_saliency
+from .state import check_input, check_model, model_state_guard
+from .targets import check_class_range, class_indices
 
 __all__ = [
     "PRESERVE_VARIANT",

@@ -26,8 +26,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import (ActivationMap, SaliencyDebug, SizeType, TargetType, check_input, check_model,
-                     get_backward_gradient, model_state_guard, saliency)
+from .driver import SaliencyDebug, saliency
+from .maps import ActivationMap, SizeType
+from .state import check_input, check_model, model_state_guard
+from .targets import TargetType, get_backward_gradient
 
 __all__ = ["grad_cam", "grad_cam_map", "find_saliency_layer"]
 
@@ -207,7 +209,7 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     return name
 
 
-def _resolve_layer(model: nn.Module, input: torch.Tensor, saliency_layer: LayerType
+def resolve_layer(model: nn.Module, input: torch.Tensor, saliency_layer: LayerType
                    ) -> Union[str, nn.Module]:
     """``None`` → the automatic layer; anything else is returned as given."""
     if saliency_layer is None:
@@ -265,7 +267,7 @@ def grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         ``(N, 1, *layer_spatial)`` non-negative maps (or resized), detached, on the input's
         device, in the input's dtype.
     """
-    layer = _resolve_layer(model, input, saliency_layer)
+    layer = resolve_layer(model, input, saliency_layer)
     return saliency(model, input, target, saliency_layer=layer, resize=resize,
                     resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
                     gradient_to_saliency=ActivationMap(

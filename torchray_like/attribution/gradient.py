@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .common import saliency
+from .driver import saliency
 
 __all__ = ["gradient"]
 

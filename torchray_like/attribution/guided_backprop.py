@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import torch
 
-from .common import ReLUContext, ReLURule, saliency
+from .driver import saliency
+from .rules import ReLUContext, ReLURule
 
 __all__ = ["GuidedBackpropRule", "GUIDED_BACKPROP_RULE", "GuidedBackpropContext",
            "guided_backprop"]

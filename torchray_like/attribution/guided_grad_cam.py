@@ -32,11 +32,12 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import (GRADIENT_RULE, SaliencyDebug, SizeType, TargetType, _detach, _label,
-                     check_smooth,
-                     finish_map, forward_pass, get_backward_gradient, gradient_to_saliency,
-                     resize_saliency)
-from .grad_cam import LayerType, _resolve_layer, grad_cam_map
+from .driver import SaliencyDebug, detach_all, forward_pass
+from .grad_cam import LayerType, grad_cam_map, resolve_layer
+from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency, resize_saliency
+from .probe import layer_label
+from .rules import GRADIENT_RULE
+from .targets import TargetType, get_backward_gradient
 from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
 
 __all__ = ["guided_grad_cam", "GuidedGradCamDebug"]
@@ -104,14 +105,14 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         the input's device.
     """
     smooth = check_smooth(smooth)
-    name = _resolve_layer(model, input, saliency_layer)
+    name = resolve_layer(model, input, saliency_layer)
     context = GuidedBackpropContext()
     with forward_pass(model, input, target, {"saliency_layer": name, "input": None}, context,
                       get_backward_gradient) as fp:
         read = fp.reads["saliency_layer"]
         if read.dim() != fp.x.dim():
             raise ValueError(
-                f"guided_grad_cam: saliency_layer {_label(name)} outputs shape "
+                f"guided_grad_cam: saliency_layer {layer_label(name)} outputs shape "
                 f"{tuple(read.shape)} but the input has shape {tuple(fp.x.shape)}; the Grad-CAM "
                 "map is upsampled to the input, so the layer needs as many spatial dimensions "
                 "as the input")
@@ -133,7 +134,7 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
             fp.x.grad = None
     smap = finish_map(input, smap, resize, resize_mode, smooth)
     if debug:
-        return smap, GuidedGradCamDebug(_detach(fp.output), activation, layer_grad.detach(),
+        return smap, GuidedGradCamDebug(detach_all(fp.output), activation, layer_grad.detach(),
                                         dict(context.counts), cam=cam,
                                         guided_gradient=input_grad.detach())
     return smap

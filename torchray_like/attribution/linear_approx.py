@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import (ActivationMap, SaliencyDebug, SizeType, TargetType, get_backward_gradient,
-                     saliency)
+from .driver import SaliencyDebug, saliency
+from .maps import ActivationMap, SizeType
+from .targets import TargetType, get_backward_gradient
 
 __all__ = ["linear_approx", "linear_approx_map"]
 

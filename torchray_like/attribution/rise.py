@@ -49,8 +49,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .common import (check_class_range, check_input, check_model, class_indices,
-                     model_state_guard, resize_saliency)
+from .maps import resize_saliency
+from .state import check_input, check_model, model_state_guard
+from .targets import check_class_range, class_indices
 
 __all__ = ["generate_masks", "rise", "rise_class", "RISE_SCORES"]
 

@@ -1,0 +1,193 @@
+r"""Maps: flatten a (pseudo-)gradient over channels, resize and smooth saliency maps."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .probe import layer_label
+
+__all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "SizeType"]
+
+SizeType = Union[bool, int, Sequence[int], torch.Size, None]
+
+
+def saliency_gradient(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x.grad`` checked for flattening: it exists and is ``(N, C, *spatial)``.
+
+    ``name`` (the flattening function) starts the error messages.
+    """
+    grad = x.grad if isinstance(x, torch.Tensor) else None
+    if grad is None:
+        raise ValueError(
+            f"{name}: the tensor has no .grad; run backward first (did the output depend on "
+            "it?)")
+    if grad.dim() < 2:
+        raise ValueError(f"{name}: expected (N, C, *spatial), got shape {tuple(grad.shape)}")
+    return grad
+
+
+class ActivationMap:
+    """A ``gradient_to_saliency`` that computes ``map_fn(activation, gradient)`` for a layer.
+
+    Layer methods (Grad-CAM, linear approximation ...) weight the activation by its gradient;
+    this adapter hands :func:`saliency` the read tensor's values and ``.grad``, and rejects a
+    layer without spatial dimensions with an error naming the method and the layer.
+    """
+
+    def __init__(self, map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 method: str, layer: Any, hint: str) -> None:
+        self.map_fn, self.method, self.layer, self.hint = map_fn, method, layer, hint
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ValueError(
+                f"{self.method}: saliency_layer {layer_label(self.layer)} outputs shape "
+                f"{tuple(x.shape)}, which has no spatial dimensions; {self.hint}")
+        return self.map_fn(x.detach(), saliency_gradient(x, self.method))
+
+
+def gradient_to_saliency(x: torch.Tensor) -> torch.Tensor:
+    """Channel-flattened saliency: the maximum over channels of ``|x.grad|``.
+
+    Simonyan, Vedaldi, Zisserman, "Deep inside convolutional networks", 2013 (arXiv 1312.6034).
+    ``x`` has shape ``(N, C, *spatial)`` (any number of spatial dimensions) and a ``.grad``; the
+    map is ``(N, 1, *spatial)``.
+    """
+    grad = saliency_gradient(x, "gradient_to_saliency")
+    return grad.abs().amax(dim=1, keepdim=True)
+
+
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+_RANK_MODES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
+_ANY_RANK_MODES = ("nearest", "nearest-exact", "area")
+
+
+def _spatial_size(size: Any, spatial: int, like: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    if size is None or size is False:
+        return None
+    if size is True:
+        return tuple(like.shape[2:])
+    if isinstance(size, bool):
+        return None
+    if isinstance(size, Integral):
+        size = (int(size),) * spatial
+    if not isinstance(size, (tuple, list, torch.Size)):
+        raise TypeError(
+            f"resize must be False, True, an int or a tuple of {spatial} ints (torch order), "
+            f"got {size!r}")
+    size = tuple(size)
+    if len(size) != spatial or not all(isinstance(s, Integral) and not isinstance(s, bool)
+                                       and s > 0 for s in size):
+        names = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}.get(spatial, f"{spatial} sizes")
+        raise ValueError(
+            f"resize must give {spatial} positive sizes in torch order {names}, got {size!r}")
+    return tuple(int(s) for s in size)
+
+
+def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType,
+                    mode: str = "bilinear") -> torch.Tensor:
+    """Resize a saliency map ``(N, 1, *spatial)``.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        The input the map explains (gives the size for ``size=True``).
+    saliency : torch.Tensor
+        The map, ``(N, C, *spatial)`` with 1 to 3 spatial dimensions.
+    size : bool, int, tuple
+        ``False``/``None``: unchanged; ``True``: the input's spatial size; a tuple: that size in
+        torch order ``(L,)``, ``(H, W)`` or ``(T, H, W)``; an int: that size on every side.
+    mode : str
+        Any :func:`torch.nn.functional.interpolate` mode valid for the rank.  The linear family
+        (``"linear"``, ``"bilinear"``, ``"trilinear"``) means multilinear interpolation and is
+        adapted to the rank, so the default ``"bilinear"`` works for 1-D and 3-D maps too.
+    """
+    spatial = saliency.dim() - 2
+    if size is True and tensor.dim() != saliency.dim():
+        raise ValueError(
+            f"resize=True: the map has {spatial} spatial dimensions (shape "
+            f"{tuple(saliency.shape)}) but the input has {tensor.dim() - 2} (shape "
+            f"{tuple(tensor.shape)}); give the size explicitly")
+    out_size = _spatial_size(size, spatial, tensor)
+    if out_size is None:
+        return saliency
+    if spatial < 1 or spatial > 3:
+        raise ValueError(f"resize works for 1 to 3 spatial dimensions, got {spatial}")
+    if mode in ("linear", "bilinear", "trilinear"):
+        mode = _LINEAR_MODES[spatial]
+    elif mode in _RANK_MODES:
+        if _RANK_MODES[mode] != spatial:
+            raise ValueError(
+                f"resize_mode {mode!r} needs {_RANK_MODES[mode]} spatial dimensions, the map has "
+                f"{spatial}")
+    elif mode not in _ANY_RANK_MODES:
+        raise ValueError(
+            f"resize_mode must be one of linear/bilinear/trilinear, bicubic (2-D), nearest, "
+            f"nearest-exact, area; got {mode!r}")
+    if tuple(saliency.shape[2:]) == out_size:
+        return saliency
+    if mode in _ANY_RANK_MODES:
+        return F.interpolate(saliency, size=out_size, mode=mode)
+    return F.interpolate(saliency, size=out_size, mode=mode, align_corners=False)
+
+
+def gaussian_kernel(sigma: float, truncate: float, dtype, device) -> torch.Tensor:
+    radius = max(int(truncate * sigma + 0.5), 1)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def smooth_saliency(saliency: torch.Tensor, sigma: Union[float, Sequence[float]],
+                    truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(N, C, *spatial)`` maps (1 to 3 spatial dims).
+
+    ``sigma`` is in pixels (one value, or one per spatial dimension); the kernel is truncated
+    at ``truncate`` standard deviations and borders are extended by replication (scipy's
+    ``gaussian_filter(..., mode="nearest")``), so a constant map stays constant.
+    """
+    spatial = saliency.dim() - 2
+    if spatial < 1 or spatial > 3:
+        raise ValueError(f"smoothing works for 1 to 3 spatial dimensions, got {spatial}")
+    sigmas = ([float(sigma)] * spatial if isinstance(sigma, (int, float))
+              else [float(s) for s in sigma])
+    if len(sigmas) != spatial or any(s < 0 or not math.isfinite(s) for s in sigmas):
+        raise ValueError(f"sigma must be {spatial} non-negative numbers, got {sigma!r}")
+    out = saliency
+    for d, s in enumerate(sigmas):
+        if s == 0:
+            continue
+        dim = 2 + d
+        k = gaussian_kernel(s, truncate, out.dtype, out.device)
+        r = (k.numel() - 1) // 2
+        moved = out.movedim(dim, -1)
+        shape = moved.shape
+        flat = moved.reshape(-1, 1, shape[-1])
+        flat = F.pad(flat, (r, r), mode="replicate")
+        flat = F.conv1d(flat, k.view(1, 1, -1))
+        out = flat.view(shape).movedim(-1, dim)
+    return out.contiguous()
+
+
+def check_smooth(smooth: Any) -> float:
+    """Validate the ``smooth`` argument (a non-negative finite number)."""
+    if isinstance(smooth, bool) or not (isinstance(smooth, (int, float)) and smooth >= 0
+                                        and math.isfinite(smooth)):
+        raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
+    return float(smooth)
+
+
+def finish_map(input: torch.Tensor, smap: torch.Tensor, resize: SizeType = False,
+               resize_mode: str = "bilinear", smooth: float = 0) -> torch.Tensor:
+    """The last steps every method shares: detach, resize, then smooth with
+    ``sigma = smooth * max(spatial size)`` of the resized map."""
+    smap = resize_saliency(input, smap.detach(), resize, resize_mode)
+    if smooth:
+        smap = smooth_saliency(smap, smooth * max(smap.shape[2:]))
+    return smap
+

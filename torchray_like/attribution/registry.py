@@ -1,0 +1,58 @@
+"""The method registry: a method's name → its function, for scripts and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, Mapping
+
+from .deconvnet import deconvnet
+from .excitation_backprop import contrastive_excitation_backprop, excitation_backprop
+from .extremal_perturbation import extremal_perturbation
+from .grad_cam import grad_cam
+from .gradient import gradient
+from .guided_backprop import guided_backprop
+from .guided_grad_cam import guided_grad_cam
+from .linear_approx import linear_approx
+from .rise import rise
+
+__all__ = ["METHODS", "MethodRegistry"]
+
+
+class MethodRegistry(Mapping):
+    """A read-only mapping from method name to function; unknown names raise ``ValueError``
+    listing the known ones (a ``KeyError`` would not say what to type)."""
+
+    def __init__(self, methods: Dict[str, Callable]) -> None:
+        self._methods = dict(methods)
+
+    def __getitem__(self, name: str) -> Callable:
+        try:
+            return self._methods[name]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"unknown attribution method {name!r}; known methods: "
+                f"{', '.join(sorted(self._methods))}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._methods)
+
+    def __len__(self) -> int:
+        return len(self._methods)
+
+    def __repr__(self) -> str:
+        return f"MethodRegistry({sorted(self._methods)})"
+
+
+#: Method name → function ``f(model, input, target, **kwargs)``.  Backprop methods and RISE
+#: return maps; ``extremal_perturbation`` returns ``(masks, history)`` as in TorchRay.
+METHODS = MethodRegistry({
+    "gradient": gradient,
+    "guided_backprop": guided_backprop,
+    "deconvnet": deconvnet,
+    "grad_cam": grad_cam,
+    "guided_grad_cam": guided_grad_cam,
+    "linear_approx": linear_approx,
+    "excitation_backprop": excitation_backprop,
+    "contrastive_excitation_backprop": contrastive_excitation_backprop,
+    "rise": rise,
+    "extremal_perturbation": extremal_perturbation,
+})
