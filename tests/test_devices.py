@@ -10,7 +10,7 @@ import torch
 
 from torchray_like.attribution import METHODS
 
-from .test_saliency import ConvNet, inputs
+from .conftest import ConvNet, inputs
 
 KWARGS = {
     "gradient": {}, "guided_backprop": {}, "deconvnet": {},

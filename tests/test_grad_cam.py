@@ -17,13 +17,13 @@ from torchray_like.attribution.grad_cam import find_saliency_layer, grad_cam, gr
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.attribution.guided_grad_cam import GuidedGradCamDebug, guided_grad_cam
 
-from .state import assert_same_state, snapshot
+from .conftest import (AUTO_LAYERS, EXPLICIT_LAYERS, SIZES, TwoBranch,
+                       assert_same_state, batch, hook_reference, make, primed_model_and_input,
+                       snapshot)
 
 # The module itself (the package re-exports the function under the same name).
 grad_cam_module = importlib.import_module("torchray_like.attribution.grad_cam")
 
-CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-SIZES = {1: (8,), 2: (6, 5), 3: (4, 3, 5)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,34 +31,6 @@ SIZES = {1: (8,), 2: (6, 5), 3: (4, 3, 5)}
 # ---------------------------------------------------------------------------------------------
 
 
-class ConvHead(nn.Module):
-    """``x -> body (ConvNd) -> [ReLU] -> flatten -> fc``.  Affine after ``body`` unless
-    ``relu_after``; the gradient at ``body``'s output then varies over space (``fc`` weights)."""
-
-    def __init__(self, dims: int, cin: int = 2, k: int = 3, classes: int = 4,
-                 relu_after: bool = False, inplace: bool = False) -> None:
-        super().__init__()
-        self.dims = dims
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        self.body = conv(cin, k, 3, padding=1)
-        self.act = nn.ReLU(inplace=inplace) if relu_after else nn.Identity()
-        positions = 1
-        for s in SIZES[dims]:
-            positions *= s
-        self.fc = nn.Linear(k * positions, classes)
-
-    def forward(self, x):
-        return self.fc(self.act(self.body(x)).flatten(1))
-
-    # -- the hand computation (no autograd) ---------------------------------------------------
-    def activation(self, x):
-        return CONV[self.dims](x, self.body.weight, self.body.bias, padding=1)
-
-    def layer_gradient(self, x, classes):
-        """∂y_c/∂A in closed form: the fc row, masked by the ReLU if there is one."""
-        a = self.activation(x)
-        w = self.fc.weight[torch.as_tensor(classes)].view(a.shape)
-        return w * (a > 0).to(w.dtype) if isinstance(self.act, nn.ReLU) else w
 
 
 def hand_grad_cam(activation, gradient):
@@ -72,14 +44,8 @@ def hand_grad_cam(activation, gradient):
     return torch.where(out > 0, out, torch.zeros_like(out))
 
 
-def make(dims, seed=0, **kw):
-    torch.manual_seed(seed)
-    return ConvHead(dims, **kw).double().eval()
 
 
-def batch(dims, n=3, seed=1, cin=2):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, cin) + SIZES[dims], generator=g, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,32 +472,9 @@ def test_guided_grad_cam_batch_targets_equal_per_sample_calls():
 # torchvision models
 # ---------------------------------------------------------------------------------------------
 
-AUTO_LAYERS = {"vgg11": "avgpool", "resnet18": "layer4", "densenet121": "features",
-               "squeezenet1_1": "classifier.2", "mobilenet_v2": "features"}
 # Conv followed by an in-place ReLU (VGG), torch.cat outputs (DenseNet block, SqueezeNet Fire).
-EXPLICIT_LAYERS = {"vgg11": "features.18", "resnet18": "layer3", "densenet121":
-                   "features.denseblock4", "squeezenet1_1": "features.12",
-                   "mobilenet_v2": "features.17"}
 
 
-def hook_reference(model, x, classes, layer_name):
-    """Activation and plain gradient at a layer with a bare forward hook (no library code)."""
-    module = dict(model.named_modules())[layer_name]
-    box = []
-
-    def hook(m, i, o):
-        leaf = o.detach().clone().requires_grad_(True)
-        box.append(leaf)
-        return leaf * 1.0  # in-place ops downstream act on this copy, not on the leaf
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            y = model(x)
-    finally:
-        handle.remove()
-    (g,) = torch.autograd.grad(y[torch.arange(len(classes)), classes].sum(), box[0])
-    return box[0].detach(), g
 
 
 def test_torchvision_grad_cam(torchvision_model):
@@ -573,32 +516,8 @@ def test_torchvision_guided_grad_cam(torchvision_model):
 # ---------------------------------------------------------------------------------------------
 
 
-class Exploding(nn.Module):
-    """A ReLU net that raises inside its forward pass, after the Grad-CAM layer, when armed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4 * 5 * 5, 3)
-        self.armed = False
-
-    def forward(self, x):
-        h = F.relu(self.bn(self.conv(x)))
-        if self.armed:
-            raise RuntimeError("boom inside the model")
-        return self.fc(self.drop(h).flatten(1))
 
 
-def _primed_model_and_input():
-    torch.manual_seed(0)
-    model = Exploding().train()  # training flags must come back
-    model.fc.weight.grad = torch.ones_like(model.fc.weight)
-    model.conv.bias.requires_grad_(False)
-    x = torch.randn(2, 3, 5, 5, requires_grad=True)
-    x.grad = torch.full_like(x, 0.5)
-    return model, x
 
 
 METHODS = {"grad_cam": grad_cam, "guided_grad_cam": guided_grad_cam}
@@ -607,7 +526,7 @@ METHODS = {"grad_cam": grad_cam, "guided_grad_cam": guided_grad_cam}
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("layer", [None, "bn"])
 def test_state_restored_after_success(method, layer):
-    model, x = _primed_model_and_input()
+    model, x = primed_model_and_input()
     before = snapshot(model, x)
     smap = METHODS[method](model, x, [0, 2], layer)
     assert smap.shape[:2] == (2, 1) and smap.max() > 0
@@ -617,7 +536,7 @@ def test_state_restored_after_success(method, layer):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("layer", [None, "bn"])
 def test_state_restored_after_exception_in_model(method, layer):
-    model, x = _primed_model_and_input()
+    model, x = primed_model_and_input()
     if layer is None:
         find_saliency_layer(model, x)  # cached: the exception then comes from the call itself
     model.armed = True
@@ -634,7 +553,7 @@ def test_state_restored_after_exception_in_model(method, layer):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_state_restored_after_error_after_forward(method):
-    model, x = _primed_model_and_input()
+    model, x = primed_model_and_input()
     before = snapshot(model, x)
     with pytest.raises(ValueError, match="out of range"):
         METHODS[method](model, x, 5, "bn")
@@ -646,21 +565,6 @@ def test_state_restored_after_error_after_forward(method):
 # ---------------------------------------------------------------------------------------------
 
 
-class TwoBranch(nn.Module):
-    """'unused' runs but does not reach the output; 'flat' outputs (N, C, L) from 2-D input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.unused = nn.Conv2d(3, 2, 1)
-        self.flat = nn.Flatten(2)
-        self.twice = nn.ReLU()
-        self.fc = nn.Linear(4 * 16, 3)
-
-    def forward(self, x):
-        self.unused(x)
-        h = self.twice(self.twice(self.conv(x)))
-        return self.fc(self.flat(h).flatten(1))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -11,9 +11,8 @@ from torchray_like.attribution.common import SaliencyDebug
 from torchray_like.attribution.grad_cam import find_saliency_layer
 from torchray_like.attribution.linear_approx import linear_approx, linear_approx_map
 
-from .state import assert_same_state, snapshot
-from .test_grad_cam import (AUTO_LAYERS, EXPLICIT_LAYERS, SIZES, Exploding, TwoBranch,
-                            _primed_model_and_input, batch, hook_reference, make)
+from .conftest import (AUTO_LAYERS, EXPLICIT_LAYERS, SIZES, Exploding, TwoBranch, assert_same_state,
+                       batch, hook_reference, make, primed_model_and_input, snapshot)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -147,7 +146,7 @@ def test_torchvision_models(torchvision_model):
 
 @pytest.mark.parametrize("layer", ["", "bn"])
 def test_state_after_success_and_exception(layer):
-    model, x = _primed_model_and_input()
+    model, x = primed_model_and_input()
     before = snapshot(model, x)
     smap = linear_approx(model, x, [0, 2], layer)
     assert smap.shape[:2] == (2, 1) and smap.abs().max() > 0

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torchray_like.attribution.common import Probe, attach_debug_probes, get_module
 from torchray_like.attribution.guided_backprop import GuidedBackpropContext
 
-from .reference import RefGuidedReLU
-from .state import hook_counts
+from .conftest import RefGuidedReLU, hook_counts
 
 
 class VGGish(nn.Module):

@@ -1,14 +1,18 @@
-"""The package re-exports every public name of every method module, and METHODS."""
+"""The package layout: no callable modules, pickling, the flat namespace and the registry."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import pickle
 import pkgutil
+import types
 
 import pytest
 import torch
 
+import torchray_like
 import torchray_like.attribution as attribution
 from torchray_like.attribution import METHODS, MethodRegistry
 
@@ -16,32 +20,55 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(attribution.__path__))
 
 
 @pytest.mark.parametrize("module_name", MODULES)
-def test_every_public_name_is_reexported(module_name):
+def test_a_module_and_a_function_never_share_a_dotted_name(module_name):
     module = importlib.import_module(f"torchray_like.attribution.{module_name}")
-    assert module.__all__, f"{module_name} has an empty __all__"
-    for name in module.__all__:
-        assert name in attribution.__all__
-        exported = getattr(attribution, name)
-        if name == module_name:
-            # The method and its module share the name: the package attribute is the module,
-            # callable as the method.
-            assert exported is module and callable(exported)
-            assert inspect.signature(exported) == inspect.signature(getattr(module, name))
-        else:
-            assert exported is getattr(module, name), name
+    # The package attribute is the module itself, a plain (not callable) module.
+    assert getattr(attribution, module_name) is module
+    assert type(module) is types.ModuleType and not callable(module)
+    for name in getattr(module, "__all__", []):
+        assert hasattr(module, name), f"{module_name}.__all__ names a missing {name!r}"
 
 
-def test_method_module_is_both_module_and_function():
-    import torchray_like.attribution.grad_cam as gc  # the module, not the function
-    from torchray_like.attribution import gradient
+@pytest.mark.parametrize("module_name", MODULES)
+def test_no_module_imports_another_modules_private_names(module_name):
+    module = importlib.import_module(f"torchray_like.attribution.{module_name}")
+    for name, value in vars(module).items():
+        if not name.startswith("_") or name.startswith("__"):
+            continue
+        home = getattr(value, "__module__", None)
+        if home is not None and home.startswith("torchray_like") and home != module.__name__:
+            pytest.fail(f"{module_name} imports the private name {name} of {home}")
 
-    assert hasattr(gc, "find_saliency_layer")
+
+def test_torchray_import_paths_give_functions():
+    from torchray_like.attribution.grad_cam import grad_cam
+    from torchray_like.attribution.rise import rise
+    import torchray_like.attribution.grad_cam as gc
+
+    assert inspect.isfunction(grad_cam) and inspect.isfunction(rise)
+    assert isinstance(gc, types.ModuleType) and gc.grad_cam is grad_cam
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_pickles_and_is_in_the_flat_namespace(name):
+    fn = METHODS[name]
+    assert getattr(torchray_like, name) is fn
+    assert fn.__module__ == f"torchray_like.attribution.{fn.__module__.rsplit('.', 1)[1]}"
+    # functools.partial(method, model) must reach a spawned worker (benchmark sharding).
+    model = torch.nn.Linear(2, 2)
+    restored = pickle.loads(pickle.dumps(functools.partial(fn, model)))
+    assert restored.func is fn and isinstance(restored.args[0], torch.nn.Linear)
+
+
+def test_flat_namespace_gives_the_same_maps_as_the_modules():
+    from torchray_like.attribution.grad_cam import grad_cam
+
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(gradient(model, x, 1), gradient.gradient(model, x, 1))
-    torch.testing.assert_close(attribution.grad_cam(model, x, 1, "0"),
-                               gc.grad_cam(model, x, 1, "0"))
+    expected = grad_cam(model, x, 1, "0")
+    assert expected.shape == (2, 1, 6, 6) and expected.abs().sum() > 0
+    assert torch.equal(torchray_like.grad_cam(model, x, 1, "0"), expected)
 
 
 def test_every_method_is_registered():
@@ -61,3 +88,16 @@ def test_unknown_method_lists_the_known_ones():
     assert isinstance(METHODS, MethodRegistry) and len(METHODS) == len(list(METHODS))
     with pytest.raises(TypeError):
         METHODS["gradient"] = None  # read-only
+
+
+def test_common_facade_reexports_torchrays_names():
+    from torchray_like.attribution import common
+
+    torchray_names = {"Probe", "Patch", "NullContext", "ReLUContext", "attach_debug_probes",
+                      "get_module", "get_backward_gradient", "get_pointing_gradient",
+                      "gradient_to_saliency", "resize_saliency", "saliency"}
+    assert torchray_names <= set(common.__all__)
+    for name in common.__all__:
+        value = getattr(common, name)
+        home = getattr(value, "__module__", "")
+        assert home != common.__name__, f"{name} should live in its concept's module"

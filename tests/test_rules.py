@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from torchray_like.attribution.common import (GRADIENT_RULE, NoRuleAppliedWarning, ReLUContext,
                                               UnhandledActivationWarning, gradient_to_saliency)
@@ -17,7 +19,9 @@ from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import (GUIDED_BACKPROP_RULE,
                                                        GuidedBackpropContext, guided_backprop)
 
-from .reference import RefDeconvReLU, RefGuidedReLU
+from .conftest import RefDeconvReLU, RefGuidedReLU
+
+SETTINGS = settings(max_examples=40, deadline=None)
 
 # Every way a model can call a rectifier; the bool says whether it is bounded at 6.
 FORMS = {
@@ -381,3 +385,21 @@ def test_hardtanh_that_is_not_a_rectifier_is_left_alone():
     assert ctx.replaced == 0
     (g,) = torch.autograd.grad(y, x, torch.tensor([-1.0, -1.0, -1.0]))
     assert g.tolist() == [0.0, -1.0, 0.0]
+
+
+@SETTINGS
+@given(values=st.lists(st.floats(-10, 10), min_size=1, max_size=20), data=st.data())
+def test_rectifier_rules_elementwise(values, data):
+    x = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    p = torch.tensor(data.draw(st.lists(st.floats(-10, 10), min_size=len(values),
+                                        max_size=len(values))), dtype=torch.float64)
+    with GuidedBackpropContext():
+        y = torch.relu(x)
+    (g,) = torch.autograd.grad(y, x, p)
+    expected = [pi if (xi > 0 and pi > 0) else 0.0 for xi, pi in zip(values, p.tolist())]
+    assert g.tolist() == expected
+    assert torch.equal(y, x.detach().clamp(min=0))
+    with DeConvNetContext():
+        y = torch.relu(x)
+    (g,) = torch.autograd.grad(y, x, p)
+    assert g.tolist() == [max(pi, 0.0) for pi in p.tolist()]
