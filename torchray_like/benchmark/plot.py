@@ -1,0 +1,132 @@
+"""The example figure of TorchRay's examples: an input image next to its saliency map."""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["plot_example"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _category_name(category_id: int, class_names: Any) -> Optional[str]:
+    """The name of ``category_id`` in ``class_names``, or ``None`` when it has none."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str):
+        if class_names.lower() != "imagenet":
+            raise ValueError(f"class_names must be None, 'imagenet', a sequence or a mapping of "
+                             f"names, got the string {class_names!r}")
+        # The 1000 ImageNet names ship inside torchvision (no download).
+        from torchvision.models import ResNet18_Weights
+
+        class_names = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    if isinstance(class_names, Mapping):
+        name = class_names.get(category_id)
+        return None if name is None else str(name)
+    if isinstance(class_names, Sequence):
+        return str(class_names[category_id]) if 0 <= category_id < len(class_names) else None
+    raise TypeError(f"class_names must be None, 'imagenet', a sequence or a mapping, "
+                    f"got {type(class_names).__name__}")
+
+
+def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
+    """``value`` as a CPU float ``(C, H, W)``; a leading batch of one is dropped."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    t = value.detach().cpu().float()
+    if t.dim() == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} must hold one example (batch size 1), got "
+                             f"{tuple(t.shape)}; pass {name}[i:i+1]")
+        t = t[0]
+    if t.dim() == 2 and channels == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 3 or (channels is not None and t.shape[0] != channels):
+        want = f"(1, {channels}, H, W) or ({channels}, H, W)" if channels else "(1, C, H, W)"
+        if channels == 1:
+            want += " or (H, W)"
+        raise ValueError(f"{name} must have shape {want}; got {tuple(value.shape)}")
+    return t
+
+
+def _stretch(t: torch.Tensor) -> torch.Tensor:
+    """Min → 0, max → 1 (zeros for a constant tensor): undoes any affine normalisation."""
+    lo, hi = t.min(), t.max()
+    return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
+
+
+def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
+                 category_id: int, show_plot: bool = False,
+                 save_path: Optional[PathLike] = None, *,
+                 class_names: Union[None, str, Sequence[str], Mapping[int, str]] = None):
+    """Plot an input image (left) next to its saliency map (right).
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        Image of shape ``(1, 3, H, W)`` (or ``(3, H, W)``), possibly ImageNet-normalised: it is
+        shown with its values stretched to ``[0, 1]`` (minimum → 0, maximum → 1), which undoes
+        any per-image affine normalisation up to per-channel differences.
+    saliency : torch.Tensor
+        Map of shape ``(1, 1, h, w)`` (or ``(1, h, w)``, ``(h, w)``), at any resolution; it is
+        drawn over the same extent as the image (a 7×7 Grad-CAM map shows as 7×7 blocks),
+        stretched to ``[0, 1]``, with the ``'jet'`` colormap and a colour bar.
+    method : str
+        Name of the attribution method, used in the title.
+    category_id : int
+        Class the map explains, used in the title.
+    show_plot : bool, optional
+        Call :func:`matplotlib.pyplot.show` after drawing.  Default: False.
+    save_path : str or path-like, optional
+        Save the figure there (the format follows the extension).  When given and
+        ``show_plot`` is false, the figure is closed in pyplot after saving so that saving many
+        examples does not accumulate open figures; the returned object stays usable.
+    class_names : sequence, mapping or 'imagenet', optional
+        Names of the categories: a list indexed by ``category_id``, a dict from id to name, or
+        ``'imagenet'`` for torchvision's 1000 ImageNet names.  The title uses the name when
+        ``category_id`` has one, else the number.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure, with two axes: the image (title ``'input image'``) and the map (title
+        ``'<method> (<category>)'``).
+    """
+    import matplotlib.pyplot as plt  # lazy: no backend selected at import time
+
+    image = _as_image(input, "input", 3)
+    smap = _as_image(saliency, "saliency", 1)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be the method's name (a str), got {type(method).__name__}")
+    if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
+        category_id = int(category_id.item())
+    if not isinstance(category_id, Integral) or isinstance(category_id, bool):
+        raise TypeError(f"category_id must be an int, got {category_id!r}")
+    category_id = int(category_id)
+    name = _category_name(category_id, class_names)
+    label = f"{name} ({category_id})" if name is not None else f"category {category_id}"
+
+    _, h, w = image.shape
+    fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(8.0, 3.6), dpi=100, layout="constrained")
+    ax_img.imshow(_stretch(image).permute(1, 2, 0).numpy())
+    ax_img.set_title("input image", fontsize="medium")
+    # Same extent as the image so that coordinates match whatever the map's resolution.
+    handle = ax_map.imshow(_stretch(smap[0]).numpy(), cmap="jet", vmin=0.0, vmax=1.0,
+                           interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    ax_map.set_title(f"{method} ({label})", fontsize="medium")
+    fig.colorbar(handle, ax=ax_map, shrink=0.85)
+    for ax in (ax_img, ax_map):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if save_path is not None:
+        fig.savefig(save_path)
+    if show_plot:
+        plt.show()
+    elif save_path is not None:
+        plt.close(fig)
+    return fig
