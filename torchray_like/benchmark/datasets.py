@@ -1,0 +1,638 @@
+r"""Benchmark data sets: PASCAL VOC 2007, MS COCO 2014 and ImageNet-style image folders.
+
+The classes extend their :mod:`torchvision.datasets` counterparts with label
+converters (class ids, object masks, image size) used by the pointing game
+(:mod:`torchray_like.benchmark.pointing_game`).  The converters also exist as
+stand-alone functions taking the label that the data set returns.
+
+Nothing is downloaded unless ``download=True`` is given (and only VOC can be
+downloaded by torchvision); the data are read from ``dataset_dir``.  See
+``docs/datasets.rst`` for the expected layouts on disk.
+
+Conventions
+-----------
+* **Class ids** are 0-based indices into :data:`VOC_CLASSES` (20 names) or
+  :data:`COCO_CLASSES` (80 names, COCO's sparse category ids 1..90 mapped to
+  0..79 in increasing order).
+* **Image sizes** are ``(height, width)`` tuples, the order of a tensor's
+  trailing dimensions.
+* **Masks** are boolean :class:`torch.Tensor` of shape ``(height, width)``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "coco_as_class_ids",
+    "coco_as_image_size",
+    "coco_as_mask",
+    "voc_as_class_ids",
+    "voc_as_image_size",
+    "voc_as_mask",
+    "ImageFolder",
+    "VOCDetection",
+    "CocoDetection",
+    "get_dataset",
+    "DatasetNotFoundError",
+    "CocoTarget",
+    "VOC_CLASSES",
+    "COCO_CLASSES",
+    "COCO_CATEGORY_IDS",
+    "IMAGENET_CLASSES",
+    "DATASET_NAMES",
+]
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data.dataloader import default_collate
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+VOC_CLASSES: list[str] = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+"""The 20 PASCAL VOC class names; a VOC class id indexes this list."""
+
+COCO_CLASSES: list[str] = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench",
+    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup",
+    "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+]
+"""The 80 MS COCO (2014/2017) category names; a COCO class id indexes this list."""
+
+# COCO's category ids are sparse (1..90 with 10 gaps); class id k is the k-th smallest.
+COCO_CATEGORY_IDS: list[int] = [
+    i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+]
+"""COCO category id of each class id (``COCO_CATEGORY_IDS[class_id]``)."""
+
+_COCO_CATEGORY_TO_CLASS = {cat: k for k, cat in enumerate(COCO_CATEGORY_IDS)}
+_VOC_CLASS_TO_ID = {name: k for k, name in enumerate(VOC_CLASSES)}
+
+# Read offline from torchvision's weight metadata (no file shipped, nothing downloaded).
+IMAGENET_CLASSES: list[str] = list(
+    torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+"""The 1000 ImageNet ILSVRC-2012 class names, in the usual class-index order."""
+
+DATASET_NAMES = ("voc_2007", "coco", "imagenet")
+"""Names accepted by :func:`get_dataset`."""
+
+_VOC_SUBSETS = ("train", "trainval", "val", "test")
+
+
+class DatasetNotFoundError(FileNotFoundError, ValueError):
+    """A data set directory is missing or not laid out as expected.
+
+    Derives from both :class:`FileNotFoundError` and :class:`ValueError` so that
+    either ``except`` clause catches it.
+    """
+
+
+# --------------------------------------------------------------------------- VOC
+
+
+def _voc_annotation(label: Any) -> Mapping[str, Any]:
+    """The ``annotation`` dict of a VOC label (as parsed by torchvision)."""
+    if isinstance(label, Mapping) and isinstance(label.get("annotation"), Mapping):
+        return label["annotation"]
+    raise TypeError(
+        "label must be a PASCAL VOC label, the dict {'annotation': {...}} returned by "
+        f"VOCDetection (torchvision's parse_voc_xml); got {type(label).__name__}")
+
+
+def _voc_objects(label: Any) -> list[Mapping[str, Any]]:
+    """The list of object dicts of a VOC label (none, one or many objects)."""
+    objects = _voc_annotation(label).get("object", [])
+    if isinstance(objects, Mapping):  # a hand-made label with a single object
+        objects = [objects]
+    out = []
+    for obj in objects:
+        if isinstance(obj, Mapping):
+            out.append(obj)
+        elif isinstance(obj, list):  # torchvision nests an image without objects as [[]]
+            out.extend(o for o in obj if isinstance(o, Mapping))
+    return out
+
+
+def _voc_class_id(obj: Mapping[str, Any]) -> int:
+    name = str(obj.get("name", "")).strip()
+    if name not in _VOC_CLASS_TO_ID:
+        raise ValueError(
+            f"VOC object name {name!r} is not one of the 20 VOC_CLASSES; is this a "
+            "PASCAL VOC annotation?")
+    return _VOC_CLASS_TO_ID[name]
+
+
+def _voc_is_difficult(obj: Mapping[str, Any]) -> bool:
+    return str(obj.get("difficult", "0")).strip() not in ("0", "", "False", "false")
+
+
+def _check_voc_class_id(class_id: Any) -> int:
+    if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
+        raise TypeError(f"class_id must be an int in [0, 20), got {class_id!r}")
+    if not 0 <= int(class_id) < len(VOC_CLASSES):
+        raise ValueError(f"class_id must be in [0, {len(VOC_CLASSES)}) for VOC, got {class_id}")
+    return int(class_id)
+
+
+def voc_as_class_ids(label: Any, include_difficult: bool = True) -> list[int]:
+    """Class ids of the objects in a PASCAL VOC label.
+
+    Parameters
+    ----------
+    label:
+        The label of a VOC image (second element of a :class:`VOCDetection` item).
+    include_difficult:
+        Whether classes whose objects are all marked ``difficult`` count.  The
+        default keeps them, so that a benchmark loop visits them and
+        :class:`~torchray_like.benchmark.pointing_game.PointingGameBenchmark`
+        reports them as skipped (0).
+
+    Returns
+    -------
+    list of int
+        Sorted, unique indices into :data:`VOC_CLASSES`.
+    """
+    ids = {_voc_class_id(obj) for obj in _voc_objects(label)
+           if include_difficult or not _voc_is_difficult(obj)}
+    return sorted(ids)
+
+
+def voc_as_image_size(label: Any) -> tuple[int, int]:
+    """Size ``(height, width)`` of the image of a PASCAL VOC label.
+
+    Parameters
+    ----------
+    label:
+        The label of a VOC image.
+
+    Returns
+    -------
+    tuple of int
+        ``(height, width)`` in pixels, read from the annotation's ``size`` field.
+    """
+    size: Any = _voc_annotation(label).get("size")
+    try:
+        return int(size["height"]), int(size["width"])
+    except (TypeError, KeyError, ValueError) as error:
+        raise ValueError(
+            "the VOC label has no valid 'size' (height, width) field; got "
+            f"{size!r}") from error
+
+
+def voc_as_mask(label: Any, class_id: int, exclude_difficult: bool = False) -> torch.Tensor:
+    """Union of the bounding boxes of a class's objects, as a boolean mask.
+
+    VOC boxes are 1-based inclusive pixel ranges: ``xmin=1, xmax=W`` covers the
+    full width.
+
+    Parameters
+    ----------
+    label:
+        The label of a VOC image.
+    class_id:
+        Index into :data:`VOC_CLASSES`.
+    exclude_difficult:
+        Leave out objects marked ``difficult`` (the pointing-game protocol does).
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean ``(height, width)`` mask; all False when the class is absent.
+    """
+    class_id = _check_voc_class_id(class_id)
+    height, width = voc_as_image_size(label)
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    for obj in _voc_objects(label):
+        if _voc_class_id(obj) != class_id or (exclude_difficult and _voc_is_difficult(obj)):
+            continue
+        box = obj.get("bndbox", {})
+        try:
+            xmin, ymin, xmax, ymax = (int(round(float(box[k])))
+                                      for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (TypeError, KeyError, ValueError) as error:
+            raise ValueError(f"VOC object has no valid 'bndbox': {box!r}") from error
+        # 1-based inclusive -> 0-based half-open, clipped to the image.
+        mask[max(ymin - 1, 0):min(ymax, height), max(xmin - 1, 0):min(xmax, width)] = True
+    return mask
+
+
+def _voc_all_difficult(label: Any, class_id: int) -> bool:
+    """Whether the class is present and all its objects are difficult."""
+    objects = [o for o in _voc_objects(label) if _voc_class_id(o) == class_id]
+    return bool(objects) and all(_voc_is_difficult(o) for o in objects)
+
+
+def _detection_collate(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
+    """Batch images with torch's default collation; keep the labels as a list."""
+    images = default_collate([item[0] for item in batch])
+    return images, [item[1] for item in batch]
+
+
+class VOCDetection(torchvision.datasets.VOCDetection):
+    """PASCAL VOC detection data set with label converters.
+
+    A :class:`torchvision.datasets.VOCDetection`; items are ``(image, label)``
+    with ``label`` torchvision's dict parsed from the annotation XML.
+    """
+
+    classes = VOC_CLASSES
+    num_classes = len(VOC_CLASSES)
+
+    @staticmethod
+    def as_class_ids(label: Any, include_difficult: bool = True) -> list[int]:
+        """See :func:`voc_as_class_ids`."""
+        return voc_as_class_ids(label, include_difficult)
+
+    @staticmethod
+    def as_image_size(label: Any) -> tuple[int, int]:
+        """See :func:`voc_as_image_size`."""
+        return voc_as_image_size(label)
+
+    @staticmethod
+    def as_mask(label: Any, class_id: int, exclude_difficult: bool = False) -> torch.Tensor:
+        """See :func:`voc_as_mask`."""
+        return voc_as_mask(label, class_id, exclude_difficult)
+
+    @staticmethod
+    def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
+        """``collate_fn`` for a DataLoader: stacked images, list of labels."""
+        return _detection_collate(batch)
+
+    def load_label(self, index: int) -> dict[str, Any]:
+        """The label of item ``index`` without decoding its image (cheap)."""
+        import xml.etree.ElementTree as ET
+
+        _check_index(index, len(self))
+        return self.parse_voc_xml(ET.parse(self.annotations[index]).getroot())
+
+    def image_name(self, index: int) -> str:
+        """Image name (file stem, e.g. ``'000001'``) of item ``index``."""
+        _check_index(index, len(self))
+        return Path(self.images[index]).stem
+
+
+# -------------------------------------------------------------------------- COCO
+
+
+class CocoTarget(list):
+    """A COCO label: the list of annotation dicts, plus the image's id and size.
+
+    A plain ``list`` for all purposes (torchvision's label), with attributes
+    ``image_id`` and ``image_size`` (``(height, width)``) so that the label alone
+    suffices for :func:`coco_as_mask` and :func:`coco_as_image_size`.
+    """
+
+    def __init__(self, annotations: Sequence[Any] = (), image_id: Optional[int] = None,
+                 image_size: Optional[tuple[int, int]] = None) -> None:
+        super().__init__(annotations)
+        self.image_id = image_id
+        self.image_size = image_size
+
+
+def _coco_annotations(label: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(label, (list, tuple)) or not all(isinstance(a, Mapping) for a in label):
+        raise TypeError(
+            "label must be a COCO label, the list of annotation dicts returned by "
+            f"CocoDetection; got {type(label).__name__}")
+    return list(label)
+
+
+def _coco_class_id(annotation: Mapping[str, Any]) -> int:
+    category = annotation.get("category_id")
+    if category not in _COCO_CATEGORY_TO_CLASS:
+        raise ValueError(
+            f"COCO annotation has category_id {category!r}, not one of the 80 standard "
+            "COCO categories (ids 1..90, see COCO_CATEGORY_IDS)")
+    return _COCO_CATEGORY_TO_CLASS[category]
+
+
+def _check_coco_class_id(class_id: Any) -> int:
+    if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
+        raise TypeError(f"class_id must be an int in [0, 80), got {class_id!r}")
+    if not 0 <= int(class_id) < len(COCO_CLASSES):
+        raise ValueError(
+            f"class_id must be in [0, {len(COCO_CLASSES)}) for COCO (an index into "
+            f"COCO_CLASSES, not a COCO category id), got {class_id}")
+    return int(class_id)
+
+
+def coco_as_class_ids(label: Any) -> list[int]:
+    """Class ids of the objects in a COCO label.
+
+    Parameters
+    ----------
+    label:
+        The label of a COCO image (list of annotation dicts).
+
+    Returns
+    -------
+    list of int
+        Sorted, unique indices into :data:`COCO_CLASSES` (not COCO category ids).
+    """
+    return sorted({_coco_class_id(a) for a in _coco_annotations(label)})
+
+
+def _split_dataset_args(args: tuple[Any, ...], name: str, extra: int) -> tuple[Any, tuple]:
+    """Accept ``f(label, ...)`` and TorchRay's ``f(dataset, label, ...)``."""
+    if len(args) == extra + 2:
+        return args[0], args[1:]
+    if len(args) == extra + 1:
+        return None, args
+    forms = ("label" + ", class_id" * extra, "dataset, label" + ", class_id" * extra)
+    raise TypeError(f"{name}() takes ({forms[0]}) or ({forms[1]}); got {len(args)} "
+                    "positional arguments")
+
+
+def _coco_image_id(label: Any) -> Optional[int]:
+    image_id = getattr(label, "image_id", None)
+    if image_id is None:
+        ids = {int(a["image_id"]) for a in _coco_annotations(label)
+               if a.get("image_id") is not None}
+        if len(ids) > 1:
+            raise ValueError(f"the COCO label mixes annotations of images {sorted(ids)}")
+        image_id = ids.pop() if ids else None
+    return image_id
+
+
+def coco_as_image_size(*args: Any) -> tuple[int, int]:
+    """Size ``(height, width)`` of the image of a COCO label.
+
+    Call as ``coco_as_image_size(label)`` when ``label`` comes from this
+    module's :class:`CocoDetection` (a :class:`CocoTarget` that knows its
+    size), or as ``coco_as_image_size(dataset, label)`` (TorchRay's form) to look
+    the size up in ``dataset.coco``.
+
+    Returns
+    -------
+    tuple of int
+        ``(height, width)`` in pixels.
+    """
+    dataset, (label,) = _split_dataset_args(args, "coco_as_image_size", 0)
+    _coco_annotations(label)
+    size = getattr(label, "image_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    image_id = _coco_image_id(label)
+    coco = getattr(dataset, "coco", None)
+    if coco is not None and image_id in getattr(coco, "imgs", {}):
+        info = coco.imgs[image_id]
+        return int(info["height"]), int(info["width"])
+    for annotation in label:  # an RLE segmentation records the image size
+        segmentation = annotation.get("segmentation")
+        if isinstance(segmentation, Mapping) and "size" in segmentation:
+            return int(segmentation["size"][0]), int(segmentation["size"][1])
+    raise ValueError(
+        "cannot tell the image size of this COCO label: pass the dataset too "
+        "(coco_as_image_size(dataset, label)) or use a label from "
+        "torchray_like.benchmark.datasets.CocoDetection")
+
+
+def _coco_segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode one COCO segmentation (polygons or RLE) to a (height, width) uint8 array."""
+    from pycocotools import mask as mask_utils  # optional dependency, needed for COCO only
+
+    if isinstance(segmentation, list):  # polygons: one flat [x1, y1, x2, y2, ...] list each
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, Mapping) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)  # uncompressed RLE
+    elif isinstance(segmentation, Mapping) and "counts" in segmentation:
+        rle = dict(segmentation)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    else:
+        raise ValueError(f"unsupported COCO segmentation: {type(segmentation).__name__}")
+    with warnings.catch_warnings():
+        # pycocotools' compiled decoder trips a NumPy 2 "__array__ ... copy" deprecation
+        # notice that is none of the caller's business.
+        warnings.filterwarnings("ignore", message=r"__array__ implementation",
+                                category=DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
+def coco_as_mask(*args: Any, image_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Union of the segmentation masks of a class's objects in a COCO label.
+
+    Call as ``coco_as_mask(label, class_id)`` with a label from this module's
+    :class:`CocoDetection`, or ``coco_as_mask(dataset, label, class_id)``
+    (TorchRay's form); ``image_size=(height, width)`` may be given for a bare
+    list of annotations.  Crowd (RLE) annotations are included, as
+    pycocotools' ``annToMask`` would decode them.
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean ``(height, width)`` mask; all False when the class is absent.
+    """
+    dataset, (label, class_id) = _split_dataset_args(args, "coco_as_mask", 1)
+    class_id = _check_coco_class_id(class_id)
+    if image_size is None:
+        image_size = (coco_as_image_size(label) if dataset is None
+                      else coco_as_image_size(dataset, label))
+    height, width = (int(s) for s in image_size)
+    mask = np.zeros((height, width), dtype=bool)
+    for annotation in _coco_annotations(label):
+        if _coco_class_id(annotation) == class_id:
+            decoded = _coco_segmentation_mask(annotation.get("segmentation", []), height, width)
+            if decoded.ndim == 3:  # pycocotools keeps a trailing axis for lists of RLEs
+                decoded = np.asarray(decoded.any(axis=2))
+            mask |= np.asarray(decoded, dtype=bool)
+    return torch.from_numpy(mask)
+
+
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """MS COCO detection data set with label converters (needs ``pycocotools``).
+
+    A :class:`torchvision.datasets.CocoDetection` whose labels are
+    :class:`CocoTarget` lists (the annotation dicts, plus ``image_id`` and
+    ``image_size``).
+    """
+
+    classes = COCO_CLASSES
+    num_classes = len(COCO_CLASSES)
+
+    def _load_target(self, id: int) -> CocoTarget:  # noqa: A002 - torchvision's name
+        info = self.coco.imgs[id]
+        return CocoTarget(super()._load_target(id), image_id=id,
+                          image_size=(int(info["height"]), int(info["width"])))
+
+    @staticmethod
+    def as_class_ids(label: Any) -> list[int]:
+        """See :func:`coco_as_class_ids`."""
+        return coco_as_class_ids(label)
+
+    def as_image_size(self, label: Any) -> tuple[int, int]:
+        """See :func:`coco_as_image_size`."""
+        return coco_as_image_size(self, label)
+
+    def as_mask(self, label: Any, class_id: int) -> torch.Tensor:
+        """See :func:`coco_as_mask`."""
+        return coco_as_mask(self, label, class_id)
+
+    @staticmethod
+    def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
+        """``collate_fn`` for a DataLoader: stacked images, list of labels."""
+        return _detection_collate(batch)
+
+    def load_label(self, index: int) -> CocoTarget:
+        """The label of item ``index`` without decoding its image (cheap)."""
+        _check_index(index, len(self))
+        return self._load_target(self.ids[index])
+
+    def image_name(self, index: int) -> str:
+        """Image name (file stem, e.g. ``'COCO_val2014_000000000042'``) of item ``index``."""
+        _check_index(index, len(self))
+        return Path(self.coco.imgs[self.ids[index]]["file_name"]).stem
+
+
+# ---------------------------------------------------------------------- ImageNet
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """Image-folder data set (ImageNet ILSVRC 2012 layout: one folder per class).
+
+    A :class:`torchvision.datasets.ImageFolder`; the label of an item is its
+    class index.  With the 1000 ImageNet folders (wnids, sorted) the index
+    matches :data:`IMAGENET_CLASSES`.
+    """
+
+    @staticmethod
+    def as_class_ids(label: Any) -> list[int]:
+        """The label as a one-element list of class ids."""
+        return [int(label)]
+
+
+# ---------------------------------------------------------------------- factory
+
+
+def _check_index(index: Any, length: int) -> None:
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"index must be an int, got {index!r}")
+    if not -length <= int(index) < length:
+        raise ValueError(f"index {index} is out of range for a data set of {length} items")
+
+
+def _default_dir(name: str) -> Path:
+    """A directory from the optional configuration (``torchray_like.utils.get_config``)."""
+    key = {"voc_2007": "voc_dir", "coco": "coco_dir", "imagenet": "imagenet_dir"}[name]
+    try:
+        from torchray_like.utils import get_config  # type: ignore[import-not-found]
+
+        value = get_config()[key]
+    except (ImportError, AttributeError, KeyError, TypeError):
+        value = None
+    if not value:
+        raise ValueError(
+            f"dataset_dir is required for {name!r}: pass the directory holding the data "
+            "(see docs/datasets.rst for the layout)")
+    return Path(value)
+
+
+def _voc_root(dataset_dir: Path, subset: str, download: bool) -> Path:
+    """The directory that holds ``VOCdevkit/VOC2007`` (torchvision's ``root``)."""
+    # Also accept the VOCdevkit or VOC2007 folder itself.
+    if dataset_dir.name == "VOCdevkit" and (dataset_dir / "VOC2007").is_dir():
+        dataset_dir = dataset_dir.parent
+    elif dataset_dir.name == "VOC2007" and dataset_dir.parent.name == "VOCdevkit":
+        dataset_dir = dataset_dir.parent.parent
+    if download:
+        return dataset_dir
+    voc = dataset_dir / "VOCdevkit" / "VOC2007"
+    split = voc / "ImageSets" / "Main" / f"{subset}.txt"
+    if not split.is_file():
+        raise DatasetNotFoundError(
+            f"PASCAL VOC 2007 not found: expected {split} under dataset_dir={dataset_dir}, "
+            "laid out as VOCdevkit/VOC2007/ with JPEGImages/*.jpg, Annotations/*.xml and "
+            f"ImageSets/Main/{subset}.txt (or pass download=True)")
+    return dataset_dir
+
+
+def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
+                download: bool = False, transform: Optional[Callable] = None) -> Any:
+    """Open a benchmark data set from disk.
+
+    Parameters
+    ----------
+    name:
+        ``'voc_2007'``, ``'coco'`` or ``'imagenet'``.
+    subset:
+        VOC: ``'train'``, ``'val'``, ``'trainval'`` or ``'test'``; COCO: the image
+        folder / annotation suffix, e.g. ``'val2014'``; ImageNet: the sub-folder,
+        e.g. ``'val'``.
+    dataset_dir:
+        Directory holding the data (layouts in ``docs/datasets.rst``): VOC, the
+        folder containing ``VOCdevkit/``; COCO, the folder containing
+        ``{subset}/`` and ``annotations/instances_{subset}.json``; ImageNet, the
+        folder containing ``{subset}/<class folders>``.  When omitted, taken from
+        ``torchray_like.utils.get_config()`` (keys ``voc_dir``, ``coco_dir``,
+        ``imagenet_dir``) if that exists.
+    download:
+        Download VOC 2007 with torchvision (needs internet).  COCO and ImageNet
+        cannot be downloaded this way.
+    transform:
+        Transform applied to the PIL image (e.g. :func:`.models.get_transform`).
+
+    Returns
+    -------
+    VOCDetection, CocoDetection or ImageFolder
+
+    Raises
+    ------
+    DatasetNotFoundError
+        The directory does not have the expected layout.
+    ValueError
+        Unknown ``name`` or ``subset``, or an unsupported ``download``.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"name must be one of {DATASET_NAMES}, got {name!r}")
+    if not isinstance(subset, str) or not subset:
+        raise ValueError(f"subset must be a non-empty string, got {subset!r}")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
+    root = (Path(dataset_dir) if dataset_dir is not None else _default_dir(name)).expanduser()
+
+    if name == "voc_2007":
+        if subset not in _VOC_SUBSETS:
+            raise ValueError(f"subset must be one of {_VOC_SUBSETS} for VOC 2007, got {subset!r}")
+        root = _voc_root(root, subset, download)
+        return VOCDetection(str(root), year="2007", image_set=subset, download=download,
+                            transform=transform)
+
+    if download:
+        raise ValueError(
+            f"download=True is only supported for 'voc_2007'; place {name!r} under "
+            "dataset_dir by hand (see docs/datasets.rst)")
+    if name == "coco":
+        images = root / subset
+        annotations = root / "annotations" / f"instances_{subset}.json"
+        if not images.is_dir() or not annotations.is_file():
+            raise DatasetNotFoundError(
+                f"MS COCO {subset!r} not found under dataset_dir={root}: expected the "
+                f"image folder {images} and the annotation file {annotations}")
+        return CocoDetection(str(images), str(annotations), transform=transform)
+
+    folder = root / subset
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder {folder} not found: dataset_dir={root} must hold "
+            f"{subset}/<class folder>/<images> (ImageNet: one folder per wnid)")
+    return ImageFolder(str(folder), transform=transform)
