@@ -208,7 +208,7 @@ def test_grad_cam_resize_and_smooth(dims):
     x = batch(dims, n=2)
     base = grad_cam(model, x, 1, "body")
     size = tuple(2 * s for s in SIZES[dims])
-    resized = grad_cam(model, x, 1, "body", resize=size)
+    resized = grad_cam(model, x, 1, "body", resize=size[::-1])  # TorchRay order: (W, H[, T])
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[dims]
     torch.testing.assert_close(resized, F.interpolate(base, size=size, mode=mode,
                                                       align_corners=False))

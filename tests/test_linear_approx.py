@@ -108,7 +108,7 @@ def test_batch_targets_equal_per_sample_calls():
 def test_resize_float32_and_auto_layer_helper():
     model = make(2).float()
     x = batch(2).float()
-    smap = linear_approx(model, x, 1, "body", resize=(12, 10))
+    smap = linear_approx(model, x, 1, "body", resize=(10, 12))  # (W, H), as in TorchRay
     base = linear_approx(model, x, 1, "body")
     assert smap.dtype == torch.float32 and smap.shape == (3, 1, 12, 10)
     torch.testing.assert_close(smap, F.interpolate(base, size=(12, 10), mode="bilinear",

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from torchray_like.attribution.gradient import gradient
-from torchray_like.attribution.maps import gradient_to_saliency, resize_saliency, smooth_saliency
+from torchray_like.attribution.maps import (ResizeOrderWarning, Shape, gradient_to_saliency,
+                                            resize_saliency, smooth_saliency)
 
 from .conftest import ConvNet, inputs
 
@@ -35,9 +36,11 @@ def test_resize(dims):
     x = inputs(dims)
     layer = gradient(net, x, 1, saliency_layer="features.3")
     assert layer.shape == (2, 1) + (8,) * dims
-    size = tuple(range(5, 5 + dims))
-    resized = gradient(net, x, 1, resize=size)
+    size = tuple(range(5, 5 + dims))  # torch order (L,), (H, W), (T, H, W)
+    resized = gradient(net, x, 1, resize=size[::-1])  # a tuple is TorchRay's (W, H[, T])
     assert resized.shape == (2, 1) + size
+    assert torch.equal(gradient(net, x, 1, resize=Shape(size)), resized)
+    assert torch.equal(gradient(net, x, 1, resize=Shape(*size)), resized)
     expected = F.interpolate(gradient(net, x, 1), size=size,
                              mode={1: "linear", 2: "bilinear", 3: "trilinear"}[dims],
                              align_corners=False)
@@ -55,8 +58,11 @@ def test_resize(dims):
 def test_resize_errors():
     x = torch.zeros(1, 3, 8, 8)
     s = torch.zeros(1, 1, 2, 2)
-    with pytest.raises(ValueError, match=r"2 positive sizes in torch order \(H, W\)"):
+    with pytest.raises(ValueError, match=r"2 positive sizes, as a tuple in TorchRay's order "
+                                         r"\(W, H\).*or as Shape\(H, W\) in torch order"):
         resize_saliency(x, s, (4, 4, 4))
+    with pytest.raises(ValueError, match=r"2 positive sizes in torch order Shape\(H, W\)"):
+        resize_saliency(x, s, Shape(4, 0))
     with pytest.raises(ValueError, match="bicubic' needs 2 spatial"):
         resize_saliency(torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 1, 2, 2, 2), True, "bicubic")
     with pytest.raises(ValueError, match="resize_mode must be one of"):
@@ -101,6 +107,35 @@ def test_resize_gives_any_requested_size(dims, data):
     size = tuple(data.draw(st.lists(st.integers(1, 12), min_size=dims, max_size=dims)))
     maps = torch.rand((2, 1) + (4,) * dims)
     x = torch.zeros((2, 3) + (5,) * dims)
-    out = resize_saliency(x, maps, size)
+    out = resize_saliency(x, maps, Shape(size))
     assert out.shape == (2, 1) + size
+    assert torch.equal(resize_saliency(x, maps, size[::-1]), out)
+    assert torch.equal(resize_saliency(x, maps, list(size[::-1])), out)
     assert out.min() >= maps.min() - 1e-6 and out.max() <= maps.max() + 1e-6
+
+
+def test_resize_tuple_is_torchrays_width_height():
+    """A ported script passes PIL's ``Image.size`` (width, height): the map has height rows."""
+    x = torch.zeros(1, 3, 8, 8)
+    ramp = torch.arange(4.0).view(1, 1, 2, 2)  # rows differ from columns
+    wide = resize_saliency(x, ramp, (6, 3), "nearest")  # width 6, height 3
+    assert wide.shape == (1, 1, 3, 6)
+    torch.testing.assert_close(wide, F.interpolate(ramp, size=(3, 6), mode="nearest"))
+    assert torch.equal(resize_saliency(x, ramp, Shape(3, 6), "nearest"), wide)
+    video = torch.rand(1, 1, 2, 3, 4)
+    out = resize_saliency(torch.zeros(1, 3, 2, 3, 4), video, (8, 6, 4))  # (W, H, T)
+    assert out.shape == (1, 1, 4, 6, 8)
+    assert resize_saliency(torch.zeros(1, 3, 5), torch.rand(1, 1, 5), (9,)).shape == (1, 1, 9)
+    assert repr(Shape(3, 6)) == "Shape(3, 6)" and Shape(torch.Size([3, 6])) == (3, 6)
+
+
+def test_torch_size_resize_warns_and_follows_torchray():
+    x = torch.zeros(1, 3, 8, 8)
+    s = torch.rand(1, 1, 2, 2)
+    with pytest.warns(ResizeOrderWarning, match=r"Shape\(x.shape\[2:\]\)"):
+        out = resize_saliency(x, s, torch.Size([5, 7]))
+    assert out.shape == (1, 1, 7, 5)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resize_saliency(x, s, torch.Size([5, 5])).shape == (1, 1, 5, 5)  # square: silent

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchray_like.attribution.common import Probe, attach_debug_probes, get_module
 from torchray_like.attribution.guided_backprop import GuidedBackpropContext
 
-from .conftest import RefGuidedReLU, hook_counts
+from .conftest import RefGuidedReLU, global_hook_counts, hook_counts
 
 
 class VGGish(nn.Module):
@@ -43,7 +43,7 @@ def test_probe_survives_inplace_relu_after_the_probed_conv():
     ref(x.clone().requires_grad_(True))[:, 1].sum().backward()
     h.remove()
 
-    with Probe(net.features[0]) as probe:
+    with Probe(net.features[0], target="output") as probe:
         net(x.clone().requires_grad_(True))[:, 1].sum().backward()
         (act,) = probe.data
         # The recorded values are the conv output, not the rectified one.
@@ -114,7 +114,7 @@ def test_module_called_several_times_records_every_call_in_order():
         h.retain_grad()
     h3.sum(1).sum().backward()
 
-    with Probe(net.relu) as probe:
+    with Probe(net.relu, target="output") as probe:
         net(x.detach().requires_grad_(True)).sum().backward()
         assert len(probe.data) == 3
         for rec, h in zip(probe.data, (h1, h2, h3)):
@@ -142,7 +142,7 @@ def test_probe_on_frozen_model_makes_the_layer_a_leaf():
     for p in net.parameters():
         p.requires_grad_(False)
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
-    with Probe(net.features[2]) as probe:
+    with Probe(net.features[2], target="output") as probe:
         y = net(x)
         y[0, 1].backward()
         rec = probe.data[0]
@@ -152,9 +152,13 @@ def test_probe_on_frozen_model_makes_the_layer_a_leaf():
 
 def test_probe_under_no_grad_records_values_only():
     net = VGGish()
-    with Probe(net.features[0]) as probe, torch.no_grad():
-        net(torch.randn(1, 3, 5, 5))
+    x = torch.randn(1, 3, 5, 5)
+    with Probe(net.features[0], target="output") as probe, torch.no_grad():
+        net(x)
         assert len(probe.data) == 1 and not probe.data[0].requires_grad
+        # The in-place ReLU after the conv acted on a copy: negative values were recorded.
+        assert (probe.data[0] < 0).any()
+        torch.testing.assert_close(probe.data[0], net.features[0](x), rtol=0, atol=0)
 
 
 def test_remove_and_context_manager_leave_no_hooks():
@@ -208,9 +212,12 @@ def test_probe_errors():
             return x, x
 
     m = TupleOut()
-    with Probe(m):
+    with Probe(m, target="output"):
         with pytest.raises(TypeError, match="is a tuple, not a tensor"):
             m(torch.randn(2))
+    with Probe(m, target="output", strict=False) as lenient:
+        m(torch.randn(2))
+        assert isinstance(lenient.data[0], tuple)
 
 
 def test_get_module():
@@ -248,12 +255,14 @@ def test_probe_this_thread_only_ignores_other_threads():
 
     net = VGGish()
     x = torch.randn(1, 3, 5, 5)
-    with Probe(net.features[0], this_thread_only=True) as mine, Probe(net.features[0]) as every:
+    with Probe(net.features[0], this_thread_only=True, accumulate=True) as mine, \
+            Probe(net.features[0], accumulate=True) as every, Probe(net.features[0]) as latest:
         t = threading.Thread(target=lambda: net(x))
         t.start()
         t.join()
         net(x)
         assert len(mine.data) == 1 and len(every.data) == 2
+        assert len(latest.data) == 1  # the latest pass (the main thread's)
 
 
 def test_patch_restores_and_a_failed_patch_leaves_nothing(monkeypatch):
@@ -275,3 +284,113 @@ def test_patch_restores_and_a_failed_patch_leaves_nothing(monkeypatch):
     gc.collect()
     # The half-built Patch is collected without an error in __del__.
     assert unraisable == []
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchRay's Probe semantics: input by default, latest pass, contrast
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_target_is_the_input_as_in_torchray():
+    net = VGGish(inplace=False).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with Probe(net.features[2]) as probe:
+        assert probe.target == "input"
+        net(x)
+        (rec,) = probe.data
+    with torch.no_grad():
+        expected = net.features[1](net.features[0](x))
+    torch.testing.assert_close(rec, expected, rtol=0, atol=0)
+
+
+def test_data_holds_the_latest_forward_pass_with_every_call_of_it():
+    net = SharedReLU().double()
+    x1 = torch.randn(3, 4, dtype=torch.float64)
+    x2 = torch.randn(5, 4, dtype=torch.float64)
+    before = global_hook_counts()
+    with Probe(net.relu, target="output") as probe, \
+            Probe(net.relu, target="output", accumulate=True) as every:
+        net(x1)
+        assert len(probe.data) == 3 and probe.data[0].shape == (3, 4)
+        net(x2)
+        assert len(probe.data) == 3 and all(t.shape == (5, 4) for t in probe.data)
+        assert len(every.data) == 6
+        # Calling the probed module on its own is a pass of its own.
+        net.relu(torch.randn(7, 4, dtype=torch.float64))
+        assert len(probe.data) == 1 and probe.data[0].shape == (7, 4)
+        # A pass that raises does not glue the next pass to it.
+        with pytest.raises(RuntimeError):
+            net(torch.randn(2, 5, dtype=torch.float64))
+        net(x1)
+        assert len(probe.data) == 3
+    assert global_hook_counts() == before
+
+
+def test_latest_pass_gradients_after_two_passes():
+    net = VGGish(inplace=True).double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    with Probe(net.features[2], target="output") as probe:
+        net(x)[0, 0].backward()
+        first = probe.data[0].grad.clone()
+        net(2 * x)[0, 1].backward()
+        (rec,) = probe.data
+    assert not torch.equal(rec.grad, first)
+    # The gradient at a conv output followed by ReLU and the linear head, in closed form.
+    with torch.no_grad():
+        a = net.features[2](net.features[1](net.features[0](2 * x)))
+    w = net.fc.weight[1].view(a.shape) * (a > 0)
+    torch.testing.assert_close(rec.grad, w, rtol=0, atol=0)
+
+
+def test_contrast_is_subtracted_from_the_gradient_flowing_below():
+    """``contrast`` changes what flows past the probe: the input gradient is computed from
+    ``grad - contrast`` (clamped at zero with ``non_negative_contrast``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Identity(), nn.Linear(6, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    w1 = net[0].weight
+    g_top = net[2].weight[1].expand(2, 6)  # ∂y_1/∂h for the affine head
+    contrast = torch.randn(2, 6, dtype=torch.float64)
+    for non_negative in (False, True):
+        xx = x.clone().requires_grad_(True)
+        with Probe(net[1]) as probe:
+            probe.contrast = [contrast]
+            probe.non_negative_contrast = non_negative
+            net(xx)[:, 1].sum().backward()
+            diff = g_top - contrast
+            if non_negative:
+                diff = diff.clamp(min=0)
+            torch.testing.assert_close(probe.data[0].grad, diff)
+        torch.testing.assert_close(xx.grad, diff @ w1)
+    # A single tensor applies to every call; a wrong shape or too short a list is an error.
+    with Probe(net[1]) as probe:
+        probe.contrast = contrast
+        xx = x.clone().requires_grad_(True)
+        net(xx)[:, 1].sum().backward()
+        torch.testing.assert_close(xx.grad, (g_top - contrast) @ w1)
+        probe.contrast = torch.zeros(3, 6, dtype=torch.float64)
+        with pytest.raises(ValueError, match="does not match the gradient"):
+            net(x)[:, 1].sum().backward()
+        probe.contrast = []
+        with pytest.raises(ValueError, match="holds 0 tensor"):
+            net(x)[:, 1].sum().backward()
+
+
+def test_torchray_attributes():
+    relu = nn.ReLU(inplace=True)
+    with Probe(relu, target="output") as probe:
+        assert probe.inplace and probe.contrast is None and not probe.non_negative_contrast
+        assert probe.hook is not None and probe.hook.id in relu._forward_hooks
+    assert probe.hook is None and not relu._forward_hooks
+    assert not Probe(nn.Conv2d(1, 1, 1)).inplace
+
+
+def test_dropping_a_probe_releases_the_global_pass_hooks():
+    before = global_hook_counts()
+    net = VGGish()
+    probe = Probe(net.features[0])
+    assert global_hook_counts() != before
+    del probe
+    assert global_hook_counts() == before
+    Probe(net.features[0], accumulate=True)  # needs no global hook
+    assert global_hook_counts() == before

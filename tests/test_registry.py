@@ -88,6 +88,9 @@ def test_unknown_method_lists_the_known_ones():
     assert isinstance(METHODS, MethodRegistry) and len(METHODS) == len(list(METHODS))
     with pytest.raises(TypeError):
         METHODS["gradient"] = None  # read-only
+    # Membership and get() answer without raising (Mapping's defaults would catch KeyError only).
+    assert "gradient" in METHODS and "gradcam" not in METHODS and 3 not in METHODS
+    assert METHODS.get("gradcam") is None and METHODS.get("rise") is METHODS["rise"]
 
 
 def test_common_facade_reexports_torchrays_names():

@@ -40,6 +40,31 @@ FORMS = {
     "F.relu6": (lambda: (lambda x: F.relu6(x)), True),
     "F.relu6(inplace)": (lambda: (lambda x: F.relu6(x, inplace=True)), True),
     "F.hardtanh(0,6)": (lambda: (lambda x: F.hardtanh(x, 0.0, 6.0)), True),
+    # Rectifiers written another way (mathematically ReLUs, or bounded like ReLU6).
+    "Tensor.clamp(min=0)": (lambda: (lambda x: x.clamp(min=0)), False),
+    "torch.clamp(x, 0)": (lambda: (lambda x: torch.clamp(x, 0)), False),
+    "torch.clamp(x, min=0.0)": (lambda: (lambda x: torch.clamp(x, min=0.0)), False),
+    "Tensor.clamp_(min=0)": (lambda: (lambda x: x.clamp_(min=0)), False),
+    "torch.clip(x, min=0)": (lambda: (lambda x: torch.clip(x, min=0)), False),
+    "torch.clamp_min(x, 0)": (lambda: (lambda x: torch.clamp_min(x, 0)), False),
+    "Tensor.clamp_min_(0)": (lambda: (lambda x: x.clamp_min_(0)), False),
+    "torch.clamp(x, 0, 6)": (lambda: (lambda x: torch.clamp(x, 0, 6)), True),
+    "Tensor.clip(0, 6.0)": (lambda: (lambda x: x.clip(0, 6.0)), True),
+    "F.threshold(x, 0, 0)": (lambda: (lambda x: F.threshold(x, 0, 0)), False),
+    "nn.Threshold(0, 0)": (lambda: nn.Threshold(0.0, 0.0), False),
+    "nn.Threshold(0, 0, inplace)": (lambda: nn.Threshold(0.0, 0.0, inplace=True), False),
+    "torch.where(x > 0, x, 0)": (lambda: (lambda x: torch.where(x > 0, x, 0.0)), False),
+    "torch.where(x >= 0, x, zeros)": (
+        lambda: (lambda x: torch.where(x >= 0, x, torch.zeros_like(x))), False),
+    "Tensor.where(0 < x, 0)": (lambda: (lambda x: x.where(0 < x, 0.0)), False),
+    "torch.where(x <= 0, 0, x)": (lambda: (lambda x: torch.where(x <= 0, 0.0, x)), False),
+    "torch.maximum(x, zeros)": (lambda: (lambda x: torch.maximum(x, torch.zeros_like(x))),
+                                False),
+    "Tensor.maximum(scalar zero)": (
+        lambda: (lambda x: x.maximum(torch.zeros((), dtype=x.dtype))), False),
+    "torch.max(zeros, x)": (lambda: (lambda x: torch.max(torch.zeros_like(x), x)), False),
+    "torch.ops.aten.relu": (lambda: (lambda x: torch.ops.aten.relu(x)), False),
+    "torch.ops.aten.relu_.default": (lambda: (lambda x: torch.ops.aten.relu_.default(x)), False),
 }
 
 
@@ -366,15 +391,18 @@ def test_no_warning_when_rule_applied_and_nothing_else():
     assert ctx.counts == {"relu": 2}
 
 
-def test_no_grad_forward_inside_context_is_plain_and_counted():
+def test_no_grad_forward_inside_context_is_plain_and_skipped():
+    """Under no_grad nothing can be differentiated: calls are plain, listed as skipped, and the
+    context says that it replaced nothing."""
     net = TinyNet(nn.ReLU(inplace=True), nn.ReLU6())
     x = torch.randn(1, 3, 6, 6)
     with torch.no_grad():
         expected = net(x)
-        with GuidedBackpropContext() as ctx:
-            out = net(x)
+        with pytest.warns(NoRuleAppliedWarning, match="not recorded by autograd"):
+            with GuidedBackpropContext() as ctx:
+                out = net(x)
     assert torch.equal(out, expected)
-    assert ctx.counts == {"relu": 1, "relu6": 1}
+    assert ctx.counts == {} and ctx.skipped == {"relu": 1, "relu6": 1}
 
 
 def test_hardtanh_that_is_not_a_rectifier_is_left_alone():
@@ -403,3 +431,115 @@ def test_rectifier_rules_elementwise(values, data):
         y = torch.relu(x)
     (g,) = torch.autograd.grad(y, x, p)
     assert g.tolist() == [max(pi, 0.0) for pi in p.tolist()]
+
+
+# Look-alikes that are no rectifier at zero, and non-linearities the ReLU rules do not cover:
+# they keep their plain gradient and are named in an UnhandledActivationWarning.
+LOOKALIKES = {
+    "nn.Hardtanh()": (lambda: nn.Hardtanh(), r"hardtanh\(-1, 1\)"),
+    "F.hardtanh(x, -2, 2)": (lambda: (lambda x: F.hardtanh(x, -2.0, 2.0)), r"hardtanh\(-2, 2\)"),
+    "F.threshold(x, 0.5, 0)": (lambda: (lambda x: F.threshold(x, 0.5, 0.0)), "threshold"),
+    "nn.Threshold(0.1, 20)": (lambda: nn.Threshold(0.1, 20.0), "threshold"),
+    "nn.Hardshrink": (lambda: nn.Hardshrink(), "hardshrink"),
+    "F.softshrink": (lambda: (lambda x: F.softshrink(x)), "softshrink"),
+    "nn.Tanhshrink": (lambda: nn.Tanhshrink(), "tanhshrink"),
+    "abs(x)": (lambda: (lambda x: abs(x)), "abs"),
+    "torch.abs": (lambda: (lambda x: torch.abs(x)), "abs"),
+    "where(mask, x, 0)": (
+        lambda: (lambda x: torch.where(torch.ones_like(x, dtype=torch.bool), x, 0.0)), "where"),
+    "maximum(x, zero requiring grad)": (
+        lambda: (lambda x: torch.maximum(x, torch.zeros((), dtype=x.dtype,
+                                                        requires_grad=True))), "maximum"),
+    "maximum(x, zeros of a wider dtype)": (
+        lambda: (lambda x: torch.maximum(x.float(), torch.zeros_like(x))), "maximum"),
+}
+
+
+@pytest.mark.parametrize("form", list(LOOKALIKES))
+def test_lookalikes_and_other_nonlinearities_are_reported(form):
+    build, name = LOOKALIKES[form]
+    net = TinyNet(nn.ReLU(), build()).double()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(UnhandledActivationWarning, match=name):
+        with GuidedBackpropContext() as ctx:
+            net(x.clone().requires_grad_(True))
+    assert ctx.counts == {"relu": 1}
+    with pytest.warns(UnhandledActivationWarning, match=name):
+        guided_backprop(net, x, 0)
+
+
+def test_glu_is_reported():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GLU(dim=1),
+                        nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with pytest.warns(UnhandledActivationWarning, match="glu"):
+        deconvnet(net, torch.randn(1, 3, 6, 6), 0)
+
+
+def test_ordinary_clamps_maxima_and_wheres_are_left_alone_silently():
+    """clamp(min=eps), a max reduction, where/maximum without a zero operand: no rectifier."""
+    def act(x):
+        x = x.clamp(min=1e-3) + x.clamp(max=0.5) + x.clamp(-1.0, 1.0)
+        x = x + x.max(dim=1, keepdim=True).values + torch.maximum(x, x.flip(-1))
+        return torch.where(x > 0.2, x, 0.1 * x) + F.threshold(x, 0.0, 0.0) * 0
+
+    net = TinyNet(nn.ReLU(), act).double()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with GuidedBackpropContext() as ctx:
+            net(x)
+    assert ctx.counts == {"relu": 1, "threshold": 1} and not ctx.unhandled
+
+
+def test_where_rectifier_keeps_the_exact_forward_including_nan():
+    """The forward of a replaced call is the caller's own expression, NaN handling included."""
+    x = torch.tensor([-1.0, float("nan"), 2.0], requires_grad=True)
+    with GuidedBackpropContext() as ctx:
+        y = torch.where(x > 0, x, 0.0)
+        z = x.clamp(min=0)
+    assert ctx.counts == {"where": 1, "clamp": 1}
+    assert y.tolist() == [0.0, 0.0, 2.0]                    # where drops the NaN
+    assert z[0] == 0 and torch.isnan(z[1]) and z[2] == 2    # clamp keeps it
+
+
+def test_rectifiers_off_the_autograd_path_are_skipped_not_counted():
+    """A ReLU on a constant or a frozen parameter cannot change any gradient."""
+    frozen = torch.randn(4)
+    x = torch.randn(4, requires_grad=True)
+    with GuidedBackpropContext() as ctx:
+        F.relu(frozen)
+        torch.relu(torch.ones(3))
+        y = F.relu(x)
+    assert ctx.counts == {"relu": 1} and ctx.skipped == {"relu": 2}
+    before = ctx.applied
+    y.sum().backward()
+    assert ctx.applied == before + 1
+
+
+def test_wrappers_ignore_the_callers_rule_context():
+    """A method's own rules decide: gradient inside GuidedBackpropContext is the gradient."""
+    from torchray_like.attribution.grad_cam import grad_cam
+    from torchray_like.attribution.linear_approx import linear_approx
+
+    net = TinyNet(nn.ReLU(), lambda x: F.relu(x)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = {
+        "gradient": gradient(net, x, 1),
+        "guided": guided_backprop(net, x, 1),
+        "grad_cam": grad_cam(net, x, 1, "conv1"),
+        "linear_approx": linear_approx(net, x, 1, "conv1"),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with GuidedBackpropContext() as outer:
+            got = {"gradient": gradient(net, x, 1),
+                   "grad_cam": grad_cam(net, x, 1, "conv1"),
+                   "linear_approx": linear_approx(net, x, 1, "conv1")}
+            with DeConvNetContext() as outer2:
+                got["guided"] = guided_backprop(net, x, 1)
+            # The contexts work again after the calls.
+            y = torch.relu(torch.randn(3, requires_grad=True))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert outer.counts == {"relu": 1} and outer2.calls == 0
+    assert y.grad_fn is not None

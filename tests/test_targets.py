@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import guided_backprop
+from torchray_like.attribution.context import TorchRayDifferenceWarning
 from torchray_like.attribution.targets import get_backward_gradient, get_pointing_gradient
 
 from .conftest import ConvNet, assert_same_state, inputs, snapshot
@@ -67,6 +68,7 @@ class BinaryHead(nn.Module):
         return z if self.keepdim else z[:, 0]
 
 
+@pytest.mark.filterwarnings("ignore::torchray_like.attribution.context.TorchRayDifferenceWarning")
 @pytest.mark.parametrize("keepdim", [True, False])
 def test_single_logit_binary_head(keepdim):
     net = BinaryHead(keepdim).double()
@@ -180,3 +182,33 @@ def test_pointing_seed_is_a_distribution_over_space(n, c, h, w, scale, data):
     assert seed.sum().item() == pytest.approx(n)
     # The seed peaks where the target channel does.
     assert torch.equal(seed[:, target].flatten(1).argmax(1), maps[:, target].flatten(1).argmax(1))
+
+
+def test_binary_head_target_zero_warns_only_where_torchray_gives_a_number():
+    """An (N, 1) output with target 0 is column 0 (+logit) in TorchRay: warn, say target=1."""
+    import warnings
+
+    with pytest.warns(TorchRayDifferenceWarning, match="pass target=1"):
+        seed = get_backward_gradient(torch.randn(3, 1), [1, 0, 1])
+    assert seed.view(-1).tolist() == [1, -1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_backward_gradient(torch.randn(3, 1), 1)   # +logit: TorchRay's number too
+        get_backward_gradient(torch.randn(3), 0)      # (N,): TorchRay has no number for it
+        get_backward_gradient(torch.randn(3, 2), 0)   # two columns: no binary rule
+
+
+def test_pointing_gradient_unnormalised_is_the_exponential():
+    maps = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    seed = get_pointing_gradient(maps, [0, 2], normalize=False)
+    torch.testing.assert_close(seed[0, 0], maps[0, 0].exp(), rtol=0, atol=0)
+    torch.testing.assert_close(seed[1, 2], maps[1, 2].exp(), rtol=0, atol=0)
+    assert seed[0, 1:].abs().sum() == 0 and seed[1, :2].abs().sum() == 0
+    # (N, C): one position, exp(score) unnormalised, one-hot normalised.
+    out = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(get_pointing_gradient(out, 1, normalize=False)[:, 1],
+                               out[:, 1].exp(), rtol=0, atol=0)
+    assert torch.equal(get_pointing_gradient(out, 1), get_backward_gradient(out, 1))
+    # Single-logit heads follow the binary rule in both modes.
+    head = torch.randn(2, 1, dtype=torch.float64)
+    assert torch.equal(get_pointing_gradient(head, 1, normalize=False), torch.ones_like(head))

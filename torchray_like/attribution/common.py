@@ -4,22 +4,27 @@ A façade: each name lives in the module of its concept —
 
 =====================  ===========================================================================
 :mod:`.context`        :class:`RuleContext` (thread-local backward-rule swaps), :class:`NullContext`,
-                       :class:`Patch`, the warnings
+                       :class:`Patch`, the warnings (:class:`TorchRayDifferenceWarning` ...)
 :mod:`.rules`          rectifier rules (:class:`ReLURule`) and :class:`ReLUContext`
 :mod:`.probe`          :func:`get_module`, :class:`Probe`, :func:`attach_debug_probes`
 :mod:`.targets`        :func:`get_backward_gradient`, :func:`get_pointing_gradient`, binary heads
-:mod:`.maps`           :func:`gradient_to_saliency`, :func:`resize_saliency`, :func:`smooth_saliency`
+:mod:`.maps`           :func:`gradient_to_saliency`, :func:`resize_saliency` (a ``resize`` tuple
+                       is ``(W, H)`` as in TorchRay; :class:`Shape` gives torch order),
+                       :func:`smooth_saliency`
 :mod:`.state`          :func:`model_state_guard` and the input / model checks
 :mod:`.driver`         :func:`saliency`, the driver of every backpropagation method
 =====================  ===========================================================================
+
+Where this library deliberately differs from TorchRay, see ``docs/torchray.rst`` ("Coming from
+TorchRay").
 """
 
 from __future__ import annotations
 
 from .context import (NoRuleAppliedWarning, NullContext, Patch, RuleContext,
-                      UnhandledActivationWarning)
+                      TorchRayDifferenceWarning, UnhandledActivationWarning)
 from .driver import SaliencyDebug, saliency
-from .maps import gradient_to_saliency, resize_saliency, smooth_saliency
+from .maps import ResizeOrderWarning, Shape, gradient_to_saliency, resize_saliency, smooth_saliency
 from .probe import Probe, attach_debug_probes, get_module
 from .rules import GRADIENT_RULE, ReLUContext, ReLURule
 from .state import model_state_guard
@@ -32,5 +37,6 @@ __all__ = [
     "saliency",
     # ours
     "RuleContext", "ReLURule", "GRADIENT_RULE", "NoRuleAppliedWarning",
-    "UnhandledActivationWarning", "SaliencyDebug", "smooth_saliency", "model_state_guard",
+    "UnhandledActivationWarning", "TorchRayDifferenceWarning", "ResizeOrderWarning",
+    "SaliencyDebug", "Shape", "smooth_saliency", "model_state_guard",
 ]

@@ -9,16 +9,17 @@ raises).  Concrete rules live in :mod:`.rules` (rectifiers) and in the method mo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
-           "UnhandledActivationWarning"]
+           "UnhandledActivationWarning", "TorchRayDifferenceWarning"]
 
 
 class NoRuleAppliedWarning(UserWarning):
@@ -32,6 +33,15 @@ class UnhandledActivationWarning(UserWarning):
     """A rule context saw non-linearities its rule does not cover (GELU, SiLU, ...).
 
     Those keep their plain gradient, so the map mixes the method's rule with the plain gradient.
+    """
+
+
+class TorchRayDifferenceWarning(UserWarning):
+    """A call written for TorchRay gives a different number here, by design.
+
+    The message says what differs and which call gives TorchRay's number.  Shown once per call
+    site (Python's default warning filter); silence it with
+    ``warnings.filterwarnings("ignore", category=TorchRayDifferenceWarning)``.
     """
 
 
@@ -53,7 +63,49 @@ OTHER_ACTIVATIONS = {
     F.rrelu: "rrelu", torch.tanh: "tanh", torch.Tensor.tanh: "tanh",
     F.tanh: "tanh", torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid", F.logsigmoid: "logsigmoid", F.softsign: "softsign",
+    F.glu: "glu", F.hardshrink: "hardshrink", torch.Tensor.hardshrink: "hardshrink",
+    F.softshrink: "softshrink", F.tanhshrink: "tanhshrink",
+    torch.abs: "abs", torch.Tensor.abs: "abs", torch.Tensor.abs_: "abs",
+    torch.absolute: "abs", torch.Tensor.absolute: "abs", torch.Tensor.__abs__: "abs",
 }
+for _name in ("abs_", "absolute_"):
+    if hasattr(torch, _name):
+        OTHER_ACTIVATIONS[getattr(torch, _name)] = "abs"
+
+
+class _ActiveContexts(threading.local):
+    """The rule contexts entered by the current thread, outermost first."""
+
+    def __init__(self) -> None:
+        self.stack: List["RuleContext"] = []
+
+
+_ACTIVE = _ActiveContexts()
+
+
+def active_rule_contexts() -> Tuple["RuleContext", ...]:
+    """The :class:`RuleContext` objects the current thread is inside, outermost first."""
+    return tuple(_ACTIVE.stack)
+
+
+@contextlib.contextmanager
+def suspend_rule_contexts() -> Iterator[Tuple["RuleContext", ...]]:
+    """Inside this block, the rule contexts the current thread entered before change nothing.
+
+    The attribution methods run their forward pass in this block, so that a method's own rules
+    decide its result: ``gradient(model, x, c)`` called inside ``with GuidedBackpropContext():``
+    is the plain gradient, and ``guided_backprop`` inside ``with DeConvNetContext():`` is guided
+    backpropagation.  Contexts entered *inside* the block work normally; the suspended ones see
+    (and count) nothing until the block ends.  Other threads are not affected.
+    """
+    suspended = tuple(_ACTIVE.stack)
+    for context in suspended:
+        context._suspended += 1
+    try:
+        yield suspended
+    finally:
+        for context in suspended:
+            context._suspended -= 1
 
 
 class RuleContext(TorchFunctionMode):
@@ -69,12 +121,25 @@ class RuleContext(TorchFunctionMode):
     is replaced, whichever way the model makes it (module, functional, tensor method).  Other
     threads, and the code after the block, see plain PyTorch.  Contexts nest (the innermost
     handles a call first) and are removed even when the block raises.  Entering the same context
-    object twice at once is a :class:`RuntimeError`.
+    object twice at once is a :class:`RuntimeError`.  The attribution methods suspend the
+    contexts their caller entered (:func:`suspend_rule_contexts`): a method's result depends on
+    its own rules only.
+
+    What a context cannot see: operations run inside TorchScript (``torch.jit.script`` /
+    ``torch.jit.trace``) modules and functions, inside graphs compiled by ``torch.compile``, and
+    in C++ extensions.  The methods refuse models containing scripted or compiled sub-modules
+    when they need rules (see ``docs/troubleshooting.rst``); code entering a context by hand
+    should check its model in the same way.
 
     Attributes
     ----------
     counts : dict
-        How many calls of each kind were replaced, e.g. ``{"relu": 13, "relu6": 2}``.
+        How many calls of each kind were replaced, e.g. ``{"relu": 13, "relu6": 2}``.  Only
+        calls that autograd records (gradients enabled and an input requiring grad) count:
+        the others cannot change any gradient and run the plain operation.
+    skipped : dict
+        Calls of a handled kind that autograd does not record (under ``torch.no_grad()``, or on
+        tensors that do not require grad, such as a frozen parameter or a constant).
     unhandled : dict
         Non-linearities seen that the rule does not cover (GELU, SiLU, sigmoid ...).
     calls : int
@@ -95,10 +160,12 @@ class RuleContext(TorchFunctionMode):
         super().__init__()
         self.handlers: Dict[Any, Callable] = {}
         self.counts: Dict[str, int] = {}
+        self.skipped: Dict[str, int] = {}
         self.unhandled: Dict[str, int] = {}
         self.calls = 0
         self.warn_if_unused = True
         self._thread: Optional[int] = None
+        self._suspended = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
@@ -110,15 +177,26 @@ class RuleContext(TorchFunctionMode):
         """Record that ``n`` calls of kind ``kind`` were replaced."""
         self.counts[kind] = self.counts.get(kind, 0) + n
 
+    def skip(self, kind: str, n: int = 1) -> None:
+        """Record that ``n`` calls of kind ``kind`` were seen that autograd does not record."""
+        self.skipped[kind] = self.skipped.get(kind, 0) + n
+
+    def unhandle(self, kind: str, n: int = 1) -> None:
+        """Record ``n`` calls of a non-linearity the rule does not cover (warned about)."""
+        self.unhandled[kind] = self.unhandled.get(kind, 0) + n
+
     def reset_counts(self) -> None:
         """Forget what was counted so far."""
         self.counts.clear()
+        self.skipped.clear()
         self.unhandled.clear()
         self.calls = 0
 
     # -- mode protocol -----------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._suspended:
+            return func(*args, **kwargs)
         self.calls += 1
         handler = self.handlers.get(func)
         if handler is not None:
@@ -126,7 +204,7 @@ class RuleContext(TorchFunctionMode):
         if self.report_other_activations:
             name = OTHER_ACTIVATIONS.get(func)
             if name is not None:
-                self.unhandled[name] = self.unhandled.get(name, 0) + 1
+                self.unhandle(name)
         return func(*args, **kwargs)
 
     def __enter__(self):
@@ -136,13 +214,21 @@ class RuleContext(TorchFunctionMode):
                 "contexts")
         self._thread = threading.get_ident()
         self.reset_counts()
-        return super().__enter__()
+        self._suspended = 0
+        out = super().__enter__()
+        _ACTIVE.stack.append(self)
+        return out
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         try:
             super().__exit__(exc_type, exc_val, exc_tb)
         finally:
             self._thread = None
+            stack = _ACTIVE.stack
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is self:
+                    del stack[i]
+                    break
         if exc_type is None and self.warn_if_unused:
             self._warn()
         return False
@@ -151,9 +237,13 @@ class RuleContext(TorchFunctionMode):
         name = type(self).__name__
         others = ", ".join(f"{k} ×{v}" for k, v in sorted(self.unhandled.items()))
         if self.calls and not self.replaced:
+            skipped = sum(self.skipped.values())
+            why = (f"the {skipped} it saw are not recorded by autograd (gradients disabled, or "
+                   "inputs that do not require grad such as constants or frozen parameters)"
+                   if skipped else "the model uses none")
             warnings.warn(
-                f"{name} saw {self.calls} torch calls but replaced no {self.replaces}: the model "
-                "uses none" + (f" (it calls {others} instead)" if others else "") + ", so "
+                f"{name} saw {self.calls} torch calls but replaced no {self.replaces}: {why}"
+                + (f" (it calls {others})" if others else "") + ", so "
                 "gradients computed from this pass are plain gradients, not the method's.",
                 NoRuleAppliedWarning, stacklevel=3)
         elif self.unhandled:
@@ -166,24 +256,71 @@ class RuleContext(TorchFunctionMode):
 class NullContext(contextlib.AbstractContextManager):
     """A context that changes nothing (the plain gradient); TorchRay's ``NullContext``."""
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         return False
 
 
 class Patch:
-    """Temporarily replace an attribute: ``Patch(module_or_object, "name", new)``.
+    """Temporarily replace an attribute.
 
-    Kept for TorchRay compatibility.  Unlike the rule contexts this is *global* (every thread
-    sees the patch) — prefer :class:`RuleContext` for changing backward rules.  Usable as a
-    context manager; :meth:`remove` restores the original.
+    ``Patch("torch.relu", new_callable)`` (TorchRay's form: a dotted name, resolved with
+    :meth:`resolve`) or ``Patch(module_or_object, "name", new)``.  Unlike the rule contexts
+    this is *global* (every thread sees the patch) and sees only calls made through that
+    attribute — prefer :class:`RuleContext` for changing backward rules.  Usable as a context
+    manager; :meth:`remove` restores the original (also done when the patch is collected).
     """
 
-    def __init__(self, target: Any, name: str, new: Any) -> None:
-        if not hasattr(target, name):
-            raise ValueError(f"Patch: {target!r} has no attribute {name!r}")
-        self.target, self.name = target, name
-        self.original = getattr(target, name)
-        setattr(target, name, new)
+    @staticmethod
+    def resolve(target: str) -> Tuple[Any, str]:
+        """Split a dotted name into ``(object, attribute name)``, importing modules as needed.
+
+        ``"torch.nn.functional.relu"`` gives ``(torch.nn.functional, "relu")`` and
+        ``"torch.Tensor.relu"`` gives ``(torch.Tensor, "relu")``.  Raises :class:`ValueError`
+        when a component can be neither imported nor found as an attribute.
+        """
+        if not isinstance(target, str) or "." not in target.strip("."):
+            raise ValueError(
+                f"Patch.resolve: expected a dotted name such as 'torch.relu', got {target!r}")
+        path, attribute = target.rsplit(".", 1)
+        parts = path.split(".")
+        try:
+            obj = importlib.import_module(parts[0])
+        except ImportError as exc:
+            raise ValueError(f"Patch.resolve: cannot import {parts[0]!r} of {target!r}") from exc
+        done = parts[0]
+        for part in parts[1:]:
+            done = f"{done}.{part}"
+            if hasattr(obj, part):
+                obj = getattr(obj, part)
+                continue
+            try:
+                obj = importlib.import_module(done)
+            except ImportError as exc:
+                raise ValueError(
+                    f"Patch.resolve: {done!r} (in {target!r}) is neither an attribute nor an "
+                    "importable module") from exc
+        return obj, attribute
+
+    def __init__(self, target: Any, *args: Any) -> None:
+        if len(args) == 1:
+            if not isinstance(target, str):
+                raise TypeError(
+                    "Patch(target, new_callable): target must be a dotted name such as "
+                    f"'torch.relu', got {type(target).__name__}; to patch an attribute of an "
+                    "object use Patch(obj, 'name', new)")
+            obj, name = self.resolve(target)
+            new = args[0]
+        elif len(args) == 2:
+            obj, (name, new) = target, args
+        else:
+            raise TypeError(
+                "Patch takes (dotted_name, new_callable) or (object, attribute_name, new), got "
+                f"{1 + len(args)} arguments")
+        if not hasattr(obj, name):
+            raise ValueError(f"Patch: {obj!r} has no attribute {name!r}")
+        self.target, self.name = obj, name
+        self.original = getattr(obj, name)
+        setattr(obj, name, new)
         self._active = True
 
     def remove(self) -> None:
@@ -195,7 +332,7 @@ class Patch:
     def __enter__(self) -> "Patch":
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.remove()
         return False
 

@@ -9,14 +9,17 @@ gets the DeConvNet rule and the upper clamp, which is no rectifier, keeps its gr
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 
-from .driver import saliency
+from .driver import SaliencyDebug, saliency
+from .maps import SizeType, gradient_to_saliency
 from .rules import ReLUContext, ReLURule
+from .targets import TargetType, get_backward_gradient
 
-__all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetContext", "deconvnet"]
+__all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetReLU", "DeConvNetContext", "deconvnet"]
 
 
 class DeConvNetRule(ReLURule):
@@ -37,6 +40,26 @@ class DeConvNetRule(ReLURule):
 DECONVNET_RULE = DeConvNetRule()
 
 
+class DeConvNetReLU(torch.autograd.Function):
+    """``relu(x)`` whose backward is the DeConvNet rule (TorchRay's autograd function).
+
+    ``DeConvNetReLU.apply(x)`` can be used in a model directly, or given to
+    :class:`~torchray_like.attribution.common.ReLUContext` as TorchRay code does
+    (``ReLUContext(DeConvNetReLU)``, equivalent to :class:`DeConvNetContext`).  Backward:
+    ``p' = p⁺`` whatever the forward input.
+    """
+
+    rule = DECONVNET_RULE
+
+    @staticmethod
+    def forward(ctx, input):  # type: ignore[override]
+        return input.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        return grad_output.clamp(min=0)
+
+
 class DeConvNetContext(ReLUContext):
     """Inside this context, every ReLU / ReLU6 the model calls backpropagates the DeConvNet rule.
 
@@ -47,11 +70,25 @@ class DeConvNetContext(ReLUContext):
         super().__init__(DECONVNET_RULE)
 
 
-def deconvnet(model: torch.nn.Module, input: torch.Tensor, target: Any, **kwargs: Any) -> Any:
+def deconvnet(model: nn.Module, input: torch.Tensor, target: TargetType,
+              saliency_layer: Union[str, nn.Module, None] = "", resize: SizeType = False,
+              resize_mode: str = "bilinear", smooth: float = 0,
+              context_builder: Optional[Callable[[], Any]] = DeConvNetContext,
+              gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
+                  gradient_to_saliency),
+              get_backward_gradient: Callable = get_backward_gradient,
+              debug: bool = False
+              ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
     """DeConvNet saliency map (Zeiler & Fergus 2014).
 
-    Same arguments as :func:`~torchray_like.attribution.common.saliency`, with the DeConvNet
-    rule as context.  Returns ``(N, 1, *spatial)`` maps.  Raises :class:`ValueError` when the
-    model calls no ReLU.
+    The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with
+    :class:`DeConvNetContext` as the rule context; ``saliency_layer`` ``""`` (or ``None``)
+    reads the input, a resize tuple is in TorchRay's order ``(W, H)`` (see
+    :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
+    maps, or ``(map, SaliencyDebug)`` with ``debug=True``.  Raises :class:`ValueError` when
+    the model calls no ReLU.
     """
-    return saliency(model, input, target, context_builder=DeConvNetContext, **kwargs)
+    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
+                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
+                    gradient_to_saliency=gradient_to_saliency,
+                    get_backward_gradient=get_backward_gradient, debug=debug)

@@ -8,17 +8,23 @@ r"""The driver every backpropagation method is built on.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 import warnings
+from collections import OrderedDict
+from numbers import Integral
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
 
-from .context import NullContext, RuleContext, UnhandledActivationWarning
+from .context import NullContext, RuleContext, UnhandledActivationWarning, suspend_rule_contexts
 from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
-from .probe import Probe, get_module, layer_label, single_call
-from .state import check_input, check_model, model_state_guard
+from .probe import (Probe, debug_probes, fill_probe_gradients, get_module, layer_label,
+                    single_call)
+from .state import (check_input, check_model, layout_hint, model_state_guard, opaque_modules,
+                    unwrap_compiled)
 from .targets import TargetType, backward_seed, get_backward_gradient
 
 __all__ = ["saliency", "SaliencyDebug", "ForwardPass", "forward_pass"]
@@ -38,12 +44,44 @@ class SaliencyDebug:
         Its (pseudo-)gradient.
     counts : dict
         What the rule context replaced (empty without a context).
+    probes : OrderedDict
+        TorchRay's debug probes (:func:`~.probe.attach_debug_probes`): module name → output
+        :class:`~.probe.Probe` holding that module's activation and its (pseudo-)gradient
+        from the call (filled by :func:`saliency`; empty for other methods).  The object
+        reads like that dict (``debug["features.3"].data[0]``, ``for name in debug``), so
+        TorchRay code unpacking ``saliency_map, probes = ...(debug=True)`` keeps working.
     """
 
     output: Any
     activation: torch.Tensor
     gradient: torch.Tensor
     counts: Dict[str, int] = field(default_factory=dict)
+    probes: "OrderedDict[str, Probe]" = field(default_factory=OrderedDict)
+
+    # TorchRay returned the ordered dict of debug probes: read like it.
+    def __getitem__(self, name: str) -> Probe:
+        return self.probes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.probes)
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def __bool__(self) -> bool:  # a debug record is true even without probes
+        return True
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.probes
+
+    def keys(self):
+        return self.probes.keys()
+
+    def values(self):
+        return self.probes.values()
+
+    def items(self):
+        return self.probes.items()
 
 
 def detach_all(value: Any) -> Any:
@@ -67,8 +105,10 @@ class ForwardPass:
     Attributes
     ----------
     x : torch.Tensor
-        The leaf the model ran on (a detached alias of the caller's input; it requires grad
-        only when a reading is the input).
+        The leaf the gradient with respect to the input is taken at (a detached alias of the
+        caller's input; it requires grad only when a reading is the input).  The model itself
+        ran on a copy (``x.clone()``), so in-place operations in its forward pass change neither
+        ``x`` nor the caller's tensor.
     output : Any
         The model output.
     scores : torch.Tensor
@@ -88,15 +128,42 @@ class ForwardPass:
     context: Any
     reads: Dict[str, torch.Tensor]
     layers: Dict[str, Any]
+    model_name: str = "the model"
 
-    def grad(self, label: str, retain_graph: bool = False) -> torch.Tensor:
-        """``∂(seed · scores) / ∂ reads[label]`` (under the context's rules)."""
+    def where(self, label: str) -> str:
+        layer = self.layers[label]
+        return "the input" if is_input(layer) else f"{label} {layer_label(layer)}"
+
+    def grad(self, label: str, retain_graph: bool = False,
+             check_rules: bool = True) -> torch.Tensor:
+        """``∂(seed · scores) / ∂ reads[label]`` (under the context's rules).
+
+        With ``check_rules`` and a rule context that counts its backward applications
+        (:attr:`~.rules.ReLUContext.applied`), a backward pass that went through none of the
+        replaced calls — the rectifiers do not lie between the read tensor and the output — is
+        a :class:`ValueError`: the result would be the plain gradient under the method's name.
+        """
+        before = getattr(self.context, "applied", None) if check_rules else None
         (grad,) = torch.autograd.grad(self.scores, self.reads[label], self.seed,
                                       retain_graph=retain_graph, allow_unused=True)
         if grad is None:
-            layer = self.layers[label]
-            where = "the input" if is_input(layer) else f"{label} {layer_label(layer)}"
-            raise ValueError(f"the target scores do not depend on {where}")
+            raise ValueError(f"the target scores do not depend on {self.where(label)}")
+        finite = torch.isfinite(grad).reshape(grad.shape[0] if grad.dim() else 1, -1).all(1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"the gradient with respect to {self.where(label)} is not finite (NaN or Inf) "
+                f"for sample(s) {rows[:10]} although the scores are: the model's backward pass "
+                "meets 0 × inf or a non-differentiable point (sqrt or log at 0, division by "
+                "zero); a map from it would be meaningless")
+        if before is not None and self.context.applied == before:
+            ctx = self.context
+            raise ValueError(
+                f"{type(ctx).__name__} replaced {ctx.replaced} {ctx.replaces} call(s) in "
+                f"{self.model_name}'s forward pass, but none of them lies between "
+                f"{self.where(label)} and the output (they act on constants, frozen "
+                "parameters or a branch the target does not use), so the result would be the "
+                f"plain gradient; this method needs {ctx.requirement} on that path")
         return grad
 
 
@@ -107,41 +174,78 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
                  ) -> Iterator[ForwardPass]:
     """Run ``model(input)`` as every backprop method does and yield a :class:`ForwardPass`.
 
-    Checks the model, input and target; inside :func:`model_state_guard` (eval mode, frozen
-    parameters, all restored on exit) and with autograd enabled, probes each layer of ``layers``
-    (label → name, module, or ``None``/``""`` for the input), runs the forward pass inside
-    ``context`` and computes the seed.  A :class:`RuleContext` that replaced nothing raises a
-    :class:`ValueError`.  Probes are removed on exit, also when the body raises.
+    Checks the model, input and target; inside :func:`model_state_guard` (eval mode, restored
+    on exit), with autograd enabled and the rule contexts of the caller suspended
+    (:func:`~.context.suspend_rule_contexts`: the method's own rules decide), probes each layer
+    of ``layers`` (label → name, module, or ``None``/``""`` for the input), runs the forward
+    pass inside ``context`` on a copy of the input and computes the seed.  Probes are removed
+    on exit, also when the body raises.
 
-    Backpropagation from ``scores`` reaches only what the readings need: parameters are frozen
-    and the input requires grad only when it is read, so a probed layer is a leaf of the graph.
+    Refused with a :class:`ValueError` before any work: a probed layer inside a TorchScript or
+    compiled sub-module (hooks cannot see it), a rule context with such a sub-module anywhere
+    in the model (the rules would silently not apply inside it), a channels-last batch.
+    ``torch.compile(model)`` itself is explained through its original module.  After the
+    forward pass: a :class:`RuleContext` that replaced nothing, and target scores that are not
+    finite (NaN / Inf in the input or an overflow), raise :class:`ValueError` too.
+
+    Backpropagation from ``scores`` reaches only what the readings need: the input requires
+    grad only when it is read, a probed layer is a leaf of the graph, and
+    ``torch.autograd.grad`` computes no parameter gradient.
     """
     check_model(model)
+    compiled = unwrap_compiled(model)
+    if compiled is not model:
+        model = compiled
+        layers = {label: strip_compiled_prefix(layer, model) for label, layer in layers.items()}
     check_input(input)
+    check_target(target)
     modules = {label: None if is_input(layer) else get_module(model, layer)
                for label, layer in layers.items()}
-    if target is None:
-        backward_seed(None, None, 0)  # raises the explanation before any work
+    check_visible(model, modules, layers, context)
+    hint = layout_hint(model, input, certain_only=True)
+    if hint is not None:
+        raise ValueError(hint)
     batch = input.shape[0]
+    reads_input = any(m is None for m in modules.values())
     probes: Dict[str, Probe] = {}
-    with model_state_guard(model), torch.enable_grad():
-        x = input.detach().requires_grad_(any(m is None for m in modules.values()))
+    with suspend_rule_contexts(), model_state_guard(model, freeze=FREEZE_PARAMETERS), \
+            torch.enable_grad():
+        x = input.detach().requires_grad_(reads_input)
+        # The model runs on a tensor of its own: an in-place operation in its forward pass
+        # (x.sub_(mean).div_(std)) changes neither the caller's input nor the leaf ``x``.
+        model_input = x.clone() if reads_input else input.detach().clone()
         try:
             for label, module in modules.items():
                 if module is not None:
-                    probes[label] = Probe(module, "output", this_thread_only=True)
+                    probes[label] = Probe(module, "output", this_thread_only=True,
+                                          accumulate=True)
             if context is None:
                 context = NullContext()
             if isinstance(context, RuleContext):
                 context.warn_if_unused = False
-            with context:
-                output = model(x)
+            try:
+                with context:
+                    output = model(model_input)
+            except (RuntimeError, ValueError) as exc:
+                hint = layout_hint(model, input)
+                if hint is None:
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ValueError(
+                    f"{type(model).__name__} failed on input of shape {tuple(input.shape)} "
+                    f"({type(exc).__name__}: {first}); {hint}") from exc
             if isinstance(context, RuleContext):
                 check_context_used(context, model)
             reads = {label: x if module is None else single_call(probes[label], label,
                                                                   layers[label])
                      for label, module in modules.items()}
-            scores, seed = backward_seed(output, target, batch, get_backward_gradient)
+            try:
+                scores, seed = backward_seed(output, target, batch, get_backward_gradient)
+            except ValueError as exc:
+                hint = layout_hint(model, input)
+                if hint is None or "batch size" not in str(exc):
+                    raise
+                raise ValueError(f"{exc}; {hint}") from exc
             if not scores.requires_grad:
                 where = " or ".join(
                     "the input" if m is None else f"{label} {layer_label(layers[label])}"
@@ -150,16 +254,129 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
                     f"the model output does not depend on {where} through autograd (is the "
                     "layer on the path to the output? does the model detach its activations or "
                     "run under torch.no_grad()?)")
-            yield ForwardPass(x, output, scores, seed, context, reads, dict(layers))
+            check_finite_scores(scores, seed, input)
+            yield ForwardPass(x, output, scores, seed, context, reads, dict(layers),
+                              type(model).__name__)
         finally:
             for probe in probes.values():
                 probe.remove()
 
 
+#: Whether the methods switch the parameters' ``requires_grad`` off during a call.  They do
+#: not: ``torch.autograd.grad`` on the tensors read never computes weight gradients, and
+#: freezing measured no speed-up (CPU time, ResNet-50 / VGG16), while it is visible to threads
+#: using the model.
+FREEZE_PARAMETERS = False
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def strip_compiled_prefix(layer: Any, original: nn.Module) -> Any:
+    """A layer name in ``torch.compile(model)`` → the same layer in its original module:
+    ``"_orig_mod.layer4"`` → ``"layer4"``, ``"_orig_mod"`` → the original module itself."""
+    while isinstance(layer, str) and layer.startswith(_COMPILED_PREFIX):
+        layer = layer[len(_COMPILED_PREFIX):]
+    if isinstance(layer, str) and layer == _COMPILED_PREFIX[:-1]:
+        return original
+    return layer
+
+
+_INT64 = 2 ** 63
+
+
+def check_target(target: Any) -> None:
+    """The target errors that need no forward pass: a missing target, a target on the meta
+    device, class indices beyond what a ``torch.long`` holds."""
+    if target is None:
+        backward_seed(None, cast(Any, target), 0)  # raises the explanation
+    if isinstance(target, torch.Tensor):
+        if target.is_meta:
+            raise ValueError(
+                "target is on the meta device (a tensor without values); pass class indices "
+                "as ints or as a tensor with values")
+        return
+    values: Sequence[Any]
+    if isinstance(target, Integral) and not isinstance(target, bool):
+        values = [target]
+    elif isinstance(target, (list, tuple)):
+        values = target
+    else:
+        return
+    for v in values:
+        if isinstance(v, Integral) and not isinstance(v, bool) and not -_INT64 <= int(v) < _INT64:
+            raise ValueError(
+                f"target class {int(v)} is out of range: a class index lies between 0 and the "
+                "number of classes - 1")
+
+
+def check_visible(model: nn.Module, modules: Dict[str, Optional[nn.Module]],
+                  layers: Dict[str, Any], context: Any) -> None:
+    """Refuse what hooks and rule contexts cannot see: TorchScript and compiled modules.
+
+    A probed layer that is, or lies inside, such a module cannot be recorded; a rule context
+    cannot change the backward of the operations inside one, so a method with rules would
+    silently mix its rule with the plain gradient there.  The plain gradient needs neither and
+    works on scripted models.
+    """
+    opaque = opaque_modules(model)
+    if not opaque:
+        return
+
+    def where(name: str) -> str:
+        return "(the whole model)" if name == "" else repr(name)
+
+    def advice(kind: str, name: str) -> str:
+        if kind == "TorchScript":
+            return ("explain the eager (Python) model instead: build it from its class and "
+                    "load the weights, e.g. eager.load_state_dict(scripted.state_dict())")
+        target = "model" if name == "" else f"model.{name}"
+        return (f"explain the uncompiled module instead ({target}._orig_mod for "
+                "torch.compile(...); a module compiled in place with .compile() cannot be "
+                "unwrapped): torch.compile(model) itself is unwrapped automatically")
+
+    for label, module in modules.items():
+        if module is None:
+            continue
+        for name, om, kind in opaque:
+            if module is om or any(module is m for m in om.modules()):
+                inside = "" if module is om else "inside "
+                raise ValueError(
+                    f"{label} {layer_label(layers[label])} is {inside}the {kind} module "
+                    f"{where(name)}: forward hooks cannot record its output there; "
+                    + advice(kind, name))
+    if isinstance(context, RuleContext):
+        name, om, kind = opaque[0]
+        raise ValueError(
+            f"{type(model).__name__} contains the {kind} module {where(name)} "
+            f"({type(om).__name__}): {type(context).__name__} cannot see the operations inside "
+            f"it, so their backward rules would silently stay plain; " + advice(kind, name)
+            + ". Plain-gradient methods at the input (gradient) work with it.")
+
+
+def check_finite_scores(scores: torch.Tensor, seed: torch.Tensor, input: torch.Tensor) -> None:
+    """A :class:`ValueError` naming ``input`` when a score to explain is NaN or infinite."""
+    values = scores.detach()
+    finite = torch.isfinite(values)
+    if seed.shape == values.shape:
+        finite = finite | (seed == 0)
+    ok = finite.reshape(values.shape[0], -1).all(dim=1) if values.dim() else finite.reshape(1)
+    if bool(ok.all()):
+        return
+    rows = (~ok).nonzero().flatten().tolist()
+    bad = int((~torch.isfinite(input)).sum()) if input.is_floating_point() else 0
+    cause = (f"input holds {bad} NaN or infinite value(s): replace them (e.g. "
+             "torch.nan_to_num(x)) or drop those samples" if bad else
+             "input is finite, so the model overflows or divides by zero (try float32 / "
+             "float64, or check its normalisation)")
+    raise ValueError(
+        f"the model's score for the target is not finite (NaN or Inf) for sample(s) "
+        f"{rows[:10]}: {cause}; the gradient of a non-finite score is meaningless")
+
+
 def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
-             saliency_layer: Union[str, nn.Module, None] = None,
+             saliency_layer: Union[str, nn.Module, None] = "",
              resize: SizeType = False, resize_mode: str = "bilinear", smooth: float = 0,
-             context_builder: Optional[Callable[[], Any]] = None,
+             context_builder: Optional[Callable[[], Any]] = NullContext,
              gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = gradient_to_saliency,
              get_backward_gradient: Callable = get_backward_gradient,
              debug: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
@@ -173,18 +390,30 @@ def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
     Parameters
     ----------
     model : torch.nn.Module
-        The network.  It runs in eval mode with frozen parameters for the call; every
-        sub-module's ``training`` flag and every parameter's ``requires_grad`` and ``.grad`` are
-        restored afterwards, also when the model raises.
+        The network.  What a call changes on it while it runs: every sub-module is put in eval
+        mode (``training = False``: dropout off, batch norm on its running statistics), and
+        the probed layer gets a forward hook (the debug probes: every named module).  Nothing
+        else — parameters keep their ``requires_grad`` and ``.grad`` (the gradients are taken
+        with ``torch.autograd.grad``, which computes no weight gradient), buffers are not
+        updated.  All is restored when the call returns or raises.  The module flags are shared
+        by every thread: another thread *training* the same model during the call sees eval
+        mode.  ``torch.compile(model)`` is explained through its original module (eagerly).
+        Refused with a :class:`ValueError`: TorchScript or compiled sub-modules when a rule
+        context is used or a layer inside them is read (rules and hooks cannot see inside).
     input : torch.Tensor
         ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).  It is not modified:
-        its ``requires_grad`` and ``.grad`` stay as they were.
+        the model runs on a copy (so in-place normalisation inside its forward is fine), and its
+        ``requires_grad`` and ``.grad`` stay as they were.  Non-finite scores for the target
+        (NaN / Inf pixels) or a non-finite gradient are a :class:`ValueError`; a channels-last
+        or unbatched image gets an error saying how to fix it.
     target : int, sequence, torch.Tensor or callable
         See :func:`get_backward_gradient`; a callable maps the model output (tensor, tuple or
         dict) to ``(N,)`` scores to explain.
     saliency_layer : str or torch.nn.Module, optional
         Module whose output is read (a dotted name or the module).  ``None`` or ``""`` (TorchRay)
-        means the input.  Backpropagation stops at that tensor.
+        means the input.  Backpropagation stops at that tensor.  Its output must have spatial
+        dimensions, ``(N, C, *spatial)``; a layer such as the classifier (or the model itself)
+        is a :class:`ValueError`.
     resize : bool, int or tuple
         See :func:`resize_saliency`.
     resize_mode : str
@@ -194,49 +423,105 @@ def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
         (resized) map.
     context_builder : callable, optional
         Returns the context to run the forward in (e.g. ``GuidedBackpropContext``).  If it is a
-        :class:`RuleContext` that replaced nothing, a :class:`ValueError` is raised rather than
-        returning the plain gradient under the method's name.
+        :class:`RuleContext` that replaced nothing, or whose replaced calls the backward pass
+        never goes through (they do not lie between the read tensor and the output), a
+        :class:`ValueError` is raised rather than returning the plain gradient under the
+        method's name.  Rule contexts the *caller* entered around the call are suspended for
+        its duration (:func:`~.context.suspend_rule_contexts`): the result depends on this
+        argument only.
     gradient_to_saliency : callable
         Turns the read tensor (with ``.grad``) into ``(N, 1, *spatial)`` maps.
     get_backward_gradient : callable
         ``(output, target) -> seed`` (e.g. :func:`get_pointing_gradient`).
     debug : bool
-        Also return a :class:`SaliencyDebug` with the output, the activation and its gradient.
+        Also return a :class:`SaliencyDebug` with the output, the activation and its gradient,
+        and TorchRay's debug probes (every named module's output and its gradient; it reads
+        like TorchRay's ordered dict of probes).
 
     Returns
     -------
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         The map ``(N, 1, *spatial)`` (detached, on the input's device).
     """
-    smooth = check_smooth(smooth)
-    context = context_builder() if context_builder is not None else None
-    with forward_pass(model, input, target, {"saliency_layer": saliency_layer}, context,
-                      get_backward_gradient) as fp:
-        read = fp.reads["saliency_layer"]
-        grad = fp.grad("saliency_layer")
-        read.grad = grad
-        try:
-            smap = gradient_to_saliency(read)
-        finally:
-            read.grad = None
-    smap = finish_map(input, smap, resize, resize_mode, smooth)
-    if debug:
-        return smap, SaliencyDebug(detach_all(fp.output), read.detach(), grad.detach(),
-                                   dict(getattr(fp.context, "counts", {})))
-    return smap
+    # The caller's rule contexts change nothing inside the call: the method's own rules decide.
+    with suspend_rule_contexts():
+        smooth = check_smooth(smooth)
+        if debug and isinstance(model, nn.Module):
+            check_debuggable(model)
+        context = context_builder() if context_builder is not None else None
+        with debug_probes(model, debug) as probes, forward_pass(
+                model, input, target, {"saliency_layer": saliency_layer}, context,
+                get_backward_gradient) as fp:
+            read = fp.reads["saliency_layer"]
+            check_spatial(read, saliency_layer)
+            grad = fp.grad("saliency_layer", retain_graph=bool(probes))
+            if probes:
+                fill_probe_gradients(probes, fp.scores, fp.seed)
+            read.grad = grad
+            try:
+                smap = gradient_to_saliency(read)
+            finally:
+                read.grad = None
+        smap = finish_map(input, smap, resize, resize_mode, smooth)
+        if debug:
+            return smap, SaliencyDebug(detach_all(fp.output), read.detach(), grad.detach(),
+                                       dict(getattr(fp.context, "counts", {})), probes)
+        return smap
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside this package
+    (and ``contextlib``): the user's call of the method."""
+    frame = inspect.currentframe()
+    level = 0
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if level and not (name.startswith(_PACKAGE_DIR) or name == contextlib.__file__):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1
+
+
+def check_debuggable(model: nn.Module) -> None:
+    """``debug=True`` hooks every module: refuse TorchScript parts, which take no hooks."""
+    scripted = [name or "(the whole model)" for name, _, kind in
+                opaque_modules(unwrap_compiled(model)) if kind == "TorchScript"]
+    if scripted:
+        raise ValueError(
+            f"debug=True records every module's output with forward hooks, which TorchScript "
+            f"modules do not take ({', '.join(repr(n) for n in scripted[:3])}); pass "
+            "debug=False, or explain the eager (Python) model")
+
+
+def check_spatial(read: torch.Tensor, saliency_layer: Any) -> None:
+    """One rule for every method: a map ``(N, 1, *spatial)`` needs a read ``(N, C, *spatial)``."""
+    if read.dim() < 3:
+        raise ValueError(
+            f"saliency_layer {layer_label(saliency_layer)} outputs shape {tuple(read.shape)}, "
+            "which has no spatial dimensions: a saliency map is (N, 1, *spatial), so the layer "
+            "must output (N, C, *spatial); choose a convolutional layer, or the input "
+            "(saliency_layer=None)")
 
 
 def check_context_used(context: RuleContext, model: nn.Module) -> None:
     if context.replaced == 0:
+        skipped = sum(getattr(context, "skipped", {}).values())
         raise ValueError(
             f"{type(context).__name__} replaced no {context.replaces} in "
             f"{type(model).__name__}'s forward pass, so the result would be the plain gradient; "
             f"this method needs {context.requirement}" + (
                 f" — the model uses {', '.join(sorted(context.unhandled))} instead"
-                if context.unhandled else ""))
+                if context.unhandled else "") + (
+                f" (the {skipped} call(s) it saw act on tensors autograd does not record: "
+                "constants or frozen parameters, off the path from the tensor read to the "
+                "output)" if skipped else ""))
     if context.unhandled:
         seen = ", ".join(f"{k} ×{v}" for k, v in sorted(context.unhandled.items()))
         warnings.warn(
             f"{type(context).__name__}: {type(model).__name__} also calls non-linearities the "
             f"rule does not cover ({seen}); those keep their plain gradient.",
-            UnhandledActivationWarning, stacklevel=5)
+            UnhandledActivationWarning, stacklevel=caller_stacklevel())

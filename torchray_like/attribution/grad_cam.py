@@ -13,8 +13,9 @@ Backpropagation stops at the layer: a call costs one forward pass and the backwa
 score down to the layer's output, nothing below it.
 
 When ``saliency_layer`` is omitted the layer is chosen by :func:`find_saliency_layer`: the last
-module, in the order modules finish their forward, whose output still has more than one spatial
-position (see there for the exact rule and its cache).
+module, in the order modules finish their forward, whose output has a spatial layout
+``(N, C, *spatial)`` with more than one position (see there for the exact rule, the token models
+it refuses, and its cache).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .context import NullContext, suspend_rule_contexts
 from .driver import SaliencyDebug, saliency
-from .maps import ActivationMap, SizeType
-from .state import check_input, check_model, model_state_guard
+from .maps import ActivationMap, SizeType, saliency_gradient
+from .state import (check_input, check_model, layout_hint, model_state_guard, opaque_modules,
+                    unwrap_compiled)
 from .targets import TargetType, get_backward_gradient
 
-__all__ = ["grad_cam", "grad_cam_map", "find_saliency_layer"]
+__all__ = ["grad_cam", "grad_cam_map", "gradient_to_grad_cam_saliency", "find_saliency_layer"]
 
 LayerType = Union[str, nn.Module, None]
 
@@ -77,6 +80,21 @@ def grad_cam_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
     return weighted.view((n, 1) + tuple(activation.shape[2:])).clamp_(min=0)
 
 
+def gradient_to_grad_cam_saliency(x: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM map of a layer's activation ``x`` whose ``.grad`` holds the gradient.
+
+    TorchRay's name for :func:`grad_cam_map` applied to ``(x, x.grad)``: the channel weights
+    are the gradient averaged over space and the map is ``ReLU(Σ_k α_k x_k)``, shape
+    ``(N, 1, *spatial)``.  Use it after a manual backward with a :class:`~.probe.Probe`::
+
+        probe = Probe(get_module(model, "features.29"), target="output")
+        y = model(x)
+        y[0, c].backward()
+        saliency = gradient_to_grad_cam_saliency(probe.data[0])
+    """
+    return grad_cam_map(x.detach(), saliency_gradient(x, "gradient_to_grad_cam_saliency"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Automatic layer choice
 # ---------------------------------------------------------------------------------------------
@@ -104,63 +122,119 @@ def _rng_fork(device: torch.device):
 
 
 def _discover_layer(model: nn.Module, input: torch.Tensor) -> str:
-    records: List[Tuple[str, Optional[Tuple[int, ...]]]] = []
+    # (name, output shape or None, whether the module holds parameters)
+    records: List[Tuple[str, Optional[Tuple[int, ...]], bool]] = []
     calls: Dict[str, int] = {}
 
     thread = threading.get_ident()
 
-    def make_hook(name: str) -> Callable:
+    def make_hook(name: str, has_params: bool) -> Callable:
         def hook(module, inputs, output):
             if threading.get_ident() != thread:
                 return  # another thread running the same model meanwhile: not our pass
             calls[name] = calls.get(name, 0) + 1
             shape = (tuple(output.shape) if isinstance(output, torch.Tensor)
                      and output.is_floating_point() else None)
-            records.append((name, shape))
+            records.append((name, shape, has_params))
         return hook
 
+    # Hooks cannot be put inside TorchScript / compiled sub-modules: skip them (they are never
+    # candidates; the driver refuses to probe them).
+    hidden = {id(m) for _, om, _ in opaque_modules(model) for m in om.modules()}
     handles = []
     try:
         for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(make_hook(name)))
-        # One sample is enough to see the shapes; no graph, model state and RNG restored.
-        with model_state_guard(model), torch.no_grad(), _rng_fork(input.device):
-            model(input[:1].detach())
+            if name and id(module) not in hidden:
+                has_params = next(module.parameters(), None) is not None
+                handles.append(module.register_forward_hook(make_hook(name, has_params)))
+        # One sample is enough to see the shapes; no graph, model state and RNG restored, the
+        # caller's rule contexts suspended, and a copy of the input (in-place normalisation).
+        with suspend_rule_contexts(), model_state_guard(model, freeze=False), torch.no_grad(), \
+                _rng_fork(input.device):
+            try:
+                model(input[:1].detach().clone())
+            except (RuntimeError, ValueError) as exc:
+                hint = layout_hint(model, input)
+                if hint is None:
+                    raise
+                raise ValueError(
+                    f"{type(model).__name__} failed on input of shape {tuple(input.shape)} "
+                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); {hint}"
+                ) from exc
     finally:
         for handle in handles:
             handle.remove()
 
-    def positions(shape: Tuple[int, ...]) -> int:
-        out = 1
+    rank = input.dim()
+
+    def spatial(shape: Optional[Tuple[int, ...]]) -> bool:
+        # A layout (N, C, *spatial): rank 4 or more (2-D and 3-D data), or rank 3 for 1-D data
+        # only — (N, tokens, dim) sequences of image models are not spatial maps.
+        if shape is None or shape[0] != 1 or not (len(shape) >= 4 or len(shape) == rank == 3):
+            return False
+        positions = 1
         for s in shape[2:]:
-            out *= s
-        return out
+            positions *= s
+        return positions > 1
 
     # Hooks fire when a module *finishes*, so an enclosing module returning the very same tensor
     # as its last child (ResNet's layer4 / layer4.1 / layer4.1.relu) comes after it: the last
     # record is the outermost.  Modules called more than once (a shared ReLU) are ambiguous.
-    for name, shape in reversed(records):
-        if shape is not None and len(shape) >= 3 and positions(shape) > 1 and calls[name] == 1:
+    chosen = next((i for i in range(len(records) - 1, -1, -1)
+                   if spatial(records[i][1]) and calls[records[i][0]] == 1), None)
+    tokens = [(n, s) for n, s, p in records
+              if p and rank >= 4 and s is not None and len(s) == 3 and s[0] == 1 and s[1] > 1]
+    advice = ("pass saliency_layer explicitly: a module whose output is (N, C, *spatial); for "
+              "a vision transformer, expose the patch tokens of a late block as a map "
+              "(N, dim, h, w) with a reshaping module (see 'Grad-CAM on vision transformers' "
+              "in docs/troubleshooting.rst)")
+    if chosen is not None:
+        name = records[chosen][0]
+        # A token model (ViT): the only spatial layer is the patch embedding, which runs before
+        # any other layer with parameters, and transformer blocks follow it.  Grad-CAM there
+        # would explain the embedding, not the network: refuse rather than pick it.
+        embedding = not any(p for n, _, p in records[:chosen]
+                            if not n.startswith(name + "."))
+        later_tokens = [(n, s) for n, s in tokens
+                        if any(r[0] == n for r in records[chosen + 1:])]
+        if not (embedding and later_tokens):
             return name
-    seen = sorted({f"{n} {s}" for n, s in records if s is not None and len(s) >= 3})
+        raise ValueError(
+            f"could not choose saliency_layer automatically: {type(model).__name__} turns its "
+            f"input into a token sequence — the only spatial layer, {name!r} (output "
+            f"{records[chosen][1]}), is the patch embedding, and later layers output "
+            f"(N, tokens, dim) tensors ({later_tokens[0][0]!r} {later_tokens[0][1]}"
+            + (f" and {len(later_tokens) - 1} more" if len(later_tokens) > 1 else "")
+            + "), which have no spatial layout; " + advice)
+    seen = sorted({f"{n} {s}" for n, s, _ in records if s is not None and len(s) >= 3})
     raise ValueError(
         f"could not choose saliency_layer automatically: no sub-module of "
         f"{type(model).__name__} called once outputs a tensor (N, C, *spatial) with more than "
         f"one spatial position for an input of shape {tuple(input.shape)}"
-        + (f" (spatial outputs seen: {', '.join(seen[:8])})" if seen else "")
-        + "; pass saliency_layer explicitly (a module name or the module)")
+        + (f" (outputs seen: {', '.join(seen[:8])})" if seen else "")
+        + ("; its (N, tokens, dim) outputs have no spatial layout" if tokens else "")
+        + "; " + advice)
 
 
 def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     """Name of the layer Grad-CAM uses when ``saliency_layer`` is omitted.
 
     The rule: run the model once and take the **last module to finish its forward** whose output
-    is a floating tensor ``(N, C, *spatial)`` with more than one spatial position, among modules
-    called exactly once (a module shared by several calls, such as the ``relu`` of a torchvision
-    ResNet block, is ambiguous).  When nested modules return the very same tensor the outermost
-    finishes last and is chosen (ResNet: ``"layer4"``, not ``"layer4.1"``).  The model itself is
-    never chosen.
+    is a floating tensor with a spatial layout ``(N, C, *spatial)`` and more than one spatial
+    position, among modules called exactly once (a module shared by several calls, such as the
+    ``relu`` of a torchvision ResNet block, is ambiguous).  A spatial layout has rank 4 or more
+    (2-D and 3-D data), or rank 3 only when the input itself is 1-D ``(N, C, L)``: for image
+    models a rank-3 output is a token sequence ``(N, tokens, dim)`` or a flattened map, not a
+    map.  When nested modules return the very same tensor the outermost finishes last and is
+    chosen (ResNet: ``"layer4"``, not ``"layer4.1"``).  The model itself is never chosen, nor a
+    module inside a TorchScript or compiled sub-module (hooks cannot see there).
+
+    Token models are refused: when the chosen layer is a patch embedding (no layer with
+    parameters runs before it) followed by layers with parameters that output token sequences
+    — a vision transformer such as torchvision's ``VisionTransformer`` — a :class:`ValueError`
+    asks for an explicit layer.  Expose the patch tokens of a late block as a map with a small
+    reshaping module (recipe in ``docs/troubleshooting.rst``); that module is then chosen
+    automatically too.
 
     Examples with torchvision at 64×64 (2×2 feature maps): ResNet → ``"layer4"``, DenseNet and
     MobileNet-v2 → ``"features"``, SqueezeNet → ``"classifier.2"`` (its class-score maps after
@@ -191,10 +265,22 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     Raises
     ------
     ValueError
-        When no sub-module qualifies (e.g. the input is so small that every feature map is 1×1).
+        When no sub-module qualifies (e.g. the input is so small that every feature map is 1×1,
+        or a token model), or the model is a TorchScript module.
     """
     check_model(model)
+    model = unwrap_compiled(model)  # torch.compile(model): the names of the original module
     check_input(input, needs_grad=False)
+    for opaque_name, _, kind in opaque_modules(model):
+        if opaque_name == "":
+            raise ValueError(
+                f"cannot choose saliency_layer automatically: the model is a {kind} module "
+                f"({type(model).__name__}), whose layers forward hooks cannot see; layer "
+                "methods need the eager (Python) model — build it from its class and load the "
+                "weights, e.g. eager.load_state_dict(scripted.state_dict())")
+    hint = layout_hint(model, input, certain_only=True)
+    if hint is not None:
+        raise ValueError(hint)
     key = _cache_key(model, input)
     with _LAYER_CACHE_LOCK:
         name = _LAYER_CACHE.get(model, {}).get(key)
@@ -213,9 +299,10 @@ def resolve_layer(model: nn.Module, input: torch.Tensor, saliency_layer: LayerTy
                    ) -> Union[str, nn.Module]:
     """``None`` → the automatic layer; anything else is returned as given."""
     if saliency_layer is None:
-        check_model(model)
-        check_input(input)
-        return find_saliency_layer(model, input)
+        with suspend_rule_contexts():
+            check_model(model)
+            check_input(input)
+            return find_saliency_layer(model, input)
     return saliency_layer
 
 
@@ -227,7 +314,9 @@ def resolve_layer(model: nn.Module, input: torch.Tensor, saliency_layer: LayerTy
 def grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
              saliency_layer: LayerType = None, resize: SizeType = False,
              resize_mode: str = "bilinear", smooth: float = 0,
-             context_builder: Optional[Callable[[], Any]] = None,
+             context_builder: Optional[Callable[[], Any]] = NullContext,
+             gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
+                 gradient_to_grad_cam_saliency),
              get_backward_gradient: Callable = get_backward_gradient,
              debug: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
     """Grad-CAM saliency map (Selvaraju et al. 2017).
@@ -235,7 +324,7 @@ def grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
     Parameters
     ----------
     model : torch.nn.Module
-        The network (run in eval mode with frozen parameters; its state is restored).
+        The network (run in eval mode, its ``training`` flags restored; parameters untouched).
     input : torch.Tensor
         ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).
     target : int, sequence, torch.Tensor or callable
@@ -255,11 +344,14 @@ def grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         If positive, Gaussian smoothing with ``sigma = smooth * max(map size)``.
     context_builder : callable, optional
         A rule context to run the forward pass in (default: none, the plain gradient).
+    gradient_to_saliency : callable
+        Turns the layer's activation, given as a tensor whose ``.grad`` holds the gradient, into
+        ``(N, 1, *spatial)`` maps; default :func:`gradient_to_grad_cam_saliency`.
     get_backward_gradient : callable
         ``(output, target) -> seed`` gradient.
     debug : bool
         Also return a :class:`~torchray_like.attribution.common.SaliencyDebug` (the layer's
-        activation and gradient).
+        activation and gradient, and TorchRay's debug probes).
 
     Returns
     -------
@@ -268,10 +360,13 @@ def grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         device, in the input's dtype.
     """
     layer = resolve_layer(model, input, saliency_layer)
+    if gradient_to_saliency is gradient_to_grad_cam_saliency:
+        # The same map, with errors that name the method and the layer.
+        gradient_to_saliency = ActivationMap(
+            grad_cam_map, "grad_cam", layer,
+            "Grad-CAM needs (N, C, *spatial): choose a convolutional layer (or omit "
+            "saliency_layer to pick one automatically)")
     return saliency(model, input, target, saliency_layer=layer, resize=resize,
                     resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=ActivationMap(
-                        grad_cam_map, "grad_cam", layer,
-                        "Grad-CAM needs (N, C, *spatial): choose a convolutional layer (or omit "
-                        "saliency_layer to pick one automatically)"),
+                    gradient_to_saliency=gradient_to_saliency,
                     get_backward_gradient=get_backward_gradient, debug=debug)

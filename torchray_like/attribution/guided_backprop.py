@@ -8,15 +8,18 @@ For ReLU6 the saturated side is masked too: ``p' = p⁺ · [0 < x < 6]``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 
-from .driver import saliency
+from .driver import SaliencyDebug, saliency
+from .maps import SizeType, gradient_to_saliency
 from .rules import ReLUContext, ReLURule
+from .targets import TargetType, get_backward_gradient
 
-__all__ = ["GuidedBackpropRule", "GUIDED_BACKPROP_RULE", "GuidedBackpropContext",
-           "guided_backprop"]
+__all__ = ["GuidedBackpropRule", "GUIDED_BACKPROP_RULE", "GuidedBackpropReLU",
+           "GuidedBackpropContext", "guided_backprop"]
 
 
 class GuidedBackpropRule(ReLURule):
@@ -39,6 +42,30 @@ class GuidedBackpropRule(ReLURule):
 GUIDED_BACKPROP_RULE = GuidedBackpropRule()
 
 
+class GuidedBackpropReLU(torch.autograd.Function):
+    """``relu(x)`` whose backward is the guided rule (TorchRay's autograd function).
+
+    ``GuidedBackpropReLU.apply(x)`` can be used in a model directly, or given to
+    :class:`~torchray_like.attribution.common.ReLUContext` as TorchRay code does
+    (``ReLUContext(GuidedBackpropReLU)``, equivalent to :class:`GuidedBackpropContext` but
+    through a generic path that copies the input of in-place calls).  Backward:
+    ``p' = p⁺ · [x > 0]``, the same kernels as :data:`GUIDED_BACKPROP_RULE`.
+    """
+
+    rule = GUIDED_BACKPROP_RULE
+
+    @staticmethod
+    def forward(ctx, input):  # type: ignore[override]
+        output = input.clamp(min=0)
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (output,) = ctx.saved_tensors
+        return GUIDED_BACKPROP_RULE.backward(grad_output, output, None)
+
+
 class GuidedBackpropContext(ReLUContext):
     """Inside this context, every ReLU / ReLU6 the model calls backpropagates the guided rule.
 
@@ -57,13 +84,25 @@ class GuidedBackpropContext(ReLUContext):
         super().__init__(GUIDED_BACKPROP_RULE)
 
 
-def guided_backprop(model: torch.nn.Module, input: torch.Tensor, target: Any,
-                    **kwargs: Any) -> Any:
+def guided_backprop(model: nn.Module, input: torch.Tensor, target: TargetType,
+                    saliency_layer: Union[str, nn.Module, None] = "", resize: SizeType = False,
+                    resize_mode: str = "bilinear", smooth: float = 0,
+                    context_builder: Optional[Callable[[], Any]] = GuidedBackpropContext,
+                    gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
+                        gradient_to_saliency),
+                    get_backward_gradient: Callable = get_backward_gradient,
+                    debug: bool = False
+                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
     """Guided-backpropagation saliency map (Springenberg et al. 2014).
 
-    Same arguments as :func:`~torchray_like.attribution.common.saliency` (``saliency_layer``,
-    ``resize``, ``resize_mode``, ``smooth``, ``gradient_to_saliency``,
-    ``get_backward_gradient``, ``debug``), with the guided rule as context.  Returns
-    ``(N, 1, *spatial)`` maps.  Raises :class:`ValueError` when the model calls no ReLU.
+    The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with
+    :class:`GuidedBackpropContext` as the rule context; ``saliency_layer`` ``""`` (or ``None``)
+    reads the input, a resize tuple is in TorchRay's order ``(W, H)`` (see
+    :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
+    maps, or ``(map, SaliencyDebug)`` with ``debug=True``.  Raises :class:`ValueError` when
+    the model calls no ReLU.
     """
-    return saliency(model, input, target, context_builder=GuidedBackpropContext, **kwargs)
+    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
+                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
+                    gradient_to_saliency=gradient_to_saliency,
+                    get_backward_gradient=get_backward_gradient, debug=debug)

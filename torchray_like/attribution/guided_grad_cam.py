@@ -32,6 +32,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .context import suspend_rule_contexts
 from .driver import SaliencyDebug, detach_all, forward_pass
 from .grad_cam import LayerType, grad_cam_map, resolve_layer
 from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency, resize_saliency
@@ -104,37 +105,38 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         ``(N, 1, *input_spatial)`` non-negative maps (with the default flattening), detached, on
         the input's device.
     """
-    smooth = check_smooth(smooth)
-    name = resolve_layer(model, input, saliency_layer)
-    context = GuidedBackpropContext()
-    with forward_pass(model, input, target, {"saliency_layer": name, "input": None}, context,
-                      get_backward_gradient) as fp:
-        read = fp.reads["saliency_layer"]
-        if read.dim() != fp.x.dim():
-            raise ValueError(
-                f"guided_grad_cam: saliency_layer {layer_label(name)} outputs shape "
-                f"{tuple(read.shape)} but the input has shape {tuple(fp.x.shape)}; the Grad-CAM "
-                "map is upsampled to the input, so the layer needs as many spatial dimensions "
-                "as the input")
-        # Pass 1, plain rule, score -> layer only: the Grad-CAM weights.  The ReLU nodes hold
-        # the rule by reference, so switching it reuses the one forward pass.
-        context.rule = GRADIENT_RULE
-        layer_grad = fp.grad("saliency_layer", retain_graph=True)
-        # Pass 2, guided rule, score -> input, through the same graph.
-        context.rule = GUIDED_BACKPROP_RULE
-        input_grad = fp.grad("input")
-        activation = read.detach()
-        cam = grad_cam_map(activation, layer_grad)
-        cam_up = resize_saliency(input, cam, True, resize_mode)
-        # Per the paper: the guided image (per channel) times the CAM, then flattened.
-        fp.x.grad = input_grad * cam_up
-        try:
-            smap = gradient_to_saliency(fp.x)
-        finally:
-            fp.x.grad = None
-    smap = finish_map(input, smap, resize, resize_mode, smooth)
-    if debug:
-        return smap, GuidedGradCamDebug(detach_all(fp.output), activation, layer_grad.detach(),
-                                        dict(context.counts), cam=cam,
-                                        guided_gradient=input_grad.detach())
-    return smap
+    with suspend_rule_contexts():  # the caller's rule contexts change nothing here
+        smooth = check_smooth(smooth)
+        name = resolve_layer(model, input, saliency_layer)
+        context = GuidedBackpropContext()
+        with forward_pass(model, input, target, {"saliency_layer": name, "input": None}, context,
+                          get_backward_gradient) as fp:
+            read = fp.reads["saliency_layer"]
+            if read.dim() != fp.x.dim():
+                raise ValueError(
+                    f"guided_grad_cam: saliency_layer {layer_label(name)} outputs shape "
+                    f"{tuple(read.shape)} but the input has shape {tuple(fp.x.shape)}; the "
+                    "Grad-CAM map is upsampled to the input, so the layer needs as many spatial "
+                    "dimensions as the input")
+            # Pass 1, plain rule, score -> layer only: the Grad-CAM weights.  The ReLU nodes hold
+            # the rule by reference, so switching it reuses the one forward pass.
+            context.rule = GRADIENT_RULE
+            layer_grad = fp.grad("saliency_layer", retain_graph=True, check_rules=False)
+            # Pass 2, guided rule, score -> input, through the same graph.
+            context.rule = GUIDED_BACKPROP_RULE
+            input_grad = fp.grad("input")
+            activation = read.detach()
+            cam = grad_cam_map(activation, layer_grad)
+            cam_up = resize_saliency(input, cam, True, resize_mode)
+            # Per the paper: the guided image (per channel) times the CAM, then flattened.
+            fp.x.grad = input_grad * cam_up
+            try:
+                smap = gradient_to_saliency(fp.x)
+            finally:
+                fp.x.grad = None
+        smap = finish_map(input, smap, resize, resize_mode, smooth)
+        if debug:
+            return smap, GuidedGradCamDebug(detach_all(fp.output), activation, layer_grad.detach(),
+                                            dict(context.counts), cam=cam,
+                                            guided_gradient=input_grad.detach())
+        return smap

@@ -16,11 +16,12 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .context import NullContext
 from .driver import SaliencyDebug, saliency
-from .maps import ActivationMap, SizeType
+from .maps import ActivationMap, SizeType, saliency_gradient
 from .targets import TargetType, get_backward_gradient
 
-__all__ = ["linear_approx", "linear_approx_map"]
+__all__ = ["linear_approx", "linear_approx_map", "gradient_to_linear_approx_saliency"]
 
 
 def linear_approx_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -37,10 +38,22 @@ def linear_approx_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch
     return (activation * gradient).sum(dim=1, keepdim=True)
 
 
+def gradient_to_linear_approx_saliency(x: torch.Tensor) -> torch.Tensor:
+    """Linear-approximation map of an activation ``x`` whose ``.grad`` holds the gradient.
+
+    TorchRay's name for :func:`linear_approx_map` applied to ``(x, x.grad)``:
+    ``Σ_k x_k · ∂y/∂x_k`` per position, signed, shape ``(N, 1, *spatial)``.
+    """
+    grad = saliency_gradient(x, "gradient_to_linear_approx_saliency")
+    return linear_approx_map(x.detach(), grad)
+
+
 def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
                   saliency_layer: Union[str, nn.Module, None] = None, resize: SizeType = False,
                   resize_mode: str = "bilinear", smooth: float = 0,
-                  context_builder: Optional[Callable[[], Any]] = None,
+                  context_builder: Optional[Callable[[], Any]] = NullContext,
+                  gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
+                      gradient_to_linear_approx_saliency),
                   get_backward_gradient: Callable = get_backward_gradient,
                   debug: bool = False
                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
@@ -49,7 +62,7 @@ def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
     Parameters
     ----------
     model : torch.nn.Module
-        The network (run in eval mode with frozen parameters; its state is restored).
+        The network (run in eval mode, its ``training`` flags restored; parameters untouched).
     input : torch.Tensor
         ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).
     target : int, sequence, torch.Tensor or callable
@@ -60,17 +73,25 @@ def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
         is then gradient × input summed over channels.  For the layer Grad-CAM would choose,
         pass ``find_saliency_layer(model, input)``.
     resize, resize_mode, smooth, context_builder, get_backward_gradient, debug
-        As in :func:`~torchray_like.attribution.common.saliency`.
+        As in :func:`~torchray_like.attribution.common.saliency` (a ``resize`` tuple is in
+        TorchRay's order, ``(W, H)``; see
+        :func:`~torchray_like.attribution.common.resize_saliency`).
+    gradient_to_saliency : callable
+        Turns the activation, given as a tensor whose ``.grad`` holds the gradient, into
+        ``(N, 1, *spatial)`` maps; default :func:`gradient_to_linear_approx_saliency`.
 
     Returns
     -------
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         ``(N, 1, *spatial)`` signed maps (or resized), detached, on the input's device.
     """
+    if gradient_to_saliency is gradient_to_linear_approx_saliency:
+        # The same map, with errors that name the method and the layer.
+        gradient_to_saliency = ActivationMap(
+            linear_approx_map, "linear_approx", saliency_layer,
+            "the map needs (N, C, *spatial): choose a convolutional layer, or the input "
+            "(saliency_layer=None)")
     return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
                     resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=ActivationMap(
-                        linear_approx_map, "linear_approx", saliency_layer,
-                        "the map needs (N, C, *spatial): choose a convolutional layer, or the "
-                        "input (saliency_layer=None)"),
+                    gradient_to_saliency=gradient_to_saliency,
                     get_backward_gradient=get_backward_gradient, debug=debug)

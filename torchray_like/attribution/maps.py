@@ -3,6 +3,7 @@ r"""Maps: flatten a (pseudo-)gradient over channels, resize and smooth saliency 
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Integral
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 
 from .probe import layer_label
 
-__all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "SizeType"]
+__all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
+           "ResizeOrderWarning", "SizeType"]
 
+#: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
 SizeType = Union[bool, int, Sequence[int], torch.Size, None]
 
 
@@ -65,6 +68,36 @@ def gradient_to_saliency(x: torch.Tensor) -> torch.Tensor:
 _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _RANK_MODES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
 _ANY_RANK_MODES = ("nearest", "nearest-exact", "area")
+_TORCH_NAMES = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}
+_TORCHRAY_NAMES = {1: "(L,)", 2: "(W, H)", 3: "(W, H, T)"}
+
+
+class Shape(tuple):
+    """A resize target in **torch order**: ``Shape(H, W)``, ``Shape(T, H, W)``, ``Shape(L)``.
+
+    A plain tuple given as ``resize`` is read as TorchRay reads it, in PIL's ``Image.size``
+    order — the spatial sizes from last to first, ``(W, H)`` or ``(W, H, T)`` — so that a
+    ported script passing an image's size gets the same map.  Wrap the sizes in ``Shape`` to
+    give them in the order of ``tensor.shape`` instead::
+
+        gradient(model, x, c, resize=(640, 480))          # 480 rows, 640 columns (TorchRay)
+        gradient(model, x, c, resize=Shape(480, 640))     # the same map, torch order
+        gradient(model, x, c, resize=Shape(x.shape[2:]))  # the input's size
+
+    ``Shape`` takes the sizes as arguments or as one sequence (a ``torch.Size`` included).
+    """
+
+    def __new__(cls, *sizes: Any) -> "Shape":
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        return super().__new__(cls, sizes)
+
+    def __repr__(self) -> str:
+        return f"Shape{tuple(self)!r}"
+
+
+class ResizeOrderWarning(UserWarning):
+    """A ``torch.Size`` was given as ``resize``: it is read in TorchRay's (reversed) order."""
 
 
 def _spatial_size(size: Any, spatial: int, like: torch.Tensor) -> Optional[Tuple[int, ...]]:
@@ -78,15 +111,32 @@ def _spatial_size(size: Any, spatial: int, like: torch.Tensor) -> Optional[Tuple
         size = (int(size),) * spatial
     if not isinstance(size, (tuple, list, torch.Size)):
         raise TypeError(
-            f"resize must be False, True, an int or a tuple of {spatial} ints (torch order), "
-            f"got {size!r}")
-    size = tuple(size)
-    if len(size) != spatial or not all(isinstance(s, Integral) and not isinstance(s, bool)
-                                       and s > 0 for s in size):
-        names = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}.get(spatial, f"{spatial} sizes")
+            f"resize must be False, True, an int, a tuple of {spatial} ints in TorchRay's "
+            f"order {_TORCHRAY_NAMES.get(spatial, '')} or Shape{_TORCH_NAMES.get(spatial, '')} "
+            f"in torch order; got {size!r}")
+    torch_order = isinstance(size, Shape)
+    values = tuple(size)
+    if len(values) != spatial or not all(isinstance(s, Integral) and not isinstance(s, bool)
+                                         and s > 0 for s in values):
+        if torch_order:
+            raise ValueError(
+                f"resize must give {spatial} positive sizes in torch order "
+                f"Shape{_TORCH_NAMES.get(spatial, '')}, got {size!r}")
         raise ValueError(
-            f"resize must give {spatial} positive sizes in torch order {names}, got {size!r}")
-    return tuple(int(s) for s in size)
+            f"resize must give {spatial} positive sizes, as a tuple in TorchRay's order "
+            f"{_TORCHRAY_NAMES.get(spatial, '')} (PIL's Image.size: last dimension first) or as "
+            f"Shape{_TORCH_NAMES.get(spatial, '')} in torch order; got {size!r}")
+    values = tuple(int(s) for s in values)
+    if torch_order:
+        return values
+    if isinstance(size, torch.Size) and len(set(values)) > 1:
+        warnings.warn(
+            f"resize={size!r}: a torch.Size is read like any tuple, in TorchRay's order "
+            f"{_TORCHRAY_NAMES[spatial]} (last dimension first), giving a map of spatial shape "
+            f"{values[::-1]}; for torch order pass resize=Shape(...) (e.g. "
+            "Shape(x.shape[2:])) or resize=True for the input's size",
+            ResizeOrderWarning, stacklevel=4)
+    return values[::-1]
 
 
 def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType,
@@ -99,9 +149,13 @@ def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType
         The input the map explains (gives the size for ``size=True``).
     saliency : torch.Tensor
         The map, ``(N, C, *spatial)`` with 1 to 3 spatial dimensions.
-    size : bool, int, tuple
-        ``False``/``None``: unchanged; ``True``: the input's spatial size; a tuple: that size in
-        torch order ``(L,)``, ``(H, W)`` or ``(T, H, W)``; an int: that size on every side.
+    size : bool, int, tuple or Shape
+        ``False``/``None``: unchanged; ``True``: the input's spatial size; an int: that size on
+        every side; a tuple: the sizes **in TorchRay's order**, last spatial dimension first —
+        ``(W, H)`` for images (PIL's ``Image.size``), ``(W, H, T)`` for video, ``(L,)`` for
+        signals; a :class:`Shape`: the sizes in torch order ``Shape(H, W)``,
+        ``Shape(T, H, W)``.  A ``torch.Size`` counts as a tuple (TorchRay's order, with a
+        :class:`ResizeOrderWarning` when its sizes differ).
     mode : str
         Any :func:`torch.nn.functional.interpolate` mode valid for the rank.  The linear family
         (``"linear"``, ``"bilinear"``, ``"trilinear"``) means multilinear interpolation and is

@@ -1,14 +1,25 @@
-r"""Reading a layer: find a sub-module by name and record its activation and gradient."""
+r"""Reading a layer: find a sub-module by name and record its activation and gradient.
+
+:class:`Probe` follows TorchRay's observable behaviour: it records the module's *input* by
+default, ``data`` holds the tensors of the latest forward pass (every call of a shared module
+within that pass, in call order), and ``contrast`` / ``non_negative_contrast`` change the
+gradient that flows back through the probed tensor (the manual contrastive excitation-backprop
+recipe).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import itertools
 import threading
 import weakref
-from typing import Any, Dict, List, Union
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as module_hooks
 
 __all__ = ["get_module", "Probe", "attach_debug_probes"]
 
@@ -17,6 +28,9 @@ def get_module(model: nn.Module, module: Union[str, nn.Module, None]) -> nn.Modu
     """Return the sub-module of ``model`` called ``module`` (a dotted name such as
     ``"features.11"`` or ``"layer4.1.conv2"``), or ``module`` itself when it is a module of
     ``model``.  ``""`` names ``model`` itself.
+
+    Unlike TorchRay, whose ``get_module`` returns ``None`` for an unknown name (which then fails
+    later, far from the typo), an unknown name is an error listing the closest names.
 
     Raises
     ------
@@ -48,6 +62,122 @@ def get_module(model: nn.Module, module: Union[str, nn.Module, None]) -> nn.Modu
     raise ValueError(f"get_module: the model has no module named {module!r}{hint}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Forward passes: which module calls belong to the same pass
+# ---------------------------------------------------------------------------------------------
+
+
+class _PassTracker:
+    """Numbers forward passes, per thread.
+
+    A *pass* starts when a module is called while no other module call is running in the same
+    thread (the outermost call: ``model(x)``) and ends when that call returns or raises.  Two
+    global module hooks keep a per-thread call depth; they are installed while at least one
+    probe needs them and removed with the last one, so a program without such probes pays
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.generation = 0
+        self.handles: List[Any] = []
+        self.local = threading.local()
+        self.counter = itertools.count(1)
+
+    def acquire(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                # A new generation invalidates any depth left over from an earlier install
+                # (hooks removed in the middle of a forward pass).
+                self.generation += 1
+                self.handles = [
+                    module_hooks.register_module_forward_pre_hook(self._enter),
+                    module_hooks.register_module_forward_hook(self._leave, always_call=True),
+                ]
+            self.users += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                for handle in self.handles:
+                    handle.remove()
+                self.handles = []
+
+    def _depth(self) -> int:
+        local = self.local
+        return local.depth if getattr(local, "generation", None) == self.generation else 0
+
+    def _enter(self, module, args) -> None:
+        local = self.local
+        depth = self._depth()
+        if depth == 0:
+            local.epoch = next(self.counter)
+        local.depth = depth + 1
+        local.generation = self.generation
+
+    def _leave(self, module, args, output) -> None:
+        local = self.local
+        local.depth = max(self._depth() - 1, 0)
+        local.generation = self.generation
+
+    def current(self) -> int:
+        """The number of the latest pass started in this thread (0 before any)."""
+        return getattr(self.local, "epoch", 0)
+
+
+_PASSES = _PassTracker()
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe
+# ---------------------------------------------------------------------------------------------
+
+
+class _ContrastHook:
+    """Tensor hook of one recorded call: subtracts the probe's contrast from the gradient.
+
+    The contrast is read at backward time, so it may be set after the forward pass.  The probe
+    is held weakly.
+    """
+
+    __slots__ = ("probe", "index")
+
+    def __init__(self, probe: "Probe", index: int) -> None:
+        self.probe = weakref.ref(probe)
+        self.index = index
+
+    def __call__(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        probe = self.probe()
+        if probe is None or probe.contrast is None:
+            return None
+        contrast = probe.contrast
+        if isinstance(contrast, (list, tuple)):
+            if self.index >= len(contrast):
+                raise ValueError(
+                    f"Probe.contrast holds {len(contrast)} tensor(s) but call {self.index} of "
+                    f"{type(probe.module).__name__} is being backpropagated; give one contrast "
+                    "per recorded call (or a single tensor for all calls)")
+            contrast = contrast[self.index]
+        if not isinstance(contrast, torch.Tensor):
+            raise TypeError(
+                f"Probe.contrast must be a tensor or a list of tensors, got "
+                f"{type(contrast).__name__}")
+        try:
+            shape = torch.broadcast_shapes(contrast.shape, grad.shape)
+        except RuntimeError:
+            shape = None
+        if shape != grad.shape:
+            raise ValueError(
+                f"Probe.contrast has shape {tuple(contrast.shape)}, which does not match the "
+                f"gradient of the probed tensor, shape {tuple(grad.shape)}")
+        out = grad - contrast.detach().to(device=grad.device, dtype=grad.dtype)
+        if probe.non_negative_contrast:
+            out = out.clamp(min=0)
+        return out
+
+
 class _ProbeHook:
     """The hook a :class:`Probe` installs.  It holds the probe weakly: no cycle through the
     module's hook table keeps the probe (and the tensors it recorded) alive."""
@@ -59,14 +189,24 @@ class _ProbeHook:
 
     @staticmethod
     def _record(probe: "Probe", value: Any) -> Any:
+        if not probe.accumulate:
+            epoch = _PASSES.current()
+            if epoch != probe._epoch:
+                probe._epoch = epoch
+                probe.data = []
         if not isinstance(value, torch.Tensor):
+            if not probe.strict:
+                probe.data.append(value)
+                return None
             raise TypeError(
                 f"Probe: the {probe.target} of {type(probe.module).__name__} is a "
                 f"{type(value).__name__}, not a tensor; probe a module whose {probe.target} is "
                 "a tensor")
         if not (torch.is_grad_enabled() and value.is_floating_point()):
             probe.data.append(value)
-            return None
+            # The network continues from a copy, so an in-place operation downstream cannot
+            # change the recorded values.
+            return value.clone()
         rec = value
         if not rec.requires_grad:
             # Frozen model or input: the recorded tensor becomes a leaf, so backward both reaches
@@ -74,6 +214,7 @@ class _ProbeHook:
             rec = value.detach().requires_grad_(True)
         else:
             rec.retain_grad()
+        rec.register_hook(_ContrastHook(probe, len(probe.data)))
         probe.data.append(rec)
         # The network continues from a copy: an in-place operation downstream (VGG's
         # ReLU(inplace=True)) then cannot change the recorded values or its gradient.
@@ -92,37 +233,68 @@ class _ProbeHook:
         return None if new is None else (new,) + tuple(inputs[1:])
 
 
+def _release(handle: Any, tracked: bool) -> None:
+    handle.remove()
+    if tracked:
+        _PASSES.release()
+
+
 class Probe:
-    """Record a module's output (or input) and, after backward, its gradient.
+    """Record a module's input (or output) and, after backward, its gradient.
 
     Parameters
     ----------
     module : torch.nn.Module
         The module to watch.
-    target : {"output", "input"}
-        What to record: the module's output, or its first positional input.
+    target : {"input", "output"}
+        What to record: the module's first positional input (the default, as in TorchRay) or
+        its output.
     this_thread_only : bool
         Record only calls made by the thread that created the probe (the library's own
         wrappers use this, so that other threads running the same model do not add readings).
+    accumulate : bool
+        ``False`` (TorchRay's behaviour): ``data`` holds the calls of the latest forward pass
+        only.  ``True``: every call is appended, across passes, until :meth:`remove`.
+    strict : bool
+        ``True``: a non-tensor input/output is a :class:`TypeError`; ``False``: it is recorded
+        as it is (the debug probes of :func:`attach_debug_probes` use this).
 
     Attributes
     ----------
     data : list of torch.Tensor
-        One tensor per call of the module, in call order (a module called several times in one
-        forward, such as torchvision ResNet's shared ``relu``, records every call).  After
-        backward each has its ``.grad``.  When the recorded tensor did not require grad (frozen
-        model), it is recorded as a new leaf that does, so backward reaches it and stops there.
+        The tensors recorded in the latest forward pass, one per call of the module, in call
+        order (a module called several times in one forward, such as torchvision ResNet's
+        shared ``relu``, records every call).  A new forward pass replaces the list.  A pass
+        is the outermost module call of the thread (``model(x)``); calling a probed module on
+        its own is a pass of its own.  After backward each tensor has its ``.grad``.  When the
+        recorded tensor did not require grad (frozen model), it is recorded as a new leaf that
+        does, so backward reaches it and stops there.
+    contrast : torch.Tensor, list of torch.Tensor or None
+        When set, the gradient flowing back through the probed tensor becomes
+        ``grad - contrast`` (one tensor per recorded call, or one tensor for all calls; it must
+        broadcast to the gradient's shape).  It is read at backward time and acts on what
+        continues below the probe (the recorded tensor's ``.grad`` shows the difference too).
+        This is how the contrastive variant of excitation backprop is assembled by hand:
+        record the dual (contrast) gradient at a layer in a first pass, set it as ``contrast``,
+        and backpropagate the target in a second pass.
+    non_negative_contrast : bool
+        With ``contrast`` set, keep only the positive part: ``max(grad - contrast, 0)``.
+    hook : torch.utils.hooks.RemovableHandle or None
+        The module hook the probe installed (``None`` once removed).
+    inplace : bool
+        Whether the module works in place (``nn.ReLU(inplace=True)``).  The probe is safe either
+        way: the network continues from a copy of the recorded tensor, so neither the recorded
+        values nor their gradient are changed by an in-place operation.
 
     Notes
     -----
-    The network continues from a copy of the recorded tensor, so an in-place operation that
-    follows the module (``ReLU(inplace=True)`` after a convolution) changes neither the recorded
-    values nor their gradient.  The probe holds no reference cycle: dropping it removes its
-    hook; :meth:`remove` (or leaving its ``with`` block) removes the hook and frees the data.
+    The probe holds no reference cycle: dropping it removes its hook; :meth:`remove` (or leaving
+    its ``with`` block) removes the hook and frees the data.
     """
 
-    def __init__(self, module: nn.Module, target: str = "output",
-                 this_thread_only: bool = False) -> None:
+    def __init__(self, module: nn.Module, target: str = "input",
+                 this_thread_only: bool = False, accumulate: bool = False,
+                 strict: bool = True) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Probe: module must be a torch.nn.Module, got {type(module).__name__}")
         if target not in ("output", "input"):
@@ -130,23 +302,36 @@ class Probe:
         self.module = module
         self.target = target
         self.thread = threading.get_ident() if this_thread_only else None
-        self.data: List[torch.Tensor] = []
+        self.accumulate = bool(accumulate)
+        self.strict = bool(strict)
+        self.data: List[Any] = []
+        self.contrast: Union[torch.Tensor, Sequence[torch.Tensor], None] = None
+        self.non_negative_contrast = False
+        self.inplace = bool(getattr(module, "inplace", False))
+        self._epoch = -1
         hook = _ProbeHook(self)
         if target == "output":
             handle = module.register_forward_hook(hook)
         else:
             handle = module.register_forward_pre_hook(hook)
-        self._finalizer = weakref.finalize(self, handle.remove)
+        tracked = not self.accumulate
+        if tracked:
+            _PASSES.acquire()
+        self.hook = handle
+        self._finalizer = weakref.finalize(self, _release, handle, tracked)
 
     @property
     def active(self) -> bool:
         """Whether the hook is still installed."""
         return self._finalizer.alive
 
-    def remove(self) -> None:
-        """Remove the hook and free the recorded tensors (idempotent)."""
+    def remove(self, free: bool = True) -> None:
+        """Remove the hook (idempotent) and, unless ``free`` is false, the recorded data."""
         self._finalizer()
-        self.data = []
+        self.hook = None
+        if free:
+            self.data = []
+            self.contrast = None
 
     def __enter__(self) -> "Probe":
         return self
@@ -160,15 +345,47 @@ class Probe:
                 f"calls={len(self.data)}, active={self.active})")
 
 
-def attach_debug_probes(model: nn.Module, debug: bool = False) -> Dict[str, Probe]:
+def attach_debug_probes(model: nn.Module, debug: bool = False) -> "OrderedDict[str, Probe]":
     """Attach an output :class:`Probe` to every named sub-module of ``model``.
 
-    Returns a dict name → probe (empty when ``debug`` is false, as in TorchRay).  Remove them
-    with ``for p in probes.values(): p.remove()``.
+    Returns an ordered dict name → probe, in :meth:`~torch.nn.Module.named_modules` order
+    (empty when ``debug`` is false, as in TorchRay).  Modules whose output is not a tensor are
+    recorded as they are.  Remove them with ``for p in probes.values(): p.remove()``.
     """
     if not debug:
-        return {}
-    return {name: Probe(m, "output") for name, m in model.named_modules() if name}
+        return OrderedDict()
+    return OrderedDict((name, Probe(m, "output", strict=False))
+                       for name, m in model.named_modules() if name)
+
+
+@contextlib.contextmanager
+def debug_probes(model: nn.Module, debug: bool) -> Iterator["OrderedDict[str, Probe]"]:
+    """:func:`attach_debug_probes` for one call of a method in this thread: the hooks are
+    removed on exit (also on errors) and the probes keep what they recorded."""
+    probes: "OrderedDict[str, Probe]" = OrderedDict()
+    try:
+        if debug:
+            for name, m in model.named_modules():
+                if name:
+                    probes[name] = Probe(m, "output", this_thread_only=True, accumulate=True,
+                                         strict=False)
+        yield probes
+    finally:
+        for probe in probes.values():
+            probe.remove(free=False)
+
+
+def fill_probe_gradients(probes: Dict[str, Probe], scores: torch.Tensor,
+                         seed: torch.Tensor) -> None:
+    """Set ``.grad`` of every tensor the probes recorded to ``∂(seed · scores)/∂tensor``
+    (``None`` where the scores do not depend on it).  Frees the graph."""
+    tensors = [t for p in probes.values() for t in p.data
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not tensors:
+        return
+    grads = torch.autograd.grad(scores, tensors, seed, allow_unused=True)
+    for t, g in zip(tensors, grads):
+        t.grad = g
 
 
 def layer_label(name: Any) -> str:

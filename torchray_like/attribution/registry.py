@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Mapping
+from typing import Callable, Dict, Iterator, Mapping, Optional
 
 from .deconvnet import deconvnet
 from .excitation_backprop import contrastive_excitation_backprop, excitation_backprop
@@ -31,6 +31,12 @@ class MethodRegistry(Mapping):
             raise ValueError(
                 f"unknown attribution method {name!r}; known methods: "
                 f"{', '.join(sorted(self._methods))}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._methods
+
+    def get(self, name: str, default: Optional[Callable] = None) -> Optional[Callable]:
+        return self._methods.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._methods)

@@ -4,19 +4,32 @@ The modified backward of each replaced call is an :class:`torch.autograd.Functio
 forward is exactly the plain operation; the rule it applies in backward is a value the node holds
 from its forward pass, so a graph built inside the context can be differentiated after the block
 has ended, and the rule can be switched between two backward passes of one forward.
+
+A rectifier is recognised whichever way it is written: ``nn.ReLU`` / ``F.relu`` / ``torch.relu``
+/ ``Tensor.relu`` (and their in-place forms), ``torch.ops.aten.relu``, ``ReLU6`` and
+``hardtanh(x, 0, b)``, ``clamp(x, min=0)`` / ``clip`` / ``clamp_min(x, 0)`` (and
+``clamp(x, 0, b)``, a bounded rectifier like ReLU6), ``F.threshold(x, 0, 0)`` /
+``nn.Threshold(0, 0)``, ``torch.where(x > 0, x, 0)`` and ``torch.maximum(x, zeros)`` /
+``torch.max(x, zeros)``.  Look-alikes that are not rectifiers at zero (``hardtanh(x, -1, 1)``,
+``threshold(x, 0.5, 0)``, a ``where`` or ``maximum`` with a zero operand that is not one of the
+forms above) and other non-linearities (GELU, SiLU, ``abs``, the shrink functions, GLU ...)
+keep their plain gradient and are reported with
+:class:`~torchray_like.attribution.context.UnhandledActivationWarning`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Union
+import weakref
+from numbers import Real
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .context import RuleContext, first_tensor_arg
 
-__all__ = ["ReLURule", "GRADIENT_RULE", "ReLUContext"]
+__all__ = ["ReLURule", "GRADIENT_RULE", "ReLUContext", "RectifierFunction", "RuleCell"]
 
 
 class ReLURule:
@@ -50,15 +63,22 @@ GRADIENT_RULE = ReLURule()
 class RectifierFunction(torch.autograd.Function):
     """``relu(x)`` or ``clamp(x, 0, upper)`` whose backward applies ``cell.rule``.
 
-    The forward computes exactly what PyTorch computes (in place when the caller asked for it, so
-    code relying on the side effect keeps working); ``cell`` is read at backward time, which lets
-    one forward serve several rules.
+    ``RectifierFunction.apply(x, cell, upper, inplace[, compute])``.  The forward computes
+    exactly what PyTorch computes — ``compute(x)`` when given (the caller's own expression,
+    e.g. ``torch.where(x > 0, x, 0)``), else ``relu`` / ``hardtanh(x, 0, upper)`` — in place when
+    the caller asked for it, so code relying on the side effect keeps working.  ``cell`` is read
+    at backward time, which lets one forward serve several rules; each backward through a node
+    adds one to ``cell.applied``.
     """
 
     @staticmethod
-    def forward(ctx, x, cell, upper, inplace):  # type: ignore[override]
+    def forward(ctx, x, cell, upper, inplace, *rest):  # type: ignore[override]
+        """The plain rectifier (``compute(x)`` when given); saves the output for backward."""
+        compute = rest[0] if rest else None
         with torch._C.DisableTorchFunction():
-            if upper is None:
+            if compute is not None:
+                out = compute(x)
+            elif upper is None:
                 out = torch.relu_(x) if inplace else torch.relu(x)
             else:
                 out = (torch._C._nn.hardtanh_(x, 0.0, upper) if inplace
@@ -68,31 +88,111 @@ class RectifierFunction(torch.autograd.Function):
         ctx.save_for_backward(out)
         ctx.cell = cell
         ctx.upper = upper
+        ctx.extra = 3 + len(rest)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        """``cell.rule.backward(grad, output, upper)``, counted in ``cell.applied``."""
         (out,) = ctx.saved_tensors
+        cell = ctx.cell
+        cell.applied += 1
         with torch._C.DisableTorchFunction():
-            return ctx.cell.rule.backward(grad, out, ctx.upper), None, None, None
+            return (cell.rule.backward(grad, out, ctx.upper),) + (None,) * ctx.extra
 
 
 class RuleCell:
-    """A mutable holder for the rule the nodes created by one context apply."""
+    """A mutable holder for the rule the nodes created by one context apply.
 
-    __slots__ = ("rule",)
+    ``applied`` counts the backward passes through those nodes (one per node and backward).
+    """
+
+    __slots__ = ("rule", "applied")
 
     def __init__(self, rule: Any) -> None:
         self.rule = rule
+        self.applied = 0
+
+
+def _is_zero(value: Any) -> bool:
+    """A Python number equal to zero (not a bool, not a tensor)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and value == 0
+
+
+def _zero_tensor_like(z: Any, x: torch.Tensor) -> Optional[bool]:
+    """Whether ``z`` is a zero operand that leaves ``op(x, z)`` shaped and typed like ``x``.
+
+    ``True``: an all-zero tensor (or zero number) that does not require grad, broadcasting to
+    ``x``'s shape with ``x``'s dtype.  ``None``: zero, but not such an operand (the call may be
+    a rectifier we cannot take over).  ``False``: not zero.
+    """
+    if _is_zero(z):
+        return True
+    if not isinstance(z, torch.Tensor) or z.numel() > x.numel() or z.is_complex():
+        return False
+    if z.numel() and bool(z.any()):
+        return False
+    try:
+        shape = torch.broadcast_shapes(x.shape, z.shape)
+    except RuntimeError:
+        return None
+    if (shape != x.shape or torch.result_type(x, z) != x.dtype or z.requires_grad
+            or z.device != x.device):
+        return None
+    return True
+
+
+def _arg(args: tuple, kwargs: dict, index: int, names: tuple, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return default
+
+
+def _replace_first(func: Callable, args: tuple, kwargs: dict, names: tuple
+                   ) -> Callable[[torch.Tensor], Any]:
+    """``t -> func(*args, **kwargs)`` with the rectified operand replaced by ``t``."""
+    if args:
+        rest = args[1:]
+        return lambda t: func(t, *rest, **kwargs)
+    for name in names:
+        if name in kwargs:
+            return lambda t: func(**{**kwargs, name: t})
+    raise TypeError("rectifier called without an input tensor")
+
+
+#: Attribute a comparison's result carries inside a ReLUContext: ``(weakref to x, sign)`` for
+#: ``x > 0`` / ``x >= 0`` (sign +1) and ``x < 0`` / ``x <= 0`` (sign -1).
+_MASK_ATTR = "_torchray_like_sign_of"
 
 
 class ReLUContext(RuleContext):
     """Replace the backward of every rectifier the model calls.
 
     Caught calls: ``nn.ReLU`` (with and without ``inplace=True``), ``F.relu``, ``F.relu_``,
-    ``torch.relu``, ``torch.relu_``, ``Tensor.relu``, ``Tensor.relu_``, and the bounded rectifier
-    ReLU6: ``nn.ReLU6``, ``F.relu6`` and ``F.hardtanh(x, 0, b)`` (what ``nn.ReLU6`` calls).  The
-    forward values are exactly PyTorch's; in-place calls stay in place.
+    ``torch.relu``, ``torch.relu_``, ``Tensor.relu``, ``Tensor.relu_``, ``torch.ops.aten.relu``;
+    the bounded rectifier ReLU6: ``nn.ReLU6``, ``F.relu6`` and ``F.hardtanh(x, 0, b)`` (what
+    ``nn.ReLU6`` calls); and rectifiers written another way: ``clamp`` / ``clip`` with
+    ``min=0`` (a ReLU; with ``max=b`` too, a bounded rectifier like ReLU6), ``clamp_min(x, 0)``,
+    ``F.threshold(x, 0, 0)`` / ``nn.Threshold(0, 0)``, ``torch.where(x > 0, x, 0)`` (also
+    ``x >= 0``, or ``where(x <= 0, 0, x)``), ``torch.maximum(x, zeros)`` / ``torch.max(x,
+    zeros)`` / ``fmax`` with an all-zero operand of ``x``'s dtype that broadcasts to ``x``'s
+    shape — with their tensor-method and in-place forms.  The forward values are exactly
+    PyTorch's; in-place calls stay in place.
+
+    Look-alikes that are no rectifier at zero (``hardtanh(x, -1, 1)``, ``threshold(x, 0.5,
+    0)``), ``where`` / ``maximum`` with a zero operand in another form, and the other
+    non-linearities (GELU, SiLU, tanh, sigmoid, ``abs``, the shrink functions, GLU ...) keep
+    their plain gradient and are reported (:class:`UnhandledActivationWarning` on exit, and in
+    :attr:`unhandled`).
+
+    Only calls autograd records count as replaced (:attr:`counts`); a rectifier under
+    ``torch.no_grad()`` or on a tensor that does not require grad (a constant, a frozen
+    parameter) runs the plain operation and is listed in :attr:`skipped`.  After backward,
+    :attr:`applied` tells how many replaced nodes the backward passes actually went through
+    (a ReLU that does not lie between the differentiated tensor and the output is not).
 
     Parameters
     ----------
@@ -100,8 +200,9 @@ class ReLUContext(RuleContext):
         The rule.  A :class:`ReLURule` instance (``GUIDED_BACKPROP_RULE``, ``DECONVNET_RULE``, or
         your own subclass) gets the fast path: one or two fused kernels in backward.  For
         TorchRay compatibility an :class:`torch.autograd.Function` subclass whose ``apply(x)``
-        computes ``relu(x)`` is accepted too; its backward is yours (for ReLU6 its output is then
-        clamped at the upper bound, whose plain gradient masks the saturated side).
+        computes ``relu(x)`` is accepted too; its backward is yours (for bounded rectifiers its
+        output is then clamped at the upper bound, whose plain gradient masks the saturated
+        side).
 
     Examples
     --------
@@ -112,29 +213,63 @@ class ReLUContext(RuleContext):
 
     replaces = "ReLU"
     requirement = ("a model that uses ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, "
-                   "ReLU6 ...)")
+                   "ReLU6, clamp(min=0) ...)")
     report_other_activations = True
 
     def __init__(self, function_class: Union[ReLURule, type]) -> None:
         super().__init__()
+        self._cell: Optional[RuleCell] = None
+        self._function: Any = None
         if isinstance(function_class, ReLURule):
             self._cell = RuleCell(function_class)
-            self._function = None
         elif isinstance(function_class, type) and issubclass(function_class,
                                                              torch.autograd.Function):
-            self._cell = None
             self._function = function_class
         else:
             raise TypeError(
                 "ReLUContext: function_class must be a ReLURule instance or a subclass of "
                 f"torch.autograd.Function, got {function_class!r}")
         h = self.handlers
+        aten = torch.ops.aten
         h[F.relu] = self._relu_kw
         h[torch.relu] = h[torch.Tensor.relu] = self._relu
+        h[aten.relu] = h[aten.relu.default] = self._relu
         h[F.relu_] = h[torch.relu_] = h[torch.Tensor.relu_] = self._relu_inplace
+        h[aten.relu_] = h[aten.relu_.default] = self._relu_inplace
         h[F.relu6] = self._relu6_kw
         h[F.hardtanh] = self._hardtanh
+        h[aten.hardtanh] = h[aten.hardtanh.default] = self._hardtanh
         h[F.hardtanh_] = self._hardtanh_inplace
+        h[aten.hardtanh_] = h[aten.hardtanh_.default] = self._hardtanh_inplace
+        optional = [getattr(torch, name, None) for name in ("clamp_", "clip_")]
+        self._put([torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip, aten.clamp,
+                   aten.clamp.default], self._clamp)
+        self._put([torch.Tensor.clamp_, torch.Tensor.clip_, aten.clamp_, aten.clamp_.default]
+                  + optional, self._clamp_inplace)
+        self._put([torch.clamp_min, torch.Tensor.clamp_min, aten.clamp_min,
+                   aten.clamp_min.default], self._clamp_min)
+        self._put([torch.Tensor.clamp_min_, aten.clamp_min_, aten.clamp_min_.default,
+                   getattr(torch, "clamp_min_", None)], self._clamp_min_inplace)
+        h[F.threshold] = self._threshold_kw
+        self._put([torch.threshold, aten.threshold, aten.threshold.default], self._threshold)
+        self._put([getattr(F, "threshold_", None), getattr(torch, "threshold_", None),
+                   aten.threshold_, aten.threshold_.default], self._threshold_inplace)
+        h[torch.where] = self._where
+        h[torch.Tensor.where] = self._where_method
+        self._put([torch.maximum, torch.Tensor.maximum, torch.fmax, torch.Tensor.fmax],
+                  self._maximum)
+        h[torch.max] = h[torch.Tensor.max] = self._max
+        self._put([torch.gt, torch.Tensor.gt, torch.greater, torch.Tensor.greater, torch.ge,
+                   torch.Tensor.ge, torch.greater_equal, torch.Tensor.greater_equal],
+                  self._positive_mask)
+        self._put([torch.lt, torch.Tensor.lt, torch.less, torch.Tensor.less, torch.le,
+                   torch.Tensor.le, torch.less_equal, torch.Tensor.less_equal],
+                  self._negative_mask)
+
+    def _put(self, funcs: Iterable[Any], handler: Callable) -> None:
+        for func in funcs:
+            if func is not None:
+                self.handlers[func] = handler
 
     @property
     def rule(self) -> Union[ReLURule, type]:
@@ -152,17 +287,33 @@ class ReLUContext(RuleContext):
             raise TypeError("only a ReLURule can be assigned to a context built with a ReLURule")
         self._cell.rule = value
 
+    @property
+    def applied(self) -> Optional[int]:
+        """How many times backward went through a rectifier this context replaced (ever).
+
+        Read it before and after a backward pass: no increase means no replaced rectifier lies
+        between the differentiated tensors and the output, so the gradient is the plain one.
+        ``None`` for a context built with a user :class:`torch.autograd.Function`.
+        """
+        return self._cell.applied if self._cell is not None else None
+
     # -- handlers ------------------------------------------------------------------------------
-    def _apply(self, x: torch.Tensor, upper: Optional[float], inplace: bool, kind: str):
+    def _apply(self, x: torch.Tensor, upper: Optional[float], inplace: bool, kind: str,
+               compute: Optional[Callable[[torch.Tensor], Any]] = None):
+        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+            # Nothing will be differentiated: the plain op is the same and cheaper.
+            self.skip(kind)
+            with torch._C.DisableTorchFunction():
+                if compute is not None:
+                    return compute(x)
+                if upper is None:
+                    return torch.relu_(x) if inplace else torch.relu(x)
+                return (torch._C._nn.hardtanh_(x, 0.0, upper) if inplace
+                        else torch._C._nn.hardtanh(x, 0.0, upper))
         self.count(kind)
         if self._cell is not None:
-            if not (torch.is_grad_enabled() and x.requires_grad):
-                # Nothing will be differentiated: the plain op is the same and cheaper.
-                with torch._C.DisableTorchFunction():
-                    if upper is None:
-                        return torch.relu_(x) if inplace else torch.relu(x)
-                    return (torch._C._nn.hardtanh_(x, 0.0, upper) if inplace
-                            else torch._C._nn.hardtanh(x, 0.0, upper))
+            if compute is not None:
+                return RectifierFunction.apply(x, self._cell, upper, inplace, compute)
             return RectifierFunction.apply(x, self._cell, upper, inplace)
         # A user autograd.Function: apply it to a copy so that an in-place call cannot clobber
         # what the function saved for backward.
@@ -199,12 +350,157 @@ class ReLUContext(RuleContext):
     def _hardtanh(self, func, args, kwargs):
         x, lo, hi = self._hardtanh_args(args, kwargs)
         if lo != 0.0 or hi <= 0.0:
-            return func(*args, **kwargs)  # not a rectifier
+            return self._not_rectifier(func, args, kwargs, f"hardtanh({lo:g}, {hi:g})")
         inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
         return self._apply(x, hi, bool(inplace), "relu6" if hi == 6.0 else "hardtanh")
 
     def _hardtanh_inplace(self, func, args, kwargs):
         x, lo, hi = self._hardtanh_args(args, kwargs)
         if lo != 0.0 or hi <= 0.0:
-            return func(*args, **kwargs)
+            return self._not_rectifier(func, args, kwargs, f"hardtanh({lo:g}, {hi:g})")
         return self._apply(x, hi, True, "relu6" if hi == 6.0 else "hardtanh")
+
+    def _not_rectifier(self, func, args, kwargs, kind: str):
+        """A look-alike the rule does not cover: plain call, reported as unhandled."""
+        x = first_tensor_arg(args, kwargs)
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+            self.unhandle(kind)
+        return func(*args, **kwargs)
+
+    # clamp / clip / clamp_min ---------------------------------------------------------------
+    def _clamp_common(self, func, args, kwargs, inplace: bool):
+        x = _arg(args, kwargs, 0, ("input", "self"))
+        lo = _arg(args, kwargs, 1, ("min",))
+        hi = _arg(args, kwargs, 2, ("max",))
+        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs
+                or not _is_zero(lo)):
+            return func(*args, **kwargs)  # clamp(min=eps), clamp(max=...) ...: no rectifier
+        compute = _replace_first(func, args, kwargs, ("input", "self"))
+        if hi is None:
+            return self._apply(x, None, inplace, "clamp", compute)
+        if isinstance(hi, Real) and not isinstance(hi, bool) and float(hi) > 0:
+            return self._apply(x, float(hi), inplace, "clamp", compute)
+        return self._not_rectifier(func, args, kwargs, "clamp")
+
+    def _clamp(self, func, args, kwargs):
+        return self._clamp_common(func, args, kwargs, False)
+
+    def _clamp_inplace(self, func, args, kwargs):
+        return self._clamp_common(func, args, kwargs, True)
+
+    def _clamp_min_common(self, func, args, kwargs, inplace: bool):
+        x = _arg(args, kwargs, 0, ("input", "self"))
+        lo = _arg(args, kwargs, 1, ("min",))
+        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs
+                or not _is_zero(lo)):
+            return func(*args, **kwargs)
+        return self._apply(x, None, inplace, "clamp",
+                           _replace_first(func, args, kwargs, ("input", "self")))
+
+    def _clamp_min(self, func, args, kwargs):
+        return self._clamp_min_common(func, args, kwargs, False)
+
+    def _clamp_min_inplace(self, func, args, kwargs):
+        return self._clamp_min_common(func, args, kwargs, True)
+
+    # threshold ------------------------------------------------------------------------------
+    def _threshold_common(self, func, args, kwargs, inplace: bool):
+        x = _arg(args, kwargs, 0, ("input", "self"))
+        th = _arg(args, kwargs, 1, ("threshold",))
+        value = _arg(args, kwargs, 2, ("value",))
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs:
+            return func(*args, **kwargs)
+        if not (_is_zero(th) and _is_zero(value)):
+            return self._not_rectifier(func, args, kwargs, "threshold")
+        return self._apply(x, None, inplace, "threshold",
+                           _replace_first(func, args, kwargs, ("input", "self")))
+
+    def _threshold(self, func, args, kwargs):
+        return self._threshold_common(func, args, kwargs, False)
+
+    def _threshold_inplace(self, func, args, kwargs):
+        return self._threshold_common(func, args, kwargs, True)
+
+    def _threshold_kw(self, func, args, kwargs):
+        inplace = bool(_arg(args, kwargs, 3, ("inplace",), False))
+        return self._threshold_common(func, args, kwargs, inplace)
+
+    # where / maximum ------------------------------------------------------------------------
+    def _mark(self, func, args, kwargs, sign: int):
+        out = func(*args, **kwargs)
+        x = _arg(args, kwargs, 0, ("input", "self"))
+        other = _arg(args, kwargs, 1, ("other",))
+        if (isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor)
+                and x.is_floating_point() and _is_zero(other) and "out" not in kwargs):
+            setattr(out, _MASK_ATTR, (weakref.ref(x), sign))
+        return out
+
+    def _positive_mask(self, func, args, kwargs):
+        return self._mark(func, args, kwargs, +1)
+
+    def _negative_mask(self, func, args, kwargs):
+        return self._mark(func, args, kwargs, -1)
+
+    def _where_common(self, func, args, kwargs, cond, a, b):
+        if not isinstance(cond, torch.Tensor) or "out" in kwargs:
+            return func(*args, **kwargs)
+        mark = getattr(cond, _MASK_ATTR, None)
+        source = mark[0]() if mark is not None else None
+        # where(x > 0, x, 0) or where(x <= 0, 0, x): a rectifier of x.
+        for kept, zero, sign in ((a, b, +1), (b, a, -1)):
+            if (isinstance(kept, torch.Tensor) and kept is source and mark[1] == sign
+                    and kept.is_floating_point()
+                    and torch.broadcast_shapes(cond.shape, kept.shape) == kept.shape
+                    and _zero_tensor_like(zero, kept)):
+                def compute(t, _func=func, _args=args, _kwargs=kwargs, _kept=kept):
+                    new = tuple(t if v is _kept else v for v in _args)
+                    return _func(*new, **{k: (t if v is _kept else v)
+                                          for k, v in _kwargs.items()})
+                return self._apply(kept, None, False, "where", compute)
+        for kept, zero in ((a, b), (b, a)):
+            if (isinstance(kept, torch.Tensor) and kept.is_floating_point()
+                    and torch.is_grad_enabled() and kept.requires_grad
+                    and _zero_tensor_like(zero, kept) is not False):
+                self.unhandle("where")  # a zero branch: perhaps a rectifier, not in our forms
+                break
+        return func(*args, **kwargs)
+
+    def _where(self, func, args, kwargs):
+        if len(args) + len(kwargs) < 3:
+            return func(*args, **kwargs)  # torch.where(cond): the indices of non-zeros
+        cond = _arg(args, kwargs, 0, ("condition",))
+        a = _arg(args, kwargs, 1, ("input", "self"))
+        b = _arg(args, kwargs, 2, ("other",))
+        return self._where_common(func, args, kwargs, cond, a, b)
+
+    def _where_method(self, func, args, kwargs):
+        a = _arg(args, kwargs, 0, ("self", "input"))
+        cond = _arg(args, kwargs, 1, ("condition",))
+        b = _arg(args, kwargs, 2, ("other",))
+        return self._where_common(func, args, kwargs, cond, a, b)
+
+    def _maximum(self, func, args, kwargs):
+        a = _arg(args, kwargs, 0, ("input", "self"))
+        b = _arg(args, kwargs, 1, ("other",))
+        if "out" in kwargs or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return func(*args, **kwargs)
+        for kept, zero in ((a, b), (b, a)):
+            if not kept.is_floating_point():
+                continue
+            status = _zero_tensor_like(zero, kept)
+            if status:
+                def compute(t, _func=func, _args=args, _kwargs=kwargs, _kept=kept):
+                    new = tuple(t if v is _kept else v for v in _args)
+                    return _func(*new, **{k: (t if v is _kept else v)
+                                          for k, v in _kwargs.items()})
+                return self._apply(kept, None, False, "maximum", compute)
+            if status is None and torch.is_grad_enabled() and kept.requires_grad:
+                self.unhandle("maximum")
+                break
+        return func(*args, **kwargs)
+
+    def _max(self, func, args, kwargs):
+        other = _arg(args, kwargs, 1, ("other",))
+        if isinstance(other, torch.Tensor):
+            return self._maximum(func, args, kwargs)  # the binary form: max(x, y)
+        return func(*args, **kwargs)  # reductions: max(x), max(x, dim)

@@ -1,16 +1,23 @@
-r"""Input and model checks, and the guard that restores a model's state after a call."""
+r"""Input and model checks, and the guard that restores a model's state after a call.
+
+Besides validating the arguments, the checks here find what the rule contexts and probes cannot
+see: TorchScript modules (``torch.jit.script`` / ``torch.jit.trace``) and modules compiled with
+``torch.compile`` (:func:`opaque_modules`), and they turn a layout mistake (an unbatched image,
+channels last) into an error that says what to do (:func:`layout_hint`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 import weakref
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["check_input", "check_model", "model_state_guard"]
+__all__ = ["check_input", "check_model", "model_state_guard", "unwrap_compiled",
+           "opaque_modules", "opaque_kind", "layout_hint"]
 
 
 def check_input(input: Any, name: str = "input", min_dim: int = 3,
@@ -24,12 +31,18 @@ def check_input(input: Any, name: str = "input", min_dim: int = 3,
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if input.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device (a tensor without data); pass a tensor with values "
+            "on the model's device")
     if not input.is_floating_point():
-        hint = (" (an image stored as uint8: use x.float() / 255 and normalise as the model "
-                "expects)" if input.dtype == torch.uint8 else "")
+        if input.dtype == torch.uint8:
+            hint = ("an image stored as uint8: convert it with x.float() / 255 and normalise it "
+                    "as the model expects")
+        else:
+            hint = "convert it, e.g. with x.float()"
         raise TypeError(
-            f"{name} must be a floating-point tensor, got dtype {input.dtype}{hint}; convert it, "
-            "e.g. with x.float()")
+            f"{name} must be a floating-point tensor, got dtype {input.dtype}; {hint}")
     if input.dim() < min_dim:
         raise ValueError(
             f"{name} must have shape (N, C, *spatial) — (N, C, L), (N, C, H, W) or "
@@ -51,20 +64,120 @@ def check_input(input: Any, name: str = "input", min_dim: int = 3,
 
 
 def check_model(model: Any) -> nn.Module:
-    """Validate that ``model`` is a module whose parameters autograd can differentiate through."""
+    """Validate that ``model`` is a module whose parameters autograd can differentiate through.
+
+    Every parameter and buffer is looked at (a flag test each): inference tensors (made under
+    :func:`torch.inference_mode`) and tensors on the ``meta`` device (no values) are a
+    :class:`ValueError` naming the tensor.
+    """
     if not isinstance(model, nn.Module):
         if callable(model):
             raise TypeError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
                 "in an nn.Module whose forward calls it")
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, p in model.named_parameters():
-        if p.is_inference():
-            raise ValueError(
-                f"model parameter {name!r} is an inference tensor (the model was built under "
-                "torch.inference_mode()); rebuild or clone it outside inference mode")
-        break
+    for kind, named in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for name, p in named:
+            if p.is_inference():
+                raise ValueError(
+                    f"model {kind} {name!r} is an inference tensor (the model was built or "
+                    "loaded under torch.inference_mode()); rebuild or clone it outside "
+                    "inference mode")
+            if p.is_meta:
+                raise ValueError(
+                    f"model {kind} {name!r} is on the meta device (it has no values); "
+                    "materialise the model first, e.g. model.to_empty(device='cpu') then "
+                    "load_state_dict(...)")
     return model
+
+
+def is_compiled_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper :func:`torch.compile` returns for a module."""
+    return (type(module).__name__ == "OptimizedModule"
+            and isinstance(getattr(module, "_orig_mod", None), nn.Module))
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(model)`` (``model`` itself otherwise).
+
+    Backward rules and probes need to see the operations and the sub-modules as they run; a
+    compiled graph hides both (hooks added after compilation are not guarded, a rule read at
+    backward time is baked in at tracing).  The methods therefore explain the original module,
+    which shares the compiled model's parameters: the answer is the same, computed eagerly.
+    """
+    while is_compiled_wrapper(model):
+        inner = model._orig_mod
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def opaque_kind(module: nn.Module) -> Optional[str]:
+    """``"TorchScript"``, ``"torch.compile"`` or ``None``: whether hooks and rule contexts can
+    see what ``module`` runs."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return "TorchScript"
+    if is_compiled_wrapper(module) or module.__dict__.get("_compiled_call_impl") is not None:
+        return "torch.compile"
+    return None
+
+
+def opaque_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """The outermost sub-modules of ``model`` (``model`` included, name ``""``) whose inside
+    hooks and rule contexts cannot see: ``(name, module, kind)`` with ``kind`` from
+    :func:`opaque_kind`.  One walk over the module tree."""
+    found: List[Tuple[str, nn.Module, str]] = []
+    for name, module in model.named_modules():
+        if any(name == n or name.startswith(n + ".") or n == "" for n, _, _ in found):
+            continue
+        kind = opaque_kind(module)
+        if kind is not None:
+            found.append((name, module, kind))
+    return found
+
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def layout_hint(model: nn.Module, input: torch.Tensor,
+                certain_only: bool = False) -> Optional[str]:
+    """What to do when ``input`` cannot be the batch the model's first convolution expects.
+
+    The first ``Conv1d/2d/3d`` module of ``model`` (in registration order) tells the number of
+    channels and of spatial dimensions.  Returns a sentence when ``input`` looks like a
+    channels-last batch (``x.permute(0, 3, 1, 2)``), an unbatched sample (one dimension short,
+    channels first: ``x.unsqueeze(0)``) or has another number of channels; ``None`` when it
+    matches or the model has no such convolution.
+
+    The methods refuse a channels-last batch before running the model (``certain_only``: the
+    last dimension holds the channels and the second does not); the other cases can be
+    legitimate (a model that reshapes its input first), so they only complete the error of a
+    forward pass that failed.
+    """
+    conv = next((m for m in model.modules() if isinstance(m, _CONV_TYPES)), None)
+    if conv is None or not conv.in_channels:
+        return None
+    spatial = len(conv.kernel_size)
+    c = conv.in_channels
+    shape = tuple(input.shape)
+    expected = "(N, C" + ", " + ", ".join(("L",) if spatial == 1 else
+                                          ("H", "W") if spatial == 2 else ("T", "H", "W")) + ")"
+    first = (f"the model's first convolution ({type(conv).__name__}, in_channels={c}) takes "
+             f"a batch {expected} with C={c}")
+    if input.dim() == spatial + 2 and shape[1] != c and shape[-1] == c:
+        order = ", ".join(["0", str(spatial + 1)] + [str(i) for i in range(1, spatial + 1)])
+        return (f"input has shape {shape}, channels last; {first}: pass x.permute({order}) "
+                "(or x.movedim(-1, 1))")
+    if certain_only:
+        return None
+    if input.dim() == spatial + 1 and shape[0] == c:
+        return (f"input has shape {shape}: a single sample without the batch dimension; "
+                f"{first}: pass x.unsqueeze(0)")
+    if input.dim() == spatial + 2 and shape[1] != c:
+        return f"input has shape {shape} with {shape[1]} channels; {first}"
+    return None
 
 
 class _GuardState:
@@ -105,14 +218,17 @@ _GUARDS: "weakref.WeakKeyDictionary[nn.Module, _GuardState]" = weakref.WeakKeyDi
 @contextlib.contextmanager
 def model_state_guard(model: nn.Module, eval_mode: bool = True,
                       freeze: bool = True) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and freeze its parameters for the block; restore afterwards.
+    """Put ``model`` in eval mode (and freeze its parameters) for the block; restore afterwards.
 
     On exit — also when the block raises — every sub-module's ``training`` flag, every
     parameter's ``requires_grad`` and ``.grad`` are exactly what they were.  Only what differs
     is changed, so a model already in eval mode with frozen weights is not touched at all.
 
-    Freezing the parameters means the forward pass records no graph for weight gradients and
-    backward never computes them: the method costs what the gradient it needs costs.
+    ``freeze`` switches every parameter's ``requires_grad`` off for the block (restored on
+    exit).  The gradient methods do not use it: ``torch.autograd.grad`` on the tensors they read
+    computes no weight gradient anyway, freezing measured no speed-up, and the flag is visible
+    to every thread using the model.  Methods that call ``backward()`` themselves can freeze to
+    avoid accumulating weight gradients.
 
     Several threads may explain the same model at once: the state is saved by the first guard
     to enter and restored by the last to leave (a per-model count under a lock), so one thread

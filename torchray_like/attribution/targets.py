@@ -6,10 +6,13 @@ tensor, a callable) is validated, and the single-logit (binary head) convention.
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral
 from typing import Any, Callable, Sequence, Tuple, Union
 
 import torch
+
+from .context import TorchRayDifferenceWarning
 
 __all__ = ["get_backward_gradient", "get_pointing_gradient", "class_indices", "TargetType"]
 
@@ -82,6 +85,15 @@ def is_binary_head(pred_y: torch.Tensor) -> bool:
 #: The binary-head convention, said once for every method.
 BINARY_HEAD_RULE = ("a single-logit (binary) head takes target 1 (explain +logit, the "
                     "probability sigmoid(z)) or 0 (explain -logit, 1 - sigmoid(z))")
+
+
+def warn_binary_target_zero() -> None:
+    """Say once per call site that target 0 of an ``(N, 1)`` head is not TorchRay's number."""
+    warnings.warn(
+        "target 0 on a single-logit head of shape (N, 1) explains -logit (the probability "
+        "1 - sigmoid(z) of class 0); TorchRay reads it as column 0, i.e. +logit. For TorchRay's "
+        "number pass target=1 (or the seed torch.ones_like(output)).",
+        TorchRayDifferenceWarning, stacklevel=4)
 
 
 def binary_sign(idx: torch.Tensor) -> torch.Tensor:
@@ -198,7 +210,10 @@ def get_backward_gradient(pred_y: torch.Tensor, y: TargetType) -> torch.Tensor:
     ``(-z/2, +z/2)``, so class 1 is explained by ``+z`` and class 0 by ``-z`` (seed ``+1`` or
     ``-1``).  Gradient methods are linear in the seed, so explaining class 0 gives the
     negated gradient; rules that rectify the signal (guided backprop, deconvnet) then give a
-    genuinely different map.
+    genuinely different map.  TorchRay reads target 0 of an ``(N, 1)`` output as column 0, the
+    ``+z`` logit: such calls warn once with a
+    :class:`~torchray_like.attribution.context.TorchRayDifferenceWarning`; ``target=1`` gives
+    TorchRay's number.
     """
     if not isinstance(pred_y, torch.Tensor):
         raise TypeError(
@@ -217,6 +232,8 @@ def get_backward_gradient(pred_y: torch.Tensor, y: TargetType) -> torch.Tensor:
     idx = class_indices(y, batch, pred_y.device)
     check_target_range(pred_y, idx)
     if is_binary_head(pred_y):
+        if pred_y.dim() == 2 and bool((idx == 0).any()):
+            warn_binary_target_zero()
         return binary_sign(idx).to(pred_y.dtype).view(pred_y.shape)
     seed = torch.zeros_like(pred_y)
     seed[torch.arange(batch, device=pred_y.device), idx] = 1
@@ -227,27 +244,29 @@ def get_pointing_gradient(pred_y: torch.Tensor, y: TargetType,
                           normalize: bool = True) -> torch.Tensor:
     """Seed gradient that points at the most likely location of the target class.
 
-    For score maps ``(N, C, *spatial)`` the seed is, in the target channel, the softmax over all
-    spatial positions of that channel's scores (computed stably; it sums to one), and zero
-    elsewhere.  For ``(N, C)`` outputs it is the one-hot seed of :func:`get_backward_gradient`
-    (and the binary rule for single-logit heads).
+    For score maps ``(N, C, *spatial)`` the seed is, in the target channel, the exponential of
+    that channel's scores, ``exp(s[u])``, and zero elsewhere; with ``normalize=True`` (default)
+    it is divided by its sum over the spatial positions (a softmax over space, which sums to
+    one).  For ``(N, C)`` outputs there is one position: the seed is one-hot (``normalize``) or
+    ``exp(score)`` at the target.  Single-logit heads follow :func:`get_backward_gradient`.
 
-    ``normalize=False`` uses the spatial softmax without the max subtraction (kept for
-    signature compatibility; both give the same values where they do not overflow).
+    Notes
+    -----
+    ``normalize=True`` is computed stably (the maximum is subtracted before ``exp``), so it is
+    finite for any finite scores.  TorchRay exponentiates first and then divides: its seed
+    overflows to ``inf / inf = NaN`` once a float32 score exceeds about 88.7 (about 709 in
+    float64), while ours stays the softmax.  ``normalize=False`` is TorchRay's un-normalised
+    ``exp`` and overflows the same way (to ``inf``) for such scores.
     """
-    if (not isinstance(pred_y, torch.Tensor) or pred_y.dim() <= 2
+    if (not isinstance(pred_y, torch.Tensor) or pred_y.dim() < 2 or is_binary_head(pred_y)
             or (isinstance(y, torch.Tensor) and y.is_floating_point())):
         return get_backward_gradient(pred_y, y)
     batch = pred_y.shape[0]
     idx = class_indices(y, batch, pred_y.device)
     check_target_range(pred_y, idx)
     rows = torch.arange(batch, device=pred_y.device)
-    scores = pred_y.detach()[rows, idx].flatten(1)
-    if normalize:
-        weights = torch.softmax(scores, dim=1)
-    else:
-        e = scores.exp()
-        weights = e / e.sum(dim=1, keepdim=True)
+    scores = pred_y.detach()[rows, idx].reshape(batch, -1)
+    weights = torch.softmax(scores, dim=1) if normalize else scores.exp()
     seed = torch.zeros_like(pred_y)
     seed[rows, idx] = weights.view((batch,) + pred_y.shape[2:]).to(pred_y.dtype)
     return seed
