@@ -1,9 +1,11 @@
 """Speed cases for the layer methods: Grad-CAM, guided Grad-CAM, linear approximation.
 
-Picked up by ``benchmarks/speed.py`` (``--methods grad_cam guided linear``).  Floors:
+Picked up by ``benchmarks/speed.py`` (``--methods grad_cam guided linear``); alone,
+``python benchmarks/speed_layer.py`` prints speed.py's table restricted to these rows (speed.py's
+options apply, e.g. ``--full``).  Floors:
 
 * ``grad_cam``, ``linear_approx`` at a layer: plain forward + ``autograd.grad`` to the layer's
-  output and no further (:func:`harness.floor_layer`);
+  output and no further (:func:`_harness.floor_layer`);
 * ``linear_approx`` at the input: plain forward + ``autograd.grad`` to the input;
 * ``guided_grad_cam``: its least possible work with plain gradients — one forward, then
   ``autograd.grad`` to the layer (kept graph) and to the input.  Grad-CAM's weights need the
@@ -16,18 +18,32 @@ Picked up by ``benchmarks/speed.py`` (``--methods grad_cam guided linear``).  Fl
 
 from __future__ import annotations
 
+import pathlib
+import sys
 from typing import List
 
 import torch
 
-from harness import Case, floor_input, floor_layer, frozen
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
-from torchray_like.attribution.common import get_backward_gradient, get_module
-from torchray_like.attribution.grad_cam import find_saliency_layer, grad_cam
-from torchray_like.attribution.guided_grad_cam import guided_grad_cam
-from torchray_like.attribution.linear_approx import linear_approx
+from _harness import Case, floor_input, floor_layer, frozen  # noqa: E402
+
+from torchray_like.attribution.common import get_backward_gradient, get_module  # noqa: E402
+from torchray_like.attribution.grad_cam import find_saliency_layer, grad_cam  # noqa: E402
+from torchray_like.attribution.guided_grad_cam import guided_grad_cam  # noqa: E402
+from torchray_like.attribution.linear_approx import linear_approx  # noqa: E402
 
 LAYERS = {"ResNet": "layer4", "VGG": "features.29"}
+
+
+def layer_for(model, x) -> str:
+    """The layer the rows read: from LAYERS when the model has it, else the automatic one."""
+    layer = LAYERS.get(type(model).__name__)
+    if layer is None or layer not in dict(model.named_modules()):  # vgg11 has no features.29
+        layer = find_saliency_layer(model, x)
+    return layer
 
 
 def floor_layer_and_input(model, x, target, layer):
@@ -50,7 +66,7 @@ def floor_layer_and_input(model, x, target, layer):
 
 
 def cases(model, x, target, args) -> List[Case]:
-    layer = LAYERS.get(type(model).__name__) or find_saliency_layer(model, x)
+    layer = layer_for(model, x)
     auto = find_saliency_layer(model, x)
     at_layer = floor_layer(model, x, target, layer)
     layer_name = f"fwd+grad({layer})"
@@ -69,3 +85,14 @@ def cases(model, x, target, args) -> List[Case]:
         Case("linear_approx(input)", lambda: linear_approx(model, x, target),
              floor_input(model, x, target), "fwd+grad(input)"),
     ]
+
+
+def main(argv=None) -> int:
+    """The speed table restricted to the layer methods (same options as speed.py)."""
+    from speed import main as speed_main
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return speed_main(["--methods", "grad_cam", "guided_grad_cam", "linear_approx"] + argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

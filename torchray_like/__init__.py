@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from .attribution.deconvnet import deconvnet  # noqa: E402
 from .attribution.excitation_backprop import (contrastive_excitation_backprop,  # noqa: E402
                                               excitation_backprop)
+from .attribution.explain import explain  # noqa: E402
 from .attribution.extremal_perturbation import extremal_perturbation  # noqa: E402
 from .attribution.grad_cam import grad_cam  # noqa: E402
 from .attribution.gradient import gradient  # noqa: E402
@@ -23,6 +24,6 @@ from .attribution.linear_approx import linear_approx  # noqa: E402
 from .attribution.registry import METHODS  # noqa: E402
 from .attribution.rise import rise  # noqa: E402
 
-__all__ = ["METHODS", "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
+__all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
            "linear_approx", "excitation_backprop", "contrastive_excitation_backprop", "rise",
            "extremal_perturbation"]

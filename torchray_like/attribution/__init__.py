@@ -11,13 +11,14 @@ trl.grad_cam(model, x, c)``); for a method chosen by name, :data:`METHODS`.
 
 Modules of the core concepts: :mod:`.context` (rule contexts), :mod:`.rules` (rectifier rules),
 :mod:`.probe`, :mod:`.targets`, :mod:`.maps`, :mod:`.state`, :mod:`.driver`, and
-:mod:`.common` (TorchRay's import path, re-exporting the names users need).
+:mod:`.common` (TorchRay's import path, re-exporting the names users need).  Several
+backpropagation methods from one forward pass: :func:`.explain.explain`.
 """
 
 from __future__ import annotations
 
 from . import (  # noqa: F401  (the submodules, as package attributes)
-    common, context, deconvnet, driver, excitation_backprop, extremal_perturbation, grad_cam,
+    common, context, deconvnet, driver, excitation_backprop, explain, extremal_perturbation, grad_cam,
     gradient, guided_backprop, guided_grad_cam, linear_approx, maps, probe, rise, rules, state,
     targets)
 from .registry import METHODS, MethodRegistry

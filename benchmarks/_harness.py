@@ -1,0 +1,244 @@
+"""Timing harness shared by the speed benchmarks (a private helper module: nothing to run).
+
+A *case* is a method call together with its *floor* — the plain forward pass plus
+``torch.autograd.grad`` down to the tensor the method reads — and optional *others* to compare
+with (Captum's equivalent, the same maps from separate calls ...).  All of them are timed
+interleaved in the same run (A B C, B C A, C A B ...: the start rotates), so drift of a shared
+machine hits each alike, and the median of each is reported.
+
+A row is flagged ``SLOW`` only when a repeat confirms it: a ratio above ``target × (1 + NOISE)``
+is measured again, and only a second ratio above that bound flags the row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from torchray_like.attribution.common import get_backward_gradient, get_module
+
+#: Relative timing noise tolerated before a row is re-measured (and, if confirmed, flagged).
+NOISE = 0.03
+
+
+@dataclass
+class Case:
+    """One line of the speed table.
+
+    ``others`` maps a column name (``"captum"``, ``"separate"``) to a callable doing the
+    equivalent work another way; it is timed interleaved with ``run`` and ``floor``.
+    """
+
+    name: str
+    run: Callable[[], object]
+    floor: Callable[[], object]
+    floor_name: str
+    target_ratio: float = 1.05
+    note: str = ""
+    others: Dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model state: freeze once, so floors do no per-call state handling
+
+_FROZEN: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad`` off for good, as the methods run the model.
+
+    Floors of a model frozen here skip :func:`frozen`'s guard, so they cost only the forward and
+    backward passes; the methods still run their own state guard (part of what they cost).
+    """
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _FROZEN.add(model)
+    return model
+
+
+def frozen(model: nn.Module):
+    """Eval mode and frozen parameters for a block (nothing to do after :func:`freeze`)."""
+    if model in _FROZEN:
+        return contextlib.nullcontext(model)
+    from torchray_like.attribution.common import model_state_guard
+    return model_state_guard(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Floors
+
+
+def floor_input(model: nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
+    """Plain forward + autograd.grad down to the input."""
+    def run():
+        with frozen(model):
+            xx = x.detach().requires_grad_(True)
+            y = model(xx)
+            return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
+    return run
+
+
+def floor_layer(model: nn.Module, x: torch.Tensor, target, layer) -> Callable[[], object]:
+    """Plain forward + autograd.grad down to the output of ``layer`` (and no further)."""
+    module = get_module(model, layer)
+
+    def run():
+        box: List[torch.Tensor] = []
+
+        def hook(m, i, o):
+            leaf = o.detach().requires_grad_(True)
+            box.append(leaf)
+            return leaf
+
+        handle = module.register_forward_hook(hook)
+        try:
+            with frozen(model):
+                y = model(x)
+                return torch.autograd.grad(y, box[0], get_backward_gradient(y, target))[0]
+        finally:
+            handle.remove()
+    return run
+
+
+def floor_passes(model: nn.Module, x: torch.Tensor, target,
+                 passes: Sequence[Sequence[Optional[str]]]) -> Callable[[], object]:
+    """One plain forward, then one ``autograd.grad`` per entry of ``passes``.
+
+    Each entry lists the tensors that pass reaches: ``None`` for the input, a layer name for
+    that layer's output.  ``[[None], ["layer4"]]`` is two backward passes, one to the input and
+    one to layer4; ``[[None, "layer4"]]`` is one pass reaching both.
+    """
+    layers = sorted({r for p in passes for r in p if r is not None})
+    modules = {name: get_module(model, name) for name in layers}
+    needs_input = any(r is None for p in passes for r in p)
+
+    def run():
+        box: Dict[str, torch.Tensor] = {}
+
+        def recorder(name: str) -> Callable:
+            def hook(mod, i, o):
+                if o.requires_grad:  # on the graph already (from the input or a layer below)
+                    box[name] = o
+                    return None
+                box[name] = o.detach().requires_grad_(True)  # a leaf: the backward stops here
+                return box[name]
+            return hook
+
+        handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
+        try:
+            with frozen(model):
+                xx = x.detach().requires_grad_(needs_input)
+                y = model(xx)
+                seed = get_backward_gradient(y, target)
+                out = []
+                for i, reads in enumerate(passes):
+                    out.append(torch.autograd.grad(
+                        y, [xx if r is None else box[r] for r in reads], seed,
+                        retain_graph=i < len(passes) - 1))
+                return out
+        finally:
+            for h in handles:
+                h.remove()
+    return run
+
+
+def floor_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """One plain forward pass without autograd."""
+    def run():
+        with frozen(model), torch.no_grad():
+            return model(x)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _synchronizer(device: Optional[torch.device]) -> Callable[[], None]:
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     device: Optional[torch.device] = None) -> Dict[str, float]:
+    """Median seconds per call of each function, timed interleaved with a rotating start."""
+    sync = _synchronizer(device)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_pair(run: Callable, floor: Callable, repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Median seconds of ``run`` and ``floor`` timed alternately (kept for older callers)."""
+    t = time_interleaved({"method": run, "floor": floor}, repeats, warmup)
+    return {"method_s": t["method"], "floor_s": t["floor"], "ratio": t["method"] / t["floor"]}
+
+
+def measure(case: Case, repeats: int, warmup: int = 1,
+            device: Optional[torch.device] = None) -> Dict[str, object]:
+    """Time a case (method, floor and others interleaved); re-measure a ratio over the bound.
+
+    Returns ``method_s``, ``floor_s``, ``ratio``, ``status`` (``ok``, ``ok, repeat`` — over the
+    bound once, not on the repeat — or ``SLOW``), ``first_ratio`` when repeated, and
+    ``<other>_s`` / ``vs_<other>`` (method time / other time) for each of ``case.others``.
+    """
+    fns = {"method": case.run, "floor": case.floor, **case.others}
+    bound = case.target_ratio * (1 + NOISE)
+    t = time_interleaved(fns, repeats, warmup, device)
+    ratio = t["method"] / t["floor"]
+    res: Dict[str, object] = {"status": "ok"}
+    if ratio > bound:
+        first = ratio
+        t = time_interleaved(fns, repeats, 0, device)
+        ratio = t["method"] / t["floor"]
+        res = {"status": "SLOW" if ratio > bound else "ok, repeat", "first_ratio": first}
+    res.update({"method_s": t["method"], "floor_s": t["floor"], "ratio": ratio})
+    for name in case.others:
+        res[f"{name}_s"] = t[name]
+        res[f"vs_{name}"] = t["method"] / t[name]
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Table
+
+HEADER = (f"{'model':9s} {'method':46s} {'ms':>9s} {'floor ms':>9s} {'ratio':>6s} "
+          f"{'target':>6s} {'status':10s} {'captum ms':>9s} {'vs cpt':>6s}  floor")
+
+
+def format_row(model: str, case: Case, res: Dict[str, object]) -> str:
+    captum = (f"{res['captum_s'] * 1e3:9.1f} {res['vs_captum']:6.2f}" if "captum_s" in res
+              else f"{'-':>9s} {'-':>6s}")
+    notes = []
+    if "first_ratio" in res:
+        notes.append(f"first ratio {res['first_ratio']:.3f}")
+    for key in res:
+        if key.endswith("_s") and key not in ("method_s", "floor_s", "captum_s"):
+            other = key[:-2]
+            notes.append(f"{other} {res[key] * 1e3:.1f} ms = {1 / res['vs_' + other]:.2f}× ours")
+    if case.note:
+        notes.append(case.note)
+    return (f"{model:9s} {case.name:46s} {res['method_s'] * 1e3:9.1f} "
+            f"{res['floor_s'] * 1e3:9.1f} {res['ratio']:6.3f} {case.target_ratio:6.2f} "
+            f"{res['status']:10s} {captum}  {case.floor_name}"
+            + (f"  [{'; '.join(notes)}]" if notes else ""))
