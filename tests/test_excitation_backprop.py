@@ -1,15 +1,21 @@
 """Excitation backprop and contrastive excitation backprop (Zhang et al. 2016, arXiv 1608.00507).
 
 Every rule is checked against an independent float64 computation of the paper's formula
-``P(a_j) = Σ_i x_j w⁺_ij / (Σ_k x_k w⁺_ik) · P(a_i)``: explicit numpy loops for linear layers,
-2-D convolutions, pooling and residual sums, and a dense-matrix form of the rule (the operator's
-matrix built with plain autograd outside the context) for 1-D / 3-D / transposed convolutions.
+``P(a_j) = Σ_i r(x_j) w⁺_ij / (Σ_k r(x_k) w⁺_ik) · P(a_i)`` — with ``r(x) = x`` (signed, the
+default: the authors' reference code and TorchRay) or ``r(x) = max(x, 0)`` (``signed=False``):
+explicit numpy loops for linear layers, 2-D convolutions, pooling and residual sums, and a
+dense-matrix form of the rule (the operator's matrix built with plain autograd outside the
+context) for 1-D / 3-D / transposed convolutions.  Then: precision (float16 / bfloat16), the
+operations the rules do not model (a warning each) or model (a correct map each), the checks of
+the contrast layer, compiled / checkpointed / scripted models, and TorchRay's API.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import inspect
+import re
 import threading
 import warnings
 
@@ -27,11 +33,18 @@ from torchray_like.attribution.common import (
     smooth_saliency,
 )
 from torchray_like.attribution.excitation_backprop import (
+    EltwiseSum,
+    EltwiseSumFunction,
     ExcitationBackpropContext,
+    UnhandledOperationWarning,
     contrastive_excitation_backprop,
+    eltwise_sum,
     excitation_backprop,
     excitation_eps,
     excitation_to_saliency,
+    gradient_to_contrastive_excitation_backprop_saliency,
+    gradient_to_excitation_backprop_saliency,
+    update_resnet,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -39,23 +52,33 @@ from torchray_like.attribution.excitation_backprop import (
 # ---------------------------------------------------------------------------------------------
 
 
-def np_linear_ebp(x, W, p):
-    """x (F,), W (O, F), p (O,) -> P(a_j) = Σ_i x⁺_j W⁺_ij p_i / Σ_k W⁺_ik x⁺_k."""
-    xp, Wp = np.maximum(x, 0), np.maximum(W, 0)
+def rx(x, signed):
+    """The input rule: x itself (signed) or its positive part."""
+    return np.asarray(x, dtype=np.float64) if signed else np.maximum(x, 0)
+
+
+def excitatory(z, signed):
+    """Whether a denominator passes the signal on (non-zero signed, positive otherwise)."""
+    return z != 0 if signed else z > 0
+
+
+def np_linear_ebp(x, W, p, signed=True):
+    """x (F,), W (O, F), p (O,) -> P(a_j) = Σ_i r(x_j) W⁺_ij p_i / Σ_k W⁺_ik r(x_k)."""
+    xp, Wp = rx(x, signed), np.maximum(W, 0)
     out = np.zeros_like(xp)
     for i in range(W.shape[0]):
         z = sum(Wp[i, k] * xp[k] for k in range(len(xp)))
-        if z > 0:
+        if excitatory(z, signed):
             for j in range(len(xp)):
                 out[j] += xp[j] * Wp[i, j] * p[i] / z
     return out
 
 
-def np_conv2d_ebp(x, W, p, stride=1, padding=0):
+def np_conv2d_ebp(x, W, p, stride=1, padding=0, signed=True):
     """x (C, H, W), W (O, C, kh, kw), p (O, Ho, Wo): the rule window by window."""
     C, H, Wd = x.shape
     O, _, kh, kw = W.shape
-    xp = np.pad(np.maximum(x, 0), ((0, 0), (padding, padding), (padding, padding)))
+    xp = np.pad(rx(x, signed), ((0, 0), (padding, padding), (padding, padding)))
     Wp = np.maximum(W, 0)
     out = np.zeros_like(xp)
     for o in range(O):
@@ -64,21 +87,21 @@ def np_conv2d_ebp(x, W, p, stride=1, padding=0):
                 r, c = i * stride, j * stride
                 patch = xp[:, r:r + kh, c:c + kw]
                 z = (Wp[o] * patch).sum()
-                if z > 0:
+                if excitatory(z, signed):
                     out[:, r:r + kh, c:c + kw] += patch * Wp[o] * p[o, i, j] / z
     return out[:, padding:padding + H, padding:padding + Wd]
 
 
-def np_pool_ebp(x, p, windows):
+def np_pool_ebp(x, p, windows, signed=True):
     """Average pooling of ``x`` (C, H, W) over ``windows[(i, j)] = (rows, cols)``: the
-    positive-weight rule reduces to x⁺ / Σ_window x⁺ · p (the 1/|window| cancels)."""
-    xp = np.maximum(x, 0)
+    positive-weight rule reduces to r(x) / Σ_window r(x) · p (the 1/|window| cancels)."""
+    xp = rx(x, signed)
     out = np.zeros_like(xp)
     for (i, j), (rows, cols) in windows.items():
         patch = xp[:, rows, cols]
         z = patch.sum(axis=(1, 2))
         for c in range(x.shape[0]):
-            if z[c] > 0:
+            if excitatory(z[c], signed):
                 out[c, rows, cols] += patch[c] * p[c, i, j] / z[c]
     return out
 
@@ -95,13 +118,14 @@ def adaptive_windows(H, W, oh, ow):
             for i in range(oh) for j in range(ow)}
 
 
-def dense_ebp(op, x, p):
+def dense_ebp(op, x, p, signed=True):
     """The rule in matrix form for any non-negative linear operator ``op`` (weights already
-    positive): A = d op / d x (plain autograd, no context), P' = x⁺ ⊙ Aᵀ(P / (A x⁺))."""
-    xp = x.clamp(min=0)
+    positive): A = d op / d x (plain autograd, no context), P' = r(x) ⊙ Aᵀ(P / (A r(x)))."""
+    xp = x if signed else x.clamp(min=0)
     A = torch.autograd.functional.jacobian(op, xp).reshape(p.numel(), x.numel())
     z = A @ xp.reshape(-1)
-    s = torch.where(z > 0, p.reshape(-1) / torch.where(z > 0, z, torch.ones_like(z)),
+    ok = z != 0 if signed else z > 0
+    s = torch.where(ok, p.reshape(-1) / torch.where(ok, z, torch.ones_like(z)),
                     torch.zeros_like(z))
     return (xp.reshape(-1) * (A.t() @ s)).reshape(x.shape)
 
@@ -123,10 +147,10 @@ def quiet():
     return stack
 
 
-def excite(model, x, seed):
+def excite(model, x, seed, **options):
     """Excitation at the input through the context (x.grad)."""
     x = x.detach().clone().requires_grad_(True)
-    with ExcitationBackpropContext() as ctx:
+    with ExcitationBackpropContext(**options) as ctx:
         y = model(x)
     y.backward(seed)
     return x.grad, ctx
@@ -290,9 +314,9 @@ def test_linear_rule_in_row_blocks(monkeypatch, chunk_rows):
     """The linear rule builds w⁺ block by block: any block size gives the formula, for inputs
     with extra dimensions, for the dual (negated) weights of the contrastive variant, and for a
     second backward pass that reuses the denominators."""
-    ebp = importlib.import_module("torchray_like.attribution.excitation_backprop")
+    rules = importlib.import_module("torchray_like.attribution._excitation_rules")
 
-    monkeypatch.setattr(ebp, "_LINEAR_CHUNK_BYTES", chunk_rows * 5 * 8)
+    monkeypatch.setattr(rules, "LINEAR_CHUNK_BYTES", chunk_rows * 5 * 8)
     torch.manual_seed(1)
     m = TwoLinear().double()
     x = torch.rand(2, 3, 5, dtype=torch.float64)
@@ -322,19 +346,55 @@ def test_linear_rule_in_row_blocks(monkeypatch, chunk_rows):
             x4[n, :, 0].numpy(), W1, (t - d) * (h1 > 0)), rtol=1e-11, atol=1e-14)
 
 
-def test_signed_input_uses_positive_part():
+@pytest.mark.parametrize("signed", [True, False])
+def test_signed_inputs(signed):
+    """Signed (default, the authors' rule): a signed input keeps its sign, P_j ∝ x_j w⁺_ij;
+    positive: only x⁺ takes part and the map is a non-negative distribution."""
     torch.manual_seed(1)
     m = TwoLinear().double()
     x = torch.randn(2, 5, dtype=torch.float64)
     assert (x < 0).any()
     seed = torch.tensor(onehot(2, [1, 1], 3))
-    got, _ = excite(m, x, seed)
+    got, _ = excite(m, x, seed, **({} if signed else {"signed": False}))  # default: signed
     W1, W2 = m.fc1.weight.detach().numpy(), m.fc2.weight.detach().numpy()
     for n in range(2):
         h = np.maximum(W1 @ x[n].numpy() + m.fc1.bias.detach().numpy(), 0)
-        p0 = np_linear_ebp(x[n].numpy(), W1, np_linear_ebp(h, W2, seed[n].numpy()))
+        p0 = np_linear_ebp(x[n].numpy(), W1, np_linear_ebp(h, W2, seed[n].numpy(), signed),
+                           signed)
         np.testing.assert_allclose(got[n].numpy(), p0, rtol=1e-12, atol=1e-15)
-    assert (got[x < 0] == 0).all() and (got >= 0).all()
+    if signed:
+        assert (got[x < 0] != 0).any() and (got < 0).any()
+        # Conserved: the shares of every unit with a non-zero denominator sum to its signal.
+        torch.testing.assert_close(got.sum(1), torch.ones(2, dtype=torch.float64))
+    else:
+        assert (got[x < 0] == 0).all() and (got >= 0).all()
+
+
+def test_rules_agree_on_non_negative_inputs():
+    m = build_conv_linear(nn.AvgPool2d(2), hidden=(6, 2, 2))
+    x = torch.rand(2, 2, 8, 7, dtype=torch.float64)
+    seed = torch.tensor(onehot(2, [1, 3], 4))
+    signed, _ = excite(m, x, seed)
+    positive, _ = excite(m, x, seed, signed=False)
+    torch.testing.assert_close(signed, positive, rtol=1e-13, atol=0)
+
+
+def test_signed_zero_denominators_pass_nothing():
+    """Signed inputs can cancel: Σ_k x_k w⁺_ik = 0 exactly.  TorchRay divides by it (inf /
+    NaN); here the unit passes nothing on, and sums a + b = 0 likewise."""
+    fc = nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)  # unit 0: z = 0, unit 1: z = 1
+    got, _ = excite(fc, x, torch.tensor([[5.0, 1.0]], dtype=torch.float64))
+    assert torch.equal(got, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    a = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[-1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    with ExcitationBackpropContext():
+        s = a + b
+    ga, gb = torch.autograd.grad(s, (a, b), torch.ones_like(s))
+    assert torch.equal(ga, torch.tensor([[0.0, 2 / 3]], dtype=torch.float64))
+    assert torch.equal(gb, torch.tensor([[0.0, 1 / 3]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("pool", ["none", "avg", "adaptive", "mean"])
@@ -386,14 +446,26 @@ class MeanPool(nn.Module):
         return x.mean((2, 3), keepdim=True)
 
 
-def test_mean_over_channels_keeps_its_gradient():
-    """Only a spatial mean is a pooling; a mean over channels is left alone (not counted)."""
-    x = torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_sums_and_means_over_dimensions_split_in_proportion(reduce):
+    """A sum or mean over explicit dimensions is a sum with positive weights: each term gets
+    its share r(x_c) / Σ_c r(x_c).  A full reduction (a score) keeps its gradient."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(2, 4, 4, dtype=torch.float64)
+    for signed in (True, False):
+        with ExcitationBackpropContext(signed=signed) as ctx:
+            y = getattr(x, reduce)(1)
+        (g,) = torch.autograd.grad(y, x, p)
+        xr = x.detach() if signed else x.detach().clamp(min=0)
+        total = xr.sum(1, keepdim=True)
+        expected = torch.where(total != 0, xr / total, 0.0) * p[:, None]
+        torch.testing.assert_close(g, expected)
+        assert ctx.counts == {"mean" if reduce == "mean" else "sum_dims": 1}
     with quiet(), ExcitationBackpropContext() as ctx:
-        y = x.mean(1).sum() + torch.mean(x, dim=(0,)).sum()
+        y = getattr(x, reduce)()
     (g,) = torch.autograd.grad(y, x)
     assert ctx.counts == {}
-    torch.testing.assert_close(g, torch.full_like(x, 1 / 3 + 1 / 2))
+    torch.testing.assert_close(g, torch.full_like(x, 1 / x.numel() if reduce == "mean" else 1))
 
 
 def test_batch_norm_passes_the_signal_through():
@@ -422,12 +494,15 @@ def test_batch_norm_passes_the_signal_through():
 
 @pytest.mark.parametrize("style", ["plus", "iadd", "add_", "torch.add", "method", "radd",
                                    "iadd_relu"])
-def test_residual_sum_splits_in_proportion(style):
+@pytest.mark.parametrize("signed", [True, False])
+def test_residual_sum_splits_in_proportion(style, signed):
+    """Signed: a / (a + b), b / (a + b) on signed values (the authors' rule); positive:
+    a⁺ / (a⁺ + b⁺)."""
     m = Residual(style).double().eval()
     x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
     target = [2, 0]
     seed = torch.tensor(onehot(2, target, 3))
-    got, ctx = excite(m, x, seed)
+    got, ctx = excite(m, x, seed, signed=signed)
     with torch.no_grad():
         plain = m(x)
     x2 = x.clone().requires_grad_(True)
@@ -445,33 +520,93 @@ def test_residual_sum_splits_in_proportion(style):
         p_h = np_linear_ebp(h.reshape(-1), m.fc.weight.detach().numpy(),
                             seed[n].numpy()).reshape(h.shape)
         p_s = p_h * (h > 0)
-        den = np.maximum(a, 0) + b
-        share_a = np.where(den > 0, np.maximum(a, 0) / np.where(den > 0, den, 1), 0)
-        share_b = np.where(den > 0, b / np.where(den > 0, den, 1), 0)
+        ra = rx(a, signed)
+        den = ra + b
+        ok = excitatory(den, signed)
+        share_a = np.where(ok, ra / np.where(ok, den, 1), 0)
+        share_b = np.where(ok, b / np.where(ok, den, 1), 0)
         p_x = (np_conv2d_ebp(x[n].numpy(), W1, p_s * share_a, padding=1)
                + np_conv2d_ebp(x[n].numpy(), W2, p_s * share_b * (b > 0), padding=1))
         np.testing.assert_allclose(got[n].numpy(), p_x, rtol=1e-11, atol=1e-14)
         assert got[n].sum().item() == pytest.approx(1.0, abs=1e-12)
+        if signed:
+            assert (share_a < 0).any() and (share_b > 1).any()
 
 
-def test_adds_that_are_not_residual_sums_keep_their_gradient():
+def test_biases_keep_their_gradient():
+    """Adding a number, a parameter or a smaller constant tensor (a bias) is not a sum of
+    activations: the bias takes no share, the signal passes unchanged."""
     x = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
     bias = nn.Parameter(torch.rand(2, 3, dtype=torch.float64), requires_grad=False)
-    for add, slope in [(lambda: x + 1, 1.0), (lambda: 2.0 + x, 1.0), (lambda: x + bias, 1.0),
-                       (lambda: x + torch.ones(3, dtype=torch.float64), 1.0),
-                       (lambda: torch.add(x, x.detach(), alpha=2), 1.0),
-                       (lambda: x.add(x, alpha=3), 4.0)]:
-        with quiet(), ExcitationBackpropContext() as ctx:
-            y = add()
+    for add in [lambda: x + 1, lambda: 2.0 + x, lambda: x + bias, lambda: x - bias,
+                lambda: x + torch.ones(3, dtype=torch.float64), lambda: x - 1,
+                lambda: torch.add(x, 1.5, alpha=2)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnhandledOperationWarning)
+            with quiet(), ExcitationBackpropContext() as ctx:
+                y = add()
         (g,) = torch.autograd.grad(y.sum(), x)
         assert ctx.counts == {}
-        torch.testing.assert_close(g, torch.full_like(x, slope))
-    # A sum of two activations of the same shape is a residual sum.
-    with quiet(), ExcitationBackpropContext() as ctx:
-        y = x + x.detach() * 3
-    (g,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(g, torch.ones_like(x))
+
+
+def test_weighted_sums_split_in_proportion():
+    """a + α b (α > 0) in any spelling — torch.add(alpha=), a + 2 * b, a - (-α) b, a constant
+    or broadcast operand, stack then sum — gives each term α r(b) / (r(a) + α r(b))."""
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(2, 3, 4, dtype=torch.float64)
+
+    def shares(alpha, signed=True, b_value=None):
+        bv = b.detach() if b_value is None else b_value
+        ra = a.detach() if signed else a.detach().clamp(min=0)
+        rb = alpha * (bv if signed else bv.clamp(min=0))
+        den = ra + rb
+        return ra / den * p, rb / den * p
+
+    cases = {
+        "alpha": (lambda: torch.add(a, b, alpha=2), 2.0),
+        "scaled": (lambda: a + 2 * b, 2.0),
+        "scaled_div": (lambda: a + b / 0.5, 2.0),
+        "method": (lambda: a.add(b, alpha=0.5), 0.5),
+        "sub_negative_alpha": (lambda: torch.sub(a, b, alpha=-3), 3.0),
+        "stack_sum": (lambda: torch.stack([a, b]).sum(0), 1.0),
+        "stack_mean": (lambda: torch.stack([a, b], 1).mean(1), 1.0),
+    }
+    for name, (f, alpha) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnhandledOperationWarning)
+            with ExcitationBackpropContext() as ctx:
+                y = f()
+        torch.testing.assert_close(y, a.detach() + alpha * b.detach() if "mean" not in name
+                                   else (a.detach() + b.detach()) / 2)
+        ga, gb = torch.autograd.grad(y, (a, b), p)
+        ea, eb = shares(alpha)
+        torch.testing.assert_close(ga, ea, msg=name)
+        torch.testing.assert_close(gb, eb, msg=name)
+        torch.testing.assert_close(ga + gb, p)  # conserved
+    # The positive rule on the same sum.
+    with ExcitationBackpropContext(signed=False):
+        y = torch.add(a, b, alpha=2)
+    ga, gb = torch.autograd.grad(y, (a, b), p)
+    ea, eb = shares(2.0, signed=False)
+    torch.testing.assert_close(ga, torch.where(ea.isfinite(), ea, 0.0))
+    torch.testing.assert_close(gb, torch.where(eb.isfinite(), eb, 0.0))
+    # A constant (same shape, not followed by autograd) takes its share; a broadcast operand
+    # that autograd follows is an activation: its signal sums over the broadcast positions.
+    with ExcitationBackpropContext() as ctx:
+        y = a + b.detach() * 3
+    (ga,) = torch.autograd.grad(y, a, p)
+    torch.testing.assert_close(ga, shares(3.0)[0])
     assert ctx.counts == {"sum": 1}
-    torch.testing.assert_close(g, torch.full_like(x, 0.25))
+    c = torch.rand(2, 1, 4, dtype=torch.float64, requires_grad=True)
+    with ExcitationBackpropContext():
+        y = a + c
+    ga, gc = torch.autograd.grad(y, (a, c), p)
+    den = a.detach() + c.detach()
+    torch.testing.assert_close(ga, a.detach() / den * p)
+    torch.testing.assert_close(gc, (c.detach() / den * p).sum(1, keepdim=True))
 
 
 def test_relu6_passes_the_saturated_side():
@@ -672,7 +807,7 @@ def test_conservation_at_every_layer_of_a_tower():
     m = Tower().double().eval()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     layers = ["stem", "block1", "branch_b", "pool", "head.1", "head.3"]
-    probes = {name: Probe(m.get_submodule(name)) for name in layers}
+    probes = {name: Probe(m.get_submodule(name), target="output") for name in layers}
     try:
         xx = x.clone().requires_grad_(True)
         with ExcitationBackpropContext() as ctx:
@@ -706,19 +841,28 @@ LAYERS = {
 }
 
 
-def test_torchvision_models(torchvision_model):
-    """Forward unchanged, counts, conservation at three layers, the map equals the channel sum
-    of the excitation, contrastive runs and keeps the difference of two distributions (zero
-    total) at the saliency layer."""
+@pytest.mark.parametrize("signed", [True, False])
+def test_torchvision_models(torchvision_model, signed):
+    """Forward unchanged, counts, conservation at three layers (with the positive rule, a
+    non-negative distribution), the map equals the channel sum of the excitation, contrastive
+    runs and keeps the difference of two distributions (zero total) at the saliency layer.
+
+    With the signed rule MobileNetV2's linear bottlenecks (signed inputs to 1×1 convolutions)
+    make denominators cancel: shares in the thousands, conserved only up to float32 rounding.
+    """
     name, model = torchvision_model
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         plain = model(x)
-        with ExcitationBackpropContext() as ctx:
+        with quiet(), ExcitationBackpropContext() as ctx:
             inside = model(x)
     assert torch.equal(inside, plain)
-    assert ctx.counts.get("conv", 0) > 0
+    # Under no_grad nothing is replaced: the calls are counted as skipped.
+    assert ctx.counts == {} and ctx.skipped.get("conv", 0) > 0
+    with ExcitationBackpropContext() as ctx:
+        inside = model(x.clone().requires_grad_(True))
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
     if name == "resnet18":
         assert ctx.counts == {"conv": 20, "batch_norm": 20, "sum": 8,
                               "adaptive_avg_pool": 1, "linear": 1}
@@ -726,9 +870,9 @@ def test_torchvision_models(torchvision_model):
         assert ctx.counts["sum"] == 10 and ctx.counts["relu6"] == 35
     target = [3, 7]
     layers = LAYERS[name]
-    probes = [Probe(model.get_submodule(layer)) for layer in layers]
+    probes = [Probe(model.get_submodule(layer), target="output") for layer in layers]
     try:
-        with ExcitationBackpropContext():
+        with ExcitationBackpropContext(signed=signed):
             y = model(x)
         seed = torch.zeros_like(y)
         seed[[0, 1], target] = 1
@@ -737,9 +881,14 @@ def test_torchvision_models(torchvision_model):
     finally:
         for probe in probes:
             probe.remove()
+    atol = 1e-2 if signed and name == "mobilenet_v2" else 1e-4
     for e in excitations:
-        torch.testing.assert_close(e.flatten(1).sum(1), torch.ones(2), rtol=0, atol=1e-4)
-        assert (e >= 0).all()
+        assert torch.isfinite(e).all()
+        torch.testing.assert_close(e.flatten(1).sum(1), torch.ones(2), rtol=0, atol=atol)
+        if not signed:
+            assert (e >= 0).all()
+    if not signed:
+        return  # the wrappers with the positive rule are checked on small nets
     smap = excitation_backprop(model, x, target, saliency_layer=layers[1])
     assert smap.shape == (2, 1) + excitations[1].shape[2:]
     assert smap.dtype == torch.float32 and smap.device == x.device
@@ -748,17 +897,17 @@ def test_torchvision_models(torchvision_model):
                                                  resize=True, debug=True)
     assert cmap.shape == (2, 1, 64, 64) and (cmap >= 0).all() and cmap.amax() > 0
     torch.testing.assert_close(info.gradient.flatten(1).sum(1), torch.zeros(2), rtol=0,
-                               atol=1e-4)
+                               atol=atol)
 
 
 def test_batch_targets_equal_single_calls(torchvision_models):
-    model = torchvision_models["mobilenet_v2"]
+    model = torchvision_models["resnet18"]
     torch.manual_seed(3)
     x = torch.randn(3, 3, 64, 64)
     target = [3, 7, 3]
     single = torch.cat([excitation_backprop(model, x[i:i + 1], target[i],
-                                            saliency_layer="features.7") for i in range(3)])
-    batch = excitation_backprop(model, x, torch.tensor(target), saliency_layer="features.7")
+                                            saliency_layer="layer2") for i in range(3)])
+    batch = excitation_backprop(model, x, torch.tensor(target), saliency_layer="layer2")
     torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(batch[0], batch[2])  # same class, different images
 
@@ -875,7 +1024,7 @@ def test_state_is_restored_after_success_and_failure(method):
     def call():
         if method == "ebp":
             return excitation_backprop(m, x, [0, 1], saliency_layer="conv")
-        return contrastive_excitation_backprop(m, x, [0, 1], "conv", "conv2")
+        return contrastive_excitation_backprop(m, x, [0, 1], "conv", "bn")
 
     before = snapshot(m, x)
     out = call()
@@ -891,7 +1040,7 @@ def test_state_is_restored_after_success_and_failure(method):
         if method == "ebp":
             excitation_backprop(m, x, [0, 9], saliency_layer="conv")
         else:
-            contrastive_excitation_backprop(m, x, [0, 1], "conv", "conv2",
+            contrastive_excitation_backprop(m, x, [0, 1], "conv", "bn",
                                             classifier_layer="conv")
     assert_same_state(before, snapshot(m, x))
     assert torch.equal(call(), out)
@@ -973,7 +1122,7 @@ def test_warnings_for_models_without_rules():
     gelu = nn.Sequential(nn.Conv2d(3, 2, 1), nn.GELU())
     with pytest.warns(UnhandledActivationWarning, match="gelu"):
         with ExcitationBackpropContext():
-            gelu(torch.rand(1, 3, 2, 2))
+            gelu(torch.rand(1, 3, 2, 2, requires_grad=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1007,8 +1156,11 @@ def test_excitation_backprop_errors():
 def test_contrastive_errors():
     m = ConvHead().eval()
     x = torch.rand(1, 2, 6, 6)
-    with pytest.raises(ValueError, match="contrast_layer is required"):
-        contrastive_excitation_backprop(m, x, 0, "relu1")
+    with pytest.raises(TypeError, match="contrast_layer"):
+        contrastive_excitation_backprop(m, x, 0, "relu1")  # required, as in TorchRay
+    for missing in (None, ""):
+        with pytest.raises(ValueError, match="contrast_layer is required"):
+            contrastive_excitation_backprop(m, x, 0, "relu1", missing)
     with pytest.raises(ValueError, match="'relu1' is the saliency_layer"):
         contrastive_excitation_backprop(m, x, 0, "relu1", "relu1")
     with pytest.raises(ValueError, match="contrast layer must be above the saliency layer"):
@@ -1062,3 +1214,488 @@ def test_contrastive_errors():
 
     with pytest.raises(ValueError, match="makes no convolution or linear call"):
         contrastive_excitation_backprop(nn.Sequential(PoolOnly()), x, 0, None, "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: 16-bit floats keep their signal
+# ---------------------------------------------------------------------------------------------
+
+
+class SmallStack(nn.Module):
+    """conv → ReLU → conv → ReLU → avg pool → residual-free linear head; activations small
+    (inputs scaled by 1e-3), where float16's own sqrt(tiny) = 7.8e-3 would swallow every unit."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+        with torch.no_grad():
+            for m in (self.c1, self.c2, self.fc):
+                m.weight.abs_()  # every unit has excitatory inputs
+                m.bias.zero_()
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        h = F.avg_pool2d(h, 2) + F.avg_pool2d(h, 2) * 0.5  # a weighted sum, in 16 bits too
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_floats_conserve_the_signal(dtype):
+    m = SmallStack().eval()
+    x = torch.rand(2, 3, 8, 8) * 1e-3
+    seed = torch.zeros(2, 5)
+    seed[[0, 1], [1, 4]] = 1
+    ref, _ = excite(m, x, seed)
+    got, ctx = excite(m.to(dtype), x.to(dtype), seed.to(dtype))
+    assert got.dtype == dtype
+    mass = got.float().flatten(1).sum(1)
+    torch.testing.assert_close(mass, torch.ones(2), rtol=0, atol=2e-2)
+    torch.testing.assert_close(got.float(), ref, rtol=5e-2, atol=2e-4)
+    assert ctx.counts["conv"] == 2 and ctx.counts["sum"] == 1 and ctx.counts["scale"] == 1
+    assert excitation_eps(dtype) == excitation_eps(torch.float32)
+    # The wrapper too, at a layer.
+    smap = excitation_backprop(m, x.to(dtype), [1, 4], saliency_layer="c1")
+    torch.testing.assert_close(smap.float().flatten(1).sum(1), torch.ones(2), rtol=0,
+                               atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations the rules do not model: a warning each
+# ---------------------------------------------------------------------------------------------
+
+
+class Unmodeled(nn.Module):
+    """conv → op → ReLU → linear, with ``op`` one of the operations to check."""
+
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(12)
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm([4, 4, 4])
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.post = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+        self.register_buffer("mix", torch.rand(4, 4))
+        self.op = op
+
+    def forward(self, x):
+        a, b = self.c1(x), F.relu(self.c2(x))
+        op = self.op
+        if op == "group_norm":
+            h = self.gn(a)
+        elif op == "layer_norm":
+            h = self.ln(a)
+        elif op == "instance_norm":
+            h = self.inorm(a)
+        elif op == "sub":
+            h = a - b
+        elif op == "sub_mean":
+            h = a - a.mean(1, keepdim=True)
+        elif op == "abs":
+            h = a.abs()
+        elif op == "neg":
+            h = -a
+        elif op == "rsub":
+            h = 1 - a
+        elif op == "add(alpha<0)":
+            h = torch.add(a, b, alpha=-2)
+        elif op == "mul by a negative factor":
+            h = a * -2
+        elif op == "mul of two activations":
+            h = a * b
+        elif op == "matmul":
+            h = (self.mix @ a.flatten(2)).reshape(a.shape)
+        else:
+            raise AssertionError(op)
+        return self.fc(F.relu(self.post(F.relu(h))).flatten(1))
+
+
+UNMODELED = ["group_norm", "layer_norm", "instance_norm", "sub", "sub_mean", "abs", "neg",
+             "rsub", "add(alpha<0)", "mul by a negative factor", "mul of two activations",
+             "matmul"]
+
+
+@pytest.mark.parametrize("op", UNMODELED)
+def test_unmodeled_operations_warn(op):
+    m = Unmodeled(op).eval()
+    x = torch.rand(2, 2, 4, 4)
+    name = {"sub_mean": "sub"}.get(op, op)
+    with pytest.warns(UnhandledOperationWarning, match=re.escape(f"{name} ×1")):
+        got, ctx = excite(m, x, torch.eye(3)[:2])
+    assert ctx.unmodeled == {name: 1}
+    with pytest.warns(UnhandledOperationWarning, match="does not model"):
+        excitation_backprop(m, x, [0, 1])
+    # Read above the operation: backpropagation does not reach it, nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnhandledOperationWarning)
+        excitation_backprop(m, x, [0, 1], saliency_layer="post")
+    # A subclass of UnhandledActivationWarning: filters on that class catch it.
+    assert issubclass(UnhandledOperationWarning, UnhandledActivationWarning)
+
+
+def test_modeled_scalings_do_not_warn_and_pass_the_signal():
+    """x * c, c * x, x / c with c > 0 (a number or a constant tensor) and in place: the
+    signal passes unchanged where the output is excited (the weight cancels)."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    std = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)[:, None]
+    p = torch.rand(2, 3, 4, dtype=torch.float64)
+    for signed in (True, False):
+        for f in (lambda t: t * 3, lambda t: 0.5 * t, lambda t: t / std, lambda t: std * t,
+                  lambda t: torch.mul(t, 2), lambda t: t.clone().mul_(2),
+                  lambda t: t.clone().div_(std)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UnhandledOperationWarning)
+                with ExcitationBackpropContext(signed=signed) as ctx:
+                    y = f(x)
+            (g,) = torch.autograd.grad(y, x, p)
+            assert ctx.counts == {"scale": 1}
+            torch.testing.assert_close(g, p if signed else p * (x > 0))
+
+
+def test_calls_inside_custom_functions_warn():
+    """Replaced calls made without autograd on inputs that require grad — inside a custom
+    autograd.Function (a reentrant checkpoint, a hand-written activation) — keep the
+    Function's own backward: a warning says so (not an error: the Function's backward is a
+    legitimate part of the model)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Net(nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            torch.manual_seed(13)
+            self.c1, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            if self.reentrant:
+                h = checkpoint(lambda t: F.relu(self.c1(t)), x, use_reentrant=True)
+            else:
+                h = F.relu(Double.apply(self.c1(x)))
+            return self.fc(h.mean((2, 3)))
+
+    x = torch.rand(1, 3, 6, 6, requires_grad=True)
+    for reentrant in (True, False):
+        with pytest.warns(UnhandledOperationWarning, match=r"no_grad ×1.*custom"):
+            with ExcitationBackpropContext():
+                Net(reentrant)(x)
+    with pytest.warns(UnhandledOperationWarning, match="no_grad"):
+        smap = excitation_backprop(Net(False), x.detach(), 0, saliency_layer="c1")
+    assert torch.isfinite(smap).all()
+    # A reentrant checkpoint refuses torch.autograd.grad itself.
+    with pytest.warns(UnhandledOperationWarning), pytest.raises(RuntimeError,
+                                                               match="use_reentrant"):
+        excitation_backprop(Net(True), x.detach(), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive: the contrast layer must cut the network
+# ---------------------------------------------------------------------------------------------
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(14)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, padding=1))
+        self.out = nn.ReLU()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = self.out(h + self.block(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_contrast_layer_must_cut_the_network():
+    m = ResidualNet().eval()
+    x = torch.rand(2, 3, 6, 6)
+    for inside in ("block.0", "block.2", "block"):
+        with pytest.raises(ValueError, match=rf"'{inside}' does not cut the network.*identity"):
+            contrastive_excitation_backprop(m, x, [0, 1], "stem", inside)
+    # Above the residual sum every path passes through: fine.
+    smap = contrastive_excitation_backprop(m, x, [0, 1], "stem", "out")
+    assert smap.shape == (2, 1, 6, 6) and (smap >= 0).all()
+    # Inside the block, with the saliency layer inside it too, the cut holds.
+    smap = contrastive_excitation_backprop(m, x, [0, 1], "block.0", "block.1")
+    assert smap.shape == (2, 1, 6, 6)
+
+
+def test_contrast_layer_cut_on_resnet(torchvision_models):
+    model = torchvision_models["resnet18"]
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="does not cut the network"):
+        contrastive_excitation_backprop(model, x, 3, "layer2", "layer3.0.conv2")
+    assert contrastive_excitation_backprop(model, x, 3, "layer2", "layer3.1").amax() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Models the context cannot see into: refused clearly
+# ---------------------------------------------------------------------------------------------
+
+
+def small_net():
+    torch.manual_seed(15)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+def test_compiled_models():
+    """torch.compile(model) is explained through its original module (same map, computed
+    eagerly, layer names with or without the '_orig_mod.' prefix); a compiled sub-module, or a
+    module compiled in place, is refused with what to pass instead."""
+    m = small_net()
+    x = torch.rand(2, 3, 6, 6)
+    compiled = torch.compile(m)
+    torch.testing.assert_close(excitation_backprop(compiled, x, [0, 2]),
+                               excitation_backprop(m, x, [0, 2]), rtol=0, atol=0)
+    expected = contrastive_excitation_backprop(m, x, [0, 2], "0", "1")
+    for layers in (("0", "1"), ("_orig_mod.0", "_orig_mod.1")):
+        torch.testing.assert_close(
+            contrastive_excitation_backprop(compiled, x, [0, 2], *layers), expected)
+    parent = nn.Sequential(torch.compile(small_net()))
+    for f in (lambda: excitation_backprop(parent, x, 0),
+              lambda: contrastive_excitation_backprop(parent, x, 0, "", "0._orig_mod.1")):
+        with pytest.raises(ValueError, match=r"torch.compile.*_orig_mod"):
+            f()
+    in_place = small_net()
+    in_place.compile()
+    with pytest.raises(ValueError, match=r"torch.compile"):
+        excitation_backprop(in_place, x, 0)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_submodules_are_refused(how):
+    m = small_net()
+    x = torch.rand(1, 3, 6, 6)
+    conv = m[0]
+    m[0] = (torch.jit.script(conv) if how == "script"
+            else torch.jit.trace(conv, torch.rand(1, 3, 6, 6)))
+    with pytest.raises(ValueError, match=r"TorchScript module '0'"):
+        excitation_backprop(m, x, 0)
+    with pytest.raises(ValueError, match="TorchScript"):
+        contrastive_excitation_backprop(m, x, 0, "", "1")
+
+
+def test_non_reentrant_checkpoint_is_refused():
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = small_net()
+
+        def forward(self, x):
+            return checkpoint(self.inner, x, use_reentrant=False)
+
+    x = torch.rand(1, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=r"checkpoint\(use_reentrant=False\).*without"):
+        excitation_backprop(Net(), x, 0)
+    with pytest.raises(RuntimeError, match=r"checkpoint\(use_reentrant=False\)"):
+        with ExcitationBackpropContext():
+            Net()(x.requires_grad_(True))
+    # Outside the context saved-tensor hooks work again.
+    y = Net()(x.detach().requires_grad_(True))
+    y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchRay's API
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torchray_signatures():
+    def names(f):
+        return list(inspect.signature(f).parameters)
+
+    assert names(contrastive_excitation_backprop)[:10] == [
+        "model", "input", "target", "saliency_layer", "contrast_layer", "classifier_layer",
+        "resize", "resize_mode", "get_backward_gradient", "debug"]
+    params = inspect.signature(contrastive_excitation_backprop).parameters
+    assert params["smooth"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["saliency_layer"].default is inspect.Parameter.empty
+    assert names(excitation_backprop)[:7] == [
+        "model", "input", "target", "saliency_layer", "resize", "resize_mode", "smooth"]
+    assert inspect.signature(excitation_backprop).parameters["context_builder"].kind is (
+        inspect.Parameter.KEYWORD_ONLY)
+    assert names(ExcitationBackpropContext)[:2] == ["enable", "debug"]
+    assert names(update_resnet) == ["model", "debug"]
+    for f in (excitation_backprop, contrastive_excitation_backprop):
+        hints = inspect.signature(f)
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in hints.parameters.values())
+
+
+def test_contrastive_positional_get_backward_gradient_is_used():
+    """TorchRay's positional order: get_backward_gradient is the 9th argument."""
+    m = ConvHead().double().eval()
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    calls = []
+
+    def seed(output, target):
+        calls.append(target)
+        g = torch.zeros_like(output)
+        g[:, target] = 2.0
+        return g
+
+    doubled = contrastive_excitation_backprop(m, x, 1, "relu1", "relu2", None, False,
+                                              "bilinear", seed)
+    plain = contrastive_excitation_backprop(m, x, 1, "relu1", "relu2")
+    assert calls == [1]
+    torch.testing.assert_close(doubled, 2 * plain)
+    smap, info = contrastive_excitation_backprop(m, x, 1, "relu1", "relu2", None, False,
+                                                 "bilinear", seed, True)
+    assert isinstance(info.gradient, torch.Tensor)
+
+
+def test_context_enable_and_debug(capsys):
+    m = ConvHead().double().eval()
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    (plain,) = torch.autograd.grad(m(x)[0, 1], x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ExcitationBackpropContext(enable=False) as ctx:
+            y = m(x)
+    (g,) = torch.autograd.grad(y[0, 1], x)
+    assert torch.equal(g, plain) and ctx.counts == {}
+    with ExcitationBackpropContext(False, True):  # positional, as TorchRay
+        m(x)
+    with ExcitationBackpropContext(debug=True):
+        y = m(x)
+    capsys.readouterr()
+    (g,) = torch.autograd.grad(y[0, 1], x)
+    out = capsys.readouterr().out
+    assert out.count("excitation backprop:") == 3 and "linear #2" in out and "conv #0" in out
+    assert g.sum().item() == pytest.approx(1.0)
+
+
+def test_gradient_to_saliency_functions():
+    x = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    x.grad = torch.tensor([[[[1.0, -2.0], [0.5, 0.0]]]]).expand(1, 3, 2, 2).clone()
+    x.grad[0, 1] *= 2
+    total = torch.tensor([[[[4.0, -8.0], [2.0, 0.0]]]])
+    assert torch.equal(gradient_to_excitation_backprop_saliency(x), total)
+    assert torch.equal(gradient_to_contrastive_excitation_backprop_saliency(x),
+                       total.clamp(min=0))
+    assert excitation_to_saliency is gradient_to_excitation_backprop_saliency
+    m = ConvHead().eval()
+    xx = torch.rand(1, 2, 6, 6)
+    default = excitation_backprop(m, xx, 0, "relu1")
+    explicit = excitation_backprop(m, xx, 0, "relu1", context_builder=ExcitationBackpropContext,
+                                   gradient_to_saliency=gradient_to_excitation_backprop_saliency)
+    torch.testing.assert_close(default, explicit)
+
+
+def test_eltwise_sum_and_update_resnet(torchvision_models):
+    torch.manual_seed(16)
+    a = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(2, 3, dtype=torch.float64)
+    # Outside the context: a plain sum.
+    y = EltwiseSum()(a, b)
+    assert torch.equal(y, a + b)
+    assert all(torch.equal(g, p) for g in torch.autograd.grad(y, (a, b), p))
+    # Inside: the sum rule, as the context applies to a + b.
+    for signed in (True, False):
+        with ExcitationBackpropContext(signed=signed) as ctx:
+            y1 = EltwiseSum()(a, b)
+            y2 = a + b
+        assert ctx.counts == {"sum_dims": 1, "sum": 1}  # stack + sum, and a + b
+        for g1, g2 in zip(torch.autograd.grad(y1, (a, b), p), torch.autograd.grad(y2, (a, b),
+                                                                                   p)):
+            torch.testing.assert_close(g1, g2)
+    with ExcitationBackpropContext():
+        y = eltwise_sum(a, b, c)
+    grads = torch.autograd.grad(y, (a, b, c), p)
+    den = (a + b + c).detach()
+    for g, t in zip(grads, (a, b, c)):
+        torch.testing.assert_close(g, t.detach() / den * p)
+    assert issubclass(EltwiseSumFunction, torch.autograd.Function)
+    # update_resnet: the same model, unchanged, the same maps.
+    model = torchvision_models["resnet18"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 64, 64)
+    before = excitation_backprop(model, x, 3, "layer2")
+    assert update_resnet(model) is model and update_resnet(model, debug=False) is model
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(excitation_backprop(model, x, 3, "layer2"), before, rtol=0,
+                               atol=0)
+
+
+def test_signed_default_differs_from_positive_at_the_input(torchvision_models):
+    """The two rules agree wherever inputs are non-negative; at the normalised image and
+    across ResNet's batch-normalised residual branches they differ."""
+    model = torchvision_models["resnet18"]
+    torch.manual_seed(4)
+    x = torch.randn(1, 3, 32, 32)
+    signed = excitation_backprop(model, x, 3)
+    positive = excitation_backprop(model, x, 3, signed=False)
+    assert (signed < 0).any() and (positive >= 0).all()
+    assert not torch.allclose(signed, positive, atol=1e-3)
+    a = excitation_backprop(model, x, 3, "layer2")
+    b = excitation_backprop(model, x, 3, "layer2", signed=False)
+    assert 0 < (a - b).abs().max() < 1
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "area"])
+def test_interpolation_follows_the_dense_rule(mode):
+    """Upsampling (an FPN / U-Net decoder) is a linear map with non-negative weights."""
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(1, 2, 6, 8, dtype=torch.float64)
+    options = {} if mode != "bilinear" else {"align_corners": False}
+
+    def op(t):
+        return F.interpolate(t, size=(6, 8), mode=mode, **options)
+
+    for signed in (True, False):
+        with ExcitationBackpropContext(signed=signed) as ctx:
+            y = op(x)
+        (g,) = torch.autograd.grad(y, x, p)
+        assert ctx.counts == {"interpolate": 1}
+        torch.testing.assert_close(g, dense_ebp(op, x.detach(), p, signed))
+    with pytest.warns(UnhandledOperationWarning, match=r"interpolate\(bicubic\)"), quiet():
+        with ExcitationBackpropContext():
+            y = F.interpolate(x, scale_factor=2, mode="bicubic")
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
+
+def test_same_maps_as_torchray_when_installed():
+    """Black-box parity with TorchRay (``pip install torchray``; skipped without it): the
+    default (signed) rule gives TorchRay's maps at the input, at a layer and contrastively.
+    Measured with TorchRay 1.0.0.2 on VGG16 / ResNet-50 at 224²: within 1e-9."""
+    torchray_ebp = pytest.importorskip("torchray.attribution.excitation_backprop")
+    import torchvision
+
+    for name, layers in (("vgg11", ("features.10", "features.15", "classifier.6")),
+                         ("resnet18", ("layer2", "layer3", "fc"))):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=10).eval()
+        x = torch.randn(1, 3, 64, 64)
+        ours = [excitation_backprop(model, x, 3), excitation_backprop(model, x, 3, layers[0]),
+                contrastive_excitation_backprop(model, x, 3, *layers)]
+        # TorchRay's ResNet surgery on a copy (it may patch the blocks it is given).
+        theirs_model = (torchray_ebp.update_resnet(copy.deepcopy(model))
+                        if name.startswith("resnet") else model)
+        theirs = [torchray_ebp.excitation_backprop(theirs_model, x, 3, saliency_layer=""),
+                  torchray_ebp.excitation_backprop(theirs_model, x, 3,
+                                                   saliency_layer=layers[0]),
+                  torchray_ebp.contrastive_excitation_backprop(
+                      theirs_model, x, 3, saliency_layer=layers[0], contrast_layer=layers[1],
+                      classifier_layer=layers[2])]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
