@@ -23,7 +23,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import Case, frozen  # noqa: E402
+from _harness import Case, frozen  # noqa: E402
 
 from torchray_like.attribution.common import get_backward_gradient  # noqa: E402
 from torchray_like.attribution.extremal_perturbation import extremal_perturbation  # noqa: E402

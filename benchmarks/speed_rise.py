@@ -1,10 +1,11 @@
 """RISE speed and memory.
 
-Speed (picked up by ``benchmarks/speed.py``, or run ``python benchmarks/speed.py --methods
-rise``): RISE on one image against its floor, the same number of masked forward passes done
-directly — ``model(x * masks)`` in batches of the same size under :func:`torch.inference_mode`,
-with a precomputed bank — timed alternately in the same run.  The ratio (target ≤ 1.05) is the
-cost of drawing and upsampling the masks and folding the scores into the maps.
+Speed (``python benchmarks/speed_rise.py`` with no arguments, or picked up by
+``benchmarks/speed.py --methods rise``): RISE on one image against its floor, the same number of
+masked forward passes done directly — ``model(x * masks)`` in batches of the same size under
+:func:`torch.inference_mode`, with a precomputed bank — timed alternately in the same run.  The
+ratio (target ≤ 1.05) is the cost of drawing and upsampling the masks and folding the scores into
+the maps.
 
 Overhead (``python benchmarks/speed_rise.py --overhead``): the same comparison split into its
 parts, robust on a busy machine — RISE with a model that returns constant scores (so only the
@@ -39,7 +40,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import Case, frozen  # noqa: E402
+from _harness import Case, frozen  # noqa: E402
 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 
@@ -190,7 +191,10 @@ def main(argv=None) -> int:
         name, size, n, bs, device, target = sys.argv[2:8]
         _child(name, int(size), int(n), int(bs), device, target)
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Without --overhead or --memory: the speed table of benchmarks/speed.py for RISE "
+               "(its quick run; speed.py's options are passed on).")
     parser.add_argument("--memory", action="store_true", help="measure peak memory")
     parser.add_argument("--overhead", action="store_true",
                         help="time RISE's own work with a constant model")
@@ -205,12 +209,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--target", choices=["one", "all"], default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if not (args.memory or args.overhead):
+        # Without --overhead/--memory: the speed table restricted to RISE (speed.py's quick
+        # run; other options are speed.py's).
+        from speed import main as speed_main
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        return speed_main(["--methods", "rise", "--repeats", str(min(args.repeats, 3))]
+                          + extra + rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.memory or args.overhead):
-        parser.error("the speed cases run from benchmarks/speed.py --methods rise; pass "
-                     "--overhead and/or --memory here")
     if args.overhead:
         overhead(args.models, args.size, args.masks[-1], args.batch_size, args.device,
                  args.repeats)

@@ -8,8 +8,10 @@ hand-built models whose evidence is known.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -20,7 +22,18 @@ import torch.nn.functional as F
 from tests.conftest import make_torchvision
 from tests.state import assert_same_state, snapshot
 from torchray_like.attribution import rise as rise_module
-from torchray_like.attribution.rise import RISE_SCORES, generate_masks, rise, rise_class
+from torchray_like.attribution.rise import (RISE_NORMALIZATIONS, RISE_SCORES, generate_masks, rise,
+                                           rise_class)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this module runs: its tensors are small, and two threads on a
+    busy 2-core machine make every op wait for the other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ def test_binary_head(shape):
     logit = rise(Binary(), x, masks=bank, score="logit")
     torch.testing.assert_close(logit[:, 0], -logit[:, 1])
     with pytest.raises(ValueError, match=r"target class 2 is out of range: a single-logit "
-                                         r"\(binary\) head has two classes"):
+                                         r"\(binary\) head takes target 1"):
         rise(Binary(), x, target=2, masks=bank)
 
 
@@ -308,6 +321,9 @@ def test_seeds_reproduce_and_bank_equals_streaming():
     x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))
     a = rise(model, x, num_masks=50, num_cells=3, generator=9, batch_size=8)
     assert torch.equal(a, rise(model, x, num_masks=50, num_cells=3, seed=9, batch_size=8))
+    # generator wins over seed (TorchRay's argument, default 0).
+    assert torch.equal(a, rise(model, x, num_masks=50, num_cells=3, seed=4, generator=9,
+                               batch_size=8))
     assert torch.equal(a, rise(model, x, num_masks=50, num_cells=3, batch_size=8,
                                generator=torch.Generator().manual_seed(9)))
     assert not torch.allclose(a, rise(model, x, num_masks=50, num_cells=3, generator=10,
@@ -317,12 +333,18 @@ def test_seeds_reproduce_and_bank_equals_streaming():
     # Masks do not depend on batch_size (only the summation order does).
     torch.testing.assert_close(a, rise(model, x, num_masks=50, num_cells=3, generator=9,
                                        batch_size=3), rtol=1e-5, atol=1e-7)
-    # Without a generator: reproducible under torch.manual_seed, global RNG untouched.
+    # The default is TorchRay's seed=0: reproducible, and the global RNG is untouched.
     torch.manual_seed(3)
     state = torch.get_rng_state()
-    b = rise(model, x, num_masks=20, num_cells=3)
+    default = rise(model, x, num_masks=20, num_cells=3)
     assert torch.equal(state, torch.get_rng_state())
-    assert torch.equal(b, rise(model, x, num_masks=20, num_cells=3))
+    assert torch.equal(default, rise(model, x, num_masks=20, num_cells=3, generator=0))
+    # seed=None and no generator: a seed derived from the global RNG state (not advanced).
+    b = rise(model, x, num_masks=20, num_cells=3, seed=None)
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(b, rise(model, x, num_masks=20, num_cells=3, seed=None))
+    torch.manual_seed(4)
+    assert not torch.equal(b, rise(model, x, num_masks=20, num_cells=3, seed=None))
     # The first num_masks masks of a bigger bank.
     torch.testing.assert_close(rise(model, x, masks=bank[:30], batch_size=8),
                                rise(model, x, masks=bank, num_masks=30, batch_size=8))
@@ -427,7 +449,7 @@ def test_dtypes_and_resize():
     x = torch.rand(1, 1, 8, 8)
     box = BoxModel([(slice(0, 4), slice(0, 4)), (slice(4, 8), slice(4, 8))])
     plain = rise(box, x, target=0, num_masks=20, num_cells=2, generator=0)
-    big = rise(box, x, target=0, num_masks=20, num_cells=2, generator=0, resize=(16, 12))
+    big = rise(box, x, target=0, num_masks=20, num_cells=2, generator=0, resize=(12, 16))  # (W, H)
     assert big.shape == (1, 1, 16, 12)
     torch.testing.assert_close(big, F.interpolate(plain, size=(16, 12), mode="bilinear",
                                                   align_corners=False))
@@ -435,14 +457,25 @@ def test_dtypes_and_resize():
                             resize=True), plain)
 
 
-def test_progress_bar(capsys):
+def test_progress_bar_and_no_thread_left_behind(capsys):
     model = BoxModel([(slice(0, 2),), (slice(2, 4),)])
     x = torch.rand(1, 1, 4)
+    before = set(threading.enumerate())
     rise(model, x, num_masks=8, num_cells=2, generator=0, progress=True)
     assert "RISE" in capsys.readouterr().err
     rise(model, x, num_masks=8, num_cells=2, generator=0, progress=False)
     rise(model, x, num_masks=8, num_cells=2, generator=0)  # stderr is not a terminal here
     assert capsys.readouterr().err == ""
+    # Neither the bar nor its absence leaves tqdm's monitor thread (or any other) running,
+    # also when the model raises.
+
+    class Failing(BoxModel):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        rise(Failing([(slice(0, 2),)]), x, num_masks=8, num_cells=2, progress=True)
+    assert set(threading.enumerate()) == before
 
 
 def test_rise_class():
@@ -500,7 +533,9 @@ def _box():
     (dict(target="cat"), TypeError, "target must be an int"),
     (dict(generator="seed"), TypeError, "generator must be a torch.Generator, an int seed"),
     (dict(generator=-1), ValueError, r"an int seed must be in \[0, 2\*\*64\)"),
-    (dict(generator=1, seed=1), ValueError, "pass either generator or seed"),
+    (dict(normalize="mean"), ValueError, r"normalize must be one of \('paper', 'torchray'\)"),
+    (dict(masks=torch.ones(4, 1, 4, 4) / 2, filter_masks=torch.ones(4, 1, 4, 4) / 2), ValueError,
+     "masks is an alias of filter_masks"),
     (dict(resize=(3, 3, 3)), ValueError, "resize must give 2 positive sizes"),
     (dict(resize_mode="cubic"), ValueError, "resize_mode must be one of"),
 ])
@@ -614,3 +649,96 @@ def test_generate_masks_dtype_error():
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         generate_masks(2, (4, 4), dtype=torch.int64)
     assert RISE_SCORES == ("softmax", "sigmoid", "logit")
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchRay parity
+# ---------------------------------------------------------------------------------------------
+
+
+def test_signature_has_torchrays_positional_order():
+    params = list(inspect.signature(rise).parameters.values())
+    names = [q.name for q in params]
+    torchray = ["model", "input", "target", "seed", "num_masks", "num_cells", "filter_masks",
+                "batch_size", "p", "resize", "resize_mode"]
+    assert names[:len(torchray)] == torchray
+    assert all(q.kind is q.POSITIONAL_OR_KEYWORD for q in params[:len(torchray)])
+    assert all(q.kind is q.KEYWORD_ONLY for q in params[len(torchray):])
+    assert {"score", "normalize", "generator", "progress", "masks"} <= set(names)
+    defaults = {q.name: q.default for q in params}
+    assert (defaults["seed"], defaults["num_cells"], defaults["batch_size"], defaults["p"],
+            defaults["resize"], defaults["resize_mode"]) == (0, 7, 32, 0.5, False, "bilinear")
+    assert defaults["normalize"] == "paper" and RISE_NORMALIZATIONS == ("paper", "torchray")
+    # A positional call (TorchRay's order) is the keyword call.
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(5))
+    pos = rise(model, x, 3, 7, 30, 3, None, 8, 0.4, (5, 5), "nearest")
+    kw = rise(model, x, target=3, seed=7, num_masks=30, num_cells=3, batch_size=8, p=0.4,
+              resize=(5, 5), resize_mode="nearest")
+    assert torch.equal(pos, kw) and pos.shape == (2, 1, 5, 5)
+    # rise_class takes the target positionally too.
+    assert torch.equal(rise_class(model, x, 3, seed=7, num_masks=30, num_cells=3, p=0.4,
+                                  batch_size=8), rise(model, x, 3, 7, 30, 3, None, 8, 0.4))
+
+
+def test_torchray_normalization_is_the_mean_sigmoid_over_the_same_masks():
+    """normalize="torchray": S_c = (1/N) Σ_i sigmoid(f(x ⊙ M_i))_c M_i, by hand."""
+    model = SmallNet().eval().double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    n, p = 40, 0.3
+    bank = generate_masks(n, (12, 12), 3, p, generator=11, dtype=torch.float64)
+    hand = torch.zeros(2, 5, 144, dtype=torch.float64)
+    for i in range(n):            # one mask at a time, written out
+        with torch.no_grad():
+            s = torch.sigmoid(model(x * bank[i]))          # (2, 5)
+        hand += s[:, :, None] * bank[i].flatten()[None, None, :]
+    hand /= n
+    # The bank given positionally as TorchRay's filter_masks, or drawn from the same seed.
+    maps = rise(model, x, None, 0, None, 7, bank, 16, p, normalize="torchray")
+    torch.testing.assert_close(maps.flatten(2), hand, rtol=1e-10, atol=1e-12)
+    drawn = rise(model, x, seed=11, num_masks=n, num_cells=3, p=p, normalize="torchray")
+    torch.testing.assert_close(drawn.flatten(2), hand, rtol=1e-10, atol=1e-12)
+    # The paper's normalisation with the same score divides by N p instead of N.
+    paper = rise(model, x, masks=bank, p=p, score="sigmoid")
+    torch.testing.assert_close(paper * p, maps, rtol=1e-12, atol=1e-14)
+    # and its default score is the softmax.
+    soft = torch.zeros_like(hand)
+    for i in range(n):
+        with torch.no_grad():
+            soft += model(x * bank[i]).softmax(1)[:, :, None] * bank[i].flatten()[None, None]
+    torch.testing.assert_close(rise(model, x, masks=bank, p=p).flatten(2), soft / (n * p),
+                               rtol=1e-10, atol=1e-12)
+    # With TorchRay's normalisation the bank's mean need not match p (p is not used).
+    low = generate_masks(30, (12, 12), 3, 0.1, generator=0, dtype=torch.float64)
+    assert rise(model, x, filter_masks=low, normalize="torchray").shape == (2, 5, 12, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile inputs and models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_an_error_naming_input(bad):
+    model = _box()
+    x = torch.rand(1, 1, 4, 4)
+    x[0, 0, 1, 2] = bad
+    with pytest.raises(ValueError, match=r"rise: input has 1 (NaN|infinite) value"):
+        rise(model, x, num_masks=4, num_cells=2)
+    assert model.calls == []
+
+
+def test_non_finite_model_output_is_an_error_naming_the_model():
+    class NaNModel(nn.Module):
+        def forward(self, x):
+            out = x.flatten(1)[:, :3].clone()
+            out[x.flatten(1)[:, 0] == 0] = float("nan")    # NaN once pixel 0 is masked out
+            return out
+
+    x = torch.rand(1, 1, 4, 4) + 0.5
+    bank = generate_masks(20, (4, 4), 2, generator=0)
+    bank[3, 0, 0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"the model's scores are not finite \(NaN or inf\)"):
+        rise(NaNModel(), x, masks=bank)
+    with pytest.raises(ValueError, match="not finite"):
+        rise(NaNModel(), x, target=1, masks=bank, score="logit")

@@ -6,7 +6,10 @@ r"""What the perturbation methods (RISE, extremal perturbation) share.
   repeated calls draw the same values.  The global RNG is never used.
 * **Progress** — a tqdm bar that is off unless stderr is a terminal (or asked for), and never
   leaves tqdm's monitor thread running.
-* **Argument checks** shared by the perturbation methods.
+* **Argument checks** shared by the perturbation methods, including :func:`check_finite`
+  (a NaN or an infinity in the input would poison every score).
+* **Denormal floats** — :func:`flush_denormals` flushes them to zero for the duration of a call
+  and restores the caller's setting (:func:`denormals_flushed` reads it).
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import sys
+import types
+import warnings
 from numbers import Integral, Real
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
@@ -57,6 +63,41 @@ def check_number(value: Any, name: str, low: float = -math.inf, high: float = ma
         raise ValueError(f"{name} must be a finite number in {left}{low:g}, {high:g}{right}, "
                          f"got {value!r}")
     return float(value)
+
+
+def check_finite(tensor: torch.Tensor, name: str, method: str) -> None:
+    """A :class:`ValueError` naming ``name`` if ``tensor`` holds a NaN or an infinity.
+
+    One reduction over the tensor (and one device synchronisation): cheap next to the forward
+    passes of a perturbation method, and it turns a silently NaN map (or an opaque indexing
+    error deep inside the method) into a message that says where the bad value is.
+    """
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kinds = []
+        if bool(torch.isnan(tensor).any()):
+            kinds.append("NaN")
+        if bool(torch.isinf(tensor).any()):
+            kinds.append("infinite")
+        raise ValueError(
+            f"{method}: {name} has {bad} {' and '.join(kinds)} value(s) (shape "
+            f"{tuple(tensor.shape)}); replace them first, e.g. with torch.nan_to_num({name})")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def warn_caller(message: str, category: type = UserWarning) -> None:
+    """:func:`warnings.warn` pointing at the first frame outside this package — the user's
+    line that called the method — however deep inside the package the warning is raised."""
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR + os.sep):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def check_progress(progress: Any) -> None:
@@ -163,3 +204,49 @@ def progress_bar(total: int, progress: Optional[bool], desc: str, unit: str = "i
         if not had_monitor and monitor is not None and not getattr(cls, "_instances", True):
             monitor.exit()
             cls.monitor = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Denormal floats
+# ---------------------------------------------------------------------------------------------
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes denormal floats to zero in the calling thread.
+
+    PyTorch has a setter (:func:`torch.set_flush_denormal`) but no getter, so this probes the
+    hardware: ``2**-126 * 0.5`` (the smallest normal float32 halved) is a denormal, or zero when
+    flushing is on.  The product runs on one element, in the calling thread.
+    """
+    smallest = torch.full((1,), torch.finfo(torch.float32).tiny, dtype=torch.float32)
+    return bool(smallest.mul(0.5).item() == 0.0)
+
+
+@contextlib.contextmanager
+def flush_denormals(enabled: bool = True) -> Iterator[bool]:
+    """Flush denormal floats to zero on the CPU for the block; restore the caller's setting.
+
+    Yields whether flushing is in effect.  Arithmetic on denormals (magnitudes below
+    ``1.2e-38`` in float32) is many times slower on most CPUs; optimisations whose values decay
+    geometrically (momentum buffers, masks and their gradients far from the evidence) drift
+    into that range.  Flushing changes results only in those tiny values.
+
+    The setting (the FTZ/DAZ bits of the x86 MXCSR register; ARM's FZ) belongs to the calling
+    thread: the block does not change it in other Python threads, so concurrent calls neither
+    see nor undo each other's setting.  It does not reach PyTorch's intra-op worker threads
+    either, which keep the setting they were started with.  ``enabled=False`` or a CPU without
+    the feature (``torch.set_flush_denormal`` returns ``False``) leaves everything as it is.
+    """
+    if not enabled:
+        yield denormals_flushed()
+        return
+    before = denormals_flushed()
+    if before:
+        yield True
+        return
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield supported
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)

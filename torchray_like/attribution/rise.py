@@ -11,12 +11,16 @@ class ``c`` is the score-weighted average of the masks,
     S_c = \frac{1}{N \, p} \sum_{i=1}^{N} f_c(x \odot M_i) \, M_i ,
 
 a Monte-Carlo estimate of :math:`E[f_c(x \odot M) \, M] / p`, i.e. of
-:math:`E[f_c(x \odot M) \mid M(\lambda) = 1]` per pixel for binary masks.  Each mask is a binary
-grid of ``num_cells`` cells per side whose cells are kept with probability ``p``, upsampled
-(linear / bilinear / trilinear by rank) to ``(num_cells + 1) × cell_size`` with
-``cell_size = ceil(side / num_cells)``, and cropped at a random shift in ``[0, cell_size)`` per
-dimension — soft-edged masks placed at every sub-cell offset.  Every pixel of a mask has
-expectation exactly ``p`` (interpolation is a convex combination of cells).
+:math:`E[f_c(x \odot M) \mid M(\lambda) = 1]` per pixel for binary masks, with ``f_c`` the class
+probability (the softmax).  Each mask is a binary grid of ``num_cells`` cells per side whose
+cells are kept with probability ``p``, upsampled (linear / bilinear / trilinear by rank) to
+``(num_cells + 1) × cell_size`` with ``cell_size = ceil(side / num_cells)``, and cropped at a
+random shift in ``[0, cell_size)`` per dimension — soft-edged masks placed at every sub-cell
+offset.  Every pixel of a mask has expectation exactly ``p``.
+
+TorchRay's ``rise`` averages the *sigmoid* of the logits and divides by ``N`` only,
+:math:`\frac{1}{N} \sum_i \sigma(z_c(x \odot M_i))\, M_i`: ``normalize="torchray"`` gives that
+formula (the maps are then ``p`` times the paper's for the same scores).
 
 Design
 ------
@@ -29,57 +33,54 @@ Design
 * The masks are shared by every image of the batch; the forward batches hold
   ``batch_size // N`` masks × ``N`` images (or ``batch_size`` images × 1 mask when
   ``N > batch_size``).  Scores are folded into the maps with one matrix product
-  ``scoresᵀ @ masks`` per 64 masks or so (fewer when ``batch_size`` is small), scaled by
-  ``1 / (N p)`` on the way, so the method costs its forward passes.  Peak memory: one batch of
-  masked inputs and the model's activations for it, the masks of one fold (at most about one
-  more batch), and the maps ``(N, K, *spatial)`` — whatever ``num_masks`` is.
+  ``scoresᵀ @ masks`` per 64 masks or so (fewer when ``batch_size`` is small), scaled on the
+  way, so the method costs its forward passes.  Peak memory: one batch of masked inputs and the
+  model's activations for it, the masks of one fold (at most about one more batch), and the maps
+  ``(N, K, *spatial)`` — whatever ``num_masks`` is.
 * Everything runs under :func:`torch.inference_mode` with the model in eval mode (its
   ``training`` flags are restored afterwards, also on errors); the global RNG is never used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from ._perturbation import (GeneratorType, check_finite, check_progress, make_generator,
+                            positive_int, progress_bar)
 from .maps import resize_saliency
 from .state import check_input, check_model, model_state_guard
-from .targets import check_class_range, class_indices
+from .targets import (BINARY_HEAD_RULE, SCORES, check_class_range, class_indices, is_binary_head,
+                      output_scores)
 
-__all__ = ["generate_masks", "rise", "rise_class", "RISE_SCORES"]
+__all__ = ["rise", "rise_class", "generate_masks", "RISE_SCORES", "RISE_NORMALIZATIONS"]
 
 #: Names accepted by ``rise(score=...)``.
-RISE_SCORES = ("softmax", "sigmoid", "logit")
+RISE_SCORES = SCORES
+#: Names accepted by ``rise(normalize=...)``: the paper's ``1 / (N p)`` (with the softmax by
+#: default) or TorchRay's ``1 / N`` (with the sigmoid by default).
+RISE_NORMALIZATIONS = ("paper", "torchray")
 
 ScoreType = Union[str, Callable[[Any], torch.Tensor]]
-GeneratorType = Union[torch.Generator, int, None]
 
 # The random draws are made in blocks of this many masks: bounded temporary memory, and a stream
 # of draws that does not depend on batch_size (so the masks do not either).
 _DRAW_BLOCK = 4096
-# Fold the scores into the maps at least this many masks at a time (see rise).
+# Fold the scores into the maps at least this many masks at a time (see _MapAccumulator).
 _MIN_FOLD = 64
+#: TorchRay's default number of masks.
+DEFAULT_NUM_MASKS = 8000
 
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------------
-
-
-# MOVE-TO-COMMON: _positive_int (generic argument check, extremal perturbation needs it too).
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value!r}")
-    return int(value)
 
 
 def _check_p(p: Any) -> float:
@@ -115,32 +116,8 @@ def _check_cells(num_cells: Any, rank: int) -> Tuple[int, ...]:
             raise ValueError(
                 f"num_cells must be an int or {rank} ints (one per spatial dimension), got "
                 f"{num_cells!r}")
-        return tuple(_positive_int(s, "num_cells") for s in num_cells)
-    return (_positive_int(num_cells, "num_cells"),) * rank
-
-
-# MOVE-TO-COMMON: _resolve_generator — every randomised method (extremal perturbation's jitter)
-# should take a generator / seed / None the same way and leave the global RNG alone.
-def _resolve_generator(generator: GeneratorType, seed: Optional[int] = None) -> torch.Generator:
-    """A private generator for the draws; the global RNG is neither used nor advanced."""
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("pass either generator or seed (an alias of generator=int), not both")
-        generator = seed
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        # Derived from the global RNG state without advancing it: reproducible under
-        # torch.manual_seed, and successive calls use the same masks (as one bank would).
-        state = torch.get_rng_state().numpy().tobytes()
-        generator = int.from_bytes(hashlib.sha256(state).digest()[:8], "little")
-    if isinstance(generator, bool) or not isinstance(generator, Integral):
-        raise TypeError(
-            f"generator must be a torch.Generator, an int seed or None, got "
-            f"{type(generator).__name__}")
-    if not 0 <= generator < 2 ** 64:
-        raise ValueError(f"an int seed must be in [0, 2**64), got {generator!r}")
-    return torch.Generator(device="cpu").manual_seed(int(generator))
+        return tuple(positive_int(s, "num_cells") for s in num_cells)
+    return (positive_int(num_cells, "num_cells"),) * rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +224,7 @@ def generate_masks(num_masks: int, input_size: Sequence[int], num_cells: Union[i
         gives.  Memory: ``num_masks × prod(input_size)`` values (8000 masks at 224² in float32
         take 1.6 GB) — :func:`rise` without a bank never holds more than ``batch_size`` masks.
     """
-    num_masks = _positive_int(num_masks, "num_masks")
+    num_masks = positive_int(num_masks, "num_masks")
     size = _check_size(input_size)
     cells = _check_cells(num_cells, len(size))
     p = _check_p(p)
@@ -255,67 +232,23 @@ def generate_masks(num_masks: int, input_size: Sequence[int], num_cells: Union[i
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     device = torch.device("cpu" if device is None else device)
-    sampler = _MaskSampler(num_masks, size, cells, p, _resolve_generator(generator))
+    sampler = _MaskSampler(num_masks, size, cells, p, make_generator(generator))
     return sampler.masks(0, num_masks, device, dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# Scores
-# ---------------------------------------------------------------------------------------------
+class _Bank:
+    """Masks ``start:stop`` of a bank given by the caller, on the input's device."""
+
+    def __init__(self, masks: torch.Tensor) -> None:
+        self.bank = masks
+
+    def masks(self, start: int, stop: int, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+        return self.bank[start:stop].to(device=device, dtype=dtype)
 
 
-# MOVE-TO-COMMON: _scores — class scores (softmax / sigmoid / logit / callable) with the
-# binary-head convention of get_backward_gradient; deletion / insertion games need the same.
-def _scores(output: Any, score: ScoreType, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """Turn the model output of one forward batch into ``(batch, K)`` scores."""
-    if callable(score):
-        s = score(output)
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(
-                f"a callable score must return a tensor of shape ({batch}, K), got "
-                f"{type(s).__name__}")
-        if s.dim() == 1:
-            s = s[:, None]
-        if s.dim() != 2 or s.shape[0] != batch:
-            raise ValueError(
-                f"a callable score must return ({batch}, K) or ({batch},) scores for a forward "
-                f"batch of {batch}, got shape {tuple(s.shape)}")
-        return s.to(dtype)
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"the model returned a {type(output).__name__}, not a tensor of class scores: pass "
-            "score=callable mapping the output to (batch, K) scores, e.g. "
-            "score=lambda out: out['logits'].softmax(1)")
-    if output.dim() == 0 or output.shape[0] != batch:
-        raise ValueError(
-            f"the model output has shape {tuple(output.shape)}, whose first dimension is not the "
-            f"forward batch size {batch}")
-    z = output.to(dtype)
-    if z.dim() == 1 or (z.dim() == 2 and z.shape[1] == 1):
-        # Single-logit binary head: two classes, 0 (negative) and 1 (positive).  softmax with
-        # logits (-z/2, z/2) is the logistic of z, so "softmax" and "sigmoid" agree here.
-        z = z.reshape(batch, 1)
-        if score == "logit":
-            return torch.cat([-z, z], dim=1)
-        return torch.cat([torch.sigmoid(-z), torch.sigmoid(z)], dim=1)
-    if z.dim() != 2:
-        raise ValueError(
-            f"score={score!r} needs (batch, classes) logits, but the model output has shape "
-            f"{tuple(output.shape)}; pass score=callable mapping the output to (batch, K) "
-            "scores (e.g. pool a score map)")
-    if score == "softmax":
-        return torch.softmax(z, dim=1)
-    if score == "sigmoid":
-        return torch.sigmoid(z)
-    return z
-
-
-# ---------------------------------------------------------------------------------------------
-# RISE
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_bank(masks: Any, input: torch.Tensor, num_masks: Optional[int], p: float) -> int:
+def _check_bank(masks: Any, input: torch.Tensor, num_masks: Optional[int], p: float,
+                check_mean: bool) -> int:
     if not isinstance(masks, torch.Tensor):
         raise TypeError(f"masks must be a tensor from generate_masks, got {type(masks).__name__}")
     if not masks.is_floating_point():
@@ -337,23 +270,172 @@ def _check_bank(masks: Any, input: torch.Tensor, num_masks: Optional[int], p: fl
         raise ValueError("masks contain non-finite values (nan or inf)")
     # The paper's normalisation divides by p, the masks' expectation: a bank drawn with another
     # p would silently scale every map.  The tolerance leaves room for few, coarse masks.
-    if abs(mean - p) > 0.1 + 2.0 / math.sqrt(num_masks):
+    if check_mean and abs(mean - p) > 0.1 + 2.0 / math.sqrt(num_masks):
         raise ValueError(
             f"the masks have mean value {mean:.3f} but p={p}: pass the p the bank was generated "
             f"with (the maps are divided by p)")
     return num_masks
 
 
-def rise(model: nn.Module, input: torch.Tensor, target: Any = None, *,
+# ---------------------------------------------------------------------------------------------
+# RISE
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Config:
+    """The validated arguments of one call (every check runs before any forward pass)."""
+
+    num_masks: int
+    batch_size: int
+    score: ScoreType
+    scale: float                      # 1 / (N p) or 1 / N
+    idx: Optional[torch.Tensor]       # one class per image, or None for every class
+    source: Any                       # _MaskSampler or _Bank
+
+    @classmethod
+    def check(cls, model: Any, input: Any, target: Any, seed: Optional[int],
+              num_masks: Optional[int], num_cells: Any, filter_masks: Any, batch_size: Any,
+              p: Any, resize: Any, resize_mode: Any, score: Any, normalize: Any,
+              generator: Any, progress: Any, masks: Any) -> "_Config":
+        if not isinstance(model, nn.Module):
+            check_model(model)  # raises the TypeError explaining what to pass
+        check_input(input, needs_grad=False)
+        rank = input.dim() - 2
+        if rank > 3:
+            raise ValueError(
+                f"input must have 1 to 3 spatial dimensions — (N, C, L), (N, C, H, W) or "
+                f"(N, C, T, H, W) — got shape {tuple(input.shape)}")
+        check_finite(input, "input", "rise")
+        if normalize not in RISE_NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {RISE_NORMALIZATIONS}, got {normalize!r}")
+        if score is None:
+            score = "softmax" if normalize == "paper" else "sigmoid"
+        if not (callable(score) or score in RISE_SCORES):
+            raise ValueError(
+                f"score must be one of {', '.join(repr(s) for s in RISE_SCORES)} or a callable "
+                f"output -> (batch, K) scores, got {score!r}")
+        check_progress(progress)
+        batch_size = positive_int(batch_size, "batch_size")
+        p = _check_p(p)
+        if num_masks is not None:
+            num_masks = positive_int(num_masks, "num_masks")
+        idx = None
+        if target is not None:
+            if callable(target) and not isinstance(target, torch.Tensor):
+                raise TypeError(
+                    "rise: target must be None, an int or one class per sample; to explain "
+                    "another quantity pass score=callable(output) -> (batch, K) scores")
+            if isinstance(target, torch.Tensor) and (target.is_floating_point()
+                                                     or target.is_complex()):
+                raise ValueError(
+                    f"rise: target must hold integer class indices, got a {target.dtype} tensor")
+            idx = class_indices(target, input.shape[0], input.device)
+        # Check resize before the work (an empty map resizes for free).
+        resize_saliency(input, input.new_zeros((0, 1) + (1,) * rank), resize, resize_mode)
+        if filter_masks is not None and masks is not None and filter_masks is not masks:
+            raise ValueError("pass the mask bank once: masks is an alias of filter_masks")
+        bank = masks if masks is not None else filter_masks
+        if bank is not None:
+            num_masks = _check_bank(bank, input, num_masks, p, check_mean=normalize == "paper")
+            source: Any = _Bank(bank)
+        else:
+            num_masks = DEFAULT_NUM_MASKS if num_masks is None else num_masks
+            # generator wins; seed (TorchRay's) is used when no generator is given.
+            rng = make_generator(generator if generator is not None else seed)
+            source = _MaskSampler(num_masks, tuple(input.shape[2:]),
+                                  _check_cells(num_cells, rank), p, rng)
+        scale = 1.0 / (num_masks * p) if normalize == "paper" else 1.0 / num_masks
+        return cls(num_masks, batch_size, score, scale, idx, source)
+
+
+class _MapAccumulator:
+    """Folds the scores of the masked inputs into the maps, ``S += scale · scoresᵀ @ masks``.
+
+    Scores and masks are staged for ``fold`` masks, then folded with one matrix product: a
+    product with a short inner dimension would re-read and re-write the maps for every forward
+    batch (costly with 1000 classes).  The first fold overwrites the uninitialised maps
+    (``beta=0``: no zeroing pass) and the scale rides along (``alpha``: no final pass).
+    """
+
+    def __init__(self, input: torch.Tensor, cfg: _Config, fold: int,
+                 dtype: torch.dtype) -> None:
+        self.n_img = input.shape[0]
+        self.spatial = tuple(input.shape[2:])
+        self.pixels = math.prod(self.spatial)
+        self.cfg, self.fold, self.dtype, self.device = cfg, fold, dtype, input.device
+        self.masks = torch.empty(fold, self.pixels, dtype=dtype, device=self.device)
+        self.maps: Optional[torch.Tensor] = None
+        self.lhs: Optional[torch.Tensor] = None
+        self.num_classes = 0
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def stage_masks(self, offset: int, masks: torch.Tensor) -> torch.Tensor:
+        """Keep masks ``offset : offset + len(masks)`` of the fold; return them as a view."""
+        flat = self.masks[offset:offset + masks.shape[0]]
+        flat.copy_(masks.view(masks.shape[0], self.pixels))
+        return flat
+
+    def stage_scores(self, offset: int, i0: int, scores: torch.Tensor, output: Any) -> None:
+        """Scores ``(masks, images, K)`` of images ``i0 :`` under masks ``offset :``."""
+        mb, gi, k = scores.shape
+        if self.maps is None:
+            self._allocate(k, output)
+        elif k != self.num_classes:
+            raise ValueError(
+                f"the score has {k} classes in one forward batch and {self.num_classes} in "
+                "another")
+        if self.cfg.idx is not None:
+            sel = self.cfg.idx[i0:i0 + gi].view(1, gi, 1).expand(mb, gi, 1)
+            scores = scores.gather(2, sel)
+            k = 1
+        self.finite &= torch.isfinite(scores).all()
+        assert self.lhs is not None
+        # lhs row (image i, class c), column j: the score under mask offset + j.
+        self.lhs[i0 * k:(i0 + gi) * k, offset:offset + mb] = scores.permute(1, 2, 0).reshape(
+            gi * k, mb)
+
+    def _allocate(self, k: int, output: Any) -> None:
+        self.num_classes = k
+        if self.cfg.idx is not None:
+            if not callable(self.cfg.score) and isinstance(output, torch.Tensor) and \
+                    is_binary_head(output):
+                check_class_range(self.cfg.idx, 0, 2, BINARY_HEAD_RULE)
+            else:
+                check_class_range(self.cfg.idx, 0, k,
+                                  f"the scores have {k} classes (valid: 0..{k - 1})")
+        rows = self.n_img * (1 if self.cfg.idx is not None else k)
+        with torch.inference_mode(False):  # the result is a normal tensor
+            self.maps = torch.empty(rows, self.pixels, dtype=self.dtype, device=self.device)
+        self.lhs = torch.empty(rows, self.fold, dtype=self.dtype, device=self.device)
+
+    def fold_in(self, first: bool, n: int) -> None:
+        """Add the staged ``n`` masks to the maps."""
+        assert self.maps is not None and self.lhs is not None
+        if not bool(self.finite):
+            raise ValueError(
+                "rise: the model's scores are not finite (NaN or inf) for some masked inputs; "
+                "check the model on inputs with zeroed regions (x * mask)")
+        self.maps.addmm_(self.lhs[:, :n], self.masks[:n], beta=0 if first else 1,
+                         alpha=self.cfg.scale)
+
+    def result(self) -> torch.Tensor:
+        assert self.maps is not None
+        return self.maps.view((self.n_img, self.maps.shape[0] // self.n_img) + self.spatial)
+
+
+def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Optional[int] = 0,
          num_masks: Optional[int] = None, num_cells: Union[int, Sequence[int]] = 7,
-         p: float = 0.5, batch_size: int = 32, score: ScoreType = "softmax",
-         masks: Optional[torch.Tensor] = None, generator: GeneratorType = None,
-         resize: Any = False, resize_mode: str = "bilinear", progress: Optional[bool] = None,
-         seed: Optional[int] = None) -> torch.Tensor:
+         filter_masks: Optional[torch.Tensor] = None, batch_size: int = 32, p: float = 0.5,
+         resize: Any = False, resize_mode: str = "bilinear", *,
+         score: Optional[ScoreType] = None, normalize: str = "paper",
+         generator: GeneratorType = None, progress: Optional[bool] = None,
+         masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""RISE saliency maps (Petsiuk, Das, Saenko, BMVC 2018, arXiv 1806.07421).
 
     :math:`S_c = \frac{1}{N p} \sum_i f_c(x \odot M_i)\, M_i` over ``N = num_masks`` random
-    masks (see the module docstring for how masks are drawn).  Arguments after ``target`` are
+    masks (see the module docstring for how masks are drawn).  The arguments up to
+    ``resize_mode`` are TorchRay's, in its order (positional use works); the rest are
     keyword-only.
 
     Parameters
@@ -362,49 +444,60 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, *,
         The classifier.  It runs in eval mode under :func:`torch.inference_mode`; its
         ``training`` flags are restored afterwards (also when it raises).
     input : torch.Tensor
-        ``(N, C, *spatial)`` floating batch, 1 to 3 spatial dimensions.  Masks are applied as
-        ``x ⊙ M`` (the masked-out value is 0, e.g. the mean colour of normalised images).
+        ``(N, C, *spatial)`` floating batch, 1 to 3 spatial dimensions, finite.  Masks are
+        applied as ``x ⊙ M`` (the masked-out value is 0, e.g. the mean colour of normalised
+        images).
     target : None, int, sequence or 1-D integer tensor
         ``None``: maps for every class, ``(N, K, *spatial)``.  An int (every sample) or one class
         per sample: ``(N, 1, *spatial)``.
+    seed : int or None
+        TorchRay's seed of the masks, used when ``generator`` is not given (``generator`` wins).
+        The default 0 makes calls reproducible, as in TorchRay; ``None`` (with no generator)
+        derives the seed from the global RNG state without advancing it.
     num_masks : int, optional
-        Number of masks (default 8000, the paper's order; with ``masks=`` the whole bank, or
-        its first ``num_masks``).
+        Number of masks; ``None``: 8000 (TorchRay's default), or with a bank all its masks (an
+        int takes the bank's first ``num_masks``).
     num_cells : int or tuple of int
         Grid cells per side (default 7), or one per spatial dimension.
-    p : float
-        Probability of keeping a cell, in ``(0, 1]``; the maps are divided by it.  With
-        ``masks=`` pass the ``p`` of the bank (a bank whose mean value is far from ``p`` is an
-        error).
+    filter_masks : torch.Tensor, optional
+        A bank ``(M, 1, *spatial)`` of masks (from :func:`generate_masks`, any device):
+        skips the draws, so a data set can be explained with one bank; ``num_cells``, ``seed``
+        and ``generator`` are unused.  ``masks`` is an alias.
     batch_size : int
         Most inputs per forward pass.  Peak memory is about that forward batch (masked inputs
         and activations), the masks of one fold (at most about one more batch of inputs) and
         the maps, whatever ``num_masks`` is.
-    score : {"softmax", "sigmoid", "logit"} or callable
-        What is averaged: the softmax probability (the paper), the sigmoid (multi-label heads),
-        the raw logit, or ``callable(output) -> (batch, K)`` (or ``(batch,)``) scores for any
-        other output (tuples, dicts, score maps); ``target`` then indexes its ``K`` columns.
-        Single-logit binary heads (output ``(batch,)`` or ``(batch, 1)``) have two classes:
-        1 scores ``sigmoid(z)`` and 0 scores ``1 - sigmoid(z)`` (for "softmax" and "sigmoid",
-        the two-class softmax with logits ``∓z/2``); with "logit", ``z`` and ``-z``.
-    masks : torch.Tensor, optional
-        A bank ``(M, 1, *spatial)`` from :func:`generate_masks` (any device): skips the draws, so
-        a data set can be explained with one bank.  ``num_cells`` and ``generator`` are unused.
-    generator : torch.Generator, int or None
-        Randomness of the masks: a generator (advanced), an int seed, or ``None`` for a seed
-        derived from the global RNG state without advancing it (reproducible under
-        :func:`torch.manual_seed`; repeated calls use the same masks).  A seed gives the same
-        masks for every ``batch_size`` and on every device (up to float rounding there).
+    p : float
+        Probability of keeping a cell, in ``(0, 1]``; the paper's maps are divided by it.  With
+        a bank pass the ``p`` of the bank (with ``normalize="paper"``, a bank whose mean value
+        is far from ``p`` is an error).
     resize : bool, int or tuple
-        Resize the maps (see :func:`~torchray_like.attribution.common.resize_saliency`); they
-        are already at the input's size.
+        Resize the maps (see :func:`~torchray_like.attribution.maps.resize_saliency`); they are
+        already at the input's size.
     resize_mode : str
         Interpolation mode for ``resize``.
+    score : {"softmax", "sigmoid", "logit"} or callable, optional
+        What is averaged: the softmax probability (the paper; the default with
+        ``normalize="paper"``), the sigmoid (multi-label heads; TorchRay; the default with
+        ``normalize="torchray"``), the raw logit, or ``callable(output) -> (batch, K)`` (or
+        ``(batch,)``) scores for any other output (tuples, dicts, score maps); ``target`` then
+        indexes its ``K`` columns.  Single-logit binary heads (output ``(batch,)`` or
+        ``(batch, 1)``) have two classes: 1 scores ``sigmoid(z)`` and 0 scores
+        ``1 - sigmoid(z)`` (the two-class softmax with logits ``∓z/2``); with "logit", ``z`` and
+        ``-z``.
+    normalize : {"paper", "torchray"}
+        ``"paper"``: :math:`\frac{1}{N p} \sum_i f_c(x \odot M_i) M_i` with the softmax;
+        ``"torchray"``: TorchRay's :math:`\frac{1}{N} \sum_i \sigma(z_c(x \odot M_i)) M_i`
+        (the sigmoid of the logits, divided by ``N`` only; ``p`` then only sets the masks).
+    generator : torch.Generator, int or None
+        Randomness of the masks: a generator (advanced), an int seed, or ``None`` to use
+        ``seed``.  A seed gives the same masks for every ``batch_size`` and on every device (up
+        to float rounding there).
     progress : bool or None
         A tqdm progress bar: ``True`` always, ``False`` never, ``None`` when stderr is a
-        terminal and the call lasts more than two seconds.
-    seed : int, optional
-        Alias of ``generator=int`` (for code written against TorchRay).
+        terminal.  No tqdm monitor thread is left behind.
+    masks : torch.Tensor, optional
+        Alias of ``filter_masks``.
 
     Returns
     -------
@@ -415,132 +508,45 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, *,
     Raises
     ------
     TypeError, ValueError
-        For a non-module model, an integer or wrongly shaped input, bad ``num_masks``,
-        ``num_cells``, ``p``, ``batch_size``, ``score``, ``progress``, a masks bank that does not
-        match the input, and targets of the wrong length or out of the classes' range.
+        For a non-module model, an integer, wrongly shaped or non-finite input, bad
+        ``num_masks``, ``num_cells``, ``p``, ``batch_size``, ``score``, ``normalize``,
+        ``progress``, a masks bank that does not match the input, targets of the wrong length or
+        out of the classes' range, and a model whose scores are not finite.
     """
-    if not isinstance(model, nn.Module):
-        check_model(model)  # raises the TypeError explaining what to pass
-    check_input(input, needs_grad=False)
-    rank = input.dim() - 2
-    if rank > 3:
-        raise ValueError(
-            f"input must have 1 to 3 spatial dimensions — (N, C, L), (N, C, H, W) or "
-            f"(N, C, T, H, W) — got shape {tuple(input.shape)}")
-    if not (callable(score) or score in RISE_SCORES):
-        raise ValueError(
-            f"score must be one of {', '.join(repr(s) for s in RISE_SCORES)} or a callable "
-            f"output -> (batch, K) scores, got {score!r}")
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
-    batch_size = _positive_int(batch_size, "batch_size")
-    p = _check_p(p)
-    if num_masks is not None:
-        num_masks = _positive_int(num_masks, "num_masks")
+    cfg = _Config.check(model, input, target, seed, num_masks, num_cells, filter_masks,
+                        batch_size, p, resize, resize_mode, score, normalize, generator,
+                        progress, masks)
     n_img = input.shape[0]
-    idx = None
-    if target is not None:
-        if callable(target) and not isinstance(target, torch.Tensor):
-            raise TypeError(
-                "rise: target must be None, an int or one class per sample; to explain another "
-                "quantity pass score=callable(output) -> (batch, K) scores")
-        if isinstance(target, torch.Tensor) and (target.is_floating_point()
-                                                 or target.is_complex()):
-            raise ValueError(
-                f"rise: target must hold integer class indices, got a {target.dtype} tensor")
-        idx = class_indices(target, n_img, input.device)
-    # Check resize before the work (an empty map resizes for free).
-    resize_saliency(input, input.new_zeros((0, 1) + (1,) * rank), resize, resize_mode)
-
     # Masks and maps in at least single precision (the masked inputs in the input's dtype).
-    acc_dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
-    if masks is not None:
-        num_masks = _check_bank(masks, input, num_masks, p)
-
-        def get_masks(start: int, stop: int) -> torch.Tensor:
-            return masks[start:stop].to(device=input.device, dtype=acc_dtype)
-    else:
-        num_masks = 8000 if num_masks is None else num_masks
-        cells = _check_cells(num_cells, rank)
-        sampler = _MaskSampler(num_masks, tuple(input.shape[2:]), cells, p,
-                               _resolve_generator(generator, seed))
-
-        def get_masks(start: int, stop: int) -> torch.Tensor:
-            return sampler.masks(start, stop, input.device, acc_dtype)
-
-    group = min(n_img, batch_size)           # images per forward batch
-    per_batch = max(1, batch_size // group)  # masks per forward batch
-    # Scores are folded into the maps every `fold` masks with one matrix product: a product
-    # with a short inner dimension would re-read and re-write the maps for every forward batch
-    # (costly with 1000 classes).  The fold's masks are kept for it: fold × pixels values, at
-    # most about one forward batch of masked inputs (batch_size × channels × pixels).
-    want = min(_MIN_FOLD, batch_size * input.shape[1])
-    fold = min(num_masks, per_batch * max(1, -(-want // per_batch)))
-    spatial = tuple(input.shape[2:])
-    pixels = math.prod(spatial)
-    scale = 1.0 / (num_masks * p)
-    acc: Optional[torch.Tensor] = None
-    num_classes = 0
-    bar = tqdm(total=num_masks, desc="RISE", unit="mask", disable=None if progress is None
-               else not progress, delay=2.0 if progress is None else 0.0, leave=False)
-    try:
-        with model_state_guard(model, freeze=False), torch.inference_mode():
-            x = input.detach()
-            mbuf = torch.empty(fold, pixels, dtype=acc_dtype, device=input.device)
-            lhs = None
-            for f0 in range(0, num_masks, fold):
-                f1 = min(f0 + fold, num_masks)
-                for start in range(f0, f1, per_batch):
-                    stop = min(start + per_batch, f1)
-                    mb = stop - start
-                    flat = mbuf[start - f0:stop - f0]
-                    flat.copy_(get_masks(start, stop).view(mb, pixels))
-                    m = flat.view((mb, 1) + spatial).to(input.dtype)
-                    for i0 in range(0, n_img, group):
-                        i1 = min(i0 + group, n_img)
-                        gi = i1 - i0
-                        # Mask-major batch: row j * gi + i is image i0 + i under mask start + j.
-                        batch = (x[None, i0:i1] * m[:, None]).view((mb * gi,) + x.shape[1:])
-                        output = model(batch)
-                        s = _scores(output, score, mb * gi, acc_dtype).view(mb, gi, -1)
-                        if acc is None:
-                            num_classes = int(s.shape[2])
-                            if idx is not None:
-                                check_class_range(idx, 0, num_classes, _range_message(
-                                    num_classes, score, output))
-                            rows = n_img * (1 if idx is not None else num_classes)
-                            with torch.inference_mode(False):  # the result is a normal tensor
-                                acc = torch.empty(rows, pixels, dtype=acc_dtype,
-                                                  device=input.device)
-                            lhs = torch.empty(rows, fold, dtype=acc_dtype, device=input.device)
-                        elif s.shape[2] != num_classes:
-                            raise ValueError(
-                                f"the score has {s.shape[2]} classes in one forward batch and "
-                                f"{num_classes} in another")
-                        if idx is not None:
-                            sel = idx[i0:i1].view(1, gi, 1).expand(mb, gi, 1)
-                            s = s.gather(2, sel)
-                        k = s.shape[2]
-                        # lhs row (image i, class c), column j: the score under mask f0 + j.
-                        lhs[i0 * k:i1 * k, start - f0:stop - f0] = s.permute(1, 2, 0).reshape(
-                            gi * k, mb)
-                    bar.update(mb)
-                n = f1 - f0
-                # The first fold overwrites the uninitialised maps (beta=0): no zeroing pass,
-                # and the 1 / (N p) normalisation rides along (alpha): no final pass either.
-                acc.addmm_(lhs[:, :n], mbuf[:n], beta=0 if f0 == 0 else 1, alpha=scale)
-    finally:
-        bar.close()
-    assert acc is not None
-    smap = acc.view((n_img, acc.shape[0] // n_img) + spatial)
-    return resize_saliency(input, smap, resize, resize_mode)
-
-
-def _range_message(num_classes: int, score: ScoreType, output: Any) -> str:
-    if not callable(score) and (output.dim() == 1 or output.shape[1] == 1):
-        return ("a single-logit (binary) head has two classes: 1 (positive, sigmoid(z)) and 0 "
-                "(negative, 1 - sigmoid(z))")
-    return f"the scores have {num_classes} classes (valid: 0..{num_classes - 1})"
+    dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+    group = min(n_img, cfg.batch_size)            # images per forward batch
+    per_batch = max(1, cfg.batch_size // group)   # masks per forward batch
+    # A fold holds at most about one forward batch of masked inputs (batch_size × channels ×
+    # pixels values), and whole forward batches.
+    want = min(_MIN_FOLD, cfg.batch_size * input.shape[1])
+    fold = min(cfg.num_masks, per_batch * max(1, -(-want // per_batch)))
+    acc = _MapAccumulator(input, cfg, fold, dtype)
+    x = input.detach()
+    with model_state_guard(model, freeze=False), torch.inference_mode(), \
+            progress_bar(cfg.num_masks, progress, "RISE", unit="mask") as bar:
+        for f0 in range(0, cfg.num_masks, fold):
+            f1 = min(f0 + fold, cfg.num_masks)
+            for start in range(f0, f1, per_batch):
+                stop = min(start + per_batch, f1)
+                m = acc.stage_masks(start - f0, cfg.source.masks(start, stop, input.device,
+                                                                 dtype))
+                m = m.view((stop - start, 1) + acc.spatial).to(input.dtype)
+                for i0 in range(0, n_img, group):
+                    i1 = min(i0 + group, n_img)
+                    # Mask-major batch: row j·gi + i is image i0 + i under mask start + j.
+                    batch = (x[None, i0:i1] * m[:, None]).view((-1,) + x.shape[1:])
+                    output = model(batch)
+                    scores = output_scores(output, cfg.score, batch.shape[0], dtype)
+                    acc.stage_scores(start - f0, i0, scores.view(stop - start, i1 - i0, -1),
+                                     output)
+                bar.update(stop - start)
+            acc.fold_in(f0 == 0, f1 - f0)
+    return resize_saliency(input, acc.result(), resize, resize_mode)
 
 
 def rise_class(*args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
@@ -548,6 +554,10 @@ def rise_class(*args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
 
     Same arguments as :func:`rise`; ``target`` (an int or one class per sample) is required.
     """
+    if target is None and len(args) >= 3:
+        target, args = args[2], args[:2] + args[3:]
     if target is None:
         raise ValueError("rise_class needs a target: an int or one class per sample")
-    return rise(*args, target=target, **kwargs)
+    if len(args) < 2:
+        raise TypeError("rise_class needs the model and the input")
+    return rise(args[0], args[1], target, *args[2:], **kwargs)
