@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.state import assert_same_state, snapshot
+from .conftest import assert_same_state, snapshot
 from torchray_like.attribution.common import (
     NoRuleAppliedWarning,
     Probe,

@@ -31,7 +31,7 @@ from torchray_like.attribution.extremal_perturbation import (
     ExtremalHistory, MaskGenerator, Perturbation, contrastive_reward, extremal_perturbation,
     ranking_area_loss, simple_reward)
 
-from .state import assert_same_state, snapshot
+from .conftest import assert_same_state, snapshot
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.conftest import make_torchvision
-from tests.state import assert_same_state, snapshot
+from .conftest import assert_same_state, make_torchvision, snapshot
 from torchray_like.attribution import rise as rise_module
 from torchray_like.attribution.rise import (RISE_NORMALIZATIONS, RISE_SCORES, generate_masks, rise,
                                            rise_class)
