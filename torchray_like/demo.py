@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -35,18 +35,22 @@ class ColourNet(nn.Module):
             nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2, 2)
+        # nn.Sequential's items are typed as plain modules.
+        conv1 = cast(nn.Conv2d, self.features[0])
+        conv2 = cast(nn.Conv2d, self.features[2])
+        assert conv1.bias is not None and conv2.bias is not None  # built with bias=True
         with torch.no_grad():
             w = torch.zeros(2, 3, 3, 3)
             # Red minus the mean of the others, green likewise: zero on grey, positive on the
             # colour even when blurred into the background.
             w[0, 0], w[0, 1], w[0, 2] = 1 / 9, -0.5 / 9, -0.5 / 9
             w[1, 1], w[1, 0], w[1, 2] = 1 / 9, -0.5 / 9, -0.5 / 9
-            self.features[0].weight.copy_(w)
-            self.features[0].bias.fill_(-0.03)  # silences the background noise
-            self.features[2].weight.zero_()
+            conv1.weight.copy_(w)
+            conv1.bias.fill_(-0.03)  # silences the background noise
+            conv2.weight.zero_()
             for c in range(2):
-                self.features[2].weight[c, c] = 1 / 9
-            self.features[2].bias.zero_()
+                conv2.weight[c, c] = 1 / 9
+            conv2.bias.zero_()
             self.fc.weight.copy_(torch.tensor([[200.0, -100.0], [-100.0, 200.0]]))
             self.fc.bias.zero_()
 

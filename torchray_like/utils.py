@@ -21,7 +21,7 @@ import math
 import os
 import urllib.parse
 from numbers import Integral, Real
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -270,13 +270,14 @@ def imread(file: Union[PathLike, Any], as_pil: bool = False,
     if is_url(file):
         import urllib.request
 
-        parsed = urllib.parse.urlparse(file)
+        parsed = urllib.parse.urlparse(cast(str, file))  # is_url: a str
         if parsed.scheme.lower() == "file":
             file = urllib.request.url2pathname(parsed.path)
         else:
-            with urllib.request.urlopen(file) as response:  # noqa: S310 - the user's own URL
+            url = cast(str, file)  # is_url: a str
+            with urllib.request.urlopen(url) as response:  # noqa: S310 - the user's own URL
                 file = io.BytesIO(response.read())
-    img = Image.open(file)
+    img: Image.Image = Image.open(file)
     img.load()  # read now, so a closed or temporary file is not needed later
     if to_rgb and img.mode != "RGB":
         img = img.convert("RGB")
@@ -289,13 +290,14 @@ def _pil_size(size_wh: Tuple[int, int], resize: Union[int, Sequence[int]]) -> Tu
     """PIL's ``(width, height)`` for a :func:`imread` ``resize`` argument."""
     w, h = size_wh
     if isinstance(resize, Integral) and not isinstance(resize, bool):
-        if resize <= 0:
-            raise ValueError(f"resize must be positive, got {resize}")
+        side = cast(int, resize)  # an Integral: int arithmetic
+        if side <= 0:
+            raise ValueError(f"resize must be positive, got {side}")
         if w <= h:
-            return int(resize), max(1, round(h * resize / w))
-        return max(1, round(w * resize / h)), int(resize)
+            return int(side), max(1, round(h * side / w))
+        return max(1, round(w * side / h)), int(side)
     try:
-        rh, rw = (int(v) for v in resize)
+        rh, rw = (int(v) for v in cast(Sequence[int], resize))
     except (TypeError, ValueError):
         raise TypeError("resize must be None, an int (shorter side) or a pair (height, width), "
                         f"got {resize!r}") from None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from numbers import Integral, Real
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -237,6 +237,7 @@ def _draw_panel(fig, ax, x_i: torch.Tensor, x_disp_i: Optional[torch.Tensor],
     if rank == 1:
         _draw_signal(fig, ax, x_i, sal, **style)
     else:
+        assert x_disp_i is not None  # only signals (rank 1) have no display image
         _draw_image(fig, ax, x_disp_i, sal, **style)
 
 
@@ -249,7 +250,7 @@ def _resolve_slice(slice_: Any, depth: int) -> Union[int, str]:
         return "all"
     if not isinstance(slice_, Integral) or isinstance(slice_, bool):
         raise TypeError(f"slice must be None, an int or 'all', got {type(slice_).__name__}")
-    if not -depth <= slice_ < depth:
+    if not -depth <= cast(int, slice_) < depth:
         raise ValueError(f"slice={slice_} is out of range for {depth} slices/frames "
                          f"(use -{depth} ... {depth - 1})")
     return int(slice_) % depth
@@ -332,7 +333,7 @@ def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
             frames = [(i, t) for i in range(n) for t in range(depth)]
             ncols = depth
         else:
-            frames = [(i, chosen) for i in range(n)]
+            frames = [(i, cast(int, chosen)) for i in range(n)]  # not "all": an int
             ncols = nrow or math.ceil(math.sqrt(n))
     else:
         frames = [(i, None) for i in range(n)]
@@ -348,6 +349,7 @@ def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
                         None if sal is None else sal[i], rank, **style)
             ax.set_title(f"#{i}", fontsize="small")
         else:
+            assert x_disp is not None  # slices only for rank 3, which has a display image
             _draw_panel(fig, ax, x[i, :, t], x_disp[i, :, t],
                         None if sal is None else sal[i, t], 2, **style)
             ax.set_title(f"#{i}, slice {t}", fontsize="small")
@@ -481,11 +483,11 @@ def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
                          f"got {tuple(_as_tensor(saliency, 'saliency').shape)}")
     if tuple(s.shape) != (h, w):
         s = F.interpolate(s[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    s = s.numpy().astype(np.float64)
+    m: np.ndarray = s.numpy().astype(np.float64)
     if normalize:
-        lo, hi = np.nanmin(s), np.nanmax(s)
-        s = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
-    s = np.clip(np.nan_to_num(s), 0.0, 1.0)
+        lo, hi = np.nanmin(m), np.nanmax(m)
+        m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    m = np.clip(np.nan_to_num(m), 0.0, 1.0)
     if isinstance(cmap, str):
         try:
             colormap = matplotlib.colormaps[cmap]
@@ -494,7 +496,7 @@ def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
                              "see matplotlib.colormaps for the names") from None
     else:
         colormap = cmap
-    heat = colormap(s)[..., :3]
+    heat = colormap(m)[..., :3]
     return np.clip((1.0 - alpha) * rgb + alpha * heat, 0.0, 1.0)
 
 

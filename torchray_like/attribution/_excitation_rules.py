@@ -241,7 +241,7 @@ class ExciteFunction(torch.autograd.Function):
     forward is the plain call."""
 
     @staticmethod
-    def forward(ctx, x, call):  # type: ignore[override]
+    def forward(ctx, x, call):
         with torch._C.DisableTorchFunction():
             out = call(x)
         ctx.save_for_backward(x)
@@ -250,7 +250,7 @@ class ExciteFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, p):  # type: ignore[override]
+    def backward(ctx, p):
         (x,) = ctx.saved_tensors
         call: Call = ctx.call
         cell: ExcitationCell = call.cell
@@ -377,7 +377,7 @@ class ExciteSumFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, alpha, inplace, cell):  # type: ignore[override]
+    def forward(ctx, a, b, alpha, inplace, cell):
         with torch._C.DisableTorchFunction():
             if inplace:
                 # ``a`` is about to be overwritten (and later, often, rectified in place): keep
@@ -395,7 +395,7 @@ class ExciteSumFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, p):  # type: ignore[override]
+    def backward(ctx, p):
         a, b = ctx.saved_tensors
         cell: ExcitationCell = ctx.cell
         cell.applied += 1
@@ -413,7 +413,7 @@ class ExciteScaleFunction(torch.autograd.Function):
     unchanged where ``r(x) c`` is an excitatory input (``c`` cancels in ``x c / (x c)``)."""
 
     @staticmethod
-    def forward(ctx, x, call, cell, inplace):  # type: ignore[override]
+    def forward(ctx, x, call, cell, inplace):
         with torch._C.DisableTorchFunction():
             out = call(x)
             ctx.mask = cell.excited(out)
@@ -424,7 +424,7 @@ class ExciteScaleFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, p):  # type: ignore[override]
+    def backward(ctx, p):
         ctx.cell.applied += 1
         with torch._C.DisableTorchFunction():
             g = torch.where(ctx.mask, p, 0.0)
@@ -438,14 +438,14 @@ class PassThroughFunction(torch.autograd.Function):
     passes the signal through unchanged."""
 
     @staticmethod
-    def forward(ctx, x, call, cell):  # type: ignore[override]
+    def forward(ctx, x, call, cell):
         ctx.cell = cell
         with torch._C.DisableTorchFunction():
             return call(x)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, p):  # type: ignore[override]
+    def backward(ctx, p):
         ctx.cell.applied += 1
         return p, None, None
 

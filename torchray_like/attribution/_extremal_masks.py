@@ -316,7 +316,7 @@ class _SoftmaxPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, win, scaled, valid):  # type: ignore[override]
+    def forward(ctx, win, scaled, valid):
         u = win.unsqueeze(-2) * scaled                 # (..., count, sub, w)
         e = u.exp().mul_(valid)
         den = e.sum(dim=-1)
@@ -325,7 +325,7 @@ class _SoftmaxPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         u, e, den, out, scaled = ctx.saved_tensors
         gu = (u - out.unsqueeze(-1)).add_(1).mul_(e).mul_((grad / den).unsqueeze(-1))
         return (gu * scaled).sum(dim=-2), None, None
@@ -460,7 +460,7 @@ class MaskGenerator:
     @staticmethod
     def _axis(length: int, s: int, sg: float, j: int, f: Any, device: Any,
               dtype: torch.dtype) -> _Axis:
-        if isinstance(f, bool) or not isinstance(f, Integral) or not 1 <= f <= s:
+        if isinstance(f, bool) or not isinstance(f, Integral) or not 1 <= int(f) <= s:
             raise ValueError(f"subdivision must be between 1 and step={s}, got {f!r}")
         f = int(f)
         first = -((j + s - 1) // s)                       # last grid point ≤ −jitter
@@ -662,13 +662,13 @@ class _RankingLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, flat, ones):  # type: ignore[override]
+    def forward(ctx, flat, ones):
         ref = _reference(flat, ones)
         ctx.save_for_backward(flat, ref)
         return _ranking_loss(flat, ref, ones)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         flat, ref = ctx.saved_tensors
         return grad.view(-1, 1) * 2 * (flat - ref) / flat.shape[1], None
 

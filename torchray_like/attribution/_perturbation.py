@@ -115,7 +115,7 @@ def _seed_from(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(
             f"{what} must be a torch.Generator, an int seed or None, got {type(value).__name__}")
-    if not 0 <= value < 2 ** 64:
+    if not 0 <= int(value) < 2 ** 64:
         raise ValueError(f"an int seed must be in [0, 2**64), got {value!r}")
     return int(value)
 

@@ -52,11 +52,11 @@ class DeConvNetReLU(torch.autograd.Function):
     rule = DECONVNET_RULE
 
     @staticmethod
-    def forward(ctx, input):  # type: ignore[override]
+    def forward(ctx, input):
         return input.clamp(min=0)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output):
         return grad_output.clamp(min=0)
 
 

@@ -335,7 +335,7 @@ class EltwiseSumFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # type: ignore[override]
+    def forward(ctx, *inputs):
         """The sum of ``inputs`` (as the active context, if any, computes it)."""
         if not inputs:
             raise ValueError("EltwiseSumFunction: at least one input is required")
@@ -346,7 +346,7 @@ class EltwiseSumFunction(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
-    def backward(ctx, p):  # type: ignore[override]
+    def backward(ctx, p):
         """Each input's share of ``p`` (the whole of it for a plain sum)."""
         return torch.autograd.grad(ctx.out, ctx.leaves, p, retain_graph=True,
                                    allow_unused=True)

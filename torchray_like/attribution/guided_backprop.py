@@ -55,13 +55,13 @@ class GuidedBackpropReLU(torch.autograd.Function):
     rule = GUIDED_BACKPROP_RULE
 
     @staticmethod
-    def forward(ctx, input):  # type: ignore[override]
+    def forward(ctx, input):
         output = input.clamp(min=0)
         ctx.save_for_backward(output)
         return output
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output):
         (output,) = ctx.saved_tensors
         return GUIDED_BACKPROP_RULE.backward(grad_output, output, None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from numbers import Integral
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ def _spatial_size(size: Any, spatial: int, like: torch.Tensor) -> Optional[Tuple
     torch_order = isinstance(size, Shape)
     values = tuple(size)
     if len(values) != spatial or not all(isinstance(s, Integral) and not isinstance(s, bool)
-                                         and s > 0 for s in values):
+                                         and cast(int, s) > 0 for s in values):
         if torch_order:
             raise ValueError(
                 f"resize must give {spatial} positive sizes in torch order "

@@ -15,11 +15,12 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as module_hooks
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["get_module", "Probe", "attach_debug_probes"]
 
@@ -317,7 +318,7 @@ class Probe:
         tracked = not self.accumulate
         if tracked:
             _PASSES.acquire()
-        self.hook = handle
+        self.hook: Optional[RemovableHandle] = handle
         self._finalizer = weakref.finalize(self, _release, handle, tracked)
 
     @property
@@ -336,7 +337,7 @@ class Probe:
     def __enter__(self) -> "Probe":
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: Any) -> Literal[False]:
         self.remove()
         return False
 

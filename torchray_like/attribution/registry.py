@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping
 
 from .deconvnet import deconvnet
 from .excitation_backprop import contrastive_excitation_backprop, excitation_backprop
@@ -35,7 +35,7 @@ class MethodRegistry(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self._methods
 
-    def get(self, name: str, default: Optional[Callable] = None) -> Optional[Callable]:
+    def get(self, name: Any, default: Any = None) -> Any:
         return self._methods.get(name, default)
 
     def __iter__(self) -> Iterator[str]:

@@ -103,7 +103,7 @@ def _check_size(input_size: Any) -> Tuple[int, ...]:
             f"{type(input_size).__name__}")
     size = tuple(input_size)
     if not 1 <= len(size) <= 3 or not all(
-            isinstance(s, Integral) and not isinstance(s, bool) and s >= 1 for s in size):
+            isinstance(s, Integral) and not isinstance(s, bool) and int(s) >= 1 for s in size):
         raise ValueError(
             f"input_size must hold 1 to 3 positive ints — (L,), (H, W) or (T, H, W) — got "
             f"{input_size!r}")

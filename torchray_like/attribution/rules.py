@@ -72,7 +72,7 @@ class RectifierFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, cell, upper, inplace, *rest):  # type: ignore[override]
+    def forward(ctx, x, cell, upper, inplace, *rest):
         """The plain rectifier (``compute(x)`` when given); saves the output for backward."""
         compute = rest[0] if rest else None
         with torch._C.DisableTorchFunction():
@@ -92,7 +92,7 @@ class RectifierFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         """``cell.rule.backward(grad, output, upper)``, counted in ``cell.applied``."""
         (out,) = ctx.saved_tensors
         cell = ctx.cell

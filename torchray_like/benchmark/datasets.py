@@ -535,7 +535,7 @@ def _default_dir(name: str) -> Path:
     """A directory from the optional configuration (``torchray_like.utils.get_config``)."""
     key = {"voc_2007": "voc_dir", "coco": "coco_dir", "imagenet": "imagenet_dir"}[name]
     try:
-        from torchray_like.utils import get_config  # type: ignore[import-not-found]
+        from torchray_like.utils import get_config
 
         value = get_config()[key]
     except (ImportError, AttributeError, KeyError, TypeError):
