@@ -9,3 +9,4 @@ extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax",
 napoleon_numpy_docstring = True
 autodoc_member_order = "bysource"
 html_theme = "alabaster"
+autodoc_inherit_docstrings = False  # torch.autograd.Function docstrings link to torch docs

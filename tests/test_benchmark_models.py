@@ -209,18 +209,17 @@ _HAS_EMBEDDED = importlib.util.find_spec("torchray_like.benchmark.embedded_model
 @pytest.mark.parametrize("arch", ["embedded-vgg", "embedded-resnet"])
 def test_embedded_architectures_convert(arch):
     """The real embedded architectures (random weights) convert exactly."""
+    from torchray_like.benchmark.embedded_data import IMAGE_SIZE
     from torchray_like.benchmark.embedded_models import build_embedded_model
 
     torch.manual_seed(0)
     model = build_embedded_model(arch).eval()
     converted = convert_to_fully_convolutional(model)
     with torch.no_grad():
-        x = _input(112)  # the embedded models' input size
+        x = _input(IMAGE_SIZE)  # the embedded models' input size
         scores = converted(x)
-        if arch == "embedded-vgg":
-            assert scores.shape[-2:] == (1, 1)
         torch.testing.assert_close(scores.mean(dim=(2, 3)), model(x), rtol=1e-4, atol=1e-5)
-        bigger = converted(_input(176, 1))
+        bigger = converted(_input(IMAGE_SIZE * 3 // 2, 1))
     assert bigger.shape[:2] == scores.shape[:2]
     assert bigger.shape[-1] > scores.shape[-1] and bigger.shape[-2] > scores.shape[-2]
 
@@ -274,3 +273,18 @@ def test_replace_module():
 def test_public_names():
     for name in models.__all__:
         assert hasattr(models, name), name
+
+
+def test_get_example_data_runs_offline_with_a_stated_stand_in():
+    """TorchRay's example scripts start with get_example_data(): it works offline and says which
+    model and image it used (trained embedded weights, or a random-weight stand-in)."""
+    from torchray_like.benchmark import get_example_data
+    from torchray_like.benchmark.embedded_data import IMAGE_SIZE
+
+    with pytest.warns(UserWarning, match="embedded"):
+        model, x, c1, c2 = get_example_data("vgg16")
+    assert x.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == torch.float32
+    assert isinstance(c1, int) and isinstance(c2, int) and c1 != c2
+    assert not model.training
+    with torch.no_grad():
+        assert model(x).shape[0] == 1

@@ -1,0 +1,387 @@
+"""Deletion and insertion (Petsiuk et al. 2018) of every attribution method, embedded benchmark.
+
+Usage::
+
+    python benchmarks/deletion_insertion.py                       # a few minutes on a CPU
+    python benchmarks/deletion_insertion.py --limit 100 --steps 224 --full
+    python benchmarks/deletion_insertion.py --methods gradient grad_cam random --limit 20
+    torchrun --nproc_per_node=4 benchmarks/deletion_insertion.py --limit 200 --resume
+    python benchmarks/deletion_insertion.py --from-store          # tables from stored results
+
+For each embedded model (``embedded-vgg``, ``embedded-resnet``, trained on the procedurally
+generated data set of :mod:`torchray_like.benchmark.embedded_data`), each of the first
+``--limit`` test images and each method of the registry (plus a seeded random map), the map of
+the image's most confident ground-truth class is computed, then:
+
+* **deletion**: pixels are replaced by zeros (the mean colour: the images are normalised), most
+  salient first, ``--steps`` steps; the class probability is recorded after each step;
+* **insertion**: pixels are copied, in the same order, into a Gaussian-blurred copy of the image
+  (σ = ``--blur-sigma``, by default 1/16 of the image side).
+
+The table gives the mean area under each curve (trapezoid rule on ``[0, 1]``; deletion: lower is
+better, insertion: higher is better) and the seconds per image the method took to make its map.
+RISE and extremal perturbation run with reduced settings (printed; ``--full`` for the papers').
+The embedded models were trained multi-label (one sigmoid per class): the probability recorded
+is the sigmoid by default (``--score softmax`` for the softmax over the classes, as in the
+paper's single-label setting).
+
+Outputs under ``--out``: ``deletion_insertion.csv`` (the table), ``deletion_insertion.json``
+(settings, table, mean curves), ``deletion_insertion_curves.png`` (mean curves per model and
+game) and the results store (``--resume`` continues an interrupted run; under ``torchrun`` the
+work is sharded over the processes).  ``--docs`` also saves the figure as
+``docs/_static/deletion_insertion_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from torchray_like.attribution.registry import METHODS  # noqa: E402
+from torchray_like.benchmark import runner  # noqa: E402
+from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
+    default_blur_sigma, deletion_insertion_both, embedded_method_kwargs,
+    method_saliency, step_fractions, top_present_class)
+from torchray_like.benchmark.embedded_data import IMAGE_SIZE, EmbeddedShapes  # noqa: E402
+from torchray_like.benchmark.embedded_models import (  # noqa: E402
+    EMBEDDED_MODELS, EMBEDDED_WEIGHTS, WeightsError, load_embedded_model)
+
+EXPERIMENT = "deletion_insertion/embedded"
+ALL_METHODS = ("random",) + tuple(METHODS)
+DOCS_FIGURE = os.path.join(ROOT, "docs", "_static", "deletion_insertion_curves.png")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="deletion_insertion.py", description=__doc__.splitlines()[0],
+        epilog="See the module docstring (python -m pydoc benchmarks/deletion_insertion.py) for "
+               "the protocol.")
+    parser.add_argument("--models", nargs="+", choices=EMBEDDED_MODELS, default=EMBEDDED_MODELS,
+                        help="embedded models (default: both)")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=ALL_METHODS,
+                        metavar="METHOD",
+                        help=f"methods, among {', '.join(ALL_METHODS)} (default: all)")
+    parser.add_argument("--steps", type=runner.positive_int, default=64,
+                        help="steps per curve (step = ceil(pixels / steps)); the paper's is "
+                             "224 (default: %(default)s)")
+    parser.add_argument("--score", choices=("sigmoid", "softmax"), default="sigmoid",
+                        help="class probability recorded (the embedded models are multi-label; "
+                             "default: %(default)s)")
+    parser.add_argument("--blur-sigma", type=float, default=None,
+                        help="σ in pixels of the insertion canvas's blur (default: side / 16)")
+    parser.add_argument("--batch-size", type=runner.positive_int, default=65,
+                        help="perturbed images per forward pass (default: %(default)s)")
+    parser.add_argument("--full", action="store_true",
+                        help="the papers' settings for RISE (4000 masks) and extremal "
+                             "perturbation (800 iterations)")
+    parser.add_argument("--rise-masks", type=runner.positive_int, default=None,
+                        help="RISE masks (default 1000, 4000 with --full)")
+    parser.add_argument("--ep-iters", type=runner.positive_int, default=None,
+                        help="extremal perturbation iterations (default 60, 800 with --full)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="use untrained models, initialised from --seed (when the shipped "
+                             "weights are missing)")
+    parser.add_argument("--weights", default=None, metavar="DIR",
+                        help="load the models from this folder (files named as the shipped "
+                             "ones, e.g. written by train_embedded.py --out) instead of the "
+                             "shipped weights")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads; 0 keeps PyTorch's default (default: "
+                             "%(default)s: the many small operations gain little from more, and "
+                             "suffer when cores are shared; use torchrun to use more cores)")
+    parser.add_argument("--docs", action="store_true",
+                        help=f"also save the figure as {os.path.relpath(DOCS_FIGURE, ROOT)}")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    runner.add_common_arguments(parser, default_out=os.path.join(".", "out",
+                                                                 "deletion_insertion"))
+    parser.set_defaults(limit=4)
+    for action in parser._actions:
+        if action.dest == "limit":
+            action.help += " (default: %(default)s)"
+    args = parser.parse_args(argv)
+    if args.blur_sigma is not None and not (args.blur_sigma >= 0 and math.isfinite(
+            args.blur_sigma)):
+        parser.error(f"--blur-sigma must be a non-negative number, got {args.blur_sigma}")
+    return args
+
+
+def method_kwargs(method: str, model_name: str, args: argparse.Namespace,
+                  image: int) -> Dict[str, Any]:
+    """The settings of one method call (printed in the header, stored in the config)."""
+    if method == "random":
+        return {"seed": args.seed + image}
+    kw = embedded_method_kwargs(method, model_name, input_size=IMAGE_SIZE, small=not args.full,
+                                score=args.score)
+    if method == "rise":
+        kw["seed"] = args.seed
+        if args.rise_masks is not None:
+            kw["num_masks"] = args.rise_masks
+    if method == "extremal_perturbation":
+        kw["generator"] = args.seed
+        if args.ep_iters is not None:
+            kw["max_iter"] = args.ep_iters
+    return kw
+
+
+def settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Everything the records depend on (the store refuses to mix runs that differ)."""
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    return {
+        "models": list(args.models), "methods": list(args.methods),
+        "weights": weights_label(args),
+        "split": "test", "score": args.score, "steps": args.steps,
+        "step_pixels": math.ceil(pixels / args.steps),
+        "deletion_substrate": "zeros (normalised space)",
+        "insertion_canvas_blur_sigma": (default_blur_sigma((IMAGE_SIZE, IMAGE_SIZE))
+                                        if args.blur_sigma is None else args.blur_sigma),
+        "seed": args.seed,
+        "rise": {k: v for k, v in method_kwargs("rise", args.models[0], args, 0).items()},
+        "extremal_perturbation": method_kwargs("extremal_perturbation", args.models[0], args, 0),
+    }
+
+
+def load_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
+    """The embedded model ``name``: shipped, untrained (``--random-weights``) or from
+    ``--weights DIR`` (its SHA-256 is printed in the settings instead of checked)."""
+    if args.random_weights:
+        with torch.random.fork_rng(devices=[]):      # the same untrained model in every process
+            torch.manual_seed(args.seed)
+            return load_embedded_model(name, pretrained=False)
+    if args.weights is None:
+        return load_embedded_model(name)
+    path = os.path.join(args.weights, EMBEDDED_WEIGHTS[name][0])
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return load_embedded_model(name, path=path, sha256=digest)
+
+
+def weights_label(args: argparse.Namespace) -> Any:
+    if args.random_weights:
+        return "random"
+    if args.weights is None:
+        return "shipped"
+    out = {}
+    for name in args.models:
+        path = os.path.join(args.weights, EMBEDDED_WEIGHTS[name][0])
+        try:
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            out[name] = f"missing: {path}"
+    return out
+
+
+class Worker:
+    """Computes one record per ``(model, image, method)``; models and images are cached."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.data = EmbeddedShapes("test", size=max(args.limit, 1))
+        self.models: Dict[str, torch.nn.Module] = {}
+        self.targets: Dict[tuple, int] = {}
+        self.step = math.ceil(IMAGE_SIZE * IMAGE_SIZE / args.steps)
+
+    def model(self, name: str) -> torch.nn.Module:
+        if name not in self.models:
+            model = load_model(name, self.args)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.models[name] = model.to(self.device).eval()
+        return self.models[name]
+
+    def __call__(self, item: tuple) -> Dict[str, Any]:
+        name, index, method = item
+        model = self.model(name)
+        x, ann = self.data[index]
+        x = x[None].to(self.device)
+        key = (name, index)
+        if key not in self.targets:
+            self.targets[key] = top_present_class(model, x, [ann["class_ids"].tolist()],
+                                                  self.args.score)[0]
+        target = self.targets[key]
+        kw = method_kwargs(method, name, self.args, index)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        saliency = method_saliency(method, model, x, [target], **kw)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        res = deletion_insertion_both(model, x, saliency, [target], step=self.step,
+                                      score=self.args.score, batch_size=self.args.batch_size,
+                                      blur_sigma=self.args.blur_sigma)
+        return {
+            "model": name, "method": method, "image": index, "target": target,
+            "seconds": seconds,
+            "deletion_auc": float(res["deletion"][1][0]),
+            "insertion_auc": float(res["insertion"][1][0]),
+            "deletion_curve": [float(v) for v in res["deletion"][0][0]],
+            "insertion_curve": [float(v) for v in res["insertion"][0][0]],
+        }
+
+
+def summarize(records: List[Dict[str, Any]], models: Sequence[str],
+              methods: Sequence[str]) -> List[Dict[str, Any]]:
+    """One row per (model, method): mean AUCs, their standard errors, seconds per image."""
+    rows = []
+    for model in models:
+        for method in methods:
+            rs = [r for r in records if r["model"] == model and r["method"] == method]
+            if not rs:
+                continue
+            d = np.array([r["deletion_auc"] for r in rs])
+            i = np.array([r["insertion_auc"] for r in rs])
+            sem = (lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
+                   else float("nan"))
+            rows.append({
+                "method": method, "model": model, "images": len(rs),
+                "deletion_auc": float(d.mean()), "deletion_sem": sem(d),
+                "insertion_auc": float(i.mean()), "insertion_sem": sem(i),
+                "s_per_img": float(np.mean([r["seconds"] for r in rs])),
+                "deletion_curve": np.mean([r["deletion_curve"] for r in rs], 0).tolist(),
+                "insertion_curve": np.mean([r["insertion_curve"] for r in rs], 0).tolist(),
+            })
+    return rows
+
+
+def plot(rows: List[Dict[str, Any]], models: Sequence[str], fractions: np.ndarray,
+         paths: Sequence[str], title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 3.4 * len(models)), squeeze=False,
+                             sharex=True, sharey=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in
+               enumerate(m for m in methods if m != "random")}
+    for r_i, model in enumerate(models):
+        for c_i, game in enumerate(("deletion", "insertion")):
+            ax = axes[r_i][c_i]
+            for row in rows:
+                if row["model"] != model:
+                    continue
+                m = row["method"]
+                style = ({"color": "black", "linestyle": "--", "linewidth": 2} if m == "random"
+                         else {"color": colours[m], "linewidth": 1.3})
+                ax.plot(fractions, row[f"{game}_curve"],
+                        label=(f"{m} ({row['deletion_auc']:.3f} / "
+                               f"{row['insertion_auc']:.3f})"), **style)
+            ax.set_title(f"{model}: {game}", fontsize=10)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            if c_i == 1:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                          title="method (AUC deletion / insertion)", title_fontsize=7.5)
+            if r_i == len(models) - 1:
+                ax.set_xlabel("fraction of pixels deleted / inserted")
+            if c_i == 0:
+                ax.set_ylabel("class probability")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
+                  records: List[Dict[str, Any]], wall: Optional[float]) -> List[Dict[str, Any]]:
+    models = [m for m in config["models"] if any(r["model"] == m for r in records)]
+    rows = summarize(records, models, config["methods"])
+    table = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows]
+    print(runner.format_table(table, ["method", "model", "images", "deletion_auc",
+                                      "insertion_auc", "s_per_img"],
+                              {"s_per_img": ".3f"}))
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "deletion_insertion.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["method"])
+        writer.writeheader()
+        writer.writerows(table)
+    fractions = step_fractions(IMAGE_SIZE * IMAGE_SIZE, config["step_pixels"]).numpy()
+    with open(os.path.join(args.out, "deletion_insertion.json"), "w") as f:
+        json.dump({"settings": config, "fractions": fractions.tolist(), "rows": rows,
+                   "wall_seconds": wall}, f, indent=1)
+    figures = [os.path.join(args.out, "deletion_insertion_curves.png")]
+    if args.docs:
+        figures.append(DOCS_FIGURE)
+    n = max((r["images"] for r in rows), default=0)
+    plot(rows, models, fractions, figures,
+         f"Deletion (zeros) and insertion (blur σ={config['insertion_canvas_blur_sigma']:g} px) "
+         f"on the embedded test set, {n} images, {config['steps']} steps, "
+         f"{config['score']} probability")
+    print(f"wrote {csv_path}, deletion_insertion.json and {', '.join(figures)}")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    with runner.distributed(args.device) as (rank, world_size):
+        device = runner.local_device(args.device)
+        config = settings(args)
+        store = runner.open_store(args, EXPERIMENT, config)
+        if args.from_store:
+            config = store.config or config
+            records = store.records()
+            if rank == 0:
+                write_outputs(args, config, records, None)
+            return 0
+        if rank == 0:
+            print(f"deletion/insertion: models {', '.join(args.models)}; {args.limit} test "
+                  f"images; {len(args.methods)} methods; {world_size} process(es) on {device}")
+            print(f"  steps {args.steps} ({config['step_pixels']} px each), deletion to "
+                  f"zeros, insertion into blur σ={config['insertion_canvas_blur_sigma']:g} px, "
+                  f"{args.score} probability of the most confident present class")
+            if "rise" in args.methods:
+                print(f"  rise: {config['rise']}")
+            if "extremal_perturbation" in args.methods:
+                print(f"  extremal_perturbation: {config['extremal_perturbation']} "
+                      "(masks summed over the areas)")
+        worker = Worker(args, device)
+        try:
+            for name in args.models:
+                worker.model(name)
+        except (WeightsError, OSError) as exc:
+            raise SystemExit(f"{exc}\n(run with --random-weights to try the benchmark on "
+                             "untrained models)")
+        items = [(name, index, method) for name in args.models for index in range(args.limit)
+                 for method in args.methods]
+        start = time.perf_counter()
+        runner.run_sharded(items, worker, store, key=lambda it: f"{it[0]}|{it[1]:06d}|{it[2]}",
+                           progress=not args.no_progress, desc="deletion/insertion")
+        wall = time.perf_counter() - start
+        if rank == 0:
+            wanted = {f"{n}|{i:06d}|{m}" for n, i, m in items}
+            records = [r for r in store.records() if r["key"] in wanted]
+            write_outputs(args, config, records, wall)
+            print(f"wall time {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The benchmark scripts ``benchmarks/pointing_game.py`` and ``benchmarks/compare.py``.
+
+They run on tiny subsets (random weights unless the shipped ones exist), and the numbers they
+write are checked: the centre baseline against a hand computation on the same images, the
+ranges and row counts, resume after a kill, and a two-process ``torchrun`` run against a
+single-process one.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torchray_like.benchmark.runner import ResultsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "pointing_game.py"
+COMPARE = ROOT / "benchmarks" / "compare.py"
+EXPERIMENT = "pointing_game/embedded"
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pg = _load(SCRIPT, "pointing_game_script")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process runs use one thread (as the subprocesses do, OMP_NUM_THREADS=1): on a busy
+    machine several threads per process mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(argv, capsys=None):
+    code = pg.main([str(a) for a in argv])
+    assert code == 0
+    return capsys.readouterr() if capsys is not None else None
+
+
+def _csv(folder):
+    with open(Path(folder) / "pointing_game.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _json(folder):
+    with open(Path(folder) / "pointing_game.json") as f:
+        return json.load(f)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ------------------------------------------------------------------------- hand computation
+
+
+def hand_centre_accuracy(n_images: int):
+    """Centre baseline on the first test images, computed from the raw masks (no package code
+    beyond the data set): the centre pixel (side // 2, side // 2) hits when a class pixel lies
+    within 15 · side / 224 pixels (7.5 px for 112-pixel images)."""
+    from torchray_like.benchmark.embedded_data import IMAGE_SIZE, EmbeddedShapes
+
+    data = EmbeddedShapes("test", size=n_images)
+    tol2 = (15 * IMAGE_SIZE / 224) ** 2
+    centre = float(IMAGE_SIZE // 2)
+    stats = {"all": {}, "difficult": {}}
+    pairs = {"all": 0, "difficult": 0}
+    for i in range(n_images):
+        _, t = data[i]
+        for k, c in enumerate(t["class_ids"].tolist()):
+            mask = t["masks"][t["labels"] == c].any(0).numpy()
+            ys, xs = np.nonzero(mask)
+            hit = bool((((ys - centre) ** 2 + (xs - centre) ** 2) <= tol2).any())
+            subsets = ["all"] + (["difficult"] if bool(t["class_difficult"][k]) else [])
+            for s in subsets:
+                h, n = stats[s].get(c, (0, 0))
+                stats[s][c] = (h + hit, n + 1)
+                pairs[s] += 1
+    acc = {s: float(np.mean([h / n for h, n in v.values()])) if v else float("nan")
+           for s, v in stats.items()}
+    return acc, pairs
+
+
+# ------------------------------------------------------------------------- arguments
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        pg.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--dataset", "--data-root", "--model", "--weights", "--methods", "--limit",
+                   "--resume", "--from-store", "--store", "--out", "--device", "--seed",
+                   "torchrun"):
+        assert option in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "gradient,nope"], "unknown method(s) nope"),
+    (["--limit", "0"], "positive integer"),
+    (["--dataset", "mnist"], "invalid choice"),
+    (["--model", "vgg16", "--weights", "random"], "does not fit --dataset embedded"),
+    (["--weights", "/no/such/file.pt"], "no such file"),
+    (["--data-root", "somewhere"], "--data-root is for"),
+    (["--model", "embedded-vgg,embedded-vgg"], "distinct"),
+    (["--weights", "random,random,random"], "one per model"),
+    (["--ep-limit", "-3"], "positive integer"),
+    (["--rise-limit", "0"], "positive integer"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        pg.main(argv + ["--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_dataset_is_an_argparse_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        pg.main(["--dataset", "voc07", "--data-root", str(tmp_path), "--weights", "random",
+                 "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "PASCAL VOC 2007 not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- a tiny run
+
+
+TINY = ["--weights", "random", "--threads", "1", "--limit", "4", "--rise-limit", "2",
+        "--ep-limit", "2",
+        "--rise-masks", "30", "--ep-iters", "3", "--methods",
+        "center,gradient,grad_cam,contrastive_excitation_backprop,rise,extremal_perturbation"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    pg.main(TINY + ["--out", str(out)])
+    return out
+
+
+def test_tiny_run_table(tiny_run):
+    rows = _csv(tiny_run)
+    methods = ["center", "gradient", "grad_cam", "contrastive_excitation_backprop", "rise",
+               "extremal_perturbation"]
+    assert [(r["model"], r["method"]) for r in rows] == [
+        (m, x) for m in ("embedded-vgg", "embedded-resnet") for x in methods]
+    for r in rows:
+        assert 0 <= float(r["all"]) <= 1 and 0 <= float(r["difficult"]) <= 1
+        assert float(r["seconds_per_image"]) >= 0
+        assert int(r["images"]) == (2 if r["method"] in pg.SLOW_METHODS else 4)
+    meta = _json(tiny_run)
+    assert [(r["model"], r["method"]) for r in meta["rows"]] == [
+        (r["model"], r["method"]) for r in rows]
+    assert meta["images"] == 4 and meta["rise_images"] == meta["ep_images"] == 2
+    settings = meta["config"]["models"]["embedded-vgg"]["settings"]
+    assert settings["rise"]["kwargs"]["num_masks"] == 30
+    assert settings["grad_cam"]["kwargs"]["saliency_layer"] == "features.14"
+
+
+def test_centre_baseline_equals_hand_computation(tiny_run):
+    acc, pairs = hand_centre_accuracy(4)
+    for r in _csv(tiny_run):
+        if r["method"] != "center":
+            continue
+        assert float(r["all"]) == pytest.approx(acc["all"], abs=1e-12)
+        assert int(r["pairs"]) == pairs["all"]
+        assert int(r["difficult_pairs"]) == pairs["difficult"]
+        if pairs["difficult"]:
+            assert float(r["difficult"]) == pytest.approx(acc["difficult"], abs=1e-12)
+    # Every method is scored on the same pairs.
+    assert len({(r["pairs"], r["difficult_pairs"]) for r in _csv(tiny_run)
+                if r["method"] not in pg.SLOW_METHODS}) == 1
+
+
+def test_resume_when_done_recomputes_nothing(tiny_run, tmp_path, capsys):
+    store = ResultsStore(tiny_run / "results.sqlite", EXPERIMENT)
+    before = {r["key"]: r["_time"] for r in store.records(meta=True)}
+    assert len(before) == 2 * (4 * 4 + 2 * 2)
+    rows_before = _csv(tiny_run)
+    # --resume with everything stored: the same table, no record rewritten.
+    out = _run(TINY + ["--out", str(tiny_run), "--resume"], capsys).out
+    assert "20 of 40 items stored" not in out and "40 of 40 items stored" in out
+    assert {r["key"]: r["_time"] for r in store.records(meta=True)} == before
+    assert _csv(tiny_run) == rows_before
+    # --from-store: no model, no data, the same numbers (written elsewhere).
+    copy = tmp_path / "copy"
+    _run(["--from-store", "--store", str(tiny_run / "results.sqlite"), "--out", str(copy),
+          "--methods", TINY[-1]], capsys)
+    strip = [{k: v for k, v in r.items()} for r in rows_before]
+    assert _csv(copy) == strip
+
+
+def test_resume_refuses_other_settings(tiny_run, capsys):
+    argv = [a if a != "30" else "31" for a in TINY]  # --rise-masks 31
+    with pytest.raises(SystemExit) as info:
+        pg.main(argv + ["--out", str(tiny_run), "--resume"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "num_masks: 30 -> 31" in err
+
+
+def test_fewer_methods_reuse_the_store(tiny_run, capsys):
+    # The settings of every method are in the config, so a subset of methods resumes.
+    _run(TINY[:-1] + ["center,grad_cam", "--out", str(tiny_run), "--resume"], capsys)
+    assert [r["method"] for r in _csv(tiny_run)] == ["center", "grad_cam"] * 2
+
+
+# ------------------------------------------------------------------------- trained models
+
+
+def _shipped_weights() -> bool:
+    from torchray_like.benchmark.embedded_models import EMBEDDED_WEIGHTS, weights_path
+    return all(digest and os.path.isfile(weights_path(name))
+               for name, (_, digest) in EMBEDDED_WEIGHTS.items())
+
+
+@pytest.mark.skipif(not _shipped_weights(), reason="the embedded models' weights are not shipped")
+def test_trained_models_reproduce_the_published_ordering(tmp_path, capsys):
+    """The shape of Fong et al. (2019), Table 1, on the first 48 embedded test images."""
+    out = tmp_path / "trained"
+    _run(["--limit", "48", "--out", out, "--methods",
+          "center,gradient,deconvnet,guided_backprop,grad_cam,contrastive_excitation_backprop"],
+         capsys)
+    table = {(r["model"], r["method"]): (float(r["all"]), float(r["difficult"]))
+             for r in _csv(out)}
+    for model in ("embedded-vgg", "embedded-resnet"):
+        acc = {m: table[model, m] for (mm, m) in table if mm == model}
+        centre = acc["center"]
+        assert acc["grad_cam"][0] >= centre[0] + 0.2, (model, acc)          # a wide margin
+        assert abs(acc["deconvnet"][0] - centre[0]) <= 0.2, (model, acc)    # near the centre
+        discriminative = min(acc["grad_cam"][1], acc["contrastive_excitation_backprop"][1])
+        assert discriminative > max(acc["gradient"][1], acc["guided_backprop"][1]), (model, acc)
+
+
+# ------------------------------------------------------------------------- kill and resume
+
+
+def test_killed_run_resumes_computing_only_the_missing_items(tmp_path):
+    out = tmp_path / "killed"
+    argv = ["--weights", "random", "--model", "embedded-resnet", "--methods", "center,rise",
+            "--limit", "4", "--rise-limit", "4", "--rise-masks", "1000", "--rise-batch", "100",
+            "--out", str(out), "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT)] + argv, cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    path = out / "results.sqlite"
+    deadline = time.time() + 120
+    stored = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if path.exists():
+                stored = len(ResultsStore(path, EXPERIMENT))
+                if stored >= 5:  # the 4 centre items and at least one RISE item
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert stored >= 5, proc.stderr.read().decode()[-2000:]
+    store = ResultsStore(path, EXPERIMENT)
+    before = {r["key"]: (r["_pid"], r["_time"]) for r in store.records(meta=True)}
+    assert 5 <= len(before) < 8
+    _run(argv + ["--resume"])
+    after = {r["key"]: (r["_pid"], r["_time"]) for r in store.records(meta=True)}
+    assert len(after) == 8
+    for key, value in after.items():
+        if key in before:
+            assert value == before[key]  # kept, not recomputed
+        else:
+            assert value[0] == os.getpid()  # computed by the resumed run
+    rows = _csv(out)
+    assert [(r["method"], r["images"]) for r in rows] == [("center", "4"), ("rise", "4")]
+
+
+# ------------------------------------------------------------------------- torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    argv = ["--weights", "random", "--limit", "8", "--rise-limit", "2", "--rise-masks", "30",
+            "--methods", "center,gradient,grad_cam,excitation_backprop,rise", "--threads", "1"]
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(SCRIPT)] + argv + ["--out", str(two)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    one = tmp_path / "one"
+    _run(argv + ["--out", str(one)])
+
+    def numbers(folder):
+        return [{k: v for k, v in r.items() if k != "seconds_per_image"} for r in _csv(folder)]
+
+    assert numbers(two) == numbers(one)
+    assert len(numbers(one)) == 2 * 5
+
+    def records(folder):
+        store = ResultsStore(folder / "results.sqlite", EXPERIMENT)
+        return {r["key"]: (r["pairs"], r["_rank"]) for r in store.records(meta=True)}
+
+    r1, r2 = records(one), records(two)
+    assert r1.keys() == r2.keys()
+    assert all(r1[k][0] == r2[k][0] for k in r1)  # same points and hits, image by image
+    assert {rank for _, rank in r2.values()} == {0, 1}
+
+
+# ------------------------------------------------------------------------- VOC protocol
+
+
+def test_voc07_protocol_on_a_tiny_tree(tmp_path, capsys):
+    from tests.test_datasets import make_voc
+    from torchray_like.benchmark.datasets import get_dataset
+    from torchray_like.benchmark.pointing_game import PointingGameBenchmark, centre_point
+
+    root = make_voc(tmp_path / "voc")
+    out = tmp_path / "out"
+    text = _run(["--dataset", "voc07", "--data-root", root, "--model", "resnet18",
+                 "--weights", "random", "--input-size", "64", "--rise-masks", "20",
+                 "--methods", "center,gradient,grad_cam,contrastive_excitation_backprop,rise",
+                 "--out", out], capsys).out
+    assert "fully_convolutional, pointing_gradient" in text
+    assert "saliency_layer=layer4" in text and "contrast_layer=avgpool" in text
+    rows = {r["method"]: r for r in _csv(out)}
+    assert set(rows) == {"center", "gradient", "grad_cam", "contrastive_excitation_backprop",
+                         "rise"}
+    # The centre baseline with the package's benchmark, image by image.
+    data = get_dataset("voc_2007", "test", dataset_dir=root)
+    bench = PointingGameBenchmark(data)
+    for index in range(len(data)):
+        label = bench._label(index)
+        from torchray_like.benchmark import datasets as ads
+        for c in ads.voc_as_class_ids(label):
+            bench.evaluate(index, c, centre_point(ads.voc_as_image_size(label)))
+    assert float(rows["center"]["all"]) == pytest.approx(bench.accuracy)
+    assert int(rows["center"]["pairs"]) == int((bench.hits + bench.misses).sum())
+    for r in rows.values():
+        assert int(r["images"]) == 3 and 0 <= float(r["all"]) <= 1
+
+
+def test_coco14_protocol_on_a_tiny_tree(tmp_path, capsys):
+    from tests.test_datasets import make_coco
+    from torchray_like.benchmark import datasets as ads
+    from torchray_like.benchmark.datasets import get_dataset
+    from torchray_like.benchmark.pointing_game import PointingGameBenchmark, centre_point
+
+    root = make_coco(tmp_path / "coco")
+    out = tmp_path / "out"
+    _run(["--dataset", "coco14", "--data-root", root, "--model", "resnet18", "--weights",
+          "random", "--input-size", "48", "--methods", "center,grad_cam", "--out", out], capsys)
+    rows = {r["method"]: r for r in _csv(out)}
+    data = get_dataset("coco", "val2014", dataset_dir=root)
+    bench = PointingGameBenchmark(data, difficult=True)
+    for index in range(len(data)):
+        label = bench._label(index)
+        for c in ads.coco_as_class_ids(label):
+            bench.evaluate(index, c, centre_point(ads.coco_as_image_size(data, label)))
+    assert int(rows["center"]["difficult_pairs"]) == int((bench.hits + bench.misses).sum())
+    assert float(rows["center"]["difficult"]) == pytest.approx(bench.accuracy, nan_ok=True)
+    assert int(rows["grad_cam"]["images"]) == 2
+
+
+# ------------------------------------------------------------------------- compare.py
+
+
+def test_compare_embedded_figure(tmp_path, capsys):
+    compare = _load(COMPARE, "compare_script")
+    path = tmp_path / "fig.png"
+    assert compare.main(["--weights", "random", "--images", "2", "--methods",
+                         "gradient,grad_cam,contrastive_excitation_backprop,rise",
+                         "--rise-masks", "20", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"figure: {path}" in out
+    from PIL import Image
+    with Image.open(path) as image:
+        width, height = image.size
+    assert width > height > 0  # 2 rows, 5 columns (input + 4 methods)
+
+
+def test_compare_image_file(tmp_path, capsys):
+    from PIL import Image
+    compare = _load(COMPARE, "compare_script")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+                    ).save(tmp_path / "cat.jpg")
+    assert compare.main(["--image", str(tmp_path / "cat.jpg"), "--model", "resnet18",
+                         "--weights", "random", "--target", "3", "--size", "64",
+                         "--methods", "gradient,grad_cam,excitation_backprop",
+                         "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "compare.png").is_file()
+    assert f"figure: {tmp_path / 'compare.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "nope"], "unknown method(s) nope"),
+    (["--model", "resnet50"], "needs --image"),
+    (["--image", "/no/such.jpg"], "cannot read"),
+    (["--ep-area", "1.5"], "--ep-area"),
+])
+def test_compare_bad_arguments(argv, message, capsys):
+    compare = _load(COMPARE, "compare_script")
+    with pytest.raises(SystemExit) as info:
+        compare.main(argv + ["--weights", "random"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,479 @@
+r"""Deletion and insertion metrics (Petsiuk, Das, Saenko, BMVC 2018, arXiv 1806.07421).
+
+A saliency map ranks the input's pixels (spatial positions, all channels together). The
+**deletion** game removes them in that order, most salient first, replacing them step by step
+by a *substrate* (by default zeros, which in the normalised input space is the data set's mean
+colour); a good map makes the class probability drop fast, so its area under the curve (AUC) is
+low. The **insertion** game starts from a *canvas* (by default a Gaussian-blurred copy of the
+input) and copies the input's pixels back in the same order; a good map makes the probability
+rise fast (high AUC).
+
+The curve holds the class probability after each step, the start (nothing changed) and the end
+(everything changed) included: with ``P`` pixels and ``step`` pixels per step there are
+``K = ceil(P / step)`` steps and ``K + 1`` points, at the fractions
+``min(k · step, P) / P`` of the pixels (:func:`step_fractions`). The AUC is the trapezoid rule
+over those fractions on ``[0, 1]`` (so a last, shorter step gets its true width).
+
+Choices of ours (the paper leaves them open or uses other values), all arguments:
+
+* ties in the map are broken by position (row-major order, first pixel first), so a constant
+  map deletes the image top to bottom and the result is deterministic;
+* the map is resized to the input's size by (bi/tri)linear interpolation before ranking;
+* the default step removes ``1/224`` of the pixels (the paper's 224 pixels per step at 224²);
+* the default canvas blur is ``blur_sigma = max(spatial) / 16`` pixels (7 px at 112², 14 px
+  at 224²), strong enough to erase the shape of objects a tenth of the image wide;
+* the class probability is the softmax of the logits (``score="softmax"``); for models trained
+  multi-label (independent sigmoids, such as the embedded models) pass ``score="sigmoid"``.
+
+:func:`random_saliency` gives the random-map baseline the paper reports.  :func:`method_saliency`
+and :func:`embedded_method_kwargs` turn any method of the registry into an ``(N, 1, *spatial)``
+map at the input's size with settings suited to the embedded models (the benchmark scripts use
+them).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..attribution._perturbation import (
+    GeneratorType, check_number, check_progress, make_generator, progress_bar)
+from ..attribution.maps import Shape, resize_saliency, smooth_saliency
+from ..attribution.state import check_input, check_model, model_state_guard
+from ..attribution.targets import SCORES, class_indices, output_scores
+
+__all__ = ["deletion_insertion", "deletion_insertion_both", "step_fractions", "auc",
+           "random_saliency", "default_step", "default_blur_sigma", "MODES",
+           "method_saliency", "embedded_method_kwargs", "SMALL_SETTINGS", "top_present_class"]
+
+#: The two games.
+MODES = ("deletion", "insertion")
+
+SubstrateType = Union[None, str, float, int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps and area under the curve
+# ---------------------------------------------------------------------------------------------
+
+
+def default_step(num_pixels: int) -> int:
+    """Pixels per step by default: ``ceil(P / 224)`` — the paper's 224 pixels per step (one
+    224th of a 224² image), i.e. at most 224 steps whatever the size."""
+    return max(1, math.ceil(num_pixels / 224))
+
+
+def default_blur_sigma(spatial: Sequence[int]) -> float:
+    """The insertion canvas's default blur: ``max(spatial) / 16`` pixels."""
+    return max(spatial) / 16.0
+
+
+def _check_step(step: Any, num_pixels: int) -> int:
+    if step is None:
+        return default_step(num_pixels)
+    if isinstance(step, bool) or not isinstance(step, Integral):
+        raise ValueError(
+            f"step must be a positive int (pixels changed per step) or None, got {step!r}")
+    if step < 1:
+        raise ValueError(f"step must be a positive int (pixels changed per step), got {step!r}")
+    return int(step)
+
+
+def step_fractions(num_pixels: int, step: int) -> torch.Tensor:
+    """The x-axis of a curve: ``min(k · step, P) / P`` for ``k = 0 .. ceil(P / step)``
+    (float64, from 0 to 1)."""
+    for value, name in ((num_pixels, "num_pixels"), (step, "step")):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    k = math.ceil(num_pixels / step)
+    counts = torch.clamp(torch.arange(k + 1, dtype=torch.float64) * step, max=num_pixels)
+    return counts / num_pixels
+
+
+def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Area under ``curve`` (``(..., K + 1)``) by the trapezoid rule over ``fractions`` (evenly
+    spaced on ``[0, 1]`` when not given); computed in float64, returned in the curve's dtype
+    (float32 for an integer curve) on its device."""
+    if not isinstance(curve, torch.Tensor) or curve.dim() < 1 or curve.shape[-1] < 2:
+        raise ValueError(
+            f"curve must be a tensor (..., K + 1) with at least two points, got "
+            f"{getattr(curve, 'shape', type(curve).__name__)}")
+    c = curve.detach().cpu().to(torch.float64)      # float64 on the CPU (MPS has none)
+    if fractions is None:
+        fractions = torch.linspace(0, 1, curve.shape[-1], dtype=torch.float64)
+    x = torch.as_tensor(fractions).detach().cpu().to(torch.float64)
+    if x.shape != (curve.shape[-1],):
+        raise ValueError(
+            f"fractions must have shape ({curve.shape[-1]},) like the curve's last dimension, "
+            f"got {tuple(x.shape)}")
+    area = ((x[1:] - x[:-1]) * (c[..., 1:] + c[..., :-1]) / 2).sum(-1)
+    return area.to(device=curve.device,
+                   dtype=curve.dtype if curve.is_floating_point() else torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_saliency(saliency: Any, input: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, *spatial)`` (or ``(N, *spatial)``) finite real maps, resized to the input."""
+    if not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"saliency must be a torch.Tensor, got {type(saliency).__name__}")
+    if saliency.is_complex() or saliency.dtype == torch.bool:
+        raise ValueError(f"saliency must be a real tensor, got dtype {saliency.dtype}")
+    spatial = input.dim() - 2
+    if saliency.dim() == spatial + 1:
+        saliency = saliency.unsqueeze(1)
+    if saliency.dim() != spatial + 2 or saliency.shape[1] != 1:
+        raise ValueError(
+            f"saliency must have shape (N, 1, *spatial) with {spatial} spatial dimensions like "
+            f"the input {tuple(input.shape)}, got {tuple(saliency.shape)}")
+    if saliency.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"saliency has {saliency.shape[0]} maps but the input has {input.shape[0]} samples; "
+            "give one map per sample")
+    if saliency.numel() == 0:
+        raise ValueError(f"saliency is empty (shape {tuple(saliency.shape)})")
+    saliency = saliency.detach().to(device=input.device)
+    if not saliency.is_floating_point():
+        saliency = saliency.to(torch.float64)
+    if not bool(torch.isfinite(saliency).all()):
+        raise ValueError("saliency holds NaN or infinite values; the pixel order is undefined")
+    if spatial > 3 and tuple(saliency.shape[2:]) != tuple(input.shape[2:]):
+        raise ValueError(
+            f"saliency must have the input's spatial size {tuple(input.shape[2:])} for "
+            f"{spatial} spatial dimensions (resizing works for 1 to 3), got "
+            f"{tuple(saliency.shape[2:])}")
+    return resize_saliency(input, saliency, Shape(input.shape[2:]), "bilinear")
+
+
+def _substrate(substrate: SubstrateType, input: torch.Tensor, mode: str,
+               blur_sigma: Optional[float]) -> Tuple[torch.Tensor, str]:
+    """The tensor (shaped like the input) the pixels go to (deletion) or come from (insertion's
+    canvas), and a description of it."""
+    if substrate is None:
+        substrate = "zero" if mode == "deletion" else "blur"
+    if isinstance(substrate, str):
+        if substrate == "zero":
+            return torch.zeros_like(input), "zeros"
+        if substrate == "blur":
+            spatial = input.shape[2:]
+            sigma = default_blur_sigma(spatial) if blur_sigma is None else check_number(
+                blur_sigma, "blur_sigma", 0)
+            if len(spatial) > 3:
+                raise ValueError(
+                    f"substrate='blur' works for 1 to 3 spatial dimensions, the input has "
+                    f"{len(spatial)}; pass a tensor or a callable substrate")
+            return smooth_saliency(input, sigma), f"blur(sigma={sigma:g})"
+        raise ValueError(
+            f"substrate must be None, 'zero', 'blur', a number, a tensor broadcastable to the "
+            f"input or a callable input -> tensor; got {substrate!r}")
+    if isinstance(substrate, bool):
+        raise ValueError(f"substrate must not be a bool, got {substrate!r}")
+    if isinstance(substrate, (int, float)):
+        value = check_number(substrate, "substrate")
+        return torch.full_like(input, value), f"constant({value:g})"
+    if isinstance(substrate, torch.Tensor):
+        out, what = substrate, "tensor"
+    elif callable(substrate):
+        out, what = substrate(input), getattr(substrate, "__name__", "callable")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"a callable substrate must return a tensor shaped like the input, got "
+                f"{type(out).__name__}")
+    else:
+        raise TypeError(
+            f"substrate must be None, 'zero', 'blur', a number, a tensor or a callable, got "
+            f"{type(substrate).__name__}")
+    if not out.is_floating_point():
+        raise ValueError(f"substrate must be a floating-point tensor, got dtype {out.dtype}")
+    try:
+        out = torch.broadcast_to(out.detach().to(device=input.device, dtype=input.dtype),
+                                 input.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"substrate of shape {tuple(out.shape)} does not broadcast to the input's shape "
+            f"{tuple(input.shape)}") from None
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("substrate holds NaN or infinite values")
+    return out, what
+
+
+def pixel_order(saliency: torch.Tensor) -> torch.Tensor:
+    """``(N, P)`` flat pixel indices by decreasing saliency, ties by increasing index.
+
+    ``saliency`` is ``(N, 1, *spatial)``; the order is deterministic (a stable sort).
+    """
+    flat = saliency.reshape(saliency.shape[0], -1)
+    return torch.sort(-flat, dim=1, stable=True).indices
+
+
+# ---------------------------------------------------------------------------------------------
+# The games
+# ---------------------------------------------------------------------------------------------
+
+
+def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Tensor,
+                       target: Any, *, mode: str = "deletion", step: Optional[int] = None,
+                       substrate: SubstrateType = None, batch_size: int = 64,
+                       blur_sigma: Optional[float] = None,
+                       score: Union[str, Callable[[Any], torch.Tensor]] = "softmax",
+                       progress: Optional[bool] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Deletion or insertion curve and its AUC (Petsiuk et al. 2018), for a batch of maps.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The classifier; run in eval mode without gradients (its state is restored).
+    input : torch.Tensor
+        ``(N, C, *spatial)`` floating-point batch, in the model's (normalised) input space.
+    saliency : torch.Tensor
+        ``(N, 1, *spatial')`` maps (or ``(N, *spatial')``), resized (bi/tri)linearly to the
+        input's spatial size when they differ (1 to 3 spatial dimensions; more need the input's
+        size). Pixels are ranked by decreasing value, ties by position.
+    target : int, sequence of int or 1-D integer tensor
+        The class whose probability is recorded: one for all samples or one per sample.
+    mode : {"deletion", "insertion"}
+        Deletion replaces the ranked pixels by the substrate; insertion copies them into the
+        canvas.
+    step : int, optional
+        Pixels changed per step (every channel of a pixel at once); default
+        :func:`default_step` (``ceil(P / 224)``).
+    substrate : None, "zero", "blur", float, tensor or callable
+        Deletion: what replaces the pixels (default ``"zero"``: zeros, the mean colour in a
+        normalised space). Insertion: the canvas the pixels are copied into (default
+        ``"blur"``: the input blurred with a Gaussian of ``blur_sigma`` pixels, replicated
+        borders). A number is a constant, a tensor is broadcast to the input's shape, a
+        callable maps the input to such a tensor.
+    batch_size : int
+        Perturbed images per forward pass (steps of several samples share a batch).
+    blur_sigma : float, optional
+        Width of the blur of ``substrate="blur"``; default :func:`default_blur_sigma`.
+    score : {"softmax", "sigmoid", "logit"} or callable
+        How the output becomes class probabilities
+        (:func:`~torchray_like.attribution.targets.output_scores`; a single-logit head gives
+        classes 0 and 1).
+    progress : bool, optional
+        tqdm progress bar over the forward passes (``None``: only on a terminal).
+
+    Returns
+    -------
+    curve : torch.Tensor
+        ``(N, K + 1)``: the probability of ``target`` after ``k`` steps, ``k = 0 .. K``
+        (``curve[:, 0]`` is the unperturbed input for deletion, the canvas for insertion).
+    auc : torch.Tensor
+        ``(N,)``: the trapezoid area under the curve over :func:`step_fractions` on ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For a bad ``mode``, ``step``, ``batch_size``, ``substrate``, ``blur_sigma``,
+        ``score``, a ``saliency`` of the wrong shape or with NaNs, a ``target`` of the wrong
+        length or outside the model's classes.
+    """
+    check_model(model)
+    check_input(input, "input", needs_grad=False)
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not (callable(score) or score in SCORES):
+        raise ValueError(f"score must be one of {SCORES} or a callable, got {score!r}")
+    check_progress(progress)
+    if blur_sigma is not None:
+        check_number(blur_sigma, "blur_sigma", 0)
+    n = input.shape[0]
+    spatial = tuple(input.shape[2:])
+    num_pixels = int(np.prod(spatial)) if spatial else 1
+    if not spatial:
+        raise ValueError(f"input must have spatial dimensions (N, C, *spatial), got "
+                         f"{tuple(input.shape)}")
+    step = _check_step(step, num_pixels)
+    idx = class_indices(target, n, input.device)
+    saliency = _check_saliency(saliency, input)
+    input = input.detach()
+    other, _ = _substrate(substrate, input, mode, blur_sigma)
+
+    # rank[i, p]: position of pixel p in image i's order (0 = most salient).
+    order = pixel_order(saliency)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(num_pixels, device=input.device).expand(n, -1))
+    fractions = step_fractions(num_pixels, step)
+    num_points = fractions.numel()
+    counts = torch.clamp(torch.arange(num_points, device=input.device) * step, max=num_pixels)
+    # Deletion shows `other` on the first `count` pixels; insertion shows the input there.
+    first, rest = (other, input) if mode == "deletion" else (input, other)
+
+    total = n * num_points
+    curve = torch.empty(total, dtype=input.dtype, device=input.device)
+    with model_state_guard(model), torch.no_grad(), \
+            progress_bar(total, progress, mode, unit="img") as bar:
+        for start in range(0, total, batch_size):
+            flat = torch.arange(start, min(start + batch_size, total), device=input.device)
+            img, k = flat // num_points, flat % num_points
+            changed = (rank[img] < counts[k][:, None]).view((len(flat), 1) + spatial)
+            x = torch.where(changed, first[img], rest[img])
+            output = model(x)
+            probs = output_scores(output, score, len(flat), input.dtype)
+            if start == 0:
+                classes = probs.shape[1]
+                if int(idx.min()) < 0 or int(idx.max()) >= classes:
+                    bad = idx[(idx < 0) | (idx >= classes)][0].item()
+                    raise ValueError(
+                        f"target class {bad} is out of range: the scores have {classes} "
+                        f"classes (valid: 0..{classes - 1})")
+                idx = idx.to(probs.device)
+            rows = torch.arange(len(flat), device=probs.device)
+            curve[start:start + len(flat)] = probs[rows, idx[img.to(probs.device)]].to(
+                curve.device)
+            bar.update(len(flat))
+    curve = curve.view(n, num_points)
+    return curve, auc(curve, fractions)
+
+
+def deletion_insertion_both(model: nn.Module, input: torch.Tensor, saliency: torch.Tensor,
+                            target: Any, **kwargs: Any
+                            ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Both games with the same arguments: ``{"deletion": (curve, auc), "insertion": ...}``.
+
+    ``substrate`` (if given) applies to both; leave it ``None`` for each game's default.
+    """
+    if "mode" in kwargs:
+        raise ValueError("deletion_insertion_both runs both modes; do not pass mode")
+    return {m: deletion_insertion(model, input, saliency, target, mode=m, **kwargs)
+            for m in MODES}
+
+
+def random_saliency(input: torch.Tensor, *, generator: GeneratorType = None,
+                    seed: Optional[int] = None) -> torch.Tensor:
+    """The random-map baseline: ``(N, 1, *spatial)`` uniform values on ``[0, 1)``.
+
+    Drawn on the CPU from ``generator`` (an int seed or a :class:`torch.Generator`; ``seed`` is
+    an alias for an int; ``None`` derives a seed from the global RNG without advancing it) and
+    moved to the input's device, so a seed gives the same map on every device.
+    """
+    if not isinstance(input, torch.Tensor) or input.dim() < 3:
+        raise ValueError(
+            f"input must be a tensor (N, C, *spatial), got "
+            f"{getattr(input, 'shape', type(input).__name__)}")
+    g = make_generator(generator, seed)
+    shape = (input.shape[0], 1) + tuple(input.shape[2:])
+    dtype = input.dtype if input.is_floating_point() else torch.float32
+    return torch.rand(shape, generator=g, dtype=dtype).to(input.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps from the registry's methods, as the benchmarks call them
+# ---------------------------------------------------------------------------------------------
+
+#: The reduced settings of the expensive methods used by the benchmark scripts by default
+#: (scripts print them): RISE with 1 000 masks of 7×7 cells (the paper: 4 000 - 8 000),
+#: extremal perturbation with 3 areas (their masks summed, as the paper does for the pointing
+#: game with 4 areas) and 60 iterations (the paper: 800).
+SMALL_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "rise": {"num_masks": 1000, "num_cells": 7, "batch_size": 64, "seed": 0},
+    "extremal_perturbation": {"areas": (0.05, 0.1, 0.2), "max_iter": 60},
+}
+
+
+def embedded_method_kwargs(method: str, model_name: Optional[str], *,
+                           input_size: int = 112, small: bool = True,
+                           score: Optional[str] = None) -> Dict[str, Any]:
+    """Keyword arguments for ``METHODS[method]`` on one of the embedded models.
+
+    Layer methods read :data:`~torchray_like.benchmark.embedded_models.EMBEDDED_LAYERS`;
+    ``small`` uses :data:`SMALL_SETTINGS` for RISE and extremal perturbation; extremal
+    perturbation's ``step``, ``sigma`` and ``max_blur`` are the paper's (for 224²) scaled to
+    ``input_size``. ``score`` is passed to RISE. ``model_name=None`` gives the methods'
+    own defaults (layers discovered by the methods; contrastive EBP then needs layers).
+    """
+    from .embedded_models import EMBEDDED_LAYERS
+
+    layers = EMBEDDED_LAYERS.get(model_name, {}) if model_name is not None else {}
+    kw: Dict[str, Any] = {}
+    if method in ("grad_cam", "guided_grad_cam", "linear_approx") and "grad_cam" in layers:
+        kw["saliency_layer"] = layers["grad_cam"]
+    elif method == "excitation_backprop" and "excitation_backprop" in layers:
+        kw["saliency_layer"] = layers["excitation_backprop"]
+    elif method == "contrastive_excitation_backprop" and layers:
+        kw["saliency_layer"] = layers["excitation_backprop"]
+        kw["contrast_layer"] = layers["contrast"]
+    elif method == "rise":
+        kw.update(SMALL_SETTINGS["rise"] if small else {"num_masks": 4000, "seed": 0})
+        if score is not None:
+            kw["score"] = score
+    elif method == "extremal_perturbation":
+        s = input_size / 224
+        kw.update({"step": max(int(round(7 * s)), 1), "sigma": 21 * s, "max_blur": 20 * s,
+                   "generator": 0})
+        kw.update(SMALL_SETTINGS["extremal_perturbation"] if small else
+                  {"areas": (0.025, 0.05, 0.1, 0.2), "max_iter": 800})
+    return kw
+
+
+def method_saliency(method: Union[str, Callable[..., Any]], model: nn.Module,
+                    input: torch.Tensor, target: Any, **kwargs: Any) -> torch.Tensor:
+    """``(N, 1, *spatial)`` maps of ``method`` at the input's spatial size.
+
+    ``method`` is a name in :data:`~torchray_like.attribution.registry.METHODS` (or
+    ``"random"``: :func:`random_saliency` with ``kwargs`` such as ``seed``) or a function
+    ``f(model, input, target, **kwargs)``. Extremal perturbation's ``(masks, history)`` becomes
+    the sum of each image's masks over the areas (nested masks: the sum ranks the smallest
+    first); RISE is asked for the target only. Maps are detached and resized bilinearly.
+    """
+    if method == "random":
+        return random_saliency(input, **kwargs)
+    if isinstance(method, str):
+        from ..attribution.registry import METHODS
+        fn = METHODS[method]
+    elif callable(method):
+        fn = method
+    else:
+        raise TypeError(f"method must be a name or a callable, got {type(method).__name__}")
+    out = fn(model, input, target, **kwargs)
+    if isinstance(out, tuple):          # extremal perturbation: (masks, history)
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"method {method!r} returned {type(out).__name__}, not a tensor of maps")
+    n = input.shape[0]
+    if out.shape[0] != n:
+        if out.shape[0] % n:
+            raise ValueError(
+                f"method {method!r} returned {out.shape[0]} maps for {n} inputs")
+        out = out.reshape((n, out.shape[0] // n) + tuple(out.shape[1:])).sum(1)
+    if out.dim() == input.dim() and out.shape[1] != 1:
+        raise ValueError(
+            f"method {method!r} returned maps of shape {tuple(out.shape)}; expected one channel "
+            "(pass a target)")
+    return resize_saliency(input, out.detach(), Shape(input.shape[2:]), "bilinear")
+
+
+def top_present_class(model: nn.Module, input: torch.Tensor,
+                      present: Sequence[Sequence[int]],
+                      score: Union[str, Callable[[Any], torch.Tensor]] = "softmax"
+                      ) -> list:
+    """For each image, the class among ``present[i]`` (its ground-truth classes) that the model
+    scores highest: the class the benchmarks explain (one per image, as in the paper, which
+    explains the predicted class; restricting it to the classes present keeps the map about an
+    object that is there)."""
+    check_model(model)
+    check_input(input, "input", needs_grad=False)
+    if len(present) != input.shape[0]:
+        raise ValueError(
+            f"present has {len(present)} entries but the input has {input.shape[0]} images")
+    with model_state_guard(model), torch.no_grad():
+        probs = output_scores(model(input), score, input.shape[0], input.dtype)
+    out = []
+    for i, classes in enumerate(present):
+        classes = [int(c) for c in classes]
+        if not classes:
+            raise ValueError(f"present[{i}] is empty: image {i} has no class to explain")
+        out.append(max(classes, key=lambda c: (float(probs[i, c]), -c)))
+    return out
