@@ -15,8 +15,11 @@ the image's most confident ground-truth class is computed, then:
 
 * **deletion**: pixels are replaced by zeros (the mean colour: the images are normalised), most
   salient first, ``--steps`` steps; the class probability is recorded after each step;
-* **insertion**: pixels are copied, in the same order, into a Gaussian-blurred copy of the image
-  (σ = ``--blur-sigma``, by default 1/16 of the image side).
+* **deletion to the blur**: the same, but pixels are replaced by those of a Gaussian-blurred
+  copy of the image (σ = ``--blur-sigma``, by default 1/16 of the image side).  The embedded
+  classes are shapes, and a constant fill keeps an object's outline: a model may still see the
+  shape in the hole (see docs/benchmarks.rst);
+* **insertion**: pixels are copied, in the same order, into the blurred copy.
 
 The table gives the mean area under each curve (trapezoid rule on ``[0, 1]``; deletion: lower is
 better, insertion: higher is better) and the seconds per image the method took to make its map.
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -51,17 +53,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
-from torchray_like.benchmark import runner  # noqa: E402
+from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
-    default_blur_sigma, deletion_insertion_both, embedded_method_kwargs,
+    default_blur_sigma, deletion_insertion, embedded_method_kwargs,
     method_saliency, step_fractions, top_present_class)
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE, EmbeddedShapes  # noqa: E402
-from torchray_like.benchmark.embedded_models import (  # noqa: E402
-    EMBEDDED_MODELS, EMBEDDED_WEIGHTS, WeightsError, load_embedded_model)
+from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 
 EXPERIMENT = "deletion_insertion/embedded"
 ALL_METHODS = ("random",) + tuple(METHODS)
 DOCS_FIGURE = os.path.join(ROOT, "docs", "_static", "deletion_insertion_curves.png")
+
+#: The games played for every map: name -> (mode, substrate).  Deletion to zeros is the paper's;
+#: deletion to the blurred image is reported beside it because a constant fill keeps an
+#: object's outline, which a shape classifier can still recognise.
+GAMES = {"deletion": ("deletion", "zero"), "deletion_blur": ("deletion", "blur"),
+         "insertion": ("insertion", "blur")}
+GAME_TITLES = {"deletion": "deletion (to zeros)", "deletion_blur": "deletion (to the blur)",
+               "insertion": "insertion (into the blur)"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -91,23 +100,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="RISE masks (default 1000, 4000 with --full)")
     parser.add_argument("--ep-iters", type=runner.positive_int, default=None,
                         help="extremal perturbation iterations (default 60, 800 with --full)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="use untrained models, initialised from --seed (when the shipped "
-                             "weights are missing)")
-    parser.add_argument("--weights", default=None, metavar="DIR",
-                        help="load the models from this folder (files named as the shipped "
-                             "ones, e.g. written by train_embedded.py --out) instead of the "
-                             "shipped weights")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads; 0 keeps PyTorch's default (default: "
-                             "%(default)s: the many small operations gain little from more, and "
-                             "suffer when cores are shared; use torchrun to use more cores)")
+    embedded_cli.add_model_arguments(parser)
     parser.add_argument("--docs", action="store_true",
                         help=f"also save the figure as {os.path.relpath(DOCS_FIGURE, ROOT)}")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     runner.add_common_arguments(parser, default_out=os.path.join(".", "out",
                                                                  "deletion_insertion"))
-    parser.set_defaults(limit=4)
+    parser.set_defaults(limit=8)
     for action in parser._actions:
         if action.dest == "limit":
             action.help += " (default: %(default)s)"
@@ -141,47 +140,16 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
     pixels = IMAGE_SIZE * IMAGE_SIZE
     return {
         "models": list(args.models), "methods": list(args.methods),
-        "weights": weights_label(args),
+        "weights": embedded_cli.weights_label(args),
         "split": "test", "score": args.score, "steps": args.steps,
         "step_pixels": math.ceil(pixels / args.steps),
-        "deletion_substrate": "zeros (normalised space)",
+        "games": {g: {"mode": m, "substrate": sub} for g, (m, sub) in GAMES.items()},
         "insertion_canvas_blur_sigma": (default_blur_sigma((IMAGE_SIZE, IMAGE_SIZE))
                                         if args.blur_sigma is None else args.blur_sigma),
         "seed": args.seed,
         "rise": {k: v for k, v in method_kwargs("rise", args.models[0], args, 0).items()},
         "extremal_perturbation": method_kwargs("extremal_perturbation", args.models[0], args, 0),
     }
-
-
-def load_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
-    """The embedded model ``name``: shipped, untrained (``--random-weights``) or from
-    ``--weights DIR`` (its SHA-256 is printed in the settings instead of checked)."""
-    if args.random_weights:
-        with torch.random.fork_rng(devices=[]):      # the same untrained model in every process
-            torch.manual_seed(args.seed)
-            return load_embedded_model(name, pretrained=False)
-    if args.weights is None:
-        return load_embedded_model(name)
-    path = os.path.join(args.weights, EMBEDDED_WEIGHTS[name][0])
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return load_embedded_model(name, path=path, sha256=digest)
-
-
-def weights_label(args: argparse.Namespace) -> Any:
-    if args.random_weights:
-        return "random"
-    if args.weights is None:
-        return "shipped"
-    out = {}
-    for name in args.models:
-        path = os.path.join(args.weights, EMBEDDED_WEIGHTS[name][0])
-        try:
-            with open(path, "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            out[name] = f"missing: {path}"
-    return out
 
 
 class Worker:
@@ -196,7 +164,7 @@ class Worker:
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self.models:
-            model = load_model(name, self.args)
+            model = embedded_cli.load_model(name, self.args)
             for p in model.parameters():
                 p.requires_grad_(False)
             self.models[name] = model.to(self.device).eval()
@@ -220,17 +188,16 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        res = deletion_insertion_both(model, x, saliency, [target], step=self.step,
-                                      score=self.args.score, batch_size=self.args.batch_size,
-                                      blur_sigma=self.args.blur_sigma)
-        return {
-            "model": name, "method": method, "image": index, "target": target,
-            "seconds": seconds,
-            "deletion_auc": float(res["deletion"][1][0]),
-            "insertion_auc": float(res["insertion"][1][0]),
-            "deletion_curve": [float(v) for v in res["deletion"][0][0]],
-            "insertion_curve": [float(v) for v in res["insertion"][0][0]],
-        }
+        record: Dict[str, Any] = {"model": name, "method": method, "image": index,
+                                  "target": target, "seconds": seconds}
+        for game, (mode, substrate) in GAMES.items():
+            curve, auc = deletion_insertion(
+                model, x, saliency, [target], mode=mode, substrate=substrate, step=self.step,
+                score=self.args.score, batch_size=self.args.batch_size,
+                blur_sigma=self.args.blur_sigma)
+            record[f"{game}_auc"] = float(auc[0])
+            record[f"{game}_curve"] = [float(v) for v in curve[0]]
+        return record
 
 
 def summarize(records: List[Dict[str, Any]], models: Sequence[str],
@@ -242,18 +209,16 @@ def summarize(records: List[Dict[str, Any]], models: Sequence[str],
             rs = [r for r in records if r["model"] == model and r["method"] == method]
             if not rs:
                 continue
-            d = np.array([r["deletion_auc"] for r in rs])
-            i = np.array([r["insertion_auc"] for r in rs])
-            sem = (lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
-                   else float("nan"))
-            rows.append({
-                "method": method, "model": model, "images": len(rs),
-                "deletion_auc": float(d.mean()), "deletion_sem": sem(d),
-                "insertion_auc": float(i.mean()), "insertion_sem": sem(i),
-                "s_per_img": float(np.mean([r["seconds"] for r in rs])),
-                "deletion_curve": np.mean([r["deletion_curve"] for r in rs], 0).tolist(),
-                "insertion_curve": np.mean([r["insertion_curve"] for r in rs], 0).tolist(),
-            })
+            row: Dict[str, Any] = {"method": method, "model": model, "images": len(rs)}
+            for game in GAMES:
+                v = np.array([r[f"{game}_auc"] for r in rs])
+                row[f"{game}_auc"] = float(v.mean())
+                row[f"{game}_sem"] = (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
+                                      else float("nan"))
+            row["s_per_img"] = float(np.mean([r["seconds"] for r in rs]))
+            for game in GAMES:
+                row[f"{game}_curve"] = np.mean([r[f"{game}_curve"] for r in rs], 0).tolist()
+            rows.append(row)
     return rows
 
 
@@ -263,13 +228,14 @@ def plot(rows: List[Dict[str, Any]], models: Sequence[str], fractions: np.ndarra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 3.4 * len(models)), squeeze=False,
+    fig, axes = plt.subplots(len(models), len(GAMES), figsize=(15, 3.4 * len(models)),
+                             squeeze=False,
                              sharex=True, sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in
                enumerate(m for m in methods if m != "random")}
     for r_i, model in enumerate(models):
-        for c_i, game in enumerate(("deletion", "insertion")):
+        for c_i, game in enumerate(GAMES):
             ax = axes[r_i][c_i]
             for row in rows:
                 if row["model"] != model:
@@ -278,15 +244,16 @@ def plot(rows: List[Dict[str, Any]], models: Sequence[str], fractions: np.ndarra
                 style = ({"color": "black", "linestyle": "--", "linewidth": 2} if m == "random"
                          else {"color": colours[m], "linewidth": 1.3})
                 ax.plot(fractions, row[f"{game}_curve"],
-                        label=(f"{m} ({row['deletion_auc']:.3f} / "
-                               f"{row['insertion_auc']:.3f})"), **style)
-            ax.set_title(f"{model}: {game}", fontsize=10)
+                        label=" / ".join([m] + [f"{row[f'{g}_auc']:.3f}" for g in GAMES]),
+                        **style)
+            ax.set_title(f"{model}: {GAME_TITLES[game]}", fontsize=10)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-            if c_i == 1:
+            if c_i == len(GAMES) - 1:
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                          title="method (AUC deletion / insertion)", title_fontsize=7.5)
+                          title="method / AUC: deletion (zeros, blur) / insertion",
+                          title_fontsize=7.5)
             if r_i == len(models) - 1:
                 ax.set_xlabel("fraction of pixels deleted / inserted")
             if c_i == 0:
@@ -304,8 +271,8 @@ def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
     models = [m for m in config["models"] if any(r["model"] == m for r in records)]
     rows = summarize(records, models, config["methods"])
     table = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows]
-    print(runner.format_table(table, ["method", "model", "images", "deletion_auc",
-                                      "insertion_auc", "s_per_img"],
+    print(runner.format_table(table, ["method", "model", "images"]
+                              + [f"{g}_auc" for g in GAMES] + ["s_per_img"],
                               {"s_per_img": ".3f"}))
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "deletion_insertion.csv")
@@ -322,7 +289,7 @@ def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
         figures.append(DOCS_FIGURE)
     n = max((r["images"] for r in rows), default=0)
     plot(rows, models, fractions, figures,
-         f"Deletion (zeros) and insertion (blur σ={config['insertion_canvas_blur_sigma']:g} px) "
+         f"Deletion and insertion (blur σ={config['insertion_canvas_blur_sigma']:g} px) "
          f"on the embedded test set, {n} images, {config['steps']} steps, "
          f"{config['score']} probability")
     print(f"wrote {csv_path}, deletion_insertion.json and {', '.join(figures)}")
@@ -330,57 +297,28 @@ def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return embedded_cli.with_threads(run, parse_args(argv))
+
+
+def announce(args: argparse.Namespace, config: Dict[str, Any], worker: "Worker",
+             world_size: int, device: torch.device) -> None:
+    """Print the settings (rank 0)."""
+    print(f"deletion/insertion: models {', '.join(args.models)}; {args.limit} test "
+          f"images; {len(args.methods)} methods; {world_size} process(es) on {device}")
+    print(f"  steps {args.steps} ({config['step_pixels']} px each); deletion to zeros "
+          f"and to the blurred image, insertion into it (blur σ="
+          f"{config['insertion_canvas_blur_sigma']:g} px); {args.score} probability of "
+          "the most confident present class")
+    if "rise" in args.methods:
+        print(f"  rise: {config['rise']}")
+    if "extremal_perturbation" in args.methods:
+        print(f"  extremal_perturbation: {config['extremal_perturbation']} "
+              "(masks summed over the areas)")
 
 
 def run(args: argparse.Namespace) -> int:
-    with runner.distributed(args.device) as (rank, world_size):
-        device = runner.local_device(args.device)
-        config = settings(args)
-        store = runner.open_store(args, EXPERIMENT, config)
-        if args.from_store:
-            config = store.config or config
-            records = store.records()
-            if rank == 0:
-                write_outputs(args, config, records, None)
-            return 0
-        if rank == 0:
-            print(f"deletion/insertion: models {', '.join(args.models)}; {args.limit} test "
-                  f"images; {len(args.methods)} methods; {world_size} process(es) on {device}")
-            print(f"  steps {args.steps} ({config['step_pixels']} px each), deletion to "
-                  f"zeros, insertion into blur σ={config['insertion_canvas_blur_sigma']:g} px, "
-                  f"{args.score} probability of the most confident present class")
-            if "rise" in args.methods:
-                print(f"  rise: {config['rise']}")
-            if "extremal_perturbation" in args.methods:
-                print(f"  extremal_perturbation: {config['extremal_perturbation']} "
-                      "(masks summed over the areas)")
-        worker = Worker(args, device)
-        try:
-            for name in args.models:
-                worker.model(name)
-        except (WeightsError, OSError) as exc:
-            raise SystemExit(f"{exc}\n(run with --random-weights to try the benchmark on "
-                             "untrained models)")
-        items = [(name, index, method) for name in args.models for index in range(args.limit)
-                 for method in args.methods]
-        start = time.perf_counter()
-        runner.run_sharded(items, worker, store, key=lambda it: f"{it[0]}|{it[1]:06d}|{it[2]}",
-                           progress=not args.no_progress, desc="deletion/insertion")
-        wall = time.perf_counter() - start
-        if rank == 0:
-            wanted = {f"{n}|{i:06d}|{m}" for n, i, m in items}
-            records = [r for r in store.records() if r["key"] in wanted]
-            write_outputs(args, config, records, wall)
-            print(f"wall time {wall:.0f} s")
-    return 0
+    return embedded_cli.run_benchmark(args, EXPERIMENT, settings, Worker, announce,
+                                      write_outputs, "deletion/insertion")
 
 
 if __name__ == "__main__":

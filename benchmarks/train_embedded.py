@@ -34,16 +34,22 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchray_like.benchmark.embedded_data import (  # noqa: E402
-    EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, NUM_CLASSES, EmbeddedShapes,
+    EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, NUM_CLASSES, NUM_DISTRACTORS, EmbeddedShapes,
     embedded_collate)
 from torchray_like.benchmark.embedded_models import (  # noqa: E402
     EMBEDDED_MODELS, EMBEDDED_WEIGHTS, build_embedded_model)
 
 #: The shipped recipe, per model.
 RECIPE: Dict[str, Dict[str, float]] = {
-    "embedded-vgg": {"epochs": 10, "train_size": 20000, "lr": 2e-3, "weight_decay": 5e-4},
-    "embedded-resnet": {"epochs": 10, "train_size": 20000, "lr": 4e-3, "weight_decay": 5e-4},
+    "embedded-vgg": {"epochs": 16, "train_size": 20000, "lr": 2e-3, "weight_decay": 5e-4,
+                     "negatives": 0.0},
+    "embedded-resnet": {"epochs": 14, "train_size": 20000, "lr": 4e-3, "weight_decay": 5e-4,
+                        "negatives": 0.1},
 }
+
+
+#: Weight of the auxiliary (distractor-kind) outputs in the loss, relative to the classes.
+AUX_WEIGHT = 0.5
 
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -56,9 +62,37 @@ def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((precision * hits).sum() / hits.sum())
 
 
+def make_negatives(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Images with no object left: half blurred beyond recognition (σ of 3 to 8 px, as by
+    extremal perturbation's blur pyramid and the insertion canvas), half a constant colour (0,
+    the mean colour, as RISE's and deletion's fill, or a random one).  Without them the residual
+    network called any featureless image a "disc"."""
+    import torchvision.transforms.functional as TF
+    n = len(x)
+    sigma = float(3 + 5 * torch.rand((), generator=gen))
+    blurred = TF.gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+    colour = torch.randn(n, 3, 1, 1, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) < 0.5)
+    flat = colour.expand_as(x)
+    return torch.where((torch.arange(n) % 2 == 0).view(-1, 1, 1, 1), blurred, flat)
+
+
+def trim_head(model: nn.Module, name: str) -> nn.Module:
+    """Keep the class outputs of the last layer (drop the auxiliary distractor outputs)."""
+    last = model.classifier[3] if name == "embedded-vgg" else model.fc
+    trimmed = nn.Linear(last.in_features, NUM_CLASSES)
+    with torch.no_grad():
+        trimmed.weight.copy_(last.weight[:NUM_CLASSES])
+        trimmed.bias.copy_(last.bias[:NUM_CLASSES])
+    if name == "embedded-vgg":
+        model.classifier[3] = trimmed
+    else:
+        model.fc = trimmed
+    return model
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: EmbeddedShapes, batch_size: int = 100,
-             workers: int = 0) -> Dict[str, object]:
+             workers: int = 0, classes: Optional[int] = None) -> Dict[str, object]:
     """mAP, per-class AP and exact-match accuracy (every sigmoid thresholded at 0.5)."""
     model.eval()
     scores: List[np.ndarray] = []
@@ -66,7 +100,7 @@ def evaluate(model: nn.Module, dataset: EmbeddedShapes, batch_size: int = 100,
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=embedded_collate,
                         num_workers=workers)
     for x, targets in loader:
-        scores.append(model(x).numpy())
+        scores.append(model(x)[:, :classes].numpy())
         truth.append(np.stack([t["multi_hot"].numpy() for t in targets]))
     s, t = np.concatenate(scores), np.concatenate(truth)
     aps = [average_precision(s[:, c], t[:, c] > 0) for c in range(s.shape[1])]
@@ -85,8 +119,10 @@ class _Raw(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         image, ann = self.data.raw(i)
-        y = torch.zeros(NUM_CLASSES)
+        # Targets: the classes, then the distractor kinds (auxiliary outputs, see train_one).
+        y = torch.zeros(NUM_CLASSES + NUM_DISTRACTORS)
         y[torch.from_numpy(ann["labels"])] = 1
+        y[NUM_CLASSES + torch.from_numpy(ann["distractor_labels"])] = 1
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), y
 
 
@@ -120,7 +156,10 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
     if train_size is not None:
         recipe["train_size"] = train_size
     torch.manual_seed(seed)
-    model = build_embedded_model(name).to(device)
+    # The network learns the distractor kinds too (extra outputs, cut off afterwards): like
+    # features pretrained on many categories, its features then describe every object in the
+    # image, not only the eight classes, and the classes are read out of them by the last layer.
+    model = build_embedded_model(name, num_outputs=NUM_CLASSES + NUM_DISTRACTORS).to(device)
     images, labels = draw_split("train", int(recipe["train_size"]), seed, workers)
     n_batches = len(images) // batch_size
     steps = int(recipe["epochs"]) * n_batches
@@ -128,7 +167,9 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
                             weight_decay=recipe["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=steps,
                                                 pct_start=0.15)
-    loss_fn = nn.BCEWithLogitsLoss()
+    # The auxiliary outputs count half as much as the classes.
+    loss_fn = nn.BCEWithLogitsLoss(weight=torch.cat([
+        torch.ones(NUM_CLASSES), torch.full((NUM_DISTRACTORS,), AUX_WEIGHT)]).to(device))
     # Seeded batch order and flips: the same run on every machine.
     gen = torch.Generator().manual_seed(seed + 1)
     mean = torch.tensor(EMBEDDED_MEAN).view(1, 3, 1, 1)
@@ -144,6 +185,10 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
             y = labels[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            k = int(round(recipe.get("negatives", 0.0) * len(x)))
+            if k:   # the first k images of the (random) batch become negatives, no labels
+                x = torch.cat([make_negatives(x[:k], gen), x[k:]])
+                y = torch.cat([torch.zeros_like(y[:k]), y[k:]])
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -153,10 +198,10 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if monitor:
-            ev = evaluate(model, EmbeddedShapes("test", size=500, seed=0))
+            ev = evaluate(model, EmbeddedShapes("test", size=500, seed=0), classes=NUM_CLASSES)
             bar.write(f"epoch {_epoch + 1}: test mAP {100 * ev['map']:.2f} % (500 images)")
     bar.close()
-    model.eval().cpu()
+    model = trim_head(model.eval().cpu(), name)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, EMBEDDED_WEIGHTS[name][0])
     torch.save(model.state_dict(), path)

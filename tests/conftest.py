@@ -337,3 +337,23 @@ class TwoBranch(nn.Module):
         self.unused(x)
         h = self.twice(self.twice(self.conv(x)))
         return self.fc(self.flat(h).flatten(1))
+
+
+def trained_embedded_model(name):
+    """The shipped embedded model ``name``, or the one in $TORCHRAY_LIKE_CANDIDATE_WEIGHTS (a
+    folder of candidate weights from ``train_embedded.py --out``, checked before shipping);
+    skips the test when neither is there."""
+    import hashlib
+    import os
+
+    from torchray_like.benchmark import embedded_models as em
+    folder = os.environ.get("TORCHRAY_LIKE_CANDIDATE_WEIGHTS")
+    try:
+        if folder:
+            path = os.path.join(folder, em.EMBEDDED_WEIGHTS[name][0])
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            return em.load_embedded_model(name, path=path, sha256=digest)
+        return em.load_embedded_model(name)
+    except (em.WeightsError, FileNotFoundError) as exc:
+        pytest.skip(f"weights of {name} not available: {exc}")

@@ -107,7 +107,9 @@ def support_inside(mask, box):
 SHAPE2 = (48, 48)
 BOXES2 = [((6, 18), (6, 21)), ((28, 43), (24, 44))]          # 7.8 % and 13 % of the image
 AREAS = [0.05, 0.1, 0.2]
-KW2 = dict(step=2, sigma=3, max_blur=3, progress=False)
+# The box models score a box's mean (×1 to ×200, or its probability), far from the logit scale
+# the paper's raw reward (the default reward_scale=1) is calibrated for: they use "auto".
+KW2 = dict(step=2, sigma=3, max_blur=3, progress=False, reward_scale="auto")
 
 
 def image2(n=2, dtype=torch.float32):
@@ -684,7 +686,7 @@ def test_video_masks_cover_time_height_and_width():
     areas = [0.04, 0.06]
     masks, hist = extremal_perturbation(model, x, 0, areas=areas, step=(1, 2, 2),
                                         sigma=(1.0, 3.0, 3.0), max_blur=(0.0, 3.0, 3.0),
-                                        progress=False, generator=0)
+                                        progress=False, generator=0, reward_scale="auto")
     assert masks.shape == (2, 1) + shape
     for k, area in enumerate(areas):
         assert support_inside(masks[k, 0], box) > 0.85, k
@@ -701,7 +703,8 @@ def test_one_dimensional_signals():
     model = BoxScore([((10, 26),), ((40, 56),)], (96,))
     x = pattern((96,)).expand(1, 1, 96).clone().float()
     masks, hist = extremal_perturbation(model, x, 1, areas=[0.15], max_iter=100, step=2,
-                                        sigma=3, max_blur=3, progress=False, generator=0)
+                                        sigma=3, max_blur=3, progress=False, generator=0,
+                                        reward_scale="auto")
     assert masks.shape == (1, 1, 96)
     assert inside_fraction(masks[0, 0], ((40, 56),)) > 0.8
     assert support_inside(masks[0, 0], ((40, 56),)) == 1.0
@@ -1126,6 +1129,7 @@ def run_box_test(cases):
     prob = [SCALES[name][1] for name, _ in cases]
     x = box_images([seed for _, seed in cases])
     masks, hist = extremal_perturbation(ScaledBoxLogit(scales, prob), x, 0, areas=[0.05],
+                                        reward_scale="auto",
                                         perturbation="fade", max_iter=800, step=4, sigma=8,
                                         jitter=False, progress=False)
     inside = torch.zeros(SIDE, SIDE, dtype=torch.bool)
@@ -1288,3 +1292,49 @@ def test_print_iter_prints_the_energy_and_debug_every_mask(capsys):
     assert out.count("mask 0:") == 3 and out.count("mask 1:") == 3 and "reward_scale" in out
     extremal_perturbation(model, image2(1), 0, areas=[0.1], max_iter=3, **KW2)
     assert capsys.readouterr().out == ""
+
+
+def test_bfloat16_autocast_runs_the_model_in_bfloat16_and_keeps_masks_in_float32(
+        torchvision_models):
+    model = torchvision_models["resnet18"]
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    seen = []
+    handle = model.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        kw = dict(areas=[0.1], max_iter=20, step=4, sigma=8, max_blur=6, generator=0,
+                  progress=False)
+        ref, ref_hist = extremal_perturbation(model, x, 3, **kw)
+        low, low_hist = extremal_perturbation(model, x, 3, autocast=torch.bfloat16, **kw)
+    finally:
+        handle.remove()
+    assert seen[:20] == [torch.float32] * 20 and seen[20:] == [torch.bfloat16] * 20
+    assert low.dtype == torch.float32 and low_hist.energy.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+    a, b = ref.flatten(), low.flatten()
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
+    assert corr > 0.95, corr
+    with pytest.raises(TypeError, match="autocast must be None, torch.bfloat16"):
+        extremal_perturbation(model, x, 3, autocast=torch.float64, **kw)
+
+
+@pytest.mark.parametrize("name", ["embedded-vgg", "embedded-resnet"])
+def test_default_reward_finds_the_objects_on_the_trained_embedded_models(name):
+    """The paper's raw reward (the default) on trained models: the 10 % mask puts most of its
+    mass on the explained object, far more than the object's share of the image.  (The
+    ``"auto"`` unit, calibrated on box models, let the area term win on these models.)"""
+    from torchray_like.benchmark.embedded_data import EmbeddedShapes
+
+    from .conftest import trained_embedded_model
+    model = trained_embedded_model(name)
+    data = EmbeddedShapes("test", size=4)
+    x = torch.stack([data[i][0] for i in range(4)])
+    targets = [int(data[i][1]["class_ids"][0]) for i in range(4)]
+    masks, _ = extremal_perturbation(model, x, targets, areas=[0.1], max_iter=300, step=2,
+                                     sigma=6.0, max_blur=5.7, progress=False, generator=0)
+    on_object, share = [], []
+    for i in range(4):
+        obj = data[i][1]["masks"][data[i][1]["labels"] == targets[i]].any(0).float()
+        on_object.append(float((masks[i, 0] * obj).sum() / masks[i, 0].sum()))
+        share.append(float(obj.mean()))
+    assert sum(on_object) / 4 > 2 * sum(share) / 4, (on_object, share)
+    assert sum(o > s for o, s in zip(on_object, share)) >= 3, (on_object, share)

@@ -358,6 +358,18 @@ def test_target_and_device_errors(method):
         method(meta_net, x, 0)
 
 
+@pytest.mark.parametrize("method", ["rise", "extremal_perturbation", "excitation_backprop"])
+def test_huge_class_indices_are_value_errors_for_every_method(method):
+    import torchray_like as trl
+    net = Small().eval()
+    x = torch.randn(2, 3, 6, 6)
+    kwargs = {"rise": dict(num_masks=4), "extremal_perturbation": dict(max_iter=1, areas=[0.3]),
+              "excitation_backprop": {}}[method]
+    for target in (10 ** 20, [0, 10 ** 20], -(10 ** 19)):
+        with pytest.raises(ValueError, match="out of range"):
+            getattr(trl, method)(net, x, target, **kwargs)
+
+
 @pytest.mark.parametrize("method", [gradient, guided_backprop, grad_cam, linear_approx,
                                     guided_grad_cam])
 def test_unbatched_and_channels_last_images_say_what_to_do(method):

@@ -12,6 +12,7 @@ import inspect
 import itertools
 import math
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -741,3 +742,115 @@ def test_non_finite_model_output_is_an_error_naming_the_model():
         rise(NaNModel(), x, masks=bank)
     with pytest.raises(ValueError, match="not finite"):
         rise(NaNModel(), x, target=1, masks=bank, score="logit")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stopping rule (num_masks="auto", tol), bfloat16 forward passes, the slow-default warning
+# ---------------------------------------------------------------------------------------------
+
+
+def _rel_error_by_hand(model, x, target, n, cells, p, seed):
+    """RMS over pixels of the standard error of mean(score · mask), over the map's range,
+    from the masks of a bank with the same seed and the model's softmax scores, in float64."""
+    bank = generate_masks(n, tuple(x.shape[2:]), cells, p=p, generator=seed).double()
+    with torch.no_grad():
+        scores = torch.softmax(model(x * bank.float()), 1)[:, target].double()
+    terms = scores.view(-1, 1) * bank.flatten(1)                 # (n, pixels)
+    mean, se = terms.mean(0), terms.std(0, unbiased=True) / math.sqrt(n)
+    return float(se.square().mean().sqrt() / (mean.max() - mean.min()))
+
+
+def test_auto_stops_when_the_error_is_below_tol_and_equals_the_fixed_prefix():
+    model = _box()
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(3)) + 0.5
+    loose, info = rise(model, x, 0, num_masks="auto", tol=0.08, num_cells=2, generator=5,
+                       return_info=True)
+    assert 256 <= info.num_masks < 8000 and info.converged
+    assert info.rel_error <= 0.08 and info.seconds > 0
+    # The map is the map of the first num_masks masks of the same stream...
+    fixed = rise(model, x, 0, num_masks=info.num_masks, num_cells=2, generator=5)
+    torch.testing.assert_close(loose, fixed, rtol=1e-5, atol=1e-6)
+    # ... the statistic is the independent computation's ...
+    by_hand = _rel_error_by_hand(model, x, 0, info.num_masks, 2, 0.5, 5)
+    assert info.rel_error == pytest.approx(by_hand, rel=1e-3)
+    # ... and it was above tol one fold earlier (the rule stops at the first fold below tol).
+    if info.num_masks > 256:
+        assert _rel_error_by_hand(model, x, 0, info.num_masks - 64, 2, 0.5, 5) > 0.08
+    tight, tight_info = rise(model, x, 0, num_masks="auto", tol=0.02, num_cells=2, generator=5,
+                             return_info=True)
+    assert tight_info.num_masks > info.num_masks
+    assert tight_info.rel_error <= 0.02 or tight_info.num_masks == 8000
+
+
+def test_tol_with_an_int_caps_and_reports_non_convergence():
+    model = _box()
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(4)) + 0.5
+    out, info = rise(model, x, num_masks=300, tol=1e-6, num_cells=2, generator=1,
+                     return_info=True)
+    assert info.num_masks == 300 and not info.converged and info.rel_error > 1e-6
+    torch.testing.assert_close(out, rise(model, x, num_masks=300, num_cells=2, generator=1),
+                               rtol=1e-5, atol=1e-6)
+    assert out.shape == (2, 2, 4, 4)
+    # Without a tolerance the info says what ran.
+    _, fixed_info = rise(model, x, num_masks=40, num_cells=2, generator=1, return_info=True)
+    assert (fixed_info.num_masks, fixed_info.rel_error, fixed_info.converged) == (40, None, True)
+
+
+def test_auto_with_a_bank_is_capped_by_the_bank_and_torchray_normalization_matches():
+    model = _box()
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(6)) + 0.5
+    bank = generate_masks(320, (4, 4), 2, generator=2)
+    out, info = rise(model, x, 1, masks=bank, num_masks="auto", tol=1e-6, return_info=True)
+    assert info.num_masks == 320
+    torch.testing.assert_close(out, rise(model, x, 1, masks=bank), rtol=1e-5, atol=1e-6)
+    tr = rise(model, x, 1, masks=bank, num_masks="auto", tol=1e-6, normalize="torchray")
+    torch.testing.assert_close(tr, rise(model, x, 1, masks=bank, normalize="torchray"),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_masks="many"), ValueError, "num_masks must be a positive int, None .* or 'auto'"),
+    (dict(num_masks="auto", tol=0), ValueError, r"tol must be a finite number in \(0, 1\]"),
+    (dict(tol=1.5), ValueError, r"tol must be a finite number in \(0, 1\]"),
+    (dict(tol="small"), ValueError, "tol must be a finite number"),
+    (dict(autocast=torch.float32), TypeError, "autocast must be None, torch.bfloat16"),
+    (dict(autocast=True), TypeError, "autocast must be None, torch.bfloat16"),
+    (dict(autocast="bf16"), TypeError, "autocast must be None, torch.bfloat16"),
+])
+def test_stopping_and_autocast_argument_errors(kwargs, exc, match):
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(exc, match=match):
+        rise(_box(), x, 0, num_cells=2, generator=0, **kwargs)
+
+
+def test_bfloat16_forward_passes_keep_float32_maps_close_to_float32():
+    model = make_torchvision("resnet18")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    ref = rise(model, x, [1, 2], num_masks=256, generator=0, batch_size=64)
+    low = rise(model, x, [1, 2], num_masks=256, generator=0, batch_size=64,
+               autocast=torch.bfloat16)
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    a, b = ref.flatten(1), low.flatten(1)
+    corr = F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True))
+    assert float(corr.min()) > 0.99, corr
+    assert not torch.equal(ref, low)  # the forward passes did run in bfloat16
+    assert_same_state(model, before)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_slow_default_warns_once_with_the_time_and_what_to_pass(monkeypatch):
+    monkeypatch.setattr(rise_module, "SLOW_CPU_SECONDS", 0.0)
+    monkeypatch.setattr(rise_module, "_warned_slow", False)
+    model = BoxModel([(slice(0, 1), slice(0, 1))])
+    x = torch.rand(1, 1, 2, 2)
+    with pytest.warns(rise_module.SlowRiseWarning,
+                      match=r"default 8000 masks will take about .* num_masks='auto'") as rec:
+        rise(model, x, 0, num_cells=1, batch_size=512)
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rise(model, x, 0, num_cells=1, batch_size=512)      # once per process
+        monkeypatch.setattr(rise_module, "_warned_slow", False)
+        rise(model, x, 0, num_masks=100, num_cells=1)       # an explicit count: no warning
+        rise(model, x, 0, num_masks="auto", num_cells=1)    # the stopping rule: no warning

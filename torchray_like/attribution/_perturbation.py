@@ -250,3 +250,43 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     finally:
         if supported:
             torch.set_flush_denormal(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced-precision forward passes
+# ---------------------------------------------------------------------------------------------
+
+#: The dtypes accepted by ``autocast=`` of the perturbation methods.
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_autocast(autocast: Any, device: torch.device) -> Optional[torch.dtype]:
+    """Validate ``autocast=`` (``None``, ``torch.bfloat16`` or ``torch.float16``) for ``device``.
+
+    Raises :class:`TypeError` for anything else and :class:`ValueError` when PyTorch has no
+    autocast for the device type.
+    """
+    if autocast is None:
+        return None
+    if autocast is True or not isinstance(autocast, torch.dtype) or \
+            autocast not in AUTOCAST_DTYPES:
+        raise TypeError(
+            f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}; "
+            "bfloat16 is the safe choice on CPUs and recent GPUs")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(
+            f"autocast={autocast}: PyTorch has no autocast for {device.type!r} tensors; pass "
+            "autocast=None")
+    return autocast
+
+
+def autocast_forward(autocast: Optional[torch.dtype], device: torch.device
+                     ) -> contextlib.AbstractContextManager:
+    """The context of a forward pass: :class:`torch.autocast` to ``autocast``, or nothing.
+
+    Under autocast matrix products and convolutions run in the reduced dtype; the caller reads
+    the scores back in float32 and keeps every accumulation (maps, masks, losses) in float32.
+    """
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast)

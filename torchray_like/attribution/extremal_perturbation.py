@@ -82,6 +82,7 @@ from ._extremal_masks import (BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATION
                               ranking_area_loss, ranking_loss_and_gradient)
 from ._perturbation import (GeneratorsType, check_finite, check_progress, image_seeds, is_number,
                             positive_int, progress_bar, warn_caller)
+from ._perturbation import autocast_forward, check_autocast
 from ._perturbation import flush_denormals as flushing
 from .maps import check_smooth, finish_map, resize_saliency
 from .state import check_input, check_model, model_state_guard
@@ -341,6 +342,7 @@ class _Config:
     print_iter: Optional[int]
     debug: bool
     seeds: List[int]
+    autocast: Optional[torch.dtype] = None
 
     @classmethod
     def check(cls, model: Any, input: Any, target: Any, areas: Any, perturbation: Any,
@@ -478,7 +480,11 @@ class _Optimisation:
         return batch.to(self.input_dtype)
 
     def reward(self, moved: torch.Tensor, first: bool) -> torch.Tensor:
-        output = self.model(self.perturbed(moved))
+        with autocast_forward(self.cfg.autocast, moved.device):
+            output = self.model(self.perturbed(moved))
+        if self.cfg.autocast is not None and isinstance(output, torch.Tensor) and \
+                output.is_floating_point():
+            output = output.float()  # the reward and the energy in float32
         if first and isinstance(output, torch.Tensor) and output.dim() > 0:
             check_target_range(output, self.cfg.targets)
         reward = self.cfg.reward_func(output, self.cfg.reward_target, self.cfg.variant)
@@ -588,9 +594,10 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
                           learning_rate: float = 0.01, momentum: float = 0.9,
                           dampening: float = 0.9,
                           area_weight: Tuple[float, float] = AREA_WEIGHT,
-                          reward_scale: Union[str, float] = "auto",
+                          reward_scale: Union[str, float] = 1.0,
                           max_blur: Union[float, Sequence[float]] = 20, fade_to: str = "zero",
-                          temperature: float = 0.05, flush_denormals: bool = True
+                          temperature: float = 0.05, flush_denormals: bool = True,
+                          autocast: Optional[torch.dtype] = None
                           ) -> Tuple[torch.Tensor, ExtremalHistory]:
     """Extremal perturbation masks (Fong, Patrick, Vedaldi, ICCV 2019).
 
@@ -676,6 +683,11 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
         the evidence decay towards zero, and arithmetic on denormals is many times slower on
         most CPUs.  ``False`` leaves the setting alone (``benchmarks/denormals_extremal.py``
         times both).
+    autocast : torch.dtype, optional
+        ``torch.bfloat16`` (CPUs and GPUs) or ``torch.float16`` (GPUs): the model's forward
+        (and so its backward) passes run under :class:`torch.autocast` to that dtype; a tensor
+        output is read back in float32, and the masks, rewards, energies and optimiser state
+        stay in float32.
 
     Returns
     -------
@@ -713,6 +725,7 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
                         resize_mode, smooth, generator, progress, learning_rate, momentum,
                         dampening, area_weight, reward_scale, max_blur, fade_to, temperature,
                         flush_denormals)
+    cfg.autocast = check_autocast(autocast, input.device)
     run = _Optimisation(model, input, cfg)
     with model_state_guard(model), torch.enable_grad(), flushing(flush_denormals), \
             progress_bar(cfg.max_iter, progress, "extremal perturbation") as bar:

@@ -44,6 +44,7 @@ Design
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -52,14 +53,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._perturbation import (GeneratorType, check_finite, check_progress, make_generator,
-                            positive_int, progress_bar)
+from ._perturbation import (GeneratorType, autocast_forward, check_autocast, check_finite,
+                            check_number, check_progress, make_generator, positive_int,
+                            progress_bar, warn_caller)
 from .maps import resize_saliency
 from .state import check_input, check_model, model_state_guard
 from .targets import (BINARY_HEAD_RULE, SCORES, check_class_range, class_indices, is_binary_head,
                       output_scores)
 
-__all__ = ["rise", "rise_class", "generate_masks", "RISE_SCORES", "RISE_NORMALIZATIONS"]
+__all__ = ["rise", "rise_class", "generate_masks", "RiseInfo", "RISE_SCORES",
+           "RISE_NORMALIZATIONS", "DEFAULT_NUM_MASKS", "DEFAULT_TOL", "SlowRiseWarning"]
 
 #: Names accepted by ``rise(score=...)``.
 RISE_SCORES = SCORES
@@ -74,8 +77,45 @@ ScoreType = Union[str, Callable[[Any], torch.Tensor]]
 _DRAW_BLOCK = 4096
 # Fold the scores into the maps at least this many masks at a time (see _MapAccumulator).
 _MIN_FOLD = 64
-#: TorchRay's default number of masks.
+#: TorchRay's default number of masks (also the cap of ``num_masks="auto"``).
 DEFAULT_NUM_MASKS = 8000
+#: Tolerance of ``num_masks="auto"``: stop when the maps' standard error is 2 % of their range.
+DEFAULT_TOL = 0.02
+# The stopping rule never stops before this many masks: below, the variance estimate itself is
+# too noisy to trust.
+_AUTO_MIN_MASKS = 256
+#: A CPU run with the default 8000 masks that is predicted to take longer than this many seconds
+#: warns once per process (:class:`SlowRiseWarning`).
+SLOW_CPU_SECONDS = 120.0
+_warned_slow = False
+
+
+class SlowRiseWarning(UserWarning):
+    """A CPU run of RISE with the default 8000 masks will take minutes per call."""
+
+
+@dataclass(frozen=True)
+class RiseInfo:
+    """What one :func:`rise` call did (``return_info=True``).
+
+    Attributes
+    ----------
+    num_masks : int
+        Masks used: ``num_masks`` when fixed, fewer when ``num_masks="auto"`` / ``tol`` stopped
+        early.
+    rel_error : float or None
+        The stopping statistic at the end (see :func:`rise`, ``tol``); ``None`` when no
+        tolerance was given.
+    converged : bool
+        Whether ``rel_error <= tol`` (always ``True`` without a tolerance).
+    seconds : float
+        Wall-clock time of the call.
+    """
+
+    num_masks: int
+    rel_error: Optional[float]
+    converged: bool
+    seconds: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,12 +332,17 @@ class _Config:
     scale: float                      # 1 / (N p) or 1 / N
     idx: Optional[torch.Tensor]       # one class per image, or None for every class
     source: Any                       # _MaskSampler or _Bank
+    tol: Optional[float]              # stopping tolerance (num_masks is then the cap)
+    p: float
+    autocast: Optional[torch.dtype]
+    warn_slow: bool                   # the default 8000 masks on the CPU: maybe warn
 
     @classmethod
     def check(cls, model: Any, input: Any, target: Any, seed: Optional[int],
               num_masks: Optional[int], num_cells: Any, filter_masks: Any, batch_size: Any,
               p: Any, resize: Any, resize_mode: Any, score: Any, normalize: Any,
-              generator: Any, progress: Any, masks: Any) -> "_Config":
+              generator: Any, progress: Any, masks: Any, tol: Any = None,
+              autocast: Any = None) -> "_Config":
         if not isinstance(model, nn.Module):
             check_model(model)  # raises the TypeError explaining what to pass
         check_input(input, needs_grad=False)
@@ -318,8 +363,18 @@ class _Config:
         check_progress(progress)
         batch_size = positive_int(batch_size, "batch_size")
         p = _check_p(p)
-        if num_masks is not None:
+        defaulted = num_masks is None
+        if isinstance(num_masks, str):
+            if num_masks != "auto":
+                raise ValueError(
+                    f"num_masks must be a positive int, None (8000) or 'auto', got {num_masks!r}")
+            tol = DEFAULT_TOL if tol is None else tol
+            num_masks = None
+        elif num_masks is not None:
             num_masks = positive_int(num_masks, "num_masks")
+        if tol is not None:
+            tol = check_number(tol, "tol", 0.0, 1.0, low_open=True)
+        autocast = check_autocast(autocast, input.device)
         idx = None
         if target is not None:
             if callable(target) and not isinstance(target, torch.Tensor):
@@ -346,7 +401,9 @@ class _Config:
             source = _MaskSampler(num_masks, tuple(input.shape[2:]),
                                   _check_cells(num_cells, rank), p, rng)
         scale = 1.0 / (num_masks * p) if normalize == "paper" else 1.0 / num_masks
-        return cls(num_masks, batch_size, score, scale, idx, source)
+        warn_slow = defaulted and bank is None and tol is None and input.device.type == "cpu"
+        return cls(num_masks, batch_size, score, scale, idx, source, tol,
+                   p if normalize == "paper" else 1.0, autocast, warn_slow)
 
 
 class _MapAccumulator:
@@ -366,6 +423,7 @@ class _MapAccumulator:
         self.cfg, self.fold, self.dtype, self.device = cfg, fold, dtype, input.device
         self.masks = torch.empty(fold, self.pixels, dtype=dtype, device=self.device)
         self.maps: Optional[torch.Tensor] = None
+        self.squares: Optional[torch.Tensor] = None   # sum of (score · mask)², with tol
         self.lhs: Optional[torch.Tensor] = None
         self.num_classes = 0
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
@@ -407,6 +465,8 @@ class _MapAccumulator:
         rows = self.n_img * (1 if self.cfg.idx is not None else k)
         with torch.inference_mode(False):  # the result is a normal tensor
             self.maps = torch.empty(rows, self.pixels, dtype=self.dtype, device=self.device)
+        if self.cfg.tol is not None:
+            self.squares = torch.empty_like(self.maps)
         self.lhs = torch.empty(rows, self.fold, dtype=self.dtype, device=self.device)
 
     def fold_in(self, first: bool, n: int) -> None:
@@ -416,21 +476,46 @@ class _MapAccumulator:
             raise ValueError(
                 "rise: the model's scores are not finite (NaN or inf) for some masked inputs; "
                 "check the model on inputs with zeroed regions (x * mask)")
-        self.maps.addmm_(self.lhs[:, :n], self.masks[:n], beta=0 if first else 1,
-                         alpha=self.cfg.scale)
+        beta = 0 if first else 1
+        if self.squares is None:
+            self.maps.addmm_(self.lhs[:, :n], self.masks[:n], beta=beta, alpha=self.cfg.scale)
+            return
+        # With a stopping rule the final count is unknown: keep plain sums (scaled at the end)
+        # and the sums of squares for the variance.
+        self.maps.addmm_(self.lhs[:, :n], self.masks[:n], beta=beta)
+        self.squares.addmm_(self.lhs[:, :n].square(), self.masks[:n].square(), beta=beta)
 
-    def result(self) -> torch.Tensor:
+    def rel_error(self, n: int) -> float:
+        """Monte-Carlo standard error of the maps after ``n`` masks, relative to their range.
+
+        Per map, the root mean square over pixels of the standard error of the mean of
+        ``score · mask``, divided by the map's range (max - min); with every class
+        (``target=None``) the largest of an image's classes over the largest range of its
+        classes; the largest over the images.  Neither depends on the normalisation.
+        """
+        assert self.maps is not None and self.squares is not None
+        mean = self.maps / n
+        var = (self.squares / n - mean.square()).clamp_(min=0) * (n / max(n - 1, 1))
+        rms_se = (var.mean(1) / n).sqrt().view(self.n_img, -1)
+        span = (mean.amax(1) - mean.amin(1)).view(self.n_img, -1)
+        ratio = rms_se.amax(1) / span.amax(1).clamp(min=torch.finfo(self.dtype).tiny)
+        return float(ratio.max())
+
+    def result(self, n: int) -> torch.Tensor:
         assert self.maps is not None
+        if self.squares is not None:
+            self.maps.mul_(1.0 / (n * self.cfg.p))
         return self.maps.view((self.n_img, self.maps.shape[0] // self.n_img) + self.spatial)
 
 
 def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Optional[int] = 0,
-         num_masks: Optional[int] = None, num_cells: Union[int, Sequence[int]] = 7,
+         num_masks: Union[int, str, None] = None, num_cells: Union[int, Sequence[int]] = 7,
          filter_masks: Optional[torch.Tensor] = None, batch_size: int = 32, p: float = 0.5,
          resize: Any = False, resize_mode: str = "bilinear", *,
          score: Optional[ScoreType] = None, normalize: str = "paper",
          generator: GeneratorType = None, progress: Optional[bool] = None,
-         masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+         masks: Optional[torch.Tensor] = None, tol: Optional[float] = None,
+         autocast: Optional[torch.dtype] = None, return_info: bool = False) -> Any:
     r"""RISE saliency maps (Petsiuk, Das, Saenko, BMVC 2018, arXiv 1806.07421).
 
     :math:`S_c = \frac{1}{N p} \sum_i f_c(x \odot M_i)\, M_i` over ``N = num_masks`` random
@@ -454,9 +539,12 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
         TorchRay's seed of the masks, used when ``generator`` is not given (``generator`` wins).
         The default 0 makes calls reproducible, as in TorchRay; ``None`` (with no generator)
         derives the seed from the global RNG state without advancing it.
-    num_masks : int, optional
+    num_masks : int, "auto" or None
         Number of masks; ``None``: 8000 (TorchRay's default), or with a bank all its masks (an
-        int takes the bank's first ``num_masks``).
+        int takes the bank's first ``num_masks``).  ``"auto"``: stop as soon as the maps have
+        converged (``tol``, default 0.02), at most 8000 masks (or the bank's); with ``tol``
+        given, an int is the cap.  On the CPU a run of the default 8000 masks that will take
+        over two minutes warns once per process (:class:`SlowRiseWarning`).
     num_cells : int or tuple of int
         Grid cells per side (default 7), or one per spatial dimension.
     filter_masks : torch.Tensor, optional
@@ -498,10 +586,26 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
         terminal.  No tqdm monitor thread is left behind.
     masks : torch.Tensor, optional
         Alias of ``filter_masks``.
+    tol : float, optional
+        The stopping rule (Monte-Carlo error, in ``(0, 1]``): after every fold of masks (64 or
+        so, never before 256 masks) the standard error of each map is estimated from the running
+        sums of ``score · mask`` and of its square; RISE stops when its root mean square over
+        pixels, divided by the map's range, is at most ``tol`` for every map (with
+        ``target=None``, per image: the largest over the classes divided by the largest range).
+        The masks used are the first ones of the same random stream, so the result is the map
+        of a fixed ``num_masks`` equal to the count used (up to float rounding).  Measured on
+        the embedded benchmark (``benchmarks/rise_convergence.py``): see the docs' speed page.
+    autocast : torch.dtype, optional
+        ``torch.bfloat16`` (CPUs and GPUs) or ``torch.float16`` (GPUs): run the forward passes
+        under :class:`torch.autocast` to that dtype; scores, masks and maps stay in float32.
+        Typically 1.5–2× faster on CPUs with bfloat16 support, with map correlations above
+        0.999 to float32.
+    return_info : bool
+        Also return a :class:`RiseInfo` (masks used, final error, time).
 
     Returns
     -------
-    torch.Tensor
+    torch.Tensor, or (torch.Tensor, RiseInfo) with ``return_info=True``
         ``(N, K, *spatial)`` (``target=None``) or ``(N, 1, *spatial)`` maps on the input's
         device, in the input's dtype (float32 for half-precision inputs), not requiring grad.
 
@@ -511,11 +615,13 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
         For a non-module model, an integer, wrongly shaped or non-finite input, bad
         ``num_masks``, ``num_cells``, ``p``, ``batch_size``, ``score``, ``normalize``,
         ``progress``, a masks bank that does not match the input, targets of the wrong length or
-        out of the classes' range, and a model whose scores are not finite.
+        out of the classes' range, ``tol``, ``autocast``, and a model whose scores are not
+        finite.
     """
+    started = time.perf_counter()
     cfg = _Config.check(model, input, target, seed, num_masks, num_cells, filter_masks,
                         batch_size, p, resize, resize_mode, score, normalize, generator,
-                        progress, masks)
+                        progress, masks, tol, autocast)
     n_img = input.shape[0]
     # Masks and maps in at least single precision (the masked inputs in the input's dtype).
     dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
@@ -527,6 +633,7 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
     fold = min(cfg.num_masks, per_batch * max(1, -(-want // per_batch)))
     acc = _MapAccumulator(input, cfg, fold, dtype)
     x = input.detach()
+    used, error = cfg.num_masks, None
     with model_state_guard(model, freeze=False), torch.inference_mode(), \
             progress_bar(cfg.num_masks, progress, "RISE", unit="mask") as bar:
         for f0 in range(0, cfg.num_masks, fold):
@@ -540,13 +647,39 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
                     i1 = min(i0 + group, n_img)
                     # Mask-major batch: row j·gi + i is image i0 + i under mask start + j.
                     batch = (x[None, i0:i1] * m[:, None]).view((-1,) + x.shape[1:])
-                    output = model(batch)
+                    with autocast_forward(cfg.autocast, input.device):
+                        output = model(batch)
                     scores = output_scores(output, cfg.score, batch.shape[0], dtype)
                     acc.stage_scores(start - f0, i0, scores.view(stop - start, i1 - i0, -1),
                                      output)
                 bar.update(stop - start)
             acc.fold_in(f0 == 0, f1 - f0)
-    return resize_saliency(input, acc.result(), resize, resize_mode)
+            if f0 == 0 and cfg.warn_slow:
+                _warn_if_slow(time.perf_counter() - started, f1, cfg.num_masks)
+            if cfg.tol is not None and (f1 >= _AUTO_MIN_MASKS or f1 == cfg.num_masks):
+                used, error = f1, acc.rel_error(f1)
+                if error <= cfg.tol:
+                    break
+    saliency = resize_saliency(input, acc.result(used), resize, resize_mode)
+    if not return_info:
+        return saliency
+    converged = cfg.tol is None or (error is not None and error <= cfg.tol)
+    return saliency, RiseInfo(used, error, converged, time.perf_counter() - started)
+
+
+def _warn_if_slow(seconds: float, done: int, total: int) -> None:
+    """Warn once per process when the default run will take over :data:`SLOW_CPU_SECONDS`."""
+    global _warned_slow
+    predicted = seconds * total / done
+    if _warned_slow or predicted <= SLOW_CPU_SECONDS:
+        return
+    _warned_slow = True
+    warn_caller(
+        f"rise: the default {total} masks will take about {predicted / 60:.0f} min per call on "
+        f"this CPU (measured on the first {done}); pass num_masks='auto' to stop when the map "
+        "has converged (typically a fraction of the masks; see RiseInfo with return_info=True), "
+        "autocast=torch.bfloat16 for faster forward passes, or a smaller num_masks (1000 to "
+        "2000 give a usable map)", SlowRiseWarning)
 
 
 def rise_class(*args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:

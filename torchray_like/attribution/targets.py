@@ -19,6 +19,17 @@ __all__ = ["get_backward_gradient", "get_pointing_gradient", "class_indices", "T
 TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
 
 
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _check_int64(value: int) -> None:
+    # A Python int beyond int64 cannot be a class index; torch would raise OverflowError.
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(
+            f"target class {value} is out of range: class indices must be between 0 and the "
+            "number of classes - 1")
+
+
 def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "cpu"
                   ) -> torch.Tensor:
     """Turn an int, a sequence of ints or a 1-D integer tensor into a ``(batch,)`` long tensor.
@@ -30,6 +41,7 @@ def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "c
                                     and target.dtype == torch.bool):
         raise TypeError(f"target must be a class index (int), got the boolean {target!r}")
     if isinstance(target, Integral):
+        _check_int64(int(target))
         return torch.full((batch,), int(target), dtype=torch.long, device=device)
     if isinstance(target, float):
         raise ValueError(
@@ -57,6 +69,8 @@ def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "c
                 kind = "float" if isinstance(v, float) else type(v).__name__
                 raise ValueError(
                     f"target sequence must hold integer class indices, found the {kind} {v!r}")
+        for v in values:
+            _check_int64(int(v))
         idx = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
     else:
         raise TypeError(

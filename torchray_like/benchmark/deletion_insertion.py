@@ -384,15 +384,16 @@ SMALL_SETTINGS: Dict[str, Dict[str, Any]] = {
 
 
 def embedded_method_kwargs(method: str, model_name: Optional[str], *,
-                           input_size: int = 112, small: bool = True,
+                           input_size: Optional[int] = None, small: bool = True,
                            score: Optional[str] = None) -> Dict[str, Any]:
     """Keyword arguments for ``METHODS[method]`` on one of the embedded models.
 
     Layer methods read :data:`~torchray_like.benchmark.embedded_models.EMBEDDED_LAYERS`;
     ``small`` uses :data:`SMALL_SETTINGS` for RISE and extremal perturbation; extremal
     perturbation's ``step``, ``sigma`` and ``max_blur`` are the paper's (for 224²) scaled to
-    ``input_size``. ``score`` is passed to RISE. ``model_name=None`` gives the methods'
-    own defaults (layers discovered by the methods; contrastive EBP then needs layers).
+    ``input_size`` (default: the embedded images' side). ``score`` is passed to RISE.
+    ``model_name=None`` gives the methods' own defaults (layers discovered by the methods;
+    contrastive EBP then needs layers).
     """
     from .embedded_models import EMBEDDED_LAYERS
 
@@ -410,6 +411,9 @@ def embedded_method_kwargs(method: str, model_name: Optional[str], *,
         if score is not None:
             kw["score"] = score
     elif method == "extremal_perturbation":
+        if input_size is None:
+            from .embedded_data import IMAGE_SIZE
+            input_size = IMAGE_SIZE
         s = input_size / 224
         kw.update({"step": max(int(round(7 * s)), 1), "sigma": 21 * s, "max_blur": 20 * s,
                    "generator": 0})

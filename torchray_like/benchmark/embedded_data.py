@@ -5,33 +5,40 @@ so the same index gives the same image (and annotations) on every machine, and t
 of :mod:`torchray_like.benchmark` runs offline with the small models of
 :mod:`torchray_like.benchmark.embedded_models`.
 
-How an image is made (``IMAGE_SIZE`` = 112 pixels square, RGB):
+How an image is made (``IMAGE_SIZE`` = 64 pixels square, RGB; all sizes below are in pixels of
+that image):
 
 1. **Background**: a smooth random colour field (bilinear upsampling of a coarse random grid),
-   a faint random grating, pixel noise, and *clutter* — a dozen or two short strokes and dots
-   in the object colours, too small to be objects, so that edges are everywhere.
-2. **Objects**: one to three objects of the classes in :data:`EMBEDDED_CLASSES`, at random
-   positions and sizes (diameters 18 to 64 pixels), rotations and colours.  The six *shape*
-   classes are filled with a plain, noisy or shaded colour; the two *texture* classes are
-   discs, squares or hexagons filled with fine stripes or a checkerboard of two colours.  Every
-   colour is drawn from one palette shared by all classes and distractors, so colour says
-   nothing about the class: shape and texture do.
-3. **Distractors**: zero to three objects of no class (ellipses, bars, crescents, half discs,
-   L shapes, blobs), in the same colours and with the same fills as the shape classes, some of
-   them large.
+   a faint random grating, pixel noise, one to three soft-edged *texture patches* (speckle,
+   fine wavy grain or dots, like foliage or gravel in a photograph), up to three long thin
+   *wires*, and *clutter* — 8 to 19 short strokes and dots in the object colours, too small to
+   be objects — so that strong edges are everywhere, not only on objects.
+2. **Objects**: one to three objects of the classes in :data:`EMBEDDED_CLASSES`, at uniformly
+   random positions (the border may cut up to about a third of an object, as in photographs),
+   sizes (diameters 16 to 36 pixels, log-uniform), rotations and colours.  The six *shape*
+   classes are filled with a plain or a shaded colour; the two *texture* classes are discs,
+   squares or hexagons filled with fine stripes or a checkerboard of two colours.  Every colour
+   is drawn from one palette shared by all classes and distractors, so colour says nothing
+   about the class: shape and texture do.
+3. **Distractors**: zero to three objects of no class (:data:`EMBEDDED_DISTRACTORS`: ellipses,
+   bars, crescents, half discs, L and T shapes, "peanuts", broken rings), 10 to 46 pixels
+   across, in the same colours, with the shape classes' fills, with dots or waves, or with the
+   very stripes and checkerboards of the texture classes (a striped bar is not a "stripes":
+   that class is a striped *compact* shape).  Many are look-alikes of a class (a broken ring,
+   a T beside a cross) and many are larger than the objects.
 4. Objects and distractors are stacked in a random order, so they partly overlap; a class
-   object keeps at least 60 % of its area visible (otherwise it is placed again).  The image is
-   quantised to 8 bits, like a photograph.
+   object keeps at least 65 % of its area visible, border and occlusion together (otherwise
+   the scene is placed again).  The image is quantised to 8 bits, like a photograph.
 
 Annotations follow PASCAL VOC: one box, one (visible-part) mask and one ``difficult`` flag per
 object, and the multi-label set of classes present.
 
-**Difficult** (the pointing game's hard subset, after Zhang et al. 2016, who call an image
-difficult when a small object sits among distractors): an object is difficult when its visible
-area is below a quarter of the image and it lies *beside* — within ``IMAGE_SIZE / 8`` pixels,
-box to box — an object of another class or a distractor at least as large as itself.  An
-``(image, class)`` pair is difficult when the class's total visible area is below a quarter of
-the image and one of its objects is difficult.
+**Difficult** (the pointing game's hard subset, after Zhang et al. 2016, who single out small
+objects among distractors): an object is difficult when its visible area is below a quarter of
+the image and it lies *beside* — within ``IMAGE_SIZE / 16`` = 4 pixels, box to box — an object
+of another class or a distractor, that neighbour being at least as large (visible area) as the
+object.  An ``(image, class)`` pair is difficult when the class's total visible area is below a
+quarter of the image and one of its objects is difficult.  About 40 % of the test pairs are.
 
 Randomness: image ``i`` of a split is drawn by its own :class:`numpy.random.Generator`
 (PCG64 seeded by ``SeedSequence(seed, spawn_key=(split, i))``), so images can be read in any
@@ -51,7 +58,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "EMBEDDED_CLASSES", "NUM_CLASSES", "IMAGE_SIZE", "EMBEDDED_MEAN", "EMBEDDED_STD",
+    "EMBEDDED_CLASSES", "NUM_CLASSES", "EMBEDDED_DISTRACTORS", "NUM_DISTRACTORS", "IMAGE_SIZE", "EMBEDDED_MEAN", "EMBEDDED_STD",
     "EmbeddedShapes", "render_image", "embedded_collate", "normalize", "denormalize",
 ]
 
@@ -63,9 +70,9 @@ NUM_CLASSES = len(EMBEDDED_CLASSES)
 #: Side of the (square) images in pixels.
 IMAGE_SIZE = 64
 
-#: Per-channel mean and standard deviation used by :func:`normalize` (measured on the train
-#: split; the models expect normalised input, so the value ``0`` is the mean colour — what RISE
-#: and extremal perturbation fade to).
+#: Per-channel mean and standard deviation used by :func:`normalize` (round values close to the
+#: train split's statistics; the models expect normalised input, so ``0`` is about the mean
+#: colour — what RISE and extremal perturbation fade to).
 EMBEDDED_MEAN: Tuple[float, float, float] = (0.5, 0.5, 0.5)
 EMBEDDED_STD: Tuple[float, float, float] = (0.25, 0.25, 0.25)
 
@@ -87,6 +94,9 @@ _PALETTE = np.array([
 _SHAPE_CLASSES = ("disc", "square", "triangle", "cross", "ring", "star")
 _TEXTURE_CLASSES = ("stripes", "checker")
 _DISTRACTORS = ("ellipse", "bar", "crescent", "half_disc", "ell", "peanut", "arc", "tee")
+#: Names of the distractor kinds (``distractor_labels`` index them; no class of the data set).
+EMBEDDED_DISTRACTORS: Tuple[str, ...] = _DISTRACTORS
+NUM_DISTRACTORS = len(_DISTRACTORS)
 # Distractor fills: the shape classes' fills, two textures of no class, and the two class
 # textures (a striped bar is no "stripes": that class is a striped disc, square or hexagon).
 _DISTRACTOR_FILLS = ("solid", "shaded", "dots", "waves", "stripes", "checker")
@@ -98,6 +108,8 @@ _MIN_VISIBLE = 0.65                               # visible fraction of a class 
 _BESIDE = IMAGE_SIZE / 16                        # "beside": box-to-box gap in pixels
 _INSIDE = 0.35                                    # centre margin, in radii
 _CLUTTER = (8, 20)
+_PATCHES = (1, 4)       # 1 to 3 texture patches
+_WIRES = (0, 4)         # 0 to 3 wires
 _DISTRACTOR_P = [0.2, 0.35, 0.3, 0.15]
 _SHAPE_FILLS = ["solid", "shaded"]
 
@@ -285,8 +297,42 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     t = rng.uniform(0, np.pi)
     freq = rng.uniform(0.25, 1.0) / scale
-    img += rng.uniform(0.0, 0.06) * np.sin(freq * (xx * math.cos(t) + yy * math.sin(t)))[..., None]
+    img += rng.uniform(0.0, 0.1) * np.sin(freq * (xx * math.cos(t) + yy * math.sin(t)))[..., None]
     img += rng.normal(0, 0.025, (size, size, 1))
+    # Texture patches (think foliage, gravel, fabric): soft-edged regions of speckle, fine wavy
+    # grain or dots, so that strong edges are not only where objects are.
+    for _ in range(int(rng.integers(*_PATCHES))):
+        cx, cy = rng.uniform(0, size, 2)
+        rad = rng.uniform(8, 22) * scale
+        soft = np.clip((rad - np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)) / (3 * scale), 0, 1)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            pattern = np.clip(rng.normal(0, 1, (size, size)), -2, 2)
+        else:
+            t = rng.uniform(0, np.pi)
+            u = xx * math.cos(t) + yy * math.sin(t)
+            v = -xx * math.sin(t) + yy * math.cos(t)
+            period = rng.uniform(2.2, 3.5) * scale
+            if kind == 1:
+                pattern = np.sin(2 * np.pi * (u + 1.5 * scale * np.sin(v / (2.5 * scale)))
+                                 / period)
+            else:
+                fu, fv = u / period - np.round(u / period), v / period - np.round(v / period)
+                pattern = np.where(fu * fu + fv * fv < 0.08, 1.5, -0.5)
+        tint = rng.uniform(-1, 1, 3)
+        img += (rng.uniform(0.1, 0.25) * soft * pattern)[..., None] * tint
+    # Wires: long thin lines, straight or gently waving, across the image.
+    for _ in range(int(rng.integers(*_WIRES))):
+        x0, y0 = rng.uniform(0, size, 2)
+        t = rng.uniform(0, np.pi)
+        amp, wavelength = rng.uniform(0, 3) * scale, rng.uniform(15, 40) * scale
+        phase, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.6) * scale
+        u = (xx - x0) * math.cos(t) + (yy - y0) * math.sin(t)
+        v = -(xx - x0) * math.sin(t) + (yy - y0) * math.cos(t)
+        d = np.abs(v - amp * np.sin(2 * np.pi * u / wavelength + phase)) - width
+        alpha = (np.clip(0.5 - d, 0, 1) * rng.uniform(0.5, 1.0))[..., None]
+        img *= 1 - alpha
+        img += alpha * _colour(rng)
     # Clutter: short strokes and dots in object colours, edges everywhere.
     for _ in range(int(rng.integers(*_CLUTTER))):
         c = _colour(rng)
@@ -469,6 +515,8 @@ def render_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Tuple[np.n
         "difficult": np.array(difficult, dtype=bool),
         "distractor_masks": np.stack([d.mask for d in distractors]) if distractors
         else np.zeros((0, size, size), dtype=bool),
+        "distractor_labels": np.array([_DISTRACTORS.index(d.kind) for d in distractors],
+                                      dtype=np.int64),
     }
     return image, ann
 

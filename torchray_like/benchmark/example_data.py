@@ -12,9 +12,9 @@ instead, with a :class:`UserWarning` that names them:
   ``"embedded-resnet"``; ``"embedded-vgg"`` / ``"embedded-resnet"`` select a model directly
   (and warn about nothing).
 * The image is test image :data:`EXAMPLE_INDEX` of
-  :class:`~torchray_like.benchmark.embedded_data.EmbeddedShapes` (seed 0): two objects of two
-  classes beside each other on a cluttered background, which both embedded models rank first
-  and second.  It is returned at the embedded models' own size, ``112 × 112``, whatever
+  :class:`~torchray_like.benchmark.embedded_data.EmbeddedShapes` (seed 0): a disc and a striped
+  object (two classes) on a cluttered background, which both embedded models rank first
+  and second.  It is returned at the embedded models' own size, ``IMAGE_SIZE × IMAGE_SIZE`` (64 × 64), whatever
   ``shape`` asks for: the models were trained at that size only (the VGG's fully connected head
   needs it), and resizing would change what they see.  The warning says so when ``shape``
   differs.
@@ -38,7 +38,7 @@ from .embedded_models import EMBEDDED_MODELS, WeightsError, load_embedded_model
 __all__ = ["get_example_data", "EXAMPLE_INDEX", "embedded_model_for_arch"]
 
 #: Index, in the seed-0 ``"test"`` split, of the example image (two objects, two classes).
-EXAMPLE_INDEX = 0
+EXAMPLE_INDEX = 21
 
 _PLAIN = ("vgg", "alexnet")
 
@@ -77,7 +77,7 @@ def get_example_data(arch: str = "vgg16", shape: int = 224
         A torchvision architecture name (``"vgg16"``, ``"resnet50"``, ...) or an embedded model
         name; it selects the embedded model (see the module notes).
     shape : int
-        Requested side of the input.  The embedded image is always ``112`` pixels (see the
+        Requested side of the input.  The embedded image is always ``IMAGE_SIZE`` (64) pixels (see the
         module notes); a different value is accepted for compatibility and noted in the warning.
 
     Returns
@@ -85,7 +85,7 @@ def get_example_data(arch: str = "vgg16", shape: int = 224
     model : torch.nn.Module
         The embedded model in eval mode, on the CPU.
     input : torch.Tensor
-        ``(1, 3, 112, 112)`` float32, normalised as the model expects.
+        ``(1, 3, 64, 64)`` float32, normalised as the model expects.
     category_id_1, category_id_2 : int
         Two different classes, each present in the image (indices into
         :data:`~torchray_like.benchmark.embedded_data.EMBEDDED_CLASSES`); the model scores the
