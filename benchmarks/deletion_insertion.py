@@ -99,7 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rise-masks", type=runner.positive_int, default=None,
                         help="RISE masks (default 1000, 4000 with --full)")
     parser.add_argument("--ep-iters", type=runner.positive_int, default=None,
-                        help="extremal perturbation iterations (default 60, 800 with --full)")
+                        help="extremal perturbation iterations (default 200, 800 with --full)")
     embedded_cli.add_model_arguments(parser)
     parser.add_argument("--docs", action="store_true",
                         help=f"also save the figure as {os.path.relpath(DOCS_FIGURE, ROOT)}")

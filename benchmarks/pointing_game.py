@@ -24,7 +24,7 @@ Data sets
     :func:`~torchray_like.attribution.common.get_pointing_gradient`, the published protocol.
 
 The defaults fit in under five minutes on a busy two-core CPU: the first 64 embedded test
-images for every method, but only the first 16 for RISE (``--rise-limit``) and the first 6
+images for every method, but only the first 16 for RISE (``--rise-limit``) and the first 8
 for extremal perturbation (``--ep-limit``), whose numbers are therefore rough.  Results are
 stored image by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a
 killed run, ``--from-store`` rebuilds the table without computing anything.  The same command runs on K processes with
@@ -72,7 +72,7 @@ DATASETS = {
 }
 DEFAULT_LIMIT = {"embedded": 64, "voc07": None, "coco14": None}
 DEFAULT_RISE_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
-DEFAULT_EP_LIMIT = {"embedded": 6, "voc07": None, "coco14": None}
+DEFAULT_EP_LIMIT = {"embedded": 8, "voc07": None, "coco14": None}
 EXPERIMENT = "pointing_game/{dataset}"
 
 
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rise-batch", type=positive_int, default=None, metavar="N",
                         help="RISE forward batch (default: 250 embedded, 64 voc07/coco14)")
     parser.add_argument("--ep-iters", type=positive_int, default=None, metavar="N",
-                        help="extremal perturbation iterations (default: 100 embedded, 800 "
+                        help="extremal perturbation iterations (default: 300 embedded, 800 "
                              "voc07/coco14, the paper's)")
     parser.add_argument("--input-size", type=positive_int, default=224, metavar="PX",
                         help="voc07/coco14: shorter side of the network input "
@@ -533,7 +533,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     if args.rise_batch is None:
         args.rise_batch = 250 if embedded else 64
     if args.ep_iters is None:
-        args.ep_iters = 100 if embedded else 800
+        args.ep_iters = 300 if embedded else 800
     if args.data_root is not None and embedded:
         parser.error("--data-root is for --dataset voc07 / coco14 (the embedded data set is "
                      "drawn on the fly)")

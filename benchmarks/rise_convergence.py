@@ -51,7 +51,7 @@ def pointing(maps: torch.Tensor, labels: List[dict]) -> float:
             mask = label["masks"][label["labels"] == c].any(0)
             point = saliency_to_point(maps[i, c], (IMAGE_SIZE, IMAGE_SIZE))
             game.aggregate(game.evaluate(mask, point), c)
-    return game.accuracy()
+    return game.accuracy
 
 
 def run(model: torch.nn.Module, x: torch.Tensor, labels: List[dict],

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/speed.py                  # quick: resnet18 at 64², batch 1, one thread
+    python benchmarks/speed.py                  # quick: resnet18 and the embedded models at 64²,
+                                                # batch 1, one thread (short calls)
     python benchmarks/speed.py --full           # resnet50 and vgg16 at 224², batch 4
     python benchmarks/speed.py --methods explain gradient --repeat 7 --out speed.csv
     python benchmarks/speed.py --device cuda --full
@@ -53,7 +54,7 @@ from torchray_like.attribution.common import GRADIENT_RULE, ReLUContext, salienc
 from torchray_like.attribution.explain import SHARED_METHODS, explain  # noqa: E402
 from torchray_like.attribution.grad_cam import find_saliency_layer  # noqa: E402
 
-QUICK = {"models": ["resnet18"], "size": 64, "batch": 1, "threads": 1}
+QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "size": 64, "batch": 1, "threads": 1}
 FULL = {"models": ["resnet50", "vgg16"], "size": 224, "batch": 4, "threads": None}
 
 
@@ -86,6 +87,14 @@ def captum_calls(model, x, target) -> Optional[Dict[str, Callable[[str], Callabl
         "linear_approx": lambda layer: lambda: attr.LayerGradientXActivation(
             model, module(layer)).attribute(x, target=t),
     }
+
+
+def make_model(name: str) -> torch.nn.Module:
+    """A torchvision model with random weights, or a shipped embedded model (64² inputs)."""
+    from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS, load_embedded_model
+    if name in EMBEDDED_MODELS:
+        return load_embedded_model(name)
+    return getattr(torchvision.models, name)()
 
 
 def case_layer(model, x) -> str:
@@ -215,13 +224,15 @@ def write_out(path: pathlib.Path, rows: List[dict], settings: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Without arguments: the quick run (resnet18 at 64², batch 1, one thread, about "
-               "two minutes on a busy 2-core machine).")
+        epilog="Without arguments: the quick run (resnet18, embedded-vgg and embedded-resnet at "
+               "64², batch 1, one thread: the short calls of a benchmark; a few minutes on a "
+               "busy 2-core machine).")
     parser.add_argument("--full", action="store_true",
                         help="the long run: resnet50 and vgg16 at 224², batch 4, every method")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="torchvision model names (default: resnet18; --full: resnet50 "
-                             "vgg16)")
+                        help="torchvision model names or embedded-vgg / embedded-resnet (64² "
+                             "only; default: resnet18 embedded-vgg embedded-resnet; --full: "
+                             "resnet50 vgg16)")
     parser.add_argument("--size", type=int, default=None, help="input side (64; --full: 224)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (1; --full: 4)")
     parser.add_argument("--repeat", "--repeats", type=int, default=5, dest="repeat",
@@ -283,7 +294,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for name in args.models:
         torch.manual_seed(0)
-        model = freeze(getattr(torchvision.models, name)().to(device))
+        model = freeze(make_model(name).to(device))
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         target = list(range(args.batch))
         cases = (core_cases(model, x, target, args) + plugin_cases(model, x, target, args)

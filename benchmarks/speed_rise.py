@@ -186,6 +186,56 @@ def overhead(models: List[str], size: int, num_masks: int, batch_size: int, devi
               flush=True)
 
 
+def vs_torchray(models: List[str], size: int, num_masks: int, batch_size: int, device: str,
+                repeats: int) -> None:
+    """TorchRay's ``rise`` (installed separately; used as a black box) against ours in float32
+    and with ``autocast=torch.bfloat16``, at equal masks, timed in turn (interleaved)."""
+    import torchvision
+    try:
+        from torchray.attribution.rise import rise as torchray_rise
+    except ImportError:
+        torchray_rise = None
+        print("TorchRay is not installed (pip install torchray --no-deps): its column is empty")
+    x = torch.randn(1, 3, size, size, device=device)
+    print(f"RISE, {num_masks} masks, batch_size {batch_size}, 1 image {size}², all classes, "
+          f"{device}, {torch.get_num_threads()} threads; median of {repeats} interleaved turns")
+    print(f"{'model':10s} {'TorchRay':>9s} {'ours fp32':>9s} {'ours bf16':>9s} "
+          f"{'TR/fp32':>8s} {'TR/bf16':>8s}  corr(bf16, fp32)")
+    for name in models:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().eval().to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        runs = {
+            "ours fp32": lambda: rise(model, x, num_masks=num_masks, batch_size=batch_size,
+                                      generator=0, progress=False, normalize="torchray"),
+            "ours bf16": lambda: rise(model, x, num_masks=num_masks, batch_size=batch_size,
+                                      generator=0, progress=False, normalize="torchray",
+                                      autocast=torch.bfloat16)}
+        if torchray_rise is not None:
+            runs["TorchRay"] = lambda: torchray_rise(model, x, num_masks=num_masks,
+                                                     batch_size=batch_size)
+        times: dict = {k: [] for k in runs}
+        outs = {k: fn() for k, fn in runs.items()}          # warm-up, and the maps
+        for turn in range(repeats):
+            keys = list(runs)
+            keys = keys[turn % len(keys):] + keys[:turn % len(keys)]
+            for k in keys:
+                t0 = time.perf_counter()
+                runs[k]()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        a, b = outs["ours fp32"].flatten(1).double(), outs["ours bf16"].flatten(1).double()
+        corr = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True),
+                                                     b - b.mean(1, keepdim=True)).min()
+        tr = med.get("TorchRay", float("nan"))
+        print(f"{name:10s} {tr:9.2f} {med['ours fp32']:9.2f} {med['ours bf16']:9.2f} "
+              f"{tr / med['ours fp32']:8.2f} {tr / med['ours bf16']:8.2f}  {float(corr):.5f}",
+              flush=True)
+
+
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         name, size, n, bs, device, target = sys.argv[2:8]
@@ -198,6 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", action="store_true", help="measure peak memory")
     parser.add_argument("--overhead", action="store_true",
                         help="time RISE's own work with a constant model")
+    parser.add_argument("--vs-torchray", action="store_true",
+                        help="TorchRay's RISE vs ours in float32 and bfloat16 (--models, "
+                             "last of --masks)")
     parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"],
                         help="models for --overhead")
     parser.add_argument("--repeats", type=int, default=5)
@@ -210,7 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target", choices=["one", "all"], default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args, rest = parser.parse_known_args(argv)
-    if not (args.memory or args.overhead):
+    if not (args.memory or args.overhead or args.vs_torchray):
         # Without --overhead/--memory: the speed table restricted to RISE (speed.py's quick
         # run; other options are speed.py's).
         from speed import main as speed_main
@@ -224,6 +277,9 @@ def main(argv=None) -> int:
     if args.overhead:
         overhead(args.models, args.size, args.masks[-1], args.batch_size, args.device,
                  args.repeats)
+    if args.vs_torchray:
+        vs_torchray(args.models, args.size, args.masks[-1], args.batch_size, args.device,
+                    args.repeats)
     if args.memory:
         memory(args.model, args.size, args.masks, args.batch_size, args.device, args.target)
     return 0

@@ -241,20 +241,33 @@ def _shipped_weights() -> bool:
 
 @pytest.mark.skipif(not _shipped_weights(), reason="the embedded models' weights are not shipped")
 def test_trained_models_reproduce_the_published_ordering(tmp_path, capsys):
-    """The shape of Fong et al. (2019), Table 1, on the first 48 embedded test images."""
+    """The shape of Fong et al. (2019), Table 1, on the embedded benchmark's defaults (64 test
+    images, RISE on the first 16; extremal perturbation is checked on the trained models in
+    test_extremal_perturbation.py, at 7 s per image it is too slow here).
+
+    Holds on both models: Grad-CAM beats the centre baseline by a wide margin; DeConvNet stays
+    far below the class-discriminative methods; the class-discriminative methods (Grad-CAM,
+    contrastive EBP, RISE) beat the gradient on the difficult pairs.  On the VGG they also beat
+    guided backprop there, and on the ResNet DeConvNet lands at the centre baseline.  Not
+    reproduced (see docs/embedded.rst): guided backprop on the ResNet is as class-selective as
+    the best methods, and DeConvNet on the VGG lies half-way between the centre and the
+    gradient."""
     out = tmp_path / "trained"
-    _run(["--limit", "48", "--out", out, "--methods",
-          "center,gradient,deconvnet,guided_backprop,grad_cam,contrastive_excitation_backprop"],
-         capsys)
+    _run(["--out", out, "--methods", "center,gradient,deconvnet,guided_backprop,grad_cam,"
+          "contrastive_excitation_backprop,rise"], capsys)
     table = {(r["model"], r["method"]): (float(r["all"]), float(r["difficult"]))
              for r in _csv(out)}
+    discriminative = ("grad_cam", "contrastive_excitation_backprop", "rise")
     for model in ("embedded-vgg", "embedded-resnet"):
         acc = {m: table[model, m] for (mm, m) in table if mm == model}
         centre = acc["center"]
-        assert acc["grad_cam"][0] >= centre[0] + 0.2, (model, acc)          # a wide margin
-        assert abs(acc["deconvnet"][0] - centre[0]) <= 0.2, (model, acc)    # near the centre
-        discriminative = min(acc["grad_cam"][1], acc["contrastive_excitation_backprop"][1])
-        assert discriminative > max(acc["gradient"][1], acc["guided_backprop"][1]), (model, acc)
+        assert acc["grad_cam"][0] >= centre[0] + 0.3, (model, acc)          # a wide margin
+        assert acc["deconvnet"][0] <= min(acc[m][0] for m in discriminative) - 0.2, (model, acc)
+        assert min(acc[m][1] for m in discriminative) > acc["gradient"][1], (model, acc)
+        if model == "embedded-vgg":
+            assert min(acc[m][1] for m in discriminative) > acc["guided_backprop"][1], acc
+        else:
+            assert abs(acc["deconvnet"][0] - centre[0]) <= 0.1, acc         # near the centre
 
 
 # ------------------------------------------------------------------------- kill and resume

@@ -25,9 +25,11 @@ Settings
 As the paper's authors published them: mask parameters initialised to 1, SGD with learning rate
 0.01, momentum 0.9 and dampening 0.9, ``λ_t = 300 · 1.0035^t`` (the defaults give exactly this at
 ``max_iter = 800``; other lengths stretch the same growth from 300 to 4920), and the mask of the
-last iteration (before its update) is returned.  Three changes make the optimisation find the
-evidence whatever the scale of the scores (tested on a model whose class score is ×1, ×20, ×200
-a box's mean, and its softmax probability, on four images each):
+last iteration (before its update) is returned, and the energy uses the raw reward (the default
+``reward_scale=1``), which is calibrated for logits and finds the objects on trained networks
+(tested on the embedded models).  Three additions make the optimisation find the evidence
+whatever the scale of the scores (tested on a model whose class score is ×1, ×20, ×200 a box's
+mean, and its softmax probability, on four images each), the first one opt-in:
 
 * **The reward in its own unit** (``reward_scale="auto"``, see
   :class:`~torchray_like.attribution._extremal_masks.RewardScale`): the paper's ``λ = 300`` is
@@ -667,10 +669,12 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
     area_weight : (float, float)
         ``λ`` at the first and the last iteration; it grows geometrically in between.  The
         default is the authors' ``300 · 1.0035^t`` over 800 iterations.
-    reward_scale : "auto" or float
-        The unit of the reward: ``"auto"`` measures it by its gradient (see the module notes),
-        so the result does not depend on the scale of the scores; a number divides the reward by
-        it (``1``: the paper's energy with the raw reward).
+    reward_scale : float or "auto"
+        The unit of the reward: a number divides the reward by it (the default ``1``: the
+        paper's energy with the raw reward, calibrated for logits); ``"auto"`` measures it by
+        its gradient (see the module notes), for scores far from the logit scale
+        (probabilities, a box's mean).  On the trained embedded models ``"auto"`` lets the area
+        term win (masks off the objects), the raw reward finds them.
     max_blur : float or sequence of float
         σ in pixels of the strongest blur (see :class:`Perturbation`).
     fade_to : {"zero", "mean"}

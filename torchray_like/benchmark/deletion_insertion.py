@@ -376,10 +376,10 @@ def random_saliency(input: torch.Tensor, *, generator: GeneratorType = None,
 #: The reduced settings of the expensive methods used by the benchmark scripts by default
 #: (scripts print them): RISE with 1 000 masks of 7×7 cells (the paper: 4 000 - 8 000),
 #: extremal perturbation with 3 areas (their masks summed, as the paper does for the pointing
-#: game with 4 areas) and 60 iterations (the paper: 800).
+#: game with 4 areas) and 200 iterations (the paper: 800).
 SMALL_SETTINGS: Dict[str, Dict[str, Any]] = {
     "rise": {"num_masks": 1000, "num_cells": 7, "batch_size": 64, "seed": 0},
-    "extremal_perturbation": {"areas": (0.05, 0.1, 0.2), "max_iter": 60},
+    "extremal_perturbation": {"areas": (0.05, 0.1, 0.2), "max_iter": 200},
 }
 
 

@@ -45,8 +45,8 @@ EMBEDDED_MODELS: Tuple[str, ...] = ("embedded-vgg", "embedded-resnet")
 #: Recommended layers per model and method, for the benchmark:
 #:
 #: ``grad_cam``
-#:     Grad-CAM's layer (the last convolutional stage at 14 × 14, as pool5 of VGG16 is at
-#:     224 px: a cell is 8 pixels).
+#:     Grad-CAM's layer (the last convolutional stage, at 8 × 8: a cell is 8 pixels, as for
+#:     VGG16's conv5 at 224 px with 16-pixel cells, about).
 #: ``excitation_backprop``
 #:     The layer where (contrastive) excitation backprop reads its map.
 #: ``contrast``
@@ -70,7 +70,7 @@ EMBEDDED_WEIGHTS: Dict[str, Tuple[str, str]] = {
     "embedded-vgg": ("embedded_vgg.pt",
                      "9ec68a95d5e6e58522ca874ddb4f9e34a8fac4a2fa52d87468e12c4505beec83"),
     "embedded-resnet": ("embedded_resnet.pt",
-                        "15c4b1f1c102018399bd162f381027abe52066c20a9c22fd20d054d672dfdf51"),
+                        "b73f2390de708208a1e91e23b658256d0109e952d06a01af31d5cc22ffcb6ec5"),
 }
 
 #: Test-split figures of the shipped weights (``benchmarks/train_embedded.py`` prints them):
@@ -79,7 +79,7 @@ EMBEDDED_WEIGHTS: Dict[str, Tuple[str, str]] = {
 #: :func:`set_accuracy` (the top-``L`` classes are the ``L`` present ones) on the first 64.
 EMBEDDED_ACCURACY: Dict[str, Dict[str, float]] = {
     "embedded-vgg": {"map": 0.9704, "exact_match_64": 0.875, "set_accuracy_64": 62 / 64},
-    "embedded-resnet": {"map": 0.9606, "exact_match_64": 0.828, "set_accuracy_64": 60 / 64},
+    "embedded-resnet": {"map": 0.9655, "exact_match_64": 0.875, "set_accuracy_64": 61 / 64},
 }
 
 _FINAL = IMAGE_SIZE // 16   # side of the last feature map (4 at 64 px)
@@ -99,14 +99,14 @@ class WeightsError(RuntimeError):
 class EmbeddedVGG(nn.Module):
     """VGG-style plain network (conv, in-place ReLU, max pooling; fully connected head).
 
-    ``features`` (``112 → 7`` pixels)::
+    ``features`` (``64 → 4`` pixels)::
 
-        0 conv 3→16   1 relu  2 maxpool                              (56)
-        3 conv 16→32  4 relu  5 maxpool                              (28)
-        6 conv 32→64  7 relu  8 conv 64→64    9 relu  10 maxpool     (14)
-        11 conv 64→128 12 relu 13 conv 128→128 14 relu 15 maxpool    (7)
+        0 conv 3→16   1 relu  2 maxpool                              (32)
+        3 conv 16→32  4 relu  5 maxpool                              (16)
+        6 conv 32→64  7 relu  8 conv 64→64    9 relu  10 maxpool     (8)
+        11 conv 64→128 12 relu 13 conv 128→128 14 relu 15 maxpool    (4)
 
-    ``classifier``: ``0 Linear(128·7·7, 64)  1 ReLU  2 Dropout(0.3)  3 Linear(64, classes)``.
+    ``classifier``: ``0 Linear(128·4·4, 128)  1 ReLU  2 Dropout(0.3)  3 Linear(128, classes)``.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES,
