@@ -63,6 +63,32 @@ def check_input(input: Any, name: str = "input", min_dim: int = 3,
     return input
 
 
+def iter_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of ``model`` once (``model`` first), like ``model.modules()`` but without
+    building the dotted names: the per-call checks walk the tree several times, and on small
+    models the names cost more than the checks."""
+    seen = {id(model)}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        yield module
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+
+
+def iter_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``("parameter" | "buffer", tensor)`` for every parameter and buffer, shared ones once."""
+    seen = set()
+    for module in iter_modules(model):
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for t in tensors.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield kind, t
+
+
 def check_model(model: Any) -> nn.Module:
     """Validate that ``model`` is a module whose parameters autograd can differentiate through.
 
@@ -76,6 +102,9 @@ def check_model(model: Any) -> nn.Module:
                 f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
                 "in an nn.Module whose forward calls it")
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(t.is_inference() or t.is_meta for _, t in iter_tensors(model)):
+        return model
+    # Something is wrong: find its name (the slow walk, on the error path only).
     for kind, named in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for name, p in named:
@@ -129,6 +158,8 @@ def opaque_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     hooks and rule contexts cannot see: ``(name, module, kind)`` with ``kind`` from
     :func:`opaque_kind`.  One walk over the module tree."""
     found: List[Tuple[str, nn.Module, str]] = []
+    if all(opaque_kind(m) is None for m in iter_modules(model)):
+        return found
     for name, module in model.named_modules():
         if any(name == n or name.startswith(n + ".") or n == "" for n, _, _ in found):
             continue
@@ -187,8 +218,9 @@ class _GuardState:
 
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in iter_modules(model)]
+        self.params = [(p, p.requires_grad, p.grad) for kind, p in iter_tensors(model)
+                       if kind == "parameter"]
 
     def apply(self, eval_mode: bool, freeze: bool) -> None:
         if eval_mode:
