@@ -259,3 +259,18 @@ def test_get_example_data_direct_and_errors():
         get_example_data("embedded-vgg", shape="224")
     with pytest.raises(ValueError, match="shape"):
         get_example_data("embedded-vgg", shape=0)
+
+
+def test_weights_of_another_architecture_are_a_weights_error(tmp_path):
+    import hashlib
+
+    from torchray_like.benchmark.embedded_models import EmbeddedVGG
+    path = tmp_path / "embedded_vgg.pt"
+    torch.save(EmbeddedVGG(hidden=64).state_dict(), path)      # an older head width
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(WeightsError, match="do not fit the embedded-vgg architecture"):
+        load_embedded_model("embedded-vgg", path=str(path), sha256=digest)
+    path.write_bytes(b"not a state dict")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_embedded_model("embedded-vgg", path=str(path), sha256=digest)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -306,8 +307,16 @@ def load_embedded_model(name: str, pretrained: bool = True, *,
         if path is None:
             path, sha256 = weights_path(name), EMBEDDED_WEIGHTS[name][1]
         data = _read_checked(name, path, sha256)
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        try:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, EOFError,
+                pickle.UnpicklingError) as exc:
+            # A file of another architecture or version (the digest matched what was asked).
+            raise WeightsError(
+                f"weights of {name!r} at {path} do not fit the {name} architecture of this "
+                f"version ({type(exc).__name__}: {str(exc).splitlines()[0]}); retrain with "
+                f"`python benchmarks/train_embedded.py --model {name}`") from None
     if map_location is not None:
         model = model.to(map_location)
     return model.eval()
