@@ -1395,9 +1395,9 @@ def test_calls_inside_custom_functions_warn():
     with pytest.warns(UnhandledOperationWarning, match="no_grad"):
         smap = excitation_backprop(Net(False), x.detach(), 0, saliency_layer="c1")
     assert torch.isfinite(smap).all()
-    # A reentrant checkpoint refuses torch.autograd.grad itself.
-    with pytest.warns(UnhandledOperationWarning), pytest.raises(RuntimeError,
-                                                               match="use_reentrant"):
+    # A reentrant checkpoint refuses torch.autograd.grad: a ValueError saying what to do.
+    with pytest.warns(UnhandledOperationWarning), pytest.raises(
+            ValueError, match="use_reentrant=True.*excitation backprop refuses any checkpoint"):
         excitation_backprop(Net(True), x.detach(), 0)
 
 

@@ -447,3 +447,38 @@ def test_another_thread_sees_trainable_parameters_during_a_call():
         worker.join(20)
     assert all(seen["requires_grad"]) and seen["map"].shape == (2, 1, 8, 8)
     torch.testing.assert_close(seen["map"], reference_map(net.eval(), x, 1))
+
+
+class _Checkpointed(nn.Module):
+    """A conv block under torch.utils.checkpoint, then a plain block and a linear head."""
+
+    def __init__(self, reentrant=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant is None:
+            h = self.a(x)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant)
+        return self.fc(self.b(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", [gradient, guided_backprop, deconvnet, linear_approx])
+def test_checkpointed_models_give_the_plain_models_map_or_a_clear_error(method):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = method(_Checkpointed().eval(), x, [1, 2])
+    # Non-reentrant: the recomputed forward pass keeps the graph's rule nodes: the same map.
+    torch.testing.assert_close(method(_Checkpointed(False).eval(), x, [1, 2]), expected,
+                               rtol=0, atol=0)
+    # Reentrant: torch.autograd.grad cannot go through it; say what to do instead.
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*use_reentrant=False"):
+        method(_Checkpointed(True).eval(), x, [1, 2])
+    # A layer read above the checkpoint never differentiates through it.
+    above = grad_cam(_Checkpointed(True).eval(), x, [1, 2], saliency_layer="b")
+    torch.testing.assert_close(above, grad_cam(_Checkpointed().eval(), x, [1, 2],
+                                               saliency_layer="b"))

@@ -23,8 +23,8 @@ from .context import NullContext, RuleContext, UnhandledActivationWarning, suspe
 from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
 from .probe import (Probe, debug_probes, fill_probe_gradients, get_module, layer_label,
                     single_call)
-from .state import (check_input, check_model, layout_hint, model_state_guard, opaque_modules,
-                    unwrap_compiled)
+from .state import (autograd_grad, check_input, check_model, layout_hint, model_state_guard,
+                    opaque_modules, unwrap_compiled)
 from .targets import TargetType, backward_seed, get_backward_gradient
 
 __all__ = ["saliency", "SaliencyDebug", "ForwardPass", "forward_pass"]
@@ -144,8 +144,8 @@ class ForwardPass:
         a :class:`ValueError`: the result would be the plain gradient under the method's name.
         """
         before = getattr(self.context, "applied", None) if check_rules else None
-        (grad,) = torch.autograd.grad(self.scores, self.reads[label], self.seed,
-                                      retain_graph=retain_graph, allow_unused=True)
+        (grad,) = autograd_grad(self.scores, self.reads[label], self.seed,
+                               retain_graph=retain_graph, allow_unused=True)
         if grad is None:
             raise ValueError(f"the target scores do not depend on {self.where(label)}")
         finite = torch.isfinite(grad).reshape(grad.shape[0] if grad.dim() else 1, -1).all(1)

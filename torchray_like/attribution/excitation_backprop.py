@@ -87,8 +87,9 @@ wrappers refuse them with a :class:`ValueError` saying what to pass instead.
 outside the context: inside the context it raises a :class:`RuntimeError` at once.  Calls made
 inside a custom :class:`torch.autograd.Function` (a reentrant checkpoint included) run without
 autograd and keep the Function's own backward: the context warns (``no_grad`` in
-:class:`UnhandledOperationWarning`); the wrappers then fail on a reentrant checkpoint with
-PyTorch's own error (it refuses ``torch.autograd.grad``).
+:class:`UnhandledOperationWarning`); the wrappers refuse a reentrant checkpoint that the
+backward pass goes through with a :class:`ValueError` (``torch.autograd.grad`` cannot
+differentiate it).
 
 Contrastive excitation backprop (paper Sec. 3.3): the *dual* of the target output unit has the
 negated classifier weights; its MWP is subtracted from the target's at the contrast layer, the
@@ -117,7 +118,7 @@ from .driver import (SaliencyDebug, detach_all, forward_pass, saliency,
                      strip_compiled_prefix)
 from .maps import SizeType, check_smooth, finish_map, saliency_gradient
 from .probe import get_module, layer_label
-from .state import check_model, unwrap_compiled
+from .state import autograd_grad, check_model, unwrap_compiled
 from .targets import TargetType, get_backward_gradient
 
 __all__ = [
@@ -694,7 +695,7 @@ def _contrast_signal(fp: Any, context: ExcitationBackpropContext, classifier: in
         cell.share_next_pass()
         target = fp.grad("contrast_layer", retain_graph=True)
         cell.negate_in_next_pass(classifier)
-        (dual,) = torch.autograd.grad(fp.scores, contrast, fp.seed)
+        (dual,) = autograd_grad(fp.scores, contrast, fp.seed)
         negated = cell.negated_used
     finally:
         cell.clear()
@@ -711,5 +712,5 @@ def _contrast_signal(fp: Any, context: ExcitationBackpropContext, classifier: in
 def _propagate(contrast: torch.Tensor, read: torch.Tensor, signal: torch.Tensor
                ) -> torch.Tensor:
     """The excitation rules from the contrast layer's output down to the tensor read."""
-    (grad,) = torch.autograd.grad(contrast, read, signal)
+    (grad,) = autograd_grad(contrast, read, signal)
     return grad

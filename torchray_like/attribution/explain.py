@@ -44,6 +44,7 @@ from .maps import (ActivationMap, check_smooth, finish_map, gradient_to_saliency
 from .probe import get_module, layer_label
 from .registry import METHODS
 from .rules import GRADIENT_RULE, ReLUContext, ReLURule
+from .state import autograd_grad
 from .targets import TargetType
 
 __all__ = ["explain", "SHARED_METHODS"]
@@ -228,8 +229,8 @@ def _shared_maps(model: nn.Module, input: torch.Tensor, target: TargetType,
             wanted = list(dict.fromkeys(lbl for p in plans for r, lbl in p.reads if r is rule))
             if context is not None:
                 context.rule = rule
-            found = torch.autograd.grad(fp.scores, [fp.reads[lbl] for lbl in wanted], fp.seed,
-                                        retain_graph=i < len(rules) - 1, allow_unused=True)
+            found = autograd_grad(fp.scores, [fp.reads[lbl] for lbl in wanted], fp.seed,
+                                 retain_graph=i < len(rules) - 1, allow_unused=True)
             for lbl, g in zip(wanted, found):
                 if g is None:
                     where = ("the input" if layers[lbl] is None

@@ -87,7 +87,7 @@ from ._perturbation import (GeneratorsType, check_finite, check_progress, image_
 from ._perturbation import autocast_forward, check_autocast
 from ._perturbation import flush_denormals as flushing
 from .maps import check_smooth, finish_map, resize_saliency
-from .state import check_input, check_model, model_state_guard
+from .state import autograd_grad, check_input, check_model, model_state_guard
 from .targets import check_target_range, class_indices, target_logits
 
 __all__ = [
@@ -514,7 +514,7 @@ class _Optimisation:
         mask = mask_g.detach()
         moved = moved_g.detach().requires_grad_(True)
         reward = self.reward(moved, t == 0)
-        (g_reward,) = torch.autograd.grad(reward.sum(), moved, allow_unused=True)
+        (g_reward,) = autograd_grad(reward.sum(), moved, allow_unused=True)
         area_loss, g_area = ranking_loss_and_gradient(mask, self.ones)
         if g_reward is None:
             g_reward = torch.zeros_like(moved)

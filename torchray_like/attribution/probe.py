@@ -22,6 +22,8 @@ import torch.nn as nn
 from torch.nn.modules import module as module_hooks
 from torch.utils.hooks import RemovableHandle
 
+from .state import autograd_grad
+
 __all__ = ["get_module", "Probe", "attach_debug_probes"]
 
 
@@ -384,7 +386,7 @@ def fill_probe_gradients(probes: Dict[str, Probe], scores: torch.Tensor,
                if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
         return
-    grads = torch.autograd.grad(scores, tensors, seed, allow_unused=True)
+    grads = autograd_grad(scores, tensors, seed, allow_unused=True)
     for t, g in zip(tensors, grads):
         t.grad = g
 

@@ -282,3 +282,24 @@ def model_state_guard(model: nn.Module, eval_mode: bool = True,
             if state.count == 0:
                 del _GUARDS[model]
                 state.restore()
+
+
+#: Why a model with a reentrant activation checkpoint cannot be explained as it is.
+REENTRANT_CHECKPOINT_MESSAGE = (
+    "the model uses torch.utils.checkpoint(use_reentrant=True), which torch.autograd.grad "
+    "cannot differentiate through (the attribution methods read gradients with it): "
+    "checkpoint with use_reentrant=False — the recomputed forward pass keeps the rules of the "
+    "original one, so gradient, guided backprop, DeConvNet, Grad-CAM and linear approximation "
+    "give exact maps (excitation backprop refuses any checkpoint) — or run the model without "
+    "activation checkpointing for attribution")
+
+
+def autograd_grad(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
+    """:func:`torch.autograd.grad`, with PyTorch's refusal of reentrant checkpoints turned into
+    a :class:`ValueError` that says what to do (every method reads its gradients through it)."""
+    try:
+        return torch.autograd.grad(*args, **kwargs)
+    except RuntimeError as exc:
+        if "use_reentrant=True" in str(exc):
+            raise ValueError(REENTRANT_CHECKPOINT_MESSAGE) from None
+        raise
