@@ -38,9 +38,9 @@ from .deconvnet import DECONVNET_RULE, DeConvNetContext
 from .driver import forward_pass, is_input, saliency
 from .grad_cam import grad_cam_map, resolve_layer
 from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
+from .guided_grad_cam import guided_grad_cam_map
 from .linear_approx import linear_approx_map
-from .maps import (ActivationMap, check_smooth, finish_map, gradient_to_saliency,
-                   resize_saliency)
+from .maps import ActivationMap, check_smooth, finish_map, gradient_to_saliency
 from .probe import get_module, layer_label
 from .registry import METHODS
 from .rules import GRADIENT_RULE, ReLUContext, ReLURule
@@ -259,20 +259,11 @@ def _shared_maps(model: nn.Module, input: torch.Tensor, target: TargetType,
 
 def _guided_grad_cam(plan: _Plan, x: torch.Tensor, read: torch.Tensor, layer_grad: torch.Tensor,
                      input_grad: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    """Guided Grad-CAM from its two gradients, as :func:`guided_grad_cam` combines them."""
-    if read.dim() != x.dim():
-        raise ValueError(
-            f"guided_grad_cam: saliency_layer {layer_label(plan.layer)} outputs shape "
-            f"{tuple(read.shape)} but the input has shape {tuple(x.shape)}; the Grad-CAM "
-            "map is upsampled to the input, so the layer needs as many spatial dimensions "
-            "as the input")
-    cam = grad_cam_map(read.detach(), layer_grad)
-    cam_up = resize_saliency(input, cam, True, plan.options.get("resize_mode", "bilinear"))
-    x.grad = input_grad * cam_up
-    try:
-        return plan.options.get("gradient_to_saliency", gradient_to_saliency)(x)
-    finally:
-        x.grad = None
+    """Guided Grad-CAM from its two gradients, combined by :func:`guided_grad_cam_map`."""
+    smap, _ = guided_grad_cam_map(input, x, read, layer_grad, input_grad, plan.layer,
+                                  plan.options.get("resize_mode", "bilinear"),
+                                  plan.options.get("gradient_to_saliency", gradient_to_saliency))
+    return smap
 
 
 def explain(model: nn.Module, input: torch.Tensor, target: TargetType,

@@ -41,7 +41,7 @@ from .rules import GRADIENT_RULE
 from .targets import TargetType, get_backward_gradient
 from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
 
-__all__ = ["guided_grad_cam", "GuidedGradCamDebug"]
+__all__ = ["guided_grad_cam", "guided_grad_cam_map", "GuidedGradCamDebug"]
 
 
 @dataclass
@@ -55,6 +55,29 @@ class GuidedGradCamDebug(SaliencyDebug):
 
     cam: Optional[torch.Tensor] = None
     guided_gradient: Optional[torch.Tensor] = None
+
+
+def guided_grad_cam_map(input: torch.Tensor, x: torch.Tensor, read: torch.Tensor,
+                        layer_grad: torch.Tensor, input_grad: torch.Tensor, layer: object,
+                        resize_mode: str = "bilinear",
+                        flatten: Callable[[torch.Tensor], torch.Tensor] = gradient_to_saliency
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Guided Grad-CAM from its two gradients (Selvaraju et al. 2017): the guided-backprop
+    gradient of the input ``x``, per channel, times the Grad-CAM map of ``read`` upsampled to
+    the input, then flattened.  Returns ``(map, cam)``.  The one home of the combination, for
+    :func:`guided_grad_cam` and :func:`~torchray_like.attribution.explain.explain`."""
+    if read.dim() != x.dim():
+        raise ValueError(
+            f"guided_grad_cam: saliency_layer {layer_label(layer)} outputs shape "
+            f"{tuple(read.shape)} but the input has shape {tuple(x.shape)}; the Grad-CAM map is "
+            "upsampled to the input, so the layer needs as many spatial dimensions as the input")
+    cam = grad_cam_map(read.detach(), layer_grad)
+    cam_up = resize_saliency(input, cam, True, resize_mode)
+    x.grad = input_grad * cam_up
+    try:
+        return flatten(x), cam
+    finally:
+        x.grad = None
 
 
 def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
@@ -112,12 +135,8 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         with forward_pass(model, input, target, {"saliency_layer": name, "input": None}, context,
                           get_backward_gradient) as fp:
             read = fp.reads["saliency_layer"]
-            if read.dim() != fp.x.dim():
-                raise ValueError(
-                    f"guided_grad_cam: saliency_layer {layer_label(name)} outputs shape "
-                    f"{tuple(read.shape)} but the input has shape {tuple(fp.x.shape)}; the "
-                    "Grad-CAM map is upsampled to the input, so the layer needs as many spatial "
-                    "dimensions as the input")
+            if read.dim() != fp.x.dim():   # fail before the backward passes
+                guided_grad_cam_map(input, fp.x, read, read, read, name)
             # Pass 1, plain rule, score -> layer only: the Grad-CAM weights.  The ReLU nodes hold
             # the rule by reference, so switching it reuses the one forward pass.
             context.rule = GRADIENT_RULE
@@ -126,14 +145,8 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
             context.rule = GUIDED_BACKPROP_RULE
             input_grad = fp.grad("input")
             activation = read.detach()
-            cam = grad_cam_map(activation, layer_grad)
-            cam_up = resize_saliency(input, cam, True, resize_mode)
-            # Per the paper: the guided image (per channel) times the CAM, then flattened.
-            fp.x.grad = input_grad * cam_up
-            try:
-                smap = gradient_to_saliency(fp.x)
-            finally:
-                fp.x.grad = None
+            smap, cam = guided_grad_cam_map(input, fp.x, read, layer_grad, input_grad, name,
+                                            resize_mode, gradient_to_saliency)
         smap = finish_map(input, smap, resize, resize_mode, smooth)
         if debug:
             return smap, GuidedGradCamDebug(detach_all(fp.output), activation, layer_grad.detach(),
