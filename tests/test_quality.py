@@ -28,3 +28,16 @@ def test_docs_build_without_warnings(tmp_path):
                              "html", str(ROOT / "docs"), str(tmp_path / "html")], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                    if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_every_benchmark_script_has_help(script):
+    """Every public script under benchmarks/ answers --help (private helpers start with _)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "usage:" in result.stdout and "--" in result.stdout, result.stdout
