@@ -56,8 +56,8 @@ from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
     default_blur_sigma, deletion_insertion, embedded_method_kwargs,
-    method_saliency, step_fractions, top_present_class)
-from torchray_like.benchmark.embedded_data import IMAGE_SIZE, EmbeddedShapes  # noqa: E402
+    method_saliency, step_fractions)
+from torchray_like.benchmark.embedded_data import IMAGE_SIZE  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 
 EXPERIMENT = "deletion_insertion/embedded"
@@ -152,34 +152,18 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-class Worker:
-    """Computes one record per ``(model, image, method)``; models and images are cached."""
+class Worker(embedded_cli.EmbeddedWorker):
+    """Computes one record per ``(model, image, method)``; models and targets are cached."""
+
+    freeze = True
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        self.args, self.device = args, device
-        self.data = EmbeddedShapes("test", size=max(args.limit, 1))
-        self.models: Dict[str, torch.nn.Module] = {}
-        self.targets: Dict[tuple, int] = {}
+        super().__init__(args, device)
         self.step = math.ceil(IMAGE_SIZE * IMAGE_SIZE / args.steps)
-
-    def model(self, name: str) -> torch.nn.Module:
-        if name not in self.models:
-            model = embedded_cli.load_model(name, self.args)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self.models[name] = model.to(self.device).eval()
-        return self.models[name]
 
     def __call__(self, item: tuple) -> Dict[str, Any]:
         name, index, method = item
-        model = self.model(name)
-        x, ann = self.data[index]
-        x = x[None].to(self.device)
-        key = (name, index)
-        if key not in self.targets:
-            self.targets[key] = top_present_class(model, x, [ann["class_ids"].tolist()],
-                                                  self.args.score)[0]
-        target = self.targets[key]
+        model, x, target = self.image(name, index)
         kw = method_kwargs(method, name, self.args, index)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

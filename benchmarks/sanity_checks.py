@@ -50,9 +50,8 @@ sys.path.insert(0, ROOT)
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
-from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
-    embedded_method_kwargs, top_present_class)
-from torchray_like.benchmark.embedded_data import IMAGE_SIZE, EmbeddedShapes  # noqa: E402
+from torchray_like.benchmark.deletion_insertion import embedded_method_kwargs  # noqa: E402
+from torchray_like.benchmark.embedded_data import IMAGE_SIZE  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.sanity_checks import (  # noqa: E402
     METRICS, MODES, randomization_layers, sanity_checks)
@@ -118,30 +117,12 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-class Worker:
+class Worker(embedded_cli.EmbeddedWorker):
     """One record per ``(model, image, method)``: every mode's similarity curves."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        self.args, self.device = args, device
-        self.data = EmbeddedShapes("test", size=max(args.limit, 1))
-        self.models: Dict[str, torch.nn.Module] = {}
-        self.targets: Dict[tuple, int] = {}
-
-    def model(self, name: str) -> torch.nn.Module:
-        if name not in self.models:
-            model = embedded_cli.load_model(name, self.args)
-            self.models[name] = model.to(self.device).eval()
-        return self.models[name]
 
     def __call__(self, item: tuple) -> Dict[str, Any]:
         name, index, method = item
-        model = self.model(name)
-        x, ann = self.data[index]
-        x = x[None].to(self.device)
-        if (name, index) not in self.targets:
-            self.targets[(name, index)] = top_present_class(
-                model, x, [ann["class_ids"].tolist()], self.args.score)[0]
-        target = self.targets[(name, index)]
+        model, x, target = self.image(name, index)
         start = time.perf_counter()
         out: Dict[str, Any] = {"model": name, "method": method, "image": index,
                                "target": target}

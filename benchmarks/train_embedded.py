@@ -185,7 +185,7 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
             y = labels[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            k = int(round(recipe.get("negatives", 0.0) * len(x)))
+            k = int(round(recipe["negatives"] * len(x)))
             if k:   # the first k images of the (random) batch become negatives, no labels
                 x = torch.cat([make_negatives(x[:k], gen), x[k:]])
                 y = torch.cat([torch.zeros_like(y[:k]), y[k:]])

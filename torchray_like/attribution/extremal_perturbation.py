@@ -344,7 +344,7 @@ class _Config:
     print_iter: Optional[int]
     debug: bool
     seeds: List[int]
-    autocast: Optional[torch.dtype] = None
+    autocast: Optional[torch.dtype]
 
     @classmethod
     def check(cls, model: Any, input: Any, target: Any, areas: Any, perturbation: Any,
@@ -352,7 +352,7 @@ class _Config:
               print_iter: Any, debug: Any, reward_func: Any, resize: Any, resize_mode: Any,
               smooth: Any, generator: Any, progress: Any, learning_rate: Any, momentum: Any,
               dampening: Any, area_weight: Any, reward_scale: Any, max_blur: Any, fade_to: Any,
-              temperature: Any, flush_denormals: Any) -> "_Config":
+              temperature: Any, flush_denormals: Any, autocast: Any) -> "_Config":
         check_model(model)
         check_input(input, "input")
         spatial = tuple(input.shape[2:])
@@ -416,7 +416,8 @@ class _Config:
                    tuple((int(s) // 2) if jitter else 0 for s in steps), variant, reward_func,
                    reward_target, float(learning_rate), momentum, dampening,
                    (float(area_weight[0]), float(area_weight[1])), reward_scale, max_blur,
-                   fade_to, float(temperature), print_iter, debug, seeds)
+                   fade_to, float(temperature), print_iter, debug, seeds,
+                   check_autocast(autocast, input.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,8 +729,7 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
                         sigma, jitter, variant, print_iter, debug, reward_func, resize,
                         resize_mode, smooth, generator, progress, learning_rate, momentum,
                         dampening, area_weight, reward_scale, max_blur, fade_to, temperature,
-                        flush_denormals)
-    cfg.autocast = check_autocast(autocast, input.device)
+                        flush_denormals, autocast)
     run = _Optimisation(model, input, cfg)
     with model_state_guard(model), torch.enable_grad(), flushing(flush_denormals), \
             progress_bar(cfg.max_iter, progress, "extremal perturbation") as bar:

@@ -335,7 +335,6 @@ class _Config:
     idx: Optional[torch.Tensor]       # one class per image, or None for every class
     source: Any                       # _MaskSampler or _Bank
     tol: Optional[float]              # stopping tolerance (num_masks is then the cap)
-    p: float
     autocast: Optional[torch.dtype]
     warn_slow: bool                   # the default 8000 masks on the CPU: maybe warn
 
@@ -404,8 +403,7 @@ class _Config:
                                   _check_cells(num_cells, rank), p, rng)
         scale = 1.0 / (num_masks * p) if normalize == "paper" else 1.0 / num_masks
         warn_slow = defaulted and bank is None and tol is None and input.device.type == "cpu"
-        return cls(num_masks, batch_size, score, scale, idx, source, tol,
-                   p if normalize == "paper" else 1.0, autocast, warn_slow)
+        return cls(num_masks, batch_size, score, scale, idx, source, tol, autocast, warn_slow)
 
 
 class _MapAccumulator:
@@ -506,7 +504,8 @@ class _MapAccumulator:
     def result(self, n: int) -> torch.Tensor:
         assert self.maps is not None
         if self.squares is not None:
-            self.maps.mul_(1.0 / (n * self.cfg.p))
+            # scale · num_masks is the normalisation per mask (1 / p, or 1 for "torchray").
+            self.maps.mul_(self.cfg.scale * self.cfg.num_masks / n)
         return self.maps.view((self.n_img, self.maps.shape[0] // self.n_img) + self.spatial)
 
 

@@ -18,9 +18,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import runner
+from .deletion_insertion import top_present_class
+from .embedded_data import EmbeddedShapes
 from .embedded_models import EMBEDDED_WEIGHTS, WeightsError, load_embedded_model
 
-__all__ = ["add_model_arguments", "load_model", "weights_label", "with_threads", "load_models_or_exit",
+__all__ = ["add_model_arguments", "load_model", "weights_label", "with_threads", "EmbeddedWorker", "load_models_or_exit",
            "run_items", "run_benchmark"]
 
 Item = Tuple[str, int, str]   # (model name, image index, method)
@@ -73,6 +75,43 @@ def weights_label(args: argparse.Namespace) -> Any:
         except OSError:
             out[name] = f"missing: {path}"
     return out
+
+
+class EmbeddedWorker:
+    """What the workers of the embedded-benchmark scripts share: the test images, the models
+    (loaded once per process, eval mode, on the device) and each image's target — its most
+    confident ground-truth class under ``args.score``.  Subclasses compute the record of one
+    ``(model, image, method)`` item in ``__call__``."""
+
+    #: Turn the models' ``requires_grad`` off when loading them.
+    freeze = False
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.data = EmbeddedShapes("test", size=max(args.limit, 1))
+        self.models: Dict[str, torch.nn.Module] = {}
+        self.targets: Dict[Tuple[str, int], int] = {}
+
+    def model(self, name: str) -> torch.nn.Module:
+        if name not in self.models:
+            model = load_model(name, self.args)
+            if self.freeze:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+            self.models[name] = model.to(self.device).eval()
+        return self.models[name]
+
+    def image(self, name: str, index: int) -> Tuple[torch.nn.Module, torch.Tensor, int]:
+        """``(model, x, target)`` for test image ``index``: ``x`` is ``(1, C, H, W)`` on the
+        device, the target is computed once per model and image."""
+        model = self.model(name)
+        x, ann = self.data[index]
+        x = x[None].to(self.device)
+        key = (name, index)
+        if key not in self.targets:
+            self.targets[key] = top_present_class(model, x, [ann["class_ids"].tolist()],
+                                                  self.args.score)[0]
+        return model, x, self.targets[key]
 
 
 def with_threads(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
