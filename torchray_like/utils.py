@@ -55,8 +55,27 @@ CONFIG_ENV = "TORCHRAY_LIKE_CONFIG"
 # Display
 # ------------------------------------------------------------------------------------------------
 
-def _as_tensor(value: Any, name: str) -> torch.Tensor:
-    """``value`` as a detached CPU tensor (NumPy arrays accepted); ``TypeError`` otherwise."""
+def as_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` as a detached CPU tensor, for display and plotting helpers.
+
+    Parameters
+    ----------
+    value : torch.Tensor or numpy.ndarray
+        The data; a tensor is detached and moved to the CPU, an array is wrapped (made
+        contiguous first, so negative strides are accepted).
+    name : str
+        The argument's name, used in the error message.
+
+    Returns
+    -------
+    torch.Tensor
+        The data on the CPU, without autograd history, in its own dtype.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is neither a tensor nor a NumPy array.
+    """
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
@@ -93,7 +112,7 @@ def _rescale(img: torch.Tensor, lim: Optional[Tuple[float, float]]) -> torch.Ten
 
 def _image_chw(img: Any, name: str = "img") -> torch.Tensor:
     """Validate a displayable image and return it as ``(C, H, W)`` with ``C`` in ``{1, 3}``."""
-    img = _as_tensor(img, name)
+    img = as_tensor(img, name)
     if img.dim() == 4:
         if img.shape[0] != 1:
             raise ValueError(f"{name} has a batch of {img.shape[0]} images; imsc shows one image: "
@@ -188,7 +207,7 @@ def imarraysc(tiles: Any, spacing: int = 0, quiet: bool = False,
     handle : matplotlib.image.AxesImage or None
         As in :func:`imsc`; ``None`` when ``quiet`` is true.
     """
-    tiles = _as_tensor(tiles, "tiles")
+    tiles = as_tensor(tiles, "tiles")
     if tiles.dim() == 3:
         tiles = tiles.unsqueeze(1)
     if tiles.dim() != 4 or tiles.shape[1] not in (1, 3) or tiles.shape[0] == 0:
@@ -358,7 +377,7 @@ def im_to_numpy(tensor: Any) -> np.ndarray:
     numpy.ndarray
         Array of shape :math:`H\times W\times K` (a copy, independent of the tensor).
     """
-    tensor = _as_tensor(tensor, "tensor")
+    tensor = as_tensor(tensor, "tensor")
     if tensor.dim() == 4 and tensor.shape[0] == 1:
         tensor = tensor[0]
     if tensor.dim() == 2:

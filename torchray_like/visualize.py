@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import _as_tensor
+from .utils import as_tensor
 
 __all__ = ["saliency_plot", "overlay", "plot_methods", "DPI", "IMAGE_PANEL",
            "IMAGE_PANEL_COLORBAR", "SIGNAL_PANEL"]
@@ -62,7 +62,7 @@ _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 # ------------------------------------------------------------------------------------------------
 
 def _check_x(x: Any) -> torch.Tensor:
-    x = _as_tensor(x, "x")
+    x = as_tensor(x, "x")
     if x.dim() not in (3, 4, 5):
         raise ValueError("x must be a batch of shape (N, C, L) (signals), (N, C, H, W) (images) "
                          f"or (N, C, T, H, W) (volumes/videos); got {tuple(x.shape)}. "
@@ -122,7 +122,7 @@ def _to_display_range(x: torch.Tensor, denormalized: bool) -> torch.Tensor:
 
 def _check_map(saliency: Any, x: torch.Tensor, name: str) -> torch.Tensor:
     """A saliency map for batch ``x`` as ``(N, *spatial)``, resized to ``x``'s spatial size."""
-    s = _as_tensor(saliency, name).float()
+    s = as_tensor(saliency, name).float()
     n, rank = x.shape[0], x.dim() - 2
     if s.dim() == rank + 2:
         if s.shape[1] != 1:
@@ -475,12 +475,12 @@ def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
     alpha = _check_alpha(alpha)
     rgb = _overlay_image(image)
     h, w = rgb.shape[:2]
-    s = _as_tensor(saliency, "saliency").float()
+    s = as_tensor(saliency, "saliency").float()
     while s.dim() > 2 and s.shape[0] == 1:
         s = s[0]
     if s.dim() != 2:
         raise ValueError("saliency must have shape (H, W), (1, H, W) or (1, 1, H, W); "
-                         f"got {tuple(_as_tensor(saliency, 'saliency').shape)}")
+                         f"got {tuple(as_tensor(saliency, 'saliency').shape)}")
     if tuple(s.shape) != (h, w):
         s = F.interpolate(s[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     m: np.ndarray = s.numpy().astype(np.float64)
