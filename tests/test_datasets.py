@@ -303,3 +303,122 @@ def test_image_folder(tmp_path):
 def test_public_names():
     for name in ds.__all__:
         assert hasattr(ds, name), name
+
+
+# ------------------------------------------------------------- malformed files
+
+
+def _voc_with(tmp_path: Path, name: str, xml: str) -> VOCDetection:
+    """The tiny VOC tree with the annotation of ``name`` replaced by ``xml``."""
+    make_voc(tmp_path)
+    (tmp_path / "VOCdevkit" / "VOC2007" / "Annotations" / f"{name}.xml").write_text(xml)
+    return get_dataset("voc_2007", "test", dataset_dir=tmp_path)
+
+
+@pytest.mark.parametrize("box, problem", [
+    ((40, 11, 11, 30), "xmin > xmax"),
+    ((11, 30, 40, 11), "ymin > ymax"),
+    ((101, 11, 120, 30), "outside the image"),  # the image is 100 px wide
+    ((11, -30, 40, 0), "outside the image"),
+])
+def test_voc_malformed_box_is_refused_naming_file_and_object(tmp_path, box, problem):
+    """An inverted or off-image box would give an empty mask: every point a silent miss."""
+    objects = [("person", 0, 61, 41, 90, 70), ("dog", 0, *box)]
+    voc = _voc_with(tmp_path, "000001", _voc_xml("000001", 100, 80, objects))
+    label = voc.load_label(0)
+    assert int(voc_as_mask(label, PERSON).sum()) == 30 * 30  # the sound object still works
+    with pytest.raises(ds.DatasetFormatError, match=(
+            rf"object 2 \('dog'\) in the VOC annotation of image '000001.jpg' has a "
+            rf"malformed box \({problem}\): xmin={box[0]}, ymin={box[1]}")) as info:
+        voc_as_mask(label, DOG)
+    assert isinstance(info.value, ValueError)
+
+
+def test_voc_box_that_is_not_four_numbers(tmp_path):
+    xml = _voc_xml("000003", 80, 80, [("car", 0, 31, 31, 50, 50)]).replace(
+        "<xmax>50</xmax>", "<xmax>inf</xmax>")
+    voc = _voc_with(tmp_path, "000003", xml)
+    with pytest.raises(ds.DatasetFormatError,
+                       match=r"object 1 \('car'\) in the VOC annotation of image '000003.jpg' "
+                             r"has no valid 'bndbox' \(four finite numbers"):
+        voc_as_mask(voc.load_label(2), CAR)
+
+
+def test_voc_malformed_xml_names_the_file(tmp_path):
+    voc = _voc_with(tmp_path, "000002", "<annotation><size><width>60</width>")  # truncated
+    path = tmp_path / "VOCdevkit" / "VOC2007" / "Annotations" / "000002.xml"
+    for read in (lambda: voc[1], lambda: voc.load_label(1), lambda: ds.voc_load_label(voc, 1)):
+        with pytest.raises(ds.DatasetFormatError, match=rf"{path} is not well-formed XML"):
+            read()
+    path.write_text("<html><body/></html>")
+    with pytest.raises(ds.DatasetFormatError, match=r"root element <html>, not <annotation>"):
+        voc.load_label(1)
+    path.unlink()
+    with pytest.raises(DatasetNotFoundError, match=rf"{path} is missing"):
+        voc[1]
+    assert voc_as_class_ids(voc[0][1]) == [DOG, PERSON]  # the other images still load
+
+
+def test_voc_getitem_keeps_the_sequence_protocol(voc):
+    """Iteration stops on IndexError; the items equal torchvision's."""
+    import torchvision
+
+    assert [voc_as_class_ids(label) for _, label in voc] == [[DOG, PERSON], [BOTTLE, CAT], [CAR]]
+    with pytest.raises(IndexError, match="index 3 is out of range for a data set of 3"):
+        voc[3]
+    plain = torchvision.datasets.VOCDetection(voc.root, year="2007", image_set="test")
+    assert voc[-1][1] == plain[2][1] and voc[0][0].size == plain[0][0].size
+    assert ds.voc_as_image_name(voc[1][1]) == "000002" == voc.image_name(1)
+    assert ds.voc_load_label(plain, 2) == voc.load_label(2)  # torchvision's data set too
+
+
+def test_voc_empty_split(tmp_path):
+    make_voc(tmp_path)
+    split = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt"
+    split.write_text("")
+    with pytest.raises(DatasetNotFoundError, match=rf"read from {split} has no images"):
+        get_dataset("voc_2007", "test", dataset_dir=tmp_path)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"images": [{"id": 42, "file_name": "a.jpg", "wid', "JSONDecodeError"),  # truncated
+    ("[1, 2, 3]", "AssertionError"),  # JSON, but not a COCO file
+    ('{"images": [], "annotations": [{"id": 1}], "categories": []}', "KeyError"),
+])
+def test_coco_malformed_annotation_file_names_the_path(tmp_path, text, error):
+    pytest.importorskip("pycocotools")
+    make_coco(tmp_path)
+    path = tmp_path / "annotations" / "instances_val2014.json"
+    path.write_text(text)
+    with pytest.raises(ds.DatasetFormatError,
+                       match=rf"COCO annotation file {path} is not a valid COCO instances "
+                             rf"file \({error}"):
+        get_dataset("coco", "val2014", dataset_dir=tmp_path)
+
+
+def test_coco_without_images(tmp_path):
+    pytest.importorskip("pycocotools")
+    make_coco(tmp_path)
+    path = tmp_path / "annotations" / "instances_val2014.json"
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    with pytest.raises(DatasetNotFoundError, match=rf"read from {path} has no images"):
+        get_dataset("coco", "val2014", dataset_dir=tmp_path)
+
+
+def test_coco_public_image_id(coco):
+    label = coco.load_label(1)
+    assert ds.coco_as_image_id(label) == 42 == ds.coco_as_image_id(list(label))
+    assert ds.coco_as_image_id([]) is None
+
+
+def test_empty_image_folder(tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    with pytest.raises(DatasetNotFoundError, match=rf"the image folder {folder} holds no "
+                                                   r"images \(Couldn't find any class folder"):
+        get_dataset("imagenet", "val", dataset_dir=tmp_path)
+    (folder / "n01440764").mkdir()
+    (folder / "n01440764" / "notes.txt").write_text("no image")
+    with pytest.raises(DatasetNotFoundError, match=rf"the image folder {folder} holds no "
+                                                   r"images \(Found no valid file"):
+        get_dataset("imagenet", "val", dataset_dir=tmp_path)

@@ -5,6 +5,7 @@ the [EBP] protocol on the tiny VOC / COCO trees of ``tests.test_datasets`` with 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -27,29 +28,69 @@ def test_hit_within_tolerance_of_single_pixel():
     mask[10, 20] = True  # row 10, column 20
     game = PointingGame(5, tolerance=15)
     assert game.evaluate(mask, (20, 10)) == 1
-    assert game.evaluate(mask, (35, 10)) == 1  # distance 15: a hit (inclusive)
-    assert game.evaluate(mask, (36, 10)) == -1  # 16
+    assert game.evaluate(mask, (34, 10)) == 1  # distance 14
     assert game.evaluate(mask, (30, 21)) == 1  # sqrt(10² + 11²) = 14.87
     assert game.evaluate(mask, (31, 21)) == -1  # sqrt(11² + 11²) = 15.56
-    assert game.evaluate(mask, (20.0, 25.0)) == 1  # float point, distance 15
+    assert game.evaluate(mask, (20.0, 24.9)) == 1  # float point, distance 14.9
     assert game.evaluate(mask, (20.5, 25.5)) == -1  # 15.51
-    exact = PointingGame(5, tolerance=0)
+    exact = PointingGame(5, tolerance=1)  # an integer point must lie on the mask
     assert exact.evaluate(mask, (20, 10)) == 1 and exact.evaluate(mask, (21, 10)) == -1
 
 
+def test_hit_boundary_is_strict_as_torchray():
+    """A point exactly `tolerance` pixels from the mask is a miss (TorchRay's strict <)."""
+    mask = torch.zeros(40, 60, dtype=torch.bool)
+    mask[10, 20] = True
+    game = PointingGame(5, tolerance=15)
+    # 15 = 15 along a row or column, and sqrt(9² + 12²) = 15 on a diagonal
+    for point in [(35, 10), (5, 10), (20, 25), (29, 22), (32, 19), (20.0, 25.0)]:
+        assert game.evaluate(mask, point) == -1, point
+    for point in [(34, 10), (20, 24), (28, 22), (29, 21)]:  # 14, 14, 14.4, 14.2
+        assert game.evaluate(mask, point) == 1, point
+    fractional = PointingGame(1, tolerance=4.5)
+    assert fractional.evaluate(mask, (24.5, 10)) == -1  # exactly 4.5
+    assert fractional.evaluate(mask, (24.4, 10)) == 1
+
+
+def test_hit_rule_matches_torchray_black_box():
+    """TorchRay 1.0 (run as a black box, skipped when absent) scores every case the same."""
+    reference = pytest.importorskip("torchray.benchmark.pointing_game")
+    rng = np.random.default_rng(1)
+    cases = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchRay's torch.meshgrid indexing notice
+        for trial in range(40):
+            height, width = (int(x) for x in rng.integers(8, 60, size=2))
+            mask = torch.from_numpy(rng.random((height, width)) < rng.choice([0.003, 0.03]))
+            tolerance = int(rng.integers(1, 20))
+            ours, theirs = PointingGame(1, tolerance), reference.PointingGame(1, tolerance)
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            points = [(int(rng.integers(0, width)), int(rng.integers(0, height)))
+                      for _ in range(5)]
+            if len(xs):  # and points exactly `tolerance` away along a row or column
+                u, v = int(xs[0]), int(ys[0])
+                points += [(x, y) for x, y in [(u + tolerance, v), (u, v + tolerance)]
+                           if x < width and y < height]
+            for point in points:
+                assert ours.evaluate(mask, point) == theirs.evaluate(mask, point), \
+                    (trial, point, tolerance)
+                cases += 1
+    assert cases >= 200
+
+
 def test_hit_rule_matches_distance_transform():
-    """Hit <=> the Euclidean distance to the nearest mask pixel is at most the tolerance."""
+    """Hit <=> the Euclidean distance to the nearest mask pixel is less than the tolerance."""
     ndimage = pytest.importorskip("scipy.ndimage")
     rng = np.random.default_rng(0)
     for trial in range(30):
         height, width = rng.integers(5, 50, size=2)
         mask = rng.random((height, width)) < rng.choice([0.002, 0.02, 0.2])
-        tolerance = int(rng.integers(0, 20))
+        tolerance = int(rng.integers(1, 20))
         distance = ndimage.distance_transform_edt(~mask) if mask.any() else np.full(mask.shape, np.inf)
         game = PointingGame(1, tolerance=tolerance)
         for _ in range(20):
             u, v = int(rng.integers(0, width)), int(rng.integers(0, height))
-            expected = 1 if distance[v, u] <= tolerance else -1
+            expected = 1 if distance[v, u] < tolerance else -1
             assert game.evaluate(mask, (u, v)) == expected, (trial, u, v)
 
 
@@ -87,6 +128,8 @@ def test_bad_arguments():
         game.aggregate(1, 1.0)
     with pytest.raises(ValueError, match="tolerance"):
         PointingGame(3, tolerance=-1)
+    with pytest.raises(ValueError, match=r"tolerance must be a positive .* use tolerance=1"):
+        PointingGame(3, tolerance=0)  # every point would be a miss
     with pytest.raises(ValueError, match="num_classes"):
         PointingGame(0)
     with pytest.raises(ValueError, match="class_names"):
@@ -146,8 +189,8 @@ def voc(tmp_path):
 # dog: columns 10..39, rows 10..29; person: columns 60..89, rows 40..69 (image 0, 100x80)
 VOC_PLAY = [
     (0, DOG, (25, 20), 1),
-    (0, DOG, (55, 20), -1),  # 16 px right of the box
-    (0, DOG, (54, 20), 1),  # 15 px: within tolerance
+    (0, DOG, (54, 20), -1),  # 15 px right of the box: not < 15
+    (0, DOG, (53, 20), 1),  # 14 px: within tolerance
     (0, PERSON, (0, 0), -1),
     (1, CAT, (30, 25), 1),
     (1, BOTTLE, (7, 7), 0),  # its only object is difficult: skipped
@@ -237,6 +280,25 @@ def test_difficult_file_errors(voc, tmp_path):
         PointingGameBenchmark(voc, difficult=tmp_path / "missing.txt")
     table = read_difficult_file(tmp_path / "bad.txt", 20)
     assert set(table) == {"123456"} and table["123456"].dtype == torch.bool
+
+
+def test_difficult_file_keys_keep_dotted_stems(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_text("2008_000001.jpg 0 1\nscan.v2 1 0\nscan.v3.PNG 1 1\n")
+    assert set(read_difficult_file(path, 2)) == {"2008_000001", "1", "scan.v2", "scan.v3"}
+
+
+def test_voc_malformed_box_refused_by_the_benchmark(tmp_path):
+    """xmin > xmax gave an empty mask and a silent miss; now the file and object are named."""
+    root = make_voc(tmp_path / "voc")
+    xml = root / "VOCdevkit" / "VOC2007" / "Annotations" / "000003.xml"
+    xml.write_text(xml.read_text().replace("<xmin>31</xmin>", "<xmin>60</xmin>"))
+    benchmark = PointingGameBenchmark(get_dataset("voc_2007", "test", dataset_dir=root))
+    with pytest.raises(ValueError, match=r"object 1 \('car'\) in the VOC annotation of image "
+                                         r"'000003.jpg' has a malformed box \(xmin > xmax\)"):
+        benchmark.evaluate(2, CAR, (40, 40))
+    assert benchmark.hits.sum() == 0 and benchmark.misses.sum() == 0  # nothing counted
+    assert benchmark.evaluate(0, DOG, (25, 20)) == 1
 
 
 def test_voc_subset_and_bad_arguments(voc):

@@ -22,33 +22,24 @@ Conventions
 from __future__ import annotations
 
 __all__ = [
-    "coco_as_class_ids",
-    "coco_as_image_size",
-    "coco_as_mask",
-    "voc_as_class_ids",
-    "voc_as_image_size",
-    "voc_as_mask",
-    "ImageFolder",
-    "VOCDetection",
-    "CocoDetection",
-    "get_dataset",
-    "DatasetNotFoundError",
-    "CocoTarget",
-    "VOC_CLASSES",
-    "COCO_CLASSES",
-    "COCO_CATEGORY_IDS",
-    "IMAGENET_CLASSES",
-    "DATASET_NAMES",
+    "coco_as_class_ids", "coco_as_image_size", "coco_as_mask", "voc_as_class_ids",
+    "voc_as_image_size", "voc_as_mask", "voc_as_image_name", "voc_load_label",
+    "coco_as_image_id", "ImageFolder", "VOCDetection", "CocoDetection", "get_dataset",
+    "DatasetNotFoundError", "DatasetFormatError", "CocoTarget", "VOC_CLASSES",
+    "COCO_CLASSES", "COCO_CATEGORY_IDS", "IMAGENET_CLASSES", "DATASET_NAMES",
 ]
 
+import json
 import os
 import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data.dataloader import default_collate
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -104,6 +95,10 @@ class DatasetNotFoundError(FileNotFoundError, ValueError):
     """
 
 
+class DatasetFormatError(ValueError):
+    """An annotation file or label is malformed (the message names the file)."""
+
+
 # --------------------------------------------------------------------------- VOC
 
 
@@ -114,6 +109,18 @@ def _voc_annotation(label: Any) -> Mapping[str, Any]:
     raise TypeError(
         "label must be a PASCAL VOC label, the dict {'annotation': {...}} returned by "
         f"VOCDetection (torchvision's parse_voc_xml); got {type(label).__name__}")
+
+
+def _voc_where(label: Any) -> str:
+    """' in the VOC annotation of <file>', for messages (empty when the label has no name)."""
+    name = str(_voc_annotation(label).get("filename", "")).strip()
+    return f" in the VOC annotation of image {name!r}" if name else " in the VOC label"
+
+
+def voc_as_image_name(label: Any) -> str:
+    """Image name (file stem, e.g. ``'000001'``) of a PASCAL VOC label; ``''`` if absent."""
+    name = str(_voc_annotation(label).get("filename", "")).strip()
+    return Path(name).stem if name else ""
 
 
 def _voc_objects(label: Any) -> list[Mapping[str, Any]]:
@@ -130,11 +137,12 @@ def _voc_objects(label: Any) -> list[Mapping[str, Any]]:
     return out
 
 
-def _voc_class_id(obj: Mapping[str, Any]) -> int:
+def _voc_class_id(obj: Mapping[str, Any], label: Any = None) -> int:
     name = str(obj.get("name", "")).strip()
     if name not in _VOC_CLASS_TO_ID:
+        where = _voc_where(label) if label is not None else ""
         raise ValueError(
-            f"VOC object name {name!r} is not one of the 20 VOC_CLASSES; is this a "
+            f"VOC object name {name!r}{where} is not one of the 20 VOC_CLASSES; is this a "
             "PASCAL VOC annotation?")
     return _VOC_CLASS_TO_ID[name]
 
@@ -143,11 +151,11 @@ def _voc_is_difficult(obj: Mapping[str, Any]) -> bool:
     return str(obj.get("difficult", "0")).strip() not in ("0", "", "False", "false")
 
 
-def _check_voc_class_id(class_id: Any) -> int:
+def _check_class_id(class_id: Any, classes: Sequence[str], what: str) -> int:
     if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
-        raise TypeError(f"class_id must be an int in [0, 20), got {class_id!r}")
-    if not 0 <= int(class_id) < len(VOC_CLASSES):
-        raise ValueError(f"class_id must be in [0, {len(VOC_CLASSES)}) for VOC, got {class_id}")
+        raise TypeError(f"class_id must be an int in [0, {len(classes)}), got {class_id!r}")
+    if not 0 <= int(class_id) < len(classes):
+        raise ValueError(f"class_id must be in [0, {len(classes)}) for {what}, got {class_id}")
     return int(class_id)
 
 
@@ -169,7 +177,7 @@ def voc_as_class_ids(label: Any, include_difficult: bool = True) -> list[int]:
     list of int
         Sorted, unique indices into :data:`VOC_CLASSES`.
     """
-    ids = {_voc_class_id(obj) for obj in _voc_objects(label)
+    ids = {_voc_class_id(obj, label) for obj in _voc_objects(label)
            if include_difficult or not _voc_is_difficult(obj)}
     return sorted(ids)
 
@@ -191,9 +199,8 @@ def voc_as_image_size(label: Any) -> tuple[int, int]:
     try:
         return int(size["height"]), int(size["width"])
     except (TypeError, KeyError, ValueError) as error:
-        raise ValueError(
-            "the VOC label has no valid 'size' (height, width) field; got "
-            f"{size!r}") from error
+        raise ValueError(f"no valid 'size' (height, width) field{_voc_where(label)}; got "
+                         f"{size!r}") from error
 
 
 def voc_as_mask(label: Any, class_id: int, exclude_difficult: bool = False) -> torch.Tensor:
@@ -215,32 +222,74 @@ def voc_as_mask(label: Any, class_id: int, exclude_difficult: bool = False) -> t
     -------
     torch.Tensor
         Boolean ``(height, width)`` mask; all False when the class is absent.
+
+    Raises
+    ------
+    DatasetFormatError
+        A box of the class is malformed (missing, ``xmin > xmax``, ``ymin > ymax``, or
+        outside the image): the message names the image file and the object.
     """
-    class_id = _check_voc_class_id(class_id)
+    class_id = _check_class_id(class_id, VOC_CLASSES, "VOC")
     height, width = voc_as_image_size(label)
     mask = torch.zeros(height, width, dtype=torch.bool)
-    for obj in _voc_objects(label):
-        if _voc_class_id(obj) != class_id or (exclude_difficult and _voc_is_difficult(obj)):
+    for number, obj in enumerate(_voc_objects(label), 1):
+        if _voc_class_id(obj, label) != class_id or (exclude_difficult
+                                                     and _voc_is_difficult(obj)):
             continue
-        box = obj.get("bndbox", {})
-        try:
-            xmin, ymin, xmax, ymax = (int(round(float(box[k])))
-                                      for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, KeyError, ValueError) as error:
-            raise ValueError(f"VOC object has no valid 'bndbox': {box!r}") from error
+        xmin, ymin, xmax, ymax = _voc_box(label, obj, number, (height, width))
         # 1-based inclusive -> 0-based half-open, clipped to the image.
         mask[max(ymin - 1, 0):min(ymax, height), max(xmin - 1, 0):min(xmax, width)] = True
     return mask
 
 
-def _voc_all_difficult(label: Any, class_id: int) -> bool:
-    """Whether the class is present and all its objects are difficult."""
-    objects = [o for o in _voc_objects(label) if _voc_class_id(o) == class_id]
-    return bool(objects) and all(_voc_is_difficult(o) for o in objects)
+def _voc_box(label: Any, obj: Mapping[str, Any], number: int,
+             size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The 1-based inclusive box of an object, refused when it would give a wrong mask."""
+    box = obj.get("bndbox", {})
+    what = f"object {number} ({str(obj.get('name', '')).strip()!r}){_voc_where(label)}"
+    try:
+        xmin, ymin, xmax, ymax = (int(round(float(box[k])))
+                                  for k in ("xmin", "ymin", "xmax", "ymax"))
+    except (TypeError, KeyError, ValueError, OverflowError) as error:
+        raise DatasetFormatError(f"{what} has no valid 'bndbox' (four finite numbers "
+                                 f"xmin, ymin, xmax, ymax): {box!r}") from error
+    # An inverted or off-image box would give an empty mask: every point a silent miss.
+    problem = ("xmin > xmax" if xmin > xmax else "ymin > ymax" if ymin > ymax else
+               "outside the image" if min(xmax, ymax) < 1 or xmin > size[1] or ymin > size[0]
+               else "")
+    if problem:
+        raise DatasetFormatError(
+            f"{what} has a malformed box ({problem}): xmin={xmin}, ymin={ymin}, xmax={xmax}, "
+            f"ymax={ymax} in an image of (height, width) = {size}; fix the annotation file or "
+            "leave the image out (torch.utils.data.Subset)")
+    return xmin, ymin, xmax, ymax
+
+
+def voc_load_label(dataset: Any, index: int) -> dict[str, Any]:
+    """The label ``{'annotation': {...}}`` of item ``index`` of a VOC data set (this
+    module's or torchvision's ``VOCDetection``), read without decoding the image.
+
+    Raises :class:`DatasetFormatError` naming the annotation file when it is not well-formed
+    VOC XML, :class:`DatasetNotFoundError` when it is missing.
+    """
+    _check_index(index, len(dataset))
+    path = dataset.annotations[index]
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as error:
+        raise DatasetFormatError(f"the VOC annotation file {path} is not well-formed XML "
+                                 f"({error}); restore it from the VOC archive") from None
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"the VOC annotation file {path} is missing (listed in "
+                                   "the ImageSets split file)") from None
+    if root.tag != "annotation":
+        raise DatasetFormatError(f"the VOC annotation file {path} has root element "
+                                 f"<{root.tag}>, not <annotation>")
+    return dataset.parse_voc_xml(root)
 
 
 def _detection_collate(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
-    """Batch images with torch's default collation; keep the labels as a list."""
+    """``collate_fn`` for a DataLoader: images stacked by default collation, labels as a list."""
     images = default_collate([item[0] for item in batch])
     return images, [item[1] for item in batch]
 
@@ -255,32 +304,27 @@ class VOCDetection(torchvision.datasets.VOCDetection):
     classes = VOC_CLASSES
     num_classes = len(VOC_CLASSES)
 
-    @staticmethod
-    def as_class_ids(label: Any, include_difficult: bool = True) -> list[int]:
-        """See :func:`voc_as_class_ids`."""
-        return voc_as_class_ids(label, include_difficult)
+    # The converters are the module's functions (their docstrings apply).
+    as_class_ids = staticmethod(voc_as_class_ids)
+    as_image_size = staticmethod(voc_as_image_size)
+    as_mask = staticmethod(voc_as_mask)
+    collate = staticmethod(_detection_collate)
 
-    @staticmethod
-    def as_image_size(label: Any) -> tuple[int, int]:
-        """See :func:`voc_as_image_size`."""
-        return voc_as_image_size(label)
-
-    @staticmethod
-    def as_mask(label: Any, class_id: int, exclude_difficult: bool = False) -> torch.Tensor:
-        """See :func:`voc_as_mask`."""
-        return voc_as_mask(label, class_id, exclude_difficult)
-
-    @staticmethod
-    def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
-        """``collate_fn`` for a DataLoader: stacked images, list of labels."""
-        return _detection_collate(batch)
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """``(image, label)``; a malformed annotation file is named (:func:`voc_load_label`)."""
+        if not isinstance(index, (int, np.integer)) or not -len(self) <= index < len(self):
+            # IndexError (not ValueError): iteration over a data set stops on it.
+            raise IndexError(f"index {index!r} is out of range for a data set of "
+                             f"{len(self)} items")
+        label = voc_load_label(self, int(index))
+        image = Image.open(self.images[index]).convert("RGB")
+        if self.transforms is not None:
+            image, label = self.transforms(image, label)
+        return image, label
 
     def load_label(self, index: int) -> dict[str, Any]:
         """The label of item ``index`` without decoding its image (cheap)."""
-        import xml.etree.ElementTree as ET
-
-        _check_index(index, len(self))
-        return self.parse_voc_xml(ET.parse(self.annotations[index]).getroot())
+        return voc_load_label(self, index)
 
     def image_name(self, index: int) -> str:
         """Image name (file stem, e.g. ``'000001'``) of item ``index``."""
@@ -323,16 +367,6 @@ def _coco_class_id(annotation: Mapping[str, Any]) -> int:
     return _COCO_CATEGORY_TO_CLASS[category]
 
 
-def _check_coco_class_id(class_id: Any) -> int:
-    if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
-        raise TypeError(f"class_id must be an int in [0, 80), got {class_id!r}")
-    if not 0 <= int(class_id) < len(COCO_CLASSES):
-        raise ValueError(
-            f"class_id must be in [0, {len(COCO_CLASSES)}) for COCO (an index into "
-            f"COCO_CLASSES, not a COCO category id), got {class_id}")
-    return int(class_id)
-
-
 def coco_as_class_ids(label: Any) -> list[int]:
     """Class ids of the objects in a COCO label.
 
@@ -360,7 +394,8 @@ def _split_dataset_args(args: tuple[Any, ...], name: str, extra: int) -> tuple[A
                     "positional arguments")
 
 
-def _coco_image_id(label: Any) -> Optional[int]:
+def coco_as_image_id(label: Any) -> Optional[int]:
+    """COCO image id of a label (its ``image_id``, else its annotations'); ``None`` if unknown."""
     image_id = getattr(label, "image_id", None)
     if image_id is None:
         ids = {int(a["image_id"]) for a in _coco_annotations(label)
@@ -389,7 +424,7 @@ def coco_as_image_size(*args: Any) -> tuple[int, int]:
     size = getattr(label, "image_size", None)
     if size is not None:
         return int(size[0]), int(size[1])
-    image_id = _coco_image_id(label)
+    image_id = coco_as_image_id(label)
     coco = getattr(dataset, "coco", None)
     if coco is not None and image_id in getattr(coco, "imgs", {}):
         info = coco.imgs[image_id]
@@ -444,7 +479,8 @@ def coco_as_mask(*args: Any, image_size: Optional[tuple[int, int]] = None) -> to
         Boolean ``(height, width)`` mask; all False when the class is absent.
     """
     dataset, (label, class_id) = _split_dataset_args(args, "coco_as_mask", 1)
-    class_id = _check_coco_class_id(class_id)
+    class_id = _check_class_id(class_id, COCO_CLASSES, "COCO (an index into COCO_CLASSES, "
+                               "not a COCO category id)")
     if image_size is None:
         image_size = (coco_as_image_size(label) if dataset is None
                       else coco_as_image_size(dataset, label))
@@ -470,28 +506,28 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     classes = COCO_CLASSES
     num_classes = len(COCO_CLASSES)
 
+    def __init__(self, root: PathLike, annFile: PathLike,  # noqa: N803 - torchvision's name
+                 transform: Optional[Callable] = None, target_transform: Optional[Callable] = None,
+                 transforms: Optional[Callable] = None) -> None:
+        try:
+            super().__init__(root, str(annFile), transform, target_transform, transforms)
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError,
+                TypeError) as error:  # pycocotools' errors on a truncated or foreign file
+            raise DatasetFormatError(
+                f"the COCO annotation file {annFile} is not a valid COCO instances file "
+                f"({type(error).__name__}: {error}); it may be truncated: download it "
+                "again") from None
+
     def _load_target(self, id: int) -> CocoTarget:  # noqa: A002 - torchvision's name
         info = self.coco.imgs[id]
         return CocoTarget(super()._load_target(id), image_id=id,
                           image_size=(int(info["height"]), int(info["width"])))
 
-    @staticmethod
-    def as_class_ids(label: Any) -> list[int]:
-        """See :func:`coco_as_class_ids`."""
-        return coco_as_class_ids(label)
-
-    def as_image_size(self, label: Any) -> tuple[int, int]:
-        """See :func:`coco_as_image_size`."""
-        return coco_as_image_size(self, label)
-
-    def as_mask(self, label: Any, class_id: int) -> torch.Tensor:
-        """See :func:`coco_as_mask`."""
-        return coco_as_mask(self, label, class_id)
-
-    @staticmethod
-    def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
-        """``collate_fn`` for a DataLoader: stacked images, list of labels."""
-        return _detection_collate(batch)
+    # The module's converters; as methods they get the data set first (TorchRay's form).
+    as_class_ids = staticmethod(coco_as_class_ids)
+    as_image_size = coco_as_image_size
+    as_mask = coco_as_mask
+    collate = staticmethod(_detection_collate)
 
     def load_label(self, index: int) -> CocoTarget:
         """The label of item ``index`` without decoding its image (cheap)."""
@@ -515,6 +551,14 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     matches :data:`IMAGENET_CLASSES`.
     """
 
+    def __init__(self, root: PathLike, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(root, *args, **kwargs)
+        except FileNotFoundError as error:  # torchvision's message may omit the folder
+            raise DatasetNotFoundError(
+                f"the image folder {root} holds no images ({error}); it must hold "
+                "<class folder>/<images> (ImageNet: one folder per wnid)") from None
+
     @staticmethod
     def as_class_ids(label: Any) -> list[int]:
         """The label as a one-element list of class ids."""
@@ -529,6 +573,13 @@ def _check_index(index: Any, length: int) -> None:
         raise TypeError(f"index must be an int, got {index!r}")
     if not -length <= int(index) < length:
         raise ValueError(f"index {index} is out of range for a data set of {length} items")
+
+
+def _non_empty(dataset: Any, source: Path) -> Any:
+    """The data set, refused when it has no items (a benchmark of nothing is NaN)."""
+    if len(dataset) == 0:
+        raise DatasetNotFoundError(f"the data set read from {source} has no images")
+    return dataset
 
 
 def _default_dir(name: str) -> Path:
@@ -614,8 +665,9 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         if subset not in _VOC_SUBSETS:
             raise ValueError(f"subset must be one of {_VOC_SUBSETS} for VOC 2007, got {subset!r}")
         root = _voc_root(root, subset, download)
-        return VOCDetection(str(root), year="2007", image_set=subset, download=download,
-                            transform=transform)
+        return _non_empty(VOCDetection(str(root), year="2007", image_set=subset,
+                                       download=download, transform=transform),
+                          root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / f"{subset}.txt")
 
     if download:
         raise ValueError(
@@ -628,7 +680,8 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
             raise DatasetNotFoundError(
                 f"MS COCO {subset!r} not found under dataset_dir={root}: expected the "
                 f"image folder {images} and the annotation file {annotations}")
-        return CocoDetection(str(images), str(annotations), transform=transform)
+        return _non_empty(CocoDetection(str(images), str(annotations), transform=transform),
+                          annotations)
 
     folder = root / subset
     if not folder.is_dir():

@@ -3,8 +3,9 @@ excitation backprop", [EBP]).
 
 For each (image, class) pair of a detection data set, an attribution method
 points at one pixel, usually the maximiser of its saliency map.  The point is a
-*hit* when it lies within ``tolerance`` pixels (15 in [EBP]) of the class's
-object mask, else a *miss*.  The score of a class is ``hits / (hits + misses)``
+*hit* when its Euclidean distance to the class's object mask is *less than*
+``tolerance`` pixels (15 in [EBP]; strictly less, as TorchRay, whose published
+numbers use this rule), else a *miss*.  The score of a class is ``hits / (hits + misses)``
 and the benchmark reports the mean over classes.
 
 * :class:`PointingGame` is the bare game: :meth:`~PointingGame.evaluate` a point
@@ -54,6 +55,8 @@ from . import datasets as ads
 PathLike = Union[str, "os.PathLike[str]"]
 Point = tuple[float, float]
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 DIFFICULT_AREA_FRACTION = 0.25
 """[EBP]'s difficult pairs: the class's objects cover less than this fraction of the image."""
 
@@ -94,10 +97,11 @@ def _as_point(point: Any) -> Point:
 
 
 def _point_hits_mask(mask: torch.Tensor, point: Point, tolerance: float) -> bool:
-    """Whether a True pixel of ``mask`` lies within ``tolerance`` of ``point``.
+    """Whether a True pixel of ``mask`` lies at a distance ``< tolerance`` of ``point``.
 
-    Only the ``(2t+1)²`` window around the point is examined (O(t²) per call,
-    no distance transform of the whole image).
+    Strictly less, as TorchRay (a pixel exactly ``tolerance`` away is a miss).  Only the
+    ``(2t+1)²`` window around the point is examined (O(t²) per call, no distance
+    transform of the whole image).
     """
     height, width = mask.shape
     u, v = point
@@ -113,7 +117,7 @@ def _point_hits_mask(mask: torch.Tensor, point: Point, tolerance: float) -> bool
         return False
     rows = torch.arange(r0, r1 + 1, dtype=torch.float64)[:, None] - v
     cols = torch.arange(c0, c1 + 1, dtype=torch.float64)[None, :] - u
-    disk = rows * rows + cols * cols <= tolerance * tolerance
+    disk = rows * rows + cols * cols < tolerance * tolerance
     return bool((window & disk).any())
 
 
@@ -193,8 +197,9 @@ class PointingGame:
     num_classes:
         Number of classes of the data set.
     tolerance:
-        A point within this Euclidean distance (pixels) of the object mask is a
-        hit; 15 in [EBP].  0 requires the point to lie on the mask.
+        A point whose Euclidean distance (pixels) to the object mask is less than
+        this is a hit; 15 in [EBP].  Positive: 1 requires an integer point to lie
+        on the mask.
     class_names:
         Optional names for the :meth:`__str__` table.
 
@@ -210,8 +215,12 @@ class PointingGame:
                 or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.number)) \
-                or not math.isfinite(tolerance) or tolerance < 0:
-            raise ValueError(f"tolerance must be a non-negative number of pixels, got {tolerance!r}")
+                or not math.isfinite(tolerance) or tolerance <= 0:
+            # A hit is a distance < tolerance: 0 would make every point a silent miss.
+            raise ValueError(
+                f"tolerance must be a positive number of pixels (a hit is a point at a "
+                f"distance < tolerance from the mask), got {tolerance!r}; use tolerance=1 to "
+                "require the point to lie on the mask")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names must have num_classes={num_classes} names, got "
                              f"{len(class_names)}")
@@ -311,7 +320,9 @@ class PointingGame:
 
 def _name_keys(name: Any) -> set[str]:
     """Keys under which an image is matched: file stem, and its number if numeric."""
-    stem = Path(str(name).strip()).stem if str(name).strip() else ""
+    path = Path(str(name).strip())
+    # Only an image suffix goes: 'a.b' (a stem already) keeps its dot.
+    stem = path.stem if path.suffix.lower() in _IMAGE_SUFFIXES else str(name).strip()
     keys = {stem} if stem else set()
     digits = stem.rsplit("_", 1)[-1]
     if digits.isdigit():  # '000042', '42' and 'COCO_val2014_000000000042' all match 42
@@ -451,9 +462,7 @@ class PointingGameBenchmark(PointingGame):
             if self._indices is not None:
                 index = self._indices[index]
             if self.kind == "voc":
-                import xml.etree.ElementTree as ET
-
-                return self._base.parse_voc_xml(ET.parse(self._base.annotations[index]).getroot())
+                return ads.voc_load_label(self._base, index)
             image_id = self._base.ids[index]
             info = self._base.coco.imgs[image_id]
             return ads.CocoTarget(self._base.coco.loadAnns(self._base.coco.getAnnIds(image_id)),
@@ -478,8 +487,8 @@ class PointingGameBenchmark(PointingGame):
 
     def _image_keys(self, label: Any) -> set[str]:
         if self.kind == "voc":
-            return _name_keys(ads._voc_annotation(label).get("filename", ""))
-        image_id = ads._coco_image_id(label)
+            return _name_keys(ads.voc_as_image_name(label))
+        image_id = ads.coco_as_image_id(label)
         if image_id is None:
             return set()
         keys = {str(image_id)}
@@ -535,8 +544,8 @@ class PointingGameBenchmark(PointingGame):
         point = self._point(point, size)
         if class_id not in self._class_ids(label):
             return 0
-        if self.kind == "voc" and ads._voc_all_difficult(label, class_id):
-            return 0
+        if self.kind == "voc" and class_id not in ads.voc_as_class_ids(label, False):
+            return 0  # all its objects are difficult
         mask = self._mask(label, class_id)
         if not self._in_subset(label, class_id, mask):
             return 0
