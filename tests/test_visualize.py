@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: before pyplot is imported anywhere
@@ -13,8 +15,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from torchray_like.benchmark.plot import plot_example  # noqa: E402
-from torchray_like.visualize import (DPI, IMAGE_PANEL, IMAGE_PANEL_COLORBAR,  # noqa: E402
-                                     SIGNAL_PANEL, overlay, plot_methods, saliency_plot)
+from torchray_like.visualize import (COLORBAR_WIDTH, DPI, IMAGE_PANEL,  # noqa: E402
+                                     IMAGE_PANEL_COLORBAR, NONFINITE_COLOR, SIGNAL_PANEL,
+                                     PlotWarning, overlay, plot_methods, saliency_plot)
 
 JET = matplotlib.colormaps["jet"]
 
@@ -76,12 +79,16 @@ def test_overlay_layouts_resizing_and_normalize():
     np.testing.assert_allclose(overlay(chw[None], sal[None, None]), a)
     # alpha 0: the image itself; grey and uint8 images become RGB.
     np.testing.assert_allclose(overlay(hwc, sal, alpha=0.0), hwc, atol=1e-6)
-    grey = overlay(np.full((4, 4), 255, np.uint8), torch.zeros(4, 4), alpha=0.0)
+    with pytest.warns(PlotWarning, match="saliency is all zero"):
+        grey = overlay(np.full((4, 4), 255, np.uint8), torch.zeros(4, 4), alpha=0.0)
     np.testing.assert_allclose(grey, np.ones((4, 4, 3)))
-    # normalize=False clamps instead of stretching: 0.5 stays 0.5.
-    flat = overlay(torch.zeros(1, 2, 2), torch.full((2, 2), 0.5), alpha=1.0, normalize=False)
+    # normalize=False clamps instead of stretching: 0.5 stays 0.5, and a constant is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flat = overlay(torch.zeros(1, 2, 2), torch.full((2, 2), 0.5), alpha=1.0, normalize=False)
     np.testing.assert_allclose(flat[0, 0], JET(0.5)[:3])
-    stretched = overlay(torch.zeros(1, 2, 2), torch.full((2, 2), 0.5), alpha=1.0)
+    with pytest.warns(PlotWarning, match=r"saliency is constant \(0.5\): normalize=True has no"):
+        stretched = overlay(torch.zeros(1, 2, 2), torch.full((2, 2), 0.5), alpha=1.0)
     np.testing.assert_allclose(stretched[0, 0], JET(0.0)[:3])  # constant map -> 0
 
 
@@ -92,8 +99,8 @@ def test_overlay_rejects_bad_arguments():
         overlay(torch.zeros(3, 4, 4), torch.zeros(4, 4), alpha=2)
     with pytest.raises(TypeError, match="image must be a torch.Tensor or a NumPy array"):
         overlay([[0.0]], torch.zeros(1, 1))
-    with pytest.raises(ValueError, match="image tensor must have shape"):
-        overlay(torch.zeros(2, 3, 4, 4), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=r"image must have shape \(C, H, W\) or \(H, W, C\)"):
+        overlay(torch.zeros(1, 2, 3, 4, 4), torch.zeros(4, 4))
     with pytest.raises(ValueError, match="cmap 'nope' is not a registered matplotlib colormap"):
         overlay(torch.zeros(3, 4, 4), torch.zeros(4, 4), cmap="nope")
 
@@ -160,7 +167,7 @@ def test_saliency_plot_channels_denormalize_and_stretch():
     data = saliency_plot(normed).axes[0].images[0].get_array()
     assert data.min() == pytest.approx(0.0) and data.max() == pytest.approx(1.0)
     # Five channels: shown as their mean, in grey.
-    five = torch.rand(1, 5, 4, 4)
+    five = torch.rand(1, 5, 6, 6)
     img = saliency_plot(five).axes[0].images[0]
     np.testing.assert_allclose(img.get_array(), five[0].mean(0).numpy(), atol=1e-6)
     # uint8 inputs are divided by 255.
@@ -223,7 +230,7 @@ def test_saliency_plot_volumes_slices():
                                x[0, :, 4].permute(1, 2, 0).numpy())
     every = saliency_plot(x, s, slice="all")
     panels = image_axes(every)
-    assert len(panels) == 10 and len(every.axes) == 20
+    assert len(panels) == 10 and len(every.axes) == 11  # one colour bar: frames share a scale
     assert panels[0].get_subplotspec().get_geometry()[:2] == (2, 5)  # inputs × slices
     assert [ax.get_title() for ax in panels[5:]] == [f"#1, slice {t}" for t in range(5)]
     tri = torch.nn.functional.interpolate(s, size=(5, 8, 8), mode="trilinear",
@@ -240,7 +247,11 @@ def test_saliency_plot_volumes_slices():
     ((3, 3, 16, 16), None, {}, (2, 2), IMAGE_PANEL),
     ((3, 3, 16, 16), (3, 16, 16), dict(nrow=3, colorbar=False), (3, 1), IMAGE_PANEL),
     ((2, 2, 30), (2, 30), {}, (1, 2), SIGNAL_PANEL),
-    ((2, 1, 4, 8, 8), (2, 1, 4, 8, 8), dict(slice="all"), (4, 2), IMAGE_PANEL_COLORBAR),
+    ((2, 1, 4, 8, 8), (2, 1, 4, 8, 8), dict(slice="all", shared_scale=False), (4, 2),
+     IMAGE_PANEL_COLORBAR),
+    # A shared scale: one colour bar for the figure, COLORBAR_WIDTH wide.
+    ((2, 1, 4, 8, 8), (2, 1, 4, 8, 8), dict(slice="all"), (4, 2), IMAGE_PANEL),
+    ((3, 3, 16, 16), (3, 1, 16, 16), dict(vmin=0.0, vmax=1.0), (2, 2), IMAGE_PANEL),
 ])
 def test_saved_png_has_the_documented_pixel_size(tmp_path, shape, map_shape, kwargs, grid,
                                                  panel):
@@ -248,7 +259,10 @@ def test_saved_png_has_the_documented_pixel_size(tmp_path, shape, map_shape, kwa
     before = plt.get_fignums()
     sal = None if map_shape is None else torch.rand(map_shape)
     fig = saliency_plot(torch.rand(shape), sal, save=path, **kwargs)
-    assert png_size(path) == (round(grid[0] * panel[0] * DPI), round(grid[1] * panel[1] * DPI))
+    one_bar = panel == IMAGE_PANEL and map_shape is not None and kwargs.get("colorbar", True)
+    extra = COLORBAR_WIDTH if one_bar else 0.0
+    assert png_size(path) == (round((grid[0] * panel[0] + extra) * DPI),
+                              round(grid[1] * panel[1] * DPI))
     assert plt.get_fignums() == before  # a saved figure is not left open in pyplot
     assert len(fig.axes) >= 1
 
@@ -272,6 +286,7 @@ def test_unsaved_figures_belong_to_pyplot_and_saved_ones_do_not(tmp_path):
     (torch.rand(2, 3, 8, 8), None, dict(nrow=0), "nrow must be None or a positive"),
     (torch.rand(1, 1, 4, 8, 8), None, dict(slice=4), "slice=4 is out of range"),
     (torch.rand(1, 1, 4, 8, 8), None, dict(slice="middle"), "slice must be None, an int"),
+    (torch.rand(1, 1, 4, 8, 8), None, dict(slice=[0, 9]), "slice=9 is out of range"),
 ])
 def test_saliency_plot_rejects_bad_arguments(x, s, kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -281,7 +296,7 @@ def test_saliency_plot_rejects_bad_arguments(x, s, kwargs, words):
 def test_saliency_plot_rejects_bad_types():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         saliency_plot([[[0.0]]])
-    with pytest.raises(TypeError, match="slice must be None, an int or 'all'"):
+    with pytest.raises(TypeError, match="slice must be None, an int, a non-empty sequence"):
         saliency_plot(torch.rand(1, 1, 2, 4, 4), slice=1.0)
 
 

@@ -2,7 +2,7 @@ r"""Figures of inputs and saliency maps: images, 3-D volumes / videos and 1-D si
 
 * :func:`saliency_plot` — a batch of inputs, alone or with a saliency map drawn over each;
 * :func:`plot_methods` — one row per input, one column per attribution method;
-* :func:`overlay` — a single image blended with a colour-mapped saliency map, as an array.
+* :func:`overlay` — an image (or a batch) blended with a colour-mapped saliency map, as an array.
 
 matplotlib is imported only when one of these functions runs (importing this module is cheap
 and selects no backend).  Figures are plain :class:`matplotlib.figure.Figure` objects:
@@ -17,21 +17,31 @@ and selects no backend).  Figures are plain :class:`matplotlib.figure.Figure` ob
 Sizes are fixed so that a saved file's pixel size is predictable: figures are drawn at
 :data:`DPI` dots per inch and every panel of a grid has the size given by :data:`IMAGE_PANEL`,
 :data:`IMAGE_PANEL_COLORBAR` or :data:`SIGNAL_PANEL` (in inches); a saved figure has exactly
-``round(columns * panel_width * DPI)`` × ``round(rows * panel_height * DPI)`` pixels.
+``round(columns * panel_width * DPI)`` × ``round(rows * panel_height * DPI)`` pixels, plus
+:data:`COLORBAR_WIDTH` in width when all maps share one colour scale and so one colour bar.
 
 Layout of the inputs: ``x`` is a batch ``(N, C, *spatial)`` whose number of spatial dimensions
 selects the kind of plot — ``(N, C, L)`` signals, ``(N, C, H, W)`` images, ``(N, C, T, H, W)``
-volumes or videos (shown one slice / frame at a time).  Saliency maps are ``(N, 1, *spatial)``
-or ``(N, *spatial)``; if their spatial size differs from the input's they are resized to it by
-linear / bilinear / trilinear interpolation.
+volumes or videos (shown one slice / frame at a time).  Images may also come channel-last, as
+NumPy and PIL hold them: one NumPy image ``(H, W, 3)`` or ``(H, W, 4)`` (RGBA, alpha dropped), or
+a batch ``(N, H, W, C)`` whose last axis has 1, 3 or 4 entries and whose second has not.
+Saliency maps are ``(N, 1, *spatial)`` or ``(N, *spatial)`` (or ``spatial`` alone for one
+input); if their spatial size differs from the input's they are resized to it by linear /
+bilinear / trilinear interpolation.
+
+Maps that cannot be shown as they are are never drawn silently (a :class:`PlotWarning` says
+what happened): NaN and infinite values are painted :data:`NONFINITE_COLOR` (opaque) and left
+out of the colour scale, and a map with no range (all zero, or constant) is written on its panel
+as ``"all zero"`` / ``"constant <v>"`` instead of being drawn against an invented colour bar.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from numbers import Integral, Real
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,8 +49,8 @@ import torch.nn.functional as F
 
 from .utils import as_tensor
 
-__all__ = ["saliency_plot", "overlay", "plot_methods", "DPI", "IMAGE_PANEL",
-           "IMAGE_PANEL_COLORBAR", "SIGNAL_PANEL"]
+__all__ = ["saliency_plot", "overlay", "plot_methods", "PlotWarning", "DPI", "IMAGE_PANEL",
+           "IMAGE_PANEL_COLORBAR", "SIGNAL_PANEL", "COLORBAR_WIDTH", "NONFINITE_COLOR"]
 
 #: Dots per inch of every figure (and of the files saved from them).
 DPI = 100
@@ -50,28 +60,79 @@ IMAGE_PANEL = (2.5, 2.5)
 IMAGE_PANEL_COLORBAR = (3.0, 2.5)
 #: Size (width, height) in inches of a 1-D signal panel.
 SIGNAL_PANEL = (6.0, 2.0)
+#: Width in inches added to a figure for its one colour bar when all its maps share one scale.
+COLORBAR_WIDTH = 0.5
+#: RGB colour of NaN and infinite map values (magenta: in none of the usual colormaps).
+NONFINITE_COLOR = (1.0, 0.0, 1.0)
 
 Normalization = Tuple[Union[float, Sequence[float]], Union[float, Sequence[float]]]
 PathLike = Union[str, "os.PathLike[str]"]
+Limits = Optional[Tuple[float, float]]  # colour limits of a map; None: it has no range to show
 
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+_CHANNELS = (1, 3, 4)  # channel counts that mark an image's channel axis (grey, RGB, RGBA)
+_MONTAGE_ROW = 8  # slices shown in one row for a volume before the montage wraps
+
+
+class PlotWarning(UserWarning):
+    """A map cannot be drawn as it is: non-finite values (masked) or no range (all zero)."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PlotWarning, stacklevel=4)
 
 
 # ------------------------------------------------------------------------------------------------
 # Argument checks and conversions
 # ------------------------------------------------------------------------------------------------
 
-def _check_x(x: Any) -> torch.Tensor:
+def _spatial_hw(saliency: Any) -> Optional[Tuple[int, ...]]:
+    """The last two sizes of a map, to tell an image's layout; None when it has none."""
+    shape = getattr(saliency, "shape", ())
+    return tuple(shape[-2:]) if len(shape) >= 2 else None
+
+
+def _channel_first(shape: Tuple[int, ...], default: bool, map_hw: Any,
+                   name: Optional[str]) -> bool:
+    """Whether a 3-D image ``shape`` is ``(C, H, W)``: the end with 1, 3 or 4 entries holds the
+    channels; if both (or neither) may, the map's size decides, then the ``default`` layout
+    (with a warning naming ``name`` if both may and a name is given)."""
+    first, last = shape[0] in _CHANNELS, shape[2] in _CHANNELS
+    if first != last:
+        return first
+    fits_first, fits_last = tuple(shape[1:]) == map_hw, tuple(shape[:2]) == map_hw
+    if fits_first != fits_last:
+        return fits_first
+    if first and name is not None:
+        taken = "(C, H, W)" if default else "(H, W, C)"
+        _warn(f"{name} of shape {shape} reads as (C, H, W) and as (H, W, C); it is taken as "
+              f"{taken}. Pass a saliency map of the image's size (H, W) to settle it")
+    return default
+
+
+def _check_x(x: Any, saliency: Any = None) -> torch.Tensor:
+    """``x`` as a float batch ``(N, C, *spatial)``, channel-last images transposed."""
+    one_image = isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] in (3, 4)
     x = as_tensor(x, "x")
+    if one_image:
+        x = x.unsqueeze(0)  # a NumPy (H, W, C) image, as overlay takes it
+    # A batch (N, C, H, W) follows PyTorch's layout when it may, without a warning.
+    if x.dim() == 4 and not _channel_first(tuple(x.shape[1:]), not one_image,
+                                           _spatial_hw(saliency), "x" if one_image else None):
+        x = x[..., :3].permute(0, 3, 1, 2)  # channel-last (N, H, W, C); RGBA loses its alpha
     if x.dim() not in (3, 4, 5):
         raise ValueError("x must be a batch of shape (N, C, L) (signals), (N, C, H, W) (images) "
                          f"or (N, C, T, H, W) (volumes/videos); got {tuple(x.shape)}. "
                          "For a single input add the batch dimension: x.unsqueeze(0)")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"x must hold at least one sample and one channel, got {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0  # 8-bit images: the usual 0..255 range
-    return x.float()
+    if 0 in x.shape:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): it needs at least one sample, "
+                         "one channel and one element along every spatial dimension")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()  # 8-bit: the 0..255 range
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"x has {bad} NaN or infinite value(s) and cannot be shown; fix the "
+                         "input, or replace them with torch.nan_to_num(x)")
+    return x
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -83,6 +144,45 @@ def _check_alpha(alpha: Any) -> float:
 def _check_save(save: Any) -> None:
     if save is not None and not isinstance(save, (str, os.PathLike)):
         raise TypeError(f"save must be None or a file path, got {type(save).__name__}")
+
+
+def _check_labels(labels: Any, count: int, name: str, what: str) -> Optional[List[str]]:
+    """``labels`` (one per ``what``) as a list of str, or None."""
+    if labels is None:
+        return None
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise TypeError(f"{name} must be a sequence of strings, one per {what}, got "
+                        f"{type(labels).__name__}" + (" (a single string)" if
+                                                      isinstance(labels, str) else ""))
+    if len(labels) != count:
+        raise ValueError(f"{name} must have one entry per {what} ({count}), got {len(labels)}")
+    return [str(label) for label in labels]
+
+
+def _check_limit(value: Any, name: str) -> Optional[float]:
+    if value is None:
+        return None
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be None or a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _colormap(cmap: Any):
+    """``cmap`` (a name or a Colormap) with :data:`NONFINITE_COLOR` for masked values."""
+    import matplotlib
+
+    if isinstance(cmap, str):
+        try:
+            cmap = matplotlib.colormaps[cmap]
+        except KeyError:
+            raise ValueError(f"cmap {cmap!r} is not a registered matplotlib colormap; "
+                             "see matplotlib.colormaps for the names") from None
+    if not isinstance(cmap, matplotlib.colors.Colormap):
+        raise TypeError(f"cmap must be a colormap name or a matplotlib Colormap, got "
+                        f"{type(cmap).__name__}")
+    return cmap.with_extremes(bad=NONFINITE_COLOR)
 
 
 def _denormalize(x: torch.Tensor, denormalize: Optional[Normalization]) -> torch.Tensor:
@@ -120,15 +220,48 @@ def _to_display_range(x: torch.Tensor, denormalized: bool) -> torch.Tensor:
     return ((x - lo) / span).clamp(0.0, 1.0)
 
 
+def _channels_hint(name: str, shape: Tuple[int, ...], x_channels: int) -> str:
+    """What to do with a map of several channels: classes are selected, input channels reduced."""
+    k = shape[1]
+    select = (f"select the target's channel, {name}[:, c:c + 1] (one class per input: "
+              f"{name}[torch.arange(N), target].unsqueeze(1))")
+    reduce = f"reduce them, e.g. {name}.abs().amax(1, keepdim=True)"
+    if k == x_channels:
+        advice = (f"Its {k} channels match x's: if they are per-input-channel attributions, "
+                  f"{reduce}; if they are classes, {select}")
+    else:
+        advice = (f"If its {k} channels are classes (a multi-class map), {select}; if they are "
+                  f"per-input-channel attributions, {reduce}")
+    return (f"{name} must have one channel, shape (N, 1, *spatial) or (N, *spatial); got "
+            f"{shape}. {advice}")
+
+
+def _warn_unshowable(values: np.ndarray, label: str, constant_note: Optional[str]) -> None:
+    """Warn about ``values``' NaN / infinities and (with a note to give) a map with no range."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        nan, pos = int(np.isnan(values).sum()), int(np.isposinf(values).sum())
+        neg = int(values.size - finite.sum()) - nan - pos
+        _warn(f"{label} has {values.size - int(finite.sum())} non-finite value(s) ({nan} NaN, "
+              f"{pos} +inf, {neg} -inf): they are painted magenta (NONFINITE_COLOR) and left out "
+              "of the colour scale. Replace them first (torch.nan_to_num, or clamp a log-ratio "
+              "map) to give them a colour")
+    kept = values[finite]
+    if constant_note is not None and kept.size and kept.min() == kept.max():
+        what = "all zero" if kept[0] == 0 else f"constant ({kept[0]:.3g})"
+        _warn(f"{label} is {what}: {constant_note}. A method gives such a map when it finds no "
+              "evidence or when its gradient does not reach the input")
+
+
 def _check_map(saliency: Any, x: torch.Tensor, name: str) -> torch.Tensor:
     """A saliency map for batch ``x`` as ``(N, *spatial)``, resized to ``x``'s spatial size."""
     s = as_tensor(saliency, name).float()
     n, rank = x.shape[0], x.dim() - 2
+    if s.dim() == rank and n == 1:
+        s = s.unsqueeze(0)  # the one map of one input
     if s.dim() == rank + 2:
         if s.shape[1] != 1:
-            raise ValueError(f"{name} must have one channel, shape (N, 1, *spatial) or "
-                             f"(N, *spatial); got {tuple(s.shape)}. Reduce the channels first, "
-                             f"e.g. {name}.abs().amax(1, keepdim=True)")
+            raise ValueError(_channels_hint(name, tuple(s.shape), x.shape[1]))
         s = s[:, 0]
     elif s.dim() != rank + 1:
         raise ValueError(f"{name} must have shape (N, 1, *spatial) or (N, *spatial) with "
@@ -137,10 +270,37 @@ def _check_map(saliency: Any, x: torch.Tensor, name: str) -> torch.Tensor:
     if s.shape[0] != n:
         raise ValueError(f"{name} has a batch of {s.shape[0]} maps but x has {n} inputs; "
                          "pass one map per input")
+    if 0 in s.shape:
+        raise ValueError(f"{name} is empty (shape {tuple(s.shape)}): there is no map to draw")
+    for i in range(n):
+        _warn_unshowable(s[i].numpy(), f"{name} of input #{i}",
+                         "its panels say so and show no colour scale for it")
     if tuple(s.shape[1:]) != tuple(x.shape[2:]):
         s = F.interpolate(s.unsqueeze(1), size=tuple(x.shape[2:]), mode=_INTERP[rank],
                           align_corners=False)[:, 0]
     return s
+
+
+def _limits(values: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> Limits:
+    """Colour limits of ``values`` (finite ones only), ``vmin`` / ``vmax`` taking precedence."""
+    finite = values[np.isfinite(values)]
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else None)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else None)
+    if lo is None or hi is None:
+        return None
+    if hi > lo:
+        return lo, hi
+    if vmin is None and vmax is None:
+        return None  # a constant map: no range, and none is invented
+    raise ValueError(f"vmin ({lo:g}) must be below vmax ({hi:g}); "
+                     + ("give both" if vmin is None or vmax is None else "swap them"))
+
+
+def _scales(maps: List[np.ndarray], shared: bool, vmin: Optional[float],
+            vmax: Optional[float]) -> List[Limits]:
+    if shared:
+        return [_limits(np.concatenate([m.ravel() for m in maps]), vmin, vmax)] * len(maps)
+    return [_limits(m, vmin, vmax) for m in maps]
 
 
 def _image_for_display(img: torch.Tensor) -> Tuple[np.ndarray, bool]:
@@ -151,21 +311,14 @@ def _image_for_display(img: torch.Tensor) -> Tuple[np.ndarray, bool]:
     return img.mean(0).numpy(), True
 
 
-def _map_limits(values: np.ndarray) -> Tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(finite.min()), float(finite.max())
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)  # a constant map still gets a valid norm
-
-
 # ------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------
 
-def _new_figure(ncols: int, nrows: int, panel: Tuple[float, float], standalone: bool):
+def _new_figure(ncols: int, nrows: int, panel: Tuple[float, float], standalone: bool,
+                extra_width: float = 0.0):
     """A figure of ``nrows × ncols`` panels, with the axes grid (``squeeze=False``)."""
-    size = (ncols * panel[0], nrows * panel[1])
+    size = (ncols * panel[0] + extra_width, nrows * panel[1])
     if standalone:
         # Never registered with pyplot: no window, no leak in plt's figure list.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -191,25 +344,54 @@ def _save(fig, save: Optional[PathLike]) -> None:
         fig.savefig(save, dpi=DPI)
 
 
-def _draw_image(fig, ax, img: torch.Tensor, sal: Optional[np.ndarray], *, alpha: float,
-                cmap: Any, colorbar: bool) -> None:
+def _annotate(ax, sal: np.ndarray, finite: np.ndarray) -> None:
+    """Write on the panel what its colours cannot show: no range, masked values."""
+    notes = []
+    kept = sal[finite]
+    if kept.size == 0:
+        notes.append("no finite value")
+    elif kept.min() == kept.max():
+        notes.append("all zero" if kept[0] == 0 else f"constant {kept[0]:.3g}")
+    if not finite.all():
+        notes.append(f"{sal.size - int(finite.sum())} NaN/inf (magenta)")
+    if notes:
+        ax.text(0.5, 0.5, "\n".join(notes), transform=ax.transAxes, ha="center", va="center",
+                fontsize="small", bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
+
+
+def _draw_map(fig, ax, sal: np.ndarray, lim: Limits, *, alpha: float, cmap: Any,
+              colorbar: bool, **where: Any):
+    """Draw map ``sal`` on ``ax``; the handle, or None when the map has no colour scale."""
+    finite = np.isfinite(sal)
+    if finite.all() and lim is not None:
+        opacity: Any = alpha
+    else:  # masked values opaque; with no range, only they are drawn
+        opacity = np.where(finite, alpha if lim is not None else 0.0, 1.0)
+    lo, hi = lim if lim is not None else (0.0, 1.0)
+    handle = ax.imshow(sal, cmap=cmap, alpha=opacity, vmin=lo, vmax=hi, **where)
+    _annotate(ax, sal, finite)
+    if lim is None:
+        return None
+    if colorbar:
+        fig.colorbar(handle, ax=ax, shrink=0.85)
+    return handle
+
+
+def _draw_image(fig, ax, img: torch.Tensor, sal: Optional[np.ndarray], lim: Limits,
+                **style: Any):
     """Image ``(C, H, W)`` in ``[0, 1]`` with an optional map ``(H, W)`` blended on top."""
     data, grey = _image_for_display(img)
     if grey:
         ax.imshow(data, cmap="gray", vmin=0.0, vmax=1.0)
     else:
         ax.imshow(data)
-    if sal is not None:
-        lo, hi = _map_limits(sal)
-        handle = ax.imshow(sal, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
-        if colorbar:
-            fig.colorbar(handle, ax=ax, shrink=0.85)
     ax.set_xticks([])
     ax.set_yticks([])
+    return None if sal is None else _draw_map(fig, ax, sal, lim, **style)
 
 
-def _draw_signal(fig, ax, sig: torch.Tensor, sal: Optional[np.ndarray], *, alpha: float,
-                 cmap: Any, colorbar: bool) -> None:
+def _draw_signal(fig, ax, sig: torch.Tensor, sal: Optional[np.ndarray], lim: Limits,
+                 **style: Any):
     """Signal ``(C, L)`` as lines, with an optional map ``(L,)`` as a coloured band behind."""
     c, length = sig.shape
     t = np.arange(length)
@@ -218,74 +400,130 @@ def _draw_signal(fig, ax, sig: torch.Tensor, sal: Optional[np.ndarray], *, alpha
     if 1 < c <= 8:
         ax.legend(loc="upper right", fontsize="x-small")
     ax.set_xlim(-0.5, length - 0.5)
-    if sal is not None:
-        y0, y1 = ax.get_ylim()
-        lo, hi = _map_limits(sal)
-        # The map stretched over the whole plot height, one column per sample, under the lines.
-        handle = ax.imshow(sal[None, :], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
-                           extent=(-0.5, length - 0.5, y0, y1), aspect="auto", origin="lower",
-                           interpolation="nearest", zorder=0)
-        ax.set_ylim(y0, y1)
-        ax.set_xlim(-0.5, length - 0.5)
-        if colorbar:
-            fig.colorbar(handle, ax=ax, shrink=0.85)
+    if sal is None:
+        return None
+    y0, y1 = ax.get_ylim()
+    # The map stretched over the whole plot height, one column per sample, under the lines.
+    handle = _draw_map(fig, ax, sal[None, :], lim, extent=(-0.5, length - 0.5, y0, y1),
+                       aspect="auto", origin="lower", interpolation="nearest", zorder=0,
+                       **style)
+    ax.set_ylim(y0, y1)
+    ax.set_xlim(-0.5, length - 0.5)
+    return handle
 
 
 def _draw_panel(fig, ax, x_i: torch.Tensor, x_disp_i: Optional[torch.Tensor],
-                sal_i: Optional[torch.Tensor], rank: int, **style: Any) -> None:
-    sal = None if sal_i is None else sal_i.numpy()
+                sal_i: Optional[np.ndarray], lim: Limits, rank: int, **style: Any):
     if rank == 1:
-        _draw_signal(fig, ax, x_i, sal, **style)
-    else:
-        assert x_disp_i is not None  # only signals (rank 1) have no display image
-        _draw_image(fig, ax, x_disp_i, sal, **style)
+        return _draw_signal(fig, ax, x_i, sal_i, lim, **style)
+    assert x_disp_i is not None  # only signals (rank 1) have no display image
+    return _draw_image(fig, ax, x_disp_i, sal_i, lim, **style)
 
 
-def _resolve_slice(slice_: Any, depth: int) -> Union[int, str]:
+def _resolve_slices(slice_: Any, depth: int) -> List[int]:
+    """The slices to show along ``T``: ``None`` (middle), an int, a sequence of ints, 'all'."""
     if slice_ is None:
-        return depth // 2
+        return [depth // 2]
     if isinstance(slice_, str):
         if slice_ != "all":
-            raise ValueError(f"slice must be None, an int or 'all', got {slice_!r}")
-        return "all"
-    if not isinstance(slice_, Integral) or isinstance(slice_, bool):
-        raise TypeError(f"slice must be None, an int or 'all', got {type(slice_).__name__}")
-    if not -depth <= cast(int, slice_) < depth:
-        raise ValueError(f"slice={slice_} is out of range for {depth} slices/frames "
-                         f"(use -{depth} ... {depth - 1})")
-    return int(slice_) % depth
+            raise ValueError(f"slice must be None, an int, a sequence of ints or 'all', "
+                             f"got {slice_!r}")
+        return list(range(depth))
+    many = isinstance(slice_, (Sequence, range)) and len(slice_) > 0
+    items = list(slice_) if many else [slice_]
+    out = []
+    for t in items:
+        if not isinstance(t, Integral) or isinstance(t, bool):
+            raise TypeError(f"slice must be None, an int, a non-empty sequence of ints or "
+                            f"'all', got {type(t).__name__} in {slice_!r}")
+        if not -depth <= int(t) < depth:
+            raise ValueError(f"slice={int(t)} is out of range for {depth} slices/frames "
+                             f"(use -{depth} ... {depth - 1})")
+        out.append(int(t) % depth)
+    return out
+
+
+Cell = Tuple[int, Optional[int], int, int]  # input, slice (None: no T axis), grid row, column
+
+
+def _grid(shape: Tuple[int, ...], slice_: Any, nrow: Any) -> Tuple[List[Cell], int, int]:
+    """Where each panel goes: one per input, or a montage of slices per volume."""
+    if nrow is not None and (not isinstance(nrow, Integral) or isinstance(nrow, bool)
+                             or nrow < 1):
+        raise ValueError(f"nrow must be None or a positive integer, got {nrow!r}")
+    n, rank = shape[0], len(shape) - 2
+    slices: List[Optional[int]] = ([None] if rank != 3 else
+                                   list(_resolve_slices(slice_, shape[2])))
+    if len(slices) == 1:
+        ncols = min(nrow or (1 if rank == 1 else math.ceil(math.sqrt(n))), n)
+        cells = [(i, slices[0], i // ncols, i % ncols) for i in range(n)]
+    else:  # each volume: its slices in rows of ncols, the next volume below
+        k = len(slices)
+        ncols = min(nrow or (k if k <= _MONTAGE_ROW else math.ceil(math.sqrt(k))), k)
+        per = math.ceil(k / ncols)
+        cells = [(i, t, i * per + j // ncols, j % ncols)
+                 for i in range(n) for j, t in enumerate(slices)]
+    return cells, cells[-1][2] + 1, ncols
+
+
+def _check_shared(shared_scale: Any, rank: int, vmin: Optional[float],
+                  vmax: Optional[float]) -> bool:
+    if shared_scale is None:  # volumes: frames compare; fixed limits: one bar is enough
+        return rank == 3 or (vmin is not None and vmax is not None)
+    if not isinstance(shared_scale, bool):
+        raise TypeError(f"shared_scale must be None, True or False, got {shared_scale!r}")
+    return shared_scale
+
+
+def _finish(fig, axes, cells: List[Cell], handles: List[Any], one_bar: bool,
+            save: Optional[PathLike]):
+    used = {(r, c) for *_, r, c in cells}
+    for (r, c), ax in np.ndenumerate(axes):
+        if (r, c) not in used:
+            ax.remove()  # empty cells of an incomplete row
+    live = [h for h in handles if h is not None]
+    if one_bar and live:
+        fig.colorbar(live[0], ax=list(fig.axes), shrink=0.85)
+    _save(fig, save)
+    return fig
 
 
 def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
-                  nrow: Optional[int] = None, slice: Union[None, int, str] = None,
+                  nrow: Optional[int] = None, slice: Union[None, int, Sequence[int], str] = None,
                   colorbar: bool = True, cmap: Any = "jet",
                   denormalize: Optional[Normalization] = None,
-                  save: Optional[PathLike] = None):
+                  save: Optional[PathLike] = None, titles: Optional[Sequence[str]] = None,
+                  vmin: Optional[float] = None, vmax: Optional[float] = None,
+                  shared_scale: Optional[bool] = None):
     r"""Plot a batch of inputs, each with its saliency map drawn over it.
 
     Parameters
     ----------
-    x : torch.Tensor
+    x : torch.Tensor or numpy.ndarray
         Inputs :math:`N\times C\times L` (signals), :math:`N\times C\times H\times W` (images)
-        or :math:`N\times C\times T\times H\times W` (volumes / videos).  Images with ``C = 3``
-        are shown in colour, ``C = 1`` in grey, any other ``C`` as the grey mean of the
-        channels.  ``uint8`` inputs are divided by 255.
-    saliency : torch.Tensor, optional
-        Maps :math:`N\times 1\times` *spatial* or :math:`N\times` *spatial*, one per input;
-        resized to the input's spatial size if it differs.  Each map is colour-mapped between
-        its own minimum and maximum.  Default: show the inputs alone.
+        or :math:`N\times C\times T\times H\times W` (volumes / videos); channel-last images
+        (one NumPy :math:`H\times W\times 3`, or a batch :math:`N\times H\times W\times C`) as
+        the module notes say.  Images with ``C = 3`` are shown in colour, ``C = 1`` in grey,
+        any other ``C`` as the grey mean of the channels.  ``uint8`` inputs are divided by 255.
+        NaN or infinite values are refused.
+    saliency : torch.Tensor or numpy.ndarray, optional
+        Maps :math:`N\times 1\times` *spatial* or :math:`N\times` *spatial*, one per input
+        (a multi-class map must be reduced to its target's channel first); resized to the
+        input's spatial size if it differs.  Default: show the inputs alone.
     alpha : float, optional
         Opacity of the map over the image (``1`` hides the image).  Default: 0.5.
     nrow : int, optional
         Number of panels in each row of the grid (torchvision's ``make_grid`` convention).
-        Default: :math:`\lceil\sqrt{N}\rceil` for images and volumes, 1 for signals.  Ignored
-        with ``slice='all'``.
-    slice : int or 'all', optional
-        For volumes / videos, the index along ``T`` to show (negative counts from the end);
-        ``'all'`` shows every slice, one row per input and one column per slice.
-        Default: the middle one, ``T // 2``.  Ignored for signals and images.
+        Default: :math:`\lceil\sqrt{N}\rceil` for images and volumes, 1 for signals.  With
+        several slices per volume, the number of slices per row of each volume's montage
+        (default: all of them up to 8, else :math:`\lceil\sqrt{k}\rceil` for :math:`k` slices).
+    slice : int, sequence of int or 'all', optional
+        For volumes / videos, the index along ``T`` to show (negative counts from the end), a
+        sequence of them, or ``'all'``: several slices make a montage per input (its rows
+        under each other).  Default: the middle one, ``T // 2``.  Ignored for other inputs.
     colorbar : bool, optional
-        Draw a colour bar (in the map's units) beside each panel that has a map.  Default: True.
+        Draw a colour bar (in the map's units): one beside each panel, or one for the whole
+        figure when the scale is shared.  Default: True.
     cmap : str or matplotlib.colors.Colormap, optional
         Colormap of the maps.  Default: ``'jet'``.
     denormalize : (mean, std), optional
@@ -295,85 +533,91 @@ def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
         per input from their minimum to their maximum.  Signals are plotted in their own units.
     save : str or path-like, optional
         Save the figure there (format from the extension) at :data:`DPI` dots per inch.
+    titles : sequence of str, optional
+        One title per input (class names, say), replacing ``'#<index>'``; volumes add
+        ``', slice <t>'``.
+    vmin, vmax : float, optional
+        Fixed colour limits of the maps (default: from the finite values of the maps).
+    shared_scale : bool, optional
+        One colour scale (and one colour bar) for every map of the figure, so that panels
+        compare, instead of one per panel.  Default: True for volumes (frames compare) and when
+        both ``vmin`` and ``vmax`` are given, else False.
 
     Returns
     -------
     matplotlib.figure.Figure
         The figure.  Panel sizes are :data:`IMAGE_PANEL` (or :data:`IMAGE_PANEL_COLORBAR` when a
-        colour bar is drawn) and :data:`SIGNAL_PANEL`; see the module notes for ``save`` and
-        pyplot.  Panels are titled with the input's index (and the slice for volumes).  In each
-        image panel ``ax.images[0]`` is the input and ``ax.images[1]`` the map.
+        colour bar is drawn beside each panel) and :data:`SIGNAL_PANEL`; see the module notes
+        for ``save`` and pyplot.  In each image panel ``ax.images[0]`` is the input and
+        ``ax.images[1]`` the map; a map with no range (all zero) or with NaN / inf values is
+        also described in ``ax.texts``, and a :class:`PlotWarning` is issued.
 
     Raises
     ------
     ValueError
-        If ``x`` or ``saliency`` has the wrong number of dimensions, their batch sizes differ,
-        ``saliency`` has several channels, or ``alpha``, ``nrow`` or ``slice`` is out of range.
+        If ``x`` or ``saliency`` has the wrong number of dimensions, is empty or (``x``) not
+        finite, their batch sizes differ, ``saliency`` has several channels, or ``alpha``,
+        ``nrow``, ``slice``, ``titles``, ``vmin`` / ``vmax`` are out of range.
+    TypeError
+        If an argument has the wrong type.
     """
-    x = _check_x(x)
+    x = _check_x(x, saliency)
     alpha = _check_alpha(alpha)
     _check_save(save)
-    if nrow is not None and (not isinstance(nrow, Integral) or isinstance(nrow, bool)
-                             or nrow < 1):
-        raise ValueError(f"nrow must be None or a positive integer, got {nrow!r}")
+    cells, nrows, ncols = _grid(tuple(x.shape), slice, nrow)
+    labels = _check_labels(titles, x.shape[0], "titles", "input")
+    vmin, vmax = _check_limit(vmin, "vmin"), _check_limit(vmax, "vmax")
+    rank = x.dim() - 2
+    shared = _check_shared(shared_scale, rank, vmin, vmax)
+    colormap = _colormap(cmap)
     sal = None if saliency is None else _check_map(saliency, x, "saliency")
-    rank, n = x.dim() - 2, x.shape[0]
     x = _denormalize(x, denormalize)
     x_disp = None if rank == 1 else _to_display_range(x, denormalize is not None)
-    style = dict(alpha=alpha, cmap=cmap, colorbar=colorbar and sal is not None)
+    maps: List[Optional[np.ndarray]] = [None] * len(cells)
+    lims: List[Limits] = [None] * len(cells)
+    if sal is not None:
+        drawn = [(sal[i] if t is None else sal[i, t]).numpy() for i, t, _, _ in cells]
+        maps, lims = list(drawn), _scales(drawn, shared, vmin, vmax)
+    bar = colorbar and sal is not None
+    one_bar = bar and shared and lims[0] is not None
     panel = (SIGNAL_PANEL if rank == 1
-             else IMAGE_PANEL_COLORBAR if style["colorbar"] else IMAGE_PANEL)
-
-    # The panels to draw: (index in the batch, slice along T or None).
-    frames: List[Tuple[int, Optional[int]]]
-    if rank == 3:
-        chosen = _resolve_slice(slice, x.shape[2])
-        if chosen == "all":
-            depth = x.shape[2]
-            frames = [(i, t) for i in range(n) for t in range(depth)]
-            ncols = depth
-        else:
-            frames = [(i, cast(int, chosen)) for i in range(n)]  # not "all": an int
-            ncols = nrow or math.ceil(math.sqrt(n))
-    else:
-        frames = [(i, None) for i in range(n)]
-        ncols = nrow or (1 if rank == 1 else math.ceil(math.sqrt(n)))
-    ncols = min(ncols, len(frames))
-    nrows = math.ceil(len(frames) / ncols)
-
-    fig, axes = _new_figure(ncols, nrows, panel, standalone=save is not None)
-    flat = axes.ravel()
-    for ax, (i, t) in zip(flat, frames):
+             else IMAGE_PANEL_COLORBAR if bar and not shared else IMAGE_PANEL)
+    fig, axes = _new_figure(ncols, nrows, panel, standalone=save is not None,
+                            extra_width=COLORBAR_WIDTH if one_bar else 0.0)
+    style = dict(alpha=alpha, cmap=colormap, colorbar=bar and not shared)
+    handles = []
+    for (i, t, r, c), m, lim in zip(cells, maps, lims):
+        ax = axes[r, c]
+        name = f"#{i}" if labels is None else labels[i]
         if t is None:
-            _draw_panel(fig, ax, x[i], None if x_disp is None else x_disp[i],
-                        None if sal is None else sal[i], rank, **style)
-            ax.set_title(f"#{i}", fontsize="small")
+            handles.append(_draw_panel(fig, ax, x[i], None if x_disp is None else x_disp[i],
+                                       m, lim, rank, **style))
         else:
             assert x_disp is not None  # slices only for rank 3, which has a display image
-            _draw_panel(fig, ax, x[i, :, t], x_disp[i, :, t],
-                        None if sal is None else sal[i, t], 2, **style)
-            ax.set_title(f"#{i}, slice {t}", fontsize="small")
-    for ax in flat[len(frames):]:
-        ax.remove()  # empty cells of an incomplete last row
-    _save(fig, save)
-    return fig
+            handles.append(_draw_panel(fig, ax, x[i, :, t], x_disp[i, :, t], m, lim, 2,
+                                       **style))
+            name += f", slice {t}"
+        ax.set_title(name, fontsize="small")
+    return _finish(fig, axes, cells, handles, one_bar, save)
+
 
 
 def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[str]] = None,
                  denormalize: Optional[Normalization] = None,
                  save: Optional[PathLike] = None, colorbar: bool = True,
-                 alpha: float = 0.5, cmap: Any = "jet"):
+                 alpha: float = 0.5, cmap: Any = "jet",
+                 row_titles: Optional[Sequence[str]] = None):
     r"""Compare attribution methods: one row per input, one column per method.
 
     Parameters
     ----------
-    x : torch.Tensor
+    x : torch.Tensor or numpy.ndarray
         Inputs, as in :func:`saliency_plot` (signals, images or volumes; volumes show their
         middle slice).
     maps : mapping of str to torch.Tensor
         Method name → maps for the batch, each :math:`N\times 1\times` *spatial* or
         :math:`N\times` *spatial* (resized to the input if needed).  Columns follow the
-        mapping's order.
+        mapping's order.  Each map has its own colour scale.
     titles : sequence of str, optional
         Column titles replacing the method names, one per map.
     denormalize : (mean, std), optional
@@ -386,36 +630,37 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
         Opacity of the maps over the input; ``1`` shows the maps alone.  Default: 0.5.
     cmap : str or matplotlib.colors.Colormap, optional
         Colormap of the maps.  Default: ``'jet'``.
+    row_titles : sequence of str, optional
+        One label per input (its class name, say), written beside its row instead of
+        ``'#<index>'``.
 
     Returns
     -------
     matplotlib.figure.Figure
         Figure of :math:`N` rows and ``1 + len(maps)`` columns: the first column shows the input
-        (titled ``'input'``), the others the input with each method's map over it, titled with
-        the method name (top row).  Panel size as in :func:`saliency_plot`.
+        (titled ``'input'``, labelled with the row title), the others the input with each
+        method's map over it, titled with the method name (top row).  Panel size as in
+        :func:`saliency_plot`.  All-zero and non-finite maps are handled as there.
 
     Raises
     ------
     ValueError
         On a bad shape of ``x`` or of a map (the message names ``maps['<name>']``), batch
-        sizes that differ, or ``titles`` of the wrong length.
+        sizes that differ, or ``titles`` / ``row_titles`` of the wrong length.
     """
-    x = _check_x(x)
-    alpha = _check_alpha(alpha)
-    _check_save(save)
     if not isinstance(maps, Mapping):
         raise TypeError(f"maps must be a mapping of method name to tensor (e.g. a dict), "
                         f"got {type(maps).__name__}")
+    x = _check_x(x, next(iter(maps.values()), None))
+    alpha = _check_alpha(alpha)
+    _check_save(save)
     names = list(maps)
-    if titles is None:
-        titles = [str(name) for name in names]
-    else:
-        titles = list(titles)
-        if len(titles) != len(names):
-            raise ValueError(f"titles must have one entry per map ({len(names)}), "
-                             f"got {len(titles)}")
+    columns = _check_labels(titles, len(names), "titles", "map") or [str(k) for k in names]
+    n = x.shape[0]
+    rows = _check_labels(row_titles, n, "row_titles", "input") or [f"#{i}" for i in range(n)]
+    colormap = _colormap(cmap)
     checked = [_check_map(maps[name], x, f"maps[{name!r}]") for name in names]
-    rank, n = x.dim() - 2, x.shape[0]
+    rank = x.dim() - 2
     x = _denormalize(x, denormalize)
     if rank == 3:
         # Volumes: compare the methods on the middle slice.
@@ -427,107 +672,155 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
     show_bar = colorbar and bool(names)
     panel = (SIGNAL_PANEL if rank == 1 else IMAGE_PANEL_COLORBAR if show_bar else IMAGE_PANEL)
     fig, axes = _new_figure(1 + len(names), n, panel, standalone=save is not None)
-    style = dict(alpha=alpha, cmap=cmap)
+    style = dict(alpha=alpha, cmap=colormap)
     for i in range(n):
         xd = None if x_disp is None else x_disp[i]
-        _draw_panel(fig, axes[i, 0], x[i], xd, None, rank, colorbar=False, **style)
-        axes[i, 0].set_ylabel(f"#{i}")
+        _draw_panel(fig, axes[i, 0], x[i], xd, None, None, rank, colorbar=False, **style)
+        axes[i, 0].set_ylabel(rows[i])
         for j, m in enumerate(checked):
-            _draw_panel(fig, axes[i, j + 1], x[i], xd, m[i], rank, colorbar=show_bar, **style)
+            sal = m[i].numpy()
+            _draw_panel(fig, axes[i, j + 1], x[i], xd, sal, _limits(sal, None, None), rank,
+                        colorbar=show_bar, **style)
     axes[0, 0].set_title("input", fontsize="small")
-    for j, title in enumerate(titles):
+    for j, title in enumerate(columns):
         axes[0, j + 1].set_title(title, fontsize="small")
     _save(fig, save)
     return fig
 
 
+# ------------------------------------------------------------------------------------------------
+# overlay
+# ------------------------------------------------------------------------------------------------
+
 def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
             normalize: bool = True) -> np.ndarray:
-    r"""Blend an image with a colour-mapped saliency map.
+    r"""Blend an image (or a batch of images) with a colour-mapped saliency map.
 
     Parameters
     ----------
     image : torch.Tensor or numpy.ndarray
-        A tensor :math:`C\times H\times W` (or :math:`1\times C\times H\times W`), or an array
-        :math:`H\times W\times C`; either may also be :math:`H\times W` (grey).  ``C = 3`` is
-        RGB, ``C = 1`` grey, other ``C`` (``4``: RGBA arrays included) use the first three
-        channels if ``C = 4`` and the channel mean otherwise.  ``uint8`` values are divided by
-        255; float values outside ``[0, 1]`` are stretched from their minimum to their maximum.
+        One image :math:`C\times H\times W` or :math:`H\times W\times C` — tensors and arrays
+        alike, the channel axis being the one with 1, 3 or 4 entries (when both ends could be,
+        the one that makes the image the map's size; failing that, with a :class:`PlotWarning`,
+        channel-first for tensors and channel-last for arrays) — or :math:`H\times W` (grey),
+        or a batch :math:`N\times C\times H\times W` / :math:`N\times H\times W\times C`.
+        ``C = 3`` is RGB, ``C = 1`` grey, ``C = 4`` RGBA (the alpha is dropped), other ``C`` the
+        channel mean.  ``uint8`` values are divided by 255; float values outside ``[0, 1]``
+        are stretched from the image's minimum to its maximum.  NaN or inf values are refused.
     saliency : torch.Tensor or numpy.ndarray
-        Map :math:`H'\times W'`, :math:`1\times H'\times W'` or :math:`1\times 1\times H'\times
-        W'`, resized bilinearly to :math:`H\times W` if needed.
+        For one image, a map :math:`H'\times W'`, :math:`1\times H'\times W'` or
+        :math:`1\times 1\times H'\times W'`; for a batch, :math:`N\times H'\times W'` or
+        :math:`N\times 1\times H'\times W'`.  Resized bilinearly to :math:`H\times W`.
     alpha : float, optional
         Weight of the colour-mapped saliency: ``out = (1 - alpha) * image + alpha * cmap(s)``.
         Default: 0.5.
     cmap : str or matplotlib.colors.Colormap, optional
         Colormap.  Default: ``'jet'`` (blue for low, red for high values).
     normalize : bool, optional
-        If true, the map is stretched to ``[0, 1]`` (min → 0, max → 1; a constant map → 0)
-        before colour mapping; if false it is only clamped to ``[0, 1]``.  Default: True.
+        If true, each map is stretched to ``[0, 1]`` (min → 0, max → 1) before colour mapping;
+        a map with no range (all zero, constant) then shows the colormap's 0 colour, with a
+        :class:`PlotWarning`.  If false the map is only clamped to ``[0, 1]``.  Default: True.
 
     Returns
     -------
     numpy.ndarray
-        ``float`` array :math:`H\times W\times 3` with values in ``[0, 1]``.
+        ``float`` array :math:`H\times W\times 3` with values in ``[0, 1]``, or
+        :math:`N\times H\times W\times 3` for a batch of :math:`N > 1` images (a batch of one
+        gives :math:`H\times W\times 3`).  Pixels where the (resized) map is NaN or infinite
+        are :data:`NONFINITE_COLOR` when ``alpha > 0``, with a :class:`PlotWarning`.
+
+    Raises
+    ------
+    ValueError
+        On a shape that is neither layout, an empty image or map, a map that does not match
+        the batch, several map channels, a non-finite image, or a bad ``alpha`` / ``cmap``.
+    TypeError
+        If ``image`` or ``saliency`` is not a tensor or an array.
     """
-    import matplotlib
-
     alpha = _check_alpha(alpha)
-    rgb = _overlay_image(image)
-    h, w = rgb.shape[:2]
-    s = as_tensor(saliency, "saliency").float()
-    while s.dim() > 2 and s.shape[0] == 1:
-        s = s[0]
-    if s.dim() != 2:
-        raise ValueError("saliency must have shape (H, W), (1, H, W) or (1, 1, H, W); "
-                         f"got {tuple(as_tensor(saliency, 'saliency').shape)}")
-    if tuple(s.shape) != (h, w):
-        s = F.interpolate(s[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    m: np.ndarray = s.numpy().astype(np.float64)
-    if normalize:
-        lo, hi = np.nanmin(m), np.nanmax(m)
-        m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    m = np.clip(np.nan_to_num(m), 0.0, 1.0)
-    if isinstance(cmap, str):
-        try:
-            colormap = matplotlib.colormaps[cmap]
-        except KeyError:
-            raise ValueError(f"cmap {cmap!r} is not a registered matplotlib colormap; "
-                             "see matplotlib.colormaps for the names") from None
-    else:
-        colormap = cmap
-    heat = colormap(m)[..., :3]
-    return np.clip((1.0 - alpha) * rgb + alpha * heat, 0.0, 1.0)
+    colormap = _colormap(cmap)
+    s = as_tensor(saliency, "saliency")
+    rgb, single = _overlay_images(image, _spatial_hw(s))
+    maps = _overlay_maps(s, rgb.shape[0], rgb.shape[1:3], normalize)
+    out = np.stack([_blend(rgb[k], maps[k], alpha, colormap, normalize)
+                    for k in range(len(rgb))])
+    return out[0] if single else out
 
 
-def _overlay_image(image: Any) -> np.ndarray:
-    """:func:`overlay`'s image as an ``(H, W, 3)`` float64 array in ``[0, 1]``."""
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.dim() == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.dim() == 3:
-            t = t.permute(1, 2, 0)  # tensors are channel-first
-        elif t.dim() != 2:
-            raise ValueError("image tensor must have shape (C, H, W), (1, C, H, W) or (H, W); "
-                             f"got {tuple(image.shape)}")
-        arr = t.numpy()
-    elif isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim not in (2, 3):
-            raise ValueError(f"image array must have shape (H, W, C) or (H, W); got {arr.shape}")
-    else:
+def _overlay_images(image: Any, map_hw: Any) -> Tuple[np.ndarray, bool]:
+    """:func:`overlay`'s image(s) as ``(N, H, W, 3)`` float64 in ``[0, 1]``; single or not."""
+    if not isinstance(image, (torch.Tensor, np.ndarray)):
         raise TypeError(f"image must be a torch.Tensor or a NumPy array, got "
                         f"{type(image).__name__}")
-    arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    c = arr.shape[2]
-    if c == 4:
-        arr = arr[..., :3]  # RGBA: drop the alpha channel
-    elif c != 3:
-        arr = arr.mean(axis=2, keepdims=True)
-    if arr.size and (arr.min() < 0 or arr.max() > 1):
-        lo, hi = arr.min(), arr.max()
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    return np.broadcast_to(arr, arr.shape[:2] + (3,)).copy()
+    t = as_tensor(image, "image")
+    shape = tuple(t.shape)
+    if t.dim() not in (2, 3, 4):
+        raise ValueError("image must have shape (C, H, W) or (H, W, C) (either, for tensors and "
+                         "arrays), (H, W), or (N, C, H, W) / (N, H, W, C) for a batch; got "
+                         f"{shape}")
+    single = t.dim() < 4 or shape[0] == 1
+    t = t.double() / 255.0 if t.dtype == torch.uint8 else t.double()
+    if t.dim() == 2:
+        t = t[None, None]  # grey
+    else:
+        t = t if t.dim() == 4 else t[None]
+        if not _channel_first(tuple(t.shape[1:]), isinstance(image, torch.Tensor), map_hw,
+                              "image"):
+            t = t.permute(0, 3, 1, 2)
+    if 0 in t.shape:
+        raise ValueError(f"image is empty (shape {shape}); there is nothing to overlay")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("image has NaN or infinite values and cannot be shown; fix it or "
+                         "replace them with torch.nan_to_num / numpy.nan_to_num")
+    c = t.shape[1]
+    t = t[:, :3] if c in (3, 4) else t.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    lo = t.amin((1, 2, 3), keepdim=True)
+    hi = t.amax((1, 2, 3), keepdim=True)
+    outside = (lo < 0) | (hi > 1)  # out of range: stretched, per image
+    t = torch.where(outside, (t - lo) / (hi - lo).clamp_min(1e-300), t)
+    return t.permute(0, 2, 3, 1).numpy(), single
+
+
+def _overlay_maps(s: torch.Tensor, n: int, hw: Tuple[int, int],
+                  normalize: bool) -> np.ndarray:
+    """:func:`overlay`'s map(s) as ``(N, H, W)`` float64, checked, warned about, resized."""
+    shape = tuple(s.shape)
+    s = s.double()
+    if s.dim() == 4 and s.shape[1] == 1:
+        s = s[:, 0]
+    if n == 1 and s.dim() == 2:
+        s = s[None]
+    if s.dim() != 3 or s.shape[0] != n:
+        want = ("(H, W), (1, H, W) or (1, 1, H, W) for one image" if n == 1 else
+                f"({n}, H, W) or ({n}, 1, H, W), one map per image of the batch")
+        several = len(shape) == 4 or (len(shape) == 3 and n == 1)
+        hint = (" If its channels are classes (a multi-class map), select the target's, e.g. "
+                "saliency[..., c, :, :]; if they are the image's channels, reduce them, e.g. "
+                "saliency.abs().amax(-3)") if several and shape[-3] > 1 else ""
+        raise ValueError(f"saliency must have shape {want}; got {shape}.{hint}")
+    if 0 in s.shape:
+        raise ValueError(f"saliency is empty (shape {shape}); there is no map to overlay")
+    for k in range(n):
+        _warn_unshowable(s[k].numpy(), "saliency" if n == 1 else f"saliency[{k}]",
+                         "normalize=True has no range to stretch, so the blend shows the "
+                         "colormap's 0 colour" if normalize else None)
+    if tuple(s.shape[1:]) != tuple(hw):
+        s = F.interpolate(s[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
+    return s.numpy()
+
+
+def _blend(rgb: np.ndarray, m: np.ndarray, alpha: float, colormap: Any,
+           normalize: bool) -> np.ndarray:
+    """One ``(H, W, 3)`` blend of image ``rgb`` with map ``m``; non-finite pixels masked."""
+    finite = np.isfinite(m)
+    kept = m[finite]
+    lo = float(kept.min()) if kept.size else 0.0
+    m = np.where(finite, m, lo)
+    if normalize:
+        hi = float(kept.max()) if kept.size else lo
+        m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    heat = np.asarray(colormap(np.clip(m, 0.0, 1.0)))[..., :3]
+    out = np.clip((1.0 - alpha) * rgb + alpha * heat, 0.0, 1.0)
+    if alpha > 0:
+        out[~finite] = NONFINITE_COLOR  # opaque: a masked value must be seen
+    return out
