@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from torchray_like.benchmark.runner import (
-    ConfigMismatchError, ResultsStore, add_common_arguments, distributed, format_table,
-    open_store, run_sharded, shard)
+    ConfigMismatchError, ResultsStore, ResultsStoreError, add_common_arguments, distributed,
+    format_table, open_store, run_sharded, shard)
 
 
 # ------------------------------------------------------------------------------ the store
@@ -82,6 +82,148 @@ def test_store_bad_arguments(tmp_path):
         store.put("k", [1])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key"):
         store.put("", {})
+
+
+def test_store_config_compared_by_json_value(tmp_path):
+    """2 and 2.0 are one JSON number; true and 1 are not the same value (and are named)."""
+    path = tmp_path / "r.sqlite"
+    ResultsStore(path, "exp", {"sigma": 2.0, "nan": float("nan"), "none": None}).put("k", {})
+    again = ResultsStore(path, "exp", {"sigma": 2, "nan": float("nan"), "none": None})
+    assert len(again) == 1 and again.config["sigma"] == 2.0  # the stored config is kept
+    ResultsStore(path, "flags", {"flag": True, "layers": ["a", 1, [0.5]], "x": 0})
+    cases = [({"flag": 1, "layers": ["a", 1, [0.5]], "x": 0}, "flag: true -> 1"),
+             ({"flag": True, "layers": ["a", True, [0.5]], "x": 0}, r"layers\[1\]: 1 -> true"),
+             ({"flag": True, "layers": ["a", 1, [0.25]], "x": 0},
+              r"layers\[2\]\[0\]: 0.5 -> 0.25"),
+             ({"flag": True, "layers": ["a", 1], "x": 0},
+              r'layers: \["a", 1, \[0.5\]\] -> \["a", 1\]'),
+             ({"flag": True, "layers": ["a", 1, [0.5]], "x": None}, "x: 0 -> null"),
+             ({"flag": True, "layers": ["a", 1, [0.5]], "x": "0"}, 'x: 0 -> "0"')]
+    for config, difference in cases:
+        with pytest.raises(ConfigMismatchError,
+                           match=rf"another configuration \({difference}\)"):
+            ResultsStore(path, "flags", config)
+
+
+def test_store_that_is_a_directory_or_cannot_have_a_folder(tmp_path):
+    with pytest.raises(ResultsStoreError, match=rf"the results store {tmp_path} is a directory; "
+                                                r"pass a file path, e.g. .*results.sqlite"):
+        ResultsStore(tmp_path, "exp")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ResultsStoreError, match=rf"cannot create the folder {tmp_path}/file"):
+        ResultsStore(tmp_path / "file" / "r.sqlite", "exp")
+
+
+def _damaged_stores(folder):
+    """(name, path) of stores that SQLite cannot use, each made the way it happens."""
+    good = folder / "good.sqlite"
+    store = ResultsStore(good, "exp", {"a": 1})
+    for i in range(300):
+        store.put(f"k{i:04d}", {"v": i, "pad": "x" * 200})
+    store.close()
+    data = good.read_bytes()
+    (folder / "truncated.sqlite").write_bytes(data[:len(data) // 2])  # a copy cut short
+    garbled = bytearray(data)
+    garbled[4096 * 3:4096 * 4] = bytes(range(256)) * 16  # one page overwritten
+    (folder / "garbled.sqlite").write_bytes(bytes(garbled))
+    (folder / "text.sqlite").write_text("key,value\n")  # not a database at all
+    return ["truncated", "garbled", "text"]
+
+
+def test_store_corrupt_truncated_or_not_a_database(tmp_path):
+    for name in _damaged_stores(tmp_path):
+        path = tmp_path / f"{name}.sqlite"
+        with pytest.raises(ResultsStoreError,
+                           match=rf"the results store {path} is corrupt, truncated or not a "
+                                 r"results store: move it away") as info:
+            ResultsStore(path, "exp", {"a": 1})  # refused at open, not after an item
+        assert isinstance(info.value, ValueError), name
+    other = sqlite3.connect(tmp_path / "other.sqlite")
+    other.execute("CREATE TABLE records (a, b)")
+    other.commit()
+    with pytest.raises(ResultsStoreError, match=r"table 'records' with columns \['a', 'b'\].*"
+                                                r"another program's database"):
+        ResultsStore(tmp_path / "other.sqlite", "exp")
+
+
+def test_store_with_an_altered_record(tmp_path):
+    path = tmp_path / "r.sqlite"
+    store = ResultsStore(path, "exp")
+    store.put("k", {"v": 1})
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE records SET record = '{\"v\": ' WHERE key = 'k'")
+    for read in (store.records, lambda: store.get("k")):
+        with pytest.raises(ResultsStoreError, match=rf"the record of 'k' in the results store "
+                                                    rf"{path} \(experiment 'exp'\) is not valid"):
+            read()
+
+
+def _unprivileged(fn, *args):
+    """``fn(*args)`` in a child process that cannot write read-only files; its outcome."""
+    receive, send = multiprocessing.Pipe(duplex=False)
+
+    def child():
+        if os.geteuid() == 0:  # root writes read-only files: become nobody
+            os.setgid(65534)
+            os.setuid(65534)
+        try:
+            send.send(("ok", fn(*args)))
+        except BaseException as error:  # report it to the parent
+            send.send((type(error).__name__, str(error)))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    return receive.recv() if receive.poll() else ("died", process.exitcode)
+
+
+def _resume_and_compute(path):
+    args = argparse.Namespace(out=os.path.dirname(path), store=path, resume=True,
+                              from_store=False)
+    calls: list = []
+    try:
+        store = open_store(args, "exp", {"a": 1})
+    except ResultsStoreError as error:
+        return "refused when opened", calls, str(error)
+    run_sharded(["x", "y"], lambda item: calls.append(item) or {"v": 1}, store, progress=False)
+    return "computed", calls, ""
+
+
+def _read_only_use(path):
+    args = argparse.Namespace(out=os.path.dirname(path), store=path, resume=False,
+                              from_store=True)
+    store = open_store(args, "exp")
+    try:
+        store.put("z", {})
+    except ValueError as error:
+        return [r["key"] for r in store.records()], str(error)
+    return "put accepted"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_store_read_only_is_refused_before_computing(tmp_path_factory):
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="readonly_store_")  # reachable by the unprivileged child
+    try:
+        os.chmod(folder, 0o777)
+        path = os.path.join(folder, "r.sqlite")
+        ResultsStore(path, "exp", {"a": 1}).put("k", {"v": 0})
+        os.chmod(path, 0o444)
+        kind, (stage, calls, message) = _unprivileged(_resume_and_compute, path)
+        assert (kind, stage, calls) == ("ok", "refused when opened", [])  # nothing computed
+        assert f"the results store {path} is read-only: make it writable" in message
+        # --from-store only reads: it still works, and takes no records.
+        kind, (keys, refusal) = _unprivileged(_read_only_use, path)
+        assert kind == "ok" and keys == ["k"]
+        assert "opened with writable=False (e.g. --from-store): it takes no records" in refusal
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(folder, ignore_errors=True)
+    with pytest.raises(ValueError, match="reset=True deletes records: it needs writable=True"):
+        ResultsStore(tmp_path_factory.mktemp("s") / "r.sqlite", "exp", reset=True,
+                     writable=False)
 
 
 def _writer(path: str, worker: int, n: int) -> None:

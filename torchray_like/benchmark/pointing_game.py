@@ -43,7 +43,7 @@ __all__ = ["PointingGame", "PointingGameBenchmark", "centre_point", "saliency_to
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch

@@ -47,13 +47,38 @@ import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int",
-           "format_table", "ConfigMismatchError"]
+           "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
 _BUSY_TIMEOUT_S = 120.0
 
 
 class ConfigMismatchError(ValueError):
     """The store holds the experiment with another configuration."""
+
+
+class ResultsStoreError(ValueError):
+    """The results store file cannot be used: a directory, read-only, corrupt, truncated, or
+    not a results store (the message names the path and what to do)."""
+
+
+_SCHEMA = {"experiments": ["experiment", "config", "created"],
+           "records": ["experiment", "key", "record", "created", "pid", "rank", "host"]}
+
+
+def _store_error(path: str, error: BaseException) -> ResultsStoreError:
+    """A ResultsStoreError naming ``path`` and what to do, from SQLite's error."""
+    text = str(error)
+    if "readonly" in text or "read-only" in text:
+        why = ("is read-only: make it writable, and its folder too (SQLite writes -wal and "
+               "-shm files beside it), or pass another --store / --out")
+    elif "unable to open" in text:
+        why = "cannot be opened: its folder must exist and be writable; or pass another --store"
+    elif "locked" in text or "busy" in text:
+        why = "stayed locked by another process; wait for it to finish, or pass another --store"
+    else:
+        why = ("is corrupt, truncated or not a results store: move it away (or delete it) and "
+               "run again without --resume, or pass another --store / --out")
+    return ResultsStoreError(f"the results store {path} {why} (SQLite: {text})")
 
 
 def _canonical(config: Mapping[str, Any]) -> str:
@@ -63,20 +88,42 @@ def _canonical(config: Mapping[str, Any]) -> str:
         raise TypeError(f"config must be JSON-serialisable: {error}") from None
 
 
+def _show(value: Any) -> str:
+    """A JSON value as JSON (``true`` and ``1`` differ), shortened."""
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _same_leaf(old: Any, new: Any) -> bool:
+    """Equality of JSON scalars by JSON value: 2 == 2.0, true != 1, NaN == NaN."""
+    if isinstance(old, bool) or isinstance(new, bool) or old is None or new is None:
+        return old is new
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return old == new or (old != old and new != new)  # NaN: the same JSON token
+    return type(old) is type(new) and old == new
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> List[str]:
-    """Human-readable differences between two JSON values (dotted paths)."""
+    """Differences between two JSON values (dotted paths); empty iff they are the same value."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new)):
             path = f"{prefix}.{k}" if prefix else str(k)
             if k not in old:
-                out.append(f"{path}: (absent) -> {new[k]!r}")
+                out.append(f"{path}: (absent) -> {_show(new[k])}")
             elif k not in new:
-                out.append(f"{path}: {old[k]!r} -> (absent)")
+                out.append(f"{path}: {_show(old[k])} -> (absent)")
             else:
                 out.extend(_differences(old[k], new[k], path))
         return out
-    return [] if old == new else [f"{prefix or '(config)'}: {old!r} -> {new!r}"]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new))
+                for d in _differences(a, b, f"{prefix}[{i}]")]
+    # Both dicts, or lists of one length, were compared above: anything else differs.
+    if isinstance(old, (dict, list)) or isinstance(new, (dict, list)) \
+            or not _same_leaf(old, new):
+        return [f"{prefix or '(config)'}: {_show(old)} -> {_show(new)}"]
+    return []
 
 
 class ResultsStore:
@@ -95,9 +142,19 @@ class ResultsStore:
         JSON-serialisable settings the records depend on.  Stored with the experiment on first
         use; reopening the experiment with a different config raises
         :class:`ConfigMismatchError` (a :class:`ValueError`) naming the differences, so results
-        computed with other settings are never mixed.  ``None`` accepts whatever is stored.
+        computed with other settings are never mixed.  Configs are compared by JSON value
+        (``2`` and ``2.0`` are the same, ``true`` and ``1`` are not).  ``None`` accepts
+        whatever is stored.
     reset : bool
         Delete the experiment's records and stored config first (a fresh run).
+    writable : bool
+        Records will be written (default): checked when opened, not after computing an item.
+        ``False`` only reads (``--from-store``, a read-only file); :meth:`put` is refused.
+
+    Raises
+    ------
+    ResultsStoreError
+        A directory, a corrupt, truncated or foreign file, or (``writable``) a read-only one.
 
     Notes
     -----
@@ -109,16 +166,17 @@ class ResultsStore:
     """
 
     def __init__(self, path: Any, experiment: str, config: Optional[Mapping[str, Any]] = None,
-                 *, reset: bool = False) -> None:
+                 *, reset: bool = False, writable: bool = True) -> None:
         if not isinstance(experiment, str) or not experiment:
             raise ValueError(f"experiment must be a non-empty str, got {experiment!r}")
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+        if reset and not writable:
+            raise ValueError("reset=True deletes records: it needs writable=True")
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self.experiment = experiment
-        folder = os.path.dirname(self.path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
+        self.writable = bool(writable)
+        self._make_folder()
         self._pid = -1
         self._conn: Optional[sqlite3.Connection] = None
         conn = self._connection()
@@ -129,32 +187,68 @@ class ResultsStore:
             " experiment TEXT NOT NULL, key TEXT NOT NULL, record TEXT NOT NULL,"
             " created REAL NOT NULL, pid INTEGER, rank INTEGER, host TEXT,"
             " PRIMARY KEY (experiment, key));"))
+        self._check_file(conn)
         self.config = self._register(dict(config) if config is not None else None, reset)
+
+    def _make_folder(self) -> None:
+        if os.path.isdir(self.path):
+            raise ResultsStoreError(
+                f"the results store {self.path} is a directory; pass a file path, e.g. "
+                f"{os.path.join(self.path, 'results.sqlite')} (--store), or its folder as --out")
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise ResultsStoreError(f"cannot create the folder {folder} of the results store "
+                                    f"{self.path}: {error}") from None
+
+    def _check_file(self, conn: sqlite3.Connection) -> None:
+        """Refuse another program's tables, and a damaged file, now rather than mid-run."""
+        tables = self._retry(lambda: {t: [row[1] for row in conn.execute(
+            f"PRAGMA table_info({t})")] for t in _SCHEMA})
+        for table, columns in _SCHEMA.items():
+            found = tables[table]
+            if found != columns:
+                raise ResultsStoreError(
+                    f"the results store {self.path} has a table {table!r} with columns "
+                    f"{found}, not {columns}: it is another program's database; pass another "
+                    "--store / --out")
+        # quick_check reads every page (O(size), well under a second for benchmark stores).
+        problems = self._retry(lambda: conn.execute("PRAGMA quick_check").fetchall())
+        if [row[0] for row in problems] != ["ok"]:
+            raise _store_error(self.path, RuntimeError(
+                "; ".join(str(row[0]) for row in problems[:3])))
 
     # -- connection
 
     def _connection(self) -> sqlite3.Connection:
         # One connection per process: reopen after a fork (a connection must not cross one).
         if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-            self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable across process crashes
-            self._conn, self._pid = conn, os.getpid()
+            def connect() -> sqlite3.Connection:
+                conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S,
+                                       isolation_level=None, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+                if self.writable:  # WAL is a property of the file: a reader keeps its mode
+                    conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable across crashes
+                return conn
+
+            self._conn, self._pid = self._retry(connect), os.getpid()
         return self._conn
 
-    @staticmethod
-    def _retry(fn: Callable[[], Any], attempts: int = 50) -> Any:
-        """Run ``fn``, retrying while another process holds a lock the busy handler skips."""
+    def _retry(self, fn: Callable[[], Any], attempts: int = 50) -> Any:
+        """Run ``fn``, retrying while another process holds a lock the busy handler skips.
+
+        Any other SQLite error (read-only, corrupt, not a database) becomes a
+        :class:`ResultsStoreError` naming the file and what to do.
+        """
         for attempt in range(attempts):
             try:
                 return fn()
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) and "busy" not in str(error):
-                    raise
-                if attempt == attempts - 1:
-                    raise
+            except sqlite3.DatabaseError as error:  # OperationalError included
+                locked = "locked" in str(error) or "busy" in str(error)
+                if not locked or attempt == attempts - 1:
+                    raise _store_error(self.path, error) from error
                 time.sleep(0.05 * (attempt + 1))
         return None
 
@@ -163,8 +257,10 @@ class ResultsStore:
         text = _canonical(config) if config is not None else None
 
         def transaction() -> Optional[str]:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE" if self.writable else "BEGIN")
             try:
+                if self.writable:  # a write that changes nothing: fails now if read-only
+                    conn.execute("DELETE FROM records WHERE 0")
                 if reset:
                     conn.execute("DELETE FROM records WHERE experiment = ?", (self.experiment,))
                     conn.execute("DELETE FROM experiments WHERE experiment = ?",
@@ -183,9 +279,11 @@ class ResultsStore:
         stored = self._retry(transaction)
         if stored is None:
             return config
-        stored_config = json.loads(stored)
-        if config is not None and stored != text:
-            diff = "; ".join(_differences(stored_config, config)[:8])
+        stored_config = self._load(stored, "the stored config")
+        # Compared by JSON value, so that every mismatch has a named difference.
+        differences = [] if text is None else _differences(stored_config, json.loads(text))
+        if differences:
+            diff = "; ".join(differences[:8])
             raise ConfigMismatchError(
                 f"the store {self.path} holds experiment {self.experiment!r} computed with "
                 f"another configuration ({diff}); start a fresh run (without --resume, which "
@@ -223,6 +321,9 @@ class ResultsStore:
             raise ValueError(f"key must be a non-empty str, got {key!r}")
         if not isinstance(record, Mapping):
             raise TypeError(f"record must be a dict, got {type(record).__name__}")
+        if not self.writable:
+            raise ValueError(f"the results store {self.path} was opened with writable=False "
+                             "(e.g. --from-store): it takes no records")
         try:
             text = json.dumps(dict(record), sort_keys=True)
         except (TypeError, ValueError) as error:
@@ -240,7 +341,7 @@ class ResultsStore:
             (self.experiment, key)).fetchone())
         if row is None:
             return None
-        record = json.loads(row[0])
+        record = self._load(row[0], f"the record of {key!r}")
         record["key"] = key
         return record
 
@@ -255,12 +356,22 @@ class ResultsStore:
             "ORDER BY key", (self.experiment,)).fetchall())
         out = []
         for key, text, created, pid, rank, host in rows:
-            record = json.loads(text)
+            record = self._load(text, f"the record of {key!r}")
             record["key"] = key
             if meta:
                 record.update(_time=created, _pid=pid, _rank=rank, _host=host)
             out.append(record)
         return out
+
+    def _load(self, text: str, what: str) -> Any:
+        """JSON stored in the file, or a ResultsStoreError naming the file and the row."""
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError) as error:
+            raise ResultsStoreError(
+                f"{what} in the results store {self.path} (experiment {self.experiment!r}) is "
+                f"not valid JSON ({error}): the file was altered; run again without --resume "
+                "or pass another --store") from None
 
     def __len__(self) -> int:
         row = self._retry(lambda: self._connection().execute(
@@ -529,7 +640,7 @@ def open_store(args: argparse.Namespace, experiment: str,
     if from_store:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--from-store: no results store at {path}")
-        return ResultsStore(path, experiment, None)
+        return ResultsStore(path, experiment, None, writable=False)
     error: Optional[BaseException] = None
     store = None
     if rank == 0:
@@ -553,8 +664,9 @@ def _broadcast_error(error: Optional[BaseException]) -> None:
         dist.broadcast_object_list(message, src=0)
         if error is None and message[0] is not None:
             kind, text = message[0]
-            if kind == ConfigMismatchError.__name__:
-                raise ConfigMismatchError(text)
+            for known in (ConfigMismatchError, ResultsStoreError):
+                if kind == known.__name__:
+                    raise known(text)
             raise RuntimeError(f"rank 0 failed to open the store: {kind}: {text}")
     if error is not None:
         raise error
