@@ -388,3 +388,113 @@ def test_the_target_scores_must_depend_on_the_layer():
     with pytest.raises(ValueError, match="do not depend on"):
         explain(model, x, 0, ["gradient", "grad_cam"], {"grad_cam": {"saliency_layer": "unused"}})
     assert hook_counts(model) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# One path: explain raises and warns exactly as the methods do (issue: methods as data)
+
+
+class ReluOffPath(nn.Module):
+    """The only ReLU acts on a branch the target does not use."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.side = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        self.unused = F.relu(self.side(x))  # computed, never reaches the output
+        return self.fc(self.conv(x).flatten(1))
+
+
+class NanBackward(nn.Module):
+    """Finite scores whose DeConvNet backward meets 0 × inf (sqrt at 0 under the rule)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return self.fc(torch.sqrt(h).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet", "guided_grad_cam"])
+def test_explain_refuses_a_rule_method_whose_relus_are_off_the_path(name):
+    model = ReluOffPath().eval()
+    x = torch.randn(2, 3, 6, 6)
+    options = {"guided_grad_cam": {"saliency_layer": "conv"}} if name == "guided_grad_cam" else {}
+    with pytest.raises(ValueError, match="none of them lies between") as alone:
+        METHODS[name](model, x, 1, **options.get(name, {}))
+    with pytest.raises(ValueError, match="none of them lies between") as shared:
+        explain(model, x, 1, ["gradient", name], options)
+    assert str(shared.value) == str(alone.value)
+    # The plain gradient of the same model works in both.
+    assert torch.equal(explain(model, x, 1, ["gradient"])["gradient"],
+                       METHODS["gradient"](model, x, 1))
+    assert hook_counts(model) == {}
+
+
+def test_explain_refuses_a_non_finite_gradient_as_the_method_does():
+    model = NanBackward().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="not finite") as alone:
+        METHODS["deconvnet"](model, x, 1)
+    with pytest.raises(ValueError, match="not finite") as shared:
+        explain(model, x, 1, ["guided_backprop", "deconvnet"])
+    assert "gradient with respect to the input is not finite" in str(shared.value)
+    assert str(alone.value) == str(shared.value)
+
+
+def test_explain_checks_each_rule_reading_on_its_own():
+    # guided backprop read at the input (ReLUs on the path) and at a layer above every ReLU:
+    # alone, the layer reading raises; in one shared pass it must raise too, although the
+    # input reading went through the ReLUs.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(ValueError, match="none of them lies between"):
+        METHODS["guided_backprop"](model, x, 0, saliency_layer="2")
+    names = {"at_input": "guided_backprop", "above": "guided_backprop"}
+    with pytest.raises(ValueError, match="none of them lies between"):
+        explain(model, x, 0, names, {"above": {"saliency_layer": "2"}})
+
+
+@pytest.mark.parametrize("methods,options,error,match", [
+    (None, None, TypeError, "methods must be a method name"),
+    (42, None, TypeError, "methods must be a method name"),
+    (["gradient"], {"gradient": 3}, TypeError, r"options\['gradient'\] must be a dict"),
+    (["gradient"], [("gradient", {})], TypeError, "options must be a mapping"),
+])
+def test_malformed_methods_and_options_are_clear_errors(nets, methods, options, error, match):
+    model, x, target, _ = nets["convnet"]
+    with pytest.raises(error, match=match):
+        explain(model, x, target, methods, options)
+
+
+def test_a_new_backprop_method_is_one_description():
+    """A throw-away method — |gradient| summed over channels — defined as one description and
+    one function: it runs alone and inside explain's shared pass, with the same map."""
+    from torchray_like.attribution.engine import Job, run_jobs
+    from torchray_like.attribution.method import BackpropMethod, Read, description
+
+    def l1_flatten(x):
+        return x.grad.abs().sum(1, keepdim=True)
+
+    spec = BackpropMethod(name="l1_gradient", reads=(Read(),), module=__name__,
+                          doc="L1 gradient.", gradient_to_saliency=l1_flatten)
+    l1_gradient = spec.function()
+    assert description(l1_gradient) is spec
+    model, x, target, _ = make_torchvision("resnet18"), torch.randn(1, 3, 32, 32), [3], None
+    alone = l1_gradient(model, x, target)
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.eval()(xx)[0, 3], xx)
+    torch.testing.assert_close(alone, g.abs().sum(1, keepdim=True))
+    shared = run_jobs(model, x, target, [Job("l1", spec, {}),
+                                         Job("grad", description(METHODS["gradient"]), {})])
+    assert torch.equal(shared["l1"][0], alone)
+    assert torch.equal(shared["grad"][0], METHODS["gradient"](model, x, target))

@@ -23,6 +23,7 @@ from .conftest import (AUTO_LAYERS, EXPLICIT_LAYERS, SIZES, TwoBranch,
 
 # The module itself (the package re-exports the function under the same name).
 grad_cam_module = importlib.import_module("torchray_like.attribution.grad_cam")
+from torchray_like.attribution import layer_choice  # noqa: E402
 
 
 
@@ -289,12 +290,12 @@ def test_find_saliency_layer_is_cached_weakly():
     assert model.forwards == 8
     # The cache does not keep the model alive.
     ref = weakref.ref(model)
-    assert model in grad_cam_module._LAYER_CACHE
-    cached = len(grad_cam_module._LAYER_CACHE)
+    assert model in layer_choice.LAYER_CACHE
+    cached = len(layer_choice.LAYER_CACHE)
     del model
     gc.collect()
     assert ref() is None
-    assert len(grad_cam_module._LAYER_CACHE) <= cached - 1
+    assert len(layer_choice.LAYER_CACHE) <= cached - 1
 
 
 class OtherThread(nn.Module):
@@ -545,7 +546,7 @@ def test_state_restored_after_exception_in_model(method, layer):
         METHODS[method](model, x, 1, layer)
     assert_same_state(before, snapshot(model, x))
     # Discovery itself raising leaves nothing behind either.
-    grad_cam_module._LAYER_CACHE.pop(model, None)
+    layer_choice.LAYER_CACHE.pop(model, None)
     with pytest.raises(RuntimeError, match="boom inside the model"):
         METHODS[method](model, x, 1)
     assert_same_state(before, snapshot(model, x))

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from .context import (NoRuleAppliedWarning, NullContext, Patch, RuleContext,
                       TorchRayDifferenceWarning, UnhandledActivationWarning)
-from .driver import SaliencyDebug, saliency
+from .driver import SaliencyDebug
+from .engine import saliency
 from .maps import ResizeOrderWarning, Shape, gradient_to_saliency, resize_saliency, smooth_saliency
 from .probe import Probe, attach_debug_probes, get_module
 from .rules import GRADIENT_RULE, ReLUContext, ReLURule

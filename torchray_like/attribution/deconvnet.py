@@ -9,17 +9,14 @@ gets the DeConvNet rule and the upper clamp, which is no rectifier, keeps its gr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from .driver import SaliencyDebug, saliency
-from .maps import SizeType, gradient_to_saliency
+from .method import BackpropMethod, Read
 from .rules import ReLUContext, ReLURule
-from .targets import TargetType, get_backward_gradient
 
-__all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetReLU", "DeConvNetContext", "deconvnet"]
+__all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetReLU", "DeConvNetContext", "deconvnet", "DECONVNET"]
 
 
 class DeConvNetRule(ReLURule):
@@ -70,16 +67,11 @@ class DeConvNetContext(ReLUContext):
         super().__init__(DECONVNET_RULE)
 
 
-def deconvnet(model: nn.Module, input: torch.Tensor, target: TargetType,
-              saliency_layer: Union[str, nn.Module, None] = "", resize: SizeType = False,
-              resize_mode: str = "bilinear", smooth: float = 0,
-              context_builder: Optional[Callable[[], Any]] = DeConvNetContext,
-              gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
-                  gradient_to_saliency),
-              get_backward_gradient: Callable = get_backward_gradient,
-              debug: bool = False
-              ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
-    """DeConvNet saliency map (Zeiler & Fergus 2014).
+#: The description of the method: the DeConvNet rule, read at ``saliency_layer``.
+DECONVNET = BackpropMethod(
+    name="deconvnet", module=__name__, context_builder=DeConvNetContext,
+    fixed=frozenset({"context_builder"}),
+    reads=(Read(DECONVNET_RULE, DeConvNetContext),), doc="""DeConvNet saliency map (Zeiler & Fergus 2014).
 
     The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with
     :class:`DeConvNetContext` as the rule context; ``saliency_layer`` ``""`` (or ``None``)
@@ -87,8 +79,6 @@ def deconvnet(model: nn.Module, input: torch.Tensor, target: TargetType,
     :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
     maps, or ``(map, SaliencyDebug)`` with ``debug=True``.  Raises :class:`ValueError` when
     the model calls no ReLU.
-    """
-    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
-                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=gradient_to_saliency,
-                    get_backward_gradient=get_backward_gradient, debug=debug)
+    """)
+
+deconvnet = DECONVNET.function()

@@ -14,7 +14,7 @@ import warnings
 from collections import OrderedDict
 from numbers import Integral
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ from .state import (autograd_grad, check_input, check_model, layout_hint, model_
                     opaque_modules, unwrap_compiled)
 from .targets import TargetType, backward_seed, get_backward_gradient
 
-__all__ = ["saliency", "SaliencyDebug", "ForwardPass", "forward_pass"]
+__all__ = ["SaliencyDebug", "ForwardPass", "forward_pass"]
 
 
 @dataclass
@@ -143,9 +143,36 @@ class ForwardPass:
         replaced calls — the rectifiers do not lie between the read tensor and the output — is
         a :class:`ValueError`: the result would be the plain gradient under the method's name.
         """
+        return self.grads([label], retain_graph, check_rules)[0]
+
+    def grads(self, labels: Sequence[str], retain_graph: bool = False,
+              check_rules: bool = True) -> List[torch.Tensor]:
+        """:meth:`grad` of several readings, with the same checks for each.
+
+        Without ``check_rules`` one backward pass reaches them all; with it, each reading gets
+        a backward pass of its own, so that the rule check is exact for every one of them.
+        """
+        if check_rules and getattr(self.context, "applied", None) is not None \
+                and len(labels) > 1:
+            return [self.grads([label], retain_graph or i < len(labels) - 1, True)[0]
+                    for i, label in enumerate(labels)]
         before = getattr(self.context, "applied", None) if check_rules else None
-        (grad,) = autograd_grad(self.scores, self.reads[label], self.seed,
-                               retain_graph=retain_graph, allow_unused=True)
+        found = autograd_grad(self.scores, [self.reads[label] for label in labels], self.seed,
+                              retain_graph=retain_graph, allow_unused=True)
+        for label, grad in zip(labels, found):
+            self.check_gradient(label, grad)
+        if before is not None and self.context.applied == before:
+            ctx = self.context
+            raise ValueError(
+                f"{type(ctx).__name__} replaced {ctx.replaced} {ctx.replaces} call(s) in "
+                f"{self.model_name}'s forward pass, but none of them lies between "
+                f"{self.where(labels[0])} and the output (they act on constants, frozen "
+                "parameters or a branch the target does not use), so the result would be the "
+                f"plain gradient; this method needs {ctx.requirement} on that path")
+        return list(found)
+
+    def check_gradient(self, label: str, grad: Optional[torch.Tensor]) -> None:
+        """A gradient that does not exist or is not finite is a :class:`ValueError`."""
         if grad is None:
             raise ValueError(f"the target scores do not depend on {self.where(label)}")
         finite = torch.isfinite(grad).reshape(grad.shape[0] if grad.dim() else 1, -1).all(1)
@@ -156,15 +183,6 @@ class ForwardPass:
                 f"for sample(s) {rows[:10]} although the scores are: the model's backward pass "
                 "meets 0 × inf or a non-differentiable point (sqrt or log at 0, division by "
                 "zero); a map from it would be meaningless")
-        if before is not None and self.context.applied == before:
-            ctx = self.context
-            raise ValueError(
-                f"{type(ctx).__name__} replaced {ctx.replaced} {ctx.replaces} call(s) in "
-                f"{self.model_name}'s forward pass, but none of them lies between "
-                f"{self.where(label)} and the output (they act on constants, frozen "
-                "parameters or a branch the target does not use), so the result would be the "
-                f"plain gradient; this method needs {ctx.requirement} on that path")
-        return grad
 
 
 @contextlib.contextmanager
@@ -371,102 +389,6 @@ def check_finite_scores(scores: torch.Tensor, seed: torch.Tensor, input: torch.T
     raise ValueError(
         f"the model's score for the target is not finite (NaN or Inf) for sample(s) "
         f"{rows[:10]}: {cause}; the gradient of a non-finite score is meaningless")
-
-
-def saliency(model: nn.Module, input: torch.Tensor, target: TargetType,
-             saliency_layer: Union[str, nn.Module, None] = "",
-             resize: SizeType = False, resize_mode: str = "bilinear", smooth: float = 0,
-             context_builder: Optional[Callable[[], Any]] = NullContext,
-             gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = gradient_to_saliency,
-             get_backward_gradient: Callable = get_backward_gradient,
-             debug: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
-    """Backpropagation saliency: the driver every backprop method is built on.
-
-    Runs ``model(input)`` inside ``context_builder()`` (a rule context, or nothing for the plain
-    gradient), backpropagates the seed chosen by ``target`` down to the tensor read — the input,
-    or the output of ``saliency_layer`` — and turns that tensor's (pseudo-)gradient into a map
-    with ``gradient_to_saliency``.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network.  What a call changes on it while it runs: every sub-module is put in eval
-        mode (``training = False``: dropout off, batch norm on its running statistics), and
-        the probed layer gets a forward hook (the debug probes: every named module).  Nothing
-        else — parameters keep their ``requires_grad`` and ``.grad`` (the gradients are taken
-        with ``torch.autograd.grad``, which computes no weight gradient), buffers are not
-        updated.  All is restored when the call returns or raises.  The module flags are shared
-        by every thread: another thread *training* the same model during the call sees eval
-        mode.  ``torch.compile(model)`` is explained through its original module (eagerly).
-        Refused with a :class:`ValueError`: TorchScript or compiled sub-modules when a rule
-        context is used or a layer inside them is read (rules and hooks cannot see inside).
-    input : torch.Tensor
-        ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).  It is not modified:
-        the model runs on a copy (so in-place normalisation inside its forward is fine), and its
-        ``requires_grad`` and ``.grad`` stay as they were.  Non-finite scores for the target
-        (NaN / Inf pixels) or a non-finite gradient are a :class:`ValueError`; a channels-last
-        or unbatched image gets an error saying how to fix it.
-    target : int, sequence, torch.Tensor or callable
-        See :func:`get_backward_gradient`; a callable maps the model output (tensor, tuple or
-        dict) to ``(N,)`` scores to explain.
-    saliency_layer : str or torch.nn.Module, optional
-        Module whose output is read (a dotted name or the module).  ``None`` or ``""`` (TorchRay)
-        means the input.  Backpropagation stops at that tensor.  Its output must have spatial
-        dimensions, ``(N, C, *spatial)``; a layer such as the classifier (or the model itself)
-        is a :class:`ValueError`.
-    resize : bool, int or tuple
-        See :func:`resize_saliency`.
-    resize_mode : str
-        Interpolation mode (the linear family adapts to the rank).
-    smooth : float
-        If positive, Gaussian smoothing with ``sigma = smooth * max(spatial size)`` of the
-        (resized) map.
-    context_builder : callable, optional
-        Returns the context to run the forward in (e.g. ``GuidedBackpropContext``).  If it is a
-        :class:`RuleContext` that replaced nothing, or whose replaced calls the backward pass
-        never goes through (they do not lie between the read tensor and the output), a
-        :class:`ValueError` is raised rather than returning the plain gradient under the
-        method's name.  Rule contexts the *caller* entered around the call are suspended for
-        its duration (:func:`~.context.suspend_rule_contexts`): the result depends on this
-        argument only.
-    gradient_to_saliency : callable
-        Turns the read tensor (with ``.grad``) into ``(N, 1, *spatial)`` maps.
-    get_backward_gradient : callable
-        ``(output, target) -> seed`` (e.g. :func:`get_pointing_gradient`).
-    debug : bool
-        Also return a :class:`SaliencyDebug` with the output, the activation and its gradient,
-        and TorchRay's debug probes (every named module's output and its gradient; it reads
-        like TorchRay's ordered dict of probes).
-
-    Returns
-    -------
-    torch.Tensor or (torch.Tensor, SaliencyDebug)
-        The map ``(N, 1, *spatial)`` (detached, on the input's device).
-    """
-    # The caller's rule contexts change nothing inside the call: the method's own rules decide.
-    with suspend_rule_contexts():
-        smooth = check_smooth(smooth)
-        if debug and isinstance(model, nn.Module):
-            check_debuggable(model)
-        context = context_builder() if context_builder is not None else None
-        with debug_probes(model, debug) as probes, forward_pass(
-                model, input, target, {"saliency_layer": saliency_layer}, context,
-                get_backward_gradient) as fp:
-            read = fp.reads["saliency_layer"]
-            check_spatial(read, saliency_layer)
-            grad = fp.grad("saliency_layer", retain_graph=bool(probes))
-            if probes:
-                fill_probe_gradients(probes, fp.scores, fp.seed)
-            read.grad = grad
-            try:
-                smap = gradient_to_saliency(read)
-            finally:
-                read.grad = None
-        smap = finish_map(input, smap, resize, resize_mode, smooth)
-        if debug:
-            return smap, SaliencyDebug(detach_all(fp.output), read.detach(), grad.detach(),
-                                       dict(getattr(fp.context, "counts", {})), probes)
-        return smap
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

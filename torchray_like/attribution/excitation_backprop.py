@@ -114,8 +114,8 @@ import torch.nn as nn
 
 from ._excitation_rules import UNMODELED_HINTS, ExcitationHandlers, excitation_eps
 from .context import RuleContext, UnhandledActivationWarning
-from .driver import (SaliencyDebug, detach_all, forward_pass, saliency,
-                     strip_compiled_prefix)
+from .driver import SaliencyDebug, detach_all, forward_pass, strip_compiled_prefix
+from .engine import saliency
 from .maps import SizeType, check_smooth, finish_map, saliency_gradient
 from .probe import get_module, layer_label
 from .state import autograd_grad, check_model, unwrap_compiled

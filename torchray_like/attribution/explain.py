@@ -28,85 +28,74 @@ does a shareable method given an option the shared pass cannot honour (``context
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .deconvnet import DECONVNET_RULE, DeConvNetContext
-from .driver import forward_pass, is_input, saliency
-from .grad_cam import grad_cam_map, resolve_layer
-from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
-from .guided_grad_cam import guided_grad_cam_map
-from .linear_approx import linear_approx_map
-from .maps import ActivationMap, check_smooth, finish_map, gradient_to_saliency
-from .probe import get_module, layer_label
-from .registry import METHODS
-from .rules import GRADIENT_RULE, ReLUContext, ReLURule
-from .state import autograd_grad
+from .context import suspend_rule_contexts
+from .engine import Job, run_jobs
+from .maps import check_smooth
+from .method import BackpropMethod, description
+from .registry import METHODS, SHARED_METHODS
 from .targets import TargetType
 
 __all__ = ["explain", "SHARED_METHODS"]
 
-#: Methods that share one forward pass in :func:`explain`.
-SHARED_METHODS = ("gradient", "guided_backprop", "deconvnet", "linear_approx", "grad_cam",
-                  "guided_grad_cam")
-
-# Options the shared pass honours, per method; any other option the method's function accepts
-# makes that method run by its own function.
-_COMMON = frozenset({"saliency_layer", "resize", "resize_mode", "smooth"})
-_SHARED_OPTIONS = {
-    "gradient": _COMMON | {"gradient_to_saliency"},
-    "guided_backprop": _COMMON | {"gradient_to_saliency"},
-    "deconvnet": _COMMON | {"gradient_to_saliency"},
-    "linear_approx": _COMMON,
-    "grad_cam": _COMMON,
-    "guided_grad_cam": _COMMON | {"gradient_to_saliency"},
-}
-# Arguments a method's function fixes itself (passing them would be a TypeError).
-_FIXED = {"guided_backprop": {"context_builder"}, "deconvnet": {"context_builder"}}
 # Arguments explain never accepts: it returns maps only.
 _REFUSED = {"debug": "explain returns maps only; call the method's own function with "
                      "debug=True for its debug record"}
 
-_RULE_ORDER = (GRADIENT_RULE, GUIDED_BACKPROP_RULE, DECONVNET_RULE)
-_METHOD_RULE = {"gradient": GRADIENT_RULE, "guided_backprop": GUIDED_BACKPROP_RULE,
-                "deconvnet": DECONVNET_RULE, "linear_approx": GRADIENT_RULE,
-                "grad_cam": GRADIENT_RULE}
-_LAYER_HINTS = {
-    "linear_approx": "the map needs (N, C, *spatial): choose a convolutional layer, or the "
-                     "input (saliency_layer=None)",
-    "grad_cam": "Grad-CAM needs (N, C, *spatial): choose a convolutional layer (or omit "
-                "saliency_layer to pick one automatically)",
-}
+
+def _accepted_options(name: str) -> set:
+    """The keyword arguments ``METHODS[name]`` accepts (after model, input, target), less those
+    its description says the function fixes itself."""
+    params = list(inspect.signature(METHODS[name]).parameters.values())[3:]
+    method = description(METHODS[name])
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY)
+            } - (method.fixed if method is not None else set())
 
 
-def _accepted_options(method: str) -> set:
-    """The keyword arguments ``METHODS[method]`` accepts (after model, input, target)."""
-    fn = METHODS[method]
-    params = list(inspect.signature(fn).parameters.values())[3:]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        # gradient / guided_backprop / deconvnet forward their keywords to the driver.
-        params = list(inspect.signature(saliency).parameters.values())[3:]
-    names = {p.name for p in params
-             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                           inspect.Parameter.KEYWORD_ONLY)}
-    return names - _FIXED.get(method, set())
+def _shares(method: Optional[BackpropMethod], options: Dict[str, Any]) -> bool:
+    """Whether a described method's call can join the shared pass: only options the engine
+    honours for many jobs at once (not its own ``context_builder`` or seed function)."""
+    if method is None:
+        return False
+    extra = set(options) - method.shared_options
+    return extra <= {"context_builder"} and method.default_context(options)
 
 
 @dataclass
 class _Plan:
     label: str
-    method: str
+    name: str
     options: Dict[str, Any]
-    shared: bool
-    # Filled for shared methods:
-    layer: Any = None                 # the tensor read: None (the input), a name or a module
-    reads: List[Tuple[ReLURule, Any]] = field(default_factory=list)  # (rule, read key)
+    method: Optional[BackpropMethod]   # set when the call joins the shared pass
+
+
+def _check_options(options: Any) -> Mapping[str, Mapping[str, Any]]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"explain: options must be a mapping label -> dict of keyword arguments, e.g. "
+            f"{{'grad_cam': {{'saliency_layer': 'layer4'}}}}; got {type(options).__name__}")
+    for label, opts in options.items():
+        if opts is not None and not isinstance(opts, Mapping):
+            raise TypeError(
+                f"explain: options[{label!r}] must be a dict of keyword arguments of that "
+                f"method, e.g. {{'resize': True}}; got {type(opts).__name__} {opts!r}")
+    return options
 
 
 def _normalise_methods(methods: Union[Sequence[str], Mapping[str, str]]) -> Dict[str, str]:
+    if methods is None or not isinstance(methods, (str, Mapping, Sequence)):
+        raise TypeError(
+            f"explain: methods must be a method name, a sequence of names or a mapping label -> "
+            f"name (known methods: {', '.join(sorted(METHODS))}); got "
+            f"{type(methods).__name__}")
     if isinstance(methods, str):
         methods = [methods]
     if isinstance(methods, Mapping):
@@ -142,128 +131,25 @@ def _plan(methods: Dict[str, str], options: Mapping[str, Mapping[str, Any]]) -> 
             f"{'is' if len(extra) == 1 else 'are'} not among the methods "
             f"({', '.join(map(repr, methods))})")
     plans = []
-    for label, method in methods.items():
+    for label, name in methods.items():
         opts = dict(options.get(label) or {})
         if not all(isinstance(k, str) for k in opts):
             raise TypeError(f"explain: options of {label!r} must be keyword names")
         for key in opts:
             if key in _REFUSED:
                 raise ValueError(f"explain: option {key!r} of {label!r}: {_REFUSED[key]}")
-        accepted = _accepted_options(method)
+        accepted = _accepted_options(name)
         unknown = sorted(set(opts) - accepted)
         if unknown:
             raise ValueError(
-                f"explain: {method} has no option {', '.join(map(repr, unknown))}"
-                + (f" (for {label!r})" if label != method else "")
+                f"explain: {name} has no option {', '.join(map(repr, unknown))}"
+                + (f" (for {label!r})" if label != name else "")
                 + f"; its options: {', '.join(sorted(accepted - set(_REFUSED)))}")
-        shared = method in _SHARED_OPTIONS and set(opts) <= _SHARED_OPTIONS[method]
         if "smooth" in opts:
             check_smooth(opts["smooth"])  # fail before any work, as the methods do
-        plans.append(_Plan(label, method, opts, shared))
+        method = description(METHODS[name])
+        plans.append(_Plan(label, name, opts, method if _shares(method, opts) else None))
     return plans
-
-
-def _layer_key(model: nn.Module, layer: Any) -> Optional[nn.Module]:
-    """``None`` for the input, else the module (two spellings of one layer share a probe)."""
-    return None if is_input(layer) else get_module(model, layer)
-
-
-def _layer_map(read: torch.Tensor, grad: torch.Tensor, map_fn: Callable) -> torch.Tensor:
-    read.grad = grad
-    try:
-        return map_fn(read)
-    finally:
-        read.grad = None
-
-
-def _shared_maps(model: nn.Module, input: torch.Tensor, target: TargetType,
-                 plans: List[_Plan]) -> Dict[str, torch.Tensor]:
-    # Which tensors are read: label -> layer (as the user gave it), keyed by module identity.
-    layers: Dict[str, Any] = {}
-    keys: Dict[Optional[nn.Module], str] = {}
-
-    modules: Dict[Any, Optional[nn.Module]] = {}  # layer as given -> module (looked up once)
-
-    def read_label(plan: _Plan, layer: Any) -> str:
-        spelling = layer if isinstance(layer, str) or layer is None else id(layer)
-        if spelling not in modules:
-            modules[spelling] = _layer_key(model, layer)
-        key = modules[spelling]
-        if key not in keys:
-            label = "input" if key is None else f"{plan.method}'s saliency_layer"
-            while label in layers:
-                label += "'"
-            keys[key] = label
-            layers[label] = None if key is None else layer
-        return keys[key]
-
-    auto: List[Any] = []  # the automatic layer, found once for Grad-CAM and guided Grad-CAM
-    for plan in plans:
-        layer = plan.options.get("saliency_layer")
-        if plan.method in ("grad_cam", "guided_grad_cam"):
-            if layer is None:
-                if not auto:
-                    auto.append(resolve_layer(model, input, None))
-                layer = auto[0]
-        plan.layer = layer
-        if plan.method == "guided_grad_cam":
-            plan.reads = [(GRADIENT_RULE, read_label(plan, layer)),
-                          (GUIDED_BACKPROP_RULE, read_label(plan, None))]
-        else:
-            plan.reads = [(_METHOD_RULE[plan.method], read_label(plan, layer))]
-
-    rules = [r for r in _RULE_ORDER if any(rule is r for p in plans for rule, _ in p.reads)]
-    context: Optional[ReLUContext]
-    if GUIDED_BACKPROP_RULE in rules:
-        context = GuidedBackpropContext()
-    elif DECONVNET_RULE in rules:
-        context = DeConvNetContext()
-    else:
-        context = None  # plain rule only: the plain forward, no context
-
-    grads: Dict[Tuple[int, str], torch.Tensor] = {}
-    maps: Dict[str, torch.Tensor] = {}
-    with forward_pass(model, input, target, layers, context) as fp:
-        # One backward pass per rule, down to every tensor read under that rule.
-        for i, rule in enumerate(rules):
-            wanted = list(dict.fromkeys(lbl for p in plans for r, lbl in p.reads if r is rule))
-            if context is not None:
-                context.rule = rule
-            found = autograd_grad(fp.scores, [fp.reads[lbl] for lbl in wanted], fp.seed,
-                                 retain_graph=i < len(rules) - 1, allow_unused=True)
-            for lbl, g in zip(wanted, found):
-                if g is None:
-                    where = ("the input" if layers[lbl] is None
-                             else f"{lbl} {layer_label(layers[lbl])}")
-                    raise ValueError(f"the target scores do not depend on {where}")
-                grads[id(rule), lbl] = g
-
-        for plan in plans:
-            (rule, lbl), opts = plan.reads[0], plan.options
-            read, grad = fp.reads[lbl], grads[id(rule), lbl]
-            if plan.method in ("gradient", "guided_backprop", "deconvnet"):
-                smap = _layer_map(read, grad,
-                                  opts.get("gradient_to_saliency", gradient_to_saliency))
-            elif plan.method in ("linear_approx", "grad_cam"):
-                map_fn = linear_approx_map if plan.method == "linear_approx" else grad_cam_map
-                smap = _layer_map(read, grad, ActivationMap(
-                    map_fn, plan.method, plan.layer, _LAYER_HINTS[plan.method]))
-            else:
-                smap = _guided_grad_cam(plan, fp.x, read, grad, grads[id(GUIDED_BACKPROP_RULE),
-                                                                       plan.reads[1][1]], input)
-            maps[plan.label] = finish_map(input, smap, opts.get("resize", False),
-                                          opts.get("resize_mode", "bilinear"),
-                                          check_smooth(opts.get("smooth", 0)))
-    return maps
-
-
-def _guided_grad_cam(plan: _Plan, x: torch.Tensor, read: torch.Tensor, layer_grad: torch.Tensor,
-                     input_grad: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    """Guided Grad-CAM from its two gradients, combined by :func:`guided_grad_cam_map`."""
-    smap, _ = guided_grad_cam_map(input, x, read, layer_grad, input_grad, plan.layer,
-                                  plan.options.get("resize_mode", "bilinear"),
-                                  plan.options.get("gradient_to_saliency", gradient_to_saliency))
-    return smap
 
 
 def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
@@ -306,21 +192,28 @@ def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
 
     Notes
     -----
-    Shared: ``gradient``, ``guided_backprop``, ``deconvnet``, ``linear_approx``, ``grad_cam``,
-    ``guided_grad_cam`` with the options ``saliency_layer``, ``resize``, ``resize_mode``,
-    ``smooth`` (and ``gradient_to_saliency`` where the method takes it).  They cost one forward
+    Shared: every method described as data (:data:`SHARED_METHODS`: ``gradient``,
+    ``guided_backprop``, ``deconvnet``, ``linear_approx``, ``grad_cam``, ``guided_grad_cam``)
+    with the options ``saliency_layer``, ``resize``, ``resize_mode``, ``smooth``,
+    ``gradient_to_saliency`` (and its own default ``context_builder``).  They cost one forward
     pass and one backward pass per distinct rule (plain, guided, DeConvNet), each pass reaching
-    every tensor read under that rule.  Everything else runs by its own function.  Several
-    layers read in one pass are probed at once; a layer two methods read is probed once.
+    every tensor read under that rule (a reading under a rule that must be checked gets a pass
+    of its own when several are read under it, so that every check is exact).  The shared
+    pass is the very engine the methods' own functions run (:func:`~.engine.run_jobs`), so
+    the maps, errors and warnings are the same.  Everything else runs by its own function.
+    Several layers read in one pass are probed at once; a layer two methods read is probed
+    once.
     """
     labels = _normalise_methods(methods)
-    plans = _plan(labels, options or {})
+    plans = _plan(labels, _check_options(options))
+    shared = [Job(p.label, p.method, p.options) for p in plans if p.method is not None]
     maps: Dict[str, torch.Tensor] = {}
-    shared = [p for p in plans if p.shared]
     if shared:
-        maps.update(_shared_maps(model, input, target, shared))
+        with suspend_rule_contexts():
+            maps.update({label: smap for label, (smap, _) in
+                         run_jobs(model, input, target, shared).items()})
     for plan in plans:
-        if not plan.shared:
-            result = METHODS[plan.method](model, input, target, **plan.options)
+        if plan.method is None:
+            result = METHODS[plan.name](model, input, target, **plan.options)
             maps[plan.label] = result[0] if isinstance(result, tuple) else result
     return {p.label: maps[p.label] for p in plans}

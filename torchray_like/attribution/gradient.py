@@ -7,35 +7,18 @@ channels of ``|∂y_c/∂x|``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from .method import BackpropMethod, Read
 
-import torch
-import torch.nn as nn
+__all__ = ["gradient", "GRADIENT"]
 
-from .context import NullContext
-from .driver import SaliencyDebug, saliency
-from .maps import SizeType, gradient_to_saliency
-from .targets import TargetType, get_backward_gradient
-
-__all__ = ["gradient"]
-
-
-def gradient(model: nn.Module, input: torch.Tensor, target: TargetType,
-             saliency_layer: Union[str, nn.Module, None] = "", resize: SizeType = False,
-             resize_mode: str = "bilinear", smooth: float = 0,
-             context_builder: Optional[Callable[[], Any]] = NullContext,
-             gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = gradient_to_saliency,
-             get_backward_gradient: Callable = get_backward_gradient,
-             debug: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
-    """Gradient saliency map (Simonyan et al. 2013).
+#: The description of the method (the plain gradient, read at ``saliency_layer``).
+GRADIENT = BackpropMethod(name="gradient", reads=(Read(),), module=__name__, doc="""Gradient saliency map (Simonyan et al. 2013).
 
     The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with the
     plain gradient (no rule context) as default; ``saliency_layer`` ``""`` (or ``None``) reads
     the input, a resize tuple is in TorchRay's order ``(W, H)`` (see
     :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
     maps, or ``(map, SaliencyDebug)`` with ``debug=True``.
-    """
-    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
-                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=gradient_to_saliency,
-                    get_backward_gradient=get_backward_gradient, debug=debug)
+    """)
+
+gradient = GRADIENT.function()

@@ -8,18 +8,15 @@ For ReLU6 the saturated side is masked too: ``p' = p⁺ · [0 < x < 6]``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from .driver import SaliencyDebug, saliency
-from .maps import SizeType, gradient_to_saliency
+from .method import BackpropMethod, Read
 from .rules import ReLUContext, ReLURule
-from .targets import TargetType, get_backward_gradient
 
 __all__ = ["GuidedBackpropRule", "GUIDED_BACKPROP_RULE", "GuidedBackpropReLU",
-           "GuidedBackpropContext", "guided_backprop"]
+           "GuidedBackpropContext", "guided_backprop", "GUIDED_BACKPROP"]
 
 
 class GuidedBackpropRule(ReLURule):
@@ -84,16 +81,11 @@ class GuidedBackpropContext(ReLUContext):
         super().__init__(GUIDED_BACKPROP_RULE)
 
 
-def guided_backprop(model: nn.Module, input: torch.Tensor, target: TargetType,
-                    saliency_layer: Union[str, nn.Module, None] = "", resize: SizeType = False,
-                    resize_mode: str = "bilinear", smooth: float = 0,
-                    context_builder: Optional[Callable[[], Any]] = GuidedBackpropContext,
-                    gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
-                        gradient_to_saliency),
-                    get_backward_gradient: Callable = get_backward_gradient,
-                    debug: bool = False
-                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
-    """Guided-backpropagation saliency map (Springenberg et al. 2014).
+#: The description of the method: the guided rule, read at ``saliency_layer``.
+GUIDED_BACKPROP = BackpropMethod(
+    name="guided_backprop", module=__name__, context_builder=GuidedBackpropContext,
+    fixed=frozenset({"context_builder"}),
+    reads=(Read(GUIDED_BACKPROP_RULE, GuidedBackpropContext),), doc="""Guided-backpropagation saliency map (Springenberg et al. 2014).
 
     The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with
     :class:`GuidedBackpropContext` as the rule context; ``saliency_layer`` ``""`` (or ``None``)
@@ -101,8 +93,6 @@ def guided_backprop(model: nn.Module, input: torch.Tensor, target: TargetType,
     :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
     maps, or ``(map, SaliencyDebug)`` with ``debug=True``.  Raises :class:`ValueError` when
     the model calls no ReLU.
-    """
-    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
-                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=gradient_to_saliency,
-                    get_backward_gradient=get_backward_gradient, debug=debug)
+    """)
+
+guided_backprop = GUIDED_BACKPROP.function()

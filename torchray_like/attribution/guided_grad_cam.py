@@ -27,21 +27,19 @@ forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
-from .context import suspend_rule_contexts
-from .driver import SaliencyDebug, detach_all, forward_pass
-from .grad_cam import LayerType, grad_cam_map, resolve_layer
-from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency, resize_saliency
+from .driver import SaliencyDebug
+from .grad_cam import grad_cam_map
+from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
+from .maps import gradient_to_saliency, resize_saliency
+from .method import NO_CONTEXT_ARGUMENT, BackpropMethod, Read, Reading
 from .probe import layer_label
 from .rules import GRADIENT_RULE
-from .targets import TargetType, get_backward_gradient
-from .guided_backprop import GUIDED_BACKPROP_RULE, GuidedBackpropContext
 
-__all__ = ["guided_grad_cam", "guided_grad_cam_map", "GuidedGradCamDebug"]
+__all__ = ["guided_grad_cam", "GUIDED_GRAD_CAM", "guided_grad_cam_map", "GuidedGradCamDebug"]
 
 
 @dataclass
@@ -66,11 +64,7 @@ def guided_grad_cam_map(input: torch.Tensor, x: torch.Tensor, read: torch.Tensor
     gradient of the input ``x``, per channel, times the Grad-CAM map of ``read`` upsampled to
     the input, then flattened.  Returns ``(map, cam)``.  The one home of the combination, for
     :func:`guided_grad_cam` and :func:`~torchray_like.attribution.explain.explain`."""
-    if read.dim() != x.dim():
-        raise ValueError(
-            f"guided_grad_cam: saliency_layer {layer_label(layer)} outputs shape "
-            f"{tuple(read.shape)} but the input has shape {tuple(x.shape)}; the Grad-CAM map is "
-            "upsampled to the input, so the layer needs as many spatial dimensions as the input")
+    check_guided_grad_cam_layer(read, layer, x)
     cam = grad_cam_map(read.detach(), layer_grad)
     cam_up = resize_saliency(input, cam, True, resize_mode)
     x.grad = input_grad * cam_up
@@ -80,15 +74,35 @@ def guided_grad_cam_map(input: torch.Tensor, x: torch.Tensor, read: torch.Tensor
         x.grad = None
 
 
-def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
-                    saliency_layer: LayerType = None, resize: SizeType = False,
-                    resize_mode: str = "bilinear", smooth: float = 0,
-                    gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
-                        gradient_to_saliency),
-                    get_backward_gradient: Callable = get_backward_gradient,
-                    debug: bool = False
-                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, GuidedGradCamDebug]]:
-    """Guided Grad-CAM saliency map (Selvaraju et al. 2017).
+def check_guided_grad_cam_layer(read: torch.Tensor, layer: object, x: torch.Tensor) -> None:
+    """The Grad-CAM map is upsampled to the input: the layer needs the input's rank."""
+    if read.dim() != x.dim():
+        raise ValueError(
+            f"guided_grad_cam: saliency_layer {layer_label(layer)} outputs shape "
+            f"{tuple(read.shape)} but the input has shape {tuple(x.shape)}; the Grad-CAM map is "
+            "upsampled to the input, so the layer needs as many spatial dimensions as the input")
+
+
+def guided_grad_cam_reading(method: BackpropMethod, reading: Reading
+                            ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The map from the two readings: the layer's plain gradient and the input's guided one."""
+    (read, _), (layer_grad, input_grad) = reading.tensors, reading.grads
+    smap, cam = guided_grad_cam_map(
+        reading.input, reading.x, read, layer_grad, input_grad, reading.layer,
+        reading.options.get("resize_mode", "bilinear"),
+        reading.options.get("gradient_to_saliency", gradient_to_saliency))
+    return smap, {"cam": cam, "guided_gradient": input_grad.detach()}
+
+
+#: The description of the method: one forward pass in a guided-backprop context, the plain rule
+#: down to the Grad-CAM layer (no rule check: it is the plain gradient by design), the guided
+#: rule down to the input.
+GUIDED_GRAD_CAM = BackpropMethod(
+    name="guided_grad_cam", module=__name__, saliency_layer=None, auto_layer=True,
+    reads=(Read(GRADIENT_RULE, GuidedBackpropContext, check_rules=False),
+           Read(GUIDED_BACKPROP_RULE, GuidedBackpropContext, at_layer=False)),
+    make_map=guided_grad_cam_reading, check_read=check_guided_grad_cam_layer,
+    context_builder=NO_CONTEXT_ARGUMENT, debug_type=GuidedGradCamDebug, doc="""Guided Grad-CAM saliency map (Selvaraju et al. 2017).
 
     ``map = flatten(guided_gradient ⊙ upsample(grad_cam))`` where ``guided_gradient`` is the
     guided-backpropagation gradient at the input (per channel), ``grad_cam`` the Grad-CAM map of
@@ -127,29 +141,6 @@ def guided_grad_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
     torch.Tensor or (torch.Tensor, GuidedGradCamDebug)
         ``(N, 1, *input_spatial)`` non-negative maps (with the default flattening), detached, on
         the input's device.
-    """
-    with suspend_rule_contexts():  # the caller's rule contexts change nothing here
-        smooth = check_smooth(smooth)
-        name = resolve_layer(model, input, saliency_layer)
-        context = GuidedBackpropContext()
-        with forward_pass(model, input, target, {"saliency_layer": name, "input": None}, context,
-                          get_backward_gradient) as fp:
-            read = fp.reads["saliency_layer"]
-            if read.dim() != fp.x.dim():   # fail before the backward passes
-                guided_grad_cam_map(input, fp.x, read, read, read, name)
-            # Pass 1, plain rule, score -> layer only: the Grad-CAM weights.  The ReLU nodes hold
-            # the rule by reference, so switching it reuses the one forward pass.
-            context.rule = GRADIENT_RULE
-            layer_grad = fp.grad("saliency_layer", retain_graph=True, check_rules=False)
-            # Pass 2, guided rule, score -> input, through the same graph.
-            context.rule = GUIDED_BACKPROP_RULE
-            input_grad = fp.grad("input")
-            activation = read.detach()
-            smap, cam = guided_grad_cam_map(input, fp.x, read, layer_grad, input_grad, name,
-                                            resize_mode, gradient_to_saliency)
-        smap = finish_map(input, smap, resize, resize_mode, smooth)
-        if debug:
-            return smap, GuidedGradCamDebug(detach_all(fp.output), activation, layer_grad.detach(),
-                                            dict(context.counts), cam=cam,
-                                            guided_gradient=input_grad.detach())
-        return smap
+    """)
+
+guided_grad_cam = GUIDED_GRAD_CAM.function()

@@ -11,17 +11,12 @@ and the sign is kept.  Backpropagation stops at the layer.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
-
 import torch
-import torch.nn as nn
 
-from .context import NullContext
-from .driver import SaliencyDebug, saliency
-from .maps import ActivationMap, SizeType, saliency_gradient
-from .targets import TargetType, get_backward_gradient
+from .maps import saliency_gradient
+from .method import BackpropMethod, Read
 
-__all__ = ["linear_approx", "linear_approx_map", "gradient_to_linear_approx_saliency"]
+__all__ = ["linear_approx", "LINEAR_APPROX", "linear_approx_map", "gradient_to_linear_approx_saliency"]
 
 
 def linear_approx_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -48,16 +43,14 @@ def gradient_to_linear_approx_saliency(x: torch.Tensor) -> torch.Tensor:
     return linear_approx_map(x.detach(), grad)
 
 
-def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
-                  saliency_layer: Union[str, nn.Module, None] = None, resize: SizeType = False,
-                  resize_mode: str = "bilinear", smooth: float = 0,
-                  context_builder: Optional[Callable[[], Any]] = NullContext,
-                  gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] = (
-                      gradient_to_linear_approx_saliency),
-                  get_backward_gradient: Callable = get_backward_gradient,
-                  debug: bool = False
-                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
-    """Linear-approximation saliency map: ``Σ_k A_k · ∂y/∂A_k`` at a layer, signed.
+#: The description of the method: the plain gradient at ``saliency_layer`` (default: the
+#: input), weighted by the activation.
+LINEAR_APPROX = BackpropMethod(
+    name="linear_approx", reads=(Read(),), module=__name__, saliency_layer=None,
+    gradient_to_saliency=gradient_to_linear_approx_saliency, layer_map=linear_approx_map,
+    layer_hint="the map needs (N, C, *spatial): choose a convolutional layer, or the input "
+               "(saliency_layer=None)",
+    doc="""Linear-approximation saliency map: ``Σ_k A_k · ∂y/∂A_k`` at a layer, signed.
 
     Parameters
     ----------
@@ -84,14 +77,6 @@ def linear_approx(model: nn.Module, input: torch.Tensor, target: TargetType,
     -------
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         ``(N, 1, *spatial)`` signed maps (or resized), detached, on the input's device.
-    """
-    if gradient_to_saliency is gradient_to_linear_approx_saliency:
-        # The same map, with errors that name the method and the layer.
-        gradient_to_saliency = ActivationMap(
-            linear_approx_map, "linear_approx", saliency_layer,
-            "the map needs (N, C, *spatial): choose a convolutional layer, or the input "
-            "(saliency_layer=None)")
-    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
-                    resize_mode=resize_mode, smooth=smooth, context_builder=context_builder,
-                    gradient_to_saliency=gradient_to_saliency,
-                    get_backward_gradient=get_backward_gradient, debug=debug)
+    """)
+
+linear_approx = LINEAR_APPROX.function()

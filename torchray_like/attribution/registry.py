@@ -1,8 +1,14 @@
-"""The method registry: a method's name → its function, for scripts and benchmarks."""
+"""The method registry: a method's name → its function, for scripts and benchmarks.
+
+One entry per method.  Backpropagation methods are described as data
+(:class:`~.method.BackpropMethod`, reachable from their function with
+:func:`~.method.description`); :func:`~torchray_like.attribution.explain.explain` shares one
+forward pass among every described method without naming any.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Mapping
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
 from .deconvnet import deconvnet
 from .excitation_backprop import contrastive_excitation_backprop, excitation_backprop
@@ -12,9 +18,10 @@ from .gradient import gradient
 from .guided_backprop import guided_backprop
 from .guided_grad_cam import guided_grad_cam
 from .linear_approx import linear_approx
+from .method import description
 from .rise import rise
 
-__all__ = ["METHODS", "MethodRegistry"]
+__all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS"]
 
 
 class MethodRegistry(Mapping):
@@ -50,15 +57,19 @@ class MethodRegistry(Mapping):
 
 #: Method name → function ``f(model, input, target, **kwargs)``.  Backprop methods and RISE
 #: return maps; ``extremal_perturbation`` returns ``(masks, history)`` as in TorchRay.
-METHODS = MethodRegistry({
-    "gradient": gradient,
-    "guided_backprop": guided_backprop,
-    "deconvnet": deconvnet,
-    "grad_cam": grad_cam,
-    "guided_grad_cam": guided_grad_cam,
-    "linear_approx": linear_approx,
-    "excitation_backprop": excitation_backprop,
-    "contrastive_excitation_backprop": contrastive_excitation_backprop,
-    "rise": rise,
-    "extremal_perturbation": extremal_perturbation,
-})
+METHODS = MethodRegistry({fn.__name__: fn for fn in (
+    gradient,
+    guided_backprop,
+    deconvnet,
+    linear_approx,
+    grad_cam,
+    guided_grad_cam,
+    excitation_backprop,
+    contrastive_excitation_backprop,
+    rise,
+    extremal_perturbation,
+)})
+
+#: The methods described as data: they share one forward pass in ``explain``.
+SHARED_METHODS: Tuple[str, ...] = tuple(name for name, fn in METHODS.items()
+                                        if description(fn) is not None)

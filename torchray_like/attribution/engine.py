@@ -1,0 +1,284 @@
+r"""The one engine that runs backpropagation methods described as data.
+
+:func:`run_jobs` computes the maps of one or several :class:`~.method.BackpropMethod` calls
+("jobs") from **one** forward pass: it finds the tensors the jobs read (the input and/or layers,
+a layer named twice probed once), runs the model inside the rule context their rules need,
+differentiates the graph once per rule (the rule is a value the graph's ReLU nodes read at
+backward time, switched between the passes with ``retain_graph``), checks every gradient the
+same way (:meth:`~.driver.ForwardPass.grads`), and lets each description turn its readings into
+a map.  The single-method functions are the one-job case (:func:`run_method`), and
+:func:`~torchray_like.attribution.explain.explain` the many-job case, so the two can never
+disagree.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .context import NullContext, suspend_rule_contexts
+from .driver import (ForwardPass, SaliencyDebug, check_debuggable, check_spatial, detach_all,
+                     forward_pass, is_input, strip_compiled_prefix)
+from .layer_choice import resolve_layer
+from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
+from .method import BackpropMethod, Read, Reading
+from .probe import debug_probes, fill_probe_gradients, get_module
+from .rules import GRADIENT_RULE, ReLUContext
+from .state import check_model, unwrap_compiled
+from .targets import TargetType, get_backward_gradient
+
+__all__ = ["Job", "run_jobs", "run_method", "saliency", "SALIENCY"]
+
+Result = Tuple[torch.Tensor, Optional[SaliencyDebug]]
+
+
+@dataclass
+class Job:
+    """One method call inside :func:`run_jobs`: a label, the description and its options."""
+
+    label: str
+    method: BackpropMethod
+    options: Dict[str, Any]
+    layer: Any = None                                   # the saliency layer, resolved
+    reads: List[Tuple[Read, str]] = field(default_factory=list)  # (read, reading label)
+
+
+class _Readings:
+    """The tensors the jobs read, keyed by module identity (two spellings of one layer, or
+    the same module reached by name and by object, share one probe)."""
+
+    def __init__(self, model: nn.Module, several: bool) -> None:
+        self.model, self.several = model, several
+        self.layers: Dict[str, Any] = {}               # reading label -> layer as given
+        self._labels: Dict[Optional[int], str] = {}    # id(module) or None -> reading label
+        self._modules: Dict[Any, Optional[nn.Module]] = {}
+
+    def label(self, job: Job, layer: Any) -> str:
+        layer = strip_compiled_prefix(layer, self.model)  # torch.compile(model): its original
+        spelling = layer if isinstance(layer, str) or layer is None else id(layer)
+        if spelling not in self._modules:
+            self._modules[spelling] = None if is_input(layer) else get_module(self.model, layer)
+        module = self._modules[spelling]
+        key = None if module is None else id(module)
+        if key not in self._labels:
+            label = ("input" if module is None else f"{job.method.name}'s saliency_layer"
+                     if self.several else "saliency_layer")
+            while label in self.layers:
+                label += "'"
+            self._labels[key] = label
+            self.layers[label] = None if module is None else layer
+        return self._labels[key]
+
+
+def _plan(model: nn.Module, input: torch.Tensor, jobs: List[Job]) -> _Readings:
+    """Resolve each job's layer (the automatic one found once) and what it reads."""
+    readings = _Readings(unwrap_compiled(model), several=len(jobs) > 1)
+    auto: List[Any] = []
+    for job in jobs:
+        method = job.method
+        layer = job.options.get("saliency_layer", method.saliency_layer)
+        if layer is None and method.auto_layer:
+            if not auto:
+                auto.append(resolve_layer(model, input, None))
+            layer = auto[0]
+        job.layer = layer
+        job.reads = [(read, readings.label(job, layer if read.at_layer else None))
+                     for read in method.reads]
+    return readings
+
+
+def _rule_context(jobs: List[Job]) -> Tuple[Any, bool]:
+    """The context the forward pass runs in, and whether its rule is switched per pass.
+
+    A call that passes its own ``context_builder`` (TorchRay's generic driver) runs in that
+    context as it is; otherwise the first rule context a read needs, whose rule is then set
+    for each backward pass (the plain gradient alone needs no context).
+    """
+    for job in jobs:
+        if not job.method.default_context(job.options):
+            builder = job.options["context_builder"]
+            return (builder() if builder is not None else None), False
+    for job in jobs:
+        for read, _ in job.reads:
+            if read.context is not None:
+                return read.context(), True
+    return None, False
+
+
+def _passes(jobs: List[Job], switched: bool) -> List[Tuple[Any, bool, List[str]]]:
+    """The backward passes: ``(rule, check_rules, reading labels)``, the plain rule first.
+
+    Without rule switching every reading is one pass under the context as it is, checked as
+    :func:`saliency` always did."""
+    if not switched:
+        labels = list(dict.fromkeys(label for job in jobs for _, label in job.reads))
+        return [(None, True, labels)]
+    order = list(dict.fromkeys(read.rule for job in jobs for read, _ in job.reads))
+    order.sort(key=lambda rule: rule is not GRADIENT_RULE)
+    passes = []
+    for rule in order:
+        labels = list(dict.fromkeys(label for job in jobs for read, label in job.reads
+                                    if read.rule is rule))
+        check = rule is not GRADIENT_RULE and any(
+            read.check_rules for job in jobs for read, _ in job.reads if read.rule is rule)
+        passes.append((rule, check, labels))
+    return passes
+
+
+def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switched: bool,
+               keep_graph: bool) -> Dict[Tuple[Any, str], torch.Tensor]:
+    grads: Dict[Tuple[Any, str], torch.Tensor] = {}
+    for i, (rule, check, labels) in enumerate(passes):
+        if switched and isinstance(fp.context, ReLUContext):
+            fp.context.rule = rule
+        retain = keep_graph or i < len(passes) - 1
+        for label, grad in zip(labels, fp.grads(labels, retain, check)):
+            grads[rule, label] = grad
+    return grads
+
+
+def _check_reads(fp: ForwardPass, jobs: List[Job]) -> None:
+    """Each method's check of what it reads, before any backward pass."""
+    for job in jobs:
+        for read, label in job.reads:
+            if not read.at_layer:
+                continue
+            if job.method.check_read is not None:
+                job.method.check_read(fp.reads[label], job.layer, fp.x)
+            else:
+                check_spatial(fp.reads[label], job.layer)
+
+
+def _debug_record(job: Job, fp: ForwardPass, reading: Reading, extras: Dict[str, Any],
+                  probes: "OrderedDict[str, Any]") -> SaliencyDebug:
+    record_type = job.method.debug_type or SaliencyDebug
+    return record_type(detach_all(fp.output), reading.tensors[0].detach(),
+                       reading.grads[0].detach(), dict(getattr(fp.context, "counts", {})),
+                       probes, **extras)
+
+
+def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
+             get_backward_gradient: Callable = get_backward_gradient, debug: bool = False
+             ) -> Dict[str, Result]:
+    """Maps (and, with ``debug``, records) of several method calls from one forward pass.
+
+    Every option is validated before any work; a job with its own ``context_builder`` must
+    run alone.  Returns ``label -> (map, debug record or None)`` in the order of ``jobs``.
+    """
+    smooth = {job.label: check_smooth(job.options.get("smooth", 0)) for job in jobs}
+    check_model(model)
+    if debug:
+        check_debuggable(model)
+    readings = _plan(model, input, jobs)
+    context, switched = _rule_context(jobs)
+    passes = _passes(jobs, switched)
+    single = len(jobs) == 1 and len(jobs[0].reads) == 1
+    results: Dict[str, Result] = {}
+    with debug_probes(model, debug and single) as probes, forward_pass(
+            model, input, target, readings.layers, context, get_backward_gradient) as fp:
+        _check_reads(fp, jobs)
+        grads = _gradients(fp, passes, switched, keep_graph=bool(probes))
+        if probes:
+            fill_probe_gradients(probes, fp.scores, fp.seed)
+        for job in jobs:
+            keys = [((read.rule if switched else None), label) for read, label in job.reads]
+            reading = Reading(input, fp.x, tuple(fp.reads[label] for _, label in keys),
+                              tuple(grads[key] for key in keys), job.layer, job.options)
+            smap, extras = job.method.make_map(job.method, reading)
+            smap = finish_map(input, smap, job.options.get("resize", False),
+                              job.options.get("resize_mode", "bilinear"), smooth[job.label])
+            record = _debug_record(job, fp, reading, extras, probes) if debug else None
+            results[job.label] = (smap, record)
+    return results
+
+
+def run_method(method: BackpropMethod, model: nn.Module, input: torch.Tensor,
+               target: TargetType, get_backward_gradient: Callable = get_backward_gradient,
+               debug: bool = False, **options: Any
+               ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
+    """One call of a described method: the map, or ``(map, debug record)`` with ``debug``."""
+    # The caller's rule contexts change nothing inside the call: the method's own rules decide.
+    with suspend_rule_contexts():
+        job = Job(method.name, method, options)
+        smap, record = run_jobs(model, input, target, [job], get_backward_gradient,
+                                debug)[job.label]
+    if debug:
+        assert record is not None
+        return smap, record
+    return smap
+
+
+_SALIENCY_DOC = r"""Backpropagation saliency: the driver every backprop method is built on.
+
+    Runs ``model(input)`` inside ``context_builder()`` (a rule context, or nothing for the plain
+    gradient), backpropagates the seed chosen by ``target`` down to the tensor read — the input,
+    or the output of ``saliency_layer`` — and turns that tensor's (pseudo-)gradient into a map
+    with ``gradient_to_saliency``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network.  What a call changes on it while it runs: every sub-module is put in eval
+        mode (``training = False``: dropout off, batch norm on its running statistics), and
+        the probed layer gets a forward hook (the debug probes: every named module).  Nothing
+        else — parameters keep their ``requires_grad`` and ``.grad`` (the gradients are taken
+        with ``torch.autograd.grad``, which computes no weight gradient), buffers are not
+        updated.  All is restored when the call returns or raises.  The module flags are shared
+        by every thread: another thread *training* the same model during the call sees eval
+        mode.  ``torch.compile(model)`` is explained through its original module (eagerly).
+        Refused with a :class:`ValueError`: TorchScript or compiled sub-modules when a rule
+        context is used or a layer inside them is read (rules and hooks cannot see inside).
+    input : torch.Tensor
+        ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).  It is not modified:
+        the model runs on a copy (so in-place normalisation inside its forward is fine), and its
+        ``requires_grad`` and ``.grad`` stay as they were.  Non-finite scores for the target
+        (NaN / Inf pixels) or a non-finite gradient are a :class:`ValueError`; a channels-last
+        or unbatched image gets an error saying how to fix it.
+    target : int, sequence, torch.Tensor or callable
+        See :func:`get_backward_gradient`; a callable maps the model output (tensor, tuple or
+        dict) to ``(N,)`` scores to explain.
+    saliency_layer : str or torch.nn.Module, optional
+        Module whose output is read (a dotted name or the module).  ``None`` or ``""`` (TorchRay)
+        means the input.  Backpropagation stops at that tensor.  Its output must have spatial
+        dimensions, ``(N, C, *spatial)``; a layer such as the classifier (or the model itself)
+        is a :class:`ValueError`.
+    resize : bool, int or tuple
+        See :func:`resize_saliency`.
+    resize_mode : str
+        Interpolation mode (the linear family adapts to the rank).
+    smooth : float
+        If positive, Gaussian smoothing with ``sigma = smooth * max(spatial size)`` of the
+        (resized) map.  This blurs the *map*; it is not SmoothGrad (which averages gradients
+        over noisy copies of the input).
+    context_builder : callable, optional
+        Returns the context to run the forward in (e.g. ``GuidedBackpropContext``).  If it is a
+        :class:`RuleContext` that replaced nothing, or whose replaced calls the backward pass
+        never goes through (they do not lie between the read tensor and the output), a
+        :class:`ValueError` is raised rather than returning the plain gradient under the
+        method's name.  Rule contexts the *caller* entered around the call are suspended for
+        its duration (:func:`~.context.suspend_rule_contexts`): the result depends on this
+        argument only.
+    gradient_to_saliency : callable
+        Turns the read tensor (with ``.grad``) into ``(N, 1, *spatial)`` maps.
+    get_backward_gradient : callable
+        ``(output, target) -> seed`` (e.g. :func:`get_pointing_gradient`).
+    debug : bool
+        Also return a :class:`SaliencyDebug` with the output, the activation and its gradient,
+        and TorchRay's debug probes (every named module's output and its gradient; it reads
+        like TorchRay's ordered dict of probes).
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, SaliencyDebug)
+        The map ``(N, 1, *spatial)`` (detached, on the input's device).
+    """
+
+#: TorchRay's generic driver as a description: the plain gradient at ``saliency_layer``
+#: unless ``context_builder`` says otherwise.
+SALIENCY = BackpropMethod(name="saliency", reads=(Read(),), module=__name__, doc=_SALIENCY_DOC)
+
+saliency = SALIENCY.function()
