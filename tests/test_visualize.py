@@ -410,3 +410,217 @@ def test_plot_example_save_and_show(tmp_path, monkeypatch):
 def test_plot_example_rejects_bad_arguments(x, s, exc, words):
     with pytest.raises(exc, match=words):
         plot_example(x, s, "m", 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Never silently wrong: non-finite and all-zero maps, layouts, empty inputs (issue 17)
+# ------------------------------------------------------------------------------------------------
+
+MAGENTA = np.array(NONFINITE_COLOR)
+
+
+def colorbars(fig, visible=True):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>" and ax.get_visible() == visible]
+
+
+def test_overlay_masks_nonfinite_values_and_scales_the_rest():
+    s = torch.tensor([[0.0, 1.0], [2.0, float("inf")]])
+    s_nan = s.clone()
+    s_nan[0, 0] = float("nan")
+    with pytest.warns(PlotWarning, match=r"1 non-finite value\(s\) \(0 NaN, 1 \+inf, 0 -inf\)"):
+        out = overlay(torch.zeros(3, 2, 2), s, alpha=1.0)
+    np.testing.assert_allclose(out[1, 1], MAGENTA)  # the inf, masked
+    # The finite values keep their own scale: 0 -> jet(0), 1 -> jet(0.5), 2 -> jet(1).
+    np.testing.assert_allclose(out[0, 0], JET(0.0)[:3])
+    np.testing.assert_allclose(out[0, 1], JET(0.5)[:3])
+    np.testing.assert_allclose(out[1, 0], JET(1.0)[:3])
+    with pytest.warns(PlotWarning, match=r"2 non-finite value\(s\) \(1 NaN, 1 \+inf"):
+        out = overlay(torch.zeros(3, 2, 2), s_nan, alpha=1.0)
+    np.testing.assert_allclose(out[0, 0], MAGENTA)  # NaN is not painted as the minimum
+    np.testing.assert_allclose(out[0, 1], JET(0.0)[:3])
+
+
+def test_overlay_reads_either_layout_for_both_types():
+    torch.manual_seed(0)
+    chw = torch.rand(3, 6, 10)
+    sal = torch.rand(6, 10)
+    want = overlay(chw, sal)
+    np.testing.assert_allclose(overlay(chw.numpy(), sal), want)  # (C, H, W) array
+    np.testing.assert_allclose(overlay(chw.permute(1, 2, 0), sal), want)  # (H, W, C) tensor
+    grey = torch.rand(1, 6, 10)
+    np.testing.assert_allclose(overlay(grey.permute(1, 2, 0).numpy(), sal), overlay(grey, sal))
+    # Both ends could hold channels: the map's size settles it, silently.
+    square = np.random.default_rng(0).random((3, 4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert overlay(square, np.zeros((4, 4)), normalize=False).shape == (4, 4, 3)
+        assert overlay(square, np.zeros((3, 4)), normalize=False).shape == (3, 4, 3)
+    # Nothing settles it: the array convention, named in a warning.
+    with pytest.warns(PlotWarning, match=r"reads as \(C, H, W\) and as \(H, W, C\); it is "
+                                         r"taken as \(H, W, C\)"):
+        assert overlay(square, np.zeros((2, 2)), normalize=False).shape == (3, 4, 3)
+
+
+def test_overlay_of_a_batch():
+    torch.manual_seed(0)
+    images, maps = torch.rand(2, 3, 6, 6), torch.rand(2, 1, 3, 3)
+    out = overlay(images, maps)
+    assert out.shape == (2, 6, 6, 3) and out.dtype == np.float64
+    for k in range(2):
+        np.testing.assert_allclose(out[k], overlay(images[k], maps[k]))
+    np.testing.assert_allclose(overlay(images.permute(0, 2, 3, 1).numpy(), maps[:, 0]), out)
+    assert overlay(images[:1], maps[:1]).shape == (6, 6, 3)  # a batch of one: one image
+    with pytest.raises(ValueError, match=r"\(2, H, W\) or \(2, 1, H, W\), one map per image"):
+        overlay(images, torch.rand(6, 6))
+
+
+@pytest.mark.parametrize("image, s, words", [
+    (torch.zeros(3, 5, 6), torch.zeros(0, 0), r"saliency is empty \(shape \(0, 0\)\)"),
+    (torch.zeros(3, 0, 0), torch.zeros(0, 0), r"image is empty \(shape \(3, 0, 0\)\)"),
+    (torch.full((3, 4, 4), float("nan")), torch.zeros(4, 4), "image has NaN or infinite"),
+    (torch.zeros(3, 4, 4), torch.zeros(5, 4, 4), r"select the target's, e\.g\. saliency\[\.\.\."),
+    (torch.zeros(3, 4, 4), torch.zeros(1, 5, 4, 4), "If its channels are classes"),
+])
+def test_overlay_refuses_empty_nonfinite_images_and_multiclass_maps(image, s, words):
+    with pytest.raises(ValueError, match=words):
+        overlay(image, s)
+
+
+def test_saliency_plot_masks_nonfinite_values_visibly():
+    x = torch.full((1, 1, 16, 16), 0.5)
+    s = torch.linspace(0, 1, 16).repeat(16, 1)[None, None].clone()
+    s[0, 0, 2, 2], s[0, 0, 12, 3] = float("inf"), float("nan")
+    with pytest.warns(PlotWarning, match=r"saliency of input #0 has 2 non-finite") as record:
+        fig = saliency_plot(x, s, alpha=0.5)
+    assert record[0].filename == __file__  # the warning points at the caller
+    ax = image_axes(fig)[0]
+    img, sal, mask = ax.images
+    assert sal.get_clim() == pytest.approx((0.0, 1.0))  # from the finite values, not inf
+    np.testing.assert_allclose(mask.get_array()[2, 2], [1, 0, 1, 1])
+    np.testing.assert_allclose(mask.get_array()[0, 0], [0, 0, 0, 0])
+    np.testing.assert_allclose(pixel(fig, ax, 2, 2), 255 * MAGENTA, atol=3)  # opaque
+    np.testing.assert_allclose(pixel(fig, ax, 3, 12), 255 * MAGENTA, atol=3)
+    assert [t.get_text() for t in ax.texts] == ["2 NaN/inf (magenta)"]
+
+
+def test_all_zero_map_is_named_and_gets_no_invented_colour_bar():
+    x = torch.full((2, 1, 16, 16), 0.5)
+    s = torch.rand(2, 1, 16, 16)
+    s[1] = 0.0
+    with pytest.warns(PlotWarning, match="saliency of input #1 is all zero"):
+        fig = saliency_plot(x, s)
+    a, b = image_axes(fig)
+    assert [t.get_text() for t in b.texts] == ["all zero"] and len(a.texts) == 0
+    assert len(colorbars(fig)) == 1 and len(colorbars(fig, visible=False)) == 1
+    np.testing.assert_allclose(pixel(fig, b, 3, 3), [128, 128, 128], atol=2)  # the image only
+    with pytest.warns(PlotWarning, match=r"is constant \(0\.3\)"):
+        fig = saliency_plot(x[:1], torch.full((1, 16, 16), 0.3))
+    assert image_axes(fig)[0].texts[0].get_text() == "constant 0.3"
+    with pytest.warns(PlotWarning, match=r"maps\['m'\] of input #0 is all zero"):
+        fig = plot_methods(x[:1], {"m": torch.zeros(1, 16, 16)})
+    assert fig.axes[1].texts[0].get_text() == "all zero" and colorbars(fig) == []
+
+
+def test_saliency_plot_takes_numpy_and_channel_last_images():
+    torch.manual_seed(0)
+    chw = torch.rand(2, 3, 8, 10)
+    hwc = chw.permute(0, 2, 3, 1)
+    want = chw[0].permute(1, 2, 0).numpy()
+    for x in (hwc[0].numpy(), hwc.numpy(), hwc, chw.numpy()):
+        fig = saliency_plot(x, torch.rand(x.shape[0] if x.ndim == 4 else 1, 8, 10))
+        np.testing.assert_allclose(image_axes(fig)[0].images[0].get_array(), want, atol=1e-6)
+    rgba = np.concatenate([hwc[0].numpy(), np.ones((8, 10, 1), np.float32)], axis=2)
+    np.testing.assert_allclose(saliency_plot(rgba).axes[0].images[0].get_array(), want,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match=r"x is empty \(shape \(1, 3, 0, 4\)\)"):
+        saliency_plot(torch.rand(1, 3, 0, 4))
+    with pytest.raises(ValueError, match=r"x has 1 NaN or infinite value\(s\)"):
+        saliency_plot(torch.tensor([[[[0.0, float("inf")]]]]))
+    with pytest.raises(ValueError, match=r"saliency is empty \(shape \(1, 0, 4\)\)"):
+        saliency_plot(torch.rand(1, 3, 4, 4), torch.rand(1, 0, 4))
+
+
+@pytest.mark.parametrize("k, words", [
+    (5, r"If its 5 channels are classes \(a multi-class map\), select the target's channel"),
+    (3, r"Its 3 channels match x's: if they are per-input-channel attributions, reduce"),
+])
+def test_multichannel_map_hint_names_the_right_fix(k, words):
+    with pytest.raises(ValueError, match=words):
+        saliency_plot(torch.rand(2, 3, 8, 8), torch.rand(2, k, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Titles, shared scales and volume montages (issue 18)
+# ------------------------------------------------------------------------------------------------
+
+def test_titles_and_row_titles():
+    x = torch.rand(2, 3, 8, 8)
+    fig = saliency_plot(x, torch.rand(2, 8, 8), titles=["cat", "dog"])
+    assert [ax.get_title() for ax in image_axes(fig)] == ["cat", "dog"]
+    vol = saliency_plot(torch.rand(1, 1, 3, 4, 4), titles=["scan"], slice=[0, 2])
+    assert [ax.get_title() for ax in image_axes(vol)] == ["scan, slice 0", "scan, slice 2"]
+    rows = plot_methods(x, {"m": torch.rand(2, 8, 8)}, row_titles=["cat", "dog"])
+    assert [ax.get_ylabel() for ax in image_axes(rows)[::2]] == ["cat", "dog"]
+    before = plt.get_fignums()
+    with pytest.raises(ValueError, match=r"titles must have one entry per input \(2\), got 1"):
+        saliency_plot(x, titles=["cat"])
+    with pytest.raises(TypeError, match=r"titles must be a sequence of strings.*single string"):
+        saliency_plot(x, titles="cat")
+    with pytest.raises(ValueError, match=r"row_titles must have one entry per input \(2\)"):
+        plot_methods(x, {"m": torch.rand(2, 8, 8)}, row_titles=["a", "b", "c"])
+    assert plt.get_fignums() == before  # refused before any figure is made
+
+
+def test_volume_frames_share_one_colour_scale_and_one_bar():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 4, 8, 8)
+    s = torch.rand(1, 1, 4, 8, 8) * torch.arange(1.0, 5.0).view(1, 1, 4, 1, 1)
+    fig = saliency_plot(x, s, slice="all")
+    clims = {ax.images[1].get_clim() for ax in image_axes(fig)}
+    assert len(clims) == 1
+    assert clims.pop() == pytest.approx((float(s.min()), float(s.max())))
+    assert len(colorbars(fig)) == 1
+    own = saliency_plot(x, s, slice="all", shared_scale=False)
+    assert len({ax.images[1].get_clim() for ax in image_axes(own)}) == 4
+    assert len(colorbars(own)) == 4
+    fixed = saliency_plot(torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8), vmin=-1.0, vmax=2.0)
+    assert {ax.images[1].get_clim() for ax in image_axes(fixed)} == {(-1.0, 2.0)}
+    assert len(colorbars(fixed)) == 1  # both limits given: one scale, one bar
+    with pytest.raises(ValueError, match=r"vmin \(5\) must be below vmax \(.*\); give both"):
+        saliency_plot(x, s, vmin=5.0)
+    with pytest.raises(ValueError, match=r"vmin \(2\) must be below vmax \(1\); swap them"):
+        saliency_plot(x, s, vmin=2.0, vmax=1.0)
+    with pytest.raises(TypeError, match="shared_scale must be None, True or False"):
+        saliency_plot(x, s, shared_scale="yes")
+
+
+def test_volume_montage_wraps_long_volumes():
+    x, s = torch.rand(2, 1, 12, 4, 4), torch.rand(2, 1, 12, 4, 4)
+    fig = saliency_plot(x, s, slice="all")
+    panels = image_axes(fig)
+    assert len(panels) == 24
+    assert panels[0].get_subplotspec().get_geometry()[:2] == (6, 4)  # 3 rows of 4 per volume
+    assert panels[12].get_title() == "#1, slice 0"
+    assert panels[12].get_subplotspec().rowspan.start == 3  # the second volume starts below
+    picked = saliency_plot(x, s, slice=[0, -1], nrow=1)
+    assert [ax.get_title() for ax in image_axes(picked)][:2] == ["#0, slice 0", "#0, slice 11"]
+    assert image_axes(picked)[0].get_subplotspec().get_geometry()[:2] == (4, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# plot_example: non-finite and all-zero maps, non-finite inputs
+# ------------------------------------------------------------------------------------------------
+
+def test_plot_example_masks_nonfinite_and_names_all_zero_maps():
+    x = torch.rand(1, 3, 8, 8)
+    s = torch.tensor([[0.0, 1.0], [2.0, float("inf")]])
+    with pytest.warns(PlotWarning, match=r"saliency has 1 NaN or infinite value\(s\)"):
+        fig = plot_example(x, s, "m", 0)
+    ax_map = image_axes(fig)[1]
+    np.testing.assert_allclose(ax_map.images[0].get_array(), [[0.0, 0.5], [1.0, 0.0]])
+    np.testing.assert_allclose(ax_map.images[1].get_array()[1, 1], [1, 0, 1, 1])
+    with pytest.warns(PlotWarning, match="saliency is all zero"):
+        fig = plot_example(x, torch.zeros(1, 1, 4, 4), "m", 0)
+    assert image_axes(fig)[1].texts[0].get_text() == "all zero" and colorbars(fig) == []
+    with pytest.raises(ValueError, match="input has NaN or infinite values"):
+        plot_example(torch.full((1, 3, 4, 4), float("nan")), s, "m", 0)

@@ -79,7 +79,7 @@ class PlotWarning(UserWarning):
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, PlotWarning, stacklevel=4)
+    warnings.warn(message, PlotWarning, stacklevel=5)  # the user's call
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def _check_limit(value: Any, name: str) -> Optional[float]:
 
 
 def _colormap(cmap: Any):
-    """``cmap`` (a name or a Colormap) with :data:`NONFINITE_COLOR` for masked values."""
+    """``cmap``, a name or a Colormap, as a Colormap."""
     import matplotlib
 
     if isinstance(cmap, str):
@@ -182,7 +182,7 @@ def _colormap(cmap: Any):
     if not isinstance(cmap, matplotlib.colors.Colormap):
         raise TypeError(f"cmap must be a colormap name or a matplotlib Colormap, got "
                         f"{type(cmap).__name__}")
-    return cmap.with_extremes(bad=NONFINITE_COLOR)
+    return cmap
 
 
 def _denormalize(x: torch.Tensor, denormalize: Optional[Normalization]) -> torch.Tensor:
@@ -274,7 +274,7 @@ def _check_map(saliency: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name} is empty (shape {tuple(s.shape)}): there is no map to draw")
     for i in range(n):
         _warn_unshowable(s[i].numpy(), f"{name} of input #{i}",
-                         "its panels say so and show no colour scale for it")
+                         "its panels say so, and no colour scale is invented for it")
     if tuple(s.shape[1:]) != tuple(x.shape[2:]):
         s = F.interpolate(s.unsqueeze(1), size=tuple(x.shape[2:]), mode=_INTERP[rank],
                           align_corners=False)[:, 0]
@@ -344,13 +344,14 @@ def _save(fig, save: Optional[PathLike]) -> None:
         fig.savefig(save, dpi=DPI)
 
 
-def _annotate(ax, sal: np.ndarray, finite: np.ndarray) -> None:
-    """Write on the panel what its colours cannot show: no range, masked values."""
+def _annotate(ax, sal: np.ndarray, finite: np.ndarray, scaled: bool) -> None:
+    """Write on the panel what its colours cannot show: no range (unless ``scaled`` on a shared
+    scale, where only an all-zero map is named), masked values."""
     notes = []
     kept = sal[finite]
     if kept.size == 0:
         notes.append("no finite value")
-    elif kept.min() == kept.max():
+    elif kept.min() == kept.max() and (not scaled or kept[0] == 0):
         notes.append("all zero" if kept[0] == 0 else f"constant {kept[0]:.3g}")
     if not finite.all():
         notes.append(f"{sal.size - int(finite.sum())} NaN/inf (magenta)")
@@ -363,18 +364,18 @@ def _draw_map(fig, ax, sal: np.ndarray, lim: Limits, *, alpha: float, cmap: Any,
               colorbar: bool, **where: Any):
     """Draw map ``sal`` on ``ax``; the handle, or None when the map has no colour scale."""
     finite = np.isfinite(sal)
-    if finite.all() and lim is not None:
-        opacity: Any = alpha
-    else:  # masked values opaque; with no range, only they are drawn
-        opacity = np.where(finite, alpha if lim is not None else 0.0, 1.0)
     lo, hi = lim if lim is not None else (0.0, 1.0)
-    handle = ax.imshow(sal, cmap=cmap, alpha=opacity, vmin=lo, vmax=hi, **where)
-    _annotate(ax, sal, finite)
-    if lim is None:
-        return None
-    if colorbar:
-        fig.colorbar(handle, ax=ax, shrink=0.85)
-    return handle
+    # With no range the map layer is kept (its data stays readable) but not drawn.
+    handle = ax.imshow(sal, cmap=cmap, alpha=alpha if lim is not None else 0.0, vmin=lo,
+                       vmax=hi, **where)
+    if not finite.all():  # a layer of its own, opaque: masked values must be seen
+        mask = np.zeros(sal.shape + (4,))
+        mask[~finite] = NONFINITE_COLOR + (1.0,)
+        ax.imshow(mask, **where)
+    _annotate(ax, sal, finite, lim is not None)
+    if colorbar:  # hidden when there is no scale: never an invented one, same panel size
+        fig.colorbar(handle, ax=ax, shrink=0.85).ax.set_visible(lim is not None)
+    return None if lim is None else handle
 
 
 def _draw_image(fig, ax, img: torch.Tensor, sal: Optional[np.ndarray], lim: Limits,
@@ -659,7 +660,9 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
     n = x.shape[0]
     rows = _check_labels(row_titles, n, "row_titles", "input") or [f"#{i}" for i in range(n)]
     colormap = _colormap(cmap)
-    checked = [_check_map(maps[name], x, f"maps[{name!r}]") for name in names]
+    checked = []
+    for name in names:  # a loop, not a comprehension: warnings point at the caller
+        checked.append(_check_map(maps[name], x, f"maps[{name!r}]"))
     rank = x.dim() - 2
     x = _denormalize(x, denormalize)
     if rank == 3:

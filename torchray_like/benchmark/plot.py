@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from numbers import Integral
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+
+from ..visualize import NONFINITE_COLOR, PlotWarning
 
 __all__ = ["plot_example"]
 
@@ -60,6 +64,49 @@ def _stretch(t: torch.Tensor) -> torch.Tensor:
     return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
 
 
+def _map_for_display(smap: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, Optional[str]]:
+    """The map stretched to ``[0, 1]`` over its finite values, its mask of non-finite values,
+    and, when it has no range to stretch, what to write instead of a colour scale."""
+    m = smap.double().numpy()
+    finite = np.isfinite(m)
+    kept = m[finite]
+    if kept.size == 0:
+        return np.zeros_like(m), ~finite, "no finite value"
+    lo, hi = float(kept.min()), float(kept.max())
+    if hi == lo:
+        return np.zeros_like(m), ~finite, "all zero" if lo == 0 else f"constant {lo:.3g}"
+    return np.where(finite, (m - lo) / (hi - lo), 0.0), ~finite, None
+
+
+def _warn_map(bad: np.ndarray, note: Optional[str]) -> None:
+    if bad.any():
+        warnings.warn(f"saliency has {int(bad.sum())} NaN or infinite value(s): they are "
+                      "painted magenta and left out of the colour scale; replace them first "
+                      "(torch.nan_to_num) to give them a colour", PlotWarning, stacklevel=4)
+    if note is not None:
+        warnings.warn(f"saliency is {note}: there is no range to show, so the panel says so "
+                      "and draws no colour bar", PlotWarning, stacklevel=4)
+
+
+def _draw_map(fig, ax, smap: torch.Tensor, h: int, w: int) -> None:
+    """The map over the image's extent, masked values and a missing range shown as such."""
+    shown, bad, note = _map_for_display(smap)
+    _warn_map(bad, note)
+    # Same extent as the image so that coordinates match whatever the map's resolution.
+    where = dict(interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    handle = ax.imshow(shown, cmap="jet", vmin=0.0, vmax=1.0,
+                       alpha=1.0 if note is None else 0.0, **where)
+    if bad.any():  # a layer of its own, opaque, in NONFINITE_COLOR
+        mask = np.zeros(bad.shape + (4,))
+        mask[bad] = NONFINITE_COLOR + (1.0,)
+        ax.imshow(mask, **where)
+    if note is not None:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center",
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
+    # Hidden without a range, never an invented 0..1 scale; the layout stays the same.
+    fig.colorbar(handle, ax=ax, shrink=0.85).ax.set_visible(note is None)
+
+
 def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
                  category_id: int, show_plot: bool = False,
                  save_path: Optional[PathLike] = None, *,
@@ -75,7 +122,11 @@ def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
     saliency : torch.Tensor
         Map of shape ``(1, 1, h, w)`` (or ``(1, h, w)``, ``(h, w)``), at any resolution; it is
         drawn over the same extent as the image (a 7×7 Grad-CAM map shows as 7×7 blocks),
-        stretched to ``[0, 1]``, with the ``'jet'`` colormap and a colour bar.
+        stretched to ``[0, 1]`` over its finite values, with the ``'jet'`` colormap and a
+        colour bar.  NaN and infinite values are painted
+        :data:`~torchray_like.visualize.NONFINITE_COLOR`; a map with no range (all zero) is
+        named on its panel instead of being given a colour bar; both with a
+        :class:`~torchray_like.visualize.PlotWarning`.
     method : str
         Name of the attribution method, used in the title.
     category_id : int
@@ -96,11 +147,24 @@ def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
     matplotlib.figure.Figure
         The figure, with two axes: the image (title ``'input image'``) and the map (title
         ``'<method> (<category>)'``).
+
+    Raises
+    ------
+    ValueError
+        On a bad shape, an empty input or map, or an input with NaN / infinite values.
+    TypeError
+        If an argument has the wrong type.
     """
     import matplotlib.pyplot as plt  # lazy: no backend selected at import time
 
     image = _as_image(input, "input", 3)
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("input has NaN or infinite values and cannot be shown; fix it or "
+                         "replace them with torch.nan_to_num(input)")
     smap = _as_image(saliency, "saliency", 1)
+    if 0 in image.shape or 0 in smap.shape:
+        raise ValueError(f"input {tuple(input.shape)} and saliency {tuple(saliency.shape)} "
+                         "must not be empty")
     if not isinstance(method, str):
         raise TypeError(f"method must be the method's name (a str), got {type(method).__name__}")
     if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
@@ -115,11 +179,8 @@ def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
     fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(8.0, 3.6), dpi=100, layout="constrained")
     ax_img.imshow(_stretch(image).permute(1, 2, 0).numpy())
     ax_img.set_title("input image", fontsize="medium")
-    # Same extent as the image so that coordinates match whatever the map's resolution.
-    handle = ax_map.imshow(_stretch(smap[0]).numpy(), cmap="jet", vmin=0.0, vmax=1.0,
-                           interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    _draw_map(fig, ax_map, smap[0], h, w)
     ax_map.set_title(f"{method} ({label})", fontsize="medium")
-    fig.colorbar(handle, ax=ax_map, shrink=0.85)
     for ax in (ax_img, ax_map):
         ax.set_xticks([])
         ax.set_yticks([])
