@@ -49,10 +49,18 @@ def test_torchray_import_paths_give_functions():
     assert isinstance(gc, types.ModuleType) and gc.grad_cam is grad_cam
 
 
+# Methods whose own function keeps TorchRay's return value (every class without a target, or
+# extremal perturbation's (masks, history)): METHODS holds their uniform map view.
+UNIFORM_VIEWS = {"rise", "extremal_perturbation", "contrastive_excitation_backprop"}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_pickles_and_is_in_the_flat_namespace(name):
     fn = METHODS[name]
-    assert getattr(torchray_like, name) is fn
+    if name in UNIFORM_VIEWS:
+        assert fn.__name__ == f"{name}_map" and callable(getattr(torchray_like, name))
+    else:
+        assert getattr(torchray_like, name) is fn
     assert fn.__module__ == f"torchray_like.attribution.{fn.__module__.rsplit('.', 1)[1]}"
     # functools.partial(method, model) must reach a spawned worker (benchmark sharding).
     model = torch.nn.Linear(2, 2)
@@ -77,7 +85,50 @@ def test_every_method_is_registered():
                 "rise", "extremal_perturbation"}
     assert set(METHODS) == expected
     for name in METHODS:
-        assert inspect.isfunction(METHODS[name]) and METHODS[name].__name__ == name
+        assert inspect.isfunction(METHODS[name])
+        assert METHODS[name].__name__ == (f"{name}_map" if name in UNIFORM_VIEWS else name)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_entry_returns_one_map_per_sample_for_the_target(name, dims):
+    """One contract for METHODS: (N, 1, *spatial) maps of that target, by name alone."""
+    torch.manual_seed(0)
+    conv, pool = (torch.nn.Conv1d, torch.nn.AdaptiveAvgPool1d) if dims == 1 else (
+        torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d)
+    model = torch.nn.Sequential(conv(3, 6, 3, padding=1), torch.nn.ReLU(),
+                                conv(6, 6, 3, padding=1), torch.nn.ReLU(), pool(1),
+                                torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
+    x = torch.rand((2, 3) + (16,) * dims)
+    fast = {"rise": {"num_masks": 32, "num_cells": 4},
+            "extremal_perturbation": {"max_iter": 3, "areas": [0.1, 0.3], "step": 2,
+                                      "sigma": 3}}.get(name, {})
+    smap = METHODS[name](model, x, [1, 2], **fast)
+    assert isinstance(smap, torch.Tensor) and smap.dtype == x.dtype
+    assert smap.dim() == x.dim() and smap.shape[:2] == (2, 1)
+    assert torch.isfinite(smap).all()
+
+
+def test_uniform_views_keep_the_functions_return_values():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 4)).eval()
+    x = torch.rand(2, 3, 12, 12)
+    # extremal perturbation: the masks of the areas, summed per image.
+    masks, history = torchray_like.extremal_perturbation(model, x, 1, areas=[0.1, 0.3],
+                                                         max_iter=3, step=2, sigma=3)
+    assert masks.shape == (4, 1, 12, 12)
+    summed = METHODS["extremal_perturbation"](model, x, 1, areas=[0.1, 0.3], max_iter=3,
+                                              step=2, sigma=3)
+    assert torch.equal(summed, masks.view(2, 2, 12, 12).sum(1, keepdim=True))
+    # RISE: the function gives every class without a target; the entry needs one.
+    assert torchray_like.rise(model, x, num_masks=16).shape == (2, 4, 12, 12)
+    with pytest.raises(ValueError, match="explains one target"):
+        METHODS["rise"](model, x, None, num_masks=16)
+    # contrastive excitation backprop: the contrast at the automatic layer, the map at the input.
+    want = torchray_like.contrastive_excitation_backprop(model, x, 1, "", "1")
+    assert torch.equal(METHODS["contrastive_excitation_backprop"](model, x, 1), want)
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -8,7 +8,11 @@ forward pass among every described method without naming any.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
+
+import torch
+import torch.nn as nn
 
 from .deconvnet import deconvnet
 from .excitation_backprop import contrastive_excitation_backprop, excitation_backprop
@@ -17,11 +21,14 @@ from .grad_cam import grad_cam
 from .gradient import gradient
 from .guided_backprop import guided_backprop
 from .guided_grad_cam import guided_grad_cam
+from .layer_choice import find_saliency_layer
 from .linear_approx import linear_approx
 from .method import description
 from .rise import rise
+from .targets import TargetType
 
-__all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS"]
+__all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS", "rise_map",
+           "extremal_perturbation_map", "contrastive_excitation_backprop_map"]
 
 
 class MethodRegistry(Mapping):
@@ -55,20 +62,82 @@ class MethodRegistry(Mapping):
         return f"MethodRegistry({sorted(self._methods)})"
 
 
-#: Method name → function ``f(model, input, target, **kwargs)``.  Backprop methods and RISE
-#: return maps; ``extremal_perturbation`` returns ``(masks, history)`` as in TorchRay.
-METHODS = MethodRegistry({fn.__name__: fn for fn in (
-    gradient,
-    guided_backprop,
-    deconvnet,
-    linear_approx,
-    grad_cam,
-    guided_grad_cam,
-    excitation_backprop,
-    contrastive_excitation_backprop,
-    rise,
-    extremal_perturbation,
-)})
+# ---------------------------------------------------------------------------------------------
+# The uniform view: every entry returns (N, 1, *spatial) maps for the target
+# ---------------------------------------------------------------------------------------------
+
+
+def _signature_of(function: Callable, **defaults: Any) -> inspect.Signature:
+    """``function``'s signature with some defaults changed (what ``explain`` and ``--help``
+    texts read)."""
+    sig = inspect.signature(function)
+    return sig.replace(parameters=[p.replace(default=defaults[p.name]) if p.name in defaults
+                                   else p for p in sig.parameters.values()])
+
+
+def _require_target(name: str, target: Any) -> None:
+    if target is None:
+        raise ValueError(
+            f"METHODS[{name!r}] explains one target: pass a class index (or one per sample, or "
+            f"a callable output -> (N,) scores); for every class at once call "
+            f"torchray_like.{name} itself")
+
+
+def rise_map(model: nn.Module, input: torch.Tensor, target: TargetType, *args: Any,
+             **options: Any) -> torch.Tensor:
+    """:func:`~.rise.rise` for one target: ``(N, 1, *spatial)`` (``METHODS["rise"]``)."""
+    _require_target("rise", target)
+    return rise(model, input, target, *args, **options)
+
+
+def extremal_perturbation_map(model: nn.Module, input: torch.Tensor, target: TargetType,
+                              *args: Any, **options: Any) -> torch.Tensor:
+    """:func:`~.extremal_perturbation.extremal_perturbation` as one map per image: the masks of
+    every area summed, ``(N, 1, *spatial)`` (the paper's pointing-game protocol sums the masks
+    of its areas; with one area it is that mask).  ``METHODS["extremal_perturbation"]``."""
+    masks, _ = extremal_perturbation(model, input, target, *args, **options)
+    n = input.shape[0]
+    return masks.reshape((n, -1) + tuple(masks.shape[2:])).sum(1, keepdim=True)
+
+
+def contrastive_excitation_backprop_map(model: nn.Module, input: torch.Tensor,
+                                        target: TargetType, saliency_layer: Any = "",
+                                        contrast_layer: Any = None, *args: Any,
+                                        **options: Any) -> torch.Tensor:
+    """:func:`~.excitation_backprop.contrastive_excitation_backprop` with default layers
+    (``METHODS["contrastive_excitation_backprop"]``): the map at the input
+    (``saliency_layer=""``) and the contrast at the layer Grad-CAM would choose
+    (:func:`~.layer_choice.find_saliency_layer`: the last spatial layer)."""
+    if contrast_layer is None:
+        contrast_layer = find_saliency_layer(model, input)
+    return contrastive_excitation_backprop(model, input, target, saliency_layer, contrast_layer,
+                                           *args, **options)
+
+
+rise_map.__signature__ = inspect.signature(rise)  # type: ignore[attr-defined]
+extremal_perturbation_map.__signature__ = (  # type: ignore[attr-defined]
+    inspect.signature(extremal_perturbation))
+contrastive_excitation_backprop_map.__signature__ = _signature_of(  # type: ignore[attr-defined]
+    contrastive_excitation_backprop, saliency_layer="", contrast_layer=None)
+
+
+#: Method name → function ``f(model, input, target, **options)`` returning ``(N, 1, *spatial)``
+#: maps for ``target``: the method's own function where it already does (the backprop methods),
+#: else its uniform view (:func:`rise_map`, :func:`extremal_perturbation_map`,
+#: :func:`contrastive_excitation_backprop_map`), whose own functions keep TorchRay's return
+#: values (RISE every class without a target, extremal perturbation ``(masks, history)``).
+METHODS = MethodRegistry({
+    "gradient": gradient,
+    "guided_backprop": guided_backprop,
+    "deconvnet": deconvnet,
+    "linear_approx": linear_approx,
+    "grad_cam": grad_cam,
+    "guided_grad_cam": guided_grad_cam,
+    "excitation_backprop": excitation_backprop,
+    "contrastive_excitation_backprop": contrastive_excitation_backprop_map,
+    "rise": rise_map,
+    "extremal_perturbation": extremal_perturbation_map,
+})
 
 #: The methods described as data: they share one forward pass in ``explain``.
 SHARED_METHODS: Tuple[str, ...] = tuple(name for name, fn in METHODS.items()
