@@ -394,3 +394,122 @@ def test_dropping_a_probe_releases_the_global_pass_hooks():
     assert global_hook_counts() == before
     Probe(net.features[0], accumulate=True)  # needs no global hook
     assert global_hook_counts() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Aliasing layers (issue 17, item 4): a layer returning its own input, which a skip connection
+# also uses.  The layer's gradient is what flows through the layer, never the skip's.
+# ---------------------------------------------------------------------------------------------
+
+TAPS = {
+    "nn.Identity": lambda: nn.Identity(),
+    "eval nn.Dropout": lambda: nn.Dropout(0.5),
+    "empty nn.Sequential": lambda: nn.Sequential(),
+}
+
+
+class SkipTap(nn.Module):
+    """h = relu(conv1(x)); t = tap(h); y = conv2(t) + h (the skip uses the tap's input)."""
+
+    def __init__(self, tap):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.tap = tap
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        y = self.conv2(self.tap(h)) + h
+        return self.head(F.relu(y).mean((2, 3)))
+
+
+def through_the_tap(net, x, classes):
+    """By hand: the tap's activation and the gradient reaching it through conv2 only."""
+    h = F.relu(net.conv1(x)).detach()
+    t = h.clone().requires_grad_(True)
+    y = net.head(F.relu(net.conv2(t) + h).mean((2, 3)))
+    (g,) = torch.autograd.grad(y[torch.arange(len(classes)), classes].sum(), t)
+    return h, g
+
+
+def skip_batch():
+    return torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("tap", list(TAPS))
+def test_output_probe_of_a_layer_returning_its_input_reads_its_own_gradient(tap):
+    net = SkipTap(TAPS[tap]()).double().eval()
+    x = skip_batch()
+    activation, expected = through_the_tap(net, x, [0, 2])
+    with Probe(net.tap, target="output") as probe:
+        y = net(x)
+        y[[0, 1], [0, 2]].sum().backward()
+        (read,) = probe.data
+        torch.testing.assert_close(read.detach(), activation, rtol=0, atol=0)
+        torch.testing.assert_close(read.grad, expected, rtol=1e-12, atol=1e-12)
+    # The skip's share is large: reading the shared tensor would be far off.
+    h = F.relu(net.conv1(x)).detach().requires_grad_(True)
+    y = net.head(F.relu(net.conv2(h) + h).mean((2, 3)))
+    (aliased,) = torch.autograd.grad(y[[0, 1], [0, 2]].sum(), h)
+    assert (aliased - expected).norm() > 0.5 * expected.norm()
+
+
+@pytest.mark.parametrize("tap", list(TAPS))
+def test_grad_cam_and_linear_approx_at_an_aliasing_layer_match_the_hand_computation(tap):
+    from torchray_like import grad_cam
+    from torchray_like.attribution.linear_approx import linear_approx
+
+    net = SkipTap(TAPS[tap]()).double().eval()
+    x = skip_batch()
+    a, g = through_the_tap(net, x, [1, 2])
+    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    lin = (g * a).sum(1, keepdim=True)
+    got_cam = grad_cam(net, x, [1, 2], saliency_layer="tap")
+    got_lin = linear_approx(net, x, [1, 2], saliency_layer="tap")
+    assert got_cam.shape == got_lin.shape == (2, 1, 7, 7)
+    torch.testing.assert_close(got_cam, cam, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_lin, lin, rtol=1e-10, atol=1e-12)
+
+
+def test_input_and_output_probes_of_an_identity_read_different_gradients():
+    """TorchRay's input probe reads the input tensor, whose gradient includes the skip; the
+    output probe reads the layer's own output."""
+    net = SkipTap(nn.Identity()).double().eval()
+    x = skip_batch()
+    _, through = through_the_tap(net, x, [0, 0])
+    with Probe(net.tap, target="input") as pin, Probe(net.tap, target="output") as pout:
+        y = net(x)
+        y[:, 0].sum().backward()
+        assert pin.data[0] is not pout.data[0]
+        torch.testing.assert_close(pout.data[0].grad, through, rtol=1e-12, atol=1e-12)
+        assert (pin.data[0].grad - through).norm() > 0.5 * through.norm()
+
+
+def test_in_place_module_output_probe_reads_a_copy_and_leaves_the_model_output():
+    net = VGGish(inplace=True).double()
+    ref = VGGish(inplace=False).double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    with Probe(net.features[1], target="output") as probe:
+        y = net(x)
+        (read,) = probe.data
+        y[0, 1].backward()
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    assert read.shape == (1, 4, 5, 5) and bool((read >= 0).all())
+    h = ref.features[:2](x).detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(ref.fc(ref.features[2:](h).flatten(1))[0, 1], h)
+    torch.testing.assert_close(read.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ignored_other_thread_calls_are_counted():
+    import threading
+
+    net = VGGish(inplace=False)
+    with Probe(net.features[0], "output", this_thread_only=True) as probe:
+        worker = threading.Thread(target=lambda: net(torch.randn(1, 3, 5, 5)))
+        worker.start()
+        worker.join()
+        assert probe.data == [] and probe.other_thread_calls == 1
+        net(torch.randn(1, 3, 5, 5))
+        assert len(probe.data) == 1 and probe.other_thread_calls == 1

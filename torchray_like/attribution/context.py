@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import threading
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import (Any, Callable, Collection, Dict, Iterator, List, Literal, Optional,
+                    Sequence, Set, Tuple)
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
-           "UnhandledActivationWarning", "TorchRayDifferenceWarning"]
+           "UnhandledActivationWarning", "TorchRayDifferenceWarning", "nodes_on_path",
+           "check_data_parallel"]
 
 
 class NoRuleAppliedWarning(UserWarning):
@@ -56,21 +60,154 @@ def first_tensor_arg(args: tuple, kwargs: dict, names: Tuple[str, ...] = ("input
 
 
 # Non-linearities whose gradient a ReLU rule does not change: seeing one is worth a warning.
-OTHER_ACTIVATIONS = {
-    F.gelu: "gelu", F.silu: "silu", F.elu: "elu", F.selu: "selu", F.celu: "celu",
-    F.leaky_relu: "leaky_relu", F.softplus: "softplus", F.mish: "mish",
-    F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.prelu: "prelu",
-    F.rrelu: "rrelu", torch.tanh: "tanh", torch.Tensor.tanh: "tanh",
-    F.tanh: "tanh", torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", F.logsigmoid: "logsigmoid", F.softsign: "softsign",
-    F.glu: "glu", F.hardshrink: "hardshrink", torch.Tensor.hardshrink: "hardshrink",
-    F.softshrink: "softshrink", F.tanhshrink: "tanhshrink",
-    torch.abs: "abs", torch.Tensor.abs: "abs", torch.Tensor.abs_: "abs",
-    torch.absolute: "abs", torch.Tensor.absolute: "abs", torch.Tensor.__abs__: "abs",
+# Every spelling counts — module, functional, tensor method, in-place, ``torch.special`` and
+# ``torch.ops.aten`` — and so do the elementwise functions activations are written with by hand
+# (an erf-written GELU, ``x * expit(x)``, a sine activation).  Not listed on purpose: operations
+# of normalisation and output layers (softmax, log, pow, sqrt, division), pooling, and every
+# linear operation; they are no activation a rectifier rule could be expected to cover.
+OTHER_ACTIVATION_NAMES: Dict[str, Tuple[str, ...]] = {
+    # name in warnings: attribute names looked up on F, torch, torch.Tensor, torch.special and
+    # torch.ops.aten (missing ones are skipped: the table works across PyTorch versions).
+    "gelu": ("gelu",), "silu": ("silu",), "mish": ("mish",), "elu": ("elu", "elu_"),
+    "selu": ("selu", "selu_"), "celu": ("celu", "celu_"),
+    "leaky_relu": ("leaky_relu", "leaky_relu_"), "softplus": ("softplus",),
+    "hardswish": ("hardswish", "hardswish_"), "hardsigmoid": ("hardsigmoid", "hardsigmoid_"),
+    "prelu": ("prelu",), "rrelu": ("rrelu", "rrelu_"),
+    "tanh": ("tanh", "tanh_"), "sigmoid": ("sigmoid", "sigmoid_", "expit"),
+    "logsigmoid": ("logsigmoid", "log_sigmoid"), "softsign": ("softsign",), "glu": ("glu",),
+    "hardshrink": ("hardshrink",), "softshrink": ("softshrink",), "tanhshrink": ("tanhshrink",),
+    "abs": ("abs", "abs_", "absolute", "absolute_", "__abs__"),
+    "erf": ("erf", "erf_", "erfc", "erfc_", "erfcx", "ndtr", "log_ndtr"),
+    "exp": ("exp", "exp_", "exp2", "exp2_", "expm1", "expm1_"),
+    "sin": ("sin", "sin_", "sinc", "sinc_"), "cos": ("cos", "cos_"),
+    "atan": ("atan", "atan_", "arctan", "arctan_"),
 }
-for _name in ("abs_", "absolute_"):
-    if hasattr(torch, _name):
-        OTHER_ACTIVATIONS[getattr(torch, _name)] = "abs"
+
+
+def _activation_table() -> Dict[Any, str]:
+    table: Dict[Any, str] = {}
+    aten = torch.ops.aten
+    for name, attributes in OTHER_ACTIVATION_NAMES.items():
+        for attribute in attributes:
+            for owner in (F, torch, torch.Tensor, torch.special):
+                func = getattr(owner, attribute, None)
+                if callable(func):
+                    table[func] = name
+            packet = getattr(aten, attribute, None) if not attribute.startswith("__") else None
+            if packet is not None:
+                table[packet] = name
+                default = getattr(packet, "default", None)
+                if default is not None:
+                    table[default] = name
+    return table
+
+
+OTHER_ACTIVATIONS: Dict[Any, str] = _activation_table()
+
+
+def records_gradient(args: tuple, kwargs: dict) -> bool:
+    """Whether autograd records a call on these arguments through a tensor that is not a
+    parameter: gradients enabled and an argument requiring grad (a parameter's own
+    non-linearity, ``self.scale.exp()``, lies on no path from the input)."""
+    if not torch.is_grad_enabled():
+        return False
+    for value in itertools.chain(args, kwargs.values()):
+        if (isinstance(value, torch.Tensor) and value.requires_grad
+                and not (value.grad_fn is None and isinstance(value, nn.Parameter))):
+            return True
+    return False
+
+
+def _gradient_node(tensor: torch.Tensor) -> Any:
+    """The autograd node a gradient with respect to ``tensor`` is taken at."""
+    return torch.autograd.graph.get_gradient_edge(tensor).node
+
+
+def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],
+                  kinds: Collection[str]) -> List[Any]:
+    """The autograd nodes of a kind in ``kinds`` (class names such as ``"ReluBackward0"``)
+    that lie on a path from ``output`` back to one of ``inputs``.
+
+    Those are exactly the nodes a backward pass from ``output`` to ``inputs`` goes through:
+    nodes below an input, or on branches that reach no input, are left out.  Nodes made in any
+    thread count, which is what a rule context cannot see.  One walk over the graph (tens of
+    microseconds on a ResNet); the second walk, that decides which candidates lie on a path,
+    runs only when candidates exist.
+    """
+    root = output.grad_fn
+    stop_nodes = [_gradient_node(t) for t in inputs
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+    if root is None or not stop_nodes:
+        return []
+    stops = {id(node) for node in stop_nodes}
+    nodes = {id(root): root}  # id -> node; holding the nodes keeps the ids unique
+    stack, found = [root], []
+    while stack:
+        node = stack.pop()
+        if id(node) in stops:
+            continue  # backward stops at an input: what lies below it is not on the path
+        if type(node).__name__ in kinds:
+            found.append(node)
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in nodes:
+                nodes[id(child)] = child
+                stack.append(child)
+    if not found:
+        return []
+    on_path = _ancestors(nodes, stops)
+    return [node for node in found if id(node) in on_path]
+
+
+def _ancestors(nodes: Dict[int, Any], stops: Set[int]) -> Set[int]:
+    """The ids of the nodes from which a node of ``stops`` can be reached (stops included)."""
+    parents: Dict[int, List[int]] = {}
+    for key, node in nodes.items():
+        if key in stops:
+            continue
+        for child, _ in node.next_functions:
+            if child is not None:
+                parents.setdefault(id(child), []).append(key)
+    reached = set(stops)
+    frontier = list(stops)
+    while frontier:
+        for parent in parents.get(frontier.pop(), ()):
+            if parent not in reached:
+                reached.add(parent)
+                frontier.append(parent)
+    return reached
+
+
+THREAD_ADVICE = (
+    "run the whole forward pass in the calling thread: explain model.module rather than an "
+    "nn.DataParallel wrapper (spread devices with DistributedDataParallel, one process per "
+    "device), and run model-parallel branches sequentially while explaining")
+
+
+def check_data_parallel(model: nn.Module) -> None:
+    """Refuse ``nn.DataParallel`` wrappers that would run replicas in worker threads.
+
+    ``nn.DataParallel`` over several devices copies the model and calls each copy in a thread
+    of its own: rule contexts (thread-local) do not reach those threads and probes of the
+    calling thread do not see the copies' layers, so a method with rules or reading a layer
+    would silently use plain rules or fail to find the layer.  On one device (or the CPU)
+    ``DataParallel`` calls the module directly, which is fine.  The methods that enter a rule
+    context or read a layer call this before the forward pass.
+
+    Raises
+    ------
+    ValueError
+        Naming the wrapper and saying what to explain instead.
+    """
+    for name, module in model.named_modules():
+        devices = getattr(module, "device_ids", None) or []
+        if isinstance(module, nn.DataParallel) and len(devices) > 1:
+            target = "model.module" if name == "" else f"model.{name}.module"
+            raise ValueError(
+                f"{type(model).__name__} is wrapped in nn.DataParallel over {len(devices)} "
+                f"devices ({name or 'the whole model'}): it runs copies of the model in worker "
+                "threads, which rule contexts and layer probes do not reach, so the map would "
+                f"silently mix rules or miss the layer; explain {target} (one device) instead, "
+                "and use DistributedDataParallel (one process per device) to spread work")
 
 
 class _ActiveContexts(threading.local):
@@ -155,6 +292,12 @@ class RuleContext(TorchFunctionMode):
     requirement = "a model whose forward pass calls the operations the rule replaces"
     #: Whether to warn about activations listed in ``OTHER_ACTIVATIONS``.
     report_other_activations = False
+    #: Autograd node kinds that mean "a call the context replaces, made outside it": kind ->
+    #: ``test(node, context)`` (true when the node is such a call).  Used by :meth:`check_path`.
+    escaped_kinds: Dict[str, Callable[[Any], bool]] = {}
+    #: Autograd node kinds of non-linearities the rule does not cover: kind -> the names the
+    #: context reports them under (the first is used for nodes it did not see).
+    unhandled_kinds: Dict[str, Tuple[str, ...]] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -192,6 +335,51 @@ class RuleContext(TorchFunctionMode):
         self.unhandled.clear()
         self.calls = 0
 
+    # -- after the forward pass ----------------------------------------------------------------
+    def check_path(self, output: torch.Tensor, reads: Sequence[torch.Tensor],
+                   where: str = "the tensor read") -> None:
+        """Check the graph between ``output`` and the tensors ``reads`` for what the context
+        could not see (call it after the forward pass, before differentiating).
+
+        A context reaches the calls of its own thread only.  Calls it replaces that were made
+        elsewhere — in worker threads the forward pass started (model-parallel branches,
+        ``nn.DataParallel`` over several devices, a ``concurrent.futures`` pool) — keep their
+        plain backward, and the autograd graph shows them as plain nodes.  Any such node on a
+        path from ``output`` to a read tensor is a :class:`ValueError` saying what to do;
+        non-linearities the rule does not cover found there but not seen by the context are
+        added to :attr:`unhandled` (so that the usual warning names them).
+
+        Parameters
+        ----------
+        output : torch.Tensor
+            The tensor differentiated (the target's scores).
+        reads : sequence of torch.Tensor
+            The tensors the gradient is taken at (the input, a probed layer's output).
+        where : str
+            How error messages name ``reads`` (e.g. ``"the input"``).
+        """
+        kinds = set(self.escaped_kinds) | set(self.unhandled_kinds)
+        if not kinds or not isinstance(output, torch.Tensor):
+            return
+        escaped: Dict[str, int] = {}
+        for node in nodes_on_path(output, reads, kinds):
+            kind = type(node).__name__
+            test = self.escaped_kinds.get(kind)
+            if test is not None and test(node, self):
+                escaped[kind] = escaped.get(kind, 0) + 1
+            names = self.unhandled_kinds.get(kind, ())
+            if names and not any(n in self.unhandled for n in names):
+                self.unhandle(names[0])
+        if escaped:
+            seen = ", ".join(f"{k} ×{v}" for k, v in sorted(escaped.items()))
+            raise ValueError(
+                f"{type(self).__name__}: {sum(escaped.values())} {self.replaces} call(s) on the "
+                f"path from the output to {where} were made outside the context ({seen}): the "
+                "model runs part of its forward pass in another thread (threading.Thread, a "
+                "concurrent.futures pool, nn.DataParallel over several devices), where rule "
+                "contexts do not reach, so the result would mix the rule with the plain "
+                f"gradient; {THREAD_ADVICE}")
+
     # -- mode protocol -----------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -203,7 +391,7 @@ class RuleContext(TorchFunctionMode):
             return handler(func, args, kwargs)
         if self.report_other_activations:
             name = OTHER_ACTIVATIONS.get(func)
-            if name is not None:
+            if name is not None and records_gradient(args, kwargs):
                 self.unhandle(name)
         return func(*args, **kwargs)
 

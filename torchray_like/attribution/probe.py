@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.nn.modules import module as module_hooks
 from torch.utils.hooks import RemovableHandle
 
+from .context import THREAD_ADVICE
 from .state import autograd_grad
 
 __all__ = ["get_module", "Probe", "attach_debug_probes"]
@@ -191,7 +192,7 @@ class _ProbeHook:
         self.probe = weakref.ref(probe)
 
     @staticmethod
-    def _record(probe: "Probe", value: Any) -> Any:
+    def _record(probe: "Probe", value: Any, alias: bool = False) -> Any:
         if not probe.accumulate:
             epoch = _PASSES.current()
             if epoch != probe._epoch:
@@ -216,6 +217,11 @@ class _ProbeHook:
             # it and stops there.
             rec = value.detach().requires_grad_(True)
         else:
+            if alias:
+                # The module returned its input (nn.Identity, eval-mode Dropout, an in-place
+                # module), a tensor other code may also use (a skip connection): read a copy
+                # of its own, so that its gradient is only what flows through this layer.
+                rec = value.clone()
             rec.retain_grad()
         rec.register_hook(_ContrastHook(probe, len(probe.data)))
         probe.data.append(rec)
@@ -225,15 +231,27 @@ class _ProbeHook:
 
     def __call__(self, module, inputs, output=None):
         probe = self.probe()
-        if probe is None or (probe.thread is not None and probe.thread != threading.get_ident()):
+        if probe is None:
+            return None
+        if probe.thread is not None and probe.thread != threading.get_ident():
+            probe.other_thread_calls += 1  # said in the error when this thread saw no call
             return None
         if probe.target == "output":
-            return self._record(probe, output)
+            return self._record(probe, output, any(output is t for t in _tensors(inputs)))
         if not inputs:
             raise TypeError(
                 f"Probe: {type(module).__name__} was called without a positional input")
         new = self._record(probe, inputs[0])
         return None if new is None else (new,) + tuple(inputs[1:])
+
+
+def _tensors(values: Any) -> Iterator[Any]:
+    """The tensors among a module's positional inputs (also inside tuples and lists)."""
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            yield from _tensors(value)
+        else:
+            yield value
 
 
 def _release(handle: Any, tracked: bool) -> None:
@@ -288,9 +306,17 @@ class Probe:
         Whether the module works in place (``nn.ReLU(inplace=True)``).  The probe is safe either
         way: the network continues from a copy of the recorded tensor, so neither the recorded
         values nor their gradient are changed by an in-place operation.
+    other_thread_calls : int
+        With ``this_thread_only``: how many calls made by other threads were ignored (a model
+        running this module in a worker thread records nothing here).
 
     Notes
     -----
+    An output probe records the module's *own* output.  When the module returns its input
+    (``nn.Identity``, eval-mode ``nn.Dropout``, in-place modules), the probe records a copy,
+    so that the recorded gradient is what flows through the module only, not what reaches the
+    same tensor through a skip connection.
+
     The probe holds no reference cycle: dropping it removes its hook; :meth:`remove` (or leaving
     its ``with`` block) removes the hook and frees the data.
     """
@@ -311,6 +337,7 @@ class Probe:
         self.contrast: Union[torch.Tensor, Sequence[torch.Tensor], None] = None
         self.non_negative_contrast = False
         self.inplace = bool(getattr(module, "inplace", False))
+        self.other_thread_calls = 0
         self._epoch = -1
         hook = _ProbeHook(self)
         if target == "output":
@@ -400,6 +427,12 @@ def single_call(probe: Probe, label: str = "saliency_layer", name: Any = None) -
     """The one tensor ``probe`` recorded, or a ValueError naming ``label`` (the argument)."""
     what = f"{label} {layer_label(name if name is not None else probe.module)}"
     if not probe.data:
+        if probe.other_thread_calls:
+            raise ValueError(
+                f"{what} was called {probe.other_thread_calls} time(s) in another thread and "
+                "never in the thread running the method: the model runs it in a worker thread "
+                "(threading, concurrent.futures, nn.DataParallel over several devices), which "
+                f"probes and rule contexts do not reach; {THREAD_ADVICE}")
         raise ValueError(f"{what} was not called in the forward pass")
     if len(probe.data) > 1:
         raise ValueError(

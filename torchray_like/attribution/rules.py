@@ -142,6 +142,11 @@ def _zero_tensor_like(z: Any, x: torch.Tensor) -> Optional[bool]:
     return True
 
 
+def _records(value: Any) -> bool:
+    """Whether autograd records operations on ``value`` (a tensor requiring grad)."""
+    return isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled()
+
+
 def _arg(args: tuple, kwargs: dict, index: int, names: tuple, default: Any = None) -> Any:
     if len(args) > index:
         return args[index]
@@ -166,6 +171,61 @@ def _replace_first(func: Callable, args: tuple, kwargs: dict, names: tuple
 #: Attribute a comparison's result carries inside a ReLUContext: ``(weakref to x, sign)`` for
 #: ``x > 0`` / ``x >= 0`` (sign +1) and ``x < 0`` / ``x <= 0`` (sign -1).
 _MASK_ATTR = "_torchray_like_sign_of"
+
+
+def _saved(node: Any, name: str) -> Any:
+    """A value an autograd node saved from its forward call (``None`` when absent)."""
+    return getattr(node, "_saved_" + name, None)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and value > 0
+
+
+def _native_relu(node: Any, context: RuleContext) -> bool:
+    return True  # inside a ReLUContext every recorded ReLU becomes a RectifierFunction node
+
+
+def _native_hardtanh(node: Any, context: RuleContext) -> bool:
+    return _is_zero(_saved(node, "min_val")) and _positive(_saved(node, "max_val"))
+
+
+def _native_threshold(node: Any, context: RuleContext) -> bool:
+    # threshold(x, 0, v) with v != 0 is no rectifier and keeps a plain node inside the context
+    # too (reported as unhandled); the node does not save v, so those cannot be told apart.
+    return _is_zero(_saved(node, "threshold")) and not context.unhandled.get("threshold")
+
+
+def _native_clamp(node: Any, context: RuleContext) -> bool:
+    upper = _saved(node, "max")
+    return _is_zero(_saved(node, "min")) and (upper is None or _positive(upper))
+
+
+#: Plain autograd nodes of rectifiers, which a ReLUContext never leaves in its own thread.
+NATIVE_RECTIFIER_NODES = {
+    "ReluBackward0": _native_relu, "HardtanhBackward0": _native_hardtanh,
+    "ThresholdBackward0": _native_threshold, "ClampBackward1": _native_clamp,
+    "ClampMinBackward0": _native_clamp,
+}
+
+#: Autograd nodes of non-linearities a rectifier rule does not cover -> the names the context
+#: reports their calls under (see ``OTHER_ACTIVATION_NAMES``).
+UNHANDLED_NODES = {
+    "GeluBackward0": ("gelu",), "SiluBackward0": ("silu",), "MishBackward0": ("mish",),
+    "EluBackward0": ("elu", "selu", "celu"), "EluBackward1": ("elu", "selu", "celu"),
+    "CeluBackward0": ("celu",), "CeluBackward1": ("celu",),
+    "LeakyReluBackward0": ("leaky_relu",), "LeakyReluBackward1": ("leaky_relu",),
+    "RreluWithNoiseBackward0": ("rrelu",), "RreluWithNoiseBackward1": ("rrelu",),
+    "PreluKernelBackward0": ("prelu",), "SoftplusBackward0": ("softplus",),
+    "HardswishBackward0": ("hardswish",), "HardsigmoidBackward0": ("hardsigmoid",),
+    "TanhBackward0": ("tanh", "tanhshrink"), "SigmoidBackward0": ("sigmoid",),
+    "LogSigmoidBackward0": ("logsigmoid",), "GluBackward0": ("glu",),
+    "HardshrinkBackward0": ("hardshrink",), "SoftshrinkBackward0": ("softshrink",),
+    "AbsBackward0": ("abs", "softsign"), "ErfBackward0": ("erf",), "ErfcBackward0": ("erf",),
+    "SpecialErfcxBackward0": ("erf",), "ExpBackward0": ("exp",), "Exp2Backward0": ("exp",),
+    "Expm1Backward0": ("exp",), "SinBackward0": ("sin",), "SincBackward0": ("sin",),
+    "CosBackward0": ("cos",), "AtanBackward0": ("atan",),
+}
 
 
 class ReLUContext(RuleContext):
@@ -215,6 +275,8 @@ class ReLUContext(RuleContext):
     requirement = ("a model that uses ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, "
                    "ReLU6, clamp(min=0) ...)")
     report_other_activations = True
+    escaped_kinds = NATIVE_RECTIFIER_NODES
+    unhandled_kinds = UNHANDLED_NODES
 
     def __init__(self, function_class: Union[ReLURule, type]) -> None:
         super().__init__()
@@ -265,6 +327,11 @@ class ReLUContext(RuleContext):
         self._put([torch.lt, torch.Tensor.lt, torch.less, torch.Tensor.less, torch.le,
                    torch.Tensor.le, torch.less_equal, torch.Tensor.less_equal],
                   self._negative_mask)
+        # x * (x > 0), x.masked_fill(x < 0, 0): rectifiers written with the sign mask, which
+        # keep their plain gradient (reported, not replaced).
+        self._put([torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.multiply,
+                   torch.Tensor.multiply, torch.masked_fill, torch.Tensor.masked_fill,
+                   torch.Tensor.masked_fill_], self._masked)
 
     def _put(self, funcs: Iterable[Any], handler: Callable) -> None:
         for func in funcs:
@@ -457,11 +524,27 @@ class ReLUContext(RuleContext):
                     return _func(*new, **{k: (t if v is _kept else v)
                                           for k, v in _kwargs.items()})
                 return self._apply(kept, None, False, "where", compute)
+        if source is not None and _records(source) and (_records(a) or _records(b)):
+            # where(x > 0, x, 0.1 * x) and other gates on the sign of x: not a rectifier form
+            self.unhandle("where")
+            return func(*args, **kwargs)
         for kept, zero in ((a, b), (b, a)):
             if (isinstance(kept, torch.Tensor) and kept.is_floating_point()
                     and torch.is_grad_enabled() and kept.requires_grad
                     and _zero_tensor_like(zero, kept) is not False):
                 self.unhandle("where")  # a zero branch: perhaps a rectifier, not in our forms
+                break
+        return func(*args, **kwargs)
+
+    def _masked(self, func, args, kwargs):
+        a = _arg(args, kwargs, 0, ("input", "self"))
+        b = _arg(args, kwargs, 1, ("other", "mask"))
+        for mask, kept in ((b, a), (a, b)):
+            mark = getattr(mask, _MASK_ATTR, None) if isinstance(mask, torch.Tensor) else None
+            source = mark[0]() if mark is not None else None
+            if source is not None and _records(source) and _records(kept):
+                name = getattr(func, "__name__", "")
+                self.unhandle("masked_fill" if name.startswith("masked_fill") else "mask multiply")
                 break
         return func(*args, **kwargs)
 
