@@ -79,7 +79,7 @@ def test_overlay_layouts_resizing_and_normalize():
     np.testing.assert_allclose(overlay(chw[None], sal[None, None]), a)
     # alpha 0: the image itself; grey and uint8 images become RGB.
     np.testing.assert_allclose(overlay(hwc, sal, alpha=0.0), hwc, atol=1e-6)
-    with pytest.warns(PlotWarning, match="saliency is all zero"):
+    with pytest.warns(PlotWarning, match="saliency of input #0 is all zero"):
         grey = overlay(np.full((4, 4), 255, np.uint8), torch.zeros(4, 4), alpha=0.0)
     np.testing.assert_allclose(grey, np.ones((4, 4, 3)))
     # normalize=False clamps instead of stretching: 0.5 stays 0.5, and a constant is fine.
@@ -87,13 +87,13 @@ def test_overlay_layouts_resizing_and_normalize():
         warnings.simplefilter("error")
         flat = overlay(torch.zeros(1, 2, 2), torch.full((2, 2), 0.5), alpha=1.0, normalize=False)
     np.testing.assert_allclose(flat[0, 0], JET(0.5)[:3])
-    with pytest.warns(PlotWarning, match=r"saliency is constant \(0.5\): normalize=True has no"):
+    with pytest.warns(PlotWarning, match=r"input #0 is constant \(0.5\): normalize=True has"):
         stretched = overlay(torch.zeros(1, 2, 2), torch.full((2, 2), 0.5), alpha=1.0)
     np.testing.assert_allclose(stretched[0, 0], JET(0.0)[:3])  # constant map -> 0
 
 
 def test_overlay_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="saliency must have shape"):
+    with pytest.raises(ValueError, match=r"saliency has a batch of 2 maps for 1 input\(s\)"):
         overlay(torch.zeros(3, 4, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="alpha must be a number in"):
         overlay(torch.zeros(3, 4, 4), torch.zeros(4, 4), alpha=2)
@@ -343,7 +343,7 @@ def test_plot_methods_options_pixels_and_other_ranks():
 
 def test_plot_methods_rejects_bad_arguments():
     x = torch.rand(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"maps\['b'\] has a batch of 1 maps but x has 2"):
+    with pytest.raises(ValueError, match=r"maps\['b'\] has a batch of 1 maps for 2 input"):
         plot_methods(x, {"a": torch.rand(2, 8, 8), "b": torch.rand(1, 8, 8)})
     with pytest.raises(ValueError, match="titles must have one entry per map"):
         plot_methods(x, {"a": torch.rand(2, 8, 8)}, titles=["a", "b"])
@@ -470,16 +470,17 @@ def test_overlay_of_a_batch():
         np.testing.assert_allclose(out[k], overlay(images[k], maps[k]))
     np.testing.assert_allclose(overlay(images.permute(0, 2, 3, 1).numpy(), maps[:, 0]), out)
     assert overlay(images[:1], maps[:1]).shape == (6, 6, 3)  # a batch of one: one image
-    with pytest.raises(ValueError, match=r"\(2, H, W\) or \(2, 1, H, W\), one map per image"):
+    with pytest.raises(ValueError, match=r"saliency must have shape \(N, 1, \*spatial\) or"):
         overlay(images, torch.rand(6, 6))
 
 
 @pytest.mark.parametrize("image, s, words", [
     (torch.zeros(3, 5, 6), torch.zeros(0, 0), r"saliency is empty \(shape \(0, 0\)\)"),
-    (torch.zeros(3, 0, 0), torch.zeros(0, 0), r"image is empty \(shape \(3, 0, 0\)\)"),
-    (torch.full((3, 4, 4), float("nan")), torch.zeros(4, 4), "image has NaN or infinite"),
-    (torch.zeros(3, 4, 4), torch.zeros(5, 4, 4), r"select the target's, e\.g\. saliency\[\.\.\."),
-    (torch.zeros(3, 4, 4), torch.zeros(1, 5, 4, 4), "If its channels are classes"),
+    (torch.zeros(3, 0, 0), torch.zeros(0, 0), r"image is empty \(shape \(1, 3, 0, 0\)\)"),
+    (torch.full((3, 4, 4), float("nan")), torch.zeros(4, 4), r"image has 48 NaN or infinite"),
+    (torch.zeros(3, 4, 4), torch.zeros(5, 4, 4), r"if they are classes, select the target's: "
+                                                 r"saliency\[c\]"),
+    (torch.zeros(3, 4, 4), torch.zeros(1, 5, 4, 4), r"If its 5 channels are classes \(a multi"),
 ])
 def test_overlay_refuses_empty_nonfinite_images_and_multiclass_maps(image, s, words):
     with pytest.raises(ValueError, match=words):

@@ -4,35 +4,20 @@ r"""Figures of inputs and saliency maps: images, 3-D volumes / videos and 1-D si
 * :func:`plot_methods` — one row per input, one column per attribution method;
 * :func:`overlay` — an image (or a batch) blended with a colour-mapped saliency map, as an array.
 
-matplotlib is imported only when one of these functions runs (importing this module is cheap
-and selects no backend).  Figures are plain :class:`matplotlib.figure.Figure` objects:
+matplotlib is imported only when one of these functions runs.  Figures are made through pyplot
+with ``save=None`` (they show in notebooks), as standalone Agg figures never registered with
+pyplot with ``save=path``; at :data:`DPI` dots per inch, each panel :data:`IMAGE_PANEL`,
+:data:`IMAGE_PANEL_COLORBAR` or :data:`SIGNAL_PANEL` inches (plus :data:`COLORBAR_WIDTH` for the
+one colour bar of a shared scale), so that saved files have a predictable size.
 
-* with ``save=None`` the figure is created through :mod:`matplotlib.pyplot`, so it appears in a
-  notebook or with :func:`matplotlib.pyplot.show` as usual — close it with
-  ``plt.close(fig)`` when making many;
-* with ``save=path`` it is built as a standalone ``Figure`` on an Agg canvas, saved and returned:
-  it is never registered with pyplot, so it never opens a window and is freed when the last
-  reference to it goes, however many are made.
-
-Sizes are fixed so that a saved file's pixel size is predictable: figures are drawn at
-:data:`DPI` dots per inch and every panel of a grid has the size given by :data:`IMAGE_PANEL`,
-:data:`IMAGE_PANEL_COLORBAR` or :data:`SIGNAL_PANEL` (in inches); a saved figure has exactly
-``round(columns * panel_width * DPI)`` × ``round(rows * panel_height * DPI)`` pixels, plus
-:data:`COLORBAR_WIDTH` in width when all maps share one colour scale and so one colour bar.
-
-Layout of the inputs: ``x`` is a batch ``(N, C, *spatial)`` whose number of spatial dimensions
-selects the kind of plot — ``(N, C, L)`` signals, ``(N, C, H, W)`` images, ``(N, C, T, H, W)``
-volumes or videos (shown one slice / frame at a time).  Images may also come channel-last, as
-NumPy and PIL hold them: one NumPy image ``(H, W, 3)`` or ``(H, W, 4)`` (RGBA, alpha dropped), or
-a batch ``(N, H, W, C)`` whose last axis has 1, 3 or 4 entries and whose second has not.
-Saliency maps are ``(N, 1, *spatial)`` or ``(N, *spatial)`` (or ``spatial`` alone for one
-input); if their spatial size differs from the input's they are resized to it by linear /
-bilinear / trilinear interpolation.
-
-Maps that cannot be shown as they are are never drawn silently (a :class:`PlotWarning` says
-what happened): NaN and infinite values are painted :data:`NONFINITE_COLOR` (opaque) and left
-out of the colour scale, and a map with no range (all zero, or constant) is written on its panel
-as ``"all zero"`` / ``"constant <v>"`` instead of being drawn against an invented colour bar.
+Inputs ``x`` are batches ``(N, C, L)`` (signals), ``(N, C, H, W)`` (images) or
+``(N, C, T, H, W)`` (volumes, videos), or channel-last images: one NumPy ``(H, W, 3 or 4)``
+image, or a batch ``(N, H, W, C)`` whose last axis has 1, 3 or 4 entries and whose second has
+not (RGBA loses its alpha).  Maps are ``(N, 1, *spatial)`` or ``(N, *spatial)``, resized to the
+input by (bi/tri)linear interpolation.  Maps that cannot be shown as they are never are silently:
+NaN and infinite values are painted :data:`NONFINITE_COLOR`, opaque, outside the colour scale,
+and a map with no range is named on its panel (``"all zero"``) instead of being given an
+invented colour bar, each with a :class:`PlotWarning`.
 """
 
 from __future__ import annotations
@@ -82,21 +67,12 @@ def _warn(message: str) -> None:
     warnings.warn(message, PlotWarning, stacklevel=5)  # the user's call
 
 
-# ------------------------------------------------------------------------------------------------
-# Argument checks and conversions
-# ------------------------------------------------------------------------------------------------
-
-def _spatial_hw(saliency: Any) -> Optional[Tuple[int, ...]]:
-    """The last two sizes of a map, to tell an image's layout; None when it has none."""
-    shape = getattr(saliency, "shape", ())
-    return tuple(shape[-2:]) if len(shape) >= 2 else None
-
-
-def _channel_first(shape: Tuple[int, ...], default: bool, map_hw: Any,
+def _channel_first(shape: Tuple[int, ...], default: bool, map_shape: Any,
                    name: Optional[str]) -> bool:
     """Whether a 3-D image ``shape`` is ``(C, H, W)``: the end with 1, 3 or 4 entries holds the
-    channels; if both (or neither) may, the map's size decides, then the ``default`` layout
-    (with a warning naming ``name`` if both may and a name is given)."""
+    channels; if both (or neither) may, the map's ``(H, W)`` decides, then the ``default``
+    layout (with a warning naming ``name`` if both may and a name is given)."""
+    map_hw = tuple(map_shape[-2:]) if map_shape is not None and len(map_shape) >= 2 else None
     first, last = shape[0] in _CHANNELS, shape[2] in _CHANNELS
     if first != last:
         return first
@@ -110,7 +86,7 @@ def _channel_first(shape: Tuple[int, ...], default: bool, map_hw: Any,
     return default
 
 
-def _check_x(x: Any, saliency: Any = None) -> torch.Tensor:
+def _check_x(x: Any, saliency: Any = None, name: str = "x") -> torch.Tensor:
     """``x`` as a float batch ``(N, C, *spatial)``, channel-last images transposed."""
     one_image = isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] in (3, 4)
     x = as_tensor(x, "x")
@@ -118,20 +94,21 @@ def _check_x(x: Any, saliency: Any = None) -> torch.Tensor:
         x = x.unsqueeze(0)  # a NumPy (H, W, C) image, as overlay takes it
     # A batch (N, C, H, W) follows PyTorch's layout when it may, without a warning.
     if x.dim() == 4 and not _channel_first(tuple(x.shape[1:]), not one_image,
-                                           _spatial_hw(saliency), "x" if one_image else None):
+                                           getattr(saliency, "shape", None),
+                                           "x" if one_image else None):
         x = x[..., :3].permute(0, 3, 1, 2)  # channel-last (N, H, W, C); RGBA loses its alpha
     if x.dim() not in (3, 4, 5):
         raise ValueError("x must be a batch of shape (N, C, L) (signals), (N, C, H, W) (images) "
                          f"or (N, C, T, H, W) (volumes/videos); got {tuple(x.shape)}. "
                          "For a single input add the batch dimension: x.unsqueeze(0)")
     if 0 in x.shape:
-        raise ValueError(f"x is empty (shape {tuple(x.shape)}): it needs at least one sample, "
-                         "one channel and one element along every spatial dimension")
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): it needs a sample, a "
+                         "channel and one element along every spatial dimension")
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()  # 8-bit: the 0..255 range
     bad = int((~torch.isfinite(x)).sum())
     if bad:
-        raise ValueError(f"x has {bad} NaN or infinite value(s) and cannot be shown; fix the "
-                         "input, or replace them with torch.nan_to_num(x)")
+        raise ValueError(f"{name} has {bad} NaN or infinite value(s) and cannot be shown; fix "
+                         f"it, or replace them with torch.nan_to_num({name})")
     return x
 
 
@@ -151,9 +128,8 @@ def _check_labels(labels: Any, count: int, name: str, what: str) -> Optional[Lis
     if labels is None:
         return None
     if isinstance(labels, str) or not isinstance(labels, Sequence):
-        raise TypeError(f"{name} must be a sequence of strings, one per {what}, got "
-                        f"{type(labels).__name__}" + (" (a single string)" if
-                                                      isinstance(labels, str) else ""))
+        got = "a single string" if isinstance(labels, str) else type(labels).__name__
+        raise TypeError(f"{name} must be a sequence of strings, one per {what}, got {got}")
     if len(labels) != count:
         raise ValueError(f"{name} must have one entry per {what} ({count}), got {len(labels)}")
     return [str(label) for label in labels]
@@ -213,25 +189,20 @@ def _to_display_range(x: torch.Tensor, denormalized: bool) -> torch.Tensor:
         return x.clamp(0.0, 1.0)
     if x.numel() and x.min() >= 0 and x.max() <= 1:
         return x
-    flat = x.flatten(1)
-    lo = flat.min(1).values.view(-1, *([1] * (x.dim() - 1)))
-    hi = flat.max(1).values.view(-1, *([1] * (x.dim() - 1)))
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    return ((x - lo) / span).clamp(0.0, 1.0)
+    dims = tuple(range(1, x.dim()))
+    lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    return ((x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))).clamp(0.0, 1.0)
 
 
 def _channels_hint(name: str, shape: Tuple[int, ...], x_channels: int) -> str:
     """What to do with a map of several channels: classes are selected, input channels reduced."""
-    k = shape[1]
     select = (f"select the target's channel, {name}[:, c:c + 1] (one class per input: "
               f"{name}[torch.arange(N), target].unsqueeze(1))")
     reduce = f"reduce them, e.g. {name}.abs().amax(1, keepdim=True)"
-    if k == x_channels:
-        advice = (f"Its {k} channels match x's: if they are per-input-channel attributions, "
-                  f"{reduce}; if they are classes, {select}")
-    else:
-        advice = (f"If its {k} channels are classes (a multi-class map), {select}; if they are "
-                  f"per-input-channel attributions, {reduce}")
+    advice = (f"Its {shape[1]} channels match x's: if they are per-input-channel attributions, "
+              f"{reduce}; if they are classes, {select}" if shape[1] == x_channels else
+              f"If its {shape[1]} channels are classes (a multi-class map), {select}; if they "
+              f"are per-input-channel attributions, {reduce}")
     return (f"{name} must have one channel, shape (N, 1, *spatial) or (N, *spatial); got "
             f"{shape}. {advice}")
 
@@ -253,10 +224,12 @@ def _warn_unshowable(values: np.ndarray, label: str, constant_note: Optional[str
               "evidence or when its gradient does not reach the input")
 
 
-def _check_map(saliency: Any, x: torch.Tensor, name: str) -> torch.Tensor:
+def _check_map(saliency: Any, x: torch.Tensor, name: str,
+               constant_note: Optional[str] = "its panels say so, and no colour scale is "
+                                                 "invented for it") -> torch.Tensor:
     """A saliency map for batch ``x`` as ``(N, *spatial)``, resized to ``x``'s spatial size."""
     s = as_tensor(saliency, name).float()
-    n, rank = x.shape[0], x.dim() - 2
+    shape, n, rank = tuple(s.shape), x.shape[0], x.dim() - 2
     if s.dim() == rank and n == 1:
         s = s.unsqueeze(0)  # the one map of one input
     if s.dim() == rank + 2:
@@ -265,16 +238,16 @@ def _check_map(saliency: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         s = s[:, 0]
     elif s.dim() != rank + 1:
         raise ValueError(f"{name} must have shape (N, 1, *spatial) or (N, *spatial) with "
-                         f"{rank} spatial dimension(s) like x {tuple(x.shape)}; "
-                         f"got {tuple(s.shape)}")
+                         f"{rank} spatial dimension(s) like the input {tuple(x.shape)}; "
+                         f"got {shape}")
     if s.shape[0] != n:
-        raise ValueError(f"{name} has a batch of {s.shape[0]} maps but x has {n} inputs; "
-                         "pass one map per input")
+        hint = f"; if they are classes, select the target's: {name}[c]" if n == 1 else ""
+        raise ValueError(f"{name} has a batch of {s.shape[0]} maps for {n} input(s); pass one "
+                         f"map per input{hint}")
     if 0 in s.shape:
-        raise ValueError(f"{name} is empty (shape {tuple(s.shape)}): there is no map to draw")
+        raise ValueError(f"{name} is empty (shape {shape}): there is no map to draw")
     for i in range(n):
-        _warn_unshowable(s[i].numpy(), f"{name} of input #{i}",
-                         "its panels say so, and no colour scale is invented for it")
+        _warn_unshowable(s[i].numpy(), f"{name} of input #{i}", constant_note)
     if tuple(s.shape[1:]) != tuple(x.shape[2:]):
         s = F.interpolate(s.unsqueeze(1), size=tuple(x.shape[2:]), mode=_INTERP[rank],
                           align_corners=False)[:, 0]
@@ -302,18 +275,6 @@ def _scales(maps: List[np.ndarray], shared: bool, vmin: Optional[float],
         return [_limits(np.concatenate([m.ravel() for m in maps]), vmin, vmax)] * len(maps)
     return [_limits(m, vmin, vmax) for m in maps]
 
-
-def _image_for_display(img: torch.Tensor) -> Tuple[np.ndarray, bool]:
-    """``(C, H, W)`` in ``[0, 1]`` → ``(H, W, 3)`` RGB, or ``(H, W)`` grey (flag ``True``) for
-    one channel or for a number of channels other than 3 (their mean)."""
-    if img.shape[0] == 3:
-        return img.permute(1, 2, 0).numpy(), False
-    return img.mean(0).numpy(), True
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-# ------------------------------------------------------------------------------------------------
 
 def _new_figure(ncols: int, nrows: int, panel: Tuple[float, float], standalone: bool,
                 extra_width: float = 0.0):
@@ -378,65 +339,46 @@ def _draw_map(fig, ax, sal: np.ndarray, lim: Limits, *, alpha: float, cmap: Any,
     return None if lim is None else handle
 
 
-def _draw_image(fig, ax, img: torch.Tensor, sal: Optional[np.ndarray], lim: Limits,
-                **style: Any):
-    """Image ``(C, H, W)`` in ``[0, 1]`` with an optional map ``(H, W)`` blended on top."""
-    data, grey = _image_for_display(img)
-    if grey:
-        ax.imshow(data, cmap="gray", vmin=0.0, vmax=1.0)
-    else:
-        ax.imshow(data)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return None if sal is None else _draw_map(fig, ax, sal, lim, **style)
-
-
-def _draw_signal(fig, ax, sig: torch.Tensor, sal: Optional[np.ndarray], lim: Limits,
-                 **style: Any):
-    """Signal ``(C, L)`` as lines, with an optional map ``(L,)`` as a coloured band behind."""
-    c, length = sig.shape
-    t = np.arange(length)
+def _draw_panel(fig, ax, x_i: torch.Tensor, disp_i: Optional[torch.Tensor],
+                sal: Optional[np.ndarray], lim: Limits, **style: Any):
+    """A signal ``x_i`` ``(C, L)`` as lines over its map as a band, or an image ``disp_i``
+    ``(C, H, W)`` in ``[0, 1]`` under its map; the map's colour-bar handle or None."""
+    if disp_i is not None:
+        if disp_i.shape[0] == 3:
+            ax.imshow(disp_i.permute(1, 2, 0).numpy())
+        else:  # one channel, or another number than 3: their mean, in grey
+            ax.imshow(disp_i.mean(0).numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return None if sal is None else _draw_map(fig, ax, sal, lim, **style)
+    c, length = x_i.shape
     for k in range(c):
-        ax.plot(t, sig[k].numpy(), linewidth=1.0, label=f"channel {k}")
+        ax.plot(np.arange(length), x_i[k].numpy(), linewidth=1.0, label=f"channel {k}")
     if 1 < c <= 8:
         ax.legend(loc="upper right", fontsize="x-small")
     ax.set_xlim(-0.5, length - 0.5)
     if sal is None:
         return None
     y0, y1 = ax.get_ylim()
-    # The map stretched over the whole plot height, one column per sample, under the lines.
+    # The map over the whole plot height, one column per sample, under the lines.
     handle = _draw_map(fig, ax, sal[None, :], lim, extent=(-0.5, length - 0.5, y0, y1),
                        aspect="auto", origin="lower", interpolation="nearest", zorder=0,
                        **style)
-    ax.set_ylim(y0, y1)
-    ax.set_xlim(-0.5, length - 0.5)
+    ax.set(xlim=(-0.5, length - 0.5), ylim=(y0, y1))
     return handle
-
-
-def _draw_panel(fig, ax, x_i: torch.Tensor, x_disp_i: Optional[torch.Tensor],
-                sal_i: Optional[np.ndarray], lim: Limits, rank: int, **style: Any):
-    if rank == 1:
-        return _draw_signal(fig, ax, x_i, sal_i, lim, **style)
-    assert x_disp_i is not None  # only signals (rank 1) have no display image
-    return _draw_image(fig, ax, x_disp_i, sal_i, lim, **style)
 
 
 def _resolve_slices(slice_: Any, depth: int) -> List[int]:
     """The slices to show along ``T``: ``None`` (middle), an int, a sequence of ints, 'all'."""
-    if slice_ is None:
-        return [depth // 2]
-    if isinstance(slice_, str):
-        if slice_ != "all":
-            raise ValueError(f"slice must be None, an int, a sequence of ints or 'all', "
-                             f"got {slice_!r}")
-        return list(range(depth))
-    many = isinstance(slice_, (Sequence, range)) and len(slice_) > 0
-    items = list(slice_) if many else [slice_]
+    if slice_ is None or (isinstance(slice_, str) and slice_ == "all"):
+        return [depth // 2] if slice_ is None else list(range(depth))
+    many = isinstance(slice_, Sequence) and not isinstance(slice_, str) and len(slice_) > 0
     out = []
-    for t in items:
+    for t in slice_ if many else [slice_]:
         if not isinstance(t, Integral) or isinstance(t, bool):
-            raise TypeError(f"slice must be None, an int, a non-empty sequence of ints or "
-                            f"'all', got {type(t).__name__} in {slice_!r}")
+            kind = ValueError if isinstance(t, str) else TypeError
+            raise kind(f"slice must be None, an int, a non-empty sequence of ints or 'all', "
+                       f"got {t!r} in {slice_!r}")
         if not -depth <= int(t) < depth:
             raise ValueError(f"slice={int(t)} is out of range for {depth} slices/frames "
                              f"(use -{depth} ... {depth - 1})")
@@ -452,15 +394,15 @@ def _grid(shape: Tuple[int, ...], slice_: Any, nrow: Any) -> Tuple[List[Cell], i
     if nrow is not None and (not isinstance(nrow, Integral) or isinstance(nrow, bool)
                              or nrow < 1):
         raise ValueError(f"nrow must be None or a positive integer, got {nrow!r}")
-    n, rank = shape[0], len(shape) - 2
+    wanted, n, rank = 0 if nrow is None else int(nrow), shape[0], len(shape) - 2
     slices: List[Optional[int]] = ([None] if rank != 3 else
                                    list(_resolve_slices(slice_, shape[2])))
     if len(slices) == 1:
-        ncols = min(nrow or (1 if rank == 1 else math.ceil(math.sqrt(n))), n)
+        ncols = min(wanted or (1 if rank == 1 else math.ceil(math.sqrt(n))), n)
         cells = [(i, slices[0], i // ncols, i % ncols) for i in range(n)]
     else:  # each volume: its slices in rows of ncols, the next volume below
         k = len(slices)
-        ncols = min(nrow or (k if k <= _MONTAGE_ROW else math.ceil(math.sqrt(k))), k)
+        ncols = min(wanted or (k if k <= _MONTAGE_ROW else math.ceil(math.sqrt(k))), k)
         per = math.ceil(k / ncols)
         cells = [(i, t, i * per + j // ncols, j % ncols)
                  for i in range(n) for j, t in enumerate(slices)]
@@ -501,64 +443,54 @@ def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
     Parameters
     ----------
     x : torch.Tensor or numpy.ndarray
-        Inputs :math:`N\times C\times L` (signals), :math:`N\times C\times H\times W` (images)
-        or :math:`N\times C\times T\times H\times W` (volumes / videos); channel-last images
-        (one NumPy :math:`H\times W\times 3`, or a batch :math:`N\times H\times W\times C`) as
-        the module notes say.  Images with ``C = 3`` are shown in colour, ``C = 1`` in grey,
-        any other ``C`` as the grey mean of the channels.  ``uint8`` inputs are divided by 255.
-        NaN or infinite values are refused.
+        Inputs :math:`N\times C\times L`, :math:`N\times C\times H\times W` or
+        :math:`N\times C\times T\times H\times W`, or channel-last images (module notes).
+        ``C = 3`` is shown in colour, other ``C`` in grey (the channel mean); ``uint8`` is
+        divided by 255.  NaN or infinite values are refused.
     saliency : torch.Tensor or numpy.ndarray, optional
         Maps :math:`N\times 1\times` *spatial* or :math:`N\times` *spatial*, one per input
-        (a multi-class map must be reduced to its target's channel first); resized to the
-        input's spatial size if it differs.  Default: show the inputs alone.
+        (a multi-class map: select the target's channel first).  Default: the inputs alone.
     alpha : float, optional
         Opacity of the map over the image (``1`` hides the image).  Default: 0.5.
     nrow : int, optional
-        Number of panels in each row of the grid (torchvision's ``make_grid`` convention).
-        Default: :math:`\lceil\sqrt{N}\rceil` for images and volumes, 1 for signals.  With
-        several slices per volume, the number of slices per row of each volume's montage
-        (default: all of them up to 8, else :math:`\lceil\sqrt{k}\rceil` for :math:`k` slices).
+        Panels per row.  Default: :math:`\lceil\sqrt{N}\rceil` (signals: 1).  With several
+        slices per volume, slices per row of each volume's montage (default: all up to 8, else
+        :math:`\lceil\sqrt{k}\rceil` for :math:`k` slices).
     slice : int, sequence of int or 'all', optional
-        For volumes / videos, the index along ``T`` to show (negative counts from the end), a
-        sequence of them, or ``'all'``: several slices make a montage per input (its rows
-        under each other).  Default: the middle one, ``T // 2``.  Ignored for other inputs.
+        For volumes, the index along ``T`` to show (negative from the end), several (a montage
+        per input, one under the other) or ``'all'``.  Default: the middle one, ``T // 2``.
     colorbar : bool, optional
-        Draw a colour bar (in the map's units): one beside each panel, or one for the whole
-        figure when the scale is shared.  Default: True.
+        Colour bars in the map's units: one per panel, or one for a shared scale.  Default: True.
     cmap : str or matplotlib.colors.Colormap, optional
         Colormap of the maps.  Default: ``'jet'``.
     denormalize : (mean, std), optional
-        Undo an input normalisation ``(x - mean) / std`` before display (numbers or one value per
-        channel, e.g. the ImageNet ones); the result is clamped to ``[0, 1]``.  Without it, image
-        values already in ``[0, 1]`` are shown as they are and any other values are stretched
-        per input from their minimum to their maximum.  Signals are plotted in their own units.
+        Undo ``(x - mean) / std`` (numbers or per-channel values) before display, then clamp
+        to ``[0, 1]``.  Without it, images in ``[0, 1]`` are shown as they are and others
+        stretched per input from their minimum to their maximum.
     save : str or path-like, optional
         Save the figure there (format from the extension) at :data:`DPI` dots per inch.
     titles : sequence of str, optional
-        One title per input (class names, say), replacing ``'#<index>'``; volumes add
+        One title per input (class names, say) instead of ``'#<index>'``; volumes add
         ``', slice <t>'``.
     vmin, vmax : float, optional
-        Fixed colour limits of the maps (default: from the finite values of the maps).
+        Fixed colour limits (default: from the maps' finite values).
     shared_scale : bool, optional
-        One colour scale (and one colour bar) for every map of the figure, so that panels
-        compare, instead of one per panel.  Default: True for volumes (frames compare) and when
-        both ``vmin`` and ``vmax`` are given, else False.
+        One colour scale and one colour bar for all the maps, so that panels compare.
+        Default: True for volumes (frames compare) and when both ``vmin`` and ``vmax`` are
+        given, else False (one scale per panel).
 
     Returns
     -------
     matplotlib.figure.Figure
-        The figure.  Panel sizes are :data:`IMAGE_PANEL` (or :data:`IMAGE_PANEL_COLORBAR` when a
-        colour bar is drawn beside each panel) and :data:`SIGNAL_PANEL`; see the module notes
-        for ``save`` and pyplot.  In each image panel ``ax.images[0]`` is the input and
-        ``ax.images[1]`` the map; a map with no range (all zero) or with NaN / inf values is
-        also described in ``ax.texts``, and a :class:`PlotWarning` is issued.
+        The figure.  In an image panel ``ax.images`` holds the input, the map, and a layer of
+        the map's non-finite values if any; ``ax.texts`` names what the colours cannot show.
 
     Raises
     ------
     ValueError
-        If ``x`` or ``saliency`` has the wrong number of dimensions, is empty or (``x``) not
-        finite, their batch sizes differ, ``saliency`` has several channels, or ``alpha``,
-        ``nrow``, ``slice``, ``titles``, ``vmin`` / ``vmax`` are out of range.
+        On a wrong shape, an empty or non-finite ``x``, an empty map, batch sizes that differ,
+        several map channels, or ``alpha``, ``nrow``, ``slice``, ``titles``, ``vmin`` /
+        ``vmax`` out of range.
     TypeError
         If an argument has the wrong type.
     """
@@ -590,17 +522,11 @@ def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
     for (i, t, r, c), m, lim in zip(cells, maps, lims):
         ax = axes[r, c]
         name = f"#{i}" if labels is None else labels[i]
-        if t is None:
-            handles.append(_draw_panel(fig, ax, x[i], None if x_disp is None else x_disp[i],
-                                       m, lim, rank, **style))
-        else:
-            assert x_disp is not None  # slices only for rank 3, which has a display image
-            handles.append(_draw_panel(fig, ax, x[i, :, t], x_disp[i, :, t], m, lim, 2,
-                                       **style))
-            name += f", slice {t}"
+        disp = None if x_disp is None else x_disp[i] if t is None else x_disp[i, :, t]
+        name += "" if t is None else f", slice {t}"
+        handles.append(_draw_panel(fig, ax, x[i], disp, m, lim, **style))
         ax.set_title(name, fontsize="small")
     return _finish(fig, axes, cells, handles, one_bar, save)
-
 
 
 def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[str]] = None,
@@ -613,41 +539,30 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
     Parameters
     ----------
     x : torch.Tensor or numpy.ndarray
-        Inputs, as in :func:`saliency_plot` (signals, images or volumes; volumes show their
-        middle slice).
+        Inputs, as in :func:`saliency_plot` (volumes show their middle slice).
     maps : mapping of str to torch.Tensor
-        Method name → maps for the batch, each :math:`N\times 1\times` *spatial* or
-        :math:`N\times` *spatial* (resized to the input if needed).  Columns follow the
-        mapping's order.  Each map has its own colour scale.
+        Method name → maps for the batch, as ``saliency`` in :func:`saliency_plot`; columns
+        follow the mapping's order, each map has its own colour scale.
     titles : sequence of str, optional
         Column titles replacing the method names, one per map.
-    denormalize : (mean, std), optional
-        As in :func:`saliency_plot`.
-    save : str or path-like, optional
+    denormalize, save, alpha, cmap
         As in :func:`saliency_plot`.
     colorbar : bool, optional
         Draw a colour bar beside each map.  Default: True.
-    alpha : float, optional
-        Opacity of the maps over the input; ``1`` shows the maps alone.  Default: 0.5.
-    cmap : str or matplotlib.colors.Colormap, optional
-        Colormap of the maps.  Default: ``'jet'``.
     row_titles : sequence of str, optional
-        One label per input (its class name, say), written beside its row instead of
-        ``'#<index>'``.
+        One label per input (its class name, say) beside its row, instead of ``'#<index>'``.
 
     Returns
     -------
     matplotlib.figure.Figure
-        Figure of :math:`N` rows and ``1 + len(maps)`` columns: the first column shows the input
-        (titled ``'input'``, labelled with the row title), the others the input with each
-        method's map over it, titled with the method name (top row).  Panel size as in
-        :func:`saliency_plot`.  All-zero and non-finite maps are handled as there.
+        :math:`N` rows and ``1 + len(maps)`` columns: the input (titled ``'input'``), then the
+        input under each method's map, titled with the method's name on the top row.
 
     Raises
     ------
     ValueError
-        On a bad shape of ``x`` or of a map (the message names ``maps['<name>']``), batch
-        sizes that differ, or ``titles`` / ``row_titles`` of the wrong length.
+        As :func:`saliency_plot` (messages name ``maps['<name>']``), or on ``titles`` /
+        ``row_titles`` of the wrong length.
     """
     if not isinstance(maps, Mapping):
         raise TypeError(f"maps must be a mapping of method name to tensor (e.g. a dict), "
@@ -678,11 +593,11 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
     style = dict(alpha=alpha, cmap=colormap)
     for i in range(n):
         xd = None if x_disp is None else x_disp[i]
-        _draw_panel(fig, axes[i, 0], x[i], xd, None, None, rank, colorbar=False, **style)
+        _draw_panel(fig, axes[i, 0], x[i], xd, None, None, colorbar=False, **style)
         axes[i, 0].set_ylabel(rows[i])
         for j, m in enumerate(checked):
             sal = m[i].numpy()
-            _draw_panel(fig, axes[i, j + 1], x[i], xd, sal, _limits(sal, None, None), rank,
+            _draw_panel(fig, axes[i, j + 1], x[i], xd, sal, _limits(sal, None, None),
                         colorbar=show_bar, **style)
     axes[0, 0].set_title("input", fontsize="small")
     for j, title in enumerate(columns):
@@ -691,10 +606,6 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
     return fig
 
 
-# ------------------------------------------------------------------------------------------------
-# overlay
-# ------------------------------------------------------------------------------------------------
-
 def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
             normalize: bool = True) -> np.ndarray:
     r"""Blend an image (or a batch of images) with a colour-mapped saliency map.
@@ -702,114 +613,72 @@ def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
     Parameters
     ----------
     image : torch.Tensor or numpy.ndarray
-        One image :math:`C\times H\times W` or :math:`H\times W\times C` — tensors and arrays
-        alike, the channel axis being the one with 1, 3 or 4 entries (when both ends could be,
-        the one that makes the image the map's size; failing that, with a :class:`PlotWarning`,
-        channel-first for tensors and channel-last for arrays) — or :math:`H\times W` (grey),
-        or a batch :math:`N\times C\times H\times W` / :math:`N\times H\times W\times C`.
-        ``C = 3`` is RGB, ``C = 1`` grey, ``C = 4`` RGBA (the alpha is dropped), other ``C`` the
-        channel mean.  ``uint8`` values are divided by 255; float values outside ``[0, 1]``
-        are stretched from the image's minimum to its maximum.  NaN or inf values are refused.
+        :math:`C\times H\times W` or :math:`H\times W\times C`, tensors and arrays alike:
+        the channel axis is the end with 1, 3 or 4 entries (if both ends are, the one that
+        gives the map's size; failing that, with a :class:`PlotWarning`, channel-first for
+        tensors and channel-last for arrays).  Also :math:`H\times W` (grey), or a batch
+        :math:`N\times C\times H\times W` / :math:`N\times H\times W\times C`.  ``C = 3`` is
+        RGB, ``4`` RGBA (alpha dropped), others the channel mean.  ``uint8`` is divided by
+        255; values outside ``[0, 1]`` are stretched per image.  NaN / inf are refused.
     saliency : torch.Tensor or numpy.ndarray
-        For one image, a map :math:`H'\times W'`, :math:`1\times H'\times W'` or
-        :math:`1\times 1\times H'\times W'`; for a batch, :math:`N\times H'\times W'` or
-        :math:`N\times 1\times H'\times W'`.  Resized bilinearly to :math:`H\times W`.
+        One image's map :math:`H'\times W'` (optionally with leading ones), or a batch's,
+        :math:`N\times H'\times W'` or :math:`N\times 1\times H'\times W'`; resized
+        bilinearly.
     alpha : float, optional
-        Weight of the colour-mapped saliency: ``out = (1 - alpha) * image + alpha * cmap(s)``.
-        Default: 0.5.
+        ``out = (1 - alpha) * image + alpha * cmap(s)``.  Default: 0.5.
     cmap : str or matplotlib.colors.Colormap, optional
         Colormap.  Default: ``'jet'`` (blue for low, red for high values).
     normalize : bool, optional
-        If true, each map is stretched to ``[0, 1]`` (min → 0, max → 1) before colour mapping;
-        a map with no range (all zero, constant) then shows the colormap's 0 colour, with a
-        :class:`PlotWarning`.  If false the map is only clamped to ``[0, 1]``.  Default: True.
+        Stretch each map over its finite values to ``[0, 1]`` (a map with no range gives the
+        colormap's 0 colour, with a :class:`PlotWarning`); if false, only clamp it.
+        Default: True.
 
     Returns
     -------
     numpy.ndarray
-        ``float`` array :math:`H\times W\times 3` with values in ``[0, 1]``, or
-        :math:`N\times H\times W\times 3` for a batch of :math:`N > 1` images (a batch of one
-        gives :math:`H\times W\times 3`).  Pixels where the (resized) map is NaN or infinite
-        are :data:`NONFINITE_COLOR` when ``alpha > 0``, with a :class:`PlotWarning`.
+        float64 :math:`H\times W\times 3` in ``[0, 1]``, or :math:`N\times H\times W\times 3`
+        for a batch of :math:`N > 1`.  Where the resized map is NaN or infinite the pixel is
+        :data:`NONFINITE_COLOR` (when ``alpha > 0``), with a :class:`PlotWarning`.
 
     Raises
     ------
     ValueError
-        On a shape that is neither layout, an empty image or map, a map that does not match
-        the batch, several map channels, a non-finite image, or a bad ``alpha`` / ``cmap``.
+        On a shape of neither layout, an empty image or map, maps that do not match the
+        batch, several map channels, a non-finite image, or a bad ``alpha`` / ``cmap``.
     TypeError
         If ``image`` or ``saliency`` is not a tensor or an array.
     """
     alpha = _check_alpha(alpha)
     colormap = _colormap(cmap)
-    s = as_tensor(saliency, "saliency")
-    rgb, single = _overlay_images(image, _spatial_hw(s))
-    maps = _overlay_maps(s, rgb.shape[0], rgb.shape[1:3], normalize)
+    x, single = _overlay_batch(image, saliency)
+    note = "normalize=True has no range to stretch, so the blend shows the colormap's 0 colour"
+    maps = _check_map(saliency, x, "saliency", note if normalize else None).double().numpy()
+    x = x[:, :3] if x.shape[1] in (3, 4) else x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    rgb = _to_display_range(x, False).permute(0, 2, 3, 1).double().numpy()
     out = np.stack([_blend(rgb[k], maps[k], alpha, colormap, normalize)
                     for k in range(len(rgb))])
     return out[0] if single else out
 
 
-def _overlay_images(image: Any, map_hw: Any) -> Tuple[np.ndarray, bool]:
-    """:func:`overlay`'s image(s) as ``(N, H, W, 3)`` float64 in ``[0, 1]``; single or not."""
+def _overlay_batch(image: Any, saliency: Any) -> Tuple[torch.Tensor, bool]:
+    """:func:`overlay`'s image(s) as a checked batch ``(N, C, H, W)``; whether one image."""
     if not isinstance(image, (torch.Tensor, np.ndarray)):
         raise TypeError(f"image must be a torch.Tensor or a NumPy array, got "
                         f"{type(image).__name__}")
     t = as_tensor(image, "image")
-    shape = tuple(t.shape)
     if t.dim() not in (2, 3, 4):
         raise ValueError("image must have shape (C, H, W) or (H, W, C) (either, for tensors and "
                          "arrays), (H, W), or (N, C, H, W) / (N, H, W, C) for a batch; got "
-                         f"{shape}")
-    single = t.dim() < 4 or shape[0] == 1
-    t = t.double() / 255.0 if t.dtype == torch.uint8 else t.double()
+                         f"{tuple(t.shape)}")
+    single = t.dim() < 4 or t.shape[0] == 1
     if t.dim() == 2:
         t = t[None, None]  # grey
     else:
         t = t if t.dim() == 4 else t[None]
-        if not _channel_first(tuple(t.shape[1:]), isinstance(image, torch.Tensor), map_hw,
-                              "image"):
+        if not _channel_first(tuple(t.shape[1:]), isinstance(image, torch.Tensor),
+                              getattr(saliency, "shape", None), "image"):
             t = t.permute(0, 3, 1, 2)
-    if 0 in t.shape:
-        raise ValueError(f"image is empty (shape {shape}); there is nothing to overlay")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError("image has NaN or infinite values and cannot be shown; fix it or "
-                         "replace them with torch.nan_to_num / numpy.nan_to_num")
-    c = t.shape[1]
-    t = t[:, :3] if c in (3, 4) else t.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    lo = t.amin((1, 2, 3), keepdim=True)
-    hi = t.amax((1, 2, 3), keepdim=True)
-    outside = (lo < 0) | (hi > 1)  # out of range: stretched, per image
-    t = torch.where(outside, (t - lo) / (hi - lo).clamp_min(1e-300), t)
-    return t.permute(0, 2, 3, 1).numpy(), single
-
-
-def _overlay_maps(s: torch.Tensor, n: int, hw: Tuple[int, int],
-                  normalize: bool) -> np.ndarray:
-    """:func:`overlay`'s map(s) as ``(N, H, W)`` float64, checked, warned about, resized."""
-    shape = tuple(s.shape)
-    s = s.double()
-    if s.dim() == 4 and s.shape[1] == 1:
-        s = s[:, 0]
-    if n == 1 and s.dim() == 2:
-        s = s[None]
-    if s.dim() != 3 or s.shape[0] != n:
-        want = ("(H, W), (1, H, W) or (1, 1, H, W) for one image" if n == 1 else
-                f"({n}, H, W) or ({n}, 1, H, W), one map per image of the batch")
-        several = len(shape) == 4 or (len(shape) == 3 and n == 1)
-        hint = (" If its channels are classes (a multi-class map), select the target's, e.g. "
-                "saliency[..., c, :, :]; if they are the image's channels, reduce them, e.g. "
-                "saliency.abs().amax(-3)") if several and shape[-3] > 1 else ""
-        raise ValueError(f"saliency must have shape {want}; got {shape}.{hint}")
-    if 0 in s.shape:
-        raise ValueError(f"saliency is empty (shape {shape}); there is no map to overlay")
-    for k in range(n):
-        _warn_unshowable(s[k].numpy(), "saliency" if n == 1 else f"saliency[{k}]",
-                         "normalize=True has no range to stretch, so the blend shows the "
-                         "colormap's 0 colour" if normalize else None)
-    if tuple(s.shape[1:]) != tuple(hw):
-        s = F.interpolate(s[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
-    return s.numpy()
+    return _check_x(t, name="image"), single
 
 
 def _blend(rgb: np.ndarray, m: np.ndarray, alpha: float, colormap: Any,
@@ -817,10 +686,9 @@ def _blend(rgb: np.ndarray, m: np.ndarray, alpha: float, colormap: Any,
     """One ``(H, W, 3)`` blend of image ``rgb`` with map ``m``; non-finite pixels masked."""
     finite = np.isfinite(m)
     kept = m[finite]
-    lo = float(kept.min()) if kept.size else 0.0
+    lo, hi = (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
     m = np.where(finite, m, lo)
     if normalize:
-        hi = float(kept.max()) if kept.size else lo
         m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
     heat = np.asarray(colormap(np.clip(m, 0.0, 1.0)))[..., :3]
     out = np.clip((1.0 - alpha) * rgb + alpha * heat, 0.0, 1.0)
