@@ -620,6 +620,7 @@ def test_plot_example_masks_nonfinite_and_names_all_zero_maps():
     ax_map = image_axes(fig)[1]
     np.testing.assert_allclose(ax_map.images[0].get_array(), [[0.0, 0.5], [1.0, 0.0]])
     np.testing.assert_allclose(ax_map.images[1].get_array()[1, 1], [1, 0, 1, 1])
+    assert ax_map.texts[0].get_text() == "1 NaN/inf (magenta)"
     with pytest.warns(PlotWarning, match="saliency is all zero"):
         fig = plot_example(x, torch.zeros(1, 1, 4, 4), "m", 0)
     assert image_axes(fig)[1].texts[0].get_text() == "all zero" and colorbars(fig) == []

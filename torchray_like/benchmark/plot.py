@@ -100,9 +100,11 @@ def _draw_map(fig, ax, smap: torch.Tensor, h: int, w: int) -> None:
         mask = np.zeros(bad.shape + (4,))
         mask[bad] = NONFINITE_COLOR + (1.0,)
         ax.imshow(mask, **where)
-    if note is not None:
-        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center",
-                bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
+    notes = ([] if note is None else [note]) + ([f"{int(bad.sum())} NaN/inf (magenta)"]
+                                                if bad.any() else [])
+    if notes:
+        ax.text(0.5, 0.5, "\n".join(notes), transform=ax.transAxes, ha="center",
+                va="center", bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
     # Hidden without a range, never an invented 0..1 scale; the layout stays the same.
     fig.colorbar(handle, ax=ax, shrink=0.85).ax.set_visible(note is None)
 
