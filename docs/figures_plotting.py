@@ -1,13 +1,15 @@
 """Make the figures of ``docs/plotting.rst`` (PNG files in ``docs/_static/``).
 
-Run from anywhere: ``python docs/figures_plotting.py``.  The inputs and saliency maps are
-synthetic (shapes on a smooth background, maps centred on the shapes), seeded, so the figures
-do not depend on a trained model nor on the attribution methods.
+Run from anywhere: ``python docs/figures_plotting.py`` (``--out DIR`` writes them elsewhere).
+The inputs and saliency maps are synthetic (shapes on a smooth background, maps centred on the
+shapes), seeded, so the figures do not depend on a trained model nor on the attribution methods.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+from typing import List, Optional
 
 import matplotlib
 
@@ -102,31 +104,40 @@ def synthetic_video(frames: int = 6, size: int = 48):
     return x, s.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 1, T, 12, 12): resized when plotted
 
 
-def main() -> None:
-    xmkdir(OUT)
+def main(argv: Optional[List[str]] = None) -> None:
+    """Write the figures (into ``docs/_static``, or the folder given with ``--out``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=OUT,
+                        help="folder for the PNG files (default: %(default)s)")
+    folder = parser.parse_args(argv).out
+    xmkdir(folder)
     torch.manual_seed(0)
     x, centres = synthetic_images()
     written = []
 
     def out(name):
-        path = os.path.join(OUT, name)
+        path = os.path.join(folder, name)
         written.append(path)
         return path
 
     # Inputs, ImageNet-normalised as a model would see them, shown with denormalize.
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     normed = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    saliency_plot(normed, blobs(centres), denormalize=(mean, std), save=out("plotting_images.png"))
+    names = ["disc", "square"] * 2
+    saliency_plot(normed, blobs(centres), denormalize=(mean, std), titles=names,
+                  save=out("plotting_images.png"))
 
     maps = fake_methods(x, centres)
-    plot_methods(x[:2], {name: m[:2] for name, m in maps.items()},
+    plot_methods(x[:2], {name: m[:2] for name, m in maps.items()}, row_titles=names[:2],
                  save=out("plotting_methods.png"))
 
     signals, signal_maps = synthetic_signals()
     saliency_plot(signals, signal_maps, save=out("plotting_signals.png"))
 
     video, video_maps = synthetic_video()
-    saliency_plot(video, video_maps, slice="all", save=out("plotting_volume.png"))
+    # Frames share one colour scale (the default for volumes): one colour bar for the montage.
+    saliency_plot(video, video_maps, slice="all", titles=["disc"],
+                  save=out("plotting_volume.png"))
 
     plot_example(normed[1:2], maps["grad_cam"][1:2], "grad_cam", 1,
                  class_names=["disc", "square"], save_path=out("plotting_example.png"))
