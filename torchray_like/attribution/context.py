@@ -294,7 +294,7 @@ class RuleContext(TorchFunctionMode):
     report_other_activations = False
     #: Autograd node kinds that mean "a call the context replaces, made outside it": kind ->
     #: ``test(node, context)`` (true when the node is such a call).  Used by :meth:`check_path`.
-    escaped_kinds: Dict[str, Callable[[Any], bool]] = {}
+    escaped_kinds: Dict[str, Callable[[Any, "RuleContext"], bool]] = {}
     #: Autograd node kinds of non-linearities the rule does not cover: kind -> the names the
     #: context reports them under (the first is used for nodes it did not see).
     unhandled_kinds: Dict[str, Tuple[str, ...]] = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from numbers import Real
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,7 @@ def _saved(node: Any, name: str) -> Any:
 
 
 def _positive(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _native_relu(node: Any, context: RuleContext) -> bool:
@@ -202,7 +202,7 @@ def _native_clamp(node: Any, context: RuleContext) -> bool:
 
 
 #: Plain autograd nodes of rectifiers, which a ReLUContext never leaves in its own thread.
-NATIVE_RECTIFIER_NODES = {
+NATIVE_RECTIFIER_NODES: Dict[str, Callable[[Any, RuleContext], bool]] = {
     "ReluBackward0": _native_relu, "HardtanhBackward0": _native_hardtanh,
     "ThresholdBackward0": _native_threshold, "ClampBackward1": _native_clamp,
     "ClampMinBackward0": _native_clamp,
@@ -210,7 +210,7 @@ NATIVE_RECTIFIER_NODES = {
 
 #: Autograd nodes of non-linearities a rectifier rule does not cover -> the names the context
 #: reports their calls under (see ``OTHER_ACTIVATION_NAMES``).
-UNHANDLED_NODES = {
+UNHANDLED_NODES: Dict[str, Tuple[str, ...]] = {
     "GeluBackward0": ("gelu",), "SiluBackward0": ("silu",), "MishBackward0": ("mish",),
     "EluBackward0": ("elu", "selu", "celu"), "EluBackward1": ("elu", "selu", "celu"),
     "CeluBackward0": ("celu",), "CeluBackward1": ("celu",),
