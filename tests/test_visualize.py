@@ -298,6 +298,15 @@ def test_saliency_plot_rejects_bad_types():
         saliency_plot([[[0.0]]])
     with pytest.raises(TypeError, match="slice must be None, an int, a non-empty sequence"):
         saliency_plot(torch.rand(1, 1, 2, 4, 4), slice=1.0)
+    # Complex values are not cast silently to their real part.
+    with pytest.raises(TypeError, match=r"x is complex; pass its magnitude \(x\.abs\(\)\)"):
+        saliency_plot(torch.rand(1, 3, 4, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"saliency is complex; pass its magnitude"):
+        overlay(torch.rand(3, 4, 4), torch.rand(4, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"vmin must be None or a number, got str"):
+        saliency_plot(torch.rand(1, 1, 4, 4), torch.rand(1, 4, 4), vmin="0")
+    with pytest.raises(TypeError, match=r"cmap must be a colormap name or a matplotlib Colormap"):
+        saliency_plot(torch.rand(1, 1, 4, 4), torch.rand(1, 4, 4), cmap=3)
 
 
 # ------------------------------------------------------------------------------------------------

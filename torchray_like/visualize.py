@@ -89,7 +89,9 @@ def _channel_first(shape: Tuple[int, ...], default: bool, map_shape: Any,
 def _check_x(x: Any, saliency: Any = None, name: str = "x") -> torch.Tensor:
     """``x`` as a float batch ``(N, C, *spatial)``, channel-last images transposed."""
     one_image = isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] in (3, 4)
-    x = as_tensor(x, "x")
+    x = as_tensor(x, name)
+    if x.is_complex():
+        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
     if one_image:
         x = x.unsqueeze(0)  # a NumPy (H, W, C) image, as overlay takes it
     # A batch (N, C, H, W) follows PyTorch's layout when it may, without a warning.
@@ -228,7 +230,10 @@ def _check_map(saliency: Any, x: torch.Tensor, name: str,
                constant_note: Optional[str] = "its panels say so, and no colour scale is "
                                                  "invented for it") -> torch.Tensor:
     """A saliency map for batch ``x`` as ``(N, *spatial)``, resized to ``x``'s spatial size."""
-    s = as_tensor(saliency, name).float()
+    s = as_tensor(saliency, name)
+    if s.is_complex():
+        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
+    s = s.float()
     shape, n, rank = tuple(s.shape), x.shape[0], x.dim() - 2
     if s.dim() == rank and n == 1:
         s = s.unsqueeze(0)  # the one map of one input
@@ -259,12 +264,10 @@ def _limits(values: np.ndarray, vmin: Optional[float], vmax: Optional[float]) ->
     finite = values[np.isfinite(values)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else None)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else None)
-    if lo is None or hi is None:
-        return None
+    if lo is None or hi is None or (hi <= lo and vmin is None and vmax is None):
+        return None  # no finite value, or a constant map: no range, and none is invented
     if hi > lo:
         return lo, hi
-    if vmin is None and vmax is None:
-        return None  # a constant map: no range, and none is invented
     raise ValueError(f"vmin ({lo:g}) must be below vmax ({hi:g}); "
                      + ("give both" if vmin is None or vmax is None else "swap them"))
 
@@ -580,12 +583,9 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
         checked.append(_check_map(maps[name], x, f"maps[{name!r}]"))
     rank = x.dim() - 2
     x = _denormalize(x, denormalize)
-    if rank == 3:
-        # Volumes: compare the methods on the middle slice.
-        mid = x.shape[2] // 2
-        x = x[:, :, mid]
-        checked = [m[:, mid] for m in checked]
-        rank = 2
+    if rank == 3:  # volumes: compare the methods on the middle slice
+        mid, rank = x.shape[2] // 2, 2
+        x, checked = x[:, :, mid], [m[:, mid] for m in checked]
     x_disp = None if rank == 1 else _to_display_range(x, denormalize is not None)
     show_bar = colorbar and bool(names)
     panel = (SIGNAL_PANEL if rank == 1 else IMAGE_PANEL_COLORBAR if show_bar else IMAGE_PANEL)
