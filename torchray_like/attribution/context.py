@@ -149,7 +149,9 @@ def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],
         if type(node).__name__ in kinds:
             found.append(node)
         for child, _ in node.next_functions:
-            if child is not None and id(child) not in nodes:
+            # Leaves (a parameter's AccumulateGrad) lead nowhere: half the nodes, skipped.
+            if (child is not None and id(child) not in nodes
+                    and type(child).__name__ != "AccumulateGrad"):
                 nodes[id(child)] = child
                 stack.append(child)
     if not found:
@@ -358,7 +360,7 @@ class RuleContext(TorchFunctionMode):
         where : str
             How error messages name ``reads`` (e.g. ``"the input"``).
         """
-        kinds = set(self.escaped_kinds) | set(self.unhandled_kinds)
+        kinds = self.escaped_kinds.keys() | self.unhandled_kinds.keys()
         if not kinds or not isinstance(output, torch.Tensor):
             return
         escaped: Dict[str, int] = {}
