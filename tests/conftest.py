@@ -265,8 +265,10 @@ def batch(dims, n=3, seed=1, cin=2):
     return torch.randn((n, cin) + SIZES[dims], generator=g, dtype=torch.float64)
 
 
+# SqueezeNet: "features", the last layer before its head (the final 1×1 convolution outputs
+# class-score maps, which are the head's output, not features).
 AUTO_LAYERS = {"vgg11": "avgpool", "resnet18": "layer4", "densenet121": "features",
-               "squeezenet1_1": "classifier.2", "mobilenet_v2": "features"}
+               "squeezenet1_1": "features", "mobilenet_v2": "features"}
 
 
 EXPLICIT_LAYERS = {"vgg11": "features.18", "resnet18": "layer3", "densenet121":

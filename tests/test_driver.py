@@ -200,3 +200,56 @@ def test_layer_off_the_output_path_and_resize_rank_errors():
         gradient(SideBranch().eval(), inputs(2), 1, saliency_layer="side")
     with pytest.raises(ValueError, match="resize=True: the map has 1 spatial dimensions"):
         resize_saliency(torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 4), True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch statistics: a sample's map explains its own score only (issue 17, item 3)
+
+
+class BatchStatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def own_score_gradient(model, x, target):
+    """Sample i's gradient of its own score only: one backward per sample (Jacobian diagonal)."""
+    xx = x.clone().requires_grad_(True)
+    y = model(xx)
+    rows = []
+    for i, c in enumerate(target):
+        (g,) = torch.autograd.grad(y[i, c], xx, retain_graph=True)
+        rows.append(g[i])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["gradient", "guided_backprop", "linear_approx", "grad_cam"])
+def test_batch_statistics_do_not_mix_samples(name):
+    from torchray_like.attribution import METHODS
+    from torchray_like.attribution.modules import batch_statistics_layers
+    model = BatchStatNet().eval()
+    assert batch_statistics_layers(model) == ["bn"]
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    target = [0, 2, 1]
+    smap = METHODS[name](model, x, target, **({"saliency_layer": "conv"}
+                                              if name == "grad_cam" else {}))
+    if name == "gradient":
+        want = own_score_gradient(model, x, target).abs().amax(1, keepdim=True)
+        torch.testing.assert_close(smap, want)
+        # The summed-score gradient (what one backward pass gives) is far from it.
+        xx = x.clone().requires_grad_(True)
+        (mixed,) = torch.autograd.grad(model(xx)[torch.arange(3), target].sum(), xx)
+        assert (mixed.abs().amax(1, keepdim=True) - want).abs().max() > 0.05 * want.max()
+    # Every method: sample i's map is what it would be if only sample i were explained.
+    for i in range(3):
+        alone_seed = lambda out, i=i: out[i:i + 1, target[i]].expand(3) * torch.tensor(  # noqa
+            [float(j == i) for j in range(3)])
+        one = METHODS[name](model, x, alone_seed, **({"saliency_layer": "conv"}
+                                                     if name == "grad_cam" else {}))
+        torch.testing.assert_close(smap[i], one[i], rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchray_like.attribution.common import SaliencyDebug, smooth_saliency
+from torchray_like.attribution.explain import explain
 from torchray_like.attribution.grad_cam import find_saliency_layer, grad_cam, grad_cam_map
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.attribution.guided_grad_cam import GuidedGradCamDebug, guided_grad_cam
@@ -627,3 +628,87 @@ def test_guided_grad_cam_errors_specific():
     no_relu = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).eval()
     with pytest.raises(ValueError, match=r"replaced no ReLU.*tanh"):
         guided_grad_cam(no_relu, x, 0, "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# The automatic layer: before the classifier head, on a head the target reaches, of the
+# input's rank (issues 17 items 9 and 16, 18 item 4)
+
+
+def test_automatic_layer_stops_before_a_class_score_head():
+    torch.manual_seed(0)
+    # SqueezeNet-like: features, then a 1×1 convolution to 5 class-score maps, ReLU, pooling.
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Dropout(0.5), nn.Conv2d(8, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    # Not the class maps ("1.1", "1.2"), nor the eval-mode Dropout renaming "0"'s output.
+    assert find_saliency_layer(model, x) == "0"
+    smap, record = grad_cam(model, x, [1, 3], debug=True)
+    assert record.layer == "0"
+    torch.testing.assert_close(smap, grad_cam(model, x, [1, 3], saliency_layer="0"))
+
+
+class TwoHeads(nn.Module):
+    """A segmentation net with an auxiliary head computed last, as torchvision's FCN."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.aux_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.classifier = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                        nn.Conv2d(8, 4, 1))
+        self.aux_classifier = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                            nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        out = self.classifier(self.backbone(x))
+        aux = self.aux_classifier(torch.relu(self.aux_in(x)))
+        return {"out": out, "aux": aux}
+
+
+def test_automatic_layer_on_the_head_the_target_reaches(capsys):
+    model = TwoHeads().eval()
+    x = torch.randn(2, 3, 8, 8)
+    target = lambda out: out["out"][:, 2].sum((1, 2))  # noqa: E731
+    # Without a target the rule lands in the auxiliary head, computed last ...
+    assert find_saliency_layer(model, x) == "aux_classifier.1"
+    # ... which "out" does not reach: the methods choose among the layers it does reach.
+    smap, record = grad_cam(model, x, target, debug=True)
+    assert record.layer == "classifier.1"
+    assert "saliency_layer chosen automatically: 'classifier.1'" in capsys.readouterr().out
+    torch.testing.assert_close(smap, grad_cam(model, x, target, saliency_layer="classifier.1"))
+    assert torch.equal(explain(model, x, target, ["grad_cam"])["grad_cam"], smap)
+
+
+def test_automatic_layer_of_a_video_model_has_the_inputs_rank():
+    """A video model whose last module outputs (N, heads, tokens, dim) (rank 4 for a 5-D
+    input): that is no (T, H, W) map, the last 5-D layer is chosen."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, tokens):                                # (N, THW, 4)
+            return self.lin(tokens).unflatten(-1, (2, 2)).transpose(1, 2)  # (N, 2, THW, 2)
+
+    class Video(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem = nn.Conv3d(3, 4, 3, padding=1)
+            self.conv = nn.Conv3d(4, 4, 3, padding=1)
+            self.heads = Heads()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            f = torch.relu(self.conv(torch.relu(self.stem(x))))  # (N, 4, T, H, W)
+            a = self.heads(f.flatten(2).transpose(1, 2))          # rank 4
+            return self.fc(a.mean(2).flatten(1))
+
+    model = Video().eval()
+    x = torch.randn(1, 3, 4, 6, 6)
+    assert find_saliency_layer(model, x) == "conv"
+    assert grad_cam(model, x, 1).shape == (1, 1, 4, 6, 6)

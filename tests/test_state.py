@@ -111,3 +111,88 @@ def test_concurrent_calls_on_one_model_restore_its_state():
     for r in results:
         torch.testing.assert_close(r, expected, rtol=0, atol=0)
     assert_same_state(before, snapshot(net))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17: dtypes, lazy modules, the caller's autocast, other threads' gradients
+
+
+def test_float64_input_to_a_float32_model_says_what_to_do():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3)).eval()
+    x = torch.from_numpy(np.random.default_rng(0).random((2, 3, 8, 8)))  # float64
+    for method in (gradient, guided_backprop):
+        with pytest.raises(ValueError, match=r"input is float64 but the model's parameters are "
+                                             r"float32: pass x.to\(torch.float32\)"):
+            method(net, x, 1)
+    from torchray_like import grad_cam
+    with pytest.raises(ValueError, match="input is float64"):
+        grad_cam(net, x, 1)  # the automatic layer's discovery pass too
+    # The right dtype works, and a model that casts its input itself is not refused.
+    assert gradient(net, x.float(), 1).dtype == torch.float32
+
+    class Casting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.float())
+
+    assert gradient(Casting(), x, 1).dtype == torch.float64
+
+
+def test_uninitialised_lazy_modules_are_refused_and_left_uninitialised():
+    from torch.nn.parameter import is_lazy
+
+    from torchray_like import grad_cam
+    net = torch.nn.Sequential(torch.nn.LazyConv2d(4, 3), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(3))
+    x = torch.randn(2, 3, 8, 8)
+    for method in (gradient, grad_cam):
+        with pytest.raises(ValueError, match=r"parameter '0.weight' is not initialised.*"
+                                             r"run the model once first"):
+            method(net, x, 1)
+    assert all(is_lazy(p) for p in net.parameters())
+    with torch.no_grad():
+        net(x)
+    assert gradient(net, x, 1).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["gradient", "grad_cam", "linear_approx", "guided_grad_cam"])
+def test_the_map_has_the_inputs_dtype_under_the_callers_autocast(name):
+    from torchray_like.attribution import METHODS
+    torch.manual_seed(0)
+    net = ConvNet(2).eval()
+    x = inputs(2)
+    plain = METHODS[name](net, x, 1)
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed = METHODS[name](net, x, 1)
+    assert mixed.dtype == x.dtype == plain.dtype and mixed.shape == plain.shape
+    # Computed in bfloat16 (8 bits of mantissa): close to the float32 map, not equal.
+    scale = plain.abs().max()
+    assert (mixed - plain).abs().max() <= 0.1 * scale
+
+
+def test_another_threads_gradients_are_not_reset():
+    """A manual backward() elsewhere while a method runs: its .grad survives the call."""
+    torch.manual_seed(0)
+    net = ConvNet(2).eval()
+    x = inputs(2)
+    weight = next(net.parameters())
+    accumulated = torch.full_like(weight, 3.0)
+
+    def other_thread_backward(module, args, output):
+        # Stands for another thread accumulating into .grad during the call.
+        weight.grad = accumulated
+
+    handle = net.register_forward_hook(other_thread_backward)
+    try:
+        gradient(net, x, 1)
+    finally:
+        handle.remove()
+    assert weight.grad is accumulated
+    assert all(p.grad is None for p in net.parameters() if p is not weight)

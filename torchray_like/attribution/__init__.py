@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from . import (  # noqa: F401  (the submodules, as package attributes)
     common, context, deconvnet, driver, engine, excitation_backprop, explain, extremal_perturbation,
-    grad_cam, gradient, guided_backprop, guided_grad_cam, layer_choice, linear_approx, maps, method,
-    probe, rise, rules, state, targets)
+    grad_cam, gradient, guided_backprop, guided_grad_cam, inputs, layer_choice, linear_approx, maps,
+    method, modules, probe, rise, rules, state, targets)
 from .registry import METHODS, MethodRegistry
 
 __all__ = ["METHODS", "MethodRegistry"]

@@ -23,8 +23,9 @@ from .context import NullContext, RuleContext, UnhandledActivationWarning, suspe
 from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
 from .probe import (Probe, debug_probes, fill_probe_gradients, get_module, layer_label,
                     single_call)
-from .state import (autograd_grad, check_input, check_model, layout_hint, model_state_guard,
-                    opaque_modules, unwrap_compiled)
+from .inputs import check_input, forward_failure, layout_hint
+from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
+from .state import autograd_grad, model_state_guard
 from .targets import TargetType, backward_seed, get_backward_gradient
 
 __all__ = ["SaliencyDebug", "ForwardPass", "forward_pass"]
@@ -50,6 +51,9 @@ class SaliencyDebug:
         from the call (filled by :func:`saliency`; empty for other methods).  The object
         reads like that dict (``debug["features.3"].data[0]``, ``for name in debug``), so
         TorchRay code unpacking ``saliency_map, probes = ...(debug=True)`` keeps working.
+    layer : str, module or None
+        The saliency layer read (the automatic choice, when the layer was chosen so; ``None``
+        or ``""`` for the input).
     """
 
     output: Any
@@ -57,6 +61,7 @@ class SaliencyDebug:
     gradient: torch.Tensor
     counts: Dict[str, int] = field(default_factory=dict)
     probes: "OrderedDict[str, Probe]" = field(default_factory=OrderedDict)
+    layer: Any = None
 
     # TorchRay returned the ordered dict of debug probes: read like it.
     def __getitem__(self, name: str) -> Probe:
@@ -119,6 +124,12 @@ class ForwardPass:
         The context the forward ran in.
     reads : dict
         Label → the tensor read (the input ``x``, or the single recorded call of a layer).
+    layers : dict
+        Label → the layer as given.
+    model_name : str
+        For messages.
+    batch_statistics : list of str
+        The model's layers that normalise with batch statistics (see :meth:`backward`).
     """
 
     x: torch.Tensor
@@ -129,6 +140,7 @@ class ForwardPass:
     reads: Dict[str, torch.Tensor]
     layers: Dict[str, Any]
     model_name: str = "the model"
+    batch_statistics: List[str] = field(default_factory=list)
 
     def where(self, label: str) -> str:
         layer = self.layers[label]
@@ -157,8 +169,7 @@ class ForwardPass:
             return [self.grads([label], retain_graph or i < len(labels) - 1, True)[0]
                     for i, label in enumerate(labels)]
         before = getattr(self.context, "applied", None) if check_rules else None
-        found = autograd_grad(self.scores, [self.reads[label] for label in labels], self.seed,
-                              retain_graph=retain_graph, allow_unused=True)
+        found = self.backward([self.reads[label] for label in labels], retain_graph)
         for label, grad in zip(labels, found):
             self.check_gradient(label, grad)
         if before is not None and self.context.applied == before:
@@ -170,6 +181,31 @@ class ForwardPass:
                 "parameters or a branch the target does not use), so the result would be the "
                 f"plain gradient; this method needs {ctx.requirement} on that path")
         return list(found)
+
+    def backward(self, tensors: List[torch.Tensor], retain_graph: bool
+                 ) -> List[Optional[torch.Tensor]]:
+        """The gradients of the seeded scores with respect to ``tensors``.
+
+        When the model normalises with batch statistics (:attr:`batch_statistics`), sample
+        ``i``'s score depends on every sample of the batch, and one backward pass of the summed
+        scores would mix into sample ``j``'s map the other samples' scores.  Each sample then
+        gets a backward pass of its own, seeded with its row only, and keeps its row: the map
+        explains that sample's own score, in the batch it was computed with (``N`` backward
+        passes instead of one).
+        """
+        n = self.seed.shape[0] if self.seed.dim() else 1
+        if not self.batch_statistics or n == 1:
+            return list(autograd_grad(self.scores, tensors, self.seed,
+                                      retain_graph=retain_graph, allow_unused=True))
+        rows = []
+        for i in range(n):
+            seed = torch.zeros_like(self.seed)
+            seed[i] = self.seed[i]
+            rows.append(autograd_grad(self.scores, tensors, seed, allow_unused=True,
+                                      retain_graph=retain_graph or i < n - 1))
+        return [None if any(r[k] is None for r in rows)
+                else torch.stack([r[k][i] for i, r in enumerate(rows)])
+                for k in range(len(tensors))]
 
     def check_gradient(self, label: str, grad: Optional[torch.Tensor]) -> None:
         """A gradient that does not exist or is not finite is a :class:`ValueError`."""
@@ -226,7 +262,7 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
     batch = input.shape[0]
     reads_input = any(m is None for m in modules.values())
     probes: Dict[str, Probe] = {}
-    with suspend_rule_contexts(), model_state_guard(model, freeze=FREEZE_PARAMETERS), \
+    with suspend_rule_contexts(), model_state_guard(model, freeze=False), \
             torch.enable_grad():
         x = input.detach().requires_grad_(reads_input)
         # The model runs on a tensor of its own: an in-place operation in its forward pass
@@ -245,13 +281,10 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
                 with context:
                     output = model(model_input)
             except (RuntimeError, ValueError) as exc:
-                hint = layout_hint(model, input)
-                if hint is None:
+                failure = forward_failure(model, input, exc)
+                if failure is None:
                     raise
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ValueError(
-                    f"{type(model).__name__} failed on input of shape {tuple(input.shape)} "
-                    f"({type(exc).__name__}: {first}); {hint}") from exc
+                raise failure from exc
             if isinstance(context, RuleContext):
                 check_context_used(context, model)
             reads = {label: x if module is None else single_call(probes[label], label,
@@ -274,17 +307,11 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
                     "run under torch.no_grad()?)")
             check_finite_scores(scores, seed, input)
             yield ForwardPass(x, output, scores, seed, context, reads, dict(layers),
-                              type(model).__name__)
+                              type(model).__name__, batch_statistics_layers(model))
         finally:
             for probe in probes.values():
                 probe.remove()
 
-
-#: Whether the methods switch the parameters' ``requires_grad`` off during a call.  They do
-#: not: ``torch.autograd.grad`` on the tensors read never computes weight gradients, and
-#: freezing measured no speed-up (CPU time, ResNet-50 / VGG16), while it is visible to threads
-#: using the model.
-FREEZE_PARAMETERS = False
 
 _COMPILED_PREFIX = "_orig_mod."
 

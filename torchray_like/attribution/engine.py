@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ import torch.nn as nn
 from .context import NullContext, suspend_rule_contexts
 from .driver import (ForwardPass, SaliencyDebug, check_debuggable, check_spatial, detach_all,
                      forward_pass, is_input, strip_compiled_prefix)
-from .layer_choice import resolve_layer
+from .layer_choice import reachable_saliency_layer, resolve_layer
 from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
 from .method import BackpropMethod, Read, Reading
 from .probe import debug_probes, fill_probe_gradients, get_module
@@ -44,6 +44,7 @@ class Job:
     method: BackpropMethod
     options: Dict[str, Any]
     layer: Any = None                                   # the saliency layer, resolved
+    auto: Optional[str] = None                          # the automatic layer, if chosen
     reads: List[Tuple[Read, str]] = field(default_factory=list)  # (read, reading label)
 
 
@@ -74,17 +75,18 @@ class _Readings:
         return self._labels[key]
 
 
-def _plan(model: nn.Module, input: torch.Tensor, jobs: List[Job]) -> _Readings:
-    """Resolve each job's layer (the automatic one found once) and what it reads."""
+def _plan(model: nn.Module, input: torch.Tensor, jobs: List[Job],
+          auto: Optional[str] = None) -> _Readings:
+    """Resolve each job's layer (the automatic one found once, unless given) and what it
+    reads."""
     readings = _Readings(unwrap_compiled(model), several=len(jobs) > 1)
-    auto: List[Any] = []
     for job in jobs:
         method = job.method
         layer = job.options.get("saliency_layer", method.saliency_layer)
         if layer is None and method.auto_layer:
-            if not auto:
-                auto.append(resolve_layer(model, input, None))
-            layer = auto[0]
+            if auto is None:
+                auto = cast(str, resolve_layer(model, input, None))
+            layer = job.auto = auto
         job.layer = layer
         job.reads = [(read, readings.label(job, layer if read.at_layer else None))
                      for read in method.reads]
@@ -156,9 +158,11 @@ def _check_reads(fp: ForwardPass, jobs: List[Job]) -> None:
 def _debug_record(job: Job, fp: ForwardPass, reading: Reading, extras: Dict[str, Any],
                   probes: "OrderedDict[str, Any]") -> SaliencyDebug:
     record_type = job.method.debug_type or SaliencyDebug
+    if job.auto is not None:
+        print(f"{job.method.name}: saliency_layer chosen automatically: {job.auto!r}")
     return record_type(detach_all(fp.output), reading.tensors[0].detach(),
                        reading.grads[0].detach(), dict(getattr(fp.context, "counts", {})),
-                       probes, **extras)
+                       probes, job.layer, **extras)
 
 
 def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
@@ -174,6 +178,22 @@ def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: Li
     if debug:
         check_debuggable(model)
     readings = _plan(model, input, jobs)
+    try:
+        return _run(model, input, target, jobs, readings, smooth, get_backward_gradient, debug)
+    except ValueError as exc:
+        auto = next((job.auto for job in jobs if job.auto is not None), None)
+        if auto is None or "do not depend on" not in str(exc):
+            raise
+    # The automatic layer feeds a head the target does not use (a model with several heads):
+    # choose among the layers the target reaches.
+    readings = _plan(model, input, jobs, reachable_saliency_layer(model, input, target))
+    return _run(model, input, target, jobs, readings, smooth, get_backward_gradient, debug)
+
+
+def _run(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
+         readings: _Readings, smooth: Dict[str, float], get_backward_gradient: Callable,
+         debug: bool) -> Dict[str, Result]:
+    """:func:`run_jobs` once the layers are known."""
     context, switched = _rule_context(jobs)
     passes = _passes(jobs, switched)
     single = len(jobs) == 1 and len(jobs[0].reads) == 1

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .context import suspend_rule_contexts
-from .state import (check_input, check_model, layout_hint, model_state_guard, opaque_modules,
-                    unwrap_compiled)
+from .inputs import check_input, forward_failure, layout_hint
+from .modules import check_model, opaque_modules, unwrap_compiled
+from .state import model_state_guard
+from .targets import backward_seed
 
-__all__ = ["find_saliency_layer", "resolve_layer", "LayerType", "LAYER_CACHE"]
+__all__ = ["find_saliency_layer", "resolve_layer", "reachable_saliency_layer", "LayerType",
+           "LAYER_CACHE"]
 
 LayerType = Union[str, nn.Module, None]
 
@@ -46,99 +50,180 @@ def _rng_fork(device: torch.device):
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
-def _discover_layer(model: nn.Module, input: torch.Tensor) -> str:
-    # (name, output shape or None, whether the module holds parameters)
-    records: List[Tuple[str, Optional[Tuple[int, ...]], bool]] = []
-    calls: Dict[str, int] = {}
+@dataclass
+class _Record:
+    """One module's forward call seen by the discovery pass."""
 
+    name: str
+    shape: Optional[Tuple[int, ...]]   # of a floating tensor output, else None
+    has_params: bool                   # the module or its children hold parameters
+    own_params: bool                   # the module itself holds parameters
+    alias: bool                        # it returned an earlier module's output it was given
+    tensor: Optional[torch.Tensor] = None  # the output, kept by reachable_saliency_layer
+
+
+def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
+                    ) -> Tuple[List[_Record], Dict[str, int], Any]:
+    """Run the model once with a forward hook on every named module: on the first sample
+    only, under ``no_grad``; or, with ``keep``, on the whole batch with autograd recording,
+    keeping the outputs.  A failure is explained with the whole input's shape."""
+    records: List[_Record] = []
+    calls: Dict[str, int] = {}
+    outputs: Dict[int, torch.Tensor] = {}
     thread = threading.get_ident()
 
-    def make_hook(name: str, has_params: bool) -> Callable:
+    def make_hook(name: str, has_params: bool, own_params: bool) -> Callable:
         def hook(module, inputs, output):
             if threading.get_ident() != thread:
                 return  # another thread running the same model meanwhile: not our pass
             calls[name] = calls.get(name, 0) + 1
-            shape = (tuple(output.shape) if isinstance(output, torch.Tensor)
-                     and output.is_floating_point() else None)
-            records.append((name, shape, has_params))
+            floating = isinstance(output, torch.Tensor) and output.is_floating_point()
+            # Returning an input that an earlier module output only renames that output.
+            alias = floating and id(output) in outputs and any(output is i for i in inputs)
+            records.append(_Record(
+                name, tuple(output.shape) if floating else None, has_params, own_params,
+                alias, output if keep and floating else None))
+            if floating:
+                outputs[id(output)] = output  # held for the pass: ids stay unique
         return hook
 
     # Hooks cannot be put inside TorchScript / compiled sub-modules: skip them (they are never
     # candidates; the driver refuses to probe them).
     hidden = {id(m) for _, om, _ in opaque_modules(model) for m in om.modules()}
     handles = []
+    grad_mode = torch.enable_grad() if keep else torch.no_grad()
     try:
         for name, module in model.named_modules():
             if name and id(module) not in hidden:
-                has_params = next(module.parameters(), None) is not None
-                handles.append(module.register_forward_hook(make_hook(name, has_params)))
-        # One sample is enough to see the shapes; no graph, model state and RNG restored, the
-        # caller's rule contexts suspended, and a copy of the input (in-place normalisation).
-        with suspend_rule_contexts(), model_state_guard(model, freeze=False), torch.no_grad(), \
+                handles.append(module.register_forward_hook(make_hook(
+                    name, next(module.parameters(), None) is not None,
+                    next(module.parameters(recurse=False), None) is not None)))
+        # Model state and RNG restored, the caller's rule contexts suspended, and a copy of the
+        # input (in-place normalisation).
+        with suspend_rule_contexts(), model_state_guard(model, freeze=False), grad_mode, \
                 _rng_fork(input.device):
             try:
-                model(input[:1].detach().clone())
+                output = model((input if keep else input[:1]).detach().clone())
             except (RuntimeError, ValueError) as exc:
-                hint = layout_hint(model, input)
-                if hint is None:
+                failure = forward_failure(model, input, exc)
+                if failure is None:
                     raise
-                raise ValueError(
-                    f"{type(model).__name__} failed on input of shape {tuple(input.shape)} "
-                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); {hint}"
-                ) from exc
+                raise failure from exc
     finally:
         for handle in handles:
             handle.remove()
+    return records, calls, output
 
+
+def _class_counts(output: Any) -> Set[int]:
+    """The numbers of classes of a model output (a tensor, or the tensors of a tuple / dict)."""
+    values = output.values() if isinstance(output, dict) else (
+        output if isinstance(output, (tuple, list)) else [output])
+    return {int(t.shape[1]) if t.dim() >= 2 else 1 for t in values
+            if isinstance(t, torch.Tensor) and t.dim() >= 1}
+
+
+def _spatial(shape: Optional[Tuple[int, ...]], rank: int, batch: int) -> bool:
+    """A layout (N, C, *spatial) of the input's batch and rank with more than one position: a
+    video model's (N, heads, tokens, dim) or a 2-D layer of a 3-D model is no map of the
+    input, nor is an image model's (N, tokens, dim) sequence."""
+    if shape is None or len(shape) != rank or shape[0] != batch:
+        return False
+    positions = 1
+    for s in shape[2:]:
+        positions *= s
+    return positions > 1
+
+
+def _head_start(records: List[_Record], classes: Set[int], rank: int, batch: int) -> int:
+    """Where the classifier head starts: the last module with parameters of its own, when it
+    outputs a class-score map (N, K, *spatial) with K a class count of the output (SqueezeNet's
+    final 1×1 convolution, a segmentation head); else past the end.  Grad-CAM reads the
+    layer *before* the head: class-score maps are the head's output, not features."""
+    last = next((i for i in range(len(records) - 1, -1, -1) if records[i].own_params), None)
+    if last is not None and _spatial(records[last].shape, rank, batch) and \
+            records[last].shape[1] in classes:  # type: ignore[index]
+        return last
+    return len(records)
+
+
+_ADVICE = ("pass saliency_layer explicitly: a module whose output is (N, C, *spatial); for a "
+           "vision transformer, expose the patch tokens of a late block as a map (N, dim, h, w) "
+           "with a reshaping module (see 'Grad-CAM on vision transformers' in "
+           "docs/troubleshooting.rst)")
+
+
+def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
+            calls: Dict[str, int], output: Any, batch: int) -> str:
+    """The rule of :func:`find_saliency_layer` on the records of a pass of ``batch`` samples."""
     rank = input.dim()
-
-    def spatial(shape: Optional[Tuple[int, ...]]) -> bool:
-        # A layout (N, C, *spatial): rank 4 or more (2-D and 3-D data), or rank 3 for 1-D data
-        # only — (N, tokens, dim) sequences of image models are not spatial maps.
-        if shape is None or shape[0] != 1 or not (len(shape) >= 4 or len(shape) == rank == 3):
-            return False
-        positions = 1
-        for s in shape[2:]:
-            positions *= s
-        return positions > 1
-
+    end = _head_start(records, _class_counts(output), rank, batch)
     # Hooks fire when a module *finishes*, so an enclosing module returning the very same tensor
     # as its last child (ResNet's layer4 / layer4.1 / layer4.1.relu) comes after it: the last
-    # record is the outermost.  Modules called more than once (a shared ReLU) are ambiguous.
-    chosen = next((i for i in range(len(records) - 1, -1, -1)
-                   if spatial(records[i][1]) and calls[records[i][0]] == 1), None)
-    tokens = [(n, s) for n, s, p in records
-              if p and rank >= 4 and s is not None and len(s) == 3 and s[0] == 1 and s[1] > 1]
-    advice = ("pass saliency_layer explicitly: a module whose output is (N, C, *spatial); for "
-              "a vision transformer, expose the patch tokens of a late block as a map "
-              "(N, dim, h, w) with a reshaping module (see 'Grad-CAM on vision transformers' "
-              "in docs/troubleshooting.rst)")
+    # record is the outermost.  Modules called more than once (a shared ReLU) are ambiguous;
+    # a module returning an earlier module's output it was given (Identity, eval-mode Dropout)
+    # only renames it: the module that computed it is chosen.
+    chosen = next((i for i in range(end - 1, -1, -1)
+                   if _spatial(records[i].shape, rank, batch) and calls[records[i].name] == 1
+                   and not records[i].alias), None)
+    tokens = [r for r in records if r.has_params and rank >= 4 and r.shape is not None
+              and len(r.shape) == 3 and r.shape[1] > 1]
     if chosen is not None:
-        name = records[chosen][0]
+        name = records[chosen].name
         # A token model (ViT): the only spatial layer is the patch embedding, which runs before
         # any other layer with parameters, and transformer blocks follow it.  Grad-CAM there
         # would explain the embedding, not the network: refuse rather than pick it.
-        embedding = not any(p for n, _, p in records[:chosen]
-                            if not n.startswith(name + "."))
-        later_tokens = [(n, s) for n, s in tokens
-                        if any(r[0] == n for r in records[chosen + 1:])]
-        if not (embedding and later_tokens):
+        embedding = not any(r.has_params for r in records[:chosen]
+                            if not r.name.startswith(name + "."))
+        later = [r for r in tokens if any(o.name == r.name for o in records[chosen + 1:])]
+        if not (embedding and later):
             return name
         raise ValueError(
             f"could not choose saliency_layer automatically: {type(model).__name__} turns its "
             f"input into a token sequence — the only spatial layer, {name!r} (output "
-            f"{records[chosen][1]}), is the patch embedding, and later layers output "
-            f"(N, tokens, dim) tensors ({later_tokens[0][0]!r} {later_tokens[0][1]}"
-            + (f" and {len(later_tokens) - 1} more" if len(later_tokens) > 1 else "")
-            + "), which have no spatial layout; " + advice)
-    seen = sorted({f"{n} {s}" for n, s, _ in records if s is not None and len(s) >= 3})
+            f"{records[chosen].shape}), is the patch embedding, and later layers output "
+            f"(N, tokens, dim) tensors ({later[0].name!r} {later[0].shape}"
+            + (f" and {len(later) - 1} more" if len(later) > 1 else "")
+            + "), which have no spatial layout; " + _ADVICE)
+    seen = sorted({f"{r.name} {r.shape}" for r in records
+                   if r.shape is not None and len(r.shape) >= 3})
     raise ValueError(
         f"could not choose saliency_layer automatically: no sub-module of "
-        f"{type(model).__name__} called once outputs a tensor (N, C, *spatial) with more than "
-        f"one spatial position for an input of shape {tuple(input.shape)}"
-        + (f" (outputs seen: {', '.join(seen[:8])})" if seen else "")
+        f"{type(model).__name__} called once outputs a tensor (N, C, *spatial) of the input's "
+        f"rank with more than one spatial position for an input of shape "
+        f"{tuple(input.shape)}" + (f" (outputs seen: {', '.join(seen[:8])})" if seen else "")
         + ("; its (N, tokens, dim) outputs have no spatial layout" if tokens else "")
-        + "; " + advice)
+        + "; " + _ADVICE)
+
+
+def _discover_layer(model: nn.Module, input: torch.Tensor) -> str:
+    records, calls, output = _record_forward(model, input, keep=False)
+    return _choose(model, input, records, calls, output, 1)
+
+
+def reachable_saliency_layer(model: nn.Module, input: torch.Tensor, target: Any) -> str:
+    """The automatic layer among the layers the target's scores depend on.
+
+    :func:`find_saliency_layer` knows no target; on a model with several heads (torchvision's
+    ``fcn_resnet50(aux_loss=True)``, class + box heads) its choice may feed a head the target
+    does not use.  This runs the model once on ``input`` with autograd, differentiates the
+    target's scores down to every module output, and applies the same rule to the modules they
+    reach.  Raises a :class:`ValueError` listing what was seen when none qualifies.
+    """
+    records, calls, output = _record_forward(model, input, keep=True)
+    scores, seed = backward_seed(output, target, input.shape[0])
+    kept = [r for r in records if r.tensor is not None and r.tensor.requires_grad]
+    grads = torch.autograd.grad(scores, [r.tensor for r in kept], seed, allow_unused=True) \
+        if kept and scores.requires_grad else [None] * len(kept)
+    reached = {r.name for r, g in zip(kept, grads) if g is not None}
+    used = [r for r in records if r.name in reached]
+    for r in records:
+        r.tensor = None  # free the graph
+    try:
+        return _choose(model, input, used, calls, output, input.shape[0])
+    except ValueError as exc:
+        raise ValueError(f"the target's scores depend on no layer that qualifies: {exc}") \
+            from None
 
 
 def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:

@@ -238,9 +238,15 @@ def check_smooth(smooth: Any) -> float:
 
 def finish_map(input: torch.Tensor, smap: torch.Tensor, resize: SizeType = False,
                resize_mode: str = "bilinear", smooth: float = 0) -> torch.Tensor:
-    """The last steps every method shares: detach, resize, then smooth with
-    ``sigma = smooth * max(spatial size)`` of the resized map."""
-    smap = resize_saliency(input, smap.detach(), resize, resize_mode)
+    """The last steps every method shares: detach, cast to the input's dtype, resize, then
+    smooth with ``sigma = smooth * max(spatial size)`` of the resized map.
+
+    The cast matters under the caller's :func:`torch.autocast`: a layer's activation and
+    gradient are then bfloat16 / float16, but a map of a float32 input is float32."""
+    smap = smap.detach()
+    if input.is_floating_point() and smap.dtype != input.dtype:
+        smap = smap.to(input.dtype)
+    smap = resize_saliency(input, smap, resize, resize_mode)
     if smooth:
         smap = smooth_saliency(smap, smooth * max(smap.shape[2:]))
     return smap

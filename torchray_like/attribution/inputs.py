@@ -1,0 +1,132 @@
+r"""Input checks: a batch the methods can explain, and what to do when it is not one.
+
+:func:`check_input` validates a batch ``(N, C, *spatial)`` of floating-point data; when the model
+then fails on it, :func:`layout_hint` and :func:`dtype_hint` turn PyTorch's error into a sentence
+that says what to do (an unbatched image, channels last, float64 data for a float32 model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["check_input", "layout_hint", "dtype_hint", "forward_failure"]
+
+
+def check_input(input: Any, name: str = "input", min_dim: int = 3,
+                needs_grad: bool = True) -> torch.Tensor:
+    """Validate a batch ``(N, C, *spatial)`` of floating-point data and return it.
+
+    Raises :class:`TypeError` for non-tensors and integer / boolean / complex tensors (with the
+    conversion to use), :class:`ValueError` for a wrong rank or an empty batch.  When
+    ``needs_grad`` (the method differentiates), also :class:`RuntimeError` inside
+    :func:`torch.inference_mode` and :class:`ValueError` for an inference tensor.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if input.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device (a tensor without data); pass a tensor with values "
+            "on the model's device")
+    if not input.is_floating_point():
+        if input.dtype == torch.uint8:
+            hint = ("an image stored as uint8: convert it with x.float() / 255 and normalise it "
+                    "as the model expects")
+        else:
+            hint = "convert it, e.g. with x.float()"
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {input.dtype}; {hint}")
+    if input.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have shape (N, C, *spatial) — (N, C, L), (N, C, H, W) or "
+            f"(N, C, T, H, W) — got shape {tuple(input.shape)}; add the batch dimension with "
+            "x.unsqueeze(0)")
+    if input.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(input.shape)})")
+    if not needs_grad:
+        return input
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "attribution needs autograd, which torch.inference_mode() disables; call it outside "
+            "the inference_mode block (torch.no_grad() is fine)")
+    if input.is_inference():
+        raise ValueError(
+            f"{name} is an inference tensor (created under torch.inference_mode()); autograd "
+            "cannot use it: pass x.clone() made outside inference mode")
+    return input
+
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def layout_hint(model: nn.Module, input: torch.Tensor,
+                certain_only: bool = False) -> Optional[str]:
+    """What to do when ``input`` cannot be the batch the model's first convolution expects.
+
+    The first ``Conv1d/2d/3d`` module of ``model`` (in registration order) tells the number of
+    channels and of spatial dimensions.  Returns a sentence when ``input`` looks like a
+    channels-last batch (``x.permute(0, 3, 1, 2)``), an unbatched sample (one dimension short,
+    channels first: ``x.unsqueeze(0)``) or has another number of channels; ``None`` when it
+    matches or the model has no such convolution.
+
+    The methods refuse a channels-last batch before running the model (``certain_only``: the
+    last dimension holds the channels and the second does not); the other cases can be
+    legitimate (a model that reshapes its input first), so they only complete the error of a
+    forward pass that failed.
+    """
+    conv = next((m for m in model.modules() if isinstance(m, _CONV_TYPES)), None)
+    if conv is None or not conv.in_channels:
+        return None
+    spatial = len(conv.kernel_size)
+    c = conv.in_channels
+    shape = tuple(input.shape)
+    expected = "(N, C" + ", " + ", ".join(("L",) if spatial == 1 else
+                                          ("H", "W") if spatial == 2 else ("T", "H", "W")) + ")"
+    first = (f"the model's first convolution ({type(conv).__name__}, in_channels={c}) takes "
+             f"a batch {expected} with C={c}")
+    if input.dim() == spatial + 2 and shape[1] != c and shape[-1] == c:
+        order = ", ".join(["0", str(spatial + 1)] + [str(i) for i in range(1, spatial + 1)])
+        return (f"input has shape {shape}, channels last; {first}: pass x.permute({order}) "
+                "(or x.movedim(-1, 1))")
+    if certain_only:
+        return None
+    if input.dim() == spatial + 1 and shape[0] == c:
+        return (f"input has shape {shape}: a single sample without the batch dimension; "
+                f"{first}: pass x.unsqueeze(0)")
+    if input.dim() == spatial + 2 and shape[1] != c:
+        return f"input has shape {shape} with {shape[1]} channels; {first}"
+    return None
+
+
+
+
+def dtype_hint(model: nn.Module, input: torch.Tensor) -> Optional[str]:
+    """A sentence when ``input``'s dtype differs from the model's floating parameters' (the
+    usual cause of PyTorch's "Input type (double) and bias type (float) should be the same"),
+    ``None`` otherwise.  Only used to complete the error of a forward pass that failed: a model
+    may legitimately cast its input itself."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or input.dtype in dtypes:
+        return None
+    (dtype,) = dtypes
+    name = str(dtype).replace("torch.", "")
+    return (f"input is {str(input.dtype).replace('torch.', '')} but the model's parameters are "
+            f"{name}: pass x.to(torch.{name}) (e.g. x.float() for an image from "
+            f"torch.from_numpy of a float64 array), or convert the model with "
+            f"model.to(torch.{str(input.dtype).replace('torch.', '')})")
+
+
+def forward_failure(model: nn.Module, input: torch.Tensor, exc: BaseException
+                    ) -> Optional[ValueError]:
+    """The :class:`ValueError` to raise instead of ``exc`` when the model's forward pass failed
+    on ``input`` for a reason :func:`layout_hint` or :func:`dtype_hint` can name; ``None`` when
+    neither can (re-raise ``exc`` then)."""
+    hint = layout_hint(model, input) or dtype_hint(model, input)
+    if hint is None:
+        return None
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return ValueError(f"{type(model).__name__} failed on input of shape {tuple(input.shape)} "
+                      f"({type(exc).__name__}: {first}); {hint}")

@@ -1,0 +1,143 @@
+r"""Model checks: what a module must be to be explained, and what hooks and rules cannot see.
+
+:func:`check_model` refuses inference, meta and uninitialised (lazy) parameters with what to do;
+:func:`opaque_modules` finds TorchScript modules (``torch.jit.script`` / ``torch.jit.trace``) and
+modules compiled with ``torch.compile``, inside which rule contexts and probes see nothing;
+:func:`unwrap_compiled` gives the eager module behind ``torch.compile(model)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.parameter import is_lazy
+
+__all__ = ["check_model", "iter_modules", "iter_tensors", "is_compiled_wrapper",
+           "unwrap_compiled", "opaque_kind", "opaque_modules", "batch_statistics_layers"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def iter_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of ``model`` once (``model`` first), like ``model.modules()`` but without
+    building the dotted names: the per-call checks walk the tree several times, and on small
+    models the names cost more than the checks."""
+    seen = {id(model)}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        yield module
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+
+
+def iter_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``("parameter" | "buffer", tensor)`` for every parameter and buffer, shared ones once."""
+    seen = set()
+    for module in iter_modules(model):
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for t in tensors.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield kind, t
+
+
+def check_model(model: Any) -> nn.Module:
+    """Validate that ``model`` is a module whose parameters autograd can differentiate through.
+
+    Every parameter and buffer is looked at (a flag test each): uninitialised parameters of
+    ``torch.nn.Lazy*`` modules, inference tensors (made under :func:`torch.inference_mode`) and
+    tensors on the ``meta`` device (no values) are a :class:`ValueError` naming the tensor.
+    """
+    if not isinstance(model, nn.Module):
+        if callable(model):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
+                "in an nn.Module whose forward calls it")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(is_lazy(t) or t.is_inference() or t.is_meta for _, t in iter_tensors(model)):
+        return model
+    # Something is wrong: find its name (the slow walk, on the error path only).
+    for kind, named in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for name, p in named:
+            if is_lazy(p):
+                raise ValueError(
+                    f"model {kind} {name!r} is not initialised yet (a torch.nn.Lazy* module "
+                    "infers its shape on the first forward pass); run the model once first, "
+                    "e.g. `with torch.no_grad(): model(x)`, so that explaining it does not "
+                    "change it")
+            if p.is_inference():
+                raise ValueError(
+                    f"model {kind} {name!r} is an inference tensor (the model was built or "
+                    "loaded under torch.inference_mode()); rebuild or clone it outside "
+                    "inference mode")
+            if p.is_meta:
+                raise ValueError(
+                    f"model {kind} {name!r} is on the meta device (it has no values); "
+                    "materialise the model first, e.g. model.to_empty(device='cpu') then "
+                    "load_state_dict(...)")
+    return model
+
+
+def is_compiled_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper :func:`torch.compile` returns for a module."""
+    return (type(module).__name__ == "OptimizedModule"
+            and isinstance(getattr(module, "_orig_mod", None), nn.Module))
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(model)`` (``model`` itself otherwise).
+
+    Backward rules and probes need to see the operations and the sub-modules as they run; a
+    compiled graph hides both (hooks added after compilation are not guarded, a rule read at
+    backward time is baked in at tracing).  The methods therefore explain the original module,
+    which shares the compiled model's parameters: the answer is the same, computed eagerly.
+    """
+    while is_compiled_wrapper(model):
+        inner = model._orig_mod
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def opaque_kind(module: nn.Module) -> Optional[str]:
+    """``"TorchScript"``, ``"torch.compile"`` or ``None``: whether hooks and rule contexts can
+    see what ``module`` runs."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return "TorchScript"
+    if is_compiled_wrapper(module) or module.__dict__.get("_compiled_call_impl") is not None:
+        return "torch.compile"
+    return None
+
+
+def opaque_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """The outermost sub-modules of ``model`` (``model`` included, name ``""``) whose inside
+    hooks and rule contexts cannot see: ``(name, module, kind)`` with ``kind`` from
+    :func:`opaque_kind`.  One walk over the module tree."""
+    found: List[Tuple[str, nn.Module, str]] = []
+    if all(opaque_kind(m) is None for m in iter_modules(model)):
+        return found
+    for name, module in model.named_modules():
+        if any(name == n or name.startswith(n + ".") or n == "" for n, _, _ in found):
+            continue
+        kind = opaque_kind(module)
+        if kind is not None:
+            found.append((name, module, kind))
+    return found
+
+
+def batch_statistics_layers(model: nn.Module) -> List[str]:
+    """Names of the layers that normalise with the statistics of the batch even in eval mode
+    (batch norm with ``track_running_stats=False``), so that one sample's output depends on
+    the other samples of the batch.  Empty for almost every model (one walk of the tree)."""
+    if not any(isinstance(m, _BATCH_NORMS) and m.running_mean is None
+               for m in iter_modules(model)):
+        return []
+    return [name for name, m in model.named_modules()
+            if isinstance(m, _BATCH_NORMS) and m.running_mean is None]
