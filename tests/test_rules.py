@@ -179,7 +179,8 @@ def test_plain_gradient_matches_finite_differences():
         for i in range(flat.numel()):
             e = torch.zeros_like(flat)
             e[i] = eps
-            fd[i] = (net((flat + e).view_as(x))[0, 1] - net((flat - e).view_as(x))[0, 1]) / (2 * eps)
+            fd[i] = (net((flat + e).view_as(x))[0, 1]
+                     - net((flat - e).view_as(x))[0, 1]) / (2 * eps)
     torch.testing.assert_close(info.gradient.flatten(), fd, rtol=1e-5, atol=1e-7)
 
 

@@ -243,10 +243,18 @@ class ReLUContext(RuleContext):
     PyTorch's; in-place calls stay in place.
 
     Look-alikes that are no rectifier at zero (``hardtanh(x, -1, 1)``, ``threshold(x, 0.5,
-    0)``), ``where`` / ``maximum`` with a zero operand in another form, and the other
-    non-linearities (GELU, SiLU, tanh, sigmoid, ``abs``, the shrink functions, GLU ...) keep
-    their plain gradient and are reported (:class:`UnhandledActivationWarning` on exit, and in
-    :attr:`unhandled`).
+    0)``), ``where`` / ``maximum`` with a zero operand in another form, gates on the sign of a
+    tensor (``where(x > 0, x, 0.1 * x)``, ``x * (x > 0)``, ``x.masked_fill(x < 0, 0)``), and
+    the other elementwise non-linearities in every spelling — GELU, SiLU, tanh, sigmoid /
+    ``torch.special.expit``, ``erf`` (a hand-written GELU), ``exp``, ``sin``, ``abs``, the
+    shrink functions, GLU ..., functional, in-place (``x.sigmoid_()``, ``F.leaky_relu_``) or
+    ``torch.ops.aten`` — keep their plain gradient and are reported
+    (:class:`UnhandledActivationWarning` on exit, and in :attr:`unhandled`) when autograd
+    records them.
+
+    Rectifiers run in other threads (worker threads of the forward pass, ``nn.DataParallel``
+    over several devices) are out of the context's reach; :meth:`check_path` finds them in the
+    graph after the forward pass and raises a :class:`ValueError` saying what to do.
 
     Only calls autograd records count as replaced (:attr:`counts`); a rectifier under
     ``torch.no_grad()`` or on a tensor that does not require grad (a constant, a frozen
