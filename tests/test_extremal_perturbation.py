@@ -20,11 +20,15 @@ import torch.nn as nn
 from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
 
-import torchray_like.attribution._extremal_masks as masks_module
 import torchray_like.attribution.extremal_perturbation as ep
-from torchray_like.attribution._extremal_masks import (MaskOptimizer, RewardScale, area_ones,
-                                                       per_axis, ranking_loss_and_gradient)
-from torchray_like.attribution._perturbation import denormals_flushed
+import torchray_like.attribution.extremal_rewards as rewards_module
+import torchray_like.attribution.mask_optimizer as optimizer_module
+import torchray_like.attribution.perturbation_pyramid as pyramid_module
+import torchray_like.attribution.smooth_masks as smooth_module
+from torchray_like.attribution.arguments import per_axis
+from torchray_like.attribution.mask_optimizer import (MaskOptimizer, RewardScale, area_ones,
+                                                      ranking_loss_and_gradient)
+from torchray_like.attribution.precision import denormals_flushed
 from torchray_like.attribution.common import smooth_saliency
 from torchray_like.attribution.extremal_perturbation import (
     BLUR_PERTURBATION, DELETE_VARIANT, DUAL_VARIANT, FADE_PERTURBATION, PRESERVE_VARIANT,
@@ -471,9 +475,13 @@ def test_torchray_names_are_the_machinery_and_the_signature_is_torchrays():
     assert (PRESERVE_VARIANT, DELETE_VARIANT, DUAL_VARIANT) == ep.VARIANTS
     assert (BLUR_PERTURBATION, FADE_PERTURBATION) == ep.PERTURBATIONS
     # The re-exported names are the machinery's objects, not copies.
-    for name in ("MaskGenerator", "Perturbation", "ranking_area_loss", "BLUR_PERTURBATION",
-                 "FADE_PERTURBATION", "PERTURBATIONS"):
-        assert getattr(ep, name) is getattr(masks_module, name), name
+    homes = {"MaskGenerator": smooth_module, "Perturbation": pyramid_module,
+             "ranking_area_loss": optimizer_module, "ExtremalHistory": optimizer_module,
+             "BLUR_PERTURBATION": pyramid_module, "FADE_PERTURBATION": pyramid_module,
+             "PERTURBATIONS": pyramid_module, "simple_reward": rewards_module,
+             "contrastive_reward": rewards_module, "VARIANTS": rewards_module}
+    for name, home in homes.items():
+        assert getattr(ep, name) is getattr(home, name), name
     for name in ep.__all__:
         assert hasattr(ep, name), name
     params = list(inspect.signature(extremal_perturbation).parameters.values())
@@ -919,7 +927,7 @@ class Constant(nn.Module):
     (dict(resize=(3, 4, 5)), ValueError, "resize must give 2 positive sizes"),
     (dict(resize=True, resize_mode="cubic"), ValueError, "resize_mode must be one of"),
     (dict(learning_rate=0), ValueError, "learning_rate must be a positive number"),
-    (dict(momentum=1.0), ValueError, r"momentum must be a number in \[0, 1\)"),
+    (dict(momentum=1.0), ValueError, r"momentum must be a finite number in \[0, 1\)"),
     (dict(area_weight=(1.0,)), ValueError, r"area_weight must be two positive numbers"),
     (dict(area_weight=(0.0, 10.0)), ValueError, r"area_weight must be two positive numbers"),
     (dict(temperature=-0.1), ValueError, "temperature must be a finite number ≥ 0"),
@@ -927,7 +935,7 @@ class Constant(nn.Module):
     (dict(generator=[1, 2, 3]), ValueError, "generator has 3 entries but the batch has 2 images"),
     (dict(generator=[1, "a"]), TypeError, "generator entry must be a torch.Generator, an int"),
     (dict(generator=1.5), TypeError, "generator must be a torch.Generator, an int seed or None"),
-    (dict(dampening=1.5), ValueError, r"dampening must be a number in \[0, 1\], got 1.5"),
+    (dict(dampening=1.5), ValueError, r"dampening must be a finite number in \[0, 1\], got 1.5"),
     (dict(reward_scale="raw"), ValueError, "reward_scale must be 'auto' or a positive number"),
     (dict(reward_scale=0), ValueError, "reward_scale must be 'auto' or a positive number"),
     (dict(print_iter=0), ValueError, r"print_iter must be a positive int \(>= 1\)"),
@@ -958,7 +966,11 @@ def test_argument_errors(kwargs, error, match):
     (-1, ValueError, "target class -1 is out of range"),
     (0.5, ValueError, "target must be an integer class index, got the float 0.5"),
     (torch.tensor([0.0, 1.0]), ValueError, "target must hold integer class indices"),
-    (lambda out: out[:, 0], TypeError, "pass reward_func"),
+    (torch.zeros(2, 2), ValueError, "a floating tensor is a seed gradient, which only the "
+                                    "backpropagation methods use"),
+    (np.array([0.0, 1.0]), ValueError, "float64 NumPy array: class indices must be integers"),
+    (np.array([True, False]), TypeError, "boolean array"),
+    (torch.tensor([0, 1], device="meta"), ValueError, "target is on the meta device"),
     (torch.tensor([[0, 1]]), ValueError, "1-D tensor with one class per sample"),
     (True, TypeError, "got the boolean"),
 ])
@@ -966,6 +978,8 @@ def test_target_errors(target, error, match):
     model = BoxScore(BOXES2, SHAPE2)
     with pytest.raises(error, match=match):
         extremal_perturbation(model, image2(), target, max_iter=2, **KW2)
+    if "out of range" not in match:
+        assert model.calls == []  # parsed once, at entry: refused before any forward pass
 
 
 def test_input_and_model_errors():
@@ -1341,3 +1355,93 @@ def test_default_reward_finds_the_objects_on_the_trained_embedded_models(name):
     # and the small cross of image 2, 3.6 % of the image, at 300 iterations).
     found = 4 if name == "embedded-vgg" else 2
     assert sum(o > s for o, s in zip(on_object, share)) >= found, (on_object, share)
+
+
+# ---------------------------------------------------------------------------------------------
+# Callable targets, layouts, NumPy arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["preserve", "delete", "dual"])
+def test_a_callable_target_is_the_class_score_it_returns(variant):
+    """A callable target scores the perturbed rows itself: the same masks and history, bit for
+    bit, as the class index whose score it returns — also through a dict output."""
+    kw = dict(areas=[0.1, 0.2], max_iter=4, variant=variant, generator=3, **KW2)
+    masks, hist = extremal_perturbation(BoxScore(BOXES2, SHAPE2), image2(), 1, **kw)
+    got, got_hist = extremal_perturbation(BoxScore(BOXES2, SHAPE2), image2(),
+                                          lambda out: out[:, 1], **kw)
+    assert torch.equal(got, masks) and torch.equal(got_hist, hist)
+    wrapped = DictModel(BoxScore(BOXES2, SHAPE2))
+    got, got_hist = extremal_perturbation(wrapped, image2(), lambda out: out["logits"][:, 1],
+                                          **kw)
+    assert torch.equal(got, masks) and torch.equal(got_hist.reward, hist.reward)
+    rows = 2 * 2 * (2 if variant == "dual" else 1)
+    assert [c[0] for c in wrapped.inner.calls] == [rows] * 4
+
+
+def test_callable_target_errors_name_what_to_pass():
+    model = BoxScore(BOXES2, SHAPE2)
+    with pytest.raises(ValueError, match="pass either a callable target .* or reward_func"):
+        extremal_perturbation(model, image2(), lambda out: out[:, 0], max_iter=2,
+                              reward_func=contrastive_reward, **KW2)
+    assert model.calls == []
+    with pytest.raises(ValueError, match=r"one score per row of the model output, shape \(2,\) "
+                                         r"for a forward batch of 2, got \(2, 2\)"):
+        extremal_perturbation(model, image2(), lambda out: out, max_iter=2, **KW2)
+    with pytest.raises(TypeError, match="a callable target must return a tensor of one score "
+                                        "per row of the model output, got float"):
+        extremal_perturbation(model, image2(), lambda out: 1.0, max_iter=2, **KW2)
+    with pytest.raises(ValueError, match="the reward does not depend on the mask"):
+        extremal_perturbation(model, image2(), lambda out: out[:, 0].detach(), max_iter=2,
+                              **KW2)
+
+
+def test_a_dict_output_with_a_class_index_names_the_callable_target():
+    model = DictModel(BoxScore(BOXES2, SHAPE2))
+    with pytest.raises(TypeError, match=r"extremal_perturbation: the model returned a dict, not "
+                                        r"a tensor; pass a callable target .* target=lambda"):
+        extremal_perturbation(model, image2(), 0, max_iter=2, **KW2)
+
+
+class TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def test_unbatched_and_channels_last_images_say_what_to_do():
+    model = TinyConv()
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = snapshot(model, image[None])
+    kw = dict(max_iter=1, step=2, sigma=3, progress=False, generator=0)
+    with pytest.raises(ValueError, match=r"extremal_perturbation: .*channels last.*"
+                                         r"x\.permute\(0, 3, 1, 2\)"):
+        extremal_perturbation(model, image.permute(1, 2, 0)[None], 0, **kw)
+    with pytest.raises(ValueError, match=r"failed on input of shape \(3, 16, 16\) .*without the "
+                                         r"batch dimension.*x\.unsqueeze\(0\)") as info:
+        extremal_perturbation(model, image, 0, **kw)
+    assert isinstance(info.value.__cause__, IndexError)   # the model's own error, as the cause
+    assert_same_state(before, snapshot(model, image[None]))
+
+
+def test_numpy_arguments_are_accepted_and_give_the_same_masks():
+    kw = dict(max_iter=3, sigma=3, max_blur=3, progress=False, reward_scale="auto")
+    masks, hist = extremal_perturbation(
+        BoxScore(BOXES2, SHAPE2), image2(), [0, 1], areas=[0.1, 0.2], smooth=0.125, generator=1,
+        step=2, area_weight=(2.0, 9.0), momentum=0.5, debug=False, **kw)
+    got, got_hist = extremal_perturbation(
+        BoxScore(BOXES2, SHAPE2), image2(), np.array([0, 1]), areas=np.array([0.1, 0.2]),
+        smooth=np.float32(0.125), generator=np.int64(1), step=np.int64(2),
+        area_weight=np.array([2.0, 9.0]), momentum=np.float64(0.5), debug=np.bool_(False), **kw)
+    assert torch.equal(got, masks) and torch.equal(got_hist, hist)
+    got, _ = extremal_perturbation(BoxScore(BOXES2, SHAPE2), image2(), np.int64(1),
+                                   areas=torch.tensor([0.1]), max_iter=2, **KW2)
+    ref, _ = extremal_perturbation(BoxScore(BOXES2, SHAPE2), image2(), 1, areas=[0.1],
+                                   max_iter=2, **KW2)
+    assert got.shape == (2, 1) + SHAPE2 and torch.equal(got, ref)
+

@@ -1,21 +1,28 @@
-"""What RISE and extremal perturbation share (``attribution/_perturbation.py``): the seed policy,
-the progress bar, the argument checks, the finiteness check, denormal flushing and warnings that
-point at the caller."""
+"""What RISE and extremal perturbation share, in the public modules named after what they hold:
+the seed policy (``seeding``), the progress bar and warnings that point at the caller
+(``reporting``), the argument and input checks (``arguments``), denormal flushing and autocast
+(``precision``)."""
 
 from __future__ import annotations
 
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
-from torchray_like.attribution import _perturbation as shared
-from torchray_like.attribution._perturbation import (check_finite, check_number, check_progress,
-                                                     denormals_flushed, flush_denormals,
-                                                     global_seed, image_seeds, is_number,
-                                                     make_generator, positive_int, progress_bar,
-                                                     warn_caller)
+from torchray_like.attribution import reporting
+from torchray_like.attribution.arguments import (check_batch, check_finite, check_flag,
+                                                 check_number, check_progress, check_resize,
+                                                 is_number, layout_error, number_list, per_axis,
+                                                 positive_int)
+from torchray_like.attribution.maps import Shape
+from torchray_like.attribution.precision import (autocast_forward, check_autocast,
+                                                 denormals_flushed, flush_denormals)
+from torchray_like.attribution.reporting import progress_bar, warn_caller
+from torchray_like.attribution.seeding import global_seed, image_seeds, make_generator
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -185,4 +192,120 @@ def test_warn_caller_points_at_the_first_frame_outside_the_package():
         warnings.simplefilter("always")
         warn_caller("from inside")
     assert len(w) == 1 and w[0].filename == __file__ and str(w[0].message) == "from inside"
-    assert shared.__file__ != __file__
+    assert reporting.__file__ != __file__
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy values are numbers, flags and lists
+# ---------------------------------------------------------------------------------------------
+
+
+def test_numpy_scalars_and_arrays_are_numbers_flags_and_lists():
+    assert is_number(np.float32(0.1)) and is_number(np.int64(3)) and not is_number(np.bool_(1))
+    assert positive_int(np.int64(3), "n") == 3 and type(positive_int(np.int64(3), "n")) is int
+    with pytest.raises(TypeError, match="n must be a positive int, got np.True_"):
+        positive_int(np.bool_(True), "n")
+    assert check_number(np.float32(0.5), "p", 0, 1) == 0.5
+    assert check_flag(np.bool_(True), "debug") is True
+    with pytest.raises(TypeError, match="debug must be True or False, got 1"):
+        check_flag(1, "debug")
+    assert check_progress(np.bool_(False)) is False and check_progress(None) is None
+    assert number_list(np.array([1, 2])) == [1, 2] and number_list(torch.tensor([0.5])) == [0.5]
+    assert number_list((3,)) == [3] and number_list(3) is None and number_list("ab") is None
+    assert number_list(np.zeros((2, 2))) is None
+    assert per_axis(np.array([2, 3]), "step", (8, 8), integer=True, minimum=1,
+                    strict=False) == (2.0, 3.0)
+    assert image_seeds(np.array([4, 9]), 2) == [4, 9] and image_seeds(np.int64(5), 2) == [5, 6]
+    assert torch.equal(torch.rand(3, generator=make_generator(np.uint64(7))),
+                       torch.rand(3, generator=make_generator(7)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize arguments, checked before the work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resize,mode,spatial,expected", [
+    (False, "bilinear", 2, False), (None, "bilinear", 2, None), (True, "nearest", 3, True),
+    (np.bool_(True), "bilinear", 2, True), (np.int64(5), "bilinear", 2, 5),
+    ((4, 6), "bicubic", 2, (4, 6)), (np.array([4, 6]), "area", 2, (4, 6)),
+    (Shape(3, 4), "linear", 2, Shape(3, 4)), (7, "linear", 1, 7)])
+def test_check_resize_accepts_what_resize_saliency_reads(resize, mode, spatial, expected):
+    got = check_resize(resize, mode, spatial)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("resize,mode,spatial,error,match", [
+    ((3, 3, 3), "bilinear", 2, ValueError, r"resize must give 2 positive sizes, as a tuple in "
+                                           r"TorchRay's order \(W, H\)"),
+    (Shape(3), "bilinear", 2, ValueError, r"resize must give 2 positive sizes in torch order "
+                                          r"Shape\(H, W\)"),
+    (0, "bilinear", 2, ValueError, "resize must give 2 positive sizes"),
+    (2.5, "bilinear", 2, TypeError, "resize must be False, True, an int, a tuple of 2 ints"),
+    ((4, 4), "cubic", 2, ValueError, "resize_mode must be one of linear/bilinear/trilinear"),
+    ((4, 4, 4), "bicubic", 3, ValueError, "resize_mode 'bicubic' needs 2 spatial dimensions"),
+    (True, "cubic", 2, ValueError, "resize_mode must be one of"),
+])
+def test_check_resize_errors(resize, mode, spatial, error, match):
+    with pytest.raises(error, match=match):
+        check_resize(resize, mode, spatial)
+
+
+# ---------------------------------------------------------------------------------------------
+# The input of a perturbation method, and layout errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_check_batch_refuses_channels_last_and_more_than_three_spatial_dims():
+    net = _conv_net()
+    x = torch.zeros(2, 3, 5, 5)
+    assert check_batch(net, x, "m", needs_grad=False) is x
+    with pytest.raises(ValueError, match=r"m: input has shape \(2, 5, 5, 3\), channels last; .*"
+                                         r"x\.permute\(0, 3, 1, 2\)"):
+        check_batch(net, torch.zeros(2, 5, 5, 3), "m", needs_grad=False)
+    with pytest.raises(ValueError, match=r"1 to 3 spatial dimensions\), got shape "
+                                         r"\(1, 1, 2, 2, 2, 2\)"):
+        check_batch(net, torch.zeros(1, 1, 2, 2, 2, 2), "m", needs_grad=False)
+    with pytest.raises(ValueError, match=r"m: input has 3 NaN value"):
+        check_batch(net, torch.tensor([[[[float("nan")]]]]).expand(1, 3, 1, 1), "m", False)
+    with pytest.raises(RuntimeError, match="torch.inference_mode"):
+        with torch.inference_mode():
+            check_batch(net, x, "m", needs_grad=True)
+
+
+def test_layout_error_completes_a_failed_forward_pass_only_when_the_layout_is_why():
+    net = _conv_net()
+    exc = RuntimeError("expected 4-D input\nmore detail")
+    error = layout_error(net, torch.zeros(3, 5, 5), exc, "m")
+    assert isinstance(error, ValueError)
+    assert str(error).startswith("m: Sequential failed on input of shape (3, 5, 5) (RuntimeError: "
+                                 "expected 4-D input); input has shape (3, 5, 5): a single "
+                                 "sample without the batch dimension")
+    assert layout_error(net, torch.zeros(2, 3, 5, 5), exc, "m") is None
+    assert layout_error(nn.Linear(2, 2), torch.zeros(3, 5, 5), exc, "m") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_autocast_and_the_forward_context():
+    cpu = torch.device("cpu")
+    assert check_autocast(None, cpu) is None
+    assert check_autocast(torch.bfloat16, cpu) is torch.bfloat16
+    for bad in (torch.float32, True, "bf16"):
+        with pytest.raises(TypeError, match="autocast must be None, torch.bfloat16 or "
+                                            "torch.float16"):
+            check_autocast(bad, cpu)
+    with autocast_forward(torch.bfloat16, cpu):
+        assert torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast_forward(None, cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+

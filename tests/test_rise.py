@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from .conftest import assert_same_state, make_torchvision, snapshot
 from torchray_like.attribution import rise as rise_module
-from torchray_like.attribution.rise import (RISE_NORMALIZATIONS, RISE_SCORES, generate_masks, rise,
-                                           rise_class)
+from torchray_like.attribution import rise_masks
+from torchray_like.attribution.rise import (RISE_NORMALIZATIONS, RISE_SCORES, SlowRiseWarning,
+                                           generate_masks, rise, rise_class)
+from torchray_like.attribution.state import check_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -374,13 +376,13 @@ def test_batch_equals_per_sample_calls():
 def test_forward_batches_never_exceed_batch_size(n_img, batch_size, monkeypatch):
     model = BoxModel([(slice(0, 3), slice(0, 3)), (slice(3, 6), slice(3, 6))])
     built = []
-    original = rise_module._MaskSampler.masks
+    original = rise_masks.MaskSampler.masks
 
     def spy(self, start, stop, device, dtype):
         built.append(stop - start)
         return original(self, start, stop, device, dtype)
 
-    monkeypatch.setattr(rise_module._MaskSampler, "masks", spy)
+    monkeypatch.setattr(rise_masks.MaskSampler, "masks", spy)
     x = torch.rand(n_img, 1, 6, 6)
     rise(model, x, num_masks=23, num_cells=2, batch_size=batch_size, generator=0)
     assert max(model.calls) <= batch_size
@@ -529,7 +531,11 @@ def _box():
     (dict(target=-1), ValueError, "target class -1 is out of range"),
     (dict(target=1.0), ValueError, "target must be an integer class index"),
     (dict(target=torch.zeros(2)), ValueError, "target must hold integer class indices"),
-    (dict(target=lambda out: out[:, 0]), TypeError, "pass score=callable"),
+    (dict(target=lambda out: out[:, 0], score="logit"), ValueError, "pass one or the other"),
+    (dict(target=np.array([0.0, 1.0])), ValueError, "float64 NumPy array: class indices must"),
+    (dict(target=torch.tensor([0, 1], device="meta")), ValueError, "target is on the meta dev"),
+    (dict(return_info="yes"), TypeError, "return_info must be True or False"),
+    (dict(resize=2.5), TypeError, "resize must be False, True, an int"),
     (dict(target="cat"), TypeError, "target must be an int"),
     (dict(generator="seed"), TypeError, "generator must be a torch.Generator, an int seed"),
     (dict(generator=-1), ValueError, r"an int seed must be in \[0, 2\*\*64\)"),
@@ -556,7 +562,7 @@ def test_argument_errors(kwargs, exc, match):
     (None, torch.randint(0, 255, (1, 3, 4, 4), dtype=torch.uint8), TypeError,
      "input must be a floating-point tensor"),
     (None, torch.rand(3, 4), ValueError, r"input must have shape \(N, C, \*spatial\)"),
-    (None, torch.rand(1, 1, 2, 2, 2, 2), ValueError, "input must have 1 to 3 spatial dim"),
+    (None, torch.rand(1, 1, 2, 2, 2, 2), ValueError, "1 to 3 spatial dimensions"),
     (None, torch.rand(0, 1, 4, 4), ValueError, "input is an empty batch"),
     (None, [[1.0]], TypeError, "input must be a torch.Tensor"),
 ])
@@ -841,7 +847,7 @@ def test_bfloat16_forward_passes_keep_float32_maps_close_to_float32():
 
 def test_slow_default_warns_once_with_the_time_and_what_to_pass(monkeypatch):
     monkeypatch.setattr(rise_module, "SLOW_CPU_SECONDS", 0.0)
-    monkeypatch.setattr(rise_module, "_warned_slow", False)
+    monkeypatch.setattr(SlowRiseWarning, "given", False)
     model = BoxModel([(slice(0, 1), slice(0, 1))])
     x = torch.rand(1, 1, 2, 2)
     with pytest.warns(rise_module.SlowRiseWarning,
@@ -851,6 +857,111 @@ def test_slow_default_warns_once_with_the_time_and_what_to_pass(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rise(model, x, 0, num_cells=1, batch_size=512)      # once per process
-        monkeypatch.setattr(rise_module, "_warned_slow", False)
+        monkeypatch.setattr(SlowRiseWarning, "given", False)
         rise(model, x, 0, num_masks=100, num_cells=1)       # an explicit count: no warning
         rise(model, x, 0, num_masks="auto", num_cells=1)    # the stopping rule: no warning
+
+
+# ---------------------------------------------------------------------------------------------
+# Callable targets, the model left as it was found, layouts, NumPy arguments
+# ---------------------------------------------------------------------------------------------
+
+
+class DictOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return {"logits": self.inner(x)}
+
+
+def test_a_callable_target_is_the_class_score_it_returns():
+    """A callable target scores each masked input itself: the map of class 1 under the default
+    softmax, bit for bit, also through a dict output the class index cannot read."""
+    model = SmallNet().eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_masks=40, num_cells=2, generator=1, batch_size=8)
+    ref = rise(model, x, 1, **kw)
+    assert torch.equal(rise(model, x, lambda out: out.softmax(1)[:, 1], **kw), ref)
+    got = rise(DictOut(model), x, lambda out: out["logits"].softmax(1)[:, 1], **kw)
+    assert torch.equal(got, ref) and got.shape == (3, 1, 8, 8)
+    # A regression-style score of any output.
+    sums = rise(DictOut(model), x, lambda out: out["logits"].sum(1), **kw)
+    assert sums.shape == (3, 1, 8, 8) and torch.isfinite(sums).all()
+    with pytest.raises(TypeError, match="the model returned a dict, not a tensor of class "
+                                        "scores: pass a callable target"):
+        rise(DictOut(model), x, 1, **kw)
+    with pytest.raises(ValueError, match=r"rise: a callable target must return one score per row "
+                                         r"of the model output, shape \(6,\) for a forward batch "
+                                         r"of 6, got \(3,\)"):
+        rise(model, x, lambda out: out[:3, 0], **kw)
+
+
+def test_the_class_range_is_checked_once_after_the_first_forward_pass():
+    model = _box()
+    with pytest.raises(ValueError, match=r"target class 7 is out of range: the scores have 2 "):
+        rise(model, torch.rand(2, 1, 4, 4), [0, 7], num_masks=40, num_cells=2, batch_size=4)
+    assert model.calls == [4]
+
+
+class LazyNet(nn.Module):
+    """``Lazy*`` layers, and a buffer the forward pass caches (as RoPE tables are)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.LazyConv2d(4, 3, padding=1)
+        self.fc = nn.LazyLinear(3)
+        self.register_buffer("table", None)
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.linspace(0, 1, x.shape[-1])
+        return self.fc(self.conv(x * self.table).relu().mean((2, 3)))
+
+
+def test_rise_leaves_no_inference_tensor_in_the_model():
+    model = LazyNet()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    rise(model, x, 0, num_masks=8, num_cells=2, generator=0)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert len(tensors) == 5 and not any(t.is_inference() for t in tensors)
+    assert check_model(model) is model          # the gradient methods accept it afterwards
+    model(x).sum().backward()                   # and it trains
+    assert model.fc.weight.grad is not None and model.fc.weight.grad.shape == (3, 4)
+
+
+def test_a_classifier_on_the_meta_device_is_refused_before_any_pass():
+    with torch.device("meta"):
+        model = SmallNet()
+    with pytest.raises(ValueError, match=r"rise: model parameter 'conv.weight' is on the meta "
+                                         r"device .* model.to_empty"):
+        rise(model, torch.rand(1, 3, 8, 8), 0, num_masks=4)
+
+
+def test_unbatched_and_channels_last_images_say_what_to_do():
+    model = SmallNet().eval()
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"rise: .*channels last.*x\.permute\(0, 3, 1, 2\)"):
+        rise(model, image.permute(1, 2, 0)[None], 0, num_masks=4, num_cells=2)
+    with pytest.raises(ValueError, match=r"rise: SmallNet failed on input of shape \(3, 8, 8\) "
+                                         r"\(RuntimeError: .*without the batch dimension.*"
+                                         r"x\.unsqueeze\(0\)") as info:
+        rise(model, image, 0, num_masks=4, num_cells=2)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_numpy_arguments_are_accepted_and_give_the_same_maps():
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = rise(model, x, [1, 2], seed=3, num_masks=20, num_cells=(2, 3), batch_size=8, p=0.5,
+               resize=4, progress=False)
+    got = rise(model, x, np.array([1, 2]), seed=np.int64(3), num_masks=np.int64(20),
+               num_cells=np.array([2, 3]), batch_size=np.int64(8), p=np.float32(0.5),
+               resize=np.int64(4), progress=np.bool_(False))
+    assert got.shape == (2, 1, 4, 4) and torch.equal(got, ref)
+    kw = dict(seed=3, num_masks=20, num_cells=2, batch_size=8)
+    assert torch.equal(rise(model, x, np.int64(2), **kw), rise(model, x, 2, **kw))
+    bank = generate_masks(np.int64(6), np.array([8, 8]), np.int64(2), generator=np.uint64(1))
+    assert torch.equal(bank, generate_masks(6, (8, 8), 2, generator=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.attribution.context import TorchRayDifferenceWarning
-from torchray_like.attribution.targets import get_backward_gradient, get_pointing_gradient
+from torchray_like.attribution.targets import (backward_seed, get_backward_gradient,
+                                               get_pointing_gradient, parse_target)
 
 from .conftest import ConvNet, assert_same_state, inputs, snapshot
 
@@ -212,3 +214,147 @@ def test_pointing_gradient_unnormalised_is_the_exponential():
     # Single-logit heads follow the binary rule in both modes.
     head = torch.randn(2, 1, dtype=torch.float64)
     assert torch.equal(get_pointing_gradient(head, 1, normalize=False), torch.ones_like(head))
+
+
+# ---------------------------------------------------------------------------------------------
+# The target parsed once: Target and parse_target
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [
+    2, [0, 3, 1], (1, 1, 2), range(3), torch.tensor([2, 0, 1]), torch.tensor(3),
+    np.int64(1), np.array([0, 3, 1]), np.array([1, 2, 0], dtype=np.uint8), np.array(2),
+    [np.int32(1), 2, np.int64(0)]])
+def test_seed_of_class_indices_is_exactly_get_backward_gradient(target):
+    out = torch.randn(3, 4, 2, 2, requires_grad=True)
+    parsed = parse_target(target, 3)
+    assert parsed.kind == "classes" and parsed.indices.dtype == torch.long
+    assert parsed.indices.shape == (3,)
+    scores, seed = parsed.seed(out)
+    expected = get_backward_gradient(out, torch.as_tensor(np.asarray(target)))
+    assert scores is out and torch.equal(seed, expected) and seed.dtype == out.dtype
+    # backward_seed is the same value, parsed on the spot.
+    scores, again = backward_seed(out, target, 3)
+    assert scores is out and torch.equal(again, seed)
+
+
+def test_seed_of_a_seed_gradient_a_callable_and_a_custom_function():
+    out = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    given = torch.randn(2, 5)
+    _, seed = parse_target(given, 2).seed(out)
+    assert torch.equal(seed, given.double()) and seed.dtype == torch.float64
+    scores, ones = parse_target(lambda o: o[:, 1] * 2, 2).seed(out)
+    assert torch.equal(scores, out[:, 1] * 2) and torch.equal(ones, torch.ones(2, dtype=out.dtype))
+    # A custom get_backward_gradient receives the target as the caller gave it (TorchRay).
+    seen = []
+
+    def custom(pred_y, y):
+        seen.append(y)
+        return get_pointing_gradient(pred_y, y)
+
+    _, seed = parse_target(np.int64(3), 2).seed(out, custom)
+    assert type(seen[0]) is np.int64 and torch.equal(seed, get_pointing_gradient(out, 3))
+    with pytest.raises(ValueError, match=r"get_backward_gradient must return a tensor shaped like "
+                                         r"the output \(2, 5\), got \(2,\)"):
+        parse_target(1, 2).seed(out, lambda pred_y, y: pred_y[:, 0])
+
+
+@pytest.mark.parametrize("target,batch,error,match", [
+    (None, 2, ValueError, "target is required: an int class, one class per sample"),
+    (True, 2, TypeError, "got the boolean True"),
+    (np.bool_(False), 2, TypeError, "got the boolean"),
+    (np.array([True, False]), 2, TypeError, "boolean array"),
+    (1.5, 2, ValueError, "integer class index, got the float 1.5"),
+    (np.float32(2.0), 2, ValueError, "integer class index, got the float"),
+    (np.array([0.0, 1.0]), 2, ValueError, "float64 NumPy array: class indices must be integers"),
+    (np.array(["a", "b"]), 2, ValueError, "NumPy array: class indices must be integers"),
+    (2 ** 63, 2, ValueError, "target class 9223372036854775808 is out of range"),
+    ([0, -(2 ** 64)], 2, ValueError, "out of range"),
+    (np.array([0, 2 ** 64 - 1], dtype=np.uint64), 2, ValueError,
+     "target class 1844.* out of range"),
+    ([0, 1, 2], 2, ValueError, "target has 3 class indices but the batch has 2 samples"),
+    (np.array([[0, 1]]), 2, ValueError, r"1-D tensor with one class per sample, got shape "
+                                        r"\(1, 2\)"),
+    (torch.tensor([0, 1], device="meta"), 2, ValueError, "target is on the meta device"),
+    (torch.zeros(3, 4), 2, ValueError, r"seed gradient and must have the output's shape, batch "
+                                        r"first \(2, \.\.\.\); got \(3, 4\)"),
+    (torch.tensor(1.0), 2, ValueError, "seed gradient"),
+    (torch.tensor([1j, 2j]), 2, ValueError, "complex64 tensor"),
+    ("cat", 2, TypeError, "target must be an int, a sequence"),
+    ({"a": 1}, 2, TypeError, "got dict"),
+])
+def test_parse_target_refuses_what_needs_no_forward_pass(target, batch, error, match):
+    with pytest.raises(error, match=match):
+        parse_target(target, batch)
+
+
+def test_parse_target_none_devices_and_kinds():
+    assert parse_target(None, 3, allow_none=True).kind == "none"
+    with pytest.raises(ValueError, match="target is required"):
+        parse_target(None, 3, allow_none=True).seed(torch.zeros(3, 2))
+    assert parse_target(torch.zeros(2, 3), 2).kind == "seed"
+    assert parse_target(len, 2).kind == "callable"
+    parsed = parse_target([1, 0], 2)
+    assert parsed.indices.device.type == "cpu" and parsed.on("cpu") is parsed
+    assert parse_target(1, 2, device="meta").indices.is_meta
+    moved = parsed.on("meta")
+    assert moved.indices.is_meta and moved.given == [1, 0] and parsed.indices.device.type == "cpu"
+
+
+def test_seed_errors_after_the_forward_pass_are_backward_seeds():
+    with pytest.raises(ValueError, match=r"the model output has shape \(3, 4\), whose first "
+                                         r"dimension is not the batch size 2"):
+        parse_target(1, 2).seed(torch.zeros(3, 4))
+    for function in (get_backward_gradient, lambda out, y: out["logits"]):
+        with pytest.raises(TypeError, match="the model returned a dict, not a tensor: pass a "
+                                            "callable"):
+            parse_target(1, 2).seed({"logits": torch.zeros(2, 4)}, function)
+    with pytest.raises(ValueError, match=r"target class 4 is out of range: the model output has 4 "
+                                         r"classes \(valid: 0..3\)"):
+        parse_target(4, 2).seed(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"must have the output's shape \(2, 4\), got \(2, 5\)"):
+        parse_target(torch.zeros(2, 5), 2).seed(torch.zeros(2, 4))
+
+
+def test_binary_target_zero_warns_at_the_callers_line():
+    with pytest.warns(TorchRayDifferenceWarning, match="pass target=1") as record:
+        parse_target([1, 0], 2).seed(torch.zeros(2, 1))
+    assert record[0].filename == __file__
+
+
+def test_scores_of_class_indices_callables_and_every_class():
+    out = torch.randn(6, 3, dtype=torch.float64)
+    samples = torch.tensor([0, 1, 0, 1, 0, 1])
+    parsed = parse_target([2, 0], 2)
+    raw = parsed.scores(out, samples=samples)
+    assert torch.equal(raw, out[torch.arange(6), torch.tensor([2, 0] * 3)])
+    soft = parsed.scores(out, "softmax", samples=samples, dtype=torch.float32)
+    assert soft.dtype == torch.float32
+    assert torch.equal(soft, out.float().softmax(1)[torch.arange(6), torch.tensor([2, 0] * 3)])
+    table = parse_target(None, 2, allow_none=True).scores(out, "logit", samples=samples)
+    assert torch.equal(table, out)
+    with pytest.raises(ValueError, match="m: target is required"):
+        parse_target(None, 2, allow_none=True).scores(out, samples=samples, name="m")
+    fn = parse_target(lambda o: o[:, 1:2], 2)
+    assert torch.equal(fn.scores(out, "softmax", samples=samples), out[:, 1])
+    # Score maps are summed over positions; single-logit heads give ±z.
+    maps = torch.randn(2, 3, 4, 4)
+    assert torch.equal(parsed.scores(maps), maps[[0, 1], [2, 0]].flatten(1).sum(1))
+    z = torch.randn(2, 1)
+    assert torch.equal(parse_target([1, 0], 2).scores(z), torch.stack([z[0, 0], -z[1, 0]]))
+    with pytest.raises(ValueError, match="m: target must hold integer class indices or be a "
+                                         "callable"):
+        parse_target(torch.zeros(2, 3), 2).scores(out, name="m")
+
+
+@pytest.mark.parametrize("score,output,match", [
+    (None, torch.zeros(2, 3), r"target class 5 is out of range: the model output has 3 classes"),
+    ("softmax", torch.zeros(2, 3), r"target class 5 is out of range: the scores have 3 classes "
+                                   r"\(valid: 0..2\)"),
+    ("sigmoid", torch.zeros(2, 1), r"target class 5 is out of range: a single-logit \(binary\) "
+                                   r"head takes target 1"),
+    (lambda o: o.repeat(1, 4), torch.zeros(2, 1), r"the scores have 4 classes \(valid: 0..3\)"),
+])
+def test_scores_check_the_class_range(score, output, match):
+    with pytest.raises(ValueError, match=match):
+        parse_target(5, 2).scores(output, score)

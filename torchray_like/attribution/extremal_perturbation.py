@@ -17,8 +17,9 @@ where ``m ⊗ x`` perturbs ``x`` where ``m`` is low (a blur whose width grows as
 fade), ``vecsort`` sorts the mask values and ``r_a`` is the sorted reference vector with
 ``(1 − a)·|Ω|`` zeros and ``a·|Ω|`` ones (the area constraint by ranking).  The weight ``λ`` grows
 geometrically during the optimisation, so the mask first follows the reward and is then held to
-its area.  The pieces — :class:`Perturbation`, :class:`MaskGenerator`, :func:`ranking_area_loss`
-— are in :mod:`._extremal_masks` and re-exported here.
+its area.  The pieces — :class:`Perturbation` (:mod:`.perturbation_pyramid`),
+:class:`MaskGenerator` (:mod:`.smooth_masks`), :func:`ranking_area_loss` and the optimiser
+(:mod:`.mask_optimizer`) — are re-exported here.
 
 Settings
 --------
@@ -32,12 +33,12 @@ whatever the scale of the scores (tested on a model whose class score is ×1, ×
 mean, and its softmax probability, on four images each), the first one opt-in:
 
 * **The reward in its own unit** (``reward_scale="auto"``, see
-  :class:`~torchray_like.attribution._extremal_masks.RewardScale`): the paper's ``λ = 300`` is
+  :class:`~torchray_like.attribution.mask_optimizer.RewardScale`): the paper's ``λ = 300`` is
   calibrated for one network's logits.  With scores ten times smaller the area term alone shapes
   the mask (which then settles wherever the ranking dynamics put it); ten times larger, the area
   is never enforced.  The reward is divided by a running measure of its pull on the best
   ``a·|Ω|`` pixels so that this pull starts at a quarter of the area term's.
-* **Footprint preconditioning** (:class:`~torchray_like.attribution._extremal_masks.MaskOptimizer`):
+* **Footprint preconditioning** (:class:`~torchray_like.attribution.mask_optimizer.MaskOptimizer`):
   parameters whose cell is partly outside the image get a smaller gradient for the same
   per-pixel pull; plain SGD lets them fall slower under the area constraint, and the ranking
   then keeps the corners of the image.
@@ -74,21 +75,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ._extremal_masks import (BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATIONS, MaskGenerator,
-                              MaskOptimizer, Perturbation, RewardScale, area_ones, per_axis,
-                              ranking_area_loss, ranking_loss_and_gradient)
-from ._perturbation import (GeneratorsType, check_finite, check_progress, image_seeds, is_number,
-                            positive_int, progress_bar, warn_caller)
-from ._perturbation import autocast_forward, check_autocast
-from ._perturbation import flush_denormals as flushing
-from .maps import check_smooth, finish_map, resize_saliency
-from .state import autograd_grad, check_input, check_model, model_state_guard
-from .targets import check_target_range, class_indices, target_logits
+from .arguments import (LAYOUT_ERRORS, check_batch, check_flag, check_number, check_progress,
+                        check_resize, is_number, layout_error, number_list, per_axis,
+                        positive_int)
+from .extremal_rewards import (DELETE_VARIANT, DUAL_VARIANT, PRESERVE_VARIANT, VARIANTS,
+                               RewardFunc, TargetArg, contrastive_reward, simple_reward)
+from .mask_optimizer import (ExtremalHistory, MaskOptimizer, RewardScale, area_ones,
+                             ranking_area_loss, ranking_loss_and_gradient)
+from .maps import check_smooth, finish_map
+from .perturbation_pyramid import (BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATIONS,
+                                   Perturbation)
+from .precision import autocast_forward, check_autocast
+from .precision import flush_denormals as flushing
+from .reporting import progress_bar, warn_caller
+from .seeding import GeneratorsType, image_seeds
+from .smooth_masks import MaskGenerator
+from .state import autograd_grad, check_model, model_state_guard
+from .targets import SEED_NOT_A_SCORE, Target, check_output_tensor, parse_target
 
 __all__ = [
     "PRESERVE_VARIANT", "DELETE_VARIANT", "DUAL_VARIANT", "BLUR_PERTURBATION",
@@ -97,14 +105,6 @@ __all__ = [
     "extremal_perturbation",
 ]
 
-#: Keep the masked region, perturb the rest; maximise the class score.
-PRESERVE_VARIANT = "preserve"
-#: Perturb the masked region; minimise the class score.
-DELETE_VARIANT = "delete"
-#: Both games at once: reward = preserve score − delete score.
-DUAL_VARIANT = "dual"
-VARIANTS = (PRESERVE_VARIANT, DELETE_VARIANT, DUAL_VARIANT)
-
 #: ``λ`` at the first and the last iteration by default: the authors' ``300 · 1.0035^t`` over
 #: 800 iterations.
 AREA_WEIGHT = (300.0, 300.0 * 1.0035 ** 799)
@@ -112,312 +112,138 @@ AREA_WEIGHT = (300.0, 300.0 * 1.0035 ** 799)
 #: the area constraint's pull on a pixel at the wrong end.
 REWARD_RATIO = 0.25
 
-TargetArg = Union[int, Sequence[int], torch.Tensor]
-RewardFunc = Callable[[Any, Union[int, torch.Tensor], str], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------------------------
-
-
-def _halves(activation: Any, target: Any, variant: str, name: str):
-    """The outputs to score, ``(keep, drop)`` (``drop`` only for ``"dual"``), and the target as
-    one class index per row of ``keep``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"{name}: variant must be one of {VARIANTS}, got {variant!r}")
-    if not isinstance(activation, torch.Tensor) or activation.dim() == 0:
-        target_logits(activation, torch.zeros(1, dtype=torch.long), name)  # raises, says why
-        raise ValueError(f"{name}: the model output is a scalar; it needs a batch dimension")
-    rows = activation.shape[0]
-    keep, drop = activation, None
-    if variant == DUAL_VARIANT:
-        per_target = (None if isinstance(target, Integral) or (isinstance(
-            target, torch.Tensor) and target.dim() == 0) else len(target))
-        if rows % 2 or (per_target is not None and rows != 2 * per_target):
-            raise ValueError(
-                f"{name}: the dual variant expects the outputs of the preserved images followed "
-                f"by those of the deleted ones ({2 * (per_target or rows // 2)} rows), got "
-                f"{tuple(activation.shape)}")
-        keep, drop = activation[:rows // 2], activation[rows // 2:]
-    try:
-        idx = class_indices(target, keep.shape[0], activation.device)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}; the model output has shape "
-                         f"{tuple(activation.shape)}") from None
-    return keep, drop, idx
-
-
-def simple_reward(activation: torch.Tensor, target: TargetArg, variant: str) -> torch.Tensor:
-    """The paper's reward: the target class score of the perturbed image.
-
-    Parameters
-    ----------
-    activation : torch.Tensor
-        Model output for the perturbed batch: ``(B, C)`` (or a single-logit head ``(B,)`` /
-        ``(B, 1)``, where target 1 scores ``+z`` and target 0 ``−z``).  For ``"dual"`` it is
-        ``(2B, C)``: the ``B`` preserved images, then the ``B`` deleted ones.
-    target : int, sequence of int or integer tensor
-        The class: one for every row (as TorchRay passes it), or one per row (``B``).
-    variant : {"preserve", "delete", "dual"}
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B,)`` rewards to maximise: ``y_c(m⊗x)`` (preserve), ``−y_c((1−m)⊗x)`` (delete), or
-        their sum ``y_c(m⊗x) − y_c((1−m)⊗x)`` (dual).
-    """
-    keep, drop, idx = _halves(activation, target, variant, "simple_reward")
-    score = target_logits(keep, idx, "simple_reward")
-    if variant == PRESERVE_VARIANT:
-        return score
-    if variant == DELETE_VARIANT:
-        return -score
-    return score - target_logits(drop, idx, "simple_reward")
-
-
-def _contrast(activation: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    if activation.dim() != 2 or activation.shape[1] < 2:
-        raise ValueError(
-            "contrastive_reward needs (B, C) class scores with at least two classes, got "
-            f"{tuple(activation.shape)}")
-    col = idx.view(-1, 1)
-    others = activation.scatter(1, col, -math.inf)
-    return activation.gather(1, col)[:, 0] - others.amax(dim=1)
-
-
-def contrastive_reward(activation: torch.Tensor, target: TargetArg,
-                       variant: str) -> torch.Tensor:
-    """A class-contrastive reward: the target score minus the best other class score.
-
-    ``y_c − max_{c' ≠ c} y_{c'}`` of the preserved image (preserve), its negation for the deleted
-    image (delete), or the difference of the two (dual).  Same arguments and layout as
-    :func:`simple_reward`; needs ``(B, C)`` outputs with ``C ≥ 2``.
-
-    Each row is contrasted with its own best other class.  (TorchRay's ``contrastive_reward``
-    subtracts the per-row maxima as a row vector from a column of scores: with several areas
-    every mask's reward then mixes in the other masks' maxima — a broadcasting slip that this
-    version does not reproduce; with one area both agree.)
-    """
-    keep, drop, idx = _halves(activation, target, variant, "contrastive_reward")
-    score = _contrast(keep, idx)
-    if variant == PRESERVE_VARIANT:
-        return score
-    if variant == DELETE_VARIANT:
-        return -score
-    return score - _contrast(drop, idx)
-
-
-# ---------------------------------------------------------------------------------------------
-# History
-# ---------------------------------------------------------------------------------------------
-
-
-class ExtremalHistory(torch.Tensor):
-    """What :func:`extremal_perturbation` records: a tensor, with attributes.
-
-    As a tensor it has TorchRay's layout, ``(N·K, 3, max_iter)``: for mask ``b`` (sample-major:
-    mask ``n·K + k`` is image ``n`` at area ``areas[k]``) and iteration ``t``,
-    ``history[b, 0, t]`` is the energy minimised, ``history[b, 1, t]`` the reward and
-    ``history[b, 2, t]`` the area loss, with
-    ``energy = weight[t] · area_loss − reward / reward_scale[t, b]``.  Operations on it give
-    plain tensors.  Iteration ``t`` records the masks *before* its update.
-
-    Attributes
-    ----------
-    energy, reward, area_loss : torch.Tensor
-        ``(max_iter, N·K)`` views of the three rows: the energy, the reward (what
-        ``reward_func`` returned, for the jittered masks) and the ranking regulariser
-        ``mean((vecsort(m) − r_a)²)``.
-    area : torch.Tensor
-        ``(max_iter, N·K)`` the mean mask value.
-    weight : torch.Tensor
-        ``(max_iter,)`` the area weight ``λ_t``.
-    reward_scale : torch.Tensor
-        ``(max_iter, N·K)`` the unit the reward was divided by (see ``reward_scale``).
-    target_area : torch.Tensor
-        ``(N·K,)`` the requested areas.
-    achieved_area : torch.Tensor
-        ``(N·K,)`` the area of each returned mask, ``Σ m / |Ω|`` (before ``resize``/``smooth``);
-        the soft edges of a smooth mask make it exceed the requested area.
-    support_area : torch.Tensor
-        ``(N·K,)`` the area of each returned mask thresholded at 0.5 (``m > 0.5``), the quantity
-        the ranking constraint matches most closely.
-    seeds : list of int
-        The seed of each image's jitter generator.
-    """
-
-    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
-
-    @staticmethod
-    def __new__(cls, series: torch.Tensor, **attributes: Any) -> "ExtremalHistory":
-        """``series``: ``(max_iter, 3, N·K)`` energy, reward and area loss."""
-        obj = torch.Tensor._make_subclass(cls, series.permute(2, 1, 0).contiguous())
-        obj.__dict__.update(attributes)
-        return obj
-
-    def _row(self, i: int) -> torch.Tensor:
-        return torch.Tensor.as_subclass(self, torch.Tensor)[:, i].t()
-
-    @property
-    def energy(self) -> torch.Tensor:
-        return self._row(0)
-
-    @property
-    def reward(self) -> torch.Tensor:
-        return self._row(1)
-
-    @property
-    def area_loss(self) -> torch.Tensor:
-        return self._row(2)
-
-
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_areas(areas: Any) -> List[float]:
-    if is_number(areas):
-        areas = [areas]
-    if isinstance(areas, torch.Tensor):
-        areas = areas.flatten().tolist()
-    if not isinstance(areas, (list, tuple)):
+def _check_areas(areas: Any) -> Tuple[float, ...]:
+    values = [areas] if is_number(areas) else number_list(areas)
+    if values is None:
         raise TypeError(f"areas must be a number or a sequence of numbers in (0, 1), got "
                         f"{type(areas).__name__}")
-    if len(areas) == 0:
+    if len(values) == 0:
         raise ValueError("areas is empty; give at least one area fraction in (0, 1), e.g. [0.1]")
-    for a in areas:
+    for a in values:
         if not is_number(a) or not (0 < float(a) < 1):
             raise ValueError(
                 f"areas must be fractions of the image strictly between 0 and 1, got {a!r} in "
-                f"{list(areas)!r}")
-    return [float(a) for a in areas]
+                f"{values!r}")
+    return tuple(float(a) for a in values)
 
 
-def _check_target(target: Any, n: int) -> torch.Tensor:
-    if callable(target) and not isinstance(target, torch.Tensor):
-        raise TypeError(
-            "extremal_perturbation: target must be a class index or one per image; for other "
-            "scores pass reward_func(activation, target, variant) instead of a callable target")
-    if isinstance(target, torch.Tensor) and (target.is_floating_point() or target.is_complex()):
+def _check_target(target: Any, input: torch.Tensor, reward_func: Any) -> Target:
+    """The target parsed once: class indices (on the input's device) or a callable, which
+    scores the perturbed images itself — so it replaces ``reward_func``."""
+    parsed = parse_target(target, input.shape[0], device=input.device)
+    if parsed.kind == "seed":
+        raise ValueError(f"extremal_perturbation: {SEED_NOT_A_SCORE}")
+    if not callable(reward_func):
+        raise TypeError(f"reward_func must be callable, got {type(reward_func).__name__}")
+    if parsed.kind == "callable" and reward_func is not simple_reward:
         raise ValueError(
-            f"extremal_perturbation: target must hold integer class indices, got a {target.dtype}"
-            " tensor")
-    return class_indices(target, n)
+            "extremal_perturbation: pass either a callable target (its scores are the reward) "
+            "or reward_func(activation, target, variant) with class indices, not both")
+    return parsed
 
 
-def _in_range(value: Any, name: str, low: float, high: float, low_open: bool,
-              high_open: bool) -> float:
-    ok = is_number(value) and math.isfinite(value) and \
-        (value > low if low_open else value >= low) and (value < high if high_open else
-                                                         value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+def _reward_target(target: Any, parsed: Target, k: int) -> Any:
+    """What a ``reward_func`` receives: an int as given (as TorchRay passes it), else one class
+    per mask (sample-major)."""
+    if isinstance(target, Integral) and not isinstance(target, bool):
+        return int(target)
+    return None if parsed.indices is None else parsed.indices.repeat_interleave(k)
+
+
+def _check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_iterations(max_iter: Any) -> int:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, Integral) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer ≥ 1, got {max_iter!r}")
+    return int(max_iter)
+
+
+def _check_grid(step: Any, sigma: Any, spatial: Tuple[int, ...]
+                ) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``step`` and ``sigma`` per axis; a warning when masks cannot localise."""
+    steps = per_axis(step, "step", spatial, integer=True, minimum=1, strict=False,
+                     time_scaled=True)
+    sigmas = per_axis(sigma, "sigma", spatial, integer=False, minimum=0.0, strict=True,
+                      time_scaled=True)
+    if any(sg > size / 4 for sg, size in zip(sigmas, spatial)):
+        # The paper's step 7 / sigma 21 are for 224² images; on small inputs one parameter
+        # then spreads over the whole image and the masks cannot localise anything.
+        warn_caller(
+            f"extremal_perturbation: sigma {tuple(sigmas)} is more than a quarter of the "
+            f"input size {spatial}, so masks can hardly localise; scale step and sigma with "
+            "the image (the defaults 7 and 21 are for 224 px: about side/32 and 3 × step)")
+    return steps, sigmas
+
+
+def _check_positive(value: Any, name: str, what: str = "a positive number") -> float:
+    if not (is_number(value) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return float(value)
 
 
-@dataclass
-class _Config:
-    """The validated arguments of one call (every check runs before any forward pass)."""
+def _check_area_weight(area_weight: Any) -> Tuple[float, float]:
+    values = number_list(area_weight)
+    if values is None or len(values) != 2 or not all(
+            is_number(w) and w > 0 and math.isfinite(w) for w in values):
+        raise ValueError(
+            f"area_weight must be two positive numbers (first, last), got {area_weight!r}")
+    return float(values[0]), float(values[1])
 
-    targets: torch.Tensor        # (N,) class per image
-    areas: List[float]
+
+def _check_reward_scale(reward_scale: Any) -> Union[str, float]:
+    if reward_scale == "auto":
+        return "auto"
+    return _check_positive(reward_scale, "reward_scale", "'auto' or a positive number")
+
+
+def _check_temperature(temperature: Any) -> float:
+    if not (is_number(temperature) and temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
+    return float(temperature)
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The validated arguments of one call, built by keyword (every check runs before any
+    forward pass)."""
+
+    target: Target                         # parsed once; class indices on the input's device
+    reward_func: Optional[RewardFunc]      # None: the target's own score (simple_reward's)
+    reward_target: Any                     # what reward_func receives
+    areas: Tuple[float, ...]
+    variant: str
     perturbation: str
-    max_iter: int
     num_levels: int
+    max_blur: Any
+    fade_to: str
+    max_iter: int
     steps: Tuple[float, ...]
     sigmas: Tuple[float, ...]
     jitter: Tuple[int, ...]
-    variant: str
-    reward_func: RewardFunc
-    reward_target: Union[int, torch.Tensor]   # what reward_func receives
+    temperature: float
     learning_rate: float
     momentum: float
     dampening: float
     weights: Tuple[float, float]
     reward_scale: Union[str, float]
-    max_blur: Any
-    fade_to: str
-    temperature: float
+    seeds: Tuple[int, ...]
     print_iter: Optional[int]
     debug: bool
-    seeds: List[int]
+    progress: Optional[bool]
+    flush_denormals: bool
     autocast: Optional[torch.dtype]
-
-    @classmethod
-    def check(cls, model: Any, input: Any, target: Any, areas: Any, perturbation: Any,
-              max_iter: Any, num_levels: Any, step: Any, sigma: Any, jitter: Any, variant: Any,
-              print_iter: Any, debug: Any, reward_func: Any, resize: Any, resize_mode: Any,
-              smooth: Any, generator: Any, progress: Any, learning_rate: Any, momentum: Any,
-              dampening: Any, area_weight: Any, reward_scale: Any, max_blur: Any, fade_to: Any,
-              temperature: Any, flush_denormals: Any, autocast: Any) -> "_Config":
-        check_model(model)
-        check_input(input, "input")
-        spatial = tuple(input.shape[2:])
-        if not 1 <= len(spatial) <= 3:
-            raise ValueError(
-                f"input must be (N, C, L), (N, C, H, W) or (N, C, T, H, W), got shape "
-                f"{tuple(input.shape)}")
-        check_finite(input, "input", "extremal_perturbation")
-        n = input.shape[0]
-        targets = _check_target(target, n)
-        area_list = _check_areas(areas)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, Integral) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer ≥ 1, got {max_iter!r}")
-        steps = per_axis(step, "step", spatial, integer=True, minimum=1, strict=False,
-                         time_scaled=True)
-        sigmas = per_axis(sigma, "sigma", spatial, integer=False, minimum=0.0, strict=True,
-                          time_scaled=True)
-        if any(sg > size / 4 for sg, size in zip(sigmas, spatial)):
-            # The paper's step 7 / sigma 21 are for 224² images; on small inputs one parameter
-            # then spreads over the whole image and the masks cannot localise anything.
-            warn_caller(
-                f"extremal_perturbation: sigma {tuple(sigmas)} is more than a quarter of the "
-                f"input size {spatial}, so masks can hardly localise; scale step and sigma with "
-                "the image (the defaults 7 and 21 are for 224 px: about side/32 and 3 × step)")
-        if not callable(reward_func):
-            raise TypeError(f"reward_func must be callable, got {type(reward_func).__name__}")
-        check_smooth(smooth)
-        if not (is_number(learning_rate) and learning_rate > 0 and math.isfinite(learning_rate)):
-            raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-        momentum = _in_range(momentum, "momentum", 0, 1, False, True)
-        dampening = _in_range(dampening, "dampening", 0, 1, False, False)
-        if not (isinstance(area_weight, (tuple, list)) and len(area_weight) == 2
-                and all(is_number(w) and w > 0 and math.isfinite(w) for w in area_weight)):
-            raise ValueError(
-                f"area_weight must be two positive numbers (first, last), got {area_weight!r}")
-        if not (reward_scale == "auto" or (is_number(reward_scale) and reward_scale > 0
-                                           and math.isfinite(reward_scale))):
-            raise ValueError(
-                f"reward_scale must be 'auto' or a positive number, got {reward_scale!r}")
-        if not (is_number(temperature) and temperature >= 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
-        check_progress(progress)
-        if print_iter is not None:
-            print_iter = positive_int(print_iter, "print_iter")
-        for name, flag in (("debug", debug), ("flush_denormals", flush_denormals)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        # Check resize and resize_mode now (on a one-pixel map), not after the optimisation.
-        resize_saliency(input, input.new_zeros((1, 1) + (1,) * len(spatial)), resize,
-                        resize_mode)
-        seeds = image_seeds(generator, n)
-        k = len(area_list)
-        # TorchRay passes the target as given; per-image targets become one per mask.
-        reward_target = (int(target) if isinstance(target, Integral)
-                         else targets.repeat_interleave(k).to(input.device))
-        return cls(targets, area_list, perturbation, int(max_iter), num_levels, steps, sigmas,
-                   tuple((int(s) // 2) if jitter else 0 for s in steps), variant, reward_func,
-                   reward_target, float(learning_rate), momentum, dampening,
-                   (float(area_weight[0]), float(area_weight[1])), reward_scale, max_blur,
-                   fade_to, float(temperature), print_iter, debug, seeds,
-                   check_autocast(autocast, input.device))
+    resize: Any
+    resize_mode: str
+    smooth: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +251,8 @@ class _Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def _draw_shifts(seeds: List[int], k: int, iters: int, jitter: Tuple[int, ...]) -> torch.Tensor:
+def _draw_shifts(seeds: Sequence[int], k: int, iters: int, jitter: Tuple[int, ...]
+                 ) -> torch.Tensor:
     """``(iters, N·K, d)`` integer shifts, image ``n``'s drawn from its own CPU generator, so that
     a batch and per-image calls with the same seeds draw the same shifts."""
     bound = torch.tensor(jitter, dtype=torch.long)
@@ -441,7 +268,7 @@ class _Optimisation:
     """One call's state: the pyramid, the mask generator, the optimiser, the history."""
 
     def __init__(self, model: nn.Module, input: torch.Tensor, cfg: _Config) -> None:
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.input = model, cfg, input
         self.input_dtype = input.dtype
         # Masks and the optimisation in at least single precision.
         dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
@@ -458,6 +285,8 @@ class _Optimisation:
         self.opt = MaskOptimizer(self.gen, b, 1.0, cfg.learning_rate, cfg.momentum,
                                  cfg.dampening)
         self.mask_areas = cfg.areas * input.shape[0]
+        # The image of each mask (sample-major), for the target's own score.
+        self.samples = torch.arange(input.shape[0], device=device).repeat_interleave(k)
         self.ones = area_ones(self.mask_areas, b, math.prod(spatial))
         self.scale = RewardScale(cfg.reward_scale, self.mask_areas, math.prod(spatial),
                                  cfg.weights[0], REWARD_RATIO, device, dtype)
@@ -484,28 +313,68 @@ class _Optimisation:
 
     def reward(self, moved: torch.Tensor, first: bool) -> torch.Tensor:
         with autocast_forward(self.cfg.autocast, moved.device):
-            output = self.model(self.perturbed(moved))
+            output = self.forward(self.perturbed(moved))
         if self.cfg.autocast is not None and isinstance(output, torch.Tensor) and \
                 output.is_floating_point():
             output = output.float()  # the reward and the energy in float32
-        if first and isinstance(output, torch.Tensor) and output.dim() > 0:
-            check_target_range(output, self.cfg.targets)
-        reward = self.cfg.reward_func(output, self.cfg.reward_target, self.cfg.variant)
+        if self.cfg.reward_func is None:
+            reward = self.own_reward(output, first)
+        else:
+            if first:
+                self.cfg.target.check_range(output)
+            reward = self.cfg.reward_func(output, self.cfg.reward_target, self.cfg.variant)
         if first:
-            b = self.batch
-            if not isinstance(reward, torch.Tensor) or tuple(reward.shape) != (b,):
-                raise ValueError(
-                    f"reward_func must return a tensor of {b} rewards (one per mask), got "
-                    f"{tuple(getattr(reward, 'shape', ())) or type(reward).__name__}")
-            if not reward.requires_grad:
-                raise ValueError(
-                    "the reward does not depend on the mask through autograd (does the "
-                    "model detach its activations or run under torch.no_grad()?)")
-            if not bool(torch.isfinite(reward).all()):
-                raise ValueError(
-                    "extremal_perturbation: the reward is not finite (NaN or inf) for the "
-                    "unperturbed masks: the model's output is not finite")
+            self.check_first_reward(reward)
         return reward
+
+    def forward(self, batch: torch.Tensor) -> Any:
+        """The model on a perturbed batch; a failure caused by the input's layout (an
+        unbatched image) says what to do."""
+        try:
+            return self.model(batch)
+        except LAYOUT_ERRORS as exc:
+            error = layout_error(self.model, self.input, exc, "extremal_perturbation")
+            if error is None:
+                raise
+            raise error from exc
+
+    def own_reward(self, output: Any, first: bool) -> torch.Tensor:
+        """The target's score of the perturbed images, by the game: class indices give
+        :func:`simple_reward`'s numbers, a callable target its own scores (called once on the
+        whole output, ``2·N·K`` rows for ``"dual"``)."""
+        target, b, name = self.cfg.target, self.batch, "extremal_perturbation"
+        dual = self.cfg.variant == DUAL_VARIANT
+        if target.function is not None:
+            scores = target.scores(output, samples=self.samples.repeat(2 if dual else 1),
+                                   check_range=False, name=name)
+            keep, drop = scores[:b], scores[b:]
+        else:
+            rows = check_output_tensor(output, name)
+            keep = target.scores(rows[:b] if dual else rows, samples=self.samples,
+                                 check_range=first, name=name)
+            drop = (target.scores(rows[b:], samples=self.samples, check_range=False, name=name)
+                     if dual else keep)
+        if self.cfg.variant == PRESERVE_VARIANT:
+            return keep
+        if self.cfg.variant == DELETE_VARIANT:
+            return -keep
+        return keep - drop
+
+    def check_first_reward(self, reward: Any) -> None:
+        """The reward of the first iteration: one per mask, differentiable, finite."""
+        b = self.batch
+        if not isinstance(reward, torch.Tensor) or tuple(reward.shape) != (b,):
+            raise ValueError(
+                f"reward_func must return a tensor of {b} rewards (one per mask), got "
+                f"{tuple(getattr(reward, 'shape', ())) or type(reward).__name__}")
+        if not reward.requires_grad:
+            raise ValueError(
+                "the reward does not depend on the mask through autograd (does the "
+                "model detach its activations or run under torch.no_grad()?)")
+        if not bool(torch.isfinite(reward).all()):
+            raise ValueError(
+                "extremal_perturbation: the reward is not finite (NaN or inf) for the "
+                "unperturbed masks: the model's output is not finite")
 
     def iterate(self, t: int) -> None:
         """One step: perturb, score, and move the masks down the energy's gradient."""
@@ -617,8 +486,13 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
     input : torch.Tensor
         ``(N, C, *spatial)`` floating-point images, 1 to 3 spatial dimensions (3-D: video
         ``(N, C, T, H, W)`` with masks over ``T, H, W``); NaN or infinite values are an error.
-    target : int, sequence of int or 1-D integer tensor
-        The class to explain: one for all images, or one per image.
+    target : int, sequence of int, 1-D integer tensor or array, or callable
+        The class to explain: one for all images, or one per image (NumPy integers and
+        integer arrays too); or a callable ``output -> (B,)`` giving the score to preserve
+        (or delete) of every row of the model output, for any output (a dict, a tuple, a
+        score map to pool): it is called on the whole batch of ``N·K`` perturbed images
+        (``2·N·K`` for ``"dual"``), so it must score each row on its own, e.g.
+        ``target=lambda out: out["logits"][:, 3]``.  It replaces ``reward_func``.
     areas : float or sequence of float
         Area fractions, each strictly in ``(0, 1)``.
     perturbation : {"blur", "fade"}
@@ -648,8 +522,9 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
         ``reward_func(activation, target, variant) -> (N·K,)`` rewards to maximise, given the
         model output for the perturbed batch (``2·N·K`` rows for ``"dual"``: preserved, then
         deleted) and the target — the int as given when ``target`` is an int (as TorchRay passes
-        it), else one class per mask (``(N·K,)``, sample-major).  :func:`simple_reward`,
-        :func:`contrastive_reward`, or your own.
+        it), else one class per mask (``(N·K,)``, sample-major).  :func:`simple_reward` (the
+        default: the target's own score), :func:`contrastive_reward`, or your own (TorchRay's
+        interface; a callable ``target`` is the simpler way to explain another quantity).
     resize : bool, int or tuple
         Resize the returned masks (see :func:`~torchray_like.attribution.maps.resize_saliency`);
         masks are computed at the input's resolution already.
@@ -657,6 +532,7 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
         Interpolation mode for ``resize``.
     smooth : float
         If positive, Gaussian smoothing of the returned masks with ``sigma = smooth·max(size)``.
+        (NumPy scalars and 1-D arrays are accepted for every number or list of numbers.)
     generator : None, int, torch.Generator or a sequence of them (one per image)
         Seeds the jitter.  Image ``n`` uses its own generator seeded with ``s + n`` for an int
         ``s`` (``None``: ``s`` derived from the global RNG state, which is not advanced — so
@@ -708,8 +584,10 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
     ------
     ValueError, TypeError
         For invalid arguments (areas outside ``(0, 1)``, unknown variant or perturbation, target
-        of the wrong length or out of range, NaN in the input, a step too large for sigma ...),
-        and for a model whose output is not finite.
+        of the wrong length or out of range, a seed-gradient target, a callable target together
+        with a ``reward_func``, NaN in the input, a channels-last batch, a step too large for
+        sigma ...), for a model that fails on an unbatched image (with the ``unsqueeze`` to
+        apply), and for a model whose output is not finite.
 
     Notes
     -----
@@ -725,16 +603,38 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
     torch.Size([6, 1, 224, 224])
     >>> history.achieved_area.view(2, 3)                                      # doctest: +SKIP
     """
-    cfg = _Config.check(model, input, target, areas, perturbation, max_iter, num_levels, step,
-                        sigma, jitter, variant, print_iter, debug, reward_func, resize,
-                        resize_mode, smooth, generator, progress, learning_rate, momentum,
-                        dampening, area_weight, reward_scale, max_blur, fade_to, temperature,
-                        flush_denormals, autocast)
+    check_model(model)
+    check_batch(model, input, "extremal_perturbation", needs_grad=True)
+    spatial = tuple(input.shape[2:])
+    parsed = _check_target(target, input, reward_func)
+    area_list = _check_areas(areas)
+    steps, sigmas = _check_grid(step, sigma, spatial)
+    cfg = _Config(
+        target=parsed, reward_func=None if reward_func is simple_reward else reward_func,
+        reward_target=_reward_target(target, parsed, len(area_list)), areas=area_list,
+        variant=_check_choice(variant, "variant", VARIANTS),
+        perturbation=_check_choice(perturbation, "perturbation", PERTURBATIONS),
+        # num_levels, max_blur and fade_to are checked by Perturbation, before any pass.
+        num_levels=num_levels, max_blur=max_blur, fade_to=fade_to,
+        max_iter=_check_iterations(max_iter), steps=steps, sigmas=sigmas,
+        jitter=tuple((int(s) // 2) if jitter else 0 for s in steps),
+        temperature=_check_temperature(temperature),
+        learning_rate=_check_positive(learning_rate, "learning_rate"),
+        momentum=check_number(momentum, "momentum", 0, 1, high_open=True),
+        dampening=check_number(dampening, "dampening", 0, 1),
+        weights=_check_area_weight(area_weight), reward_scale=_check_reward_scale(reward_scale),
+        seeds=tuple(image_seeds(generator, input.shape[0])),
+        print_iter=None if print_iter is None else positive_int(print_iter, "print_iter"),
+        debug=check_flag(debug, "debug"), progress=check_progress(progress),
+        flush_denormals=check_flag(flush_denormals, "flush_denormals"),
+        autocast=check_autocast(autocast, input.device),
+        resize=check_resize(resize, resize_mode, len(spatial)), resize_mode=resize_mode,
+        smooth=check_smooth(float(smooth) if is_number(smooth) else smooth))
     run = _Optimisation(model, input, cfg)
-    with model_state_guard(model), torch.enable_grad(), flushing(flush_denormals), \
-            progress_bar(cfg.max_iter, progress, "extremal perturbation") as bar:
+    with model_state_guard(model), torch.enable_grad(), flushing(cfg.flush_denormals), \
+            progress_bar(cfg.max_iter, cfg.progress, "extremal perturbation") as bar:
         for t in range(cfg.max_iter):
             run.iterate(t)
             bar.update(1)
     masks, history = run.result()
-    return finish_map(input, masks, resize, resize_mode, smooth), history
+    return finish_map(input, masks, cfg.resize, cfg.resize_mode, cfg.smooth), history

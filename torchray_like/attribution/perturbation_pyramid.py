@@ -1,0 +1,191 @@
+r"""The perturbation pyramid of extremal perturbations (Fong, Patrick, Vedaldi, ICCV 2019):
+``num_levels`` copies of the image, blurred (or faded) less and less; a mask value picks and
+interpolates the level of each pixel.  :mod:`.extremal_perturbation` re-exports
+:class:`Perturbation`.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .arguments import per_axis
+from .maps import gaussian_kernel
+from .smooth_masks import PerAxis, clamp01
+from .state import check_input
+
+__all__ = ["BLUR_PERTURBATION", "FADE_PERTURBATION", "PERTURBATIONS", "Perturbation",
+           "gaussian_matrix"]
+
+#: Blur pyramid perturbation.
+BLUR_PERTURBATION = "blur"
+#: Fade-to-baseline perturbation.
+FADE_PERTURBATION = "fade"
+PERTURBATIONS = (BLUR_PERTURBATION, FADE_PERTURBATION)
+
+
+def gaussian_matrix(length: int, sigma: float, truncate: float = 4.0,
+                    dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """The ``(length, length)`` matrix of a 1-D Gaussian blur with replicated borders.
+
+    ``K @ v`` applies :func:`~torchray_like.attribution.maps.smooth_saliency`'s operator (the
+    kernel of :func:`~torchray_like.attribution.maps.gaussian_kernel`, cut at
+    ``int(truncate·σ + 0.5)`` pixels, borders replicated) — scipy's
+    ``gaussian_filter1d(v, sigma, mode="nearest", truncate=truncate)``.  A dense product is far
+    faster on CPUs than a long 1-D convolution (σ = 20 px needs 161 taps).
+    """
+    k = gaussian_kernel(sigma, truncate, torch.float64, "cpu")
+    radius = (k.numel() - 1) // 2
+    # Row i, column j holds k[j − i + radius] (the band) ...
+    i = torch.arange(length).view(-1, 1)
+    offset = torch.arange(length).view(1, -1) - i
+    mat = torch.where(offset.abs() <= radius, k[(offset + radius).clamp(0, 2 * radius)],
+                      torch.zeros((), dtype=torch.float64))
+    # ... plus, in the first and last columns, the taps that fall off the border (replicated).
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), k.cumsum(0)])   # cum[n] = Σ k[:n]
+    rows = i.view(-1)
+    mat[:, 0] += cum[(radius - rows).clamp(0, 2 * radius + 1)]
+    mat[:, -1] += 1 - cum[(radius + length - rows).clamp(0, 2 * radius + 1)]
+    return mat.to(dtype=dtype, device=device)
+
+
+def _blur_stack(x: torch.Tensor, sigmas: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Blur ``(N, C, *spatial)`` with each per-axis ``sigmas[l]``: ``(N, len(sigmas), C, ...)``,
+    separably, one batched matrix product per axis for all the levels at once."""
+    levels = len(sigmas)
+    y = x.unsqueeze(0).expand((levels,) + tuple(x.shape))
+    for a in range(x.dim() - 2):
+        length = x.shape[2 + a]
+        per_level = [float(s[a]) for s in sigmas]
+        if all(s == 0 for s in per_level):
+            continue
+        eye = torch.eye(length, dtype=x.dtype, device=x.device)
+        mats = torch.stack([gaussian_matrix(length, s, dtype=x.dtype, device=x.device)
+                            if s > 0 else eye for s in per_level])
+        moved = y.movedim(3 + a, -1)
+        shape = moved.shape
+        out = torch.matmul(moved.reshape(levels, -1, length), mats.transpose(1, 2))
+        y = out.view(shape).movedim(-1, 3 + a)
+    return y.movedim(0, 1).contiguous()
+
+
+class Perturbation:
+    """A perturbation pyramid: the mask value chooses how much each pixel is perturbed.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``(N, C, *spatial)`` images (1 to 3 spatial dimensions).  Half-precision images are
+        perturbed in single precision.
+    num_levels : int
+        Number of pyramid levels (≥ 2).  Level ``num_levels − 1`` is the image itself, level 0
+        the most perturbed copy.
+    max_blur : float or sequence of float
+        ``"blur"``: the Gaussian σ (pixels) of level 0, one value or one per spatial axis (torch
+        order; one value is scaled by ``T / max(H, W)`` along the time axis of 3-D inputs).
+        Level ``l`` is blurred with ``σ_l = max_blur · (1 − l/(num_levels − 1))``, separably,
+        the kernel truncated at 4σ and the borders replicated: the operator of
+        ``scipy.ndimage.gaussian_filter(..., mode="nearest")`` and of
+        :func:`~torchray_like.attribution.maps.smooth_saliency`.  (TorchRay pads with zeros,
+        which darkens the border of the blurred copies: a frame of perturbation that is not in
+        the image.)
+    type : {"blur", "fade"}
+        ``"fade"``: level ``l`` is ``baseline + (l/(num_levels − 1))·(x − baseline)``, so
+        :meth:`apply` gives exactly ``m·x + (1 − m)·baseline``.
+    fade_to : {"zero", "mean"}
+        The fade baseline: zeros, or each image's per-channel mean.
+
+    Attributes
+    ----------
+    pyramid : torch.Tensor
+        ``(N, num_levels, C, *spatial)``.
+    """
+
+    def __init__(self, input: torch.Tensor, num_levels: int = 8, max_blur: PerAxis = 20,
+                 type: str = BLUR_PERTURBATION, fade_to: str = "zero") -> None:
+        check_input(input, "input", needs_grad=False)
+        spatial = tuple(input.shape[2:])
+        if not 1 <= len(spatial) <= 3:
+            raise ValueError(f"input must have 1 to 3 spatial dimensions, got shape "
+                             f"{tuple(input.shape)}")
+        if isinstance(num_levels, bool) or not isinstance(num_levels, Integral) or num_levels < 2:
+            raise ValueError(f"num_levels must be an integer ≥ 2, got {num_levels!r}")
+        if type not in PERTURBATIONS:
+            raise ValueError(f"perturbation type must be one of {PERTURBATIONS}, got {type!r}")
+        if fade_to not in ("zero", "mean"):
+            raise ValueError(f"fade_to must be 'zero' or 'mean', got {fade_to!r}")
+        blur = per_axis(max_blur, "max_blur", spatial, integer=False, minimum=0.0,
+                        strict=False, time_scaled=True)
+        self.pyramid: torch.Tensor
+        self.type = type
+        self.num_levels = int(num_levels)
+        self.max_blur = blur
+        self._fade: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        x = input.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        top = self.num_levels - 1
+        with torch.no_grad():
+            if type == BLUR_PERTURBATION:
+                blurred = _blur_stack(x, [[b * (1 - lv / top) for b in blur] for lv in range(top)])
+                self.pyramid = torch.cat([blurred, x.unsqueeze(1)], dim=1)
+            else:
+                base = (torch.zeros_like(x) if fade_to == "zero"
+                        else x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x))
+                self.pyramid = torch.stack(
+                    [base + (lv / top) * (x - base) for lv in range(self.num_levels)], dim=1)
+                # The levels are linear in l: interpolating them is base + m·(x − base).
+                self._fade = (base.contiguous(), (x - base).contiguous())
+
+    def to(self, device: Union[str, torch.device]) -> "Perturbation":
+        """Move the pyramid to ``device`` (in place); returns ``self``."""
+        self.pyramid = self.pyramid.to(device)
+        if self._fade is not None:
+            self._fade = (self._fade[0].to(device), self._fade[1].to(device))
+        return self
+
+    def apply(self, mask: torch.Tensor) -> torch.Tensor:
+        """Perturb the images with ``mask``.
+
+        Parameters
+        ----------
+        mask : torch.Tensor
+            ``(B, 1, *spatial)`` values in ``[0, 1]`` (1 keeps the pixel, 0 perturbs it
+            fully; values outside are clamped, with the identity's gradient), with ``B`` a
+            multiple ``N·K`` of the number of images: mask ``b`` perturbs image ``b // K``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, C, *spatial)`` in the pyramid's dtype, differentiable with respect to
+            ``mask``: the two levels around ``m·(num_levels − 1)`` interpolated linearly.
+        """
+        pyr = self.pyramid
+        n, levels, c = pyr.shape[:3]
+        spatial = tuple(pyr.shape[3:])
+        if not isinstance(mask, torch.Tensor) or mask.dim() != pyr.dim() - 1 or \
+                mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial or \
+                mask.shape[0] % n != 0:
+            raise ValueError(
+                f"mask must have shape (N·K, 1, {', '.join(map(str, spatial))}) with N·K a "
+                f"multiple of the {n} images, got {tuple(getattr(mask, 'shape', ()))}")
+        k = mask.shape[0] // n
+        m = clamp01(mask.to(pyr.dtype))
+        if self._fade is not None:
+            base, delta = self._fade
+            out = torch.addcmul(base.unsqueeze(1), m.view((n, k, 1) + spatial),
+                                delta.unsqueeze(1))
+            return out.reshape((n * k, c) + spatial)
+        t = m * (levels - 1)
+        # (A NaN mask — from a model whose output is not finite — must not become an index.)
+        lower = torch.nan_to_num(t.detach(), nan=0.0).floor_().clamp_(0, levels - 2)
+        frac = (t - lower).view((n, k, 1, 1) + spatial)
+        index = lower.long().view((n, k, 1, 1) + spatial).expand((n, k, 1, c) + spatial)
+        # Gather from a broadcast view: the K masks of an image share its pyramid, no copy.
+        view = pyr.unsqueeze(1).expand((n, k) + tuple(pyr.shape[1:]))
+        low = view.gather(2, index)
+        high = view.gather(2, index + 1)
+        return torch.lerp(low, high, frac).reshape((n * k, c) + spatial)
