@@ -23,7 +23,9 @@ the image's most confident ground-truth class is computed, then:
 
 The table gives the mean area under each curve (trapezoid rule on ``[0, 1]``; deletion: lower is
 better, insertion: higher is better) and the seconds per image the method took to make its map.
-RISE and extremal perturbation run with reduced settings (printed; ``--full`` for the papers').
+Every method runs with the options of :mod:`torchray_like.benchmark.settings` (benchmark
+``"deletion_insertion"``: RISE and extremal perturbation with reduced counts, printed;
+``--full`` for the papers').
 The embedded models were trained multi-label (one sigmoid per class): the probability recorded
 is the sigmoid by default (``--score softmax`` for the softmax over the classes, as in the
 paper's single-label setting).
@@ -55,10 +57,10 @@ sys.path.insert(0, ROOT)
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
-    default_blur_sigma, deletion_insertion, embedded_method_kwargs,
-    method_saliency, step_fractions)
+    default_blur_sigma, deletion_insertion, method_saliency, step_fractions)
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
+from torchray_like.benchmark.settings import describe_options, method_options  # noqa: E402
 
 EXPERIMENT = "deletion_insertion/embedded"
 ALL_METHODS = ("random",) + tuple(METHODS)
@@ -78,11 +80,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="deletion_insertion.py", description=__doc__.splitlines()[0],
         epilog="See the module docstring (python -m pydoc benchmarks/deletion_insertion.py) for "
                "the protocol.")
-    parser.add_argument("--models", nargs="+", choices=EMBEDDED_MODELS, default=EMBEDDED_MODELS,
-                        help="embedded models (default: both)")
-    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=ALL_METHODS,
-                        metavar="METHOD",
-                        help=f"methods, among {', '.join(ALL_METHODS)} (default: all)")
+    parser.add_argument("--models", nargs="+", default=["all"], metavar="MODEL",
+                        help=f"embedded models, among {', '.join(EMBEDDED_MODELS)}, "
+                             "comma- or space-separated (default: all)")
+    parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                        help=f"methods, among {', '.join(ALL_METHODS)}, comma- or "
+                             "space-separated (default: all)")
     parser.add_argument("--steps", type=runner.positive_int, default=64,
                         help="steps per curve (step = ceil(pixels / steps)); the paper's is "
                              "224 (default: %(default)s)")
@@ -96,14 +99,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="the papers' settings for RISE (4000 masks) and extremal "
                              "perturbation (800 iterations)")
-    parser.add_argument("--rise-masks", type=runner.positive_int, default=None,
-                        help="RISE masks (default 1000, 4000 with --full)")
-    parser.add_argument("--ep-iters", type=runner.positive_int, default=None,
-                        help="extremal perturbation iterations (default 200, 800 with --full)")
+    embedded_cli.add_perturbation_arguments(parser, "deletion_insertion")
     embedded_cli.add_model_arguments(parser)
     parser.add_argument("--docs", action="store_true",
                         help=f"also save the figure as {os.path.relpath(DOCS_FIGURE, ROOT)}")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     runner.add_common_arguments(parser, default_out=os.path.join(".", "out",
                                                                  "deletion_insertion"))
     parser.set_defaults(limit=8)
@@ -111,6 +111,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if action.dest == "limit":
             action.help += " (default: %(default)s)"
     args = parser.parse_args(argv)
+    try:
+        args.models = embedded_cli.name_list(args.models, EMBEDDED_MODELS, "--models")
+        args.methods = embedded_cli.name_list(args.methods, ALL_METHODS, "--methods")
+    except ValueError as error:
+        parser.error(str(error))
+    embedded_cli.check_weights(parser, args, args.models)
     if args.blur_sigma is not None and not (args.blur_sigma >= 0 and math.isfinite(
             args.blur_sigma)):
         parser.error(f"--blur-sigma must be a non-negative number, got {args.blur_sigma}")
@@ -119,19 +125,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def method_kwargs(method: str, model_name: str, args: argparse.Namespace,
                   image: int) -> Dict[str, Any]:
-    """The settings of one method call (printed in the header, stored in the config)."""
+    """The options of one method call (printed in the header, stored in the config)."""
     if method == "random":
         return {"seed": args.seed + image}
-    kw = embedded_method_kwargs(method, model_name, input_size=IMAGE_SIZE, small=not args.full,
-                                score=args.score)
+    kw = method_options(method, model_name, "paper" if args.full else "deletion_insertion",
+                        overrides=embedded_cli.perturbation_overrides(args).get(method))
     if method == "rise":
-        kw["seed"] = args.seed
-        if args.rise_masks is not None:
-            kw["num_masks"] = args.rise_masks
-    if method == "extremal_perturbation":
+        kw["score"] = args.score
+    if method in ("rise", "extremal_perturbation"):
         kw["generator"] = args.seed
-        if args.ep_iters is not None:
-            kw["max_iter"] = args.ep_iters
     return kw
 
 
@@ -147,8 +149,8 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
         "insertion_canvas_blur_sigma": (default_blur_sigma((IMAGE_SIZE, IMAGE_SIZE))
                                         if args.blur_sigma is None else args.blur_sigma),
         "seed": args.seed,
-        "rise": {k: v for k, v in method_kwargs("rise", args.models[0], args, 0).items()},
-        "extremal_perturbation": method_kwargs("extremal_perturbation", args.models[0], args, 0),
+        "method_kwargs": {m: {n: method_kwargs(m, n, args, 0) for n in args.models}
+                          for m in args.methods if m != "random"},
     }
 
 
@@ -293,11 +295,10 @@ def announce(args: argparse.Namespace, config: Dict[str, Any], worker: "Worker",
           f"and to the blurred image, insertion into it (blur σ="
           f"{config['insertion_canvas_blur_sigma']:g} px); {args.score} probability of "
           "the most confident present class")
-    if "rise" in args.methods:
-        print(f"  rise: {config['rise']}")
-    if "extremal_perturbation" in args.methods:
-        print(f"  extremal_perturbation: {config['extremal_perturbation']} "
-              "(masks summed over the areas)")
+    for name in args.models:
+        print(f"  {name}, options (torchray_like.benchmark.settings):")
+        print("\n".join(describe_options({m: options[name] for m, options
+                                          in config["method_kwargs"].items()})))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,30 +12,37 @@ Data sets
     The procedurally drawn test set of :mod:`torchray_like.benchmark.embedded_data` (square
     images of ``IMAGE_SIZE`` pixels, 8 classes, visible-part masks, difficult pairs flagged)
     with the two shipped models ``embedded-vgg`` and ``embedded-resnet``.  Tolerance: the
-    paper's 15 px at 224 px scaled to the image, 15 · IMAGE_SIZE / 224.  Layers from
-    :data:`~torchray_like.benchmark.embedded_models.EMBEDDED_LAYERS`.
+    paper's 15 px at 224 px scaled to the image, 15 · IMAGE_SIZE / 224.
 ``voc07`` / ``coco14``
     PASCAL VOC 2007 test / COCO 2014 val through
     :class:`~torchray_like.benchmark.pointing_game.PointingGameBenchmark` (box union /
     segmentation masks, 15 px at the original resolution) with a VGG16 / ResNet50 fine-tuned
-    on the data set (``--weights FILE``).  Inputs: shorter side ``--input-size`` (224).  The
+    on the data set (``--weights FILE``, one per model).  Inputs: shorter side
+    ``--input-size`` (224).  The
     backpropagation methods run on the fully convolutional network
     (:func:`~torchray_like.benchmark.models.convert_to_fully_convolutional`) seeded with
     :func:`~torchray_like.attribution.common.get_pointing_gradient`, the published protocol.
 
+Every method's options come from :mod:`torchray_like.benchmark.settings` (the models' layers;
+benchmark ``"pointing_game"`` on the embedded data, ``"pointing_game_paper"`` on VOC / COCO:
+RISE's masks, extremal perturbation's areas and iterations, the gradient family's smoothing)
+and are printed; ``--rise-masks``, ``--rise-batch`` and ``--ep-iters`` override the counts.  A
+point exactly ``tolerance`` pixels from the object is a miss, as in TorchRay (``hit_rule``
+``"strict"`` in the stored configuration).
+
 The defaults fit in under five minutes on a busy two-core CPU: the first 64 embedded test
 images for every method, but only the first 16 for RISE (``--rise-limit``) and the first 8
-for extremal perturbation (``--ep-limit``), whose numbers are therefore rough.  Results are
-stored image by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a
-killed run, ``--from-store`` rebuilds the table without computing anything.  The same command runs on K processes with
-``torchrun --nproc_per_node=K benchmarks/pointing_game.py ...``.
+for extremal perturbation (``--ep-limit``), whose numbers are therefore rough.  Each method has
+its own progress bar (their costs per image differ a thousandfold).  Results are stored image
+by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a killed run,
+``--from-store`` rebuilds the table without computing anything.  The same command runs on K
+processes with ``torchrun --nproc_per_node=K benchmarks/pointing_game.py ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -48,11 +55,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
+from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.pointing_game import (  # noqa: E402
     PointingGame, centre_point, saliency_to_point)
 from torchray_like.benchmark.runner import (  # noqa: E402
     ConfigMismatchError, add_common_arguments, distributed, format_table, local_device,
     open_store, positive_int, run_sharded)
+from torchray_like.benchmark.settings import (  # noqa: E402
+    describe_options, options_table)
 
 CENTER = "center"
 #: Every method of the table, in its order (the centre baseline first).
@@ -60,20 +70,19 @@ ALL_METHODS: Tuple[str, ...] = (CENTER,) + tuple(METHODS)
 #: Methods costing hundreds of forward passes per image: their own image limits
 #: (``--rise-limit``, ``--ep-limit``).
 SLOW_METHODS = ("rise", "extremal_perturbation")
-#: Methods smoothed with ``smooth=0.02`` (a Gaussian of 0.02 × the longer side), as published.
-GRADIENT_FAMILY = ("gradient", "guided_backprop", "deconvnet", "guided_grad_cam")
-EP_AREAS = (0.025, 0.05, 0.1, 0.2)
 
 DATASETS = {
-    # name: (package data-set name, split, default models)
-    "embedded": (None, "test", "embedded-vgg,embedded-resnet"),
-    "voc07": ("voc_2007", "test", "vgg16"),
-    "coco14": ("coco", "val2014", "resnet50"),
+    # name: (package data-set name, split, default models, benchmark of the settings table)
+    "embedded": (None, "test", "embedded-vgg,embedded-resnet", "pointing_game"),
+    "voc07": ("voc_2007", "test", "vgg16", "pointing_game_paper"),
+    "coco14": ("coco", "val2014", "resnet50", "pointing_game_paper"),
 }
 DEFAULT_LIMIT = {"embedded": 64, "voc07": None, "coco14": None}
 DEFAULT_RISE_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
 DEFAULT_EP_LIMIT = {"embedded": 8, "voc07": None, "coco14": None}
 EXPERIMENT = "pointing_game/{dataset}"
+#: A point exactly ``tolerance`` pixels from the object misses (TorchRay's rule).
+HIT_RULE = "strict"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,74 +90,45 @@ EXPERIMENT = "pointing_game/{dataset}"
 # ---------------------------------------------------------------------------------------------
 
 
-def published_layers(arch: str, model: torch.nn.Module) -> Dict[str, str]:
-    """Grad-CAM / EBP / contrast layers of the published protocol for a VGG or ResNet."""
-    names = dict(model.named_modules())
-    if arch.startswith("resnet") or arch.startswith("wide_resnet") or "layer4" in names:
-        return {"grad_cam": "layer4", "excitation_backprop": "layer3", "contrast": "avgpool"}
-    if arch.startswith("vgg") or "features" in names:
-        feats = list(model.features.named_children())  # type: ignore[union-attr]
-        relus = [n for n, m in feats if isinstance(m, torch.nn.ReLU)]
-        pools = [n for n, m in feats if isinstance(m, torch.nn.MaxPool2d)]
-        if not relus or len(pools) < 2:
-            raise ValueError(f"{arch}: cannot find the VGG layers (last ReLU, pool4)")
-        # VGG16: relu5_3 = features.29, pool4 = features.23, fc7's ReLU = classifier.4.
-        return {"grad_cam": f"features.{relus[-1]}", "excitation_backprop": f"features.{pools[-2]}",
-                "contrast": "classifier.4"}
-    raise ValueError(f"no published layer settings for {arch!r}: use a VGG or a ResNet")
-
-
-def method_settings(dataset: str, arch: str, layers: Mapping[str, str], image_side: int,
+def method_settings(dataset: str, arch: str, network: torch.nn.Module, image_side: int,
                     args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
-    """Per-method keyword arguments (JSON) plus how the method is run.
+    """Per method: ``kwargs`` (JSON) for ``METHODS[method]`` from the settings table, plus how
+    the method is run.
 
-    ``kwargs`` go to the method's function; ``fully_convolutional`` / ``pointing_gradient``
-    say whether the fully convolutional network and the pointing seed are used (VOC/COCO).
+    ``fully_convolutional`` / ``pointing_gradient`` say whether the fully convolutional
+    network and the pointing seed are used (VOC/COCO, the published protocol);
+    ``all_classes_once``: RISE explains every class of an image with one set of masked passes.
     """
+    methods = [m for m in ALL_METHODS if m != CENTER]
+    table = options_table(methods, arch, DATASETS[dataset][3], network=network,
+                          input_size=image_side,
+                          overrides=embedded_cli.perturbation_overrides(args))
     published = dataset != "embedded"
-    scale = image_side / 224.0
-    fc = published
     s: Dict[str, Dict[str, Any]] = {CENTER: {"kwargs": {}}}
-    for name in ("gradient", "guided_backprop", "deconvnet"):
-        s[name] = {"kwargs": {"smooth": 0.02}}
-    s["grad_cam"] = {"kwargs": {"saliency_layer": layers["grad_cam"]}}
-    s["guided_grad_cam"] = {"kwargs": {"saliency_layer": layers["grad_cam"], "smooth": 0.02}}
-    s["linear_approx"] = {"kwargs": {"saliency_layer": layers["grad_cam"]}}
-    s["excitation_backprop"] = {"kwargs": {"saliency_layer": layers["excitation_backprop"]}}
-    s["contrastive_excitation_backprop"] = {"kwargs": {
-        "saliency_layer": layers["excitation_backprop"], "contrast_layer": layers["contrast"]}}
-    for name in ("gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
-                 "linear_approx", "excitation_backprop", "contrastive_excitation_backprop"):
-        s[name]["fully_convolutional"] = fc
-        s[name]["pointing_gradient"] = fc
-    if fc and layers["contrast"] == "avgpool":
+    for name, kwargs in table.items():
+        s[name] = {"kwargs": kwargs}
+        if name not in SLOW_METHODS:
+            s[name]["fully_convolutional"] = s[name]["pointing_gradient"] = published
+    if published and table["contrastive_excitation_backprop"]["contrast_layer"] == "avgpool":
         # The fully convolutional ResNet has no avgpool (fc is a 1×1 conv after layer4): the
         # contrast layer of the published setting only exists in the original network.
         s["contrastive_excitation_backprop"]["fully_convolutional"] = False
         s["contrastive_excitation_backprop"]["pointing_gradient"] = False
-    s["rise"] = {"kwargs": {"num_masks": args.rise_masks, "num_cells": 7, "p": 0.5,
-                            "score": "sigmoid", "batch_size": args.rise_batch},
-                 "all_classes_once": True}
-    ep_step = max(int(round(7 * scale)), 1)
-    s["extremal_perturbation"] = {"kwargs": {
-        "areas": list(EP_AREAS), "max_iter": args.ep_iters, "step": ep_step,
-        "sigma": 21 * scale, "max_blur": 20 * scale, "smooth": 0.02}, "sum_areas": True}
+    s["rise"]["all_classes_once"] = True
     return s
 
 
 def describe_settings(settings: Mapping[str, Mapping[str, Any]],
                       methods: Sequence[str] = ALL_METHODS) -> List[str]:
     """One line per method: its keyword arguments and how it is run."""
-    lines = []
-    for method in methods:
-        if method not in settings:
-            continue
-        entry = settings[method]
-        kw = ", ".join(f"{k}={v}" for k, v in entry["kwargs"].items())
-        extra = [k for k in ("fully_convolutional", "pointing_gradient", "all_classes_once",
-                             "sum_areas") if entry.get(k)]
-        lines.append(f"    {method:32s} {kw}" + (f"  [{', '.join(extra)}]" if extra else ""))
-    return lines
+    shown = [m for m in methods if m in settings and m != CENTER]
+    lines = describe_options({m: settings[m]["kwargs"] for m in shown})
+    out = []
+    for method, line in zip(shown, lines):
+        extra = [k for k in ("fully_convolutional", "pointing_gradient", "all_classes_once")
+                 if settings[method].get(k)]
+        out.append(line + (f"  [{', '.join(extra)}]" if extra else ""))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +158,7 @@ class Task:
             from torchray_like.benchmark.models import get_transform
             from torchray_like.benchmark.pointing_game import PointingGameBenchmark
 
-            name, split, _ = DATASETS[self.dataset]
+            name, split = DATASETS[self.dataset][:2]
             kind = "voc" if self.dataset == "voc07" else "coco"
             try:
                 self.data = get_dataset(name, split, dataset_dir=args.data_root,
@@ -190,80 +170,41 @@ class Task:
             self.classes = list(self.bench_all.class_names or [])
             self.tolerance = 15.0
             self.image_side = args.input_size
-        self.num_images = len(self.data) if args.limit is None else min(args.limit,
-                                                                           len(self.data))
+        self.num_images = (len(self.data) if args.limit is None
+                           else min(args.limit, len(self.data)))
         self.method_images = {}
         for method, limit in (("rise", args.rise_limit), ("extremal_perturbation",
                                                           args.ep_limit)):
             self.method_images[method] = min(limit or self.num_images, self.num_images)
-        names = [m for m in args.model.split(",") if m]
-        weights = _split_weights(args.weights, len(names), parser)
-        for k, (arch, w) in enumerate(zip(names, weights)):
-            self.models[arch] = self._load(arch, w, k, parser)
+        for k, arch in enumerate(args.models):
+            self.models[arch] = self._load(arch, args.weights_of[arch], k, parser)
 
     def _load(self, arch: str, weights: Optional[str], k: int,
               parser: argparse.ArgumentParser) -> Dict[str, Any]:
-        from torchray_like.benchmark.models import convert_to_fully_convolutional, get_model
+        from torchray_like.benchmark.models import convert_to_fully_convolutional
 
-        args = self.args
         embedded = arch.startswith("embedded-")
         if embedded != (self.dataset == "embedded"):
-            parser.error(f"--model {arch} does not fit --dataset {self.dataset}: use "
+            parser.error(f"--models {arch} does not fit --dataset {self.dataset}: use "
                          f"{DATASETS[self.dataset][2]}")
-        # Random weights are seeded identically on every process (same maps under torchrun).
-        torch.manual_seed(args.seed * 1000 + k)
         try:
-            if weights == "random":
-                if embedded:
-                    from torchray_like.benchmark.embedded_models import load_embedded_model
-                    model = load_embedded_model(arch, pretrained=False)
-                else:
-                    model = get_model(arch, self._head(), weights=None)
-                fingerprint = f"random:{args.seed * 1000 + k}"
-            elif weights is None:
-                if not embedded:
-                    parser.error(f"--model {arch} on {self.dataset} needs --weights FILE (a "
-                                 f"state dict fine-tuned on the data set), DEFAULT (ImageNet "
-                                 f"features, random head) or random")
-                from torchray_like.benchmark.embedded_models import EMBEDDED_WEIGHTS
-                model = get_model(arch, weights=None)
-                fingerprint = "shipped:" + EMBEDDED_WEIGHTS[arch][1]
-            elif weights == "DEFAULT":
-                if embedded:
-                    parser.error("--weights DEFAULT is for torchvision models; the embedded "
-                                 "models use their shipped weights (omit --weights)")
-                model = get_model(arch, self._head(), weights="DEFAULT")
-                fingerprint = "torchvision:DEFAULT"
-                print(f"warning: {arch} with ImageNet weights and a random {self._head()} head: "
-                      "the maps do not explain trained classes", file=sys.stderr)
-            else:
-                path = os.path.expanduser(weights)
-                if not os.path.isfile(path):
-                    parser.error(f"--weights: no such file {weights!r}")
-                model = get_model(arch, self._head() if not embedded else "voc", weights=path)
-                fingerprint = "sha256:" + _sha256(path)
+            # Random weights are seeded identically on every process (same maps under
+            # torchrun), differently per model.
+            model, fingerprint = embedded_cli.load_benchmark_model(
+                arch, weights, self.args.seed * 1000 + k, self._head())
+            settings = method_settings(self.dataset, arch, model, self.image_side, self.args)
         except (ValueError, FileNotFoundError, RuntimeError) as error:
             hint = " (pass --weights random to run with random weights)" if embedded else ""
-            parser.error(f"--model {arch}: {error}{hint}")
-        model = model.eval().to(self.device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if embedded:
-            from torchray_like.benchmark.embedded_models import EMBEDDED_LAYERS
-            layers = dict(EMBEDDED_LAYERS[arch])
-        else:
-            try:
-                layers = published_layers(arch, model)
-            except ValueError as error:
-                parser.error(f"--model: {error}")
-        settings = method_settings(self.dataset, arch, layers, self.image_side, args)
+            parser.error(f"--models {arch}: {error}{hint}")
+        if weights == "DEFAULT":
+            print(f"warning: {arch} with ImageNet weights and a random {self._head()} head: "
+                  "the maps do not explain trained classes", file=sys.stderr)
+        model = _frozen(model, self.device)
         fully_conv = None
         if any(s.get("fully_convolutional") for s in settings.values()):
-            fully_conv = convert_to_fully_convolutional(model).eval().to(self.device)
-            for p in fully_conv.parameters():
-                p.requires_grad_(False)
+            fully_conv = _frozen(convert_to_fully_convolutional(model), self.device)
         return {"model": model, "fully_convolutional": fully_conv, "weights": fingerprint,
-                "layers": layers, "settings": settings}
+                "settings": settings}
 
     def _head(self) -> str:
         return "voc" if self.dataset == "voc07" else "coco"
@@ -272,7 +213,7 @@ class Task:
         """What the records depend on (a resumed run must match it)."""
         return {
             "dataset": self.dataset, "split": DATASETS[self.dataset][1],
-            "tolerance": self.tolerance, "seed": self.args.seed,
+            "tolerance": self.tolerance, "hit_rule": HIT_RULE, "seed": self.args.seed,
             "input_size": self.image_side,
             "models": {arch: {"weights": m["weights"], "settings": m["settings"]}
                        for arch, m in self.models.items()},
@@ -338,8 +279,8 @@ class Task:
         results = []
         for (c, difficult), point in zip(sample["pairs"], points):
             in_all, in_difficult = self.score(sample, c, difficult, point)
-            results.append([int(c), int(in_all), int(in_difficult), [int(point[0]),
-                                                                        int(point[1])]])
+            results.append([int(c), int(in_all), int(in_difficult),
+                            [int(point[0]), int(point[1])]])
         return {"model": arch, "method": method, "index": index, "size": list(size),
                 "pairs": results, "seconds": seconds}
 
@@ -347,6 +288,7 @@ class Task:
              index: int) -> torch.Tensor:
         """``(K, 1, h, w)`` maps of the image's ``K`` classes (any resolution)."""
         from torchray_like.attribution.common import get_pointing_gradient
+        from torchray_like.attribution.rise import rise
 
         bundle = self.models[arch]
         entry = bundle["settings"][method]
@@ -355,15 +297,13 @@ class Task:
         x = x.to(self.device)
         batch = x[None].expand(len(classes), *x.shape).contiguous()
         seed = (self.args.seed * 1_000_003 + index * 101) % (2 ** 31)
-        if method == "rise":
-            maps = fn(bundle["model"], x[None], None, generator=seed, progress=False, **kwargs)
+        if entry.get("all_classes_once"):
+            # RISE's masked passes serve every class: one call for all, then the image's.
+            maps = rise(bundle["model"], x[None], None, generator=seed, progress=False,
+                        **kwargs)
             return maps[0, classes, None]
-        if method == "extremal_perturbation":
-            kwargs["areas"] = tuple(kwargs["areas"])
-            masks, _ = fn(bundle["model"], batch, classes, generator=seed, progress=False,
-                          **kwargs)
-            return masks.view(len(classes), len(kwargs["areas"]), *masks.shape[2:]).sum(
-                1, keepdim=True)
+        if method in SLOW_METHODS:
+            kwargs.update(generator=seed, progress=False)
         model = bundle["fully_convolutional"] if entry.get("fully_convolutional") \
             else bundle["model"]
         if entry.get("pointing_gradient"):
@@ -371,24 +311,12 @@ class Task:
         return fn(model, batch, classes, **kwargs)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _split_weights(weights: Optional[str], n: int, parser: argparse.ArgumentParser
-                   ) -> List[Optional[str]]:
-    if weights is None:
-        return [None] * n
-    parts = weights.split(",")
-    if len(parts) == 1:
-        return parts * n
-    if len(parts) != n:
-        parser.error(f"--weights: give one value or one per model ({n}), got {len(parts)}")
-    return [p or None for p in parts]
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Eval mode on the device, ``requires_grad`` off (the methods need no weight gradients)."""
+    model = model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,37 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", metavar="DIR",
                         help="folder holding VOCdevkit/ (voc07) or val2014/ + annotations/ "
                              "(coco14)")
-    parser.add_argument("--model", default=None,
-                        help="comma-separated models: embedded-vgg,embedded-resnet (embedded, "
-                             "the default), vgg16 (voc07 default), resnet50 (coco14 default), "
-                             "or another torchvision VGG/ResNet")
-    parser.add_argument("--weights", default=None, metavar="FILE|DEFAULT|random",
-                        help="a state-dict file (one, or one per model, comma-separated); "
-                             "DEFAULT: torchvision's ImageNet weights with a new head; random: "
-                             "random weights (seeded). Embedded models: omitted = shipped "
-                             "weights")
-    parser.add_argument("--methods", default="all",
-                        help="comma-separated subset of: " + ", ".join(ALL_METHODS)
-                             + " (default: all)")
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                        help="models, comma- or space-separated: embedded-vgg,embedded-resnet "
+                             "(embedded, the default), vgg16 (voc07 default), resnet50 (coco14 "
+                             "default), or another torchvision VGG/ResNet")
+    parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                        help="methods, comma- or space-separated, among: "
+                             + ", ".join(ALL_METHODS) + " (default: all)")
     parser.add_argument("--rise-limit", type=_limit_or_all, default=_UNSET, metavar="N|all",
                         help="images for RISE, at most --limit (default: 16 embedded, all "
                              "voc07/coco14)")
     parser.add_argument("--ep-limit", type=_limit_or_all, default=_UNSET, metavar="N|all",
-                        help="images for extremal perturbation, at most --limit (default: 6 "
+                        help="images for extremal perturbation, at most --limit (default: 8 "
                              "embedded, all voc07/coco14)")
-    parser.add_argument("--rise-masks", type=positive_int, default=None, metavar="N",
-                        help="RISE masks per image (default: 500 embedded, 4000 voc07/coco14)")
-    parser.add_argument("--rise-batch", type=positive_int, default=None, metavar="N",
-                        help="RISE forward batch (default: 250 embedded, 64 voc07/coco14)")
-    parser.add_argument("--ep-iters", type=positive_int, default=None, metavar="N",
-                        help="extremal perturbation iterations (default: 300 embedded, 800 "
-                             "voc07/coco14, the paper's)")
+    embedded_cli.add_perturbation_arguments(parser, "pointing_game")
+    for action in parser._actions:
+        if action.dest in ("rise_masks", "rise_batch", "ep_iters"):
+            action.help = action.help[:-1] + " embedded; voc07/coco14: the paper's)"
     parser.add_argument("--input-size", type=positive_int, default=224, metavar="PX",
                         help="voc07/coco14: shorter side of the network input "
                              "(default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="torch CPU threads per process (default: 1, or OMP_NUM_THREADS "
-                             "if set; to use K cores run K processes with torchrun)")
+    embedded_cli.add_model_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_common_arguments(parser, default_out=os.path.join(".", "out", "pointing_game"))
     parser.set_defaults(limit=_UNSET)
     for action in parser._actions:
@@ -515,40 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace,
-                                                            argparse.ArgumentParser]:
+def parse_args(argv: Optional[Sequence[str]] = None
+               ) -> Tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    embedded = args.dataset == "embedded"
     if args.limit == _UNSET:
         args.limit = DEFAULT_LIMIT[args.dataset]
     if args.rise_limit == _UNSET:
         args.rise_limit = DEFAULT_RISE_LIMIT[args.dataset]
     if args.ep_limit == _UNSET:
         args.ep_limit = DEFAULT_EP_LIMIT[args.dataset]
-    if args.model is None:
-        args.model = DATASETS[args.dataset][2]
-    if args.rise_masks is None:
-        args.rise_masks = 500 if embedded else 4000
-    if args.rise_batch is None:
-        args.rise_batch = 250 if embedded else 64
-    if args.ep_iters is None:
-        args.ep_iters = 300 if embedded else 800
-    if args.data_root is not None and embedded:
+    if args.data_root is not None and args.dataset == "embedded":
         parser.error("--data-root is for --dataset voc07 / coco14 (the embedded data set is "
                      "drawn on the fly)")
-    if args.methods.strip().lower() == "all":
-        args.method_list = list(ALL_METHODS)
-    else:
-        args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in args.method_list if m not in ALL_METHODS]
-        if unknown or not args.method_list:
-            parser.error(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'};"
-                         f" choose from {', '.join(ALL_METHODS)}")
-        args.method_list = [m for m in ALL_METHODS if m in args.method_list]
-    models = [m for m in args.model.split(",") if m]
-    if not models or len(set(models)) != len(models):
-        parser.error(f"--model: give distinct model names, got {args.model!r}")
+    try:
+        args.method_list = embedded_cli.name_list(args.methods, ALL_METHODS, "--methods")
+        args.models = embedded_cli.name_list(args.models or [DATASETS[args.dataset][2]], None,
+                                             "--models")
+    except ValueError as error:
+        parser.error(str(error))
+    embedded_cli.check_weights(parser, args, args.models)
     return args, parser
 
 
@@ -568,13 +473,15 @@ def item_key(item: Tuple[str, str, int]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, parser = parse_args(argv)
+    # Small models: threads gain little and lose a lot on a shared machine; processes
+    # (torchrun) scale better.  The caller's thread count is restored.
+    return embedded_cli.with_threads(lambda a: run(a, parser, argv), args)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
+        argv: Optional[Sequence[str]]) -> int:
+    """The benchmark, under ``torchrun`` or not (rank 0 reports)."""
     started = time.time()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # Small models: threads gain little and lose a lot on a shared machine; processes
-        # (torchrun) scale better.
-        torch.set_num_threads(1)
     experiment = EXPERIMENT.format(dataset=args.dataset)
     with distributed(args.device) as (rank, world_size):
         if args.from_store:
@@ -587,18 +494,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(str(error))
         items = items_of(task, args.method_list)
         if rank == 0:
-            print(f"pointing game on {args.dataset} ({DATASETS[args.dataset][1]}): "
-                  f"{task.num_images} images ({task.method_images['rise']} for RISE, "
-                  f"{task.method_images['extremal_perturbation']} for extremal "
-                  f"perturbation), tolerance {task.tolerance:.3g} px, "
-                  f"{world_size} process(es), device {args.device}")
-            for arch, bundle in task.models.items():
-                print(f"  {arch} (weights {bundle['weights'][:23]}), settings:")
-                print("\n".join(describe_settings(bundle["settings"], args.method_list)))
-            print(f"  store {store.path} ({'resuming' if args.resume else 'fresh'}; "
-                  f"{len(store.done() & {item_key(i) for i in items})} of {len(items)} "
-                  "items stored)", flush=True)
-        run_sharded(items, task.compute, store, key=item_key, desc="pointing game")
+            _announce(args, task, store, items, world_size)
+        # One bar per method: their costs per image differ a thousandfold, so a shared bar
+        # would reach 99 % long before the end.
+        for k, method in enumerate(args.method_list, start=1):
+            run_sharded([i for i in items if i[1] == method], task.compute, store,
+                        key=item_key, progress=not args.no_progress,
+                        desc=f"pointing game {k}/{len(args.method_list)} {method}")
         if rank != 0:
             return 0
         keys = {item_key(i) for i in items}
@@ -612,6 +514,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "world_size": world_size, "wall_seconds": wall, "config": config}
         _report(args, rows, meta, wall)
     return 0
+
+
+def _announce(args: argparse.Namespace, task: Task, store: Any,
+              items: Sequence[Tuple[str, str, int]], world_size: int) -> None:
+    print(f"pointing game on {args.dataset} ({DATASETS[args.dataset][1]}): "
+          f"{task.num_images} images ({task.method_images['rise']} for RISE, "
+          f"{task.method_images['extremal_perturbation']} for extremal perturbation), "
+          f"tolerance {task.tolerance:.3g} px ({HIT_RULE}: a point at the tolerance misses), "
+          f"{world_size} process(es), device {args.device}")
+    for arch, bundle in task.models.items():
+        print(f"  {arch} (weights {bundle['weights'][:23]}), settings:")
+        print("\n".join(describe_settings(bundle["settings"], args.method_list)))
+    print(f"  store {store.path} ({'resuming' if args.resume else 'fresh'}; "
+          f"{len(store.done() & {item_key(i) for i in items})} of {len(items)} "
+          "items stored)", flush=True)
 
 
 def _report(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]],
@@ -635,7 +552,7 @@ def _from_store(args: argparse.Namespace, parser: argparse.ArgumentParser, exper
     if config is None or not records:
         parser.error(f"--from-store: no records of {experiment!r} in {store.path}")
     from_config = list(config["models"])
-    wanted = [m for m in args.model.split(",") if m in from_config] or from_config
+    wanted = [m for m in args.models if m in from_config] or from_config
     if args.dataset == "embedded":
         from torchray_like.benchmark.embedded_data import NUM_CLASSES
         num_classes = NUM_CLASSES

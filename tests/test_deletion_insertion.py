@@ -5,6 +5,7 @@ weights exist) the benchmark's expected result on the embedded models."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from scipy.ndimage import gaussian_filter
 
 from torchray_like.benchmark.deletion_insertion import (
     auc, default_blur_sigma, default_step, deletion_insertion, deletion_insertion_both,
-    embedded_method_kwargs, method_saliency, random_saliency, step_fractions)
+    method_saliency, random_saliency, step_fractions)
+from torchray_like.benchmark.settings import method_options
 
 from .conftest import ConvNet, inputs, trained_embedded_model
 
@@ -383,14 +385,22 @@ def test_method_saliency_shapes():
         method_saliency("nope", model, x, 0)
 
 
-def test_embedded_method_kwargs():
-    kw = embedded_method_kwargs("grad_cam", "embedded-vgg")
-    assert kw == {"saliency_layer": "features.14"}
-    kw = embedded_method_kwargs("contrastive_excitation_backprop", "embedded-resnet")
-    assert set(kw) == {"saliency_layer", "contrast_layer"}
-    kw = embedded_method_kwargs("extremal_perturbation", "embedded-vgg", input_size=112)
-    assert kw["step"] == 4 and kw["sigma"] == pytest.approx(10.5)
-    assert embedded_method_kwargs("rise", None, score="sigmoid")["score"] == "sigmoid"
+@pytest.mark.parametrize("bad, shape", [
+    (lambda m, x, t: x.sum(1, keepdim=True).repeat(2, 1, 1, 1), "(4, 1, 16, 16)"),  # N·K maps
+    (lambda m, x, t: x, "(2, 3, 16, 16)"),                                         # 3 channels
+    (lambda m, x, t: x[:, 0], "(2, 16, 16)"),                                      # no channel
+])
+def test_method_saliency_refuses_maps_that_are_not_one_per_sample(bad, shape):
+    """Summing N·K maps or picking a channel would score another map than the method's."""
+    model = ConvNet(2, classes=4)
+    x = inputs(2, n=2, size=16)
+    with pytest.raises(ValueError, match=r"returned maps of shape " + re.escape(shape)
+                       + r".*\(2, 1, \*spatial\)"):
+        method_saliency(bad, model, x, [0, 1])
+    with pytest.raises(TypeError, match="not a tensor of maps"):
+        method_saliency(lambda m, x, t: (x, None), model, x, 0)
+    with pytest.raises(TypeError, match="method must be a name or a callable"):
+        method_saliency(3, model, x, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,9 +492,11 @@ def test_embedded_methods_beat_random(name):
     scores = {}
     for method in methods:
         kw = ({"seed": 0} if method == "random" else
-              embedded_method_kwargs(method, name, input_size=IMAGE_SIZE, score="sigmoid"))
+              method_options(method, name, "deletion_insertion"))
         if method == "rise":
             kw["num_masks"] = 500
+        if method in ("rise", "extremal_perturbation"):
+            kw["generator"] = 0
         sal = method_saliency(method, model, x, ts, **kw)
         scores[method] = {
             g: deletion_insertion(model, x, sal, ts, mode=mode, substrate=sub, step=step,
@@ -525,7 +537,7 @@ def test_script_runs_resumes_and_rebuilds(tmp_path, capsys):
     import json
 
     script = _script("deletion_insertion")
-    base = ["--random-weights", "--models", "embedded-vgg", "--methods", "random", "gradient",
+    base = ["--weights", "random", "--models", "embedded-vgg", "--methods", "random,gradient",
             "--limit", "2", "--steps", "4", "--no-progress", "--out", str(tmp_path)]
     assert script.main(base) == 0
     out = capsys.readouterr().out

@@ -113,20 +113,25 @@ def test_help(capsys):
         pg.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--dataset", "--data-root", "--model", "--weights", "--methods", "--limit",
+    for option in ("--dataset", "--data-root", "--models", "--weights", "--methods", "--limit",
                    "--resume", "--from-store", "--store", "--out", "--device", "--seed",
-                   "torchrun"):
+                   "--rise-masks", "--rise-batch", "--ep-iters", "--no-progress", "torchrun"):
         assert option in out
+    flat = " ".join(out.split())
+    assert "RISE masks per image (default: 500 embedded; voc07/coco14: the paper's)" in flat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "gradient,nope"], "unknown method(s) nope"),
+    (["--methods", "gradient,nope"], "--methods: unknown name(s) nope"),
+    (["--methods", "gradient", "nope"], "--methods: unknown name(s) nope"),
     (["--limit", "0"], "positive integer"),
     (["--dataset", "mnist"], "invalid choice"),
-    (["--model", "vgg16", "--weights", "random"], "does not fit --dataset embedded"),
+    (["--models", "vgg16", "--weights", "random"], "does not fit --dataset embedded"),
     (["--weights", "/no/such/file.pt"], "no such file"),
+    (["--weights", "DEFAULT"], "DEFAULT is for torchvision models"),
     (["--data-root", "somewhere"], "--data-root is for"),
-    (["--model", "embedded-vgg,embedded-vgg"], "distinct"),
+    (["--models", "embedded-vgg,embedded-vgg"], "--models: give distinct names"),
+    (["--models", "embedded-vgg", "embedded-vgg"], "--models: give distinct names"),
     (["--weights", "random,random,random"], "one per model"),
     (["--ep-limit", "-3"], "positive integer"),
     (["--rise-limit", "0"], "positive integer"),
@@ -180,6 +185,35 @@ def test_tiny_run_table(tiny_run):
     settings = meta["config"]["models"]["embedded-vgg"]["settings"]
     assert settings["rise"]["kwargs"]["num_masks"] == 30
     assert settings["grad_cam"]["kwargs"]["saliency_layer"] == "features.14"
+
+
+def test_settings_come_from_the_table_and_the_hit_rule_is_recorded(tiny_run):
+    """Every method's stored options are the settings table's (with the flags' overrides), and
+    the configuration says a point at the tolerance misses."""
+    from torchray_like.benchmark.settings import method_options
+
+    config = _json(tiny_run)["config"]
+    assert config["hit_rule"] == "strict"
+    for model in ("embedded-vgg", "embedded-resnet"):
+        stored = config["models"][model]["settings"]
+        overrides = {"rise": {"num_masks": 30}, "extremal_perturbation": {"max_iter": 3}}
+        for method in pg.METHODS:
+            assert stored[method]["kwargs"] == method_options(
+                method, model, "pointing_game", overrides=overrides.get(method)), method
+        assert stored["extremal_perturbation"]["kwargs"]["areas"] == [0.025, 0.05, 0.1, 0.2]
+        assert stored["rise"]["all_classes_once"] is True
+
+
+def test_one_progress_bar_per_method_and_threads_restored(tmp_path, capsys):
+    torch.set_num_threads(2)
+    _run(["--weights", "random", "--models", "embedded-vgg", "--limit", "2", "--methods",
+          "center", "grad_cam", "--threads", "1", "--out", tmp_path])
+    err = capsys.readouterr().err
+    assert "pointing game 1/2 center" in err and "pointing game 2/2 grad_cam" in err
+    assert torch.get_num_threads() == 2        # --threads 1 held for the run only
+    _run(["--weights", "random", "--models", "embedded-vgg", "--limit", "2", "--methods",
+          "center", "--no-progress", "--out", tmp_path])
+    assert "pointing game" not in capsys.readouterr().err
 
 
 def test_centre_baseline_equals_hand_computation(tiny_run):
@@ -275,7 +309,7 @@ def test_trained_models_reproduce_the_published_ordering(tmp_path, capsys):
 
 def test_killed_run_resumes_computing_only_the_missing_items(tmp_path):
     out = tmp_path / "killed"
-    argv = ["--weights", "random", "--model", "embedded-resnet", "--methods", "center,rise",
+    argv = ["--weights", "random", "--models", "embedded-resnet", "--methods", "center,rise",
             "--limit", "4", "--rise-limit", "4", "--rise-masks", "1000", "--rise-batch", "100",
             "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen([sys.executable, str(SCRIPT)] + argv, cwd=tmp_path, env=_env(),
@@ -359,7 +393,7 @@ def test_voc07_protocol_on_a_tiny_tree(tmp_path, capsys):
 
     root = make_voc(tmp_path / "voc")
     out = tmp_path / "out"
-    text = _run(["--dataset", "voc07", "--data-root", root, "--model", "resnet18",
+    text = _run(["--dataset", "voc07", "--data-root", root, "--models", "resnet18",
                  "--weights", "random", "--input-size", "64", "--rise-masks", "20",
                  "--methods", "center,gradient,grad_cam,contrastive_excitation_backprop,rise",
                  "--out", out], capsys).out
@@ -371,9 +405,9 @@ def test_voc07_protocol_on_a_tiny_tree(tmp_path, capsys):
     # The centre baseline with the package's benchmark, image by image.
     data = get_dataset("voc_2007", "test", dataset_dir=root)
     bench = PointingGameBenchmark(data)
+    from torchray_like.benchmark import datasets as ads
     for index in range(len(data)):
-        label = bench._label(index)
-        from torchray_like.benchmark import datasets as ads
+        label = data.load_label(index)
         for c in ads.voc_as_class_ids(label):
             bench.evaluate(index, c, centre_point(ads.voc_as_image_size(label)))
     assert float(rows["center"]["all"]) == pytest.approx(bench.accuracy)
@@ -390,13 +424,13 @@ def test_coco14_protocol_on_a_tiny_tree(tmp_path, capsys):
 
     root = make_coco(tmp_path / "coco")
     out = tmp_path / "out"
-    _run(["--dataset", "coco14", "--data-root", root, "--model", "resnet18", "--weights",
+    _run(["--dataset", "coco14", "--data-root", root, "--models", "resnet18", "--weights",
           "random", "--input-size", "48", "--methods", "center,grad_cam", "--out", out], capsys)
     rows = {r["method"]: r for r in _csv(out)}
     data = get_dataset("coco", "val2014", dataset_dir=root)
     bench = PointingGameBenchmark(data, difficult=True)
     for index in range(len(data)):
-        label = bench._label(index)
+        label = data.load_label(index)
         for c in ads.coco_as_class_ids(label):
             bench.evaluate(index, c, centre_point(ads.coco_as_image_size(data, label)))
     assert int(rows["center"]["difficult_pairs"]) == int((bench.hits + bench.misses).sum())
@@ -410,7 +444,7 @@ def test_coco14_protocol_on_a_tiny_tree(tmp_path, capsys):
 def test_compare_embedded_figure(tmp_path, capsys):
     compare = _load(COMPARE, "compare_script")
     path = tmp_path / "fig.png"
-    assert compare.main(["--weights", "random", "--images", "2", "--methods",
+    assert compare.main(["--weights", "random", "--limit", "2", "--methods",
                          "gradient,grad_cam,contrastive_excitation_backprop,rise",
                          "--rise-masks", "20", "--out", str(path)]) == 0
     out = capsys.readouterr().out
@@ -427,7 +461,7 @@ def test_compare_image_file(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
                     ).save(tmp_path / "cat.jpg")
     assert compare.main(["--image", str(tmp_path / "cat.jpg"), "--model", "resnet18",
-                         "--weights", "random", "--target", "3", "--size", "64",
+                         "--weights", "random", "--target", "3", "--input-size", "64",
                          "--methods", "gradient,grad_cam,excitation_backprop",
                          "--out", str(tmp_path)]) == 0
     assert (tmp_path / "compare.png").is_file()
@@ -435,10 +469,12 @@ def test_compare_image_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "nope"], "unknown method(s) nope"),
+    (["--methods", "nope"], "--methods: unknown name(s) nope"),
     (["--model", "resnet50"], "needs --image"),
     (["--image", "/no/such.jpg"], "cannot read"),
     (["--ep-area", "1.5"], "--ep-area"),
+    (["--limit", "0"], "positive integer"),
+    (["--rise-masks", "-1"], "positive integer"),
 ])
 def test_compare_bad_arguments(argv, message, capsys):
     compare = _load(COMPARE, "compare_script")
@@ -447,3 +483,33 @@ def test_compare_bad_arguments(argv, message, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compare_missing_weights_file_is_an_argparse_error(capsys, tmp_path):
+    compare = _load(COMPARE, "compare_script")
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--weights", str(tmp_path / "none.pt")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model embedded-vgg" in err and "none.pt" in err and "Traceback" not in err
+
+
+def test_compare_options_are_the_settings_table(tmp_path):
+    """compare.py calls every method with the table's options (benchmark "compare") and the
+    flags' overrides; --ep-area replaces the areas."""
+    import argparse
+
+    from torchray_like.benchmark.settings import method_options
+
+    compare = _load(COMPARE, "compare_script")
+    model = torch.nn.Sequential()   # only used for models outside the table
+    args = argparse.Namespace(model="embedded-resnet", image=None, rise_masks=7,
+                              rise_batch=None, ep_iters=None, ep_area=0.3, seed=5)
+    x = torch.zeros(1, 3, 64, 64)
+    table = compare.method_options(["grad_cam", "rise", "extremal_perturbation"], model, x,
+                                   args)
+    assert table["grad_cam"] == method_options("grad_cam", "embedded-resnet", "compare")
+    assert table["rise"] == {**method_options("rise", "embedded-resnet", "compare"),
+                             "num_masks": 7, "generator": 5, "progress": False}
+    assert table["extremal_perturbation"]["areas"] == [0.3]
+    assert table["extremal_perturbation"]["max_iter"] == 100

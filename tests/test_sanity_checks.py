@@ -336,9 +336,9 @@ def test_embedded_methods_after_top_layers_randomisation(name):
     """Cascading randomisation of the top two layers: guided backprop and excitation backprop
     stay similar to the original map; gradient, Grad-CAM, contrastive excitation backprop and
     RISE do not (mean Spearman correlation of |map| over 4 test images)."""
-    from torchray_like.benchmark.deletion_insertion import (embedded_method_kwargs,
-                                                            top_present_class)
+    from torchray_like.benchmark.deletion_insertion import top_present_class
     from torchray_like.benchmark.embedded_data import EmbeddedShapes
+    from torchray_like.benchmark.settings import method_options
 
     model = trained_embedded_model(name)
     data = EmbeddedShapes("test", size=4)
@@ -349,9 +349,9 @@ def test_embedded_methods_after_top_layers_randomisation(name):
     sim = {}
     for method in ("guided_backprop", "excitation_backprop", "gradient", "grad_cam",
                    "contrastive_excitation_backprop", "rise"):
-        kw = embedded_method_kwargs(method, name, score="sigmoid")
+        kw = method_options(method, name, "deletion_insertion")
         if method == "rise":
-            kw["num_masks"] = 500
+            kw.update(num_masks=500, generator=0)
         recs = sanity_checks(model, x, target, method, layers, method_kwargs=kw)
         sim[method] = summarize(recs)[2]["spearman_abs"]
     for method in ("guided_backprop", "excitation_backprop"):
@@ -377,7 +377,7 @@ def test_script_runs_and_rebuilds(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("_bench_sanity_checks", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    base = ["--random-weights", "--models", "embedded-vgg", "--methods", "gradient",
+    base = ["--weights", "random", "--models", "embedded-vgg", "--methods", "gradient",
             "guided_backprop", "--limit", "1", "--modes", "cascading", "--no-progress",
             "--out", str(tmp_path)]
     assert script.main(base) == 0

@@ -25,10 +25,10 @@ Choices of ours (the paper leaves them open or uses other values), all arguments
 * the class probability is the softmax of the logits (``score="softmax"``); for models trained
   multi-label (independent sigmoids, such as the embedded models) pass ``score="sigmoid"``.
 
-:func:`random_saliency` gives the random-map baseline the paper reports.  :func:`method_saliency`
-and :func:`embedded_method_kwargs` turn any method of the registry into an ``(N, 1, *spatial)``
-map at the input's size with settings suited to the embedded models (the benchmark scripts use
-them).
+:func:`random_saliency` gives the random-map baseline the paper reports; :func:`method_saliency`
+gives any method of the registry (or the baseline) as ``(N, 1, *spatial)`` maps at the input's
+size, with the options of :mod:`~torchray_like.benchmark.settings` (the benchmark scripts use
+both).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ..attribution.targets import SCORES, class_indices, output_scores
 
 __all__ = ["deletion_insertion", "deletion_insertion_both", "step_fractions", "auc",
            "random_saliency", "default_step", "default_blur_sigma", "MODES",
-           "method_saliency", "embedded_method_kwargs", "SMALL_SETTINGS", "top_present_class"]
+           "method_saliency", "top_present_class"]
 
 #: The two games.
 MODES = ("deletion", "insertion")
@@ -154,44 +154,27 @@ def _check_saliency(saliency: Any, input: torch.Tensor) -> torch.Tensor:
     return resize_saliency(input, saliency, Shape(input.shape[2:]), "bilinear")
 
 
-def _substrate(substrate: SubstrateType, input: torch.Tensor, mode: str,
-               blur_sigma: Optional[float]) -> Tuple[torch.Tensor, str]:
-    """The tensor (shaped like the input) the pixels go to (deletion) or come from (insertion's
-    canvas), and a description of it."""
-    if substrate is None:
-        substrate = "zero" if mode == "deletion" else "blur"
-    if isinstance(substrate, str):
-        if substrate == "zero":
-            return torch.zeros_like(input), "zeros"
-        if substrate == "blur":
-            spatial = input.shape[2:]
-            sigma = default_blur_sigma(spatial) if blur_sigma is None else check_number(
-                blur_sigma, "blur_sigma", 0)
-            if len(spatial) > 3:
-                raise ValueError(
-                    f"substrate='blur' works for 1 to 3 spatial dimensions, the input has "
-                    f"{len(spatial)}; pass a tensor or a callable substrate")
-            return smooth_saliency(input, sigma), f"blur(sigma={sigma:g})"
-        raise ValueError(
-            f"substrate must be None, 'zero', 'blur', a number, a tensor broadcastable to the "
-            f"input or a callable input -> tensor; got {substrate!r}")
-    if isinstance(substrate, bool):
-        raise ValueError(f"substrate must not be a bool, got {substrate!r}")
-    if isinstance(substrate, (int, float)):
-        value = check_number(substrate, "substrate")
-        return torch.full_like(input, value), f"constant({value:g})"
-    if isinstance(substrate, torch.Tensor):
-        out, what = substrate, "tensor"
-    elif callable(substrate):
-        out, what = substrate(input), getattr(substrate, "__name__", "callable")
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"a callable substrate must return a tensor shaped like the input, got "
-                f"{type(out).__name__}")
-    else:
-        raise TypeError(
-            f"substrate must be None, 'zero', 'blur', a number, a tensor or a callable, got "
-            f"{type(substrate).__name__}")
+def _named_substrate(name: str, input: torch.Tensor, blur_sigma: Optional[float]
+                     ) -> Tuple[torch.Tensor, str]:
+    """``substrate="zero"`` or ``"blur"``."""
+    if name == "zero":
+        return torch.zeros_like(input), "zeros"
+    if name == "blur":
+        spatial = input.shape[2:]
+        sigma = default_blur_sigma(spatial) if blur_sigma is None else check_number(
+            blur_sigma, "blur_sigma", 0)
+        if len(spatial) > 3:
+            raise ValueError(
+                f"substrate='blur' works for 1 to 3 spatial dimensions, the input has "
+                f"{len(spatial)}; pass a tensor or a callable substrate")
+        return smooth_saliency(input, sigma), f"blur(sigma={sigma:g})"
+    raise ValueError(
+        f"substrate must be None, 'zero', 'blur', a number, a tensor broadcastable to the "
+        f"input or a callable input -> tensor; got {name!r}")
+
+
+def _tensor_substrate(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """A tensor substrate, checked and broadcast to the input's shape, dtype and device."""
     if not out.is_floating_point():
         raise ValueError(f"substrate must be a floating-point tensor, got dtype {out.dtype}")
     try:
@@ -203,7 +186,34 @@ def _substrate(substrate: SubstrateType, input: torch.Tensor, mode: str,
             f"{tuple(input.shape)}") from None
     if not bool(torch.isfinite(out).all()):
         raise ValueError("substrate holds NaN or infinite values")
-    return out, what
+    return out
+
+
+def _substrate(substrate: SubstrateType, input: torch.Tensor, mode: str,
+               blur_sigma: Optional[float]) -> Tuple[torch.Tensor, str]:
+    """The tensor (shaped like the input) the pixels go to (deletion) or come from (insertion's
+    canvas), and a description of it."""
+    if substrate is None:
+        substrate = "zero" if mode == "deletion" else "blur"
+    if isinstance(substrate, str):
+        return _named_substrate(substrate, input, blur_sigma)
+    if isinstance(substrate, bool):
+        raise ValueError(f"substrate must not be a bool, got {substrate!r}")
+    if isinstance(substrate, (int, float)):
+        value = check_number(substrate, "substrate")
+        return torch.full_like(input, value), f"constant({value:g})"
+    if isinstance(substrate, torch.Tensor):
+        return _tensor_substrate(substrate, input), "tensor"
+    if not callable(substrate):
+        raise TypeError(
+            f"substrate must be None, 'zero', 'blur', a number, a tensor or a callable, got "
+            f"{type(substrate).__name__}")
+    out = substrate(input)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"a callable substrate must return a tensor shaped like the input, got "
+            f"{type(out).__name__}")
+    return _tensor_substrate(out, input), getattr(substrate, "__name__", "callable")
 
 
 def pixel_order(saliency: torch.Tensor) -> torch.Tensor:
@@ -374,64 +384,23 @@ def random_saliency(input: torch.Tensor, *, generator: GeneratorType = None,
 # Maps from the registry's methods, as the benchmarks call them
 # ---------------------------------------------------------------------------------------------
 
-#: The reduced settings of the expensive methods used by the benchmark scripts by default
-#: (scripts print them): RISE with 1 000 masks of 7×7 cells (the paper: 4 000 - 8 000),
-#: extremal perturbation with 3 areas (their masks summed, as the paper does for the pointing
-#: game with 4 areas) and 200 iterations (the paper: 800).
-SMALL_SETTINGS: Dict[str, Dict[str, Any]] = {
-    "rise": {"num_masks": 1000, "num_cells": 7, "batch_size": 64, "seed": 0},
-    "extremal_perturbation": {"areas": (0.05, 0.1, 0.2), "max_iter": 200},
-}
-
-
-def embedded_method_kwargs(method: str, model_name: Optional[str], *,
-                           input_size: Optional[int] = None, small: bool = True,
-                           score: Optional[str] = None) -> Dict[str, Any]:
-    """Keyword arguments for ``METHODS[method]`` on one of the embedded models.
-
-    Layer methods read :data:`~torchray_like.benchmark.embedded_models.EMBEDDED_LAYERS`;
-    ``small`` uses :data:`SMALL_SETTINGS` for RISE and extremal perturbation; extremal
-    perturbation's ``step``, ``sigma`` and ``max_blur`` are the paper's (for 224²) scaled to
-    ``input_size`` (default: the embedded images' side). ``score`` is passed to RISE.
-    ``model_name=None`` gives the methods' own defaults (layers discovered by the methods;
-    contrastive EBP then needs layers).
-    """
-    from .embedded_models import EMBEDDED_LAYERS
-
-    layers = EMBEDDED_LAYERS.get(model_name, {}) if model_name is not None else {}
-    kw: Dict[str, Any] = {}
-    if method in ("grad_cam", "guided_grad_cam", "linear_approx") and "grad_cam" in layers:
-        kw["saliency_layer"] = layers["grad_cam"]
-    elif method == "excitation_backprop" and "excitation_backprop" in layers:
-        kw["saliency_layer"] = layers["excitation_backprop"]
-    elif method == "contrastive_excitation_backprop" and layers:
-        kw["saliency_layer"] = layers["excitation_backprop"]
-        kw["contrast_layer"] = layers["contrast"]
-    elif method == "rise":
-        kw.update(SMALL_SETTINGS["rise"] if small else {"num_masks": 4000, "seed": 0})
-        if score is not None:
-            kw["score"] = score
-    elif method == "extremal_perturbation":
-        if input_size is None:
-            from .embedded_data import IMAGE_SIZE
-            input_size = IMAGE_SIZE
-        s = input_size / 224
-        kw.update({"step": max(int(round(7 * s)), 1), "sigma": 21 * s, "max_blur": 20 * s,
-                   "generator": 0})
-        kw.update(SMALL_SETTINGS["extremal_perturbation"] if small else
-                  {"areas": (0.025, 0.05, 0.1, 0.2), "max_iter": 800})
-    return kw
-
 
 def method_saliency(method: Union[str, Callable[..., Any]], model: nn.Module,
                     input: torch.Tensor, target: Any, **kwargs: Any) -> torch.Tensor:
-    """``(N, 1, *spatial)`` maps of ``method`` at the input's spatial size.
+    """``(N, 1, *spatial)`` maps of ``method`` for ``target``, detached, at the input's size.
 
-    ``method`` is a name in :data:`~torchray_like.attribution.registry.METHODS` (or
-    ``"random"``: :func:`random_saliency` with ``kwargs`` such as ``seed``) or a function
-    ``f(model, input, target, **kwargs)``. Extremal perturbation's ``(masks, history)`` becomes
-    the sum of each image's masks over the areas (nested masks: the sum ranks the smallest
-    first); RISE is asked for the target only. Maps are detached and resized bilinearly.
+    ``method`` is a name in :data:`~torchray_like.attribution.registry.METHODS` (every entry
+    gives one map per sample for the target; the benchmarks' options are in
+    :mod:`~torchray_like.benchmark.settings`), ``"random"`` (:func:`random_saliency` with
+    ``kwargs`` such as ``seed``) or a function ``f(model, input, target, **kwargs)`` with the
+    same contract.  Maps are resized bilinearly.
+
+    Raises
+    ------
+    TypeError
+        For a ``method`` that is neither a name nor callable, or that returns no tensor.
+    ValueError
+        For an unknown name, or maps that are not one ``(1, *spatial)`` map per sample.
     """
     if method == "random":
         return random_saliency(input, **kwargs)
@@ -443,20 +412,15 @@ def method_saliency(method: Union[str, Callable[..., Any]], model: nn.Module,
     else:
         raise TypeError(f"method must be a name or a callable, got {type(method).__name__}")
     out = fn(model, input, target, **kwargs)
-    if isinstance(out, tuple):          # extremal perturbation: (masks, history)
-        out = out[0]
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"method {method!r} returned {type(out).__name__}, not a tensor of maps")
     n = input.shape[0]
-    if out.shape[0] != n:
-        if out.shape[0] % n:
-            raise ValueError(
-                f"method {method!r} returned {out.shape[0]} maps for {n} inputs")
-        out = out.reshape((n, out.shape[0] // n) + tuple(out.shape[1:])).sum(1)
-    if out.dim() == input.dim() and out.shape[1] != 1:
+    if out.dim() != input.dim() or out.shape[0] != n or out.shape[1] != 1:
+        # Silently summing or picking maps would score something else than the method.
         raise ValueError(
-            f"method {method!r} returned maps of shape {tuple(out.shape)}; expected one channel "
-            "(pass a target)")
+            f"method {method!r} returned maps of shape {tuple(out.shape)}; expected one map "
+            f"per sample for the target, ({n}, 1, *spatial) with {input.dim() - 2} spatial "
+            "dimensions")
     return resize_saliency(input, out.detach(), Shape(input.shape[2:]), "bilinear")
 
 

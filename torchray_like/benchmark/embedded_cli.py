@@ -1,10 +1,25 @@
-"""Command-line plumbing shared by the embedded-benchmark scripts (deletion/insertion, sanity
-checks): which weights to load, how many threads, and one sharded pass over the items.
+"""Command-line plumbing shared by the benchmark scripts under ``benchmarks/``.
 
-The scripts under ``benchmarks/`` keep their own arguments, records and outputs; what they share
-— ``--weights DIR`` / ``--random-weights`` / ``--threads``, loading the models with their
-SHA-256, and running ``(model, image, method)`` items through
-:func:`~torchray_like.benchmark.runner.run_sharded` — lives here once.
+The flags mean the same in every script:
+
+``--models`` / ``--methods``
+    Names separated by commas or spaces (``--methods gradient,grad_cam`` or ``--methods
+    gradient grad_cam``), or ``all`` (:func:`name_list`).
+``--weights FILE|random|DEFAULT``
+    A state-dict *file*, one for every model or one per model (comma-separated, in the order
+    of ``--models``); ``random``: untrained weights seeded by ``--seed``; ``DEFAULT``:
+    torchvision's ImageNet weights (torchvision models only).  Omitted: the embedded models'
+    shipped weights (:func:`load_benchmark_model`).
+``--limit N``
+    The first ``N`` test images (from :func:`~torchray_like.benchmark.runner.add_common_arguments`).
+``--rise-masks``, ``--rise-batch``, ``--ep-iters``
+    Override the counts of :data:`~torchray_like.benchmark.settings.BENCHMARKS`
+    (:func:`add_perturbation_arguments`, :func:`perturbation_overrides`).
+``--threads N``
+    ``torch.set_num_threads`` for the run (restored afterwards).
+
+Also here: the worker base of the embedded-benchmark scripts (deletion/insertion, sanity
+checks) and one sharded pass over their ``(model, image, method)`` items.
 """
 
 from __future__ import annotations
@@ -20,60 +35,178 @@ import torch
 from . import runner
 from .deletion_insertion import top_present_class
 from .embedded_data import EmbeddedShapes
-from .embedded_models import EMBEDDED_WEIGHTS, WeightsError, load_embedded_model
+from .embedded_models import EMBEDDED_MODELS, WeightsError
 
-__all__ = ["add_model_arguments", "load_model", "weights_label", "with_threads", "EmbeddedWorker", "load_models_or_exit",
+__all__ = ["add_model_arguments", "add_perturbation_arguments", "perturbation_overrides",
+           "name_list", "split_weights", "check_weights", "load_benchmark_model",
+           "weights_label", "with_threads", "EmbeddedWorker", "load_models_or_exit",
            "run_items", "run_benchmark"]
 
 Item = Tuple[str, int, str]   # (model name, image index, method)
 
+WEIGHTS_HELP = ("a state-dict FILE, one for all models or one per model (comma-separated, in "
+                "the order of --models); random: untrained weights seeded by --seed; DEFAULT: "
+                "torchvision's ImageNet weights (torchvision models). Omitted: the embedded "
+                "models' shipped weights")
+
+
+def name_list(values: Sequence[str], choices: Optional[Sequence[str]], what: str) -> List[str]:
+    """Names given as ``a,b c`` (commas or separate words) or ``all``.
+
+    With ``choices`` the names are checked against them and returned in their order (``all``:
+    every choice); without, any names are kept in the order given.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` (``"--methods"``) and the unknown or repeated names, or when none is
+        given.
+    """
+    names = [n.strip() for v in values for n in str(v).split(",") if n.strip()]
+    if choices is None:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated or not names:
+            raise ValueError(f"{what}: give distinct names, got "
+                             f"{', '.join(names) if names else '(none)'}")
+        return names
+    if [n.lower() for n in names] == ["all"]:
+        return list(choices)
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise ValueError(f"{what}: unknown name(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(choices)} (or all)")
+    return [c for c in choices if c in names]
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--random-weights``, ``--weights DIR`` and ``--threads`` (default 1)."""
-    parser.add_argument("--random-weights", action="store_true",
-                        help="use untrained models, initialised from --seed (when the shipped "
-                             "weights are missing)")
-    parser.add_argument("--weights", default=None, metavar="DIR",
-                        help="load the models from this folder (files named as the shipped "
-                             "ones, e.g. written by train_embedded.py --out) instead of the "
-                             "shipped weights")
+    """``--weights FILE|random[,...]`` and ``--threads`` (default 1)."""
+    parser.add_argument("--weights", default=None, metavar="FILE|random", help=WEIGHTS_HELP)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads; 0 keeps PyTorch's default (default: "
                              "%(default)s: the many small operations gain little from more, and "
                              "suffer when cores are shared; use torchrun to use more cores)")
 
 
-def _digest(path: str) -> str:
+def add_perturbation_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    """``--rise-masks``, ``--rise-batch`` and ``--ep-iters``: counts overriding those of
+    :data:`~torchray_like.benchmark.settings.BENCHMARKS` ``[benchmark]``."""
+    from .settings import BENCHMARKS
+
+    rise = BENCHMARKS[benchmark].get("rise", {})
+    ep = BENCHMARKS[benchmark].get("extremal_perturbation", {})
+    parser.add_argument("--rise-masks", type=runner.positive_int, default=None, metavar="N",
+                        help=f"RISE masks per image (default: {rise.get('num_masks', 'RISE')})")
+    parser.add_argument("--rise-batch", type=runner.positive_int, default=None, metavar="N",
+                        help=f"RISE masked images per forward pass (default: "
+                             f"{rise.get('batch_size', 32)})")
+    parser.add_argument("--ep-iters", type=runner.positive_int, default=None, metavar="N",
+                        help=f"extremal perturbation iterations (default: "
+                             f"{ep.get('max_iter', 800)}; the paper: 800)")
+
+
+def perturbation_overrides(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """The per-method overrides of the flags of :func:`add_perturbation_arguments` (unset
+    flags are ``None``, which :func:`~torchray_like.benchmark.settings.method_options`
+    ignores)."""
+    return {"rise": {"num_masks": getattr(args, "rise_masks", None),
+                     "batch_size": getattr(args, "rise_batch", None)},
+            "extremal_perturbation": {"max_iter": getattr(args, "ep_iters", None)}}
+
+
+def split_weights(text: Optional[str], models: Sequence[str]) -> Dict[str, Optional[str]]:
+    """``--weights`` as ``{model: FILE | "random" | "DEFAULT" | None}``.
+
+    Raises
+    ------
+    ValueError
+        When the number of comma-separated values is neither one nor one per model.
+    """
+    if text is None:
+        return {m: None for m in models}
+    parts = [p.strip() or None for p in text.split(",")]
+    if len(parts) == 1:
+        parts = parts * len(models)
+    if len(parts) != len(models):
+        raise ValueError(f"--weights: give one value or one per model ({len(models)}: "
+                         f"{', '.join(models)}), got {len(parts)}")
+    return dict(zip(models, parts))
+
+
+def check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  models: Sequence[str]) -> None:
+    """:func:`split_weights` into ``args.weights_of``; a wrong count, a missing file or
+    ``DEFAULT`` for an embedded model is an argparse error naming the flag."""
+    try:
+        args.weights_of = split_weights(args.weights, models)
+    except ValueError as error:
+        parser.error(str(error))
+    for model, spec in args.weights_of.items():
+        if spec == "DEFAULT" and model in EMBEDDED_MODELS:
+            parser.error("--weights DEFAULT is for torchvision models; the embedded models use "
+                         "their shipped weights (omit --weights) or a FILE")
+        if spec not in (None, "random", "DEFAULT") and not os.path.isfile(
+                os.path.expanduser(spec)):
+            parser.error(f"--weights: no such file {spec!r} (for {model})")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def load_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
-    """The embedded model ``name``: shipped, untrained (``--random-weights``) or from
-    ``--weights DIR`` (its SHA-256 goes into the settings instead of being checked)."""
-    if args.random_weights:
+def load_benchmark_model(name: str, weights: Optional[str], seed: int = 0,
+                         head: str = "imagenet") -> Tuple[torch.nn.Module, str]:
+    """Model ``name`` in eval mode and a fingerprint of its weights (for the settings).
+
+    ``weights``: ``None`` (the embedded models' shipped weights), ``"random"`` (untrained,
+    seeded by ``seed`` without touching the global RNG), ``"DEFAULT"`` (torchvision's
+    ImageNet weights, a random ``head`` other than ImageNet's) or a state-dict file
+    (fingerprint: its SHA-256).  ``head``: ``"imagenet"``, ``"voc"`` or ``"coco"`` for
+    torchvision models.
+
+    Raises
+    ------
+    ValueError
+        A torchvision model without ``weights``; what :func:`~.models.get_model` raises.
+    """
+    from .embedded_models import EMBEDDED_WEIGHTS, load_embedded_model
+    from .models import get_model
+
+    embedded = name in EMBEDDED_MODELS
+    if weights == "random":
         with torch.random.fork_rng(devices=[]):      # the same untrained model in every process
-            torch.manual_seed(args.seed)
-            return load_embedded_model(name, pretrained=False)
-    if args.weights is None:
-        return load_embedded_model(name)
-    path = os.path.join(args.weights, EMBEDDED_WEIGHTS[name][0])
-    return load_embedded_model(name, path=path, sha256=_digest(path))
+            torch.manual_seed(seed)
+            model = (load_embedded_model(name, pretrained=False) if embedded
+                     else get_model(name, head, weights=None))
+        return model.eval(), f"random:{seed}"
+    if weights is None:
+        if not embedded:
+            raise ValueError(f"{name} needs --weights FILE (a state dict), DEFAULT (ImageNet "
+                             "weights) or random")
+        return get_model(name), "shipped:" + EMBEDDED_WEIGHTS[name][1]
+    if weights == "DEFAULT":
+        return get_model(name, head, weights="DEFAULT"), "torchvision:DEFAULT"
+    path = os.path.expanduser(weights)
+    return get_model(name, head, weights=path), "sha256:" + _sha256(path)
 
 
-def weights_label(args: argparse.Namespace) -> Any:
-    """What the settings record about the weights: "random", "shipped" or the digests."""
-    if args.random_weights:
-        return "random"
-    if args.weights is None:
-        return "shipped"
+def weights_label(args: argparse.Namespace) -> Dict[str, str]:
+    """What the settings record about each model's weights (``shipped:…``, ``random:SEED``,
+    ``sha256:…``) without loading them."""
+    from .embedded_models import EMBEDDED_WEIGHTS
+
     out = {}
-    for name in args.models:
-        path = os.path.join(args.weights, EMBEDDED_WEIGHTS[name][0])
-        try:
-            out[name] = _digest(path)
-        except OSError:
-            out[name] = f"missing: {path}"
+    for name, spec in split_weights(args.weights, args.models).items():
+        if spec is None:
+            out[name] = "shipped:" + EMBEDDED_WEIGHTS[name][1]
+        elif spec == "random":
+            out[name] = f"random:{args.seed}"
+        else:
+            path = os.path.expanduser(spec)
+            out[name] = "sha256:" + _sha256(path) if os.path.isfile(path) else f"missing:{path}"
     return out
 
 
@@ -94,7 +227,8 @@ class EmbeddedWorker:
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self.models:
-            model = load_model(name, self.args)
+            spec = split_weights(self.args.weights, self.args.models)[name]
+            model, _ = load_benchmark_model(name, spec, self.args.seed)
             if self.freeze:
                 for p in model.parameters():
                     p.requires_grad_(False)
@@ -126,30 +260,33 @@ def with_threads(run: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
 
 def load_models_or_exit(worker: Any, names: Sequence[str]) -> None:
-    """``worker.model(name)`` for each name, so that missing weights end the script with a
+    """``worker.model(name)`` for each name, so that unusable weights end the script with a
     message (and what to pass instead) rather than a traceback on every rank."""
     try:
         for name in names:
             worker.model(name)
-    except (WeightsError, OSError) as exc:
-        raise SystemExit(f"{exc}\n(run with --random-weights to try the benchmark on "
+    except (WeightsError, OSError, ValueError) as exc:
+        raise SystemExit(f"{exc}\n(run with --weights random to try the benchmark on "
                          "untrained models)")
 
 
 def run_items(args: argparse.Namespace, worker: Any, store: runner.ResultsStore, rank: int,
               desc: str) -> Optional[Tuple[List[Dict[str, Any]], float]]:
-    """Run every ``(model, image, method)`` item of ``args`` through ``worker``, sharded.
+    """Run every ``(model, image, method)`` item of ``args`` through ``worker``, sharded, with
+    one progress bar per method (their costs differ by orders of magnitude).
 
     Returns, on rank 0, this run's records and the wall time; ``None`` on the other ranks.
     """
-    items: List[Item] = [(name, index, method) for name in args.models
-                         for index in range(args.limit) for method in args.methods]
-
     def key(it: Item) -> str:
         return f"{it[0]}|{it[1]:06d}|{it[2]}"
 
     start = time.perf_counter()
-    runner.run_sharded(items, worker, store, key=key, progress=not args.no_progress, desc=desc)
+    items: List[Item] = []
+    for k, method in enumerate(args.methods, start=1):
+        mine = [(name, index, method) for name in args.models for index in range(args.limit)]
+        runner.run_sharded(mine, worker, store, key=key, progress=not args.no_progress,
+                           desc=f"{desc} {k}/{len(args.methods)} {method}")
+        items += mine
     wall = time.perf_counter() - start
     if rank != 0:
         return None

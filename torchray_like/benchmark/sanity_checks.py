@@ -125,6 +125,31 @@ def randomize_layer(module: nn.Module, seed: int) -> None:
                 p.normal_(0.0, std if std > 0 and math.isfinite(std) else 0.01)
 
 
+def _layer_name(layer: Any, names: Dict[str, nn.Module]) -> str:
+    """The name of one entry of ``layers`` (a name or a sub-module), with parameters of its
+    own."""
+    if isinstance(layer, nn.Module):
+        found = [n for n, m in names.items() if m is layer]
+        if not found:
+            raise ValueError(
+                f"layers: the module {type(layer).__name__} is not a sub-module of the model")
+        name = found[0]
+    elif isinstance(layer, str):
+        if layer not in names:
+            known = [n for n, m in names.items() if _own_weight(m)]
+            raise ValueError(
+                f"layers: the model has no module {layer!r}; layers with weights: "
+                f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+        name = layer
+    else:
+        raise TypeError(f"layers must hold module names or modules, got {type(layer).__name__}")
+    if not list(names[name].parameters(recurse=False)):
+        raise ValueError(
+            f"layers: module {name!r} ({type(names[name]).__name__}) has no parameters of "
+            "its own to randomise")
+    return name
+
+
 def _resolve_layers(model: nn.Module, layers: Optional[Sequence[LayerType]],
                     input: torch.Tensor) -> List[str]:
     if layers is None:
@@ -139,29 +164,10 @@ def _resolve_layers(model: nn.Module, layers: Optional[Sequence[LayerType]],
             f"{type(layers).__name__}") from None
     if not layers:
         raise ValueError("layers is empty; give at least one layer (or None for all)")
-    by_module = {m: n for n, m in model.named_modules()}
     names = dict(model.named_modules())
     out: List[str] = []
     for layer in layers:
-        if isinstance(layer, nn.Module):
-            if layer not in by_module:
-                raise ValueError(
-                    f"layers: the module {type(layer).__name__} is not a sub-module of the model")
-            name = by_module[layer]
-        elif isinstance(layer, str):
-            if layer not in names:
-                known = [n for n, m in model.named_modules() if _own_weight(m)]
-                raise ValueError(
-                    f"layers: the model has no module {layer!r}; layers with weights: "
-                    f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
-            name = layer
-        else:
-            raise TypeError(
-                f"layers must hold module names or modules, got {type(layer).__name__}")
-        if not list(names[name].parameters(recurse=False)):
-            raise ValueError(
-                f"layers: module {name!r} ({type(names[name]).__name__}) has no parameters of "
-                "its own to randomise")
+        name = _layer_name(layer, names)
         if name in out:
             raise ValueError(f"layers: {name!r} is given twice")
         out.append(name)
@@ -273,6 +279,34 @@ def _retarget_kwargs(kwargs: Dict[str, Any], model: nn.Module, twin: nn.Module
     return out
 
 
+def _check_arguments(model: nn.Module, input: torch.Tensor, method: Any, mode: Any, seed: Any,
+                     method_kwargs: Any, reinit: Any
+                     ) -> Tuple[Dict[str, Any], Callable[[nn.Module, int], None]]:
+    """Check :func:`sanity_checks`'s arguments; ``method_kwargs`` and ``reinit`` with their
+    defaults."""
+    check_model(model)
+    check_input(input, "input", needs_grad=False)
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if method_kwargs is None:
+        method_kwargs = {}
+    if not isinstance(method_kwargs, dict):
+        raise TypeError(f"method_kwargs must be a dict, got {type(method_kwargs).__name__}")
+    if isinstance(method, str):
+        from ..attribution.registry import METHODS
+        METHODS[method]     # a ValueError listing the methods if unknown
+    elif not callable(method):
+        raise TypeError(f"method must be a method name or a callable, got "
+                        f"{type(method).__name__}")
+    if reinit is None:
+        reinit = randomize_layer
+    elif not callable(reinit):
+        raise TypeError(f"reinit must be callable(module, seed), got {type(reinit).__name__}")
+    return method_kwargs, reinit
+
+
 def sanity_checks(model: nn.Module, input: torch.Tensor, target: Any,
                   method: Union[str, Callable[..., Any]],
                   layers: Optional[Sequence[LayerType]] = None, *, mode: str = "cascading",
@@ -326,27 +360,8 @@ def sanity_checks(model: nn.Module, input: torch.Tensor, target: Any,
         For a bad ``mode``, ``seed``, ``layers`` (unknown names, modules without parameters,
         duplicates, an empty list), ``method`` or ``method_kwargs``.
     """
-    check_model(model)
-    check_input(input, "input", needs_grad=False)
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if method_kwargs is None:
-        method_kwargs = {}
-    if not isinstance(method_kwargs, dict):
-        raise TypeError(f"method_kwargs must be a dict, got {type(method_kwargs).__name__}")
-    if isinstance(method, str):
-        from ..attribution.registry import METHODS
-        METHODS[method]     # a ValueError listing the methods if unknown
-    elif not callable(method):
-        raise TypeError(f"method must be a method name or a callable, got "
-                        f"{type(method).__name__}")
-    if reinit is None:
-        reinit = randomize_layer
-    elif not callable(reinit):
-        raise TypeError(f"reinit must be callable(module, seed), got {type(reinit).__name__}")
-
+    method_kwargs, reinit = _check_arguments(model, input, method, mode, seed, method_kwargs,
+                                             reinit)
     names = _resolve_layers(model, layers, input)
     try:
         twin = copy.deepcopy(model)
