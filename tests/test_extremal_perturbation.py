@@ -1422,7 +1422,8 @@ def test_unbatched_and_channels_last_images_say_what_to_do():
     with pytest.raises(ValueError, match=r"extremal_perturbation: .*channels last.*"
                                          r"x\.permute\(0, 3, 1, 2\)"):
         extremal_perturbation(model, image.permute(1, 2, 0)[None], 0, **kw)
-    with pytest.raises(ValueError, match=r"failed on input of shape \(3, 16, 16\) .*without the "
+    with pytest.raises(ValueError, match=r"TinyConv failed on input of shape \(3, 16, 16\) "
+                                         r"\(IndexError: .*without the "
                                          r"batch dimension.*x\.unsqueeze\(0\)") as info:
         extremal_perturbation(model, image, 0, **kw)
     assert isinstance(info.value.__cause__, IndexError)   # the model's own error, as the cause

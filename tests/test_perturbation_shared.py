@@ -16,7 +16,7 @@ import torch.nn as nn
 from torchray_like.attribution import reporting
 from torchray_like.attribution.arguments import (check_batch, check_finite, check_flag,
                                                  check_number, check_progress, check_resize,
-                                                 is_number, layout_error, number_list, per_axis,
+                                                 is_number, number_list, per_axis,
                                                  positive_int)
 from torchray_like.attribution.maps import Shape
 from torchray_like.attribution.precision import (autocast_forward, check_autocast,
@@ -252,7 +252,7 @@ def test_check_resize_errors(resize, mode, spatial, error, match):
 
 
 # ---------------------------------------------------------------------------------------------
-# The input of a perturbation method, and layout errors
+# The input of a perturbation method
 # ---------------------------------------------------------------------------------------------
 
 
@@ -275,18 +275,6 @@ def test_check_batch_refuses_channels_last_and_more_than_three_spatial_dims():
     with pytest.raises(RuntimeError, match="torch.inference_mode"):
         with torch.inference_mode():
             check_batch(net, x, "m", needs_grad=True)
-
-
-def test_layout_error_completes_a_failed_forward_pass_only_when_the_layout_is_why():
-    net = _conv_net()
-    exc = RuntimeError("expected 4-D input\nmore detail")
-    error = layout_error(net, torch.zeros(3, 5, 5), exc, "m")
-    assert isinstance(error, ValueError)
-    assert str(error).startswith("m: Sequential failed on input of shape (3, 5, 5) (RuntimeError: "
-                                 "expected 4-D input); input has shape (3, 5, 5): a single "
-                                 "sample without the batch dimension")
-    assert layout_error(net, torch.zeros(2, 3, 5, 5), exc, "m") is None
-    assert layout_error(nn.Linear(2, 2), torch.zeros(3, 5, 5), exc, "m") is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torchray_like.attribution import rise as rise_module
 from torchray_like.attribution import rise_masks
 from torchray_like.attribution.rise import (RISE_NORMALIZATIONS, RISE_SCORES, SlowRiseWarning,
                                            generate_masks, rise, rise_class)
-from torchray_like.attribution.state import check_model
+from torchray_like.attribution.modules import check_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -905,14 +905,14 @@ def test_the_class_range_is_checked_once_after_the_first_forward_pass():
     assert model.calls == [4]
 
 
-class LazyNet(nn.Module):
-    """``Lazy*`` layers, and a buffer the forward pass caches (as RoPE tables are)."""
+class CachingNet(nn.Module):
+    """A buffer the forward pass caches (as RoPE tables are); ``Lazy*`` layers if ``lazy``."""
 
-    def __init__(self):
+    def __init__(self, lazy=False):
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.LazyConv2d(4, 3, padding=1)
-        self.fc = nn.LazyLinear(3)
+        self.conv = nn.LazyConv2d(4, 3, padding=1) if lazy else nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.LazyLinear(3) if lazy else nn.Linear(4, 3)
         self.register_buffer("table", None)
 
     def forward(self, x):
@@ -922,8 +922,19 @@ class LazyNet(nn.Module):
 
 
 def test_rise_leaves_no_inference_tensor_in_the_model():
-    model = LazyNet()
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # Un-initialised Lazy* layers: refused as the other methods refuse them (the first pass
+    # would change the model), before any pass; once run, the model is explained.
+    lazy = CachingNet(lazy=True)
+    with pytest.raises(ValueError, match=r"rise: model parameter 'conv.weight' is not "
+                                         r"initialised yet .* run the model once first"):
+        rise(lazy, x, 0, num_masks=8, num_cells=2)
+    assert lazy.table is None
+    with torch.no_grad():
+        lazy(x)
+    assert rise(lazy, x, 0, num_masks=8, num_cells=2).shape == (2, 1, 8, 8)
+    # A buffer cached by the forward pass is a normal tensor afterwards.
+    model = CachingNet()
     rise(model, x, 0, num_masks=8, num_cells=2, generator=0)
     tensors = list(model.parameters()) + list(model.buffers())
     assert len(tensors) == 5 and not any(t.is_inference() for t in tensors)
@@ -945,11 +956,15 @@ def test_unbatched_and_channels_last_images_say_what_to_do():
     image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"rise: .*channels last.*x\.permute\(0, 3, 1, 2\)"):
         rise(model, image.permute(1, 2, 0)[None], 0, num_masks=4, num_cells=2)
-    with pytest.raises(ValueError, match=r"rise: SmallNet failed on input of shape \(3, 8, 8\) "
+    with pytest.raises(ValueError, match=r"SmallNet failed on input of shape \(3, 8, 8\) "
                                          r"\(RuntimeError: .*without the batch dimension.*"
                                          r"x\.unsqueeze\(0\)") as info:
         rise(model, image, 0, num_masks=4, num_cells=2)
     assert isinstance(info.value.__cause__, RuntimeError)
+    # A float64 image (torch.from_numpy) for a float32 model: the cast to apply.
+    with pytest.raises(ValueError, match=r"input is float64 but the model's parameters are "
+                                         r"float32: pass x.to\(torch.float32\)"):
+        rise(model, image[None].double(), 0, num_masks=4, num_cells=2)
 
 
 def test_numpy_arguments_are_accepted_and_give_the_same_maps():

@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from .maps import Shape
-from .state import check_input, layout_hint
+from .inputs import check_input, layout_hint
 
 __all__ = ["is_number", "positive_int", "check_number", "check_flag", "number_list",
            "per_axis", "check_finite", "check_progress", "check_batch", "check_resize",
-           "layout_error", "LAYOUT_ERRORS"]
+           "FORWARD_ERRORS"]
 
 
 def is_number(value: Any) -> bool:
@@ -137,9 +137,9 @@ def check_batch(model: nn.Module, input: Any, method: str, needs_grad: bool) -> 
     to 3 spatial dimensions, not channels last for the model's first convolution.
 
     A channels-last batch is refused before any forward pass, with the ``permute`` to apply
-    (:func:`~torchray_like.attribution.state.layout_hint`); an unbatched image is reported
-    when the model fails on it (:func:`layout_error`), because some models reshape their
-    input themselves.
+    (:func:`~torchray_like.attribution.inputs.layout_hint`); an unbatched image is reported
+    when the model fails on it (:func:`~torchray_like.attribution.inputs.forward_failure`),
+    because some models reshape their input themselves.
     """
     check_input(input, "input", needs_grad=needs_grad)
     if input.dim() > 5:
@@ -153,24 +153,10 @@ def check_batch(model: nn.Module, input: Any, method: str, needs_grad: bool) -> 
     return input
 
 
-#: What a model raises when it gets a batch of the wrong layout (a shape error, or an index out
-#: of range once an unbatched image has lost a dimension).
-LAYOUT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
-
-
-def layout_error(model: nn.Module, input: torch.Tensor, exc: Exception,
-                 method: str) -> Optional[ValueError]:
-    """A :class:`ValueError` that completes the error ``exc`` of a forward pass on ``input``
-    with what to do (an unbatched image, another number of channels), or ``None`` when the
-    layout is not what went wrong."""
-    hint = layout_hint(model, input)
-    if hint is None:
-        return None
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return ValueError(
-        f"{method}: {type(model).__name__} failed on input of shape {tuple(input.shape)} "
-        f"({type(exc).__name__}: {first}); {hint}")
+#: What a model raises when it gets a batch it cannot take (a shape or dtype error, or an index
+#: out of range once an unbatched image has lost a dimension): the errors that
+#: :func:`~torchray_like.attribution.inputs.forward_failure` may explain.
+FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 # What resize_saliency accepts (maps.py), checked before the work rather than after it.

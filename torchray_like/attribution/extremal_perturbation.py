@@ -80,14 +80,14 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .arguments import (LAYOUT_ERRORS, check_batch, check_flag, check_number, check_progress,
-                        check_resize, is_number, layout_error, number_list, per_axis,
+from .arguments import (FORWARD_ERRORS, check_batch, check_flag, check_number, check_progress,
+                        check_resize, is_number, number_list, per_axis,
                         positive_int)
 from .extremal_rewards import (DELETE_VARIANT, DUAL_VARIANT, PRESERVE_VARIANT, VARIANTS,
                                RewardFunc, TargetArg, contrastive_reward, simple_reward)
 from .mask_optimizer import (ExtremalHistory, MaskOptimizer, RewardScale, area_ones,
                              ranking_area_loss, ranking_loss_and_gradient)
-from .maps import check_smooth, finish_map
+from .maps import check_smooth, resize_saliency, smooth_saliency
 from .perturbation_pyramid import (BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATIONS,
                                    Perturbation)
 from .precision import autocast_forward, check_autocast
@@ -95,7 +95,9 @@ from .precision import flush_denormals as flushing
 from .reporting import progress_bar, warn_caller
 from .seeding import GeneratorsType, image_seeds
 from .smooth_masks import MaskGenerator
-from .state import autograd_grad, check_model, model_state_guard
+from .inputs import forward_failure
+from .modules import check_model
+from .state import autograd_grad, model_state_guard
 from .targets import SEED_NOT_A_SCORE, Target, check_output_tensor, parse_target
 
 __all__ = [
@@ -329,11 +331,11 @@ class _Optimisation:
 
     def forward(self, batch: torch.Tensor) -> Any:
         """The model on a perturbed batch; a failure caused by the input's layout (an
-        unbatched image) says what to do."""
+        unbatched image) or dtype says what to do."""
         try:
             return self.model(batch)
-        except LAYOUT_ERRORS as exc:
-            error = layout_error(self.model, self.input, exc, "extremal_perturbation")
+        except FORWARD_ERRORS as exc:
+            error = forward_failure(self.model, self.input, exc)
             if error is None:
                 raise
             raise error from exc
@@ -637,4 +639,9 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
             run.iterate(t)
             bar.update(1)
     masks, history = run.result()
-    return finish_map(input, masks, cfg.resize, cfg.resize_mode, cfg.smooth), history
+    # Not maps.finish_map, which casts to the input's dtype: masks of half-precision inputs
+    # stay in the single precision they were optimised in.
+    masks = resize_saliency(input, masks, cfg.resize, cfg.resize_mode)
+    if cfg.smooth:
+        masks = smooth_saliency(masks, cfg.smooth * max(masks.shape[2:]))
+    return masks, history

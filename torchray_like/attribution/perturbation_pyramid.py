@@ -14,7 +14,7 @@ import torch
 from .arguments import per_axis
 from .maps import gaussian_kernel
 from .smooth_masks import PerAxis, clamp01
-from .state import check_input
+from .inputs import check_input
 
 __all__ = ["BLUR_PERTURBATION", "FADE_PERTURBATION", "PERTURBATIONS", "Perturbation",
            "gaussian_matrix"]

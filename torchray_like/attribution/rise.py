@@ -57,14 +57,15 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from .arguments import (LAYOUT_ERRORS, check_batch, check_flag, check_number, check_progress,
-                        check_resize, layout_error, positive_int)
+from .arguments import (FORWARD_ERRORS, check_batch, check_flag, check_number, check_progress,
+                        check_resize, positive_int)
 from .maps import resize_saliency
 from .precision import autocast_forward, check_autocast
 from .reporting import progress_bar, warn_caller
 from .rise_masks import (MaskBank, MaskSampler, check_bank, check_cells, check_p,
                          generate_masks)
 from .seeding import GeneratorType, make_generator
+from .inputs import forward_failure
 from .state import model_state_guard
 from .targets import SCORES, SEED_NOT_A_SCORE, Target, parse_target
 
@@ -136,8 +137,9 @@ class RiseInfo:
 
 def _check_classifier(model: Any) -> nn.Module:
     """A module whose parameters and buffers hold values.  RISE never differentiates, so
-    inference tensors are fine here (unlike for the gradient methods), and un-initialised
-    ``Lazy*`` parameters are materialised by the first forward pass."""
+    inference tensors are fine here (unlike for the gradient methods); un-initialised
+    ``Lazy*`` parameters are refused as they are there, since the first forward pass would
+    change the model."""
     if not isinstance(model, nn.Module):
         hint = ("; wrap a function in an nn.Module whose forward calls it" if callable(model)
                 else "")
@@ -145,7 +147,13 @@ def _check_classifier(model: Any) -> nn.Module:
     for kind, named in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for name, tensor in named:
-            if not is_lazy(tensor) and tensor.is_meta:
+            if is_lazy(tensor):
+                raise ValueError(
+                    f"rise: model {kind} {name!r} is not initialised yet (a torch.nn.Lazy* "
+                    "module infers its shape on the first forward pass); run the model once "
+                    "first, e.g. `with torch.no_grad(): model(x)`, so that explaining it does "
+                    "not change it")
+            if tensor.is_meta:
                 raise ValueError(
                     f"rise: model {kind} {name!r} is on the meta device (it has no values); "
                     "materialise the model first, e.g. model.to_empty(device='cpu') then "
@@ -382,11 +390,11 @@ class _Scorer:
 
     def forward(self, batch: torch.Tensor) -> Any:
         """The model on a masked batch; a failure caused by the input's layout (an unbatched
-        image) says what to do."""
+        image) or dtype says what to do."""
         try:
             return self.model(batch)
-        except LAYOUT_ERRORS as exc:
-            error = layout_error(self.model, self.input, exc, "rise")
+        except FORWARD_ERRORS as exc:
+            error = forward_failure(self.model, self.input, exc)
             if error is None:
                 raise
             raise error from exc
