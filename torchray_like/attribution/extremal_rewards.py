@@ -111,4 +111,5 @@ def contrastive_reward(activation: torch.Tensor, target: TargetArg,
         return score
     if variant == DELETE_VARIANT:
         return -score
+    assert drop is not None  # "dual": _halves gives the deleted half
     return score - _contrast(drop, idx)
