@@ -253,3 +253,102 @@ def test_batch_statistics_do_not_mix_samples(name):
         one = METHODS[name](model, x, alone_seed, **({"saliency_layer": "conv"}
                                                      if name == "grad_cam" else {}))
         torch.testing.assert_close(smap[i], one[i], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer methods record no graph below their layer (issue 24)
+
+
+class SkipFromBelow(nn.Module):
+    """A tensor from below the layer reaches the head without passing through it."""
+
+    def __init__(self, checkpoint=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Linear(8 * 36, 3)
+        self.checkpoint = checkpoint
+
+    def forward(self, x):
+        low = torch.relu(self.stem(x))
+        if self.checkpoint is None:
+            high = self.block(low)
+        else:
+            from torch.utils.checkpoint import checkpoint
+            high = checkpoint(self.block, low, use_reentrant=self.checkpoint)
+        high = high.relu_()  # an in-place operation on the layer's output
+        return self.head(torch.cat([low, high], 1).flatten(1))
+
+
+def full_graph_layer_gradient(model, x, target, layer):
+    """The layer's activation and gradient from a forward with the whole graph recorded."""
+    box = []
+
+    def hook(module, args, out):
+        box.append(out)
+        return out.clone()  # the model goes on with a copy: in-place ops leave ``out`` intact
+
+    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
+    try:
+        y = model(x.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    (g,) = torch.autograd.grad(y[torch.arange(len(target)), target].sum(), box[0])
+    return box[0].detach(), g
+
+
+@pytest.mark.parametrize("checkpoint", [None, False])
+def test_layer_methods_give_the_full_graph_answer_without_the_graph_below(checkpoint):
+    from torchray_like.attribution import METHODS
+    model = SkipFromBelow(checkpoint).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    a, g = full_graph_layer_gradient(SkipFromBelow().eval(), x, [0, 2], "block")
+    want_cam = (g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True).clamp(min=0)
+    torch.testing.assert_close(METHODS["grad_cam"](model, x, [0, 2], "block"), want_cam)
+    torch.testing.assert_close(METHODS["linear_approx"](model, x, [0, 2], "block"),
+                               (a * g).sum(1, keepdim=True))
+
+
+def test_no_graph_is_recorded_below_the_layer():
+    from torchray_like.attribution.driver import forward_pass
+    model = SkipFromBelow().eval()
+    x = torch.randn(1, 3, 6, 6)
+    seen = []
+    handle = model.stem.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    try:
+        with forward_pass(model, x, 1, {"layer": "block"}) as fp:
+            read = fp.reads["layer"]
+            assert read.grad_fn is not None and read.requires_grad
+            assert fp.grad("layer").shape == read.shape
+    finally:
+        handle.remove()
+    assert seen == [False]          # the stem ran without autograd
+    assert torch.is_grad_enabled()  # the caller's grad mode is back
+    # Reading the input (or a rule context) records the whole graph as before.
+    seen.clear()
+    handle = model.stem.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    try:
+        with forward_pass(model, x, 1, {"layer": "block", "input": None}):
+            pass
+    finally:
+        handle.remove()
+    assert seen == [True]
+
+
+def test_caller_grad_mode_is_restored_when_the_layer_forward_raises():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            self.conv(x)
+            raise RuntimeError("boom after the layer")
+
+    from torchray_like.attribution import METHODS
+    for mode in (True, False):
+        with torch.set_grad_enabled(mode):
+            with pytest.raises(RuntimeError, match="boom after the layer"):
+                METHODS["grad_cam"](Boom(), torch.randn(1, 3, 6, 6), 0, "conv")
+            assert torch.is_grad_enabled() is mode

@@ -33,8 +33,6 @@ _POOL = ThreadPoolExecutor(2)  # made before any call: its workers exist already
 #: The methods run these checks once the driver calls ``RuleContext.check_path`` after the
 #: scores are known and ``check_data_parallel`` before the forward pass (the driver is being
 #: rewritten); strict, so that the marker goes as soon as the calls are in.
-NEEDS_DRIVER = pytest.mark.xfail(
-    strict=True, reason="the driver does not call check_path / check_data_parallel yet")
 
 
 def run_in_thread(fn, x):
@@ -104,7 +102,6 @@ def test_check_path_is_silent_when_every_rectifier_was_replaced():
     assert ctx.counts == {"relu": 3} and ctx.unhandled == {}
 
 
-@NEEDS_DRIVER
 @pytest.mark.parametrize("runner", ["threading.Thread", "concurrent.futures"])
 @pytest.mark.parametrize("method", [guided_backprop, deconvnet])
 def test_rule_methods_refuse_threaded_branches(runner, method):
@@ -129,7 +126,6 @@ class AllInThread(nn.Module):
         return self.fc(run_in_thread(lambda t: F.relu(self.b(t)), x).flatten(1))
 
 
-@NEEDS_DRIVER
 def test_all_rectifiers_in_threads_is_the_thread_error_not_replaced_no_relu():
     net = AllInThread().double()
     with pytest.raises(ValueError, match="made outside the context.*another thread"):
@@ -166,7 +162,6 @@ def test_unhandled_activation_made_in_a_thread_is_named():
     assert ctx.unhandled == {"sigmoid": 1} and ctx.counts == {"relu": 2}
 
 
-@NEEDS_DRIVER
 def test_methods_name_an_unhandled_activation_made_in_a_thread():
     net, _ = threaded_pair("threading.Thread", second_act=torch.sigmoid)
     with pytest.warns(UnhandledActivationWarning, match=r"\(sigmoid ×1\)"):
@@ -223,14 +218,12 @@ def test_data_parallel_over_several_devices_is_refused_with_what_to_do():
     check_data_parallel(single)
 
 
-@NEEDS_DRIVER
 @pytest.mark.parametrize("method", [guided_backprop, deconvnet])
 def test_rule_methods_refuse_data_parallel_over_several_devices(method):
     with pytest.raises(ValueError, match=r"DataParallel over 2 devices.*model\.module"):
         method(several_devices(threaded_pair("sequential")[0]), batch(), 0)
 
 
-@NEEDS_DRIVER
 def test_layer_methods_refuse_data_parallel_over_several_devices():
     with pytest.raises(ValueError, match=r"DataParallel over 2 devices.*model\.module"):
         grad_cam(several_devices(threaded_pair("sequential")[0]), batch(), 0, "module.a")

@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from numbers import Integral
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
 
-from .context import NullContext, RuleContext, UnhandledActivationWarning, suspend_rule_contexts
+from .context import (NullContext, RuleContext, UnhandledActivationWarning, check_data_parallel,
+                      suspend_rule_contexts)
 from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
 from .probe import (Probe, debug_probes, fill_probe_gradients, get_module, layer_label,
                     single_call)
@@ -28,7 +30,7 @@ from .modules import batch_statistics_layers, check_model, opaque_modules, unwra
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, backward_seed, get_backward_gradient
 
-__all__ = ["SaliencyDebug", "ForwardPass", "forward_pass"]
+__all__ = ["SaliencyDebug", "ForwardPass", "forward_pass", "GraphFromLayers"]
 
 
 @dataclass
@@ -256,61 +258,132 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
     modules = {label: None if is_input(layer) else get_module(model, layer)
                for label, layer in layers.items()}
     check_visible(model, modules, layers, context)
+    if context is not None or any(m is not None for m in modules.values()):
+        check_data_parallel(model)  # replicas in worker threads: rules and probes miss them
     hint = layout_hint(model, input, certain_only=True)
     if hint is not None:
         raise ValueError(hint)
     batch = input.shape[0]
     reads_input = any(m is None for m in modules.values())
-    probes: Dict[str, Probe] = {}
+    # Reading layers only, with the plain gradient: no graph below the first layer reached
+    # (GraphFromLayers), unless that leaves the scores without a graph (a reentrant checkpoint
+    # or a custom autograd.Function around the layer): then the forward runs again, whole.
+    attempts = [True, False] if not reads_input and context is None else [False]
+    if context is None:
+        context = NullContext()
+    if isinstance(context, RuleContext):
+        context.warn_if_unused = False
     with suspend_rule_contexts(), model_state_guard(model, freeze=False), \
             torch.enable_grad():
         x = input.detach().requires_grad_(reads_input)
-        # The model runs on a tensor of its own: an in-place operation in its forward pass
-        # (x.sub_(mean).div_(std)) changes neither the caller's input nor the leaf ``x``.
-        model_input = x.clone() if reads_input else input.detach().clone()
-        try:
-            for label, module in modules.items():
-                if module is not None:
-                    probes[label] = Probe(module, "output", this_thread_only=True,
-                                          accumulate=True)
-            if context is None:
-                context = NullContext()
-            if isinstance(context, RuleContext):
-                context.warn_if_unused = False
+        for below_free in attempts:
+            # The model runs on a tensor of its own: an in-place operation in its forward pass
+            # (x.sub_(mean).div_(std)) changes neither the caller's input nor the leaf ``x``.
+            model_input = x.clone() if reads_input else input.detach().clone()
+            graph_from = GraphFromLayers() if below_free else None
+            probes: Dict[str, Probe] = {}
             try:
-                with context:
-                    output = model(model_input)
-            except (RuntimeError, ValueError) as exc:
-                failure = forward_failure(model, input, exc)
-                if failure is None:
-                    raise
-                raise failure from exc
-            if isinstance(context, RuleContext):
-                check_context_used(context, model)
-            reads = {label: x if module is None else single_call(probes[label], label,
-                                                                  layers[label])
-                     for label, module in modules.items()}
-            try:
-                scores, seed = backward_seed(output, target, batch, get_backward_gradient)
-            except ValueError as exc:
-                hint = layout_hint(model, input)
-                if hint is None or "batch size" not in str(exc):
-                    raise
-                raise ValueError(f"{exc}; {hint}") from exc
-            if not scores.requires_grad:
-                where = " or ".join(
-                    "the input" if m is None else f"{label} {layer_label(layers[label])}"
-                    for label, m in modules.items())
-                raise ValueError(
-                    f"the model output does not depend on {where} through autograd (is the "
-                    "layer on the path to the output? does the model detach its activations or "
-                    "run under torch.no_grad()?)")
-            check_finite_scores(scores, seed, input)
-            yield ForwardPass(x, output, scores, seed, context, reads, dict(layers),
-                              type(model).__name__, batch_statistics_layers(model))
-        finally:
-            for probe in probes.values():
-                probe.remove()
+                for label, module in modules.items():
+                    if module is not None:
+                        if graph_from is not None:
+                            graph_from.attach(module)  # before the probe: it reads the leaf
+                        probes[label] = Probe(module, "output", this_thread_only=True,
+                                              accumulate=True)
+                output = run_model(model, model_input, input, context, below_free)
+                reads = {label: x if module is None else single_call(probes[label], label,
+                                                                      layers[label])
+                         for label, module in modules.items()}
+                scores, seed = seed_scores(model, input, output, target, get_backward_gradient)
+                if below_free and not scores.requires_grad:
+                    continue
+                if isinstance(context, RuleContext):
+                    # First what the context could not see (rectifiers made in worker
+                    # threads), then what it replaced: a model whose ReLUs all run in threads
+                    # gets the thread error, not "replaced no ReLU".
+                    context.check_path(scores, list(reads.values()), " or ".join(
+                        "the input" if m is None else f"{label} {layer_label(layers[label])}"
+                        for label, m in modules.items()))
+                    check_context_used(context, model)
+                if not scores.requires_grad:
+                    where = " or ".join(
+                        "the input" if m is None else f"{label} {layer_label(layers[label])}"
+                        for label, m in modules.items())
+                    raise ValueError(
+                        f"the model output does not depend on {where} through autograd (is "
+                        "the layer on the path to the output? does the model detach its "
+                        "activations or run under torch.no_grad()?)")
+                check_finite_scores(scores, seed, input)
+                yield ForwardPass(x, output, scores, seed, context, reads, dict(layers),
+                                  type(model).__name__, batch_statistics_layers(model))
+                return
+            finally:
+                for probe in probes.values():
+                    probe.remove()
+                if graph_from is not None:
+                    graph_from.remove()
+
+
+def run_model(model: nn.Module, model_input: torch.Tensor, input: torch.Tensor, context: Any,
+              below_free: bool) -> Any:
+    """``model(model_input)`` inside ``context`` (under ``no_grad`` when ``below_free``: the
+    :class:`GraphFromLayers` hooks switch autograd on), with a failure explained."""
+    try:
+        with context, (torch.no_grad() if below_free else contextlib.nullcontext()):
+            return model(model_input)
+    except (RuntimeError, ValueError) as exc:
+        failure = forward_failure(model, input, exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def seed_scores(model: nn.Module, input: torch.Tensor, output: Any, target: TargetType,
+                get_backward_gradient: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The scores to differentiate and their seed (:func:`~.targets.backward_seed`), with the
+    layout hint when the output's batch size is not the input's."""
+    try:
+        return backward_seed(output, target, input.shape[0], get_backward_gradient)
+    except ValueError as exc:
+        hint = layout_hint(model, input)
+        if hint is None or "batch size" not in str(exc):
+            raise
+        raise ValueError(f"{exc}; {hint}") from exc
+
+
+class GraphFromLayers:
+    """Forward hooks that make autograd record from the first layer read on, not before.
+
+    A layer method differentiates the score down to a layer's output only: the graph below it
+    (and the activations it saves — parameters require grad, so autograd would record every
+    operation) is never used.  :func:`forward_pass` therefore runs the model under
+    :func:`torch.no_grad` and these hooks, at the first layer read that finishes, switch grad
+    mode back on (thread-local: other threads are not affected; the ``no_grad`` block restores
+    the caller's mode on exit, also on errors) and give that layer a fresh leaf
+    ``output.detach().requires_grad_()`` — cloned, so that an in-place operation after the
+    layer (``F.relu(x, inplace=True)``) is allowed.  Later layers read are left alone: their
+    output already carries the graph from the first one.  Tensors computed below the layer that
+    reach the output by another way (skip connections into the head) are constants with respect
+    to the layer, as they are in the full graph, so the gradient is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.handles: List[Any] = []
+
+    def attach(self, module: nn.Module) -> None:
+        self.handles.append(module.register_forward_hook(self.hook))
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if threading.get_ident() != self.thread or torch.is_grad_enabled() \
+                or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        torch.set_grad_enabled(True)
+        return output.detach().requires_grad_().clone()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 _COMPILED_PREFIX = "_orig_mod."

@@ -441,5 +441,9 @@ def single_call(probe: Probe, label: str = "saliency_layer", name: Any = None) -
             "module called once (e.g. the enclosing block)")
     read = probe.data[0]
     if not read.requires_grad:
-        raise ValueError(f"{what} produced a tensor autograd cannot follow")
+        raise ValueError(
+            f"{what} produced a tensor autograd cannot follow: the layer runs under "
+            "torch.no_grad(), inside torch.utils.checkpoint(use_reentrant=True) or inside a "
+            "custom autograd.Function; checkpoint with use_reentrant=False, or read a layer "
+            "outside that region")
     return read
