@@ -430,3 +430,26 @@ def test_binary_head_target_zero_warns_and_target_one_is_torchrays_number():
     xx = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(model(xx)[:, 0].sum(), xx)
     torch.testing.assert_close(plus, (x * g).sum(1, keepdim=True), rtol=1e-12, atol=1e-14)
+
+
+def test_torchray_keyword_names_of_patch_and_relu_context():
+    """TorchRay's ``Patch(target, new_callable)`` and ``ReLUContext(relu_func)`` by keyword."""
+    import torchray_like.attribution.common as common
+    from torchray_like.attribution.guided_backprop import GuidedBackpropReLU
+
+    original = torch.nn.functional.relu6
+    with common.Patch(target="torch.nn.functional.relu6", new_callable=torch.relu):
+        assert torch.nn.functional.relu6 is torch.relu
+    assert torch.nn.functional.relu6 is original
+    x = torch.randn(2, 3, requires_grad=True)
+    for ctx in (common.ReLUContext(relu_func=GuidedBackpropReLU),
+                common.ReLUContext(function_class=GuidedBackpropReLU),
+                common.ReLUContext(GuidedBackpropReLU)):
+        with ctx:
+            y = torch.relu(x)
+        (g,) = torch.autograd.grad(y, x, -torch.ones_like(y))
+        assert torch.equal(g, torch.zeros_like(x))  # guided: negative signal blocked
+    with pytest.raises(TypeError, match="ReLUContext takes one rule"):
+        common.ReLUContext()
+    with pytest.raises(TypeError, match="ReLUContext takes one rule"):
+        common.ReLUContext(GuidedBackpropReLU, function_class=GuidedBackpropReLU)

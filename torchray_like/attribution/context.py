@@ -450,6 +450,9 @@ class NullContext(contextlib.AbstractContextManager):
         return False
 
 
+_NO_CALLABLE = object()
+
+
 class Patch:
     """Temporarily replace an attribute.
 
@@ -491,7 +494,9 @@ class Patch:
                     "importable module") from exc
         return obj, attribute
 
-    def __init__(self, target: Any, *args: Any) -> None:
+    def __init__(self, target: Any, *args: Any, new_callable: Any = _NO_CALLABLE) -> None:
+        if new_callable is not _NO_CALLABLE:  # TorchRay's keyword: Patch(target, new_callable=f)
+            args = args + (new_callable,)
         if len(args) == 1:
             if not isinstance(target, str):
                 raise TypeError(

@@ -264,13 +264,13 @@ class ReLUContext(RuleContext):
 
     Parameters
     ----------
-    function_class : ReLURule or type of torch.autograd.Function
-        The rule.  A :class:`ReLURule` instance (``GUIDED_BACKPROP_RULE``, ``DECONVNET_RULE``, or
-        your own subclass) gets the fast path: one or two fused kernels in backward.  For
-        TorchRay compatibility an :class:`torch.autograd.Function` subclass whose ``apply(x)``
-        computes ``relu(x)`` is accepted too; its backward is yours (for bounded rectifiers its
-        output is then clamped at the upper bound, whose plain gradient masks the saturated
-        side).
+    relu_func : ReLURule or type of torch.autograd.Function
+        The rule (TorchRay's argument name; ``function_class=`` is an alias).  A
+        :class:`ReLURule` instance (``GUIDED_BACKPROP_RULE``, ``DECONVNET_RULE``, or your own
+        subclass) gets the fast path: one or two fused kernels in backward.  For TorchRay
+        compatibility an :class:`torch.autograd.Function` subclass whose ``apply(x)`` computes
+        ``relu(x)`` is accepted too; its backward is yours (for bounded rectifiers its output is
+        then clamped at the upper bound, whose plain gradient masks the saturated side).
 
     Examples
     --------
@@ -286,7 +286,14 @@ class ReLUContext(RuleContext):
     escaped_kinds = NATIVE_RECTIFIER_NODES
     unhandled_kinds = UNHANDLED_NODES
 
-    def __init__(self, function_class: Union[ReLURule, type]) -> None:
+    def __init__(self, relu_func: Union[ReLURule, type, None] = None, *,
+                 function_class: Union[ReLURule, type, None] = None) -> None:
+        # TorchRay names the argument ``relu_func``; ``function_class`` is kept as an alias.
+        if (relu_func is None) == (function_class is None):
+            raise TypeError(
+                "ReLUContext takes one rule: ReLUContext(relu_func) with a ReLURule or an "
+                "autograd.Function subclass such as GuidedBackpropReLU")
+        function_class = relu_func if relu_func is not None else function_class
         super().__init__()
         self._cell: Optional[RuleCell] = None
         self._function: Any = None
@@ -297,8 +304,8 @@ class ReLUContext(RuleContext):
             self._function = function_class
         else:
             raise TypeError(
-                "ReLUContext: function_class must be a ReLURule instance or a subclass of "
-                f"torch.autograd.Function, got {function_class!r}")
+                "ReLUContext: relu_func / function_class must be a ReLURule instance or a "
+                f"subclass of torch.autograd.Function, got {function_class!r}")
         h = self.handlers
         aten = torch.ops.aten
         h[F.relu] = self._relu_kw
