@@ -1,4 +1,4 @@
-"""Timing harness shared by the speed benchmarks (a private helper module: nothing to run).
+"""Timing harness of ``benchmarks/speed.py`` (a private helper module: nothing to run).
 
 A *case* is a method call together with its *floor* — the plain forward pass plus
 ``torch.autograd.grad`` down to the tensor the method reads — and optional *others* to compare
@@ -7,7 +7,9 @@ interleaved in the same run (A B C, B C A, C A B ...: the start rotates), so dri
 machine hits each alike, and the median of each is reported.
 
 A row is flagged ``SLOW`` only when a repeat confirms it: a ratio above ``target × (1 + NOISE)``
-is measured again, and only a second ratio above that bound flags the row.
+is measured again, and only a second ratio above that bound flags the row.  The clock is a
+parameter: the wall clock (``time.perf_counter``, default) or the process's CPU time
+(``time.process_time``), steadier on a machine shared with other jobs.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class Case:
 
     ``others`` maps a column name (``"captum"``, ``"separate"``) to a callable doing the
     equivalent work another way; it is timed interleaved with ``run`` and ``floor``.
+    ``method`` is the method the row times (``speed.py --methods`` selects by it).
     """
 
+    method: str
     name: str
     run: Callable[[], object]
     floor: Callable[[], object]
@@ -108,6 +112,41 @@ def floor_layer(model: nn.Module, x: torch.Tensor, target, layer) -> Callable[[]
     return run
 
 
+def floor_layer_and_input(model: nn.Module, x: torch.Tensor, target,
+                          layer) -> Callable[[], object]:
+    """Plain forward, then autograd.grad to the layer's output (graph kept) and to the input:
+    the least guided Grad-CAM can do (its weights need the plain gradient at the layer, its
+    guided part a full backward)."""
+    module = get_module(model, layer)
+
+    def run():
+        box: List[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda m, i, o: box.append(o))
+        try:
+            with frozen(model):
+                xx = x.detach().requires_grad_(True)
+                y = model(xx)
+                seed = get_backward_gradient(y, target)
+                g_layer = torch.autograd.grad(y, box[0], seed, retain_graph=True)[0]
+                return g_layer, torch.autograd.grad(y, xx, seed)[0]
+        finally:
+            handle.remove()
+    return run
+
+
+def floor_iterations(model: nn.Module, batch: torch.Tensor, target,
+                     iters: int) -> Callable[[], object]:
+    """``iters`` × (forward of ``batch`` + autograd.grad down to it): what extremal
+    perturbation cannot avoid."""
+    def run():
+        with frozen(model):
+            for _ in range(iters):
+                xx = batch.detach().requires_grad_(True)
+                y = model(xx)
+                torch.autograd.grad(y, xx, get_backward_gradient(y, target))
+    return run
+
+
 def floor_passes(model: nn.Module, x: torch.Tensor, target,
                  passes: Sequence[Sequence[Optional[str]]]) -> Callable[[], object]:
     """One plain forward, then one ``autograd.grad`` per entry of ``passes``.
@@ -169,7 +208,8 @@ def _synchronizer(device: Optional[torch.device]) -> Callable[[], None]:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     device: Optional[torch.device] = None) -> Dict[str, float]:
+                     device: Optional[torch.device] = None,
+                     clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median seconds per call of each function, timed interleaved with a rotating start."""
     sync = _synchronizer(device)
     names = list(fns)
@@ -181,21 +221,15 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def time_pair(run: Callable, floor: Callable, repeats: int, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds of ``run`` and ``floor`` timed alternately (kept for older callers)."""
-    t = time_interleaved({"method": run, "floor": floor}, repeats, warmup)
-    return {"method_s": t["method"], "floor_s": t["floor"], "ratio": t["method"] / t["floor"]}
-
-
-def measure(case: Case, repeats: int, warmup: int = 1,
-            device: Optional[torch.device] = None) -> Dict[str, object]:
+def measure(case: Case, repeats: int, warmup: int = 1, device: Optional[torch.device] = None,
+            clock: Callable[[], float] = time.perf_counter) -> Dict[str, object]:
     """Time a case (method, floor and others interleaved); re-measure a ratio over the bound.
 
     Returns ``method_s``, ``floor_s``, ``ratio``, ``status`` (``ok``, ``ok, repeat`` — over the
@@ -204,12 +238,12 @@ def measure(case: Case, repeats: int, warmup: int = 1,
     """
     fns = {"method": case.run, "floor": case.floor, **case.others}
     bound = case.target_ratio * (1 + NOISE)
-    t = time_interleaved(fns, repeats, warmup, device)
+    t = time_interleaved(fns, repeats, warmup, device, clock)
     ratio = t["method"] / t["floor"]
     res: Dict[str, object] = {"status": "ok"}
     if ratio > bound:
         first = ratio
-        t = time_interleaved(fns, repeats, 0, device)
+        t = time_interleaved(fns, repeats, 0, device, clock)
         ratio = t["method"] / t["floor"]
         res = {"status": "SLOW" if ratio > bound else "ok, repeat", "first_ratio": first}
     res.update({"method_s": t["method"], "floor_s": t["floor"], "ratio": ratio})

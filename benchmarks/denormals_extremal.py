@@ -16,7 +16,7 @@ default; the caller's setting is restored afterwards).  This script prints
 Usage::
 
     python benchmarks/denormals_extremal.py                 # about a minute on 2 busy cores
-    python benchmarks/denormals_extremal.py --iters 200 --repeats 1
+    python benchmarks/denormals_extremal.py --ep-iters 200 --repeats 1
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class BoxLogit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * torch.einsum("nchw,khw->nk", x, self.w.to(x.dtype)) / x.shape[1]
+
+
+def flushes_denormals() -> bool:
+    """Whether the CPU flushes denormals now (PyTorch has no getter: half of the smallest normal
+    float is 0 when it does)."""
+    return bool((torch.tensor([TINY]) * 0.5) == 0)
 
 
 def arithmetic_penalty(n: int = 1 << 20, repeats: int = 5) -> float:
@@ -112,40 +118,56 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--iters", type=int, default=800, help="max_iter per call (800)")
+    parser.add_argument("--ep-iters", type=int, default=800, metavar="N",
+                        help="extremal perturbation iterations per call (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="timed calls per setting, alternating (2)")
-    parser.add_argument("--size", type=int, default=64, help="image side (64)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1)")
+                        help="timed calls per setting, alternating (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, default=64, metavar="PX",
+                        help="image side (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads for the run (default: %(default)s)")
     parser.add_argument("--no-count", action="store_true",
                         help="skip the run that counts denormal values (the slowest part)")
     args = parser.parse_args(argv)
+    for flag in ("ep_iters", "repeats", "input_size", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(False)
+    flushing = flushes_denormals()       # the caller's setting, put back afterwards
+    try:
+        return run(args)
+    finally:
+        torch.set_flush_denormal(flushing)
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The three measurements of the module notes."""
     supported = torch.set_flush_denormal(True)
     torch.set_flush_denormal(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); flushing denormals "
           f"{'is' if supported else 'is NOT'} supported on this CPU")
     print(f"denormal arithmetic on this CPU: {arithmetic_penalty():.1f}× the time of normal "
           "arithmetic (addcmul over 1M floats)")
-
-    model = BoxLogit(args.size)
-    x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    side, iters = args.input_size, args.ep_iters
+    model = BoxLogit(side)
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     x = x * 0.2 + 0.8
     call(model, x, 5, True)                     # warm-up
-    times = {True: [], False: []}
+    times: dict = {True: [], False: []}
     for _ in range(args.repeats):
         for flush in (True, False):
-            times[flush].append(call(model, x, args.iters, flush))
+            times[flush].append(call(model, x, iters, flush))
     on, off = (statistics.median(times[f]) for f in (True, False))
-    print(f"extremal_perturbation, {args.size}² toy, {args.iters} iterations:")
+    print(f"extremal_perturbation, {side}² toy, {iters} iterations:")
     print(f"  flush_denormals=True  (default) {on:7.2f} s")
     print(f"  flush_denormals=False           {off:7.2f} s   ({off / on:.2f}× the default)")
     if not args.no_count:
         counter = CountDenormals()
         with counter:
             extremal_perturbation(model, x, 0, areas=[0.05], perturbation="fade",
-                                  max_iter=args.iters, step=4, sigma=8, jitter=False,
+                                  max_iter=iters, step=4, sigma=8, jitter=False,
                                   progress=False, flush_denormals=False)
         total = sum(counter.counts.values())
         print(f"denormal values produced without flushing: {total}"

@@ -1,6 +1,6 @@
 """How many RISE masks are enough? The stopping rule ``num_masks="auto"`` against 8000 masks.
 
-For the first ``--images`` test images of the embedded benchmark and one embedded model, RISE
+For the first ``--limit`` test images of the embedded benchmark and one embedded model, RISE
 maps of every class are computed with the fixed default (8000 masks, TorchRay's) and with the
 stopping rule at several tolerances (``rise(..., num_masks="auto", tol=t)``, Petsiuk et al. 2018
 for RISE; the rule is this library's).  For each setting the table gives
@@ -16,7 +16,7 @@ bfloat16 forward passes.  Run with no arguments (about 5 minutes on a 2-core CPU
 cuda`` on a GPU)::
 
     python benchmarks/rise_convergence.py
-    python benchmarks/rise_convergence.py --model embedded-vgg --images 24 --tols 0.1,0.05
+    python benchmarks/rise_convergence.py --model embedded-vgg --limit 24 --tols 0.1,0.05
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchray_like.attribution.rise import DEFAULT_NUM_MASKS, rise  # noqa: E402
 from torchray_like.benchmark.embedded_data import (IMAGE_SIZE, NUM_CLASSES,  # noqa: E402
                                                    EmbeddedShapes)
+from torchray_like.benchmark import embedded_cli  # noqa: E402
+from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, saliency_to_point  # noqa: E402
+from torchray_like.benchmark.runner import positive_int  # noqa: E402
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,41 +86,47 @@ def run(model: torch.nn.Module, x: torch.Tensor, labels: List[dict],
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded-resnet",
-                        choices=("embedded-vgg", "embedded-resnet"))
-    parser.add_argument("--images", type=int, default=8, help="test images (default 8)")
+    parser.add_argument("--model", default="embedded-resnet", choices=EMBEDDED_MODELS,
+                        help="the embedded model (default: %(default)s)")
+    parser.add_argument("--limit", type=positive_int, default=8, metavar="N",
+                        help="the first N test images (default: %(default)s)")
     parser.add_argument("--tols", default="0.15,0.1,0.05",
                         help="comma-separated tolerances of num_masks='auto'")
     parser.add_argument("--autocast", action="store_true",
                         help="add the default tolerance with bfloat16 forward passes")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch.set_num_threads for the run (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="RISE's seed (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--weights", default=None,
-                        help="a state dict from train_embedded.py (default: the shipped one)")
+    parser.add_argument("--weights", default=None, metavar="FILE|random",
+                        help="a state-dict FILE (e.g. from train_embedded.py) or random "
+                             "(untrained, seeded by --seed); omitted: the shipped weights")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    try:
+        tols = [float(t) for t in args.tols.split(",") if t]
+    except ValueError:
+        parser.error(f"--tols: give comma-separated numbers, got {args.tols!r}")
+    if not tols:
+        parser.error("--tols: give at least one tolerance")
+    try:
+        model = embedded_cli.load_benchmark_model(args.model, args.weights, args.seed)[0]
+    except (ValueError, OSError, RuntimeError) as error:
+        parser.error(f"--weights: {error}")
+    return embedded_cli.with_threads(lambda a: _run(a, model, tols), args)
 
-    from torchray_like.benchmark.embedded_models import load_embedded_model
-    if args.weights is None:
-        model = load_embedded_model(args.model)
-    else:
-        import hashlib
-        with open(args.weights, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        model = load_embedded_model(args.model, path=args.weights, sha256=digest)
-    data = EmbeddedShapes("test", size=args.images, seed=0)
+
+def _run(args: argparse.Namespace, model: torch.nn.Module, tols: List[float]) -> int:
+    data = EmbeddedShapes("test", size=args.limit, seed=0)
     model = model.to(args.device)
-    x = torch.stack([data[i][0] for i in range(args.images)]).to(args.device)
-    labels = [data[i][1] for i in range(args.images)]
+    x = torch.stack([data[i][0] for i in range(args.limit)]).to(args.device)
+    labels = [data[i][1] for i in range(args.limit)]
     settings: List[Tuple[str, Dict]] = [(f"fixed {DEFAULT_NUM_MASKS}", {})]
     settings += [(f"fixed {n}", {"num_masks": n}) for n in (1000, 2000)]
-    tols = [float(t) for t in args.tols.split(",") if t]
     settings += [(f"auto tol={t:g}", {"num_masks": "auto", "tol": t}) for t in tols]
     if args.autocast:
         settings.append((f"auto tol={tols[-1]:g} bf16",
                          {"num_masks": "auto", "tol": tols[-1], "autocast": torch.bfloat16}))
-    print(f"RISE on {args.images} embedded test images, {args.model}, maps of every class, "
+    print(f"RISE on {args.limit} embedded test images, {args.model}, maps of every class, "
           f"seed {args.seed}; correlation and pointing over the ground-truth classes")
     rows = run(model, x, labels, settings, args.seed)
     head = (f"{'setting':<22} {'masks mean':>10} {'max':>6} {'corr mean':>9} {'min':>7} "

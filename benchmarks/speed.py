@@ -5,7 +5,8 @@ Usage::
     python benchmarks/speed.py                  # quick: resnet18 and the embedded models at 64²,
                                                 # batch 1, one thread (short calls)
     python benchmarks/speed.py --full           # resnet50 and vgg16 at 224², batch 4
-    python benchmarks/speed.py --methods explain gradient --repeat 7 --out speed.csv
+    python benchmarks/speed.py --methods explain gradient --repeats 7 --out out/speed
+    python benchmarks/speed.py --methods excitation_backprop --clock cpu   # a busy machine
     python benchmarks/speed.py --device cuda --full
 
 For each method the table gives the median time per call, the median time of its *floor* — the
@@ -15,29 +16,35 @@ time divided by it (below 1: we are faster).  Method, floor and Captum are timed
 the same run.  A row over its target ratio (plus 3 % noise) is measured again, and flagged SLOW
 only when the repeat confirms it.
 
-The ``explain(6 methods)`` rows time :func:`torchray_like.attribution.explain.explain` with its
-six shared methods (gradient, guided backprop, DeConvNet, linear approximation, Grad-CAM, guided
-Grad-CAM, default options) against one forward + the six backward passes, and list the six
-separate calls and the six Captum calls beside it.
+The rows are the table :data:`CASES`, one function per family, each documenting its floors:
+the rule methods, the layer methods (Grad-CAM, guided Grad-CAM, linear approximation),
+excitation backprop, extremal perturbation, RISE, and ``explain`` — :func:`explain` with its
+six shared methods (gradient, guided backprop, DeConvNet, linear approximation, Grad-CAM,
+guided Grad-CAM, default options) against one forward + the six backward passes, with the six
+separate calls and the six Captum calls beside it.  Layers, RISE's masks and extremal
+perturbation's iterations come from :mod:`torchray_like.benchmark.settings` (benchmark
+``"speed"``; ``--rise-masks``, ``--rise-batch``, ``--ep-iters`` override them).
 
-Models have random weights and are frozen once up front (eval mode, ``requires_grad`` off), so
-floors do no state handling; the methods still run their own.  The quick run pins one CPU thread
-(short calls gain little from more, and one thread keeps a shared machine's timings steady); the
-full run uses PyTorch's default.  Other modules extend the table: every
-``benchmarks/speed_*.py`` defining ``cases(model, x, target, args) -> list[Case]`` is picked up.
+Models have random weights (the embedded models their shipped ones) and are frozen once up
+front (eval mode, ``requires_grad`` off), so floors do no state handling; the methods still run
+their own.  The quick run pins one CPU thread (short calls gain little from more, and one
+thread keeps a shared machine's timings steady); the full run uses PyTorch's default.
+``--clock cpu`` times the process's CPU time instead of the wall clock: on a machine shared
+with other jobs wall-clock ratios swing by tens of percent, CPU time (one thread) measures the
+work done.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import pathlib
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torchvision
@@ -46,24 +53,49 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _harness import (HEADER, NOISE, Case, floor_input, floor_passes, format_row,  # noqa: E402
-                      freeze, measure)
+from _harness import (HEADER, NOISE, Case, floor_input, floor_iterations,  # noqa: E402
+                      floor_layer, floor_layer_and_input, floor_passes, format_row, freeze,
+                      frozen, measure)
 
 from torchray_like.attribution import METHODS  # noqa: E402
 from torchray_like.attribution.common import GRADIENT_RULE, ReLUContext, saliency  # noqa: E402
 from torchray_like.attribution.explain import SHARED_METHODS, explain  # noqa: E402
-from torchray_like.attribution.grad_cam import find_saliency_layer  # noqa: E402
+from torchray_like.attribution.layer_choice import find_saliency_layer  # noqa: E402
+from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
+from torchray_like.benchmark import embedded_cli  # noqa: E402
+from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
+from torchray_like.benchmark.settings import options_table  # noqa: E402
 
-QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "size": 64, "batch": 1, "threads": 1}
-FULL = {"models": ["resnet50", "vgg16"], "size": 224, "batch": 4, "threads": None}
+QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "input_size": 64,
+         "batch_size": 1, "threads": 1}
+FULL = {"models": ["resnet50", "vgg16"], "input_size": 224, "batch_size": 4, "threads": None}
+#: What --methods selects besides the methods: the rule context alone, and explain().
+EXTRA_ROWS = ("relu_context", "explain")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+@dataclass
+class Setup:
+    """One model's inputs for the cases: the frozen model, ``x``, one target per sample and
+    every method's options from the settings table."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    target: List[int]
+    options: Dict[str, Dict[str, Any]]
+    captum: bool = True     # time Captum's equivalents (when it is installed)
 
 
 # ---------------------------------------------------------------------------------------------
 # Captum's equivalents
 
 
-def captum_calls(model, x, target) -> Optional[Dict[str, Callable[[str], Callable]]]:
-    """name -> (layer -> callable running Captum's equivalent), or None without Captum."""
+def captum_calls(s: Setup) -> Optional[Dict[str, Callable[[str], Callable]]]:
+    """name -> (layer -> callable running Captum's equivalent), or None without Captum (not
+    installed, or ``--no-captum``)."""
+    if not s.captum:
+        return None
+    model, x, target = s.model, s.x, s.target
     try:
         from captum import attr
     except ImportError:
@@ -89,96 +121,188 @@ def captum_calls(model, x, target) -> Optional[Dict[str, Callable[[str], Callabl
     }
 
 
-def make_model(name: str) -> torch.nn.Module:
-    """A torchvision model with random weights, or a shipped embedded model (64² inputs)."""
-    from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS, load_embedded_model
-    if name in EMBEDDED_MODELS:
-        return load_embedded_model(name)
-    return getattr(torchvision.models, name)()
-
-
-def case_layer(model, x) -> str:
-    """The layer speed_layer.py's rows read (else the automatic one)."""
-    layer_for = getattr(sys.modules.get("speed_layer"), "layer_for", None)
-    return layer_for(model, x) if layer_for is not None else find_saliency_layer(model, x)
-
-
-def attach_captum(cases: List[Case], model, x, target) -> None:
-    calls = captum_calls(model, x, target)
+def attach_captum(cases: List[Case], s: Setup) -> None:
+    """Captum's equivalent beside each row that has one (at the row's layer)."""
+    calls = captum_calls(s)
     if calls is None:
         return
-    auto = find_saliency_layer(model, x)
+    layer = s.options["grad_cam"]["saliency_layer"]
+    auto = find_saliency_layer(s.model, s.x)
     for case in cases:
         if case.name in calls:
-            case.others["captum"] = calls[case.name](case_layer(model, x))
+            case.others["captum"] = calls[case.name](layer)
         elif case.name == "grad_cam(auto layer)":
             case.others["captum"] = calls["grad_cam"](auto)
 
 
 # ---------------------------------------------------------------------------------------------
-# Cases
+# The cases: one function per family
 
 
-def core_cases(model, x, target, args) -> List[Case]:
+def rule_cases(s: Setup) -> List[Case]:
+    """Gradient, guided backprop, DeConvNet against forward + grad to the input; and the rule
+    context with the plain-gradient rule: the cost of the mode and of routing every ReLU
+    through a custom autograd.Function, isolated."""
+    model, x, target = s.model, s.x, s.target
     floor = floor_input(model, x, target)
-    cases = [Case(name, (lambda f=METHODS[name]: f(model, x, target)), floor, "fwd+grad(input)")
-             for name in ("gradient", "guided_backprop", "deconvnet")]
-    # The rule context with the plain-gradient rule: the cost of the mode and of routing every
-    # ReLU through a custom autograd.Function, isolated.
-    cases.append(Case("relu_context(gradient rule)",
+    cases = [Case(name, name, (lambda f=METHODS[name]: f(model, x, target)), floor,
+                  "fwd+grad(input)") for name in ("gradient", "guided_backprop", "deconvnet")]
+    cases.append(Case("relu_context", "relu_context(gradient rule)",
                       lambda: saliency(model, x, target,
                                        context_builder=lambda: ReLUContext(GRADIENT_RULE)),
                       floor, "fwd+grad(input)"))
     return cases
 
 
-def explain_cases(model, x, target, args) -> List[Case]:
-    """explain() with its six shared methods at their defaults, two floors."""
+def layer_cases(s: Setup) -> List[Case]:
+    """Grad-CAM and linear approximation against forward + grad to their layer and no further;
+    guided Grad-CAM against forward + grad to the layer (graph kept) and to the input — the
+    part above the layer is necessarily differentiated twice, the ``(vs 1 backward)`` row
+    shows what that costs; ``grad_cam(auto layer)``: the automatic choice (cached after the
+    warm-up call, so it should cost nothing)."""
+    model, x, target = s.model, s.x, s.target
+    layer = s.options["grad_cam"]["saliency_layer"]
+    auto = find_saliency_layer(model, x)
+    at_layer = floor_layer(model, x, target, layer)
+    layer_name = f"fwd+grad({layer})"
+
+    def call(method, **kw):
+        return lambda: METHODS[method](model, x, target, **kw)
+
+    return [
+        Case("grad_cam", "grad_cam", call("grad_cam", saliency_layer=layer), at_layer,
+             layer_name),
+        Case("grad_cam", "grad_cam(auto layer)", call("grad_cam"),
+             floor_layer(model, x, target, auto), f"fwd+grad({auto})"),
+        Case("guided_grad_cam", "guided_grad_cam", call("guided_grad_cam", saliency_layer=layer),
+             floor_layer_and_input(model, x, target, layer), f"fwd+grad({layer})+grad(input)"),
+        Case("guided_grad_cam", "guided_grad_cam(vs 1 backward)",
+             call("guided_grad_cam", saliency_layer=layer), floor_input(model, x, target),
+             "fwd+grad(input)", target_ratio=1.25,
+             note="the part above the layer is differentiated twice"),
+        Case("linear_approx", "linear_approx", call("linear_approx", saliency_layer=layer),
+             at_layer, layer_name),
+        Case("linear_approx", "linear_approx(input)", call("linear_approx"),
+             floor_input(model, x, target), "fwd+grad(input)"),
+    ]
+
+
+def excitation_cases(s: Setup) -> List[Case]:
+    """Excitation backprop (signed and positive input rule) and contrastive excitation
+    backprop against forward + grad to the saliency layer.  Each convolution / linear layer
+    above it computes ``op(r(x), w⁺)`` and its transpose instead of the transpose alone, and
+    the contrastive variant backpropagates twice to the contrast layer: target 1.5×."""
+    model, x, target = s.model, s.x, s.target
+    ebp = s.options["excitation_backprop"]
+    contrastive = s.options["contrastive_excitation_backprop"]
+    layer = ebp["saliency_layer"]
+    floor = floor_layer(model, x, target, layer)
+    name = f"fwd+grad({layer})"
+    return [
+        Case("excitation_backprop", f"excitation_backprop({layer})",
+             lambda: METHODS["excitation_backprop"](model, x, target, **ebp), floor, name,
+             target_ratio=1.5),
+        Case("excitation_backprop", f"excitation_backprop({layer}, positive)",
+             lambda: METHODS["excitation_backprop"](model, x, target, signed=False, **ebp),
+             floor, name, target_ratio=1.5),
+        Case("contrastive_excitation_backprop",
+             f"contrastive_excitation_backprop({layer}|{contrastive['contrast_layer']})",
+             lambda: METHODS["contrastive_excitation_backprop"](model, x, target,
+                                                                **contrastive),
+             floor, name, target_ratio=1.5),
+    ]
+
+
+def extremal_cases(s: Setup) -> List[Case]:
+    """Extremal perturbation against ``max_iter`` plain forward passes of the ``N·K``
+    perturbed images (``K`` areas) with grad down to that batch: the method adds the blur
+    pyramid (once), the smooth masks, the perturbation, the ranking constraint and the SGD
+    step; target ≤ 1.15×.  The ratio does not depend on the count beyond the one-off pyramid,
+    which a small count over-weights."""
+    options = dict(s.options["extremal_perturbation"], progress=False)
+    iters, k = options["max_iter"], len(options["areas"])
+    batch = s.x.repeat_interleave(k, dim=0)
+    target = torch.as_tensor(s.target).repeat_interleave(k)
+    return [Case("extremal_perturbation", "extremal_perturbation",
+                 lambda: METHODS["extremal_perturbation"](s.model, s.x, s.target, **options),
+                 floor_iterations(s.model, batch, target, iters),
+                 f"{iters}×(fwd+grad(N·K batch))", target_ratio=1.15,
+                 note=f"max_iter={iters}, K={k}")]
+
+
+def rise_cases(s: Setup) -> List[Case]:
+    """RISE on one image against the same masked forward passes done directly —
+    ``model(x * masks)`` in batches of the same size under ``inference_mode`` with a
+    precomputed bank: the ratio is the cost of drawing and upsampling the masks and folding
+    the scores into the maps (target ≤ 1.05), for the target and for every class."""
+    options = dict(s.options["rise"], generator=0, progress=False)
+    x1, t1 = s.x[:1], s.target[0]
+    bank = generate_masks(options["num_masks"], tuple(s.x.shape[2:]), generator=0,
+                          device=s.x.device, dtype=s.x.dtype)
+
+    def floor():
+        with frozen(s.model), torch.inference_mode():
+            return [s.model(x1 * chunk) for chunk in bank.split(options["batch_size"])]
+
+    name = f"{options['num_masks']} masked fwd, batch {options['batch_size']}"
+    return [Case("rise", "rise", lambda: METHODS["rise"](s.model, x1, t1, **options), floor,
+                 name),
+            Case("rise", "rise(all classes)", lambda: rise(s.model, x1, None, **options),
+                 floor, name)]
+
+
+def explain_cases(s: Setup) -> List[Case]:
+    """explain() with its six shared methods at their defaults, two floors: one backward pass
+    per method (guided Grad-CAM's plain pass to the layer is Grad-CAM's, counted once), and
+    what explain does with plain autograd — the plain rule to the input and the layer at once,
+    then the guided and the DeConvNet rules to the input."""
+    model, x, target = s.model, s.x, s.target
     layer = find_saliency_layer(model, x)  # Grad-CAM's and guided Grad-CAM's default layer
 
     def separate():
         return [METHODS[name](model, x, target) for name in SHARED_METHODS]
 
     others: Dict[str, Callable] = {"separate": separate}
-    calls = captum_calls(model, x, target)
+    calls = captum_calls(s)
     if calls is not None:
         captum = [calls[name](layer) for name in ("gradient", "guided_backprop", "deconvnet",
                                                   "linear_approx(input)", "grad_cam",
                                                   "guided_grad_cam")]
         others["captum"] = lambda: [c() for c in captum]
     run = lambda: explain(model, x, target)  # noqa: E731
-    # One backward pass per method: gradient, guided, DeConvNet, linear approximation and the
-    # guided part of guided Grad-CAM to the input, Grad-CAM to its layer (guided Grad-CAM's
-    # plain pass to the layer is the same as Grad-CAM's and counted once).
     six = floor_passes(model, x, target, [[None]] * 5 + [[layer]])
-    # What explain does, with plain autograd: the plain rule to the input and the layer at once,
-    # then the guided and the DeConvNet rules to the input.
     three = floor_passes(model, x, target, [[None, layer], [None], [None]])
     return [
-        Case("explain(6 methods)", run, six, f"fwd+6 bwd(5×input, {layer})", others=others),
-        Case("explain(6 methods) vs 3 passes", run, three,
+        Case("explain", "explain(6 methods)", run, six, f"fwd+6 bwd(5×input, {layer})",
+             others=others),
+        Case("explain", "explain(6 methods) vs 3 passes", run, three,
              f"fwd+3 bwd(input&{layer}, input, input)", target_ratio=1.10,
              note="the guided and DeConvNet rules' own cost"),
     ]
 
 
-def plugin_cases(model, x, target, args) -> List[Case]:
-    cases: List[Case] = []
-    for path in sorted(HERE.glob("speed_*.py")):
-        module = sys.modules.get(path.stem)
-        try:
-            if module is None:
-                spec = importlib.util.spec_from_file_location(path.stem, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[path.stem] = module
-                spec.loader.exec_module(module)
-            if hasattr(module, "cases"):
-                cases.extend(module.cases(model, x, target, args))
-        except Exception as exc:  # a broken plugin must not lose the rest of the table
-            sys.modules.pop(path.stem, None)
-            print(f"{path.name}: ERROR {type(exc).__name__}: {exc} (its rows are skipped)",
-                  flush=True)
-    return cases
+#: The table of cases, in the order of the rows.
+CASES = (rule_cases, layer_cases, excitation_cases, extremal_cases, rise_cases, explain_cases)
+
+
+def make_model(name: str) -> torch.nn.Module:
+    """A torchvision model with random weights, or a shipped embedded model."""
+    from torchray_like.benchmark.embedded_models import load_embedded_model
+    if name in EMBEDDED_MODELS:
+        return load_embedded_model(name)
+    return getattr(torchvision.models, name)()
+
+
+def setup(name: str, args: argparse.Namespace, device: torch.device) -> Setup:
+    """Model ``name`` frozen on the device, a seeded random batch and the options."""
+    with torch.random.fork_rng(devices=[]):   # the same weights and inputs in every run
+        torch.manual_seed(0)
+        model = freeze(make_model(name).to(device))
+        x = torch.randn(args.batch_size, 3, args.input_size, args.input_size).to(device)
+    options = options_table(list(METHODS), name, "speed", network=model,
+                            input_size=args.input_size,
+                            overrides=embedded_cli.perturbation_overrides(args))
+    return Setup(model, x, list(range(args.batch_size)), options, captum=not args.no_captum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +313,12 @@ def summary(rows: List[dict], models: List[str]) -> str:
     """The table method × model: ms per call, ratio to the floor, ratio to Captum."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["model"], r["method"]): r for r in rows}
-    width = 32
-    lines = [f"{'method':46s}" + "".join(f"{m:>{width}s}" for m in models),
-             f"{'':46s}" + "".join(f"{'ms':>12s} {'×floor':>6s} {'×cptm':>7s} {'flag':>4s}"
-                                   for _ in models)]
+    width, first = 32, max([46] + [len(m) + 1 for m in methods])
+    lines = [f"{'method':{first}s}" + "".join(f"{m:>{width}s}" for m in models),
+             f"{'':{first}s}" + "".join(f"{'ms':>12s} {'×floor':>6s} {'×cptm':>7s} {'flag':>4s}"
+                                        for _ in models)]
     for method in methods:
-        line = f"{method:46s}"
+        line = f"{method:{first}s}"
         for model in models:
             r = cell.get((model, method))
             if r is None:
@@ -207,18 +331,18 @@ def summary(rows: List[dict], models: List[str]) -> str:
     return "\n".join(lines)
 
 
-def write_out(path: pathlib.Path, rows: List[dict], settings: dict) -> None:
-    if path.suffix == ".json":
-        path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    elif path.suffix == ".csv":
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys + list(settings))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**r, **settings})
-    else:
-        raise SystemExit(f"--out: give a .csv or .json file name, got {path}")
+def write_out(folder: pathlib.Path, rows: List[dict], settings: dict) -> List[pathlib.Path]:
+    """``speed.csv`` (a row per case, the settings repeated) and ``speed.json`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "speed.csv", folder / "speed.json"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with paths[0].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + list(settings))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **settings})
+    paths[1].write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    return paths
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -229,97 +353,125 @@ def parse_args(argv=None) -> argparse.Namespace:
                "busy 2-core machine).")
     parser.add_argument("--full", action="store_true",
                         help="the long run: resnet50 and vgg16 at 224², batch 4, every method")
-    parser.add_argument("--models", nargs="+", default=None,
-                        help="torchvision model names or embedded-vgg / embedded-resnet (64² "
-                             "only; default: resnet18 embedded-vgg embedded-resnet; --full: "
-                             "resnet50 vgg16)")
-    parser.add_argument("--size", type=int, default=None, help="input side (64; --full: 224)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (1; --full: 4)")
-    parser.add_argument("--repeat", "--repeats", type=int, default=5, dest="repeat",
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                        help="torchvision model names or embedded-vgg / embedded-resnet, comma- "
+                             "or space-separated (default: resnet18 embedded-vgg "
+                             "embedded-resnet; --full: resnet50 vgg16)")
+    parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                        help="rows of these methods only, comma- or space-separated, among "
+                             + ", ".join(tuple(METHODS) + EXTRA_ROWS) + " (default: all)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="PX",
+                        help="input side (64; --full: 224)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="images per input batch (1; --full: 4)")
+    parser.add_argument("--repeats", type=int, default=5,
                         help="timed calls of each function per measurement; the median is "
-                             "reported (default: 5)")
+                             "reported (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (1; --full: PyTorch's default)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall clock (default) or the process's CPU time (steadier on a "
+                             "busy machine; use with --threads 1 on the CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--methods", nargs="*", default=None,
-                        help="only rows whose name starts with one of these")
     parser.add_argument("--no-captum", action="store_true", help="skip the Captum columns")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="also write the rows to this .csv or .json file")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--ep-iters", type=int, default=None, dest="ep_iters",
-                        help="extremal perturbation: iterations per timed call (default 5)")
-    parser.add_argument("--rise-masks", type=int, default=None, dest="rise_masks",
-                        help="RISE: masks per timed call (default 64)")
-    parser.add_argument("--rise-batch", type=int, default=None, dest="rise_batch",
-                        help="RISE: masks per forward batch (default 32)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR",
+                        help="also write the rows to DIR/speed.csv and DIR/speed.json")
+    embedded_cli.add_perturbation_arguments(parser, "speed")
     args = parser.parse_args(argv)
     preset = FULL if args.full else QUICK
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.json is not None and args.out is None:
-        args.out = args.json
-    if args.out is not None and args.out.suffix not in (".csv", ".json"):
-        parser.error(f"--out: give a .csv or .json file name, got {args.out}")
+    try:
+        args.models = embedded_cli.name_list(args.models, None, "--models")
+        args.methods = embedded_cli.name_list(args.methods, tuple(METHODS) + EXTRA_ROWS,
+                                              "--methods")
+    except ValueError as error:
+        parser.error(str(error))
+    for flag in ("input_size", "batch_size", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--clock cpu times CPU work: use it with --device cpu")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_captum:
-        sys.modules["captum"] = None  # makes `from captum import attr` raise ImportError
-    device = torch.device(args.device)
-    warnings.simplefilter("ignore")  # Captum warns on every call; the table is the output
     try:
-        import captum
-        captum_version = captum.__version__
-    except ImportError:
-        captum_version = None
-    settings = {"torch": torch.__version__, "device": str(device),
-                "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
-                "repeat": args.repeat, "captum": captum_version}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Captum warns on every call; the table is the output
+            return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _settings(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    captum_version = None
+    if not args.no_captum:
+        try:
+            import captum
+            captum_version = captum.__version__
+        except ImportError:
+            pass
+    return {"torch": torch.__version__, "device": str(device),
+            "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "input_size": args.input_size, "repeats": args.repeats, "clock": args.clock,
+            "captum": captum_version}
+
+
+def _row(name: str, case: Case, res: Dict[str, Any]) -> Dict[str, Any]:
+    def ms(key: str) -> Optional[float]:
+        return res[key] * 1e3 if key in res else None
+
+    return {"model": name, "method": case.name, "ms": res["method_s"] * 1e3,
+            "floor_ms": res["floor_s"] * 1e3, "ratio": res["ratio"],
+            "target": case.target_ratio, "status": res["status"],
+            "first_ratio": res.get("first_ratio"), "captum_ms": ms("captum_s"),
+            "vs_captum": res.get("vs_captum"), "separate_ms": ms("separate_s"),
+            "vs_separate": res.get("vs_separate"), "floor": case.floor_name,
+            "note": case.note}
+
+
+def run(args: argparse.Namespace, argv=None) -> int:
+    device = torch.device(args.device)
+    settings = _settings(args, device)
     shown = sys.argv[1:] if argv is None else list(argv)
     print("$ python benchmarks/speed.py" + "".join(f" {a}" for a in shown))
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, batch "
-          f"{args.batch}, {args.size}², median of {args.repeat}, noise ±{NOISE:.0%}, captum "
-          f"{captum_version or 'not installed'}")
+          f"{args.batch_size}, {args.input_size}², median of {args.repeats}, noise "
+          f"±{NOISE:.0%}, {args.clock} clock, captum {settings['captum'] or 'not used'}")
     print(HEADER, flush=True)
     rows: List[dict] = []
     errors: List[str] = []
     start = time.perf_counter()
     for name in args.models:
-        torch.manual_seed(0)
-        model = freeze(make_model(name).to(device))
-        x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-        target = list(range(args.batch))
-        cases = (core_cases(model, x, target, args) + plugin_cases(model, x, target, args)
-                 + explain_cases(model, x, target, args))
-        attach_captum(cases, model, x, target)
+        s = setup(name, args, device)
+        cases = [c for family in CASES for c in family(s) if c.method in args.methods]
+        attach_captum(cases, s)
         for case in cases:
-            if args.methods and not any(case.name.startswith(m) for m in args.methods):
-                continue
             try:
-                res = measure(case, args.repeat, device=device)
+                res = measure(case, args.repeats, device=device, clock=CLOCKS[args.clock])
             except Exception as exc:  # one broken method must not lose the rest of the table
                 print(f"{name:9s} {case.name:46s} ERROR {type(exc).__name__}: {exc}", flush=True)
                 errors.append(f"{name} {case.name}")
                 continue
             print(format_row(name, case, res), flush=True)
-            rows.append({"model": name, "method": case.name, "ms": res["method_s"] * 1e3,
-                         "floor_ms": res["floor_s"] * 1e3, "ratio": res["ratio"],
-                         "target": case.target_ratio, "status": res["status"],
-                         "first_ratio": res.get("first_ratio"),
-                         "captum_ms": (res["captum_s"] * 1e3 if "captum_s" in res else None),
-                         "vs_captum": res.get("vs_captum"),
-                         "separate_ms": (res["separate_s"] * 1e3 if "separate_s" in res
-                                         else None),
-                         "vs_separate": res.get("vs_separate"),
-                         "floor": case.floor_name, "note": case.note})
+            rows.append(_row(name, case, res))
+    _report(rows, args, errors, time.perf_counter() - start)
+    if args.out is not None:
+        paths = write_out(args.out, rows, settings)
+        print(f"wrote {', '.join(map(str, paths))}")
+    return 1 if errors else 0
+
+
+def _report(rows: List[dict], args: argparse.Namespace, errors: List[str],
+            seconds: float) -> None:
     if rows:
         print(f"\n{summary(rows, args.models)}")
     for r in rows:
@@ -330,13 +482,9 @@ def main(argv=None) -> int:
                   + (f"; six Captum calls {r['captum_ms']:.1f} ms, "
                      f"{1 / r['vs_captum']:.2f}× slower" if r["captum_ms"] else ""))
     slow = [f"{r['model']} {r['method']}" for r in rows if r["status"] == "SLOW"]
-    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; "
+    print(f"\n{len(rows)} rows in {seconds:.0f} s; "
           + (f"SLOW (confirmed by a repeat): {', '.join(slow)}" if slow else "none confirmed slow")
           + (f"; ERROR: {', '.join(errors)}" if errors else ""))
-    if args.out is not None:
-        write_out(args.out, rows, settings)
-        print(f"wrote {args.out}")
-    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -1,31 +1,26 @@
-"""RISE speed and memory.
+"""RISE's own overhead, its peak memory, and TorchRay's RISE against ours.
 
-Speed (``python benchmarks/speed_rise.py`` with no arguments, or picked up by
-``benchmarks/speed.py --methods rise``): RISE on one image against its floor, the same number of
-masked forward passes done directly — ``model(x * masks)`` in batches of the same size under
-:func:`torch.inference_mode`, with a precomputed bank — timed alternately in the same run.  The
-ratio (target ≤ 1.05) is the cost of drawing and upsampling the masks and folding the scores into
-the maps.
+RISE's speed against its floor is a row of ``benchmarks/speed.py`` (``--methods rise``); this
+script measures what that row cannot:
 
-Overhead (``python benchmarks/speed_rise.py --overhead``): the same comparison split into its
-parts, robust on a busy machine — RISE with a model that returns constant scores (so only the
-mask drawing and the accumulation of 1000-class maps are timed) against the direct loop with that
-model, divided by the time of the real masked forward passes.
+Overhead (``python benchmarks/speed_rise.py``, the default, or ``--overhead``): the comparison
+split into its parts, robust on a busy machine — RISE with a model that returns constant scores
+(so only the mask drawing and the accumulation of 1000-class maps are timed) against the direct
+loop with that model, divided by the time of the real masked forward passes.
 
-Memory (``python benchmarks/speed_rise.py --memory``): the peak memory of RISE at two values of
-``num_masks``, each measured in a fresh subprocess (peak RSS from ``resource.getrusage``, or
+Memory (``--memory``): the peak memory of RISE at each value of ``--rise-masks``, each measured
+in a fresh subprocess (peak RSS from ``resource.getrusage``, or
 ``torch.cuda.max_memory_allocated`` on CUDA), next to the peak of one plain forward batch.  It
 must not grow with ``num_masks``.
 
-Environment: ``RISE_MASKS`` (default 64) and ``RISE_BATCH`` (default 32) set the speed cases'
-``num_masks`` and ``batch_size`` (CPU runs of ResNet-50 / VGG-16 at 224² are slow).
+TorchRay (``--vs-torchray``): TorchRay's ``rise`` (installed separately, run as a black box)
+against ours in float32 and with ``autocast=torch.bfloat16``, at equal masks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import statistics
@@ -36,41 +31,9 @@ from typing import List
 
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from _harness import Case, frozen  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
-
-
-def _settings(args) -> tuple:
-    masks = int(getattr(args, "rise_masks", None) or os.environ.get("RISE_MASKS", 64))
-    batch = int(getattr(args, "rise_batch", None) or os.environ.get("RISE_BATCH", 32))
-    return masks, batch
-
-
-def cases(model, x, target, args) -> List[Case]:
-    num_masks, batch_size = _settings(args)
-    x1 = x[:1]
-    t1 = target[0] if isinstance(target, (list, tuple)) else target
-    bank = generate_masks(num_masks, tuple(x.shape[2:]), generator=0, device=x.device,
-                          dtype=x.dtype)
-
-    def floor():
-        with frozen(model), torch.inference_mode():
-            return [model(x1 * chunk) for chunk in bank.split(batch_size)]
-
-    floor_name = f"{num_masks} masked fwd, batch {batch_size}"
-    return [
-        Case("rise", lambda: rise(model, x1, t1, num_masks=num_masks, batch_size=batch_size,
-                                  generator=0, progress=False), floor, floor_name),
-        Case("rise(all classes)", lambda: rise(model, x1, None, num_masks=num_masks,
-                                               batch_size=batch_size, generator=0,
-                                               progress=False), floor, floor_name),
-    ]
-
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory, one subprocess per measurement
@@ -110,8 +73,14 @@ def _child(model_name: str, size: int, num_masks: int, batch_size: int, device: 
                       "map_bytes": out.numel() * out.element_size()}))
 
 
-def memory(model_name: str, size: int, masks: List[int], batch_size: int, device: str,
+def memory(models: List[str], size: int, masks: List[int], batch_size: int, device: str,
            target: str) -> None:
+    for name in models:
+        _memory(name, size, masks, batch_size, device, target)
+
+
+def _memory(model_name: str, size: int, masks: List[int], batch_size: int, device: str,
+            target: str) -> None:
     print(f"RISE peak memory, {model_name} {size}², batch_size {batch_size}, target {target}, "
           f"{device} ({'max_memory_allocated' if device == 'cuda' else 'peak RSS'})")
     print(f"{'num_masks':>10s} {'fwd-batch peak MiB':>19s} {'RISE peak MiB':>14s} "
@@ -179,8 +148,8 @@ def overhead(models: List[str], size: int, num_masks: int, batch_size: int, devi
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)().eval().to(device)
         # The masked forward passes, timed on the first batch_size masks and scaled.
-        fwd = _median_time(direct(model, batch_size), 3) * num_masks / min(batch_size,
-                                                                          num_masks)
+        per_batch = _median_time(direct(model, batch_size), 3)
+        fwd = per_batch * num_masks / min(batch_size, num_masks)
         print(f"{name:10s} {num_masks} masked forwards {fwd:8.2f} s   ratio one class "
               f"{1 + own[0] / fwd:.4f}   ratio 1000 classes {1 + own[None] / fwd:.4f}",
               flush=True)
@@ -243,45 +212,46 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Without --overhead or --memory: the speed table of benchmarks/speed.py for RISE "
-               "(its quick run; speed.py's options are passed on).")
-    parser.add_argument("--memory", action="store_true", help="measure peak memory")
+        epilog="Without --memory or --vs-torchray: --overhead. RISE against its floor: "
+               "python benchmarks/speed.py --methods rise.")
     parser.add_argument("--overhead", action="store_true",
-                        help="time RISE's own work with a constant model")
+                        help="time RISE's own work with a constant model (the default)")
+    parser.add_argument("--memory", action="store_true", help="measure peak memory")
     parser.add_argument("--vs-torchray", action="store_true",
-                        help="TorchRay's RISE vs ours in float32 and bfloat16 (--models, "
-                             "last of --masks)")
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"],
-                        help="models for --overhead")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--masks", type=int, nargs="+", default=[32, 256],
-                        help="num_masks values (--overhead uses the last)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--target", choices=["one", "all"], default="all")
+                        help="TorchRay's RISE vs ours in float32 and bfloat16")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"], metavar="MODEL",
+                        help="torchvision models (default: resnet50 vgg16)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per measurement (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--input-size", type=int, default=224, metavar="PX",
+                        help="input side (default: %(default)s)")
+    parser.add_argument("--rise-masks", type=int, nargs="+", default=[32, 256], metavar="N",
+                        help="num_masks values: --memory measures each, --overhead and "
+                             "--vs-torchray use the last (default: 32 256)")
+    parser.add_argument("--rise-batch", type=int, default=32, metavar="N",
+                        help="RISE masked images per forward pass (default: %(default)s)")
+    parser.add_argument("--target", choices=["one", "all"], default="all",
+                        help="--memory: one class or every class (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args, rest = parser.parse_known_args(argv)
-    if not (args.memory or args.overhead or args.vs_torchray):
-        # Without --overhead/--memory: the speed table restricted to RISE (speed.py's quick
-        # run; other options are speed.py's).
-        from speed import main as speed_main
-        extra = ["--threads", str(args.threads)] if args.threads else []
-        return speed_main(["--methods", "rise", "--repeats", str(min(args.repeats, 3))]
-                          + extra + rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
+    models = [n for v in args.models for n in v.split(",") if n]
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.overhead:
-        overhead(args.models, args.size, args.masks[-1], args.batch_size, args.device,
-                 args.repeats)
-    if args.vs_torchray:
-        vs_torchray(args.models, args.size, args.masks[-1], args.batch_size, args.device,
-                    args.repeats)
-    if args.memory:
-        memory(args.model, args.size, args.masks, args.batch_size, args.device, args.target)
+    try:
+        if args.overhead or not (args.memory or args.vs_torchray):
+            overhead(models, args.input_size, args.rise_masks[-1], args.rise_batch,
+                     args.device, args.repeats)
+        if args.vs_torchray:
+            vs_torchray(models, args.input_size, args.rise_masks[-1], args.rise_batch,
+                        args.device, args.repeats)
+        if args.memory:
+            memory(models, args.input_size, args.rise_masks, args.rise_batch, args.device,
+                   args.target)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

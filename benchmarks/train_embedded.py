@@ -1,9 +1,9 @@
-"""Train the embedded models and write their weights (reproduces ``torchray_like/benchmark/weights``).
+"""Train the embedded models and write their weights (``torchray_like/benchmark/weights``).
 
 Usage::
 
     python benchmarks/train_embedded.py                       # both models, shipped recipe
-    python benchmarks/train_embedded.py --model embedded-vgg --out /tmp/w --epochs 2
+    python benchmarks/train_embedded.py --models embedded-vgg --out /tmp/w --epochs 2
 
 Multi-label training (``BCEWithLogitsLoss``) on the ``"train"`` split of
 :class:`~torchray_like.benchmark.embedded_data.EmbeddedShapes`, AdamW with a one-cycle learning
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 # Runnable from a source checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torchray_like.benchmark.embedded_cli import name_list  # noqa: E402
 from torchray_like.benchmark.embedded_data import (  # noqa: E402
     EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, NUM_CLASSES, NUM_DISTRACTORS, EmbeddedShapes,
     embedded_collate)
@@ -241,8 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train the embedded models (multi-label, BCEWithLogits) on the embedded data "
                     "set and write their state dicts; reports test mAP and SHA-256 digests.")
-    parser.add_argument("--model", choices=EMBEDDED_MODELS + ("all",), default="all",
-                        help="which model to train (default: all)")
+    parser.add_argument("--models", nargs="+", default=["all"], metavar="MODEL",
+                        help=f"models to train, among {', '.join(EMBEDDED_MODELS)}, comma- or "
+                             "space-separated (default: all)")
     parser.add_argument("--seed", type=_non_negative_int("--seed"), default=0,
                         help="seed of the data split, initialisation and batch order (default 0)")
     parser.add_argument("--out", default=os.path.join("torchray_like", "benchmark", "weights"),
@@ -263,24 +265,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="print the test mAP on 500 images after every epoch")
     args = parser.parse_args(argv)
     try:
+        names = name_list(args.models, EMBEDDED_MODELS, "--models")
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
         parser.error(f"--device {args.device!r} is not usable here: {err}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    names = EMBEDDED_MODELS if args.model == "all" else (args.model,)
-    for name in names:
-        result = train_one(name, args.out, args.seed, str(device), args.epochs,
-                           args.train_size, args.batch_size, args.workers, args.test_size,
-                           args.monitor)
-        test = result["test"]
-        print(f"{name}: {result['minutes']:.1f} min, test mAP {100 * test['map']:.2f} % "
-              f"({args.test_size} images), exact match {100 * test['exact_match']:.1f} %, "
-              f"exact match on the first 64 {100 * result['exact_match_64']:.1f} %")
-        print("  AP per class: " + ", ".join(
-            f"{c} {100 * ap:.1f}" for c, ap in zip(EMBEDDED_CLASSES, test["ap"])))
-        print(f"  wrote {result['path']}  sha256 {result['sha256']}")
+    try:
+        for name in names:
+            report(name, train_one(name, args.out, args.seed, str(device), args.epochs,
+                                   args.train_size, args.batch_size, args.workers,
+                                   args.test_size, args.monitor), args.test_size)
+    finally:
+        torch.set_num_threads(threads)
     return 0
+
+
+def report(name: str, result: Dict, test_size: int) -> None:
+    """Print one model's test figures, the file written and its digest."""
+    test = result["test"]
+    print(f"{name}: {result['minutes']:.1f} min, test mAP {100 * test['map']:.2f} % "
+          f"({test_size} images), exact match {100 * test['exact_match']:.1f} %, "
+          f"exact match on the first 64 {100 * result['exact_match_64']:.1f} %")
+    print("  AP per class: " + ", ".join(
+        f"{c} {100 * ap:.1f}" for c, ap in zip(EMBEDDED_CLASSES, test["ap"])))
+    print(f"  wrote {result['path']}  sha256 {result['sha256']}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torchvision.ops import masks_to_boxes
 
-from torchray_like.benchmark import embedded_data as ed
 from torchray_like.benchmark.embedded_data import (
     EMBEDDED_CLASSES, IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes, denormalize, embedded_collate,
     normalize)
@@ -274,3 +273,187 @@ def test_weights_of_another_architecture_are_a_weights_error(tmp_path):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(WeightsError, match="do not fit"):
         load_embedded_model("embedded-vgg", path=str(path), sha256=digest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks' settings table and command-line plumbing
+
+
+def test_settings_table_covers_the_benchmark_models():
+    """The table holds the embedded models' layers, the published VGG16 / ResNet50 layers and
+    the demo's network, and every layer exists in the model it names."""
+    import torchvision
+
+    from torchray_like.benchmark.settings import MODELS, torchvision_layers
+    from torchray_like.demo import ColourNet
+
+    for name in EMBEDDED_MODELS:
+        assert MODELS[name].layers() == EMBEDDED_LAYERS[name]
+        assert MODELS[name].input_size == IMAGE_SIZE and MODELS[name].multilabel
+    assert MODELS["vgg16"].layers() == {"grad_cam": "features.29",
+                                        "excitation_backprop": "features.23",
+                                        "contrast": "classifier.4"}
+    assert MODELS["resnet50"].layers() == {"grad_cam": "layer4", "excitation_backprop": "layer3",
+                                           "contrast": "avgpool"}
+    networks = {"vgg16": torchvision.models.vgg16(), "resnet50": torchvision.models.resnet50(),
+                "colournet": ColourNet(), **{n: build_embedded(n) for n in EMBEDDED_MODELS}}
+    for name, network in networks.items():
+        names = dict(network.named_modules())
+        assert all(layer in names for layer in MODELS[name].layers().values()), name
+    # The rule gives the same layers on the torchvision networks themselves.
+    assert torchvision_layers(networks["vgg16"]) == MODELS["vgg16"].layers()
+    assert torchvision_layers(networks["resnet50"]) == MODELS["resnet50"].layers()
+
+
+def build_embedded(name):
+    from torchray_like.benchmark.embedded_models import build_embedded_model
+    return build_embedded_model(name)
+
+
+def test_method_options_merge_model_benchmark_and_overrides():
+    from torchray_like.benchmark.settings import BENCHMARKS, method_options
+
+    assert method_options("grad_cam", "embedded-vgg") == {"saliency_layer": "features.14"}
+    assert method_options("contrastive_excitation_backprop", "embedded-resnet") == {
+        "saliency_layer": "layer2", "contrast_layer": "layer3"}
+    assert method_options("gradient", "vgg16", "pointing_game") == {"smooth": 0.02}
+    assert method_options("gradient", "vgg16", "deletion_insertion") == {}
+    rise = method_options("rise", "embedded-vgg", "deletion_insertion",
+                          overrides={"num_masks": 10, "batch_size": None})
+    assert rise == {"score": "sigmoid", "num_masks": 10, "num_cells": 7, "batch_size": 64}
+    assert "score" not in method_options("rise", "resnet50", "paper")      # ImageNet: softmax
+    assert method_options("rise", "resnet50", "pointing_game_paper")["score"] == "sigmoid"
+    # Extremal perturbation's geometry scales with the input side (the paper's at 224 px).
+    ep = method_options("extremal_perturbation", "vgg16", "paper")
+    assert (ep["step"], ep["sigma"], ep["max_blur"]) == (7, 21.0, 20.0)
+    assert ep["areas"] == [0.025, 0.05, 0.1, 0.2] and ep["max_iter"] == 800
+    ep = method_options("extremal_perturbation", "embedded-vgg", "paper", input_size=112)
+    assert (ep["step"], ep["sigma"], ep["max_blur"]) == (4, 10.5, 10.0)
+    # Fresh lists: changing the returned options never changes the table.
+    ep["areas"].append(0.5)
+    assert BENCHMARKS["paper"]["extremal_perturbation"]["areas"] == [0.025, 0.05, 0.1, 0.2]
+
+
+def test_method_options_of_other_torchvision_networks():
+    import torchvision
+
+    from torchray_like.benchmark.settings import method_options
+
+    vgg11 = torchvision.models.vgg11()
+    assert method_options("contrastive_excitation_backprop", "vgg11", network=vgg11) == {
+        "saliency_layer": "features.15", "contrast_layer": "classifier.4"}
+    resnet18 = torchvision.models.resnet18()
+    assert method_options("grad_cam", "resnet18", network=resnet18) == {
+        "saliency_layer": "layer4"}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f: f("nope", "embedded-vgg"), "unknown method 'nope'; choose from gradient"),
+    (lambda f: f("rise", "embedded-vgg", "fast"), "unknown benchmark 'fast'; choose from paper"),
+    (lambda f: f("grad_cam", "resnet18"), "no benchmark settings for model 'resnet18'.*"
+                                          "pass the network"),
+    (lambda f: f("grad_cam", "mlp", network=torch.nn.Linear(2, 2)),
+     "no benchmark settings for a Linear.*saliency_layer"),
+    (lambda f: f("rise", "embedded-vgg", input_size=0), "input_size must be a positive int"),
+    (lambda f: f("rise", "embedded-vgg", input_size=True), "input_size must be a positive int"),
+])
+def test_method_options_errors_say_what_to_do(call, message):
+    from torchray_like.benchmark.settings import method_options
+
+    with pytest.raises(ValueError, match=message):
+        call(method_options)
+
+
+def test_every_method_runs_with_the_table_options_and_gives_one_map_per_sample():
+    """The contract the benchmarks rely on: METHODS[m](model, x, target, **options) is
+    (N, 1, *spatial) for every method with the table's options (here with small counts)."""
+    from torchray_like.attribution.registry import METHODS
+    from torchray_like.benchmark.settings import options_table
+
+    model = build_embedded("embedded-resnet").eval()
+    x = EmbeddedShapes("test", size=2)[0][0][None].repeat(2, 1, 1, 1)
+    table = options_table(list(METHODS), "embedded-resnet", "speed",
+                          overrides={"rise": {"num_masks": 8}, "extremal_perturbation": {
+                              "max_iter": 2}})
+    for method, options in table.items():
+        if method in ("rise", "extremal_perturbation"):
+            options = dict(options, generator=0, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = METHODS[method](model, x, [0, 3], **options)
+        assert out.dim() == 4 and out.shape[:2] == (2, 1), (method, out.shape)
+        assert out.dtype == torch.float32 and bool(torch.isfinite(out).all()), method
+
+
+def test_name_list_parsing():
+    from torchray_like.benchmark.embedded_cli import name_list
+
+    choices = ("a", "b", "c")
+    assert name_list(["c,a"], choices, "--x") == ["a", "c"]          # the table's order
+    assert name_list(["c", "a,"], choices, "--x") == ["a", "c"]
+    assert name_list(["all"], choices, "--x") == ["a", "b", "c"]
+    assert name_list(["z,y"], None, "--x") == ["z", "y"]              # free names keep order
+    with pytest.raises(ValueError, match=r"--x: unknown name\(s\) d; choose from a, b, c"):
+        name_list(["a,d"], choices, "--x")
+    with pytest.raises(ValueError, match=r"--x: unknown name\(s\) \(none given\)"):
+        name_list([","], choices, "--x")
+    with pytest.raises(ValueError, match="--x: give distinct names, got z, z"):
+        name_list(["z", "z"], None, "--x")
+
+
+def test_weights_flag_is_a_file_per_model(tmp_path):
+    """--weights is a state-dict FILE (or random / DEFAULT), one for all models or one per
+    model; what the settings record about each."""
+    import argparse
+
+    from torchray_like.benchmark.embedded_cli import (check_weights, load_benchmark_model,
+                                                      split_weights, weights_label)
+
+    models = list(EMBEDDED_MODELS)
+    assert split_weights(None, models) == {m: None for m in models}
+    assert split_weights("random", models) == {m: "random" for m in models}
+    assert split_weights("a.pt,", models) == {"embedded-vgg": "a.pt", "embedded-resnet": None}
+    with pytest.raises(ValueError, match=r"--weights: give one value or one per model \(2"):
+        split_weights("a,b,c", models)
+    # A file written by train_embedded.py --out loads, and its digest is recorded.
+    path = tmp_path / "vgg.pt"
+    torch.save(build_embedded("embedded-vgg").state_dict(), path)
+    model, fingerprint = load_benchmark_model("embedded-vgg", str(path))
+    assert isinstance(model, torch.nn.Module) and not model.training
+    args = argparse.Namespace(weights=f"{path},random", models=models, seed=3)
+    label = weights_label(args)
+    assert label["embedded-vgg"] == fingerprint and fingerprint.startswith("sha256:")
+    assert label["embedded-resnet"] == "random:3"
+    # Random weights are seeded and leave the global RNG alone.
+    state = torch.get_rng_state()
+    a, _ = load_benchmark_model("embedded-resnet", "random", 3)
+    b, _ = load_benchmark_model("embedded-resnet", "random", 3)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="no such weights file"):
+        load_benchmark_model("embedded-vgg", str(tmp_path / "none.pt"))
+    with pytest.raises(ValueError, match="vgg16 needs --weights FILE"):
+        load_benchmark_model("vgg16", None)
+    parser = argparse.ArgumentParser(prog="x")
+    for text, message in ((str(tmp_path / "none.pt"), "no such file"),
+                          ("DEFAULT", "DEFAULT is for torchvision models")):
+        with pytest.raises(SystemExit):
+            check_weights(parser, argparse.Namespace(weights=text), models)
+
+
+def test_demo_uses_the_table_and_restores_the_thread_count(capsys):
+    from torchray_like import demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        misses = demo.run(methods=["grad_cam", "excitation_backprop"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert misses == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(lines) == 2 and all(line.count("hit") == 2 for line in lines)
+    maps = demo.method_maps("extremal_perturbation", demo.ColourNet().eval(), demo.demo_image())
+    assert maps.shape == (2, demo.SIZE, demo.SIZE) and maps.dtype == torch.float32
+    assert not hasattr(demo, "explain")

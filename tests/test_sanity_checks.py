@@ -139,6 +139,7 @@ def test_randomize_layer_is_seeded_and_keeps_the_global_rng():
     randomize_layer(c, 8)
     assert not torch.equal(a.weight, c.weight)
     # a module without reset_parameters: normal values at the trained scale
+
     class Scale(nn.Module):
         def __init__(self):
             super().__init__()

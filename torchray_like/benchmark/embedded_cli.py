@@ -170,7 +170,8 @@ def load_benchmark_model(name: str, weights: Optional[str], seed: int = 0,
     Raises
     ------
     ValueError
-        A torchvision model without ``weights``; what :func:`~.models.get_model` raises.
+        A torchvision model without ``weights``, a missing file; what
+        :func:`~.models.get_model` raises (a state dict of another model ...).
     """
     from .embedded_models import EMBEDDED_WEIGHTS, load_embedded_model
     from .models import get_model
@@ -190,6 +191,9 @@ def load_benchmark_model(name: str, weights: Optional[str], seed: int = 0,
     if weights == "DEFAULT":
         return get_model(name, head, weights="DEFAULT"), "torchvision:DEFAULT"
     path = os.path.expanduser(weights)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such weights file {weights!r} for {name} (give a state-dict "
+                         "file, random, or DEFAULT for torchvision models)")
     return get_model(name, head, weights=path), "sha256:" + _sha256(path)
 
 

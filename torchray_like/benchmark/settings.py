@@ -98,14 +98,15 @@ LAYER_OPTIONS: Mapping[str, Mapping[str, str]] = {
 }
 
 _PAPER_AREAS = [0.025, 0.05, 0.1, 0.2]
-_PAPER = {"rise": {"num_masks": 4000, "num_cells": 7, "p": 0.5, "batch_size": 64},
-          "extremal_perturbation": {"areas": _PAPER_AREAS, "max_iter": 800}}
+Table = Dict[str, Dict[str, Any]]
+_PAPER: Table = {"rise": {"num_masks": 4000, "num_cells": 7, "p": 0.5, "batch_size": 64},
+                 "extremal_perturbation": {"areas": _PAPER_AREAS, "max_iter": 800}}
 # The pointing game's protocol: the gradient family smoothed by a Gaussian of 0.02 × the
 # image side, RISE with sigmoid scores (multi-label data sets), extremal perturbation's masks
 # of the four areas summed (METHODS does the sum) and smoothed likewise.
 _SMOOTHED = ("gradient", "guided_backprop", "deconvnet", "guided_grad_cam")
-_POINTING = {**{m: {"smooth": 0.02} for m in _SMOOTHED},
-             "rise": {"score": "sigmoid"}, "extremal_perturbation": {"smooth": 0.02}}
+_POINTING: Table = {**{m: {"smooth": 0.02} for m in _SMOOTHED},
+                    "rise": {"score": "sigmoid"}, "extremal_perturbation": {"smooth": 0.02}}
 
 
 def _merge(*tables: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
