@@ -1699,3 +1699,29 @@ def test_same_maps_as_torchray_when_installed():
                       classifier_layer=layers[2])]
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+def test_residual_sums_written_with_plus_warn_of_torchrays_number():
+    """TorchRay passes a '+' residual sum's signal unchanged unless update_resnet was called;
+    ours splits it (the paper's rule): a TorchRayDifferenceWarning says so, once per call."""
+    import warnings
+
+    import torchvision
+
+    from torchray_like.attribution.context import TorchRayDifferenceWarning
+    from torchray_like.attribution.excitation_backprop import update_resnet
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(TorchRayDifferenceWarning, match=r"split the signal of 8 residual sum"):
+        plain = excitation_backprop(model, x, 3, "layer2")
+    with pytest.warns(TorchRayDifferenceWarning, match="update_resnet"):
+        contrastive_excitation_backprop(model, x, 3, "layer2", "layer4")
+    # After update_resnet (TorchRay's conversion) TorchRay's map is ours: no warning, same map.
+    converted = update_resnet(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TorchRayDifferenceWarning)
+        torch.testing.assert_close(excitation_backprop(converted, x, 3, "layer2"), plain)
+        # A model without residual sums never warns.
+        vgg = torchvision.models.vgg11(num_classes=10).eval()
+        excitation_backprop(vgg, x, 3, "features.5")

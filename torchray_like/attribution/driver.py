@@ -8,10 +8,7 @@ r"""The driver every backpropagation method is built on.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import os
 import threading
-import warnings
 from collections import OrderedDict
 from numbers import Integral
 from dataclasses import dataclass, field
@@ -22,8 +19,8 @@ import torch.nn as nn
 
 from .context import (NullContext, RuleContext, UnhandledActivationWarning, check_data_parallel,
                       suspend_rule_contexts)
-from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
-from .probe import (Probe, debug_probes, fill_probe_gradients, get_module, layer_label,
+from .reporting import warn_caller
+from .probe import (Probe, get_module, layer_label,
                     single_call)
 from .inputs import check_input, forward_failure, layout_hint
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
@@ -263,7 +260,6 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
     hint = layout_hint(model, input, certain_only=True)
     if hint is not None:
         raise ValueError(hint)
-    batch = input.shape[0]
     reads_input = any(m is None for m in modules.values())
     # Reading layers only, with the plain gradient: no graph below the first layer reached
     # (GraphFromLayers), unless that leaves the scores without a graph (a reentrant checkpoint
@@ -491,23 +487,6 @@ def check_finite_scores(scores: torch.Tensor, seed: torch.Tensor, input: torch.T
         f"{rows[:10]}: {cause}; the gradient of a non-finite score is meaningless")
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first frame outside this package
-    (and ``contextlib``): the user's call of the method."""
-    frame = inspect.currentframe()
-    level = 0
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if level and not (name.startswith(_PACKAGE_DIR) or name == contextlib.__file__):
-            return level
-        frame = frame.f_back
-        level += 1
-    return 1
-
-
 def check_debuggable(model: nn.Module) -> None:
     """``debug=True`` hooks every module: refuse TorchScript parts, which take no hooks."""
     scripted = [name or "(the whole model)" for name, _, kind in
@@ -543,7 +522,7 @@ def check_context_used(context: RuleContext, model: nn.Module) -> None:
                 "output)" if skipped else ""))
     if context.unhandled:
         seen = ", ".join(f"{k} ×{v}" for k, v in sorted(context.unhandled.items()))
-        warnings.warn(
+        warn_caller(
             f"{type(context).__name__}: {type(model).__name__} also calls non-linearities the "
             f"rule does not cover ({seen}); those keep their plain gradient.",
-            UnhandledActivationWarning, stacklevel=caller_stacklevel())
+            UnhandledActivationWarning)

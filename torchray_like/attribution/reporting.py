@@ -24,12 +24,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def warn_caller(message: str, category: type = UserWarning) -> None:
-    """:func:`warnings.warn` pointing at the first frame outside this package — the user's
-    line that called the method — however deep inside the package the warning is raised."""
+    """:func:`warnings.warn` pointing at the first frame outside this package (and
+    :mod:`contextlib`, whose frames the package's ``with`` blocks add) — the user's line that
+    called the method — however deep inside the package the warning is raised."""
     frame: Optional[types.FrameType] = sys._getframe(1)
     level = 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-            _PACKAGE_DIR + os.sep):
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR + os.sep) or frame.f_code.co_filename == contextlib.__file__):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
