@@ -23,7 +23,12 @@ from .attribution.guided_grad_cam import guided_grad_cam  # noqa: E402
 from .attribution.linear_approx import linear_approx  # noqa: E402
 from .attribution.registry import METHODS  # noqa: E402
 from .attribution.rise import rise  # noqa: E402
+from .attribution.gradient_x_input import gradient_x_input  # noqa: E402
+from .attribution.integrated_gradients import integrated_gradients  # noqa: E402
+from .attribution.occlusion import occlusion  # noqa: E402
+from .attribution.smooth_grad import smooth_grad  # noqa: E402
 
 __all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
            "linear_approx", "excitation_backprop", "contrastive_excitation_backprop", "rise",
-           "extremal_perturbation"]
+           "extremal_perturbation",
+           "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion"]

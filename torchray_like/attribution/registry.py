@@ -26,6 +26,10 @@ from .linear_approx import linear_approx
 from .method import description
 from .rise import rise
 from .targets import TargetType
+from .gradient_x_input import gradient_x_input
+from .integrated_gradients import integrated_gradients
+from .occlusion import occlusion
+from .smooth_grad import smooth_grad
 
 __all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS", "rise_map",
            "extremal_perturbation_map", "contrastive_excitation_backprop_map"]
@@ -137,6 +141,10 @@ METHODS = MethodRegistry({
     "contrastive_excitation_backprop": contrastive_excitation_backprop_map,
     "rise": rise_map,
     "extremal_perturbation": extremal_perturbation_map,
+    "gradient_x_input": gradient_x_input,
+    "integrated_gradients": integrated_gradients,
+    "smooth_grad": smooth_grad,
+    "occlusion": occlusion,
 })
 
 #: The methods described as data: they share one forward pass in ``explain``.
