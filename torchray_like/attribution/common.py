@@ -3,16 +3,18 @@ r"""TorchRay's ``torchray.attribution.common``: the names research code imports 
 A façade: each name lives in the module of its concept —
 
 =====================  ===========================================================================
-:mod:`.context`        :class:`RuleContext` (thread-local backward-rule swaps), :class:`NullContext`,
-                       :class:`Patch`, the warnings (:class:`TorchRayDifferenceWarning` ...)
+:mod:`.context`        :class:`RuleContext` (thread-local backward-rule swaps),
+                       :class:`NullContext`, :class:`Patch`, the warnings
+                       (:class:`TorchRayDifferenceWarning` ...)
 :mod:`.rules`          rectifier rules (:class:`ReLURule`) and :class:`ReLUContext`
 :mod:`.probe`          :func:`get_module`, :class:`Probe`, :func:`attach_debug_probes`
 :mod:`.targets`        :func:`get_backward_gradient`, :func:`get_pointing_gradient`, binary heads
 :mod:`.maps`           :func:`gradient_to_saliency`, :func:`resize_saliency` (a ``resize`` tuple
                        is ``(W, H)`` as in TorchRay; :class:`Shape` gives torch order),
                        :func:`smooth_saliency`
-:mod:`.state`          :func:`model_state_guard` and the input / model checks
-:mod:`.driver`         :func:`saliency`, the driver of every backpropagation method
+:mod:`.state`          :func:`model_state_guard`; input and model checks in :mod:`.inputs`,
+                       :mod:`.modules`
+:mod:`.engine`         :func:`saliency`, the driver of every backpropagation method
 =====================  ===========================================================================
 
 Where this library deliberately differs from TorchRay, see ``docs/torchray.rst`` ("Coming from

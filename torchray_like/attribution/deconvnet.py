@@ -16,7 +16,8 @@ import torch
 from .method import BackpropMethod, Read
 from .rules import ReLUContext, ReLURule
 
-__all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetReLU", "DeConvNetContext", "deconvnet", "DECONVNET"]
+__all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetReLU", "DeConvNetContext", "deconvnet",
+           "DECONVNET"]
 
 
 class DeConvNetRule(ReLURule):
@@ -67,11 +68,7 @@ class DeConvNetContext(ReLUContext):
         super().__init__(DECONVNET_RULE)
 
 
-#: The description of the method: the DeConvNet rule, read at ``saliency_layer``.
-DECONVNET = BackpropMethod(
-    name="deconvnet", module=__name__, context_builder=DeConvNetContext,
-    fixed=frozenset({"context_builder"}),
-    reads=(Read(DECONVNET_RULE, DeConvNetContext),), doc="""DeConvNet saliency map (Zeiler & Fergus 2014).
+_DOC = """DeConvNet saliency map (Zeiler & Fergus 2014).
 
     The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with
     :class:`DeConvNetContext` as the rule context; ``saliency_layer`` ``""`` (or ``None``)
@@ -79,6 +76,12 @@ DECONVNET = BackpropMethod(
     :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
     maps, or ``(map, SaliencyDebug)`` with ``debug=True``.  Raises :class:`ValueError` when
     the model calls no ReLU.
-    """)
+    """
+
+#: The description of the method: the DeConvNet rule, read at ``saliency_layer``.
+DECONVNET = BackpropMethod(
+    name="deconvnet", module=__name__, context_builder=DeConvNetContext,
+    fixed=frozenset({"context_builder"}),
+    reads=(Read(DECONVNET_RULE, DeConvNetContext),), doc=_DOC)
 
 deconvnet = DECONVNET.function()

@@ -498,14 +498,15 @@ def check_debuggable(model: nn.Module) -> None:
             "debug=False, or explain the eager (Python) model")
 
 
-def check_spatial(read: torch.Tensor, saliency_layer: Any) -> None:
-    """One rule for every method: a map ``(N, 1, *spatial)`` needs a read ``(N, C, *spatial)``."""
+def check_spatial(read: torch.Tensor, saliency_layer: Any, hint: str = "") -> None:
+    """One rule for every method: a map ``(N, 1, *spatial)`` needs a read ``(N, C, *spatial)``;
+    ``hint`` (a method's :attr:`~.method.BackpropMethod.layer_hint`) says what to choose."""
     if read.dim() < 3:
         raise ValueError(
             f"saliency_layer {layer_label(saliency_layer)} outputs shape {tuple(read.shape)}, "
             "which has no spatial dimensions: a saliency map is (N, 1, *spatial), so the layer "
-            "must output (N, C, *spatial); choose a convolutional layer, or the input "
-            "(saliency_layer=None)")
+            "must output (N, C, *spatial); "
+            + (hint or "choose a convolutional layer, or the input (saliency_layer=None)"))
 
 
 def check_context_used(context: RuleContext, model: nn.Module) -> None:

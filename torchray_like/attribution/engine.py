@@ -20,11 +20,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 import torch
 import torch.nn as nn
 
-from .context import NullContext, suspend_rule_contexts
+from .context import suspend_rule_contexts
 from .driver import (ForwardPass, SaliencyDebug, check_debuggable, check_spatial, detach_all,
                      forward_pass, is_input, strip_compiled_prefix)
 from .layer_choice import reachable_saliency_layer, resolve_layer
-from .maps import SizeType, check_smooth, finish_map, gradient_to_saliency
+from .maps import check_smooth, finish_map
 from .method import BackpropMethod, Read, Reading
 from .probe import debug_probes, fill_probe_gradients, get_module
 from .rules import GRADIENT_RULE, ReLUContext
@@ -152,7 +152,7 @@ def _check_reads(fp: ForwardPass, jobs: List[Job]) -> None:
             if job.method.check_read is not None:
                 job.method.check_read(fp.reads[label], job.layer, fp.x)
             else:
-                check_spatial(fp.reads[label], job.layer)
+                check_spatial(fp.reads[label], job.layer, job.method.layer_hint)
 
 
 def _debug_record(job: Job, fp: ForwardPass, reading: Reading, extras: Dict[str, Any],

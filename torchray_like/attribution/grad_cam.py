@@ -23,8 +23,11 @@ from __future__ import annotations
 import torch
 
 from .layer_choice import LayerType, find_saliency_layer, resolve_layer
-from .maps import saliency_gradient
+from .maps import check_layer_map, saliency_gradient
 from .method import BackpropMethod, Read
+
+# What to do about a layer without spatial dimensions.
+_HINT = "choose a convolutional layer (or omit saliency_layer to pick one automatically)"
 
 __all__ = ["grad_cam", "GRAD_CAM", "grad_cam_map", "gradient_to_grad_cam_saliency",
            "find_saliency_layer", "resolve_layer", "LayerType"]
@@ -53,15 +56,8 @@ def grad_cam_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
     torch.Tensor
         ``(N, 1, *spatial)``, non-negative, dtype and device of ``activation``.
     """
-    if activation.dim() < 3:
-        raise ValueError(
-            f"Grad-CAM needs a layer output with spatial dimensions, shape (N, C, *spatial); got "
-            f"shape {tuple(activation.shape)}: choose a convolutional layer (or omit "
-            "saliency_layer to pick one automatically)")
-    if gradient.shape != activation.shape:
-        raise ValueError(
-            f"grad_cam_map: gradient shape {tuple(gradient.shape)} differs from the activation "
-            f"shape {tuple(activation.shape)}")
+    check_layer_map(activation, gradient, "grad_cam_map", "Grad-CAM needs a layer output",
+                    _HINT)
     spatial = tuple(range(2, activation.dim()))
     alpha = gradient.mean(dim=spatial)  # (N, K)
     # Σ_k α_k A_k as one batched matrix product: no (N, K, *spatial) temporary.
@@ -86,14 +82,7 @@ def gradient_to_grad_cam_saliency(x: torch.Tensor) -> torch.Tensor:
     return grad_cam_map(x.detach(), saliency_gradient(x, "gradient_to_grad_cam_saliency"))
 
 
-#: The description of the method: the plain gradient at ``saliency_layer`` (default: the
-#: automatic layer), weighted Grad-CAM's way.
-GRAD_CAM = BackpropMethod(
-    name="grad_cam", reads=(Read(),), module=__name__, saliency_layer=None, auto_layer=True,
-    gradient_to_saliency=gradient_to_grad_cam_saliency, layer_map=grad_cam_map,
-    layer_hint="Grad-CAM needs (N, C, *spatial): choose a convolutional layer (or omit "
-               "saliency_layer to pick one automatically)",
-    doc="""Grad-CAM saliency map (Selvaraju et al. 2017).
+_DOC = """Grad-CAM saliency map (Selvaraju et al. 2017).
 
     Parameters
     ----------
@@ -132,6 +121,14 @@ GRAD_CAM = BackpropMethod(
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         ``(N, 1, *layer_spatial)`` non-negative maps (or resized), detached, on the input's
         device, in the input's dtype.
-    """)
+    """
+
+#: The description of the method: the plain gradient at ``saliency_layer`` (default: the
+#: automatic layer), weighted Grad-CAM's way.
+GRAD_CAM = BackpropMethod(
+    name="grad_cam", reads=(Read(),), module=__name__, saliency_layer=None, auto_layer=True,
+    gradient_to_saliency=gradient_to_grad_cam_saliency, layer_map=grad_cam_map,
+    layer_hint=_HINT,
+    doc=_DOC)
 
 grad_cam = GRAD_CAM.function()

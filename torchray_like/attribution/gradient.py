@@ -11,14 +11,16 @@ from .method import BackpropMethod, Read
 
 __all__ = ["gradient", "GRADIENT"]
 
-#: The description of the method (the plain gradient, read at ``saliency_layer``).
-GRADIENT = BackpropMethod(name="gradient", reads=(Read(),), module=__name__, doc="""Gradient saliency map (Simonyan et al. 2013).
+_DOC = """Gradient saliency map (Simonyan et al. 2013).
 
     The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with the
     plain gradient (no rule context) as default; ``saliency_layer`` ``""`` (or ``None``) reads
     the input, a resize tuple is in TorchRay's order ``(W, H)`` (see
     :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
     maps, or ``(map, SaliencyDebug)`` with ``debug=True``.
-    """)
+    """
+
+#: The description of the method (the plain gradient, read at ``saliency_layer``).
+GRADIENT = BackpropMethod(name="gradient", reads=(Read(),), module=__name__, doc=_DOC)
 
 gradient = GRADIENT.function()

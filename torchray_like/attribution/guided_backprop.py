@@ -81,11 +81,7 @@ class GuidedBackpropContext(ReLUContext):
         super().__init__(GUIDED_BACKPROP_RULE)
 
 
-#: The description of the method: the guided rule, read at ``saliency_layer``.
-GUIDED_BACKPROP = BackpropMethod(
-    name="guided_backprop", module=__name__, context_builder=GuidedBackpropContext,
-    fixed=frozenset({"context_builder"}),
-    reads=(Read(GUIDED_BACKPROP_RULE, GuidedBackpropContext),), doc="""Guided-backpropagation saliency map (Springenberg et al. 2014).
+_DOC = """Guided-backpropagation saliency map (Springenberg et al. 2014).
 
     The arguments are those of :func:`~torchray_like.attribution.common.saliency`, with
     :class:`GuidedBackpropContext` as the rule context; ``saliency_layer`` ``""`` (or ``None``)
@@ -93,6 +89,12 @@ GUIDED_BACKPROP = BackpropMethod(
     :func:`~torchray_like.attribution.common.resize_saliency`).  Returns ``(N, 1, *spatial)``
     maps, or ``(map, SaliencyDebug)`` with ``debug=True``.  Raises :class:`ValueError` when
     the model calls no ReLU.
-    """)
+    """
+
+#: The description of the method: the guided rule, read at ``saliency_layer``.
+GUIDED_BACKPROP = BackpropMethod(
+    name="guided_backprop", module=__name__, context_builder=GuidedBackpropContext,
+    fixed=frozenset({"context_builder"}),
+    reads=(Read(GUIDED_BACKPROP_RULE, GuidedBackpropContext),), doc=_DOC)
 
 guided_backprop = GUIDED_BACKPROP.function()

@@ -94,15 +94,7 @@ def guided_grad_cam_reading(method: BackpropMethod, reading: Reading
     return smap, {"cam": cam, "guided_gradient": input_grad.detach()}
 
 
-#: The description of the method: one forward pass in a guided-backprop context, the plain rule
-#: down to the Grad-CAM layer (no rule check: it is the plain gradient by design), the guided
-#: rule down to the input.
-GUIDED_GRAD_CAM = BackpropMethod(
-    name="guided_grad_cam", module=__name__, saliency_layer=None, auto_layer=True,
-    reads=(Read(GRADIENT_RULE, GuidedBackpropContext, check_rules=False),
-           Read(GUIDED_BACKPROP_RULE, GuidedBackpropContext, at_layer=False)),
-    make_map=guided_grad_cam_reading, check_read=check_guided_grad_cam_layer,
-    context_builder=NO_CONTEXT_ARGUMENT, debug_type=GuidedGradCamDebug, doc="""Guided Grad-CAM saliency map (Selvaraju et al. 2017).
+_DOC = """Guided Grad-CAM saliency map (Selvaraju et al. 2017).
 
     ``map = flatten(guided_gradient ⊙ upsample(grad_cam))`` where ``guided_gradient`` is the
     guided-backpropagation gradient at the input (per channel), ``grad_cam`` the Grad-CAM map of
@@ -141,6 +133,16 @@ GUIDED_GRAD_CAM = BackpropMethod(
     torch.Tensor or (torch.Tensor, GuidedGradCamDebug)
         ``(N, 1, *input_spatial)`` non-negative maps (with the default flattening), detached, on
         the input's device.
-    """)
+    """
+
+#: The description of the method: one forward pass in a guided-backprop context, the plain rule
+#: down to the Grad-CAM layer (no rule check: it is the plain gradient by design), the guided
+#: rule down to the input.
+GUIDED_GRAD_CAM = BackpropMethod(
+    name="guided_grad_cam", module=__name__, saliency_layer=None, auto_layer=True,
+    reads=(Read(GRADIENT_RULE, GuidedBackpropContext, check_rules=False),
+           Read(GUIDED_BACKPROP_RULE, GuidedBackpropContext, at_layer=False)),
+    make_map=guided_grad_cam_reading, check_read=check_guided_grad_cam_layer,
+    context_builder=NO_CONTEXT_ARGUMENT, debug_type=GuidedGradCamDebug, doc=_DOC)
 
 guided_grad_cam = GUIDED_GRAD_CAM.function()

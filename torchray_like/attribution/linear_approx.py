@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from .maps import saliency_gradient
+from .maps import check_layer_map, saliency_gradient
 from .method import BackpropMethod, Read
 
-__all__ = ["linear_approx", "LINEAR_APPROX", "linear_approx_map", "gradient_to_linear_approx_saliency"]
+# What to do about a layer without spatial dimensions.
+_HINT = "choose a convolutional layer, or the input (saliency_layer=None)"
+
+__all__ = ["linear_approx", "LINEAR_APPROX", "linear_approx_map",
+           "gradient_to_linear_approx_saliency"]
 
 
 def linear_approx_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """``Σ_k A_k · ∂y/∂A_k`` per position: ``(N, K, *spatial)`` → ``(N, 1, *spatial)``, signed."""
-    if activation.dim() < 3:
-        raise ValueError(
-            f"linear approximation needs a tensor with spatial dimensions, shape "
-            f"(N, C, *spatial); got shape {tuple(activation.shape)}: choose a convolutional "
-            "layer, or the input (saliency_layer=None)")
-    if gradient.shape != activation.shape:
-        raise ValueError(
-            f"linear_approx_map: gradient shape {tuple(gradient.shape)} differs from the "
-            f"activation shape {tuple(activation.shape)}")
+    check_layer_map(activation, gradient, "linear_approx_map",
+                    "linear approximation needs a tensor", _HINT)
     return (activation * gradient).sum(dim=1, keepdim=True)
 
 
@@ -43,14 +40,7 @@ def gradient_to_linear_approx_saliency(x: torch.Tensor) -> torch.Tensor:
     return linear_approx_map(x.detach(), grad)
 
 
-#: The description of the method: the plain gradient at ``saliency_layer`` (default: the
-#: input), weighted by the activation.
-LINEAR_APPROX = BackpropMethod(
-    name="linear_approx", reads=(Read(),), module=__name__, saliency_layer=None,
-    gradient_to_saliency=gradient_to_linear_approx_saliency, layer_map=linear_approx_map,
-    layer_hint="the map needs (N, C, *spatial): choose a convolutional layer, or the input "
-               "(saliency_layer=None)",
-    doc="""Linear-approximation saliency map: ``Σ_k A_k · ∂y/∂A_k`` at a layer, signed.
+_DOC = """Linear-approximation saliency map: ``Σ_k A_k · ∂y/∂A_k`` at a layer, signed.
 
     Parameters
     ----------
@@ -77,6 +67,14 @@ LINEAR_APPROX = BackpropMethod(
     -------
     torch.Tensor or (torch.Tensor, SaliencyDebug)
         ``(N, 1, *spatial)`` signed maps (or resized), detached, on the input's device.
-    """)
+    """
+
+#: The description of the method: the plain gradient at ``saliency_layer`` (default: the
+#: input), weighted by the activation.
+LINEAR_APPROX = BackpropMethod(
+    name="linear_approx", reads=(Read(),), module=__name__, saliency_layer=None,
+    gradient_to_saliency=gradient_to_linear_approx_saliency, layer_map=linear_approx_map,
+    layer_hint=_HINT,
+    doc=_DOC)
 
 linear_approx = LINEAR_APPROX.function()

@@ -10,10 +10,10 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union, cast
 import torch
 import torch.nn.functional as F
 
-from .probe import layer_label
 
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
-           "ResizeOrderWarning", "SizeType"]
+           "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
+           "saliency_gradient", "finish_map", "check_smooth"]
 
 #: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
 SizeType = Union[bool, int, Sequence[int], torch.Size, None]
@@ -38,8 +38,9 @@ class ActivationMap:
     """A ``gradient_to_saliency`` that computes ``map_fn(activation, gradient)`` for a layer.
 
     Layer methods (Grad-CAM, linear approximation ...) weight the activation by its gradient;
-    this adapter hands :func:`saliency` the read tensor's values and ``.grad``, and rejects a
-    layer without spatial dimensions with an error naming the method and the layer.
+    this adapter hands the map function the read tensor's values and ``.grad`` (the layer's
+    spatial layout is checked before, by the driver's
+    :func:`~torchray_like.attribution.driver.check_spatial`, naming the method's hint).
     """
 
     def __init__(self, map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -47,11 +48,23 @@ class ActivationMap:
         self.map_fn, self.method, self.layer, self.hint = map_fn, method, layer, hint
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3:
-            raise ValueError(
-                f"{self.method}: saliency_layer {layer_label(self.layer)} outputs shape "
-                f"{tuple(x.shape)}, which has no spatial dimensions; {self.hint}")
         return self.map_fn(x.detach(), saliency_gradient(x, self.method))
+
+
+def check_layer_map(activation: torch.Tensor, gradient: torch.Tensor, function: str,
+                    needs: str, hint: str) -> None:
+    """The checks every layer map function (``(activation, gradient) -> map``) shares: an
+    activation ``(N, C, *spatial)`` and a gradient of its shape.  ``function`` names the map
+    function; ``needs`` starts the message (``"Grad-CAM needs a layer output"``); ``hint``
+    says what to do about a non-spatial layer."""
+    if activation.dim() < 3:
+        raise ValueError(
+            f"{needs} with spatial dimensions, shape (N, C, *spatial); got shape "
+            f"{tuple(activation.shape)}: {hint}")
+    if gradient.shape != activation.shape:
+        raise ValueError(
+            f"{function}: gradient shape {tuple(gradient.shape)} differs from the activation "
+            f"shape {tuple(activation.shape)}")
 
 
 def gradient_to_saliency(x: torch.Tensor) -> torch.Tensor:
