@@ -139,3 +139,22 @@ def test_torch_size_resize_warns_and_follows_torchray():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resize_saliency(x, s, torch.Size([5, 5])).shape == (1, 1, 5, 5)  # square: silent
+
+
+def test_numpy_scalars_are_numbers_for_smooth_and_target():
+    """Issue 17 item 17: ``smooth=np.float32(0.1)`` and ``target=np.int64(1)`` are accepted
+    (with the same map as the Python numbers); NumPy booleans are not numbers."""
+    import numpy as np
+
+    from torchray_like import gradient
+    from torchray_like.attribution.maps import check_smooth
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = gradient(model, x, 1, smooth=0.1)
+    torch.testing.assert_close(gradient(model, x, np.int64(1), smooth=np.float32(0.1)), want)
+    assert check_smooth(np.float64(0.25)) == 0.25
+    with pytest.raises(ValueError, match="smooth must be a non-negative number"):
+        check_smooth(np.bool_(True))

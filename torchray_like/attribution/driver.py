@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from numbers import Integral
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +24,7 @@ from .probe import (Probe, get_module, layer_label,
 from .inputs import check_input, forward_failure, layout_hint
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .state import autograd_grad, model_state_guard
-from .targets import TargetType, backward_seed, get_backward_gradient
+from .targets import Target, TargetType, get_backward_gradient, parse_target
 
 __all__ = ["SaliencyDebug", "ForwardPass", "forward_pass", "GraphFromLayers"]
 
@@ -221,14 +220,15 @@ class ForwardPass:
 
 
 @contextlib.contextmanager
-def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
+def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType, Target],
                  layers: Dict[str, Union[str, nn.Module, None]], context: Any = None,
                  get_backward_gradient: Callable = get_backward_gradient
                  ) -> Iterator[ForwardPass]:
     """Run ``model(input)`` as every backprop method does and yield a :class:`ForwardPass`.
 
-    Checks the model, input and target; inside :func:`model_state_guard` (eval mode, restored
-    on exit), with autograd enabled and the rule contexts of the caller suspended
+    Checks the model, input and target (parsed once with :func:`~.targets.parse_target`,
+    unless already a :class:`~.targets.Target`); inside :func:`model_state_guard` (eval mode,
+    restored on exit), with autograd enabled and the rule contexts of the caller suspended
     (:func:`~.context.suspend_rule_contexts`: the method's own rules decide), probes each layer
     of ``layers`` (label → name, module, or ``None``/``""`` for the input), runs the forward
     pass inside ``context`` on a copy of the input and computes the seed.  Probes are removed
@@ -251,7 +251,8 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
         model = compiled
         layers = {label: strip_compiled_prefix(layer, model) for label, layer in layers.items()}
     check_input(input)
-    check_target(target)
+    parsed = (target if isinstance(target, Target)
+              else parse_target(target, input.shape[0]))
     modules = {label: None if is_input(layer) else get_module(model, layer)
                for label, layer in layers.items()}
     check_visible(model, modules, layers, context)
@@ -289,7 +290,7 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: TargetType,
                 reads = {label: x if module is None else single_call(probes[label], label,
                                                                       layers[label])
                          for label, module in modules.items()}
-                scores, seed = seed_scores(model, input, output, target, get_backward_gradient)
+                scores, seed = seed_scores(model, input, output, parsed, get_backward_gradient)
                 if below_free and not scores.requires_grad:
                     continue
                 if isinstance(context, RuleContext):
@@ -333,12 +334,12 @@ def run_model(model: nn.Module, model_input: torch.Tensor, input: torch.Tensor, 
         raise failure from exc
 
 
-def seed_scores(model: nn.Module, input: torch.Tensor, output: Any, target: TargetType,
+def seed_scores(model: nn.Module, input: torch.Tensor, output: Any, target: Target,
                 get_backward_gradient: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The scores to differentiate and their seed (:func:`~.targets.backward_seed`), with the
+    """The scores to differentiate and their seed (:meth:`~.targets.Target.seed`), with the
     layout hint when the output's batch size is not the input's."""
     try:
-        return backward_seed(output, target, input.shape[0], get_backward_gradient)
+        return target.seed(output, get_backward_gradient)
     except ValueError as exc:
         hint = layout_hint(model, input)
         if hint is None or "batch size" not in str(exc):
@@ -393,34 +394,6 @@ def strip_compiled_prefix(layer: Any, original: nn.Module) -> Any:
     if isinstance(layer, str) and layer == _COMPILED_PREFIX[:-1]:
         return original
     return layer
-
-
-_INT64 = 2 ** 63
-
-
-def check_target(target: Any) -> None:
-    """The target errors that need no forward pass: a missing target, a target on the meta
-    device, class indices beyond what a ``torch.long`` holds."""
-    if target is None:
-        backward_seed(None, cast(Any, target), 0)  # raises the explanation
-    if isinstance(target, torch.Tensor):
-        if target.is_meta:
-            raise ValueError(
-                "target is on the meta device (a tensor without values); pass class indices "
-                "as ints or as a tensor with values")
-        return
-    values: Sequence[Any]
-    if isinstance(target, Integral) and not isinstance(target, bool):
-        values = [target]
-    elif isinstance(target, (list, tuple)):
-        values = target
-    else:
-        return
-    for v in values:
-        if isinstance(v, Integral) and not isinstance(v, bool) and not -_INT64 <= int(v) < _INT64:
-            raise ValueError(
-                f"target class {int(v)} is out of range: a class index lies between 0 and the "
-                "number of classes - 1")
 
 
 def check_visible(model: nn.Module, modules: Dict[str, Optional[nn.Module]],

@@ -28,8 +28,9 @@ from .maps import check_smooth, finish_map
 from .method import BackpropMethod, Read, Reading
 from .probe import debug_probes, fill_probe_gradients, get_module
 from .rules import GRADIENT_RULE, ReLUContext
-from .state import check_model, unwrap_compiled
-from .targets import TargetType, get_backward_gradient
+from .inputs import check_input
+from .modules import check_model, unwrap_compiled
+from .targets import Target, TargetType, get_backward_gradient, parse_target
 
 __all__ = ["Job", "run_jobs", "run_method", "saliency", "SALIENCY"]
 
@@ -175,22 +176,24 @@ def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: Li
     """
     smooth = {job.label: check_smooth(job.options.get("smooth", 0)) for job in jobs}
     check_model(model)
+    check_input(input)
+    parsed = parse_target(target, input.shape[0])  # once, before any forward pass
     if debug:
         check_debuggable(model)
     readings = _plan(model, input, jobs)
     try:
-        return _run(model, input, target, jobs, readings, smooth, get_backward_gradient, debug)
+        return _run(model, input, parsed, jobs, readings, smooth, get_backward_gradient, debug)
     except ValueError as exc:
         auto = next((job.auto for job in jobs if job.auto is not None), None)
         if auto is None or "do not depend on" not in str(exc):
             raise
     # The automatic layer feeds a head the target does not use (a model with several heads):
     # choose among the layers the target reaches.
-    readings = _plan(model, input, jobs, reachable_saliency_layer(model, input, target))
-    return _run(model, input, target, jobs, readings, smooth, get_backward_gradient, debug)
+    readings = _plan(model, input, jobs, reachable_saliency_layer(model, input, parsed))
+    return _run(model, input, parsed, jobs, readings, smooth, get_backward_gradient, debug)
 
 
-def _run(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
+def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
          readings: _Readings, smooth: Dict[str, float], get_backward_gradient: Callable,
          debug: bool) -> Dict[str, Result]:
     """:func:`run_jobs` once the layers are known."""

@@ -19,7 +19,7 @@ from .context import suspend_rule_contexts
 from .inputs import check_input, forward_failure, layout_hint
 from .modules import check_model, opaque_modules, unwrap_compiled
 from .state import model_state_guard
-from .targets import backward_seed
+from .targets import Target, parse_target
 
 __all__ = ["find_saliency_layer", "resolve_layer", "reachable_saliency_layer", "LayerType",
            "LAYER_CACHE"]
@@ -211,7 +211,8 @@ def reachable_saliency_layer(model: nn.Module, input: torch.Tensor, target: Any)
     reach.  Raises a :class:`ValueError` listing what was seen when none qualifies.
     """
     records, calls, output = _record_forward(model, input, keep=True)
-    scores, seed = backward_seed(output, target, input.shape[0])
+    parsed = target if isinstance(target, Target) else parse_target(target, input.shape[0])
+    scores, seed = parsed.seed(output)
     kept = [r for r in records if r.tensor is not None and r.tensor.requires_grad]
     grads = torch.autograd.grad(scores, [r.tensor for r in kept], seed, allow_unused=True) \
         if kept and scores.requires_grad else [None] * len(kept)

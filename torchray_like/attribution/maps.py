@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, Callable, Optional, Sequence, Tuple, Union, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -242,9 +243,13 @@ def smooth_saliency(saliency: torch.Tensor, sigma: Union[float, Sequence[float]]
 
 
 def check_smooth(smooth: Any) -> float:
-    """Validate the ``smooth`` argument (a non-negative finite number)."""
-    if isinstance(smooth, bool) or not (isinstance(smooth, (int, float)) and smooth >= 0
-                                        and math.isfinite(smooth)):
+    """Validate the ``smooth`` argument (a non-negative finite number, NumPy scalars too).
+
+    ``smooth`` blurs the *map* with a Gaussian of ``sigma = smooth * max(spatial size)``; it is
+    not SmoothGrad (:func:`~torchray_like.attribution.smooth_grad.smooth_grad` averages a
+    method over noisy copies of the input)."""
+    if isinstance(smooth, (bool, np.bool_)) or not (isinstance(smooth, Real) and smooth >= 0
+                                                    and math.isfinite(smooth)):
         raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
     return float(smooth)
 
