@@ -18,6 +18,9 @@ KWARGS = {
                                         "contrast_layer": "features.3"},
     "rise": {"num_masks": 64, "generator": 0, "progress": False},
     "extremal_perturbation": {"max_iter": 5, "generator": 0, "progress": False},
+    "gradient_x_input": {}, "occlusion": {}, "integrated_gradients": {"n_steps": 8},
+    "smooth_grad": {"n_samples": 4, "generator": 0},
+    "score_cam": {"saliency_layer": "features.3"}, "ablation_cam": {"saliency_layer": "features.3"},
 }
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

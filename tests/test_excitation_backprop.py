@@ -314,7 +314,7 @@ def test_linear_rule_in_row_blocks(monkeypatch, chunk_rows):
     """The linear rule builds w⁺ block by block: any block size gives the formula, for inputs
     with extra dimensions, for the dual (negated) weights of the contrastive variant, and for a
     second backward pass that reuses the denominators."""
-    rules = importlib.import_module("torchray_like.attribution._excitation_rules")
+    rules = importlib.import_module("torchray_like.attribution.excitation_rules")
 
     monkeypatch.setattr(rules, "LINEAR_CHUNK_BYTES", chunk_rows * 5 * 8)
     torch.manual_seed(1)

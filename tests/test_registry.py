@@ -82,7 +82,11 @@ def test_flat_namespace_gives_the_same_maps_as_the_modules():
 def test_every_method_is_registered():
     expected = {"gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
                 "linear_approx", "excitation_backprop", "contrastive_excitation_backprop",
-                "rise", "extremal_perturbation"}
+                "rise", "extremal_perturbation",
+                # issue 19: beyond TorchRay
+                "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion",
+                "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
+                "score_cam", "ablation_cam"}
     assert set(METHODS) == expected
     for name in METHODS:
         assert inspect.isfunction(METHODS[name])

@@ -18,9 +18,10 @@ backpropagation methods from one forward pass: :func:`.explain.explain`.
 from __future__ import annotations
 
 from . import (  # noqa: F401  (the submodules, as package attributes)
-    common, context, deconvnet, driver, engine, excitation_backprop, explain, extremal_perturbation,
-    grad_cam, gradient, guided_backprop, guided_grad_cam, inputs, layer_choice, linear_approx, maps,
-    method, modules, probe, rise, rules, state, targets)
+    call_args, common, context, deconvnet, driver, engine, excitation_backprop, excitation_contrast,
+    excitation_handlers, excitation_rules, explain, extremal_perturbation, grad_cam, gradient,
+    guided_backprop, guided_grad_cam, inputs, layer_choice, linear_approx, maps, method, modules,
+    probe, rise, rules, state, targets)
 from . import (  # noqa: F401  (issue 19's methods)
     gradient_x_input, integrated_gradients, occlusion, smooth_grad)
 from .registry import METHODS, MethodRegistry

@@ -58,6 +58,13 @@ def _accepted_options(name: str) -> set:
             } - (method.fixed if method is not None else set())
 
 
+def _takes_any_option(name: str) -> bool:
+    """Whether ``METHODS[name]`` forwards unknown keywords (``smooth_grad``'s options of the
+    method it averages): it validates them itself."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in inspect.signature(METHODS[name]).parameters.values())
+
+
 def _shares(method: Optional[BackpropMethod], options: Dict[str, Any]) -> bool:
     """Whether a described method's call can join the shared pass: only options the engine
     honours for many jobs at once (not its own ``context_builder`` or seed function)."""
@@ -140,7 +147,7 @@ def _plan(methods: Dict[str, str], options: Mapping[str, Mapping[str, Any]]) -> 
                 raise ValueError(f"explain: option {key!r} of {label!r}: {_REFUSED[key]}")
         accepted = _accepted_options(name)
         unknown = sorted(set(opts) - accepted)
-        if unknown:
+        if unknown and not _takes_any_option(name):
             raise ValueError(
                 f"explain: {name} has no option {', '.join(map(repr, unknown))}"
                 + (f" (for {label!r})" if label != name else "")
