@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attribution.maps import gaussian_kernel
+
 __all__ = [
     "get_config",
     "get_device",
@@ -414,14 +416,6 @@ def tensor_to_im(tensor: Any) -> np.ndarray:
 _PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 
 
-def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Normalised 1-D Gaussian sampled on ``[-r, r]`` with ``r = ceil(4 sigma)``."""
-    radius = max(1, math.ceil(4.0 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
-
-
 def imsmooth(tensor: torch.Tensor, sigma: float, stride: int = 1, padding: int = 0,
              padding_mode: str = "constant", padding_value: float = 0) -> torch.Tensor:
     r"""Smooth each channel of a batch of images with an isotropic Gaussian.
@@ -476,7 +470,9 @@ def imsmooth(tensor: torch.Tensor, sigma: float, stride: int = 1, padding: int =
     if sigma == 0:
         radius, kernel = 0, None
     else:
-        kernel = _gaussian_kernel(float(sigma), tensor.dtype, tensor.device)
+        # TorchRay's radius, ceil(4 sigma): the kernel of the maps' smoothing, sampled wider.
+        kernel = gaussian_kernel(float(sigma), 4.0, tensor.dtype, tensor.device,
+                                 radius=math.ceil(4.0 * sigma))
         radius = (kernel.numel() - 1) // 2
     pad = radius + padding
     if pad > 0:

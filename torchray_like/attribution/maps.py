@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
            "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
-           "saliency_gradient", "finish_map", "check_smooth"]
+           "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel"]
 
 #: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
 SizeType = Union[bool, int, Sequence[int], torch.Size, None]
@@ -204,8 +204,15 @@ def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType
     return F.interpolate(saliency, size=out_size, mode=mode, align_corners=False)
 
 
-def gaussian_kernel(sigma: float, truncate: float, dtype, device) -> torch.Tensor:
-    radius = max(int(truncate * sigma + 0.5), 1)
+def gaussian_kernel(sigma: float, truncate: float, dtype: torch.dtype, device: Any,
+                    radius: Optional[int] = None) -> torch.Tensor:
+    """The normalised 1-D Gaussian of standard deviation ``sigma`` sampled on ``[-r, r]``: the
+    one kernel of the package.  By default ``r = int(truncate * sigma + 0.5)``, scipy's
+    ``gaussian_filter`` (the maps' smoothing is compared with it); TorchRay's ``imsmooth``
+    passes ``radius = ceil(4 sigma)``, its own convention, so its numbers stay TorchRay's."""
+    if radius is None:
+        radius = int(truncate * sigma + 0.5)
+    radius = max(radius, 1)
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return (k / k.sum()).to(dtype=dtype, device=device)
