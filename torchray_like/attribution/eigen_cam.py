@@ -47,12 +47,13 @@ def eigen_cam_projection(activation: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        ``(N, 1, *spatial)``, in the activation's dtype (computed in at least float32).
+        ``(N, 1, *spatial)``, in the activation's dtype (computed in float64).
     """
     check_cam_reading("Eigen-CAM", activation, activation)
     n, k = activation.shape[:2]
-    dtype = activation.dtype if activation.dtype == torch.float64 else torch.float32
-    x = activation.detach().reshape(n, k, -1).transpose(1, 2).to(dtype)    # (N, P, K)
+    # In float64: the leading singular vector of float32 data is sensitive to rounding when
+    # the first two singular values are close (a few positions, many channels).
+    x = activation.detach().reshape(n, k, -1).transpose(1, 2).to(torch.float64)  # (N, P, K)
     x = x - x.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(x, full_matrices=False)
     v1 = vh[:, 0, :]                                                     # (N, K)

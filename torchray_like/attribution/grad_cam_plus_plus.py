@@ -23,9 +23,9 @@ Differences from the paper and from the libraries, all measured (``tests/test_ca
   each sample's map without changing it, and overflows float32 for scores above 88 (underflows
   to an all-zero map below -103), so it is left out, as both libraries do.
 * pytorch-grad-cam 1.5.7 adds ``1e-6`` to the denominator of ``α``: with small gradients (a
-  random-weight ResNet-18: ``|g| ≈ 1e-3``) that changes its maps by up to 2 % of their range,
-  and makes them depend on the scale of the score.  We follow the paper; with gradients large
-  enough for ``1e-6`` not to matter the maps agree to 1e-6.
+  random-weight ResNet-18: ``|g| ≈ 1e-3``, ``g² ≈ 1e-6``) that changes its maps by up to 2 %
+  of their range.  We follow the paper; with gradients large enough for ``1e-6`` not to matter
+  the maps agree to 1e-5 after the same normalisation and resize.
 * TorchCAM 0.5's ``GradCAMpp`` gives the maps of the weights ``Σ_u g² ReLU(g)`` — without the
   paper's denominator.
 """
