@@ -59,8 +59,7 @@ from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
     default_blur_sigma, deletion_insertion, method_saliency, step_fractions)
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE  # noqa: E402
-from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.settings import describe_options, method_options  # noqa: E402
+from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
 EXPERIMENT = "deletion_insertion/embedded"
 ALL_METHODS = ("random",) + tuple(METHODS)
@@ -80,12 +79,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="deletion_insertion.py", description=__doc__.splitlines()[0],
         epilog="See the module docstring (python -m pydoc benchmarks/deletion_insertion.py) for "
                "the protocol.")
-    parser.add_argument("--models", nargs="+", default=["all"], metavar="MODEL",
-                        help=f"embedded models, among {', '.join(EMBEDDED_MODELS)}, "
-                             "comma- or space-separated (default: all)")
-    parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
-                        help=f"methods, among {', '.join(ALL_METHODS)}, comma- or "
-                             "space-separated (default: all)")
     parser.add_argument("--steps", type=runner.positive_int, default=64,
                         help="steps per curve (step = ceil(pixels / steps)); the paper's is "
                              "224 (default: %(default)s)")
@@ -99,24 +92,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="the papers' settings for RISE (4000 masks) and extremal "
                              "perturbation (800 iterations)")
-    embedded_cli.add_perturbation_arguments(parser, "deletion_insertion")
-    embedded_cli.add_model_arguments(parser)
     parser.add_argument("--docs", action="store_true",
                         help=f"also save the figure as {os.path.relpath(DOCS_FIGURE, ROOT)}")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    runner.add_common_arguments(parser, default_out=os.path.join(".", "out",
-                                                                 "deletion_insertion"))
-    parser.set_defaults(limit=8)
-    for action in parser._actions:
-        if action.dest == "limit":
-            action.help += " (default: %(default)s)"
-    args = parser.parse_args(argv)
-    try:
-        args.models = embedded_cli.name_list(args.models, EMBEDDED_MODELS, "--models")
-        args.methods = embedded_cli.name_list(args.methods, ALL_METHODS, "--methods")
-    except ValueError as error:
-        parser.error(str(error))
-    embedded_cli.check_weights(parser, args, args.models)
+    embedded_cli.add_embedded_arguments(parser, "deletion_insertion", ALL_METHODS, ALL_METHODS,
+                                        limit=8)
+    args = embedded_cli.parse_embedded_arguments(parser, argv, ALL_METHODS)
     if args.blur_sigma is not None and not (args.blur_sigma >= 0 and math.isfinite(
             args.blur_sigma)):
         parser.error(f"--blur-sigma must be a non-negative number, got {args.blur_sigma}")
@@ -128,13 +108,8 @@ def method_kwargs(method: str, model_name: str, args: argparse.Namespace,
     """The options of one method call (printed in the header, stored in the config)."""
     if method == "random":
         return {"seed": args.seed + image}
-    kw = method_options(method, model_name, "paper" if args.full else "deletion_insertion",
-                        overrides=embedded_cli.perturbation_overrides(args).get(method))
-    if method == "rise":
-        kw["score"] = args.score
-    if method in ("rise", "extremal_perturbation"):
-        kw["generator"] = args.seed
-    return kw
+    return embedded_cli.script_options(
+        method, model_name, "paper" if args.full else "deletion_insertion", args)
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
@@ -96,7 +97,8 @@ def method_settings(dataset: str, arch: str, network: torch.nn.Module, image_sid
     the method is run.
 
     ``fully_convolutional`` / ``pointing_gradient`` say whether the fully convolutional
-    network and the pointing seed are used (VOC/COCO, the published protocol);
+    network and the pointing seed are used (VOC/COCO, the published protocol, for the methods
+    that take a ``get_backward_gradient``);
     ``all_classes_once``: RISE explains every class of an image with one set of masked passes.
     """
     methods = [m for m in ALL_METHODS if m != CENTER]
@@ -107,8 +109,10 @@ def method_settings(dataset: str, arch: str, network: torch.nn.Module, image_sid
     s: Dict[str, Dict[str, Any]] = {CENTER: {"kwargs": {}}}
     for name, kwargs in table.items():
         s[name] = {"kwargs": kwargs}
-        if name not in SLOW_METHODS:
-            s[name]["fully_convolutional"] = s[name]["pointing_gradient"] = published
+        # The published protocol seeds the backpropagation methods with the pointing gradient
+        # on the fully convolutional network; the others see the original network.
+        seeded = "get_backward_gradient" in inspect.signature(METHODS[name]).parameters
+        s[name]["fully_convolutional"] = s[name]["pointing_gradient"] = published and seeded
     if published and table["contrastive_excitation_backprop"]["contrast_layer"] == "avgpool":
         # The fully convolutional ResNet has no avgpool (fc is a 1×1 conv after layer4): the
         # contrast layer of the published setting only exists in the original network.

@@ -50,10 +50,9 @@ sys.path.insert(0, ROOT)
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
-from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.sanity_checks import (  # noqa: E402
     METRICS, MODES, randomization_layers, sanity_checks)
-from torchray_like.benchmark.settings import describe_options, method_options  # noqa: E402
+from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
 EXPERIMENT = "sanity_checks/embedded"
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "extremal_perturbation")
@@ -67,47 +66,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="sanity_checks.py", description=__doc__.splitlines()[0],
         epilog="See the module docstring (python -m pydoc benchmarks/sanity_checks.py) for "
                "the protocol.")
-    parser.add_argument("--models", nargs="+", default=["all"], metavar="MODEL",
-                        help=f"embedded models, among {', '.join(EMBEDDED_MODELS)}, "
-                             "comma- or space-separated (default: all)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                        metavar="METHOD",
-                        help=f"methods, among {', '.join(METHODS)}, comma- or space-separated, "
-                             "or all (default: all but extremal_perturbation)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
                         help="randomisation modes (default: both)")
     parser.add_argument("--score", choices=("sigmoid", "softmax"), default="sigmoid",
                         help="RISE's class score, and the choice of the explained class "
                              "(default: %(default)s; the embedded models are multi-label)")
-    embedded_cli.add_perturbation_arguments(parser, "sanity_checks")
-    embedded_cli.add_model_arguments(parser)
     parser.add_argument("--docs", action="store_true",
                         help="also save the figures under docs/_static/")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    runner.add_common_arguments(parser, default_out=os.path.join(".", "out", "sanity_checks"))
-    parser.set_defaults(limit=4)
-    for action in parser._actions:
-        if action.dest == "limit":
-            action.help += " (default: %(default)s)"
-    args = parser.parse_args(argv)
-    try:
-        args.models = embedded_cli.name_list(args.models, EMBEDDED_MODELS, "--models")
-        args.methods = embedded_cli.name_list(args.methods, tuple(METHODS), "--methods")
-    except ValueError as error:
-        parser.error(str(error))
-    embedded_cli.check_weights(parser, args, args.models)
-    return args
+    embedded_cli.add_embedded_arguments(parser, "sanity_checks", tuple(METHODS),
+                                        DEFAULT_METHODS, limit=4)
+    return embedded_cli.parse_embedded_arguments(parser, argv, tuple(METHODS))
 
 
 def method_kwargs(method: str, model_name: str, args: argparse.Namespace) -> Dict[str, Any]:
     """The options of one method (the same masks / seed for every randomised model)."""
-    kw = method_options(method, model_name, "sanity_checks",
-                        overrides=embedded_cli.perturbation_overrides(args).get(method))
-    if method == "rise":
-        kw["score"] = args.score
-    if method in ("rise", "extremal_perturbation"):
-        kw["generator"] = args.seed
-    return kw
+    return embedded_cli.script_options(method, model_name, "sanity_checks", args)
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:

@@ -452,7 +452,12 @@ def run(args: argparse.Namespace, argv=None) -> int:
     start = time.perf_counter()
     for name in args.models:
         s = setup(name, args, device)
-        cases = [c for family in CASES for c in family(s) if c.method in args.methods]
+        every = [c for family in CASES for c in family(s)]
+        missing = [m for m in args.methods if m not in {c.method for c in every}]
+        if missing:  # say so rather than leave rows out silently
+            print(f"{name:9s} no speed case for {', '.join(missing)} (CASES has no row for them "
+                  "yet)", flush=True)
+        cases = [c for c in every if c.method in args.methods]
         attach_captum(cases, s)
         for case in cases:
             try:

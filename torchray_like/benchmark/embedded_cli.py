@@ -38,6 +38,7 @@ from .embedded_data import EmbeddedShapes
 from .embedded_models import EMBEDDED_MODELS, WeightsError
 
 __all__ = ["add_model_arguments", "add_perturbation_arguments", "perturbation_overrides",
+           "add_embedded_arguments", "parse_embedded_arguments", "script_options",
            "name_list", "split_weights", "check_weights", "load_benchmark_model",
            "weights_label", "with_threads", "EmbeddedWorker", "load_models_or_exit",
            "run_items", "run_benchmark"]
@@ -111,6 +112,61 @@ def perturbation_overrides(args: argparse.Namespace) -> Dict[str, Dict[str, Any]
     return {"rise": {"num_masks": getattr(args, "rise_masks", None),
                      "batch_size": getattr(args, "rise_batch", None)},
             "extremal_perturbation": {"max_iter": getattr(args, "ep_iters", None)}}
+
+
+def add_embedded_arguments(parser: argparse.ArgumentParser, benchmark: str,
+                           methods: Sequence[str], default_methods: Sequence[str],
+                           limit: int) -> None:
+    """The flags every embedded-benchmark script shares: ``--models``, ``--methods`` (among
+    ``methods``), the counts of :func:`add_perturbation_arguments`, ``--weights``,
+    ``--threads``, ``--no-progress`` and the common options with ``--limit`` defaulting to
+    ``limit``.  :func:`parse_embedded_arguments` checks them."""
+    everything = list(default_methods) == list(methods)
+    parser.add_argument("--models", nargs="+", default=["all"], metavar="MODEL",
+                        help=f"embedded models, among {', '.join(EMBEDDED_MODELS)}, "
+                             "comma- or space-separated (default: all)")
+    parser.add_argument("--methods", nargs="+", default=list(default_methods),
+                        metavar="METHOD",
+                        help=f"methods, among {', '.join(methods)}, comma- or space-separated, "
+                             f"or all (default: {'all' if everything else ' '.join(default_methods)})")
+    add_perturbation_arguments(parser, benchmark)
+    add_model_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    runner.add_common_arguments(parser, default_out=os.path.join(".", "out", benchmark))
+    parser.set_defaults(limit=limit)
+    for action in parser._actions:
+        if action.dest == "limit":
+            action.help = f"use only the first N test images (default: {limit})"
+
+
+def parse_embedded_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                             methods: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``--models`` / ``--methods`` become lists of names and ``--weights`` is
+    checked (argparse errors naming the flag)."""
+    args = parser.parse_args(argv)
+    try:
+        args.models = name_list(args.models, EMBEDDED_MODELS, "--models")
+        args.methods = name_list(args.methods, methods, "--methods")
+    except ValueError as error:
+        parser.error(str(error))
+    check_weights(parser, args, args.models)
+    return args
+
+
+def script_options(method: str, model: str, benchmark: str,
+                   args: argparse.Namespace) -> Dict[str, Any]:
+    """The options of one method call in an embedded-benchmark script: the settings table's
+    (:func:`~torchray_like.benchmark.settings.method_options`) with the flags' counts, RISE
+    scored by ``args.score`` and the random methods seeded by ``args.seed``."""
+    from .settings import method_options
+
+    options = method_options(method, model, benchmark,
+                             overrides=perturbation_overrides(args).get(method))
+    if method == "rise":
+        options["score"] = args.score
+    if method in ("rise", "extremal_perturbation"):
+        options["generator"] = args.seed
+    return options
 
 
 def split_weights(text: Optional[str], models: Sequence[str]) -> Dict[str, Optional[str]]:

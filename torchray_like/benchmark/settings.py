@@ -49,7 +49,8 @@ class ModelSettings:
         Side (pixels) of the images the model was trained at; extremal perturbation's blur and
         mask cells scale with it.
     grad_cam : str
-        Grad-CAM's layer (also guided Grad-CAM's and the layer linear approximation reads).
+        Grad-CAM's layer (also that of the other CAM variants and of guided Grad-CAM, and the
+        layer linear approximation reads).
     excitation_backprop : str
         Where (contrastive) excitation backprop reads its map.
     contrast : str
@@ -87,10 +88,14 @@ MODELS: Mapping[str, ModelSettings] = {
     "colournet": ModelSettings(32, "features.2", "features.0", "features.2"),
 }
 
-#: Which layer of :class:`ModelSettings` each layer method's option reads.
+#: The CAM family: every variant reads Grad-CAM's layer, so that they differ only by the map.
+_CAMS = ("grad_cam", "guided_grad_cam", "grad_cam_plus_plus", "layer_cam", "xgrad_cam",
+         "hires_cam", "eigen_cam", "score_cam", "ablation_cam")
+
+#: Which layer of :class:`ModelSettings` each layer method's option reads (methods not listed
+#: read the input, or choose their layer themselves).
 LAYER_OPTIONS: Mapping[str, Mapping[str, str]] = {
-    "grad_cam": {"saliency_layer": "grad_cam"},
-    "guided_grad_cam": {"saliency_layer": "grad_cam"},
+    **{name: {"saliency_layer": "grad_cam"} for name in _CAMS},
     "linear_approx": {"saliency_layer": "grad_cam"},
     "excitation_backprop": {"saliency_layer": "excitation_backprop"},
     "contrastive_excitation_backprop": {"saliency_layer": "excitation_backprop",
