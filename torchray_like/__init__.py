@@ -27,8 +27,17 @@ from .attribution.gradient_x_input import gradient_x_input  # noqa: E402
 from .attribution.integrated_gradients import integrated_gradients  # noqa: E402
 from .attribution.occlusion import occlusion  # noqa: E402
 from .attribution.smooth_grad import smooth_grad  # noqa: E402
+from .attribution.grad_cam_plus_plus import grad_cam_plus_plus  # noqa: E402
+from .attribution.layer_cam import layer_cam  # noqa: E402
+from .attribution.xgrad_cam import xgrad_cam  # noqa: E402
+from .attribution.hires_cam import hires_cam  # noqa: E402
+from .attribution.eigen_cam import eigen_cam  # noqa: E402
+from .attribution.score_cam import score_cam  # noqa: E402
+from .attribution.ablation_cam import ablation_cam  # noqa: E402
 
 __all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
            "linear_approx", "excitation_backprop", "contrastive_excitation_backprop", "rise",
            "extremal_perturbation",
-           "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion"]
+           "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion",
+           "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "score_cam",
+           "ablation_cam"]

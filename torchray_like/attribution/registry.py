@@ -30,6 +30,13 @@ from .gradient_x_input import gradient_x_input
 from .integrated_gradients import integrated_gradients
 from .occlusion import occlusion
 from .smooth_grad import smooth_grad
+from .grad_cam_plus_plus import grad_cam_plus_plus  # CAM family (issue 19)
+from .layer_cam import layer_cam
+from .xgrad_cam import xgrad_cam
+from .hires_cam import hires_cam
+from .eigen_cam import eigen_cam
+from .score_cam import score_cam
+from .ablation_cam import ablation_cam
 
 __all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS", "rise_map",
            "extremal_perturbation_map", "contrastive_excitation_backprop_map"]
@@ -145,6 +152,13 @@ METHODS = MethodRegistry({
     "integrated_gradients": integrated_gradients,
     "smooth_grad": smooth_grad,
     "occlusion": occlusion,
+    "grad_cam_plus_plus": grad_cam_plus_plus,
+    "layer_cam": layer_cam,
+    "xgrad_cam": xgrad_cam,
+    "hires_cam": hires_cam,
+    "eigen_cam": eigen_cam,
+    "score_cam": score_cam,
+    "ablation_cam": ablation_cam,
 })
 
 #: The methods described as data: they share one forward pass in ``explain``.
