@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["Slot", "arg_slot", "get_arg", "put_arg", "Call"]
+__all__ = ["Slot", "arg_slot", "get_arg", "put_arg", "arg", "first_arg", "with_first_arg", "Call"]
 
 
 Slot = Union[int, str, None]
@@ -39,6 +39,38 @@ def put_arg(args: list, kwargs: dict, slot: Slot, value: Any) -> None:
         args[slot] = value
     elif slot is not None:
         kwargs[slot] = value
+
+
+def arg(args: Sequence[Any], kwargs: dict, index: int, names: Tuple[str, ...],
+        default: Any = None) -> Any:
+    """Argument ``index`` (keyword ``names``) of a call, or ``default`` when it was not given."""
+    slot = arg_slot(tuple(args), kwargs, index, names)
+    return default if slot is None else get_arg(args, kwargs, slot)
+
+
+def first_arg(args: Sequence[Any], kwargs: dict,
+              names: Tuple[str, ...] = ("input", "self")) -> Any:
+    """The operand of a unary call (position 0 or a keyword of ``names``); a
+    :class:`TypeError` when the call has none."""
+    slot = arg_slot(tuple(args), kwargs, 0, names)
+    if slot is None:
+        raise TypeError("rectifier called without an input tensor")
+    return get_arg(args, kwargs, slot)
+
+
+def with_first_arg(func: Callable, args: Sequence[Any], kwargs: dict, names: Tuple[str, ...]
+                   ) -> Callable[[torch.Tensor], Any]:
+    """``t -> func(*args, **kwargs)`` with the operand (position 0 or a keyword of ``names``)
+    replaced by ``t``."""
+    slot = arg_slot(tuple(args), kwargs, 0, names)
+    if slot is None:
+        raise TypeError("rectifier called without an input tensor")
+
+    def call(t: torch.Tensor) -> Any:
+        new_args, new_kwargs = list(args), dict(kwargs)
+        put_arg(new_args, new_kwargs, slot, t)
+        return func(*new_args, **new_kwargs)
+    return call
 
 
 class Call:

@@ -50,15 +50,6 @@ class TorchRayDifferenceWarning(UserWarning):
 
 
 
-def first_tensor_arg(args: tuple, kwargs: dict, names: Tuple[str, ...] = ("input", "self")):
-    if args:
-        return args[0]
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-    raise TypeError("rectifier called without an input tensor")
-
-
 # Non-linearities whose gradient a ReLU rule does not change: seeing one is worth a warning.
 # Every spelling counts — module, functional, tensor method, in-place, ``torch.special`` and
 # ``torch.ops.aten`` — and so do the elementwise functions activations are written with by hand

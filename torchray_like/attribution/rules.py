@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .context import RuleContext, first_tensor_arg
+from .call_args import arg, first_arg, with_first_arg
+from .context import RuleContext
 
 __all__ = ["ReLURule", "GRADIENT_RULE", "ReLUContext", "RectifierFunction", "RuleCell"]
 
@@ -145,27 +146,6 @@ def _zero_tensor_like(z: Any, x: torch.Tensor) -> Optional[bool]:
 def _records(value: Any) -> bool:
     """Whether autograd records operations on ``value`` (a tensor requiring grad)."""
     return isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled()
-
-
-def _arg(args: tuple, kwargs: dict, index: int, names: tuple, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-    return default
-
-
-def _replace_first(func: Callable, args: tuple, kwargs: dict, names: tuple
-                   ) -> Callable[[torch.Tensor], Any]:
-    """``t -> func(*args, **kwargs)`` with the rectified operand replaced by ``t``."""
-    if args:
-        rest = args[1:]
-        return lambda t: func(t, *rest, **kwargs)
-    for name in names:
-        if name in kwargs:
-            return lambda t: func(**{**kwargs, name: t})
-    raise TypeError("rectifier called without an input tensor")
 
 
 #: Attribute a comparison's result carries inside a ReLUContext: ``(weakref to x, sign)`` for
@@ -410,21 +390,21 @@ class ReLUContext(RuleContext):
         return out
 
     def _relu(self, func, args, kwargs):
-        return self._apply(first_tensor_arg(args, kwargs), None, False, "relu")
+        return self._apply(first_arg(args, kwargs), None, False, "relu")
 
     def _relu_inplace(self, func, args, kwargs):
-        return self._apply(first_tensor_arg(args, kwargs), None, True, "relu")
+        return self._apply(first_arg(args, kwargs), None, True, "relu")
 
     def _relu_kw(self, func, args, kwargs):
         inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
-        return self._apply(first_tensor_arg(args, kwargs), None, bool(inplace), "relu")
+        return self._apply(first_arg(args, kwargs), None, bool(inplace), "relu")
 
     def _relu6_kw(self, func, args, kwargs):
         inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
-        return self._apply(first_tensor_arg(args, kwargs), 6.0, bool(inplace), "relu6")
+        return self._apply(first_arg(args, kwargs), 6.0, bool(inplace), "relu6")
 
     def _hardtanh_args(self, args, kwargs):
-        x = first_tensor_arg(args, kwargs)
+        x = first_arg(args, kwargs)
         lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
         hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
         return x, float(lo), float(hi)
@@ -444,20 +424,20 @@ class ReLUContext(RuleContext):
 
     def _not_rectifier(self, func, args, kwargs, kind: str):
         """A look-alike the rule does not cover: plain call, reported as unhandled."""
-        x = first_tensor_arg(args, kwargs)
+        x = first_arg(args, kwargs)
         if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
             self.unhandle(kind)
         return func(*args, **kwargs)
 
     # clamp / clip / clamp_min ---------------------------------------------------------------
     def _clamp_common(self, func, args, kwargs, inplace: bool):
-        x = _arg(args, kwargs, 0, ("input", "self"))
-        lo = _arg(args, kwargs, 1, ("min",))
-        hi = _arg(args, kwargs, 2, ("max",))
+        x = arg(args, kwargs, 0, ("input", "self"))
+        lo = arg(args, kwargs, 1, ("min",))
+        hi = arg(args, kwargs, 2, ("max",))
         if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs
                 or not _is_zero(lo)):
             return func(*args, **kwargs)  # clamp(min=eps), clamp(max=...) ...: no rectifier
-        compute = _replace_first(func, args, kwargs, ("input", "self"))
+        compute = with_first_arg(func, args, kwargs, ("input", "self"))
         if hi is None:
             return self._apply(x, None, inplace, "clamp", compute)
         if isinstance(hi, Real) and not isinstance(hi, bool) and float(hi) > 0:
@@ -471,13 +451,13 @@ class ReLUContext(RuleContext):
         return self._clamp_common(func, args, kwargs, True)
 
     def _clamp_min_common(self, func, args, kwargs, inplace: bool):
-        x = _arg(args, kwargs, 0, ("input", "self"))
-        lo = _arg(args, kwargs, 1, ("min",))
+        x = arg(args, kwargs, 0, ("input", "self"))
+        lo = arg(args, kwargs, 1, ("min",))
         if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs
                 or not _is_zero(lo)):
             return func(*args, **kwargs)
         return self._apply(x, None, inplace, "clamp",
-                           _replace_first(func, args, kwargs, ("input", "self")))
+                           with_first_arg(func, args, kwargs, ("input", "self")))
 
     def _clamp_min(self, func, args, kwargs):
         return self._clamp_min_common(func, args, kwargs, False)
@@ -487,15 +467,15 @@ class ReLUContext(RuleContext):
 
     # threshold ------------------------------------------------------------------------------
     def _threshold_common(self, func, args, kwargs, inplace: bool):
-        x = _arg(args, kwargs, 0, ("input", "self"))
-        th = _arg(args, kwargs, 1, ("threshold",))
-        value = _arg(args, kwargs, 2, ("value",))
+        x = arg(args, kwargs, 0, ("input", "self"))
+        th = arg(args, kwargs, 1, ("threshold",))
+        value = arg(args, kwargs, 2, ("value",))
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs:
             return func(*args, **kwargs)
         if not (_is_zero(th) and _is_zero(value)):
             return self._not_rectifier(func, args, kwargs, "threshold")
         return self._apply(x, None, inplace, "threshold",
-                           _replace_first(func, args, kwargs, ("input", "self")))
+                           with_first_arg(func, args, kwargs, ("input", "self")))
 
     def _threshold(self, func, args, kwargs):
         return self._threshold_common(func, args, kwargs, False)
@@ -504,14 +484,14 @@ class ReLUContext(RuleContext):
         return self._threshold_common(func, args, kwargs, True)
 
     def _threshold_kw(self, func, args, kwargs):
-        inplace = bool(_arg(args, kwargs, 3, ("inplace",), False))
+        inplace = bool(arg(args, kwargs, 3, ("inplace",), False))
         return self._threshold_common(func, args, kwargs, inplace)
 
     # where / maximum ------------------------------------------------------------------------
     def _mark(self, func, args, kwargs, sign: int):
         out = func(*args, **kwargs)
-        x = _arg(args, kwargs, 0, ("input", "self"))
-        other = _arg(args, kwargs, 1, ("other",))
+        x = arg(args, kwargs, 0, ("input", "self"))
+        other = arg(args, kwargs, 1, ("other",))
         if (isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor)
                 and x.is_floating_point() and _is_zero(other) and "out" not in kwargs):
             setattr(out, _MASK_ATTR, (weakref.ref(x), sign))
@@ -552,8 +532,8 @@ class ReLUContext(RuleContext):
         return func(*args, **kwargs)
 
     def _masked(self, func, args, kwargs):
-        a = _arg(args, kwargs, 0, ("input", "self"))
-        b = _arg(args, kwargs, 1, ("other", "mask"))
+        a = arg(args, kwargs, 0, ("input", "self"))
+        b = arg(args, kwargs, 1, ("other", "mask"))
         for mask, kept in ((b, a), (a, b)):
             mark = getattr(mask, _MASK_ATTR, None) if isinstance(mask, torch.Tensor) else None
             source = mark[0]() if mark is not None else None
@@ -566,20 +546,20 @@ class ReLUContext(RuleContext):
     def _where(self, func, args, kwargs):
         if len(args) + len(kwargs) < 3:
             return func(*args, **kwargs)  # torch.where(cond): the indices of non-zeros
-        cond = _arg(args, kwargs, 0, ("condition",))
-        a = _arg(args, kwargs, 1, ("input", "self"))
-        b = _arg(args, kwargs, 2, ("other",))
+        cond = arg(args, kwargs, 0, ("condition",))
+        a = arg(args, kwargs, 1, ("input", "self"))
+        b = arg(args, kwargs, 2, ("other",))
         return self._where_common(func, args, kwargs, cond, a, b)
 
     def _where_method(self, func, args, kwargs):
-        a = _arg(args, kwargs, 0, ("self", "input"))
-        cond = _arg(args, kwargs, 1, ("condition",))
-        b = _arg(args, kwargs, 2, ("other",))
+        a = arg(args, kwargs, 0, ("self", "input"))
+        cond = arg(args, kwargs, 1, ("condition",))
+        b = arg(args, kwargs, 2, ("other",))
         return self._where_common(func, args, kwargs, cond, a, b)
 
     def _maximum(self, func, args, kwargs):
-        a = _arg(args, kwargs, 0, ("input", "self"))
-        b = _arg(args, kwargs, 1, ("other",))
+        a = arg(args, kwargs, 0, ("input", "self"))
+        b = arg(args, kwargs, 1, ("other",))
         if "out" in kwargs or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return func(*args, **kwargs)
         for kept, zero in ((a, b), (b, a)):
@@ -598,7 +578,7 @@ class ReLUContext(RuleContext):
         return func(*args, **kwargs)
 
     def _max(self, func, args, kwargs):
-        other = _arg(args, kwargs, 1, ("other",))
+        other = arg(args, kwargs, 1, ("other",))
         if isinstance(other, torch.Tensor):
             return self._maximum(func, args, kwargs)  # the binary form: max(x, y)
         return func(*args, **kwargs)  # reductions: max(x), max(x, dim)
