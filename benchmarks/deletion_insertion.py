@@ -40,7 +40,6 @@ work is sharded over the processes).  ``--docs`` also saves the figure as
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -235,12 +234,7 @@ def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
     print(runner.format_table(table, ["method", "model", "images"]
                               + [f"{g}_auc" for g in GAMES] + ["s_per_img"],
                               {"s_per_img": ".3f"}))
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "deletion_insertion.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["method"])
-        writer.writeheader()
-        writer.writerows(table)
+    csv_path = embedded_cli.write_csv(os.path.join(args.out, "deletion_insertion.csv"), table)
     fractions = step_fractions(IMAGE_SIZE * IMAGE_SIZE, config["step_pixels"]).numpy()
     with open(os.path.join(args.out, "deletion_insertion.json"), "w") as f:
         json.dump({"settings": config, "fractions": fractions.tolist(), "rows": rows,

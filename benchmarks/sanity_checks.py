@@ -34,7 +34,6 @@ also saves the figures under ``docs/_static/``.  Extremal perturbation is left o
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -221,12 +220,7 @@ def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
             "rank|all", "ssim|all", "rank|indep.min", "s_per_img"]
     print(runner.format_table(head, [c for c in cols if any(c in r for r in head)],
                               {"s_per_img": ".2f", "images": "d"}))
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "sanity_checks.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = embedded_cli.write_csv(os.path.join(args.out, "sanity_checks.csv"), rows)
     with open(os.path.join(args.out, "sanity_checks.json"), "w") as f:
         json.dump({"settings": config, "summary": head, "rows": rows, "wall_seconds": wall},
                   f, indent=1)

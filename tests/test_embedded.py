@@ -457,3 +457,17 @@ def test_demo_uses_the_table_and_restores_the_thread_count(capsys):
     maps = demo.method_maps("extremal_perturbation", demo.ColourNet().eval(), demo.demo_image())
     assert maps.shape == (2, demo.SIZE, demo.SIZE) and maps.dtype == torch.float32
     assert not hasattr(demo, "explain")
+
+
+def test_write_csv_makes_the_folder_and_keeps_the_columns(tmp_path):
+    import csv
+
+    from torchray_like.benchmark.embedded_cli import write_csv
+
+    path = write_csv(str(tmp_path / "new" / "t.csv"), [{"model": "a", "auc": 0.5},
+                                                       {"model": "b", "auc": 0.25}])
+    with open(path) as f:
+        assert list(csv.DictReader(f)) == [{"model": "a", "auc": "0.5"},
+                                           {"model": "b", "auc": "0.25"}]
+    empty = write_csv(str(tmp_path / "e.csv"), [])
+    assert open(empty).read().strip() == "model,method"

@@ -25,6 +25,7 @@ checks) and one sharded pass over their ``(model, image, method)`` items.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import os
 import time
@@ -40,7 +41,7 @@ from .embedded_models import EMBEDDED_MODELS, WeightsError
 __all__ = ["add_model_arguments", "add_perturbation_arguments", "perturbation_overrides",
            "add_embedded_arguments", "parse_embedded_arguments", "script_options",
            "name_list", "split_weights", "check_weights", "load_benchmark_model",
-           "weights_label", "with_threads", "EmbeddedWorker", "load_models_or_exit",
+           "weights_label", "write_csv", "with_threads", "EmbeddedWorker", "load_models_or_exit",
            "run_items", "run_benchmark"]
 
 Item = Tuple[str, int, str]   # (model name, image index, method)
@@ -121,14 +122,15 @@ def add_embedded_arguments(parser: argparse.ArgumentParser, benchmark: str,
     ``methods``), the counts of :func:`add_perturbation_arguments`, ``--weights``,
     ``--threads``, ``--no-progress`` and the common options with ``--limit`` defaulting to
     ``limit``.  :func:`parse_embedded_arguments` checks them."""
-    everything = list(default_methods) == list(methods)
+    left_out = [m for m in methods if m not in default_methods]
+    default = "all" + (f" but {', '.join(left_out)}" if left_out else "")
     parser.add_argument("--models", nargs="+", default=["all"], metavar="MODEL",
                         help=f"embedded models, among {', '.join(EMBEDDED_MODELS)}, "
                              "comma- or space-separated (default: all)")
     parser.add_argument("--methods", nargs="+", default=list(default_methods),
                         metavar="METHOD",
                         help=f"methods, among {', '.join(methods)}, comma- or space-separated, "
-                             f"or all (default: {'all' if everything else ' '.join(default_methods)})")
+                             f"or all (default: {default})")
     add_perturbation_arguments(parser, benchmark)
     add_model_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -268,6 +270,17 @@ def weights_label(args: argparse.Namespace) -> Dict[str, str]:
             path = os.path.expanduser(spec)
             out[name] = "sha256:" + _sha256(path) if os.path.isfile(path) else f"missing:{path}"
     return out
+
+
+def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> str:
+    """``rows`` as a CSV file (columns: the first row's keys; a header only when empty), in a
+    folder created if needed; returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model", "method"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 class EmbeddedWorker:
