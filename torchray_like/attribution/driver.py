@@ -178,7 +178,7 @@ class ForwardPass:
                 f"{self.where(labels[0])} and the output (they act on constants, frozen "
                 "parameters or a branch the target does not use), so the result would be the "
                 f"plain gradient; this method needs {ctx.requirement} on that path")
-        return list(found)
+        return [g for g in found if g is not None]  # each checked above
 
     def backward(self, tensors: List[torch.Tensor], retain_graph: bool
                  ) -> List[Optional[torch.Tensor]]:

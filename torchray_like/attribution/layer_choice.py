@@ -213,10 +213,10 @@ def reachable_saliency_layer(model: nn.Module, input: torch.Tensor, target: Any)
     records, calls, output = _record_forward(model, input, keep=True)
     parsed = target if isinstance(target, Target) else parse_target(target, input.shape[0])
     scores, seed = parsed.seed(output)
-    kept = [r for r in records if r.tensor is not None and r.tensor.requires_grad]
-    grads = torch.autograd.grad(scores, [r.tensor for r in kept], seed, allow_unused=True) \
+    kept = [(r, r.tensor) for r in records if r.tensor is not None and r.tensor.requires_grad]
+    grads = torch.autograd.grad(scores, [t for _, t in kept], seed, allow_unused=True) \
         if kept and scores.requires_grad else [None] * len(kept)
-    reached = {r.name for r, g in zip(kept, grads) if g is not None}
+    reached = {r.name for (r, _), g in zip(kept, grads) if g is not None}
     used = [r for r in records if r.name in reached]
     for r in records:
         r.tensor = None  # free the graph

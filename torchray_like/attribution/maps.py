@@ -255,7 +255,8 @@ def check_smooth(smooth: Any) -> float:
     ``smooth`` blurs the *map* with a Gaussian of ``sigma = smooth * max(spatial size)``; it is
     not SmoothGrad (:func:`~torchray_like.attribution.smooth_grad.smooth_grad` averages a
     method over noisy copies of the input)."""
-    if isinstance(smooth, (bool, np.bool_)) or not (isinstance(smooth, Real) and smooth >= 0
+    if isinstance(smooth, (bool, np.bool_)) or not (isinstance(smooth, Real)
+                                                    and float(smooth) >= 0
                                                     and math.isfinite(smooth)):
         raise ValueError(f"smooth must be a non-negative number, got {smooth!r}")
     return float(smooth)
