@@ -1,0 +1,524 @@
+r"""Layer-wise relevance propagation (LRP) as a rule context.
+
+Bach et al. 2015 (PLoS ONE 10(7)); Montavon et al., "Layer-wise relevance propagation: an
+overview", 2019.  The relevance of the target score is passed down the network layer by layer;
+each linear operation shares its outputs' relevance among its inputs by a *rule*
+(:mod:`.lrp_rules`: ε, γ, z⁺, α-β, flat, w², z^B), chosen per layer by a *composite*
+(:mod:`.lrp_composites`).
+
+:class:`LRPContext` is a :class:`~.context.RuleContext`: inside its ``with`` block every
+convolution, transposed convolution and linear layer the model calls — a module,
+``F.conv2d`` / ``F.linear`` called directly, a custom layer — gets its composite's rule in
+backward, thread-locally, without touching the model.  Batch norm right after a convolution or
+linear layer is folded into that layer *inside the rule* (the merged weight and bias are used
+for the relevance; the model's parameters are not changed).
+
+**Gradient form.**  What backpropagates is ``g = R / t`` — the gradient of the output under the
+rules — so that the relevance of any tensor ``t`` (the input, or a layer read with a probe) is
+``t ⊙ g`` (the *input × gradient* convention), and the relevance of the output is the target
+score itself (the seed is one at the target class).  In this form the operations between the
+linear layers need no rule: ReLU and max pooling pass relevance as their gradient does (to the
+active units, to the winner), and every linear operation without bias — average and adaptive
+pooling, residual sums ``a + b`` (each term gets its proportional share ``a / (a + b)``),
+concatenation, reshapes, sums and means, scalings — is LRP-0 with its plain gradient.
+
+Conservation: with ε → 0 and no biases the relevance at every layer sums to the target score;
+biases (and ε) absorb the rest (:func:`lrp_conservation` reports each layer's sum).  The map
+of :func:`lrp` is the relevance summed over channels.
+
+Uncovered operations — layer / group / instance norm, softmax, attention and products of two
+activations, non-linearities other than rectifiers (GELU, SiLU, tanh ...), bounded rectifiers
+(ReLU6, whose saturated side would lose relevance) — keep their plain gradient and are named in
+an :class:`~.context.UnhandledActivationWarning`: the map is then not pure LRP.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import warnings
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .context import RuleContext, records_gradient
+from .driver import SaliencyDebug
+from .engine import saliency
+from .linear_approx import gradient_to_linear_approx_saliency
+from .lrp_composites import Composite, CompositeSpec, make_composite
+from .lrp_rules import AffineCall, Rule, compute_dtype
+from .maps import SizeType
+from .modules import unwrap_compiled
+from .rules import UNHANDLED_NODES
+from .targets import TargetType, get_backward_gradient
+
+__all__ = ["LRPContext", "lrp", "RelevanceLostWarning", "lrp_epsilon_plus",
+           "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box",
+           "LRP_METHODS"]
+
+Layer = Union[str, nn.Module, None]
+
+
+class RelevanceLostWarning(UserWarning):
+    """A first-layer rule (flat, w², z^B) gave relevance to input elements equal to zero,
+    which the gradient form (relevance = input × gradient) cannot carry."""
+
+
+_CONV = {torch.conv1d: "conv", torch.conv2d: "conv", torch.conv3d: "conv",
+         torch.conv_transpose1d: "conv_transpose", torch.conv_transpose2d: "conv_transpose",
+         torch.conv_transpose3d: "conv_transpose", F.linear: "linear"}
+
+# Operations no rule covers: they keep their plain gradient, and are named in a warning.
+_UNCOVERED = {F.layer_norm: "layer_norm", F.group_norm: "group_norm",
+              F.instance_norm: "instance_norm", F.local_response_norm: "local_response_norm",
+              F.normalize: "normalize", F.softmax: "softmax", F.log_softmax: "log_softmax",
+              torch.softmax: "softmax", torch.log_softmax: "log_softmax",
+              torch.Tensor.softmax: "softmax", torch.Tensor.log_softmax: "log_softmax",
+              F.scaled_dot_product_attention: "scaled_dot_product_attention",
+              F.multi_head_attention_forward: "attention", F.relu6: "relu6",
+              F.hardtanh: "hardtanh (ReLU6)", F.hardtanh_: "hardtanh (ReLU6)"}
+if hasattr(F, "rms_norm"):
+    _UNCOVERED[F.rms_norm] = "rms_norm"
+# Products: a linear map when one operand is constant, uncovered when both are activations.
+_PRODUCTS = {torch.matmul: "matmul", torch.Tensor.matmul: "matmul",
+             torch.Tensor.__matmul__: "matmul", torch.Tensor.__rmatmul__: "matmul",
+             torch.mm: "matmul", torch.Tensor.mm: "matmul", torch.bmm: "matmul",
+             torch.Tensor.bmm: "matmul", torch.einsum: "einsum",
+             torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul",
+             torch.Tensor.__rmul__: "mul", torch.Tensor.mul_: "mul",
+             torch.div: "div", torch.Tensor.div: "div", torch.Tensor.__truediv__: "div",
+             torch.Tensor.__rtruediv__: "div"}
+
+_UNCOVERED_NODES = dict(UNHANDLED_NODES, **{
+    "NativeLayerNormBackward0": ("layer_norm",), "NativeGroupNormBackward0": ("group_norm",),
+    "SoftmaxBackward0": ("softmax",), "LogSoftmaxBackward0": ("log_softmax",),
+    "HardtanhBackward0": ("hardtanh (ReLU6)",)})
+
+
+def _escaped_conv(node: Any, context: "RuleContext") -> bool:
+    # A convolution on the path that the context did not replace: made in another thread
+    # (one with an activation as weight is reported as uncovered instead).
+    return "conv with an activation as weight" not in context.unhandled
+
+
+class _Node:
+    """What one replaced call keeps for backward: the operation, its rule, the context's
+    counters, and a batch norm folded into it."""
+
+    __slots__ = ("call", "rule", "owner", "version", "fold", "fold_grad", "__weakref__")
+
+    def __init__(self, call: AffineCall, rule: Rule, owner: "LRPContext",
+                 version: int) -> None:
+        self.call, self.rule, self.owner, self.version = call, rule, owner, version
+        self.fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.fold_grad: Optional[torch.Tensor] = None
+
+    def effective(self, g: torch.Tensor) -> AffineCall:
+        """The operation the rule sees: with its batch norm folded when the gradient came
+        through that batch norm only."""
+        if self.fold is None:
+            return self.call
+        if self.fold_grad is None or g.data_ptr() != self.fold_grad.data_ptr():
+            raise ValueError(
+                "LRPContext: a layer's output feeds its batch norm and also another operation; "
+                "the batch norm cannot be folded into the layer for LRP. Read relevance above "
+                "the batch norm, or restructure the model so that only the batch norm reads "
+                "the layer's output")
+        return self.call.folded(*self.fold)
+
+
+class LRPFunction(torch.autograd.Function):
+    """A linear operation whose forward is the plain call and whose backward applies its LRP
+    rule in gradient form: ``g_x`` with ``x ⊙ g_x = R_x``, from ``R_z = z ⊙ g_z``."""
+
+    @staticmethod
+    def forward(ctx, x, node):
+        ctx.save_for_backward(x)
+        ctx.node = node
+        return node.call.output(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        node: _Node = ctx.node
+        if node.call.weight._version != node.version:
+            raise RuntimeError("LRPContext: a layer's weight was modified in place between the "
+                               "forward pass and backward; run the forward pass again")
+        node.owner.applied += 1
+        with torch._C.DisableTorchFunction():
+            return _rule_gradient(x, node, g), None
+
+
+def _rule_gradient(x: torch.Tensor, node: _Node, g: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(x.dtype)
+    call = node.effective(g).cast(dtype)
+    xc, gc = x.to(dtype), g.to(dtype)
+    with torch.no_grad():
+        r = call.output(xc) * gc
+    if node.rule.proportional:
+        return node.rule.gradient(xc, call, r).to(x.dtype)
+    relevance = node.rule.relevance(xc, call, r)
+    zero = xc == 0
+    lost = relevance.masked_fill(~zero, 0)
+    if bool(lost.any()):
+        node.owner.report_lost(node.rule, int((lost != 0).sum()),
+                               float(lost.abs().sum() / relevance.abs().sum().clamp(min=1e-30)))
+    return torch.where(zero, 0.0, relevance / torch.where(zero, 1.0, xc)).to(x.dtype)
+
+
+class BatchNormFoldFunction(torch.autograd.Function):
+    """A batch norm folded into the layer before it: forward is the plain call, backward passes
+    the gradient unchanged (the layer's rule uses the merged weights)."""
+
+    @staticmethod
+    def forward(ctx, x, node, call):
+        ctx.node = node
+        with torch._C.DisableTorchFunction():
+            return call(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        ctx.node.fold_grad = g
+        return g, None, None
+
+
+_BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+_BN_DEFAULTS = (None, None, None, None, None, False, 0.1, 1e-5)
+
+
+def _batch_norm_args(args: tuple, kwargs: dict) -> Dict[str, Any]:
+    values = dict(zip(_BN_NAMES, _BN_DEFAULTS))
+    values.update(zip(_BN_NAMES, args))
+    values.update(kwargs)
+    return values
+
+
+def _affine_args(args: tuple, kwargs: dict) -> Tuple[Any, Any, Any, tuple, dict]:
+    """``(x, weight, bias, rest, other kwargs)`` of a conv / linear call."""
+    names = ("input", "weight", "bias")
+    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+    rest_kwargs = {k: v for k, v in kwargs.items() if k not in names}
+    return values[0], values[1], values[2], tuple(args[3:]), rest_kwargs
+
+
+class LRPContext(RuleContext):
+    """Inside this context, backpropagation computes layer-wise relevance (gradient form).
+
+    Every convolution, transposed convolution and linear layer the model calls gets the rule
+    its composite chooses; batch norm right after one is folded into it inside the rule; ReLU,
+    max pooling and bias-free linear operations (pooling, residual sums, reshapes) keep their
+    gradient, which is their LRP rule in this form.  The gradient of a tensor ``t`` computed
+    from a forward pass run in the block is ``R_t / t``: its relevance is ``t * t.grad``.
+    Thread-local, nestable, removed on exit also when the block raises.
+
+    Parameters
+    ----------
+    composite : Composite, str or mapping
+        The rules per layer: a :class:`~.lrp_composites.Composite`, a standard composite's name
+        (``"EpsilonPlusFlat"`` (default), ``"EpsilonPlus"``, ``"EpsilonAlpha2Beta1"``,
+        ``"EpsilonGammaBox"``), or a mapping ``{selector: rule}``
+        (see :func:`~.lrp_composites.make_composite`).
+    model : torch.nn.Module, optional
+        The model: needed when the composite selects layers by name; when given, each call of
+        the model starts a new forward pass (its first linear operation gets the first-layer
+        rule again).  Without it, the first linear operation after entering the block is the
+        first layer.
+
+    Attributes
+    ----------
+    counts : dict
+        Replaced calls by kind (``conv``, ``conv_transpose``, ``linear``, ``batch_norm_fold``).
+    rules : list of (str, str)
+        ``(kind, rule name)`` of each replaced call, in forward order.
+    applied : int
+        Backward passes through replaced calls.
+    unhandled : dict
+        Operations no rule covers that autograd records, with their count (warned about).
+
+    Examples
+    --------
+    >>> with LRPContext("EpsilonPlusFlat", model=model):    # doctest: +SKIP
+    ...     y = model(x.requires_grad_())
+    ...     (grad,) = torch.autograd.grad(y[:, c].sum(), x)
+    >>> relevance = x * grad            # sums to y[:, c] up to the biases' share
+    """
+
+    replaces = "convolution or linear-layer call"
+    requirement = "a model made of convolutions / linear layers"
+    report_other_activations = True
+    escaped_kinds = {"ConvolutionBackward0": _escaped_conv}
+    unhandled_kinds = _UNCOVERED_NODES
+
+    def __init__(self, composite: CompositeSpec = "EpsilonPlusFlat",
+                 model: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.composite: Composite = make_composite(composite)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"LRPContext: model must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        self.model = None if model is None else unwrap_compiled(model)
+        self._named = self._resolve_names()
+        self.applied = 0
+        self.rules: List[Tuple[str, str]] = []
+        self.lost: Dict[str, int] = {}
+        self._first_pending = True
+        self._outputs: Dict[int, Tuple[Any, _Node]] = {}
+        self._stack: List[nn.Module] = []
+        self._hooks: List[Any] = []
+        for func, kind in _CONV.items():
+            self.handlers[func] = functools.partial(self._affine, kind=kind)
+        self.handlers[F.batch_norm] = self._batch_norm
+        for func, name in _UNCOVERED.items():
+            self.handlers[func] = functools.partial(self._uncovered, name=name)
+        for func, name in _PRODUCTS.items():
+            self.handlers[func] = functools.partial(self._product, name=name)
+
+    def _resolve_names(self) -> Dict[str, nn.Module]:
+        names = self.composite.names
+        if not names:
+            return {}
+        if self.model is None:
+            raise ValueError(
+                f"LRPContext: composite {self.composite.name!r} selects layers by name "
+                f"({', '.join(map(repr, names))}): pass model=... to resolve them")
+        modules = dict(self.model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(
+                f"LRPContext: composite {self.composite.name!r} names layers "
+                f"{', '.join(map(repr, missing))} that {type(self.model).__name__} does not "
+                f"have (its layers: {', '.join(list(n for n in modules if n)[:12])} ...)")
+        return {n: modules[n] for n in names}
+
+    # -- enter / exit: module tracking ------------------------------------------------------
+    def __enter__(self):
+        out = super().__enter__()
+        self.applied, self.rules, self._outputs = 0, [], {}
+        self._first_pending, self._stack = True, []
+        thread = threading.get_ident()
+        ref = weakref.ref(self)
+        if self.model is not None:
+            self._hooks.append(self.model.register_forward_pre_hook(
+                functools.partial(_new_pass, ref, thread)))
+        if self.composite.needs_modules:
+            hooks = nn.modules.module
+            self._hooks.append(hooks.register_module_forward_pre_hook(
+                functools.partial(_push, ref, thread)))
+            self._hooks.append(hooks.register_module_forward_hook(
+                functools.partial(_pop, ref, thread), always_call=True))
+        return out
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._stack, self._outputs = [], [], {}
+        return super().__exit__(exc_type, exc_val, exc_tb)
+
+    # -- handlers ---------------------------------------------------------------------------
+    def _affine(self, func, args, kwargs, kind: str):
+        x, weight, bias, rest, other = _affine_args(args, kwargs)
+        if not (isinstance(x, torch.Tensor) and records_gradient((x,), {})):
+            self.skip(kind)
+            return func(*args, **kwargs)
+        if not isinstance(weight, torch.Tensor) or (
+                weight.requires_grad and not isinstance(weight, nn.Parameter)):
+            self.unhandle("conv with an activation as weight" if kind != "linear"
+                          else "linear with an activation as weight")
+            return func(*args, **kwargs)
+        first, self._first_pending = self._first_pending, False
+        module = self._stack[-1] if self._stack else None
+        rule = self.composite.rule_for(kind, module, first, self._named)
+        node = _Node(AffineCall(func, weight, bias, rest, other, kind), rule, self,
+                     weight._version)
+        self.count(kind)
+        self.rules.append((kind, rule.name))
+        out = LRPFunction.apply(x, node)
+        self._outputs[id(out)] = (weakref.ref(out), node)
+        return out
+
+    def _batch_norm(self, func, args, kwargs):
+        values = _batch_norm_args(args, kwargs)
+        x = values["input"]
+        if not (isinstance(x, torch.Tensor) and records_gradient((x,), {})):
+            return func(*args, **kwargs)
+        if values["training"] or values["running_mean"] is None:
+            self.unhandle("batch_norm with batch statistics (training mode)")
+            return func(*args, **kwargs)
+        entry = self._outputs.get(id(x))
+        node = entry[1] if entry is not None and entry[0]() is x else None
+        if node is None or node.fold is not None or node.call.kind not in ("conv", "linear"):
+            # Not after a layer: an element-wise affine map, whose plain gradient is LRP-0.
+            return func(*args, **kwargs)
+        node.fold = _bn_scale_shift(values, x.dtype)
+        self.count("batch_norm_fold")
+        rest = {k: v for k, v in values.items() if k != "input"}
+        return BatchNormFoldFunction.apply(x, node, lambda t: func(t, **rest))
+
+    def _uncovered(self, func, args, kwargs, name: str):
+        if records_gradient(args, kwargs):
+            self.unhandle(name)
+        return func(*args, **kwargs)
+
+    def _product(self, func, args, kwargs, name: str):
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        if name == "einsum" and args and isinstance(args[-1], (list, tuple)):
+            tensors += [t for t in args[-1] if isinstance(t, torch.Tensor)]
+        active = [t for t in tensors if records_gradient((t,), {})
+                  and not isinstance(t, nn.Parameter)]
+        if len(active) > 1 or (name == "div" and active and active[-1] is not tensors[0]):
+            self.unhandle(f"{name} of two activations" if len(active) > 1 else "reciprocal")
+        return func(*args, **kwargs)
+
+    # -- reports -----------------------------------------------------------------------------
+    def report_lost(self, rule: Rule, count: int, share: float) -> None:
+        """Warn that a first-layer rule's relevance at zero inputs is not representable."""
+        self.lost[rule.name] = self.lost.get(rule.name, 0) + count
+        warnings.warn(
+            f"LRPContext: the first-layer rule {type(rule).__name__} gave relevance to {count} "
+            f"input element(s) equal to zero ({share:.3g} of that layer's relevance), which "
+            "the gradient form (relevance = input × gradient) cannot carry: they are left out "
+            "of the map. Use a first-layer rule proportional to the input (a composite "
+            "without 'first', e.g. 'EpsilonPlus'), or shift the input away from exact zeros",
+            RelevanceLostWarning, stacklevel=2)
+
+
+def _bn_scale_shift(values: Dict[str, Any], dtype: torch.dtype
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a, c)`` with ``batch_norm(y) = a ⊙ y + c`` per channel (running statistics)."""
+    var = values["running_var"].detach().to(compute_dtype(dtype))
+    mean = values["running_mean"].detach().to(var.dtype)
+    scale = torch.rsqrt(var + values["eps"])
+    if values["weight"] is not None:
+        scale = scale * values["weight"].detach().to(var.dtype)
+    shift = -mean * scale
+    if values["bias"] is not None:
+        shift = shift + values["bias"].detach().to(var.dtype)
+    return scale, shift
+
+
+def _owner(ref: Any, thread: int) -> Optional[LRPContext]:
+    context = ref()
+    if context is None or threading.get_ident() != thread or context._suspended:
+        return None
+    return context
+
+
+def _new_pass(ref: Any, thread: int, module: nn.Module, args: Any) -> None:
+    context = _owner(ref, thread)
+    if context is not None:
+        context._first_pending = True
+
+
+def _push(ref: Any, thread: int, module: nn.Module, args: Any) -> None:
+    context = _owner(ref, thread)
+    if context is not None:
+        context._stack.append(module)
+
+
+def _pop(ref: Any, thread: int, module: nn.Module, args: Any, output: Any) -> None:
+    context = _owner(ref, thread)
+    if context is not None and context._stack and context._stack[-1] is module:
+        context._stack.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+
+def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
+        saliency_layer: Layer = "", resize: SizeType = False, resize_mode: str = "bilinear",
+        smooth: float = 0,
+        gradient_to_saliency: Callable[[torch.Tensor], torch.Tensor] =
+        gradient_to_linear_approx_saliency,
+        get_backward_gradient: Callable[[torch.Tensor, TargetType], torch.Tensor] =
+        get_backward_gradient, debug: bool = False, *,
+        composite: CompositeSpec = "EpsilonPlusFlat"
+        ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
+    """Layer-wise relevance propagation map: the relevance at ``saliency_layer`` summed over
+    channels.
+
+    One forward pass inside :class:`LRPContext` (``composite``'s rules), one backward pass
+    from the target score; the relevance of the tensor read ``t`` is ``t ⊙ g`` (input ×
+    gradient under the rules), summed over channels.  It sums to the target score, less what
+    the biases (and ε) absorb.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, as it is (no canonization needed: batch norm after a convolution or
+        linear layer is folded inside the rule; residual sums split proportionally).
+    input : torch.Tensor
+        ``(N, C, *spatial)`` floating-point batch (1-D, 2-D or 3-D data).
+    target : int, sequence, torch.Tensor or callable
+        The output unit(s) to explain (see
+        :func:`~torchray_like.attribution.common.get_backward_gradient`).
+    saliency_layer : str or torch.nn.Module, optional
+        Layer whose output relevance is read; ``""`` / ``None`` (default) means the input.  A
+        convolution followed by batch norm is one LRP layer: read it at the batch norm.
+    resize, resize_mode, smooth, get_backward_gradient, debug
+        As in :func:`~torchray_like.attribution.common.saliency`.
+    gradient_to_saliency : callable
+        Turns the read tensor (``.grad``: the gradient under the rules) into the map; default
+        ``Σ_c t_c · g_c``, the channel-summed relevance.
+    composite : Composite, str or mapping, keyword-only
+        The rules per layer (see :class:`LRPContext`); default ``"EpsilonPlusFlat"``.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, SaliencyDebug)
+        ``(N, 1, *spatial)`` signed relevance maps.
+
+    Raises
+    ------
+    ValueError
+        For a model without convolution or linear layer, an unknown composite or layer name,
+        and whatever :func:`~torchray_like.attribution.common.saliency` refuses.
+    """
+    spec = make_composite(composite)  # errors before any work
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lrp: model must be a torch.nn.Module, got {type(model).__name__}")
+    owner = unwrap_compiled(model)
+    return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
+                    resize_mode=resize_mode, smooth=smooth,
+                    context_builder=lambda: LRPContext(spec, model=owner),
+                    gradient_to_saliency=gradient_to_saliency,
+                    get_backward_gradient=get_backward_gradient, debug=debug)
+
+
+def _variant(name: str, composite: str) -> Callable[..., Any]:
+    """:func:`lrp` with another default composite (a ``METHODS`` entry)."""
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("composite", composite)
+        return lrp(*args, **kwargs)
+
+    sig = inspect.signature(lrp)
+    method.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+        p.replace(default=composite) if p.name == "composite" else p
+        for p in sig.parameters.values()])
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f":func:`lrp` with ``composite={composite!r}``."
+    return method
+
+
+lrp_epsilon_plus = _variant("lrp_epsilon_plus", "EpsilonPlus")
+lrp_epsilon_plus_flat = _variant("lrp_epsilon_plus_flat", "EpsilonPlusFlat")
+lrp_epsilon_alpha2_beta1 = _variant("lrp_epsilon_alpha2_beta1", "EpsilonAlpha2Beta1")
+lrp_epsilon_gamma_box = _variant("lrp_epsilon_gamma_box", "EpsilonGammaBox")
+
+#: The ``METHODS`` entries of LRP: ``"lrp"`` (EpsilonPlusFlat) and one per standard composite.
+LRP_METHODS: Dict[str, Callable[..., Any]] = {
+    "lrp": lrp, "lrp_epsilon_plus": lrp_epsilon_plus,
+    "lrp_epsilon_plus_flat": lrp_epsilon_plus_flat,
+    "lrp_epsilon_alpha2_beta1": lrp_epsilon_alpha2_beta1,
+    "lrp_epsilon_gamma_box": lrp_epsilon_gamma_box,
+}

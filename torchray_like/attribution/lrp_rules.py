@@ -1,0 +1,365 @@
+r"""Layer-wise relevance propagation rules, as values.
+
+Bach et al., "On pixel-wise explanations for non-linear classifier decisions by layer-wise
+relevance propagation", PLoS ONE 2015; Montavon et al., "Layer-wise relevance propagation: an
+overview", 2019.  A rule says how the relevance ``R`` of the outputs of one linear operation
+``z = op(x, w) + b`` (a convolution, a transposed convolution, a linear layer, a batch norm
+taken as an element-wise affine map) is shared among its inputs.  Every rule here has the form
+
+.. math::
+
+    R_j = \sum_k \sum_i \frac{\tilde x^{(k)}_j \tilde w^{(k)}_{ij}}{\tilde z_i} R_i,
+    \qquad \tilde z_i = \sum_k \sum_j \tilde x^{(k)}_j \tilde w^{(k)}_{ij} + \tilde b_i,
+
+a sum of terms ``(x̃, w̃)`` (the input and the weight modified), computed as ``x̃ ⊙ op_w̃ᵀ(R /
+z̃)``: one forward and one transposed application of the operation per term.  The rules
+(:class:`Epsilon`, :class:`Gamma`, :class:`ZPlus`, :class:`AlphaBeta`, :class:`Flat`,
+:class:`WSquare`, :class:`ZBox`) are frozen dataclasses: values a composite maps layers to.
+
+**Gradient form.**  :class:`~torchray_like.attribution.lrp.LRPContext` propagates
+``g = R / t`` (the *gradient* under the rules) rather than ``R``: the relevance of a tensor ``t``
+is ``t ⊙ g``.  Rules whose relevance is proportional to their input (``R_j = x_j c_j``: ε, γ, z⁺,
+α-β) return ``c`` exactly (:meth:`Rule.gradient`); the first-layer rules (flat, w², z^B) give
+relevance to inputs equal to zero too, which the gradient form cannot carry: they return
+``R / x`` where ``x ≠ 0`` and the rest is reported as lost (:meth:`Rule.relevance`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["AffineCall", "Rule", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare",
+           "ZBox", "stabilize", "safe_divide", "compute_dtype", "scale_shift", "share", "RULES"]
+
+Term = Tuple[torch.Tensor, torch.Tensor]  # (modified input, modified weight)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rules compute in: float32 for 16-bit floats, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+#: The ε that keeps the denominators of the rules other than ε away from zero.
+STABILIZER = 1e-6
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + ε · sign(z)`` with ``sign(0) = 1``: the denominator moved away from zero."""
+    if epsilon == 0:
+        return z
+    return z + torch.where(z >= 0, epsilon, -epsilon)
+
+
+def safe_divide(r: torch.Tensor, z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``r / stabilize(z, ε)``, zero where the denominator is exactly zero (``ε = 0``)."""
+    d = stabilize(z, epsilon)
+    return torch.where(d == 0, torch.zeros_like(r), r / torch.where(d == 0, 1.0, d))
+
+
+def _scaled_weight(call: "AffineCall", scale: torch.Tensor) -> torch.Tensor:
+    """The weight multiplied per output channel by ``scale`` (a batch norm folded into it)."""
+    w = call.weight
+    shape = [1] * w.dim()
+    out_dim = 1 if call.kind == "conv_transpose" else 0
+    shape[out_dim] = -1
+    return w * scale.reshape(shape)
+
+
+class AffineCall:
+    """One linear operation the context replaced, replayable with other inputs and weights.
+
+    ``func(x, weight, bias, *rest, **kwargs)`` is the operation (``F.linear``,
+    ``torch.conv2d`` ...); ``kind`` is ``"conv"``, ``"conv_transpose"``, ``"linear"`` or
+    ``"batch_norm"`` (an element-wise affine map, weights of the input's channels).
+    """
+
+    __slots__ = ("func", "weight", "bias", "rest", "kwargs", "kind")
+
+    def __init__(self, func: Callable, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 rest: Sequence[Any] = (), kwargs: Optional[dict] = None,
+                 kind: str = "linear") -> None:
+        self.func, self.kind = func, kind
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.rest, self.kwargs = tuple(rest), dict(kwargs or {})
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``op(x, weight) + bias`` (the plain operation, no rule context)."""
+        with torch._C.DisableTorchFunction():
+            return self.func(x, weight, bias, *self.rest, **self.kwargs)
+
+    def folded(self, scale: torch.Tensor, shift: torch.Tensor) -> "AffineCall":
+        """The operation followed by ``y ↦ scale ⊙ y + shift`` per output channel, merged."""
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return AffineCall(self.func, _scaled_weight(self, scale), bias, self.rest,
+                          self.kwargs, self.kind)
+
+    def cast(self, dtype: torch.dtype) -> "AffineCall":
+        """The same operation with weight and bias in ``dtype``."""
+        if self.weight.dtype == dtype:
+            return self
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return AffineCall(self.func, self.weight.to(dtype), bias, self.rest, self.kwargs,
+                          self.kind)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """``op(x, w) + b``."""
+        return self.apply(x, self.weight, self.bias)
+
+
+def scale_shift(x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x ⊙ weight + bias`` along dimension 1: a batch norm with running statistics."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = x * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+def _bias(call: AffineCall, modifier: Optional[Callable[[torch.Tensor], torch.Tensor]]
+          ) -> Optional[torch.Tensor]:
+    if call.bias is None or modifier is None:
+        return None
+    return modifier(call.bias)
+
+
+def share(call: AffineCall, terms: Sequence[Term], bias: Optional[torch.Tensor],
+          r: torch.Tensor, epsilon: float) -> List[torch.Tensor]:
+    """``c_k = op_{w̃_k}ᵀ(R / z̃)`` for each term, with ``z̃ = Σ_k op(x̃_k, w̃_k) + b̃``
+    stabilised by ``ε``: one replay of the operation on leaves, one transposed pass."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x, _ in terms]
+        z = None
+        for leaf, (_, w) in zip(leaves, terms):
+            out = call.apply(leaf, w, bias if z is None else None)
+            z = out if z is None else z + out
+    assert z is not None
+    s = safe_divide(r, z.detach(), epsilon)
+    return list(torch.autograd.grad(z, leaves, s))
+
+
+def positive(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(min=0)
+
+
+def negative(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(max=0)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base of the LRP rules: how one linear operation shares its outputs' relevance.
+
+    Subclasses implement :meth:`gradient` (relevance proportional to the input, ``R_x = x ⊙
+    gradient``) or, for first-layer rules that are not, :meth:`relevance`.
+    """
+
+    #: Whether ``R_x = x ⊙ g`` for the returned ``g`` (the gradient form is exact).
+    proportional: ClassVar[bool] = True
+    #: The rule's name in messages and tables.
+    name: ClassVar[str] = "rule"
+
+    def gradient(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        """``g`` with ``R_x = x ⊙ g``, given the relevance ``r`` of the outputs."""
+        raise NotImplementedError
+
+    def relevance(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        """``R_x`` itself."""
+        return x * self.gradient(x, call, r)
+
+
+def _signed_terms(x: torch.Tensor, w_for_positive_x: torch.Tensor,
+                  w_for_negative_x: torch.Tensor) -> List[Term]:
+    return [(positive(x), w_for_positive_x), (negative(x), w_for_negative_x)]
+
+
+def _by_sign(x: torch.Tensor, c_pos: torch.Tensor, c_neg: torch.Tensor) -> torch.Tensor:
+    """``g`` with ``x ⊙ g = x⁺ ⊙ c_pos + x⁻ ⊙ c_neg``."""
+    return torch.where(x > 0, c_pos, c_neg)
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    r"""LRP-ε: ``R_j = Σ_i x_j w_ij / (z_i + ε sign z_i) · R_i`` (``z`` with its bias, which
+    absorbs its share).  ``epsilon=0`` is LRP-0 (gradient × input)."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "epsilon"
+
+    def __post_init__(self) -> None:
+        _check_number(self, "epsilon", self.epsilon)
+
+    def gradient(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        (c,) = share(call, [(x, call.weight)], call.bias, r, self.epsilon)
+        return c
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    r"""LRP-γ: positive contributions favoured, ``w + γ w⁺`` (and ``b + γ b⁺``); ``ε`` only
+    stabilises the denominator."""
+
+    gamma: float = 0.25
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "gamma"
+
+    def __post_init__(self) -> None:
+        _check_number(self, "gamma", self.gamma)
+        _check_number(self, "epsilon", self.epsilon)
+
+    def gradient(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        w = call.weight
+        bias = _bias(call, lambda b: b + self.gamma * positive(b))
+        c_pos, c_neg = share(call, _signed_terms(x, w + self.gamma * positive(w),
+                                                 w + self.gamma * negative(w)),
+                             bias, r, self.epsilon)
+        return _by_sign(x, c_pos, c_neg)
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    r"""LRP-z⁺ (α1β0): only positive contributions ``x⁺w⁺ + x⁻w⁻`` share the relevance; the
+    bias takes none.  Excitation backprop's rule on non-negative inputs."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "zplus"
+
+    def gradient(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        w = call.weight
+        c_pos, c_neg = share(call, _signed_terms(x, positive(w), negative(w)),
+                             _bias(call, positive), r, self.epsilon)
+        return _by_sign(x, c_pos, c_neg)
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    r"""LRP-αβ: ``α`` times the positive contributions' share minus ``β`` times the negative
+    ones' (``α − β = 1`` conserves relevance); the bias takes none."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "alpha_beta"
+
+    def __post_init__(self) -> None:
+        _check_number(self, "alpha", self.alpha)
+        _check_number(self, "beta", self.beta)
+        if abs(self.alpha - self.beta - 1) > 1e-9:
+            raise ValueError(
+                f"AlphaBeta(alpha={self.alpha}, beta={self.beta}): alpha - beta must be 1 for "
+                "relevance to be conserved, e.g. AlphaBeta(1, 0) or AlphaBeta(2, 1)")
+
+    def gradient(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        w = call.weight
+        wp, wn = positive(w), negative(w)
+        pos = share(call, _signed_terms(x, wp, wn), _bias(call, positive), r, self.epsilon)
+        neg = share(call, _signed_terms(x, wn, wp), _bias(call, negative), r, self.epsilon)
+        return (_by_sign(x, pos[0], pos[1]) * self.alpha
+                - _by_sign(x, neg[0], neg[1]) * self.beta)
+
+
+class _InputFree(Rule):
+    """A first-layer rule that shares relevance by the weights alone (not proportional)."""
+
+    proportional: ClassVar[bool] = False
+
+    def weight(self, call: AffineCall) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bias(self, call: AffineCall) -> Optional[torch.Tensor]:
+        return None
+
+    def relevance(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        (c,) = share(call, [(torch.ones_like(x), self.weight(call))], self.bias(call), r,
+                     STABILIZER)
+        return c
+
+
+@dataclass(frozen=True)
+class Flat(_InputFree):
+    r"""Flat: every input an output sees gets an equal share, ``R_j = Σ_i R_i / n_i``."""
+
+    name: ClassVar[str] = "flat"
+
+    def weight(self, call: AffineCall) -> torch.Tensor:
+        return torch.ones_like(call.weight)
+
+
+@dataclass(frozen=True)
+class WSquare(_InputFree):
+    r"""w²: shares by squared weights, ``R_j = Σ_i w_ij² / Σ_j w_ij² · R_i``."""
+
+    name: ClassVar[str] = "wsquare"
+
+    def weight(self, call: AffineCall) -> torch.Tensor:
+        return call.weight * call.weight
+
+    def bias(self, call: AffineCall) -> Optional[torch.Tensor]:
+        return _bias(call, lambda b: b * b)
+
+
+Bound = Union[float, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class ZBox(Rule):
+    r"""z^B for inputs bounded in ``[low, high]`` (the first layer on images):
+    ``R_j = Σ_i (x_j w_ij − l_j w⁺_ij − h_j w⁻_ij) / z_i · R_i`` (``z`` with its bias).
+    ``low`` and ``high`` are numbers, tensors broadcastable to the input (per channel for
+    normalised images, ``(1, C, 1, 1)``), or ``None``: each sample's own minimum / maximum."""
+
+    low: Optional[Bound] = None
+    high: Optional[Bound] = None
+    epsilon: float = 1e-6
+    proportional: ClassVar[bool] = False
+    name: ClassVar[str] = "zbox"
+
+    def __post_init__(self) -> None:
+        for field_name in ("low", "high"):
+            value = getattr(self, field_name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                _check_real(self, field_name, value)
+
+    def _bound(self, value: Optional[Bound], x: torch.Tensor, what: str) -> torch.Tensor:
+        if value is None:
+            flat = x.detach().reshape(x.shape[0], -1)
+            edge = flat.amin(1) if what == "low" else flat.amax(1)
+            return edge.reshape((-1,) + (1,) * (x.dim() - 1)).expand_as(x)
+        if not isinstance(value, torch.Tensor):
+            return torch.full_like(x, float(value))
+        try:
+            return value.detach().to(x.device, x.dtype).expand_as(x)
+        except RuntimeError:
+            raise ValueError(
+                f"ZBox: {what} of shape {tuple(value.shape)} does not broadcast to the first "
+                f"layer's input of shape {tuple(x.shape)}; give a number or a tensor such as "
+                "(1, C, 1, 1) for per-channel bounds") from None
+
+    def relevance(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        low, high = self._bound(self.low, x, "low"), self._bound(self.high, x, "high")
+        w = call.weight
+        terms = [(x, w), (low, -positive(w)), (high, -negative(w))]
+        c = share(call, terms, None, r, self.epsilon)
+        return x * c[0] + low * c[1] + high * c[2]
+
+
+def _check_real(rule: Any, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{type(rule).__name__}: {name} must be a number, a tensor or None, "
+                        f"got {type(value).__name__} {value!r}")
+
+
+def _check_number(rule: Any, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{type(rule).__name__}: {name} must be a number, got "
+                        f"{type(value).__name__} {value!r}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{type(rule).__name__}: {name} must be a finite number >= 0, got "
+                         f"{value!r}")
+
+
+#: The rules by name (what a composite given as a mapping of names may use).
+RULES = {cls.name: cls for cls in (Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox)}
