@@ -58,7 +58,8 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "EMBEDDED_CLASSES", "NUM_CLASSES", "EMBEDDED_DISTRACTORS", "NUM_DISTRACTORS", "IMAGE_SIZE", "EMBEDDED_MEAN", "EMBEDDED_STD",
+    "EMBEDDED_CLASSES", "NUM_CLASSES", "EMBEDDED_DISTRACTORS", "NUM_DISTRACTORS", "IMAGE_SIZE",
+    "EMBEDDED_MEAN", "EMBEDDED_STD",
     "EmbeddedShapes", "render_image", "embedded_collate", "normalize", "denormalize",
 ]
 
@@ -176,7 +177,12 @@ def _shape_sdf(kind: str, px: np.ndarray, py: np.ndarray, r: float, angle: float
         vx = np.array([a, a, r, r, a, a, -a, -a, -r, -r, -a, -a])
         vy = np.array([r, a, a, -a, -a, -r, -r, -a, -a, a, a, r])
         return _polygon_sdf(px, py, *_rotate(vx, vy, angle))
-    # distractors
+    return _distractor_sdf(kind, px, py, r, angle, rng)
+
+
+def _distractor_sdf(kind: str, px: np.ndarray, py: np.ndarray, r: float, angle: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Signed distance of the distractor ``kind`` (see :func:`_shape_sdf`)."""
     if kind == "ellipse":
         aspect = rng.uniform(1.9, 2.8)
         a, b = r, r / aspect
@@ -367,14 +373,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 class _Item:
     """One drawn object (a class object or a distractor), before occlusion."""
 
-    __slots__ = ("label", "kind", "fill", "cx", "cy", "r", "angle", "alpha", "mask", "area")
+    __slots__ = ("label", "kind", "fill", "cx", "cy", "r", "angle", "area")
 
     def __init__(self, label: int, kind: str, fill: str, cx: float, cy: float, r: float,
                  angle: float) -> None:
         self.label, self.kind, self.fill = label, kind, fill
         self.cx, self.cy, self.r, self.angle = cx, cy, r, angle
-        self.alpha: Optional[np.ndarray] = None
-        self.mask: Optional[np.ndarray] = None
         self.area = 0
 
 
@@ -419,26 +423,8 @@ def _mask_box(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
-def render_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Draw one image and its annotations from ``rng``.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-        The image's generator (consumed).
-    size : int
-        Side in pixels (the data set uses :data:`IMAGE_SIZE`; other sizes scale the objects).
-
-    Returns
-    -------
-    image : numpy.ndarray
-        ``(size, size, 3)`` ``uint8``.
-    annotations : dict
-        ``labels`` (K,) int64, ``masks`` (K, size, size) bool (visible parts), ``boxes`` (K, 4)
-        float32 xyxy, ``difficult`` (K,) bool, and ``distractor_masks`` (D, size, size) bool.
-    """
-    scale = size / IMAGE_SIZE
-    img = _background(rng, size)
+def _new_items(rng: np.random.Generator, scale: float) -> List[_Item]:
+    """Draw the scene's class objects and distractors (unplaced), in stacking order."""
     n_obj = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
     n_dis = int(rng.choice([0, 1, 2, 3], p=_DISTRACTOR_P))
     items: List[_Item] = []
@@ -460,8 +446,16 @@ def render_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Tuple[np.n
         diameter = math.exp(rng.uniform(*np.log(_DISTRACTOR_DIAMETER)))
         items.append(_Item(-1, kind, fill, 0, 0, diameter * scale / 2, rng.uniform(0, 2 * np.pi)))
     order = rng.permutation(len(items))
-    items = [items[i] for i in order]
+    return [items[i] for i in order]
 
+
+def _place_items(items: List[_Item], img: np.ndarray, rng: np.random.Generator, size: int
+                 ) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Place and draw ``items`` over a copy of ``img``: the canvas and each item's visible mask.
+
+    A crowded draw may give up items: they are removed from ``items`` (in place), and the masks
+    returned are aligned with what remains.
+    """
     for attempt in range(40):
         # Positions anywhere, the border may cut an object (as in photographs): its centre is
         # at least 0.35 radius inside the image.
@@ -469,17 +463,19 @@ def render_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Tuple[np.n
             m = _INSIDE * it.r
             it.cx, it.cy = rng.uniform(m, size - m, 2)
         canvas = img.copy()
-        for it in items:
-            it.alpha = _draw_item(it, canvas, rng, size)
+        alphas = [_draw_item(it, canvas, rng, size) for it in items]
         # Visible parts: what later items do not cover.
         cover = np.zeros((size, size), dtype=bool)
+        masks: List[np.ndarray] = []
         failing = []
-        for it in reversed(items):
-            full = it.alpha >= 0.5
-            it.mask = full & ~cover
+        for it, alpha in zip(reversed(items), reversed(alphas)):
+            full = alpha >= 0.5
+            mask = full & ~cover
+            masks.append(mask)
             cover |= full
-            if it.label >= 0 and it.mask.sum() < max(_MIN_VISIBLE * it.area, 1):
+            if it.label >= 0 and mask.sum() < max(_MIN_VISIBLE * it.area, 1):
                 failing.append(it)
+        masks.reverse()
         if not failing:
             break
         if attempt >= 8 and attempt % 4 == 0:
@@ -488,34 +484,69 @@ def render_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Tuple[np.n
             if drop is None and len(items) > 1:
                 drop = failing[0]
             if drop is not None:
-                items.remove(drop)
+                i = items.index(drop)
+                del items[i], masks[i]
+    return canvas, masks
 
-    objects = [it for it in items if it.label >= 0 and it.mask.any()]
-    distractors = [it for it in items if it.label < 0 and it.mask.any()]
+
+def _difficult(labels: List[int], masks: List[np.ndarray], boxes: List[np.ndarray],
+               dmasks: List[np.ndarray], dboxes: List[np.ndarray], size: int) -> List[bool]:
+    """Per class object: small, and beside a neighbour at least as large (module notes)."""
     area = float(size * size)
-    boxes = [_mask_box(it.mask) for it in objects]
-    dboxes = [_mask_box(it.mask) for it in distractors]
+    gap = _BESIDE * (size / IMAGE_SIZE)
     difficult = []
-    for i, it in enumerate(objects):
-        a = it.mask.sum()
+    for i, (label, mask) in enumerate(zip(labels, masks)):
+        a = mask.sum()
         small = a < area / 4
         # A neighbour at least as large as the object: another class, or a distractor.
-        beside = any(o.label != it.label and o.mask.sum() >= a
-                     and _box_gap(boxes[i], boxes[j]) <= _BESIDE * scale
-                     for j, o in enumerate(objects) if j != i)
-        beside |= any(d.mask.sum() >= a and _box_gap(boxes[i], dboxes[j]) <= _BESIDE * scale
-                      for j, d in enumerate(distractors))
+        beside = any(labels[j] != label and masks[j].sum() >= a
+                     and _box_gap(boxes[i], boxes[j]) <= gap
+                     for j in range(len(masks)) if j != i)
+        beside |= any(dmask.sum() >= a and _box_gap(boxes[i], dboxes[j]) <= gap
+                      for j, dmask in enumerate(dmasks))
         difficult.append(bool(small and beside))
+    return difficult
+
+
+def render_image(rng: np.random.Generator, size: int = IMAGE_SIZE
+                 ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Draw one image and its annotations from ``rng``.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The image's generator (consumed).
+    size : int
+        Side in pixels (the data set uses :data:`IMAGE_SIZE`; other sizes scale the objects).
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``(size, size, 3)`` ``uint8``.
+    annotations : dict
+        ``labels`` (K,) int64, ``masks`` (K, size, size) bool (visible parts), ``boxes`` (K, 4)
+        float32 xyxy, ``difficult`` (K,) bool, and ``distractor_masks`` (D, size, size) bool.
+    """
+    img = _background(rng, size)
+    items = _new_items(rng, size / IMAGE_SIZE)
+    canvas, masks = _place_items(items, img, rng, size)
+    objects = [(it, m) for it, m in zip(items, masks) if it.label >= 0 and m.any()]
+    distractors = [(it, m) for it, m in zip(items, masks) if it.label < 0 and m.any()]
+    labels = [it.label for it, _ in objects]
+    omasks = [m for _, m in objects]
+    dmasks = [m for _, m in distractors]
+    boxes = [_mask_box(m) for m in omasks]
+    dboxes = [_mask_box(m) for m in dmasks]
+    difficult = _difficult(labels, omasks, boxes, dmasks, dboxes, size)
     image = np.clip(np.round(canvas * 255), 0, 255).astype(np.uint8)
     ann = {
-        "labels": np.array([it.label for it in objects], dtype=np.int64),
-        "masks": np.stack([it.mask for it in objects]) if objects
-        else np.zeros((0, size, size), dtype=bool),
+        "labels": np.array(labels, dtype=np.int64),
+        "masks": np.stack(omasks) if omasks else np.zeros((0, size, size), dtype=bool),
         "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
         "difficult": np.array(difficult, dtype=bool),
-        "distractor_masks": np.stack([d.mask for d in distractors]) if distractors
+        "distractor_masks": np.stack(dmasks) if dmasks
         else np.zeros((0, size, size), dtype=bool),
-        "distractor_labels": np.array([_DISTRACTORS.index(d.kind) for d in distractors],
+        "distractor_labels": np.array([_DISTRACTORS.index(d.kind) for d, _ in distractors],
                                       dtype=np.int64),
     }
     return image, ann
@@ -673,6 +704,9 @@ class EmbeddedShapes(Dataset):
 
 def embedded_collate(batch: Sequence[Tuple[torch.Tensor, Dict[str, Any]]]
                      ) -> Tuple[torch.Tensor, List[Dict[str, Any]]]:
-    """``collate_fn`` for a :class:`~torch.utils.data.DataLoader`: stacked images, list of targets."""
+    """``collate_fn`` for a :class:`~torch.utils.data.DataLoader`.
+
+    Returns the images stacked into one tensor and the targets as a list.
+    """
     images = torch.stack([b[0] for b in batch])
     return images, [b[1] for b in batch]

@@ -128,6 +128,7 @@ class EmbeddedVGG(nn.Module):
             if isinstance(m, nn.Conv2d):
                 # He initialisation (as torchvision's VGG): deep plain ReLU stacks train at all.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                assert m.bias is not None       # built with bias=True (the default) above
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +166,12 @@ class EmbeddedResNet(nn.Module):
     ``layer2`` (32, 28) → ``layer3`` (64, 14) → ``layer4`` (128, 7) → ``avgpool`` (global) →
     ``fc``.
     """
+
+    # The four stages are registered by ``setattr`` in ``__init__``; declared here for typing.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, num_classes: int = NUM_CLASSES, blocks: Tuple[int, ...] = (1, 1, 1, 1)
                  ) -> None:
@@ -306,6 +313,8 @@ def load_embedded_model(name: str, pretrained: bool = True, *,
     if pretrained:
         if path is None:
             path, sha256 = weights_path(name), EMBEDDED_WEIGHTS[name][1]
+        # Checked above: ``path`` and ``sha256`` are both given or both defaulted here.
+        assert sha256 is not None
         data = _read_checked(name, path, sha256)
         try:
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
