@@ -41,3 +41,8 @@ __all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "gr
            "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion",
            "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "score_cam",
            "ablation_cam"]
+
+# Issue 20: layer-wise relevance propagation.
+from .attribution.lrp import LRPContext, lrp  # noqa: E402
+
+__all__ += ["lrp", "LRPContext"]

@@ -24,6 +24,7 @@ from . import (  # noqa: F401  (the submodules, as package attributes)
     probe, rise, rules, state, targets)
 from . import (  # noqa: F401  (issue 19's methods)
     gradient_x_input, integrated_gradients, occlusion, smooth_grad)
+from . import lrp, lrp_composites, lrp_rules  # noqa: F401  (issue 20: LRP)
 from .registry import METHODS, MethodRegistry
 
 __all__ = ["METHODS", "MethodRegistry"]

@@ -211,12 +211,18 @@ class Gamma(Rule):
         _check_number(self, "epsilon", self.epsilon)
 
     def gradient(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
-        w = call.weight
-        bias = _bias(call, lambda b: b + self.gamma * positive(b))
-        c_pos, c_neg = share(call, _signed_terms(x, w + self.gamma * positive(w),
-                                                 w + self.gamma * negative(w)),
-                             bias, r, self.epsilon)
-        return _by_sign(x, c_pos, c_neg)
+        w, gamma = call.weight, self.gamma
+        with torch.no_grad():
+            z = call.output(x)
+        grads = []
+        # Positive outputs favour positive contributions, negative outputs negative ones.
+        for favour, other, mask in ((positive, negative, z > 0), (negative, positive, z <= 0)):
+            bias = _bias(call, lambda b, f=favour: b + gamma * f(b))
+            c_pos, c_neg = share(call, _signed_terms(x, w + gamma * favour(w),
+                                                     w + gamma * other(w)),
+                                 bias, torch.where(mask, r, 0.0), self.epsilon)
+            grads.append(_by_sign(x, c_pos, c_neg))
+        return grads[0] + grads[1]
 
 
 @dataclass(frozen=True)
