@@ -161,6 +161,11 @@ METHODS = MethodRegistry({
     "ablation_cam": ablation_cam,
 })
 
+# Issue 20: layer-wise relevance propagation, one entry per standard composite ("lrp" is
+# EpsilonPlusFlat); not described methods: each runs its own forward pass in ``explain``.
+from .lrp import LRP_METHODS  # noqa: E402
+METHODS = MethodRegistry({**METHODS, **LRP_METHODS})
+
 #: The methods described as data: they share one forward pass in ``explain``.
 SHARED_METHODS: Tuple[str, ...] = tuple(name for name, fn in METHODS.items()
                                         if description(fn) is not None)
