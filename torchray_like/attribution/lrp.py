@@ -54,10 +54,11 @@ from .lrp_composites import Composite, CompositeSpec, make_composite
 from .lrp_rules import AffineCall, Rule, compute_dtype
 from .maps import SizeType
 from .modules import unwrap_compiled
+from .state import model_state_guard
 from .rules import UNHANDLED_NODES
-from .targets import TargetType, get_backward_gradient
+from .targets import TargetType, get_backward_gradient, parse_target
 
-__all__ = ["LRPContext", "lrp", "RelevanceLostWarning", "lrp_epsilon_plus",
+__all__ = ["LRPContext", "lrp", "RelevanceLostWarning", "lrp_conservation", "lrp_epsilon_plus",
            "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box",
            "LRP_METHODS"]
 
@@ -325,6 +326,8 @@ class LRPContext(RuleContext):
     # -- handlers ---------------------------------------------------------------------------
     def _affine(self, func, args, kwargs, kind: str):
         x, weight, bias, rest, other = _affine_args(args, kwargs)
+        # The first layer by position, also when autograd does not record it (a layer read).
+        first, self._first_pending = self._first_pending, False
         if not (isinstance(x, torch.Tensor) and records_gradient((x,), {})):
             self.skip(kind)
             return func(*args, **kwargs)
@@ -333,7 +336,6 @@ class LRPContext(RuleContext):
             self.unhandle("conv with an activation as weight" if kind != "linear"
                           else "linear with an activation as weight")
             return func(*args, **kwargs)
-        first, self._first_pending = self._first_pending, False
         module = self._stack[-1] if self._stack else None
         rule = self.composite.rule_for(kind, module, first, self._named)
         node = _Node(AffineCall(func, weight, bias, rest, other, kind), rule, self,
@@ -492,6 +494,27 @@ def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
                     context_builder=lambda: LRPContext(spec, model=owner),
                     gradient_to_saliency=gradient_to_saliency,
                     get_backward_gradient=get_backward_gradient, debug=debug)
+
+
+def lrp_conservation(model: nn.Module, input: torch.Tensor, target: TargetType,
+                     layers: Tuple[Layer, ...] = (), composite: CompositeSpec = "EpsilonPlusFlat"
+                     ) -> Dict[str, torch.Tensor]:
+    """Where the relevance goes: per-sample sums of the relevance at the input and at each layer
+    of ``layers``, and the target scores it starts from.
+
+    Returns ``{"score": (N,), "input": (N,), "<layer>": (N,) ...}``.  Between two readings the
+    difference is what the biases (and ε) in between absorbed; with ε → 0 and no biases every
+    entry equals ``"score"``.  One :func:`lrp` call per reading.
+    """
+    spec = make_composite(composite)
+    with model_state_guard(model, freeze=False), torch.no_grad():  # eval mode, as lrp() runs
+        output = model(input)
+    sums = {"score": parse_target(target, input.shape[0]).scores(output).detach()}
+    for layer in ("",) + tuple(layers):
+        smap = lrp(model, input, target, saliency_layer=layer, composite=spec)
+        key = "input" if layer == "" else (layer if isinstance(layer, str) else repr(layer))
+        sums[key] = smap.flatten(1).sum(1)
+    return sums
 
 
 def _variant(name: str, composite: str) -> Callable[..., Any]:
