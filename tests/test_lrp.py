@@ -14,11 +14,17 @@ import torch.nn.functional as F
 import torchray_like
 from torchray_like.attribution.context import UnhandledActivationWarning
 from torchray_like.attribution.explain import explain
-from torchray_like.attribution.lrp import (LRPContext, RelevanceLostWarning, lrp,
-                                           lrp_conservation)
+from torchray_like.attribution.lrp import LRPContext, RelevanceLostWarning, lrp, lrp_conservation
 from torchray_like.attribution.lrp_composites import Composite, make_composite
-from torchray_like.attribution.lrp_rules import (AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox,
-                                                 ZPlus)
+from torchray_like.attribution.lrp_rules import (
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    WSquare,
+    ZBox,
+    ZPlus,
+)
 from torchray_like.attribution.registry import METHODS
 
 DT = torch.float64

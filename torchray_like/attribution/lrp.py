@@ -54,8 +54,8 @@ from .lrp_composites import Composite, CompositeSpec, make_composite
 from .lrp_rules import AffineCall, Rule, compute_dtype
 from .maps import SizeType
 from .modules import unwrap_compiled
-from .state import model_state_guard
 from .rules import UNHANDLED_NODES
+from .state import model_state_guard
 from .targets import TargetType, get_backward_gradient, parse_target
 
 __all__ = ["LRPContext", "lrp", "RelevanceLostWarning", "lrp_conservation", "lrp_epsilon_plus",
