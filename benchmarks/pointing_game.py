@@ -74,6 +74,9 @@ ALL_METHODS: Tuple[str, ...] = (CENTER,) + tuple(METHODS)
 #: Methods costing hundreds of forward passes per image: their own image limits
 #: (``--rise-limit``, ``--ep-limit``).
 SLOW_METHODS = ("rise", "extremal_perturbation")
+#: Methods of tens of passes per image (issue 19's): one more image limit (``--slow-limit``).
+MANY_PASS_METHODS = ("integrated_gradients", "smooth_grad", "occlusion", "score_cam",
+                     "ablation_cam")
 
 DATASETS = {
     # name: (package data-set name, split, default models, benchmark of the settings table)
@@ -84,6 +87,7 @@ DATASETS = {
 DEFAULT_LIMIT = {"embedded": 64, "voc07": None, "coco14": None}
 DEFAULT_RISE_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
 DEFAULT_EP_LIMIT = {"embedded": 8, "voc07": None, "coco14": None}
+DEFAULT_SLOW_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
 EXPERIMENT = "pointing_game/{dataset}"
 #: A point exactly ``tolerance`` pixels from the object misses (TorchRay's rule).
 HIT_RULE = "strict"
@@ -180,8 +184,9 @@ class Task:
         self.num_images = (len(self.data) if args.limit is None
                            else min(args.limit, len(self.data)))
         self.method_images = {}
-        for method, limit in (("rise", args.rise_limit), ("extremal_perturbation",
-                                                          args.ep_limit)):
+        limits = {"rise": args.rise_limit, "extremal_perturbation": args.ep_limit,
+                  **{m: args.slow_limit for m in MANY_PASS_METHODS}}
+        for method, limit in limits.items():
             self.method_images[method] = min(limit or self.num_images, self.num_images)
         for k, arch in enumerate(args.models):
             self.models[arch] = self._load(arch, args.weights_of[arch], k, parser)
@@ -423,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ep-limit", type=_limit_or_all, default=_UNSET, metavar="N|all",
                         help="images for extremal perturbation, at most --limit (default: 8 "
                              "embedded, all voc07/coco14)")
+    parser.add_argument("--slow-limit", type=_limit_or_all, default=_UNSET, metavar="N|all",
+                        help="images for " + ", ".join(MANY_PASS_METHODS) + ", at most --limit "
+                             "(default: 16 embedded, all voc07/coco14)")
     embedded_cli.add_perturbation_arguments(parser, "pointing_game")
     for action in parser._actions:
         if action.dest in ("rise_masks", "rise_batch", "ep_iters"):
@@ -451,6 +459,8 @@ def parse_args(argv: Optional[Sequence[str]] = None
         args.rise_limit = DEFAULT_RISE_LIMIT[args.dataset]
     if args.ep_limit == _UNSET:
         args.ep_limit = DEFAULT_EP_LIMIT[args.dataset]
+    if args.slow_limit == _UNSET:
+        args.slow_limit = DEFAULT_SLOW_LIMIT[args.dataset]
     if args.data_root is not None and args.dataset == "embedded":
         parser.error("--data-root is for --dataset voc07 / coco14 (the embedded data set is "
                      "drawn on the fly)")
@@ -518,6 +528,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             sys.argv[1:] if argv is None else argv)), "dataset": args.dataset,
             "images": task.num_images, "rise_images": task.method_images["rise"],
             "ep_images": task.method_images["extremal_perturbation"],
+            "slow_images": task.method_images["score_cam"],
             "world_size": world_size, "wall_seconds": wall, "config": config}
         _report(args, rows, meta, wall)
     return 0
@@ -527,7 +538,8 @@ def _announce(args: argparse.Namespace, task: Task, store: Any,
               items: Sequence[Tuple[str, str, int]], world_size: int) -> None:
     print(f"pointing game on {args.dataset} ({DATASETS[args.dataset][1]}): "
           f"{task.num_images} images ({task.method_images['rise']} for RISE, "
-          f"{task.method_images['extremal_perturbation']} for extremal perturbation), "
+          f"{task.method_images['extremal_perturbation']} for extremal perturbation, "
+          f"{task.method_images['score_cam']} for {', '.join(MANY_PASS_METHODS)}), "
           f"tolerance {task.tolerance:.3g} px ({HIT_RULE}: a point at the tolerance misses), "
           f"{world_size} process(es), device {args.device}")
     for arch, bundle in task.models.items():

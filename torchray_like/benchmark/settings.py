@@ -128,7 +128,9 @@ BENCHMARKS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
     "paper": _PAPER,
     "pointing_game": _merge(_POINTING, {
         "rise": {"num_masks": 500, "num_cells": 7, "p": 0.5, "batch_size": 250},
-        "extremal_perturbation": {"areas": _PAPER_AREAS, "max_iter": 300}}),
+        "extremal_perturbation": {"areas": _PAPER_AREAS, "max_iter": 300},
+        # The quick run: fewer steps and noisy copies than the methods' defaults (50, 50).
+        "integrated_gradients": {"n_steps": 16}, "smooth_grad": {"n_samples": 16}}),
     "pointing_game_paper": _merge(_PAPER, _POINTING),
     "deletion_insertion": {
         "rise": {"num_masks": 1000, "num_cells": 7, "batch_size": 64},
