@@ -75,12 +75,15 @@ COCO_IMAGES = [  # (id, width, height)
 ]
 COCO_ANNOTATIONS = [
     # image 42: two people (squares) and a dog (triangle)
-    {"id": 1, "image_id": 42, "category_id": 1, "iscrowd": 0, "segmentation": _square(10, 10, 30, 30)},
-    {"id": 2, "image_id": 42, "category_id": 1, "iscrowd": 0, "segmentation": _square(0, 40, 8, 47)},
+    {"id": 1, "image_id": 42, "category_id": 1, "iscrowd": 0,
+     "segmentation": _square(10, 10, 30, 30)},
+    {"id": 2, "image_id": 42, "category_id": 1, "iscrowd": 0,
+     "segmentation": _square(0, 40, 8, 47)},
     {"id": 3, "image_id": 42, "category_id": 18, "iscrowd": 0,
      "segmentation": [[40, 5, 60, 5, 60, 25]]},
     # image 7: a big dog and a crowd of people as uncompressed RLE (column 0, rows 0..9)
-    {"id": 4, "image_id": 7, "category_id": 18, "iscrowd": 0, "segmentation": _square(5, 5, 45, 45)},
+    {"id": 4, "image_id": 7, "category_id": 18, "iscrowd": 0,
+     "segmentation": _square(5, 5, 45, 45)},
     {"id": 5, "image_id": 7, "category_id": 1, "iscrowd": 1,
      "segmentation": {"size": [50, 50], "counts": [0, 10, 2490]}},
 ]
@@ -122,7 +125,8 @@ def coco(tmp_path):
 
 
 def test_class_lists():
-    assert len(VOC_CLASSES) == 20 and VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[-1] == "tvmonitor"
+    assert len(VOC_CLASSES) == 20
+    assert VOC_CLASSES[0] == "aeroplane" and VOC_CLASSES[-1] == "tvmonitor"
     assert len(COCO_CLASSES) == 80 == len(set(COCO_CLASSES))
     assert len(COCO_CATEGORY_IDS) == 80 and COCO_CATEGORY_IDS[-1] == 90
     assert COCO_CATEGORY_IDS[COCO_DOG] == 18
@@ -212,7 +216,8 @@ def test_hand_made_voc_label():
     """A single object given as a dict (not a list) is accepted too."""
     label = {"annotation": {"size": {"width": "10", "height": "5"},
                             "object": {"name": "cat", "difficult": "0",
-                                       "bndbox": {"xmin": "1", "ymin": "1", "xmax": "2", "ymax": "5"}}}}
+                                       "bndbox": {"xmin": "1", "ymin": "1", "xmax": "2",
+                                                  "ymax": "5"}}}}
     assert voc_as_class_ids(label) == [CAT]
     assert int(voc_as_mask(label, CAT).sum()) == 10
 

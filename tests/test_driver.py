@@ -1,4 +1,5 @@
-"""The saliency() driver: wrappers against references on every rank, layers, debug, autograd modes."""
+"""The saliency() driver: wrappers against references on every rank, layers, debug, autograd
+modes."""
 
 from __future__ import annotations
 

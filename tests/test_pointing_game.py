@@ -86,7 +86,8 @@ def test_hit_rule_matches_distance_transform():
         height, width = rng.integers(5, 50, size=2)
         mask = rng.random((height, width)) < rng.choice([0.002, 0.02, 0.2])
         tolerance = int(rng.integers(1, 20))
-        distance = ndimage.distance_transform_edt(~mask) if mask.any() else np.full(mask.shape, np.inf)
+        distance = (ndimage.distance_transform_edt(~mask) if mask.any()
+                    else np.full(mask.shape, np.inf))
         game = PointingGame(1, tolerance=tolerance)
         for _ in range(20):
             u, v = int(rng.integers(0, width)), int(rng.integers(0, height))

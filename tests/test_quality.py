@@ -1,7 +1,8 @@
-"""Project checks that run with the tests: the type checker and the docs build.
+"""Project checks that run with the tests: the linter, the type checker and the docs build.
 
-Both are run as the developers run them (``mypy torchray_like``; ``sphinx-build -W``), so a
-type error or a docs warning fails CI like a failing test.
+They are run as the developers run them (``ruff check .``; ``mypy torchray_like``;
+``sphinx-build -W``), so a lint error, a type error or a docs warning fails CI like a failing
+test.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_ruff_is_clean():
+    """pyflakes, pycodestyle, import order and McCabe complexity ≤ 12 (``ruff.toml``)."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_is_clean():

@@ -35,12 +35,11 @@ from .attribution.eigen_cam import eigen_cam  # noqa: E402
 from .attribution.score_cam import score_cam  # noqa: E402
 from .attribution.ablation_cam import ablation_cam  # noqa: E402
 
-__all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam",
-           "linear_approx", "excitation_backprop", "contrastive_excitation_backprop", "rise",
-           "extremal_perturbation",
-           "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion",
-           "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam", "score_cam",
-           "ablation_cam"]
+__all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "grad_cam",
+           "guided_grad_cam", "linear_approx", "excitation_backprop",
+           "contrastive_excitation_backprop", "rise", "extremal_perturbation", "gradient_x_input",
+           "integrated_gradients", "smooth_grad", "occlusion", "grad_cam_plus_plus", "layer_cam",
+           "xgrad_cam", "hires_cam", "eigen_cam", "score_cam", "ablation_cam"]
 
 # Issue 20: layer-wise relevance propagation.
 from .attribution.lrp import LRPContext, lrp  # noqa: E402

@@ -416,6 +416,28 @@ def tensor_to_im(tensor: Any) -> np.ndarray:
 _PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 
 
+def _check_imsmooth(tensor: Any, sigma: Any, stride: Any, padding: Any,
+                    padding_mode: Any) -> float:
+    """:func:`imsmooth`'s arguments checked; returns ``sigma`` as a float."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 4:
+        raise ValueError("tensor must have shape (N, C, H, W); got "
+                         f"{tuple(tensor.shape)} (add batch/channel dimensions with unsqueeze)")
+    if not tensor.is_floating_point():
+        raise TypeError(f"tensor must be floating point, got {tensor.dtype}; convert with .float()")
+    if isinstance(sigma, torch.Tensor):
+        sigma = float(sigma.item())
+    if not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    for name, value, low in (("stride", stride, 1), ("padding", padding, 0)):
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if padding_mode not in _PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+    return float(sigma)
+
+
 def imsmooth(tensor: torch.Tensor, sigma: float, stride: int = 1, padding: int = 0,
              padding_mode: str = "constant", padding_value: float = 0) -> torch.Tensor:
     r"""Smooth each channel of a batch of images with an isotropic Gaussian.
@@ -449,23 +471,7 @@ def imsmooth(tensor: torch.Tensor, sigma: float, stride: int = 1, padding: int =
     torch.Tensor
         Smoothed batch :math:`N\times C\times H'\times W'`, same dtype and device; differentiable.
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() != 4:
-        raise ValueError("tensor must have shape (N, C, H, W); got "
-                         f"{tuple(tensor.shape)} (add batch/channel dimensions with unsqueeze)")
-    if not tensor.is_floating_point():
-        raise TypeError(f"tensor must be floating point, got {tensor.dtype}; convert with .float()")
-    if isinstance(sigma, torch.Tensor):
-        sigma = float(sigma.item())
-    if not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    for name, value, low in (("stride", stride, 1), ("padding", padding, 0)):
-        if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if padding_mode not in _PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-
+    sigma = _check_imsmooth(tensor, sigma, stride, padding, padding_mode)
     n, c, h, w = tensor.shape
     if sigma == 0:
         radius, kernel = 0, None

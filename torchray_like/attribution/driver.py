@@ -255,12 +255,7 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
               else parse_target(target, input.shape[0]))
     modules = {label: None if is_input(layer) else get_module(model, layer)
                for label, layer in layers.items()}
-    check_visible(model, modules, layers, context)
-    if context is not None or any(m is not None for m in modules.values()):
-        check_data_parallel(model)  # replicas in worker threads: rules and probes miss them
-    hint = layout_hint(model, input, certain_only=True)
-    if hint is not None:
-        raise ValueError(hint)
+    check_readable(model, input, modules, layers, context)
     reads_input = any(m is None for m in modules.values())
     # Reading layers only, with the plain gradient: no graph below the first layer reached
     # (GraphFromLayers), unless that leaves the scores without a graph (a reentrant checkpoint
@@ -280,12 +275,7 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
             graph_from = GraphFromLayers() if below_free else None
             probes: Dict[str, Probe] = {}
             try:
-                for label, module in modules.items():
-                    if module is not None:
-                        if graph_from is not None:
-                            graph_from.attach(module)  # before the probe: it reads the leaf
-                        probes[label] = Probe(module, "output", this_thread_only=True,
-                                              accumulate=True)
+                attach_probes(modules, probes, graph_from)
                 output = run_model(model, model_input, input, context, below_free)
                 reads = {label: x if module is None else single_call(probes[label], label,
                                                                       layers[label])
@@ -293,23 +283,8 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
                 scores, seed = seed_scores(model, input, output, parsed, get_backward_gradient)
                 if below_free and not scores.requires_grad:
                     continue
-                if isinstance(context, RuleContext):
-                    # First what the context could not see (rectifiers made in worker
-                    # threads), then what it replaced: a model whose ReLUs all run in threads
-                    # gets the thread error, not "replaced no ReLU".
-                    context.check_path(scores, list(reads.values()), " or ".join(
-                        "the input" if m is None else f"{label} {layer_label(layers[label])}"
-                        for label, m in modules.items()))
-                    check_context_used(context, model)
-                if not scores.requires_grad:
-                    where = " or ".join(
-                        "the input" if m is None else f"{label} {layer_label(layers[label])}"
-                        for label, m in modules.items())
-                    raise ValueError(
-                        f"the model output does not depend on {where} through autograd (is "
-                        "the layer on the path to the output? does the model detach its "
-                        "activations or run under torch.no_grad()?)")
-                check_finite_scores(scores, seed, input)
+                check_scores(context, model, scores, seed, input, reads,
+                             describe_reads(modules, layers))
                 yield ForwardPass(x, output, scores, seed, context, reads, dict(layers),
                                   type(model).__name__, batch_statistics_layers(model))
                 return
@@ -318,6 +293,55 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
                     probe.remove()
                 if graph_from is not None:
                     graph_from.remove()
+
+
+def check_readable(model: nn.Module, input: torch.Tensor,
+                   modules: Dict[str, Optional[nn.Module]], layers: Dict[str, Any],
+                   context: Any) -> None:
+    """What is refused before the forward pass: opaque (scripted / compiled) parts the rules or
+    probes need to see, replicas run in worker threads, a channels-last batch."""
+    check_visible(model, modules, layers, context)
+    if context is not None or any(m is not None for m in modules.values()):
+        check_data_parallel(model)  # replicas in worker threads: rules and probes miss them
+    hint = layout_hint(model, input, certain_only=True)
+    if hint is not None:
+        raise ValueError(hint)
+
+
+def attach_probes(modules: Dict[str, Optional[nn.Module]], probes: Dict[str, Probe],
+                  graph_from: Optional["GraphFromLayers"]) -> None:
+    """A probe on each module read (into ``probes``, so that the caller removes them whatever
+    happens), after the hook that switches autograd on there, if any: the probe records the
+    fresh leaf."""
+    for label, module in modules.items():
+        if module is not None:
+            if graph_from is not None:
+                graph_from.attach(module)
+            probes[label] = Probe(module, "output", this_thread_only=True, accumulate=True)
+
+
+def describe_reads(modules: Dict[str, Optional[nn.Module]], layers: Dict[str, Any]) -> str:
+    """``"the input or saliency_layer 'layer4'"``: what a forward pass reads, for messages."""
+    return " or ".join("the input" if m is None else f"{label} {layer_label(layers[label])}"
+                       for label, m in modules.items())
+
+
+def check_scores(context: Any, model: nn.Module, scores: torch.Tensor, seed: torch.Tensor,
+                 input: torch.Tensor, reads: Dict[str, torch.Tensor], where: str) -> None:
+    """The checks after the forward pass: the rules reached the path, the scores have a graph
+    to what is read and are finite."""
+    if isinstance(context, RuleContext):
+        # First what the context could not see (rectifiers made in worker threads), then what
+        # it replaced: a model whose ReLUs all run in threads gets the thread error, not
+        # "replaced no ReLU".
+        context.check_path(scores, list(reads.values()), where)
+        check_context_used(context, model)
+    if not scores.requires_grad:
+        raise ValueError(
+            f"the model output does not depend on {where} through autograd (is the layer on "
+            "the path to the output? does the model detach its activations or run under "
+            "torch.no_grad()?)")
+    check_finite_scores(scores, seed, input)
 
 
 def run_model(model: nn.Module, model_input: torch.Tensor, input: torch.Tensor, context: Any,

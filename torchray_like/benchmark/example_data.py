@@ -14,10 +14,10 @@ instead, with a :class:`UserWarning` that names them:
 * The image is test image :data:`EXAMPLE_INDEX` of
   :class:`~torchray_like.benchmark.embedded_data.EmbeddedShapes` (seed 0): a disc and a striped
   object (two classes) on a cluttered background, which both embedded models rank first
-  and second.  It is returned at the embedded models' own size, ``IMAGE_SIZE × IMAGE_SIZE`` (64 × 64), whatever
-  ``shape`` asks for: the models were trained at that size only (the VGG's fully connected head
-  needs it), and resizing would change what they see.  The warning says so when ``shape``
-  differs.
+  and second.  It is returned at the embedded models' own size,
+  ``IMAGE_SIZE × IMAGE_SIZE`` (64 × 64), whatever ``shape`` asks for: the models were trained
+  at that size only (the VGG's fully connected head needs it), and resizing would change what
+  they see.  The warning says so when ``shape`` differs.
 
 Even with torchvision's ImageNet weights in the local torch hub cache, the embedded pair is
 returned (there is no two-object photo to pair them with); load those weights yourself with
@@ -77,8 +77,9 @@ def get_example_data(arch: str = "vgg16", shape: int = 224
         A torchvision architecture name (``"vgg16"``, ``"resnet50"``, ...) or an embedded model
         name; it selects the embedded model (see the module notes).
     shape : int
-        Requested side of the input.  The embedded image is always ``IMAGE_SIZE`` (64) pixels (see the
-        module notes); a different value is accepted for compatibility and noted in the warning.
+        Requested side of the input.  The embedded image is always ``IMAGE_SIZE`` (64) pixels
+        (see the module notes); a different value is accepted for compatibility and noted in the
+        warning.
 
     Returns
     -------
