@@ -121,8 +121,9 @@ def contrastive_excitation_backprop_map(model: nn.Module, input: torch.Tensor,
     (:func:`~.layer_choice.find_saliency_layer`: the last spatial layer)."""
     if contrast_layer is None:
         contrast_layer = find_saliency_layer(model, input)
-    return contrastive_excitation_backprop(model, input, target, saliency_layer, contrast_layer,
+    smap = contrastive_excitation_backprop(model, input, target, saliency_layer, contrast_layer,
                                            *args, **options)
+    return smap[0] if isinstance(smap, tuple) else smap  # debug=True: the map
 
 
 rise_map.__signature__ = inspect.signature(rise)  # type: ignore[attr-defined]
