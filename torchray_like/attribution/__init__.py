@@ -25,6 +25,8 @@ from . import (  # noqa: F401  (the submodules, as package attributes)
 from . import (  # noqa: F401  (issue 19's methods)
     gradient_x_input, integrated_gradients, occlusion, smooth_grad)
 from . import lrp, lrp_composites, lrp_rules  # noqa: F401  (issue 20: LRP)
+from . import (  # noqa: F401  (issue 19: the CAM family)
+    ablation_cam, eigen_cam, grad_cam_plus_plus, hires_cam, layer_cam, score_cam, xgrad_cam)
 from .registry import METHODS, MethodRegistry
 
 __all__ = ["METHODS", "MethodRegistry"]
