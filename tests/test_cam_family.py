@@ -16,7 +16,10 @@ from torchray_like.attribution.eigen_cam import eigen_cam, eigen_cam_map, eigen_
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.grad_cam import grad_cam
 from torchray_like.attribution.grad_cam_plus_plus import (
-    grad_cam_plus_plus, grad_cam_plus_plus_map, gradient_to_grad_cam_plus_plus_saliency)
+    grad_cam_plus_plus,
+    grad_cam_plus_plus_map,
+    gradient_to_grad_cam_plus_plus_saliency,
+)
 from torchray_like.attribution.hires_cam import hires_cam, hires_cam_map
 from torchray_like.attribution.layer_cam import layer_cam, layer_cam_map
 from torchray_like.attribution.layer_choice import find_saliency_layer
@@ -24,8 +27,17 @@ from torchray_like.attribution.method import description
 from torchray_like.attribution.registry import METHODS, SHARED_METHODS
 from torchray_like.attribution.xgrad_cam import xgrad_cam, xgrad_cam_map
 
-from .conftest import (ConvNet, assert_same_state, batch, hook_reference, inputs, make,
-                       make_torchvision, primed_model_and_input, snapshot)
+from .conftest import (
+    ConvNet,
+    assert_same_state,
+    batch,
+    hook_reference,
+    inputs,
+    make,
+    make_torchvision,
+    primed_model_and_input,
+    snapshot,
+)
 
 GRADIENT_CAMS = {"grad_cam_plus_plus": grad_cam_plus_plus, "layer_cam": layer_cam,
                  "xgrad_cam": xgrad_cam, "hires_cam": hires_cam, "eigen_cam": eigen_cam}
