@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchray_like
 from torchray_like.attribution.ablation_cam import ablation_cam, ablation_weights
 from torchray_like.attribution.registry import METHODS
-from torchray_like.attribution.score_cam import score_cam, score_cam_masks
+from torchray_like.attribution.score_cam import LayerActivation, score_cam, score_cam_masks
 
 from .conftest import ConvNet, assert_same_state, inputs, primed_model_and_input, snapshot
 
@@ -259,3 +259,21 @@ def test_inplace_operation_after_the_layer_does_not_change_the_reading(name):
     smap = METHODS_HERE[name](model, x, [0, 1], "conv")
     assert torch.allclose(smap.double(), DIRECT[name](model, x, [0, 1], "conv"), rtol=1e-4,
                           atol=1e-6)
+
+
+def test_layer_hook_records_only_when_asked_and_checks_replacements():
+    model, x = Twice().eval(), torch.randn(2, 3, 6, 6)
+    quiet = LayerActivation(model.conv, record=False)
+    try:
+        model(x)
+        assert quiet.outputs == []
+        quiet.replacement = torch.zeros(3, 4, 6, 6)
+        with pytest.raises(ValueError, match=r"changed shape between forward passes \(\(2, 4, 6, "
+                                             r"6\) for a batch of \(3, 4, 6, 6\)\)"):
+            model(x)
+        quiet.replacement = torch.zeros(2, 4, 6, 6)
+        with torch.no_grad():
+            assert torch.allclose(model(x), model.fc(torch.zeros(2, 4)))
+    finally:
+        quiet.remove()
+    assert not model.conv._forward_hooks

@@ -108,11 +108,13 @@ def configure_channels(name: str, model: Any, input: Any, target: Any, saliency_
 
 
 class LayerActivation:
-    """A forward hook on the saliency layer: records its output (a copy, safe from in-place
-    operations after the layer) in the calling thread, or replaces it by ``replacement``."""
+    """A forward hook on the saliency layer, in the calling thread only: with ``record``, keeps
+    a copy of every output (safe from in-place operations after the layer); when
+    ``replacement`` is set, returns it instead of the layer's output."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, record: bool = True) -> None:
         self.thread = threading.get_ident()
+        self.record = record
         self.outputs: List[Any] = []
         self.replacement: Optional[torch.Tensor] = None
         self.handle = module.register_forward_hook(self.hook)
@@ -120,8 +122,9 @@ class LayerActivation:
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if threading.get_ident() != self.thread:
             return None
-        if self.replacement is None:
+        if self.record:
             self.outputs.append(output.clone() if isinstance(output, torch.Tensor) else output)
+        if self.replacement is None:
             return None
         if not isinstance(output, torch.Tensor) or output.shape != self.replacement.shape:
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
@@ -200,7 +203,7 @@ def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill:
                          device=input.device)
     scores = torch.empty(total, dtype=torch.float32 if input.dtype != torch.float64
                          else torch.float64, device=input.device)
-    hook = LayerActivation(cfg.module)
+    hook = LayerActivation(cfg.module, record=False)
     try:
         with progress_bar(total, cfg.progress, cfg.name, unit=unit) as bar:
             for r0 in range(0, total, rows):
