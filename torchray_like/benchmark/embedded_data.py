@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .embedded_shapes import shape_sdf
+
 __all__ = [
     "EMBEDDED_CLASSES", "NUM_CLASSES", "EMBEDDED_DISTRACTORS", "NUM_DISTRACTORS", "IMAGE_SIZE",
     "EMBEDDED_MEAN", "EMBEDDED_STD",
@@ -113,119 +115,6 @@ _PATCHES = (1, 4)       # 1 to 3 texture patches
 _WIRES = (0, 4)         # 0 to 3 wires
 _DISTRACTOR_P = [0.2, 0.35, 0.3, 0.15]
 _SHAPE_FILLS = ["solid", "shaded"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Signed distances (negative inside), evaluated on local pixel grids
-# ---------------------------------------------------------------------------------------------
-
-
-def _polygon_sdf(px: np.ndarray, py: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
-    """Signed distance from points to a closed polygon (even-odd inside test)."""
-    dist = np.full(px.shape, np.inf)
-    inside = np.zeros(px.shape, dtype=bool)
-    n = len(vx)
-    for i in range(n):
-        ax, ay, bx, by = vx[i], vy[i], vx[(i + 1) % n], vy[(i + 1) % n]
-        ex, ey = bx - ax, by - ay
-        wx, wy = px - ax, py - ay
-        t = np.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
-        dx, dy = wx - t * ex, wy - t * ey
-        np.minimum(dist, np.sqrt(dx * dx + dy * dy), out=dist)
-        # crossing number: the edge straddles the horizontal line through the point
-        straddle = (ay > py) != (by > py)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xcross = ax + (py - ay) * ex / np.where(ey == 0, 1.0, ey)
-        inside ^= straddle & (px < xcross)
-    return np.where(inside, -dist, dist)
-
-
-def _regular(n: int, radius: float, angle: float, inner: Optional[float] = None
-             ) -> Tuple[np.ndarray, np.ndarray]:
-    """Vertices of a regular polygon (or of a star when ``inner`` is given)."""
-    if inner is None:
-        t = angle + 2 * np.pi * np.arange(n) / n
-        return radius * np.cos(t), radius * np.sin(t)
-    t = angle + np.pi * np.arange(2 * n) / n
-    r = np.where(np.arange(2 * n) % 2 == 0, radius, inner)
-    return r * np.cos(t), r * np.sin(t)
-
-
-def _rotate(vx: np.ndarray, vy: np.ndarray, angle: float) -> Tuple[np.ndarray, np.ndarray]:
-    c, s = math.cos(angle), math.sin(angle)
-    return c * vx - s * vy, s * vx + c * vy
-
-
-def _shape_sdf(kind: str, px: np.ndarray, py: np.ndarray, r: float, angle: float,
-               rng: np.random.Generator) -> np.ndarray:
-    """Signed distance of the shape ``kind`` of radius ``r`` centred at the origin."""
-    if kind == "disc":
-        return np.sqrt(px * px + py * py) - r
-    if kind == "ring":
-        width = r * rng.uniform(0.28, 0.42)
-        return np.abs(np.sqrt(px * px + py * py) - (r - width / 2)) - width / 2
-    if kind == "square":
-        return _polygon_sdf(px, py, *_regular(4, r * 1.1, angle))
-    if kind == "hexagon":
-        return _polygon_sdf(px, py, *_regular(6, r, angle))
-    if kind == "triangle":
-        return _polygon_sdf(px, py, *_regular(3, r * 1.1, angle))
-    if kind == "star":
-        return _polygon_sdf(px, py, *_regular(5, r * 1.1, angle, inner=r * 0.45))
-    if kind == "cross":
-        a = r * rng.uniform(0.28, 0.36)     # half arm width
-        vx = np.array([a, a, r, r, a, a, -a, -a, -r, -r, -a, -a])
-        vy = np.array([r, a, a, -a, -a, -r, -r, -a, -a, a, a, r])
-        return _polygon_sdf(px, py, *_rotate(vx, vy, angle))
-    return _distractor_sdf(kind, px, py, r, angle, rng)
-
-
-def _distractor_sdf(kind: str, px: np.ndarray, py: np.ndarray, r: float, angle: float,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Signed distance of the distractor ``kind`` (see :func:`_shape_sdf`)."""
-    if kind == "ellipse":
-        aspect = rng.uniform(1.9, 2.8)
-        a, b = r, r / aspect
-        qx, qy = _rotate(px, py, -angle)
-        k = np.sqrt((qx / a) ** 2 + (qy / b) ** 2)
-        return (k - 1.0) * b        # approximate, exact enough for a one-pixel edge
-    if kind == "bar":
-        aspect = rng.uniform(3.0, 6.0)
-        vx = np.array([r, -r, -r, r])
-        vy = np.array([r, r, -r, -r]) / aspect
-        return _polygon_sdf(px, py, *_rotate(vx, vy, angle))
-    if kind == "crescent":
-        d = np.sqrt(px * px + py * py) - r
-        ox, oy = 0.5 * r * math.cos(angle), 0.5 * r * math.sin(angle)
-        d2 = np.sqrt((px - ox) ** 2 + (py - oy) ** 2) - 0.85 * r
-        return np.maximum(d, -d2)
-    if kind == "half_disc":
-        d = np.sqrt(px * px + py * py) - r
-        return np.maximum(d, px * math.cos(angle) + py * math.sin(angle))
-    if kind == "ell":
-        w = r * 0.45
-        vx = np.array([-r, r, r, -r + w, -r + w, -r])
-        vy = np.array([-r, -r, -r + w, -r + w, r, r])
-        return _polygon_sdf(px, py, *_rotate(vx, vy, angle))
-    if kind == "peanut":       # two overlapping discs along a random axis
-        rr = r * rng.uniform(0.45, 0.6)
-        ox, oy = (r - rr) * math.cos(angle), (r - rr) * math.sin(angle)
-        d1 = np.sqrt((px - ox) ** 2 + (py - oy) ** 2) - rr
-        d2 = np.sqrt((px + ox) ** 2 + (py + oy) ** 2) - rr
-        return np.minimum(d1, d2)
-    if kind == "arc":          # a broken ring (a gap of 80 to 140 degrees)
-        width = r * rng.uniform(0.28, 0.42)
-        rad = np.sqrt(px * px + py * py)
-        ring = np.abs(rad - (r - width / 2)) - width / 2
-        gap = math.radians(rng.uniform(80, 140))
-        off = np.abs(np.angle(np.exp(1j * (np.arctan2(py, px) - angle))))
-        return np.maximum(ring, (gap / 2 - off) * rad)
-    if kind == "tee":
-        w = r * rng.uniform(0.4, 0.55)
-        vx = np.array([-r, r, r, w / 2, w / 2, -w / 2, -w / 2, -r])
-        vy = np.array([-r, -r, -r + w, -r + w, r, r, -r + w, -r + w])
-        return _polygon_sdf(px, py, *_rotate(vx, vy, angle))
-    raise AssertionError(kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +285,7 @@ def _draw_item(item: _Item, img: np.ndarray, rng: np.random.Generator, size: int
     py, px = np.mgrid[y0:y1, x0:x1].astype(np.float64)
     px -= item.cx
     py -= item.cy
-    sdf = _shape_sdf(item.kind, px, py, item.r, item.angle, rng)
+    sdf = shape_sdf(item.kind, px, py, item.r, item.angle, rng)
     alpha = np.clip(0.5 - sdf, 0.0, 1.0)
     item.area = int((alpha >= 0.5).sum())
     lo_x, hi_x, lo_y, hi_y = max(x0, 0), min(x1, size), max(y0, 0), min(y1, size)
