@@ -234,6 +234,13 @@ def test_eigen_cam_without_spatial_variation_is_zero_and_ignores_the_gradient():
     assert torch.equal(eigen_cam_map(b, torch.randn(2, 3, 4, 4)), eigen_cam_map(b))
 
 
+def test_eigen_cam_refuses_non_finite_activations():
+    a = torch.rand(1, 3, 4, 4)
+    a[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="Eigen-CAM: the activation holds NaN or infinite"):
+        eigen_cam_map(a)
+
+
 def test_eigen_cam_does_not_depend_on_the_target():
     model, x = make(2, relu_after=True), batch(2)
     assert torch.equal(eigen_cam(model, x, 0, "act"), eigen_cam(model, x, [3, 1, 2], "act"))

@@ -48,8 +48,17 @@ def eigen_cam_projection(activation: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor
         ``(N, 1, *spatial)``, in the activation's dtype (computed in float64).
+
+    Raises
+    ------
+    ValueError
+        For an activation that is not ``(N, K, *spatial)`` or not finite.
     """
     check_cam_reading("Eigen-CAM", activation, activation)
+    if not bool(torch.isfinite(activation).all()):
+        # LAPACK's SVD would fail to converge (a RuntimeError) or return NaN.
+        raise ValueError("Eigen-CAM: the activation holds NaN or infinite values; check the "
+                         "model on this input (or read another layer)")
     n, k = activation.shape[:2]
     # In float64: the leading singular vector of float32 data is sensitive to rounding when
     # the first two singular values are close (a few positions, many channels).
