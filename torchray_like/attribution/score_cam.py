@@ -58,7 +58,7 @@ from .state import model_state_guard
 from .targets import Target, TargetType, parse_target
 
 __all__ = ["score_cam", "score_cam_masks", "ChannelConfig", "configure_channels",
-           "LayerActivation", "channel_scores"]
+           "LayerActivation", "layer_forward", "channel_scores"]
 
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
