@@ -60,13 +60,25 @@ import torch  # noqa: E402
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
-from torchray_like.benchmark.pointing_game import (  # noqa: E402
-    PointingGame, centre_point, saliency_to_point)
+from torchray_like.benchmark.intervals import (  # noqa: E402
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    Interval,
+    paired_pointing_game_difference,
+    pointing_game_interval,
+)
+from torchray_like.benchmark.pointing_game import PointingGame, centre_point, saliency_to_point  # noqa: E402
 from torchray_like.benchmark.runner import (  # noqa: E402
-    ConfigMismatchError, add_common_arguments, distributed, format_table, local_device,
-    open_store, positive_int, run_sharded)
-from torchray_like.benchmark.settings import (  # noqa: E402
-    describe_options, options_table)
+    ConfigMismatchError,
+    add_common_arguments,
+    distributed,
+    format_table,
+    local_device,
+    open_store,
+    positive_int,
+    run_sharded,
+)
+from torchray_like.benchmark.settings import describe_options, options_table  # noqa: E402
 
 CENTER = "center"
 #: Every method of the table, in its order (the centre baseline first).
@@ -158,7 +170,10 @@ class Task:
         self._samples: Dict[int, Any] = {}
         if self.dataset == "embedded":
             from torchray_like.benchmark.embedded_data import (
-                EMBEDDED_CLASSES, IMAGE_SIZE, EmbeddedShapes)
+                EMBEDDED_CLASSES,
+                IMAGE_SIZE,
+                EmbeddedShapes,
+            )
 
             self.data = EmbeddedShapes("test")  # seed 0: the shipped models' test split
             self.classes = list(EMBEDDED_CLASSES)
@@ -336,59 +351,192 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Orderings of Fong et al. (2019), Table 1 (VOC07 test, VGG16; accuracy in %) that the
+#: embedded benchmark checks with a paired bootstrap: (subset, better, worse, published
+#: accuracy of the better, of the worse).  Gaps of at least 5 points only (the published
+#: shape: DeConvNet ~ centre < gradient ~ guided backprop < excitation backprop < the
+#: class-discriminative methods, most clearly on the difficult pairs).
+PUBLISHED_ORDERINGS: Tuple[Tuple[str, str, str, float, float], ...] = (
+    ("all", "grad_cam", "center", 86.6, 69.6),
+    ("all", "gradient", "center", 76.3, 69.6),
+    ("all", "gradient", "deconvnet", 76.3, 67.5),
+    ("all", "grad_cam", "deconvnet", 86.6, 67.5),
+    ("difficult", "grad_cam", "gradient", 74.0, 56.9),
+    ("difficult", "grad_cam", "guided_backprop", 74.0, 53.0),
+    ("difficult", "contrastive_excitation_backprop", "excitation_backprop", 66.5, 56.6),
+    ("difficult", "contrastive_excitation_backprop", "gradient", 66.5, 56.9),
+    ("difficult", "rise", "gradient", 75.1, 56.9),
+    ("difficult", "extremal_perturbation", "gradient", 76.1, 56.9),
+)
+#: Where a record's pair holds the hit of each subset: ``[class, all, difficult, point]``.
+_SUBSET_COLUMN = {"all": 1, "difficult": 2}
+
+
+def _by_image(records: Sequence[Mapping[str, Any]], arch: str, method: str
+              ) -> Dict[int, Mapping[str, Any]]:
+    return {int(r["index"]): r for r in records if r["model"] == arch and r["method"] == method}
+
+
+def _pairs(records: Sequence[Mapping[str, Any]], subset: str) -> List[List[Tuple[int, int]]]:
+    """Each image's ``(class, hit)`` pairs of ``subset`` (the bootstrap's input)."""
+    k = _SUBSET_COLUMN[subset]
+    return [[(int(p[0]), int(p[k])) for p in r["pairs"]] for r in records]
+
+
 def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
-               models: Sequence[str], methods: Sequence[str]) -> List[Dict[str, Any]]:
-    """One row per (model, method): accuracies on all and difficult pairs, seconds per image."""
+               models: Sequence[str], methods: Sequence[str], seed: int = 0
+               ) -> List[Dict[str, Any]]:
+    """One row per (model, method): accuracies on all and difficult pairs with their 95 %
+    bootstrap intervals over images (``all_low``, ``all_high`` ...; classes averaged in every
+    resample, :mod:`torchray_like.benchmark.intervals`, resamples seeded by ``seed``), seconds
+    per image, images and pairs."""
     rows = []
     for arch in models:
         for method in methods:
-            mine = [r for r in records if r["model"] == arch and r["method"] == method]
-            if not mine:
+            by_image = _by_image(records, arch, method)
+            if not by_image:
                 continue
+            mine = [by_image[i] for i in sorted(by_image)]
             game_all = PointingGame(num_classes)
             game_difficult = PointingGame(num_classes)
             for r in mine:
                 for c, in_all, in_difficult, _ in r["pairs"]:
                     game_all.aggregate(in_all, c)
                     game_difficult.aggregate(in_difficult, c)
-            rows.append({
-                "method": method, "model": arch,
-                "all": game_all.accuracy, "difficult": game_difficult.accuracy,
+            row: Dict[str, Any] = {"method": method, "model": arch}
+            for subset, game in (("all", game_all), ("difficult", game_difficult)):
+                interval = pointing_game_interval(_pairs(mine, subset), num_classes, seed=seed)
+                # The game's own accuracy (the same number): the table's reference.
+                row.update(interval.as_dict(subset), **{subset: game.accuracy})
+            row.update({
                 "seconds_per_image": sum(r["seconds"] for r in mine) / len(mine),
                 "images": len(mine),
                 "pairs": int((game_all.hits + game_all.misses).sum()),
                 "difficult_pairs": int((game_difficult.hits + game_difficult.misses).sum()),
             })
+            rows.append(row)
     return rows
 
 
+def compare_published(records: Sequence[Mapping[str, Any]], num_classes: int,
+                      models: Sequence[str], methods: Sequence[str], seed: int = 0
+                      ) -> List[Dict[str, Any]]:
+    """Per model, each ordering of :data:`PUBLISHED_ORDERINGS` whose two methods ran: the
+    paired bootstrap of accuracy(better) - accuracy(worse) on the images both ran on, and
+    whether it ``reproduced`` (interval above 0), is ``reversed`` (below 0) or
+    ``not resolved``."""
+    out = []
+    for arch in models:
+        for subset, better, worse, pub_better, pub_worse in PUBLISHED_ORDERINGS:
+            if better not in methods or worse not in methods:
+                continue
+            a, b = _by_image(records, arch, better), _by_image(records, arch, worse)
+            shared = sorted(set(a) & set(b))
+            if not shared:
+                continue
+            d = paired_pointing_game_difference(
+                _pairs([a[i] for i in shared], subset), _pairs([b[i] for i in shared], subset),
+                num_classes, seed=seed)
+            verdict = ("reproduced" if d.low > 0 else "reversed" if d.high < 0
+                       else "not resolved")
+            out.append({"model": arch, "subset": subset, "better": better, "worse": worse,
+                        "published": round(pub_better - pub_worse, 1), **d.as_dict("difference"),
+                        "images": d.n, "verdict": verdict})
+    return out
+
+
+def _cell(row: Mapping[str, Any], key: str) -> str:
+    interval = Interval(row[key], row[f"{key}_low"], row[f"{key}_high"], row["images"],
+                        degenerate=row[f"{key}_low"] == row[f"{key}_high"])
+    return interval.format(100.0)
+
+
 def print_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The table, accuracies in % with their 95 % intervals ("86.6 [80.1, 92.0]")."""
     shown = [{"method": r["method"], "model": r["model"],
-              "all %": 100 * r["all"], "difficult %": 100 * r["difficult"],
+              "all % [95 % CI]": _cell(r, "all"), "difficult % [95 % CI]": _cell(r, "difficult"),
               "s/image": r["seconds_per_image"], "images": r["images"], "pairs": r["pairs"],
               "difficult pairs": r["difficult_pairs"]} for r in rows]
-    return format_table(shown, ["method", "model", "all %", "difficult %", "s/image", "images",
-                                "pairs", "difficult pairs"],
-                        {"all %": ".1f", "difficult %": ".1f", "s/image": ".3f"})
+    text = format_table(shown, ["method", "model", "all % [95 % CI]", "difficult % [95 % CI]",
+                                "s/image", "images", "pairs", "difficult pairs"],
+                        {"s/image": ".3f"})
+    if any("*" in row["all % [95 % CI]"] + row["difficult % [95 % CI]"] for row in shown):
+        text += ("\n* zero-width interval: every image scored alike (all hits, say), so the "
+                 "bootstrap sees no spread; it understates the uncertainty of few images")
+    return text
 
 
-def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
-                  ) -> Tuple[str, str]:
-    os.makedirs(out, exist_ok=True)
-    csv_path = os.path.join(out, "pointing_game.csv")
-    json_path = os.path.join(out, "pointing_game.json")
-    columns = ["method", "model", "all", "difficult", "seconds_per_image", "images", "pairs",
-               "difficult_pairs"]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+#: The papers' names of the methods, for the printed orderings.
+SHORT_NAMES = {"center": "centre", "gradient": "gradient", "deconvnet": "DeConvNet",
+               "guided_backprop": "guided BP", "grad_cam": "Grad-CAM",
+               "excitation_backprop": "EBP", "contrastive_excitation_backprop": "c-EBP",
+               "rise": "RISE", "extremal_perturbation": "EP"}
+
+
+def print_comparisons(comparisons: Sequence[Mapping[str, Any]]) -> str:
+    """The published orderings and what the run makes of them, one line each."""
+    if not comparisons:
+        return ""
+    lines = ["published orderings (Fong et al. 2019, Table 1, VOC07 VGG16), paired 95 % "
+             "bootstrap of the difference (points) on the images both methods ran on:"]
+    names = [f"{SHORT_NAMES.get(c['better'], c['better'])} - "
+             f"{SHORT_NAMES.get(c['worse'], c['worse'])}" for c in comparisons]
+    width = max(len(n) for n in names)
+    for c, name in zip(comparisons, names):
+        d = Interval(c["difference"], c["difference_low"], c["difference_high"], c["images"],
+                     degenerate=c["difference_low"] == c["difference_high"])
+        lines.append(f"  {c['model']:<15} {c['subset']:<9} {name:<{width}} "
+                     f"{d.format(100.0, signed=True):<21} {c['images']:>4} img  "
+                     f"(published {c['published']:+.1f})  {c['verdict']}")
+    for arch in dict.fromkeys(c["model"] for c in comparisons):
+        mine = [c for c in comparisons if c["model"] == arch]
+        counts = {v: sum(c["verdict"] == v for c in mine)
+                  for v in ("reproduced", "reversed", "not resolved")}
+        lines.append(f"  {arch}: {counts['reproduced']} of {len(mine)} reproduced "
+                     f"significantly, {counts['reversed']} reversed significantly, "
+                     f"{counts['not resolved']} not resolved")
+    return "\n".join(lines)
+
+
+def _json_clean(value: Any) -> Any:
+    """NaN (no pair in a subset) becomes null: standard JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_clean(v) for v in value]
+    return value
+
+
+TABLE_COLUMNS = ["method", "model", "all", "all_low", "all_high", "difficult", "difficult_low",
+                 "difficult_high", "seconds_per_image", "images", "pairs", "difficult_pairs"]
+COMPARISON_COLUMNS = ["model", "subset", "better", "worse", "published", "difference",
+                      "difference_low", "difference_high", "images", "verdict"]
+
+
+def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r[k] for k in columns})
-    # NaN (no pair in a subset) becomes null: standard JSON.
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-             for r in rows]
+
+
+def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+                  comparisons: Sequence[Mapping[str, Any]] = ()) -> Tuple[str, str]:
+    """``pointing_game.csv`` (the table, with the interval columns),
+    ``pointing_game_comparisons.csv`` (the published orderings) and ``pointing_game.json``
+    (both, and ``meta``) in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, "pointing_game.csv")
+    json_path = os.path.join(out, "pointing_game.json")
+    _write_csv(csv_path, rows, TABLE_COLUMNS)
+    _write_csv(os.path.join(out, "pointing_game_comparisons.csv"), comparisons,
+               COMPARISON_COLUMNS)
     with open(json_path, "w") as f:
-        json.dump({**meta, "rows": clean}, f, indent=2)
+        json.dump(_json_clean({**meta, "rows": list(rows), "comparisons": list(comparisons)}),
+                  f, indent=2)
     return csv_path, json_path
 
 
@@ -440,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     embedded_cli.add_model_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not write OUT/report.html (the tables, figures and a gallery "
+                             "of the maps of a few test images: half a minute more)")
     add_common_arguments(parser, default_out=os.path.join(".", "out", "pointing_game"))
     parser.set_defaults(limit=_UNSET)
     for action in parser._actions:
@@ -522,7 +673,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             return 0
         keys = {item_key(i) for i in items}
         records = [r for r in store.records() if r["key"] in keys]
-        rows = make_table(records, len(task.classes), list(task.models), args.method_list)
         wall = time.time() - started
         meta = {"command": " ".join([os.path.basename(sys.argv[0])] + list(
             sys.argv[1:] if argv is None else argv)), "dataset": args.dataset,
@@ -530,7 +680,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             "ep_images": task.method_images["extremal_perturbation"],
             "slow_images": task.method_images["score_cam"],
             "world_size": world_size, "wall_seconds": wall, "config": config}
-        _report(args, rows, meta, wall)
+        gallery = {arch: m["model"] for arch, m in task.models.items()
+                   if arch.startswith("embedded-")}
+        _report(args, records, len(task.classes), list(task.models), meta, wall, gallery)
     return 0
 
 
@@ -550,11 +702,39 @@ def _announce(args: argparse.Namespace, task: Task, store: Any,
           "items stored)", flush=True)
 
 
-def _report(args: argparse.Namespace, rows: Sequence[Mapping[str, Any]],
-            meta: Mapping[str, Any], wall: float) -> None:
+def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_classes: int,
+            models: Sequence[str], meta: Mapping[str, Any], wall: float,
+            gallery: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+    """The table with its intervals, the published orderings, the files and the HTML page
+    (with a gallery of the maps of ``gallery``'s embedded models; none from the store)."""
+    rows = make_table(records, num_classes, models, args.method_list, seed=args.seed)
+    comparisons = compare_published(records, num_classes, models, args.method_list,
+                                    seed=args.seed)
+    meta = {**meta, "intervals": {
+        "method": "percentile bootstrap over images (classes averaged in every resample); "
+                  "differences paired on the images both methods ran on",
+        "level": DEFAULT_LEVEL, "resamples": DEFAULT_RESAMPLES, "seed": args.seed}}
     print(print_table(rows))
-    csv_path, json_path = write_outputs(args.out, rows, meta)
+    if comparisons:
+        print(print_comparisons(comparisons))
+    csv_path, json_path = write_outputs(args.out, rows, meta, comparisons)
     print(f"wrote {csv_path} and {json_path}; wall time {wall:.1f} s", flush=True)
+    if not args.no_report:
+        path = _report_module().write_report(
+            args.out, gallery_models=gallery or {}, gallery_methods=args.method_list)
+        print(f"report: {path}", flush=True)
+
+
+def _report_module() -> Any:
+    """``benchmarks/report.py``, loaded from beside this script (not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
+    spec = importlib.util.spec_from_file_location("torchray_like_benchmark_report", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _from_store(args: argparse.Namespace, parser: argparse.ArgumentParser, experiment: str,
@@ -578,11 +758,10 @@ def _from_store(args: argparse.Namespace, parser: argparse.ArgumentParser, exper
     else:
         from torchray_like.benchmark.datasets import COCO_CLASSES, VOC_CLASSES
         num_classes = len(VOC_CLASSES if args.dataset == "voc07" else COCO_CLASSES)
-    rows = make_table(records, num_classes, wanted, args.method_list)
     print(f"pointing game on {args.dataset} from {store.path}: {len(records)} stored records")
     meta = {"command": " ".join(sys.argv), "dataset": args.dataset, "from_store": True,
             "config": config}
-    _report(args, rows, meta, time.time() - started)
+    _report(args, records, num_classes, wanted, meta, time.time() - started)
     return 0
 
 

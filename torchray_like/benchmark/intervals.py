@@ -1,0 +1,404 @@
+r"""Bootstrap confidence intervals for the benchmarks: over images, seeded, paired.
+
+A benchmark number is a statistic of per-image results: a mean AUC, a mean similarity, a
+pointing-game accuracy.  On a few dozen images a difference of a few points between two methods
+can be noise, and the number alone does not say so.  The *percentile bootstrap over images*
+does: draw ``resamples`` sets of ``n`` images with replacement from the ``n`` images, recompute
+the statistic on each, and report the central ``level`` range of the recomputed values.
+
+Every statistic here is a function of **sums of per-image contributions**, so that a resample
+is one matrix product (``counts @ contributions``) and all resamples are computed at once:
+
+* the mean of per-image values (:func:`mean_interval`): each image contributes ``[v, 1]``, an
+  undefined value (NaN) ``[0, 0]`` — ignored, as the benchmarks' means ignore it;
+* the pointing game (:func:`pointing_game_interval`): each image contributes its hits and its
+  scored pairs *per class*, and the statistic is the mean over classes of hits / pairs, over
+  the classes seen in the resample — the benchmark's per-class averaging, not a pooled hit
+  rate;
+* a **paired** difference between two methods on the same images
+  (:func:`paired_difference`, :func:`paired_mean_difference`,
+  :func:`paired_pointing_game_difference`): both methods' contributions are resampled with the
+  *same* images, so what the images have in common (an easy image is easy for both) cancels.
+  Two intervals that overlap can still give a difference whose interval excludes zero.
+
+Resamples are drawn by NumPy's generator from ``seed`` and depend only on ``(n, resamples,
+seed)``: every method of a table is resampled with the same image sets, which makes the
+marginal intervals and the paired differences consistent, and a run reproducible.
+
+Limits, said where they show:
+
+* the interval is conditional on the images; it says nothing about other data sets;
+* when every resample gives the same value — one image, or every image a hit — the bootstrap
+  sees no spread and returns a zero-width interval that understates the uncertainty:
+  :attr:`Interval.degenerate` is then true and :meth:`Interval.format` marks it with ``*``;
+* resamples whose statistic is undefined (no difficult pair drawn, say) are left out of the
+  percentiles: the interval is then conditional on the statistic being defined.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "resample_counts", "bootstrap",
+           "paired_difference", "mean_contributions", "mean_of_sums", "mean_interval",
+           "paired_mean_difference", "pointing_game_contributions", "pointing_game_accuracy",
+           "pointing_game_interval", "paired_pointing_game_difference"]
+
+#: The coverage of the intervals by default (95 %).
+DEFAULT_LEVEL = 0.95
+#: Bootstrap resamples by default: the 2.5 % and 97.5 % percentiles then move by about a tenth
+#: of the interval's width from one seed to another.
+DEFAULT_RESAMPLES = 2000
+
+#: ``(..., k)`` sums of contributions -> ``(...)`` values of the statistic.
+Statistic = Callable[[np.ndarray], np.ndarray]
+#: One image's scored pairs of the pointing game: ``(class_id, hit)``, hit +1 / -1 / 0 (skip).
+Pairs = Sequence[Tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A statistic and its bootstrap confidence interval.
+
+    Attributes
+    ----------
+    estimate : float
+        The statistic on all the images (NaN when undefined).
+    low, high : float
+        The ``level`` percentile interval (NaN when no resample was defined).
+    n : int
+        Images resampled (for a paired difference: the images the two methods share).
+    level : float
+        Coverage, e.g. 0.95.
+    resamples : int
+        Bootstrap resamples drawn.
+    degenerate : bool
+        Every defined resample gave the same value (one image, or every image alike — all
+        hits, say): the zero-width interval understates the uncertainty.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    level: float = DEFAULT_LEVEL
+    resamples: int = DEFAULT_RESAMPLES
+    degenerate: bool = False
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes zero (for a difference: the sign is resolved)."""
+        return bool(self.low > 0 or self.high < 0)
+
+    def format(self, scale: float = 1.0, digits: int = 1, signed: bool = False) -> str:
+        """``"86.6 [80.1, 92.0]"`` (values times ``scale``); ``signed`` writes ``+`` on
+        positive values (differences); ``*`` marks a degenerate interval; ``-`` when the
+        statistic is undefined."""
+        if not math.isfinite(self.estimate):
+            return "-"
+        spec = ("+" if signed else "") + f".{digits}f"
+
+        def show(value: float) -> str:
+            # -0.0 would print as "-0.0": a sign the data do not have.
+            return "-" if not math.isfinite(value) else format(value * scale + 0.0, spec)
+
+        text = f"{show(self.estimate)} [{show(self.low)}, {show(self.high)}]"
+        return text + ("*" if self.degenerate else "")
+
+    def as_dict(self, prefix: str) -> Dict[str, Any]:
+        """``{prefix: estimate, prefix_low: low, prefix_high: high}`` (the files' columns)."""
+        return {prefix: self.estimate, f"{prefix}_low": self.low, f"{prefix}_high": self.high}
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_options(level: Any, resamples: Any, seed: Any) -> Tuple[float, int, int]:
+    if isinstance(level, bool) or not isinstance(level, Real) or not 0 < float(level) < 1:
+        raise ValueError(f"level must be a coverage in (0, 1), e.g. 0.95, got {level!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 100:
+        raise ValueError(f"resamples must be an int >= 100 (2000 by default: fewer make the "
+                         f"percentiles themselves noisy), got {resamples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return float(level), int(resamples), int(seed)
+
+
+def _check_contributions(contributions: Any, name: str) -> np.ndarray:
+    c = np.asarray(contributions, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+        raise ValueError(f"{name} must be a non-empty (images, k) array of per-image "
+                         f"contributions, got shape {c.shape}")
+    if not np.isfinite(c).all():
+        raise ValueError(f"{name} must be finite (encode an undefined value as a zero "
+                         "contribution, as mean_contributions does)")
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The bootstrap
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    counts.setflags(write=False)  # shared by the cache: nobody may change it
+    return counts
+
+
+def resample_counts(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """How often each of ``n`` images is drawn in each resample: float64 ``(resamples, n)``,
+    every row summing to ``n`` (a read-only array, the same for the same arguments)."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise ValueError(f"n must be a positive int (images), got {n!r}")
+    _, resamples, seed = _check_options(DEFAULT_LEVEL, resamples, seed)
+    return _counts(int(n), resamples, seed)
+
+
+def bootstrap(contributions: Any, statistic: Statistic, *, level: float = DEFAULT_LEVEL,
+              resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """Percentile bootstrap over images of a statistic of summed contributions.
+
+    Parameters
+    ----------
+    contributions : array_like
+        ``(n, k)``: what each of ``n`` images adds to the ``k`` sums the statistic reads.
+    statistic : callable
+        ``(..., k)`` sums -> ``(...)`` values (NaN where undefined), vectorised.
+    level : float, optional
+        Coverage (default 0.95).
+    resamples : int, optional
+        Resamples (default 2000, at least 100).
+    seed : int, optional
+        Seed of the resamples (default 0).
+
+    Returns
+    -------
+    Interval
+        The statistic of the sums over all images, and its interval.
+
+    Raises
+    ------
+    ValueError
+        For an empty or non-finite ``contributions`` or a bad option.
+    """
+    level, resamples, seed = _check_options(level, resamples, seed)
+    c = _check_contributions(contributions, "contributions")
+    return _bootstrap(c, statistic, level, resamples, seed)
+
+
+def _bootstrap(c: np.ndarray, statistic: Statistic, level: float, resamples: int,
+               seed: int) -> Interval:
+    estimate = float(np.asarray(statistic(c.sum(0)[None]), dtype=np.float64).reshape(-1)[0])
+    values = np.asarray(statistic(_counts(len(c), resamples, seed) @ c), dtype=np.float64)
+    if values.shape != (resamples,):
+        raise ValueError(f"statistic must map sums (..., k) to values (...): got shape "
+                         f"{values.shape} for sums {(resamples, c.shape[1])}")
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return Interval(estimate, math.nan, math.nan, len(c), level, resamples, True)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    # A mean of equal values differs by rounding between resamples: no spread all the same.
+    spread = float(finite.max() - finite.min())
+    degenerate = len(c) < 2 or spread <= 1e-12 * max(1.0, abs(float(finite.max())))
+    return Interval(estimate, float(low), float(high), len(c), level, resamples, degenerate)
+
+
+def paired_difference(contributions_a: Any, contributions_b: Any, statistic: Statistic, *,
+                      statistic_b: Statistic | None = None, level: float = DEFAULT_LEVEL,
+                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """Paired bootstrap of ``statistic(a) - statistic_b(b)`` on the same images.
+
+    Row ``i`` of both arrays must be the same image: each resample draws the same images for
+    both methods.  ``statistic_b`` defaults to ``statistic``.
+
+    Raises
+    ------
+    ValueError
+        When the two arrays do not hold the same number of images (pass the images both
+        methods were run on), or as :func:`bootstrap`.
+    """
+    level, resamples, seed = _check_options(level, resamples, seed)
+    a = _check_contributions(contributions_a, "contributions_a")
+    b = _check_contributions(contributions_b, "contributions_b")
+    if len(a) != len(b):
+        raise ValueError(f"contributions_a and contributions_b must hold the same images, row "
+                         f"for row: got {len(a)} and {len(b)} images; pass the images both "
+                         "methods were run on")
+    k = a.shape[1]
+    stat_b = statistic if statistic_b is None else statistic_b
+
+    def difference(sums: np.ndarray) -> np.ndarray:
+        return statistic(sums[..., :k]) - stat_b(sums[..., k:])
+
+    return _bootstrap(np.concatenate([a, b], axis=1), difference, level, resamples, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Means of per-image values
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_contributions(values: Any, name: str = "values") -> np.ndarray:
+    """``(n, 2)``: ``[v, 1]`` per image, ``[0, 0]`` where ``v`` is NaN (undefined: ignored).
+
+    Raises
+    ------
+    ValueError
+        For a value that is infinite, or not a 1-D sequence of numbers.
+    """
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, one per image ({error})"
+                         ) from None
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, one value per image, got "
+                         f"shape {v.shape}")
+    if np.isinf(v).any():
+        raise ValueError(f"{name} holds infinite values: a mean over images would be "
+                         "meaningless (NaN marks an undefined value, which is ignored)")
+    defined = ~np.isnan(v)
+    return np.stack([np.where(defined, v, 0.0), defined.astype(np.float64)], axis=1)
+
+
+def mean_of_sums(sums: np.ndarray) -> np.ndarray:
+    """The statistic of :func:`mean_contributions`: sum of values / number defined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sums[..., 1] > 0, sums[..., 0] / sums[..., 1], np.nan)
+
+
+def mean_interval(values: Any, *, level: float = DEFAULT_LEVEL,
+                  resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """The mean of per-image values (NaN ignored) and its bootstrap interval over images.
+
+    ``n`` of the result counts the images with a defined value.
+    """
+    c = mean_contributions(values)
+    level, resamples, seed = _check_options(level, resamples, seed)
+    interval = _bootstrap(c, mean_of_sums, level, resamples, seed)
+    return _with_n(interval, int(c[:, 1].sum()))
+
+
+def paired_mean_difference(values_a: Any, values_b: Any, *, level: float = DEFAULT_LEVEL,
+                           resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """Paired bootstrap of ``mean(a) - mean(b)``, value ``i`` of both being image ``i``.
+
+    An image where either value is undefined (NaN) is left out of both means, so the two
+    means stay on the same images.
+    """
+    a = mean_contributions(values_a, "values_a")
+    b = mean_contributions(values_b, "values_b")
+    if len(a) != len(b):
+        raise ValueError(f"values_a and values_b must hold the same images, in the same order: "
+                         f"got {len(a)} and {len(b)} values")
+    both = (a[:, 1] * b[:, 1])[:, None]
+    interval = paired_difference(a * both, b * both, mean_of_sums, level=level,
+                                 resamples=resamples, seed=seed)
+    return _with_n(interval, int(both.sum()))
+
+
+def _with_n(interval: Interval, n: int) -> Interval:
+    return Interval(interval.estimate, interval.low, interval.high, n, interval.level,
+                    interval.resamples, interval.degenerate or n < 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pointing game
+# ---------------------------------------------------------------------------------------------
+
+
+def pointing_game_contributions(pairs: Sequence[Pairs], num_classes: int) -> np.ndarray:
+    """``(n, 2 · num_classes)``: per image, its hits per class then its scored pairs per class.
+
+    Parameters
+    ----------
+    pairs : sequence
+        One entry per image (an image without a pair contributes zeros but is still drawn):
+        its ``(class_id, hit)`` pairs, hit ``+1`` (hit), ``-1`` (miss) or ``0`` (not scored,
+        e.g. outside the difficult subset).
+    num_classes : int
+        Classes of the data set.
+
+    Raises
+    ------
+    ValueError
+        For a class outside ``[0, num_classes)``, a hit other than +1 / -1 / 0, or no image.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if len(pairs) == 0:
+        raise ValueError("pairs must hold at least one image (one list of (class_id, hit) "
+                         "pairs per image)")
+    out = np.zeros((len(pairs), 2 * num_classes), dtype=np.float64)
+    for i, image in enumerate(pairs):
+        for pair in image:
+            c, hit = _check_pair(pair, num_classes, i)
+            if hit != 0:
+                out[i, c] += hit == 1
+                out[i, num_classes + c] += 1
+    return out
+
+
+def _check_pair(pair: Any, num_classes: int, image: int) -> Tuple[int, int]:
+    try:
+        c, hit = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"pairs[{image}] must hold (class_id, hit) pairs, got {pair!r}"
+                         ) from None
+    if isinstance(c, bool) or not isinstance(c, Integral) or not 0 <= c < num_classes:
+        raise ValueError(f"pairs[{image}]: class_id must be an int in [0, {num_classes}), "
+                         f"got {c!r}")
+    if isinstance(hit, bool) or hit not in (-1, 0, 1):
+        raise ValueError(f"pairs[{image}]: hit must be +1 (hit), -1 (miss) or 0 (not scored), "
+                         f"got {hit!r}")
+    return int(c), int(hit)
+
+
+def pointing_game_accuracy(sums: np.ndarray) -> np.ndarray:
+    """The statistic of :func:`pointing_game_contributions`: the mean over the classes with a
+    scored pair of hits / pairs (NaN when no class has one) — as
+    :attr:`~torchray_like.benchmark.pointing_game.PointingGame.accuracy`."""
+    k = sums.shape[-1] // 2
+    hits, totals = sums[..., :k], sums[..., k:]
+    seen = totals > 0
+    per_class = np.where(seen, hits / np.where(seen, totals, 1.0), 0.0)
+    count = seen.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, per_class.sum(-1) / np.maximum(count, 1), np.nan)
+
+
+def pointing_game_interval(pairs: Sequence[Pairs], num_classes: int, *,
+                           level: float = DEFAULT_LEVEL, resamples: int = DEFAULT_RESAMPLES,
+                           seed: int = 0) -> Interval:
+    """Pointing-game accuracy (mean over classes) and its bootstrap interval over images.
+
+    See :func:`pointing_game_contributions` for ``pairs``; ``n`` of the result counts every
+    image given, also those without a scored pair (they are drawn like the others).
+    """
+    level, resamples, seed = _check_options(level, resamples, seed)
+    c = pointing_game_contributions(pairs, num_classes)
+    return _bootstrap(c, pointing_game_accuracy, level, resamples, seed)
+
+
+def paired_pointing_game_difference(pairs_a: Sequence[Pairs], pairs_b: Sequence[Pairs],
+                                    num_classes: int, *, level: float = DEFAULT_LEVEL,
+                                    resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+                                    ) -> Interval:
+    """Paired bootstrap of accuracy(a) - accuracy(b), entry ``i`` of both being image ``i``
+    (each accuracy averaged over its classes, as the benchmark does)."""
+    a = pointing_game_contributions(pairs_a, num_classes)
+    b = pointing_game_contributions(pairs_b, num_classes)
+    return paired_difference(a, b, pointing_game_accuracy, level=level, resamples=resamples,
+                             seed=seed)
