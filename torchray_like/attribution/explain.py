@@ -1,28 +1,31 @@
 r"""Several attribution methods from one forward pass.
 
-:func:`explain` returns one map per method.  The backpropagation methods that differ only in the
-backward rule of the ReLUs and in the tensor they read — gradient, guided backprop, DeConvNet,
-linear approximation (at the input or at a layer), Grad-CAM and guided Grad-CAM — share **one**
-forward pass: it runs inside a rectifier-rule context with a probe on every layer some method
-reads, then the graph is differentiated once per rule (the rule is a value the graph's ReLU
-nodes read at backward time, so it is switched between the passes with ``retain_graph``):
+:func:`explain` returns one map per method.  Every backpropagation method described as data
+(:class:`~torchray_like.attribution.method.BackpropMethod`: the tensors it reads, the rule that
+reaches each, how readings become a map) shares **one** forward pass: it runs inside a
+rectifier-rule context (when a rule needs one) with a probe on every layer some method reads,
+then the graph is differentiated once per rule — the rule is a value the graph's ReLU nodes
+read at backward time, so it is switched between the passes with ``retain_graph``:
 
-* the plain rule, down to every tensor a plain-rule method reads (the input and/or layers): the
-  gradient and linear-approximation maps, Grad-CAM's weights and guided Grad-CAM's CAM;
+* the plain rule, down to every tensor a plain-rule method reads (the input and/or layers):
+  the gradient, gradient × input and linear-approximation maps, the whole CAM family's
+  weights (Grad-CAM, Grad-CAM++, Layer-CAM, XGrad-CAM, HiResCAM, Eigen-CAM read one activation
+  and one gradient), guided Grad-CAM's CAM;
 * the guided rule, down to what guided backprop and guided Grad-CAM read;
 * the DeConvNet rule, down to what DeConvNet reads.
 
-So six methods cost one forward and at most three backward passes, instead of six forwards and
-six or seven backwards.  Each map is **exactly** (bit for bit) what the method's own function
-returns with the same options: the same forward values, the same backward kernels, the same
-map, resize and smoothing code.
+So the twelve described methods cost one forward and at most three backward passes.  The
+shared pass is the very engine every method's own function runs
+(:func:`~torchray_like.attribution.engine.run_jobs`), so each map is **exactly** (bit for bit)
+what the method's own function returns with the same options, and the errors and warnings are
+the same.  This module names no method: :data:`SHARED_METHODS` is read off the registry.
 
 Methods with their own forward passes — excitation backprop and its contrastive variant (their
-rules replace the linear layers' backward too, and must be active during the forward), RISE and
-extremal perturbation (many perturbed forward passes) — cannot share it; they run by their own
-function from :data:`~torchray_like.attribution.registry.METHODS`, with the same target.  So
-does a shareable method given an option the shared pass cannot honour (``context_builder``,
-``get_backward_gradient``, or an argument added to the method later).
+rules replace the linear layers' backward too, and must be active during the forward), RISE,
+extremal perturbation, integrated gradients, SmoothGrad, occlusion, Score-CAM, Ablation-CAM,
+LRP — run by their own function from :data:`~torchray_like.attribution.registry.METHODS`, with
+the same target.  So does a described method given an option the shared pass cannot honour
+(its own ``context_builder``, ``get_backward_gradient``).
 """
 
 from __future__ import annotations
@@ -175,8 +178,8 @@ def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
     target : int, sequence, torch.Tensor or callable
         What to explain, as for every method (one target for all methods).
     methods : sequence of str, or mapping label -> method name
-        Method names of :data:`~torchray_like.attribution.registry.METHODS` (default: the six
-        that share a forward pass, :data:`SHARED_METHODS`).  To compute one method twice with
+        Method names of :data:`~torchray_like.attribution.registry.METHODS` (default: every
+        method described as data, which all share one forward pass: :data:`SHARED_METHODS`).  To compute one method twice with
         different options, give a mapping, e.g. ``{"la_input": "linear_approx", "la_layer4":
         "linear_approx"}``; results and ``options`` are then keyed by label.
     options : mapping label -> dict, optional
