@@ -180,8 +180,9 @@ def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
     methods : sequence of str, or mapping label -> method name
         Method names of :data:`~torchray_like.attribution.registry.METHODS` (default: every
         method described as data, which all share one forward pass: :data:`SHARED_METHODS`).
-        To compute one method twice with different options, give a mapping, e.g. ``{"la_input": "linear_approx", "la_layer4":
-        "linear_approx"}``; results and ``options`` are then keyed by label.
+        To compute one method twice with different options, give a mapping, e.g.
+        ``{"la_input": "linear_approx", "la_layer4": "linear_approx"}``; results and
+        ``options`` are then keyed by label.
     options : mapping label -> dict, optional
         Keyword arguments of each method, exactly as its own function takes them
         (``saliency_layer``, ``resize``, ``resize_mode``, ``smooth``, ``gradient_to_saliency``,
