@@ -59,7 +59,7 @@ from _harness import (HEADER, NOISE, Case, floor_input, floor_iterations,  # noq
 
 from torchray_like.attribution import METHODS  # noqa: E402
 from torchray_like.attribution.common import GRADIENT_RULE, ReLUContext, saliency  # noqa: E402
-from torchray_like.attribution.explain import SHARED_METHODS, explain  # noqa: E402
+from torchray_like.attribution.explain import explain  # noqa: E402
 from torchray_like.attribution.layer_choice import find_saliency_layer  # noqa: E402
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
@@ -71,6 +71,9 @@ QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "input_size"
 FULL = {"models": ["resnet50", "vgg16"], "input_size": 224, "batch_size": 4, "threads": None}
 #: What --methods selects besides the methods: the rule context alone, and explain().
 EXTRA_ROWS = ("relu_context", "explain")
+#: TorchRay's six methods sharing explain's forward pass (the "explain(6 methods)" rows).
+TORCHRAY_SHARED = ("gradient", "guided_backprop", "deconvnet", "linear_approx", "grad_cam",
+                   "guided_grad_cam")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -251,16 +254,50 @@ def rise_cases(s: Setup) -> List[Case]:
                  floor, name)]
 
 
+def beyond_cases(s: Setup) -> List[Case]:
+    """The methods of issue 19 against their floors: gradient × input against forward + grad to
+    the input; integrated gradients (its ``n_steps`` in one batch) and SmoothGrad over the
+    gradient (its ``n_samples`` noisy copies in one batch) against forward + grad of that batch
+    — the rest is building the batch and folding the gradients (target ≤ 1.10); the CAM family
+    from one ``explain`` against one Grad-CAM call (target ≤ 1.3: one forward, one backward to
+    the layer, five cheap maps)."""
+    model, x, target = s.model, s.x, s.target
+    layer = s.options["grad_cam"]["saliency_layer"]
+    steps, copies = 16, 16
+    many = torch.as_tensor(target).repeat_interleave(steps)
+    cams = ("grad_cam", "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam")
+    one_cam = lambda: METHODS["grad_cam"](model, x, target, saliency_layer=layer)  # noqa: E731
+    return [
+        Case("gradient_x_input", "gradient_x_input",
+             lambda: METHODS["gradient_x_input"](model, x, target),
+             floor_input(model, x, target), "fwd+grad(input)"),
+        Case("integrated_gradients", f"integrated_gradients({steps} steps)",
+             lambda: METHODS["integrated_gradients"](model, x, target, n_steps=steps,
+                                                     internal_batch_size=steps * len(target)),
+             floor_input(model, x.repeat_interleave(steps, 0), many),
+             f"fwd+grad({steps}·N batch)", target_ratio=1.10),
+        Case("smooth_grad", f"smooth_grad(gradient, {copies} copies)",
+             lambda: METHODS["smooth_grad"](model, x, target, n_samples=copies,
+                                            batch_size=copies * len(target), generator=0),
+             floor_input(model, x.repeat_interleave(copies, 0), many),
+             f"fwd+grad({copies}·N batch)", target_ratio=1.10),
+        Case("grad_cam_plus_plus", "explain(5 gradient CAMs) vs 1 grad_cam",
+             lambda: explain(model, x, target, cams,
+                             {name: {"saliency_layer": layer} for name in cams}),
+             one_cam, "grad_cam call", target_ratio=1.3),
+    ]
+
+
 def explain_cases(s: Setup) -> List[Case]:
-    """explain() with its six shared methods at their defaults, two floors: one backward pass
-    per method (guided Grad-CAM's plain pass to the layer is Grad-CAM's, counted once), and
+    """explain() with TorchRay's six shared methods at their defaults, two floors: one backward
+    pass per method (guided Grad-CAM's plain pass to the layer is Grad-CAM's, counted once), and
     what explain does with plain autograd — the plain rule to the input and the layer at once,
     then the guided and the DeConvNet rules to the input."""
     model, x, target = s.model, s.x, s.target
     layer = find_saliency_layer(model, x)  # Grad-CAM's and guided Grad-CAM's default layer
 
     def separate():
-        return [METHODS[name](model, x, target) for name in SHARED_METHODS]
+        return [METHODS[name](model, x, target) for name in TORCHRAY_SHARED]
 
     others: Dict[str, Callable] = {"separate": separate}
     calls = captum_calls(s)
@@ -269,7 +306,7 @@ def explain_cases(s: Setup) -> List[Case]:
                                                   "linear_approx(input)", "grad_cam",
                                                   "guided_grad_cam")]
         others["captum"] = lambda: [c() for c in captum]
-    run = lambda: explain(model, x, target)  # noqa: E731
+    run = lambda: explain(model, x, target, TORCHRAY_SHARED)  # noqa: E731
     six = floor_passes(model, x, target, [[None]] * 5 + [[layer]])
     three = floor_passes(model, x, target, [[None, layer], [None], [None]])
     return [
@@ -282,7 +319,8 @@ def explain_cases(s: Setup) -> List[Case]:
 
 
 #: The table of cases, in the order of the rows.
-CASES = (rule_cases, layer_cases, excitation_cases, extremal_cases, rise_cases, explain_cases)
+CASES = (rule_cases, layer_cases, excitation_cases, extremal_cases, rise_cases, beyond_cases,
+         explain_cases)
 
 
 def make_model(name: str) -> torch.nn.Module:
