@@ -99,7 +99,12 @@ def _load(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def _embedded_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Inputs:
     from torchray_like.benchmark.embedded_data import (
-        EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, NUM_CLASSES, EmbeddedShapes)
+        EMBEDDED_CLASSES,
+        EMBEDDED_MEAN,
+        EMBEDDED_STD,
+        NUM_CLASSES,
+        EmbeddedShapes,
+    )
 
     name = args.model or "embedded-vgg"
     if name not in EMBEDDED:

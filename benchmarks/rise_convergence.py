@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchray_like.attribution.rise import DEFAULT_NUM_MASKS, rise  # noqa: E402
-from torchray_like.benchmark.embedded_data import (IMAGE_SIZE, NUM_CLASSES,  # noqa: E402
-                                                   EmbeddedShapes)
 from torchray_like.benchmark import embedded_cli  # noqa: E402
+from torchray_like.benchmark.embedded_data import IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, saliency_to_point  # noqa: E402
 from torchray_like.benchmark.runner import positive_int  # noqa: E402

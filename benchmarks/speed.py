@@ -53,9 +53,20 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _harness import (HEADER, NOISE, Case, floor_input, floor_iterations,  # noqa: E402
-                      floor_layer, floor_layer_and_input, floor_passes, format_row, freeze,
-                      frozen, measure)
+from _harness import (  # noqa: E402
+    HEADER,
+    NOISE,
+    Case,
+    floor_input,
+    floor_iterations,
+    floor_layer,
+    floor_layer_and_input,
+    floor_passes,
+    format_row,
+    freeze,
+    frozen,
+    measure,
+)
 
 from torchray_like.attribution import METHODS  # noqa: E402
 from torchray_like.attribution.common import GRADIENT_RULE, ReLUContext, saliency  # noqa: E402

@@ -35,10 +35,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchray_like.benchmark.embedded_cli import name_list  # noqa: E402
 from torchray_like.benchmark.embedded_data import (  # noqa: E402
-    EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, NUM_CLASSES, NUM_DISTRACTORS, EmbeddedShapes,
-    embedded_collate)
+    EMBEDDED_CLASSES,
+    EMBEDDED_MEAN,
+    EMBEDDED_STD,
+    NUM_CLASSES,
+    NUM_DISTRACTORS,
+    EmbeddedShapes,
+    embedded_collate,
+)
 from torchray_like.benchmark.embedded_models import (  # noqa: E402
-    EMBEDDED_MODELS, EMBEDDED_WEIGHTS, build_embedded_model)
+    EMBEDDED_MODELS,
+    EMBEDDED_WEIGHTS,
+    build_embedded_model,
+)
 
 #: The shipped recipe, per model.
 RECIPE: Dict[str, Dict[str, float]] = {

@@ -18,8 +18,12 @@ from PIL import Image
 
 from torchray_like.benchmark import models
 from torchray_like.benchmark.models import (
-    FullyConvolutionalVGG, convert_to_fully_convolutional, get_model, get_transform,
-    replace_module)
+    FullyConvolutionalVGG,
+    convert_to_fully_convolutional,
+    get_model,
+    get_transform,
+    replace_module,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,23 @@ from PIL import Image
 
 from torchray_like.benchmark import datasets as ds
 from torchray_like.benchmark.datasets import (
-    COCO_CATEGORY_IDS, COCO_CLASSES, IMAGENET_CLASSES, VOC_CLASSES, CocoDetection, CocoTarget,
-    DatasetNotFoundError, ImageFolder, VOCDetection, coco_as_class_ids, coco_as_image_size,
-    coco_as_mask, get_dataset, voc_as_class_ids, voc_as_image_size, voc_as_mask)
+    COCO_CATEGORY_IDS,
+    COCO_CLASSES,
+    IMAGENET_CLASSES,
+    VOC_CLASSES,
+    CocoDetection,
+    CocoTarget,
+    DatasetNotFoundError,
+    ImageFolder,
+    VOCDetection,
+    coco_as_class_ids,
+    coco_as_image_size,
+    coco_as_mask,
+    get_dataset,
+    voc_as_class_ids,
+    voc_as_image_size,
+    voc_as_mask,
+)
 
 # pycocotools' annToMask (used here as the reference) trips a NumPy 2 deprecation notice.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

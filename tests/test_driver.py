@@ -13,9 +13,15 @@ from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.attribution.maps import resize_saliency, smooth_saliency
 from torchray_like.attribution.targets import get_pointing_gradient
 
-from .conftest import (ConvNet, RefDeconvReLU, RefGuidedReLU, assert_same_state, inputs,
-                       reference_map, snapshot)
-
+from .conftest import (
+    ConvNet,
+    RefDeconvReLU,
+    RefGuidedReLU,
+    assert_same_state,
+    inputs,
+    reference_map,
+    snapshot,
+)
 
 WRAPPERS = {"gradient": (gradient, None), "guided_backprop": (guided_backprop, RefGuidedReLU),
             "deconvnet": (deconvnet, RefDeconvReLU)}

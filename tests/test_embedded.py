@@ -11,11 +11,24 @@ import torch
 from torchvision.ops import masks_to_boxes
 
 from torchray_like.benchmark.embedded_data import (
-    EMBEDDED_CLASSES, IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes, denormalize, embedded_collate,
-    normalize)
+    EMBEDDED_CLASSES,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    EmbeddedShapes,
+    denormalize,
+    embedded_collate,
+    normalize,
+)
 from torchray_like.benchmark.embedded_models import (
-    EMBEDDED_ACCURACY, EMBEDDED_LAYERS, EMBEDDED_MODELS, EMBEDDED_WEIGHTS, WeightsError,
-    load_embedded_model, set_accuracy, weights_path)
+    EMBEDDED_ACCURACY,
+    EMBEDDED_LAYERS,
+    EMBEDDED_MODELS,
+    EMBEDDED_WEIGHTS,
+    WeightsError,
+    load_embedded_model,
+    set_accuracy,
+    weights_path,
+)
 from torchray_like.benchmark.example_data import EXAMPLE_INDEX, get_example_data
 
 
@@ -406,8 +419,12 @@ def test_weights_flag_is_a_file_per_model(tmp_path):
     model; what the settings record about each."""
     import argparse
 
-    from torchray_like.benchmark.embedded_cli import (check_weights, load_benchmark_model,
-                                                      split_weights, weights_label)
+    from torchray_like.benchmark.embedded_cli import (
+        check_weights,
+        load_benchmark_model,
+        split_weights,
+        weights_label,
+    )
 
     models = list(EMBEDDED_MODELS)
     assert split_weights(None, models) == {m: None for m in models}

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conftest import assert_same_state, snapshot
 from torchray_like.attribution.common import (
     NoRuleAppliedWarning,
     Probe,
@@ -46,6 +45,8 @@ from torchray_like.attribution.excitation_backprop import (
     gradient_to_excitation_backprop_saliency,
     update_resnet,
 )
+
+from .conftest import assert_same_state, snapshot
 
 # ---------------------------------------------------------------------------------------------
 # Independent reference computations (numpy, float64, explicit loops over the paper's formula)

@@ -15,8 +15,14 @@ from torchray_like.attribution.explain import SHARED_METHODS, explain
 from torchray_like.attribution.grad_cam import find_saliency_layer
 from torchray_like.attribution.targets import get_pointing_gradient
 
-from .conftest import (ConvNet, assert_same_state, hook_counts, make_torchvision,
-                       primed_model_and_input, snapshot)
+from .conftest import (
+    ConvNet,
+    assert_same_state,
+    hook_counts,
+    make_torchvision,
+    primed_model_and_input,
+    snapshot,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

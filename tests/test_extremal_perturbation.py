@@ -26,14 +26,28 @@ import torchray_like.attribution.mask_optimizer as optimizer_module
 import torchray_like.attribution.perturbation_pyramid as pyramid_module
 import torchray_like.attribution.smooth_masks as smooth_module
 from torchray_like.attribution.arguments import per_axis
-from torchray_like.attribution.mask_optimizer import (MaskOptimizer, RewardScale, area_ones,
-                                                      ranking_loss_and_gradient)
-from torchray_like.attribution.precision import denormals_flushed
 from torchray_like.attribution.common import smooth_saliency
 from torchray_like.attribution.extremal_perturbation import (
-    BLUR_PERTURBATION, DELETE_VARIANT, DUAL_VARIANT, FADE_PERTURBATION, PRESERVE_VARIANT,
-    ExtremalHistory, MaskGenerator, Perturbation, contrastive_reward, extremal_perturbation,
-    ranking_area_loss, simple_reward)
+    BLUR_PERTURBATION,
+    DELETE_VARIANT,
+    DUAL_VARIANT,
+    FADE_PERTURBATION,
+    PRESERVE_VARIANT,
+    ExtremalHistory,
+    MaskGenerator,
+    Perturbation,
+    contrastive_reward,
+    extremal_perturbation,
+    ranking_area_loss,
+    simple_reward,
+)
+from torchray_like.attribution.mask_optimizer import (
+    MaskOptimizer,
+    RewardScale,
+    area_ones,
+    ranking_loss_and_gradient,
+)
+from torchray_like.attribution.precision import denormals_flushed
 
 from .conftest import assert_same_state, snapshot
 

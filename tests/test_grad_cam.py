@@ -18,15 +18,22 @@ from torchray_like.attribution.grad_cam import find_saliency_layer, grad_cam, gr
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.attribution.guided_grad_cam import GuidedGradCamDebug, guided_grad_cam
 
-from .conftest import (AUTO_LAYERS, EXPLICIT_LAYERS, SIZES, TwoBranch,
-                       assert_same_state, batch, hook_reference, make, primed_model_and_input,
-                       snapshot)
+from .conftest import (
+    AUTO_LAYERS,
+    EXPLICIT_LAYERS,
+    SIZES,
+    TwoBranch,
+    assert_same_state,
+    batch,
+    hook_reference,
+    make,
+    primed_model_and_input,
+    snapshot,
+)
 
 # The module itself (the package re-exports the function under the same name).
 grad_cam_module = importlib.import_module("torchray_like.attribution.grad_cam")
 from torchray_like.attribution import layer_choice  # noqa: E402
-
-
 
 # ---------------------------------------------------------------------------------------------
 # Small hand-built networks

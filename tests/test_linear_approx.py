@@ -11,8 +11,19 @@ from torchray_like.attribution.common import SaliencyDebug
 from torchray_like.attribution.grad_cam import find_saliency_layer
 from torchray_like.attribution.linear_approx import linear_approx, linear_approx_map
 
-from .conftest import (AUTO_LAYERS, EXPLICIT_LAYERS, SIZES, Exploding, TwoBranch, assert_same_state,
-                       batch, hook_reference, make, primed_model_and_input, snapshot)
+from .conftest import (
+    AUTO_LAYERS,
+    EXPLICIT_LAYERS,
+    SIZES,
+    Exploding,
+    TwoBranch,
+    assert_same_state,
+    batch,
+    hook_reference,
+    make,
+    primed_model_and_input,
+    snapshot,
+)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])

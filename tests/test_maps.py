@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from torchray_like.attribution.gradient import gradient
-from torchray_like.attribution.maps import (ResizeOrderWarning, Shape, gradient_to_saliency,
-                                            resize_saliency, smooth_saliency)
+from torchray_like.attribution.maps import (
+    ResizeOrderWarning,
+    Shape,
+    gradient_to_saliency,
+    resize_saliency,
+    smooth_saliency,
+)
 
 from .conftest import ConvNet, inputs
 

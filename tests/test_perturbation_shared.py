@@ -14,13 +14,25 @@ import torch
 import torch.nn as nn
 
 from torchray_like.attribution import reporting
-from torchray_like.attribution.arguments import (check_batch, check_finite, check_flag,
-                                                 check_number, check_progress, check_resize,
-                                                 is_number, number_list, per_axis,
-                                                 positive_int)
+from torchray_like.attribution.arguments import (
+    check_batch,
+    check_finite,
+    check_flag,
+    check_number,
+    check_progress,
+    check_resize,
+    is_number,
+    number_list,
+    per_axis,
+    positive_int,
+)
 from torchray_like.attribution.maps import Shape
-from torchray_like.attribution.precision import (autocast_forward, check_autocast,
-                                                 denormals_flushed, flush_denormals)
+from torchray_like.attribution.precision import (
+    autocast_forward,
+    check_autocast,
+    denormals_flushed,
+    flush_denormals,
+)
 from torchray_like.attribution.reporting import progress_bar, warn_caller
 from torchray_like.attribution.seeding import global_seed, image_seeds, make_generator
 

@@ -12,10 +12,24 @@ import pytest
 import torch
 
 from tests.test_datasets import (
-    BOTTLE, CAR, CAT, COCO_DOG, COCO_PERSON, DOG, PERSON, make_coco, make_voc)
+    BOTTLE,
+    CAR,
+    CAT,
+    COCO_DOG,
+    COCO_PERSON,
+    DOG,
+    PERSON,
+    make_coco,
+    make_voc,
+)
 from torchray_like.benchmark.datasets import VOC_CLASSES, get_dataset
 from torchray_like.benchmark.pointing_game import (
-    PointingGame, PointingGameBenchmark, centre_point, read_difficult_file, saliency_to_point)
+    PointingGame,
+    PointingGameBenchmark,
+    centre_point,
+    read_difficult_file,
+    saliency_to_point,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

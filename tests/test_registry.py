@@ -41,9 +41,9 @@ def test_no_module_imports_another_modules_private_names(module_name):
 
 
 def test_torchray_import_paths_give_functions():
+    import torchray_like.attribution.grad_cam as gc
     from torchray_like.attribution.grad_cam import grad_cam
     from torchray_like.attribution.rise import rise
-    import torchray_like.attribution.grad_cam as gc
 
     assert inspect.isfunction(grad_cam) and inspect.isfunction(rise)
     assert isinstance(gc, types.ModuleType) and gc.grad_cam is grad_cam

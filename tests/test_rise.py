@@ -20,12 +20,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conftest import assert_same_state, make_torchvision, snapshot
 from torchray_like.attribution import rise as rise_module
 from torchray_like.attribution import rise_masks
-from torchray_like.attribution.rise import (RISE_NORMALIZATIONS, RISE_SCORES, SlowRiseWarning,
-                                           generate_masks, rise, rise_class)
 from torchray_like.attribution.modules import check_model
+from torchray_like.attribution.rise import (
+    RISE_NORMALIZATIONS,
+    RISE_SCORES,
+    SlowRiseWarning,
+    generate_masks,
+    rise,
+    rise_class,
+)
+
+from .conftest import assert_same_state, make_torchvision, snapshot
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,12 +12,20 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchray_like.attribution.common import (GRADIENT_RULE, NoRuleAppliedWarning, ReLUContext,
-                                              UnhandledActivationWarning, gradient_to_saliency)
+from torchray_like.attribution.common import (
+    GRADIENT_RULE,
+    NoRuleAppliedWarning,
+    ReLUContext,
+    UnhandledActivationWarning,
+    gradient_to_saliency,
+)
 from torchray_like.attribution.deconvnet import DECONVNET_RULE, DeConvNetContext, deconvnet
 from torchray_like.attribution.gradient import gradient
-from torchray_like.attribution.guided_backprop import (GUIDED_BACKPROP_RULE,
-                                                       GuidedBackpropContext, guided_backprop)
+from torchray_like.attribution.guided_backprop import (
+    GUIDED_BACKPROP_RULE,
+    GuidedBackpropContext,
+    guided_backprop,
+)
 
 from .conftest import RefDeconvReLU, RefGuidedReLU
 

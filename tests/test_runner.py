@@ -18,9 +18,16 @@ import pytest
 import torch
 
 from torchray_like.benchmark.runner import (
-    ConfigMismatchError, ResultsStore, ResultsStoreError, add_common_arguments, distributed,
-    format_table, open_store, run_sharded, shard)
-
+    ConfigMismatchError,
+    ResultsStore,
+    ResultsStoreError,
+    add_common_arguments,
+    distributed,
+    format_table,
+    open_store,
+    run_sharded,
+    shard,
+)
 
 # ------------------------------------------------------------------------------ the store
 

@@ -10,11 +10,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torchray_like.attribution.context import TorchRayDifferenceWarning
 from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import guided_backprop
-from torchray_like.attribution.context import TorchRayDifferenceWarning
-from torchray_like.attribution.targets import (backward_seed, get_backward_gradient,
-                                               get_pointing_gradient, parse_target)
+from torchray_like.attribution.targets import (
+    backward_seed,
+    get_backward_gradient,
+    get_pointing_gradient,
+    parse_target,
+)
 
 from .conftest import ConvNet, assert_same_state, inputs, snapshot
 

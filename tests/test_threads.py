@@ -17,9 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchray_like.attribution.context import (UnhandledActivationWarning,
-                                               active_rule_contexts, check_data_parallel,
-                                               nodes_on_path)
+from torchray_like.attribution.context import (
+    UnhandledActivationWarning,
+    active_rule_contexts,
+    check_data_parallel,
+    nodes_on_path,
+)
 from torchray_like.attribution.deconvnet import deconvnet
 from torchray_like.attribution.grad_cam import grad_cam
 from torchray_like.attribution.gradient import gradient

@@ -19,20 +19,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from torchray_like.attribution.common import (NullContext, Patch, Probe, ReLUContext,
-                                              SaliencyDebug, Shape, TorchRayDifferenceWarning,
-                                              attach_debug_probes, get_backward_gradient,
-                                              get_module, get_pointing_gradient,
-                                              gradient_to_saliency, resize_saliency, saliency)
+from torchray_like.attribution.common import (
+    NullContext,
+    Patch,
+    Probe,
+    ReLUContext,
+    SaliencyDebug,
+    Shape,
+    TorchRayDifferenceWarning,
+    attach_debug_probes,
+    get_backward_gradient,
+    get_module,
+    get_pointing_gradient,
+    gradient_to_saliency,
+    resize_saliency,
+    saliency,
+)
 from torchray_like.attribution.deconvnet import DeConvNetContext, DeConvNetReLU, deconvnet
-from torchray_like.attribution.excitation_backprop import (ExcitationBackpropContext,
-                                                           contrastive_excitation_backprop)
+from torchray_like.attribution.excitation_backprop import (
+    ExcitationBackpropContext,
+    contrastive_excitation_backprop,
+)
 from torchray_like.attribution.grad_cam import grad_cam, gradient_to_grad_cam_saliency
 from torchray_like.attribution.gradient import gradient
-from torchray_like.attribution.guided_backprop import (GuidedBackpropContext, GuidedBackpropReLU,
-                                                       guided_backprop)
-from torchray_like.attribution.linear_approx import (gradient_to_linear_approx_saliency,
-                                                     linear_approx)
+from torchray_like.attribution.guided_backprop import (
+    GuidedBackpropContext,
+    GuidedBackpropReLU,
+    guided_backprop,
+)
+from torchray_like.attribution.linear_approx import (
+    gradient_to_linear_approx_saliency,
+    linear_approx,
+)
 
 from .conftest import RefDeconvReLU, RefGuidedReLU, hook_reference, patched_functional
 

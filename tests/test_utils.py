@@ -20,8 +20,19 @@ from scipy import ndimage  # noqa: E402
 
 from torchray_like import utils  # noqa: E402
 from torchray_like.utils import (  # noqa: E402
-    get_config, get_device, im_to_numpy, imarraysc, imread, imsc, imsmooth, is_url, pil_to_tensor,
-    resample, tensor_to_im, xmkdir)
+    get_config,
+    get_device,
+    im_to_numpy,
+    imarraysc,
+    imread,
+    imsc,
+    imsmooth,
+    is_url,
+    pil_to_tensor,
+    resample,
+    tensor_to_im,
+    xmkdir,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,18 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from torchray_like.benchmark.plot import plot_example  # noqa: E402
-from torchray_like.visualize import (COLORBAR_WIDTH, DPI, IMAGE_PANEL,  # noqa: E402
-                                     IMAGE_PANEL_COLORBAR, NONFINITE_COLOR, SIGNAL_PANEL,
-                                     PlotWarning, overlay, plot_methods, saliency_plot)
+from torchray_like.visualize import (  # noqa: E402
+    COLORBAR_WIDTH,
+    DPI,
+    IMAGE_PANEL,
+    IMAGE_PANEL_COLORBAR,
+    NONFINITE_COLOR,
+    SIGNAL_PANEL,
+    PlotWarning,
+    overlay,
+    plot_methods,
+    saliency_plot,
+)
 
 JET = matplotlib.colormaps["jet"]
 

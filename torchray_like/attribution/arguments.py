@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .maps import Shape
 from .inputs import check_input, layout_hint
+from .maps import Shape
 
 __all__ = ["is_number", "positive_int", "check_number", "check_flag", "number_list",
            "per_axis", "check_finite", "check_progress", "check_batch", "check_resize",

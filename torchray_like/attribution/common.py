@@ -23,8 +23,14 @@ TorchRay").
 
 from __future__ import annotations
 
-from .context import (NoRuleAppliedWarning, NullContext, Patch, RuleContext,
-                      TorchRayDifferenceWarning, UnhandledActivationWarning)
+from .context import (
+                      NoRuleAppliedWarning,
+                      NullContext,
+                      Patch,
+                      RuleContext,
+                      TorchRayDifferenceWarning,
+                      UnhandledActivationWarning,
+)
 from .driver import SaliencyDebug
 from .engine import saliency
 from .maps import ResizeOrderWarning, Shape, gradient_to_saliency, resize_saliency, smooth_saliency

@@ -13,8 +13,19 @@ import importlib
 import itertools
 import threading
 import warnings
-from typing import (Any, Callable, Collection, Dict, Iterator, List, Literal, Optional,
-                    Sequence, Set, Tuple)
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import torch
 import torch.nn as nn

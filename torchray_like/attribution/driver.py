@@ -16,13 +16,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from .context import (NullContext, RuleContext, UnhandledActivationWarning, check_data_parallel,
-                      suspend_rule_contexts)
-from .reporting import warn_caller
-from .probe import (Probe, get_module, layer_label,
-                    single_call)
+from .context import (
+    NullContext,
+    RuleContext,
+    UnhandledActivationWarning,
+    check_data_parallel,
+    suspend_rule_contexts,
+)
 from .inputs import check_input, forward_failure, layout_hint
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
+from .probe import Probe, get_module, layer_label, single_call
+from .reporting import warn_caller
 from .state import autograd_grad, model_state_guard
 from .targets import Target, TargetType, get_backward_gradient, parse_target
 

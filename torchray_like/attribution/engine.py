@@ -21,15 +21,23 @@ import torch
 import torch.nn as nn
 
 from .context import suspend_rule_contexts
-from .driver import (ForwardPass, SaliencyDebug, check_debuggable, check_spatial, detach_all,
-                     forward_pass, is_input, strip_compiled_prefix)
+from .driver import (
+    ForwardPass,
+    SaliencyDebug,
+    check_debuggable,
+    check_spatial,
+    detach_all,
+    forward_pass,
+    is_input,
+    strip_compiled_prefix,
+)
+from .inputs import check_input
 from .layer_choice import reachable_saliency_layer, resolve_layer
 from .maps import check_smooth, finish_map
 from .method import BackpropMethod, Read, Reading
+from .modules import check_model, unwrap_compiled
 from .probe import debug_probes, fill_probe_gradients, get_module
 from .rules import GRADIENT_RULE, ReLUContext
-from .inputs import check_input
-from .modules import check_model, unwrap_compiled
 from .targets import Target, TargetType, get_backward_gradient, parse_target
 
 __all__ = ["Job", "run_jobs", "run_method", "saliency", "SALIENCY"]

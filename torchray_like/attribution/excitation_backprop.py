@@ -112,13 +112,18 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .excitation_handlers import UNMODELED_HINTS, ExcitationHandlers
-from .excitation_rules import excitation_eps
 from .context import RuleContext, TorchRayDifferenceWarning, UnhandledActivationWarning
 from .driver import SaliencyDebug, detach_all, forward_pass, strip_compiled_prefix
 from .engine import saliency
-from .excitation_contrast import (ClassifierCalls, check_contrast_cuts, check_contrast_layers,
-                                  contrast_signal, propagate)
+from .excitation_contrast import (
+    ClassifierCalls,
+    check_contrast_cuts,
+    check_contrast_layers,
+    contrast_signal,
+    propagate,
+)
+from .excitation_handlers import UNMODELED_HINTS, ExcitationHandlers
+from .excitation_rules import excitation_eps
 from .maps import SizeType, check_smooth, finish_map, saliency_gradient
 from .reporting import warn_caller
 from .state import check_model, unwrap_compiled

@@ -19,8 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .call_args import Call, arg_slot, get_arg
-from .excitation_rules import (POSITIVE_OUTPUT_RULE, ExcitationCell, ExciteFunction,
-                               ExciteScaleFunction, ExciteSumFunction, PassThroughFunction)
+from .excitation_rules import (
+    POSITIVE_OUTPUT_RULE,
+    ExcitationCell,
+    ExciteFunction,
+    ExciteScaleFunction,
+    ExciteSumFunction,
+    PassThroughFunction,
+)
 from .rules import RectifierFunction, RuleCell
 
 __all__ = ["ExcitationHandlers", "UNMODELED_HINTS"]

@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from .call_args import Call
 from .rules import ReLURule
+
 __all__ = [
     "excitation_eps", "compute_dtype", "ExcitationCell", "sum_rule", "linear_rule",
     "ExciteFunction", "ExciteSumFunction", "ExciteScaleFunction", "PassThroughFunction",

@@ -80,23 +80,45 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .arguments import (FORWARD_ERRORS, check_batch, check_flag, check_number, check_progress,
-                        check_resize, is_number, number_list, per_axis,
-                        positive_int)
-from .extremal_rewards import (DELETE_VARIANT, DUAL_VARIANT, PRESERVE_VARIANT, VARIANTS,
-                               RewardFunc, TargetArg, contrastive_reward, simple_reward)
-from .mask_optimizer import (ExtremalHistory, MaskOptimizer, RewardScale, area_ones,
-                             ranking_area_loss, ranking_loss_and_gradient)
+from .arguments import (
+    FORWARD_ERRORS,
+    check_batch,
+    check_flag,
+    check_number,
+    check_progress,
+    check_resize,
+    is_number,
+    number_list,
+    per_axis,
+    positive_int,
+)
+from .extremal_rewards import (
+    DELETE_VARIANT,
+    DUAL_VARIANT,
+    PRESERVE_VARIANT,
+    VARIANTS,
+    RewardFunc,
+    TargetArg,
+    contrastive_reward,
+    simple_reward,
+)
+from .inputs import forward_failure
 from .maps import check_smooth, resize_saliency, smooth_saliency
-from .perturbation_pyramid import (BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATIONS,
-                                   Perturbation)
+from .mask_optimizer import (
+    ExtremalHistory,
+    MaskOptimizer,
+    RewardScale,
+    area_ones,
+    ranking_area_loss,
+    ranking_loss_and_gradient,
+)
+from .modules import check_model
+from .perturbation_pyramid import BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATIONS, Perturbation
 from .precision import autocast_forward, check_autocast
 from .precision import flush_denormals as flushing
 from .reporting import progress_bar, warn_caller
 from .seeding import GeneratorsType, image_seeds
 from .smooth_masks import MaskGenerator
-from .inputs import forward_failure
-from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import SEED_NOT_A_SCORE, Target, check_output_tensor, parse_target
 

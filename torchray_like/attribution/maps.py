@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
            "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
            "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel"]

@@ -12,9 +12,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .arguments import per_axis
+from .inputs import check_input
 from .maps import gaussian_kernel
 from .smooth_masks import PerAxis, clamp01
-from .inputs import check_input
 
 __all__ = ["BLUR_PERTURBATION", "FADE_PERTURBATION", "PERTURBATIONS", "Perturbation",
            "gaussian_matrix"]

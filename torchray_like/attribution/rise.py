@@ -57,15 +57,21 @@ import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
-from .arguments import (FORWARD_ERRORS, check_batch, check_flag, check_number, check_progress,
-                        check_resize, positive_int)
+from .arguments import (
+    FORWARD_ERRORS,
+    check_batch,
+    check_flag,
+    check_number,
+    check_progress,
+    check_resize,
+    positive_int,
+)
+from .inputs import forward_failure
 from .maps import resize_saliency
 from .precision import autocast_forward, check_autocast
 from .reporting import progress_bar, warn_caller
-from .rise_masks import (MaskBank, MaskSampler, check_bank, check_cells, check_p,
-                         generate_masks)
+from .rise_masks import MaskBank, MaskSampler, check_bank, check_cells, check_p, generate_masks
 from .seeding import GeneratorType, make_generator
-from .inputs import forward_failure
 from .state import model_state_guard
 from .targets import SCORES, SEED_NOT_A_SCORE, Target, parse_target
 

@@ -17,8 +17,15 @@ import torch
 import torch.nn as nn
 
 from .inputs import check_input, dtype_hint, layout_hint
-from .modules import (check_model, is_compiled_wrapper, iter_modules, iter_tensors, opaque_kind,
-                      opaque_modules, unwrap_compiled)
+from .modules import (
+    check_model,
+    is_compiled_wrapper,
+    iter_modules,
+    iter_tensors,
+    opaque_kind,
+    opaque_modules,
+    unwrap_compiled,
+)
 
 __all__ = ["model_state_guard", "autograd_grad", "REENTRANT_CHECKPOINT_MESSAGE",
            # re-exported from .inputs and .modules
