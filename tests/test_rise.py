@@ -252,10 +252,10 @@ def test_matches_direct_sum_over_masks_torchvision():
     with torch.no_grad():
         probs = torch.stack([model(x[i] * bank).softmax(1) for i in range(2)])  # (2, M, K)
     direct = torch.einsum("imk,mp->ikp", probs, bank.flatten(1)) / (32 * 0.5)
-    maps = rise(model, x, masks=bank, batch_size=20)
+    maps = rise(model, x, filter_masks=bank, batch_size=20)
     assert maps.shape == (2, 10, 16, 16)
     torch.testing.assert_close(maps.flatten(2), direct, rtol=1e-4, atol=1e-6)
-    one = rise(model, x, target=[3, 7], masks=bank, batch_size=20)
+    one = rise(model, x, target=[3, 7], filter_masks=bank, batch_size=20)
     assert one.shape == (2, 1, 16, 16)
     torch.testing.assert_close(one[:, 0], maps[[0, 1], [3, 7]], rtol=1e-5, atol=1e-7)
 
@@ -270,7 +270,7 @@ def test_scores_match_direct_sum(score):
         z = torch.stack([model(x[i] * bank) for i in range(2)])
     s = torch.sigmoid(z) if score == "sigmoid" else z
     direct = torch.einsum("imk,mp->ikp", s, bank.flatten(1)) / (40 * 0.3)
-    maps = rise(model, x, masks=bank, p=0.3, score=score, batch_size=7)
+    maps = rise(model, x, filter_masks=bank, p=0.3, score=score, batch_size=7)
     assert maps.dtype == torch.float64
     torch.testing.assert_close(maps.flatten(2), direct, rtol=1e-10, atol=1e-12)
 
@@ -282,14 +282,14 @@ def test_callable_score_and_dict_output():
 
     x = torch.rand(1, 2, 16)
     bank = generate_masks(30, (16,), 4, generator=0)
-    maps = rise(DictModel(), x, masks=bank, score=lambda out: out["logits"].softmax(1))
+    maps = rise(DictModel(), x, filter_masks=bank, score=lambda out: out["logits"].softmax(1))
     # A single-logit head z = mean(x), target 1 explains +z.
-    ref = rise(BoxModel([(slice(None),)], scale=1.0), x, target=1, masks=bank, score="logit")
+    ref = rise(BoxModel([(slice(None),)], scale=1.0), x, target=1, filter_masks=bank, score="logit")
     assert maps.shape == (1, 2, 16)
     # Class 0 of the dict model: softmax of (a, -a) = sigmoid(2a).
     direct = sum(torch.sigmoid(2 * (x[0] * bank[i]).mean()) * bank[i, 0] for i in range(30))
     torch.testing.assert_close(maps[0, 0], direct / 15)
-    one = rise(DictModel(), x, masks=bank, score=lambda out: out["logits"][:, 1])
+    one = rise(DictModel(), x, filter_masks=bank, score=lambda out: out["logits"][:, 1])
     assert one.shape == (1, 1, 16)
     assert ref.shape == (1, 1, 16)
     torch.testing.assert_close(one, -ref)
@@ -304,20 +304,20 @@ def test_binary_head(shape):
 
     x = torch.ones(2, 1, 8)
     bank = generate_masks(200, (8,), 2, generator=0)
-    maps = rise(Binary(), x, masks=bank)
+    maps = rise(Binary(), x, filter_masks=bank)
     assert maps.shape == (2, 2, 8)
     # Class 1 = sigmoid(z), class 0 = 1 - sigmoid(z): they sum to sum_i M_i / (N p).
     torch.testing.assert_close(maps[0].sum(0), bank.sum(0)[0] / 100, rtol=1e-5, atol=1e-6)
     assert float(maps[0, 1, :4].mean()) > float(maps[0, 1, 4:].mean()) + 0.1
     assert float(maps[0, 0, 4:].mean()) > float(maps[0, 0, :4].mean()) + 0.1
-    torch.testing.assert_close(rise(Binary(), x, target=[1, 0], masks=bank)[:, 0],
+    torch.testing.assert_close(rise(Binary(), x, target=[1, 0], filter_masks=bank)[:, 0],
                                maps[[0, 1], [1, 0]])
-    torch.testing.assert_close(rise(Binary(), x, masks=bank, score="sigmoid"), maps)
-    logit = rise(Binary(), x, masks=bank, score="logit")
+    torch.testing.assert_close(rise(Binary(), x, filter_masks=bank, score="sigmoid"), maps)
+    logit = rise(Binary(), x, filter_masks=bank, score="logit")
     torch.testing.assert_close(logit[:, 0], -logit[:, 1])
     with pytest.raises(ValueError, match=r"target class 2 is out of range: a single-logit "
                                          r"\(binary\) head takes target 1"):
-        rise(Binary(), x, target=2, masks=bank)
+        rise(Binary(), x, target=2, filter_masks=bank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_seeds_reproduce_and_bank_equals_streaming():
     assert not torch.allclose(a, rise(model, x, num_masks=50, num_cells=3, generator=10,
                                       batch_size=8))
     bank = generate_masks(50, (10, 10), 3, generator=9)
-    assert torch.equal(a, rise(model, x, masks=bank, batch_size=8))
+    assert torch.equal(a, rise(model, x, filter_masks=bank, batch_size=8))
     # Masks do not depend on batch_size (only the summation order does).
     torch.testing.assert_close(a, rise(model, x, num_masks=50, num_cells=3, generator=9,
                                        batch_size=3), rtol=1e-5, atol=1e-7)
@@ -355,8 +355,8 @@ def test_seeds_reproduce_and_bank_equals_streaming():
     torch.manual_seed(4)
     assert not torch.equal(b, rise(model, x, num_masks=20, num_cells=3, seed=None))
     # The first num_masks masks of a bigger bank.
-    torch.testing.assert_close(rise(model, x, masks=bank[:30], batch_size=8),
-                               rise(model, x, masks=bank, num_masks=30, batch_size=8))
+    torch.testing.assert_close(rise(model, x, filter_masks=bank[:30], batch_size=8),
+                               rise(model, x, filter_masks=bank, num_masks=30, batch_size=8))
 
 
 def test_batch_equals_per_sample_calls():
@@ -547,8 +547,8 @@ def _box():
     (dict(generator="seed"), TypeError, "generator must be a torch.Generator, an int seed"),
     (dict(generator=-1), ValueError, r"an int seed must be in \[0, 2\*\*64\)"),
     (dict(normalize="mean"), ValueError, r"normalize must be one of \('paper', 'torchray'\)"),
-    (dict(masks=torch.ones(4, 1, 4, 4) / 2, filter_masks=torch.ones(4, 1, 4, 4) / 2), ValueError,
-     "masks is an alias of filter_masks"),
+    # The former alias masks= is gone: the bank is TorchRay's filter_masks.
+    (dict(masks=torch.ones(4, 1, 4, 4) / 2), TypeError, "unexpected keyword argument 'masks'"),
     (dict(resize=(3, 3, 3)), ValueError, "resize must give 2 positive sizes"),
     (dict(resize_mode="cubic"), ValueError, "resize_mode must be one of"),
 ])
@@ -635,13 +635,13 @@ def test_mask_bank_errors():
     ]
     for masks, exc, match in cases:
         with pytest.raises(exc, match=match):
-            rise(model, x, masks=masks)
+            rise(model, x, filter_masks=masks)
     with pytest.raises(ValueError, match="num_masks=60 but the masks bank holds only 50"):
-        rise(model, x, masks=good, num_masks=60)
+        rise(model, x, filter_masks=good, num_masks=60)
     assert model.calls == []
     # The bank's own p is accepted.
     low = generate_masks(50, (4, 4), 2, 0.1, generator=0)
-    assert rise(model, x, masks=low, p=0.1).shape == (1, 2, 4, 4)
+    assert rise(model, x, filter_masks=low, p=0.1).shape == (1, 2, 4, 4)
 
 
 @pytest.mark.parametrize("args,exc,match", [
@@ -712,14 +712,14 @@ def test_torchray_normalization_is_the_mean_sigmoid_over_the_same_masks():
     drawn = rise(model, x, seed=11, num_masks=n, num_cells=3, p=p, normalize="torchray")
     torch.testing.assert_close(drawn.flatten(2), hand, rtol=1e-10, atol=1e-12)
     # The paper's normalisation with the same score divides by N p instead of N.
-    paper = rise(model, x, masks=bank, p=p, score="sigmoid")
+    paper = rise(model, x, filter_masks=bank, p=p, score="sigmoid")
     torch.testing.assert_close(paper * p, maps, rtol=1e-12, atol=1e-14)
     # and its default score is the softmax.
     soft = torch.zeros_like(hand)
     for i in range(n):
         with torch.no_grad():
             soft += model(x * bank[i]).softmax(1)[:, :, None] * bank[i].flatten()[None, None]
-    torch.testing.assert_close(rise(model, x, masks=bank, p=p).flatten(2), soft / (n * p),
+    torch.testing.assert_close(rise(model, x, filter_masks=bank, p=p).flatten(2), soft / (n * p),
                                rtol=1e-10, atol=1e-12)
     # With TorchRay's normalisation the bank's mean need not match p (p is not used).
     low = generate_masks(30, (12, 12), 3, 0.1, generator=0, dtype=torch.float64)
@@ -752,9 +752,9 @@ def test_non_finite_model_output_is_an_error_naming_the_model():
     bank = generate_masks(20, (4, 4), 2, generator=0)
     bank[3, 0, 0, 0] = 0.0
     with pytest.raises(ValueError, match=r"the model's scores are not finite \(NaN or inf\)"):
-        rise(NaNModel(), x, masks=bank)
+        rise(NaNModel(), x, filter_masks=bank)
     with pytest.raises(ValueError, match="not finite"):
-        rise(NaNModel(), x, target=1, masks=bank, score="logit")
+        rise(NaNModel(), x, target=1, filter_masks=bank, score="logit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,11 +813,11 @@ def test_auto_with_a_bank_is_capped_by_the_bank_and_torchray_normalization_match
     model = _box()
     x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(6)) + 0.5
     bank = generate_masks(320, (4, 4), 2, generator=2)
-    out, info = rise(model, x, 1, masks=bank, num_masks="auto", tol=1e-6, return_info=True)
+    out, info = rise(model, x, 1, filter_masks=bank, num_masks="auto", tol=1e-6, return_info=True)
     assert info.num_masks == 320
-    torch.testing.assert_close(out, rise(model, x, 1, masks=bank), rtol=1e-5, atol=1e-6)
-    tr = rise(model, x, 1, masks=bank, num_masks="auto", tol=1e-6, normalize="torchray")
-    torch.testing.assert_close(tr, rise(model, x, 1, masks=bank, normalize="torchray"),
+    torch.testing.assert_close(out, rise(model, x, 1, filter_masks=bank), rtol=1e-5, atol=1e-6)
+    tr = rise(model, x, 1, filter_masks=bank, num_masks="auto", tol=1e-6, normalize="torchray")
+    torch.testing.assert_close(tr, rise(model, x, 1, filter_masks=bank, normalize="torchray"),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -209,13 +209,10 @@ def _check_count(num_masks: Any, tol: Any) -> Tuple[Optional[int], Optional[floa
     return num_masks, tol
 
 
-def _mask_source(input: torch.Tensor, filter_masks: Any, masks: Any, num_masks: Optional[int],
+def _mask_source(input: torch.Tensor, bank: Any, num_masks: Optional[int],
                  num_cells: Any, p: float, generator: Any, normalize: str) -> Tuple[Any, int]:
-    """Where the masks come from — a bank given by the caller, or fresh draws — and how many
-    are used."""
-    if filter_masks is not None and masks is not None and filter_masks is not masks:
-        raise ValueError("pass the mask bank once: masks is an alias of filter_masks")
-    bank = masks if masks is not None else filter_masks
+    """Where the masks come from — a bank given by the caller (``filter_masks``), or fresh
+    draws — and how many are used."""
     if bank is not None:
         count = check_bank(bank, input, num_masks, p, check_mean=normalize == "paper")
         return MaskBank(bank), count
@@ -247,7 +244,7 @@ class _Config:
 def _configure(model: Any, input: Any, target: Any, *, seed: Any, num_masks: Any,
                num_cells: Any, filter_masks: Any, batch_size: Any, p: Any, resize: Any,
                resize_mode: Any, score: Any, normalize: Any, generator: Any, progress: Any,
-               masks: Any, tol: Any, autocast: Any, return_info: Any) -> _Config:
+               tol: Any, autocast: Any, return_info: Any) -> _Config:
     """Check every argument of :func:`rise` and build the configuration by keyword; the
     random draws of the masks are made last, once everything else is valid."""
     _check_classifier(model)
@@ -262,7 +259,7 @@ def _configure(model: Any, input: Any, target: Any, *, seed: Any, num_masks: Any
     resize = check_resize(resize, resize_mode, input.dim() - 2)
     return_info = check_flag(return_info, "return_info")
     # generator wins; seed (TorchRay's) is used when no generator is given.
-    source, count = _mask_source(input, filter_masks, masks, count, num_cells, p,
+    source, count = _mask_source(input, filter_masks, count, num_cells, p,
                                  generator if generator is not None else seed, normalize)
     defaulted = num_masks is None and isinstance(source, MaskSampler)
     return _Config(
@@ -455,7 +452,7 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
          resize: Any = False, resize_mode: str = "bilinear", *,
          score: Optional[ScoreType] = None, normalize: str = "paper",
          generator: GeneratorType = None, progress: Optional[bool] = None,
-         masks: Optional[torch.Tensor] = None, tol: Optional[float] = None,
+         tol: Optional[float] = None,
          autocast: Optional[torch.dtype] = None, return_info: bool = False) -> Any:
     r"""RISE saliency maps (Petsiuk, Das, Saenko, BMVC 2018, arXiv 1806.07421).
 
@@ -531,8 +528,6 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
     progress : bool or None
         A tqdm progress bar: ``True`` always, ``False`` never, ``None`` when stderr is a
         terminal.  No tqdm monitor thread is left behind.
-    masks : torch.Tensor, optional
-        Alias of ``filter_masks``.
     tol : float, optional
         The stopping rule (Monte-Carlo error, in ``(0, 1]``): after every fold of masks (64 or
         so, never before 256 masks) the standard error of each map is estimated from the running
@@ -573,7 +568,7 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
     cfg = _configure(model, input, target, seed=seed, num_masks=num_masks, num_cells=num_cells,
                      filter_masks=filter_masks, batch_size=batch_size, p=p, resize=resize,
                      resize_mode=resize_mode, score=score, normalize=normalize,
-                     generator=generator, progress=progress, masks=masks, tol=tol,
+                     generator=generator, progress=progress, tol=tol,
                      autocast=autocast, return_info=return_info)
     maps, used, error = _run(model, input, cfg, started)
     saliency = resize_saliency(input, maps, cfg.resize, cfg.resize_mode)
