@@ -42,6 +42,8 @@ __all__ = ["METHODS", "explain", "gradient", "guided_backprop", "deconvnet", "gr
            "xgrad_cam", "hires_cam", "eigen_cam", "score_cam", "ablation_cam"]
 
 # Issue 20: layer-wise relevance propagation.
-from .attribution.lrp import LRPContext, lrp  # noqa: E402
+from .attribution.lrp import (LRPContext, lrp, lrp_epsilon_alpha2_beta1,  # noqa: E402
+                              lrp_epsilon_gamma_box, lrp_epsilon_plus, lrp_epsilon_plus_flat)
 
-__all__ += ["lrp", "LRPContext"]
+__all__ += ["lrp", "LRPContext", "lrp_epsilon_plus", "lrp_epsilon_plus_flat",
+            "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box"]
