@@ -22,7 +22,10 @@ the image's most confident ground-truth class is computed, then:
 * **insertion**: pixels are copied, in the same order, into the blurred copy.
 
 The table gives the mean area under each curve (trapezoid rule on ``[0, 1]``; deletion: lower is
-better, insertion: higher is better) and the seconds per image the method took to make its map.
+better, insertion: higher is better) with its 95 % bootstrap interval over images
+(:mod:`torchray_like.benchmark.intervals`; ``*`` marks a zero-width one), and the seconds per
+image the method took to make its map.  Each method is then compared with the random map on the
+same images (a paired bootstrap of the AUC improvement): better, worse or not resolved.
 Every method runs with the options of :mod:`torchray_like.benchmark.settings` (benchmark
 ``"deletion_insertion"``: RISE and extremal perturbation with reduced counts, printed;
 ``--full`` for the papers').
@@ -30,8 +33,9 @@ The embedded models were trained multi-label (one sigmoid per class): the probab
 is the sigmoid by default (``--score softmax`` for the softmax over the classes, as in the
 paper's single-label setting).
 
-Outputs under ``--out``: ``deletion_insertion.csv`` (the table), ``deletion_insertion.json``
-(settings, table, mean curves), ``deletion_insertion_curves.png`` (mean curves per model and
+Outputs under ``--out``: ``deletion_insertion.csv`` (the table, with the ``_low`` / ``_high``
+interval columns), ``deletion_insertion_comparisons.csv`` (against the random map),
+``deletion_insertion.json`` (settings, table, comparisons, mean curves), ``deletion_insertion_curves.png`` (mean curves per model and
 game) and the results store (``--resume`` continues an interrupted run; under ``torchrun`` the
 work is sharded over the processes).  ``--docs`` also saves the figure as
 ``docs/_static/deletion_insertion_curves.png``.
@@ -56,8 +60,19 @@ sys.path.insert(0, ROOT)
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
-    default_blur_sigma, deletion_insertion, method_saliency, step_fractions)
+    default_blur_sigma,
+    deletion_insertion,
+    method_saliency,
+    step_fractions,
+)
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE  # noqa: E402
+from torchray_like.benchmark.intervals import (  # noqa: E402
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    Interval,
+    mean_interval,
+    paired_mean_difference,
+)
 from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
 EXPERIMENT = "deletion_insertion/embedded"
@@ -161,18 +176,21 @@ class Worker(embedded_cli.EmbeddedWorker):
 
 
 def summarize(records: List[Dict[str, Any]], models: Sequence[str],
-              methods: Sequence[str]) -> List[Dict[str, Any]]:
-    """One row per (model, method): mean AUCs, their standard errors, seconds per image."""
+              methods: Sequence[str], seed: int = 0) -> List[Dict[str, Any]]:
+    """One row per (model, method): mean AUCs with their 95 % bootstrap intervals over images
+    (``<game>_auc_low`` / ``_high``, :mod:`torchray_like.benchmark.intervals`, seeded by
+    ``seed``), their standard errors, seconds per image and the mean curves."""
     rows = []
     for model in models:
         for method in methods:
-            rs = [r for r in records if r["model"] == model and r["method"] == method]
+            rs = sorted((r for r in records if r["model"] == model and r["method"] == method),
+                        key=lambda r: r["image"])
             if not rs:
                 continue
             row: Dict[str, Any] = {"method": method, "model": model, "images": len(rs)}
             for game in GAMES:
                 v = np.array([r[f"{game}_auc"] for r in rs])
-                row[f"{game}_auc"] = float(v.mean())
+                row.update(mean_interval(v, seed=seed).as_dict(f"{game}_auc"))
                 row[f"{game}_sem"] = (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1
                                       else float("nan"))
             row["s_per_img"] = float(np.mean([r["seconds"] for r in rs]))
@@ -180,6 +198,54 @@ def summarize(records: List[Dict[str, Any]], models: Sequence[str],
                 row[f"{game}_curve"] = np.mean([r[f"{game}_curve"] for r in rs], 0).tolist()
             rows.append(row)
     return rows
+
+
+def compare_with_random(records: List[Dict[str, Any]], models: Sequence[str],
+                        methods: Sequence[str], seed: int = 0) -> List[Dict[str, Any]]:
+    """Per model, method and game: the paired bootstrap (images both ran on) of the method's
+    improvement over the random map — ``random - method`` for deletion (lower is better),
+    ``method - random`` for insertion — and whether it is ``better`` (interval above 0),
+    ``worse`` (below) or ``not resolved``."""
+    out = []
+    for model in models:
+        base = {r["image"]: r for r in records if r["model"] == model and r["method"] == "random"}
+        for method in methods:
+            mine = {r["image"]: r for r in records
+                    if r["model"] == model and r["method"] == method and method != "random"}
+            shared = sorted(set(base) & set(mine))
+            if not shared:
+                continue
+            for game, (mode, _) in GAMES.items():
+                a = [mine[i][f"{game}_auc"] for i in shared]
+                b = [base[i][f"{game}_auc"] for i in shared]
+                d = paired_mean_difference(*((b, a) if mode == "deletion" else (a, b)),
+                                           seed=seed)
+                verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "not resolved"
+                out.append({"model": model, "better": method, "worse": "random",
+                            "metric": game, **d.as_dict("difference"), "images": d.n,
+                            "verdict": verdict})
+    return out
+
+
+def _auc_cell(row: Dict[str, Any], key: str) -> str:
+    interval = Interval(row[key], row[f"{key}_low"], row[f"{key}_high"], row["images"],
+                        degenerate=row[f"{key}_low"] == row[f"{key}_high"])
+    return interval.format(digits=3)
+
+
+def print_comparisons(comparisons: Sequence[Dict[str, Any]]) -> str:
+    """Per model and game: which methods beat the random map significantly, which not."""
+    lines = ["against the random map (paired 95 % bootstrap of the AUC improvement over the "
+             "images):"]
+    for model in dict.fromkeys(c["model"] for c in comparisons):
+        for game in GAMES:
+            mine = [c for c in comparisons if c["model"] == model and c["metric"] == game]
+            groups = {v: [c["better"] for c in mine if c["verdict"] == v]
+                      for v in ("better", "not resolved", "worse")}
+            lines.append(f"  {model} {game}: better {len(groups['better'])} of {len(mine)}"
+                         + "".join(f"; {v}: {', '.join(groups[v])}"
+                                   for v in ("not resolved", "worse") if groups[v]))
+    return "\n".join(lines)
 
 
 def plot(rows: List[Dict[str, Any]], models: Sequence[str], fractions: np.ndarray,
@@ -229,15 +295,26 @@ def plot(rows: List[Dict[str, Any]], models: Sequence[str], fractions: np.ndarra
 def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
                   records: List[Dict[str, Any]], wall: Optional[float]) -> List[Dict[str, Any]]:
     models = [m for m in config["models"] if any(r["model"] == m for r in records)]
-    rows = summarize(records, models, config["methods"])
+    rows = summarize(records, models, config["methods"], seed=config["seed"])
+    comparisons = compare_with_random(records, models, config["methods"], seed=config["seed"])
     table = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows]
-    print(runner.format_table(table, ["method", "model", "images"]
+    shown = [{**r, **{f"{g}_auc": _auc_cell(r, f"{g}_auc") for g in GAMES}} for r in table]
+    print(runner.format_table(shown, ["method", "model", "images"]
                               + [f"{g}_auc" for g in GAMES] + ["s_per_img"],
                               {"s_per_img": ".3f"}))
+    print("(AUC [95 % bootstrap interval over images]; * zero width: every image alike)")
+    if comparisons:
+        print(print_comparisons(comparisons))
     csv_path = embedded_cli.write_csv(os.path.join(args.out, "deletion_insertion.csv"), table)
+    embedded_cli.write_csv(os.path.join(args.out, "deletion_insertion_comparisons.csv"),
+                           comparisons)
     fractions = step_fractions(IMAGE_SIZE * IMAGE_SIZE, config["step_pixels"]).numpy()
+    intervals = {"method": "percentile bootstrap over images; differences paired on the "
+                           "images both methods ran on", "level": DEFAULT_LEVEL,
+                 "resamples": DEFAULT_RESAMPLES, "seed": config["seed"]}
     with open(os.path.join(args.out, "deletion_insertion.json"), "w") as f:
         json.dump({"settings": config, "fractions": fractions.tolist(), "rows": rows,
+                   "comparisons": comparisons, "intervals": intervals,
                    "wall_seconds": wall}, f, indent=1)
     figures = [os.path.join(args.out, "deletion_insertion_curves.png")]
     if args.docs:

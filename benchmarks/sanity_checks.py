@@ -22,9 +22,13 @@ HOG features.  A method that explains the model loses similarity as soon as the 
 random; the paper finds gradient and Grad-CAM do, guided backprop and guided Grad-CAM do not.
 
 The table gives, per method and model, the similarity after randomising the top layer only
-(cascading step 1), the top two, and every layer, the lowest similarity over the independent
-randomisations, and the seconds per image of the whole test.  Outputs under ``--out``:
-``sanity_checks.csv`` (mean similarity per model, method, mode and step),
+(cascading step 1), the top two, and every layer (the Spearman columns with their 95 %
+bootstrap interval over images, :mod:`torchray_like.benchmark.intervals`), the lowest similarity
+over the independent randomisations, and the seconds per image of the whole test; then the
+published findings (guided backprop's map survives the randomisation better than the
+gradient's, ...) as paired bootstrap differences.  Outputs under ``--out``:
+``sanity_checks.csv`` (mean similarity per model, method, mode and step, with the ``_low`` /
+``_high`` interval columns),
 ``sanity_checks.json``, ``sanity_checks_cascading.png`` and
 ``sanity_checks_independent.png`` (similarity versus layer) and the results store.  ``--docs``
 also saves the figures under ``docs/_static/``.  Extremal perturbation is left out by default
@@ -49,8 +53,19 @@ sys.path.insert(0, ROOT)
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
+from torchray_like.benchmark.intervals import (  # noqa: E402
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    Interval,
+    mean_interval,
+    paired_mean_difference,
+)
 from torchray_like.benchmark.sanity_checks import (  # noqa: E402
-    METRICS, MODES, randomization_layers, sanity_checks)
+    METRICS,
+    MODES,
+    randomization_layers,
+    sanity_checks,
+)
 from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
 EXPERIMENT = "sanity_checks/embedded"
@@ -116,12 +131,21 @@ def _json_float(v: float) -> Optional[float]:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
+def _values(rs: Sequence[Dict[str, Any]], mode: str, metric: str, step: int) -> np.ndarray:
+    """One value per record (image); NaN where the similarity is undefined."""
+    return np.array([np.nan if r[mode][metric][step] is None else r[mode][metric][step]
+                     for r in rs], dtype=float)
+
+
 def summarize(records: List[Dict[str, Any]], config: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Mean (ignoring undefined values) and count per (model, method, mode, step)."""
+    """Mean (ignoring undefined values) with its 95 % bootstrap interval over images
+    (``<metric>_low`` / ``_high``), standard deviation and count per (model, method, mode,
+    step)."""
     rows = []
     for model in config["models"]:
         for method in config["methods"]:
-            rs = [r for r in records if r["model"] == model and r["method"] == method]
+            rs = sorted((r for r in records if r["model"] == model and r["method"] == method),
+                        key=lambda r: r["image"])
             if not rs:
                 continue
             for mode in config["modes"]:
@@ -129,17 +153,24 @@ def summarize(records: List[Dict[str, Any]], config: Dict[str, Any]) -> List[Dic
                     row: Dict[str, Any] = {"model": model, "method": method, "mode": mode,
                                            "step": step, "layer": layer, "images": len(rs)}
                     for m in METRICS:
-                        v = np.array([r[mode][m][step] for r in rs
-                                      if r[mode][m][step] is not None], dtype=float)
-                        row[m] = float(v.mean()) if v.size else float("nan")
-                        row[m + "_std"] = float(v.std()) if v.size else float("nan")
+                        v = _values(rs, mode, m, step)
+                        row.update(mean_interval(v, seed=config["seed"]).as_dict(m))
+                        row[m + "_std"] = float(np.nanstd(v)) if np.isfinite(v).any() \
+                            else float("nan")
                     row["s_per_img"] = float(np.mean([r["seconds"] for r in rs]))
                     rows.append(row)
     return rows
 
 
+#: (column of the summary, summary row's step, metric) of the headline's columns.
+HEADLINE = {"rank|top": (1, "spearman_abs"), "ssim|top": (1, "ssim"), "hog|top": (1, "hog"),
+            "rank|top2": (2, "spearman_abs"), "rank|all": (-1, "spearman_abs"),
+            "ssim|all": (-1, "ssim")}
+
+
 def headline(rows: List[Dict[str, Any]], config: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Per (method, model): cascading similarity after the top layer, two layers, all."""
+    """Per (method, model): cascading similarity after the top layer, two layers, all (with
+    their intervals); the lowest over the independent randomisations."""
     out = []
     for model in config["models"]:
         for method in config["methods"]:
@@ -151,19 +182,58 @@ def headline(rows: List[Dict[str, Any]], config: Dict[str, Any]) -> List[Dict[st
                 continue
             row: Dict[str, Any] = {"method": method, "model": model}
             if casc:
-                last = len(casc) - 1
-                row.update({
-                    "images": casc[0]["images"],
-                    "rank|top": casc[1]["spearman_abs"], "ssim|top": casc[1]["ssim"],
-                    "hog|top": casc[1]["hog"],
-                    "rank|top2": casc[min(2, last)]["spearman_abs"],
-                    "rank|all": casc[last]["spearman_abs"], "ssim|all": casc[last]["ssim"],
-                })
+                row["images"] = casc[0]["images"]
+                for column, (step, metric) in HEADLINE.items():
+                    source = casc[min(step, len(casc) - 1)]
+                    row.update({column + k: source[metric + k] for k in ("", "_low", "_high")})
             if indep:
                 row["rank|indep.min"] = min(r["spearman_abs"] for r in indep)
             row["s_per_img"] = (casc or indep)[0]["s_per_img"]
             out.append(row)
     return out
+
+
+#: Published findings on cascading randomisation of the top layer: the first method's map
+#: stays closer to the original (Spearman of |map|) than the second's — Adebayo et al. (2018)
+#: for guided backprop and guided Grad-CAM, Sixt et al. (2020) for DeConvNet and
+#: (non-contrastive) excitation backprop.
+PUBLISHED_FINDINGS = (("guided_backprop", "gradient"), ("guided_grad_cam", "grad_cam"),
+                      ("deconvnet", "gradient"),
+                      ("excitation_backprop", "contrastive_excitation_backprop"))
+
+
+def compare_published(records: List[Dict[str, Any]], config: Dict[str, Any]
+                      ) -> List[Dict[str, Any]]:
+    """Paired bootstrap (images both ran on) of rank|top(first) - rank|top(second) for each
+    finding of :data:`PUBLISHED_FINDINGS` whose methods ran: ``reproduced`` (interval above
+    0), ``reversed`` (below) or ``not resolved``."""
+    out = []
+    if "cascading" not in config["modes"]:
+        return out
+    for model in config["models"]:
+        for first, second in PUBLISHED_FINDINGS:
+            a = {r["image"]: r for r in records if r["model"] == model and r["method"] == first}
+            b = {r["image"]: r for r in records if r["model"] == model and r["method"] == second}
+            shared = sorted(set(a) & set(b))
+            if not shared:
+                continue
+            d = paired_mean_difference(_values([a[i] for i in shared], "cascading",
+                                               "spearman_abs", 1),
+                                       _values([b[i] for i in shared], "cascading",
+                                               "spearman_abs", 1), seed=config["seed"])
+            verdict = ("reproduced" if d.low > 0 else "reversed" if d.high < 0
+                       else "not resolved")
+            out.append({"model": model, "better": first, "worse": second, "metric": "rank|top",
+                        **d.as_dict("difference"), "images": d.n, "verdict": verdict})
+    return out
+
+
+def _cell(row: Dict[str, Any], key: str) -> Any:
+    if key + "_low" not in row:
+        return row.get(key, "")
+    interval = Interval(row[key], row[key + "_low"], row[key + "_high"], row["images"],
+                        degenerate=row[key + "_low"] == row[key + "_high"])
+    return interval.format(digits=2)
 
 
 def plot(rows: List[Dict[str, Any]], config: Dict[str, Any], mode: str,
@@ -212,17 +282,40 @@ def plot(rows: List[Dict[str, Any]], config: Dict[str, Any], mode: str,
     plt.close(fig)
 
 
+#: The columns of the printed summary; the three Spearman columns with their intervals (the
+#: files hold the intervals of every column).
+PRINTED = ["method", "model", "images", "rank|top", "ssim|top", "hog|top", "rank|top2",
+           "rank|all", "ssim|all", "rank|indep.min", "s_per_img"]
+WITH_INTERVAL = ("rank|top", "rank|top2", "rank|all")
+
+
 def write_outputs(args: argparse.Namespace, config: Dict[str, Any],
                   records: List[Dict[str, Any]], wall: Optional[float]) -> None:
     rows = summarize(records, config)
     head = headline(rows, config)
-    cols = ["method", "model", "images", "rank|top", "ssim|top", "hog|top", "rank|top2",
-            "rank|all", "ssim|all", "rank|indep.min", "s_per_img"]
-    print(runner.format_table(head, [c for c in cols if any(c in r for r in head)],
-                              {"s_per_img": ".2f", "images": "d"}))
+    comparisons = compare_published(records, config)
+    shown = [{**r, **{c: _cell(r, c) for c in WITH_INTERVAL if c in r}} for r in head]
+    print(runner.format_table(shown, [c for c in PRINTED if any(c in r for r in head)],
+                              {"s_per_img": ".2f", "images": "d", "ssim|top": ".2f",
+                               "hog|top": ".2f", "ssim|all": ".2f", "rank|indep.min": ".2f"}))
+    print("(Spearman of |map| [95 % bootstrap interval over images]; every column's interval "
+          "in sanity_checks.csv / .json)")
+    if comparisons:
+        print("published findings (Adebayo et al. 2018; Sixt et al. 2020): the first map stays "
+              "closer to the original after the top layer is randomised; paired 95 % bootstrap "
+              "of the difference:")
+    for c in comparisons:
+        d = Interval(c["difference"], c["difference_low"], c["difference_high"], c["images"],
+                     degenerate=c["difference_low"] == c["difference_high"])
+        print(f"  {c['model']} rank|top {c['better']} - {c['worse']}: "
+              f"{d.format(digits=2, signed=True)} ({c['images']} images) {c['verdict']}")
     csv_path = embedded_cli.write_csv(os.path.join(args.out, "sanity_checks.csv"), rows)
+    intervals = {"method": "percentile bootstrap over images; differences paired on the "
+                           "images both methods ran on", "level": DEFAULT_LEVEL,
+                 "resamples": DEFAULT_RESAMPLES, "seed": config["seed"]}
     with open(os.path.join(args.out, "sanity_checks.json"), "w") as f:
-        json.dump({"settings": config, "summary": head, "rows": rows, "wall_seconds": wall},
+        json.dump({"settings": config, "summary": head, "rows": rows,
+                   "comparisons": comparisons, "intervals": intervals, "wall_seconds": wall},
                   f, indent=1)
     written = [csv_path, "sanity_checks.json"]
     for mode in config["modes"]:

@@ -105,8 +105,10 @@ class Interval:
         spec = ("+" if signed else "") + f".{digits}f"
 
         def show(value: float) -> str:
-            # -0.0 would print as "-0.0": a sign the data do not have.
-            return "-" if not math.isfinite(value) else format(value * scale + 0.0, spec)
+            # Rounded first: -0.004 would print as "-0.00", a sign the data do not show.
+            if not math.isfinite(value):
+                return "-"
+            return format(round(value * scale, digits) + 0.0, spec)
 
         text = f"{show(self.estimate)} [{show(self.low)}, {show(self.high)}]"
         return text + ("*" if self.degenerate else "")

@@ -414,11 +414,16 @@ def _target_list(target: Any, n: int) -> List[Any]:
 
 
 def summarize(records: Sequence[Dict[str, Any]],
-              keys: Sequence[str] = ("method", "mode", "step", "layer")
-              ) -> List[Dict[str, Any]]:
+              keys: Sequence[str] = ("method", "mode", "step", "layer"), *,
+              seed: int = 0) -> List[Dict[str, Any]]:
     """Mean (ignoring NaNs) and count of every metric over the records sharing ``keys``, in the
-    order first seen: one dict per group with ``keys``, ``n`` and ``<metric>`` / ``<metric>_std``.
+    order first seen: one dict per group with ``keys``, ``n``, ``<metric>`` /
+    ``<metric>_std`` and the 95 % bootstrap interval of the mean over the group's records
+    (images), ``<metric>_low`` / ``<metric>_high``
+    (:func:`~torchray_like.benchmark.intervals.mean_interval`, resamples seeded by ``seed``).
     """
+    from .intervals import mean_interval
+
     groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -433,5 +438,8 @@ def summarize(records: Sequence[Dict[str, Any]],
                 warnings.simplefilter("ignore", RuntimeWarning)
                 summary[m] = float(finite.mean()) if finite.size else float("nan")
                 summary[m + "_std"] = float(finite.std()) if finite.size else float("nan")
+            interval = (mean_interval(finite, seed=seed) if finite.size else None)
+            summary[m + "_low"] = interval.low if interval else float("nan")
+            summary[m + "_high"] = interval.high if interval else float("nan")
         out.append(summary)
     return out
