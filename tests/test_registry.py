@@ -86,7 +86,10 @@ def test_every_method_is_registered():
                 # issue 19: beyond TorchRay
                 "gradient_x_input", "integrated_gradients", "smooth_grad", "occlusion",
                 "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam", "eigen_cam",
-                "score_cam", "ablation_cam"}
+                "score_cam", "ablation_cam",
+                # issue 20: layer-wise relevance propagation and its standard composites
+                "lrp", "lrp_epsilon_plus", "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1",
+                "lrp_epsilon_gamma_box"}
     assert set(METHODS) == expected
     for name in METHODS:
         assert inspect.isfunction(METHODS[name])

@@ -17,16 +17,49 @@ backpropagation methods from one forward pass: :func:`.explain.explain`.
 
 from __future__ import annotations
 
-from . import (  # noqa: F401  (the submodules, as package attributes)
-    call_args, common, context, deconvnet, driver, engine, excitation_backprop, excitation_contrast,
-    excitation_handlers, excitation_rules, explain, extremal_perturbation, grad_cam, gradient,
-    guided_backprop, guided_grad_cam, inputs, layer_choice, linear_approx, maps, method, modules,
-    probe, rise, rules, state, targets)
-from . import (  # noqa: F401  (issue 19's methods)
-    gradient_x_input, integrated_gradients, occlusion, smooth_grad)
-from . import lrp, lrp_composites, lrp_rules  # noqa: F401  (issue 20: LRP)
-from . import (  # noqa: F401  (issue 19: the CAM family)
-    ablation_cam, eigen_cam, grad_cam_plus_plus, hires_cam, layer_cam, score_cam, xgrad_cam)
+from . import (  # noqa: F401  (the submodules, as package attributes)  # noqa: F401  (issue 19's methods)  # noqa: F401  (issue 20: LRP)  # noqa: F401  (issue 19: the CAM family)
+    ablation_cam,
+    call_args,
+    common,
+    context,
+    deconvnet,
+    driver,
+    eigen_cam,
+    engine,
+    excitation_backprop,
+    excitation_contrast,
+    excitation_handlers,
+    excitation_rules,
+    explain,
+    extremal_perturbation,
+    grad_cam,
+    grad_cam_plus_plus,
+    gradient,
+    gradient_x_input,
+    guided_backprop,
+    guided_grad_cam,
+    hires_cam,
+    inputs,
+    integrated_gradients,
+    layer_cam,
+    layer_choice,
+    linear_approx,
+    lrp,
+    lrp_composites,
+    lrp_rules,
+    maps,
+    method,
+    modules,
+    occlusion,
+    probe,
+    rise,
+    rules,
+    score_cam,
+    smooth_grad,
+    state,
+    targets,
+    xgrad_cam,
+)
 from .registry import METHODS, MethodRegistry
 
 __all__ = ["METHODS", "MethodRegistry"]

@@ -39,7 +39,7 @@ import inspect
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -511,7 +511,8 @@ def lrp_conservation(model: nn.Module, input: torch.Tensor, target: TargetType,
         output = model(input)
     sums = {"score": parse_target(target, input.shape[0]).scores(output).detach()}
     for layer in ("",) + tuple(layers):
-        smap = lrp(model, input, target, saliency_layer=layer, composite=spec)
+        smap = cast(torch.Tensor, lrp(model, input, target, saliency_layer=layer,
+                                      composite=spec))
         key = "input" if layer == "" else (layer if isinstance(layer, str) else repr(layer))
         sums[key] = smap.flatten(1).sum(1)
     return sums

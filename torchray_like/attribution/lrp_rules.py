@@ -217,7 +217,10 @@ class Gamma(Rule):
         grads = []
         # Positive outputs favour positive contributions, negative outputs negative ones.
         for favour, other, mask in ((positive, negative, z > 0), (negative, positive, z <= 0)):
-            bias = _bias(call, lambda b, f=favour: b + gamma * f(b))
+            def raised(b: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor] = favour
+                       ) -> torch.Tensor:
+                return b + gamma * f(b)
+            bias = _bias(call, raised)
             c_pos, c_neg = share(call, _signed_terms(x, w + gamma * favour(w),
                                                      w + gamma * other(w)),
                                  bias, torch.where(mask, r, 0.0), self.epsilon)

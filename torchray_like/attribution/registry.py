@@ -14,29 +14,29 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 import torch
 import torch.nn as nn
 
+from .ablation_cam import ablation_cam
 from .deconvnet import deconvnet
+from .eigen_cam import eigen_cam
 from .excitation_backprop import contrastive_excitation_backprop, excitation_backprop
 from .extremal_perturbation import extremal_perturbation
 from .grad_cam import grad_cam
+from .grad_cam_plus_plus import grad_cam_plus_plus  # CAM family (issue 19)
 from .gradient import gradient
+from .gradient_x_input import gradient_x_input
 from .guided_backprop import guided_backprop
 from .guided_grad_cam import guided_grad_cam
+from .hires_cam import hires_cam
+from .integrated_gradients import integrated_gradients
+from .layer_cam import layer_cam
 from .layer_choice import find_saliency_layer
 from .linear_approx import linear_approx
 from .method import description
-from .rise import rise
-from .targets import TargetType
-from .gradient_x_input import gradient_x_input
-from .integrated_gradients import integrated_gradients
 from .occlusion import occlusion
-from .smooth_grad import smooth_grad
-from .grad_cam_plus_plus import grad_cam_plus_plus  # CAM family (issue 19)
-from .layer_cam import layer_cam
-from .xgrad_cam import xgrad_cam
-from .hires_cam import hires_cam
-from .eigen_cam import eigen_cam
+from .rise import rise
 from .score_cam import score_cam
-from .ablation_cam import ablation_cam
+from .smooth_grad import smooth_grad
+from .targets import TargetType
+from .xgrad_cam import xgrad_cam
 
 __all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS", "rise_map",
            "extremal_perturbation_map", "contrastive_excitation_backprop_map"]
@@ -165,6 +165,7 @@ METHODS = MethodRegistry({
 # Issue 20: layer-wise relevance propagation, one entry per standard composite ("lrp" is
 # EpsilonPlusFlat); not described methods: each runs its own forward pass in ``explain``.
 from .lrp import LRP_METHODS  # noqa: E402
+
 METHODS = MethodRegistry({**METHODS, **LRP_METHODS})
 
 #: The methods described as data: they share one forward pass in ``explain``.
