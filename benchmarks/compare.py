@@ -213,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.path.join(out, "compare.png")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     titles = [_title(m, options) for m in methods]
-    plot_methods(x.cpu(), maps, titles=titles, denormalize=norm, save=path)
+    plot_methods(x.cpu(), maps, titles=titles, row_titles=labels, denormalize=norm, save=path)
     print("rows: " + "; ".join(labels))
     print(f"{len(methods)} methods in {time.time() - start:.1f} s")
     print(f"figure: {os.path.abspath(path)}")
