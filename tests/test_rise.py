@@ -677,7 +677,8 @@ def test_signature_has_torchrays_positional_order():
     assert names[:len(torchray)] == torchray
     assert all(q.kind is q.POSITIONAL_OR_KEYWORD for q in params[:len(torchray)])
     assert all(q.kind is q.KEYWORD_ONLY for q in params[len(torchray):])
-    assert {"score", "normalize", "generator", "progress", "masks"} <= set(names)
+    assert {"score", "normalize", "generator", "progress"} <= set(names)
+    assert "masks" not in names  # the former alias of filter_masks is gone
     defaults = {q.name: q.default for q in params}
     assert (defaults["seed"], defaults["num_cells"], defaults["batch_size"], defaults["p"],
             defaults["resize"], defaults["resize_mode"]) == (0, 7, 32, 0.5, False, "bilinear")

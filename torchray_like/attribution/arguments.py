@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .inputs import check_input, layout_hint
+from .inputs import FORWARD_ERRORS, check_input, layout_hint  # FORWARD_ERRORS: re-exported
 from .maps import Shape
 
 __all__ = ["is_number", "positive_int", "check_number", "check_flag", "number_list",
@@ -153,10 +153,6 @@ def check_batch(model: nn.Module, input: Any, method: str, needs_grad: bool) -> 
     return input
 
 
-#: What a model raises when it gets a batch it cannot take (a shape or dtype error, or an index
-#: out of range once an unbatched image has lost a dimension): the errors that
-#: :func:`~torchray_like.attribution.inputs.forward_failure` may explain.
-FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 # What resize_saliency accepts (maps.py), checked before the work rather than after it.

@@ -23,7 +23,7 @@ from .context import (
     check_data_parallel,
     suspend_rule_contexts,
 )
-from .inputs import check_input, forward_failure, layout_hint
+from .inputs import call_model, check_input, layout_hint
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import Probe, get_module, layer_label, single_call
 from .reporting import warn_caller
@@ -352,14 +352,8 @@ def run_model(model: nn.Module, model_input: torch.Tensor, input: torch.Tensor, 
               below_free: bool) -> Any:
     """``model(model_input)`` inside ``context`` (under ``no_grad`` when ``below_free``: the
     :class:`GraphFromLayers` hooks switch autograd on), with a failure explained."""
-    try:
-        with context, (torch.no_grad() if below_free else contextlib.nullcontext()):
-            return model(model_input)
-    except (RuntimeError, ValueError) as exc:
-        failure = forward_failure(model, input, exc)
-        if failure is None:
-            raise
-        raise failure from exc
+    with context, (torch.no_grad() if below_free else contextlib.nullcontext()):
+        return call_model(model, model_input, input)
 
 
 def seed_scores(model: nn.Module, input: torch.Tensor, output: Any, target: Target,

@@ -81,7 +81,6 @@ import torch
 import torch.nn as nn
 
 from .arguments import (
-    FORWARD_ERRORS,
     check_batch,
     check_flag,
     check_number,
@@ -102,7 +101,7 @@ from .extremal_rewards import (
     contrastive_reward,
     simple_reward,
 )
-from .inputs import forward_failure
+from .inputs import call_model
 from .maps import check_smooth, resize_saliency, smooth_saliency
 from .mask_optimizer import (
     ExtremalHistory,
@@ -354,13 +353,7 @@ class _Optimisation:
     def forward(self, batch: torch.Tensor) -> Any:
         """The model on a perturbed batch; a failure caused by the input's layout (an
         unbatched image) or dtype says what to do."""
-        try:
-            return self.model(batch)
-        except FORWARD_ERRORS as exc:
-            error = forward_failure(self.model, self.input, exc)
-            if error is None:
-                raise
-            raise error from exc
+        return call_model(self.model, batch, self.input)
 
     def own_reward(self, output: Any, first: bool) -> torch.Tensor:
         """The target's score of the perturbed images, by the game: class indices give

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["check_input", "layout_hint", "dtype_hint", "forward_failure"]
+__all__ = ["check_input", "layout_hint", "dtype_hint", "forward_failure", "call_model",
+           "FORWARD_ERRORS"]
 
 
 def check_input(input: Any, name: str = "input", min_dim: int = 3,
@@ -130,3 +131,21 @@ def forward_failure(model: nn.Module, input: torch.Tensor, exc: BaseException
     first = text.splitlines()[0] if text else ""
     return ValueError(f"{type(model).__name__} failed on input of shape {tuple(input.shape)} "
                       f"({type(exc).__name__}: {first}); {hint}")
+
+
+#: What a model raises when it gets a batch it cannot take (a shape or dtype error, or an index
+#: out of range once an unbatched image has lost a dimension): the errors that
+#: :func:`forward_failure` may explain.
+FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
+
+
+def call_model(model: nn.Module, batch: Any, input: torch.Tensor) -> Any:
+    """``model(batch)``; a failure that :func:`forward_failure` can explain from ``input`` (the
+    caller's batch: a layout or dtype mistake) becomes its :class:`ValueError`."""
+    try:
+        return model(batch)
+    except FORWARD_ERRORS as exc:
+        failure = forward_failure(model, input, exc)
+        if failure is None:
+            raise
+        raise failure from exc

@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from .arguments import (
-    FORWARD_ERRORS,
     check_batch,
     check_flag,
     check_progress,
@@ -44,7 +43,7 @@ from .arguments import (
     positive_int,
 )
 from .context import suspend_rule_contexts
-from .inputs import forward_failure
+from .inputs import call_model
 from .maps import finish_map, smooth_saliency
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import get_module, layer_label
@@ -114,14 +113,9 @@ def row_scores(target: Target, output: Any, rows: torch.Tensor, check_range: boo
 
 
 def forward_rows(model: nn.Module, batch: torch.Tensor, input: torch.Tensor) -> Any:
-    """``model(batch)``; a failure caused by the input's layout or dtype says what to do."""
-    try:
-        return model(batch)
-    except FORWARD_ERRORS as exc:
-        error = forward_failure(model, input, exc)
-        if error is None:
-            raise
-        raise error from exc
+    """``model(batch)``; a failure caused by the input's layout or dtype says what to do
+    (:func:`~torchray_like.attribution.inputs.call_model`)."""
+    return call_model(model, batch, input)
 
 
 def check_reduce(reduce: Any, resize: Any, resize_mode: Any, spatial: int) -> Any:

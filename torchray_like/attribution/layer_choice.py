@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .context import suspend_rule_contexts
-from .inputs import check_input, forward_failure, layout_hint
+from .inputs import call_model, check_input, layout_hint
 from .modules import check_model, opaque_modules, unwrap_compiled
 from .state import model_state_guard
 from .targets import Target, parse_target
@@ -102,13 +102,7 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
         # input (in-place normalisation).
         with suspend_rule_contexts(), model_state_guard(model, freeze=False), grad_mode, \
                 _rng_fork(input.device):
-            try:
-                output = model((input if keep else input[:1]).detach().clone())
-            except (RuntimeError, ValueError) as exc:
-                failure = forward_failure(model, input, exc)
-                if failure is None:
-                    raise
-                raise failure from exc
+            output = call_model(model, (input if keep else input[:1]).detach().clone(), input)
     finally:
         for handle in handles:
             handle.remove()

@@ -58,7 +58,6 @@ import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
 from .arguments import (
-    FORWARD_ERRORS,
     check_batch,
     check_flag,
     check_number,
@@ -66,7 +65,7 @@ from .arguments import (
     check_resize,
     positive_int,
 )
-from .inputs import forward_failure
+from .inputs import call_model
 from .maps import resize_saliency
 from .precision import autocast_forward, check_autocast
 from .reporting import progress_bar, warn_caller
@@ -394,13 +393,7 @@ class _Scorer:
     def forward(self, batch: torch.Tensor) -> Any:
         """The model on a masked batch; a failure caused by the input's layout (an unbatched
         image) or dtype says what to do."""
-        try:
-            return self.model(batch)
-        except FORWARD_ERRORS as exc:
-            error = forward_failure(self.model, self.input, exc)
-            if error is None:
-                raise
-            raise error from exc
+        return call_model(self.model, batch, self.input)
 
 
 def _run(model: nn.Module, input: torch.Tensor, cfg: _Config, started: float
