@@ -35,9 +35,10 @@ paper's single-label setting).
 
 Outputs under ``--out``: ``deletion_insertion.csv`` (the table, with the ``_low`` / ``_high``
 interval columns), ``deletion_insertion_comparisons.csv`` (against the random map),
-``deletion_insertion.json`` (settings, table, comparisons, mean curves), ``deletion_insertion_curves.png`` (mean curves per model and
-game) and the results store (``--resume`` continues an interrupted run; under ``torchrun`` the
-work is sharded over the processes).  ``--docs`` also saves the figure as
+``deletion_insertion.json`` (settings, table, comparisons, mean curves),
+``deletion_insertion_curves.png`` (mean curves per model and game) and the results store
+(``--resume`` continues an interrupted run; under ``torchrun`` the work is sharded over the
+processes).  ``--docs`` also saves the figure as
 ``docs/_static/deletion_insertion_curves.png``.
 """
 

@@ -500,9 +500,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         names = embedded_cli.name_list(args.models, EMBEDDED_MODELS, "--models")
         methods = embedded_cli.name_list(args.methods, tuple(METHODS), "--methods")
-        device = torch.device(args.device)
-    except (ValueError, RuntimeError) as error:
+    except ValueError as error:
         parser.error(str(error))
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device: not a device: {args.device!r} (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
     embedded_cli.check_weights(parser, args, names)
     models = {}
     if args.gallery_images:
