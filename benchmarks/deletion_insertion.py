@@ -73,6 +73,7 @@ from torchray_like.benchmark.intervals import (  # noqa: E402
     Interval,
     mean_interval,
     paired_mean_difference,
+    verdict,
 )
 from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
@@ -206,7 +207,7 @@ def compare_with_random(records: List[Dict[str, Any]], models: Sequence[str],
     """Per model, method and game: the paired bootstrap (images both ran on) of the method's
     improvement over the random map — ``random - method`` for deletion (lower is better),
     ``method - random`` for insertion — and whether it is ``better`` (interval above 0),
-    ``worse`` (below) or ``not resolved``."""
+    ``worse`` (below), ``not resolved`` or on ``too few images``."""
     out = []
     for model in models:
         base = {r["image"]: r for r in records if r["model"] == model and r["method"] == "random"}
@@ -221,10 +222,9 @@ def compare_with_random(records: List[Dict[str, Any]], models: Sequence[str],
                 b = [base[i][f"{game}_auc"] for i in shared]
                 d = paired_mean_difference(*((b, a) if mode == "deletion" else (a, b)),
                                            seed=seed)
-                verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "not resolved"
                 out.append({"model": model, "better": method, "worse": "random",
                             "metric": game, **d.as_dict("difference"), "images": d.n,
-                            "verdict": verdict})
+                            "verdict": verdict(d, "better", "worse")})
     return out
 
 
@@ -242,10 +242,11 @@ def print_comparisons(comparisons: Sequence[Dict[str, Any]]) -> str:
         for game in GAMES:
             mine = [c for c in comparisons if c["model"] == model and c["metric"] == game]
             groups = {v: [c["better"] for c in mine if c["verdict"] == v]
-                      for v in ("better", "not resolved", "worse")}
+                      for v in ("better", "not resolved", "worse", "too few images")}
             lines.append(f"  {model} {game}: better {len(groups['better'])} of {len(mine)}"
                          + "".join(f"; {v}: {', '.join(groups[v])}"
-                                   for v in ("not resolved", "worse") if groups[v]))
+                                   for v in ("not resolved", "worse", "too few images")
+                                   if groups[v]))
     return "\n".join(lines)
 
 

@@ -63,9 +63,11 @@ from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.intervals import (  # noqa: E402
     DEFAULT_LEVEL,
     DEFAULT_RESAMPLES,
+    MIN_IMAGES,
     Interval,
     paired_pointing_game_difference,
     pointing_game_interval,
+    verdict,
 )
 from torchray_like.benchmark.pointing_game import PointingGame, centre_point, saliency_to_point  # noqa: E402
 from torchray_like.benchmark.runner import (  # noqa: E402
@@ -423,8 +425,8 @@ def compare_published(records: Sequence[Mapping[str, Any]], num_classes: int,
                       ) -> List[Dict[str, Any]]:
     """Per model, each ordering of :data:`PUBLISHED_ORDERINGS` whose two methods ran: the
     paired bootstrap of accuracy(better) - accuracy(worse) on the images both ran on, and
-    whether it ``reproduced`` (interval above 0), is ``reversed`` (below 0) or
-    ``not resolved``."""
+    whether it ``reproduced`` (interval above 0), is ``reversed`` (below 0), ``not resolved``
+    or rests on ``too few images`` (:func:`~torchray_like.benchmark.intervals.verdict`)."""
     out = []
     for arch in models:
         for subset, better, worse, pub_better, pub_worse in PUBLISHED_ORDERINGS:
@@ -437,11 +439,9 @@ def compare_published(records: Sequence[Mapping[str, Any]], num_classes: int,
             d = paired_pointing_game_difference(
                 _pairs([a[i] for i in shared], subset), _pairs([b[i] for i in shared], subset),
                 num_classes, seed=seed)
-            verdict = ("reproduced" if d.low > 0 else "reversed" if d.high < 0
-                       else "not resolved")
             out.append({"model": arch, "subset": subset, "better": better, "worse": worse,
                         "published": round(pub_better - pub_worse, 1), **d.as_dict("difference"),
-                        "images": d.n, "verdict": verdict})
+                        "images": d.n, "verdict": verdict(d)})
     return out
 
 
@@ -491,10 +491,12 @@ def print_comparisons(comparisons: Sequence[Mapping[str, Any]]) -> str:
     for arch in dict.fromkeys(c["model"] for c in comparisons):
         mine = [c for c in comparisons if c["model"] == arch]
         counts = {v: sum(c["verdict"] == v for c in mine)
-                  for v in ("reproduced", "reversed", "not resolved")}
+                  for v in ("reproduced", "reversed", "not resolved", "too few images")}
         lines.append(f"  {arch}: {counts['reproduced']} of {len(mine)} reproduced "
                      f"significantly, {counts['reversed']} reversed significantly, "
-                     f"{counts['not resolved']} not resolved")
+                     f"{counts['not resolved']} not resolved"
+                     + (f", {counts['too few images']} on too few images (< {MIN_IMAGES})"
+                        if counts["too few images"] else ""))
     return "\n".join(lines)
 
 

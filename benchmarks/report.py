@@ -158,7 +158,8 @@ def _meta(data: Mapping[str, Any], path: str) -> str:
 
 
 VERDICT_CLASS = {"reproduced": "reproduced", "reversed": "reversed",
-                 "not resolved": "unresolved", "better": "reproduced", "worse": "reversed"}
+                 "not resolved": "unresolved", "too few images": "unresolved",
+                 "better": "reproduced", "worse": "reversed"}
 
 
 def comparison_table(comparisons: Sequence[Mapping[str, Any]], scale: float, digits: int,

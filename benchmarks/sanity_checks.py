@@ -59,6 +59,7 @@ from torchray_like.benchmark.intervals import (  # noqa: E402
     Interval,
     mean_interval,
     paired_mean_difference,
+    verdict,
 )
 from torchray_like.benchmark.sanity_checks import (  # noqa: E402
     METRICS,
@@ -206,7 +207,7 @@ def compare_published(records: List[Dict[str, Any]], config: Dict[str, Any]
                       ) -> List[Dict[str, Any]]:
     """Paired bootstrap (images both ran on) of rank|top(first) - rank|top(second) for each
     finding of :data:`PUBLISHED_FINDINGS` whose methods ran: ``reproduced`` (interval above
-    0), ``reversed`` (below) or ``not resolved``."""
+    0), ``reversed`` (below), ``not resolved`` or on ``too few images``."""
     out = []
     if "cascading" not in config["modes"]:
         return out
@@ -221,10 +222,8 @@ def compare_published(records: List[Dict[str, Any]], config: Dict[str, Any]
                                                "spearman_abs", 1),
                                        _values([b[i] for i in shared], "cascading",
                                                "spearman_abs", 1), seed=config["seed"])
-            verdict = ("reproduced" if d.low > 0 else "reversed" if d.high < 0
-                       else "not resolved")
             out.append({"model": model, "better": first, "worse": second, "metric": "rank|top",
-                        **d.as_dict("difference"), "images": d.n, "verdict": verdict})
+                        **d.as_dict("difference"), "images": d.n, "verdict": verdict(d)})
     return out
 
 

@@ -14,8 +14,15 @@ import torch.nn as nn
 from scipy.ndimage import gaussian_filter
 
 from torchray_like.benchmark.deletion_insertion import (
-    auc, default_blur_sigma, default_step, deletion_insertion, deletion_insertion_both,
-    method_saliency, random_saliency, step_fractions)
+    auc,
+    default_blur_sigma,
+    default_step,
+    deletion_insertion,
+    deletion_insertion_both,
+    method_saliency,
+    random_saliency,
+    step_fractions,
+)
 from torchray_like.benchmark.settings import method_options
 
 from .conftest import ConvNet, inputs, trained_embedded_model

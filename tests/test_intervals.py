@@ -302,3 +302,18 @@ def test_bad_contributions_and_statistic():
         bootstrap(np.ones((3, 2)), lambda s: s)
     with pytest.raises(ValueError, match="n must be a positive int"):
         resample_counts(0)
+
+
+def test_verdict():
+    from torchray_like.benchmark.intervals import MIN_IMAGES, verdict
+
+    assert MIN_IMAGES == 8
+    assert verdict(Interval(0.2, 0.1, 0.3, 64)) == "reproduced"
+    assert verdict(Interval(-0.2, -0.3, -0.1, 64)) == "reversed"
+    assert verdict(Interval(0.2, 0.0, 0.3, 64)) == "not resolved"       # zero inside
+    assert verdict(Interval(np.nan, np.nan, np.nan, 64)) == "not resolved"
+    assert verdict(Interval(0.2, 0.1, 0.3, 7)) == "too few images"
+    assert verdict(Interval(0.2, 0.1, 0.3, 64), "better", "worse") == "better"
+    # Two images agreeing in sign: "significant" to the bootstrap, not to the verdict.
+    two = paired_mean_difference([1.0, 2.0], [0.0, 0.5], resamples=200)
+    assert two.significant and verdict(two) == "too few images"

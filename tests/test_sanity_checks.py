@@ -18,8 +18,14 @@ from skimage.metrics import structural_similarity
 from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.benchmark.sanity_checks import (
-    METRICS, _layer_seed, compare_maps, randomization_layers, randomize_layer, sanity_checks,
-    summarize)
+    METRICS,
+    _layer_seed,
+    compare_maps,
+    randomization_layers,
+    randomize_layer,
+    sanity_checks,
+    summarize,
+)
 
 from .conftest import ConvNet, inputs, trained_embedded_model
 
@@ -388,8 +394,8 @@ def test_script_runs_and_rebuilds(tmp_path, capsys):
         assert (tmp_path / f).exists(), f
     assert not (tmp_path / "sanity_checks_independent.png").exists()
     data = json.loads((tmp_path / "sanity_checks.json").read_text())
-    from torchray_like.benchmark.embedded_models import load_embedded_model
     from torchray_like.benchmark.embedded_data import EmbeddedShapes
+    from torchray_like.benchmark.embedded_models import load_embedded_model
     x = EmbeddedShapes("test", size=1)[0][0][None]
     layers = randomization_layers(load_embedded_model("embedded-vgg", pretrained=False), x)
     rows = [r for r in data["rows"] if r["method"] == "gradient" and r["mode"] == "cascading"]

@@ -45,7 +45,8 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "resample_counts", "bootstrap",
+__all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "MIN_IMAGES", "verdict",
+           "resample_counts", "bootstrap",
            "paired_difference", "mean_contributions", "mean_of_sums", "mean_interval",
            "paired_mean_difference", "pointing_game_contributions", "pointing_game_accuracy",
            "pointing_game_interval", "paired_pointing_game_difference"]
@@ -55,6 +56,11 @@ DEFAULT_LEVEL = 0.95
 #: Bootstrap resamples by default: the 2.5 % and 97.5 % percentiles then move by about a tenth
 #: of the interval's width from one seed to another.
 DEFAULT_RESAMPLES = 2000
+
+#: Fewer images than this and :func:`verdict` gives no sign: the percentile bootstrap of so
+#: few images is far narrower than its level says (with two images, two methods that do not
+#: differ agree in sign on both half of the time, and the interval then excludes zero).
+MIN_IMAGES = 8
 
 #: ``(..., k)`` sums of contributions -> ``(...)`` values of the statistic.
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -116,6 +122,20 @@ class Interval:
     def as_dict(self, prefix: str) -> Dict[str, Any]:
         """``{prefix: estimate, prefix_low: low, prefix_high: high}`` (the files' columns)."""
         return {prefix: self.estimate, f"{prefix}_low": self.low, f"{prefix}_high": self.high}
+
+
+def verdict(interval: Interval, positive: str = "reproduced", negative: str = "reversed",
+            min_images: int = MIN_IMAGES) -> str:
+    """What a difference's interval says: ``positive`` (above zero), ``negative`` (below),
+    ``"not resolved"`` (zero inside, or undefined), or ``"too few images"`` (fewer than
+    ``min_images``: the bootstrap cannot be trusted to say)."""
+    if interval.n < min_images:
+        return "too few images"
+    if interval.low > 0:
+        return positive
+    if interval.high < 0:
+        return negative
+    return "not resolved"
 
 
 # ---------------------------------------------------------------------------------------------
