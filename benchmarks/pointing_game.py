@@ -30,11 +30,20 @@ and are printed; ``--rise-masks``, ``--rise-batch`` and ``--ep-iters`` override 
 point exactly ``tolerance`` pixels from the object is a miss, as in TorchRay (``hit_rule``
 ``"strict"`` in the stored configuration).
 
-The defaults take about 7 minutes on a busy two-core CPU (6.7 min measured with every method
-registered, 21 and the centre: extremal perturbation 3.6 min, integrated gradients, SmoothGrad,
-occlusion, Score-CAM and Ablation-CAM 2.2 min together, RISE 1.1 min): the first 64 embedded
-test images for every method, but only the first 16 for RISE (``--rise-limit``) and the first 8
-for extremal perturbation (``--ep-limit``), whose numbers are therefore rough; ``--methods``
+Every accuracy comes with its 95 % bootstrap interval over images (classes averaged in every
+resample, :mod:`torchray_like.benchmark.intervals`; ``*`` marks a zero-width one, every image
+alike), and the published orderings (:data:`PUBLISHED_ORDERINGS`, Fong et al. 2019, Table 1)
+are checked by a paired bootstrap of the difference on the images both methods ran on:
+reproduced, reversed, not resolved, or too few images (under 8).  The CSV and JSON carry the
+interval columns (``all_low``, ``all_high`` ...) and the comparisons
+(``pointing_game_comparisons.csv``); ``OUT/report.html`` shows it all with a gallery of the
+maps (``--no-report`` skips it), and its path is printed.
+
+The defaults take about TIMING on a busy two-core CPU: the first 128 embedded
+test images for every method — enough to resolve every published ordering among the fast
+methods on the VGG — but only the first 16 for RISE (``--rise-limit``), 8 for extremal
+perturbation (``--ep-limit``) and 16 for the methods of tens of passes per image
+(``--slow-limit``), whose intervals are therefore wide; ``--methods``
 picks fewer.  Each method has its own progress bar (their costs per image differ a
 thousandfold, so one shared bar would reach 99 % long before the end).  Results are stored image
 by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a killed run,
@@ -98,7 +107,7 @@ DATASETS = {
     "voc07": ("voc_2007", "test", "vgg16", "pointing_game_paper"),
     "coco14": ("coco", "val2014", "resnet50", "pointing_game_paper"),
 }
-DEFAULT_LIMIT = {"embedded": 64, "voc07": None, "coco14": None}
+DEFAULT_LIMIT = {"embedded": 128, "voc07": None, "coco14": None}
 DEFAULT_RISE_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
 DEFAULT_EP_LIMIT = {"embedded": 8, "voc07": None, "coco14": None}
 DEFAULT_SLOW_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
@@ -597,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(limit=_UNSET)
     for action in parser._actions:
         if action.dest == "limit":
-            action.help = "use only the first N test images (default: 64 embedded, all " \
+            action.help = "use only the first N test images (default: 128 embedded, all " \
                           "voc07/coco14)"
     return parser
 

@@ -565,3 +565,41 @@ def test_script_runs_resumes_and_rebuilds(tmp_path, capsys):
     other = [a if a != "4" else "8" for a in base]          # --steps 8
     with pytest.raises(ConfigMismatchError):
         script.main(other + ["--resume"])
+
+
+def test_script_summary_intervals_and_comparisons_with_the_random_map():
+    """Synthetic records: each row's AUC interval is the bootstrap of its images, and the
+    comparison with the random map is paired image by image (deletion: lower is better)."""
+    from torchray_like.benchmark.intervals import mean_interval, paired_mean_difference
+
+    script = _script("deletion_insertion")
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.7, size=12)
+    records = []
+    for image in range(12):
+        for method, shift in (("random", 0.0), ("gradient", -0.1), ("grad_cam", 0.0)):
+            aucs = {"deletion": base[image] + shift, "deletion_blur": base[image],
+                    "insertion": base[image] - shift}
+            records.append({"model": "m", "method": method, "image": image, "seconds": 0.1,
+                            **{f"{g}_auc": v for g, v in aucs.items()},
+                            **{f"{g}_curve": [1.0, v, 0.0] for g, v in aucs.items()}})
+    rows = script.summarize(records[::-1], ["m"], ["random", "gradient", "grad_cam"])
+    gradient = rows[1]
+    expected = mean_interval(base - 0.1)
+    assert (gradient["deletion_auc"], gradient["deletion_auc_low"],
+            gradient["deletion_auc_high"]) == pytest.approx(
+        (expected.estimate, expected.low, expected.high))
+    comparisons = script.compare_with_random(records, ["m"], ["random", "gradient", "grad_cam"])
+    verdicts = {(c["better"], c["metric"]): c["verdict"] for c in comparisons}
+    assert verdicts == {("gradient", "deletion"): "better",
+                        ("gradient", "deletion_blur"): "not resolved",
+                        ("gradient", "insertion"): "better",
+                        ("grad_cam", "deletion"): "not resolved",
+                        ("grad_cam", "deletion_blur"): "not resolved",
+                        ("grad_cam", "insertion"): "not resolved"}
+    first = comparisons[0]
+    d = paired_mean_difference(base, base - 0.1)
+    assert (first["difference"], first["difference_low"]) == pytest.approx((d.estimate, d.low))
+    assert first["images"] == 12
+    text = script.print_comparisons(comparisons)
+    assert "m deletion: better 1 of 2; not resolved: grad_cam" in text

@@ -156,7 +156,7 @@ def test_missing_dataset_is_an_argparse_error(capsys, tmp_path):
 
 
 TINY = ["--weights", "random", "--threads", "1", "--limit", "4", "--rise-limit", "2",
-        "--ep-limit", "2",
+        "--ep-limit", "2", "--no-report",
         "--rise-masks", "30", "--ep-iters", "3", "--methods",
         "center,gradient,grad_cam,contrastive_excitation_backprop,rise,extremal_perturbation"]
 
@@ -185,6 +185,60 @@ def test_tiny_run_table(tiny_run):
     settings = meta["config"]["models"]["embedded-vgg"]["settings"]
     assert settings["rise"]["kwargs"]["num_masks"] == 30
     assert settings["grad_cam"]["kwargs"]["saliency_layer"] == "features.14"
+
+
+def test_tiny_run_intervals_and_comparisons(tiny_run):
+    """The interval columns hold the estimate, the JSON says how they were made, and the
+    published orderings of the methods run are compared (too few images to say here)."""
+    from torchray_like.benchmark.intervals import pointing_game_interval
+
+    rows = _csv(tiny_run)
+    assert list(rows[0]) == ["method", "model", "all", "all_low", "all_high", "difficult",
+                             "difficult_low", "difficult_high", "seconds_per_image", "images",
+                             "pairs", "difficult_pairs"]
+    for r in rows:
+        for subset in ("all", "difficult"):
+            low, value, high = (float(r[f"{subset}_low"]), float(r[subset]),
+                                float(r[f"{subset}_high"]))
+            assert 0 <= low <= value <= high <= 1, r
+    meta = _json(tiny_run)
+    assert meta["intervals"]["level"] == 0.95 and meta["intervals"]["resamples"] == 2000
+    assert meta["intervals"]["seed"] == 0
+    # The grad_cam row is the bootstrap of the stored pairs, image by image.
+    store = ResultsStore(tiny_run / "results.sqlite", EXPERIMENT)
+    mine = sorted((r for r in store.records()
+                   if r["model"] == "embedded-vgg" and r["method"] == "grad_cam"),
+                  key=lambda r: r["index"])
+    expected = pointing_game_interval([[(p[0], p[1]) for p in r["pairs"]] for r in mine], 8)
+    row = next(r for r in meta["rows"] if r["model"] == "embedded-vgg"
+               and r["method"] == "grad_cam")
+    assert (row["all"], row["all_low"], row["all_high"]) == pytest.approx(
+        (expected.estimate, expected.low, expected.high))
+    comparisons = meta["comparisons"]
+    assert [(c["subset"], c["better"], c["worse"]) for c in comparisons[:6]] == [
+        ("all", "grad_cam", "center"), ("all", "gradient", "center"),
+        ("difficult", "grad_cam", "gradient"),
+        ("difficult", "contrastive_excitation_backprop", "gradient"),
+        ("difficult", "rise", "gradient"), ("difficult", "extremal_perturbation", "gradient")]
+    assert len(comparisons) == 12 and all(c["verdict"] == "too few images"
+                                          for c in comparisons)
+    assert [c["images"] for c in comparisons[:6]] == [4, 4, 4, 4, 2, 2]
+    with open(tiny_run / "pointing_game_comparisons.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    assert not (tiny_run / "report.html").exists()          # --no-report
+
+
+def test_printed_table_shows_the_intervals(tiny_run, capsys):
+    out = _run(["--from-store", "--store", str(tiny_run / "results.sqlite"), "--out",
+                str(tiny_run / "again"), "--methods", "center,grad_cam", "--no-report"],
+               capsys).out
+    assert "all % [95 % CI]" in out and "difficult % [95 % CI]" in out
+    row = next(r for r in _csv(tiny_run) if r["method"] == "grad_cam")
+    shown = f"{100 * float(row['all']):.1f} [{100 * float(row['all_low']):.1f}, " \
+            f"{100 * float(row['all_high']):.1f}]"
+    assert shown in out.replace("*", "")
+    assert "published orderings (Fong et al. 2019, Table 1, VOC07 VGG16)" in out
+    assert "Grad-CAM - centre" in out and "too few images" in out
 
 
 def test_settings_come_from_the_table_and_the_hit_rule_is_recorded(tiny_run):
@@ -275,33 +329,38 @@ def _shipped_weights() -> bool:
 
 @pytest.mark.skipif(not _shipped_weights(), reason="the embedded models' weights are not shipped")
 def test_trained_models_reproduce_the_published_ordering(tmp_path, capsys):
-    """The shape of Fong et al. (2019), Table 1, on the embedded benchmark's defaults (64 test
-    images, RISE on the first 16; extremal perturbation is checked on the trained models in
-    test_extremal_perturbation.py, at 7 s per image it is too slow here).
+    """The shape of Fong et al. (2019), Table 1, on the embedded benchmark's defaults (128 test
+    images; RISE on the first 16, too few to resolve its orderings; extremal perturbation is
+    checked on the trained models in test_extremal_perturbation.py, at 13 s per image it is
+    too slow here), judged by the paired bootstrap of the run.
 
-    Holds on both models: Grad-CAM beats the centre baseline by a wide margin; DeConvNet stays
-    far below the class-discriminative methods; the class-discriminative methods (Grad-CAM,
-    contrastive EBP, RISE) beat the gradient on the difficult pairs.  On the VGG they also beat
-    guided backprop there, and on the ResNet DeConvNet lands at the centre baseline.  Not
-    reproduced (see docs/embedded.rst): guided backprop on the ResNet is as class-selective as
-    the best methods, and DeConvNet on the VGG lies half-way between the centre and the
-    gradient."""
+    On the VGG every published ordering among the fast methods is reproduced significantly:
+    Grad-CAM and the gradient above the centre and DeConvNet, Grad-CAM above the gradient and
+    guided backprop on the difficult pairs, contrastive excitation backprop above excitation
+    backprop and the gradient there.  On the ResNet the orderings on all pairs hold too;
+    guided backprop is as class-selective as the best methods there (see docs/embedded.rst),
+    so no ordering is reversed but the difficult-pair ones need more images to resolve."""
     out = tmp_path / "trained"
-    _run(["--out", out, "--methods", "center,gradient,deconvnet,guided_backprop,grad_cam,"
-          "contrastive_excitation_backprop,rise"], capsys)
-    table = {(r["model"], r["method"]): (float(r["all"]), float(r["difficult"]))
-             for r in _csv(out)}
-    discriminative = ("grad_cam", "contrastive_excitation_backprop", "rise")
-    for model in ("embedded-vgg", "embedded-resnet"):
-        acc = {m: table[model, m] for (mm, m) in table if mm == model}
-        centre = acc["center"]
-        assert acc["grad_cam"][0] >= centre[0] + 0.3, (model, acc)          # a wide margin
-        assert acc["deconvnet"][0] <= min(acc[m][0] for m in discriminative) - 0.2, (model, acc)
-        assert min(acc[m][1] for m in discriminative) > acc["gradient"][1], (model, acc)
-        if model == "embedded-vgg":
-            assert min(acc[m][1] for m in discriminative) > acc["guided_backprop"][1], acc
+    _run(["--out", out, "--no-report", "--methods", "center,gradient,deconvnet,guided_backprop,"
+          "grad_cam,excitation_backprop,contrastive_excitation_backprop,rise"], capsys)
+    verdicts = {(c["model"], c["subset"], c["better"], c["worse"]): c["verdict"]
+                for c in _json(out)["comparisons"]}
+    fast = [k for k in verdicts if k[2] != "rise"]
+    assert len(fast) == 2 * 8
+    for key in fast:
+        if key[0] == "embedded-vgg" or key[1] == "all":
+            assert verdicts[key] == "reproduced", (key, verdicts)
         else:
-            assert abs(acc["deconvnet"][0] - centre[0]) <= 0.1, acc         # near the centre
+            assert verdicts[key] != "reversed", (key, verdicts)
+    for model in ("embedded-vgg", "embedded-resnet"):
+        assert verdicts[model, "difficult", "rise", "gradient"] in ("not resolved",
+                                                                    "reproduced")
+    table = {(r["model"], r["method"]): r for r in _csv(out)}
+    assert int(table["embedded-vgg", "grad_cam"]["images"]) == 128
+    assert int(table["embedded-vgg", "rise"]["images"]) == 16
+    # DeConvNet lands at the centre baseline on the ResNet, as on VOC07.
+    deconv, centre = (table["embedded-resnet", m] for m in ("deconvnet", "center"))
+    assert float(deconv["all_low"]) < float(centre["all_high"])
 
 
 # ------------------------------------------------------------------------- kill and resume
@@ -311,7 +370,7 @@ def test_killed_run_resumes_computing_only_the_missing_items(tmp_path):
     out = tmp_path / "killed"
     argv = ["--weights", "random", "--models", "embedded-resnet", "--methods", "center,rise",
             "--limit", "4", "--rise-limit", "4", "--rise-masks", "1000", "--rise-batch", "100",
-            "--out", str(out), "--threads", "1"]
+            "--out", str(out), "--threads", "1", "--no-report"]
     proc = subprocess.Popen([sys.executable, str(SCRIPT)] + argv, cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     path = out / "results.sqlite"
@@ -356,7 +415,8 @@ def _free_port() -> int:
 
 def test_torchrun_two_processes_match_one(tmp_path):
     argv = ["--weights", "random", "--limit", "8", "--rise-limit", "2", "--rise-masks", "30",
-            "--methods", "center,gradient,grad_cam,excitation_backprop,rise", "--threads", "1"]
+            "--methods", "center,gradient,grad_cam,excitation_backprop,rise", "--threads", "1",
+            "--no-report"]
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", str(SCRIPT)] + argv + ["--out", str(two)]

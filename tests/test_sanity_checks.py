@@ -402,3 +402,58 @@ def test_script_runs_and_rebuilds(tmp_path, capsys):
     assert [r["layer"] for r in rows] == ["original"] + layers
     assert rows[0]["spearman_abs"] == pytest.approx(1.0)
     assert script.main(base + ["--from-store"]) == 0
+
+
+def test_script_summary_intervals_and_published_findings():
+    """Synthetic records: the summary's intervals are the bootstrap over images (undefined
+    values left out), the headline carries them, and guided backprop's robustness to the
+    top-layer randomisation is compared with the gradient's image by image."""
+    import importlib.util
+    import pathlib
+
+    from torchray_like.benchmark.intervals import mean_interval
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "sanity_checks.py"
+    spec = importlib.util.spec_from_file_location("_bench_sanity_checks_summary", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(1)
+    records = []
+    for image in range(10):
+        for method, level in (("gradient", 0.2), ("guided_backprop", 0.9)):
+            curve = [1.0, level + rng.normal(0, 0.05), level / 2, 0.0]
+            if image == 3 and method == "gradient":
+                curve[1] = None                         # undefined (a constant map)
+            records.append({"model": "m", "method": method, "image": image, "seconds": 1.0,
+                            "layers": ["original", "fc", "conv2", "conv1"],
+                            "cascading": {metric: list(curve) for metric in METRICS}})
+    config = {"models": ["m"], "methods": ["gradient", "guided_backprop"],
+              "modes": ["cascading"], "seed": 0}
+    rows = script.summarize(records, config)
+    top = rows[1]
+    values = [r["cascading"]["spearman_abs"][1] for r in records if r["method"] == "gradient"]
+    expected = mean_interval(np.array([np.nan if v is None else v for v in values]))
+    assert (top["spearman_abs"], top["spearman_abs_low"], top["spearman_abs_high"]) == \
+        pytest.approx((expected.estimate, expected.low, expected.high))
+    head = script.headline(rows, config)
+    assert head[0]["rank|top_low"] == pytest.approx(expected.low)
+    assert head[0]["rank|all"] == pytest.approx(0.0)
+    comparisons = script.compare_published(records, config)
+    assert [(c["better"], c["worse"], c["verdict"], c["images"]) for c in comparisons] == [
+        ("guided_backprop", "gradient", "reproduced", 9)]         # image 3 left out of both
+    assert comparisons[0]["difference"] == pytest.approx(0.7, abs=0.05)
+
+
+def test_library_summary_has_intervals_over_the_records():
+    from torchray_like.benchmark.intervals import mean_interval
+
+    values = [0.1, 0.5, float("nan"), 0.3, 0.9]
+    recs = [{"method": "gradient", "mode": "cascading", "step": 1, "layer": "fc",
+             **{m: v for m in METRICS}} for v in values]
+    s = summarize(recs, seed=3)[0]
+    expected = mean_interval(values, seed=3)
+    assert s["n"] == 5 and s["spearman"] == pytest.approx(0.45)
+    assert (s["spearman_low"], s["spearman_high"]) == pytest.approx((expected.low,
+                                                                      expected.high))
+    empty = summarize([{**recs[0], "ssim": float("nan")}])[0]
+    assert np.isnan(empty["ssim"]) and np.isnan(empty["ssim_low"])
