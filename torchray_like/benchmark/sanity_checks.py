@@ -438,7 +438,9 @@ def summarize(records: Sequence[Dict[str, Any]],
                 warnings.simplefilter("ignore", RuntimeWarning)
                 summary[m] = float(finite.mean()) if finite.size else float("nan")
                 summary[m + "_std"] = float(finite.std()) if finite.size else float("nan")
-            interval = (mean_interval(finite, seed=seed) if finite.size else None)
+            # Over all the group's records, undefined ones drawn too (as the scripts do).
+            clean = np.where(np.isfinite(values), values, np.nan)
+            interval = mean_interval(clean, seed=seed) if finite.size else None
             summary[m + "_low"] = interval.low if interval else float("nan")
             summary[m + "_high"] = interval.high if interval else float("nan")
         out.append(summary)
