@@ -30,20 +30,17 @@ and are printed; ``--rise-masks``, ``--rise-batch`` and ``--ep-iters`` override 
 point exactly ``tolerance`` pixels from the object is a miss, as in TorchRay (``hit_rule``
 ``"strict"`` in the stored configuration).
 
-Every accuracy comes with its 95 % bootstrap interval over images (classes averaged in every
-resample, :mod:`torchray_like.benchmark.intervals`; ``*`` marks a zero-width one, every image
-alike), and the published orderings (:data:`PUBLISHED_ORDERINGS`, Fong et al. 2019, Table 1)
-are checked by a paired bootstrap of the difference on the images both methods ran on:
-reproduced, reversed, not resolved, or too few images (under 8).  The CSV and JSON carry the
-interval columns (``all_low``, ``all_high`` ...) and the comparisons
-(``pointing_game_comparisons.csv``); ``OUT/report.html`` shows it all with a gallery of the
-maps (``--no-report`` skips it), and its path is printed.
+Accuracies come with 95 % bootstrap intervals over images (classes averaged in every resample;
+``*``: zero width, every image alike), and the published orderings of Fong et al. (2019) are
+judged by a paired bootstrap (:mod:`torchray_like.benchmark.intervals`): reproduced, reversed,
+not resolved, or too few images.  The CSV and JSON carry the intervals (``all_low`` ...) and
+the comparisons; ``OUT/report.html`` shows them with a gallery of maps (``--no-report``).
 
-The defaults take about TIMING on a busy two-core CPU: the first 128 embedded
-test images for every method — enough to resolve every published ordering among the fast
-methods on the VGG — but only the first 16 for RISE (``--rise-limit``), 8 for extremal
-perturbation (``--ep-limit``) and 16 for the methods of tens of passes per image
-(``--slow-limit``), whose intervals are therefore wide; ``--methods``
+The defaults take 3.5 minutes on an idle two-core CPU (extremal perturbation 1.7, RISE 0.4;
+about twice that on a busy one): the first 128 embedded test images for every method, enough
+to resolve the published orderings among the fast methods on the VGG, but only the first 16
+for RISE (``--rise-limit``), 8 for extremal perturbation (``--ep-limit``) and 16 for the
+methods of tens of passes per image (``--slow-limit``): their intervals are wide; ``--methods``
 picks fewer.  Each method has its own progress bar (their costs per image differ a
 thousandfold, so one shared bar would reach 99 % long before the end).  Results are stored image
 by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a killed run,
@@ -68,16 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from torchray_like.attribution.registry import METHODS  # noqa: E402
-from torchray_like.benchmark import embedded_cli  # noqa: E402
-from torchray_like.benchmark.intervals import (  # noqa: E402
-    DEFAULT_LEVEL,
-    DEFAULT_RESAMPLES,
-    MIN_IMAGES,
-    Interval,
-    paired_pointing_game_difference,
-    pointing_game_interval,
-    verdict,
-)
+from torchray_like.benchmark import embedded_cli, intervals  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, centre_point, saliency_to_point  # noqa: E402
 from torchray_like.benchmark.runner import (  # noqa: E402
     ConfigMismatchError,
@@ -362,23 +350,6 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-#: Orderings of Fong et al. (2019), Table 1 (VOC07 test, VGG16; accuracy in %) that the
-#: embedded benchmark checks with a paired bootstrap: (subset, better, worse, published
-#: accuracy of the better, of the worse).  Gaps of at least 5 points only (the published
-#: shape: DeConvNet ~ centre < gradient ~ guided backprop < excitation backprop < the
-#: class-discriminative methods, most clearly on the difficult pairs).
-PUBLISHED_ORDERINGS: Tuple[Tuple[str, str, str, float, float], ...] = (
-    ("all", "grad_cam", "center", 86.6, 69.6),
-    ("all", "gradient", "center", 76.3, 69.6),
-    ("all", "gradient", "deconvnet", 76.3, 67.5),
-    ("all", "grad_cam", "deconvnet", 86.6, 67.5),
-    ("difficult", "grad_cam", "gradient", 74.0, 56.9),
-    ("difficult", "grad_cam", "guided_backprop", 74.0, 53.0),
-    ("difficult", "contrastive_excitation_backprop", "excitation_backprop", 66.5, 56.6),
-    ("difficult", "contrastive_excitation_backprop", "gradient", 66.5, 56.9),
-    ("difficult", "rise", "gradient", 75.1, 56.9),
-    ("difficult", "extremal_perturbation", "gradient", 76.1, 56.9),
-)
 #: Where a record's pair holds the hit of each subset: ``[class, all, difficult, point]``.
 _SUBSET_COLUMN = {"all": 1, "difficult": 2}
 
@@ -416,7 +387,8 @@ def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
                     game_difficult.aggregate(in_difficult, c)
             row: Dict[str, Any] = {"method": method, "model": arch}
             for subset, game in (("all", game_all), ("difficult", game_difficult)):
-                interval = pointing_game_interval(_pairs(mine, subset), num_classes, seed=seed)
+                interval = intervals.pointing_game_interval(_pairs(mine, subset), num_classes,
+                                                            seed=seed)
                 # The game's own accuracy (the same number): the table's reference.
                 row.update(interval.as_dict(subset), **{subset: game.accuracy})
             row.update({
@@ -429,34 +401,19 @@ def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
     return rows
 
 
-def compare_published(records: Sequence[Mapping[str, Any]], num_classes: int,
-                      models: Sequence[str], methods: Sequence[str], seed: int = 0
-                      ) -> List[Dict[str, Any]]:
-    """Per model, each ordering of :data:`PUBLISHED_ORDERINGS` whose two methods ran: the
-    paired bootstrap of accuracy(better) - accuracy(worse) on the images both ran on, and
-    whether it ``reproduced`` (interval above 0), is ``reversed`` (below 0), ``not resolved``
-    or rests on ``too few images`` (:func:`~torchray_like.benchmark.intervals.verdict`)."""
-    out = []
-    for arch in models:
-        for subset, better, worse, pub_better, pub_worse in PUBLISHED_ORDERINGS:
-            if better not in methods or worse not in methods:
-                continue
-            a, b = _by_image(records, arch, better), _by_image(records, arch, worse)
-            shared = sorted(set(a) & set(b))
-            if not shared:
-                continue
-            d = paired_pointing_game_difference(
-                _pairs([a[i] for i in shared], subset), _pairs([b[i] for i in shared], subset),
-                num_classes, seed=seed)
-            out.append({"model": arch, "subset": subset, "better": better, "worse": worse,
-                        "published": round(pub_better - pub_worse, 1), **d.as_dict("difference"),
-                        "images": d.n, "verdict": verdict(d)})
-    return out
+def _pairs_of(records: Sequence[Mapping[str, Any]]) -> Any:
+    """``(model, method, subset) -> {image: pairs}``, what
+    :func:`~torchray_like.benchmark.intervals.compare_orderings` reads."""
+    def pairs_of(arch: str, method: str, subset: str) -> Dict[int, List[Tuple[int, int]]]:
+        mine = _by_image(records, arch, method)
+        return dict(zip(mine, _pairs(list(mine.values()), subset)))
+
+    return pairs_of
 
 
 def _cell(row: Mapping[str, Any], key: str) -> str:
-    interval = Interval(row[key], row[f"{key}_low"], row[f"{key}_high"], row["images"],
-                        degenerate=row[f"{key}_low"] == row[f"{key}_high"])
+    interval = intervals.Interval(row[key], row[f"{key}_low"], row[f"{key}_high"],
+                                  row["images"], degenerate=row[f"{key}_low"] == row[f"{key}_high"])
     return interval.format(100.0)
 
 
@@ -470,54 +427,17 @@ def print_table(rows: Sequence[Mapping[str, Any]]) -> str:
                                 "s/image", "images", "pairs", "difficult pairs"],
                         {"s/image": ".3f"})
     if any("*" in row["all % [95 % CI]"] + row["difficult % [95 % CI]"] for row in shown):
-        text += ("\n* zero-width interval: every image scored alike (all hits, say), so the "
-                 "bootstrap sees no spread; it understates the uncertainty of few images")
+        text += "\n* zero width: every image scored alike; the uncertainty is understated"
     return text
-
-
-#: The papers' names of the methods, for the printed orderings.
-SHORT_NAMES = {"center": "centre", "gradient": "gradient", "deconvnet": "DeConvNet",
-               "guided_backprop": "guided BP", "grad_cam": "Grad-CAM",
-               "excitation_backprop": "EBP", "contrastive_excitation_backprop": "c-EBP",
-               "rise": "RISE", "extremal_perturbation": "EP"}
-
-
-def print_comparisons(comparisons: Sequence[Mapping[str, Any]]) -> str:
-    """The published orderings and what the run makes of them, one line each."""
-    if not comparisons:
-        return ""
-    lines = ["published orderings (Fong et al. 2019, Table 1, VOC07 VGG16), paired 95 % "
-             "bootstrap of the difference (points) on the images both methods ran on:"]
-    names = [f"{SHORT_NAMES.get(c['better'], c['better'])} - "
-             f"{SHORT_NAMES.get(c['worse'], c['worse'])}" for c in comparisons]
-    width = max(len(n) for n in names)
-    for c, name in zip(comparisons, names):
-        d = Interval(c["difference"], c["difference_low"], c["difference_high"], c["images"],
-                     degenerate=c["difference_low"] == c["difference_high"])
-        lines.append(f"  {c['model']:<15} {c['subset']:<9} {name:<{width}} "
-                     f"{d.format(100.0, signed=True):<21} {c['images']:>4} img  "
-                     f"(published {c['published']:+.1f})  {c['verdict']}")
-    for arch in dict.fromkeys(c["model"] for c in comparisons):
-        mine = [c for c in comparisons if c["model"] == arch]
-        counts = {v: sum(c["verdict"] == v for c in mine)
-                  for v in ("reproduced", "reversed", "not resolved", "too few images")}
-        lines.append(f"  {arch}: {counts['reproduced']} of {len(mine)} reproduced "
-                     f"significantly, {counts['reversed']} reversed significantly, "
-                     f"{counts['not resolved']} not resolved"
-                     + (f", {counts['too few images']} on too few images (< {MIN_IMAGES})"
-                        if counts["too few images"] else ""))
-    return "\n".join(lines)
 
 
 def _json_clean(value: Any) -> Any:
     """NaN (no pair in a subset) becomes null: standard JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
     if isinstance(value, dict):
         return {k: _json_clean(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_json_clean(v) for v in value]
-    return value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 TABLE_COLUMNS = ["method", "model", "all", "all_low", "all_high", "difficult", "difficult_low",
@@ -528,10 +448,9 @@ COMPARISON_COLUMNS = ["model", "subset", "better", "worse", "published", "differ
 
 def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r[k] for k in columns})
+        writer.writerows(rows)
 
 
 def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
@@ -719,15 +638,16 @@ def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_
     """The table with its intervals, the published orderings, the files and the HTML page
     (with a gallery of the maps of ``gallery``'s embedded models; none from the store)."""
     rows = make_table(records, num_classes, models, args.method_list, seed=args.seed)
-    comparisons = compare_published(records, num_classes, models, args.method_list,
-                                    seed=args.seed)
+    comparisons = intervals.compare_orderings(_pairs_of(records), models, args.method_list,
+                                              num_classes, seed=args.seed)
     meta = {**meta, "intervals": {
         "method": "percentile bootstrap over images (classes averaged in every resample); "
                   "differences paired on the images both methods ran on",
-        "level": DEFAULT_LEVEL, "resamples": DEFAULT_RESAMPLES, "seed": args.seed}}
+        "level": intervals.DEFAULT_LEVEL, "resamples": intervals.DEFAULT_RESAMPLES,
+        "seed": args.seed}}
     print(print_table(rows))
     if comparisons:
-        print(print_comparisons(comparisons))
+        print(intervals.format_orderings(comparisons))
     csv_path, json_path = write_outputs(args.out, rows, meta, comparisons)
     print(f"wrote {csv_path} and {json_path}; wall time {wall:.1f} s", flush=True)
     if not args.no_report:
@@ -742,9 +662,8 @@ def _report_module() -> Any:
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
     spec = importlib.util.spec_from_file_location("torchray_like_benchmark_report", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 
 

@@ -457,6 +457,49 @@ def _page(out_dir: str, sections: Sequence[Tuple[str, str, str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# reStructuredText (the docs' tables are regenerated from the JSON)
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain(row: Optional[Mapping[str, Any]], key: str, signed: bool = False) -> str:
+    """An interval cell without its markup."""
+    if row is None:
+        return ""
+    text = html.unescape(interval_cell(row, key, 100, 1, signed).replace(
+        '<span class="ci">', "").replace("</span>", ""))
+    return text.replace("*", "\\*")  # a bare * would open emphasis
+
+
+def rst_pointing_game(data: Mapping[str, Any]) -> str:
+    """The pointing game of ``pointing_game.json`` as a reStructuredText simple table (methods
+    as rows; per model, all and difficult accuracy with intervals and images) and its
+    published orderings as a list."""
+    rows = data.get("rows") or []
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = [["method"] + [f"{m} {s}" for m in models for s in ("all %", "difficult %", "n")]]
+    for method in methods:
+        line = [method]
+        for model in models:
+            row = next((r for r in rows if r["model"] == model and r["method"] == method), None)
+            line += [_plain(row, "all"), _plain(row, "difficult"),
+                     str(row["images"]) if row else ""]
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    rule = "  ".join("=" * w for w in widths)
+    text = [rule, "  ".join(c.ljust(w) for c, w in zip(cells[0], widths)).rstrip(), rule]
+    text += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+             for line in cells[1:]]
+    text.append(rule)
+    for c in data.get("comparisons") or []:
+        d = _plain(c, "difference", signed=True)
+        text.append(f"* {c['model']}, {c['subset']} pairs: {c['better']} − {c['worse']} "
+                    f"{d} on {c['images']} images (published {c['published']:+.1f}): "
+                    f"**{c['verdict']}**")
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -483,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(comma-separated), or random (default: the shipped weights)")
     parser.add_argument("--device", default="cpu", help="device of the gallery's maps "
                                                         "(default: %(default)s)")
+    parser.add_argument("--rst", action="store_true",
+                        help="print the pointing game's table and orderings as "
+                             "reStructuredText (for the docs) instead of writing the page")
     return parser
 
 
@@ -498,6 +544,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "scripts wrote to (their --out, or its parent)")
     if args.gallery_images < 0:
         parser.error(f"--gallery-images must be >= 0, got {args.gallery_images}")
+    if args.rst:
+        return _print_rst(args.out_dir, parser)
     try:
         names = embedded_cli.name_list(args.models, EMBEDDED_MODELS, "--models")
         methods = embedded_cli.name_list(args.methods, tuple(METHODS), "--methods")
@@ -522,6 +570,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = write_report(args.out_dir, args.output, gallery_models=models,
                         gallery_methods=methods, gallery_images=args.gallery_images)
     print(f"report: {path}")
+    return 0
+
+
+def _print_rst(out_dir: str, parser: argparse.ArgumentParser) -> int:
+    found = [path for name, path in find_results(out_dir) if name == "pointing_game.json"]
+    if not found:
+        parser.error(f"--rst: no pointing_game.json under {out_dir!r}")
+    for path in found:
+        with open(path) as f:
+            print(rst_pointing_game(json.load(f)))
     return 0
 
 

@@ -317,3 +317,37 @@ def test_verdict():
     # Two images agreeing in sign: "significant" to the bootstrap, not to the verdict.
     two = paired_mean_difference([1.0, 2.0], [0.0, 0.5], resamples=200)
     assert two.significant and verdict(two) == "too few images"
+
+
+def test_compare_orderings_pairs_the_shared_images_and_judges():
+    from torchray_like.benchmark.intervals import (
+        PUBLISHED_ORDERINGS,
+        compare_orderings,
+        format_orderings,
+    )
+
+    rng = np.random.default_rng(5)
+    n = 40
+    truth = {"grad_cam": 0.95, "center": 0.3, "gradient": 0.8, "rise": 0.9}
+    hits = {m: [[(int(rng.integers(0, 4)), 1 if rng.random() < p else -1)] for _ in range(n)]
+            for m, p in truth.items()}
+
+    def pairs_of(model, method, subset):
+        images = range(12) if method == "rise" else range(n)       # RISE on fewer images
+        return {i: hits[method][i] for i in images}
+
+    out = compare_orderings(pairs_of, ["m"], list(truth), 4, seed=1)
+    assert [(c["subset"], c["better"], c["worse"]) for c in out] == [
+        (o[0], o[1], o[2]) for o in PUBLISHED_ORDERINGS
+        if o[1] in truth and o[2] in truth]
+    first = out[0]                                                  # grad_cam - center, all
+    d = paired_pointing_game_difference(hits["grad_cam"], hits["center"], 4, seed=1)
+    assert (first["difference"], first["difference_low"], first["difference_high"]) == \
+        pytest.approx((d.estimate, d.low, d.high))
+    assert first["published"] == pytest.approx(17.0) and first["verdict"] == "reproduced"
+    rise = next(c for c in out if c["better"] == "rise")
+    assert rise["images"] == 12
+    text = format_orderings(out)
+    assert "Grad-CAM - centre" in text and "m: 1 of 4 reproduced significantly" not in text
+    assert text.splitlines()[-1].startswith("  m: ")
+    assert format_orderings([]) == ""
