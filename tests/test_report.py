@@ -281,3 +281,17 @@ def test_renders_in_headless_chromium(page, tmp_path):
     image = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
     assert image.shape[:2] == (2400, 1400)
     assert image.std() > 5          # not a blank page: text, tables and maps drawn
+
+
+def test_rst_tables_for_the_docs(out_dir, capsys):
+    assert report.main([str(out_dir), "--rst"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0] == lines[2] and set(lines[0]) == {"=", " "}
+    assert lines[1].split()[:3] == ["method", "embedded-vgg", "all"]
+    assert sum(line.startswith("* embedded-") for line in lines) == 6
+    assert "**too few images**" in text
+    assert "*" not in text.replace("\\*", "").replace("**", "").replace("* embedded", "")
+    with pytest.raises(SystemExit):
+        report.main([str(out_dir / "compare"), "--rst"])
+    assert "no pointing_game.json" in capsys.readouterr().err
