@@ -42,9 +42,9 @@ import torch
 import torch.nn as nn
 
 from ..attribution.arguments import check_number, check_progress
+from ..attribution.maps import Shape, resize_saliency, smooth_saliency
 from ..attribution.reporting import progress_bar
 from ..attribution.seeding import GeneratorType, make_generator
-from ..attribution.maps import Shape, resize_saliency, smooth_saliency
 from ..attribution.state import check_input, check_model, model_state_guard
 from ..attribution.targets import SCORES, class_indices, output_scores
 
