@@ -988,3 +988,26 @@ def test_numpy_arguments_are_accepted_and_give_the_same_maps():
     assert torch.equal(rise(model, x, np.int64(2), **kw), rise(model, x, 2, **kw))
     bank = generate_masks(np.int64(6), np.array([8, 8]), np.int64(2), generator=np.uint64(1))
     assert torch.equal(bank, generate_masks(6, (8, 8), 2, generator=1))
+
+
+def test_a_torchray_style_call_with_filter_masks_warns_of_torchrays_number():
+    """``rise(model, x, filter_masks=bank, num_masks=N)`` — TorchRay's own arguments with our
+    defaults (the paper's softmax and 1 / (N p)) — gives another number than TorchRay's rise
+    (sigmoid, 1 / N): a TorchRayDifferenceWarning says how to get TorchRay's."""
+    import warnings
+
+    from torchray_like.attribution.context import TorchRayDifferenceWarning
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(1, 3, 8, 8)
+    bank = generate_masks(100, (8, 8), 4, 0.5, generator=0)
+    with pytest.warns(TorchRayDifferenceWarning, match="normalize='torchray'"):
+        paper = rise(model, x, filter_masks=bank, num_masks=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TorchRayDifferenceWarning)
+        torchray = rise(model, x, filter_masks=bank, num_masks=100, normalize="torchray")
+        rise(model, x, filter_masks=bank, score="softmax")   # the paper's, said explicitly
+        rise(model, x, num_masks=64, generator=0)           # no TorchRay argument: no warning
+    assert not torch.allclose(paper, torchray, rtol=0.1)

@@ -65,6 +65,7 @@ from .arguments import (
     check_resize,
     positive_int,
 )
+from .context import TorchRayDifferenceWarning
 from .inputs import call_model
 from .maps import resize_saliency
 from .precision import autocast_forward, check_autocast
@@ -563,6 +564,14 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
                      resize_mode=resize_mode, score=score, normalize=normalize,
                      generator=generator, progress=progress, tol=tol,
                      autocast=autocast, return_info=return_info)
+    if filter_masks is not None and score is None and normalize == "paper":
+        # TorchRay's own argument, with our defaults: a ported TorchRay call.
+        warn_caller(
+            "rise: filter_masks given with the default score and normalisation — the paper's "
+            "softmax and 1 / (N p) — while TorchRay's rise averages the sigmoid and divides "
+            "by N (relative difference about 0.5); pass normalize='torchray' for TorchRay's "
+            "numbers (it implies score='sigmoid'), or score='softmax' to say you want the "
+            "paper's", TorchRayDifferenceWarning)
     maps, used, error = _run(model, input, cfg, started)
     saliency = resize_saliency(input, maps, cfg.resize, cfg.resize_mode)
     if not cfg.return_info:
