@@ -33,7 +33,7 @@ from torchray_like.attribution.explain import explain  # noqa: E402
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.runner import positive_int  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
 EMBEDDED = EMBEDDED_MODELS
@@ -54,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "DEFAULT: torchvision's ImageNet weights (from the local torch hub "
                              "cache; with --image). Omitted: the embedded models' shipped "
                              "weights, random ones for a torchvision model (with a warning)")
-    parser.add_argument("--num-classes", type=positive_int, default=1000,
+    parser.add_argument("--num-classes", type=positive_int_arg, default=1000,
                         help="with --image and a weights FILE: classes of its head "
                              "(default: %(default)s)")
     parser.add_argument("--target", type=int, default=None,
                         help="class to explain (default: the first class present in each "
                              "embedded image; the top prediction for --image)")
-    parser.add_argument("--limit", type=positive_int, default=4, metavar="N",
+    parser.add_argument("--limit", type=positive_int_arg, default=4, metavar="N",
                         help="the first N embedded test images (rows) (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                         help="methods, comma- or space-separated (default: all of "
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ep-area", type=float, default=None,
                         help="extremal perturbation: the area fraction of the mask shown "
                              "(default: 0.1)")
-    parser.add_argument("--input-size", type=positive_int, default=224, metavar="PX",
+    parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
                         help="with --image: network input side (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="device (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")

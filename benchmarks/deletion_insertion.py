@@ -95,7 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="deletion_insertion.py", description=__doc__.splitlines()[0],
         epilog="See the module docstring (python -m pydoc benchmarks/deletion_insertion.py) for "
                "the protocol.")
-    parser.add_argument("--steps", type=runner.positive_int, default=64,
+    parser.add_argument("--steps", type=runner.positive_int_arg, default=64,
                         help="steps per curve (step = ceil(pixels / steps)); the paper's is "
                              "224 (default: %(default)s)")
     parser.add_argument("--score", choices=("sigmoid", "softmax"), default="sigmoid",
@@ -103,7 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "default: %(default)s)")
     parser.add_argument("--blur-sigma", type=float, default=None,
                         help="σ in pixels of the insertion canvas's blur (default: side / 16)")
-    parser.add_argument("--batch-size", type=runner.positive_int, default=65,
+    parser.add_argument("--batch-size", type=runner.positive_int_arg, default=65,
                         help="perturbed images per forward pass (default: %(default)s)")
     parser.add_argument("--full", action="store_true",
                         help="the papers' settings for RISE (4000 masks) and extremal "

@@ -74,7 +74,7 @@ from torchray_like.benchmark.runner import (  # noqa: E402
     format_table,
     local_device,
     open_store,
-    positive_int,
+    positive_int_arg,
     run_sharded,
 )
 from torchray_like.benchmark.settings import describe_options, options_table  # noqa: E402
@@ -481,7 +481,7 @@ _UNSET = -1  # "not given" (argparse would run a string default through the type
 def _limit_or_all(text: str) -> Optional[int]:
     if text.lower() in ("all", "none"):
         return None
-    return positive_int(text)
+    return positive_int_arg(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest in ("rise_masks", "rise_batch", "ep_iters"):
             action.help = action.help[:-1] + " embedded; voc07/coco14: the paper's)"
-    parser.add_argument("--input-size", type=positive_int, default=224, metavar="PX",
+    parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
                         help="voc07/coco14: shorter side of the network input "
                              "(default: %(default)s)")
     embedded_cli.add_model_arguments(parser)

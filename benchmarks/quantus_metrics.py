@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "extremal_perturbation)")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), metavar="METRIC",
                         help=f"among {', '.join(METRICS)} (default: all)")
-    parser.add_argument("--limit", type=runner.positive_int, default=8, metavar="N",
+    parser.add_argument("--limit", type=runner.positive_int_arg, default=8, metavar="N",
                         help="the first N embedded test images (default: %(default)s)")
     embedded_cli.add_model_arguments(parser)
     parser.add_argument("--device", default="cpu", help="device (default: %(default)s)")

@@ -36,7 +36,7 @@ from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, saliency_to_point  # noqa: E402
-from torchray_like.benchmark.runner import positive_int  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-resnet", choices=EMBEDDED_MODELS,
                         help="the embedded model (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int, default=8, metavar="N",
+    parser.add_argument("--limit", type=positive_int_arg, default=8, metavar="N",
                         help="the first N test images (default: %(default)s)")
     parser.add_argument("--tols", default="0.15,0.1,0.05",
                         help="comma-separated tolerances of num_masks='auto'")

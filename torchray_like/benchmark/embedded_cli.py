@@ -96,12 +96,12 @@ def add_perturbation_arguments(parser: argparse.ArgumentParser, benchmark: str) 
 
     rise = BENCHMARKS[benchmark].get("rise", {})
     ep = BENCHMARKS[benchmark].get("extremal_perturbation", {})
-    parser.add_argument("--rise-masks", type=runner.positive_int, default=None, metavar="N",
+    parser.add_argument("--rise-masks", type=runner.positive_int_arg, default=None, metavar="N",
                         help=f"RISE masks per image (default: {rise.get('num_masks', 'RISE')})")
-    parser.add_argument("--rise-batch", type=runner.positive_int, default=None, metavar="N",
+    parser.add_argument("--rise-batch", type=runner.positive_int_arg, default=None, metavar="N",
                         help=f"RISE masked images per forward pass (default: "
                              f"{rise.get('batch_size', 32)})")
-    parser.add_argument("--ep-iters", type=runner.positive_int, default=None, metavar="N",
+    parser.add_argument("--ep-iters", type=runner.positive_int_arg, default=None, metavar="N",
                         help=f"extremal perturbation iterations (default: "
                              f"{ep.get('max_iter', 800)}; the paper: 800)")
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
-           "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int",
+           "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
 _BUSY_TIMEOUT_S = 120.0
@@ -561,8 +561,9 @@ def _collect_on_rank0(store: ResultsStore, my_keys: List[str], rank: int) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int ≥ 1."""
+def positive_int_arg(text: str) -> int:
+    """argparse type: an int ≥ 1 from the command line's text (the library's checks of
+    arguments given in Python are :func:`torchray_like.attribution.arguments.positive_int`)."""
     try:
         value = int(text)
     except ValueError:
@@ -615,7 +616,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: Optional[
                             "afresh")
     group.add_argument("--from-store", action="store_true",
                        help="compute nothing: rebuild the tables from the stored records")
-    group.add_argument("--limit", type=positive_int, default=None, metavar="N",
+    group.add_argument("--limit", type=positive_int_arg, default=None, metavar="N",
                        help="use only the first N images")
 
 
