@@ -46,12 +46,15 @@ def iter_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
                     yield kind, t
 
 
-def check_model(model: Any) -> nn.Module:
-    """Validate that ``model`` is a module whose parameters autograd can differentiate through.
+def check_model(model: Any, needs_autograd: bool = True, method: str = "") -> nn.Module:
+    """Validate that ``model`` is a module whose parameters hold values (and, with
+    ``needs_autograd``, that autograd can differentiate through).
 
     Every parameter and buffer is looked at (a flag test each): uninitialised parameters of
-    ``torch.nn.Lazy*`` modules, inference tensors (made under :func:`torch.inference_mode`) and
-    tensors on the ``meta`` device (no values) are a :class:`ValueError` naming the tensor.
+    ``torch.nn.Lazy*`` modules, tensors on the ``meta`` device (no values) and — for the methods
+    that differentiate — inference tensors (made under :func:`torch.inference_mode`) are a
+    :class:`ValueError` naming the tensor, its message starting with ``method`` when given
+    (RISE, which only runs forward passes, passes ``needs_autograd=False``).
     """
     if not isinstance(model, nn.Module):
         if callable(model):
@@ -59,26 +62,28 @@ def check_model(model: Any) -> nn.Module:
                 f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
                 "in an nn.Module whose forward calls it")
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(is_lazy(t) or t.is_inference() or t.is_meta for _, t in iter_tensors(model)):
+    if not any(is_lazy(t) or (needs_autograd and t.is_inference()) or t.is_meta
+               for _, t in iter_tensors(model)):
         return model
     # Something is wrong: find its name (the slow walk, on the error path only).
+    prefix = f"{method}: " if method else ""
     for kind, named in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for name, p in named:
             if is_lazy(p):
                 raise ValueError(
-                    f"model {kind} {name!r} is not initialised yet (a torch.nn.Lazy* module "
-                    "infers its shape on the first forward pass); run the model once first, "
-                    "e.g. `with torch.no_grad(): model(x)`, so that explaining it does not "
-                    "change it")
-            if p.is_inference():
+                    f"{prefix}model {kind} {name!r} is not initialised yet (a torch.nn.Lazy* "
+                    "module infers its shape on the first forward pass); run the model once "
+                    "first, e.g. `with torch.no_grad(): model(x)`, so that explaining it does "
+                    "not change it")
+            if needs_autograd and p.is_inference():
                 raise ValueError(
-                    f"model {kind} {name!r} is an inference tensor (the model was built or "
-                    "loaded under torch.inference_mode()); rebuild or clone it outside "
+                    f"{prefix}model {kind} {name!r} is an inference tensor (the model was built "
+                    "or loaded under torch.inference_mode()); rebuild or clone it outside "
                     "inference mode")
             if p.is_meta:
                 raise ValueError(
-                    f"model {kind} {name!r} is on the meta device (it has no values); "
+                    f"{prefix}model {kind} {name!r} is on the meta device (it has no values); "
                     "materialise the model first, e.g. model.to_empty(device='cpu') then "
                     "load_state_dict(...)")
     return model

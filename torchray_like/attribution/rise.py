@@ -55,7 +55,6 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.nn.parameter import is_lazy
 
 from .arguments import (
     check_batch,
@@ -68,6 +67,7 @@ from .arguments import (
 from .context import TorchRayDifferenceWarning
 from .inputs import call_model
 from .maps import resize_saliency
+from .modules import check_model
 from .precision import autocast_forward, check_autocast
 from .reporting import progress_bar, warn_caller
 from .rise_masks import MaskBank, MaskSampler, check_bank, check_cells, check_p, generate_masks
@@ -139,32 +139,6 @@ class RiseInfo:
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_classifier(model: Any) -> nn.Module:
-    """A module whose parameters and buffers hold values.  RISE never differentiates, so
-    inference tensors are fine here (unlike for the gradient methods); un-initialised
-    ``Lazy*`` parameters are refused as they are there, since the first forward pass would
-    change the model."""
-    if not isinstance(model, nn.Module):
-        hint = ("; wrap a function in an nn.Module whose forward calls it" if callable(model)
-                else "")
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
-    for kind, named in (("parameter", model.named_parameters()),
-                        ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if is_lazy(tensor):
-                raise ValueError(
-                    f"rise: model {kind} {name!r} is not initialised yet (a torch.nn.Lazy* "
-                    "module infers its shape on the first forward pass); run the model once "
-                    "first, e.g. `with torch.no_grad(): model(x)`, so that explaining it does "
-                    "not change it")
-            if tensor.is_meta:
-                raise ValueError(
-                    f"rise: model {kind} {name!r} is on the meta device (it has no values); "
-                    "materialise the model first, e.g. model.to_empty(device='cpu') then "
-                    "load_state_dict(...)")
-    return model
 
 
 def _check_target(target: Any, input: torch.Tensor, score: Any) -> Target:
@@ -247,7 +221,8 @@ def _configure(model: Any, input: Any, target: Any, *, seed: Any, num_masks: Any
                tol: Any, autocast: Any, return_info: Any) -> _Config:
     """Check every argument of :func:`rise` and build the configuration by keyword; the
     random draws of the masks are made last, once everything else is valid."""
-    _check_classifier(model)
+    # RISE never differentiates: inference tensors are fine, Lazy and meta ones are not.
+    check_model(model, needs_autograd=False, method="rise")
     check_batch(model, input, "rise", needs_grad=False)
     parsed = _check_target(target, input, score)
     score = _check_score(score, normalize)
