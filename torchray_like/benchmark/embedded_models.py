@@ -33,15 +33,22 @@ import torch
 import torch.nn as nn
 
 from .embedded_data import IMAGE_SIZE, NUM_CLASSES
+from .embedded_vgg16 import EmbeddedVGG16
 
 __all__ = [
     "EMBEDDED_MODELS", "EMBEDDED_LAYERS", "EMBEDDED_WEIGHTS", "EMBEDDED_ACCURACY",
     "EmbeddedVGG", "EmbeddedResNet", "BasicBlock", "build_embedded_model",
     "load_embedded_model", "weights_path", "WeightsError", "set_accuracy",
+    "EMBEDDED_EXAMPLE_MODELS", "EmbeddedVGG16",
 ]
 
 #: Names accepted by :func:`load_embedded_model`.
 EMBEDDED_MODELS: Tuple[str, ...] = ("embedded-vgg", "embedded-resnet")
+
+#: Embedded models outside the benchmark's tables, also accepted by :func:`load_embedded_model`:
+#: ``"embedded-vgg16"``, torchvision VGG16's layout for TorchRay's examples (see
+#: :mod:`~torchray_like.benchmark.embedded_vgg16` and ``get_example_data``).
+EMBEDDED_EXAMPLE_MODELS: Tuple[str, ...] = ("embedded-vgg16",)
 
 #: Recommended layers per model and method, for the benchmark:
 #:
@@ -65,6 +72,9 @@ EMBEDDED_LAYERS: Dict[str, Dict[str, str]] = {
         "contrast": "layer3",
     },
 }
+# TorchRay's example layers (relu5_3, pool2, pool5), at 4, 16 and 2 pixels at 64 px.
+EMBEDDED_LAYERS["embedded-vgg16"] = {
+    "grad_cam": "features.29", "excitation_backprop": "features.9", "contrast": "features.30"}
 
 #: File name and SHA-256 of each model's shipped state dict.
 EMBEDDED_WEIGHTS: Dict[str, Tuple[str, str]] = {
@@ -73,6 +83,8 @@ EMBEDDED_WEIGHTS: Dict[str, Tuple[str, str]] = {
     "embedded-resnet": ("embedded_resnet.pt",
                         "b73f2390de708208a1e91e23b658256d0109e952d06a01af31d5cc22ffcb6ec5"),
 }
+EMBEDDED_WEIGHTS["embedded-vgg16"] = (
+    "embedded_vgg16.pt", "0000000000000000000000000000000000000000000000000000000000000000")
 
 #: Test-split figures of the shipped weights (``benchmarks/train_embedded.py`` prints them):
 #: mean per-class average precision over the first 1 000 test images, and the accuracy of
@@ -82,6 +94,8 @@ EMBEDDED_ACCURACY: Dict[str, Dict[str, float]] = {
     "embedded-vgg": {"map": 0.9704, "exact_match_64": 0.875, "set_accuracy_64": 62 / 64},
     "embedded-resnet": {"map": 0.9655, "exact_match_64": 0.875, "set_accuracy_64": 61 / 64},
 }
+EMBEDDED_ACCURACY["embedded-vgg16"] = {"map": 0.0, "exact_match_64": 0.0,
+                                      "set_accuracy_64": 0 / 64}
 
 _FINAL = IMAGE_SIZE // 16   # side of the last feature map (4 at 64 px)
 
@@ -235,8 +249,9 @@ def set_accuracy(scores: torch.Tensor, truth: torch.Tensor) -> float:
 def _check_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, one of {EMBEDDED_MODELS}; got {type(name).__name__}")
-    if name not in EMBEDDED_MODELS:
-        raise ValueError(f"name must be one of {EMBEDDED_MODELS}, got {name!r}")
+    if name not in EMBEDDED_MODELS + EMBEDDED_EXAMPLE_MODELS:
+        raise ValueError(f"name must be one of {EMBEDDED_MODELS + EMBEDDED_EXAMPLE_MODELS}, "
+                         f"got {name!r}")
     return name
 
 
@@ -248,6 +263,8 @@ def build_embedded_model(name: str, num_outputs: int = NUM_CLASSES) -> nn.Module
     _check_name(name)
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
+    if name == "embedded-vgg16":
+        return EmbeddedVGG16(num_outputs)
     return EmbeddedVGG(num_outputs) if name == "embedded-vgg" else EmbeddedResNet(num_outputs)
 
 
