@@ -1,0 +1,349 @@
+r"""Attention rollout, attention flow and gradient-weighted rollout for vision transformers.
+
+* **Attention rollout** (Abnar & Zuidema, "Quantifying attention flow in transformers",
+  ACL 2020, arXiv 2005.00928).  Per layer the heads are fused (mean, max or min), optionally the
+  lowest ``discard_ratio`` fraction of the fused weights is set to zero, the residual
+  connection is added and the rows are normalised: ``Â = (A + I) / rowsum`` — equal to
+  ``0.5·A + 0.5·I`` for mean fusion without discarding, since then ``A``'s rows sum to one.
+  The rollout is ``Â_L ⋯ Â_2 Â_1`` (first layer applied first); its class-token row over the
+  patch tokens is the map.
+* **Attention flow** (same paper): the layers form a graph whose nodes are the tokens at each
+  layer's input and whose edge ``(l, j) → (l + 1, i)`` has capacity ``Â_l[i, j]``; a patch's
+  value is the maximum flow from that patch at the input to the class token at the top.  One
+  max-flow per patch and image (SciPy's Dinic on integer capacities scaled by 2³⁰, error below
+  1e-9 per edge): the cost grows as ``patches × layers × tokens²`` per image, so it is bounded
+  by ``max_work`` (a ``ValueError`` saying the cost when exceeded).
+* **Gradient-weighted rollout** (Chefer, Gur, Wolf, "Generic attention-model explainability
+  for interpreting bi-modal and encoder-decoder transformers", ICCV 2021, arXiv 2103.15679):
+  ``Ā_l = E_h[(∇A_l ⊙ A_l)⁺]`` with ``∇A_l = ∂y_c/∂A_l``, and ``R ← R + Ā_l R`` from ``R = I``;
+  class-specific.
+
+The attention probabilities are read by :class:`~.attention.AttentionCapture`, whichever way
+the model computes them (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, an
+explicit softmax); the model's output is unchanged.  Maps are ``(N, 1, h, w)`` on the patch
+grid (``(N, 1, n)`` for 1-D inputs), resized to the input with ``resize=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .attention import AttentionCapture, NoAttentionError
+from .context import suspend_rule_contexts
+from .inputs import check_input
+from .maps import SizeType, finish_map
+from .modules import check_model
+from .state import autograd_grad, model_state_guard
+from .targets import TargetType, parse_target
+
+__all__ = ["attention_rollout", "attention_flow", "grad_rollout", "rollout", "fuse_heads",
+           "grad_weighted_rollout", "flow_to_token", "tokens_to_grid", "read_attentions"]
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
+                    differentiable: bool = False) -> Tuple[List[torch.Tensor], Any]:
+    """Run ``model`` on ``input`` in an :class:`~.attention.AttentionCapture` (eval mode, the
+    caller's rule contexts suspended): ``(attentions, output)``.
+
+    Raises :class:`~.attention.NoAttentionError` (a ``ValueError``) when the model computed no
+    attention, and when the layers' token counts differ (rollout multiplies square matrices).
+    """
+    check_model(model, needs_autograd=differentiable, method=method)
+    check_input(input, min_dim=3, needs_grad=differentiable)
+    with model_state_guard(model, freeze=False), suspend_rule_contexts():
+        grad = torch.enable_grad() if differentiable else torch.no_grad()
+        with grad, AttentionCapture(differentiable=differentiable) as capture:
+            output = model(input.detach().requires_grad_(differentiable))
+    attentions = capture.attentions
+    if not attentions:
+        raise NoAttentionError(
+            f"{method}: {type(model).__name__} computed no attention: no "
+            "F.scaled_dot_product_attention, nn.MultiheadAttention (F.multi_head_attention_"
+            "forward) or softmax over a square (…, T, T) score matrix was called in its forward "
+            "pass. These methods explain transformers; for a convolutional network use e.g. "
+            "grad_cam or lrp")
+    tokens = {tuple(a.shape[-2:]) for a in attentions}
+    if len(tokens) != 1 or any(a.shape[-1] != a.shape[-2] for a in attentions):
+        raise NoAttentionError(
+            f"{method}: the attention layers have score matrices of shapes "
+            f"{sorted(tokens)}; rollout needs self-attention over one token sequence "
+            "(square, equal T × T in every layer)")
+    return attentions, output
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """``(N, H, T, T)`` → ``(N, T, T)`` by ``head_fusion`` (``"mean"``, ``"max"``, ``"min"``)."""
+    if head_fusion == "mean":
+        return attention.mean(1)
+    if head_fusion == "max":
+        return attention.amax(1)
+    if head_fusion == "min":
+        return attention.amin(1)
+    raise ValueError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}, got "
+                     f"{head_fusion!r}")
+
+
+def _check_discard(discard_ratio: Any) -> float:
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not (
+            0.0 <= discard_ratio < 1.0):
+        raise ValueError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}")
+    return float(discard_ratio)
+
+
+def residual_attention(attention: torch.Tensor, head_fusion: str = "mean",
+                       discard_ratio: float = 0.0) -> torch.Tensor:
+    """One layer's ``Â = (A' + I) / rowsum`` with ``A'`` the fused heads after discarding the
+    lowest ``discard_ratio`` fraction of each sample's entries; ``(N, T, T)``, rows sum to 1."""
+    fused = fuse_heads(attention, head_fusion).to(torch.float64)
+    discard = _check_discard(discard_ratio)
+    n, t, _ = fused.shape
+    drop = int(t * t * discard)
+    if drop:
+        flat = fused.reshape(n, -1).clone()
+        index = flat.topk(drop, dim=-1, largest=False).indices
+        fused = flat.scatter(-1, index, 0.0).reshape(n, t, t)
+    fused = fused + torch.eye(t, dtype=fused.dtype, device=fused.device)
+    return fused / fused.sum(-1, keepdim=True)
+
+
+def rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean",
+            discard_ratio: float = 0.0) -> torch.Tensor:
+    """Attention rollout of per-layer ``(N, H, T, T)`` probabilities (first layer first):
+    ``Â_L ⋯ Â_1``, ``(N, T, T)`` in float64, rows summing to one (Abnar & Zuidema 2020)."""
+    if not attentions:
+        raise ValueError("rollout needs at least one layer's attention")
+    result = None
+    for attention in attentions:
+        layer = residual_attention(attention, head_fusion, discard_ratio)
+        result = layer if result is None else layer @ result
+    assert result is not None
+    return result
+
+
+def grad_weighted_rollout(attentions: Sequence[torch.Tensor],
+                          gradients: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Chefer et al. 2021: ``R ← R + E_h[(∇A ⊙ A)⁺] R`` from ``R = I``, first layer first;
+    ``(N, T, T)`` float64.  A layer without gradient (``None``: it does not reach the
+    target) adds nothing."""
+    first = attentions[0]
+    n, t = first.shape[0], first.shape[-1]
+    relevance = torch.eye(t, dtype=torch.float64, device=first.device).expand(n, t, t)
+    for attention, grad in zip(attentions, gradients):
+        if grad is None:
+            continue
+        weighted = (grad.to(torch.float64) * attention.to(torch.float64)).clamp(min=0).mean(1)
+        relevance = relevance + weighted @ relevance
+    return relevance
+
+
+def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
+                   num_prefix_tokens: Optional[int] = None,
+                   grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Per-token values ``(N, T)`` → ``(N, 1, *grid)`` over the patch tokens.
+
+    The first ``num_prefix_tokens`` tokens (class / distillation / register tokens) are dropped
+    and the rest laid out row-major on ``grid``.  Both are inferred when not given: the grid
+    has the input's aspect ratio (``h·W == w·H``), and the prefix is the first of 1, 0, 2 … 8
+    that leaves such a grid.  A ``ValueError`` says what to pass when nothing fits.
+    """
+    # TODO: use the shared token → grid inference of torchray_like.attribution.tokens once it
+    # has landed (issue 21, item 1).
+    n, t = values.shape
+    spatial = tuple(input.shape[2:])
+    prefixes = (num_prefix_tokens,) if num_prefix_tokens is not None else (1, 0) + tuple(
+        range(2, 9))
+    for prefix in prefixes:
+        if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix < t:
+            raise ValueError(f"num_prefix_tokens must be an int in [0, {t}), got {prefix!r}")
+        shape = _grid_for(t - prefix, spatial, grid)
+        if shape is not None:
+            return values[:, prefix:].reshape((n, 1) + shape)
+    raise ValueError(
+        f"cannot lay the {t} tokens out on a patch grid of the input {spatial}"
+        + (f" with grid={tuple(grid)}" if grid is not None else "")
+        + "; pass num_prefix_tokens= (the class and other non-patch tokens first in the "
+        "sequence) and grid=(h, w)")
+
+
+def _grid_for(count: int, spatial: Tuple[int, ...], grid: Optional[Sequence[int]]
+              ) -> Optional[Tuple[int, ...]]:
+    if grid is not None:
+        shape = tuple(int(g) for g in grid)
+        return shape if math.prod(shape) == count else None
+    if len(spatial) == 1:
+        return (count,)
+    if len(spatial) != 2 or count <= 0:
+        return None
+    height, width = spatial
+    h = max(1, round(math.sqrt(count * height / width)))
+    for rows in (h - 1, h, h + 1):
+        if rows > 0 and count % rows == 0 and rows * width == (count // rows) * height:
+            return (rows, count // rows)
+    return None
+
+
+def _token_row(matrix: torch.Tensor, input: torch.Tensor, num_prefix_tokens: Optional[int],
+               grid: Optional[Sequence[int]]) -> torch.Tensor:
+    """The class token's row (token 0), or the mean row for a model without prefix tokens."""
+    t = matrix.shape[-1]
+    if num_prefix_tokens is None:
+        probe = torch.zeros(1, t)
+        shape = tokens_to_grid(probe, input[:1], None, grid).shape
+        num_prefix_tokens = t - math.prod(shape[2:])
+    row = matrix[:, 0] if num_prefix_tokens > 0 else matrix.mean(1)
+    return tokens_to_grid(row, input, num_prefix_tokens, grid)
+
+
+def attention_rollout(model: nn.Module, input: torch.Tensor, target: TargetType = None,
+                      head_fusion: str = "mean", discard_ratio: float = 0.0, *,
+                      num_prefix_tokens: Optional[int] = None,
+                      grid: Optional[Sequence[int]] = None, resize: SizeType = False,
+                      resize_mode: str = "bilinear") -> torch.Tensor:
+    """Attention rollout map (Abnar & Zuidema 2020): how much the class token attends to each
+    patch through all layers.  Class-agnostic: ``target`` is accepted for the common
+    signature and checked, but does not change the map.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformer; its attention is read however it is computed (fused
+        ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, an explicit softmax).
+    input : torch.Tensor
+        ``(N, C, H, W)`` (or ``(N, C, L)``) batch.
+    target : optional
+        Ignored (checked only: one per sample when a sequence).
+    head_fusion : {"mean", "max", "min"}
+        How each layer's heads are fused.
+    discard_ratio : float
+        Fraction in ``[0, 1)`` of each fused matrix's lowest entries set to zero before the
+        residual is added.
+    num_prefix_tokens, grid : optional
+        The non-patch tokens at the start of the sequence and the patch grid (inferred; see
+        :func:`tokens_to_grid`).  Without prefix tokens the mean row is used.
+    resize, resize_mode
+        As in :func:`~torchray_like.attribution.common.saliency`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, 1, h, w)`` maps (rows of the rollout, non-negative), in the input's dtype.
+
+    Raises
+    ------
+    ValueError
+        A model without attention (naming what was looked for), an unknown ``head_fusion``,
+        ``discard_ratio`` outside ``[0, 1)``, tokens that fit no grid.
+    """
+    fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # errors before any work
+    _check_discard(discard_ratio)
+    parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
+                 allow_none=True)
+    attentions, _ = read_attentions(model, input, "attention_rollout")
+    matrix = rollout(attentions, head_fusion, discard_ratio)
+    smap = _token_row(matrix, input, num_prefix_tokens, grid)
+    return finish_map(input, smap, resize, resize_mode)
+
+
+def flow_to_token(attentions: Sequence[torch.Tensor], sink: int = 0, head_fusion: str = "mean",
+                  discard_ratio: float = 0.0, max_work: float = 2e8) -> torch.Tensor:
+    """Attention flow (Abnar & Zuidema 2020): ``(N, T)`` maximum flows from each input token
+    to token ``sink`` at the top, through capacities ``Â_l`` (:func:`residual_attention`).
+
+    ``max_work`` bounds ``N × T × L × T²`` (samples × max-flows × edges); above it a
+    ``ValueError`` gives the cost instead of running for hours.
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_flow
+
+    layers = [residual_attention(a, head_fusion, discard_ratio).cpu().numpy()
+              for a in attentions]
+    n, t, _ = layers[0].shape
+    depth = len(layers)
+    work = float(n) * t * depth * t * t
+    if work > max_work:
+        raise ValueError(
+            f"attention_flow would solve {n * t} max-flow problems on graphs of {depth * t * t} "
+            f"edges ({work:.3g} > max_work={max_work:.3g}); this grows as tokens³ × layers "
+            "(a ViT-B/16 at 224² needs minutes per image). Raise max_work to run it anyway, or "
+            "use attention_rollout")
+    scale = float(2 ** 30)
+    flows = np.zeros((n, t))
+    nodes = (depth + 1) * t
+    for b in range(n):
+        rows, cols, caps = [], [], []
+        for level, layer in enumerate(layers):
+            # edge from token j at level l to token i at level l + 1, capacity Â_l[i, j]
+            i, j = np.nonzero(layer[b] > 0)
+            rows.append(level * t + j)
+            cols.append((level + 1) * t + i)
+            caps.append(np.floor(layer[b][i, j] * scale).astype(np.int64))
+        graph = csr_matrix((np.concatenate(caps).astype(np.int32),
+                            (np.concatenate(rows), np.concatenate(cols))), shape=(nodes, nodes))
+        for source in range(t):
+            result = maximum_flow(graph, source, depth * t + sink, method="dinic")
+            flows[b, source] = result.flow_value / scale
+    return torch.from_numpy(flows)
+
+
+def attention_flow(model: nn.Module, input: torch.Tensor, target: TargetType = None,
+                   head_fusion: str = "mean", discard_ratio: float = 0.0, *,
+                   num_prefix_tokens: Optional[int] = None,
+                   grid: Optional[Sequence[int]] = None, max_work: float = 2e8,
+                   resize: SizeType = False, resize_mode: str = "bilinear") -> torch.Tensor:
+    """Attention flow map (Abnar & Zuidema 2020): the maximum flow from each patch at the
+    input to the class token at the top of the layer graph (:func:`flow_to_token`).
+    Class-agnostic; needs a class token.  Costly: ``N × T`` max-flows on ``L × T²`` edges,
+    bounded by ``max_work`` (raise it knowingly).  Other arguments as
+    :func:`attention_rollout`; returns ``(N, 1, h, w)``."""
+    fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)
+    _check_discard(discard_ratio)
+    parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
+                 allow_none=True)
+    attentions, _ = read_attentions(model, input, "attention_flow")
+    t = attentions[0].shape[-1]
+    if num_prefix_tokens is None:
+        shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid).shape
+        num_prefix_tokens = t - math.prod(shape[2:])
+    if num_prefix_tokens < 1:
+        raise ValueError("attention_flow needs a class token to flow into: the model's tokens "
+                         "are all patches (num_prefix_tokens=0); use attention_rollout")
+    flows = flow_to_token(attentions, 0, head_fusion, discard_ratio, max_work)
+    smap = tokens_to_grid(flows.to(input.device), input, num_prefix_tokens, grid)
+    return finish_map(input, smap, resize, resize_mode)
+
+
+def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
+                 num_prefix_tokens: Optional[int] = None, grid: Optional[Sequence[int]] = None,
+                 resize: SizeType = False, resize_mode: str = "bilinear") -> torch.Tensor:
+    """Gradient-weighted attention rollout (Chefer, Gur, Wolf, ICCV 2021): the class token's
+    row of ``R`` (:func:`grad_weighted_rollout`) over the patches, for ``target``.
+
+    Parameters
+    ----------
+    model, input, num_prefix_tokens, grid, resize, resize_mode
+        As in :func:`attention_rollout`.
+    target : int, sequence, torch.Tensor or callable
+        The output unit(s) to explain (as every method).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, 1, h, w)`` non-negative maps in the input's dtype (the identity's contribution
+        to the class token's own row is not on the patches, so a map may be all zeros when no
+        attention raises the target).
+    """
+    parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1)
+    attentions, output = read_attentions(model, input, "grad_rollout", differentiable=True)
+    scores, seed = parsed.seed(output)
+    grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)
+    with torch.no_grad():
+        matrix = grad_weighted_rollout([a.detach() for a in attentions], list(grads))
+    smap = _token_row(matrix, input, num_prefix_tokens, grid)
+    return finish_map(input, smap, resize, resize_mode)
