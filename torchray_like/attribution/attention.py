@@ -47,20 +47,24 @@ class _Substitute(torch.autograd.Function):
     ``explicit`` as if it had been returned."""
 
     @staticmethod
-    def forward(ctx: Any, explicit: torch.Tensor, holder: list) -> torch.Tensor:
+    def forward(ctx: Any, explicit: torch.Tensor, holder: list, owner: Any) -> torch.Tensor:
+        ctx.owner = owner
         return holder.pop()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        if ctx.owner is not None:
+            ctx.owner.applied += 1  # the rule contexts count backward passes through rules
+        return grad, None, None
 
 
-def substitute(explicit: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -> torch.Tensor:
     """``exact``'s values with ``explicit``'s backward.
 
     ``exact`` is what the model's own operation returned (a fused kernel); ``explicit`` the
     same quantity written with the operations whose backward a method needs.  The result is
-    bit-identical to ``exact`` and differentiates through ``explicit``.
+    bit-identical to ``exact`` and differentiates through ``explicit``.  ``owner``: an object
+    whose ``applied`` counter each backward pass through the result increments.
     """
     if exact.shape != explicit.shape:
         raise RuntimeError(f"internal: explicit attention shape {tuple(explicit.shape)} differs "
@@ -68,7 +72,7 @@ def substitute(explicit: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     value = exact.detach()
     if value is exact or value.data_ptr() == exact.data_ptr():
         value = value.clone()  # never hand autograd a tensor that is also someone's input
-    return _Substitute.apply(explicit.to(exact.dtype), [value])
+    return _Substitute.apply(explicit.to(exact.dtype), [value], owner)
 
 
 class AttentionOps:
