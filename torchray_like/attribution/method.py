@@ -214,8 +214,20 @@ class BackpropMethod:
 
         signature = self.signature()
         method = self
+        names = tuple(name for name, p in signature.parameters.items()
+                      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        defaults = {name: p.default for name, p in signature.parameters.items()
+                    if p.default is not inspect.Parameter.empty}
 
         def function(*args: Any, **kwargs: Any) -> Any:
+            # What signature.bind gives, without its cost on a short call; anything unusual
+            # (a missing, unknown or doubled argument) goes through bind for its TypeError.
+            if len(args) >= 3 and len(args) <= len(names) and not any(
+                    key not in defaults or key in names[:len(args)] for key in kwargs):
+                arguments = dict(defaults)
+                arguments.update(zip(names, args))
+                arguments.update(kwargs)
+                return run_method(method, **arguments)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             return run_method(method, **bound.arguments)
