@@ -52,3 +52,10 @@ from .attribution.lrp import (  # noqa: E402
 
 __all__ += ["lrp", "LRPContext", "lrp_epsilon_plus", "lrp_epsilon_plus_flat",
             "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box"]
+
+# Issue 21: transformers (attention rollout / flow, gradient-weighted rollout, CP-LRP, AttnLRP).
+from .attribution.attention_rollout import attention_flow, attention_rollout, grad_rollout  # noqa: E402
+from .attribution.transformer_lrp import TransformerLRPContext, attn_lrp, cp_lrp  # noqa: E402
+
+__all__ += ["attention_rollout", "attention_flow", "grad_rollout", "attn_lrp", "cp_lrp",
+            "TransformerLRPContext"]

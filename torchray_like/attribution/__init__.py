@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from . import (  # noqa: F401  (the submodules, as package attributes)  # noqa: F401  (issue 19's methods)  # noqa: F401  (issue 20: LRP)  # noqa: F401  (issue 19: the CAM family)
     ablation_cam,
+    attention,
+    attention_rollout,
     call_args,
     common,
     context,
@@ -58,6 +60,7 @@ from . import (  # noqa: F401  (the submodules, as package attributes)  # noqa: 
     smooth_grad,
     state,
     targets,
+    transformer_lrp,
     xgrad_cam,
 )
 from .registry import METHODS, MethodRegistry

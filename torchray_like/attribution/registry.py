@@ -38,7 +38,7 @@ from .smooth_grad import smooth_grad
 from .targets import TargetType
 from .xgrad_cam import xgrad_cam
 
-__all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS", "rise_map",
+__all__ = ["METHODS", "MethodRegistry", "SHARED_METHODS", "TRANSFORMER_ONLY_METHODS", "rise_map",
            "extremal_perturbation_map", "contrastive_excitation_backprop_map"]
 
 
@@ -167,6 +167,20 @@ METHODS = MethodRegistry({
 from .lrp import LRP_METHODS  # noqa: E402
 
 METHODS = MethodRegistry({**METHODS, **LRP_METHODS})
+
+# Issue 21: transformers — attention rollout / flow, gradient-weighted rollout (they need a
+# model with attention and refuse others), CP-LRP and AttnLRP (any model).
+from .attention_rollout import attention_flow, attention_rollout, grad_rollout  # noqa: E402
+from .transformer_lrp import attn_lrp, cp_lrp  # noqa: E402
+
+METHODS = MethodRegistry({**METHODS, "attention_rollout": attention_rollout,
+                          "attention_flow": attention_flow, "grad_rollout": grad_rollout,
+                          "attn_lrp": attn_lrp, "cp_lrp": cp_lrp})
+
+#: The entries that explain transformers only (a model without attention is a ValueError;
+#: CP-LRP on such a model would be gradient × input and says so).
+TRANSFORMER_ONLY_METHODS: Tuple[str, ...] = ("attention_rollout", "attention_flow",
+                                             "grad_rollout", "cp_lrp")
 
 #: The methods described as data: they share one forward pass in ``explain``.
 SHARED_METHODS: Tuple[str, ...] = tuple(name for name, fn in METHODS.items()

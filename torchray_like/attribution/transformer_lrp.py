@@ -213,6 +213,10 @@ class TransformerLRPContext(LRPContext):
             self.handlers = {f: h for f, h in self.handlers.items()
                              if getattr(h, "func", None) != self._affine}
             self.escaped_kinds = {}  # plain convolutions are expected, not escaped calls
+            self.requirement = (
+                "a transformer (attention or layer norm); on a model without them CP-LRP is "
+                "gradient × input: use gradient_x_input, or pass a composite for LRP rules on "
+                "the linear layers")
         self._ops = _RuleOps(self)
         self.handlers[F.layer_norm] = self._layer_norm
         if hasattr(F, "rms_norm"):
