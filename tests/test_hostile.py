@@ -167,40 +167,26 @@ def tiny_vit():
         num_classes=10).eval()
 
 
-class TokensAsMap(nn.Module):
-    """The troubleshooting recipe: a transformer block whose patch tokens are exposed as an
-    ``(N, dim, h, w)`` map at ``.map`` (an identity Grad-CAM can read)."""
-
-    def __init__(self, block: nn.Module, grid, prefix_tokens: int = 1) -> None:
-        super().__init__()
-        self.block, self.grid, self.prefix = block, tuple(grid), prefix_tokens
-        self.map = nn.Identity()
-
-    def forward(self, tokens):
-        out = self.block(tokens)
-        head, patches = out[:, :self.prefix], out[:, self.prefix:]
-        n, _, dim = patches.shape
-        spatial = self.map(patches.transpose(1, 2).reshape(n, dim, *self.grid))
-        return torch.cat([head, spatial.flatten(2).transpose(1, 2)], dim=1)
-
-
-def test_vit_automatic_layer_is_refused_with_a_recipe():
+def test_vit_automatic_layer_reads_the_last_blocks_tokens():
+    """A ViT needs no wrapper: the automatic layer is the last block's first LayerNorm (its
+    patch tokens reach the class token through attention; after it they reach nothing) and
+    its tokens become the 4×4 patch grid, class token dropped."""
     vit = tiny_vit()
+    with torch.no_grad():
+        vit.heads.head.weight.normal_()   # torchvision starts the head at zero
     x = torch.randn(2, 3, 32, 32)
-    for call in (lambda: find_saliency_layer(vit, x), lambda: grad_cam(vit, x, 1),
-                 lambda: guided_grad_cam(vit, x, 1)):
-        with pytest.raises(ValueError, match=r"token sequence.*'conv_proj'.*patch embedding.*"
-                                             r"troubleshooting"):
-            call()
-    # The recipe: expose the last block's patch tokens as a map; it is then chosen.
-    vit.encoder.layers[-1] = TokensAsMap(vit.encoder.layers[-1], (4, 4))
-    name = "encoder.layers.encoder_layer_1.map"
+    name = "encoder.layers.encoder_layer_1.ln_1"
     assert find_saliency_layer(vit, x) == name
     smap = grad_cam(vit, x, [1, 7])
-    assert smap.shape == (2, 1, 4, 4)
+    assert smap.shape == (2, 1, 4, 4) and smap.dtype == torch.float32
     a, g = hook_reference(vit, x, torch.tensor([1, 7]), name)
+    a, g = (t[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2) for t in (a, g))
     expected = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True).clamp(min=0)
     torch.testing.assert_close(smap, expected, rtol=1e-4, atol=1e-6)
+    assert float(smap.amax()) > 0
+    # Guided Grad-CAM's guided part needs ReLUs: a GELU ViT is refused, naming them.
+    with pytest.raises(ValueError, match="ReLU"):
+        guided_grad_cam(vit, x, 1)
 
 
 def test_rank3_outputs_of_image_models_are_never_chosen():

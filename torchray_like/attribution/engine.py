@@ -13,6 +13,7 @@ disagree.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
@@ -35,10 +36,11 @@ from .inputs import check_input
 from .layer_choice import reachable_saliency_layer, resolve_layer
 from .maps import check_smooth, finish_map
 from .method import BackpropMethod, Read, Reading
-from .modules import check_model, unwrap_compiled
+from .modules import call_scan, check_model, unwrap_compiled
 from .probe import debug_probes, fill_probe_gradients, get_module
 from .rules import GRADIENT_RULE, ReLUContext
 from .targets import Target, TargetType, get_backward_gradient, parse_target
+from .tokens import layer_tokens, tokens_to_map
 
 __all__ = ["Job", "run_jobs", "run_method", "saliency", "SALIENCY"]
 
@@ -152,16 +154,26 @@ def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switc
     return grads
 
 
-def _check_reads(fp: ForwardPass, jobs: List[Job]) -> None:
-    """Each method's check of what it reads, before any backward pass."""
+def _check_reads(fp: ForwardPass, jobs: List[Job], model: nn.Module, input: torch.Tensor
+                 ) -> Dict[Tuple[str, str], Any]:
+    """Each method's check of what it reads, before any backward pass; returns how each
+    layer read becomes a map ((job, reading) -> :func:`~.tokens.layer_tokens`'s answer)."""
+    tokens: Dict[Tuple[str, str], Any] = {}
     for job in jobs:
         for read, label in job.reads:
             if not read.at_layer:
                 continue
+            tensor = fp.reads[label]
+            if not is_input(job.layer):  # a transformer block's tokens as (N, C, *grid)
+                convert = layer_tokens(unwrap_compiled(model), tensor, input,
+                                       job.options.get("tokens"))
+                tokens[job.label, label] = convert
+                tensor = tokens_to_map(convert, tensor)[0]
             if job.method.check_read is not None:
-                job.method.check_read(fp.reads[label], job.layer, fp.x)
+                job.method.check_read(tensor, job.layer, fp.x)
             else:
-                check_spatial(fp.reads[label], job.layer, job.method.layer_hint)
+                check_spatial(tensor, job.layer, job.method.layer_hint)
+    return tokens
 
 
 def _debug_record(job: Job, fp: ForwardPass, reading: Reading, extras: Dict[str, Any],
@@ -183,6 +195,14 @@ def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: Li
     run alone.  Returns ``label -> (map, debug record or None)`` in the order of ``jobs``.
     """
     smooth = {job.label: check_smooth(job.options.get("smooth", 0)) for job in jobs}
+    # One walk of the module tree for the whole call: every check below reads it.
+    with (call_scan(model) if isinstance(model, nn.Module) else contextlib.nullcontext()):
+        return _run_jobs(model, input, target, jobs, smooth, get_backward_gradient, debug)
+
+
+def _run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
+              smooth: Dict[str, float], get_backward_gradient: Callable, debug: bool
+              ) -> Dict[str, Result]:
     check_model(model)
     check_input(input)
     parsed = parse_target(target, input.shape[0])  # once, before any forward pass
@@ -211,14 +231,16 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
     results: Dict[str, Result] = {}
     with debug_probes(model, debug and single) as probes, forward_pass(
             model, input, target, readings.layers, context, get_backward_gradient) as fp:
-        _check_reads(fp, jobs)
+        tokens = _check_reads(fp, jobs, model, input)
         grads = _gradients(fp, passes, switched, keep_graph=bool(probes))
         if probes:
             fill_probe_gradients(probes, fp.scores, fp.seed)
         for job in jobs:
             keys = [((read.rule if switched else None), label) for read, label in job.reads]
-            reading = Reading(input, fp.x, tuple(fp.reads[label] for _, label in keys),
-                              tuple(grads[key] for key in keys), job.layer, job.options)
+            pairs = [tokens_to_map(tokens.get((job.label, key[1])), fp.reads[key[1]], grads[key])
+                     for key in keys]
+            reading = Reading(input, fp.x, tuple(a for a, _ in pairs),
+                              tuple(g for _, g in pairs), job.layer, job.options)
             smap, extras = job.method.make_map(job.method, reading)
             smap = finish_map(input, smap, job.options.get("resize", False),
                               job.options.get("resize_mode", "bilinear"), smooth[job.label])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from .inputs import call_model, check_input, layout_hint
 from .modules import check_model, opaque_modules, unwrap_compiled
 from .state import model_state_guard
 from .targets import Target, parse_target
+from .tokens import infer_token_layout, is_token_model
 
 __all__ = ["find_saliency_layer", "resolve_layer", "reachable_saliency_layer", "LayerType",
            "LAYER_CACHE"]
@@ -141,10 +142,84 @@ def _head_start(records: List[_Record], classes: Set[int], rank: int, batch: int
     return len(records)
 
 
-_ADVICE = ("pass saliency_layer explicitly: a module whose output is (N, C, *spatial); for a "
-           "vision transformer, expose the patch tokens of a late block as a map (N, dim, h, w) "
-           "with a reshaping module (see 'Grad-CAM on vision transformers' in "
-           "docs/troubleshooting.rst)")
+_ADVICE = ("pass saliency_layer explicitly: a module whose output is (N, C, *spatial), or a "
+           "transformer block's (N, tokens, dim) output with tokens=TokenLayout(prefix=..., "
+           "grid=(h, w)) when its layout cannot be inferred (see docs/transformers.rst)")
+
+
+def _token_model(records: List[_Record], end: int, rank: int) -> Optional[_Record]:
+    """The last record with parameters and rank >= 3 before the head, when it is a token
+    sequence (N, T, D) of an image or video model (a transformer's final representation);
+    else ``None`` (a CNN, or a channels-last Swin whose head reads an (N, C, h, w) map)."""
+    if rank < 4:
+        return None
+    last = next((r for r in reversed(records[:end]) if r.has_params and r.shape is not None
+                 and len(r.shape) >= 3), None)
+    return last if last is not None and len(last.shape) == 3 else None  # type: ignore[arg-type]
+
+
+def _patch_tokens_reached(model: nn.Module, input: torch.Tensor, records: List[_Record],
+                          grads: List[Optional[torch.Tensor]]) -> List[str]:
+    """The names of the records whose patch tokens (prefix dropped) get a non-zero gradient."""
+    names = []
+    for record, grad in zip(records, grads):
+        try:
+            layout = infer_token_layout(model, record.shape or (), input.shape)
+        except ValueError:
+            continue
+        if grad is not None and layout is not None and layout.prefix is not None and \
+                bool(grad[:, layout.prefix:].ne(0).any()):
+            names.append(record.name)
+    return names
+
+
+def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
+                   classes: Set[int]) -> Optional[str]:
+    """The automatic layer of a token model: the last module called once, with parameters,
+    whose output is a token sequence of the final width with an inferable layout and whose
+    patch tokens the output depends on.
+
+    With a class-token head, the patch tokens after the last block's attention reach the
+    output through nothing (the MLP and LayerNorm act per token): their gradient is zero and
+    Grad-CAM there would be blank.  The rule then lands on the last block's first LayerNorm
+    (torchvision ``encoder.layers.encoder_layer_{L-1}.ln_1``, timm ``blocks.{L-1}.norm1``,
+    MViT ``blocks.{L-1}.norm1``), pytorch-grad-cam's usual choice; with a pooled head, on the
+    last block's output.  One forward and backward pass on the first sample, with autograd."""
+    records, calls, output = _record_forward(model, input[:1], keep=True)
+    end = _head_start(records, classes, input.dim(), 1)
+    width = (last.shape or (0,))[-1]
+    candidates = [r for r in records[:end] if r.tensor is not None and r.has_params
+                  and r.shape is not None and len(r.shape) == 3 and r.shape[-1] == width
+                  and calls[r.name] == 1 and not r.alias and r.tensor.requires_grad]
+    tensors = [cast(torch.Tensor, r.tensor) for r in candidates]
+    values = output.values() if isinstance(output, dict) else (
+        output if isinstance(output, (tuple, list)) else [output])
+    scores = [t.sum() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()
+              and t.requires_grad]
+    final = next((i for i, r in enumerate(candidates) if r.name == last.name), None)
+    try:
+        if not scores or final is None:
+            return None
+        grads = torch.autograd.grad(torch.stack(scores).sum(), tensors, allow_unused=True,
+                                    retain_graph=True)
+        if grads[final] is None or not bool(grads[final].ne(0).any()):
+            # A head that reads nothing yet (torchvision's ViT head starts at zero): ask which
+            # tokens reach the final tokens a head reads, the prefix tokens (or all), along a
+            # fixed random direction (a constant one sums a LayerNorm's output: zero gradient).
+            layout = infer_token_layout(model, tensors[final].shape, input.shape)
+            noise = torch.randn(tensors[final].shape,
+                                generator=torch.Generator().manual_seed(0))
+            seed = torch.zeros_like(tensors[final])
+            upto = layout.prefix if layout is not None and layout.prefix else None
+            seed[:, :upto] = noise[:, :upto].to(seed)
+            grads = torch.autograd.grad(tensors[final], tensors, seed, allow_unused=True)
+        reached = _patch_tokens_reached(model, input, candidates, list(grads))
+        return reached[-1] if reached else None
+    except ValueError:
+        return None  # the final tokens' layout cannot be inferred: refused below
+    finally:
+        for r in records:
+            r.tensor = None  # free the graph
 
 
 def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
@@ -152,6 +227,17 @@ def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
     """The rule of :func:`find_saliency_layer` on the records of a pass of ``batch`` samples."""
     rank = input.dim()
     end = _head_start(records, _class_counts(output), rank, batch)
+    last = _token_model(records, end, rank)
+    if last is not None and is_token_model(model):
+        name = _choose_tokens(model, input, last, _class_counts(output))
+        if name is not None:
+            return name
+        raise ValueError(
+            f"could not choose saliency_layer automatically: {type(model).__name__} ends in a "
+            f"token sequence ({last.name!r} outputs {last.shape}), but no module called once "
+            f"outputs tokens of that width whose layout on the input of shape "
+            f"{tuple(input.shape)} can be inferred (patch grid and class/register tokens) and "
+            "which the output depends on; " + _ADVICE)
     # Hooks fire when a module *finishes*, so an enclosing module returning the very same tensor
     # as its last child (ResNet's layer4 / layer4.1 / layer4.1.relu) comes after it: the last
     # record is the outermost.  Modules called more than once (a shared ReLU) are ambiguous;

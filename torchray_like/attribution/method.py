@@ -32,11 +32,23 @@ from .rules import GRADIENT_RULE, ReLURule
 from .targets import get_backward_gradient
 
 __all__ = ["Read", "Reading", "BackpropMethod", "SHARED_OPTIONS", "flatten_reading",
-           "NO_CONTEXT_ARGUMENT", "description"]
+           "NO_CONTEXT_ARGUMENT", "description", "TOKENS_DOC"]
 
 #: Options every description can honour inside :func:`explain`'s shared pass.
 SHARED_OPTIONS = frozenset({"saliency_layer", "resize", "resize_mode", "smooth",
-                            "gradient_to_saliency"})
+                            "gradient_to_saliency", "tokens"})
+
+#: The ``tokens`` parameter every described method takes (keyword-only, after TorchRay's).
+TOKENS_DOC = """    tokens : None, False, TokenLayout or callable, keyword-only
+        How ``saliency_layer``'s output becomes an ``(N, C, *grid)`` map when it is a
+        transformer block's token sequence ``(N, T, D)`` or a channels-last ``(N, h, w, C)``
+        stage: ``None`` (default) infers it (class, distillation and register tokens dropped,
+        patch tokens put on the patch grid of the input; see
+        :mod:`~torchray_like.attribution.tokens`), ``False`` reads the tensor as it is, a
+        :class:`~torchray_like.attribution.tokens.TokenLayout` says it, a callable
+        ``tensor -> (N, C, *grid)`` does it (applied to the activation and to its gradient).
+        A CNN layer's ``(N, C, *spatial)`` output is read as it is.
+"""
 
 _ABSENT = object()  # a description without a ``context_builder`` argument
 
@@ -203,7 +215,9 @@ class BackpropMethod:
         params += [arg("gradient_to_saliency", self.gradient_to_saliency,
                        "Callable[[torch.Tensor], torch.Tensor]"),
                    arg("get_backward_gradient", get_backward_gradient, "Callable"),
-                   arg("debug", False, "bool")]
+                   arg("debug", False, "bool"),
+                   inspect.Parameter("tokens", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation="TokensType")]
         return inspect.Signature(params, return_annotation="Union[torch.Tensor, Tuple["
                                                            "torch.Tensor, SaliencyDebug]]")
 
@@ -234,10 +248,18 @@ class BackpropMethod:
 
         function.__name__ = function.__qualname__ = self.name
         function.__module__ = self.module
-        function.__doc__ = self.doc
+        function.__doc__ = _with_tokens_doc(self.doc)
         function.__signature__ = signature  # type: ignore[attr-defined]
         function.description = self  # type: ignore[attr-defined]
         return function
+
+
+def _with_tokens_doc(doc: str) -> str:
+    """``doc`` with the ``tokens`` parameter documented last among the parameters."""
+    if "tokens :" in doc or "\n    Returns\n" not in doc:
+        return doc
+    head, tail = doc.split("\n    Returns\n", 1)
+    return head.rstrip("\n") + "\n" + TOKENS_DOC + "\n    Returns\n" + tail
 
 
 #: The value of :attr:`BackpropMethod.context_builder` for a method without that argument.

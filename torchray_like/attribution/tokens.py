@@ -1,0 +1,342 @@
+r"""Token sequences as maps: how layer methods read a transformer block.
+
+A vision transformer's block outputs a token sequence ``(N, T, D)``: ``P`` prefix tokens (class,
+distillation, register tokens) followed by the patch tokens of an ``h × w`` grid (``t × h × w``
+for video), ``T = P + h·w``.  Swin's stages output a channels-last map ``(N, h, w, C)``.  Layer
+methods need ``(N, C, *grid)``: :func:`layer_tokens` finds the rearrangement — drop the prefix
+tokens, put the patch tokens on their grid, move the channels first — and the engine applies
+it to the activation **and** to its gradient before the method's map function, so every CAM
+variant works unchanged (the rearrangement is linear: applying it to the gradient gives the
+gradient of the rearranged activation).  This is what pytorch-grad-cam asks its users to write
+as a ``reshape_transform`` (Gildenblat et al., pytorch-grad-cam); ViTs: Dosovitskiy et al.
+2021 (arXiv 2010.11929), DeiT: Touvron et al. 2021 (arXiv 2012.12877), registers: Darcet et al.
+2024 (arXiv 2309.16588), Swin: Liu et al. 2021 (arXiv 2103.14030), MViT: Fan et al. 2021 / Li
+et al. 2022 (arXiv 2112.01526).
+
+How the layout is inferred (``tokens=None``), duck-typed from the model and the shapes:
+
+* a read ``(N, T, D)`` of an image or video input ``(N, C, *S)`` (rank 4 or 5) of a model that
+  works on tokens (:func:`is_token_model`: a patch or position embedding, prefix-token
+  parameters, attention modules) is a token sequence; in any other model it is read as it is (a
+  CNN's flattened ``(N, C, h·w)``).  The patch stride ``p`` comes from the model
+  (``patch_size``, as torchvision's ``VisionTransformer``; ``patch_embed.patch_size``, as timm),
+  else from the stride of the first convolution of the input's rank (the patch embedding:
+  ``conv_proj``, ``patch_embed.proj``); later stages may have pooled the grid by powers of two
+  (MViT), video keeps the embedding's temporal stride.  The grid is ``S / (p·2^k)`` (rounded
+  down or up) and the prefix ``T − h·w``, known from the model where it says (timm's
+  ``num_prefix_tokens``; ``class_token`` / ``cls_token`` / ``dist_token`` / ``reg_token``
+  parameters; MViT's ``pos_encoding.class_token``), otherwise any count up to the number of
+  patch tokens.  Exactly one answer is taken; none, or several, is a :class:`ValueError` naming
+  the shape and asking for ``tokens=``.
+* a read of the input's rank is a channels-last map ``(N, *grid, C)`` only in a model that
+  says it works channels-last (torchvision's ``SwinTransformer``, timm's ``output_fmt ==
+  "NHWC"``) and whose dimensions say so (the middle ones are a grid of the input, the last
+  ones are not); every other read of the input's rank — any CNN — is read as it is.
+
+``tokens=`` overrides: ``False`` (read the tensor as it is), a :class:`TokenLayout` (any field
+left ``None`` is inferred), or a callable ``tensor -> (N, C, *grid)`` applied to the
+activation and to the gradient alike (a pure rearrangement: slicing, reshaping, permuting).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TokenLayout", "TokensType", "layer_tokens", "tokens_to_map", "infer_token_layout",
+           "is_token_model"]
+
+_ADVICE = ("pass tokens=TokenLayout(prefix=..., grid=(h, w)) (prefix tokens to drop, patch "
+           "grid), or a callable tensor -> (N, C, *grid), or tokens=False to read the tensor "
+           "as it is")
+
+_PREFIX_PARAMETERS = ("class_token", "cls_token", "dist_token", "reg_token", "register_tokens")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a layer's output is laid out, for turning it into an ``(N, C, *grid)`` map.
+
+    Attributes
+    ----------
+    prefix : int, optional
+        Tokens before the patch tokens (class, distillation, register tokens), dropped.
+        ``None``: inferred.
+    grid : tuple of int, optional
+        The patch grid ``(h, w)`` (or ``(t, h, w)`` for video); the patch tokens are in
+        row-major order over it.  ``None``: inferred from the input's size.
+    channels_last : bool
+        The output is already a grid with the channels last, ``(N, *grid, C)`` (Swin's
+        stages); ``prefix`` must then be ``None`` or 0.
+    """
+
+    prefix: Optional[int] = None
+    grid: Optional[Tuple[int, ...]] = None
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefix is not None and (isinstance(self.prefix, bool) or not isinstance(
+                self.prefix, Integral) or self.prefix < 0):
+            raise ValueError(f"TokenLayout: prefix must be a non-negative int or None, got "
+                             f"{self.prefix!r}")
+        if self.grid is not None:
+            grid = tuple(self.grid) if isinstance(self.grid, (tuple, list, torch.Size)) else ()
+            if not 1 <= len(grid) <= 3 or not all(
+                    isinstance(s, Integral) and not isinstance(s, bool) and s > 0
+                    for s in grid):
+                raise ValueError(f"TokenLayout: grid must be 1 to 3 positive ints, e.g. (14, 14) "
+                                 f"or (8, 7, 7), got {self.grid!r}")
+            object.__setattr__(self, "grid", tuple(int(s) for s in grid))
+        if not isinstance(self.channels_last, bool):
+            raise TypeError(f"TokenLayout: channels_last must be a bool, got "
+                            f"{self.channels_last!r}")
+        if self.channels_last and self.prefix:
+            raise ValueError("TokenLayout: a channels-last map (N, *grid, C) has no prefix "
+                             "tokens; pass prefix=None")
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as ``(N, C, *grid)`` (a view where possible; the layout must be complete:
+        :func:`infer_token_layout` fills the fields left ``None``)."""
+        if self.channels_last:
+            if self.grid is not None and tuple(tensor.shape[1:-1]) != self.grid:
+                raise ValueError(f"tokens: the layer outputs shape {tuple(tensor.shape)}, not a "
+                                 f"channels-last map of grid {self.grid}; {_ADVICE}")
+            return tensor.movedim(-1, 1)
+        if self.prefix is None or self.grid is None:
+            raise ValueError("TokenLayout: prefix and grid must be set to apply a layout "
+                             "(infer_token_layout fills them)")
+        if tensor.dim() != 3 or tensor.shape[1] != self.prefix + math.prod(self.grid):
+            raise ValueError(
+                f"tokens: the layer outputs shape {tuple(tensor.shape)}, which is not a token "
+                f"sequence (N, {self.prefix} + {'·'.join(map(str, self.grid))}, D) of "
+                f"{self.prefix} prefix token(s) and a {self.grid} patch grid; {_ADVICE}")
+        n, _, d = tensor.shape
+        return tensor[:, self.prefix:].reshape((n,) + self.grid + (d,)).movedim(-1, 1)
+
+
+#: What ``tokens=`` accepts.
+TokensType = Union[None, bool, TokenLayout, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _model_prefix(model: nn.Module) -> Optional[int]:
+    """The prefix-token count the model declares, if any (duck-typed)."""
+    declared = getattr(model, "num_prefix_tokens", None)  # timm
+    if isinstance(declared, Integral) and not isinstance(declared, bool):
+        return int(declared)
+    count, found = 0, False
+    for name in _PREFIX_PARAMETERS:
+        value = getattr(model, name, None)
+        if isinstance(value, torch.Tensor):
+            found = True
+            count += int(value.shape[-2]) if value.dim() >= 3 else 1
+    pos = getattr(model, "pos_encoding", None)   # torchvision MViT
+    if isinstance(getattr(pos, "class_token", None), torch.Tensor):
+        found, count = True, count + 1
+    return count if found else None
+
+
+def _as_strides(value: Any, dims: int) -> Optional[Tuple[int, ...]]:
+    if isinstance(value, Integral) and not isinstance(value, bool) and int(value) > 0:
+        return (int(value),) * dims
+    if isinstance(value, (tuple, list)) and len(value) == dims and all(
+            isinstance(v, Integral) and int(v) > 0 for v in value):
+        return tuple(int(v) for v in value)
+    return None
+
+
+def _patch_strides(model: nn.Module, dims: int) -> Tuple[int, ...]:
+    """The patch embedding's stride per spatial dimension (1 when nothing says)."""
+    for value in (getattr(model, "patch_size", None),
+                  getattr(getattr(model, "patch_embed", None), "patch_size", None)):
+        strides = _as_strides(value, dims)
+        if strides is not None:
+            return strides
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(dims)
+    for module in model.modules():
+        if conv is not None and isinstance(module, conv):
+            return _as_strides(tuple(module.stride), dims) or (1,) * dims
+    return (1,) * dims
+
+
+def _sizes(length: int, stride: int) -> Set[int]:
+    return {length // stride, -(-length // stride)} - {0}
+
+
+def _grids(spatial: Sequence[int], strides: Sequence[int]) -> List[Tuple[int, ...]]:
+    """The patch grids of ``spatial`` at the patch strides times 1, 2, 4, ... (video: the
+    temporal stride is kept)."""
+    grids: List[Tuple[int, ...]] = []
+    for k in range(16):
+        scale = [s * 2 ** k for s in strides]
+        if len(spatial) == 3:
+            scale[0] = strides[0]
+        if any(s > length for s, length in zip(scale[-2:], spatial[-2:])):
+            break
+        for grid in itertools.product(*(sorted(_sizes(length, s))
+                                        for length, s in zip(spatial, scale))):
+            if grid not in grids:
+                grids.append(grid)
+    return grids
+
+
+def _is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
+    """Whether ``dims`` is ``spatial`` divided by one common stride (rounded)."""
+    if len(dims) != len(spatial):
+        return False
+    return any(all(d in _sizes(length, s) for d, length in zip(dims, spatial))
+               for s in range(1, max(spatial) + 1))
+
+
+_TOKEN_ATTRIBUTES = _PREFIX_PARAMETERS + ("num_prefix_tokens", "patch_size", "patch_embed",
+                                          "pos_embed", "pos_encoding", "seq_length")
+_TOKEN_CLASS_WORDS = ("Attention", "Transformer", "ViT", "Vit", "Swin", "MViT", "DeiT")
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """Whether ``model`` says it works on tokens: it (or a sub-module) has a patch embedding,
+    position embedding or prefix-token attribute (:data:`_TOKEN_ATTRIBUTES`), or an
+    attention / transformer module.  Only then is a rank-3 output of an image read as tokens:
+    in a CNN, ``(N, C, h·w)`` is a flattened map (read as it is, as always)."""
+    for module in model.modules():
+        if any(hasattr(module, name) for name in _TOKEN_ATTRIBUTES) or any(
+                word in type(module).__name__ for word in _TOKEN_CLASS_WORDS):
+            return True
+    return False
+
+
+def _channels_last_model(model: nn.Module) -> bool:
+    """Models that say their stages are channels-last (torchvision Swin, timm NHWC models)."""
+    return getattr(model, "output_fmt", None) == "NHWC" or (
+        type(model).__name__.startswith("Swin") and hasattr(model, "permute"))
+
+
+def infer_token_layout(model: nn.Module, shape: Sequence[int], input_shape: Sequence[int],
+                       layout: Optional[TokenLayout] = None) -> Optional[TokenLayout]:
+    """The complete :class:`TokenLayout` of a layer output of ``shape`` for an input of
+    ``input_shape``, or ``None`` when the output is read as it is (``(N, C, *spatial)``).
+
+    ``layout``'s fields that are set are kept; the others are inferred (module docstring).
+
+    Raises
+    ------
+    ValueError
+        A token sequence whose layout cannot be inferred, or is ambiguous; the message names
+        the shapes and says what to pass as ``tokens=``.
+    """
+    shape, input_shape = tuple(shape), tuple(input_shape)
+    spatial = input_shape[2:]
+    given = layout or TokenLayout()
+    if len(shape) == len(input_shape):
+        if given.channels_last or (layout is None and _channels_last_model(model)
+                                   and _is_grid(shape[1:-1], spatial)
+                                   and not _is_grid(shape[2:], spatial)):
+            return TokenLayout(grid=shape[1:-1], channels_last=True)
+        if layout is None:
+            return None
+    if layout is None and not (len(shape) == 3 and len(input_shape) >= 4
+                               and is_token_model(model)):
+        return None
+    if len(shape) != 3 or given.channels_last:
+        raise ValueError(
+            f"tokens: the layer outputs shape {shape}, which is no token sequence (N, T, D) "
+            f"{'nor channels-last map ' if given.channels_last else ''}for the input of shape "
+            f"{input_shape}; {_ADVICE}")
+    count = shape[1]
+    if given.prefix is not None and given.grid is not None:
+        return given  # complete: its call checks the count
+    if given.grid is not None:
+        if count < math.prod(given.grid):
+            raise ValueError(f"tokens: the layer outputs shape {shape}: {count} tokens are "
+                             f"fewer than the grid {given.grid}'s {math.prod(given.grid)}; "
+                             + _ADVICE)
+        return TokenLayout(prefix=count - math.prod(given.grid), grid=given.grid)
+    prefix = given.prefix if given.prefix is not None else _model_prefix(model)
+    grids = _grids(spatial, _patch_strides(model, len(spatial)))
+    found = [(count - math.prod(g), g) for g in grids
+             if (prefix is None or count - math.prod(g) == prefix)
+             and 0 <= count - math.prod(g) <= math.prod(g) and math.prod(g) > 1]
+    if len(found) == 1:
+        return TokenLayout(prefix=found[0][0], grid=found[0][1])
+    what = ", ".join(f"{p} prefix + {'×'.join(map(str, g))}" for p, g in found[:4])
+    raise ValueError(
+        f"tokens: cannot tell how the layer's output of shape {shape} (N, tokens, dim) lies on "
+        f"the input of shape {input_shape}: "
+        + (f"{count} tokens could be {what}" if found else
+           f"{count} tokens are no prefix of class/register tokens plus a patch grid of the "
+           f"input at the model's patch stride" + (f" (prefix {prefix})" if prefix is not None
+                                                   else ""))
+        + f"; {_ADVICE}")
+
+
+def _checked(fn: Callable[[torch.Tensor], torch.Tensor], batch: int
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        out = fn(tensor)
+        if not isinstance(out, torch.Tensor) or out.dim() < 3 or out.shape[0] != batch:
+            raise ValueError(
+                f"tokens: the callable must return an (N, C, *grid) tensor with N = {batch}; "
+                f"for an input of shape {tuple(tensor.shape)} it returned "
+                + (f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                   else type(out).__name__))
+        return out
+    return convert
+
+
+def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
+                 tokens: TokensType = None) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The rearrangement that turns a layer's output ``read`` into ``(N, C, *grid)``, or
+    ``None`` when it is read as it is (every CNN layer).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (its attributes say the patch size and prefix tokens, when they do).
+    read : torch.Tensor
+        The layer's output for ``input``.
+    input : torch.Tensor
+        The batch ``(N, C, *spatial)``.
+    tokens : None, bool, TokenLayout or callable
+        ``None`` (default): inferred (:func:`infer_token_layout`); ``False``: ``None`` is
+        returned; a :class:`TokenLayout`, completed by inference; a callable ``tensor -> (N, C,
+        *grid)``, returned as it is (checked when called).
+
+    Raises
+    ------
+    TypeError
+        ``tokens`` of another type.
+    ValueError
+        A token layout that cannot be inferred (the message says what to pass).
+    """
+    if tokens is False:
+        return None
+    if tokens is True:
+        tokens = None
+    if tokens is not None and not isinstance(tokens, TokenLayout):
+        if not callable(tokens):
+            raise TypeError(
+                f"tokens must be None (inferred), False, a TokenLayout or a callable "
+                f"tensor -> (N, C, *grid); got {type(tokens).__name__} {tokens!r}")
+        return _checked(tokens, int(read.shape[0]))
+    return infer_token_layout(model, read.shape, input.shape, tokens)
+
+
+def tokens_to_map(convert: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                  *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``tensors`` (an activation and its gradient, say) each rearranged by ``convert`` (from
+    :func:`layer_tokens`; ``None`` leaves them as they are).  The results are detached
+    (contiguous when rearranged): they are read, not differentiated."""
+    if convert is None:
+        return tensors
+    out = tuple(convert(t.detach()).contiguous() for t in tensors)
+    shapes = {tuple(t.shape) for t in out}
+    if len(shapes) > 1:
+        raise ValueError(f"tokens: the activation and its gradient became maps of different "
+                         f"shapes {sorted(shapes)}; the rearrangement must depend on the shape "
+                         "only")
+    return out
