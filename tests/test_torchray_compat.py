@@ -108,7 +108,9 @@ def params(fn):
     (linear_approx, NullContext, gradient_to_linear_approx_saliency),
 ])
 def test_method_signatures_follow_torchray(fn, context, flatten):
-    ps = params(fn)
+    # TorchRay's parameters, in its order; our keyword-only extras (tokens=) come after them.
+    ps = [p for p in params(fn) if p.kind is not p.KEYWORD_ONLY]
+    assert [p.name for p in params(fn)][len(ps):] == ["tokens"]
     assert [p.name for p in ps] == BACKPROP
     assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in ps)
     defaults = {p.name: p.default for p in ps}
