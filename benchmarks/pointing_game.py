@@ -51,27 +51,30 @@ processes with ``torchrun --nproc_per_node=K benchmarks/pointing_game.py ...``.
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
-import json
-import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from torchray_like.attribution.registry import METHODS  # noqa: E402
+from torchray_like.attribution.explain import explain  # noqa: E402
+from torchray_like.attribution.registry import METHODS, SHARED_METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, intervals  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, centre_point, saliency_to_point  # noqa: E402
+from torchray_like.benchmark.pointing_game_table import (  # noqa: E402
+    make_table,
+    pairs_of_records,
+    print_table,
+    write_outputs,
+)
 from torchray_like.benchmark.runner import (  # noqa: E402
     ConfigMismatchError,
     add_common_arguments,
     distributed,
-    format_table,
     local_device,
     open_store,
     positive_int_arg,
@@ -167,6 +170,13 @@ class Task:
         self.device = local_device(args.device)
         self.models: Dict[str, Dict[str, Any]] = {}
         self._samples: Dict[int, Any] = {}
+        #: Points computed with another method's (shared pass) and not yet recorded.
+        self._shared: Dict[Tuple[str, str, int], Tuple[List[Tuple[int, int]], float]] = {}
+        #: Keys still to compute (set by the run; ``None``: all).
+        self.pending: Optional[Set[str]] = None
+        #: arch -> method -> image -> the map of its first class, for the report's gallery.
+        self.gallery: Dict[str, Dict[str, Dict[int, torch.Tensor]]] = {}
+        self.gallery_images = 0
         if self.dataset == "embedded":
             from torchray_like.benchmark.embedded_data import (
                 EMBEDDED_CLASSES,
@@ -293,15 +303,12 @@ class Task:
         sample = self.sample(index)
         classes = [c for c, _ in sample["pairs"]]
         size = sample["size"]
-        start = time.perf_counter()
         if method == CENTER or not classes:
+            start = time.perf_counter()
             points = [centre_point(size)] * len(classes)
+            seconds = time.perf_counter() - start
         else:
-            maps = self.maps(arch, method, sample["x"], classes, index)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            points = [saliency_to_point(maps[k], size) for k in range(len(classes))]
-        seconds = time.perf_counter() - start
+            points, seconds = self.points(arch, method, index, sample)
         results = []
         for (c, difficult), point in zip(sample["pairs"], points):
             in_all, in_difficult = self.score(sample, c, difficult, point)
@@ -309,6 +316,59 @@ class Task:
                             [int(point[0]), int(point[1])]])
         return {"model": arch, "method": method, "index": index, "size": list(size),
                 "pairs": results, "seconds": seconds}
+
+    def shared_group(self, arch: str, method: str, index: int) -> List[str]:
+        """The methods whose maps of image ``index`` one :func:`explain` call computes with
+        ``method``'s: the shared backpropagation methods of the run on the original network
+        (not the pointing-gradient protocol), whose record is still to compute."""
+        settings = self.models[arch]["settings"]
+
+        def shares(name: str) -> bool:
+            entry = settings[name]
+            return name in SHARED_METHODS and not entry.get("fully_convolutional") \
+                and not entry.get("pointing_gradient")
+
+        if not shares(method):
+            return [method]
+        return [m for m in self.args.method_list if m == method or (
+            shares(m) and (self.pending is None or item_key((arch, m, index)) in self.pending))]
+
+    def points(self, arch: str, method: str, index: int, sample: Dict[str, Any]
+               ) -> Tuple[List[Tuple[int, int]], float]:
+        """The maxima of the method's maps of the image's classes and the seconds they took.
+
+        The shared methods come from one :func:`explain` call (the same maps, bit for bit, as
+        their own functions: one forward pass, a backward pass per rule); its time is split
+        evenly among them, and the others' points wait in a cache for their items.
+        """
+        cached = self._shared.pop((arch, method, index), None)
+        if cached is not None:
+            return cached
+        classes = [c for c, _ in sample["pairs"]]
+        group = self.shared_group(arch, method, index)
+        start = time.perf_counter()
+        if len(group) > 1:
+            bundle = self.models[arch]
+            x = sample["x"].to(self.device)
+            batch = x[None].expand(len(classes), *x.shape).contiguous()
+            maps = explain(bundle["model"], batch, classes, methods=group,
+                           options={m: bundle["settings"][m]["kwargs"] for m in group})
+        else:
+            maps = {method: self.maps(arch, method, sample["x"], classes, index)}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result = {}
+        for name, smap in maps.items():
+            points = [saliency_to_point(smap[k], sample["size"]) for k in range(len(classes))]
+            result[name] = (points, 0.0)
+            if index < self.gallery_images:
+                self.gallery.setdefault(arch, {}).setdefault(name, {})[index] = \
+                    smap[:1].detach().float().cpu()
+        seconds = (time.perf_counter() - start) / len(group)
+        for name, (points, _) in result.items():
+            if name != method:
+                self._shared[(arch, name, index)] = (points, seconds)
+        return result[method][0], seconds
 
     def maps(self, arch: str, method: str, x: torch.Tensor, classes: List[int],
              index: int) -> torch.Tensor:
@@ -343,131 +403,6 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# The table
-# ---------------------------------------------------------------------------------------------
-
-
-#: Where a record's pair holds the hit of each subset: ``[class, all, difficult, point]``.
-_SUBSET_COLUMN = {"all": 1, "difficult": 2}
-
-
-def _by_image(records: Sequence[Mapping[str, Any]], arch: str, method: str
-              ) -> Dict[int, Mapping[str, Any]]:
-    return {int(r["index"]): r for r in records if r["model"] == arch and r["method"] == method}
-
-
-def _pairs(records: Sequence[Mapping[str, Any]], subset: str) -> List[List[Tuple[int, int]]]:
-    """Each image's ``(class, hit)`` pairs of ``subset`` (the bootstrap's input)."""
-    k = _SUBSET_COLUMN[subset]
-    return [[(int(p[0]), int(p[k])) for p in r["pairs"]] for r in records]
-
-
-def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
-               models: Sequence[str], methods: Sequence[str], seed: int = 0
-               ) -> List[Dict[str, Any]]:
-    """One row per (model, method): accuracies on all and difficult pairs with their 95 %
-    bootstrap intervals over images (``all_low``, ``all_high`` ...; classes averaged in every
-    resample, :mod:`torchray_like.benchmark.intervals`, resamples seeded by ``seed``), seconds
-    per image, images and pairs."""
-    rows = []
-    for arch in models:
-        for method in methods:
-            by_image = _by_image(records, arch, method)
-            if not by_image:
-                continue
-            mine = [by_image[i] for i in sorted(by_image)]
-            game_all = PointingGame(num_classes)
-            game_difficult = PointingGame(num_classes)
-            for r in mine:
-                for c, in_all, in_difficult, _ in r["pairs"]:
-                    game_all.aggregate(in_all, c)
-                    game_difficult.aggregate(in_difficult, c)
-            row: Dict[str, Any] = {"method": method, "model": arch}
-            for subset, game in (("all", game_all), ("difficult", game_difficult)):
-                interval = intervals.pointing_game_interval(_pairs(mine, subset), num_classes,
-                                                            seed=seed)
-                # The game's own accuracy (the same number): the table's reference.
-                row.update(interval.as_dict(subset), **{subset: game.accuracy})
-            row.update({
-                "seconds_per_image": sum(r["seconds"] for r in mine) / len(mine),
-                "images": len(mine),
-                "pairs": int((game_all.hits + game_all.misses).sum()),
-                "difficult_pairs": int((game_difficult.hits + game_difficult.misses).sum()),
-            })
-            rows.append(row)
-    return rows
-
-
-def _pairs_of(records: Sequence[Mapping[str, Any]]) -> Any:
-    """``(model, method, subset) -> {image: pairs}``, what
-    :func:`~torchray_like.benchmark.intervals.compare_orderings` reads."""
-    def pairs_of(arch: str, method: str, subset: str) -> Dict[int, List[Tuple[int, int]]]:
-        mine = _by_image(records, arch, method)
-        return dict(zip(mine, _pairs(list(mine.values()), subset)))
-
-    return pairs_of
-
-
-def _cell(row: Mapping[str, Any], key: str) -> str:
-    interval = intervals.Interval(row[key], row[f"{key}_low"], row[f"{key}_high"],
-                                  row["images"], degenerate=row[f"{key}_low"] == row[f"{key}_high"])
-    return interval.format(100.0)
-
-
-def print_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The table, accuracies in % with their 95 % intervals ("86.6 [80.1, 92.0]")."""
-    shown = [{"method": r["method"], "model": r["model"],
-              "all % [95 % CI]": _cell(r, "all"), "difficult % [95 % CI]": _cell(r, "difficult"),
-              "s/image": r["seconds_per_image"], "images": r["images"], "pairs": r["pairs"],
-              "difficult pairs": r["difficult_pairs"]} for r in rows]
-    text = format_table(shown, ["method", "model", "all % [95 % CI]", "difficult % [95 % CI]",
-                                "s/image", "images", "pairs", "difficult pairs"],
-                        {"s/image": ".3f"})
-    if any("*" in row["all % [95 % CI]"] + row["difficult % [95 % CI]"] for row in shown):
-        text += "\n* zero width: every image scored alike; the uncertainty is understated"
-    return text
-
-
-def _json_clean(value: Any) -> Any:
-    """NaN (no pair in a subset) becomes null: standard JSON."""
-    if isinstance(value, dict):
-        return {k: _json_clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_clean(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-TABLE_COLUMNS = ["method", "model", "all", "all_low", "all_high", "difficult", "difficult_low",
-                 "difficult_high", "seconds_per_image", "images", "pairs", "difficult_pairs"]
-COMPARISON_COLUMNS = ["model", "subset", "better", "worse", "published", "difference",
-                      "difference_low", "difference_high", "images", "verdict"]
-
-
-def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
-                  comparisons: Sequence[Mapping[str, Any]] = ()) -> Tuple[str, str]:
-    """``pointing_game.csv`` (the table, with the interval columns),
-    ``pointing_game_comparisons.csv`` (the published orderings) and ``pointing_game.json``
-    (both, and ``meta``) in ``out``."""
-    os.makedirs(out, exist_ok=True)
-    csv_path = os.path.join(out, "pointing_game.csv")
-    json_path = os.path.join(out, "pointing_game.json")
-    _write_csv(csv_path, rows, TABLE_COLUMNS)
-    _write_csv(os.path.join(out, "pointing_game_comparisons.csv"), comparisons,
-               COMPARISON_COLUMNS)
-    with open(json_path, "w") as f:
-        json.dump(_json_clean({**meta, "rows": list(rows), "comparisons": list(comparisons)}),
-                  f, indent=2)
-    return csv_path, json_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,8 +526,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
         except ConfigMismatchError as error:
             parser.error(str(error))
         items = items_of(task, args.method_list)
+        done = store.done()
+        task.pending = {item_key(i) for i in items} - done
         if rank == 0:
             _announce(args, task, store, items, world_size)
+            if not args.no_report and args.dataset == "embedded":
+                # The report's gallery shows the maps of the first test images: keep them.
+                task.gallery_images = _report_module().DEFAULT_GALLERY_IMAGES
         # One bar per method: their costs per image differ a thousandfold, so a shared bar
         # would reach 99 % long before the end.
         for k, method in enumerate(args.method_list, start=1):
@@ -612,7 +552,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             "world_size": world_size, "wall_seconds": wall, "config": config}
         gallery = {arch: m["model"] for arch, m in task.models.items()
                    if arch.startswith("embedded-")}
-        _report(args, records, len(task.classes), list(task.models), meta, wall, gallery)
+        _report(args, records, len(task.classes), list(task.models), meta, wall, gallery,
+                task.gallery)
     return 0
 
 
@@ -634,11 +575,12 @@ def _announce(args: argparse.Namespace, task: Task, store: Any,
 
 def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_classes: int,
             models: Sequence[str], meta: Mapping[str, Any], wall: float,
-            gallery: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+            gallery: Optional[Mapping[str, torch.nn.Module]] = None,
+            given: Optional[Mapping[str, Any]] = None) -> None:
     """The table with its intervals, the published orderings, the files and the HTML page
     (with a gallery of the maps of ``gallery``'s embedded models; none from the store)."""
     rows = make_table(records, num_classes, models, args.method_list, seed=args.seed)
-    comparisons = intervals.compare_orderings(_pairs_of(records), models, args.method_list,
+    comparisons = intervals.compare_orderings(pairs_of_records(records), models, args.method_list,
                                               num_classes, seed=args.seed)
     meta = {**meta, "intervals": {
         "method": "percentile bootstrap over images (classes averaged in every resample); "
@@ -652,7 +594,8 @@ def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_
     print(f"wrote {csv_path} and {json_path}; wall time {wall:.1f} s", flush=True)
     if not args.no_report:
         path = _report_module().write_report(
-            args.out, gallery_models=gallery or {}, gallery_methods=args.method_list)
+            args.out, gallery_models=gallery or {}, gallery_methods=args.method_list,
+            gallery_given=given)
         print(f"report: {path}", flush=True)
 
 

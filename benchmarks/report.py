@@ -333,16 +333,10 @@ def _png(rgb: np.ndarray) -> str:
 GALLERY_OVERRIDES = {"rise": {"num_masks": 300}}
 
 
-def gallery_maps(model: torch.nn.Module, name: str, methods: Sequence[str], images: int,
-                 seed: int = 0) -> Tuple[torch.Tensor, List[int], List[List[int]],
-                                         Dict[str, torch.Tensor], List[str]]:
-    """The first ``images`` embedded test images, the class explained (the first present),
-    the classes present, every method's maps (options of the settings table, benchmark
-    ``"compare"``, with :data:`GALLERY_OVERRIDES`; RISE and extremal perturbation seeded by
-    ``seed``) and the warnings the methods gave (shown on the page)."""
-    from torchray_like.attribution.explain import explain
+def gallery_inputs(images: int) -> Tuple[torch.Tensor, List[int], List[List[int]]]:
+    """The first ``images`` embedded test images, the class explained (the first present) and
+    the classes present."""
     from torchray_like.benchmark.embedded_data import EmbeddedShapes
-    from torchray_like.benchmark.settings import options_table
 
     data = EmbeddedShapes("test", size=images)
     xs, targets, present = [], [], []
@@ -351,6 +345,22 @@ def gallery_maps(model: torch.nn.Module, name: str, methods: Sequence[str], imag
         xs.append(x)
         present.append([int(c) for c in label["class_ids"].tolist()])
         targets.append(present[-1][0])
+    return torch.stack(xs), targets, present
+
+
+def gallery_maps(model: torch.nn.Module, name: str, methods: Sequence[str], images: int,
+                 seed: int = 0) -> Tuple[torch.Tensor, List[int], List[List[int]],
+                                         Dict[str, torch.Tensor], List[str]]:
+    """The first ``images`` embedded test images, the class explained (the first present),
+    the classes present, every method's maps (options of the settings table, benchmark
+    ``"compare"``, with :data:`GALLERY_OVERRIDES`; RISE and extremal perturbation seeded by
+    ``seed``) and the warnings the methods gave (shown on the page)."""
+    from torchray_like.attribution.explain import explain
+    from torchray_like.benchmark.settings import options_table
+
+    x, targets, present = gallery_inputs(images)
+    if not methods:
+        return x, targets, present, {}, []
     options = options_table(methods, name, "compare", overrides=GALLERY_OVERRIDES)
     for method in ("rise", "extremal_perturbation"):
         if method in options:
@@ -358,16 +368,33 @@ def gallery_maps(model: torch.nn.Module, name: str, methods: Sequence[str], imag
     device = next(iter(model.parameters()), torch.empty(0)).device
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        maps = explain(model, torch.stack(xs).to(device), targets, methods=list(methods),
-                       options=options)
+        maps = explain(model, x.to(device), targets, methods=list(methods), options=options)
     notes = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
-    return torch.stack(xs), targets, present, {m: v.detach().float().cpu()
-                                               for m, v in maps.items()}, notes
+    return x, targets, present, {m: v.detach().float().cpu() for m, v in maps.items()}, notes
+
+
+def _given_maps(given: Optional[Mapping[str, Mapping[int, torch.Tensor]]],
+                methods: Sequence[str], images: int) -> Dict[str, torch.Tensor]:
+    """The maps of ``given`` (method -> image -> ``(1, 1, h, w)`` map of its first class) of
+    the methods that hold every gallery image, as ``(images, 1, h, w)``."""
+    out = {}
+    for method in methods:
+        per_image = (given or {}).get(method, {})
+        if all(i in per_image for i in range(images)):
+            out[method] = torch.cat([per_image[i].detach().float().cpu()
+                                     for i in range(images)])
+    return out
 
 
 def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str],
-                    images: int) -> str:
-    """One table per model: rows are images (with their classes), columns methods."""
+                    images: int,
+                    given: Optional[Mapping[str, Mapping[str, Mapping[int, torch.Tensor]]]]
+                    = None) -> str:
+    """One table per model: rows are images (with their classes), columns methods.
+
+    ``given``: model -> method -> image -> map of the image's first class, already computed
+    (the pointing game's); the methods it lacks for some gallery image are computed here.
+    """
     from torchray_like.benchmark.embedded_data import EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD
     from torchray_like.visualize import overlay
 
@@ -376,7 +403,10 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
     std = torch.tensor(EMBEDDED_STD)[:, None, None]
     out = []
     for name, model in models.items():
-        x, targets, present, maps, notes = gallery_maps(model, name, methods, images)
+        ready = _given_maps((given or {}).get(name), methods, images)
+        x, targets, present, maps, notes = gallery_maps(
+            model, name, [m for m in methods if m not in ready], images)
+        maps.update(ready)
         rows = []
         for i in range(len(x)):
             rgb = (x[i] * std + mean).clamp(0, 1)
@@ -389,6 +419,9 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
                 cells.append(f'<img src="{_png(blend)}" alt="{_esc(method)}, image {i}">')
             rows.append(cells)
         out.append(f"<h3>{_esc(name)}</h3>")
+        if ready:
+            out.append(f'<p class="meta">{len(ready)} of {len(methods)} methods: the maps the '
+                       "pointing game scored (its settings).</p>")
         out.append(html_table(["image"] + list(methods), rows, text_columns=0, cls="gallery"))
         out += [f'<p class="meta">warning: {_esc(n)}</p>' for n in notes]
     return "".join(out)
@@ -402,7 +435,9 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
 def write_report(out_dir: str, output: Optional[str] = None, *,
                  gallery_models: Optional[Mapping[str, torch.nn.Module]] = None,
                  gallery_methods: Optional[Sequence[str]] = None,
-                 gallery_images: int = DEFAULT_GALLERY_IMAGES) -> str:
+                 gallery_images: int = DEFAULT_GALLERY_IMAGES,
+                 gallery_given: Optional[Mapping[str, Mapping[str, Mapping[int, torch.Tensor]]]]
+                 = None) -> str:
     """Write the page for the results under ``out_dir``; returns its absolute path.
 
     Parameters
@@ -417,6 +452,10 @@ def write_report(out_dir: str, output: Optional[str] = None, *,
         Methods of the gallery (default: every registered method).
     gallery_images : int
         Test images of the gallery (default 3).
+    gallery_given : mapping model -> method -> image -> map, optional
+        Maps already computed (the ``(1, 1, h, w)`` map of the image's first class), e.g. by
+        the pointing game: used instead of computing them again (the settings of whoever
+        computed them; the page says which methods).
     """
     from torchray_like.attribution.registry import METHODS
 
@@ -429,9 +468,11 @@ def write_report(out_dir: str, output: Optional[str] = None, *,
     if gallery_models and gallery_images and methods:
         sections.append(("gallery", "Gallery: every method on the same test images",
                          '<p class="meta">maps of the class named under each image (settings '
-                         'table, benchmark "compare"; RISE with 300 masks), blended over the '
+                         'table, benchmark "compare"; RISE with 300 masks; or, where said, the '
+                         "pointing game's), blended over the "
                          "image; each map stretched to its own range (blue low, red high).</p>"
-                         + gallery_section(gallery_models, methods, gallery_images)))
+                         + gallery_section(gallery_models, methods, gallery_images,
+                                           gallery_given)))
     figures = [figure(p, os.path.relpath(p, out_dir)) for p in _other_figures(out_dir, shown)
                if os.path.abspath(p) != output]
     if any(figures):

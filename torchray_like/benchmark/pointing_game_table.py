@@ -1,0 +1,143 @@
+r"""The pointing game's table from its records: accuracies with bootstrap intervals, the
+published orderings' inputs, the printed table and the CSV / JSON files.
+
+A record is what ``benchmarks/pointing_game.py`` stores per ``(model, method, image)``:
+``{"model", "method", "index", "size", "pairs": [[class, all, difficult, [y, x]], ...],
+"seconds"}`` with ``all`` / ``difficult`` +1 (hit), -1 (miss) or 0 (not in the subset).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+from . import intervals
+from .pointing_game import PointingGame
+from .runner import format_table
+
+__all__ = ["make_table", "pairs_of_records", "print_table", "write_outputs", "TABLE_COLUMNS",
+           "COMPARISON_COLUMNS"]
+
+
+
+#: Where a record's pair holds the hit of each subset: ``[class, all, difficult, point]``.
+_SUBSET_COLUMN = {"all": 1, "difficult": 2}
+
+
+def _by_image(records: Sequence[Mapping[str, Any]], arch: str, method: str
+              ) -> Dict[int, Mapping[str, Any]]:
+    return {int(r["index"]): r for r in records if r["model"] == arch and r["method"] == method}
+
+
+def _pairs(records: Sequence[Mapping[str, Any]], subset: str) -> List[List[Tuple[int, int]]]:
+    """Each image's ``(class, hit)`` pairs of ``subset`` (the bootstrap's input)."""
+    k = _SUBSET_COLUMN[subset]
+    return [[(int(p[0]), int(p[k])) for p in r["pairs"]] for r in records]
+
+
+def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
+               models: Sequence[str], methods: Sequence[str], seed: int = 0
+               ) -> List[Dict[str, Any]]:
+    """One row per (model, method): accuracies on all and difficult pairs with their 95 %
+    bootstrap intervals over images (``all_low``, ``all_high`` ...; classes averaged in every
+    resample, :mod:`torchray_like.benchmark.intervals`, resamples seeded by ``seed``), seconds
+    per image, images and pairs."""
+    rows = []
+    for arch in models:
+        for method in methods:
+            by_image = _by_image(records, arch, method)
+            if not by_image:
+                continue
+            mine = [by_image[i] for i in sorted(by_image)]
+            game_all = PointingGame(num_classes)
+            game_difficult = PointingGame(num_classes)
+            for r in mine:
+                for c, in_all, in_difficult, _ in r["pairs"]:
+                    game_all.aggregate(in_all, c)
+                    game_difficult.aggregate(in_difficult, c)
+            row: Dict[str, Any] = {"method": method, "model": arch}
+            for subset, game in (("all", game_all), ("difficult", game_difficult)):
+                interval = intervals.pointing_game_interval(_pairs(mine, subset), num_classes,
+                                                            seed=seed)
+                # The game's own accuracy (the same number): the table's reference.
+                row.update(interval.as_dict(subset), **{subset: game.accuracy})
+            row.update({
+                "seconds_per_image": sum(r["seconds"] for r in mine) / len(mine),
+                "images": len(mine),
+                "pairs": int((game_all.hits + game_all.misses).sum()),
+                "difficult_pairs": int((game_difficult.hits + game_difficult.misses).sum()),
+            })
+            rows.append(row)
+    return rows
+
+
+def pairs_of_records(records: Sequence[Mapping[str, Any]]) -> Any:
+    """``(model, method, subset) -> {image: pairs}``, what
+    :func:`~torchray_like.benchmark.intervals.compare_orderings` reads."""
+    def pairs_of(arch: str, method: str, subset: str) -> Dict[int, List[Tuple[int, int]]]:
+        mine = _by_image(records, arch, method)
+        return dict(zip(mine, _pairs(list(mine.values()), subset)))
+
+    return pairs_of
+
+
+def _cell(row: Mapping[str, Any], key: str) -> str:
+    interval = intervals.Interval(row[key], row[f"{key}_low"], row[f"{key}_high"],
+                                  row["images"], degenerate=row[f"{key}_low"] == row[f"{key}_high"])
+    return interval.format(100.0)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The table, accuracies in % with their 95 % intervals ("86.6 [80.1, 92.0]")."""
+    shown = [{"method": r["method"], "model": r["model"],
+              "all % [95 % CI]": _cell(r, "all"), "difficult % [95 % CI]": _cell(r, "difficult"),
+              "s/image": r["seconds_per_image"], "images": r["images"], "pairs": r["pairs"],
+              "difficult pairs": r["difficult_pairs"]} for r in rows]
+    text = format_table(shown, ["method", "model", "all % [95 % CI]", "difficult % [95 % CI]",
+                                "s/image", "images", "pairs", "difficult pairs"],
+                        {"s/image": ".3f"})
+    if any("*" in row["all % [95 % CI]"] + row["difficult % [95 % CI]"] for row in shown):
+        text += "\n* zero width: every image scored alike; the uncertainty is understated"
+    return text
+
+
+def _json_clean(value: Any) -> Any:
+    """NaN (no pair in a subset) becomes null: standard JSON."""
+    if isinstance(value, dict):
+        return {k: _json_clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_clean(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+TABLE_COLUMNS = ["method", "model", "all", "all_low", "all_high", "difficult", "difficult_low",
+                 "difficult_high", "seconds_per_image", "images", "pairs", "difficult_pairs"]
+COMPARISON_COLUMNS = ["model", "subset", "better", "worse", "published", "difference",
+                      "difference_low", "difference_high", "images", "verdict"]
+
+
+def _write_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+                  comparisons: Sequence[Mapping[str, Any]] = ()) -> Tuple[str, str]:
+    """``pointing_game.csv`` (the table, with the interval columns),
+    ``pointing_game_comparisons.csv`` (the published orderings) and ``pointing_game.json``
+    (both, and ``meta``) in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, "pointing_game.csv")
+    json_path = os.path.join(out, "pointing_game.json")
+    _write_csv(csv_path, rows, TABLE_COLUMNS)
+    _write_csv(os.path.join(out, "pointing_game_comparisons.csv"), comparisons,
+               COMPARISON_COLUMNS)
+    with open(json_path, "w") as f:
+        json.dump(_json_clean({**meta, "rows": list(rows), "comparisons": list(comparisons)}),
+                  f, indent=2)
+    return csv_path, json_path
