@@ -34,9 +34,12 @@ NOISE = 0.03
 class Case:
     """One line of the speed table.
 
-    ``others`` maps a column name (``"captum"``, ``"separate"``) to a callable doing the
-    equivalent work another way; it is timed interleaved with ``run`` and ``floor``.
-    ``method`` is the method the row times (``speed.py --methods`` selects by it).
+    ``others`` maps a column name (``"captum"``, ``"grad-cam"``, ``"zennit"``,
+    ``"separate"``) to a callable doing the equivalent work another way; it is timed
+    interleaved with ``run`` and ``floor``.  ``method`` is the method the row times
+    (``speed.py --methods`` selects by it).  The row's *reference* is ``ref`` if given, else
+    the first library of :data:`REFERENCES` in ``others``; with ``ref_target`` the time over
+    the reference's is a target too (checked and repeated as the floor's ratio).
     """
 
     method: str
@@ -47,6 +50,18 @@ class Case:
     target_ratio: float = 1.05
     note: str = ""
     others: Dict[str, Callable[[], object]] = field(default_factory=dict)
+    ref_target: Optional[float] = None
+    ref: str = ""
+
+    def reference(self) -> Optional[str]:
+        """The library this row is compared with (``None``: none available)."""
+        if self.ref and self.ref in self.others:
+            return self.ref
+        return next((lib for lib in REFERENCES if lib in self.others), None)
+
+
+#: The other libraries a row can be compared with, in order of preference.
+REFERENCES = ("captum", "grad-cam", "zennit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,28 +243,41 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _over(case: Case, t: Dict[str, float]) -> bool:
+    """Whether a measurement is over a bound: the floor's ratio or the reference's."""
+    if t["method"] / t["floor"] > case.target_ratio * (1 + NOISE):
+        return True
+    ref = case.reference()
+    return (case.ref_target is not None and ref is not None
+            and t["method"] / t[ref] > case.ref_target * (1 + NOISE))
+
+
 def measure(case: Case, repeats: int, warmup: int = 1, device: Optional[torch.device] = None,
             clock: Callable[[], float] = time.perf_counter) -> Dict[str, object]:
     """Time a case (method, floor and others interleaved); re-measure a ratio over the bound.
 
-    Returns ``method_s``, ``floor_s``, ``ratio``, ``status`` (``ok``, ``ok, repeat`` — over the
+    Returns ``method_s``, ``floor_s``, ``ratio``, ``status`` (``ok``, ``ok, repeat`` — over a
     bound once, not on the repeat — or ``SLOW``), ``first_ratio`` when repeated, and
-    ``<other>_s`` / ``vs_<other>`` (method time / other time) for each of ``case.others``.
+    ``<other>_s`` / ``vs_<other>`` (method time / other time) for each of ``case.others``;
+    ``ref`` (the reference library) and ``vs_ref`` when the row has one.  The bounds are
+    ``target_ratio`` over the floor and ``ref_target`` over the reference, each plus
+    :data:`NOISE`.
     """
     fns = {"method": case.run, "floor": case.floor, **case.others}
-    bound = case.target_ratio * (1 + NOISE)
     t = time_interleaved(fns, repeats, warmup, device, clock)
-    ratio = t["method"] / t["floor"]
     res: Dict[str, object] = {"status": "ok"}
-    if ratio > bound:
-        first = ratio
+    if _over(case, t):
+        first = t["method"] / t["floor"]
         t = time_interleaved(fns, repeats, 0, device, clock)
-        ratio = t["method"] / t["floor"]
-        res = {"status": "SLOW" if ratio > bound else "ok, repeat", "first_ratio": first}
-    res.update({"method_s": t["method"], "floor_s": t["floor"], "ratio": ratio})
+        res = {"status": "SLOW" if _over(case, t) else "ok, repeat", "first_ratio": first}
+    res.update({"method_s": t["method"], "floor_s": t["floor"],
+                "ratio": t["method"] / t["floor"]})
     for name in case.others:
         res[f"{name}_s"] = t[name]
         res[f"vs_{name}"] = t["method"] / t[name]
+    ref = case.reference()
+    if ref is not None:
+        res["ref"], res["vs_ref"] = ref, t["method"] / t[ref]
     return res
 
 
@@ -257,22 +285,29 @@ def measure(case: Case, repeats: int, warmup: int = 1, device: Optional[torch.de
 # Table
 
 HEADER = (f"{'model':9s} {'method':46s} {'ms':>9s} {'floor ms':>9s} {'ratio':>6s} "
-          f"{'target':>6s} {'status':10s} {'captum ms':>9s} {'vs cpt':>6s}  floor")
+          f"{'target':>6s} {'status':10s} {'ref ms':>9s} {'vs ref':>6s} {'ref':8s}  floor")
 
 
 def format_row(model: str, case: Case, res: Dict[str, object]) -> str:
-    captum = (f"{res['captum_s'] * 1e3:9.1f} {res['vs_captum']:6.2f}" if "captum_s" in res
-              else f"{'-':>9s} {'-':>6s}")
+    """One line of the table: times, the floor's ratio and target, the reference's time and
+    ratio (``vs ref``, with its target when the row has one), then notes."""
+    ref = res.get("ref")
+    if ref is not None:
+        refcol = (f"{res[f'{ref}_s'] * 1e3:9.1f} {res['vs_ref']:6.2f} {ref:8s}")
+    else:
+        refcol = f"{'-':>9s} {'-':>6s} {'-':8s}"
     notes = []
     if "first_ratio" in res:
         notes.append(f"first ratio {res['first_ratio']:.3f}")
+    if case.ref_target is not None and ref is not None:
+        notes.append(f"target vs {ref} {case.ref_target:.2f}")
     for key in res:
-        if key.endswith("_s") and key not in ("method_s", "floor_s", "captum_s"):
+        if key.endswith("_s") and key not in ("method_s", "floor_s", f"{ref}_s"):
             other = key[:-2]
             notes.append(f"{other} {res[key] * 1e3:.1f} ms = {1 / res['vs_' + other]:.2f}× ours")
     if case.note:
         notes.append(case.note)
     return (f"{model:9s} {case.name:46s} {res['method_s'] * 1e3:9.1f} "
             f"{res['floor_s'] * 1e3:9.1f} {res['ratio']:6.3f} {case.target_ratio:6.2f} "
-            f"{res['status']:10s} {captum}  {case.floor_name}"
+            f"{res['status']:10s} {refcol}  {case.floor_name}"
             + (f"  [{'; '.join(notes)}]" if notes else ""))

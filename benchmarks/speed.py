@@ -53,6 +53,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import _references  # noqa: E402
+from _beyond import BEYOND_CASES, drop_failing  # noqa: E402
 from _harness import (  # noqa: E402
     HEADER,
     NOISE,
@@ -98,6 +100,7 @@ class Setup:
     target: List[int]
     options: Dict[str, Dict[str, Any]]
     captum: bool = True     # time Captum's equivalents (when it is installed)
+    references: bool = True  # time pytorch-grad-cam's and Zennit's (when installed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,40 +268,6 @@ def rise_cases(s: Setup) -> List[Case]:
                  floor, name)]
 
 
-def beyond_cases(s: Setup) -> List[Case]:
-    """The methods of issue 19 against their floors: gradient × input against forward + grad to
-    the input; integrated gradients (its ``n_steps`` in one batch) and SmoothGrad over the
-    gradient (its ``n_samples`` noisy copies in one batch) against forward + grad of that batch
-    — the rest is building the batch and folding the gradients (target ≤ 1.10); the CAM family
-    from one ``explain`` against one Grad-CAM call (target ≤ 1.3: one forward, one backward to
-    the layer, five cheap maps)."""
-    model, x, target = s.model, s.x, s.target
-    layer = s.options["grad_cam"]["saliency_layer"]
-    steps, copies = 16, 16
-    many = torch.as_tensor(target).repeat_interleave(steps)
-    cams = ("grad_cam", "grad_cam_plus_plus", "layer_cam", "xgrad_cam", "hires_cam")
-    one_cam = lambda: METHODS["grad_cam"](model, x, target, saliency_layer=layer)  # noqa: E731
-    return [
-        Case("gradient_x_input", "gradient_x_input",
-             lambda: METHODS["gradient_x_input"](model, x, target),
-             floor_input(model, x, target), "fwd+grad(input)"),
-        Case("integrated_gradients", f"integrated_gradients({steps} steps)",
-             lambda: METHODS["integrated_gradients"](model, x, target, n_steps=steps,
-                                                     internal_batch_size=steps * len(target)),
-             floor_input(model, x.repeat_interleave(steps, 0), many),
-             f"fwd+grad({steps}·N batch)", target_ratio=1.10),
-        Case("smooth_grad", f"smooth_grad(gradient, {copies} copies)",
-             lambda: METHODS["smooth_grad"](model, x, target, n_samples=copies,
-                                            batch_size=copies * len(target), generator=0),
-             floor_input(model, x.repeat_interleave(copies, 0), many),
-             f"fwd+grad({copies}·N batch)", target_ratio=1.10),
-        Case("grad_cam_plus_plus", "explain(5 gradient CAMs) vs 1 grad_cam",
-             lambda: explain(model, x, target, cams,
-                             {name: {"saliency_layer": layer} for name in cams}),
-             one_cam, "grad_cam call", target_ratio=1.3),
-    ]
-
-
 def explain_cases(s: Setup) -> List[Case]:
     """explain() with TorchRay's six shared methods at their defaults, two floors: one backward
     pass per method (guided Grad-CAM's plain pass to the layer is Grad-CAM's, counted once), and
@@ -330,7 +299,7 @@ def explain_cases(s: Setup) -> List[Case]:
 
 
 #: The table of cases, in the order of the rows.
-CASES = (rule_cases, layer_cases, excitation_cases, extremal_cases, rise_cases, beyond_cases,
+CASES = (rule_cases, layer_cases, excitation_cases, extremal_cases, rise_cases, *BEYOND_CASES,
          explain_cases)
 
 
@@ -351,20 +320,27 @@ def setup(name: str, args: argparse.Namespace, device: torch.device) -> Setup:
     options = options_table(list(METHODS), name, "speed", network=model,
                             input_size=args.input_size,
                             overrides=embedded_cli.perturbation_overrides(args))
-    return Setup(model, x, list(range(args.batch_size)), options, captum=not args.no_captum)
+    return Setup(model, x, list(range(args.batch_size)), options,
+                 captum=not (args.no_captum or args.no_references),
+                 references=not args.no_references)
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 
 
+#: One letter per reference library in the summary's ``×ref`` column.
+REF_TAGS = {"captum": "c", "grad-cam": "g", "zennit": "z"}
+
+
 def summary(rows: List[dict], models: List[str]) -> str:
-    """The table method × model: ms per call, ratio to the floor, ratio to Captum."""
+    """The table method × model: ms per call, ratio to the floor, ratio to the reference (its
+    library as a letter: c Captum, g pytorch-grad-cam, z Zennit)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["model"], r["method"]): r for r in rows}
     width, first = 32, max([46] + [len(m) + 1 for m in methods])
     lines = [f"{'method':{first}s}" + "".join(f"{m:>{width}s}" for m in models),
-             f"{'':{first}s}" + "".join(f"{'ms':>12s} {'×floor':>6s} {'×cptm':>7s} {'flag':>4s}"
+             f"{'':{first}s}" + "".join(f"{'ms':>12s} {'×floor':>6s} {'×ref':>7s} {'flag':>4s}"
                                         for _ in models)]
     for method in methods:
         line = f"{method:{first}s}"
@@ -373,9 +349,10 @@ def summary(rows: List[dict], models: List[str]) -> str:
             if r is None:
                 line += f"{'-':>{width}s}"
                 continue
-            captum = f"{r['vs_captum']:.2f}" if r.get("vs_captum") is not None else "-"
+            ref = (f"{r['vs_ref']:.2f}{REF_TAGS.get(r['ref'], '?')}"
+                   if r.get("vs_ref") is not None else "-")
             flag = "SLOW" if r["status"] == "SLOW" else ""
-            line += f"{r['ms']:>12.1f} {r['ratio']:6.2f} {captum:>7s} {flag:>4s}"
+            line += f"{r['ms']:>12.1f} {r['ratio']:6.2f} {ref:>7s} {flag:>4s}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -423,6 +400,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "busy machine; use with --threads 1 on the CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-captum", action="store_true", help="skip the Captum columns")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip every other library (Captum, pytorch-grad-cam, Zennit)")
     parser.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR",
                         help="also write the rows to DIR/speed.csv and DIR/speed.json")
     embedded_cli.add_perturbation_arguments(parser, "speed")
@@ -471,7 +450,9 @@ def _settings(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     return {"torch": torch.__version__, "device": str(device),
             "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "input_size": args.input_size, "repeats": args.repeats, "clock": args.clock,
-            "captum": captum_version}
+            "captum": captum_version,
+            **({} if args.no_references else
+               {k: v for k, v in _references.versions().items() if k != "captum"})}
 
 
 def _row(name: str, case: Case, res: Dict[str, Any]) -> Dict[str, Any]:
@@ -482,7 +463,10 @@ def _row(name: str, case: Case, res: Dict[str, Any]) -> Dict[str, Any]:
             "floor_ms": res["floor_s"] * 1e3, "ratio": res["ratio"],
             "target": case.target_ratio, "status": res["status"],
             "first_ratio": res.get("first_ratio"), "captum_ms": ms("captum_s"),
-            "vs_captum": res.get("vs_captum"), "separate_ms": ms("separate_s"),
+            "vs_captum": res.get("vs_captum"), "ref": res.get("ref"),
+            "ref_ms": ms(f"{res['ref']}_s") if "ref" in res else None,
+            "vs_ref": res.get("vs_ref"), "ref_target": case.ref_target,
+            "separate_ms": ms("separate_s"),
             "vs_separate": res.get("vs_separate"), "floor": case.floor_name,
             "note": case.note}
 
@@ -494,7 +478,9 @@ def run(args: argparse.Namespace, argv=None) -> int:
     print("$ python benchmarks/speed.py" + "".join(f" {a}" for a in shown))
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, batch "
           f"{args.batch_size}, {args.input_size}², median of {args.repeats}, noise "
-          f"±{NOISE:.0%}, {args.clock} clock, captum {settings['captum'] or 'not used'}")
+          f"±{NOISE:.0%}, {args.clock} clock, captum {settings['captum'] or 'not used'}, "
+          f"grad-cam {settings.get('grad-cam') or 'not used'}, "
+          f"zennit {settings.get('zennit') or 'not used'}")
     print(HEADER, flush=True)
     rows: List[dict] = []
     errors: List[str] = []
@@ -510,6 +496,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         attach_captum(cases, s)
         for case in cases:
             try:
+                drop_failing(case)
                 res = measure(case, args.repeats, device=device, clock=CLOCKS[args.clock])
             except Exception as exc:  # one broken method must not lose the rest of the table
                 print(f"{name:9s} {case.name:46s} ERROR {type(exc).__name__}: {exc}", flush=True)

@@ -143,9 +143,15 @@ def test_forward_batches_never_exceed_internal_batch_size():
     handle = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     try:
         integrated_gradients(model, x, 1, n_steps=5, internal_batch_size=4)
+        plain = list(sizes)
+        sizes.clear()
+        integrated_gradients(model, x, 1, n_steps=5, internal_batch_size=4,
+                             return_convergence_delta=True)
     finally:
         handle.remove()
-    # One pass for f(x) and f(baseline) (2 N rows), then 15 rows in batches of at most 4.
+    # 15 rows in batches of at most 4; the completeness gap adds one pass for f(x) and
+    # f(baseline) (2 N rows), which the map alone does not need (Captum's cost).
+    assert plain == [4, 4, 4, 3]
     assert sizes == [6, 4, 4, 4, 3]
 
 
@@ -365,3 +371,22 @@ def test_gradient_x_input_shares_explains_pass():
     assert "gradient_x_input" in SHARED_METHODS
     out = explain(model, x, 2, ["gradient", "gradient_x_input", "grad_cam"])
     assert torch.equal(out["gradient_x_input"], trl.gradient_x_input(model, x, 2))
+
+
+class InfAtHalf(nn.Module):
+    """Finite at the input and the baseline, infinite scores inside the path (α near 0.5)."""
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1, keepdim=True)
+        scale = torch.where((s - 0.5 * 12).abs() < 2.0, torch.full_like(s, float("inf")),
+                            torch.ones_like(s))
+        return torch.cat([s * scale, -s], 1)
+
+
+def test_infinite_scores_inside_the_path_raise_without_the_gap_pass():
+    x = torch.ones(1, 1, 3, 4)
+    with pytest.raises(ValueError, match=r"integrated_gradients: the target scores at a point "
+                                         r"of the path are not finite"):
+        integrated_gradients(InfAtHalf(), x, 0, n_steps=8)
+    with pytest.raises(ValueError, match="class"):  # the range check without the gap pass
+        integrated_gradients(InfAtHalf(), x, 5, n_steps=8)

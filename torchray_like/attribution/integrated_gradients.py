@@ -318,9 +318,16 @@ class _Path:
     it), where it ends, and the target's scores at both ends."""
 
     def __init__(self, model: nn.Module, input: torch.Tensor, baseline: torch.Tensor,
-                 target: Target, swap: Optional[_LayerSwap]) -> None:
+                 target: Target, swap: Optional[_LayerSwap], need_gap: bool) -> None:
         n = input.shape[0]
         x = input.detach()
+        self.gap: Optional[torch.Tensor] = None
+        if swap is None and not need_gap:
+            # At the input without the completeness gap the ends are known: no forward pass
+            # (the path's own batches check the class range and that scores are finite).
+            self.end, self.start = x, baseline
+            self.diff = x - baseline
+            return
         with torch.no_grad():
             output = forward_rows(model, torch.cat([x, baseline]), input)
             if swap is not None:
@@ -362,10 +369,13 @@ def _integrate(model: nn.Module, input: torch.Tensor, path: _Path, target: Targe
                     swap.replacement = point
                     output = forward_rows(model, input.detach()[image], input)
                     swap.check_calls(index.numel())
-                scores = row_scores(target, output, image, False, "integrated_gradients")
+                scores = row_scores(target, output, image, r0 == 0, "integrated_gradients")
             if not scores.requires_grad:
                 raise ValueError(f"integrated_gradients: the target scores do not depend on "
                                  f"{where} through autograd")
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("integrated_gradients: the target scores at a point of the path "
+                                 "are not finite (NaN or inf)")
             (grad,) = autograd_grad(scores, point, torch.ones_like(scores))
             if not bool(torch.isfinite(grad).all()):
                 raise ValueError("integrated_gradients: the gradient at a point of the path is "
@@ -443,7 +453,7 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
     swap = None if module is None else _LayerSwap(module, saliency_layer)
     try:
         with suspend_rule_contexts(), model_state_guard(model, freeze=False):
-            path = _Path(model, input, base, parsed, swap)
+            path = _Path(model, input, base, parsed, swap, delta_wanted)
             total = _integrate(model, input, path, parsed, swap, points, batch, progress, where)
     finally:
         if swap is not None:
@@ -454,5 +464,6 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
         smap = finish_map(input, smap, resize, resize_mode)
     if not delta_wanted:
         return smap
+    assert path.gap is not None  # computed when the gap is wanted
     delta = attribution.flatten(1).sum(1) - path.gap.to(attribution.dtype)
     return smap, delta
