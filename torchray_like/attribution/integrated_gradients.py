@@ -51,6 +51,7 @@ from .reporting import progress_bar
 from .seeding import GeneratorType, make_generator
 from .state import autograd_grad, model_state_guard
 from .targets import Target, TargetType, parse_target
+from .tokens import TokensType, check_tokens, layer_tokens, tokens_to_map
 
 __all__ = ["integrated_gradients", "INTEGRATION_RULES", "integration_points", "BASELINES",
            "resolve_baseline", "blur_baseline", "uniform_baseline", "REDUCTIONS",
@@ -391,7 +392,8 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
                          rule: str = "gausslegendre", internal_batch_size: int = 64,
                          return_convergence_delta: bool = False, reduce: Optional[str] = "sum",
                          resize: Any = False, resize_mode: str = "bilinear",
-                         generator: GeneratorType = None, progress: Optional[bool] = None
+                         generator: GeneratorType = None, progress: Optional[bool] = None,
+                         tokens: TokensType = None
                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r"""Integrated-gradients maps (Sundararajan et al. 2017), at the input or at a layer.
 
@@ -430,6 +432,10 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
         Draws the ``"uniform"`` baseline (``None``: seeded from the global RNG, not advanced).
     progress : bool, optional
         A progress bar (``None``: when stderr is a terminal).
+    tokens : None, False, TokenLayout or callable
+        How a transformer block's token output becomes a map (``reduce`` not ``None``):
+        inferred by default (see :mod:`~torchray_like.attribution.tokens`); ``reduce=None``
+        returns the attribution in the layer's own layout.
 
     Returns
     -------
@@ -447,6 +453,7 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
     delta_wanted = check_flag(return_convergence_delta, "return_convergence_delta")
     resize = check_reduce(reduce, resize, resize_mode, input.dim() - 2)
     progress = check_progress(progress)
+    tokens = check_tokens(tokens)
     module = _layer_module(model, saliency_layer)
     where = "the input" if module is None else f"saliency_layer {layer_label(saliency_layer)}"
     base = resolve_baseline(baseline, input, generator)
@@ -459,7 +466,10 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
         if swap is not None:
             swap.handle.remove()
     attribution = (path.diff * total).to(input.dtype)
-    smap = reduce_channels(attribution, reduce, "integrated_gradients", where)
+    # A transformer block's tokens on their patch grid (the products commute with that).
+    maps = attribution if module is None or reduce is None else tokens_to_map(
+        layer_tokens(model, attribution, input, tokens), attribution)[0]
+    smap = reduce_channels(maps, reduce, "integrated_gradients", where)
     if reduce is not None:
         smap = finish_map(input, smap, resize, resize_mode)
     if not delta_wanted:
