@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .modules import current_scan
+
 __all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
            "UnhandledActivationWarning", "TorchRayDifferenceWarning", "nodes_on_path",
            "check_data_parallel"]
@@ -202,6 +204,9 @@ def check_data_parallel(model: nn.Module) -> None:
     ValueError
         Naming the wrapper and saying what to explain instead.
     """
+    scan = current_scan(model)
+    if scan is not None and not scan.data_parallel:
+        return  # the call's one walk found no DataParallel over several devices
     for name, module in model.named_modules():
         devices = getattr(module, "device_ids", None) or []
         if isinstance(module, nn.DataParallel) and len(devices) > 1:

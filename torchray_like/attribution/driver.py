@@ -213,6 +213,8 @@ class ForwardPass:
         """A gradient that does not exist or is not finite is a :class:`ValueError`."""
         if grad is None:
             raise ValueError(f"the target scores do not depend on {self.where(label)}")
+        if all_finite(grad):
+            return
         finite = torch.isfinite(grad).reshape(grad.shape[0] if grad.dim() else 1, -1).all(1)
         if not bool(finite.all()):
             rows = (~finite).nonzero().flatten().tolist()
@@ -462,9 +464,20 @@ def check_visible(model: nn.Module, modules: Dict[str, Optional[nn.Module]],
             + ". Plain-gradient methods at the input (gradient) work with it.")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """A quick proof that every element is finite: a NaN or an infinity makes the sum
+    non-finite, so a finite sum proves it.  ``False`` (a non-finite element, or a sum that
+    overflowed) sends the caller to its exact, element-wise check."""
+    if not tensor.is_floating_point():
+        return False
+    return bool(torch.isfinite(tensor.sum()))
+
+
 def check_finite_scores(scores: torch.Tensor, seed: torch.Tensor, input: torch.Tensor) -> None:
     """A :class:`ValueError` naming ``input`` when a score to explain is NaN or infinite."""
     values = scores.detach()
+    if all_finite(values):
+        return
     finite = torch.isfinite(values)
     if seed.shape == values.shape:
         finite = finite | (seed == 0)

@@ -8,14 +8,17 @@ modules compiled with ``torch.compile``, inside which rule contexts and probes s
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Tuple
+import contextlib
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.nn.parameter import is_lazy
+from torch.nn.parameter import UninitializedTensorMixin, is_lazy
 
 __all__ = ["check_model", "iter_modules", "iter_tensors", "is_compiled_wrapper",
-           "unwrap_compiled", "opaque_kind", "opaque_modules", "batch_statistics_layers"]
+           "unwrap_compiled", "opaque_kind", "opaque_modules", "batch_statistics_layers",
+           "ModelScan", "scan_model", "call_scan", "current_scan"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -46,6 +49,101 @@ def iter_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
                     yield kind, t
 
 
+class ModelScan:
+    """What the per-call checks need to know about a model, from **one** walk of its tree.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The model walked.
+    modules : list of torch.nn.Module
+        Every module once, ``model`` first (as :func:`iter_modules`).
+    unset : bool
+        Some parameter or buffer is uninitialised (``torch.nn.Lazy*``) or on the meta device.
+    inference : bool
+        Some parameter or buffer is an inference tensor.
+    opaque : bool
+        Some module is TorchScript or compiled (:func:`opaque_kind`).
+    batch_statistics : bool
+        Some batch norm normalises with the batch's statistics in eval mode.
+    data_parallel : bool
+        Some ``nn.DataParallel`` spans several devices.
+    """
+
+    __slots__ = ("model", "modules", "unset", "inference", "opaque", "batch_statistics",
+                 "data_parallel")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = modules = list(iter_modules(model))
+        unset = inference = opaque = batch_statistics = data_parallel = False
+        script = torch.jit.ScriptModule
+        for m in modules:
+            for table in (m._parameters, m._buffers):
+                for t in table.values():
+                    if t is None:
+                        continue
+                    if isinstance(t, UninitializedTensorMixin):
+                        unset = True  # (an uninitialised tensor refuses every other question)
+                        continue
+                    unset = unset or t.is_meta
+                    inference = inference or t.is_inference()
+            # opaque_kind(m), inlined: one function call per module counts on small models
+            if isinstance(m, script) or "_compiled_call_impl" in m.__dict__ \
+                    or type(m).__name__ == "OptimizedModule":
+                opaque = opaque or opaque_kind(m) is not None
+            if isinstance(m, _BATCH_NORMS):
+                batch_statistics = batch_statistics or m.running_mean is None
+            elif isinstance(m, nn.DataParallel):
+                data_parallel = data_parallel or len(m.device_ids or []) > 1
+        self.unset, self.inference, self.opaque = unset, inference, opaque
+        self.batch_statistics, self.data_parallel = batch_statistics, data_parallel
+
+
+def scan_model(model: nn.Module) -> ModelScan:
+    """The :class:`ModelScan` of ``model`` now (one walk of the module tree)."""
+    return ModelScan(model)
+
+
+class _CallScans(threading.local):
+    def __init__(self) -> None:
+        self.scans: Dict[int, ModelScan] = {}
+
+
+_CALL_SCANS = _CallScans()
+
+
+def current_scan(model: nn.Module) -> Optional[ModelScan]:
+    """The scan of ``model`` made by the :func:`call_scan` block this thread is in, if any."""
+    scan = _CALL_SCANS.scans.get(id(model))
+    return scan if scan is not None and scan.model is model else None
+
+
+@contextlib.contextmanager
+def call_scan(model: nn.Module) -> Iterator[ModelScan]:
+    """Scan ``model`` once for the block: inside it (this thread only), :func:`check_model`,
+    :func:`opaque_modules`, :func:`batch_statistics_layers`, the data-parallel check and the
+    state guard read the scan instead of walking the module tree each.
+
+    The scan lives for one call only, so a model changed between calls (modules added,
+    removed or replaced, flags, tensors moved or re-created) is seen as it is at the next
+    call; nothing is cached across calls.  A block for a model already scanned by an
+    enclosing block reuses that scan.
+    """
+    model = unwrap_compiled(model)
+    scans = _CALL_SCANS.scans
+    outer = scans.get(id(model))
+    if outer is not None and outer.model is model:
+        yield outer
+        return
+    scan = scans[id(model)] = ModelScan(model)
+    try:
+        yield scan
+    finally:
+        if scans.get(id(model)) is scan:
+            del scans[id(model)]
+
+
 def check_model(model: Any, needs_autograd: bool = True, method: str = "") -> nn.Module:
     """Validate that ``model`` is a module whose parameters hold values (and, with
     ``needs_autograd``, that autograd can differentiate through).
@@ -62,8 +160,12 @@ def check_model(model: Any, needs_autograd: bool = True, method: str = "") -> nn
                 f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
                 "in an nn.Module whose forward calls it")
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(is_lazy(t) or (needs_autograd and t.is_inference()) or t.is_meta
-               for _, t in iter_tensors(model)):
+    scan = current_scan(model)
+    if scan is not None:
+        if not (scan.unset or (needs_autograd and scan.inference)):
+            return model
+    elif not any(is_lazy(t) or (needs_autograd and t.is_inference()) or t.is_meta
+                 for _, t in iter_tensors(model)):
         return model
     # Something is wrong: find its name (the slow walk, on the error path only).
     prefix = f"{method}: " if method else ""
@@ -126,7 +228,9 @@ def opaque_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     hooks and rule contexts cannot see: ``(name, module, kind)`` with ``kind`` from
     :func:`opaque_kind`.  One walk over the module tree."""
     found: List[Tuple[str, nn.Module, str]] = []
-    if all(opaque_kind(m) is None for m in iter_modules(model)):
+    scan = current_scan(model)
+    if (not scan.opaque if scan is not None
+            else all(opaque_kind(m) is None for m in iter_modules(model))):
         return found
     for name, module in model.named_modules():
         if any(name == n or name.startswith(n + ".") or n == "" for n, _, _ in found):
@@ -141,8 +245,10 @@ def batch_statistics_layers(model: nn.Module) -> List[str]:
     """Names of the layers that normalise with the statistics of the batch even in eval mode
     (batch norm with ``track_running_stats=False``), so that one sample's output depends on
     the other samples of the batch.  Empty for almost every model (one walk of the tree)."""
-    if not any(isinstance(m, _BATCH_NORMS) and m.running_mean is None
-               for m in iter_modules(model)):
+    scan = current_scan(model)
+    if (not scan.batch_statistics if scan is not None
+            else not any(isinstance(m, _BATCH_NORMS) and m.running_mean is None
+                         for m in iter_modules(model))):
         return []
     return [name for name, m in model.named_modules()
             if isinstance(m, _BATCH_NORMS) and m.running_mean is None]

@@ -23,6 +23,7 @@ from torch.nn.modules import module as module_hooks
 from torch.utils.hooks import RemovableHandle
 
 from .context import THREAD_ADVICE
+from .modules import current_scan, iter_modules
 from .state import autograd_grad
 
 __all__ = ["get_module", "Probe", "attach_debug_probes"]
@@ -47,7 +48,8 @@ def get_module(model: nn.Module, module: Union[str, nn.Module, None]) -> nn.Modu
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_module: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(module, nn.Module):
-        if any(m is module for m in model.modules()):
+        scan = current_scan(model)  # the call's one walk, when there is one
+        if any(m is module for m in (scan.modules if scan is not None else iter_modules(model))):
             return module
         raise ValueError(
             f"get_module: the module {type(module).__name__} given is not a sub-module of the "
@@ -55,6 +57,9 @@ def get_module(model: nn.Module, module: Union[str, nn.Module, None]) -> nn.Modu
     if not isinstance(module, str):
         raise TypeError(
             f"get_module: module must be a dotted name or an nn.Module, got {module!r}")
+    found = _lookup(model, module)
+    if found is not None:
+        return found
     names = dict(model.named_modules())
     if module in names:
         return names[module]
@@ -64,6 +69,18 @@ def get_module(model: nn.Module, module: Union[str, nn.Module, None]) -> nn.Modu
     hint = f"; closest names: {', '.join(repr(c) for c in close)}" if close else (
         f"; top-level names: {', '.join(repr(n) for n in names if n and '.' not in n)}")
     raise ValueError(f"get_module: the model has no module named {module!r}{hint}")
+
+
+def _lookup(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The module at the dotted path ``name`` by following the children tables (what
+    ``named_modules`` would find, without naming every module), or ``None``."""
+    module: Optional[nn.Module] = model
+    for part in name.split(".") if name else ():
+        children = getattr(module, "_modules", None)
+        if not isinstance(children, dict):  # TorchScript's table: the slow path decides
+            return None
+        module = children.get(part)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------

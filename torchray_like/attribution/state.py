@@ -19,6 +19,7 @@ import torch.nn as nn
 from .inputs import check_input, dtype_hint, layout_hint
 from .modules import (
     check_model,
+    current_scan,
     is_compiled_wrapper,
     iter_modules,
     iter_tensors,
@@ -51,7 +52,8 @@ class _GuardState:
         self.frozen: List[torch.Tensor] = []
 
     def apply(self, freeze: bool) -> None:
-        for m in iter_modules(self.model):
+        scan = current_scan(self.model)  # the call's one walk, when there is one
+        for m in (scan.modules if scan is not None else iter_modules(self.model)):
             if m.training:
                 m.training = False
                 self.switched.append(m)

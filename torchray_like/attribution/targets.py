@@ -396,6 +396,9 @@ class Target:
     given : object
         The target as the caller gave it: a custom ``get_backward_gradient(output, target)``
         receives it unchanged, as in TorchRay.
+    classes : tuple of int or None
+        ``indices`` as Python ints, when the target was given as ints (an int or a sequence):
+        the seed and its range check then need no reading back from the tensor.
     """
 
     batch: int
@@ -403,6 +406,7 @@ class Target:
     seed_gradient: Optional[torch.Tensor] = None
     function: Optional[Callable[[Any], torch.Tensor]] = None
     given: Any = None
+    classes: Optional[Tuple[int, ...]] = None
 
     @property
     def kind(self) -> str:
@@ -455,6 +459,15 @@ class Target:
         if self.seed_gradient is not None:
             return _given_seed(output, self.seed_gradient)
         assert self.indices is not None
+        classes = self.classes
+        if (classes is not None and len(classes) <= _FEW and not is_binary_head(output)
+                and 0 <= min(classes) and max(classes) < output.shape[1]):
+            # Class indices known as ints and in range: the same one-hot, set row by row,
+            # without reading the indices back from a tensor (a short call's fixed cost).
+            seed = torch.zeros_like(output)
+            for row, c in enumerate(classes):
+                seed[row, c] = 1
+            return seed
         return class_seed(output, self.indices.to(output.device))
 
     def check_range(self, output: Any, num_classes: Optional[int] = None,
@@ -530,6 +543,7 @@ class Target:
 
 
 _ONE_HOT = get_backward_gradient
+_FEW = 8  # up to this many rows, a one-hot seed is set row by row from Python ints
 
 #: Why a seed-gradient target does not score a perturbed image.
 SEED_NOT_A_SCORE = (
@@ -615,7 +629,12 @@ def parse_target(target: Any, batch: int, *, allow_none: bool = False,
         if device is None:
             device = value.device
     indices = class_indices(value, batch, "cpu" if device is None else device)
-    return Target(batch, indices=indices, given=target)
+    classes: Optional[Tuple[int, ...]] = None
+    if isinstance(value, Integral):
+        classes = (int(value),) * batch
+    elif isinstance(value, (list, tuple, range)):
+        classes = tuple(int(v) for v in value)  # class_indices checked they are ints
+    return Target(batch, indices=indices, given=target, classes=classes)
 
 
 def backward_seed(output: Any, target: TargetType, batch: int,
