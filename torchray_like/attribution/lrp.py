@@ -57,6 +57,7 @@ from .modules import unwrap_compiled
 from .rules import UNHANDLED_NODES
 from .state import model_state_guard
 from .targets import TargetType, get_backward_gradient, parse_target
+from .tokens import TokensType
 
 __all__ = ["LRPContext", "lrp", "RelevanceLostWarning", "lrp_conservation", "lrp_epsilon_plus",
            "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box",
@@ -443,7 +444,7 @@ def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
         gradient_to_linear_approx_saliency,
         get_backward_gradient: Callable[[torch.Tensor, TargetType], torch.Tensor] =
         get_backward_gradient, debug: bool = False, *,
-        composite: CompositeSpec = "EpsilonPlusFlat"
+        composite: CompositeSpec = "EpsilonPlusFlat", tokens: TokensType = None
         ) -> Union[torch.Tensor, Tuple[torch.Tensor, SaliencyDebug]]:
     """Layer-wise relevance propagation map: the relevance at ``saliency_layer`` summed over
     channels.
@@ -473,6 +474,9 @@ def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
         ``Σ_c t_c · g_c``, the channel-summed relevance.
     composite : Composite, str or mapping, keyword-only
         The rules per layer (see :class:`LRPContext`); default ``"EpsilonPlusFlat"``.
+    tokens : None, False, TokenLayout or callable, keyword-only
+        How a transformer block's token output becomes a map (inferred by default; see
+        :mod:`~torchray_like.attribution.tokens`).
 
     Returns
     -------
@@ -493,7 +497,7 @@ def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
                     resize_mode=resize_mode, smooth=smooth,
                     context_builder=lambda: LRPContext(spec, model=owner),
                     gradient_to_saliency=gradient_to_saliency,
-                    get_backward_gradient=get_backward_gradient, debug=debug)
+                    get_backward_gradient=get_backward_gradient, debug=debug, tokens=tokens)
 
 
 def lrp_conservation(model: nn.Module, input: torch.Tensor, target: TargetType,
