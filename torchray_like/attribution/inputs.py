@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .modules import current_scan
+
 __all__ = ["check_input", "layout_hint", "dtype_hint", "forward_failure", "call_model",
            "FORWARD_ERRORS"]
 
@@ -77,7 +79,9 @@ def layout_hint(model: nn.Module, input: torch.Tensor,
     legitimate (a model that reshapes its input first), so they only complete the error of a
     forward pass that failed.
     """
-    conv = next((m for m in model.modules() if isinstance(m, _CONV_TYPES)), None)
+    scan = current_scan(model)  # the call's one walk, when there is one
+    conv = next((m for m in (scan.modules if scan is not None else model.modules())
+                 if isinstance(m, _CONV_TYPES)), None)
     if conv is None or not conv.in_channels:
         return None
     spatial = len(conv.kernel_size)

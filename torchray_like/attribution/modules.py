@@ -57,7 +57,7 @@ class ModelScan:
     model : torch.nn.Module
         The model walked.
     modules : list of torch.nn.Module
-        Every module once, ``model`` first (as :func:`iter_modules`).
+        Every module once, in ``model.modules()`` order (registration order, depth first).
     unset : bool
         Some parameter or buffer is uninitialised (``torch.nn.Lazy*``) or on the meta device.
     inference : bool
@@ -75,7 +75,7 @@ class ModelScan:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.modules = modules = list(iter_modules(model))
+        self.modules = modules = _preorder(model)
         unset = inference = opaque = batch_statistics = data_parallel = False
         script = torch.jit.ScriptModule
         for m in modules:
@@ -98,6 +98,21 @@ class ModelScan:
                 data_parallel = data_parallel or len(m.device_ids or []) > 1
         self.unset, self.inference, self.opaque = unset, inference, opaque
         self.batch_statistics, self.data_parallel = batch_statistics, data_parallel
+
+
+def _preorder(model: nn.Module) -> List[nn.Module]:
+    """``list(model.modules())`` without the generator per module."""
+    seen = set()
+    out: List[nn.Module] = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:  # a module met again: named_modules' memo, at visit time
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(c for c in reversed(module._modules.values()) if c is not None)
+    return out
 
 
 def scan_model(model: nn.Module) -> ModelScan:
