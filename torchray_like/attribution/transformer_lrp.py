@@ -100,6 +100,21 @@ def scale_gradient(x: torch.Tensor, factor: float, owner: Any = None) -> torch.T
     return _ScaleGradient.apply(x, factor, owner)
 
 
+class _HeldConstant(torch.autograd.Function):
+    """``value`` in the forward pass; in backward no gradient reaches ``x`` (a constant, as a
+    ``.detach()``), but the pass is counted in ``owner.applied``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, holder: list, owner: Any) -> torch.Tensor:
+        ctx.owner = owner
+        return holder.pop()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[None, None, None]:
+        ctx.owner.applied += 1
+        return None, None, None
+
+
 class IdentityRuleFunction(torch.autograd.Function):
     """An element-wise activation ``y = f(x)`` with the identity rule ``R_x = R_y``: in
     gradient form ``g_x = (y / x) · g_y`` (zero where ``x = 0``, whose relevance is zero)."""
@@ -302,7 +317,8 @@ class TransformerLRPContext(LRPContext):
             return out
         if isinstance(x, torch.Tensor) and x.dim() >= 3:
             self.count("softmax")
-            return out.detach()  # CP-LRP: attention probabilities held constant
+            # CP-LRP: attention probabilities held constant (a counted ``.detach()``)
+            return _HeldConstant.apply(x, [out.detach()], self)
         self.unhandle("softmax over a 2-D tensor (an output layer? plain gradient)")
         return out
 
