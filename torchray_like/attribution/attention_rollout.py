@@ -201,7 +201,7 @@ def _token_row(matrix: torch.Tensor, input: torch.Tensor, num_prefix_tokens: Opt
     return tokens_to_grid(row, input, num_prefix_tokens, grid)
 
 
-def attention_rollout(model: nn.Module, input: torch.Tensor, target: TargetType = None,
+def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[TargetType] = None,
                       head_fusion: str = "mean", discard_ratio: float = 0.0, *,
                       num_prefix_tokens: Optional[int] = None,
                       grid: Optional[Sequence[int]] = None, resize: SizeType = False,
@@ -292,7 +292,7 @@ def flow_to_token(attentions: Sequence[torch.Tensor], sink: int = 0, head_fusion
     return torch.from_numpy(flows)
 
 
-def attention_flow(model: nn.Module, input: torch.Tensor, target: TargetType = None,
+def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[TargetType] = None,
                    head_fusion: str = "mean", discard_ratio: float = 0.0, *,
                    num_prefix_tokens: Optional[int] = None,
                    grid: Optional[Sequence[int]] = None, max_work: float = 2e8,
