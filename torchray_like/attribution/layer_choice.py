@@ -176,8 +176,9 @@ def _patch_tokens_reached(model: nn.Module, input: torch.Tensor, records: List[_
 def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
                    classes: Set[int]) -> Optional[str]:
     """The automatic layer of a token model: the last module called once, with parameters,
-    whose output is a token sequence of the final width with an inferable layout and whose
-    patch tokens the output depends on.
+    whose output is a token sequence with an inferable layout, no wider than the final tokens
+    (not an attention's q/k/v projection nor an MLP's hidden layer), and whose patch tokens
+    the output depends on.
 
     With a class-token head, the patch tokens after the last block's attention reach the
     output through nothing (the MLP and LayerNorm act per token): their gradient is zero and
@@ -189,7 +190,7 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
     end = _head_start(records, classes, input.dim(), 1)
     width = (last.shape or (0,))[-1]
     candidates = [r for r in records[:end] if r.tensor is not None and r.has_params
-                  and r.shape is not None and len(r.shape) == 3 and r.shape[-1] == width
+                  and r.shape is not None and len(r.shape) == 3 and r.shape[-1] <= width
                   and calls[r.name] == 1 and not r.alias and r.tensor.requires_grad]
     tensors = [cast(torch.Tensor, r.tensor) for r in candidates]
     values = output.values() if isinstance(output, dict) else (

@@ -44,13 +44,13 @@ import itertools
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
 
 __all__ = ["TokenLayout", "TokensType", "layer_tokens", "tokens_to_map", "infer_token_layout",
-           "is_token_model"]
+           "is_token_model", "check_tokens"]
 
 _ADVICE = ("pass tokens=TokenLayout(prefix=..., grid=(h, w)) (prefix tokens to drop, patch "
            "grid), or a callable tensor -> (N, C, *grid), or tokens=False to read the tensor "
@@ -288,6 +288,18 @@ def _checked(fn: Callable[[torch.Tensor], torch.Tensor], batch: int
     return convert
 
 
+def check_tokens(tokens: Any) -> TokensType:
+    """``tokens`` validated (``True`` means ``None``, inferred): a :class:`TypeError` unless it
+    is ``None``, a bool, a :class:`TokenLayout` or a callable."""
+    if tokens is True:
+        return None
+    if tokens is None or tokens is False or isinstance(tokens, TokenLayout) or callable(tokens):
+        return cast(TokensType, tokens)
+    raise TypeError(
+        f"tokens must be None (inferred), False, a TokenLayout or a callable "
+        f"tensor -> (N, C, *grid); got {type(tokens).__name__} {tokens!r}")
+
+
 def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
                  tokens: TokensType = None) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The rearrangement that turns a layer's output ``read`` into ``(N, C, *grid)``, or
@@ -313,16 +325,12 @@ def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
     ValueError
         A token layout that cannot be inferred (the message says what to pass).
     """
+    tokens = check_tokens(tokens)
     if tokens is False:
         return None
-    if tokens is True:
-        tokens = None
     if tokens is not None and not isinstance(tokens, TokenLayout):
-        if not callable(tokens):
-            raise TypeError(
-                f"tokens must be None (inferred), False, a TokenLayout or a callable "
-                f"tensor -> (N, C, *grid); got {type(tokens).__name__} {tokens!r}")
-        return _checked(tokens, int(read.shape[0]))
+        return _checked(cast(Callable[[torch.Tensor], torch.Tensor], tokens),
+                        int(read.shape[0]))
     return infer_token_layout(model, read.shape, input.shape, tokens)
 
 
