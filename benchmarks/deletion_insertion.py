@@ -58,7 +58,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from torchray_like.attribution.registry import METHODS  # noqa: E402
+from torchray_like.attribution.registry import METHODS, TRANSFORMER_ONLY_METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
     default_blur_sigma,
@@ -79,6 +79,9 @@ from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
 EXPERIMENT = "deletion_insertion/embedded"
 ALL_METHODS = ("random",) + tuple(METHODS)
+#: The default: every method but those that explain transformers only (the embedded CNNs
+#: have no attention: they refuse them).
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in TRANSFORMER_ONLY_METHODS)
 DOCS_FIGURE = os.path.join(ROOT, "docs", "_static", "deletion_insertion_curves.png")
 
 #: The games played for every map: name -> (mode, substrate).  Deletion to zeros is the paper's;
@@ -110,8 +113,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "perturbation (800 iterations)")
     parser.add_argument("--docs", action="store_true",
                         help=f"also save the figure as {os.path.relpath(DOCS_FIGURE, ROOT)}")
-    embedded_cli.add_embedded_arguments(parser, "deletion_insertion", ALL_METHODS, ALL_METHODS,
-                                        limit=8)
+    embedded_cli.add_embedded_arguments(parser, "deletion_insertion", ALL_METHODS,
+                                        DEFAULT_METHODS, limit=8)
     args = embedded_cli.parse_embedded_arguments(parser, argv, ALL_METHODS)
     if args.blur_sigma is not None and not (args.blur_sigma >= 0 and math.isfinite(
             args.blur_sigma)):

@@ -51,7 +51,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from torchray_like.attribution.registry import METHODS  # noqa: E402
+from torchray_like.attribution.registry import METHODS, TRANSFORMER_ONLY_METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.intervals import (  # noqa: E402
     DEFAULT_LEVEL,
@@ -70,7 +70,10 @@ from torchray_like.benchmark.sanity_checks import (  # noqa: E402
 from torchray_like.benchmark.settings import describe_options  # noqa: E402
 
 EXPERIMENT = "sanity_checks/embedded"
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "extremal_perturbation")
+#: Every method but extremal perturbation (slow) and those that explain transformers only
+#: (the embedded CNNs have no attention: they refuse them).
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "extremal_perturbation"
+                        and m not in TRANSFORMER_ONLY_METHODS)
 DOCS_DIR = os.path.join(ROOT, "docs", "_static")
 METRIC_LABELS = {"spearman_abs": "Spearman |map|", "spearman": "Spearman (signed)",
                  "ssim": "SSIM", "hog": "Spearman of HOG"}
