@@ -366,3 +366,12 @@ def test_capture_does_not_leak_into_other_contexts(models, x):
     with pytest.warns(UserWarning, match="replaced no"), TransformerLRPContext("cp-lrp") as ctx:
         got = attention_rollout(models["sdpa"], x)
     assert torch.equal(got, want) and ctx.replaced == 0
+
+
+def test_tokens_to_grid_reads_the_layout_from_the_model(vit):
+    values = torch.arange(2 * 17, dtype=torch.float32).reshape(2, 17)
+    x = torch.zeros(2, 3, 32, 32)
+    grid = tokens_to_grid(values, x, model=vit)  # torchvision: patch_size 8, one class token
+    assert grid.shape == (2, 1, 4, 4) and torch.equal(grid.flatten(1), values[:, 1:])
+    with pytest.raises(ValueError, match=r"cannot lay the 17 tokens.*\(tokens:"):
+        tokens_to_grid(values, x, grid=(5, 5), model=vit)

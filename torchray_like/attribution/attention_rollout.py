@@ -41,6 +41,7 @@ from .maps import SizeType, finish_map
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, parse_target
+from .tokens import TokenLayout, infer_token_layout
 
 __all__ = ["attention_rollout", "attention_flow", "grad_rollout", "rollout", "fuse_heads",
            "grad_weighted_rollout", "flow_to_token", "tokens_to_grid", "read_attentions"]
@@ -146,23 +147,35 @@ def grad_weighted_rollout(attentions: Sequence[torch.Tensor],
 
 def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
                    num_prefix_tokens: Optional[int] = None,
-                   grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+                   grid: Optional[Sequence[int]] = None,
+                   model: Optional[nn.Module] = None) -> torch.Tensor:
     """Per-token values ``(N, T)`` → ``(N, 1, *grid)`` over the patch tokens.
 
     The first ``num_prefix_tokens`` tokens (class / distillation / register tokens) are dropped
-    and the rest laid out row-major on ``grid``.  Both are inferred when not given: the grid
-    has the input's aspect ratio (``h·W == w·H``), and the prefix is the first of 1, 0, 2 … 8
-    that leaves such a grid.  A ``ValueError`` says what to pass when nothing fits.
+    and the rest laid out row-major on ``grid``.  Both are inferred when not given: from the
+    ``model`` (its patch stride and prefix-token parameters,
+    :func:`~.tokens.infer_token_layout`) for image and video inputs, else as the first prefix
+    among 1, 0, 2 … 8 leaving a grid with the input's aspect ratio (``h·W == w·H``).  A
+    ``ValueError`` says what to pass when nothing fits.
     """
-    # TODO: use the shared token → grid inference of torchray_like.attribution.tokens once it
-    # has landed (issue 21, item 1).
     n, t = values.shape
     spatial = tuple(input.shape[2:])
+    if num_prefix_tokens is not None and (not isinstance(num_prefix_tokens, int) or isinstance(
+            num_prefix_tokens, bool) or not 0 <= num_prefix_tokens < t):
+        raise ValueError(f"num_prefix_tokens must be an int in [0, {t}), got "
+                         f"{num_prefix_tokens!r}")
+    reason = ""
+    if model is not None and len(spatial) in (2, 3):
+        try:
+            layout = infer_token_layout(model, (n, t, 1), tuple(input.shape), TokenLayout(
+                prefix=num_prefix_tokens, grid=None if grid is None else tuple(grid)))
+            if layout is not None and not layout.channels_last:
+                return layout(values.unsqueeze(-1))
+        except ValueError as exc:
+            reason = f" ({exc})"
     prefixes = (num_prefix_tokens,) if num_prefix_tokens is not None else (1, 0) + tuple(
         range(2, 9))
     for prefix in prefixes:
-        if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix < t:
-            raise ValueError(f"num_prefix_tokens must be an int in [0, {t}), got {prefix!r}")
         shape = _grid_for(t - prefix, spatial, grid)
         if shape is not None:
             return values[:, prefix:].reshape((n, 1) + shape)
@@ -170,7 +183,7 @@ def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
         f"cannot lay the {t} tokens out on a patch grid of the input {spatial}"
         + (f" with grid={tuple(grid)}" if grid is not None else "")
         + "; pass num_prefix_tokens= (the class and other non-patch tokens first in the "
-        "sequence) and grid=(h, w)")
+        "sequence) and grid=(h, w)" + reason)
 
 
 def _grid_for(count: int, spatial: Tuple[int, ...], grid: Optional[Sequence[int]]
@@ -191,15 +204,15 @@ def _grid_for(count: int, spatial: Tuple[int, ...], grid: Optional[Sequence[int]
 
 
 def _token_row(matrix: torch.Tensor, input: torch.Tensor, num_prefix_tokens: Optional[int],
-               grid: Optional[Sequence[int]]) -> torch.Tensor:
+               grid: Optional[Sequence[int]], model: nn.Module) -> torch.Tensor:
     """The class token's row (token 0), or the mean row for a model without prefix tokens."""
     t = matrix.shape[-1]
     if num_prefix_tokens is None:
         probe = torch.zeros(1, t)
-        shape = tokens_to_grid(probe, input[:1], None, grid).shape
+        shape = tokens_to_grid(probe, input[:1], None, grid, model).shape
         num_prefix_tokens = t - math.prod(shape[2:])
     row = matrix[:, 0] if num_prefix_tokens > 0 else matrix.mean(1)
-    return tokens_to_grid(row, input, num_prefix_tokens, grid)
+    return tokens_to_grid(row, input, num_prefix_tokens, grid, model)
 
 
 def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[TargetType] = None,
@@ -248,7 +261,7 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
                  allow_none=True)
     attentions, _ = read_attentions(model, input, "attention_rollout")
     matrix = rollout(attentions, head_fusion, discard_ratio)
-    smap = _token_row(matrix, input, num_prefix_tokens, grid)
+    smap = _token_row(matrix, input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)
 
 
@@ -310,13 +323,13 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     attentions, _ = read_attentions(model, input, "attention_flow")
     t = attentions[0].shape[-1]
     if num_prefix_tokens is None:
-        shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid).shape
+        shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid, model).shape
         num_prefix_tokens = t - math.prod(shape[2:])
     if num_prefix_tokens < 1:
         raise ValueError("attention_flow needs a class token to flow into: the model's tokens "
                          "are all patches (num_prefix_tokens=0); use attention_rollout")
     flows = flow_to_token(attentions, 0, head_fusion, discard_ratio, max_work)
-    smap = tokens_to_grid(flows.to(input.device), input, num_prefix_tokens, grid)
+    smap = tokens_to_grid(flows.to(input.device), input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)
 
 
@@ -346,5 +359,5 @@ def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
     grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)
     with torch.no_grad():
         matrix = grad_weighted_rollout([a.detach() for a in attentions], list(grads))
-    smap = _token_row(matrix, input, num_prefix_tokens, grid)
+    smap = _token_row(matrix, input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)
