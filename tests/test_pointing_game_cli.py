@@ -573,3 +573,50 @@ def test_compare_options_are_the_settings_table(tmp_path):
                              "num_masks": 7, "generator": 5, "progress": False}
     assert table["extremal_perturbation"]["areas"] == [0.3]
     assert table["extremal_perturbation"]["max_iter"] == 100
+
+
+# ------------------------------------------------------------------------- issue 22: shared work
+
+
+def test_shared_methods_give_their_own_functions_points(tmp_path):
+    """The shared backpropagation methods come from one explain call per image: every point is
+    the one the method's own function gives, and the call's time is split evenly."""
+    from torchray_like.attribution.registry import METHODS
+    from torchray_like.benchmark.embedded_cli import load_benchmark_model
+    from torchray_like.benchmark.embedded_data import EmbeddedShapes
+    from torchray_like.benchmark.pointing_game import saliency_to_point
+    from torchray_like.benchmark.settings import method_options
+
+    methods = ["gradient", "guided_backprop", "grad_cam", "gradient_x_input", "eigen_cam"]
+    _run(["--weights", "random", "--models", "embedded-vgg", "--limit", "3", "--no-report",
+          "--no-progress", "--methods", ",".join(methods), "--out", tmp_path])
+    records = {(r["method"], r["index"]): r
+               for r in ResultsStore(tmp_path / "results.sqlite", EXPERIMENT).records()}
+    assert len(records) == 3 * len(methods)
+    model, _ = load_benchmark_model("embedded-vgg", "random", 0, "coco")
+    data = EmbeddedShapes("test", size=3)
+    for index in range(3):
+        x, label = data[index]
+        classes = label["class_ids"].tolist()
+        batch = x[None].expand(len(classes), *x.shape).contiguous()
+        for method in methods:
+            maps = METHODS[method](model, batch, classes,
+                                   **method_options(method, "embedded-vgg", "pointing_game"))
+            own = [list(saliency_to_point(maps[k], tuple(label["image_size"])))
+                   for k in range(len(classes))]
+            assert [p[3] for p in records[(method, index)]["pairs"]] == own, (method, index)
+        assert len({records[(m, index)]["seconds"] for m in methods}) == 1
+
+
+def test_lrp_limit_and_the_methods_a_model_refuses(tmp_path, capsys):
+    out = _run(["--weights", "random", "--models", "embedded-vgg", "--limit", "3",
+                "--lrp-limit", "2", "--no-report", "--no-progress", "--methods",
+                "center,lrp,attention_rollout", "--out", tmp_path], capsys).out
+    assert [(r["method"], r["images"]) for r in _csv(tmp_path)] == [("center", "3"),
+                                                                     ("lrp", "2")]
+    assert "n/a: attention_rollout: EmbeddedVGG computed no attention" in out
+    assert _json(tmp_path)["lrp_images"] == 2
+    with pytest.raises(SystemExit) as info:
+        pg.main(["--lrp-limit", "0", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err

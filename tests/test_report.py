@@ -267,6 +267,43 @@ def test_pointing_game_prints_the_path_of_its_report(tmp_path, capsys):
     p = parse(tmp_path / "report.html")
     assert p.sections == ["s0", "gallery"]
     assert len(p.images) == 3 * 2          # three test images: the image and the gradient
+    # Two images computed, three shown: the gallery computes its own gradient maps.
+    assert "the maps the pointing game scored" not in (tmp_path / "report.html").read_text()
+
+
+def test_pointing_game_gallery_shows_the_maps_it_scored(tmp_path):
+    """With the gallery's three images computed, the page shows the pointing game's own maps
+    (not computed again): the overlay of its gradient map of image 0, pixel for pixel."""
+    from torchray_like.attribution.registry import METHODS
+    from torchray_like.benchmark.settings import method_options
+    from torchray_like.visualize import overlay
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _load("pointing_game").main([
+            "--weights", "random", "--models", "embedded-vgg", "--limit", "3", "--no-progress",
+            "--methods", "center,gradient,grad_cam", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "report.html").read_text()
+    assert "2 of 2 methods: the maps the pointing game scored (its settings)." in text
+    p = parse(tmp_path / "report.html")
+    shown = [i for i in p.images if i.get("alt") == "gradient, image 0"]
+    assert len(shown) == 1
+    model, _ = load_benchmark_model("embedded-vgg", "random", 0, "coco")
+    x, label = EmbeddedShapes("test", size=1)[0]
+    smap = METHODS["gradient"](model, x[None], [int(label["class_ids"][0])],
+                               **method_options("gradient", "embedded-vgg", "pointing_game"))
+    from torchray_like.benchmark.embedded_data import EMBEDDED_MEAN, EMBEDDED_STD
+    rgb = (x * torch.tensor(EMBEDDED_STD)[:, None, None]
+           + torch.tensor(EMBEDDED_MEAN)[:, None, None]).clamp(0, 1)
+    from PIL import Image
+
+    data = base64.b64decode(shown[0]["src"].split(",", 1)[1])
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    expected = (np.clip(overlay(rgb, smap[0], alpha=0.5), 0, 1) * 255).round()
+    assert np.array_equal(pixels, expected.astype(np.uint8))
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on the PATH")
