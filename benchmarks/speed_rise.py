@@ -235,7 +235,12 @@ def main(argv=None) -> int:
     parser.add_argument("--target", choices=["one", "all"], default="all",
                         help="--memory: one class or every class (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--torchray-path", default=None, metavar="DIR",
+                        help="folder holding an unpacked torchray package, put first on "
+                             "sys.path (default: the installed torchray, if any)")
     args = parser.parse_args(argv)
+    if args.torchray_path:
+        sys.path.insert(0, args.torchray_path)
     models = [n for v in args.models for n in v.split(",") if n]
     threads = torch.get_num_threads()
     if args.threads:

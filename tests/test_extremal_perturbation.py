@@ -1460,3 +1460,31 @@ def test_numpy_arguments_are_accepted_and_give_the_same_masks():
                                    max_iter=2, **KW2)
     assert got.shape == (2, 1) + SHAPE2 and torch.equal(got, ref)
 
+
+
+@pytest.mark.parametrize("shape,step,sigma,jitter", [((64, 64), 4, 8.0, 2), ((30, 41), 7, 21.0, 3),
+                                                     ((20, 24), 2, 3.0, 1), ((17, 17), 3, 9.0, 0),
+                                                     ((40,), 4, 8.0, 2)])
+def test_mask_pair_is_canvas_then_crop(shape, step, sigma, jitter):
+    """The optimiser's fused interpolation-and-crop (issue 22) gives the masks of canvas()
+    and crop(), values and gradients, up to float64 rounding."""
+    gen = MaskGenerator(shape, step, sigma, jitter=jitter, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    params = torch.rand((3, 1) + gen.param_shape, dtype=torch.float64, generator=g)
+    shift = torch.randint(-jitter, jitter + 1, (3, len(shape)), generator=g)
+    p1 = params.clone().requires_grad_(True)
+    canvas = gen.canvas(p1)
+    ref = (gen.crop(canvas), gen.crop(canvas, shift))
+    p2 = params.clone().requires_grad_(True)
+    got = gen.pair(p2, shift)
+    w = [torch.rand(r.shape, dtype=torch.float64, generator=g) for r in ref]
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape == (3, 1) + tuple(shape)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    (g1,) = torch.autograd.grad(ref, p1, w)
+    (g2,) = torch.autograd.grad(got, p2, w)
+    torch.testing.assert_close(g2, g1, rtol=0, atol=1e-12)
+    # No shift: one mask, returned twice.
+    a, b = gen.pair(params)
+    assert a is b
+    torch.testing.assert_close(a, gen(params), rtol=0, atol=1e-12)

@@ -1011,3 +1011,73 @@ def test_a_torchray_style_call_with_filter_masks_warns_of_torchrays_number():
         rise(model, x, filter_masks=bank, score="softmax")   # the paper's, said explicitly
         rise(model, x, num_masks=64, generator=0)           # no TorchRay argument: no warning
     assert not torch.allclose(paper, torchray, rtol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channels-last masked batches (issue 22)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Layouts(nn.Module):
+    """A small CNN that records the memory layout of every batch it sees; ``flat="view"``
+    flattens with ``.view`` (which fails on channels-last activations), ``"raw"`` reads the
+    batch in storage order (a stand-in for a custom kernel that ignores strides: silently
+    different on channels-last data)."""
+
+    def __init__(self, flat: str = "flatten") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+        self.flat = flat
+        self.layouts: list = []
+
+    def forward(self, x):
+        self.layouts.append(x.is_contiguous())
+        if self.flat == "raw":
+            x = x.new_empty(x.shape).copy_(x.permute(0, 2, 3, 1).reshape(x.shape)
+                                           if not x.is_contiguous() else x)
+        h = torch.relu(self.conv(x))
+        h = h.view(h.shape[0], -1) if self.flat == "view" else torch.flatten(h, 1)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("flat", ["flatten", "view", "raw"])
+def test_channels_last_batches_give_the_contiguous_maps(flat):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = _Layouts(flat)
+    got = rise(model, x, [1, 3], num_masks=48, batch_size=16, generator=0, progress=False)
+    # The reference: the same masks applied by hand, contiguous batches only.
+    masks = generate_masks(48, (8, 8), generator=0)
+    ref = torch.zeros(2, 1, 8, 8)
+    with torch.no_grad():
+        for i, c in enumerate([1, 3]):
+            plain = _Layouts("flatten")
+            scores = plain(x[i:i + 1] * masks).softmax(1)[:, c]
+            ref[i, 0] = (scores.view(-1, 1, 1) * masks[:, 0]).sum(0) / (48 * 0.5)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # A well-behaved model runs channels-last; one that fails on, or disagrees with, the
+    # layout is run contiguous after the first batch.
+    later = model.layouts[3:]
+    assert later and all(c == (flat != "flatten") for c in later)
+
+
+def test_channels_last_skipped_for_one_channel_and_other_ranks():
+    seen = []
+
+    def model(x):
+        seen.append(x.is_contiguous())
+        return x.flatten(1)[:, :3]
+
+    rise(model_wrap(model), torch.rand(1, 1, 6, 6), 0, num_masks=8, batch_size=4,
+         generator=0, progress=False)
+    rise(model_wrap(model), torch.rand(1, 3, 12), 0, num_masks=8, batch_size=4, generator=0,
+         progress=False)
+    assert seen and all(seen)
+
+
+def model_wrap(fn):
+    class Wrapped(nn.Module):
+        def forward(self, x):
+            return fn(x)
+    return Wrapped()

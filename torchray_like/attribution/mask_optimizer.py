@@ -185,9 +185,7 @@ class MaskOptimizer:
               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The masks of the current parameters and their shifted copies (the same tensor when
         ``shift`` is ``None``), in the graph that :meth:`step` differentiates."""
-        canvas = self.generator.canvas(self.params.requires_grad_(True))
-        mask = self.generator.crop(canvas)
-        return mask, (mask if shift is None else self.generator.crop(canvas, shift))
+        return self.generator.pair(self.params.requires_grad_(True), shift)
 
     def step(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Backpropagate ``grads`` (the energy's gradient at ``outputs``, tensors returned by

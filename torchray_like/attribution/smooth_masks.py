@@ -213,6 +213,7 @@ class MaskGenerator:
         self.pooling_method = pooling_method
         self.temperature = float(temperature) if pooling_method == "softmax" else 0.0
         self.dtype = dtype
+        self._windows: dict = {}
         self.axes: List[_Axis] = []
         for length, s, sg, j, f in zip(self.shape, steps, sigmas, jitters, subs):
             self.axes.append(self._axis(length, int(s), float(sg), int(j), f, device, dtype))
@@ -349,6 +350,57 @@ class MaskGenerator:
             out = out.gather(dim, idx.view(view).expand(size))
         return out
 
+    def windows(self, axis: int) -> torch.Tensor:
+        """``(2·jitter + 1, length, points)``: for each crop start ``s`` along ``axis``, the
+        linear interpolation from the evaluation points to the pixels ``s … s + length − 1`` of
+        the canvas as a matrix (rows of :meth:`canvas`'s interpolation, cropped).  Built once
+        and cached."""
+        a = self.axes[axis]
+        cached = self._windows.get(axis)
+        if cached is not None:
+            return cached
+        canvas = a.length + 2 * a.jitter
+        rows = torch.arange(canvas, device=a.index.device)
+        full = torch.zeros(canvas, a.points, dtype=self.dtype, device=a.index.device)
+        if a.sub == a.step:
+            full[rows, a.index] = 1.0
+        else:
+            full[rows, a.index] = 1.0 - a.frac
+            full[rows, a.index + 1] += a.frac
+        out = full.unfold(0, a.length, 1).permute(0, 2, 1).contiguous()
+        self._windows[axis] = out
+        return out
+
+    def pair(self, params: torch.Tensor, shift: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, moved)``: :meth:`__call__` without and with ``shift``, made together.
+
+        For 2-D masks the interpolation and the crop are one matrix product per axis,
+        ``R_y · grid · R_xᵀ`` with the rows :meth:`windows` keeps for each shift (the same
+        numbers as :meth:`canvas` then :meth:`crop` up to float rounding, in a handful of
+        operations instead of dozens, forward and backward: extremal perturbation's mask
+        generation is mostly per-operation overhead).  Other ranks use the two methods.
+        ``moved`` is ``mask`` itself when ``shift`` is ``None`` or there is no jitter.
+        """
+        jitters = [a.jitter for a in self.axes]
+        if len(self.axes) != 2:
+            canvas = self.canvas(params)
+            mask = self.crop(canvas)
+            return mask, (mask if shift is None or not any(jitters) else
+                          self.crop(canvas, shift))
+        grid = self.grid(params)                                   # (B, 1, Py, Px)
+        ry, rx = self.windows(0), self.windows(1)
+        if shift is None or not any(jitters):
+            mask = ry[jitters[0]] @ grid @ rx[jitters[1]].t()
+            return mask, mask
+        b = grid.shape[0]
+        start = torch.cat([torch.tensor([jitters], device=shift.device).expand(b, 2),
+                           torch.tensor([jitters], device=shift.device) - shift])
+        both = ry[start[:, 0]] @ grid.repeat(2, 1, 1, 1).squeeze(1) \
+            @ rx[start[:, 1]].transpose(1, 2)
+        both = both.unsqueeze(1)
+        return both[:b], both[b:]
+
     def __call__(self, params: torch.Tensor, shift: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:
         """Masks ``(B, 1, *shape)`` for the parameters ``(B, 1, *param_shape)``."""
@@ -379,4 +431,5 @@ class MaskGenerator:
         """Move the generator to ``device`` (in place); returns ``self``."""
         for a in self.axes:
             a.to(device)
+        self._windows = {}
         return self
