@@ -92,6 +92,8 @@ ALL_METHODS: Tuple[str, ...] = (CENTER,) + tuple(METHODS)
 #: Methods costing hundreds of forward passes per image: their own image limits
 #: (``--rise-limit``, ``--ep-limit``).
 SLOW_METHODS = ("rise", "extremal_perturbation")
+#: Methods with random parts: each image gets its own seed (``--seed`` and the image index).
+SEEDED_METHODS = SLOW_METHODS + ("smooth_grad",)
 #: Methods of tens of passes per image (issue 19's): one more image limit (``--slow-limit``).
 MANY_PASS_METHODS = ("integrated_gradients", "smooth_grad", "occlusion", "score_cam",
                      "ablation_cam")
@@ -419,7 +421,7 @@ class Task:
             maps = rise(bundle["model"], x[None], None, generator=seed, progress=False,
                         **kwargs)
             return maps[0, classes, None]
-        if method in SLOW_METHODS:
+        if method in SEEDED_METHODS:  # reproducible: each image's noise from its own seed
             kwargs.update(generator=seed, progress=False)
         model = bundle["fully_convolutional"] if entry.get("fully_convolutional") \
             else bundle["model"]
@@ -594,8 +596,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             "world_size": world_size, "wall_seconds": wall, "config": config}
         gallery = {arch: m["model"] for arch, m in task.models.items()
                    if arch.startswith("embedded-")}
+        shown = [m for m in args.method_list  # the gallery's methods apply to every model
+                 if not any(m in task.models[arch]["not_applicable"] for arch in gallery)]
         _report(args, records, len(task.classes), list(task.models), meta, wall, gallery,
-                task.gallery)
+                task.gallery, shown)
     return 0
 
 
@@ -623,7 +627,8 @@ def _announce(args: argparse.Namespace, task: Task, store: Any,
 def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_classes: int,
             models: Sequence[str], meta: Mapping[str, Any], wall: float,
             gallery: Optional[Mapping[str, torch.nn.Module]] = None,
-            given: Optional[Mapping[str, Any]] = None) -> None:
+            given: Optional[Mapping[str, Any]] = None,
+            gallery_methods: Optional[Sequence[str]] = None) -> None:
     """The table with its intervals, the published orderings, the files and the HTML page
     (with a gallery of the maps of ``gallery``'s embedded models; none from the store)."""
     rows = make_table(records, num_classes, models, args.method_list, seed=args.seed)
@@ -641,7 +646,8 @@ def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_
     print(f"wrote {csv_path} and {json_path}; wall time {wall:.1f} s", flush=True)
     if not args.no_report:
         path = _report_module().write_report(
-            args.out, gallery_models=gallery or {}, gallery_methods=args.method_list,
+            args.out, gallery_models=gallery or {},
+            gallery_methods=args.method_list if gallery_methods is None else gallery_methods,
             gallery_given=given)
         print(f"report: {path}", flush=True)
 

@@ -432,6 +432,14 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
 # ---------------------------------------------------------------------------------------------
 
 
+def default_gallery_methods() -> List[str]:
+    """Every registered method but those that explain transformers only (the embedded
+    models of the gallery are CNNs without attention: those methods refuse them)."""
+    from torchray_like.attribution.registry import METHODS, TRANSFORMER_ONLY_METHODS
+
+    return [m for m in METHODS if m not in TRANSFORMER_ONLY_METHODS]
+
+
 def write_report(out_dir: str, output: Optional[str] = None, *,
                  gallery_models: Optional[Mapping[str, torch.nn.Module]] = None,
                  gallery_methods: Optional[Sequence[str]] = None,
@@ -449,7 +457,7 @@ def write_report(out_dir: str, output: Optional[str] = None, *,
     gallery_models : mapping name -> model, optional
         Embedded models whose maps the gallery shows (none: no gallery).
     gallery_methods : sequence of str, optional
-        Methods of the gallery (default: every registered method).
+        Methods of the gallery (default: :func:`default_gallery_methods`).
     gallery_images : int
         Test images of the gallery (default 3).
     gallery_given : mapping model -> method -> image -> map, optional
@@ -464,7 +472,7 @@ def write_report(out_dir: str, output: Optional[str] = None, *,
         raise ValueError(f"gallery_images must be a non-negative int, got {gallery_images!r}")
     output = os.path.abspath(output or os.path.join(out_dir, "report.html"))
     sections, shown = result_sections(out_dir)
-    methods = [m for m in (gallery_methods or METHODS) if m in METHODS]
+    methods = [m for m in (gallery_methods or default_gallery_methods()) if m in METHODS]
     if gallery_models and gallery_images and methods:
         sections.append(("gallery", "Gallery: every method on the same test images",
                          '<p class="meta">maps of the class named under each image (settings '
@@ -561,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded models of the gallery, comma- or space-separated "
                              "(default: all)")
     parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
-                        help="methods of the gallery (default: all)")
+                        help="methods of the gallery (default: all but the transformer-only ones)")
     parser.add_argument("--weights", default=None, metavar="FILE|random",
                         help="the gallery models' weights: a state-dict FILE, one per model "
                              "(comma-separated), or random (default: the shipped weights)")
@@ -590,6 +598,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         names = embedded_cli.name_list(args.models, EMBEDDED_MODELS, "--models")
         methods = embedded_cli.name_list(args.methods, tuple(METHODS), "--methods")
+        if [m.lower() for m in args.methods] == ["all"]:
+            methods = default_gallery_methods()
     except ValueError as error:
         parser.error(str(error))
     try:

@@ -620,3 +620,16 @@ def test_lrp_limit_and_the_methods_a_model_refuses(tmp_path, capsys):
         pg.main(["--lrp-limit", "0", "--out", str(tmp_path)])
     assert info.value.code == 2
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_smooth_grad_is_seeded_per_image(tmp_path):
+    """SmoothGrad's noise comes from each image's seed: two runs give the same points."""
+    argv = ["--weights", "random", "--models", "embedded-vgg", "--limit", "2", "--no-report",
+            "--no-progress", "--methods", "smooth_grad"]
+    points = []
+    for run in ("a", "b"):
+        torch.manual_seed(len(run) + ord(run))  # a different global state: not used
+        _run(argv + ["--out", tmp_path / run])
+        store = ResultsStore(tmp_path / run / "results.sqlite", EXPERIMENT)
+        points.append({r["key"]: r["pairs"] for r in store.records()})
+    assert len(points[0]) == 2 and points[0] == points[1]
