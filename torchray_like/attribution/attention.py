@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from .context import RuleContext, records_gradient
 
 __all__ = ["AttentionCapture", "AttentionOps", "explicit_sdpa", "explicit_mha", "substitute",
-           "sdpa_arguments", "mha_arguments", "SOFTMAX_FUNCTIONS", "NoAttentionError"]
+           "sdpa_arguments", "mha_arguments", "SOFTMAX_FUNCTIONS", "NoAttentionError",
+           "softmax_dim", "is_attention_softmax"]
 
 
 class NoAttentionError(ValueError):

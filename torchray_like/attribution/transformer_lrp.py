@@ -56,8 +56,10 @@ from .attention import (
     AttentionOps,
     explicit_mha,
     explicit_sdpa,
+    is_attention_softmax,
     mha_arguments,
     sdpa_arguments,
+    softmax_dim,
     substitute,
 )
 from .context import records_gradient
@@ -315,11 +317,12 @@ class TransformerLRPContext(LRPContext):
         if self.rule == "attnlrp":
             self.count("softmax")  # AttnLRP's softmax rule is the gradient in this form
             return out
-        if isinstance(x, torch.Tensor) and x.dim() >= 3:
+        if is_attention_softmax(x, softmax_dim(args, kwargs)):
             self.count("softmax")
             # CP-LRP: attention probabilities held constant (a counted ``.detach()``)
             return _HeldConstant.apply(x, [out.detach()], self)
-        self.unhandle("softmax over a 2-D tensor (an output layer? plain gradient)")
+        self.unhandle("softmax that is not attention over a square (…, T, T) score matrix "
+                      "(an output layer? plain gradient)")
         return out
 
     def _activation(self, func, args, kwargs, name: str):
