@@ -30,6 +30,16 @@ from torchray_like.attribution.xgrad_cam import xgrad_cam
 
 from .conftest import ConvNet, hook_reference
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest (and the test machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Models: torchvision's with small sizes and random weights, and hand-written ViTs
 # ---------------------------------------------------------------------------------------------
@@ -368,3 +378,51 @@ def test_the_call_leaves_the_model_as_it_found_it():
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert x.grad is None and not x.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained case: the map's grid is the image's
+# ---------------------------------------------------------------------------------------------
+
+
+def bright_patch_data(n: int, g: torch.Generator):
+    """Noise with one bright 8×8 patch (on the patch grid); the class is its quadrant."""
+    x = 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    pos = torch.randint(0, 16, (n,), generator=g)
+    for i, p in enumerate(pos.tolist()):
+        r, c = divmod(p, 4)
+        x[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] += 1.0
+    return x, (pos // 8) * 2 + (pos % 4) // 2, pos
+
+
+def test_trained_vit_map_singles_out_the_bright_patch():
+    """A mean-pooled ViT trained (150 Adam steps) to tell the quadrant of a bright patch: the
+    linear approximation at the automatic layer (the final LayerNorm, where it decomposes the
+    score exactly) is most extreme at the bright patch — read on the patch grid as inferred; a
+    transposed reading misses it.  (The bright token itself scores *lowest*: the model reads
+    the quadrant from the tokens around it; the extremum is the point here.)"""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = HandViT(pool="mean")
+    model.head = nn.Linear(24, 4)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(150):
+        x, y, _ = bright_patch_data(32, g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y, pos = bright_patch_data(64, g)
+    assert float((model(x).argmax(1) == y).float().mean()) > 0.9
+    assert find_saliency_layer(model, x) == "norm"
+
+    def hits(smap):
+        flat = smap.flatten(1)
+        return float(((flat - flat.median(1, keepdim=True).values).abs().argmax(1) == pos)
+                     .float().mean())
+
+    assert hits(linear_approx(model, x, y, saliency_layer="norm")) > 0.8
+    transposed = linear_approx(model, x, y, saliency_layer="norm", tokens=lambda t: as_grid(
+        t, 1, (4, 4)).transpose(2, 3))
+    assert hits(transposed) < 0.3
