@@ -1,8 +1,9 @@
 r"""The automatic choice of a layer for layer methods (Grad-CAM and its family).
 
 :func:`find_saliency_layer` runs the model once, without autograd, and picks the last module to
-finish its forward whose output has a spatial layout ``(N, C, *spatial)``; see there for the
-exact rule, the token models it refuses, and its cache.
+finish its forward whose output has a spatial layout ``(N, C, *spatial)`` — for a vision
+transformer, the last block whose patch tokens matter; see there for the exact rule and its
+cache.
 """
 
 from __future__ import annotations
@@ -321,12 +322,18 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     chosen (ResNet: ``"layer4"``, not ``"layer4.1"``).  The model itself is never chosen, nor a
     module inside a TorchScript or compiled sub-module (hooks cannot see there).
 
-    Token models are refused: when the chosen layer is a patch embedding (no layer with
-    parameters runs before it) followed by layers with parameters that output token sequences
-    — a vision transformer such as torchvision's ``VisionTransformer`` — a :class:`ValueError`
-    asks for an explicit layer.  Expose the patch tokens of a late block as a map with a small
-    reshaping module (recipe in ``docs/troubleshooting.rst``); that module is then chosen
-    automatically too.
+    Token models — an image or video model that works on tokens
+    (:func:`~.tokens.is_token_model`) whose last layer with parameters before the head outputs
+    a token sequence ``(N, T, D)`` — get a transformer block instead: the last module called
+    once, with parameters, whose output is a token sequence with an inferable layout
+    (:func:`~.tokens.infer_token_layout`), no wider than the final tokens, and whose patch
+    tokens the output depends on (one more forward and backward pass on the first sample
+    decides).  With a class-token head that is the last block's first LayerNorm (torchvision
+    ``vit_*``: ``encoder.layers.encoder_layer_{L-1}.ln_1``; ``mvit_*``:
+    ``blocks.{L-1}.norm1``): after it the patch tokens reach nothing and Grad-CAM would be
+    blank.  The layer methods then read its tokens on the patch grid (``tokens=``; see
+    ``docs/transformers.rst``).  Swin (``swin_*``, ``swin_v2_*``) ends in an ``(N, C, h, w)``
+    map: its ``permute`` is chosen by the rule above.
 
     Examples with torchvision at 64×64 (2×2 feature maps): ResNet → ``"layer4"``, DenseNet and
     MobileNet-v2 → ``"features"``, SqueezeNet → ``"classifier.2"`` (its class-score maps after
@@ -358,7 +365,8 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     ------
     ValueError
         When no sub-module qualifies (e.g. the input is so small that every feature map is 1×1,
-        or a token model), or the model is a TorchScript module.
+        or a token model none of whose token layers has an inferable layout), or the model is
+        a TorchScript module.
     """
     check_model(model)
     model = unwrap_compiled(model)  # torch.compile(model): the names of the original module
