@@ -146,7 +146,9 @@ def channel_cases(s: Any) -> List[Case]:
         case = Case(method, f"{method}({layer}, batch {CHANNEL_BATCH})",
                     lambda m=method: METHODS[m](model, x, target, saliency_layer=layer,
                                                 batch_size=CHANNEL_BATCH, resize=True),
-                    floor, floor_name, target_ratio=1.10, ref_target=1.0)
+                    floor, floor_name, target_ratio=1.10, ref_target=1.0,
+                    note="" if method == "score_cam" else
+                    "the layers below run on one copy per batch: under the floor by design")
         cases.append(attach(case, {"grad-cam": refs.grad_cam_method(
             method, model, x, target, module, CHANNEL_BATCH)}, _use(s)))
     return cases

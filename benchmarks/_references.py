@@ -144,10 +144,20 @@ def grad_cam_method(method: str, model: nn.Module, x: torch.Tensor, target: List
     if batch is not None:
         cam.batch_size = batch
     targets = [targets_mod.ClassifierOutputTarget(c) for c in target]
+    params = [p for p in model.parameters()] if cam.uses_gradients else []
 
     def run():
-        with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's tqdm bar per image
-            return cam(input_tensor=x, targets=targets)
+        # The benchmark's model is frozen; pytorch-grad-cam backpropagates from the score with
+        # ``backward()``, which needs trainable parameters (as a user's model has them).
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's tqdm bar per image
+                return cam(input_tensor=x, targets=targets)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
     return run
 
 

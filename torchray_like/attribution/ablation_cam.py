@@ -114,6 +114,7 @@ def ablation_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
             ablated[torch.arange(images.numel(), device=images.device), chans] = 0
             return ablated
 
-        drops = ablation_weights(clean, channel_scores(cfg, input, act.shape[1], fill, "copy"))
+        drops = ablation_weights(clean, channel_scores(cfg, input, act.shape[1], fill, "copy",
+                                                       replaces=True))
         smap = channel_sum(drops, act.to(drops.dtype))
     return finish_map(input, smap, cfg.resize, cfg.resize_mode, cfg.smooth)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -117,7 +117,8 @@ class LayerActivation:
         self.record = record
         self.outputs: List[Any] = []
         self.replacement: Optional[torch.Tensor] = None
-        self.handle = module.register_forward_hook(self.hook)
+        self.rows_in: Optional[int] = None   # the layer input's batch while bypassing, if not
+        self.handle = module.register_forward_hook(self.hook)  # the replacement's
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if threading.get_ident() != self.thread:
@@ -126,13 +127,47 @@ class LayerActivation:
             self.outputs.append(output.clone() if isinstance(output, torch.Tensor) else output)
         if self.replacement is None:
             return None
-        if not isinstance(output, torch.Tensor) or output.shape != self.replacement.shape:
+        if not isinstance(output, torch.Tensor) or (
+                output.shape != self.replacement.shape and output is not self.replacement):
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
             raise ValueError(
                 f"the saliency layer's output changed shape between forward passes ({got} for "
                 f"a batch of {tuple(self.replacement.shape)}); the method needs a layer whose "
                 "output has one row per sample")
         return self.replacement
+
+    def bypass(self, module: nn.Module) -> Callable[[], None]:
+        """Skip the layer's own computation while ``replacement`` is set (Ablation-CAM replaces
+        its whole output: computing it first is wasted work), in the calling thread only, for
+        calls whose first argument has the replacement's batch.  Returns the function that
+        restores the module; a module whose ``forward`` cannot be swapped (TorchScript) is left
+        as it is (the hook still replaces its output)."""
+        had = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            swap = self.replacement
+            if swap is None:
+                return original(*args, **kwargs)
+            rows = swap.shape[0] if self.rows_in is None else self.rows_in
+            if (threading.get_ident() == self.thread and args
+                    and isinstance(args[0], torch.Tensor) and args[0].dim() > 0
+                    and args[0].shape[0] == rows):
+                return swap
+            return original(*args, **kwargs)
+
+        try:
+            setattr(module, "forward", forward)
+        except (AttributeError, RuntimeError, TypeError):
+            return lambda: None
+
+        def restore() -> None:
+            if had:
+                setattr(module, "forward", previous)
+            else:
+                del module.forward
+        return restore
 
     def remove(self) -> None:
         self.handle.remove()
@@ -188,36 +223,85 @@ FillType = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.T
 
 
 def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill: FillType,
-                   unit: str) -> torch.Tensor:
+                   unit: str, replaces: bool = False) -> torch.Tensor:
     """The target's scores ``(N, channels)`` of one perturbed forward pass per (sample,
     channel) pair, ``cfg.batch_size`` rows at a time.
 
     ``fill(images, channels, buffer)`` writes the batch's inputs into ``buffer`` (a view of one
     preallocated buffer) for rows that perturb channel ``channels[r]`` of image ``images[r]``,
-    and may return a replacement for the layer's output of the batch.
+    and may return a replacement for the layer's output of the batch.  With ``replaces`` (it
+    always does), each batch holds copies of one image, the layer itself is skipped and the
+    layers below run on *one* copy (:func:`_one_copy_forward`): the rows differ only from the
+    layer on.
     """
     n = input.shape[0]
     total = n * channels
-    rows = min(cfg.batch_size, total)
+    rows = min(cfg.batch_size, channels if replaces else total)
     buffer = torch.empty((rows,) + tuple(input.shape[1:]), dtype=input.dtype,
                          device=input.device)
     scores = torch.empty(total, dtype=torch.float32 if input.dtype != torch.float64
                          else torch.float64, device=input.device)
     hook = LayerActivation(cfg.module, record=False)
+    restore = hook.bypass(cfg.module) if replaces else (lambda: None)
+    one_copy = replaces
     try:
         with progress_bar(total, cfg.progress, cfg.name, unit=unit) as bar:
-            for r0 in range(0, total, rows):
-                index = torch.arange(r0, min(r0 + rows, total), device=input.device)
+            for index in _chunks(n, channels, rows, replaces, input.device):
                 images, chans = index // channels, index % channels
                 batch = buffer[:index.numel()]
                 hook.replacement = fill(images, chans, batch)
-                output = forward_rows(cfg.model, batch, input)
+                output = _one_copy_forward(cfg, hook, input, images) if one_copy else None
+                if output is None:
+                    if one_copy:  # the model needs the full batch: refill (in-place ops)
+                        one_copy = False
+                        hook.replacement = fill(images, chans, batch)
+                    output = forward_rows(cfg.model, batch, input)
+                r0 = int(index[0])
                 scores[r0:r0 + index.numel()] = row_scores(cfg.target, output, images, False,
                                                            cfg.name).detach().to(scores.dtype)
                 bar.update(index.numel())
     finally:
+        restore()
         hook.remove()
     return _finite(scores.view(n, channels), cfg.name, "some perturbed inputs")
+
+
+def _chunks(n: int, channels: int, rows: int, per_image: bool,
+            device: torch.device) -> Iterator[torch.Tensor]:
+    """Row indices ``image · channels + channel`` in batches of at most ``rows``; with
+    ``per_image`` no batch straddles two images."""
+    if not per_image:
+        for r0 in range(0, n * channels, rows):
+            yield torch.arange(r0, min(r0 + rows, n * channels), device=device)
+        return
+    for image in range(n):
+        for c0 in range(0, channels, rows):
+            yield torch.arange(image * channels + c0, image * channels + min(c0 + rows, channels),
+                               device=device)
+
+
+def _one_copy_forward(cfg: ChannelConfig, hook: LayerActivation, input: torch.Tensor,
+                      images: torch.Tensor) -> Optional[torch.Tensor]:
+    """The model on one copy of the batch's image, the layer's (skipped) output replaced by the
+    batch's rows, or ``None`` when the model does not give one output row per replaced row
+    (it reads the batch size from its input, say): the caller then runs the full batch.
+
+    Every row is a copy of the same image, so whatever the layers below compute is the same for
+    each row; anything they pass around the layer (a skip connection) broadcasts from one row
+    to all, exactly.
+    """
+    assert hook.replacement is not None
+    hook.rows_in = 1
+    try:
+        output = forward_rows(cfg.model, input.detach()[images[:1]], input)
+    except (RuntimeError, ValueError):  # e.g. a shape mismatch from one row: use the full batch
+        return None
+    finally:
+        hook.rows_in = None
+    if not isinstance(output, torch.Tensor) or output.dim() == 0 or \
+            output.shape[0] != hook.replacement.shape[0]:
+        return None
+    return output
 
 
 def score_cam_masks(activation: torch.Tensor, size: Tuple[int, ...],
