@@ -286,3 +286,37 @@ def test_autolrp_black_box_agreement_is_reported():
 class _Sum(nn.Module):
     def forward(self, t):
         return t.sum(-1)
+
+
+class _EncoderViT(nn.Module):
+    """A ViT built from nn.TransformerEncoder (pre-norm, GELU), whose fused fast path
+    (torch._transformer_encoder_layer_fwd) PyTorch takes without autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1)
+        return self.head(self.enc(t)[:, 0])
+
+
+def test_nn_transformer_encoder_is_covered_and_its_output_unchanged():
+    model = _EncoderViT().eval()
+    x = torch.randn(2, 3, 32, 32).requires_grad_()
+    plain = model(x)
+    with TransformerLRPContext("attnlrp", model=model) as ctx:
+        y = model(x)
+    assert torch.equal(y, plain)
+    assert ctx.counts == {"conv": 1, "layer_norm": 4, "linear": 13, "attention": 2, "gelu": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smap = attn_lrp(model, x.detach(), 1)
+    assert smap.shape == (2, 1, 32, 32) and torch.isfinite(smap).all()
