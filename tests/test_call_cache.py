@@ -312,3 +312,18 @@ def test_no_module_level_state_left(x):
         gradient(model, x, 9)
     assert current_scan(model) is None
     assert modules_module.current_scan(model) is None
+
+
+def test_explain_lrp_composites_with_gradient_methods_equal_separate_calls(x):
+    # The LRP composites run by their own functions (each its own forward pass under its
+    # rules); the gradient methods share one pass; all maps are those of the separate calls.
+    model = small_net()
+    names = ["lrp", "lrp_epsilon_plus", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box",
+             "gradient", "grad_cam"]
+    maps = explain(model, x, [1, 3], names)
+    assert list(maps) == names
+    for name in names:
+        alone = METHODS[name](model, x, [1, 3])
+        assert maps[name].shape == (2, 1, 8, 8) or name == "grad_cam"
+        assert torch.equal(maps[name], alone), name
+    assert current_scan(model) is None

@@ -30,6 +30,7 @@ the same target.  So does a described method given an option the shared pass can
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -41,6 +42,7 @@ from .context import suspend_rule_contexts
 from .engine import Job, run_jobs
 from .maps import check_smooth
 from .method import BackpropMethod, description
+from .modules import call_scan
 from .registry import METHODS, SHARED_METHODS
 from .targets import TargetType
 
@@ -217,6 +219,13 @@ def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
     """
     labels = _normalise_methods(methods)
     plans = _plan(labels, _check_options(options))
+    # One walk of the module tree for every method of the call (each restores the model).
+    with (call_scan(model) if isinstance(model, nn.Module) else contextlib.nullcontext()):
+        return _explain(model, input, target, plans)
+
+
+def _explain(model: nn.Module, input: torch.Tensor, target: TargetType, plans: List[_Plan]
+             ) -> Dict[str, torch.Tensor]:
     shared = [Job(p.label, p.method, p.options) for p in plans if p.method is not None]
     maps: Dict[str, torch.Tensor] = {}
     if shared:
