@@ -36,16 +36,19 @@ judged by a paired bootstrap (:mod:`torchray_like.benchmark.intervals`): reprodu
 not resolved, or too few images.  The CSV and JSON carry the intervals (``all_low`` ...) and
 the comparisons; ``OUT/report.html`` shows them with a gallery of maps (``--no-report``).
 
-The defaults take 3.5 minutes on an idle two-core CPU (extremal perturbation 1.7, RISE 0.4;
-about twice that on a busy one): the first 128 embedded test images for every method, enough
-to resolve the published orderings among the fast methods on the VGG, but only the first 16
-for RISE (``--rise-limit``), 8 for extremal perturbation (``--ep-limit``) and 16 for the
-methods of tens of passes per image (``--slow-limit``): their intervals are wide; ``--methods``
-picks fewer.  Each method has its own progress bar (their costs per image differ a
-thousandfold, so one shared bar would reach 99 % long before the end).  Results are stored image
-by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a killed run,
-``--from-store`` rebuilds the table without computing anything.  The same command runs on K
-processes with ``torchrun --nproc_per_node=K benchmarks/pointing_game.py ...``.
+The defaults take about 70 s on an idle two-core CPU (250 s of CPU time before issue 22): the
+first 128 embedded test images for the fast methods, enough to resolve the published orderings
+among them on the VGG, but only 8 for RISE (``--rise-limit``), 4 for extremal perturbation
+(``--ep-limit``; 100 iterations, ``--ep-iters``), 8 for the methods of tens of passes per image
+(``--slow-limit``) and 16 for the LRP family (``--lrp-limit``): wide intervals (RISE's and
+EP's orderings were not resolved with 16 and 8 images either).  The methods described as data
+share one forward pass per image (:func:`~torchray_like.attribution.explain.explain`: the same
+maps, bit for bit; the call's time split evenly in ``s/image``); the report's gallery shows the
+maps the run scored.  Methods a model refuses (transformer-only ones on CNNs) are ``n/a``.
+Each method has its own progress bar (their costs per image differ a thousandfold).  Results
+are stored image by image in an SQLite file (``OUT/results.sqlite``): ``--resume`` continues a
+killed run, ``--from-store`` rebuilds the table without computing anything.  The same command
+runs on K processes with ``torchrun --nproc_per_node=K benchmarks/pointing_game.py ...``.
 """
 
 from __future__ import annotations
