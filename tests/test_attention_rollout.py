@@ -37,7 +37,8 @@ def vit():
 
 @pytest.fixture(scope="module")
 def models(vit):
-    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa")}
+    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa"),
+            "einsum": ExplicitViT(vit, "einsum")}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def x():
     return torch.randn(2, 3, 32, 32)
 
 
-KINDS = ("torchvision", "explicit", "sdpa")
+KINDS = ("torchvision", "explicit", "sdpa", "einsum")
 
 
 def _hand_attentions(vit, x):
@@ -104,7 +105,7 @@ def test_capture_reads_the_same_attention_and_leaves_the_output_bit_identical(
             torch.testing.assert_close(model(x), seen, atol=1e-6, rtol=1e-6)
     assert len(capture.attentions) == 2 and capture.counts == {"attention": 2}
     source = {"torchvision": "multi_head_attention_forward", "explicit": "softmax",
-              "sdpa": "scaled_dot_product_attention"}[kind]
+              "einsum": "softmax", "sdpa": "scaled_dot_product_attention"}[kind]
     assert capture.sources == [source, source]
     for got, want in zip(capture.attentions, _hand_attentions(vit, x)):
         assert got.shape == (2, 2, 17, 17)

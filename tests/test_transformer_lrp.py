@@ -20,7 +20,7 @@ from torchray_like.attribution.transformer_lrp import TransformerLRPContext, att
 
 torch.set_num_threads(1)
 
-KINDS = ("torchvision", "explicit", "sdpa")
+KINDS = ("torchvision", "explicit", "sdpa", "einsum")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def vit():
 
 @pytest.fixture(scope="module")
 def models(vit):
-    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa")}
+    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa"),
+            "einsum": ExplicitViT(vit, "einsum")}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_the_output_is_unchanged_and_the_counts_name_what_was_replaced(models, x
         "softmax", 0) == 2
     if rule == "attnlrp":
         assert ctx.counts["gelu"] == 2 and ctx.counts["linear"] >= 9
-        assert ctx.counts.get("bilinear", 0) == (4 if kind == "explicit" else 0)
+        assert ctx.counts.get("bilinear", 0) == (4 if kind in ("explicit", "einsum") else 0)
     else:
         assert "linear" not in ctx.counts  # CP-LRP keeps the linear layers' gradient
     (g,) = torch.autograd.grad(y[:, 1].sum(), xr)

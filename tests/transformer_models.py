@@ -38,7 +38,8 @@ def make_vit(layers: int = 2, heads: int = 2, dim: int = 16, image: int = 32, pa
 class ExplicitViT(nn.Module):
     """The forward pass of a torchvision ViT written out.
 
-    ``attention``: ``"explicit"`` (softmax of q·kᵀ, then @ v) or ``"sdpa"``.  ``reference``:
+    ``attention``: ``"explicit"`` (softmax of q·kᵀ, then @ v), ``"einsum"`` (the same with
+    ``torch.einsum`` and ``F.softmax``) or ``"sdpa"``.  ``reference``:
     ``None`` (plain), ``"cp-lrp"`` (softmax output and LayerNorm's σ detached) or
     ``"attnlrp"`` (σ detached, each bilinear product passes half the gradient to each operand,
     GELU and ReLU with the identity rule, ε-rule on every linear layer and convolution with
@@ -87,6 +88,9 @@ class ExplicitViT(nn.Module):
         q, k, v = qkv.reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
         if self.attention == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v)
+        elif self.attention == "einsum":
+            a = torch.einsum("nhqd,nhkd->nhqk", q, k) * (d // h) ** -0.5
+            o = torch.einsum("nhqk,nhkd->nhqd", F.softmax(a, dim=-1), v)
         else:
             a = self._half(q @ k.transpose(-2, -1)) * (d // h) ** -0.5
             a = a.softmax(-1)
