@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.nn.parameter import UninitializedTensorMixin, is_lazy
+from torch.nn.parameter import UninitializedTensorMixin, is_lazy  # type: ignore[attr-defined]
 
 __all__ = ["check_model", "iter_modules", "iter_tensors", "is_compiled_wrapper",
            "unwrap_compiled", "opaque_kind", "opaque_modules", "batch_statistics_layers",
