@@ -202,6 +202,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _embedded_inputs if args.image is None else _file_inputs)(args, parser)
     model = model.eval().to(device)
     x = x.to(device)
+    refused = embedded_cli.refused_methods(model, x, methods)
+    for method, why in refused.items():
+        print(f"{method}: n/a ({why})")
+    methods = [m for m in methods if m not in refused]
+    if not methods:
+        parser.error("--methods: the model refuses every method given")
     options = method_options(methods, model, x, args)
     start = time.time()
     maps = explain(model, x, targets, methods=methods, options=options)

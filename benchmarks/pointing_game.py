@@ -65,11 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from torchray_like.attribution.explain import explain  # noqa: E402
-from torchray_like.attribution.registry import (  # noqa: E402
-    METHODS,
-    SHARED_METHODS,
-    TRANSFORMER_ONLY_METHODS,
-)
+from torchray_like.attribution.registry import METHODS, SHARED_METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, intervals  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, centre_point, saliency_to_point  # noqa: E402
 from torchray_like.benchmark.pointing_game_table import (  # noqa: E402
@@ -269,13 +265,8 @@ class Task:
         reason = getattr(table, "not_applicable", lambda model, method: None)
         skip = {m: reason(arch, m) for m in ALL_METHODS if reason(arch, m)}
         x = self.sample(0)["x"][None].to(self.device)
-        for method in TRANSFORMER_ONLY_METHODS:
-            if method in skip or method not in self.args.method_list:
-                continue
-            try:
-                METHODS[method](model, x, 0)
-            except ValueError as error:  # "a model without attention is a ValueError"
-                skip[method] = str(error).split(". ")[0]
+        tried = [m for m in self.args.method_list if m not in skip]
+        skip.update(embedded_cli.refused_methods(model, x, tried))
         return skip
 
     def _head(self) -> str:

@@ -12,6 +12,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -614,7 +615,8 @@ def test_lrp_limit_and_the_methods_a_model_refuses(tmp_path, capsys):
                 "center,lrp,attention_rollout", "--out", tmp_path], capsys).out
     assert [(r["method"], r["images"]) for r in _csv(tmp_path)] == [("center", "3"),
                                                                      ("lrp", "2")]
-    assert "n/a: attention_rollout: EmbeddedVGG computed no attention" in out
+    # The reason: the settings table's, or the method's own refusal (tried on one image).
+    assert re.search(r"\n    attention_rollout +n/a: .*attention", out)
     assert _json(tmp_path)["lrp_images"] == 2
     with pytest.raises(SystemExit) as info:
         pg.main(["--lrp-limit", "0", "--out", str(tmp_path)])
@@ -633,3 +635,18 @@ def test_smooth_grad_is_seeded_per_image(tmp_path):
         store = ResultsStore(tmp_path / run / "results.sqlite", EXPERIMENT)
         points.append({r["key"]: r["pairs"] for r in store.records()})
     assert len(points[0]) == 2 and points[0] == points[1]
+
+
+def test_compare_leaves_out_the_methods_the_model_refuses(tmp_path, capsys):
+    compare = _load(COMPARE, "compare_script")
+    path = tmp_path / "fig.png"
+    assert compare.main(["--weights", "random", "--limit", "1", "--methods",
+                         "grad_cam,attention_rollout", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "attention_rollout: n/a (attention_rollout: EmbeddedVGG computed no attention" in out
+    assert "1 methods in" in out and path.is_file()
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--weights", "random", "--methods", "attention_rollout",
+                      "--out", str(path)])
+    assert info.value.code == 2
+    assert "the model refuses every method given" in capsys.readouterr().err

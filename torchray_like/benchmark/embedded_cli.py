@@ -42,7 +42,7 @@ __all__ = ["add_model_arguments", "add_perturbation_arguments", "perturbation_ov
            "add_embedded_arguments", "parse_embedded_arguments", "script_options",
            "name_list", "split_weights", "check_weights", "load_benchmark_model",
            "weights_label", "write_csv", "with_threads", "EmbeddedWorker", "load_models_or_exit",
-           "run_items", "run_benchmark"]
+           "run_items", "run_benchmark", "refused_methods"]
 
 Item = Tuple[str, int, str]   # (model name, image index, method)
 
@@ -398,3 +398,23 @@ def run_benchmark(args: argparse.Namespace, experiment: str,
             write_outputs(args, settings, records, wall)
             print(f"wall time {wall:.0f} s")
     return 0
+
+
+def refused_methods(model: torch.nn.Module, x: torch.Tensor,
+                    methods: Sequence[str]) -> Dict[str, str]:
+    """Method -> why ``model`` refuses it, for the methods of ``methods`` that explain
+    transformers only (:data:`~torchray_like.attribution.registry.TRANSFORMER_ONLY_METHODS`):
+    each is tried on ``x`` (one image is enough) and a :class:`ValueError` — what such a method
+    raises for a model without attention — is the reason (its first sentence).  The other
+    methods take any model and are not tried."""
+    from ..attribution.registry import METHODS, TRANSFORMER_ONLY_METHODS
+
+    refused = {}
+    for method in methods:
+        if method not in TRANSFORMER_ONLY_METHODS:
+            continue
+        try:
+            METHODS[method](model, x[:1], 0)
+        except ValueError as error:
+            refused[method] = str(error).split(". ")[0]
+    return refused
