@@ -197,7 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="DIR", help="folder of the outputs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of RISE, extremal perturbation and SmoothGrad")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure nothing: take the correlations and costs of "
+                             "OUT/method_table.json and only read the sanity run again")
     return parser
+
+
+def _json_clean(value: Any) -> Any:
+    """NaN and infinities become null: standard JSON."""
+    if isinstance(value, Mapping):
+        return {k: _json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], models: Sequence[str],
@@ -213,11 +225,51 @@ def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], models: Sequence[
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-              for k, v in r.items()} for r in rows]
     with open(os.path.join(out, "method_table.json"), "w") as f:
-        json.dump({**meta, "rows": clean}, f, indent=2)
+        json.dump(_json_clean({**meta, "rows": list(rows)}), f, indent=2)
     return text
+
+
+def _measure_all(models: Sequence[str], methods: Sequence[str], count: int, seed: int
+                 ) -> Tuple[Dict[str, Dict[str, Dict[str, float]]], int]:
+    """:func:`measure` on every model, one thread (restored), the methods' warnings muted
+    (they are the benchmarks' business); also the number of images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the costs are per CPU thread
+    try:
+        images = two_class_images(count)
+        measured = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in models:
+                model, _ = embedded_cli.load_benchmark_model(name, None)
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                measured[name] = measure(model, name, methods, images, seed)
+    finally:
+        torch.set_num_threads(threads)
+    return measured, len(images)
+
+
+def _reused(parser: argparse.ArgumentParser, out: str, models: Sequence[str],
+            methods: Sequence[str]) -> Tuple[Dict[str, Dict[str, Dict[str, float]]], int]:
+    """The measurements of ``out/method_table.json`` (``--reuse``)."""
+    path = os.path.join(out, "method_table.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        measured = {m: {k: {q: float("nan") if v is None else float(v) for q, v in r.items()}
+                        for k, r in data["measured"][m].items() if k in methods}
+                    for m in models}
+        images = int(data["images"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--reuse: no usable measurements in {path} ({error}); run without "
+                     "--reuse first")
+    missing = [m for m in methods if any(m not in measured[k] for k in models)]
+    if missing:
+        parser.error(f"--reuse: {path} lacks {', '.join(missing)}; run without --reuse")
+    return measured, images
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -228,26 +280,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         methods = embedded_cli.name_list(args.methods, DEFAULT_METHODS, "--methods")
     except ValueError as error:
         parser.error(str(error))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the costs are per CPU thread
-    try:
-        images = two_class_images(args.images)
-        measured = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the methods' notes are the benchmarks' business
-            for name in models:
-                model, _ = embedded_cli.load_benchmark_model(name, None)
-                model.eval()
-                for p in model.parameters():
-                    p.requires_grad_(False)
-                measured[name] = measure(model, name, methods, images, args.seed)
-    finally:
-        torch.set_num_threads(threads)
+    if args.reuse:
+        measured, images = _reused(parser, args.out, models, methods)
+    else:
+        measured, images = _measure_all(models, methods, args.images, args.seed)
     sanity = sanity_scores(args.sanity)
     rows = make_rows(measured, sanity, methods)
     meta = {"command": " ".join(["method_table.py"] + list(sys.argv[1:] if argv is None
                                                              else argv)),
-            "images": len(images), "models": list(models),
+            "images": images, "models": list(models), "measured": measured,
             "discriminative_below": DISCRIMINATIVE_BELOW, "sanity_below": SANITY_BELOW,
             "sanity_source": os.path.join(args.sanity, "sanity_checks.json") if sanity
             else None}

@@ -87,3 +87,29 @@ def test_bad_arguments(argv, message, capsys):
         mt.main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_reuse_reads_the_sanity_run_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--models", "embedded-vgg", "--methods", "gradient", "--images", "1",
+            "--sanity", str(tmp_path / "none"), "--out", str(out)]
+    assert mt.main(argv) == 0
+    first = json.loads((out / "method_table.json").read_text())
+    assert first["rows"][0]["sanity"] == "not run" and first["rows"][0]["sanity_rank"] is None
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "sanity_checks.json").write_text(json.dumps({"summary": [
+        {"method": "gradient", "model": "embedded-vgg", "rank|top": 0.7}]}))
+    argv[argv.index(str(tmp_path / "none"))] = str(tmp_path / "sc")
+    assert mt.main(argv + ["--reuse"]) == 0
+    again = json.loads((out / "method_table.json").read_text())
+    assert again["rows"][0]["sanity"] == "fails"
+    assert again["rows"][0]["r"] == first["rows"][0]["r"]
+    assert again["measured"] == first["measured"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mt.main(argv[:-2] + ["--out", str(tmp_path / "empty"), "--reuse"])
+    assert "--reuse: no usable measurements" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mt.main(["--models", "embedded-vgg", "--methods", "grad_cam", "--out", str(out),
+                 "--reuse"])
+    assert "lacks grad_cam" in capsys.readouterr().err
