@@ -426,3 +426,11 @@ def test_trained_vit_map_singles_out_the_bright_patch():
     transposed = linear_approx(model, x, y, saliency_layer="norm", tokens=lambda t: as_grid(
         t, 1, (4, 4)).transpose(2, 3))
     assert hits(transposed) < 0.3
+
+
+def test_tokens_for_the_input_is_refused():
+    model, x = tv_vit(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="linear_approx: tokens= says how a layer's token "
+                                         "output becomes a map, but saliency_layer is the input"):
+        linear_approx(model, x, 1, tokens=TokenLayout(prefix=1))
+    assert linear_approx(model, x, 1, tokens=False).shape == (1, 1, 32, 32)

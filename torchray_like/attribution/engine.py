@@ -164,6 +164,11 @@ def _check_reads(fp: ForwardPass, jobs: List[Job], model: nn.Module, input: torc
             if not read.at_layer:
                 continue
             tensor = fp.reads[label]
+            if is_input(job.layer) and job.options.get("tokens") not in (None, False):
+                raise ValueError(
+                    f"{job.method.name}: tokens= says how a layer's token output becomes a map, "
+                    "but saliency_layer is the input; name the transformer block to read "
+                    "(or drop tokens=)")
             if not is_input(job.layer):  # a transformer block's tokens as (N, C, *grid)
                 convert = layer_tokens(unwrap_compiled(model), tensor, input,
                                        job.options.get("tokens"))
