@@ -434,3 +434,14 @@ def test_tokens_for_the_input_is_refused():
                                          "output becomes a map, but saliency_layer is the input"):
         linear_approx(model, x, 1, tokens=TokenLayout(prefix=1))
     assert linear_approx(model, x, 1, tokens=False).shape == (1, 1, 32, 32)
+
+
+def test_swin_v2_t_at_full_size():
+    """torchvision's swin_v2_t (random weights, one 224² image): the automatic layer is its
+    (N, C, 7, 7) permute; a channels-last stage maps on its own grid."""
+    torch.manual_seed(0)
+    model, x = torchvision.models.swin_v2_t().eval(), torch.randn(1, 3, 224, 224)
+    assert find_saliency_layer(model, x) == "permute"
+    assert grad_cam(model, x, 1).shape == (1, 1, 7, 7)
+    smap = layer_cam(model, x, 1, saliency_layer="features.5")   # stage 3: (1, 14, 14, 384)
+    assert smap.shape == (1, 1, 14, 14) and float(smap.amax()) > 0
