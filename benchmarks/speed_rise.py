@@ -13,8 +13,13 @@ in a fresh subprocess (peak RSS from ``resource.getrusage``, or
 ``torch.cuda.max_memory_allocated`` on CUDA), next to the peak of one plain forward batch.  It
 must not grow with ``num_masks``.
 
-TorchRay (``--vs-torchray``): TorchRay's ``rise`` (installed separately, run as a black box)
-against ours in float32 and with ``autocast=torch.bfloat16``, at equal masks.
+TorchRay (``--vs-torchray``): TorchRay's ``rise`` (installed separately, or unpacked and given
+with ``--torchray-path``; run as a black box) against ours in float32 and with
+``autocast=torch.bfloat16``, at equal masks; with ``--threads 1`` on the CPU the times are the
+CPU time of the calling thread (robust on a busy machine)::
+
+    python benchmarks/speed_rise.py --vs-torchray --models resnet18 vgg11 --rise-masks 128 \
+        --repeats 3 --threads 1 --torchray-path /tmp/torchray_pkg
 """
 
 from __future__ import annotations
@@ -184,17 +189,21 @@ def vs_torchray(models: List[str], size: int, num_masks: int, batch_size: int, d
         if torchray_rise is not None:
             runs["TorchRay"] = lambda: torchray_rise(model, x, num_masks=num_masks,
                                                      batch_size=batch_size)
+        # One CPU thread: the CPU time of this thread (other work on a busy machine does not
+        # enter the ratios); otherwise wall-clock time.
+        clock = (time.thread_time if device == "cpu" and torch.get_num_threads() == 1
+                 else time.perf_counter)
         times: dict = {k: [] for k in runs}
         outs = {k: fn() for k, fn in runs.items()}          # warm-up, and the maps
         for turn in range(repeats):
             keys = list(runs)
             keys = keys[turn % len(keys):] + keys[:turn % len(keys)]
             for k in keys:
-                t0 = time.perf_counter()
+                t0 = clock()
                 runs[k]()
                 if device == "cuda":
                     torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(clock() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         a, b = outs["ours fp32"].flatten(1).double(), outs["ours bf16"].flatten(1).double()
         corr = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True),

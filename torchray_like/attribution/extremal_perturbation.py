@@ -413,10 +413,11 @@ class _Optimisation:
         else:
             self.opt.step([mask_g, moved_g], [self.weights[t] * g_area, -g_reward])
         with torch.no_grad():
-            reward = reward.detach().to(self.series.dtype)
-            self.series[t] = torch.stack(
-                [self.weights[t] * area_loss - reward / unit, reward, area_loss])
-            self.area[t] = mask.flatten(1).mean(dim=1)
+            # The energy row is filled from these at the end (or when printed): fewer
+            # operations per iteration, the same numbers.
+            self.series[t, 1] = reward.detach()
+            self.series[t, 2] = area_loss
+            torch.mean(mask.flatten(1), dim=1, out=self.area[t])
             self.units[t] = unit
         self.last = mask.detach()
         if (t + 1) % 50 == 0:
@@ -427,6 +428,7 @@ class _Optimisation:
     def report(self, t: int) -> None:
         """``print_iter``: the mean energy, reward, area loss and area over the masks; with
         ``debug``, one line per mask as well."""
+        self.fill_energy(t, t + 1)
         e, r, a = self.series[t].mean(dim=1).tolist()
         print(f"[{t + 1:04d}/{self.cfg.max_iter:04d}] energy {e:.4g} reward {r:.4g} area_loss "
               f"{a:.4g} area {float(self.area[t].mean()):.4f} weight "
@@ -439,6 +441,12 @@ class _Optimisation:
                       f"{float(self.series[t, 1, b]):.4g} area_loss "
                       f"{float(self.series[t, 2, b]):.4g} reward_scale "
                       f"{float(self.units[t, b]):.4g}", flush=True)
+
+    def fill_energy(self, t0: int, t1: int) -> None:
+        """``energy = weight · area_loss − reward / reward_scale`` for iterations ``t0:t1``."""
+        s = self.series[t0:t1]
+        torch.sub(self.weights[t0:t1, None] * s[:, 2], s[:, 1] / self.units[t0:t1],
+                  out=s[:, 0])
 
     def check_finite(self, done: int) -> None:
         """Stop with a clear error once the reward of the first ``done`` iterations is not
@@ -453,6 +461,7 @@ class _Optimisation:
     def result(self) -> Tuple[torch.Tensor, ExtremalHistory]:
         """The masks of the last iteration and the history."""
         self.check_finite(self.cfg.max_iter)
+        self.fill_energy(0, self.cfg.max_iter)
         masks = self.last
         assert masks is not None, "no iteration ran"
         achieved = masks.flatten(1).mean(dim=1)

@@ -58,6 +58,7 @@ class _Axis:
     scaled: Optional[torch.Tensor]  # weights / T (softmax pooling)
     index: torch.Tensor            # (canvas,) evaluation point at or before each canvas pixel
     frac: torch.Tensor             # (canvas,) interpolation weight of the next point
+    scale: Optional[torch.Tensor] = None   # unit / norm, the pooling's normalisation
 
     @property
     def points(self) -> int:
@@ -72,6 +73,7 @@ class _Axis:
         return ((high - low).clamp(min=0) / self.step).clamp(min=0.25)
 
     def to(self, device: Union[str, torch.device]) -> None:
+        self.scale = None
         for name in ("weights", "bias", "norm", "valid", "scaled", "index", "frac"):
             value = getattr(self, name)
             if value is not None:
@@ -295,7 +297,11 @@ class MaskGenerator:
                 e = (z - z.detach().amax(dim=-1, keepdim=True)).exp()
                 out = (v * e).sum(dim=-1) / e.sum(dim=-1)
         out = out.flatten(-2)[..., :a.points]
-        return out * unit if a.norm is None else out * (unit / a.norm)
+        if a.norm is None:
+            return out * unit
+        if a.scale is None or a.scale.dtype != out.dtype:
+            a.scale = unit / a.norm          # made once (an operation per call saved)
+        return out * a.scale
 
     @staticmethod
     def _interp_axis(x: torch.Tensor, a: _Axis) -> torch.Tensor:
@@ -394,8 +400,8 @@ class MaskGenerator:
             mask = ry[jitters[0]] @ grid @ rx[jitters[1]].t()
             return mask, mask
         b = grid.shape[0]
-        start = torch.cat([torch.tensor([jitters], device=shift.device).expand(b, 2),
-                           torch.tensor([jitters], device=shift.device) - shift])
+        centre = torch.tensor([jitters], device=shift.device)
+        start = torch.cat([centre.expand(b, 2), centre - shift])
         both = ry[start[:, 0]] @ grid.repeat(2, 1, 1, 1).squeeze(1) \
             @ rx[start[:, 1]].transpose(1, 2)
         both = both.unsqueeze(1)
