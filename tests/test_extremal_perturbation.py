@@ -1488,3 +1488,18 @@ def test_mask_pair_is_canvas_then_crop(shape, step, sigma, jitter):
     a, b = gen.pair(params)
     assert a is b
     torch.testing.assert_close(a, gen(params), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ones", [(3, 7, 3, 7), (0, 5, 0, 5), (16, 2, 16, 2), (1, 2, 3),
+                                  (4, 4, 9, 4, 4, 9), (0, 16), (5, 5)])
+def test_ranking_reference_of_several_areas_is_the_per_row_one(ones):
+    """Several areas in one batch (one selection per area on a strided view, issue 22) give
+    exactly the loss and gradient of each row on its own, ties and empty/full rows included."""
+    g = torch.Generator().manual_seed(len(ones))
+    mask = torch.rand(len(ones), 1, 4, 4, generator=g)
+    mask[:, 0, 0] = 0.5                       # ties at the threshold
+    loss, grad = ranking_loss_and_gradient(mask, ones)
+    for r, n1 in enumerate(ones):
+        l1, g1 = ranking_loss_and_gradient(mask[r:r + 1], (n1,))
+        assert torch.equal(loss[r:r + 1], l1) and torch.equal(grad[r:r + 1], g1)
+    assert loss.shape == (len(ones),) and grad.shape == mask.shape
