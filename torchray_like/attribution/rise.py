@@ -37,6 +37,9 @@ Design
   way, so the method costs its forward passes.  Peak memory: one batch of masked inputs and the
   model's activations for it, the masks of one fold (at most about one more batch), and the maps
   ``(N, K, *spatial)`` — whatever ``num_masks`` is.
+* Images ``(N, C, H, W)`` with several channels are masked straight into channels-last batches,
+  on which CPU convolutions run 1.2–1.5× faster; the first batch checks that the model gives the
+  same output on that layout (else contiguous batches are used; see :class:`_Scorer`).
 * The target is parsed once, at entry (:func:`~.targets.parse_target`): class indices, or a
   callable scoring each masked input, exactly as for the backpropagation methods; the class
   range is checked once, after the first forward pass.
@@ -571,8 +574,8 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
     autocast : torch.dtype, optional
         ``torch.bfloat16`` (CPUs and GPUs) or ``torch.float16`` (GPUs): run the forward passes
         under :class:`torch.autocast` to that dtype; scores, masks and maps stay in float32.
-        Typically 1.5–2× faster on CPUs with bfloat16 support, with map correlations above
-        0.999 to float32.
+        With the channels-last batches, 2–2.7× faster than float32 on CPUs with bfloat16
+        support (ResNet-18, VGG-11), with map correlations above 0.999 to float32.
     return_info : bool
         Also return a :class:`RiseInfo` (masks used, final error, time).
 
