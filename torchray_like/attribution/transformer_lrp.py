@@ -379,8 +379,7 @@ def attn_lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
         ``(N, C, *spatial)`` batch.
     target : int, sequence, torch.Tensor or callable
         The output unit(s) to explain.
-    saliency_layer, resize, resize_mode, smooth, gradient_to_saliency, get_backward_gradient,
-    debug
+    saliency_layer, resize, resize_mode, smooth, gradient_to_saliency, get_backward_gradient, debug
         As in :func:`~torchray_like.attribution.lrp.lrp`.
     rule : {"attnlrp", "cp-lrp"}, keyword-only
         The rule set (Achtibat et al. 2024; Ali et al. 2022).
