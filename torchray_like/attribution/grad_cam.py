@@ -14,8 +14,9 @@ score down to the layer's output, nothing below it.
 
 When ``saliency_layer`` is omitted the layer is chosen by :func:`find_saliency_layer`: the last
 module, in the order modules finish their forward, whose output has a spatial layout
-``(N, C, *spatial)`` with more than one position (see there for the exact rule, the token models
-it refuses, and its cache).
+``(N, C, *spatial)`` with more than one position — on a transformer, the last layer whose patch
+tokens the output depends on, read on the patch grid (see there for the exact rule, and
+:mod:`~torchray_like.attribution.tokens` for how tokens become a map).
 """
 
 from __future__ import annotations
