@@ -3,8 +3,9 @@ r"""The one engine that runs backpropagation methods described as data.
 :func:`run_jobs` computes the maps of one or several :class:`~.method.BackpropMethod` calls
 ("jobs") from **one** forward pass: it finds the tensors the jobs read (the input and/or layers,
 a layer named twice probed once), runs the model inside the rule context their rules need,
-differentiates the graph once per rule (the rule is a value the graph's ReLU nodes read at
-backward time, switched between the passes with ``retain_graph``), checks every gradient the
+differentiates the graph once per rule (the rule is a value the graph's rule nodes read at
+backward time — a rectifier rule, or an LRP composite — switched between the passes with
+``retain_graph``), checks every gradient the
 same way (:meth:`~.driver.ForwardPass.grads`), and lets each description turn its readings into
 a map.  The single-method functions are the one-job case (:func:`run_method`), and
 :func:`~torchray_like.attribution.explain.explain` the many-job case, so the two can never
@@ -38,7 +39,7 @@ from .maps import check_smooth, finish_map
 from .method import BackpropMethod, Read, Reading
 from .modules import call_scan, check_model, unwrap_compiled
 from .probe import debug_probes, fill_probe_gradients, get_module
-from .rules import GRADIENT_RULE, ReLUContext
+from .rules import GRADIENT_RULE
 from .targets import Target, TargetType, get_backward_gradient, parse_target
 from .tokens import layer_tokens, tokens_to_map
 
@@ -146,7 +147,7 @@ def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switc
                keep_graph: bool) -> Dict[Tuple[Any, str], torch.Tensor]:
     grads: Dict[Tuple[Any, str], torch.Tensor] = {}
     for i, (rule, check, labels) in enumerate(passes):
-        if switched and isinstance(fp.context, ReLUContext):
+        if switched:  # a context a read built: its rule is read at backward time
             fp.context.rule = rule
         retain = keep_graph or i < len(passes) - 1
         for label, grad in zip(labels, fp.grads(labels, retain, check)):

@@ -20,10 +20,16 @@ shared pass is the very engine every method's own function runs
 what the method's own function returns with the same options, and the errors and warnings are
 the same.  This module names no method: :data:`SHARED_METHODS` is read off the registry.
 
+The LRP composites (``lrp``, ``lrp_epsilon_plus`` ...) share one forward pass of their own:
+every LRP rule changes only the backward pass, so the model runs once inside one
+:class:`~torchray_like.attribution.lrp.LRPContext` and its composite is switched between the
+backward passes (one per distinct composite), each map again exactly its function's
+(:func:`~torchray_like.attribution.lrp.shared_lrp_jobs`).
+
 Methods with their own forward passes — excitation backprop and its contrastive variant (their
 rules replace the linear layers' backward too, and must be active during the forward), RISE,
-extremal perturbation, integrated gradients, SmoothGrad, occlusion, Score-CAM, Ablation-CAM,
-LRP — run by their own function from :data:`~torchray_like.attribution.registry.METHODS`, with
+extremal perturbation, integrated gradients, SmoothGrad, occlusion, Score-CAM, Ablation-CAM
+— run by their own function from :data:`~torchray_like.attribution.registry.METHODS`, with
 the same target.  So does a described method given an option the shared pass cannot honour
 (its own ``context_builder``, ``get_backward_gradient``).
 """
@@ -40,6 +46,7 @@ import torch.nn as nn
 
 from .context import suspend_rule_contexts
 from .engine import Job, run_jobs
+from .lrp import shared_lrp_jobs
 from .maps import check_smooth
 from .method import BackpropMethod, description
 from .modules import call_scan
@@ -213,7 +220,9 @@ def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
     every tensor read under that rule (a reading under a rule that must be checked gets a pass
     of its own when several are read under it, so that every check is exact).  The shared
     pass is the very engine the methods' own functions run (:func:`~.engine.run_jobs`), so
-    the maps, errors and warnings are the same.  Everything else runs by its own function.
+    the maps, errors and warnings are the same.  Several LRP calls (``lrp``, ``lrp_epsilon_plus``
+    ... with the options above and ``composite``) share one forward pass of their own, with
+    one backward pass per distinct composite.  Everything else runs by its own function.
     Several layers read in one pass are probed at once; a layer two methods read is probed
     once.
     """
@@ -232,8 +241,15 @@ def _explain(model: nn.Module, input: torch.Tensor, target: TargetType, plans: L
         with suspend_rule_contexts():
             maps.update({label: smap for label, (smap, _) in
                          run_jobs(model, input, target, shared).items()})
+    # Several LRP composites: one forward pass, one backward pass per composite.
+    lrp = shared_lrp_jobs(model, [(p.label, METHODS[p.name], p.options)
+                                  for p in plans if p.method is None])
+    if len(lrp) > 1:
+        with suspend_rule_contexts():
+            maps.update({label: smap for label, (smap, _) in
+                         run_jobs(model, input, target, list(lrp.values())).items()})
     for plan in plans:
-        if plan.method is None:
+        if plan.method is None and plan.label not in maps:
             result = METHODS[plan.name](model, input, target, **plan.options)
             maps[plan.label] = result[0] if isinstance(result, tuple) else result
     return {p.label: maps[p.label] for p in plans}

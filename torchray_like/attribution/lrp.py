@@ -39,7 +39,7 @@ import inspect
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -48,11 +48,12 @@ from torch.autograd.function import once_differentiable
 
 from .context import RuleContext, records_gradient
 from .driver import SaliencyDebug
-from .engine import saliency
+from .engine import Job, saliency
 from .linear_approx import gradient_to_linear_approx_saliency
 from .lrp_composites import Composite, CompositeSpec, make_composite
 from .lrp_rules import AffineCall, Rule, compute_dtype
 from .maps import SizeType
+from .method import SHARED_OPTIONS, BackpropMethod, Read
 from .modules import unwrap_compiled
 from .rules import UNHANDLED_NODES
 from .state import model_state_guard
@@ -61,7 +62,7 @@ from .tokens import TokensType
 
 __all__ = ["LRPContext", "lrp", "RelevanceLostWarning", "lrp_conservation", "lrp_epsilon_plus",
            "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box",
-           "LRP_METHODS"]
+           "LRP_METHODS", "shared_lrp_jobs"]
 
 Layer = Union[str, nn.Module, None]
 
@@ -112,11 +113,14 @@ class _Node:
     """What one replaced call keeps for backward: the operation, its rule, the context's
     counters, and a batch norm folded into it."""
 
-    __slots__ = ("call", "rule", "owner", "version", "fold", "fold_grad", "__weakref__")
+    __slots__ = ("call", "rule", "owner", "version", "fold", "fold_grad", "module", "first",
+                 "__weakref__")
 
-    def __init__(self, call: AffineCall, rule: Rule, owner: "LRPContext",
-                 version: int) -> None:
+    def __init__(self, call: AffineCall, rule: Rule, owner: "LRPContext", version: int,
+                 module: Optional[nn.Module] = None, first: bool = False) -> None:
         self.call, self.rule, self.owner, self.version = call, rule, owner, version
+        # What chose the rule, so that another composite can choose again (LRPContext.rule).
+        self.module, self.first = module, first
         self.fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.fold_grad: Optional[torch.Tensor] = None
 
@@ -233,6 +237,9 @@ class LRPContext(RuleContext):
         the model starts a new forward pass (its first linear operation gets the first-layer
         rule again).  Without it, the first linear operation after entering the block is the
         first layer.
+    track_modules : bool, keyword-only
+        Record the running module of every replaced call also when ``composite`` does not
+        look at modules, so that :attr:`rule` can later be set to a composite that does.
 
     Attributes
     ----------
@@ -242,6 +249,10 @@ class LRPContext(RuleContext):
         ``(kind, rule name)`` of each replaced call, in forward order.
     applied : int
         Backward passes through replaced calls.
+    rule : Composite
+        The composite the replaced calls' backward applies; assignable between two backward
+        passes of one forward pass (``retain_graph=True``): every LRP rule changes only the
+        backward, so one forward serves several composites (as :attr:`.ReLUContext.rule`).
     unhandled : dict
         Operations no rule covers that autograd records, with their count (warned about).
 
@@ -260,14 +271,16 @@ class LRPContext(RuleContext):
     unhandled_kinds = _UNCOVERED_NODES
 
     def __init__(self, composite: CompositeSpec = "EpsilonPlusFlat",
-                 model: Optional[nn.Module] = None) -> None:
+                 model: Optional[nn.Module] = None, *, track_modules: bool = False) -> None:
         super().__init__()
         self.composite: Composite = make_composite(composite)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"LRPContext: model must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
         self.model = None if model is None else unwrap_compiled(model)
-        self._named = self._resolve_names()
+        self._named = self._resolve_names(self.composite)
+        self._track = bool(track_modules) or self.composite.needs_modules
+        self._nodes: List[Any] = []   # weak references to this forward pass's nodes, in order
         self.applied = 0
         self.rules: List[Tuple[str, str]] = []
         self.lost: Dict[str, int] = {}
@@ -283,34 +296,60 @@ class LRPContext(RuleContext):
         for func, name in _PRODUCTS.items():
             self.handlers[func] = functools.partial(self._product, name=name)
 
-    def _resolve_names(self) -> Dict[str, nn.Module]:
-        names = self.composite.names
+    def _resolve_names(self, composite: Composite) -> Dict[str, nn.Module]:
+        names = composite.names
         if not names:
             return {}
         if self.model is None:
             raise ValueError(
-                f"LRPContext: composite {self.composite.name!r} selects layers by name "
+                f"LRPContext: composite {composite.name!r} selects layers by name "
                 f"({', '.join(map(repr, names))}): pass model=... to resolve them")
         modules = dict(self.model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(
-                f"LRPContext: composite {self.composite.name!r} names layers "
+                f"LRPContext: composite {composite.name!r} names layers "
                 f"{', '.join(map(repr, missing))} that {type(self.model).__name__} does not "
                 f"have (its layers: {', '.join(list(n for n in modules if n)[:12])} ...)")
         return {n: modules[n] for n in names}
 
+    @property
+    def rule(self) -> Composite:
+        """The composite whose rules the replaced calls apply in backward (assignable)."""
+        return self.composite
+
+    @rule.setter
+    def rule(self, value: CompositeSpec) -> None:
+        composite = make_composite(value)
+        if composite.needs_modules and not self._track:
+            raise ValueError(
+                f"LRPContext: composite {composite.name!r} selects layers by module, but the "
+                "forward pass did not record the running modules; build the context with "
+                "track_modules=True to switch to it after the forward pass")
+        named = self._resolve_names(composite)
+        self.composite, self._named = composite, named
+        rules = []
+        for ref in self._nodes:
+            node = ref()
+            if node is None:
+                continue
+            # The rule depends on the layer's kind, module and position only, never on the
+            # values of the forward pass: choosing again is what a new forward would do.
+            node.rule = composite.rule_for(node.call.kind, node.module, node.first, named)
+            rules.append((node.call.kind, node.rule.name))
+        self.rules = rules
+
     # -- enter / exit: module tracking ------------------------------------------------------
     def __enter__(self):
         out = super().__enter__()
-        self.applied, self.rules, self._outputs = 0, [], {}
+        self.applied, self.rules, self._outputs, self._nodes = 0, [], {}, []
         self._first_pending, self._stack = True, []
         thread = threading.get_ident()
         ref = weakref.ref(self)
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(
                 functools.partial(_new_pass, ref, thread)))
-        if self.composite.needs_modules:
+        if self._track:
             hooks = nn.modules.module
             self._hooks.append(hooks.register_module_forward_pre_hook(
                 functools.partial(_push, ref, thread)))
@@ -340,9 +379,10 @@ class LRPContext(RuleContext):
         module = self._stack[-1] if self._stack else None
         rule = self.composite.rule_for(kind, module, first, self._named)
         node = _Node(AffineCall(func, weight, bias, rest, other, kind), rule, self,
-                     weight._version)
+                     weight._version, module, first)
         self.count(kind)
         self.rules.append((kind, rule.name))
+        self._nodes.append(weakref.ref(node))
         out = LRPFunction.apply(x, node)
         self._outputs[id(out)] = (weakref.ref(out), node)
         return out
@@ -550,3 +590,59 @@ LRP_METHODS: Dict[str, Callable[..., Any]] = {
     "lrp_epsilon_alpha2_beta1": lrp_epsilon_alpha2_beta1,
     "lrp_epsilon_gamma_box": lrp_epsilon_gamma_box,
 }
+
+# Each entry's default composite (what its function uses without composite=).
+_DEFAULT_COMPOSITE = {"lrp": "EpsilonPlusFlat", "lrp_epsilon_plus": "EpsilonPlus",
+                      "lrp_epsilon_plus_flat": "EpsilonPlusFlat",
+                      "lrp_epsilon_alpha2_beta1": "EpsilonAlpha2Beta1",
+                      "lrp_epsilon_gamma_box": "EpsilonGammaBox"}
+
+#: The options of an LRP call that :func:`shared_lrp_jobs` honours in one shared forward pass.
+LRP_SHARED_OPTIONS = SHARED_OPTIONS | {"composite"}
+
+
+def shared_lrp_jobs(model: nn.Module, calls: Sequence[Tuple[str, Callable[..., Any],
+                                                              Dict[str, Any]]]
+                    ) -> Dict[str, Job]:
+    """Engine jobs for the LRP calls among ``calls`` that can share one forward pass.
+
+    ``calls`` are ``(label, function, options)``; a call joins when ``function`` is one of
+    :data:`LRP_METHODS` and its options are among :data:`LRP_SHARED_OPTIONS` (a call with its
+    own ``get_backward_gradient`` runs alone).  Every LRP rule changes only the backward pass
+    (the forward is the plain operation; the rule is chosen from the layer's kind, module and
+    position; batch-norm folding is the same for every composite), so
+    :func:`~.engine.run_jobs` runs the model once inside one :class:`LRPContext` and switches
+    its composite (:attr:`LRPContext.rule`) between the backward passes: each map is, bit for
+    bit, what the call's own function returns.  Returns ``label -> Job``; composites are
+    validated here (unknown name, layer names the model lacks), before any work.
+    """
+    if not isinstance(model, nn.Module):
+        return {}
+    owner = unwrap_compiled(model)
+    chosen: List[Tuple[str, str, Dict[str, Any], Composite]] = []
+    for label, function, options in calls:
+        name = next((n for n, f in LRP_METHODS.items() if f is function), None)
+        if name is None or not set(options) <= LRP_SHARED_OPTIONS:
+            continue
+        composite = make_composite(options.get("composite", _DEFAULT_COMPOSITE[name]))
+        LRPContext(composite, model=owner)  # the call's own errors (layer names), before work
+        # Equal composites are one object: the engine gives each distinct rule one pass.
+        composite = next((c for _, _, _, c in chosen if c == composite), composite)
+        chosen.append((label, name, options, composite))
+    track = any(composite.needs_modules for _, _, _, composite in chosen)
+    first = chosen[0][3] if chosen else None
+
+    def context() -> LRPContext:
+        return LRPContext(cast(Composite, first), model=owner, track_modules=track)
+
+    jobs = {}
+    for label, name, options, composite in chosen:
+        # The composite is the "rule" of the read: the engine assigns it to the context's
+        # rule before the backward pass that reads it (equal composites share the pass).
+        method = BackpropMethod(name=name, reads=(Read(rule=cast(Any, composite),
+                                                       context=context),),
+                                module=__name__, doc=LRP_METHODS[name].__doc__ or "",
+                                gradient_to_saliency=gradient_to_linear_approx_saliency)
+        jobs[label] = Job(label, method, {k: v for k, v in options.items()
+                                          if k != "composite"})
+    return jobs

@@ -27,7 +27,7 @@ relevance to inputs equal to zero too, which the gradient form cannot carry: the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -331,6 +331,18 @@ class ZBox(Rule):
             value = getattr(self, field_name)
             if value is not None and not isinstance(value, torch.Tensor):
                 _check_real(self, field_name, value)
+
+    def _key(self) -> Tuple[Any, ...]:
+        # Tensor bounds compare by identity (their == is element-wise); the rest by value.
+        return tuple(id(v) if isinstance(v, torch.Tensor) else v
+                     for v in (self.low, self.high, self.epsilon))
+
+    def __eq__(self, other: object) -> bool:
+        # Rule's generated __eq__ sees no fields here and would call every ZBox equal.
+        return type(other) is type(self) and self._key() == cast(ZBox, other)._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def _bound(self, value: Optional[Bound], x: torch.Tensor, what: str) -> torch.Tensor:
         if value is None:
