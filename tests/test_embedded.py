@@ -29,7 +29,7 @@ from torchray_like.benchmark.embedded_models import (
     set_accuracy,
     weights_path,
 )
-from torchray_like.benchmark.example_data import EXAMPLE_INDEX, get_example_data
+from torchray_like.benchmark.example_data import EXAMPLE_INDICES, get_example_data
 
 
 def _same_target(a: dict, b: dict) -> bool:
@@ -250,12 +250,13 @@ def test_get_example_data(arch):
         model, x, c1, c2 = get_example_data(arch)
     assert x.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert c1 != c2
-    _, t = EmbeddedShapes("test", size=EXAMPLE_INDEX + 1)[EXAMPLE_INDEX]
+    name = "embedded-vgg16" if arch == "vgg16" else "embedded-resnet"
+    index = EXAMPLE_INDICES[name]
+    _, t = EmbeddedShapes("test", size=index + 1)[index]
     assert {c1, c2} <= set(t["class_ids"].tolist())
     with torch.no_grad():
         top2 = model(x)[0].topk(2).indices.tolist()
     assert top2 == [c1, c2]
-    name = "embedded-vgg" if arch.startswith("vgg") else "embedded-resnet"
     assert type(model) is type(load_embedded_model(name, pretrained=False))
 
 

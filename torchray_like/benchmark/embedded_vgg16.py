@@ -26,10 +26,15 @@ Only the widths differ from torchvision's (:data:`WIDTHS` channels per block ins
 training on a CPU short.  Convolutions use 3 × 3 kernels with padding 1 and in-place ReLUs, as
 torchvision's.
 
-Training uses batch normalisation after every convolution (the ``vgg16_bn`` layout, see
-:func:`build_training_vgg16`): a deep plain stack trains much faster with it.  The
-normalisation is then folded into the convolutions (:func:`fold_batch_norm`, exact in eval
-mode), which gives the plain VGG16 layout that ships.
+Training (``benchmarks/train_embedded.py --models embedded-vgg16``) deepens the trained
+``embedded-vgg`` into this layout (:func:`deepen_embedded_vgg`, Net2DeeperNet of Chen et al.,
+"Net2Net: Accelerating Learning via Knowledge Transfer", ICLR 2016): its six convolutions take
+the places of VGG16's first convolution of blocks 1 and 2 and the first two of blocks 3 and 4,
+and the seven other convolutions are identities (a 3 × 3 kernel that copies each channel at
+its centre tap: between two ReLUs it is exactly the identity, the activations being
+non-negative).  So ``features.0`` … ``features.23`` compute exactly ``embedded-vgg``'s
+features, ``features.29`` is its last pooled map (4 × 4), and only the classifier — on pool5's
+2 × 2 map — is trained anew.
 """
 
 from __future__ import annotations
@@ -41,11 +46,11 @@ import torch.nn as nn
 
 from .embedded_data import NUM_CLASSES
 
-__all__ = ["EmbeddedVGG16", "WIDTHS", "HIDDEN", "POOLED", "build_training_vgg16",
-           "fold_batch_norm"]
+__all__ = ["EmbeddedVGG16", "WIDTHS", "HIDDEN", "POOLED", "deepen_embedded_vgg"]
 
-#: Channels of the five convolutional blocks (torchvision's VGG16: 64, 128, 256, 512, 512).
-WIDTHS: Tuple[int, int, int, int, int] = (16, 24, 32, 48, 64)
+#: Channels of the five convolutional blocks (torchvision's VGG16: 64, 128, 256, 512, 512;
+#: these are embedded-vgg's, see :func:`deepen_embedded_vgg`).
+WIDTHS: Tuple[int, int, int, int, int] = (16, 32, 64, 128, 128)
 
 #: Hidden units of ``classifier.0`` and ``classifier.3`` (torchvision's: 4096).
 HIDDEN = 128
@@ -57,15 +62,12 @@ POOLED = 2
 _CONVS = (2, 2, 3, 3, 3)
 
 
-def _features(widths: Sequence[int], batch_norm: bool) -> nn.Sequential:
+def _features(widths: Sequence[int]) -> nn.Sequential:
     layers: List[nn.Module] = []
     channels = 3
     for width, convs in zip(widths, _CONVS):
         for _ in range(convs):
-            layers.append(nn.Conv2d(channels, width, 3, padding=1))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(width))
-            layers.append(nn.ReLU(inplace=True))
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
             channels = width
         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
     return nn.Sequential(*layers)
@@ -84,18 +86,15 @@ class EmbeddedVGG16(nn.Module):
         Units of the two hidden fully connected layers.
     dropout : float
         Probability of ``classifier.2`` and ``classifier.5`` (torchvision's: 0.5).
-    batch_norm : bool
-        ``True``: the ``vgg16_bn`` layout (batch norm after every convolution), for training
-        only; :func:`fold_batch_norm` turns it into the shipped layout.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES, widths: Sequence[int] = WIDTHS,
-                 hidden: int = HIDDEN, dropout: float = 0.3, batch_norm: bool = False) -> None:
+                 hidden: int = HIDDEN, dropout: float = 0.3) -> None:
         super().__init__()
         if len(widths) != 5:
             raise ValueError(f"widths must have 5 entries (one per VGG16 block), got {widths!r}")
         self.widths = tuple(int(w) for w in widths)
-        self.features = _features(self.widths, batch_norm)
+        self.features = _features(self.widths)
         self.avgpool = nn.AdaptiveAvgPool2d((POOLED, POOLED))
         self.classifier = nn.Sequential(
             nn.Linear(self.widths[-1] * POOLED * POOLED, hidden), nn.ReLU(inplace=True),
@@ -117,36 +116,45 @@ class EmbeddedVGG16(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def build_training_vgg16(num_outputs: int = NUM_CLASSES) -> EmbeddedVGG16:
-    """The training network: :class:`EmbeddedVGG16` with batch norm after each convolution."""
-    return EmbeddedVGG16(num_outputs, batch_norm=True)
+#: Which ``embedded-vgg`` convolution fills each of VGG16's 13 convolutions (``None``: identity).
+_PLAN = (0, None, 1, None, 2, 3, None, 4, 5, None, None, None, None)
 
 
 @torch.no_grad()
-def fold_batch_norm(model: EmbeddedVGG16) -> EmbeddedVGG16:
-    """The plain VGG16 layout computing what ``model`` (with batch norm) computes in eval mode.
+def deepen_embedded_vgg(vgg: nn.Module, num_classes: int = NUM_CLASSES,
+                        hidden: int = HIDDEN) -> EmbeddedVGG16:
+    """VGG16's layout computing the features of ``vgg`` (an ``embedded-vgg``), new classifier.
 
-    Each ``conv → BatchNorm`` pair becomes one convolution with weight
-    ``w · γ / √(σ² + ε)`` and bias ``(b − μ) · γ / √(σ² + ε) + β`` (the running statistics
-    ``μ``, ``σ²``), as in Jacob et al., "Quantization and Training of Neural Networks for
-    Efficient Integer-Arithmetic-Only Inference", CVPR 2018, section 3.2.
+    ``vgg``'s six convolutions become VGG16's convolutions 1, 3, 5, 6, 8 and 9 (one per
+    ``embedded-vgg`` block, then two and two); the others are identities, exact between two
+    ReLUs (Net2DeeperNet, Chen et al. 2016).  ``features.23`` then equals ``vgg.features``'s
+    output.  The classifier is freshly initialised (``num_classes`` outputs).
 
     Raises
     ------
     ValueError
-        When ``model`` has no batch norm after a convolution (nothing to fold).
+        When ``vgg`` is not laid out as ``embedded-vgg`` (six 3 × 3 convolutions in
+        ``features``).
     """
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
-    if len(norms) != len(convs):
-        raise ValueError("model must be built with batch_norm=True (one BatchNorm2d after each "
-                         f"convolution); it has {len(norms)} for {len(convs)} convolutions")
-    last = model.classifier[6]
-    plain = EmbeddedVGG16(last.out_features, model.widths, last.in_features)
-    targets = [m for m in plain.features if isinstance(m, nn.Conv2d)]
-    for conv, norm, target in zip(convs, norms, targets):
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        target.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        target.bias.copy_((conv.bias - norm.running_mean) * scale + norm.bias)
-    plain.classifier.load_state_dict(model.classifier.state_dict())
-    return plain.eval()
+    features = getattr(vgg, "features", None)
+    convs = [m for m in features if isinstance(m, nn.Conv2d)] if features is not None else []
+    if len(convs) != 6 or any(c.kernel_size != (3, 3) for c in convs):
+        raise ValueError("vgg must be an embedded-vgg (six 3x3 convolutions in .features), e.g. "
+                         "load_embedded_model('embedded-vgg')")
+    widths = tuple(convs[i].out_channels for i in (0, 1, 3, 5, 5))
+    deep = EmbeddedVGG16(num_classes, widths, hidden)
+    slots = [m for m in deep.features if isinstance(m, nn.Conv2d)]
+    for slot, source in zip(slots, _PLAN):
+        assert slot.bias is not None            # built with bias=True (the default)
+        if source is None:
+            slot.weight.zero_()
+            channels = torch.arange(slot.out_channels)
+            slot.weight[channels, channels, 1, 1] = 1
+            slot.bias.zero_()
+        else:
+            bias = convs[source].bias
+            if bias is None:
+                raise ValueError("vgg's convolutions must have biases (embedded-vgg's do)")
+            slot.weight.copy_(convs[source].weight)
+            slot.bias.copy_(bias)
+    return deep
