@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from torchray_like.benchmark import get_example_data
+from torchray_like.benchmark import get_example_data, plot_example
 from torchray_like.benchmark.embedded_data import EMBEDDED_CLASSES, IMAGE_SIZE, EmbeddedShapes
 from torchray_like.benchmark.embedded_models import (
     EMBEDDED_ACCURACY,
@@ -376,7 +376,7 @@ def _write_stand_in_vgg16(hub_dir) -> dict:
     return state
 
 
-def test_cached_vgg16_weights_give_torchvision_vgg16_and_the_cat_photo(hub):
+def test_cached_vgg16_weights_give_torchvision_vgg16_and_the_cat_photo(hub, quiet_plots):
     import numpy as np
     import skimage.data
     from PIL import Image
@@ -411,7 +411,10 @@ def test_cached_vgg16_weights_give_torchvision_vgg16_and_the_cat_photo(hub):
     assert x.shape == (1, 3, 48, 72)
     # The grad-cam snippet runs on it too (torchvision's own layer names).
     from torchray_like.attribution.grad_cam import grad_cam
-    assert grad_cam(model, x, c1, saliency_layer="features.29").shape == (1, 1, 3, 4)
+    saliency = grad_cam(model, x, c1, saliency_layer="features.29")
+    assert saliency.shape == (1, 1, 3, 4)
+    figure = plot_example(x, saliency, "grad-cam backprop", c1, class_names="imagenet")
+    assert figure.axes[1].get_title() == f"grad-cam backprop ({names[c1]} ({c1}))"
 
 
 def test_unreadable_cached_weights_fall_back_and_say_so(hub):

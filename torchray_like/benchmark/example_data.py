@@ -263,7 +263,7 @@ def _embedded_example(arch: str, name: str, shape: object
                       "maps are of an untrained model", UserWarning, stacklevel=3)
         torch.manual_seed(0)
         model = load_embedded_model(name, pretrained=False)
-    index = EXAMPLE_INDICES[name]
+    index = EXAMPLE_INDICES.get(name, EXAMPLE_INDEX)   # a model added later: the common image
     x, target = EmbeddedShapes("test", size=index + 1, seed=0)[index]
     x = x.unsqueeze(0)
     classes = target["class_ids"].tolist()
