@@ -69,6 +69,7 @@ from _harness import (  # noqa: E402
     frozen,
     measure,
 )
+from _memory import bounded_cases, case_peaks, peak_bytes  # noqa: E402,F401  (re-exported)
 
 from torchray_like.attribution import METHODS  # noqa: E402
 from torchray_like.attribution.common import GRADIENT_RULE, ReLUContext, saliency  # noqa: E402
@@ -402,6 +403,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-captum", action="store_true", help="skip the Captum columns")
     parser.add_argument("--no-references", action="store_true",
                         help="skip every other library (Captum, pytorch-grad-cam, Zennit)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of times: each row's peak memory over its floor's (CPU: "
+                             "the allocator's reports to torch.profiler; CUDA: "
+                             "max_memory_allocated), and IG, SmoothGrad, RISE, Score-CAM at two "
+                             "sizes each")
     parser.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR",
                         help="also write the rows to DIR/speed.csv and DIR/speed.json")
     embedded_cli.add_perturbation_arguments(parser, "speed")
@@ -434,7 +440,7 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Captum warns on every call; the table is the output
-            return run(args, argv)
+            return (run_memory if args.memory else run)(args, argv)
     finally:
         torch.set_num_threads(threads)
 
@@ -509,6 +515,48 @@ def run(args: argparse.Namespace, argv=None) -> int:
         paths = write_out(args.out, rows, settings)
         print(f"wrote {', '.join(map(str, paths))}")
     return 1 if errors else 0
+
+
+def run_memory(args: argparse.Namespace, argv=None) -> int:
+    """``--memory``: each selected row's peak memory (MB) over its floor's, with the reference
+    libraries' peaks, then the bounded methods at two sizes."""
+    device = torch.device(args.device)
+    shown = sys.argv[1:] if argv is None else list(argv)
+    print("$ python benchmarks/speed.py" + "".join(f" {a}" for a in shown))
+    tracer = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+              "CPU allocator reports to torch.profiler(profile_memory=True)")
+    print(f"torch {torch.__version__}, {device}, batch {args.batch_size}, {args.input_size}², "
+          f"peak MB allocated during a call above the start ({tracer})")
+    print(f"{'model':9s} {'method':46s} {'MB':>8s} {'floor MB':>8s} {'ratio':>6s}  references")
+    rows: List[dict] = []
+    start = time.perf_counter()
+    for name in args.models:
+        s = setup(name, args, device)
+        cases = [c for family in CASES for c in family(s) if c.method in args.methods]
+        attach_captum(cases, s)
+        for case in cases:
+            drop_failing(case)
+            res = case_peaks(case.run, case.floor, case.others, device)
+            others = "  ".join(f"{k} {res[f'{k}_mb']:.1f}" for k in case.others)
+            print(f"{name:9s} {case.name:46s} {res['method_mb']:8.1f} {res['floor_mb']:8.1f} "
+                  f"{res['ratio']:6.2f}  {others}", flush=True)
+            rows.append({"model": name, "method": case.name, **res})
+        layer = s.options["score_cam"]["saliency_layer"]
+        print(f"\n{name}: peak MB at two sizes (bounded by the batch option: the larger size "
+              "should not need more)")
+        for row, size, calls in bounded_cases(s.model, s.x, s.target, layer,
+                                              references=not args.no_references):
+            peaks = {k: case_peaks(fn, fn, {}, device)["method_mb"] for k, fn in calls.items()}
+            print(f"  {row:34s} {size:28s} " + "  ".join(f"{k} {v:8.1f}"
+                                                         for k, v in peaks.items()), flush=True)
+            rows.append({"model": name, "method": row, "size": size,
+                         **{f"{k}_mb": v for k, v in peaks.items()}})
+    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "memory.json").write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.out / 'memory.json'}")
+    return 0
 
 
 def _report(rows: List[dict], args: argparse.Namespace, errors: List[str],
