@@ -118,7 +118,7 @@ def occlusion_cases(s: Any) -> List[Case]:
     case = Case("occlusion", f"occlusion({win[0]}² window, stride {step[0]})",
                 lambda: METHODS["occlusion"](model, x, target, batch_size=CHANNEL_BATCH),
                 floor_forwards(model, x, count, CHANNEL_BATCH),
-                f"{count} occluded fwd, batch {CHANNEL_BATCH}", target_ratio=1.10)
+                f"{count} occluded fwd, batch {CHANNEL_BATCH}", target_ratio=1.10, heavy=True)
     return [attach(case, {"captum": refs.captum_occlusion(model, x, target, win[0], step[0],
                                                           CHANNEL_BATCH)}, _use(s))]
 
@@ -146,7 +146,7 @@ def channel_cases(s: Any) -> List[Case]:
         case = Case(method, f"{method}({layer}, batch {CHANNEL_BATCH})",
                     lambda m=method: METHODS[m](model, x, target, saliency_layer=layer,
                                                 batch_size=CHANNEL_BATCH, resize=True),
-                    floor, floor_name, target_ratio=1.10, ref_target=1.0,
+                    floor, floor_name, target_ratio=1.10, ref_target=1.0, heavy=True,
                     note="" if method == "score_cam" else
                     "the layers below run on one copy per batch: under the floor by design")
         cases.append(attach(case, {"grad-cam": refs.grad_cam_method(

@@ -52,6 +52,7 @@ class Case:
     others: Dict[str, Callable[[], object]] = field(default_factory=dict)
     ref_target: Optional[float] = None
     ref: str = ""
+    heavy: bool = False     # hundreds of forward passes per call: fewer repeats, fewer models
 
     def reference(self) -> Optional[str]:
         """The library this row is compared with (``None``: none available)."""

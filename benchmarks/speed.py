@@ -80,6 +80,11 @@ from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
+#: Models on which the heavy rows (occlusion, Score-CAM, Ablation-CAM: hundreds of forward
+#: passes per call) run when --methods does not name them; they are timed with at most
+#: HEAVY_REPEATS calls.
+HEAVY_MODELS = ("embedded-vgg", "embedded-resnet")
+HEAVY_REPEATS = 3
 QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "input_size": 64,
          "batch_size": 1, "threads": 1}
 FULL = {"models": ["resnet50", "vgg16"], "input_size": 224, "batch_size": 4, "threads": None}
@@ -418,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     try:
         args.models = embedded_cli.name_list(args.models, None, "--models")
+        args.named_methods = [] if args.methods == ["all"] else embedded_cli.name_list(
+            args.methods, tuple(METHODS) + EXTRA_ROWS, "--methods")
         args.methods = embedded_cli.name_list(args.methods, tuple(METHODS) + EXTRA_ROWS,
                                               "--methods")
     except ValueError as error:
@@ -499,11 +506,17 @@ def run(args: argparse.Namespace, argv=None) -> int:
             print(f"{name:9s} no speed case for {', '.join(missing)} (CASES has no row for them "
                   "yet)", flush=True)
         cases = [c for c in every if c.method in args.methods]
+        heavy = [c.name for c in cases if c.heavy and not _heavy_here(name, c, args)]
+        if heavy:
+            print(f"{name:9s} left out (heavy: name them in --methods to time them here): "
+                  f"{', '.join(heavy)}", flush=True)
+        cases = [c for c in cases if c.name not in heavy]
         attach_captum(cases, s)
         for case in cases:
             try:
                 drop_failing(case)
-                res = measure(case, args.repeats, device=device, clock=CLOCKS[args.clock])
+                res = measure(case, min(args.repeats, HEAVY_REPEATS) if case.heavy else
+                              args.repeats, device=device, clock=CLOCKS[args.clock])
             except Exception as exc:  # one broken method must not lose the rest of the table
                 print(f"{name:9s} {case.name:46s} ERROR {type(exc).__name__}: {exc}", flush=True)
                 errors.append(f"{name} {case.name}")
@@ -515,6 +528,12 @@ def run(args: argparse.Namespace, argv=None) -> int:
         paths = write_out(args.out, rows, settings)
         print(f"wrote {', '.join(map(str, paths))}")
     return 1 if errors else 0
+
+
+def _heavy_here(model: str, case: Case, args: argparse.Namespace) -> bool:
+    """Whether a heavy row runs on this model: always when --methods names its method, else
+    on the embedded models only."""
+    return case.method in (args.named_methods or ()) or model in HEAVY_MODELS
 
 
 def run_memory(args: argparse.Namespace, argv=None) -> int:

@@ -231,9 +231,11 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
             assert squares is not None
             squares.index_add_(0, image.to(maps.device), wide.square())
             bar.update(index.numel())
+            dtype = maps.dtype
+            del noisy, maps, wide  # not alive during the next batch: memory is one batch's
     assert total is not None and squares is not None
     result = _combine(total / copies, squares / copies, kind)
-    return result.to(maps.dtype)
+    return result.to(dtype)
 
 
 def _combine(mean: torch.Tensor, mean_sq: torch.Tensor, kind: str) -> torch.Tensor:
