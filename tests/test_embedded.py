@@ -206,7 +206,8 @@ def test_models_reproduce_stored_accuracy(models, test_items):
         with torch.no_grad():
             scores = model(images)
         acc = set_accuracy(scores, truth)
-        assert acc >= 0.9, (name, acc)
+        # The embedded transformer is far weaker (see EMBEDDED_ACCURACY and test_embedded_vit).
+        assert acc >= (0.6 if name == "embedded-vit" else 0.9), (name, acc)
         assert abs(acc - EMBEDDED_ACCURACY[name]["set_accuracy_64"]) <= 1 / 64 + 1e-9, (name, acc)
 
 
@@ -245,7 +246,9 @@ def test_weights_checked(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
-def test_get_example_data(arch):
+def test_get_example_data(arch, tmp_path, monkeypatch):
+    # An empty torch hub cache: the offline route, whatever this machine has cached.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.warns(UserWarning, match="embedded"):
         model, x, c1, c2 = get_example_data(arch)
     assert x.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
