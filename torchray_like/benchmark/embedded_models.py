@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .embedded_data import IMAGE_SIZE, NUM_CLASSES
 from .embedded_vgg16 import EmbeddedVGG16
+from .embedded_vit import VIT_LAYERS, build_embedded_vit
 
 __all__ = [
     "EMBEDDED_MODELS", "EMBEDDED_LAYERS", "EMBEDDED_WEIGHTS", "EMBEDDED_ACCURACY",
@@ -44,6 +45,8 @@ __all__ = [
 
 #: Names accepted by :func:`load_embedded_model`.
 EMBEDDED_MODELS: Tuple[str, ...] = ("embedded-vgg", "embedded-resnet")
+# The embedded transformer (torchvision's VisionTransformer; see embedded_vit).
+EMBEDDED_MODELS += ("embedded-vit",)
 
 #: Embedded models outside the benchmark's tables, also accepted by :func:`load_embedded_model`:
 #: ``"embedded-vgg16"``, torchvision VGG16's layout for TorchRay's examples (see
@@ -72,6 +75,7 @@ EMBEDDED_LAYERS: Dict[str, Dict[str, str]] = {
         "contrast": "layer3",
     },
 }
+EMBEDDED_LAYERS["embedded-vit"] = dict(VIT_LAYERS)
 # TorchRay's example layers (relu5_3, pool2, pool5), at 4, 16 and 2 pixels at 64 px.
 EMBEDDED_LAYERS["embedded-vgg16"] = {
     "grad_cam": "features.29", "excitation_backprop": "features.9", "contrast": "features.30"}
@@ -83,6 +87,8 @@ EMBEDDED_WEIGHTS: Dict[str, Tuple[str, str]] = {
     "embedded-resnet": ("embedded_resnet.pt",
                         "b73f2390de708208a1e91e23b658256d0109e952d06a01af31d5cc22ffcb6ec5"),
 }
+EMBEDDED_WEIGHTS["embedded-vit"] = (
+    "embedded_vit.pt", "2280e65318fe145227b9b634efda39ef0ae17b7ac26a50c9785ec60eac5075e3")
 EMBEDDED_WEIGHTS["embedded-vgg16"] = (
     "embedded_vgg16.pt", "43fbe08ed87e4f4739dbd813ec88c629d763172110e86fcfada01e9537eb1cc9")
 
@@ -94,6 +100,9 @@ EMBEDDED_ACCURACY: Dict[str, Dict[str, float]] = {
     "embedded-vgg": {"map": 0.9704, "exact_match_64": 0.875, "set_accuracy_64": 62 / 64},
     "embedded-resnet": {"map": 0.9655, "exact_match_64": 0.875, "set_accuracy_64": 61 / 64},
 }
+# The transformer is far weaker (8 epochs of 20 000 images on one shared CPU thread, 39 min).
+EMBEDDED_ACCURACY["embedded-vit"] = {"map": 0.7023, "exact_match_64": 30 / 64,
+                                     "set_accuracy_64": 44 / 64}
 EMBEDDED_ACCURACY["embedded-vgg16"] = {"map": 0.9663, "exact_match_64": 0.90625,
                                       "set_accuracy_64": 61 / 64}
 
@@ -263,6 +272,8 @@ def build_embedded_model(name: str, num_outputs: int = NUM_CLASSES) -> nn.Module
     _check_name(name)
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
+    if name == "embedded-vit":
+        return build_embedded_vit(num_outputs)
     if name == "embedded-vgg16":
         return EmbeddedVGG16(num_outputs)
     return EmbeddedVGG(num_outputs) if name == "embedded-vgg" else EmbeddedResNet(num_outputs)

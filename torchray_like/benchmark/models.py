@@ -33,8 +33,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 NUM_CLASSES = {"voc": 20, "coco": 80, "imagenet": 1000}
 """Number of output classes of each data set's head."""
 
-EMBEDDED_MODELS = ("embedded-vgg", "embedded-resnet")
+EMBEDDED_MODELS: tuple[str, ...] = ("embedded-vgg", "embedded-resnet")
 """Model names served by :mod:`torchray_like.benchmark.embedded_models`."""
+EMBEDDED_MODELS += ("embedded-vit",)  # the embedded transformer (embedded_vit)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

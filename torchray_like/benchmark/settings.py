@@ -37,6 +37,7 @@ from .embedded_models import EMBEDDED_LAYERS
 
 __all__ = ["ModelSettings", "MODELS", "BENCHMARKS", "LAYER_OPTIONS", "model_settings",
            "torchvision_layers", "method_options", "options_table", "describe_options"]
+__all__ += ["NOT_APPLICABLE", "not_applicable"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ def _embedded(name: str) -> ModelSettings:
 MODELS: Mapping[str, ModelSettings] = {
     "embedded-vgg": _embedded("embedded-vgg"),
     "embedded-resnet": _embedded("embedded-resnet"),
+    # The embedded transformer (embedded_vit): the CAM family reads the last block's ln_1
+    # tokens; the methods of NOT_APPLICABLE["embedded-vit"] do not apply to it.
+    "embedded-vit": _embedded("embedded-vit"),
     "vgg16": ModelSettings(224, "features.29", "features.23", "classifier.4"),
     "resnet50": ModelSettings(224, "layer4", "layer3", "avgpool"),
     # The demo's hand-built network (torchray_like.demo): 32-pixel images, two convolutions.
@@ -101,6 +105,47 @@ LAYER_OPTIONS: Mapping[str, Mapping[str, str]] = {
     "contrastive_excitation_backprop": {"saliency_layer": "excitation_backprop",
                                         "contrast_layer": "contrast"},
 }
+
+_RECTIFIER = ("rectifier method: it replaces the backward pass of the ReLUs, and the ViT has "
+              "none (GELU in its MLPs): the method refuses the model (ValueError)")
+_EXCITATION = ("excitation backprop's winning probabilities need the non-negative activations "
+               "of a ReLU network (Zhang et al. 2016); the ViT's LayerNorm, GELU and attention "
+               "are outside its rule (the library warns and passes plain gradients there)")
+_LRP = ("this composite's rules cover convolutions, linear layers and ReLUs; the ViT's "
+        "attention, GELU and LayerNorm keep plain gradients (UnhandledActivationWarning), so the "
+        "map is no relevance decomposition: use the transformer rules attn_lrp / cp_lrp")
+_PERTURBED_LAYER = ("it perturbs the channels of an (N, C, h, w) layer and does not read "
+                    "token layers (N, 1 + h*w, C) yet (ValueError naming the shape); the only "
+                    "such layer of the ViT is its stem, not a CAM layer")
+_LRP_NAMES = ("lrp", "lrp_epsilon_plus", "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1",
+              "lrp_epsilon_gamma_box")
+
+_NO_ATTENTION = ("the network computes no attention (a CNN): the method refuses it "
+                 "(NoAttentionError / ValueError)")
+_ATTENTION_ONLY = ("attention_rollout", "attention_flow", "grad_rollout", "cp_lrp")
+
+#: Model → method → why the method does not apply to it: the benchmarks report these pairs
+#: as ``"n/a"`` (with the reason) instead of running them.  On ``embedded-vit`` apply: the
+#: gradient family, RISE, extremal perturbation, occlusion, the CAM family on the last
+#: block's ``ln_1`` tokens (Grad-CAM, Grad-CAM++, Layer-CAM, XGrad-CAM, HiResCAM, Eigen-CAM,
+#: linear approximation), attention rollout / flow, gradient-weighted rollout, AttnLRP and
+#: CP-LRP; on the CNNs everything but the attention methods.
+NOT_APPLICABLE: Mapping[str, Mapping[str, str]] = {
+    **{name: {method: _NO_ATTENTION for method in _ATTENTION_ONLY}
+       for name in ("embedded-vgg", "embedded-resnet", "vgg16", "resnet50", "colournet")},
+    "embedded-vit": {
+        "guided_backprop": _RECTIFIER, "deconvnet": _RECTIFIER, "guided_grad_cam": _RECTIFIER,
+        "excitation_backprop": _EXCITATION, "contrastive_excitation_backprop": _EXCITATION,
+        "score_cam": _PERTURBED_LAYER, "ablation_cam": _PERTURBED_LAYER,
+        **{name: _LRP for name in _LRP_NAMES},
+    },
+}
+
+
+def not_applicable(model: str, method: str) -> Optional[str]:
+    """Why ``method`` does not apply to ``model`` (:data:`NOT_APPLICABLE`), or ``None``."""
+    return NOT_APPLICABLE.get(model, {}).get(method)
+
 
 _PAPER_AREAS = [0.025, 0.05, 0.1, 0.2]
 Table = Dict[str, Dict[str, Any]]
