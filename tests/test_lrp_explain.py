@@ -1,5 +1,5 @@
 """explain() with several LRP composites: one forward pass, one backward pass per composite, each
-map bit for bit its function's; LRPContext.rule switched between backward passes."""
+map bit for bit its function's; LRPContext.composite switched between backward passes."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_context_rule_switch_equals_separate_contexts(x):
         y = model(inp)
     (g_plus,) = torch.autograd.grad(y[:, 1].sum(), inp, retain_graph=True)
     assert ctx.rules[0] == ("conv", "zplus")
-    ctx.rule = {nn.Conv2d: Gamma(0.25), "first": Flat()}
+    ctx.composite = {nn.Conv2d: Gamma(0.25), "first": Flat()}
     assert ctx.rules[0] == ("conv", "flat") and ctx.rules[1] == ("conv", "gamma")
     (g_user,) = torch.autograd.grad(y[:, 1].sum(), inp)
     for spec, grad in (("EpsilonPlus", g_plus), ({nn.Conv2d: Gamma(0.25), "first": Flat()},
@@ -166,10 +166,10 @@ def test_switching_to_a_module_composite_needs_tracking(x):
     with LRPContext("EpsilonPlus", model=model) as ctx:
         model(x.clone().requires_grad_())
     with pytest.raises(ValueError, match="track_modules=True"):
-        ctx.rule = {nn.Conv2d: ZPlus()}
+        ctx.composite = {nn.Conv2d: ZPlus()}
     with pytest.raises(ValueError, match="unknown LRP composite"):
-        ctx.rule = "Nope"
-    assert ctx.rule.name == "EpsilonPlus"  # unchanged after a refused assignment
+        ctx.composite = "Nope"
+    assert ctx.composite.name == "EpsilonPlus"  # unchanged after a refused assignment
 
 
 def test_shared_lrp_jobs_selects_only_lrp_calls_with_shared_options():

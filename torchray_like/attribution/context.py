@@ -389,6 +389,13 @@ class RuleContext(TorchFunctionMode):
                 "contexts do not reach, so the result would mix the rule with the plain "
                 f"gradient; {THREAD_ADVICE}")
 
+    def switch_rule(self, rule: Any) -> None:
+        """Make the nodes of the last forward pass apply ``rule`` in the next backward passes
+        (``retain_graph=True``): one forward serves several rules.  Contexts whose rules are
+        values read at backward time override this (:class:`~.rules.ReLUContext`,
+        :class:`~.lrp.LRPContext`)."""
+        raise TypeError(f"{type(self).__name__} cannot switch its rule after the forward pass")
+
     # -- mode protocol -----------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -148,7 +148,7 @@ def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switc
     grads: Dict[Tuple[Any, str], torch.Tensor] = {}
     for i, (rule, check, labels) in enumerate(passes):
         if switched:  # a context a read built: its rule is read at backward time
-            fp.context.rule = rule
+            fp.context.switch_rule(rule)
         retain = keep_graph or i < len(passes) - 1
         for label, grad in zip(labels, fp.grads(labels, retain, check)):
             grads[rule, label] = grad

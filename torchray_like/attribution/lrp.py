@@ -249,10 +249,11 @@ class LRPContext(RuleContext):
         ``(kind, rule name)`` of each replaced call, in forward order.
     applied : int
         Backward passes through replaced calls.
-    rule : Composite
-        The composite the replaced calls' backward applies; assignable between two backward
-        passes of one forward pass (``retain_graph=True``): every LRP rule changes only the
-        backward, so one forward serves several composites (as :attr:`.ReLUContext.rule`).
+    composite : Composite
+        The composite the replaced calls' backward applies; assignable (a composite, a
+        standard composite's name or a mapping) between two backward passes of one forward
+        pass (``retain_graph=True``): every LRP rule changes only the backward, so one forward
+        serves several composites (as :attr:`.ReLUContext.rule` does for rectifier rules).
     unhandled : dict
         Operations no rule covers that autograd records, with their count (warned about).
 
@@ -273,7 +274,7 @@ class LRPContext(RuleContext):
     def __init__(self, composite: CompositeSpec = "EpsilonPlusFlat",
                  model: Optional[nn.Module] = None, *, track_modules: bool = False) -> None:
         super().__init__()
-        self.composite: Composite = make_composite(composite)
+        self._composite: Composite = make_composite(composite)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"LRPContext: model must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
@@ -314,12 +315,12 @@ class LRPContext(RuleContext):
         return {n: modules[n] for n in names}
 
     @property
-    def rule(self) -> Composite:
+    def composite(self) -> Composite:
         """The composite whose rules the replaced calls apply in backward (assignable)."""
-        return self.composite
+        return self._composite
 
-    @rule.setter
-    def rule(self, value: CompositeSpec) -> None:
+    @composite.setter
+    def composite(self, value: CompositeSpec) -> None:
         composite = make_composite(value)
         if composite.needs_modules and not self._track:
             raise ValueError(
@@ -327,7 +328,7 @@ class LRPContext(RuleContext):
                 "forward pass did not record the running modules; build the context with "
                 "track_modules=True to switch to it after the forward pass")
         named = self._resolve_names(composite)
-        self.composite, self._named = composite, named
+        self._composite, self._named = composite, named
         rules = []
         for ref in self._nodes:
             node = ref()
@@ -338,6 +339,10 @@ class LRPContext(RuleContext):
             node.rule = composite.rule_for(node.call.kind, node.module, node.first, named)
             rules.append((node.call.kind, node.rule.name))
         self.rules = rules
+
+    def switch_rule(self, rule: Any) -> None:
+        """Assign :attr:`composite` (the engine's way to switch rules between passes)."""
+        self.composite = rule
 
     # -- enter / exit: module tracking ------------------------------------------------------
     def __enter__(self):
@@ -637,8 +642,8 @@ def shared_lrp_jobs(model: nn.Module, calls: Sequence[Tuple[str, Callable[..., A
 
     jobs = {}
     for label, name, options, composite in chosen:
-        # The composite is the "rule" of the read: the engine assigns it to the context's
-        # rule before the backward pass that reads it (equal composites share the pass).
+        # The composite is the "rule" of the read: the engine switches the context to it
+        # before the backward pass that reads it (equal composites share the pass).
         method = BackpropMethod(name=name, reads=(Read(rule=cast(Any, composite),
                                                        context=context),),
                                 module=__name__, doc=LRP_METHODS[name].__doc__ or "",

@@ -349,6 +349,10 @@ class ReLUContext(RuleContext):
             raise TypeError("only a ReLURule can be assigned to a context built with a ReLURule")
         self._cell.rule = value
 
+    def switch_rule(self, rule: ReLURule) -> None:
+        """Assign :attr:`rule` (the engine's way to switch rules between passes)."""
+        self.rule = rule
+
     @property
     def applied(self) -> Optional[int]:
         """How many times backward went through a rectifier this context replaced (ever).
