@@ -182,3 +182,20 @@ def test_shared_lrp_jobs_selects_only_lrp_calls_with_shared_options():
     assert jobs["d"].reads == [] and "composite" not in jobs["d"].options
     assert jobs["d"].method.reads[0].rule.name == "EpsilonAlpha2Beta1"
     assert shared_lrp_jobs(object(), calls) == {}  # type: ignore[arg-type]
+
+
+def test_switch_rule_protocol_and_contexts_without_a_switchable_rule(x):
+    from torchray_like.attribution.context import RuleContext
+    from torchray_like.attribution.guided_backprop import GuidedBackpropContext
+    from torchray_like.attribution.rules import GRADIENT_RULE, ReLUContext
+
+    with pytest.raises(TypeError, match="RuleContext cannot switch its rule"):
+        RuleContext().switch_rule(GRADIENT_RULE)
+    guided = GuidedBackpropContext()
+    guided.switch_rule(GRADIENT_RULE)
+    assert guided.rule is GRADIENT_RULE
+    ctx = LRPContext("EpsilonPlus")
+    ctx.switch_rule("EpsilonAlpha2Beta1")
+    assert ctx.composite.name == "EpsilonAlpha2Beta1" and ctx.rules == []
+    with pytest.raises(TypeError, match="only a ReLURule"):
+        ReLUContext(GRADIENT_RULE).switch_rule("EpsilonPlus")  # type: ignore[arg-type]
