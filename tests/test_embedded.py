@@ -381,15 +381,19 @@ def test_method_options_errors_say_what_to_do(call, message):
         call(method_options)
 
 
-def test_every_method_runs_with_the_table_options_and_gives_one_map_per_sample():
+@pytest.mark.parametrize("name", ["embedded-resnet", "embedded-vit"])
+def test_every_method_runs_with_the_table_options_and_gives_one_map_per_sample(name):
     """The contract the benchmarks rely on: METHODS[m](model, x, target, **options) is
-    (N, 1, *spatial) for every method with the table's options (here with small counts)."""
+    (N, 1, *spatial) for every method with the table's options (here with small counts),
+    except the methods the settings say do not apply to the model."""
     from torchray_like.attribution.registry import METHODS
-    from torchray_like.benchmark.settings import options_table
+    from torchray_like.benchmark.settings import not_applicable, options_table
 
-    model = build_embedded("embedded-resnet").eval()
+    model = build_embedded(name).eval()
     x = EmbeddedShapes("test", size=2)[0][0][None].repeat(2, 1, 1, 1)
-    table = options_table(list(METHODS), "embedded-resnet", "speed",
+    methods = [m for m in METHODS if not_applicable(name, m) is None]
+    assert len(methods) >= 19
+    table = options_table(methods, name, "speed",
                           overrides={"rise": {"num_masks": 8}, "extremal_perturbation": {
                               "max_iter": 2}})
     for method, options in table.items():
