@@ -205,7 +205,7 @@ def lrp_cases(s: Any) -> List[Case]:
     for method, composite in LRP_ROWS:
         case = Case(method, f"{method}({composite})",
                     lambda m=method: METHODS[m](model, x, target), floor, "fwd+grad(input)",
-                    target_ratio=LRP_TARGET, ref_target=1.1, ref="zennit")
+                    target_ratio=LRP_TARGET, ref_target=1.1, ref="zennit", heavy=True)
         found: Dict[str, refs.Ref] = {"zennit": refs.zennit_lrp(method, model, x, target)}
         if method == "lrp":
             found["captum"] = refs.captum_lrp(model, x, target)

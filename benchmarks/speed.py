@@ -81,8 +81,8 @@ from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E40
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
 #: Models on which the heavy rows (occlusion, Score-CAM, Ablation-CAM: hundreds of forward
-#: passes per call) run when --methods does not name them; they are timed with at most
-#: HEAVY_REPEATS calls.
+#: passes per call; LRP: three composites, each against Zennit) run when --methods does not
+#: name them; they are timed with at most HEAVY_REPEATS calls.
 HEAVY_MODELS = ("embedded-vgg", "embedded-resnet")
 HEAVY_REPEATS = 3
 QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "input_size": 64,
