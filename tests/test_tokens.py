@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -445,3 +447,22 @@ def test_swin_v2_t_at_full_size():
     assert grad_cam(model, x, 1).shape == (1, 1, 7, 7)
     smap = layer_cam(model, x, 1, saliency_layer="features.5")   # stage 3: (1, 14, 14, 384)
     assert smap.shape == (1, 1, 14, 14) and float(smap.amax()) > 0
+
+
+def test_contrastive_excitation_backprop_reads_a_block_on_the_patch_grid():
+    """Not a described method, but a layer method all the same: its excitation at a block is
+    rearranged to the patch grid (never an (N, 1, dim) 'map' over the channels)."""
+    from torchray_like.attribution.excitation_backprop import contrastive_excitation_backprop
+
+    torch.manual_seed(0)
+    model = tv_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # GELU / LayerNorm are outside the EBP rule
+        smap, debug = contrastive_excitation_backprop(
+            model, x, [1, 2], saliency_layer="encoder.layers.encoder_layer_0",
+            contrast_layer="encoder.layers.encoder_layer_1", debug=True)
+    assert smap.shape == (2, 1, 4, 4) and smap.dtype == torch.float32
+    excitation = debug.gradient
+    assert excitation.shape == debug.activation.shape == (2, 32, 4, 4)
+    assert torch.equal(smap, excitation.sum(1, keepdim=True).clamp(min=0))

@@ -120,6 +120,7 @@ from .excitation_contrast import (
     check_contrast_cuts,
     check_contrast_layers,
     contrast_signal,
+    is_input_layer,
     propagate,
 )
 from .excitation_handlers import UNMODELED_HINTS, ExcitationHandlers
@@ -128,6 +129,7 @@ from .maps import SizeType, check_smooth, finish_map, saliency_gradient
 from .reporting import warn_caller
 from .state import check_model, unwrap_compiled
 from .targets import TargetType, get_backward_gradient
+from .tokens import layer_tokens, tokens_to_map
 
 __all__ = [
     "ExcitationBackpropContext",
@@ -596,9 +598,13 @@ def contrastive_excitation_backprop(
                                 contrast)
     # The result
     warn_if_torchray_differs(context, model)
+    read = fp.reads["saliency_layer"].detach()
+    if not is_input_layer(saliency_layer):
+        # A transformer block's tokens on their patch grid, as every layer method reads them.
+        read, excitation = tokens_to_map(layer_tokens(model, read, input), read, excitation)
     smap = excitation.sum(dim=1, keepdim=True).clamp_(min=0)
     smap = finish_map(input, smap, resize, resize_mode, smooth)
     if debug:
-        return smap, SaliencyDebug(detach_all(fp.output), fp.reads["saliency_layer"].detach(),
-                                   excitation.detach(), dict(context.counts))
+        return smap, SaliencyDebug(detach_all(fp.output), read, excitation.detach(),
+                                   dict(context.counts))
     return smap
