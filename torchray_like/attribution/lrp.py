@@ -239,7 +239,7 @@ class LRPContext(RuleContext):
         first layer.
     track_modules : bool, keyword-only
         Record the running module of every replaced call also when ``composite`` does not
-        look at modules, so that :attr:`rule` can later be set to a composite that does.
+        look at modules, so that :attr:`composite` can later be set to one that does.
 
     Attributes
     ----------
@@ -249,11 +249,6 @@ class LRPContext(RuleContext):
         ``(kind, rule name)`` of each replaced call, in forward order.
     applied : int
         Backward passes through replaced calls.
-    composite : Composite
-        The composite the replaced calls' backward applies; assignable (a composite, a
-        standard composite's name or a mapping) between two backward passes of one forward
-        pass (``retain_graph=True``): every LRP rule changes only the backward, so one forward
-        serves several composites (as :attr:`.ReLUContext.rule` does for rectifier rules).
     unhandled : dict
         Operations no rule covers that autograd records, with their count (warned about).
 
@@ -316,7 +311,12 @@ class LRPContext(RuleContext):
 
     @property
     def composite(self) -> Composite:
-        """The composite whose rules the replaced calls apply in backward (assignable)."""
+        """The composite whose rules the replaced calls apply in backward.
+
+        Assignable (a composite, a standard composite's name or a mapping) between two
+        backward passes of one forward pass (``retain_graph=True``): every LRP rule changes
+        only the backward, so one forward serves several composites (as
+        :attr:`.ReLUContext.rule` does for rectifier rules)."""
         return self._composite
 
     @composite.setter
