@@ -28,6 +28,11 @@ the maps are equal after the same normalisation and resize; TorchCAM 0.5's ``Sco
 the paper's weights but normalises each channel *before* upsampling it (``Up(s(A_k))``) — equal
 maps when the layer has the input's resolution (no upsampling).
 
+Transformers: a block's token sequence ``(N, P + h·w, D)`` is read on its patch grid, as by
+every layer method (:mod:`~torchray_like.attribution.tokens`): prefix tokens dropped, feature
+``k`` of the patch tokens is the map ``A_k`` ``(h, w)``, upsampled into a mask as for a CNN
+(pytorch-grad-cam's ``reshape_transform``).
+
 Cost: one forward pass per channel and sample (512 for a ResNet-18 image), batched
 ``batch_size`` masked inputs at a time into one preallocated buffer; peak memory is one batch of
 inputs and its activations, whatever the number of channels.  The layer is chosen as for
@@ -56,9 +61,10 @@ from .probe import get_module, layer_label
 from .reporting import progress_bar
 from .state import model_state_guard
 from .targets import Target, TargetType, parse_target
+from .tokens import TokensType, check_tokens, layer_tokens, tokens_to_map
 
 __all__ = ["score_cam", "score_cam_masks", "ChannelConfig", "configure_channels",
-           "LayerActivation", "layer_forward", "channel_scores"]
+           "LayerActivation", "LayerRead", "layer_forward", "channel_scores"]
 
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -78,13 +84,16 @@ class ChannelConfig:
     resize_mode: str
     smooth: float
     progress: Optional[bool]
+    tokens: TokensType = None  # how a token layer's output becomes a map
+    automatic: bool = False    # the layer was chosen, not given (the messages differ)
 
 
 def configure_channels(name: str, model: Any, input: Any, target: Any, saliency_layer: Any,
                        resize: Any, resize_mode: Any, smooth: Any, batch_size: Any,
-                       progress: Any) -> ChannelConfig:
+                       progress: Any, tokens: Any = None) -> ChannelConfig:
     """Check every argument (model, input, target, layer, options) and resolve the layer."""
     check_model(model)
+    tokens = check_tokens(tokens)
     check_batch(model, input, name, needs_grad=False)
     parsed = parse_target(target, input.shape[0], device=input.device)
     batch_size = positive_int(batch_size, "batch_size")
@@ -104,7 +113,8 @@ def configure_channels(name: str, model: Any, input: Any, target: Any, saliency_
     check_data_parallel(eager)
     return ChannelConfig(name=name, model=eager, target=parsed, layer=layer, module=module,
                          batch_size=batch_size, resize=resize, resize_mode=resize_mode,
-                         smooth=smooth, progress=progress)
+                         smooth=smooth, progress=progress, tokens=tokens,
+                         automatic=saliency_layer is None)
 
 
 class LayerActivation:
@@ -173,10 +183,25 @@ class LayerActivation:
         self.handle.remove()
 
 
-def _checked_activation(cfg: ChannelConfig, input: torch.Tensor,
-                        outputs: List[Any]) -> torch.Tensor:
-    """The one recorded call of the layer: floating ``(N, K, *spatial)``, finite, with the
-    input's batch and number of spatial dimensions."""
+def _layer_advice(cfg: ChannelConfig) -> str:
+    """What to do about an unusable layer: it was given, or chosen automatically (then
+    "omit saliency_layer" is no advice)."""
+    if cfg.automatic:
+        return ("it was chosen automatically: name a layer that outputs (N, C, *spatial) maps "
+                "as saliency_layer, or, for a transformer block's token sequence, say its "
+                "layout with tokens=TokenLayout(prefix=..., grid=(h, w)) or a callable "
+                "tensor -> (N, C, *grid)")
+    return ("choose a convolutional layer or a transformer block (its tokens are read on the "
+            "patch grid; tokens= says a layout that is not inferred), or omit saliency_layer")
+
+
+def _checked_activation(cfg: ChannelConfig, input: torch.Tensor, outputs: List[Any]
+                        ) -> Tuple[torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]],
+                                   torch.Tensor]:
+    """The one recorded call of the layer: the output as recorded, the rearrangement of a token
+    layer to its grid (:func:`~torchray_like.attribution.tokens.layer_tokens`; ``None`` for a
+    map) and the map — floating ``(N, K, *spatial)``, finite, with the input's batch and number
+    of spatial dimensions."""
     where = f"{cfg.name}: saliency_layer {layer_label(cfg.layer)}"
     if len(outputs) != 1:
         raise ValueError(
@@ -185,15 +210,21 @@ def _checked_activation(cfg: ChannelConfig, input: torch.Tensor,
     (act,) = outputs
     if not isinstance(act, torch.Tensor) or not act.is_floating_point():
         raise ValueError(f"{where} returned {type(act).__name__}, not a floating tensor; "
-                         "choose a layer that outputs activation maps (N, C, *spatial)")
-    if act.dim() != input.dim() or act.shape[0] != input.shape[0]:
+                         + _layer_advice(cfg))
+    try:
+        convert = layer_tokens(cfg.model, act, input, cfg.tokens) if act.dim() > 0 else None
+        (grid,) = tokens_to_map(convert, act)
+    except ValueError as error:  # the layout's own message says what to pass as tokens=
+        raise ValueError(f"{where}: {error}") from None
+    if grid.dim() != input.dim() or grid.shape[0] != input.shape[0]:
+        read = "" if convert is None else f" (read as {tuple(grid.shape)})"
         raise ValueError(
-            f"{where} outputs shape {tuple(act.shape)}, not (N, C, *spatial) with the input's "
-            f"batch and {input.dim() - 2} spatial dimension(s) (input {tuple(input.shape)}); "
-            "choose a convolutional layer, or omit saliency_layer")
-    if not bool(torch.isfinite(act).all()):
+            f"{where} outputs shape {tuple(act.shape)}{read}, not (N, C, *spatial) with the "
+            f"input's batch and {input.dim() - 2} spatial dimension(s) (input "
+            f"{tuple(input.shape)}); " + _layer_advice(cfg))
+    if not bool(torch.isfinite(grid).all()):
         raise ValueError(f"{where}'s activation holds NaN or infinite values for this input")
-    return act
+    return act, convert, grid
 
 
 def _finite(scores: torch.Tensor, name: str, what: str) -> torch.Tensor:
@@ -205,18 +236,29 @@ def _finite(scores: torch.Tensor, name: str, what: str) -> torch.Tensor:
     return scores
 
 
-def layer_forward(cfg: ChannelConfig, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of the clean input: the layer's activation ``(N, K, *spatial)`` and the
-    target's scores ``(N,)`` (class range checked here, once)."""
+@dataclass(frozen=True)
+class LayerRead:
+    """The saliency layer's output for the clean input, and the target's scores."""
+
+    grid: torch.Tensor     # the activation as a map (N, K, *spatial): a token layer's on its grid
+    scores: torch.Tensor   # the target's scores (N,)
+    output: torch.Tensor   # the layer's output as it is (tokens (N, T, D) for a token layer)
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]]  # output -> grid; None: the same
+
+
+def layer_forward(cfg: ChannelConfig, input: torch.Tensor) -> LayerRead:
+    """One forward pass of the clean input: the layer's activation as an ``(N, K, *spatial)``
+    map (a transformer block's tokens on their patch grid) and the target's scores ``(N,)``
+    (class range checked here, once)."""
     probe = LayerActivation(cfg.module)
     try:
         output = forward_rows(cfg.model, input.detach().clone(), input)
     finally:
         probe.remove()
-    act = _checked_activation(cfg, input, probe.outputs)
+    act, convert, grid = _checked_activation(cfg, input, probe.outputs)
     rows = torch.arange(input.shape[0], device=input.device)
     scores = row_scores(cfg.target, output, rows, True, cfg.name)
-    return act, _finite(scores.detach(), cfg.name, "the input")
+    return LayerRead(grid, _finite(scores.detach(), cfg.name, "the input"), act, convert)
 
 
 FillType = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
@@ -324,7 +366,7 @@ def score_cam_masks(activation: torch.Tensor, size: Tuple[int, ...],
 def score_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
               saliency_layer: Any = None, resize: Any = False, resize_mode: str = "bilinear",
               smooth: float = 0, batch_size: int = 32, *, progress: Optional[bool] = None,
-              align_corners: bool = False) -> torch.Tensor:
+              align_corners: bool = False, tokens: TokensType = None) -> torch.Tensor:
     """Score-CAM saliency map (Wang et al. 2020); see the module docstring for the formula.
 
     Parameters
@@ -344,7 +386,8 @@ def score_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
     saliency_layer : str or torch.nn.Module, optional
         The layer whose channels mask the input; ``None`` (default): chosen as for Grad-CAM
         (:func:`~torchray_like.attribution.layer_choice.find_saliency_layer`).  It must output
-        ``(N, K, *spatial)`` with the input's number of spatial dimensions, once per forward.
+        ``(N, K, *spatial)`` with the input's number of spatial dimensions, or a transformer
+        block's tokens (read on the patch grid, see ``tokens``), once per forward.
     resize : bool, int or tuple
         ``False``: the map stays at the layer's resolution; ``True``: the input's size; or an
         explicit size (see :func:`~torchray_like.attribution.maps.resize_saliency`).
@@ -360,6 +403,13 @@ def score_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         How the masks are upsampled: ``False`` (default) is the convention of ``resize`` and of
         the authors' code; ``True`` gives pytorch-grad-cam's masks (its
         ``UpsamplingBilinear2d``), hence its maps.
+    tokens : None, False, TokenLayout or callable, keyword-only
+        How ``saliency_layer``'s output becomes an ``(N, K, *grid)`` map when it is a
+        transformer block's tokens ``(N, T, D)`` (or a channels-last stage): ``None``
+        (default) infers it (prefix tokens dropped, patch tokens on the patch grid; see
+        :mod:`~torchray_like.attribution.tokens`), ``False`` reads the tensor as it is, a
+        :class:`~torchray_like.attribution.tokens.TokenLayout` says it, a callable
+        ``tensor -> (N, K, *grid)`` does it.  The grid's channels are the masks.
 
     Returns
     -------
@@ -376,11 +426,11 @@ def score_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
         are not finite.
     """
     cfg = configure_channels("score_cam", model, input, target, saliency_layer, resize,
-                             resize_mode, smooth, batch_size, progress)
+                             resize_mode, smooth, batch_size, progress, tokens)
     align_corners = check_flag(align_corners, "align_corners")
     x = input.detach()
     with suspend_rule_contexts(), model_state_guard(cfg.model, freeze=False), torch.no_grad():
-        act, _ = layer_forward(cfg, input)
+        act = layer_forward(cfg, input).grid  # a token layer's activation on its patch grid
         size = tuple(input.shape[2:])
 
         def fill(images: torch.Tensor, chans: torch.Tensor, batch: torch.Tensor) -> None:
