@@ -114,9 +114,6 @@ _EXCITATION = ("excitation backprop's winning probabilities need the non-negativ
 _LRP = ("this composite's rules cover convolutions, linear layers and ReLUs; the ViT's "
         "attention, GELU and LayerNorm keep plain gradients (UnhandledActivationWarning), so the "
         "map is no relevance decomposition: use the transformer rules attn_lrp / cp_lrp")
-_PERTURBED_LAYER = ("it perturbs the channels of an (N, C, h, w) layer and does not read "
-                    "token layers (N, 1 + h*w, C) yet (ValueError naming the shape); the only "
-                    "such layer of the ViT is its stem, not a CAM layer")
 _LRP_NAMES = ("lrp", "lrp_epsilon_plus", "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1",
               "lrp_epsilon_gamma_box")
 
@@ -128,15 +125,14 @@ _ATTENTION_ONLY = ("attention_rollout", "attention_flow", "grad_rollout", "cp_lr
 #: as ``"n/a"`` (with the reason) instead of running them.  On ``embedded-vit`` apply: the
 #: gradient family, RISE, extremal perturbation, occlusion, the CAM family on the last
 #: block's ``ln_1`` tokens (Grad-CAM, Grad-CAM++, Layer-CAM, XGrad-CAM, HiResCAM, Eigen-CAM,
-#: linear approximation), attention rollout / flow, gradient-weighted rollout, AttnLRP and
-#: CP-LRP; on the CNNs everything but the attention methods.
+#: Score-CAM, Ablation-CAM, linear approximation), attention rollout / flow, gradient-weighted
+#: rollout, AttnLRP and CP-LRP; on the CNNs everything but the attention methods.
 NOT_APPLICABLE: Mapping[str, Mapping[str, str]] = {
     **{name: {method: _NO_ATTENTION for method in _ATTENTION_ONLY}
        for name in ("embedded-vgg", "embedded-resnet", "vgg16", "resnet50", "colournet")},
     "embedded-vit": {
         "guided_backprop": _RECTIFIER, "deconvnet": _RECTIFIER, "guided_grad_cam": _RECTIFIER,
         "excitation_backprop": _EXCITATION, "contrastive_excitation_backprop": _EXCITATION,
-        "score_cam": _PERTURBED_LAYER, "ablation_cam": _PERTURBED_LAYER,
         **{name: _LRP for name in _LRP_NAMES},
     },
 }
