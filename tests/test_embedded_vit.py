@@ -141,28 +141,24 @@ def test_other_input_sizes_refused_by_torchvision(vit):
 
 
 def test_not_applicable_methods_say_why_and_refuse_or_warn(vit, test_batch):
-    """The rectifier methods refuse the ViT with a ValueError naming GELU, Score-CAM and
-    Ablation-CAM refuse its token layer naming the shape, excitation backprop and the CNN LRP
-    composites warn that GELU / LayerNorm are outside their rules: all are listed in
+    """The rectifier methods refuse the ViT with a ValueError naming GELU, excitation backprop
+    and the CNN LRP composites warn that GELU / LayerNorm are outside their rules: all are listed in
     NOT_APPLICABLE (reported "n/a" by the benchmarks) with their reason."""
     table = NOT_APPLICABLE[NAME]
-    assert set(table) == {"guided_backprop", "deconvnet", "guided_grad_cam", "score_cam",
-                          "ablation_cam", "excitation_backprop",
+    assert set(table) == {"guided_backprop", "deconvnet", "guided_grad_cam",
+                          "excitation_backprop",
                           "contrastive_excitation_backprop", "lrp", "lrp_epsilon_plus",
                           "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1",
                           "lrp_epsilon_gamma_box"}
     assert set(table) <= set(METHODS)
     assert not_applicable(NAME, "guided_backprop") == table["guided_backprop"]
     assert "GELU" in table["guided_backprop"] and "LayerNorm" in table["lrp"]
-    assert "attn_lrp" in table["lrp"] and "token" in table["score_cam"]
+    assert "attn_lrp" in table["lrp"]
     assert not_applicable(NAME, "gradient") is None
     assert not_applicable("embedded-vgg", "guided_backprop") is None
     x = test_batch[0][:1]
     for method in ("guided_backprop", "deconvnet", "guided_grad_cam"):
         with pytest.raises(ValueError, match="gelu"):
-            METHODS[method](vit, x, 0, **method_options(method, NAME))
-    for method in ("score_cam", "ablation_cam"):
-        with pytest.raises(ValueError, match=r"outputs shape \(1, 65, 96\)"):
             METHODS[method](vit, x, 0, **method_options(method, NAME))
     for method in ("excitation_backprop", "lrp"):
         with pytest.warns(UserWarning, match="gelu"):
@@ -181,8 +177,8 @@ def test_attention_methods_not_applicable_to_the_cnns(test_batch):
 
 
 @pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "layer_cam", "xgrad_cam",
-                                    "hires_cam", "eigen_cam", "linear_approx",
-                                    "attention_rollout", "grad_rollout"])
+                                    "hires_cam", "eigen_cam", "linear_approx", "score_cam",
+                                    "ablation_cam", "attention_rollout", "grad_rollout"])
 def test_token_methods_give_patch_grid_maps(vit, test_batch, method):
     """The CAM family on the last block's ln_1 tokens and attention rollout give one map per
     sample on the 8 × 8 patch grid."""
