@@ -5,13 +5,13 @@ page, ``docs/methods.rst``).
 Usage::
 
     python benchmarks/method_table.py                        # about a minute on a CPU
-    python benchmarks/method_table.py --sanity out/sanity_checks --images 8 --out out/table
+    python benchmarks/method_table.py --sanity out/sanity_checks --limit 8 --out out/table
     python benchmarks/method_table.py --methods gradient grad_cam --models embedded-vgg
 
 Columns (every number from this run, except the sanity column, read from a sanity-check run):
 
 **class-discriminative**
-    On each of the first ``--images`` embedded test images that hold two or more classes, the
+    On each of the first ``--limit`` embedded test images that hold two or more classes, the
     method's maps of the first two classes present (one call, the image twice with the two
     targets); ``r`` is the Pearson correlation of the two maps (flattened), averaged over the
     images and the models.  **yes** when ``r < 0.5`` (:data:`DISCRIMINATIVE_BELOW`): the two
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "%(default)s)")
     parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                         help="methods (default: all but the transformer-only ones)")
-    parser.add_argument("--images", type=positive_int_arg, default=4, metavar="N",
+    parser.add_argument("--limit", type=positive_int_arg, default=4, metavar="N",
                         help="test images with two classes or more (default: %(default)s)")
     parser.add_argument("--sanity", default=os.path.join(".", "out", "sanity_checks"),
                         metavar="DIR", help="folder of a sanity-check run's sanity_checks.json "
@@ -283,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.reuse:
         measured, images = _reused(parser, args.out, models, methods)
     else:
-        measured, images = _measure_all(models, methods, args.images, args.seed)
+        measured, images = _measure_all(models, methods, args.limit, args.seed)
     sanity = sanity_scores(args.sanity)
     rows = make_rows(measured, sanity, methods)
     meta = {"command": " ".join(["method_table.py"] + list(sys.argv[1:] if argv is None

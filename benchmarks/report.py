@@ -540,6 +540,8 @@ def rst_pointing_game(data: Mapping[str, Any]) -> str:
     text += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in cells[1:]]
     text.append(rule)
+    if data.get("comparisons"):
+        text.append("")          # reStructuredText needs a blank line after a table
     for c in data.get("comparisons") or []:
         d = _plain(c, "difference", signed=True)
         text.append(f"* {c['model']}, {c['subset']} pairs: {c['better']} − {c['worse']} "

@@ -61,7 +61,7 @@ def test_command_line(tmp_path, capsys):
         {"method": "gradient", "model": "embedded-vgg", "rank|top": 0.12}]}))
     threads = torch.get_num_threads()
     assert mt.main(["--models", "embedded-vgg", "--methods", "gradient,grad_cam",
-                    "--images", "2", "--sanity", str(tmp_path / "sc"),
+                    "--limit", "2", "--sanity", str(tmp_path / "sc"),
                     "--out", str(tmp_path / "out")]) == 0
     assert torch.get_num_threads() == threads
     printed = capsys.readouterr().out
@@ -80,7 +80,7 @@ def test_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "attention_rollout"], "unknown name(s) attention_rollout"),
     (["--models", "vgg16"], "unknown name(s) vgg16"),
-    (["--images", "0"], "expected a positive integer, got 0"),
+    (["--limit", "0"], "expected a positive integer, got 0"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -91,7 +91,7 @@ def test_bad_arguments(argv, message, capsys):
 
 def test_reuse_reads_the_sanity_run_again(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--models", "embedded-vgg", "--methods", "gradient", "--images", "1",
+    argv = ["--models", "embedded-vgg", "--methods", "gradient", "--limit", "1",
             "--sanity", str(tmp_path / "none"), "--out", str(out)]
     assert mt.main(argv) == 0
     first = json.loads((out / "method_table.json").read_text())
