@@ -11,7 +11,8 @@ Data sets
 ``embedded`` (default)
     The procedurally drawn test set of :mod:`torchray_like.benchmark.embedded_data` (square
     images of ``IMAGE_SIZE`` pixels, 8 classes, visible-part masks, difficult pairs flagged)
-    with the two shipped models ``embedded-vgg`` and ``embedded-resnet``.  Tolerance: the
+    with the three shipped models ``embedded-vgg``, ``embedded-resnet`` and the transformer
+    ``embedded-vit`` (methods that do not apply to a model are listed as n/a).  Tolerance: the
     paper's 15 px at 224 px scaled to the image, 15 · IMAGE_SIZE / 224.
 ``voc07`` / ``coco14``
     PASCAL VOC 2007 test / COCO 2014 val through
@@ -95,14 +96,14 @@ SLOW_METHODS = ("rise", "extremal_perturbation")
 SEEDED_METHODS = SLOW_METHODS + ("smooth_grad",)
 #: Methods of tens of passes per image (issue 19's): one more image limit (``--slow-limit``).
 MANY_PASS_METHODS = ("integrated_gradients", "smooth_grad", "occlusion", "score_cam",
-                     "ablation_cam")
+                     "ablation_cam", "attention_flow")
 #: Layer-wise relevance propagation (every composite): two to five gradients' cost each
 #: (``--lrp-limit``).
 LRP_FAMILY = tuple(m for m in METHODS if "lrp" in m)
 
 DATASETS = {
     # name: (package data-set name, split, default models, benchmark of the settings table)
-    "embedded": (None, "test", "embedded-vgg,embedded-resnet", "pointing_game"),
+    "embedded": (None, "test", "embedded-vgg,embedded-resnet,embedded-vit", "pointing_game"),
     "voc07": ("voc_2007", "test", "vgg16", "pointing_game_paper"),
     "coco14": ("coco", "val2014", "resnet50", "pointing_game_paper"),
 }
@@ -456,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder holding VOCdevkit/ (voc07) or val2014/ + annotations/ "
                              "(coco14)")
     parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                        help="models, comma- or space-separated: embedded-vgg,embedded-resnet "
-                             "(embedded, the default), vgg16 (voc07 default), resnet50 (coco14 "
-                             "default), or another torchvision VGG/ResNet")
+                        help="models, comma- or space-separated: embedded-vgg,embedded-resnet,"
+                             "embedded-vit (embedded, the default), vgg16 (voc07 default), "
+                             "resnet50 (coco14 default), or another torchvision VGG/ResNet")
     parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                         help="methods, comma- or space-separated, among: "
                              + ", ".join(ALL_METHODS) + " (default: all)")

@@ -203,3 +203,14 @@ def test_model_agnostic_methods_give_input_maps(vit, test_batch, method):
     assert out.shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE) and out.dtype == torch.float32
     assert bool(torch.isfinite(out).all()) and float(out.abs().sum()) > 0
     assert all(p.grad is None for p in vit.parameters())
+
+
+def test_an_untrained_vit_has_a_random_head_not_torchvisions_zero_head():
+    """Random-weight benchmarks and sanity checks need scores that are not all exactly 0."""
+    torch.manual_seed(0)
+    model = build_embedded_vit().eval()
+    weight = model.heads.head.weight
+    assert bool((weight != 0).all()) and 0.005 < float(weight.std()) < 0.03
+    with torch.no_grad():
+        scores = model(torch.randn(2, 3, 64, 64))
+    assert scores.shape == (2, 8) and bool((scores != 0).all())

@@ -133,7 +133,7 @@ def test_help(capsys):
     (["--data-root", "somewhere"], "--data-root is for"),
     (["--models", "embedded-vgg,embedded-vgg"], "--models: give distinct names"),
     (["--models", "embedded-vgg", "embedded-vgg"], "--models: give distinct names"),
-    (["--weights", "random,random,random"], "one per model"),
+    (["--weights", "random,random,random,random"], "one per model"),
     (["--ep-limit", "-3"], "positive integer"),
     (["--rise-limit", "0"], "positive integer"),
 ])
@@ -156,7 +156,8 @@ def test_missing_dataset_is_an_argparse_error(capsys, tmp_path):
 # ------------------------------------------------------------------------- a tiny run
 
 
-TINY = ["--weights", "random", "--threads", "1", "--limit", "4", "--rise-limit", "2",
+TINY = ["--weights", "random", "--models", "embedded-vgg,embedded-resnet", "--threads", "1",
+        "--limit", "4", "--rise-limit", "2",
         "--ep-limit", "2", "--no-report",
         "--rise-masks", "30", "--ep-iters", "3", "--methods",
         "center,gradient,grad_cam,contrastive_excitation_backprop,rise,extremal_perturbation"]
@@ -342,7 +343,8 @@ def test_trained_models_reproduce_the_published_ordering(tmp_path, capsys):
     guided backprop is as class-selective as the best methods there (see docs/embedded.rst),
     so no ordering is reversed but the difficult-pair ones need more images to resolve."""
     out = tmp_path / "trained"
-    _run(["--out", out, "--no-report", "--methods", "center,gradient,deconvnet,guided_backprop,"
+    _run(["--out", out, "--no-report", "--models", "embedded-vgg,embedded-resnet",
+          "--methods", "center,gradient,deconvnet,guided_backprop,"
           "grad_cam,excitation_backprop,contrastive_excitation_backprop,rise"], capsys)
     verdicts = {(c["model"], c["subset"], c["better"], c["worse"]): c["verdict"]
                 for c in _json(out)["comparisons"]}
@@ -415,7 +417,8 @@ def _free_port() -> int:
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    argv = ["--weights", "random", "--limit", "8", "--rise-limit", "2", "--rise-masks", "30",
+    argv = ["--weights", "random", "--models", "embedded-vgg,embedded-resnet", "--limit", "8",
+            "--rise-limit", "2", "--rise-masks", "30",
             "--methods", "center,gradient,grad_cam,excitation_backprop,rise", "--threads", "1",
             "--no-report"]
     two = tmp_path / "two"

@@ -106,7 +106,8 @@ def out_dir(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         assert _load("pointing_game").main([
-            "--weights", "random", "--limit", "3", "--no-progress", "--no-report",
+            "--weights", "random", "--models", "embedded-vgg,embedded-resnet", "--limit", "3",
+            "--no-progress", "--no-report",
             "--methods", "center,gradient,grad_cam", "--out", str(out / "pointing_game")]) == 0
         assert _load("deletion_insertion").main([
             "--weights", "random", "--models", "embedded-vgg", "--methods", "random,gradient",

@@ -93,7 +93,8 @@ VIT_LAYERS: Dict[str, str] = {
 
 
 def build_embedded_vit(num_outputs: int = NUM_CLASSES) -> VisionTransformer:
-    """The ``embedded-vit`` architecture with fresh (random) weights, in train mode.
+    """The ``embedded-vit`` architecture with fresh (random) weights, in train mode (the head
+    too: truncated normal, σ = 0.02, where torchvision's starts at zero).
 
     Parameters
     ----------
@@ -103,4 +104,9 @@ def build_embedded_vit(num_outputs: int = NUM_CLASSES) -> VisionTransformer:
     """
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
-    return VisionTransformer(num_classes=num_outputs, conv_stem_configs=_stem(), **VIT_CONFIG)
+    model = VisionTransformer(num_classes=num_outputs, conv_stem_configs=_stem(), **VIT_CONFIG)
+    # torchvision starts the head at zero: every score of an untrained model would be exactly
+    # 0 and every map blank (random-weight benchmarks, sanity checks); a small random head
+    # instead, drawn from the global generator like the other layers.
+    nn.init.trunc_normal_(model.heads.head.weight, std=0.02)
+    return model
