@@ -34,7 +34,7 @@ from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
-from torchray_like.benchmark.settings import options_table  # noqa: E402
+from torchray_like.benchmark.settings import not_applicable, options_table  # noqa: E402
 
 EMBEDDED = EMBEDDED_MODELS
 
@@ -203,6 +203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = model.eval().to(device)
     x = x.to(device)
     refused = embedded_cli.refused_methods(model, x, methods)
+    if args.image is None:          # the settings' n/a pairs of the embedded models
+        name = args.model or "embedded-vgg"
+        refused.update({m: why for m in methods
+                        if m not in refused and (why := not_applicable(name, m)) is not None})
     for method, why in refused.items():
         print(f"{method}: n/a ({why})")
     methods = [m for m in methods if m not in refused]
