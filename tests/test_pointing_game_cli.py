@@ -505,6 +505,17 @@ def test_coco14_protocol_on_a_tiny_tree(tmp_path, capsys):
 # ------------------------------------------------------------------------- compare.py
 
 
+def test_compare_on_the_vit_lists_the_methods_that_do_not_apply(tmp_path, capsys):
+    compare = _load(COMPARE, "compare_script")
+    path = tmp_path / "vit.png"
+    assert compare.main(["--model", "embedded-vit", "--weights", "random", "--limit", "1",
+                         "--methods", "gradient,guided_backprop,grad_rollout",
+                         "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "guided_backprop: n/a (rectifier method" in out
+    assert "2 methods in" in out and path.stat().st_size > 1000
+
+
 def test_compare_embedded_figure(tmp_path, capsys):
     compare = _load(COMPARE, "compare_script")
     path = tmp_path / "fig.png"
