@@ -333,3 +333,24 @@ def test_rst_tables_for_the_docs(out_dir, capsys):
     with pytest.raises(SystemExit):
         report.main([str(out_dir / "compare"), "--rst"])
     assert "no pointing_game.json" in capsys.readouterr().err
+
+
+def test_the_scripts_report_the_settings_n_a_pairs_instead_of_running_them(tmp_path, capsys):
+    """Deletion/insertion on the ViT with a rectifier method: the pair is listed as n/a with
+    the reason, the other method runs (a crash in the method would fail the run)."""
+    from torchray_like.benchmark.embedded_cli import not_applicable_pairs
+
+    assert not_applicable_pairs(["embedded-vit", "embedded-vgg"],
+                                ["gradient", "guided_backprop", "grad_rollout"]) == [
+        ("embedded-vit", "guided_backprop", not_applicable_pairs(
+            ["embedded-vit"], ["guided_backprop"])[0][2]),
+        ("embedded-vgg", "grad_rollout", not_applicable_pairs(
+            ["embedded-vgg"], ["grad_rollout"])[0][2])]
+    out = tmp_path / "di"
+    assert _load("deletion_insertion").main([
+        "--weights", "random", "--models", "embedded-vit", "--limit", "1", "--no-progress",
+        "--methods", "gradient,guided_backprop", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "embedded-vit guided_backprop: n/a (rectifier method" in text
+    rows = list(csv.DictReader(open(out / "deletion_insertion.csv")))
+    assert {r["method"] for r in rows} == {"gradient"}

@@ -37,12 +37,13 @@ from . import runner
 from .deletion_insertion import top_present_class
 from .embedded_data import EmbeddedShapes
 from .embedded_models import EMBEDDED_MODELS, WeightsError
+from .settings import not_applicable
 
 __all__ = ["add_model_arguments", "add_perturbation_arguments", "perturbation_overrides",
            "add_embedded_arguments", "parse_embedded_arguments", "script_options",
            "name_list", "split_weights", "check_weights", "load_benchmark_model",
            "weights_label", "write_csv", "with_threads", "EmbeddedWorker", "load_models_or_exit",
-           "run_items", "run_benchmark", "refused_methods"]
+           "run_items", "run_benchmark", "refused_methods", "not_applicable_pairs"]
 
 Item = Tuple[str, int, str]   # (model name, image index, method)
 
@@ -356,7 +357,9 @@ def run_items(args: argparse.Namespace, worker: Any, store: runner.ResultsStore,
     start = time.perf_counter()
     items: List[Item] = []
     for k, method in enumerate(args.methods, start=1):
-        mine = [(name, index, method) for name in args.models for index in range(args.limit)]
+        # The settings' n/a pairs (a rectifier method on the ViT, ...) are left out, not run.
+        mine = [(name, index, method) for name in args.models for index in range(args.limit)
+                if not_applicable(name, method) is None]
         runner.run_sharded(mine, worker, store, key=key, progress=not args.no_progress,
                            desc=f"{desc} {k}/{len(args.methods)} {method}")
         items += mine
@@ -366,6 +369,15 @@ def run_items(args: argparse.Namespace, worker: Any, store: runner.ResultsStore,
     wanted = {key(it) for it in items}
     records: List[Dict[str, Any]] = [r for r in store.records() if r["key"] in wanted]
     return records, wall
+
+
+def not_applicable_pairs(models: Sequence[str], methods: Sequence[str]
+                         ) -> List[Tuple[str, str, str]]:
+    """``(model, method, why)`` for the pairs the settings say do not apply
+    (:func:`~torchray_like.benchmark.settings.not_applicable`); the scripts report them as
+    n/a instead of running them."""
+    return [(name, method, why) for name in models for method in methods
+            if (why := not_applicable(name, method)) is not None]
 
 
 def run_benchmark(args: argparse.Namespace, experiment: str,
@@ -392,6 +404,8 @@ def run_benchmark(args: argparse.Namespace, experiment: str,
         load_models_or_exit(worker, args.models)
         if rank == 0:
             announce(args, settings, worker, world_size, device)
+            for name, method, why in not_applicable_pairs(args.models, args.methods):
+                print(f"  {name} {method}: n/a ({why})")
         done = run_items(args, worker, store, rank, desc)
         if done is not None:
             records, wall = done
