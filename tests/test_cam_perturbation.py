@@ -277,3 +277,50 @@ def test_layer_hook_records_only_when_asked_and_checks_replacements():
     finally:
         quiet.remove()
     assert not model.conv._forward_hooks
+
+
+class ViewsInput(nn.Module):
+    """A model that flattens its *input* with ``view`` (fails on a channels-last batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(3 * 6 * 6 + 4, 5)
+
+    def forward(self, x):
+        flat = x.view(x.shape[0], -1)
+        return self.head(torch.cat([flat, self.features(x).mean((2, 3))], 1))
+
+
+class ReadsStorage(nn.Module):
+    """A model that reads its input's memory in storage order (a channels-last batch gives
+    other numbers without an error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(3 * 6 * 6 + 4, 5)
+
+    def forward(self, x):
+        raw = x.as_strided((x.shape[0], x[0].numel()), (x[0].numel(), 1))
+        return self.head(torch.cat([raw, self.features(x).mean((2, 3))], 1))
+
+
+@pytest.mark.parametrize("cls", [ViewsInput, ReadsStorage])
+def test_score_cam_channels_last_batches_fall_back_to_the_plain_layout(cls):
+    """Score-CAM's masked copies are channels-last (about twice as fast on CPU) only while the
+    model agrees with the plain layout on the first batch; otherwise the map is the paper's."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    want = direct_score_cam(model, x, [1, 3], "features")
+    got = score_cam(model, x, [1, 3], "features", batch_size=3)
+    assert got.shape == (2, 1, 6, 6)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (got - want).abs().max()
+
+
+def test_score_cam_channels_last_gives_the_plain_maps_on_a_convnet():
+    model, x = ConvNet(2).eval(), inputs(2, n=2, size=8)
+    got = score_cam(model, x, [2, 3], "features", batch_size=4)
+    want = direct_score_cam(model, x, [2, 3], "features")
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (got - want).abs().max()

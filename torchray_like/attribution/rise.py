@@ -68,7 +68,7 @@ from .arguments import (
     positive_int,
 )
 from .context import TorchRayDifferenceWarning
-from .inputs import call_model
+from .inputs import call_model, outputs_agree
 from .maps import resize_saliency
 from .modules import check_model
 from .precision import autocast_forward, check_autocast
@@ -401,7 +401,7 @@ class _Scorer:
             self.channels_last = False
             return self.forward(plain)
         reference = self.forward(plain[:2])
-        if not _same_output(output, reference, self.cfg.autocast is not None):
+        if not outputs_agree(output, reference, self.cfg.autocast is not None):
             self.channels_last = False
             return self.forward(plain)
         return output
@@ -410,28 +410,6 @@ class _Scorer:
         """The model on a masked batch; a failure caused by the input's layout (an unbatched
         image) or dtype says what to do."""
         return call_model(self.model, batch, self.input)
-
-
-def _same_output(output: Any, reference: Any, reduced: bool) -> bool:
-    """Whether the first rows of ``output`` are ``reference`` up to the rounding of another
-    convolution algorithm (float32) or of the reduced precision of autocast; outputs that are
-    not tensors (dicts, tuples) are compared entry by entry."""
-    if isinstance(output, torch.Tensor) and isinstance(reference, torch.Tensor):
-        if not output.is_floating_point():
-            return bool(torch.equal(output[:reference.shape[0]], reference))
-        a = output[:reference.shape[0]].double()
-        b = reference.double()
-        if a.shape != b.shape or not bool(torch.isfinite(b).all()):
-            return a.shape == b.shape and bool(torch.equal(a.isfinite(), b.isfinite()))
-        tol = (5e-2 if reduced else 1e-3) * (float(b.abs().max()) + 1e-6)
-        return bool(((a - b).abs() <= tol).all())
-    if isinstance(output, dict) and isinstance(reference, dict):
-        return output.keys() == reference.keys() and all(
-            _same_output(output[k], reference[k], reduced) for k in output)
-    if isinstance(output, (tuple, list)) and isinstance(reference, (tuple, list)):
-        return len(output) == len(reference) and all(
-            _same_output(a, b, reduced) for a, b in zip(output, reference))
-    return type(output) is type(reference)
 
 
 def _run(model: nn.Module, input: torch.Tensor, cfg: _Config, started: float

@@ -53,6 +53,7 @@ from .arguments import check_batch, check_flag, check_progress, check_resize, po
 from .context import check_data_parallel, suspend_rule_contexts
 from .driver import check_visible, is_input, strip_compiled_prefix
 from .grad_cam_plus_plus import channel_sum
+from .inputs import outputs_agree
 from .integrated_gradients import check_independent_rows, forward_rows, row_scores
 from .layer_choice import resolve_layer
 from .maps import check_smooth, finish_map
@@ -279,8 +280,10 @@ def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill:
     n = input.shape[0]
     total = n * channels
     rows = min(cfg.batch_size, channels if replaces else total)
-    buffer = torch.empty((rows,) + tuple(input.shape[1:]), dtype=input.dtype,
-                         device=input.device)
+    # Perturbed images in channels-last memory: CPU convolutions run them about twice as fast
+    # at these batch sizes.  Checked on the first batch against the plain layout (a model
+    # that views its input as contiguous, say): any disagreement, and the plain layout stays.
+    layout = _Layout(not replaces and input.dim() == 4 and input.shape[1] > 1, rows, input)
     scores = torch.empty(total, dtype=torch.float32 if input.dtype != torch.float64
                          else torch.float64, device=input.device)
     hook = LayerActivation(cfg.module, record=False)
@@ -290,14 +293,14 @@ def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill:
         with progress_bar(total, cfg.progress, cfg.name, unit=unit) as bar:
             for index in _chunks(n, channels, rows, replaces, input.device):
                 images, chans = index // channels, index % channels
-                batch = buffer[:index.numel()]
+                batch = layout.buffer[:index.numel()]
                 hook.replacement = fill(images, chans, batch)
                 output = _one_copy_forward(cfg, hook, input, images) if one_copy else None
                 if output is None:
                     if one_copy:  # the model needs the full batch: refill (in-place ops)
                         one_copy = False
                         hook.replacement = fill(images, chans, batch)
-                    output = forward_rows(cfg.model, batch, input)
+                    output = layout.forward(cfg.model, batch, input)
                 r0 = int(index[0])
                 scores[r0:r0 + index.numel()] = row_scores(cfg.target, output, images, False,
                                                            cfg.name).detach().to(scores.dtype)
@@ -306,6 +309,34 @@ def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill:
         restore()
         hook.remove()
     return _finite(scores.view(n, channels), cfg.name, "some perturbed inputs")
+
+
+class _Layout:
+    """The perturbed-input buffer, channels-last while the model agrees with the plain layout
+    (decided on the first batch, as RISE does)."""
+
+    def __init__(self, channels_last: bool, rows: int, input: torch.Tensor) -> None:
+        self.channels_last, self.checked = channels_last, not channels_last
+        shape = (rows,) + tuple(input.shape[1:])
+        self.buffer = torch.empty(shape, dtype=input.dtype, device=input.device)
+        if channels_last:
+            self.buffer = self.buffer.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, model: nn.Module, batch: torch.Tensor, input: torch.Tensor) -> Any:
+        if self.checked:
+            return forward_rows(model, batch, input)
+        self.checked = True
+        plain = batch.contiguous()
+        try:
+            output = model(batch)
+        except Exception:  # noqa: BLE001 - any failure: the plain layout decides
+            output = None
+        if output is None or not outputs_agree(output, forward_rows(model, plain[:2], input),
+                                               False):
+            self.channels_last = False
+            self.buffer = self.buffer.contiguous()
+            return forward_rows(model, plain, input)
+        return output
 
 
 def _chunks(n: int, channels: int, rows: int, per_image: bool,
