@@ -324,3 +324,25 @@ def test_score_cam_channels_last_gives_the_plain_maps_on_a_convnet():
     got = score_cam(model, x, [2, 3], "features", batch_size=4)
     want = direct_score_cam(model, x, [2, 3], "features")
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("cls", [ViewsInput, ReadsStorage])
+def test_occlusion_channels_last_batches_fall_back_to_the_plain_layout(cls):
+    """Occlusion's copies too: channels-last only while the model agrees with the plain
+    layout.  Non-overlapping 2 × 2 windows: each pixel's value is its window's score drop."""
+    from torchray_like.attribution.occlusion import occlusion
+
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    got = occlusion(model, x, [1, 3], window=2, stride=2, batch_size=5)
+    want = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for i, c in enumerate([1, 3]):
+            clean = model(x[i:i + 1])[0, c].double()
+            for r in range(0, 6, 2):
+                for s in range(0, 6, 2):
+                    occluded = x[i:i + 1].clone()
+                    occluded[..., r:r + 2, s:s + 2] = 0
+                    want[i, 0, r:r + 2, s:s + 2] = clean - model(occluded)[0, c].double()
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (got - want).abs().max()

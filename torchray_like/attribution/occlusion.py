@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .arguments import check_batch, check_progress, per_axis, positive_int
 from .context import suspend_rule_contexts
+from .inputs import ChannelsLastBatches
 from .integrated_gradients import (
     check_independent_rows,
     check_reduce,
@@ -133,12 +134,15 @@ def _score_drops(model: nn.Module, input: torch.Tensor, target: Target, base: to
         rows = torch.arange(n, device=input.device)
         clean = row_scores(target, forward_rows(model, x.clone(), input), rows, True,
                            "occlusion").double()
+        # The copies in channels-last memory (faster CPU convolutions; checked on the first
+        # batch against the plain layout, which stays if the model disagrees).
+        layout = ChannelsLastBatches(input, 0)
         with progress_bar(count, progress, "occlusion", unit="copy") as bar:
             for r0 in range(0, count, batch):
                 index = torch.arange(r0, min(r0 + batch, count), device=input.device)
                 pos, image = index // n, index % n
                 copies = _occluded(x, base, image, pos, win, step, grid)
-                scores = row_scores(target, forward_rows(model, copies, input), image, False,
+                scores = row_scores(target, layout.forward(model, copies, input), image, False,
                                     "occlusion").double()
                 drops[image, pos] = clean[image] - scores
                 bar.update(index.numel())

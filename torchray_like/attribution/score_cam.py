@@ -53,7 +53,7 @@ from .arguments import check_batch, check_flag, check_progress, check_resize, po
 from .context import check_data_parallel, suspend_rule_contexts
 from .driver import check_visible, is_input, strip_compiled_prefix
 from .grad_cam_plus_plus import channel_sum
-from .inputs import outputs_agree
+from .inputs import ChannelsLastBatches
 from .integrated_gradients import check_independent_rows, forward_rows, row_scores
 from .layer_choice import resolve_layer
 from .maps import check_smooth, finish_map
@@ -283,7 +283,7 @@ def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill:
     # Perturbed images in channels-last memory: CPU convolutions run them about twice as fast
     # at these batch sizes.  Checked on the first batch against the plain layout (a model
     # that views its input as contiguous, say): any disagreement, and the plain layout stays.
-    layout = _Layout(not replaces and input.dim() == 4 and input.shape[1] > 1, rows, input)
+    layout = ChannelsLastBatches(input, rows, enabled=not replaces)
     scores = torch.empty(total, dtype=torch.float32 if input.dtype != torch.float64
                          else torch.float64, device=input.device)
     hook = LayerActivation(cfg.module, record=False)
@@ -309,34 +309,6 @@ def channel_scores(cfg: ChannelConfig, input: torch.Tensor, channels: int, fill:
         restore()
         hook.remove()
     return _finite(scores.view(n, channels), cfg.name, "some perturbed inputs")
-
-
-class _Layout:
-    """The perturbed-input buffer, channels-last while the model agrees with the plain layout
-    (decided on the first batch, as RISE does)."""
-
-    def __init__(self, channels_last: bool, rows: int, input: torch.Tensor) -> None:
-        self.channels_last, self.checked = channels_last, not channels_last
-        shape = (rows,) + tuple(input.shape[1:])
-        self.buffer = torch.empty(shape, dtype=input.dtype, device=input.device)
-        if channels_last:
-            self.buffer = self.buffer.contiguous(memory_format=torch.channels_last)
-
-    def forward(self, model: nn.Module, batch: torch.Tensor, input: torch.Tensor) -> Any:
-        if self.checked:
-            return forward_rows(model, batch, input)
-        self.checked = True
-        plain = batch.contiguous()
-        try:
-            output = model(batch)
-        except Exception:  # noqa: BLE001 - any failure: the plain layout decides
-            output = None
-        if output is None or not outputs_agree(output, forward_rows(model, plain[:2], input),
-                                               False):
-            self.channels_last = False
-            self.buffer = self.buffer.contiguous()
-            return forward_rows(model, plain, input)
-        return output
 
 
 def _chunks(n: int, channels: int, rows: int, per_image: bool,
