@@ -195,9 +195,14 @@ class ChannelsLastBatches:
         Rows of :attr:`buffer`, a preallocated batch the caller may fill in place.
     enabled : bool
         ``False``: the plain layout throughout.
+    reduced : bool
+        The forward passes run in reduced precision (autocast): the check's tolerance is that
+        of :func:`outputs_agree` for it.
     """
 
-    def __init__(self, input: torch.Tensor, rows: int, enabled: bool = True) -> None:
+    def __init__(self, input: torch.Tensor, rows: int, enabled: bool = True,
+                 reduced: bool = False) -> None:
+        self.reduced = reduced
         self.channels_last = enabled and input.dim() == 4 and input.shape[1] > 1
         self.checked = not self.channels_last
         self.buffer = torch.empty((rows,) + tuple(input.shape[1:]), dtype=input.dtype,
@@ -220,7 +225,7 @@ class ChannelsLastBatches:
         except Exception:  # noqa: BLE001 - any failure: the plain layout decides
             output = None
         if output is None or not outputs_agree(output, call_model(model, plain[:2], input),
-                                               False):
+                                               self.reduced):
             self.channels_last = False
             self.buffer = self.buffer.contiguous()
             return call_model(model, plain, input)

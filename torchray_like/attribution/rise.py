@@ -68,7 +68,7 @@ from .arguments import (
     positive_int,
 )
 from .context import TorchRayDifferenceWarning
-from .inputs import call_model, outputs_agree
+from .inputs import ChannelsLastBatches
 from .maps import resize_saliency
 from .modules import check_model
 from .precision import autocast_forward, check_autocast
@@ -359,7 +359,7 @@ class _Scorer:
         self.model, self.input, self.cfg, self.dtype = model, input, cfg, dtype
         self.x = input.detach()
         self.first = True
-        self.channels_last = input.dim() == 4 and input.shape[1] > 1
+        self.layout = ChannelsLastBatches(input, 0, reduced=cfg.autocast is not None)
         self.rows: Dict[Tuple[int, int, int], torch.Tensor] = {}
 
     def masked(self, masks: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
@@ -367,7 +367,7 @@ class _Scorer:
         that layout is in use."""
         x = self.x[None, i0:i1]
         rows = masks.shape[0] * (i1 - i0)
-        if not self.channels_last:
+        if not self.layout.channels_last:
             return (x * masks[:, None]).view((rows,) + self.x.shape[1:])
         c, h, w = self.x.shape[1:]
         out = torch.empty((rows, h, w, c), dtype=self.x.dtype, device=self.x.device)
@@ -381,7 +381,8 @@ class _Scorer:
         mb = masks.shape[0]
         batch = self.masked(masks, i0, i1)
         with autocast_forward(self.cfg.autocast, self.input.device):
-            output = self.first_forward(batch) if self.first else self.forward(batch)
+            # The first batch also decides the layout (see the class notes).
+            output = self.layout.forward(self.model, batch, self.input)
         key = (i0, i1, mb)
         if key not in self.rows:
             self.rows[key] = torch.arange(i0, i1, device=self.input.device).repeat(mb)
@@ -389,27 +390,6 @@ class _Scorer:
                                         dtype=self.dtype, check_range=self.first, name="rise")
         self.first = False
         return scores.view(mb, i1 - i0, -1)
-
-    def first_forward(self, batch: torch.Tensor) -> Any:
-        """The first forward batch, which also decides the layout (see the class notes)."""
-        if not self.channels_last:
-            return self.forward(batch)
-        plain = batch.contiguous()
-        try:
-            output = self.model(batch)
-        except Exception:  # noqa: BLE001 - any failure: the contiguous layout decides
-            self.channels_last = False
-            return self.forward(plain)
-        reference = self.forward(plain[:2])
-        if not outputs_agree(output, reference, self.cfg.autocast is not None):
-            self.channels_last = False
-            return self.forward(plain)
-        return output
-
-    def forward(self, batch: torch.Tensor) -> Any:
-        """The model on a masked batch; a failure caused by the input's layout (an unbatched
-        image) or dtype says what to do."""
-        return call_model(self.model, batch, self.input)
 
 
 def _run(model: nn.Module, input: torch.Tensor, cfg: _Config, started: float
