@@ -261,10 +261,9 @@ class Task:
     def _not_applicable(self, arch: str, model: torch.nn.Module) -> Dict[str, str]:
         """Method -> why it does not apply to the model: the settings table's reasons, and the
         transformer methods a model without attention refuses (tried on one image)."""
-        from torchray_like.benchmark import settings as table
+        from torchray_like.benchmark.settings import not_applicable
 
-        reason = getattr(table, "not_applicable", lambda model, method: None)
-        skip = {m: reason(arch, m) for m in ALL_METHODS if reason(arch, m)}
+        skip = {m: why for m in ALL_METHODS if (why := not_applicable(arch, m)) is not None}
         x = self.sample(0)["x"][None].to(self.device)
         tried = [m for m in self.args.method_list if m not in skip]
         skip.update(embedded_cli.refused_methods(model, x, tried))
