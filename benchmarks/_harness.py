@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from torchray_like.attribution.common import get_backward_gradient, get_module
 
@@ -102,6 +103,53 @@ def floor_input(model: nn.Module, x: torch.Tensor, target) -> Callable[[], objec
         with frozen(model):
             xx = x.detach().requires_grad_(True)
             y = model(xx)
+            return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
+    return run
+
+
+class PassThroughMode(TorchFunctionMode):
+    """A :class:`~torch.overrides.TorchFunctionMode` that changes nothing: every torch call of
+    the forward pass goes through Python once and runs as it would.  Timing the floor inside it
+    gives what *seeing* every call costs — the price of a rule context, before any rule."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def floor_input_seen(model: nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
+    """:func:`floor_input` with the forward pass inside a :class:`PassThroughMode`: the least
+    any method that intercepts the model's operations (a rule context) costs."""
+    def run():
+        with frozen(model):
+            xx = x.detach().requires_grad_(True)
+            with PassThroughMode():
+                y = model(xx)
+            return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
+    return run
+
+
+def floor_input_hooked(model: nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
+    """:func:`floor_input` with what module hooks cost (the way Captum's guided backprop and
+    DeConvNet change ReLUs): a forward hook on each ``nn.ReLU`` registering a gradient hook on
+    its output that passes the gradient unchanged, removed after the pass."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+
+    def keep(grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(keep)
+
+    def run():
+        with frozen(model):
+            handles = [m.register_forward_hook(hook) for m in relus]
+            try:
+                xx = x.detach().requires_grad_(True)
+                y = model(xx)
+            finally:
+                for h in handles:
+                    h.remove()
             return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
     return run
 

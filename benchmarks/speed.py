@@ -60,6 +60,8 @@ from _harness import (  # noqa: E402
     NOISE,
     Case,
     floor_input,
+    floor_input_hooked,
+    floor_input_seen,
     floor_iterations,
     floor_layer,
     floor_layer_and_input,
@@ -174,6 +176,16 @@ def rule_cases(s: Setup) -> List[Case]:
                       lambda: saliency(model, x, target,
                                        context_builder=lambda: ReLUContext(GRADIENT_RULE)),
                       floor, "fwd+grad(input)"))
+    # What interception itself costs, with no rule and no check: the floor with every torch
+    # call seen by a pass-through mode (what a rule context pays before doing anything), and
+    # with a hook per nn.ReLU (the way Captum changes ReLUs; it misses functional ReLUs).
+    cases.append(Case("relu_context", "floor, every call seen (pass-through mode)",
+                      floor_input_seen(model, x, target), floor, "fwd+grad(input)",
+                      target_ratio=1.10, note="interception alone: a lower bound of the "
+                      "rule methods' ratio"))
+    cases.append(Case("relu_context", "floor, a hook per nn.ReLU (Captum's way)",
+                      floor_input_hooked(model, x, target), floor, "fwd+grad(input)",
+                      target_ratio=1.10, note="hooks alone"))
     return cases
 
 
