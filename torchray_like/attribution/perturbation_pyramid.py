@@ -7,7 +7,7 @@ interpolates the level of each pixel.  :mod:`.extremal_perturbation` re-exports
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,6 +52,26 @@ def gaussian_matrix(length: int, sigma: float, truncate: float = 4.0,
     return mat.to(dtype=dtype, device=device)
 
 
+_MATRICES: Dict[Tuple[Any, ...], torch.Tensor] = {}
+
+
+def _level_matrices(length: int, sigmas: Tuple[float, ...], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """``(len(sigmas), length, length)`` blur matrices (the identity for σ = 0), made once per
+    (length, σs, dtype, device) and kept: building them costs several times the blur itself,
+    and every call of extremal perturbation on images of one size asks for the same ones."""
+    key = (length, sigmas, dtype, device)
+    mats = _MATRICES.get(key)
+    if mats is None:
+        if len(_MATRICES) >= 32:
+            _MATRICES.clear()
+        eye = torch.eye(length, dtype=dtype, device=device)
+        mats = torch.stack([gaussian_matrix(length, s, dtype=dtype, device=device)
+                            if s > 0 else eye for s in sigmas])
+        _MATRICES[key] = mats
+    return mats
+
+
 def _blur_stack(x: torch.Tensor, sigmas: Sequence[Sequence[float]]) -> torch.Tensor:
     """Blur ``(N, C, *spatial)`` with each per-axis ``sigmas[l]``: ``(N, len(sigmas), C, ...)``,
     separably, one batched matrix product per axis for all the levels at once."""
@@ -59,12 +79,10 @@ def _blur_stack(x: torch.Tensor, sigmas: Sequence[Sequence[float]]) -> torch.Ten
     y = x.unsqueeze(0).expand((levels,) + tuple(x.shape))
     for a in range(x.dim() - 2):
         length = x.shape[2 + a]
-        per_level = [float(s[a]) for s in sigmas]
+        per_level = tuple(float(s[a]) for s in sigmas)
         if all(s == 0 for s in per_level):
             continue
-        eye = torch.eye(length, dtype=x.dtype, device=x.device)
-        mats = torch.stack([gaussian_matrix(length, s, dtype=x.dtype, device=x.device)
-                            if s > 0 else eye for s in per_level])
+        mats = _level_matrices(length, per_level, x.dtype, x.device)
         moved = y.movedim(3 + a, -1)
         shape = moved.shape
         out = torch.matmul(moved.reshape(levels, -1, length), mats.transpose(1, 2))
