@@ -296,6 +296,13 @@ def test_find_saliency_layer_is_cached_weakly():
     model.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
     grad_cam(model, x, 1)
     assert model.forwards == 8
+    # The same module objects under other names (the dotted names change, no identity does):
+    # discovered again.
+    model.block._modules = {"conv": model.block[0]}
+    assert find_saliency_layer(model, x) == "block"
+    assert model.forwards == 9
+    assert find_saliency_layer(model, x) == "block"
+    assert model.forwards == 9
     # The cache does not keep the model alive.
     ref = weakref.ref(model)
     assert model in layer_choice.LAYER_CACHE

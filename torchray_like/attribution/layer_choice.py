@@ -18,7 +18,14 @@ import torch.nn as nn
 
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_input, layout_hint
-from .modules import check_model, opaque_modules, unwrap_compiled
+from .modules import (
+    call_scan,
+    check_model,
+    current_scan,
+    opaque_modules,
+    scan_model,
+    unwrap_compiled,
+)
 from .state import model_state_guard
 from .targets import Target, parse_target
 from .tokens import infer_token_layout, is_token_model
@@ -39,9 +46,13 @@ _LAYER_CACHE_PER_MODEL = 8
 
 
 def _cache_key(model: nn.Module, input: torch.Tensor) -> Tuple:
-    # The structure part changes when a sub-module is replaced or added, which can change the
-    # answer; it costs one walk over the module tree (microseconds).
-    structure = tuple((name, id(m)) for name, m in model.named_modules())
+    # The structure part changes when a sub-module is replaced, added, removed or renamed,
+    # which can change the answer: every module (identity, in ``named_modules`` order) with the
+    # names of its children determines every dotted name.  It reads the call's scan of the
+    # tree when there is one (no second walk, and no dotted names built: on small models they
+    # cost more than the rest of a short call's checks).
+    scan = current_scan(model) or scan_model(model)  # (the first: find_saliency_layer's)
+    structure = tuple((id(m), tuple(m._modules.keys())) for m in scan.modules)
     return (tuple(input.shape[1:]), input.dtype, input.device.type, structure)
 
 
@@ -368,6 +379,15 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
         or a token model none of whose token layers has an inferable layout), or the model is
         a TorchScript module.
     """
+    if not isinstance(model, nn.Module):
+        check_model(model)  # the TypeError saying what a model must be
+    # One walk of the module tree for the checks and the cache key (the scan of the method
+    # call this runs in, if any).
+    with call_scan(model):
+        return _find_saliency_layer(model, input)
+
+
+def _find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     check_model(model)
     model = unwrap_compiled(model)  # torch.compile(model): the names of the original module
     check_input(input, needs_grad=False)
