@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import is_number, per_axis
+from .smooth_max import SmoothMaxAxis, smooth_max_grid
 
 __all__ = ["POOLING_METHODS", "MaskGenerator", "clamp01", "PerAxis"]
 
@@ -59,6 +60,7 @@ class _Axis:
     index: torch.Tensor            # (canvas,) evaluation point at or before each canvas pixel
     frac: torch.Tensor             # (canvas,) interpolation weight of the next point
     scale: Optional[torch.Tensor] = None   # unit / norm, the pooling's normalisation
+    fast: Optional[SmoothMaxAxis] = None   # the softmax pooling's constants (not in half)
 
     @property
     def points(self) -> int:
@@ -78,31 +80,8 @@ class _Axis:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
-
-
-class _SoftmaxPool(torch.autograd.Function):
-    """``Σ_i u_i e^{u_i} / Σ_i e^{u_i}`` over valid candidates ``u = window · weights``.
-
-    ``win`` ``(..., count, w)``, ``scaled`` ``(sub, w)`` (weights / T), ``valid`` ``(count, sub,
-    w)`` 0/1 → ``(..., count, sub)``.  Written as a function with its own backward,
-    ``∂out/∂u_i = e^{u_i}/Σe · (1 + u_i − out)``: half the passes over the window tensor that
-    autograd's graph of the same expression makes (this is most of an iteration's own work).
-    """
-
-    @staticmethod
-    def forward(ctx, win, scaled, valid):
-        u = win.unsqueeze(-2) * scaled                 # (..., count, sub, w)
-        e = u.exp().mul_(valid)
-        den = e.sum(dim=-1)
-        out = (u * e).sum(dim=-1).div_(den)
-        ctx.save_for_backward(u, e, den, out, scaled)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        u, e, den, out, scaled = ctx.saved_tensors
-        gu = (u - out.unsqueeze(-1)).add_(1).mul_(e).mul_((grad / den).unsqueeze(-1))
-        return (gu * scaled).sum(dim=-2), None, None
+        if self.fast is not None:
+            self.fast.to(device)
 
 
 def _tuple(value: Any, d: int, name: str) -> Tuple[Any, ...]:
@@ -230,7 +209,12 @@ class MaskGenerator:
         self.grid_origin = tuple(a.origin for a in self.axes)
         for a in self.axes:
             ones = torch.ones(1, a.count, device=device, dtype=dtype)
-            a.norm = self._pool_axis(ones, a).squeeze(0)
+            if self.pooling_method == "softmax" and a.valid is not None and a.scaled is not None:
+                a.fast = SmoothMaxAxis(a.scaled, a.valid, None, a.points)
+                a.norm = a.fast.forward(ones, math.inf)[0].squeeze(0) * self.temperature
+                a.fast.scale = self.temperature / a.norm
+            else:
+                a.norm = self._pool_axis(ones, a).squeeze(0)
 
     @staticmethod
     def _axis(length: int, s: int, sg: float, j: int, f: Any, device: Any,
@@ -274,28 +258,19 @@ class MaskGenerator:
         """Pool along the last dimension: ``(..., count)`` → ``(..., points)``."""
         radius = (a.weights.shape[1] - 2) // 2
         unit = 1.0
-        if self.pooling_method == "softmax" and a.valid is not None:
-            # Work in units of T: u = g·m̄/T.  Parameters are capped at 50·T (far above the
-            # [0, 1] the optimiser keeps them in), so exp(u) ≤ e^50 cannot overflow and no
-            # shift by the row maximum is needed; the 0/1 weights drop the candidates outside
-            # the grid or beyond 3σ.  (torch.softmax is slow on CPUs for rows this short.)
-            x = x.clamp(max=50.0 * self.temperature)
-            win = F.pad(x, (radius, radius + 1)).unfold(-1, 2 * radius + 2, 1)
-            out = _SoftmaxPool.apply(win, a.scaled, a.valid)          # (..., count, sub)
-            unit = self.temperature
+        # (The "softmax" pooling in single and double precision is smooth_max_grid's.)
+        win = F.pad(x, (radius, radius + 1)).unfold(-1, 2 * radius + 2, 1)
+        v = win.unsqueeze(-2) * a.weights                             # (..., count, sub, w)
+        if self.pooling_method == "max":
+            out = v.amax(dim=-1)
+        elif self.pooling_method == "sum":
+            out = v.sum(dim=-1)
         else:
-            win = F.pad(x, (radius, radius + 1)).unfold(-1, 2 * radius + 2, 1)
-            v = win.unsqueeze(-2) * a.weights                         # (..., count, sub, w)
-            if self.pooling_method == "max":
-                out = v.amax(dim=-1)
-            elif self.pooling_method == "sum":
-                out = v.sum(dim=-1)
-            else:
-                # Half precision: shift by the (detached) row maximum, which changes neither
-                # the value nor the gradient; non-candidates get the bias −inf.
-                z = v / self.temperature + a.bias
-                e = (z - z.detach().amax(dim=-1, keepdim=True)).exp()
-                out = (v * e).sum(dim=-1) / e.sum(dim=-1)
+            # Half precision: shift by the (detached) row maximum, which changes neither
+            # the value nor the gradient; non-candidates get the bias −inf.
+            z = v / self.temperature + a.bias
+            e = (z - z.detach().amax(dim=-1, keepdim=True)).exp()
+            out = (v * e).sum(dim=-1) / e.sum(dim=-1)
         out = out.flatten(-2)[..., :a.points]
         if a.norm is None:
             return out * unit
@@ -324,6 +299,9 @@ class MaskGenerator:
         ``(B, 1, *points)`` (see :meth:`points`)."""
         self._check_params(params)
         out = params.to(self.dtype)
+        if all(a.fast is not None for a in self.axes):
+            return smooth_max_grid(out, [a.fast for a in self.axes if a.fast is not None],
+                                   self.temperature, self.clamp)
         for i, a in enumerate(self.axes):
             dim = 2 + i
             out = self._pool_axis(out.movedim(dim, -1), a).movedim(-1, dim)

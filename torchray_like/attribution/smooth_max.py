@@ -1,0 +1,125 @@
+r"""The smooth-max pooling of extremal perturbation's smooth masks (Fong, Patrick, Vedaldi, ICCV
+2019, arXiv 1910.08485), every axis of the parameter grid in one autograd node with a
+hand-written backward.
+
+Along one axis, the pooled value at evaluation point ``(q, s)`` (window ``q``, phase ``s``) is
+
+.. math:: y_{qs} = \frac{\sum_i u_{qsi}\, e^{u_{qsi}}}{\sum_i e^{u_{qsi}}}, \qquad
+          u_{qsi} = \bar m_{q+i-r}\, g_{si} / T,
+
+over the valid candidates ``i`` (inside the grid, within 3σ), times ``T / norm`` so that a grid of
+ones pools to ones; its derivative is ``∂y/∂u_i = e^{u_i}/Σe · (1 + u_i − y)``.  The tensors
+are laid out with the candidate first, ``(w, sub, rows, count)``: the sums over candidates are
+then sums of contiguous slabs (several times faster on CPUs than reducing a last dimension of a
+dozen), and the window is a strided view of the padded parameters, never copied.  One node for
+all axes instead of autograd's graph of a dozen operations per axis: the mask generator is most
+of an iteration's own work on small images.  :class:`~.smooth_masks.MaskGenerator` uses it for
+its ``"softmax"`` pooling in single and double precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SmoothMaxAxis", "smooth_max_grid"]
+
+
+class SmoothMaxAxis:
+    """The constants of one axis's pooling, made once per mask generator.
+
+    Parameters
+    ----------
+    scaled : torch.Tensor
+        ``(sub, w)`` Gaussian weights divided by the temperature, per phase and window slot.
+    valid : torch.Tensor
+        ``(count, sub, w)`` 1 for a candidate, 0 for a slot outside the grid or beyond 3σ.
+    scale : torch.Tensor
+        ``(points,)`` the normalisation ``T / norm`` (``None`` while the norm is being made).
+    points : int
+        Evaluation points kept (the first ``points`` of ``count·sub``).
+    """
+
+    def __init__(self, scaled: torch.Tensor, valid: torch.Tensor, scale: Any,
+                 points: int) -> None:
+        self.sub, self.w = scaled.shape
+        self.count = valid.shape[0]
+        self.radius = (self.w - 2) // 2
+        self.points = points
+        self.scaled, self.valid, self.scale = scaled, valid, scale
+
+    def to(self, device: Any) -> None:
+        self.scaled, self.valid = self.scaled.to(device), self.valid.to(device)
+        if self.scale is not None:
+            self.scale = self.scale.to(device)
+
+    def forward(self, x: torch.Tensor, cap: float) -> Tuple[torch.Tensor, Tuple[Any, ...]]:
+        """``(..., count)`` → ``(..., points)`` and what :meth:`backward` needs."""
+        r = self.radius
+        # Parameters capped at 50·T: exp(u) ≤ e^50, no overflow and no shift by the maximum.
+        win = F.pad(x.clamp(max=cap), (r, r + 1)).unfold(-1, self.w, 1)   # (..., count, w)
+        u = win.unsqueeze(-2) * self.scaled                                # (..., count, sub, w)
+        e = u.exp().mul_(self.valid)
+        den = e.sum(dim=-1)
+        out = (u * e).sum(dim=-1).div_(den)                                # (..., count, sub)
+        flat = out.flatten(-2)[..., :self.points]
+        y = flat if self.scale is None else flat * self.scale
+        return y, (x, u, e, den, out)
+
+    def backward(self, grad: torch.Tensor, saved: Tuple[Any, ...], cap: float) -> torch.Tensor:
+        """The gradient at ``x`` ``(..., count)`` for ``grad`` ``(..., points)``: the operations
+        autograd runs for :meth:`forward`, in its order (the same numbers)."""
+        x, u, e, den, out = saved
+        r = self.radius
+        g = grad * self.scale
+        g = F.pad(g, (0, self.count * self.sub - self.points)).view(out.shape)
+        gu = (u - out.unsqueeze(-1)).add_(1).mul_(e).mul_((g / den).unsqueeze(-1))
+        gwin = (gu * self.scaled).sum(dim=-2)                              # (..., count, w)
+        size = list(x.shape)
+        size[-1] += 2 * r + 1
+        gpad = torch.ops.aten.unfold_backward(gwin, size, x.dim() - 1, self.w, 1)
+        return torch.where(x <= cap, gpad[..., r:r + self.count], 0.0)
+
+
+def _pool(x: torch.Tensor, axes: Sequence[SmoothMaxAxis], cap: float
+          ) -> Tuple[torch.Tensor, List[Tuple[Any, ...]]]:
+    saved = []
+    out = x
+    for i, a in enumerate(axes):
+        y, s = a.forward(out.movedim(2 + i, -1), cap)
+        saved.append(s)
+        out = y.movedim(-1, 2 + i)
+    return out, saved
+
+
+class _SmoothMaxGrid(torch.autograd.Function):
+    """Pool every axis in turn, then clamp to ``[0, 1]`` with the identity's gradient."""
+
+    @staticmethod
+    def forward(ctx, params, axes, cap, clamp):
+        out, saved = _pool(params, axes, cap)
+        ctx.axes, ctx.cap, ctx.saved = axes, cap, saved
+        return out.clamp_(0, 1) if clamp else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        axes, cap, saved = ctx.axes, ctx.cap, ctx.saved
+        del ctx.saved                         # the window tensors, freed as soon as possible
+        g = grad
+        for i in reversed(range(len(axes))):
+            g = axes[i].backward(g.movedim(2 + i, -1), saved[i], cap).movedim(-1, 2 + i)
+        return g, None, None, None
+
+
+def smooth_max_grid(params: torch.Tensor, axes: Sequence[SmoothMaxAxis], temperature: float,
+                    clamp: bool) -> torch.Tensor:
+    """``(B, 1, *count)`` parameters → ``(B, 1, *points)`` smooth-max pooled along every axis
+    (clamped to ``[0, 1]`` with the identity's gradient if ``clamp``); differentiable once."""
+    cap = 50.0 * temperature
+    if not (params.requires_grad and torch.is_grad_enabled()):
+        with torch.no_grad():
+            out, _ = _pool(params, axes, cap)
+        return out.clamp_(0, 1) if clamp else out
+    return _SmoothMaxGrid.apply(params, tuple(axes), cap, clamp)
