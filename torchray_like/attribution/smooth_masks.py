@@ -84,6 +84,46 @@ class _Axis:
             self.fast.to(device)
 
 
+class _Crop2d(torch.autograd.Function):
+    """``ry @ grid @ rxᵀ`` for ``grid`` ``(B, 1, Py, Px)``, one node; the backward runs the
+    products autograd's graph would, in its order (the same numbers)."""
+
+    @staticmethod
+    def forward(ctx, grid, ry, rx):
+        rows = ry @ grid                                           # (B, 1, H, Px)
+        ctx.save_for_backward(ry, rx)
+        ctx.shapes = rows.shape
+        return rows @ rx.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ry, rx = ctx.saved_tensors
+        g_rows = (grad.reshape(-1, grad.shape[-1]) @ rx).view(ctx.shapes)
+        b = g_rows.shape[0]
+        g = ry.t().expand((b, 1) + ry.t().shape).reshape(-1, *ry.t().shape).bmm(
+            g_rows.reshape(-1, *g_rows.shape[2:]))
+        return g.view(b, 1, *g.shape[1:]), None, None
+
+
+class _ShiftedCrops2d(torch.autograd.Function):
+    """``ry[i] @ grid[i mod B] @ rx[i]ᵀ`` for ``2B`` windows: the masks unshifted, then shifted
+    (``(2B, 1, H, W)``), one node with the products autograd's graph would run."""
+
+    @staticmethod
+    def forward(ctx, grid, ry, rx):
+        rows = ry.bmm(grid.repeat(2, 1, 1, 1).squeeze(1))        # (2B, H, Px)
+        ctx.save_for_backward(ry, rx)
+        return rows.bmm(rx.transpose(1, 2)).unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ry, rx = ctx.saved_tensors
+        g_rows = grad.squeeze(1).bmm(rx)
+        g = ry.transpose(1, 2).bmm(g_rows)                       # (2B, Py, Px)
+        b = g.shape[0] // 2
+        return g.view(2, b, 1, *g.shape[1:]).sum(0), None, None
+
+
 def _tuple(value: Any, d: int, name: str) -> Tuple[Any, ...]:
     if isinstance(value, (list, tuple, torch.Size)):
         if len(value) != d:
@@ -375,14 +415,12 @@ class MaskGenerator:
         grid = self.grid(params)                                   # (B, 1, Py, Px)
         ry, rx = self.windows(0), self.windows(1)
         if shift is None or not any(jitters):
-            mask = ry[jitters[0]] @ grid @ rx[jitters[1]].t()
+            mask = _Crop2d.apply(grid, ry[jitters[0]], rx[jitters[1]])
             return mask, mask
         b = grid.shape[0]
         centre = torch.tensor([jitters], device=shift.device)
         start = torch.cat([centre.expand(b, 2), centre - shift])
-        both = ry[start[:, 0]] @ grid.repeat(2, 1, 1, 1).squeeze(1) \
-            @ rx[start[:, 1]].transpose(1, 2)
-        both = both.unsqueeze(1)
+        both = _ShiftedCrops2d.apply(grid, ry[start[:, 0]], rx[start[:, 1]])
         return both[:b], both[b:]
 
     def __call__(self, params: torch.Tensor, shift: Optional[torch.Tensor] = None
