@@ -191,19 +191,40 @@ class Perturbation:
                 f"mask must have shape (N·K, 1, {', '.join(map(str, spatial))}) with N·K a "
                 f"multiple of the {n} images, got {tuple(getattr(mask, 'shape', ()))}")
         k = mask.shape[0] // n
+        if self._fade is None:
+            return _Blend.apply(mask.to(pyr.dtype), pyr, k)
         m = clamp01(mask.to(pyr.dtype))
-        if self._fade is not None:
-            base, delta = self._fade
-            out = torch.addcmul(base.unsqueeze(1), m.view((n, k, 1) + spatial),
-                                delta.unsqueeze(1))
-            return out.reshape((n * k, c) + spatial)
-        t = m * (levels - 1)
+        base, delta = self._fade
+        out = torch.addcmul(base.unsqueeze(1), m.view((n, k, 1) + spatial), delta.unsqueeze(1))
+        return out.reshape((n * k, c) + spatial)
+
+
+class _Blend(torch.autograd.Function):
+    """The two pyramid levels around ``m·(L − 1)`` interpolated linearly, one autograd node
+    (``m`` clamped to ``[0, 1]`` with the identity's gradient); the backward runs the
+    operations autograd ran for the same graph, in its order (the same numbers):
+    ``∂out/∂m = (L − 1)·Σ_c g·(high − low)``."""
+
+    @staticmethod
+    def forward(ctx, m, pyr, k):
+        n, levels, c = pyr.shape[:3]
+        spatial = tuple(pyr.shape[3:])
+        t = m.clamp(0, 1) * (levels - 1)
         # (A NaN mask — from a model whose output is not finite — must not become an index.)
-        lower = torch.nan_to_num(t.detach(), nan=0.0).floor_().clamp_(0, levels - 2)
+        lower = torch.nan_to_num(t, nan=0.0).floor_().clamp_(0, levels - 2)
         frac = (t - lower).view((n, k, 1, 1) + spatial)
         index = lower.long().view((n, k, 1, 1) + spatial).expand((n, k, 1, c) + spatial)
         # Gather from a broadcast view: the K masks of an image share its pyramid, no copy.
         view = pyr.unsqueeze(1).expand((n, k) + tuple(pyr.shape[1:]))
         low = view.gather(2, index)
         high = view.gather(2, index + 1)
-        return torch.lerp(low, high, frac).reshape((n * k, c) + spatial)
+        out = torch.lerp(low, high, frac)
+        ctx.save_for_backward(low, high)
+        ctx.levels = levels
+        return out.reshape((n * k, c) + spatial)
+
+    @staticmethod
+    def backward(ctx, grad):
+        low, high = ctx.saved_tensors
+        g = (grad.view(low.shape) * (high - low)).sum(3, keepdim=True)
+        return (g.view((-1, 1) + tuple(low.shape[4:])) * (ctx.levels - 1)), None, None
