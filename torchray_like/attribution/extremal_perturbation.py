@@ -117,7 +117,7 @@ from .precision import autocast_forward, check_autocast
 from .precision import flush_denormals as flushing
 from .reporting import progress_bar, warn_caller
 from .seeding import GeneratorsType, image_seeds
-from .smooth_masks import MaskGenerator
+from .smooth_masks import MaskGenerator, shared_generator
 from .state import autograd_grad, model_state_guard
 from .targets import SEED_NOT_A_SCORE, Target, check_output_tensor, parse_target
 
@@ -301,10 +301,9 @@ class _Optimisation:
         self.batch = b = input.shape[0] * k
         self.pyramid = Perturbation(input, cfg.num_levels, cfg.max_blur, cfg.perturbation,
                                     cfg.fade_to)
-        self.gen = MaskGenerator(spatial, cfg.steps, cfg.sigmas,
-                                 pooling_method="softmax" if cfg.temperature > 0 else "max",
-                                 jitter=cfg.jitter, temperature=cfg.temperature or 0.05,
-                                 device=device, dtype=dtype)
+        self.gen = shared_generator(spatial, cfg.steps, cfg.sigmas,
+                                    "softmax" if cfg.temperature > 0 else "max", cfg.jitter,
+                                    cfg.temperature or 0.05, torch.device(device), dtype)
         self.opt = MaskOptimizer(self.gen, b, 1.0, cfg.learning_rate, cfg.momentum,
                                  cfg.dampening)
         self.mask_areas = cfg.areas * input.shape[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .arguments import is_number, per_axis
 from .smooth_max import SmoothMaxAxis, smooth_max_grid
 
-__all__ = ["POOLING_METHODS", "MaskGenerator", "clamp01", "PerAxis"]
+__all__ = ["POOLING_METHODS", "MaskGenerator", "shared_generator", "clamp01", "PerAxis"]
 
 #: How :class:`MaskGenerator` pools the Gaussian-weighted parameters.
 POOLING_METHODS = ("softmax", "max", "sum")
@@ -442,12 +442,17 @@ class MaskGenerator:
         """``param_shape`` tensor: the share of each parameter's cell inside the image (at
         least 1/4 per axis) — how much of the mask a parameter moves, relative to one in the
         middle of the image.  :class:`MaskOptimizer` divides the gradient by it."""
+        cached = self._windows.get("footprint")
+        if cached is not None:
+            return cached
         out = torch.ones((), dtype=torch.float64)
         for i, a in enumerate(self.axes):
             shape = [1] * len(self.axes)
             shape[i] = a.count
             out = out * a.footprint().view(shape)
-        return out.to(device=self.axes[0].weights.device, dtype=self.dtype)
+        out = out.to(device=self.axes[0].weights.device, dtype=self.dtype)
+        self._windows["footprint"] = out
+        return out
 
     def to(self, device: Union[str, torch.device]) -> "MaskGenerator":
         """Move the generator to ``device`` (in place); returns ``self``."""
@@ -455,3 +460,25 @@ class MaskGenerator:
             a.to(device)
         self._windows = {}
         return self
+
+
+_SHARED: Dict[Tuple[Any, ...], MaskGenerator] = {}
+
+
+def shared_generator(shape: Tuple[int, ...], step: Sequence[float], sigma: Sequence[float],
+                     pooling_method: str, jitter: Sequence[int], temperature: float,
+                     device: torch.device, dtype: torch.dtype) -> MaskGenerator:
+    """A :class:`MaskGenerator` made once per set of arguments and kept (its constants — the
+    kernels, the normalisation, the interpolation windows, the footprint — cost more than a
+    short optimisation's iterations).  It holds no per-call state; the caller must neither
+    move it (:meth:`MaskGenerator.to`) nor change it."""
+    key = (tuple(shape), tuple(float(s) for s in step), tuple(float(s) for s in sigma),
+           pooling_method, tuple(int(j) for j in jitter), float(temperature), device, dtype)
+    gen = _SHARED.get(key)
+    if gen is None:
+        if len(_SHARED) >= 16:
+            _SHARED.clear()
+        gen = _SHARED[key] = MaskGenerator(shape, step, sigma, pooling_method=pooling_method,
+                                           jitter=jitter, temperature=temperature,
+                                           device=device, dtype=dtype)
+    return gen
