@@ -50,6 +50,7 @@ from .context import RuleContext, records_gradient
 from .driver import SaliencyDebug
 from .engine import Job, saliency
 from .linear_approx import gradient_to_linear_approx_saliency
+from .lrp_closed import closed_gradient, rectified
 from .lrp_composites import Composite, CompositeSpec, make_composite
 from .lrp_rules import AffineCall, Rule, compute_dtype
 from .maps import SizeType
@@ -114,7 +115,7 @@ class _Node:
     counters, and a batch norm folded into it."""
 
     __slots__ = ("call", "rule", "owner", "version", "fold", "fold_grad", "module", "first",
-                 "__weakref__")
+                 "rectified", "__weakref__")
 
     def __init__(self, call: AffineCall, rule: Rule, owner: "LRPContext", version: int,
                  module: Optional[nn.Module] = None, first: bool = False) -> None:
@@ -123,6 +124,8 @@ class _Node:
         self.module, self.first = module, first
         self.fold: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.fold_grad: Optional[torch.Tensor] = None
+        # The input is a ReLU's output (x >= 0, no gradient through its zeros): lrp_closed.
+        self.rectified = False
 
     def effective(self, g: torch.Tensor) -> AffineCall:
         """The operation the rule sees: with its batch norm folded when the gradient came
@@ -137,6 +140,17 @@ class _Node:
                 "the layer's output")
         return self.call.folded(*self.fold)
 
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """The output of :meth:`effective` from the layer's own output ``z``: ``z`` itself, or
+        with its batch norm applied (``scale ⊙ z + shift`` per output channel)."""
+        if self.fold is None:
+            return z
+        scale, shift = self.fold
+        if self.call.kind != "linear":
+            shape = [1, -1] + [1] * (z.dim() - 2)
+            scale, shift = scale.reshape(shape), shift.reshape(shape)
+        return z * scale + shift
+
 
 class LRPFunction(torch.autograd.Function):
     """A linear operation whose forward is the plain call and whose backward applies its LRP
@@ -146,7 +160,10 @@ class LRPFunction(torch.autograd.Function):
     def forward(ctx, x, node):
         ctx.save_for_backward(x)
         ctx.node = node
-        return node.call.output(x)
+        out = node.call.output(x)
+        # Backward needs the output (R = z ⊙ g); a copy, since the next ReLU may work in place.
+        ctx.z = out.clone()
+        return out
 
     @staticmethod
     @once_differentiable
@@ -158,17 +175,23 @@ class LRPFunction(torch.autograd.Function):
                                "forward pass and backward; run the forward pass again")
         node.owner.applied += 1
         with torch._C.DisableTorchFunction():
-            return _rule_gradient(x, node, g), None
+            return _rule_gradient(x, node, g, ctx.z), None
 
 
-def _rule_gradient(x: torch.Tensor, node: _Node, g: torch.Tensor) -> torch.Tensor:
+def _rule_gradient(x: torch.Tensor, node: _Node, g: torch.Tensor,
+                   z: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(x.dtype)
     call = node.effective(g).cast(dtype)
     xc, gc = x.to(dtype), g.to(dtype)
     with torch.no_grad():
-        r = call.output(xc) * gc
-    if node.rule.proportional:
-        return node.rule.gradient(xc, call, r).to(x.dtype)
+        # The forward pass's output where it is in the compute dtype, else computed again.
+        zc = node.output(z) if z.dtype == dtype else call.output(xc)
+        r = zc * gc
+        if node.rule.proportional:
+            fast = closed_gradient(node.rule, xc, call, zc, r, node.rectified)
+            if fast is None:
+                fast = node.rule.gradient(xc, call, r)
+            return fast.to(x.dtype)
     relevance = node.rule.relevance(xc, call, r)
     zero = xc == 0
     lost = relevance.masked_fill(~zero, 0)
@@ -385,6 +408,7 @@ class LRPContext(RuleContext):
         rule = self.composite.rule_for(kind, module, first, self._named)
         node = _Node(AffineCall(func, weight, bias, rest, other, kind), rule, self,
                      weight._version, module, first)
+        node.rectified = rectified(x)
         self.count(kind)
         self.rules.append((kind, rule.name))
         self._nodes.append(weakref.ref(node))

@@ -31,10 +31,12 @@ from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Uni
 
 import torch
 
-__all__ = ["AffineCall", "Rule", "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare",
-           "ZBox", "stabilize", "safe_divide", "compute_dtype", "scale_shift", "share", "RULES"]
+__all__ = ["AffineCall", "LinearMap", "linear_map", "share_terms", "Rule", "Epsilon", "Gamma",
+           "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "stabilize", "safe_divide",
+           "compute_dtype", "scale_shift", "share", "RULES"]
 
 Term = Tuple[torch.Tensor, torch.Tensor]  # (modified input, modified weight)
+_UNPARSED = object()  # AffineCall._map before the call's closed form is parsed
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,6 +58,10 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 def safe_divide(r: torch.Tensor, z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``r / stabilize(z, ε)``, zero where the denominator is exactly zero (``ε = 0``)."""
     d = stabilize(z, epsilon)
+    if epsilon >= torch.finfo(d.dtype).tiny:
+        # ε moves every finite z at least ε away from zero (and is no subnormal that the
+        # dtype could flush to zero): no denominator is zero, no masking is needed.
+        return r / d
     return torch.where(d == 0, torch.zeros_like(r), r / torch.where(d == 0, 1.0, d))
 
 
@@ -76,7 +82,7 @@ class AffineCall:
     ``"batch_norm"`` (an element-wise affine map, weights of the input's channels).
     """
 
-    __slots__ = ("func", "weight", "bias", "rest", "kwargs", "kind")
+    __slots__ = ("func", "weight", "bias", "rest", "kwargs", "kind", "_map")
 
     def __init__(self, func: Callable, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  rest: Sequence[Any] = (), kwargs: Optional[dict] = None,
@@ -85,6 +91,8 @@ class AffineCall:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.rest, self.kwargs = tuple(rest), dict(kwargs or {})
+        # The closed form (LinearMap) of the operation, parsed once: see linear_map().
+        self._map: Any = _UNPARSED
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -95,16 +103,28 @@ class AffineCall:
     def folded(self, scale: torch.Tensor, shift: torch.Tensor) -> "AffineCall":
         """The operation followed by ``y ↦ scale ⊙ y + shift`` per output channel, merged."""
         bias = shift if self.bias is None else self.bias * scale + shift
-        return AffineCall(self.func, _scaled_weight(self, scale), bias, self.rest,
-                          self.kwargs, self.kind)
+        return self._like(_scaled_weight(self, scale), bias)
 
     def cast(self, dtype: torch.dtype) -> "AffineCall":
         """The same operation with weight and bias in ``dtype``."""
         if self.weight.dtype == dtype:
             return self
         bias = None if self.bias is None else self.bias.to(dtype)
-        return AffineCall(self.func, self.weight.to(dtype), bias, self.rest, self.kwargs,
-                          self.kind)
+        return self._like(self.weight.to(dtype), bias)
+
+    def _like(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "AffineCall":
+        """The same operation with another weight and bias (and the same closed form)."""
+        call = AffineCall(self.func, weight, bias, self.rest, self.kwargs, self.kind)
+        call._map = self._map
+        return call
+
+    def linear_map(self, x: torch.Tensor) -> Optional["LinearMap"]:
+        """The operation's closed form (:class:`LinearMap`) for inputs shaped as ``x``, or
+        ``None`` where it has none."""
+        if self._map is _UNPARSED:
+            self._map = LinearMap.of(self)
+        op = self._map
+        return op if op is not None and op.usable(x) else None
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """``op(x, w) + b``."""
@@ -126,10 +146,116 @@ def _bias(call: AffineCall, modifier: Optional[Callable[[torch.Tensor], torch.Te
     return modifier(call.bias)
 
 
+def _ints(value, n: int, name: str) -> Optional[List[int]]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    if name == "padding" and value == "valid":
+        return [0] * n
+    return None  # "same" (possibly asymmetric) or an unexpected value: the autograd path
+
+
+_CONV_NAMES = ("stride", "padding", "dilation", "groups")
+_CONV_T_NAMES = ("stride", "padding", "output_padding", "groups", "dilation")
+_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+
+
+class LinearMap:
+    """Both directions of one recorded linear call: ``forward(x, w, b) = op(x, w) + b`` and
+    ``transpose(s, w, x)`` = the gradient of ``⟨s, op(x, w)⟩`` with respect to ``x``.
+
+    Built by :meth:`of`, which returns ``None`` for a call it cannot transpose in closed form
+    (``padding="same"``, an unbatched convolution, a batch norm): the rules then use autograd.
+    """
+
+    __slots__ = ("call", "conv", "transposed", "stride", "padding", "dilation",
+                 "output_padding", "groups")
+
+    def __init__(self, call: AffineCall) -> None:
+        self.call = call
+        self.conv = call.kind in ("conv", "conv_transpose")
+        self.transposed = call.kind == "conv_transpose"
+        self.stride: List[int] = []
+        self.padding: List[int] = []
+        self.dilation: List[int] = []
+        self.output_padding: List[int] = []
+        self.groups = 1
+
+    @classmethod
+    def of(cls, call: AffineCall) -> Optional["LinearMap"]:
+        """The closed form of ``call``, or ``None``."""
+        op = cls(call)
+        if call.kind == "linear":
+            return op
+        if not op.conv:
+            return None
+        names = _CONV_T_NAMES if op.transposed else _CONV_NAMES
+        if len(call.rest) > len(names) or set(call.kwargs) - set(names):
+            return None
+        values = dict(_DEFAULTS, **dict(zip(names, call.rest)), **call.kwargs)
+        n = call.weight.dim() - 2
+        groups = values["groups"]
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            return None
+        op.groups = groups
+        for name in ("stride", "padding", "dilation", "output_padding"):
+            ints = _ints(values[name], n, name)
+            if ints is None:
+                return None
+            setattr(op, name, ints)
+        return op
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``op(x, weight) + bias``."""
+        return self.call.apply(x, weight, bias)
+
+    def transpose(self, s: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``op_weightᵀ(s)``, shaped as ``x`` (whose values are not read)."""
+        if not self.conv:
+            return s @ weight
+        if x.dim() != weight.dim():
+            raise ValueError("LinearMap: unbatched convolution input")  # ruled out by callers
+        return torch.ops.aten.convolution_backward(
+            s, x, weight, None, self.stride, self.padding, self.dilation, self.transposed,
+            self.output_padding, self.groups, [True, False, False])[0]
+
+    def usable(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`transpose` applies to inputs shaped as ``x``."""
+        return not self.conv or x.dim() == self.call.weight.dim()
+
+
+def linear_map(call: AffineCall, x: torch.Tensor) -> Optional[LinearMap]:
+    """:meth:`AffineCall.linear_map`: the call's closed form for inputs shaped as ``x``."""
+    return call.linear_map(x)
+
+
+def share_terms(op: LinearMap, terms: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                bias: Optional[torch.Tensor], r: torch.Tensor,
+                epsilon: float) -> List[torch.Tensor]:
+    """``c_k = op_{w̃_k}ᵀ(R / z̃)`` with ``z̃ = Σ_k op(x̃_k, w̃_k) + b̃`` (see
+    :func:`~.lrp_rules.share`), in closed form."""
+    z: Optional[torch.Tensor] = None
+    for x, w in terms:
+        out = op.forward(x, w, bias if z is None else None)
+        z = out if z is None else z + out
+    assert z is not None
+    s = safe_divide(r, z, epsilon)
+    return [op.transpose(s, w, x) for x, w in terms]
+
+
 def share(call: AffineCall, terms: Sequence[Term], bias: Optional[torch.Tensor],
           r: torch.Tensor, epsilon: float) -> List[torch.Tensor]:
     """``c_k = op_{w̃_k}ᵀ(R / z̃)`` for each term, with ``z̃ = Σ_k op(x̃_k, w̃_k) + b̃``
-    stabilised by ``ε``: one replay of the operation on leaves, one transposed pass."""
+    stabilised by ``ε``: one replay of the operation on leaves, one transposed pass.
+
+    In closed form (:class:`LinearMap`) where the call allows: the same products, no nested
+    autograd graph."""
+    op = linear_map(call, terms[0][0])
+    if op is not None:
+        return share_terms(op, terms, bias, r, epsilon)
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(True) for x, _ in terms]
         z = None

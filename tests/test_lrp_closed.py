@@ -1,0 +1,280 @@
+"""The closed-form LRP backward (lrp_closed, LinearMap): equal to a hand-written matrix-form LRP
+on nets whose layers take the fast paths (ReLU'd inputs through max pooling and reshapes, batch
+norm with negative scales folded in) and the general ones (signed inputs, grouped convolutions,
+``padding="same"``, a ReLU output shifted in place); the transposed maps against autograd; the
+guard that decides when the ``x⁻`` terms are skipped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchray_like.attribution.lrp import LRPContext
+from torchray_like.attribution.lrp_closed import closed_gradient, rectified
+from torchray_like.attribution.lrp_rules import (
+    AffineCall,
+    AlphaBeta,
+    Epsilon,
+    Gamma,
+    LinearMap,
+    ZPlus,
+    safe_divide,
+)
+
+DT = torch.float64
+RULES = [Epsilon(1e-6), Epsilon(0.0), ZPlus(), AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0),
+         Gamma(0.25), Gamma(0.01)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A hand-written LRP in matrix form: every affine map as a dense matrix, one formula per rule
+# written from the contributions z_ij = x_j w_ij (Montavon et al. 2019), no library code.
+# ---------------------------------------------------------------------------------------------
+
+
+def matrix(op, shape):
+    """``(W, b)`` with ``op(x) = W x + b`` on one sample of ``shape``."""
+    n = math.prod(shape)
+    with torch.no_grad():
+        b = op(torch.zeros((1,) + shape, dtype=DT)).flatten()
+        W = (op(torch.eye(n, dtype=DT).reshape((n,) + shape)).reshape(n, -1) - b).t()
+    return W, b
+
+
+def stab(z, eps):
+    return z + torch.where(z >= 0, eps, -eps)
+
+
+def share(Z, bias, R, eps):
+    """Σ_i Z_ij / (Σ_j Z_ij + bias_i) R_i, zero where the denominator is exactly zero."""
+    d = stab(Z.sum(1) + bias, eps)
+    s = torch.where(d == 0, 0.0, R / torch.where(d == 0, 1.0, d))
+    return (Z * s[:, None]).sum(0)
+
+
+def hand_rule(rule, x, W, b, R):
+    Z = x[None, :] * W
+    pos, neg = Z.clamp(min=0), Z.clamp(max=0)
+    if isinstance(rule, Epsilon):
+        return share(Z, b, R, rule.epsilon)
+    if isinstance(rule, AlphaBeta):
+        return (rule.alpha * share(pos, b.clamp(min=0), R, rule.epsilon)
+                - rule.beta * share(neg, b.clamp(max=0), R, rule.epsilon))
+    if isinstance(rule, ZPlus):
+        return share(pos, b.clamp(min=0), R, rule.epsilon)
+    z = Z.sum(1) + b  # Gamma: outputs > 0 favour positive contributions, the others negative
+    up = share(Z + rule.gamma * pos, b + rule.gamma * b.clamp(min=0),
+               torch.where(z > 0, R, 0.0), rule.epsilon)
+    return up + share(Z + rule.gamma * neg, b + rule.gamma * b.clamp(max=0),
+                      torch.where(z > 0, 0.0, R), rule.epsilon)
+
+
+def hand_lrp(steps, x, target, rule):
+    """``steps``: ``("affine", op, linear)`` (rule ``rule``, ε on a linear layer), ``("relu",)``,
+    ``("pool", k)``, ``("shift", c)`` (``t - c``); relevance at the input, shaped as ``x``."""
+    acts, saved = [x[0]], []
+    for step in steps:
+        a = acts[-1]
+        if step[0] == "affine":
+            W, b = matrix(step[1], tuple(a.shape))
+            saved.append((W, b))
+            out = (W @ a.flatten() + b).reshape(step[1](a[None]).shape[1:])
+        elif step[0] == "relu":
+            out = a.clamp(min=0)
+        elif step[0] == "shift":
+            out = a - step[1]
+            saved.append(out)
+        else:
+            out, idx = F.max_pool2d(a[None], step[1], return_indices=True)
+            out = out[0]
+            saved.append(idx[0])
+        acts.append(out)
+    R = torch.zeros_like(acts[-1].flatten())
+    R[target] = acts[-1].flatten()[target]
+    for step, a in zip(reversed(steps), reversed(acts[:-1])):
+        if step[0] == "affine":
+            W, b = saved.pop()
+            R = hand_rule(Epsilon(1e-6) if step[2] else rule, a.flatten(), W, b, R)
+        elif step[0] == "pool":  # the winner of each window takes its relevance
+            idx = saved.pop().flatten(1)
+            full = torch.zeros_like(a.flatten(1))
+            full.scatter_add_(1, idx, R.reshape(idx.shape))
+            R = full.flatten()
+        elif step[0] == "shift":  # not a layer: relevance / activation passes unchanged
+            R = a.flatten() * R / saved.pop().flatten()
+        # a ReLU passes relevance unchanged (it is proportional to the activation, which the
+        # ReLU zeroes where it is off)
+    return R.reshape(x.shape[1:])
+
+
+def ours(net, x, target, rule):
+    with LRPContext({"conv": rule, "linear": Epsilon(1e-6)}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, target].sum(), xx)
+    return (xx * g).detach()[0]
+
+
+class Net(nn.Module):
+    """conv → conv "same" (signed inputs: the x⁻ terms) → BN with negative scales → ReLU → max
+    pool → grouped conv (ReLU'd input through a pool) → ReLU → [shift] → conv without
+    bias → ReLU → flatten → linear."""
+
+    def __init__(self, shift: bool):
+        super().__init__()
+        torch.manual_seed(11)
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding="same")
+        self.bn = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.c4 = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.tensor([1.5, -0.7, 0.9, -2.0]))
+            self.bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+            self.bn.running_mean.copy_(torch.randn(4) * 0.1)
+            self.bn.running_var.copy_(torch.rand(4) + 0.5)
+        self.shift = shift
+        self.to(DT).eval()
+
+    def forward(self, x):
+        t = F.max_pool2d(torch.relu(self.bn(self.c2(self.c1(x)))), 2)
+        t = torch.relu(self.c3(t))
+        if self.shift:
+            t = t - 0.3  # a ReLU's output, no longer non-negative
+        return self.fc(torch.relu(self.c4(t)).flatten(1))
+
+    def steps(self):
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+
+        def c2_bn(t):  # the batch norm folded into c2: one LRP layer
+            return self.c2(t) * scale[:, None, None] + shift[:, None, None]
+
+        out = [("affine", self.c1, False), ("affine", c2_bn, False), ("relu",), ("pool", 2),
+               ("affine", self.c3, False), ("relu",)]
+        if self.shift:
+            out.append(("shift", 0.3))
+        return out + [("affine", self.c4, False), ("relu",),
+                      ("affine", lambda t: self.fc(t.flatten(1)), True)]
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["rectified", "shifted"])
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_rules_equal_matrix_form_lrp_on_fast_and_general_paths(rule, shift):
+    net = Net(shift)
+    torch.manual_seed(12)
+    x = torch.randn(1, 2, 8, 8, dtype=DT)  # signed: c1 and c2 see negative inputs
+    got = ours(net, x, 1, rule)
+    want = hand_lrp(net.steps(), x, 1, rule)
+    assert got.shape == (2, 8, 8) and got.dtype == DT
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("rule", RULES[2:], ids=repr)
+def test_fast_path_equals_the_rule_on_a_relu_output(rule):
+    """float32: the closed form on x ≥ 0 against the rule's own gradient (two x terms,
+    autograd-free share): the relevance x ⊙ g equal to 1e-5 relative."""
+    torch.manual_seed(13)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.relu(torch.randn(2, 6, 7, 7))
+    call = AffineCall(torch.conv2d, conv.weight, conv.bias, (1, 1), {}, "conv")
+    z = call.output(x)
+    r = z * torch.randn_like(z)
+    fast = closed_gradient(rule, x, call, z, r, True)
+    slow = rule.gradient(x, call, r)
+    assert fast is not None and fast.shape == x.shape and fast.dtype == torch.float32
+    rel = (x * fast - x * slow).abs().max() / (x * slow).abs().max()
+    assert rel <= 1e-5
+    # Where x > 0 the gradients agree too; where x = 0 the fast path does not compute the x⁻
+    # term's product (their relevance is zero either way).
+    on = x > 0
+    assert on.float().mean() > 0.3
+    torch.testing.assert_close(fast[on], slow[on], rtol=1e-4, atol=1e-5 * float(slow.abs().max()))
+
+
+def test_fast_path_declines_what_it_does_not_cover():
+    torch.manual_seed(14)
+    conv = nn.Conv2d(3, 2, 3, padding=1)
+    x = torch.randn(1, 3, 5, 5)
+    call = AffineCall(torch.conv2d, conv.weight, conv.bias, (1, 1), {}, "conv")
+    z = call.output(x)
+    # signed input: z⁺, α-β and γ need their x⁻ terms (the rule's own method)
+    assert closed_gradient(ZPlus(), x, call, z, z, False) is None
+    assert closed_gradient(Gamma(), x, call, z, z, False) is None
+    # a subclass may change gradient(): never bypassed
+
+    class MyEpsilon(Epsilon):
+        pass
+
+    assert closed_gradient(MyEpsilon(), x, call, z, z, True) is None
+    same = AffineCall(torch.conv2d, conv.weight, conv.bias, (1, "same"), {}, "conv")
+    assert LinearMap.of(same) is None
+    assert closed_gradient(Epsilon(), x, same, z, z, True) is None
+    bn = AffineCall(F.batch_norm, conv.weight, None, (), {}, "batch_norm")
+    assert LinearMap.of(bn) is None
+
+
+@pytest.mark.parametrize("case", ["conv1d", "conv2d_groups", "conv3d", "convT2d", "linear3d"])
+def test_transpose_is_the_input_gradient(case):
+    torch.manual_seed(15)
+    if case == "conv1d":
+        func, w, x, rest, kw = torch.conv1d, torch.randn(4, 3, 3), torch.randn(2, 3, 9), \
+            (2, 1, 2), {}
+    elif case == "conv2d_groups":
+        func, w, x, rest, kw = torch.conv2d, torch.randn(6, 2, 3, 2), torch.randn(1, 4, 7, 6), \
+            (), {"stride": (2, 1), "padding": "valid", "groups": 2, "dilation": (1, 2)}
+    elif case == "conv3d":
+        func, w, x, rest, kw = torch.conv3d, torch.randn(2, 2, 2, 2, 2), \
+            torch.randn(1, 2, 4, 5, 4), (1, 1), {}
+    elif case == "convT2d":
+        func, w, x, rest, kw = torch.conv_transpose2d, torch.randn(3, 4, 3, 3), \
+            torch.randn(1, 3, 4, 4), (2, 1, 1), {}
+    else:
+        func, w, x, rest, kw = F.linear, torch.randn(5, 4), torch.randn(2, 3, 4), (), {}
+    kind = {"conv_transpose2d": "conv_transpose", "linear": "linear"}.get(func.__name__, "conv")
+    call = AffineCall(func, w, None, rest, kw, kind)
+    op = LinearMap.of(call)
+    assert op is not None and op.usable(x)
+    leaf = x.clone().requires_grad_()
+    y = func(leaf, w, None, *rest, **kw)
+    s = torch.randn_like(y)
+    (want,) = torch.autograd.grad(y, leaf, s)
+    got = op.transpose(s, w, x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_convolution_is_left_to_autograd():
+    call = AffineCall(torch.conv1d, torch.randn(2, 3, 3), None, (), {}, "conv")
+    op = LinearMap.of(call)
+    assert op is not None and not op.usable(torch.randn(3, 8))
+    assert call.linear_map(torch.randn(3, 8)) is None
+
+
+def test_rectified_reads_the_graph():
+    leaf = torch.randn(1, 2, 4, 4, requires_grad=True)
+    a = torch.relu(leaf * 2)
+    assert rectified(a)
+    assert rectified(F.max_pool2d(a, 2).flatten(1))
+    assert not rectified(leaf)                       # a leaf: no ReLU made it
+    assert not rectified((leaf * 2).abs())           # non-negative, but gradient passes at 0
+    assert not rectified((leaf * 2).clamp(min=0))    # clamp passes the gradient at 0
+    assert not rectified(torch.sigmoid(leaf))
+    b = torch.relu(leaf * 2)
+    b.add_(-0.5)                                     # a ReLU's output shifted in place
+    assert not rectified(b)
+
+
+def test_safe_divide_masks_zero_denominators_when_epsilon_vanishes_in_the_dtype():
+    z = torch.tensor([0.0, 2.0, -0.0], dtype=torch.float32)
+    r = torch.tensor([1.0, 4.0, 3.0])
+    # 1e-50 is zero in float32: the denominators at z = 0 stay zero and must be masked
+    out = safe_divide(r, z, 1e-50)
+    assert torch.equal(out, torch.tensor([0.0, 2.0, 0.0]))
+    assert torch.isfinite(safe_divide(r, z, 1e-6)).all()
+    assert torch.equal(safe_divide(r, z, 0.0), torch.tensor([0.0, 2.0, 0.0]))

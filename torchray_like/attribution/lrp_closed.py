@@ -1,0 +1,169 @@
+r"""Closed-form backward of the LRP rules: the transposed linear map applied directly.
+
+Every LRP rule of :mod:`.lrp_rules` computes ``c = op_w̃ᵀ(R / z̃)`` for a linear operation ``op``
+(a convolution, transposed convolution or linear layer) with modified weights ``w̃``.  The
+transposed map is the input-gradient of ``op``, which PyTorch exposes without building a graph:
+``s @ w`` for a linear layer and ``aten.convolution_backward`` (what autograd's own
+``ConvolutionBackward0`` calls, see ``torch.nn.grad.conv2d_input``) for a convolution.
+:class:`~.lrp_rules.LinearMap` gives both directions of one recorded call;
+:func:`~.lrp_rules.share` uses it: the same products in the same order as the nested
+``torch.autograd.grad`` it replaces (bit for bit equal on the CPU), without a second autograd
+graph per layer.
+
+:func:`closed_gradient` adds what a rule gains from two facts the context knows (the rules as
+Montavon et al., "Layer-wise relevance propagation: an overview", 2019, state them):
+
+* the layer's output ``z = op(x, w) + b`` was computed in the forward pass, so LRP-ε needs no
+  product beyond the transposed one (its ``z̃`` *is* ``z``), and LRP-γ gets its two
+  denominators from ``z`` and one product with ``w⁺``:
+  ``z̃⁺ = z + γ(op(x, w⁺) + b⁺)`` and ``z̃⁻ = z + γ(z − b − op(x, w⁺) + b⁻)`` (``w⁻ = w − w⁺``);
+* a layer whose input a ReLU produced (directly, or through max pooling and reshapes) sees
+  ``x ≥ 0``: the ``x⁻`` terms of z⁺, α-β and γ are exactly zero and are not computed.  Their
+  transposed products only set the gradient at elements where ``x = 0``, whose relevance
+  ``x ⊙ g`` is zero and which the ReLU does not pass on (its gradient is zero where its output
+  is): no relevance anywhere changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, cast
+
+import torch
+
+from .lrp_rules import (
+    AffineCall,
+    AlphaBeta,
+    Epsilon,
+    Gamma,
+    LinearMap,
+    Rule,
+    ZPlus,
+    linear_map,
+    safe_divide,
+)
+
+__all__ = ["closed_gradient", "rectified"]
+
+# Autograd nodes whose output is >= 0 and whose gradient is zero where the output is zero.
+_RECTIFIERS = frozenset({"ReluBackward0"})
+# Nodes that only move elements: a zero of their input stays a zero whose gradient goes there.
+_MOVERS = frozenset({"MaxPool1DWithIndicesBackward0", "MaxPool2DWithIndicesBackward0",
+                     "MaxPool3DWithIndicesBackward0", "ViewBackward0", "ReshapeAliasBackward0",
+                     "UnsafeViewBackward0", "FlattenBackward0"})
+
+
+def rectified(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ReLU's output, directly or through max pooling and reshapes.
+
+    Then ``x ≥ 0``, and the gradient reaching an element where ``x = 0`` stops at the ReLU.
+    Read from the autograd graph, so it costs no pass over the data."""
+    node = x.grad_fn
+    for _ in range(8):
+        if node is None:
+            return False
+        name = node.name()
+        if name in _RECTIFIERS:
+            return True
+        if name not in _MOVERS:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
+def _channel(call: AffineCall, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (one value per output channel) shaped to broadcast against an output ``like``."""
+    if call.kind == "linear":
+        return t
+    return t.reshape([1, -1] + [1] * (like.dim() - 2))
+
+
+def _stackable(op: LinearMap) -> bool:
+    """Whether products with several weights can be one product over stacked output channels
+    (a linear layer, an ungrouped convolution)."""
+    return op.call.kind == "linear" or (op.call.kind == "conv" and op.groups == 1)
+
+
+def _transpose_sum(op: LinearMap, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                   x: torch.Tensor) -> torch.Tensor:
+    """``Σ_k op_{w_k}ᵀ(s_k)`` for ``pairs = [(s_k, w_k)]``: one product over the stacked
+    output channels where the layout allows."""
+    if _stackable(op):
+        dim = -1 if op.call.kind == "linear" else 1
+        s = torch.cat([s for s, _ in pairs], dim)
+        w = torch.cat([w for _, w in pairs], 0)
+        return op.transpose(s, w, x)
+    total = op.transpose(pairs[0][0], pairs[0][1], x)
+    for s, w in pairs[1:]:
+        total = total + op.transpose(s, w, x)
+    return total
+
+
+def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tensor,
+                    r: torch.Tensor, nonnegative: bool) -> Optional[torch.Tensor]:
+    """The rule's :meth:`~.lrp_rules.Rule.gradient` from the layer's output ``z`` (its bias
+    included) and ``r = z ⊙ g``, or ``None`` where only the rule's own method applies.
+
+    ``nonnegative``: ``x`` is a ReLU's output (:func:`rectified`).  Only the library's rule
+    classes themselves are handled (a subclass may change :meth:`gradient`)."""
+    kind = type(rule)
+    if kind not in (Epsilon, ZPlus, AlphaBeta, Gamma):
+        return None
+    op = linear_map(call, x)
+    if op is None:
+        return None
+    w, b = call.weight, call.bias
+    if kind is Epsilon:
+        # z̃ = op(x, w) + b is the layer's output itself.
+        return op.transpose(safe_divide(r, z, cast(Epsilon, rule).epsilon), w, x)
+    if not nonnegative:
+        return None
+    wp = w.clamp(min=0)
+    bp = None if b is None else b.clamp(min=0)
+    if kind is ZPlus:
+        zp = op.forward(x, wp, bp)
+        return op.transpose(safe_divide(r, zp, cast(ZPlus, rule).epsilon), wp, x)
+    if kind is AlphaBeta:
+        return _alpha_beta(op, cast(AlphaBeta, rule), x, w, wp, b, r)
+    return _gamma(op, cast(Gamma, rule), x, z, w, wp, bp, r)
+
+
+def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
+                wp: torch.Tensor, b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+    """α-β on ``x ≥ 0``: ``α op_{w⁺}ᵀ(R / z̃⁺) − β op_{w⁻}ᵀ(R / z̃⁻)``, ``z̃^± = op(x, w^±) + b^±``
+    (both products at once over stacked output channels where the layout allows)."""
+    wn = w.clamp(max=0)
+    bp = None if b is None else b.clamp(min=0)
+    bn = None if b is None else b.clamp(max=0)
+    if not _stackable(op):
+        sp = safe_divide(r, op.forward(x, wp, bp), rule.epsilon) * rule.alpha
+        sn = safe_divide(r, op.forward(x, wn, bn), rule.epsilon) * -rule.beta
+        return _transpose_sum(op, [(sp, wp), (sn, wn)], x)
+    dim = -1 if op.call.kind == "linear" else 1
+    n = w.shape[0]
+    ws = torch.cat([wp, wn], 0)
+    bs = None if b is None else torch.cat([cast(torch.Tensor, bp), cast(torch.Tensor, bn)])
+    zs = op.forward(x, ws, bs)
+    factor = torch.full((2 * n,), rule.alpha, dtype=r.dtype, device=r.device)
+    factor[n:] = -rule.beta
+    s = safe_divide(torch.cat([r, r], dim), zs, rule.epsilon) * _channel(op.call, factor, zs)
+    return op.transpose(s, ws, x)
+
+
+def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
+           wp: torch.Tensor, bp: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+    """γ on ``x ≥ 0`` from ``z`` and one product with ``w⁺``.
+
+    With ``q = op(x, w⁺) + b⁺``: ``z̃⁺ = z + γq`` (outputs with ``z > 0``, which share by
+    ``w + γw⁺``) and ``z̃⁻ = z + γ(z − q)`` (the others, by ``w + γw⁻``; ``w⁻ = w − w⁺``,
+    ``b⁻ = b − b⁺``).  With ``s = R / z̃`` (``z̃`` the one of each output),
+    ``op_{w+γw⁺}ᵀ(s⁺) + op_{w+γw⁻}ᵀ(s⁻) = op_wᵀ(s⁺ + (1+γ)s⁻) + γ op_{w⁺}ᵀ(s⁺ − s⁻)``:
+    two transposed products, one over stacked output channels where the layout allows."""
+    gamma = rule.gamma
+    q = op.forward(x, wp, bp)
+    positive = z > 0
+    zt = torch.where(positive, torch.add(z, q, alpha=gamma), torch.add(z, z - q, alpha=gamma))
+    s = safe_divide(r, zt, rule.epsilon)
+    # (not s * where(positive, 1, 1 + γ): a where of two numbers is float32 whatever s is)
+    first = torch.where(positive, s, s * (1.0 + gamma))
+    second = torch.where(positive, s * gamma, s * -gamma)
+    return _transpose_sum(op, [(first, w), (second, wp)], x)
