@@ -75,7 +75,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -317,10 +317,14 @@ class _Optimisation:
         w0, w1 = cfg.weights
         self.weights = torch.tensor([w0 * (w1 / w0) ** (t / max(cfg.max_iter - 1, 1))
                                      for t in range(cfg.max_iter)], dtype=dtype, device=device)
+        self.weight_values = self.weights.tolist()
         self.series = torch.empty(cfg.max_iter, 3, b, dtype=dtype, device=device)
         self.area = torch.empty(cfg.max_iter, b, dtype=dtype, device=device)
         self.units = torch.empty(cfg.max_iter, b, dtype=dtype, device=device)
         self.last: Optional[torch.Tensor] = None
+        # (reward, area loss, area, unit) of the iterations not yet in the history tensors.
+        self.pending: List[Tuple[torch.Tensor, ...]] = []
+        self.written = 0
 
     def perturbed(self, moved: torch.Tensor) -> torch.Tensor:
         """The batch the model sees for the (jittered) masks, in the input's dtype."""
@@ -405,28 +409,39 @@ class _Optimisation:
         if g_reward is None:
             g_reward = torch.zeros_like(moved)
         unit = self.scale.update(g_reward)
-        # ... then the energy's gradient goes back through the mask generator.
-        g_reward = g_reward / unit.view((-1,) + (1,) * (moved.dim() - 1))
+        # ... then the energy's gradient goes back through the mask generator (x / 1 is x:
+        # the paper's raw reward skips the division).
+        if self.scale.fixed != 1.0:
+            g_reward = g_reward / unit.view((-1,) + (1,) * (moved.dim() - 1))
+        weight = self.weight_values[t]       # the float32 value: the same products
         if moved_g is mask_g:
-            self.opt.step([mask_g], [self.weights[t] * g_area - g_reward])
+            self.opt.step([mask_g], [g_area * weight - g_reward])
         else:
-            self.opt.step([mask_g, moved_g], [self.weights[t] * g_area, -g_reward])
-        with torch.no_grad():
-            # The energy row is filled from these at the end (or when printed): fewer
-            # operations per iteration, the same numbers.
-            self.series[t, 1] = reward.detach()
-            self.series[t, 2] = area_loss
-            torch.mean(mask.flatten(1), dim=1, out=self.area[t])
-            self.units[t] = unit
-        self.last = mask.detach()
+            self.opt.step([mask_g, moved_g], [g_area * weight, -g_reward])
+        # The history is written in blocks (every 50 iterations, when printed, at the end) and
+        # the energy row filled from it: fewer operations per iteration, the same numbers.
+        self.pending.append((reward.detach(), area_loss, mask.flatten(1).mean(dim=1), unit))
+        self.last = mask
         if (t + 1) % 50 == 0:
             self.check_finite(t + 1)
         if self.cfg.print_iter and ((t + 1) % self.cfg.print_iter == 0 or t == 0):
             self.report(t)
 
+    def write_history(self) -> None:
+        """Copy the pending iterations' numbers into the history tensors."""
+        if not self.pending:
+            return
+        t0, t1 = self.written, self.written + len(self.pending)
+        with torch.no_grad():
+            for i, out in enumerate((self.series[t0:t1, 1], self.series[t0:t1, 2],
+                                     self.area[t0:t1], self.units[t0:t1])):
+                out.copy_(torch.stack([p[i] for p in self.pending]))
+        self.pending, self.written = [], t1
+
     def report(self, t: int) -> None:
         """``print_iter``: the mean energy, reward, area loss and area over the masks; with
         ``debug``, one line per mask as well."""
+        self.write_history()
         self.fill_energy(t, t + 1)
         e, r, a = self.series[t].mean(dim=1).tolist()
         print(f"[{t + 1:04d}/{self.cfg.max_iter:04d}] energy {e:.4g} reward {r:.4g} area_loss "
@@ -450,6 +465,7 @@ class _Optimisation:
     def check_finite(self, done: int) -> None:
         """Stop with a clear error once the reward of the first ``done`` iterations is not
         finite (checked every 50 iterations: each check waits for the device)."""
+        self.write_history()
         bad = ~torch.isfinite(self.series[:done, 1]).all(dim=1)
         if bool(bad.any()):
             first = int(bad.nonzero()[0])

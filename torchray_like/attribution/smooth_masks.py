@@ -106,21 +106,27 @@ class _Crop2d(torch.autograd.Function):
 
 
 class _ShiftedCrops2d(torch.autograd.Function):
-    """``ry[i] @ grid[i mod B] @ rx[i]ᵀ`` for ``2B`` windows: the masks unshifted, then shifted
-    (``(2B, 1, H, W)``), one node with the products autograd's graph would run."""
+    """``ry[i] @ grid[i mod B] @ rx[i]ᵀ`` for ``2B`` windows: the masks unshifted and shifted
+    (two ``(B, 1, H, W)`` outputs), one node with the products autograd's graph would run."""
 
     @staticmethod
     def forward(ctx, grid, ry, rx):
         rows = ry.bmm(grid.repeat(2, 1, 1, 1).squeeze(1))        # (2B, H, Px)
         ctx.save_for_backward(ry, rx)
-        return rows.bmm(rx.transpose(1, 2)).unsqueeze(1)
+        both = rows.bmm(rx.transpose(1, 2)).unsqueeze(1)
+        b = grid.shape[0]
+        return both[:b], both[b:]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, g_mask, g_moved):
         ry, rx = ctx.saved_tensors
-        g_rows = grad.squeeze(1).bmm(rx)
+        b = ry.shape[0] // 2
+        if g_mask is None:
+            g_mask = torch.zeros_like(g_moved)
+        if g_moved is None:
+            g_moved = torch.zeros_like(g_mask)
+        g_rows = torch.cat([g_mask, g_moved]).squeeze(1).bmm(rx)
         g = ry.transpose(1, 2).bmm(g_rows)                       # (2B, Py, Px)
-        b = g.shape[0] // 2
         return g.view(2, b, 1, *g.shape[1:]).sum(0), None, None
 
 
@@ -420,8 +426,8 @@ class MaskGenerator:
         b = grid.shape[0]
         centre = torch.tensor([jitters], device=shift.device)
         start = torch.cat([centre.expand(b, 2), centre - shift])
-        both = _ShiftedCrops2d.apply(grid, ry[start[:, 0]], rx[start[:, 1]])
-        return both[:b], both[b:]
+        mask, moved = _ShiftedCrops2d.apply(grid, ry[start[:, 0]], rx[start[:, 1]])
+        return mask, moved
 
     def __call__(self, params: torch.Tensor, shift: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:
