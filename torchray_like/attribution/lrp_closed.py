@@ -77,17 +77,11 @@ def _channel(call: AffineCall, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
     return t.reshape([1, -1] + [1] * (like.dim() - 2))
 
 
-def _stackable(op: LinearMap) -> bool:
-    """Whether products with several weights can be one product over stacked output channels
-    (a linear layer, an ungrouped convolution)."""
-    return op.call.kind == "linear" or (op.call.kind == "conv" and op.groups == 1)
-
-
 def _transpose_sum(op: LinearMap, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                    x: torch.Tensor) -> torch.Tensor:
     """``Σ_k op_{w_k}ᵀ(s_k)`` for ``pairs = [(s_k, w_k)]``: one product over the stacked
     output channels where the layout allows."""
-    if _stackable(op):
+    if op.stacks:
         dim = -1 if op.call.kind == "linear" else 1
         s = torch.cat([s for s, _ in pairs], dim)
         w = torch.cat([w for _, w in pairs], 0)
@@ -134,7 +128,7 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
     wn = w.clamp(max=0)
     bp = None if b is None else b.clamp(min=0)
     bn = None if b is None else b.clamp(max=0)
-    if not _stackable(op):
+    if not op.stacks:
         sp = safe_divide(r, op.forward(x, wp, bp), rule.epsilon) * rule.alpha
         sn = safe_divide(r, op.forward(x, wn, bn), rule.epsilon) * -rule.beta
         return _transpose_sum(op, [(sp, wp), (sn, wn)], x)

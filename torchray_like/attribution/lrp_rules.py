@@ -222,6 +222,12 @@ class LinearMap:
             s, x, weight, None, self.stride, self.padding, self.dilation, self.transposed,
             self.output_padding, self.groups, [True, False, False])[0]
 
+    @property
+    def stacks(self) -> bool:
+        """Whether products with several weights can be one product over stacked channels
+        (a linear layer, an ungrouped convolution)."""
+        return self.call.kind == "linear" or (self.call.kind == "conv" and self.groups == 1)
+
     def usable(self, x: torch.Tensor) -> bool:
         """Whether :meth:`transpose` applies to inputs shaped as ``x``."""
         return not self.conv or x.dim() == self.call.weight.dim()
@@ -237,6 +243,14 @@ def share_terms(op: LinearMap, terms: Sequence[Tuple[torch.Tensor, torch.Tensor]
                 epsilon: float) -> List[torch.Tensor]:
     """``c_k = op_{w̃_k}ᵀ(R / z̃)`` with ``z̃ = Σ_k op(x̃_k, w̃_k) + b̃`` (see
     :func:`~.lrp_rules.share`), in closed form."""
+    if len(terms) > 1 and op.stacks:
+        # One product over the terms' inputs stacked along the input channels (and one
+        # transposed): the same sums, fewer calls.
+        dim = -1 if op.call.kind == "linear" else 1
+        xs = torch.cat([x for x, _ in terms], dim)
+        ws = torch.cat([w for _, w in terms], 1)
+        s = safe_divide(r, op.forward(xs, ws, bias), epsilon)
+        return list(op.transpose(s, ws, xs).split([x.shape[dim] for x, _ in terms], dim))
     z: Optional[torch.Tensor] = None
     for x, w in terms:
         out = op.forward(x, w, bias if z is None else None)
