@@ -763,63 +763,7 @@ def test_non_finite_model_output_is_an_error_naming_the_model():
 # ---------------------------------------------------------------------------------------------
 
 
-def _rel_error_by_hand(model, x, target, n, cells, p, seed):
-    """RMS over pixels of the standard error of mean(score · mask), over the map's range,
-    from the masks of a bank with the same seed and the model's softmax scores, in float64."""
-    bank = generate_masks(n, tuple(x.shape[2:]), cells, p=p, generator=seed).double()
-    with torch.no_grad():
-        scores = torch.softmax(model(x * bank.float()), 1)[:, target].double()
-    terms = scores.view(-1, 1) * bank.flatten(1)                 # (n, pixels)
-    mean, se = terms.mean(0), terms.std(0, unbiased=True) / math.sqrt(n)
-    return float(se.square().mean().sqrt() / (mean.max() - mean.min()))
-
-
-def test_auto_stops_when_the_error_is_below_tol_and_equals_the_fixed_prefix():
-    model = _box()
-    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(3)) + 0.5
-    loose, info = rise(model, x, 0, num_masks="auto", tol=0.08, num_cells=2, generator=5,
-                       return_info=True)
-    assert 256 <= info.num_masks < 8000 and info.converged
-    assert info.rel_error <= 0.08 and info.seconds > 0
-    # The map is the map of the first num_masks masks of the same stream...
-    fixed = rise(model, x, 0, num_masks=info.num_masks, num_cells=2, generator=5)
-    torch.testing.assert_close(loose, fixed, rtol=1e-5, atol=1e-6)
-    # ... the statistic is the independent computation's ...
-    by_hand = _rel_error_by_hand(model, x, 0, info.num_masks, 2, 0.5, 5)
-    assert info.rel_error == pytest.approx(by_hand, rel=1e-3)
-    # ... and it was above tol one fold earlier (the rule stops at the first fold below tol).
-    if info.num_masks > 256:
-        assert _rel_error_by_hand(model, x, 0, info.num_masks - 64, 2, 0.5, 5) > 0.08
-    tight, tight_info = rise(model, x, 0, num_masks="auto", tol=0.02, num_cells=2, generator=5,
-                             return_info=True)
-    assert tight_info.num_masks > info.num_masks
-    assert tight_info.rel_error <= 0.02 or tight_info.num_masks == 8000
-
-
-def test_tol_with_an_int_caps_and_reports_non_convergence():
-    model = _box()
-    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(4)) + 0.5
-    out, info = rise(model, x, num_masks=300, tol=1e-6, num_cells=2, generator=1,
-                     return_info=True)
-    assert info.num_masks == 300 and not info.converged and info.rel_error > 1e-6
-    torch.testing.assert_close(out, rise(model, x, num_masks=300, num_cells=2, generator=1),
-                               rtol=1e-5, atol=1e-6)
-    assert out.shape == (2, 2, 4, 4)
-    # Without a tolerance the info says what ran.
-    _, fixed_info = rise(model, x, num_masks=40, num_cells=2, generator=1, return_info=True)
-    assert (fixed_info.num_masks, fixed_info.rel_error, fixed_info.converged) == (40, None, True)
-
-
-def test_auto_with_a_bank_is_capped_by_the_bank_and_torchray_normalization_matches():
-    model = _box()
-    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(6)) + 0.5
-    bank = generate_masks(320, (4, 4), 2, generator=2)
-    out, info = rise(model, x, 1, filter_masks=bank, num_masks="auto", tol=1e-6, return_info=True)
-    assert info.num_masks == 320
-    torch.testing.assert_close(out, rise(model, x, 1, filter_masks=bank), rtol=1e-5, atol=1e-6)
-    tr = rise(model, x, 1, filter_masks=bank, num_masks="auto", tol=1e-6, normalize="torchray")
-    torch.testing.assert_close(tr, rise(model, x, 1, filter_masks=bank, normalize="torchray"),
-                               rtol=1e-5, atol=1e-6)
+# The estimator and the rule themselves: tests/test_rise_stopping.py.
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

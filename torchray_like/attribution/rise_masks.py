@@ -84,6 +84,7 @@ class MaskSampler:
         self.num_masks = num_masks
         self.size = size
         self.cells = cells
+        self.p = p
         self.cell_size = tuple(-(-side // s) for side, s in zip(size, cells))
         self.up_size = tuple((s + 1) * c for s, c in zip(cells, self.cell_size))
         k, rank = math.prod(cells), len(size)
@@ -135,6 +136,35 @@ class MaskSampler:
             out = torch.einsum(f"{src},n{sizes[d]}{cells[d]}->n{''.join(cur)}", out, mat)
         # Interpolating ones can round one ulp above 1: keep masks in [0, 1] as documented.
         return out.clamp_(0.0, 1.0).unsqueeze(1).to(dtype)
+
+    @property
+    def num_cell_values(self) -> int:
+        """Cells per grid (``prod(num_cells)``)."""
+        return math.prod(self.cells)
+
+    def cells_centered(self, start: int, stop: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """The binary grids of masks ``start:stop`` minus ``p``, ``(stop - start, cells)``:
+        zero-mean regressors for the control variates of ``num_masks="auto"``."""
+        return self.grid[start:stop].to(device=device, dtype=dtype) - self.p
+
+    def cell_covariance(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``E[(z_k - p) M(λ)]`` for every cell ``k`` and pixel ``λ``, ``(cells, pixels)``,
+        exactly (not sampled).
+
+        A mask is ``Σ_k z_k W_k(λ; shift)`` with the upsampling weights ``W`` (a product over
+        the dimensions) and independent cells ``z_k ~ Bernoulli(p)``, so the expectation is
+        ``p (1 - p) E_shift[W_k(λ; shift)]``, and the average over the uniform shifts factorises
+        into one average of the upsampling rows per dimension.
+        """
+        out: Optional[torch.Tensor] = None
+        for d, (side, cs) in enumerate(zip(self.size, self.cell_size)):
+            mat = self._matrix(d, device, dtype)                       # (up, cells[d])
+            avg = torch.stack([mat[s:s + side] for s in range(cs)]).mean(0).t()  # (cells, side)
+            out = avg if out is None else (out[:, None, :, None] * avg[None, :, None, :]).flatten(
+                0, 1).flatten(1)
+        assert out is not None
+        return out * (self.p * (1.0 - self.p))
 
 
 def generate_masks(num_masks: int, input_size: Sequence[int], num_cells: Union[int,
