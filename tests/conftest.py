@@ -14,6 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+# The attention tests' fixtures (vit, models, x), defined beside their models.
+pytest_plugins = ("tests.transformer_models",)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the machine's cores: one intra-op thread each avoids
     # oversubscription (which made small-op-heavy tests several times slower).

@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.transformer_models import ExplicitViT, make_vit
+from tests.transformer_models import (
+    KINDS,
+    ExplicitViT,
+)
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.attention import AttentionCapture, explicit_sdpa, sdpa_arguments
 from torchray_like.attribution.attention_rollout import (
@@ -28,26 +31,6 @@ from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
 from torchray_like.attribution.transformer_lrp import TransformerLRPContext
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return make_vit()
-
-
-@pytest.fixture(scope="module")
-def models(vit):
-    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa"),
-            "einsum": ExplicitViT(vit, "einsum")}
-
-
-@pytest.fixture(scope="module")
-def x():
-    torch.manual_seed(1)
-    return torch.randn(2, 3, 32, 32)
-
-
-KINDS = ("torchvision", "explicit", "sdpa", "einsum")
 
 
 def _hand_attentions(vit, x):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
+from tests.transformer_models import tv_vit
 from torchray_like.attribution.ablation_cam import ablation_cam
 from torchray_like.attribution.score_cam import score_cam
 from torchray_like.attribution.tokens import TokenLayout
@@ -21,13 +21,7 @@ LAYER = "encoder.layers.encoder_layer_1.ln_1"   # the automatic choice on this V
 
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-        num_classes=5).eval()
-    with torch.no_grad():
-        model.heads.head.weight.normal_()   # torchvision starts the head at zero
-    return model
+    return tv_vit()
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from torchray_like.attribution.tokens import (
 from torchray_like.attribution.xgrad_cam import xgrad_cam
 
 from .conftest import ConvNet, hook_reference
+from .transformer_models import tv_vit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,16 +46,6 @@ def one_thread():
 # ---------------------------------------------------------------------------------------------
 # Models: torchvision's with small sizes and random weights, and hand-written ViTs
 # ---------------------------------------------------------------------------------------------
-
-
-def tv_vit() -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-        num_classes=5).eval()
-    with torch.no_grad():
-        model.heads.head.weight.normal_()  # torchvision starts the head at zero
-    return model
 
 
 def tv_swin() -> nn.Module:

@@ -13,31 +13,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.transformer_models import ExplicitViT, make_vit, reference_relevance
+from tests.transformer_models import (
+    KINDS,
+    ExplicitViT,
+    make_vit,
+    reference_relevance,
+)
 from torchray_like.attribution.context import UnhandledActivationWarning
 from torchray_like.attribution.gradient_x_input import gradient_x_input
 from torchray_like.attribution.transformer_lrp import TransformerLRPContext, attn_lrp, cp_lrp
 
 torch.set_num_threads(1)
-
-KINDS = ("torchvision", "explicit", "sdpa", "einsum")
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return make_vit()
-
-
-@pytest.fixture(scope="module")
-def models(vit):
-    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa"),
-            "einsum": ExplicitViT(vit, "einsum")}
-
-
-@pytest.fixture(scope="module")
-def x():
-    torch.manual_seed(1)
-    return torch.randn(2, 3, 32, 32)
 
 
 def _relative(a, b):

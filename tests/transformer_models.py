@@ -6,10 +6,26 @@ these references is the relevance the papers define)."""
 
 from __future__ import annotations
 
+from typing import Dict
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+
+def tv_vit() -> nn.Module:
+    """torchvision's VisionTransformer as the token tests use it (32² images, 8² patches, two
+    blocks, width 32), deterministic random weights (the head's too: torchvision starts it at
+    zero), eval mode."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=5).eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_()
+    return model
 
 
 def make_vit(layers: int = 2, heads: int = 2, dim: int = 16, image: int = 32, patch: int = 8,
@@ -121,3 +137,37 @@ def reference_relevance(model: nn.Module, x: torch.Tensor, target: int) -> torch
     x = x.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
     return (x * grad).sum(1, keepdim=True).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures shared by the attention tests: ``tests/conftest.py`` registers this module as a
+# plugin, so every test module sees ``vit``, ``models`` and ``x`` (its own fixture of the same
+# name wins)
+
+#: The four ways the test ViT runs its attention (see :func:`vit_variants`).
+KINDS = ("torchvision", "explicit", "sdpa", "einsum")
+
+
+def vit_variants(vit: nn.Module) -> Dict[str, nn.Module]:
+    """``vit`` itself and the explicit ViTs with its weights, by attention kind."""
+    return {"torchvision": vit, "explicit": ExplicitViT(vit), "sdpa": ExplicitViT(vit, "sdpa"),
+            "einsum": ExplicitViT(vit, "einsum")}
+
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    """:func:`make_vit` with its defaults."""
+    return make_vit()
+
+
+@pytest.fixture(scope="module")
+def models(vit: nn.Module) -> Dict[str, nn.Module]:
+    """:func:`vit_variants` of the ``vit`` fixture."""
+    return vit_variants(vit)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    """Two 32² images (seed 1)."""
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
