@@ -46,8 +46,14 @@ def dense(op, in_shape, out_bias=True):
     return cols.t(), b
 
 
+def signed(z, eps):
+    """``ε · sign(z)`` (sign(0) = 1) in z's dtype (a where of two numbers would be float32)."""
+    e = torch.full_like(z, eps)
+    return torch.where(z >= 0, e, -e)
+
+
 def stab(z):
-    return z + torch.where(z >= 0, EPS, -EPS)
+    return z + signed(z, EPS)
 
 
 def ref_rule(rule, x, W, b, R, connect=None):
@@ -55,8 +61,8 @@ def ref_rule(rule, x, W, b, R, connect=None):
     Z = x[None, :] * W
     pos, neg = Z.clamp(min=0), Z.clamp(max=0)
     if isinstance(rule, Epsilon):
-        return (Z / (Z.sum(1) + b + torch.where(Z.sum(1) + b >= 0, rule.epsilon,
-                                                -rule.epsilon))[:, None] * R[:, None]).sum(0)
+        return (Z / (Z.sum(1) + b + signed(Z.sum(1) + b, rule.epsilon))[:, None]
+                * R[:, None]).sum(0)
     if isinstance(rule, ZPlus):
         return (pos / stab(pos.sum(1) + b.clamp(min=0))[:, None] * R[:, None]).sum(0)
     if isinstance(rule, AlphaBeta):

@@ -23,6 +23,7 @@ from torchray_like.attribution.lrp_rules import (
     LinearMap,
     ZPlus,
     safe_divide,
+    stabilize,
 )
 
 DT = torch.float64
@@ -46,7 +47,8 @@ def matrix(op, shape):
 
 
 def stab(z, eps):
-    return z + torch.where(z >= 0, eps, -eps)
+    e = torch.full_like(z, eps)  # in z's dtype: a where of two numbers would be float32
+    return z + torch.where(z >= 0, e, -e)
 
 
 def share(Z, bias, R, eps):
@@ -278,3 +280,12 @@ def test_safe_divide_masks_zero_denominators_when_epsilon_vanishes_in_the_dtype(
     assert torch.equal(out, torch.tensor([0.0, 2.0, 0.0]))
     assert torch.isfinite(safe_divide(r, z, 1e-6)).all()
     assert torch.equal(safe_divide(r, z, 0.0), torch.tensor([0.0, 2.0, 0.0]))
+
+
+def test_stabilize_adds_epsilon_in_the_dtype_with_sign_of_zero_one():
+    z = torch.tensor([-0.0, 0.0, 2.0, -3.0, 1e-300], dtype=DT)
+    # ε = 0.1 exactly in float64 (not rounded to float32), +ε at -0.0 and +0.0
+    want = torch.tensor([0.1, 0.1, 2.0 + 0.1, -3.0 - 0.1, 1e-300 + 0.1], dtype=DT)
+    assert torch.equal(stabilize(z, 0.1), want)
+    assert stabilize(z, 0.1).dtype == DT
+    assert torch.equal(stabilize(z, 0.0), z)

@@ -194,6 +194,8 @@ def _rule_gradient(x: torch.Tensor, node: _Node, g: torch.Tensor,
             return fast.to(x.dtype)
     relevance = node.rule.relevance(xc, call, r)
     zero = xc == 0
+    if not bool(zero.any()):  # the usual case (an image has no exact zeros): nothing lost
+        return (relevance / xc).to(x.dtype)
     lost = relevance.masked_fill(~zero, 0)
     if bool(lost.any()):
         node.owner.report_lost(node.rule, int((lost != 0).sum()),

@@ -52,7 +52,10 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``z + ε · sign(z)`` with ``sign(0) = 1``: the denominator moved away from zero."""
     if epsilon == 0:
         return z
-    return z + torch.where(z >= 0, epsilon, -epsilon)
+    # ε with z's sign bit, after z + 0.0 has turned -0.0 into +0.0 (sign(±0) = 1): the same
+    # values as z + where(z >= 0, ε, -ε), in fewer passes over z (no where of two numbers).
+    z0 = z + 0.0
+    return torch.copysign(torch.full_like(z0, epsilon), z0).add_(z0)
 
 
 def safe_divide(r: torch.Tensor, z: torch.Tensor, epsilon: float) -> torch.Tensor:
