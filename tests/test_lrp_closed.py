@@ -6,6 +6,7 @@ guard that decides when the ``x⁻`` terms are skipped."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -289,3 +290,25 @@ def test_stabilize_adds_epsilon_in_the_dtype_with_sign_of_zero_one():
     assert torch.equal(stabilize(z, 0.1), want)
     assert stabilize(z, 0.1).dtype == DT
     assert torch.equal(stabilize(z, 0.0), z)
+
+
+@pytest.mark.parametrize("rule", [Epsilon(1e-6), ZPlus(), Gamma(0.25), AlphaBeta(2.0, 1.0)],
+                         ids=repr)
+def test_bfloat16_model_computes_the_rules_in_float32(rule):
+    """The forward output of a bfloat16 layer is not reused (the rules compute in float32
+    from the input): relevance within bfloat16's rounding of the float32 model's."""
+    torch.manual_seed(16)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
+    x = torch.randn(1, 2, 6, 6)
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    with torch.no_grad():  # the float32 model with bfloat16's weights and input, for a fair match
+        for p, q in zip(net.parameters(), half.parameters()):
+            p.copy_(q.float())
+    xb = x.to(torch.bfloat16)
+    want = ours(net.double(), xb.double(), 1, rule)
+    got = ours(half, xb, 1, rule)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 6, 6)
+    scale = float(want.abs().max())
+    assert scale > 0
+    assert float((got.double() - want).abs().max()) <= 0.05 * scale
