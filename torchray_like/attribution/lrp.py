@@ -149,7 +149,7 @@ class _Node:
         if self.call.kind != "linear":
             shape = [1, -1] + [1] * (z.dim() - 2)
             scale, shift = scale.reshape(shape), shift.reshape(shape)
-        return z * scale + shift
+        return torch.addcmul(shift, z, scale)
 
 
 class LRPFunction(torch.autograd.Function):
