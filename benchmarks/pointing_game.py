@@ -83,6 +83,7 @@ from torchray_like.benchmark.runner import (  # noqa: E402
     open_store,
     positive_int_arg,
     run_sharded,
+    shard,
 )
 from torchray_like.benchmark.settings import describe_options, options_table  # noqa: E402
 
@@ -100,6 +101,19 @@ MANY_PASS_METHODS = ("integrated_gradients", "smooth_grad", "occlusion", "score_
 #: Layer-wise relevance propagation (every composite): two to five gradients' cost each
 #: (``--lrp-limit``).
 LRP_FAMILY = tuple(m for m in METHODS if "lrp" in m)
+#: Methods whose passes serve every class of an image (``all_classes_once``): RISE scores every
+#: class with one set of masked passes (one call, no target); occlusion's occluded copies do not
+#: depend on the class, so the image's classes are explained one call each with the passes of
+#: the first replayed (:class:`~torchray_like.benchmark.shared_passes.ReplayedForward`: the
+#: maps of per-class calls, bit for bit, at the cost of one class).  (Attention rollout and
+#: flow are class-agnostic too, but their rows stay in one batch: a one-row call rounds
+#: differently and moved a point of the table.)
+ALL_CLASSES_ONCE = ("rise", "occlusion")
+#: Methods run on several images per call on the embedded data set (images of one size): at most
+#: this many (image, class) rows per call.  Extremal perturbation optimises every mask on its
+#: own with each row's own seed (the masks of per-image calls: bit for bit on the CNNs, within
+#: rounding on the ViT), and its iterations' fixed costs are paid once per batch.
+IMAGE_BATCH_ROWS = {"extremal_perturbation": 8}
 
 DATASETS = {
     # name: (package data-set name, split, default models, benchmark of the settings table)
@@ -134,7 +148,8 @@ def method_settings(dataset: str, arch: str, network: torch.nn.Module, image_sid
     ``fully_convolutional`` / ``pointing_gradient`` say whether the fully convolutional
     network and the pointing seed are used (VOC/COCO, the published protocol, for the methods
     that take a ``get_backward_gradient``);
-    ``all_classes_once``: RISE explains every class of an image with one set of masked passes.
+    ``all_classes_once``: the method's passes serve every class of an image
+    (:data:`ALL_CLASSES_ONCE`).
     """
     methods = [m for m in ALL_METHODS if m != CENTER]
     table = options_table(methods, arch, DATASETS[dataset][3], network=network,
@@ -153,7 +168,8 @@ def method_settings(dataset: str, arch: str, network: torch.nn.Module, image_sid
         # contrast layer of the published setting only exists in the original network.
         s["contrastive_excitation_backprop"]["fully_convolutional"] = False
         s["contrastive_excitation_backprop"]["pointing_gradient"] = False
-    s["rise"]["all_classes_once"] = True
+    for name in ALL_CLASSES_ONCE:
+        s[name]["all_classes_once"] = True
     return s
 
 
@@ -188,6 +204,9 @@ class Task:
         self._shared: Dict[Tuple[str, str, int], Tuple[List[Tuple[int, int]], float]] = {}
         #: Keys still to compute (set by the run; ``None``: all).
         self.pending: Optional[Set[str]] = None
+        #: Keys this process computes in the current method's pass (``None``: unknown, each
+        #: image on its own).
+        self.mine: Optional[Set[str]] = None
         #: arch -> method -> image -> the map of its first class, for the report's gallery.
         self.gallery: Dict[str, Dict[str, Dict[int, torch.Tensor]]] = {}
         self.gallery_images = 0
@@ -371,6 +390,9 @@ class Task:
         cached = self._shared.pop((arch, method, index), None)
         if cached is not None:
             return cached
+        images = self.batch_images(arch, method, index)
+        if len(images) > 1:
+            return self.batch_points(arch, method, images)
         classes = [c for c, _ in sample["pairs"]]
         group = self.shared_group(arch, method, index)
         start = time.perf_counter()
@@ -384,24 +406,76 @@ class Task:
             maps = {method: self.maps(arch, method, sample["x"], classes, index)}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        result = {}
-        for name, smap in maps.items():
-            points = [saliency_to_point(smap[k], sample["size"]) for k in range(len(classes))]
-            result[name] = (points, 0.0)
-            if index < self.gallery_images:
-                self.gallery.setdefault(arch, {}).setdefault(name, {})[index] = \
-                    smap[:1].detach().float().cpu()
+        result = {name: self._points_of(arch, name, index, smap, sample["size"])
+                  for name, smap in maps.items()}
         seconds = (time.perf_counter() - start) / len(group)
-        for name, (points, _) in result.items():
+        for name, points in result.items():
             if name != method:
                 self._shared[(arch, name, index)] = (points, seconds)
-        return result[method][0], seconds
+        return result[method], seconds
+
+    def _points_of(self, arch: str, method: str, index: int, maps: torch.Tensor,
+                   size: Tuple[int, int]) -> List[Tuple[int, int]]:
+        """The maxima of the ``(K, 1, h, w)`` maps of one image (the first kept for the
+        report's gallery)."""
+        if index < self.gallery_images:
+            self.gallery.setdefault(arch, {}).setdefault(method, {})[index] = \
+                maps[:1].detach().float().cpu()
+        return [saliency_to_point(maps[k], size) for k in range(maps.shape[0])]
+
+    def batch_images(self, arch: str, method: str, index: int) -> List[int]:
+        """The images explained with ``index`` in one call (:data:`IMAGE_BATCH_ROWS`): the next
+        ones this process computes, while their classes fit in the rows."""
+        cap = IMAGE_BATCH_ROWS.get(method)
+        entry = self.models[arch]["settings"][method]
+        if cap is None or self.mine is None or self.dataset != "embedded" or \
+                entry.get("fully_convolutional") or entry.get("pointing_gradient"):
+            return [index]
+        images, rows = [index], len(self.sample(index)["pairs"])
+        for j in range(index + 1, self.method_images.get(method, self.num_images)):
+            more = len(self.sample(j)["pairs"])
+            if item_key((arch, method, j)) not in self.mine or not more:
+                continue  # another process's, done, or computed without the method
+            if rows + more > cap:
+                break
+            images.append(j)
+            rows += more
+        return images
+
+    def batch_points(self, arch: str, method: str, images: List[int]
+                     ) -> Tuple[List[Tuple[int, int]], float]:
+        """:meth:`points` of several images from one call of the method (each row with its
+        image's seed, as :meth:`maps` gives it); the others' points wait in the cache, and the
+        call's time is split by rows."""
+        bundle = self.models[arch]
+        samples = [self.sample(j) for j in images]
+        classes = [[c for c, _ in s["pairs"]] for s in samples]
+        batch = torch.cat([s["x"][None].expand(len(c), *s["x"].shape)
+                           for s, c in zip(samples, classes)]).to(self.device)
+        seeds = [self.seed(j) + k for j, c in zip(images, classes) for k in range(len(c))]
+        kwargs = dict(bundle["settings"][method]["kwargs"])
+        if method in SEEDED_METHODS:
+            kwargs.update(generator=seeds, progress=False)
+        start = time.perf_counter()
+        maps = METHODS[method](bundle["model"], batch, sum(classes, []), **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        per_row = (time.perf_counter() - start) / len(seeds)  # seeds: one per row
+        first = 0
+        for j, s, c in zip(images, samples, classes):
+            points = self._points_of(arch, method, j, maps[first:first + len(c)], s["size"])
+            self._shared[(arch, method, j)] = (points, per_row * len(c))
+            first += len(c)
+        return self._shared.pop((arch, method, images[0]))
+
+    def seed(self, index: int) -> int:
+        """The seed of image ``index``'s random parts (row ``k`` of its batch: ``+ k``)."""
+        return (self.args.seed * 1_000_003 + index * 101) % (2 ** 31)
 
     def maps(self, arch: str, method: str, x: torch.Tensor, classes: List[int],
              index: int) -> torch.Tensor:
         """``(K, 1, h, w)`` maps of the image's ``K`` classes (any resolution)."""
         from torchray_like.attribution.common import get_pointing_gradient
-        from torchray_like.attribution.rise import rise
 
         bundle = self.models[arch]
         entry = bundle["settings"][method]
@@ -409,12 +483,9 @@ class Task:
         fn = METHODS[method]
         x = x.to(self.device)
         batch = x[None].expand(len(classes), *x.shape).contiguous()
-        seed = (self.args.seed * 1_000_003 + index * 101) % (2 ** 31)
+        seed = self.seed(index)
         if entry.get("all_classes_once"):
-            # RISE's masked passes serve every class: one call for all, then the image's.
-            maps = rise(bundle["model"], x[None], None, generator=seed, progress=False,
-                        **kwargs)
-            return maps[0, classes, None]
+            return _all_classes_once(method, bundle["model"], x[None], classes, kwargs, seed)
         if method in SEEDED_METHODS:  # reproducible: each image's noise from its own seed
             kwargs.update(generator=seed, progress=False)
         model = bundle["fully_convolutional"] if entry.get("fully_convolutional") \
@@ -422,6 +493,25 @@ class Task:
         if entry.get("pointing_gradient"):
             kwargs["get_backward_gradient"] = get_pointing_gradient
         return fn(model, batch, classes, **kwargs)
+
+
+def _all_classes_once(method: str, model: torch.nn.Module, x: torch.Tensor,
+                      classes: List[int], kwargs: Dict[str, Any], seed: int) -> torch.Tensor:
+    """``(K, 1, h, w)`` maps of one image ``x`` (``(1, C, H, W)``) for its ``K`` classes, from
+    one set of the method's passes (:data:`ALL_CLASSES_ONCE`)."""
+    from torchray_like.attribution.rise import rise
+    from torchray_like.benchmark.shared_passes import ReplayedForward
+
+    if method == "rise":  # every class from one call, then the image's
+        return rise(model, x, None, generator=seed, progress=False, **kwargs)[0, classes, None]
+    fn = METHODS[method]
+    shared = ReplayedForward(model)
+    maps = []
+    for k, c in enumerate(classes):
+        if k:
+            shared.rewind()
+        maps.append(fn(shared, x, [c], **kwargs))
+    return torch.cat(maps)
 
 
 def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -573,6 +663,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             mine = [i for i in items if i[1] == method]
             if not mine:  # applies to none of the models
                 continue
+            # The keys this process computes (run_sharded's shard, less the stored ones).
+            task.mine = set(shard([item_key(i) for i in mine], rank, world_size)) & task.pending
             run_sharded(mine, task.compute, store,
                         key=item_key, progress=not args.no_progress,
                         desc=f"pointing game {k}/{len(args.method_list)} {method}")

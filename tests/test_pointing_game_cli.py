@@ -417,10 +417,11 @@ def _free_port() -> int:
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
+    # Extremal perturbation batches each process's own images; occlusion replays its passes.
     argv = ["--weights", "random", "--models", "embedded-vgg,embedded-resnet", "--limit", "8",
-            "--rise-limit", "2", "--rise-masks", "30",
-            "--methods", "center,gradient,grad_cam,excitation_backprop,rise", "--threads", "1",
-            "--no-report"]
+            "--rise-limit", "2", "--rise-masks", "30", "--ep-limit", "4", "--ep-iters", "2",
+            "--slow-limit", "2", "--methods", "center,gradient,grad_cam,excitation_backprop,"
+            "rise,extremal_perturbation,occlusion", "--threads", "1", "--no-report"]
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", str(SCRIPT)] + argv + ["--out", str(two)]
@@ -435,7 +436,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
         return [{k: v for k, v in r.items() if k != "seconds_per_image"} for r in _csv(folder)]
 
     assert numbers(two) == numbers(one)
-    assert len(numbers(one)) == 2 * 5
+    assert len(numbers(one)) == 2 * 7
 
     def records(folder):
         store = ResultsStore(folder / "results.sqlite", EXPERIMENT)
