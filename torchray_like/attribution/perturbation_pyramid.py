@@ -10,6 +10,7 @@ from numbers import Integral
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .arguments import per_axis
 from .inputs import check_input
@@ -224,6 +225,7 @@ class _Blend(torch.autograd.Function):
         return out.reshape((n * k, c) + spatial)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         low, high = ctx.saved_tensors
         g = (grad.view(low.shape) * (high - low)).sum(3, keepdim=True)

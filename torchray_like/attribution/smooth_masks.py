@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .arguments import is_number, per_axis
 from .smooth_max import SmoothMaxAxis, smooth_max_grid
@@ -96,6 +97,7 @@ class _Crop2d(torch.autograd.Function):
         return rows @ rx.t()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         ry, rx = ctx.saved_tensors
         g_rows = (grad.reshape(-1, grad.shape[-1]) @ rx).view(ctx.shapes)
@@ -118,6 +120,7 @@ class _ShiftedCrops2d(torch.autograd.Function):
         return both[:b], both[b:]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_mask, g_moved):
         ry, rx = ctx.saved_tensors
         b = ry.shape[0] // 2

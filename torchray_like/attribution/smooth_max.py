@@ -23,6 +23,7 @@ from typing import Any, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["SmoothMaxAxis", "smooth_max_grid"]
 
@@ -104,9 +105,9 @@ class _SmoothMaxGrid(torch.autograd.Function):
         return out.clamp_(0, 1) if clamp else out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         axes, cap, saved = ctx.axes, ctx.cap, ctx.saved
-        del ctx.saved                         # the window tensors, freed as soon as possible
         g = grad
         for i in reversed(range(len(axes))):
             g = axes[i].backward(g.movedim(2 + i, -1), saved[i], cap).movedim(-1, 2 + i)
