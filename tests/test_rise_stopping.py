@@ -255,6 +255,10 @@ def test_tiny_counts_keep_masks_and_cells_and_stay_finite():
     f = torch.softmax(model(x * masks), 1)[:, 0]
     torch.testing.assert_close(one, f.view(2, 1, 1, 1).expand(2, 1, 4, 4), rtol=1e-5,
                                atol=1e-6)
+    # With a one-mask bank E[M] is the bank's mean value.
+    bank_one = rise(model, x, 0, filter_masks=masks, num_masks="auto", score="softmax")
+    torch.testing.assert_close(bank_one, (f * masks.mean() / 0.5).view(2, 1, 1, 1).expand(
+        2, 1, 4, 4), rtol=1e-5, atol=1e-6)
 
 
 def test_p_one_gives_the_plain_constant_map_and_converges():

@@ -576,9 +576,10 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
         hence the default 0.015, a margin of 0.005 over the 0.98 aimed at.  Measured on the
         embedded models (24 test images, the 38 ground-truth class maps, one call per class):
         every map correlated at least 0.980 with its converged map (the same 8 000 masks'
-        estimate; median 0.990) with 1 880 masks on average (ResNet; median 1 344) and 1 305
-        (VGG; median 896); against the plain 8 000-mask map, itself a Monte-Carlo estimate
-        (median 0.985), the hardest images stay below 0.98 at any count under 8 000
+        estimate; median 0.99) with 1 880 masks on average (ResNet; median 1 344) and 1 305
+        (VGG; median 896).  Against the plain 8 000-mask map the median is 0.985, but that map
+        is itself a Monte-Carlo estimate (as low as 0.95 with its limit on the hardest
+        image), so no map of fewer masks reaches 0.98 with it there
         (``benchmarks/rise_convergence.py``; see the docs' speed page).
     autocast : torch.dtype, optional
         ``torch.bfloat16`` (CPUs and GPUs) or ``torch.float16`` (GPUs): run the forward passes
