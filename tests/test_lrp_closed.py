@@ -77,7 +77,7 @@ def hand_rule(rule, x, W, b, R):
 
 
 def hand_lrp(steps, x, target, rule):
-    """``steps``: ``("affine", op, linear)`` (rule ``rule``, ε on a linear layer), ``("relu",)``,
+    """``steps``: ``("affine", op, own rule or None for ``rule``)``, ``("relu",)``,
     ``("pool", k)``, ``("shift", c)`` (``t - c``); relevance at the input, shaped as ``x``."""
     acts, saved = [x[0]], []
     for step in steps:
@@ -101,7 +101,7 @@ def hand_lrp(steps, x, target, rule):
     for step, a in zip(reversed(steps), reversed(acts[:-1])):
         if step[0] == "affine":
             W, b = saved.pop()
-            R = hand_rule(Epsilon(1e-6) if step[2] else rule, a.flatten(), W, b, R)
+            R = hand_rule(step[2] or rule, a.flatten(), W, b, R)
         elif step[0] == "pool":  # the winner of each window takes its relevance
             idx = saved.pop().flatten(1)
             full = torch.zeros_like(a.flatten(1))
@@ -157,12 +157,12 @@ class Net(nn.Module):
         def c2_bn(t):  # the batch norm folded into c2: one LRP layer
             return self.c2(t) * scale[:, None, None] + shift[:, None, None]
 
-        out = [("affine", self.c1, False), ("affine", c2_bn, False), ("relu",), ("pool", 2),
-               ("affine", self.c3, False), ("relu",)]
+        out = [("affine", self.c1, None), ("affine", c2_bn, None), ("relu",), ("pool", 2),
+               ("affine", self.c3, None), ("relu",)]
         if self.shift:
             out.append(("shift", 0.3))
-        return out + [("affine", self.c4, False), ("relu",),
-                      ("affine", lambda t: self.fc(t.flatten(1)), True)]
+        return out + [("affine", self.c4, None), ("relu",),
+                      ("affine", lambda t: self.fc(t.flatten(1)), Epsilon(1e-6))]
 
 
 @pytest.mark.parametrize("shift", [False, True], ids=["rectified", "shifted"])
@@ -175,6 +175,28 @@ def test_rules_equal_matrix_form_lrp_on_fast_and_general_paths(rule, shift):
     want = hand_lrp(net.steps(), x, 1, rule)
     assert got.shape == (2, 8, 8) and got.dtype == DT
     assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_weights_larger_than_the_input_are_not_stacked(rule):
+    """Linear layers and a wide convolution on a 2×2 map (weights bigger than the unfolded
+    input: separate products, no copy of the weights) against the matrix form."""
+    torch.manual_seed(17)
+    net = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(96, 40), nn.ReLU(), nn.Linear(40, 3)).to(DT).eval()
+    x = torch.randn(1, 3, 2, 2, dtype=DT)
+    with LRPContext({"conv": rule, "linear": rule}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, 2].sum(), xx)
+    got = (xx * g).detach()[0]
+    steps = [("affine", net[0], None), ("relu",), ("affine", net[2], None), ("relu",),
+             ("affine", lambda t: net[5](t.flatten(1)), None), ("relu",),
+             ("affine", net[7], None)]
+    want = hand_lrp(steps, x, 2, rule)
+    assert LinearMap.of(AffineCall(F.linear, net[5].weight, None, (), {}, "linear")) \
+        .stacks(torch.zeros(1, 96), net[5].weight) is False
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
 
 

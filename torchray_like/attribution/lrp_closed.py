@@ -80,8 +80,8 @@ def _channel(call: AffineCall, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
 def _transpose_sum(op: LinearMap, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                    x: torch.Tensor) -> torch.Tensor:
     """``Σ_k op_{w_k}ᵀ(s_k)`` for ``pairs = [(s_k, w_k)]``: one product over the stacked
-    output channels where the layout allows."""
-    if op.stacks:
+    output channels where that pays (:meth:`~.lrp_rules.LinearMap.stacks`)."""
+    if op.stacks(x, pairs[0][1]):
         dim = -1 if op.call.kind == "linear" else 1
         s = torch.cat([s for s, _ in pairs], dim)
         w = torch.cat([w for _, w in pairs], 0)
@@ -124,11 +124,11 @@ def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tens
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
                 wp: torch.Tensor, b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
     """α-β on ``x ≥ 0``: ``α op_{w⁺}ᵀ(R / z̃⁺) − β op_{w⁻}ᵀ(R / z̃⁻)``, ``z̃^± = op(x, w^±) + b^±``
-    (both products at once over stacked output channels where the layout allows)."""
+    (both products at once over stacked output channels where that pays)."""
     wn = w.clamp(max=0)
     bp = None if b is None else b.clamp(min=0)
     bn = None if b is None else b.clamp(max=0)
-    if not op.stacks:
+    if not op.stacks(x, w):
         sp = safe_divide(r, op.forward(x, wp, bp), rule.epsilon) * rule.alpha
         sn = safe_divide(r, op.forward(x, wn, bn), rule.epsilon) * -rule.beta
         return _transpose_sum(op, [(sp, wp), (sn, wn)], x)

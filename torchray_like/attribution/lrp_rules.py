@@ -26,6 +26,7 @@ relevance to inputs equal to zero too, which the gradient form cannot carry: the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union, cast
 
@@ -225,11 +226,15 @@ class LinearMap:
             s, x, weight, None, self.stride, self.padding, self.dilation, self.transposed,
             self.output_padding, self.groups, [True, False, False])[0]
 
-    @property
-    def stacks(self) -> bool:
-        """Whether products with several weights can be one product over stacked channels
-        (a linear layer, an ungrouped convolution)."""
-        return self.call.kind == "linear" or (self.call.kind == "conv" and self.groups == 1)
+    def stacks(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether products with several weights like ``weight`` on inputs like ``x`` are
+        better done as one product over stacked channels: the layout allows it (a linear
+        layer, an ungrouped convolution), and the weights, which stacking copies, are smaller
+        than the input unfolded for the product (which the separate products each build)."""
+        if not (self.call.kind == "linear" or (self.call.kind == "conv" and self.groups == 1)):
+            return False
+        unfolded = x.numel() * (math.prod(weight.shape[2:]) if self.conv else 1)
+        return weight.numel() <= unfolded
 
     def usable(self, x: torch.Tensor) -> bool:
         """Whether :meth:`transpose` applies to inputs shaped as ``x``."""
@@ -246,7 +251,7 @@ def share_terms(op: LinearMap, terms: Sequence[Tuple[torch.Tensor, torch.Tensor]
                 epsilon: float) -> List[torch.Tensor]:
     """``c_k = op_{w̃_k}ᵀ(R / z̃)`` with ``z̃ = Σ_k op(x̃_k, w̃_k) + b̃`` (see
     :func:`~.lrp_rules.share`), in closed form."""
-    if len(terms) > 1 and op.stacks:
+    if len(terms) > 1 and op.stacks(terms[0][0], terms[0][1]):
         # One product over the terms' inputs stacked along the input channels (and one
         # transposed): the same sums, fewer calls.
         dim = -1 if op.call.kind == "linear" else 1
