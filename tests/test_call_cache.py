@@ -129,6 +129,30 @@ def test_scan_facts():
     assert scan.modules[0] is model and len(scan.modules) == len(list(model.modules()))
 
 
+def test_scan_class_facts_hold_for_subclasses_instances_and_many_classes():
+    # The scan learns what a module's class means once per class; instances of the same class
+    # still differ (running statistics on or off, compiled in place), subclasses count, and
+    # classes made on the fly do not grow the per-class knowledge without bound.
+    class MyNorm(nn.BatchNorm2d):
+        pass
+
+    model = small_net()
+    model.add_module("norm", MyNorm(3))
+    assert not scan_model(model).batch_statistics
+    model.add_module("norm2", MyNorm(3, track_running_stats=False))
+    assert scan_model(model).batch_statistics
+    inner = nn.Linear(2, 2)
+    model.add_module("inner", inner)
+    assert not scan_model(model).opaque
+    inner.compile()  # compiled in place: the same class, an opaque instance
+    assert scan_model(model).opaque
+    for i in range(modules_module.CLASS_CACHE_SIZE + 10):
+        scan_model(type(f"Made{i}", (nn.Module,), {})())
+    assert len(modules_module.MODULE_CLASSES) <= modules_module.CLASS_CACHE_SIZE
+    scan = scan_model(model)
+    assert (scan.batch_statistics, scan.opaque, scan.unset) == (True, True, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model changes between two calls: the second call sees the change
 

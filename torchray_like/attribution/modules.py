@@ -76,28 +76,74 @@ class ModelScan:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.modules = modules = _preorder(model)
-        unset = inference = opaque = batch_statistics = data_parallel = False
-        script = torch.jit.ScriptModule
+        unset = inference = False
+        found = 0  # _MAYBE_OPAQUE | _BATCH_NORM | _DATA_PARALLEL bits that hold
         for m in modules:
             for table in (m._parameters, m._buffers):
                 for t in table.values():
                     if t is None:
                         continue
-                    if isinstance(t, UninitializedTensorMixin):
+                    if _unset_class(type(t)):
                         unset = True  # (an uninitialised tensor refuses every other question)
                         continue
                     unset = unset or t.is_meta
                     inference = inference or t.is_inference()
-            # opaque_kind(m), inlined: one function call per module counts on small models
-            if isinstance(m, script) or "_compiled_call_impl" in m.__dict__ \
-                    or type(m).__name__ == "OptimizedModule":
-                opaque = opaque or opaque_kind(m) is not None
-            if isinstance(m, _BATCH_NORMS):
-                batch_statistics = batch_statistics or m.running_mean is None
-            elif isinstance(m, nn.DataParallel):
-                data_parallel = data_parallel or len(m.device_ids or []) > 1
-        self.unset, self.inference, self.opaque = unset, inference, opaque
-        self.batch_statistics, self.data_parallel = batch_statistics, data_parallel
+            kind = MODULE_CLASSES.get(type(m))
+            if kind is None:
+                kind = _module_kind(type(m))
+            if kind or "_compiled_call_impl" in m.__dict__:
+                found |= _special_flags(m, kind)
+        self.unset, self.inference = unset, inference
+        self.opaque = bool(found & _MAYBE_OPAQUE)
+        self.batch_statistics = bool(found & _BATCH_NORM)
+        self.data_parallel = bool(found & _DATA_PARALLEL)
+
+
+# What a module's class tells the scan (flags), found once per class: the per-call scan then
+# costs a dict lookup per module instead of four isinstance tests (on a small model the walk
+# is most of a short call's fixed cost).
+_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL = 1, 2, 4
+#: What the scan learnt per module class (flags) and per tensor class (uninitialised or not);
+#: each holds at most :data:`CLASS_CACHE_SIZE` classes (it is emptied when full), so classes
+#: made on the fly (tests, notebooks) cannot grow it without bound.
+MODULE_CLASSES: Dict[type, int] = {}
+TENSOR_CLASSES: Dict[type, bool] = {}
+CLASS_CACHE_SIZE = 4096
+
+
+def _module_kind(cls: type) -> int:
+    kind = ((_MAYBE_OPAQUE if issubclass(cls, torch.jit.ScriptModule)
+             or cls.__name__ == "OptimizedModule" else 0)
+            | (_BATCH_NORM if issubclass(cls, _BATCH_NORMS) else 0)
+            | (_DATA_PARALLEL if issubclass(cls, nn.DataParallel) else 0))
+    if len(MODULE_CLASSES) >= CLASS_CACHE_SIZE:
+        MODULE_CLASSES.clear()
+    MODULE_CLASSES[cls] = kind
+    return kind
+
+
+def _special_flags(m: nn.Module, kind: int) -> int:
+    """The flags that hold for ``m``, a module whose class is of ``kind`` (or compiled)."""
+    flags = 0
+    if (kind & _MAYBE_OPAQUE or "_compiled_call_impl" in m.__dict__) \
+            and opaque_kind(m) is not None:
+        flags |= _MAYBE_OPAQUE
+    if kind & _BATCH_NORM and m.running_mean is None:
+        flags |= _BATCH_NORM
+    if kind & _DATA_PARALLEL and len(m.device_ids or []) > 1:
+        flags |= _DATA_PARALLEL
+    return flags
+
+
+def _unset_class(cls: type) -> bool:
+    """Whether tensors of class ``cls`` are uninitialised (``torch.nn.Lazy*`` parameters)."""
+    unset = TENSOR_CLASSES.get(cls)
+    if unset is None:
+        unset = issubclass(cls, UninitializedTensorMixin)
+        if len(TENSOR_CLASSES) >= CLASS_CACHE_SIZE:
+            TENSOR_CLASSES.clear()
+        TENSOR_CLASSES[cls] = unset
+    return unset
 
 
 def _preorder(model: nn.Module) -> List[nn.Module]:
@@ -111,7 +157,11 @@ def _preorder(model: nn.Module) -> List[nn.Module]:
             continue
         seen.add(id(module))
         out.append(module)
-        stack.extend(c for c in reversed(module._modules.values()) if c is not None)
+        children = module._modules
+        if children:
+            for child in reversed(children.values()):
+                if child is not None:
+                    stack.append(child)
     return out
 
 
