@@ -70,9 +70,9 @@ def rectified(x: torch.Tensor) -> bool:
     return False
 
 
-def _channel(call: AffineCall, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _channel(kind: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` (one value per output channel) shaped to broadcast against an output ``like``."""
-    if call.kind == "linear":
+    if kind == "linear":
         return t
     return t.reshape([1, -1] + [1] * (like.dim() - 2))
 
@@ -82,7 +82,7 @@ def _transpose_sum(op: LinearMap, pairs: Sequence[Tuple[torch.Tensor, torch.Tens
     """``Σ_k op_{w_k}ᵀ(s_k)`` for ``pairs = [(s_k, w_k)]``: one product over the stacked
     output channels where that pays (:meth:`~.lrp_rules.LinearMap.stacks`)."""
     if op.stacks(x, pairs[0][1]):
-        dim = -1 if op.call.kind == "linear" else 1
+        dim = -1 if op.kind == "linear" else 1
         s = torch.cat([s for s, _ in pairs], dim)
         w = torch.cat([w for _, w in pairs], 0)
         return op.transpose(s, w, x)
@@ -132,14 +132,14 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
         sp = safe_divide(r, op.forward(x, wp, bp), rule.epsilon) * rule.alpha
         sn = safe_divide(r, op.forward(x, wn, bn), rule.epsilon) * -rule.beta
         return _transpose_sum(op, [(sp, wp), (sn, wn)], x)
-    dim = -1 if op.call.kind == "linear" else 1
+    dim = -1 if op.kind == "linear" else 1
     n = w.shape[0]
     ws = torch.cat([wp, wn], 0)
     bs = None if b is None else torch.cat([cast(torch.Tensor, bp), cast(torch.Tensor, bn)])
     zs = op.forward(x, ws, bs)
     factor = torch.full((2 * n,), rule.alpha, dtype=r.dtype, device=r.device)
     factor[n:] = -rule.beta
-    s = safe_divide(torch.cat([r, r], dim), zs, rule.epsilon) * _channel(op.call, factor, zs)
+    s = safe_divide(torch.cat([r, r], dim), zs, rule.epsilon) * _channel(op.kind, factor, zs)
     return op.transpose(s, ws, x)
 
 

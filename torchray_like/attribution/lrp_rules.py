@@ -126,7 +126,7 @@ class AffineCall:
         """The operation's closed form (:class:`LinearMap`) for inputs shaped as ``x``, or
         ``None`` where it has none."""
         if self._map is _UNPARSED:
-            self._map = LinearMap.of(self)
+            self._map = LinearMap.cached(self)
         op = self._map
         return op if op is not None and op.usable(x) else None
 
@@ -164,6 +164,7 @@ def _ints(value, n: int, name: str) -> Optional[List[int]]:
 _CONV_NAMES = ("stride", "padding", "dilation", "groups")
 _CONV_T_NAMES = ("stride", "padding", "output_padding", "groups", "dilation")
 _DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+_MAPS: dict = {}  # LinearMap.cached: (operation, kind, weight dims, arguments) -> LinearMap
 
 
 class LinearMap:
@@ -171,14 +172,17 @@ class LinearMap:
     ``transpose(s, w, x)`` = the gradient of ``⟨s, op(x, w)⟩`` with respect to ``x``.
 
     Built by :meth:`of`, which returns ``None`` for a call it cannot transpose in closed form
-    (``padding="same"``, an unbatched convolution, a batch norm): the rules then use autograd.
+    (``padding="same"``, a batch norm): the rules then use autograd.  It keeps the operation
+    and its arguments, not the call's weight, and is shared by the calls with the same ones
+    (:meth:`cached`).
     """
 
-    __slots__ = ("call", "conv", "transposed", "stride", "padding", "dilation",
-                 "output_padding", "groups")
+    __slots__ = ("func", "rest", "kwargs", "kind", "ndim", "conv", "transposed", "stride",
+                 "padding", "dilation", "output_padding", "groups")
 
     def __init__(self, call: AffineCall) -> None:
-        self.call = call
+        self.func, self.rest, self.kwargs = call.func, call.rest, call.kwargs
+        self.kind, self.ndim = call.kind, call.weight.dim()
         self.conv = call.kind in ("conv", "conv_transpose")
         self.transposed = call.kind == "conv_transpose"
         self.stride: List[int] = []
@@ -211,10 +215,26 @@ class LinearMap:
             setattr(op, name, ints)
         return op
 
+    @classmethod
+    def cached(cls, call: AffineCall) -> Optional["LinearMap"]:
+        """:meth:`of`, parsed once per operation and arguments (a few hundred kept)."""
+        try:
+            key: Any = (call.func, call.kind, call.weight.dim(), call.rest,
+                        tuple(sorted(call.kwargs.items())))
+            hash(key)
+        except TypeError:  # a list among the arguments: parse this call alone
+            return cls.of(call)
+        if key not in _MAPS:
+            if len(_MAPS) >= 256:
+                _MAPS.clear()
+            _MAPS[key] = cls.of(call)
+        return _MAPS[key]
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``op(x, weight) + bias``."""
-        return self.call.apply(x, weight, bias)
+        with torch._C.DisableTorchFunction():
+            return self.func(x, weight, bias, *self.rest, **self.kwargs)
 
     def transpose(self, s: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``op_weightᵀ(s)``, shaped as ``x`` (whose values are not read)."""
@@ -231,14 +251,14 @@ class LinearMap:
         better done as one product over stacked channels: the layout allows it (a linear
         layer, an ungrouped convolution), and the weights, which stacking copies, are smaller
         than the input unfolded for the product (which the separate products each build)."""
-        if not (self.call.kind == "linear" or (self.call.kind == "conv" and self.groups == 1)):
+        if not (self.kind == "linear" or (self.kind == "conv" and self.groups == 1)):
             return False
         unfolded = x.numel() * (math.prod(weight.shape[2:]) if self.conv else 1)
         return weight.numel() <= unfolded
 
     def usable(self, x: torch.Tensor) -> bool:
         """Whether :meth:`transpose` applies to inputs shaped as ``x``."""
-        return not self.conv or x.dim() == self.call.weight.dim()
+        return not self.conv or x.dim() == self.ndim
 
 
 def linear_map(call: AffineCall, x: torch.Tensor) -> Optional[LinearMap]:
@@ -254,7 +274,7 @@ def share_terms(op: LinearMap, terms: Sequence[Tuple[torch.Tensor, torch.Tensor]
     if len(terms) > 1 and op.stacks(terms[0][0], terms[0][1]):
         # One product over the terms' inputs stacked along the input channels (and one
         # transposed): the same sums, fewer calls.
-        dim = -1 if op.call.kind == "linear" else 1
+        dim = -1 if op.kind == "linear" else 1
         xs = torch.cat([x for x, _ in terms], dim)
         ws = torch.cat([w for _, w in terms], 1)
         s = safe_divide(r, op.forward(xs, ws, bias), epsilon)
