@@ -130,7 +130,7 @@ def _special_flags(m: nn.Module, kind: int) -> int:
         flags |= _MAYBE_OPAQUE
     if kind & _BATCH_NORM and m.running_mean is None:
         flags |= _BATCH_NORM
-    if kind & _DATA_PARALLEL and len(m.device_ids or []) > 1:
+    if kind & _DATA_PARALLEL and len(getattr(m, "device_ids", None) or []) > 1:
         flags |= _DATA_PARALLEL
     return flags
 
