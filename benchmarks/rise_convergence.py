@@ -16,7 +16,10 @@ strongest signal).  Per setting, over the (image, ground-truth class) maps:
 * the correlation with the *converged proxy*: the control-variate estimate from the same 8000
   masks (``tol`` below reach, so it runs to the cap), the best estimate of the infinite-mask
   map this run has (its own estimated correlation with the limit is printed),
-* the pointing-game accuracy (Zhang et al. 2016; 15 px at 224 px, scaled).
+* the pointing-game accuracy (Zhang et al. 2016; 15 px at 224 px, scaled),
+
+and, with ``--independent``, the same against the two maps of the next seed, which share no
+mask with the run (so a noisy 8000-mask map shows as two 8000-mask maps that disagree).
 
 Run with no arguments (about 6 minutes per model on one CPU thread; ``--device cuda`` on a
 GPU)::
@@ -70,55 +73,76 @@ def _call(model: torch.nn.Module, x: torch.Tensor, target: Optional[int], seed: 
     return out[0].cpu(), info
 
 
+Maps = Dict[Tuple[int, int], torch.Tensor]
+
+
+def _references(model: torch.nn.Module, x: torch.Tensor, pairs: List[Tuple[int, int]],
+                seed: int, independent: bool) -> Tuple[Dict[str, Maps], List[float]]:
+    """The yardsticks, per (image, class) pair: the plain 8000-mask map ("8000") and the
+    control-variate estimate of the same masks ("proxy"); with ``independent``, the same two
+    from the next seed ("8000'", "proxy'").  Also the proxy's estimated correlations."""
+    seeds = {"": seed, "'": seed + 1} if independent else {"": seed}
+    refs: Dict[str, Maps] = {}
+    rho: List[float] = []
+    for mark, s in seeds.items():
+        plain = [_call(model, x[i:i + 1], None, s, {})[0] for i in range(x.shape[0])]
+        proxy = []
+        for i in range(x.shape[0]):
+            maps, info = _call(model, x[i:i + 1], None, s, {"num_masks": "auto", "tol": 1e-9})
+            proxy.append(maps)
+            if not mark:   # the run's own seed
+                rho += [info.correlation[c] for i2, c in pairs if i2 == i]
+        refs["8000" + mark] = {(i, c): plain[i][c] for i, c in pairs}
+        refs["proxy" + mark] = {(i, c): proxy[i][c] for i, c in pairs}
+    return refs, rho
+
+
+def _against(got: Maps, refs: Dict[str, Maps]) -> Dict[str, Tuple[float, float]]:
+    """(median, min) of the correlation of each map with each yardstick."""
+    out = {}
+    for name, ref in refs.items():
+        r = torch.stack([correlation(got[p][None], ref[p][None])[0] for p in ref])
+        out[name] = (float(r.median()), float(r.min()))
+    return out
+
+
 def run(model: torch.nn.Module, x: torch.Tensor, labels: List[dict],
-        settings: Sequence[Tuple[str, Dict]], seed: int) -> Tuple[List[Dict], Dict]:
-    """One row per setting over the (image, ground-truth class) pairs, and the references'
-    statistics.  Settings whose kwargs hold ``per_class=True`` run once per pair with the class
-    as the target; the others once per image with every class."""
+        settings: Sequence[Tuple[str, Dict]], seed: int, independent: bool = False
+        ) -> Tuple[List[Dict], Dict]:
+    """One row per setting over the (image, ground-truth class) pairs, and the yardsticks
+    against each other.  Settings whose kwargs hold ``per_class=True`` run once per pair with
+    the class as the target; the others once per image with every class."""
     pairs = [(i, c) for i, label in enumerate(labels) for c in label["class_ids"].tolist()]
-    reference = [_call(model, x[i:i + 1], None, seed, {})[0] for i in range(x.shape[0])]
-    proxy, proxy_rho = [], []
-    for i in range(x.shape[0]):
-        maps, info = _call(model, x[i:i + 1], None, seed, {"num_masks": "auto", "tol": 1e-9})
-        proxy.append(maps)
-        proxy_rho += [info.correlation[c] for c in labels[i]["class_ids"].tolist()]
+    refs, proxy_rho = _references(model, x, pairs, seed, independent)
     rows: List[Dict] = []
     for name, kwargs in tqdm(settings, desc="settings", unit="setting"):
         kwargs = dict(kwargs)
         per_class = kwargs.pop("per_class", False)
-        got: Dict[Tuple[int, int], torch.Tensor] = {}
+        got: Maps = {}
         used: List[int] = []
-        seconds, calls = 0.0, 0
+        seconds = 0.0
         for i in range(x.shape[0]):
-            targets = labels[i]["class_ids"].tolist() if per_class else [None]
-            for t in targets:
+            for t in (labels[i]["class_ids"].tolist() if per_class else [None]):
                 maps, info = _call(model, x[i:i + 1], t, seed, kwargs)
                 used.append(info.num_masks)
-                seconds, calls = seconds + info.seconds, calls + 1
+                seconds += info.seconds
                 for c in labels[i]["class_ids"].tolist():
                     if t is None or t == c:
                         got[i, c] = maps[0 if per_class else c]
-        vs_ref = torch.stack([correlation(got[p][None], reference[p[0]][p[1]][None])[0]
-                              for p in pairs])
-        vs_proxy = torch.stack([correlation(got[p][None], proxy[p[0]][p[1]][None])[0]
-                                for p in pairs])
         full = torch.zeros(x.shape[0], NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE)
         for (i, c), m in got.items():
             full[i, c] = m
         u = torch.tensor(used, dtype=torch.float64)
         rows.append({"setting": name, "masks_mean": float(u.mean()),
                      "masks_median": float(u.median()), "masks_max": int(u.max()),
-                     "ref_median": float(vs_ref.median()), "ref_min": float(vs_ref.min()),
-                     "proxy_median": float(vs_proxy.median()),
-                     "proxy_min": float(vs_proxy.min()),
-                     "pointing": pointing(full, labels), "s_per_call": seconds / calls})
-    ref_vs_proxy = torch.stack([correlation(reference[i][c][None], proxy[i][c][None])[0]
-                                for i, c in pairs])
+                     "against": _against(got, refs), "pointing": pointing(full, labels),
+                     "s_per_call": seconds / len(used)})
     rho = torch.tensor(proxy_rho)
-    return rows, {"ref_vs_proxy_median": float(ref_vs_proxy.median()),
-                  "ref_vs_proxy_min": float(ref_vs_proxy.min()),
-                  "proxy_rho_median": float(rho.median()), "proxy_rho_min": float(rho.min()),
-                  "pairs": len(pairs)}
+    cross = {f"{a} vs {b}": _against(refs[a], {b: refs[b]})[b]
+             for a, b in (("8000", "proxy"), ("8000", "8000'"), ("proxy", "proxy'"))
+             if b in refs}
+    return rows, {"cross": cross, "proxy_rho": (float(rho.median()), float(rho.min())),
+                  "pairs": len(pairs), "yardsticks": list(refs)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -133,6 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "correlation to reach; default %(default)s), run per class")
     parser.add_argument("--autocast", action="store_true",
                         help="add the default tolerance with bfloat16 forward passes (per class)")
+    parser.add_argument("--independent", action="store_true",
+                        help="also measure against the 8000-mask maps (plain and converged "
+                             "proxy) of the next seed: yardsticks that share no mask")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads for the run (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="RISE's seed (default 0)")
@@ -171,21 +198,22 @@ def _run(args: argparse.Namespace, model: torch.nn.Module, tols: List[float]) ->
                          {"num_masks": "auto", "per_class": True, "autocast": torch.bfloat16}))
     print(f"RISE on {args.limit} embedded test images, {args.model}, seed {args.seed}; "
           "over the (image, ground-truth class) maps")
-    rows, refs = run(model, x, labels, settings, args.seed)
-    print(f"{refs['pairs']} maps; the 8000-mask map against the converged proxy: median "
-          f"{refs['ref_vs_proxy_median']:.4f}, min {refs['ref_vs_proxy_min']:.4f}; the proxy's "
-          f"estimated correlation with the limit: median {refs['proxy_rho_median']:.4f}, min "
-          f"{refs['proxy_rho_min']:.4f}")
+    rows, refs = run(model, x, labels, settings, args.seed, args.independent)
+    print(f"{refs['pairs']} maps.  Yardsticks against each other (median / min): "
+          + "; ".join(f"{k} {m:.4f} / {n:.4f}" for k, (m, n) in refs["cross"].items())
+          + "; the proxy's estimated correlation with the limit: "
+          f"{refs['proxy_rho'][0]:.4f} / {refs['proxy_rho'][1]:.4f}")
+    yard = refs["yardsticks"]
     head = (f"{'setting':<26} {'masks mean':>10} {'median':>6} {'max':>5} "
-            f"{'vs 8000 med':>11} {'min':>6} {'vs proxy med':>12} {'min':>6} "
-            f"{'pointing':>8} {'s/call':>6}")
+            + " ".join(f"{'vs ' + y + ' med':>14} {'min':>6}" for y in yard)
+            + f" {'pointing':>8} {'s/call':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
+        cols = " ".join(f"{r['against'][y][0]:>14.4f} {r['against'][y][1]:>6.4f}" for y in yard)
         print(f"{r['setting']:<26} {r['masks_mean']:>10.0f} {r['masks_median']:>6.0f} "
-              f"{r['masks_max']:>5d} {r['ref_median']:>11.4f} {r['ref_min']:>6.4f} "
-              f"{r['proxy_median']:>12.4f} {r['proxy_min']:>6.4f} "
-              f"{100 * r['pointing']:>7.1f}% {r['s_per_call']:>6.2f}")
+              f"{r['masks_max']:>5d} {cols} {100 * r['pointing']:>7.1f}% "
+              f"{r['s_per_call']:>6.2f}")
     return 0
 
 
