@@ -83,7 +83,10 @@ class ModelScan:
                 for t in table.values():
                     if t is None:
                         continue
-                    if _unset_class(type(t)):
+                    lazy = TENSOR_CLASSES.get(type(t))
+                    if lazy is None:
+                        lazy = _unset_class(type(t))
+                    if lazy:
                         unset = True  # (an uninitialised tensor refuses every other question)
                         continue
                     unset = unset or t.is_meta
