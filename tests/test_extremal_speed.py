@@ -52,9 +52,11 @@ def _graph_grid(gen: MaskGenerator, params: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape,step,sigma", [((40, 36), 4, 8.0), ((23,), 3, 5.0),
-                                              ((6, 10, 12), 2, 3.0)])
+                                              ((6, 10, 12), 2, 3.0), ((30, 8), 6, 5.0)])
 def test_fused_smooth_max_pooling_equals_the_autograd_graph_bit_for_bit(shape, step, sigma):
+    # Two to six phases per grid step (the phases' sum takes two paths, up to four and more).
     gen = MaskGenerator(shape, step, sigma, jitter=step // 2)
+    assert {a.sub for a in gen.axes} & {2, 3, 6}
     g = torch.Generator().manual_seed(0)
     params = torch.rand((3, 1) + gen.param_shape, generator=g).requires_grad_(True)
     fused = gen.grid(params)

@@ -19,7 +19,7 @@ its ``"softmax"`` pooling in single and double precision.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ class SmoothMaxAxis:
         self.radius = (self.w - 2) // 2
         self.points = points
         self.scaled, self.valid, self.scale = scaled, valid, scale
+        # Whether summing the phases in turn is the reduction's order (None: not checked yet).
+        self.phase_sum: Optional[bool] = None
 
     def to(self, device: Any) -> None:
         self.scaled, self.valid = self.scaled.to(device), self.valid.to(device)
@@ -61,6 +63,8 @@ class SmoothMaxAxis:
         r = self.radius
         # Parameters capped at 50·T: exp(u) ≤ e^50, no overflow and no shift by the maximum.
         win = F.pad(x.clamp(max=cap), (r, r + 1)).unfold(-1, self.w, 1)   # (..., count, w)
+        # (The product's memory layout follows the window view's strides, and the sums below
+        # reduce in an order that follows the layout: keep both as they are.)
         u = win.unsqueeze(-2) * self.scaled                                # (..., count, sub, w)
         e = u.exp().mul_(self.valid)
         den = e.sum(dim=-1)
@@ -77,11 +81,30 @@ class SmoothMaxAxis:
         g = grad * self.scale
         g = F.pad(g, (0, self.count * self.sub - self.points)).view(out.shape)
         gu = (u - out.unsqueeze(-1)).add_(1).mul_(e).mul_((g / den).unsqueeze(-1))
-        gwin = (gu * self.scaled).sum(dim=-2)                              # (..., count, w)
+        gwin = self._sum_phases(gu.mul_(self.scaled))                     # (..., count, w)
         size = list(x.shape)
         size[-1] += 2 * r + 1
         gpad = torch.ops.aten.unfold_backward(gwin, size, x.dim() - 1, self.w, 1)
         return torch.where(x <= cap, gpad[..., r:r + self.count], 0.0)
+
+
+    def _sum_phases(self, p: torch.Tensor) -> torch.Tensor:
+        """``p.sum(dim=-2)``, as the running sum of the phases where that is the reduction's
+        own order: several times faster for the two to four phases of the usual settings (a
+        short reduction over a strided dimension is slow).  Whether it is the same order is
+        checked once per axis, on the first gradient, bit for bit."""
+        if self.sub > 4 or self.phase_sum is False:
+            return p.sum(dim=-2)
+        out = p[..., 0, :] + 0.0               # the reduction starts from +0: −0 becomes +0
+        for s in range(1, self.sub):
+            out += p[..., s, :]
+        if self.phase_sum is None:
+            ref = p.sum(dim=-2)
+            self.phase_sum = bool(torch.equal(out, ref) and torch.equal(out.signbit(),
+                                                                        ref.signbit()))
+            if not self.phase_sum:
+                return p.sum(dim=-2)
+        return out
 
 
 def _pool(x: torch.Tensor, axes: Sequence[SmoothMaxAxis], cap: float
