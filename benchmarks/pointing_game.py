@@ -59,7 +59,6 @@ runs on K processes with ``torchrun --nproc_per_node=K benchmarks/pointing_game.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import time
@@ -71,14 +70,17 @@ import torch  # noqa: E402
 
 from torchray_like.attribution.explain import explain  # noqa: E402
 from torchray_like.attribution.registry import METHODS, SHARED_METHODS  # noqa: E402
-from torchray_like.benchmark import embedded_cli, intervals  # noqa: E402
+from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, centre_point, saliency_to_point  # noqa: E402
-from torchray_like.benchmark.pointing_game_table import (  # noqa: E402
-    make_table,
-    pairs_of_records,
-    print_table,
-    write_outputs,
+from torchray_like.benchmark.pointing_game_methods import (  # noqa: E402
+    CENTER,
+    IMAGE_BATCH_ROWS,
+    all_classes_once,
+    describe_settings,
+    image_batch,
+    method_settings,
 )
+from torchray_like.benchmark.pointing_game_table import report_tables  # noqa: E402
 from torchray_like.benchmark.runner import (  # noqa: E402
     ConfigMismatchError,
     add_common_arguments,
@@ -89,9 +91,7 @@ from torchray_like.benchmark.runner import (  # noqa: E402
     run_sharded,
     shard,
 )
-from torchray_like.benchmark.settings import describe_options, options_table  # noqa: E402
 
-CENTER = "center"
 #: Every method of the table, in its order (the centre baseline first).
 ALL_METHODS: Tuple[str, ...] = (CENTER,) + tuple(METHODS)
 #: Methods costing hundreds of forward passes per image: their own image limits
@@ -105,20 +105,6 @@ MANY_PASS_METHODS = ("integrated_gradients", "smooth_grad", "occlusion", "score_
 #: Layer-wise relevance propagation (every composite): two to five gradients' cost each
 #: (``--lrp-limit``).
 LRP_FAMILY = tuple(m for m in METHODS if "lrp" in m)
-#: Methods whose passes serve every class of an image (``all_classes_once``): RISE scores every
-#: class with one set of masked passes (one call, no target); occlusion's occluded copies do not
-#: depend on the class, so the image's classes are explained one call each with the passes of
-#: the first replayed (:class:`~torchray_like.benchmark.shared_passes.ReplayedForward`: the
-#: maps of per-class calls, bit for bit, at the cost of one class).  (Attention rollout and
-#: flow are class-agnostic too, but their rows stay in one batch: a one-row call rounds
-#: differently and moved a point of the table.)
-ALL_CLASSES_ONCE = ("rise", "occlusion")
-#: Methods run on several images per call on the embedded data set (images of one size): at most
-#: this many (image, class) rows per call.  Extremal perturbation optimises every mask on its
-#: own with each row's own seed (the masks of per-image calls: bit for bit on the CNNs, within
-#: rounding on the ViT), and its iterations' fixed costs are paid once per batch.
-IMAGE_BATCH_ROWS = {"extremal_perturbation": 8}
-
 DATASETS = {
     # name: (package data-set name, split, default models, benchmark of the settings table)
     "embedded": (None, "test", "embedded-vgg,embedded-resnet,embedded-vit", "pointing_game"),
@@ -137,57 +123,6 @@ DEFAULT_LRP_LIMIT = {"embedded": 16, "voc07": None, "coco14": None}
 EXPERIMENT = "pointing_game/{dataset}"
 #: A point exactly ``tolerance`` pixels from the object misses (TorchRay's rule).
 HIT_RULE = "strict"
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------
-
-
-def method_settings(dataset: str, arch: str, network: torch.nn.Module, image_side: int,
-                    args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
-    """Per method: ``kwargs`` (JSON) for ``METHODS[method]`` from the settings table, plus how
-    the method is run.
-
-    ``fully_convolutional`` / ``pointing_gradient`` say whether the fully convolutional
-    network and the pointing seed are used (VOC/COCO, the published protocol, for the methods
-    that take a ``get_backward_gradient``);
-    ``all_classes_once``: the method's passes serve every class of an image
-    (:data:`ALL_CLASSES_ONCE`).
-    """
-    methods = [m for m in ALL_METHODS if m != CENTER]
-    table = options_table(methods, arch, DATASETS[dataset][3], network=network,
-                          input_size=image_side,
-                          overrides=embedded_cli.perturbation_overrides(args))
-    published = dataset != "embedded"
-    s: Dict[str, Dict[str, Any]] = {CENTER: {"kwargs": {}}}
-    for name, kwargs in table.items():
-        s[name] = {"kwargs": kwargs}
-        # The published protocol seeds the backpropagation methods with the pointing gradient
-        # on the fully convolutional network; the others see the original network.
-        seeded = "get_backward_gradient" in inspect.signature(METHODS[name]).parameters
-        s[name]["fully_convolutional"] = s[name]["pointing_gradient"] = published and seeded
-    if published and table["contrastive_excitation_backprop"]["contrast_layer"] == "avgpool":
-        # The fully convolutional ResNet has no avgpool (fc is a 1×1 conv after layer4): the
-        # contrast layer of the published setting only exists in the original network.
-        s["contrastive_excitation_backprop"]["fully_convolutional"] = False
-        s["contrastive_excitation_backprop"]["pointing_gradient"] = False
-    for name in ALL_CLASSES_ONCE:
-        s[name]["all_classes_once"] = True
-    return s
-
-
-def describe_settings(settings: Mapping[str, Mapping[str, Any]],
-                      methods: Sequence[str] = ALL_METHODS) -> List[str]:
-    """One line per method: its keyword arguments and how it is run."""
-    shown = [m for m in methods if m in settings and m != CENTER]
-    lines = describe_options({m: settings[m]["kwargs"] for m in shown})
-    out = []
-    for method, line in zip(shown, lines):
-        extra = [k for k in ("fully_convolutional", "pointing_gradient", "all_classes_once")
-                 if settings[method].get(k)]
-        out.append(line + (f"  [{', '.join(extra)}]" if extra else ""))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +202,9 @@ class Task:
             # torchrun), differently per model.
             model, fingerprint = embedded_cli.load_benchmark_model(
                 arch, weights, self.args.seed * 1000 + k, self._head())
-            settings = method_settings(self.dataset, arch, model, self.image_side, self.args)
+            settings = method_settings(arch, model, self.image_side, DATASETS[self.dataset][3],
+                                       self.dataset != "embedded",
+                                       embedded_cli.perturbation_overrides(self.args))
         except (ValueError, FileNotFoundError, RuntimeError) as error:
             hint = " (pass --weights random to run with random weights)" if embedded else ""
             parser.error(f"--models {arch}: {error}{hint}")
@@ -435,21 +372,14 @@ class Task:
     def batch_images(self, arch: str, method: str, index: int) -> List[int]:
         """The images explained with ``index`` in one call (:data:`IMAGE_BATCH_ROWS`): the next
         ones this process computes, while their classes fit in the rows."""
-        cap = IMAGE_BATCH_ROWS.get(method)
         entry = self.models[arch]["settings"][method]
-        if cap is None or self.mine is None or self.dataset != "embedded" or \
-                entry.get("fully_convolutional") or entry.get("pointing_gradient"):
+        if method not in IMAGE_BATCH_ROWS or self.mine is None or self.dataset != "embedded" \
+                or entry.get("fully_convolutional") or entry.get("pointing_gradient"):
             return [index]
-        images, rows = [index], len(self.sample(index)["pairs"])
-        for j in range(index + 1, self.method_images.get(method, self.num_images)):
-            more = len(self.sample(j)["pairs"])
-            if item_key((arch, method, j)) not in self.mine or not more:
-                continue  # another process's, done, or computed without the method
-            if rows + more > cap:
-                break
-            images.append(j)
-            rows += more
-        return images
+        mine = {i for i in range(self.num_images) if item_key((arch, method, i)) in self.mine}
+        return image_batch(index, self.method_images.get(method, self.num_images),
+                           lambda j: len(self.sample(j)["pairs"]), mine,
+                           IMAGE_BATCH_ROWS[method])
 
     def batch_points(self, arch: str, method: str, images: List[int]
                      ) -> Tuple[List[Tuple[int, int]], float]:
@@ -494,7 +424,7 @@ class Task:
         batch = x[None].expand(len(classes), *x.shape).contiguous()
         seed = self.seed(index)
         if entry.get("all_classes_once"):
-            return _all_classes_once(method, bundle["model"], x[None], classes, kwargs, seed)
+            return all_classes_once(method, bundle["model"], x[None], classes, kwargs, seed)
         if method in SEEDED_METHODS:  # reproducible: each image's noise from its own seed
             kwargs.update(generator=seed, progress=False)
         model = bundle["fully_convolutional"] if entry.get("fully_convolutional") \
@@ -502,25 +432,6 @@ class Task:
         if entry.get("pointing_gradient"):
             kwargs["get_backward_gradient"] = get_pointing_gradient
         return fn(model, batch, classes, **kwargs)
-
-
-def _all_classes_once(method: str, model: torch.nn.Module, x: torch.Tensor,
-                      classes: List[int], kwargs: Dict[str, Any], seed: int) -> torch.Tensor:
-    """``(K, 1, h, w)`` maps of one image ``x`` (``(1, C, H, W)``) for its ``K`` classes, from
-    one set of the method's passes (:data:`ALL_CLASSES_ONCE`)."""
-    from torchray_like.attribution.rise import rise
-    from torchray_like.benchmark.shared_passes import ReplayedForward
-
-    if method == "rise":  # every class from one call, then the image's
-        return rise(model, x, None, generator=seed, progress=False, **kwargs)[0, classes, None]
-    fn = METHODS[method]
-    shared = ReplayedForward(model)
-    maps = []
-    for k, c in enumerate(classes):
-        if k:
-            shared.rewind()
-        maps.append(fn(shared, x, [c], **kwargs))
-    return torch.cat(maps)
 
 
 def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -726,18 +637,8 @@ def _report(args: argparse.Namespace, records: Sequence[Mapping[str, Any]], num_
             gallery_methods: Optional[Sequence[str]] = None) -> None:
     """The table with its intervals, the published orderings, the files and the HTML page
     (with a gallery of the maps of ``gallery``'s embedded models; none from the store)."""
-    rows = make_table(records, num_classes, models, args.method_list, seed=args.seed)
-    comparisons = intervals.compare_orderings(pairs_of_records(records), models, args.method_list,
-                                              num_classes, seed=args.seed)
-    meta = {**meta, "intervals": {
-        "method": "percentile bootstrap over images (classes averaged in every resample); "
-                  "differences paired on the images both methods ran on",
-        "level": intervals.DEFAULT_LEVEL, "resamples": intervals.DEFAULT_RESAMPLES,
-        "seed": args.seed}}
-    print(print_table(rows))
-    if comparisons:
-        print(intervals.format_orderings(comparisons))
-    csv_path, json_path = write_outputs(args.out, rows, meta, comparisons)
+    csv_path, json_path = report_tables(args.out, records, num_classes, models,
+                                        args.method_list, meta, seed=args.seed)
     print(f"wrote {csv_path} and {json_path}; wall time {wall:.1f} s", flush=True)
     if not args.no_report:
         path = _report_module().write_report(

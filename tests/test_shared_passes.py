@@ -240,3 +240,24 @@ def test_extremal_perturbation_batches_images_with_their_own_seeds(tmp_path):
     assert len(batched) > 1
     per_row = {round(records[i]["seconds"] / rows[i], 9) for i in batched}
     assert len(per_row) == 1
+
+
+def test_image_batch_takes_the_next_wanted_images_while_their_rows_fit():
+    from torchray_like.benchmark.pointing_game_methods import image_batch
+
+    rows = {0: 2, 1: 3, 2: 0, 3: 2, 4: 1, 5: 4}.__getitem__
+    assert image_batch(0, 6, rows, {0, 1, 2, 3, 4, 5}, 8) == [0, 1, 3, 4]
+    # Another process's images and images without classes are skipped, not counted.
+    assert image_batch(0, 6, rows, {0, 3, 5}, 8) == [0, 3, 5]
+    assert image_batch(1, 6, rows, {1, 3, 4, 5}, 5) == [1, 3]   # 3 + 2 fits, + 1 does not
+    assert image_batch(5, 6, rows, {5}, 2) == [5]               # alone, even over the cap
+    assert image_batch(0, 1, rows, {0, 1}, 8) == [0]            # stop: the method's images
+
+
+def test_all_classes_once_refuses_the_other_methods():
+    from torchray_like.benchmark.pointing_game_methods import ALL_CLASSES_ONCE, all_classes_once
+
+    assert ALL_CLASSES_ONCE == ("rise", "occlusion")
+    with pytest.raises(ValueError, match=r"all_classes_once: 'grad_cam' is not one of "
+                                         r"\('rise', 'occlusion'\)"):
+        all_classes_once("grad_cam", Counting().eval(), torch.randn(1, 3, 8, 8), [0], {}, 0)

@@ -141,3 +141,23 @@ def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str
         json.dump(_json_clean({**meta, "rows": list(rows), "comparisons": list(comparisons)}),
                   f, indent=2)
     return csv_path, json_path
+
+
+def report_tables(out: str, records: Sequence[Mapping[str, Any]], num_classes: int,
+                  models: Sequence[str], methods: Sequence[str], meta: Mapping[str, Any],
+                  seed: int = 0) -> Tuple[str, str]:
+    """Print the table with its intervals (:func:`make_table`) and the published orderings
+    (:func:`~torchray_like.benchmark.intervals.compare_orderings`), and write them to ``out``
+    (:func:`write_outputs`, ``meta`` completed with the intervals' method); the two paths."""
+    rows = make_table(records, num_classes, models, methods, seed=seed)
+    comparisons = intervals.compare_orderings(pairs_of_records(records), models, methods,
+                                              num_classes, seed=seed)
+    meta = {**meta, "intervals": {
+        "method": "percentile bootstrap over images (classes averaged in every resample); "
+                  "differences paired on the images both methods ran on",
+        "level": intervals.DEFAULT_LEVEL, "resamples": intervals.DEFAULT_RESAMPLES,
+        "seed": seed}}
+    print(print_table(rows))
+    if comparisons:
+        print(intervals.format_orderings(comparisons))
+    return write_outputs(out, rows, meta, comparisons)
