@@ -8,13 +8,14 @@ Along one axis, the pooled value at evaluation point ``(q, s)`` (window ``q``, p
           u_{qsi} = \bar m_{q+i-r}\, g_{si} / T,
 
 over the valid candidates ``i`` (inside the grid, within 3σ), times ``T / norm`` so that a grid of
-ones pools to ones; its derivative is ``∂y/∂u_i = e^{u_i}/Σe · (1 + u_i − y)``.  The tensors
-are laid out with the candidate first, ``(w, sub, rows, count)``: the sums over candidates are
-then sums of contiguous slabs (several times faster on CPUs than reducing a last dimension of a
-dozen), and the window is a strided view of the padded parameters, never copied.  One node for
-all axes instead of autograd's graph of a dozen operations per axis: the mask generator is most
-of an iteration's own work on small images.  :class:`~.smooth_masks.MaskGenerator` uses it for
-its ``"softmax"`` pooling in single and double precision.
+ones pools to ones; its derivative is ``∂y/∂u_i = e^{u_i}/Σe · (1 + u_i − y)``.  One node for
+all axes, whose forward and backward run the operations autograd ran for the graph of the same
+expression, in its order and on tensors of the same layout: the same numbers bit for bit (the
+optimisation is chaotic — the ranking constraint's threshold is discontinuous — so a rounding
+difference would change the masks), without the graph's per-node cost.  The one liberty: the
+backward's sum over two to four phases is a running sum where that is the reduction's own order
+(checked once per axis).  :class:`~.smooth_masks.MaskGenerator` uses it for its ``"softmax"``
+pooling in single and double precision.
 """
 
 from __future__ import annotations
