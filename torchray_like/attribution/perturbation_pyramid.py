@@ -64,7 +64,9 @@ def _level_matrices(length: int, sigmas: Tuple[float, ...], dtype: torch.dtype,
     key = (length, sigmas, dtype, device)
     mats = _MATRICES.get(key)
     if mats is None:
-        if len(_MATRICES) >= 32:
+        # A few image sizes at a time (at most 64 MB of matrices: 28 MB for 1024 px).
+        size = len(sigmas) * length * length * torch.finfo(dtype).bits // 8
+        if sum(m.numel() * m.element_size() for m in _MATRICES.values()) + size > 2 ** 26:
             _MATRICES.clear()
         eye = torch.eye(length, dtype=dtype, device=device)
         mats = torch.stack([gaussian_matrix(length, s, dtype=dtype, device=device)
