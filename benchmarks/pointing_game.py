@@ -37,7 +37,8 @@ judged by a paired bootstrap (:mod:`torchray_like.benchmark.intervals`): reprodu
 not resolved, or too few images.  The CSV and JSON carry the intervals (``all_low`` ...) and
 the comparisons; ``OUT/report.html`` shows them with a gallery of maps (``--no-report``).
 
-The defaults take 54 s on an idle two-core CPU (214 s before issue 22, same conditions): the
+The defaults take about 74 s of one core's time with the three models (82 s before the shared
+occlusion passes and extremal perturbation's image batches, 214 s before issue 22): the
 first 128 embedded test images for the fast methods, enough to resolve the published orderings
 among them on the VGG, but only 8 for RISE (``--rise-limit``), 4 for extremal perturbation
 (``--ep-limit``; 100 iterations, ``--ep-iters``), 8 for the methods of tens of passes per image
