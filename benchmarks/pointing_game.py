@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--no-report", action="store_true",
                         help="do not write OUT/report.html (the tables, figures and a gallery "
-                             "of the maps of a few test images: half a minute more)")
+                             "of the maps of a few test images: about a second more)")
     add_common_arguments(parser, default_out=os.path.join(".", "out", "pointing_game"))
     parser.set_defaults(limit=_UNSET)
     for action in parser._actions:
