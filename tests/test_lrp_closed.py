@@ -20,6 +20,7 @@ from torchray_like.attribution.lrp_rules import (
     AffineCall,
     AlphaBeta,
     Epsilon,
+    Flat,
     Gamma,
     LinearMap,
     ZPlus,
@@ -334,3 +335,69 @@ def test_bfloat16_model_computes_the_rules_in_float32(rule):
     scale = float(want.abs().max())
     assert scale > 0
     assert float((got.double() - want).abs().max()) <= 0.05 * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat on an ungrouped convolution: one-channel products (lrp_rules.Flat.relevance)
+# ---------------------------------------------------------------------------------------------
+
+
+def hand_flat(conv, x, R):
+    """Flat in matrix form: every connection of the convolution has weight one, no bias."""
+    ones = copy.deepcopy(conv)
+    with torch.no_grad():
+        ones.weight.fill_(1.0)
+    ones.bias = None
+    M, b = matrix(ones, tuple(x.shape[1:]))
+    return share(M, b, R, 1e-6).reshape(x.shape[1:])
+
+
+FLAT_CONVS = {
+    "3x3 pad 1": dict(kernel_size=3, padding=1),
+    "5x5 stride 2 pad 2": dict(kernel_size=5, stride=2, padding=2),
+    "3x3 dilation 2": dict(kernel_size=3, dilation=2, padding=1),
+    # outputs on the border see only padding: count 0, stabilised to ε, nothing goes back
+    "1x1 pad 1": dict(kernel_size=1, padding=1),
+    "grouped (general way)": dict(kernel_size=3, padding=1, groups=3),
+}
+
+
+@pytest.mark.parametrize("options", list(FLAT_CONVS.values()), ids=list(FLAT_CONVS))
+def test_flat_first_layer_equals_matrix_form(options):
+    torch.manual_seed(23)
+    conv = nn.Conv2d(3, 6, **options).to(DT).eval()
+    head = nn.Linear(6 * conv(torch.zeros(1, 3, 7, 7, dtype=DT)).shape[-1] ** 2, 4).to(DT)
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), head).eval()
+    x = torch.randn(2, 3, 7, 7, dtype=DT)  # a batch of two: the channel sum is per sample
+    with LRPContext({"first": Flat(), "linear": Epsilon(1e-6)}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
+    got = (xx * g).detach()
+    assert got.shape == x.shape and got.dtype == DT
+    net.requires_grad_(False)
+    for n in range(2):
+        acts = torch.relu(conv(x[n:n + 1]))
+        W, b = matrix(lambda t: head(t.flatten(1)), tuple(acts.shape[1:]))
+        out = W @ acts.flatten() + b
+        R = torch.zeros_like(out)
+        R[1] = out[1]
+        R_act = hand_rule(Epsilon(1e-6), acts.flatten(), W, b, R)
+        want = hand_flat(conv, x[n:n + 1], R_act)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got[n], want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+def test_flat_one_channel_products_equal_the_full_ones():
+    """The one-channel form against full products with all-one weights (what the rule's
+    general form computes) on float32, strided, batch of two."""
+    torch.manual_seed(29)
+    w = torch.randn(8, 3, 3, 3)
+    call = AffineCall(torch.conv2d, w, None, (2, 1), {}, "conv")
+    x = torch.randn(2, 3, 9, 9)
+    r = torch.randn(2, 8, 5, 5)
+    fast = Flat().relevance(x, call, r)
+    ones = torch.ones_like(w)
+    s = safe_divide(r, F.conv2d(torch.ones_like(x), ones, None, 2, 1), 1e-6)
+    general = torch.nn.grad.conv2d_input(x.shape, ones, s, 2, 1)
+    assert fast.shape == x.shape and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6 * float(general.abs().max()))

@@ -467,14 +467,24 @@ class LRPContext(RuleContext):
 def _bn_scale_shift(values: Dict[str, Any], dtype: torch.dtype
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)`` with ``batch_norm(y) = a ⊙ y + c`` per channel (running statistics)."""
-    var = values["running_var"].detach().to(compute_dtype(dtype))
-    mean = values["running_mean"].detach().to(var.dtype)
-    scale = torch.rsqrt(var + values["eps"])
-    if values["weight"] is not None:
-        scale = scale * values["weight"].detach().to(var.dtype)
-    shift = -mean * scale
-    if values["bias"] is not None:
-        shift = shift + values["bias"].detach().to(var.dtype)
+    dtype = compute_dtype(dtype)
+
+    def vector(name: str) -> Optional[torch.Tensor]:
+        t = values[name]
+        return None if t is None else t.to(dtype) if t.dtype != dtype else t
+
+    # Few small operations (this runs once per batch norm and call): no graph is recorded,
+    # and a conversion only where the dtype differs.
+    with torch.no_grad():
+        var, mean, weight, bias = (vector(n) for n in ("running_var", "running_mean", "weight",
+                                                       "bias"))
+        scale = torch.rsqrt(cast(torch.Tensor, var) + values["eps"])
+        if weight is not None:
+            scale.mul_(weight)
+        if bias is None:
+            shift = cast(torch.Tensor, mean) * -scale
+        else:
+            shift = torch.addcmul(bias, cast(torch.Tensor, mean), scale, value=-1)
     return scale, shift
 
 

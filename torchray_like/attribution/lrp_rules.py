@@ -464,6 +464,28 @@ class Flat(_InputFree):
     def weight(self, call: AffineCall) -> torch.Tensor:
         return torch.ones_like(call.weight)
 
+    def relevance(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        op = linear_map(call, x)
+        if op is None or op.kind != "conv" or op.groups != 1:
+            return super().relevance(x, call, r)
+        return _flat_conv(op, x, call.weight, r)
+
+
+def _flat_conv(op: LinearMap, x: torch.Tensor, weight: torch.Tensor,
+               r: torch.Tensor) -> torch.Tensor:
+    """Flat on an ungrouped convolution, on one channel: every output channel sees every input
+    channel with weight one, so ``z̃ = op(1, 1)`` is ``C_in`` times the one-channel count of
+    the taps that fall inside the input (an integer, exact in floating point: the same
+    denominator as the full product), and ``op_1ᵀ(s)`` is the same for every input channel:
+    the one-channel transpose of ``Σ_out s`` (the same sum in another order).  Two products
+    on one channel instead of two over all of them."""
+    one = torch.ones((1, 1) + tuple(weight.shape[2:]), dtype=r.dtype, device=r.device)
+    count = op.forward(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=r.dtype,
+                                  device=r.device), one)
+    s = safe_divide(r, count * weight.shape[1], STABILIZER)
+    c = op.transpose(s.sum(1, keepdim=True), one, x[:, :1])
+    return c.expand(x.shape)
+
 
 @dataclass(frozen=True)
 class WSquare(_InputFree):
