@@ -115,7 +115,13 @@ def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tens
     bp = None if b is None else b.clamp(min=0)
     if kind is ZPlus:
         zp = op.forward(x, wp, bp)
-        return op.transpose(safe_divide(r, zp, cast(ZPlus, rule).epsilon), wp, x)
+        eps = cast(ZPlus, rule).epsilon
+        if eps >= torch.finfo(zp.dtype).tiny:
+            # x, w⁺, b⁺ ≥ 0: z⁺ ≥ 0 (+0 or -0 at the least), whose stabilised form
+            # z⁺ + ε·sign(z⁺) (sign(±0) = 1) is z⁺ + ε: the numbers safe_divide gives, in one
+            # pass instead of four.
+            return op.transpose(torch.div(r, zp.add_(eps)), wp, x)
+        return op.transpose(safe_divide(r, zp, eps), wp, x)
     if kind is AlphaBeta:
         return _alpha_beta(op, cast(AlphaBeta, rule), x, w, wp, b, r)
     return _gamma(op, cast(Gamma, rule), x, z, w, wp, bp, r)
