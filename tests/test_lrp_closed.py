@@ -401,3 +401,30 @@ def test_flat_one_channel_products_equal_the_full_ones():
     general = torch.nn.grad.conv2d_input(x.shape, ones, s, 2, 1)
     assert fast.shape == x.shape and fast.dtype == torch.float32
     torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6 * float(general.abs().max()))
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-3, 0.0], ids=["eps1e-6", "eps1e-3", "eps0"])
+def test_zplus_denominator_on_zero_outputs(eps):
+    """z⁺ on a ReLU'd input whose patches are all zero (z⁺ = b⁺ = 0 exactly, ±0) and biases of
+    both signs: the one-pass ``z⁺ + ε`` against the matrix form (ε = 0: masked zeros)."""
+    torch.manual_seed(31)
+    c1, c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+    fc = nn.Linear(3 * 6 * 6, 2)
+    with torch.no_grad():
+        c1.bias.fill_(-1.0)  # off where x is zero
+        c2.bias.copy_(torch.tensor([-0.2, 0.0, 0.3]))
+    net = nn.Sequential(c1, nn.ReLU(), c2, nn.ReLU(), nn.Flatten(), fc).to(DT).eval()
+    x = torch.randn(1, 2, 6, 6, dtype=DT) * 5
+    x[:, :, :3] = 0.0  # a region where the first layer's output is 0 (and -0.0 products)
+    x[:, 1, :3] = -0.0
+    rule = ZPlus(epsilon=eps)
+    got = ours(net, x, 0, rule)
+    steps = [("affine", c1, None), ("relu",), ("affine", c2, None), ("relu",),
+             ("affine", lambda t: fc(t.flatten(1)), Epsilon(1e-6))]
+    with torch.no_grad():
+        want = hand_lrp(steps, x, 0, rule)
+        hidden = torch.relu(c1(x))
+        zplus = F.conv2d(hidden, c2.weight.clamp(min=0), padding=1)
+        assert bool((zplus == 0).any())  # some z⁺ is exactly zero
+    assert want.abs().max() > 0 and got.dtype == DT
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
