@@ -36,7 +36,10 @@ def _hooked(model: nn.Module) -> bool:
 
 def _state(model: nn.Module) -> Tuple[Any, ...]:
     """What the output depends on besides the input: every parameter and buffer (storage and
-    version counter, which in-place changes bump) and every module's mode."""
+    version counter, which in-place changes bump) and every module's mode.  A change made
+    through ``.data`` (which has a version counter of its own) is not seen: the successive
+    calls a :class:`ReplayedForward` serves must not change the weights that way (the
+    benchmarks change no weight at all)."""
     tensors = tuple((t.data_ptr(), t._version) for t in model.parameters())
     buffers = tuple((t.data_ptr(), t._version) for t in model.buffers())
     return tensors, buffers, tuple(m.training for m in model.modules())
