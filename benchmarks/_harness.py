@@ -19,7 +19,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -97,12 +97,16 @@ def frozen(model: nn.Module):
 # Floors
 
 
-def floor_input(model: nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
-    """Plain forward + autograd.grad down to the input."""
+def floor_input(model: nn.Module, x: torch.Tensor, target,
+                around: Callable[[], ContextManager] = contextlib.nullcontext
+                ) -> Callable[[], object]:
+    """Plain forward + autograd.grad down to the input; the forward pass runs inside
+    ``around()`` (nothing by default)."""
     def run():
         with frozen(model):
             xx = x.detach().requires_grad_(True)
-            y = model(xx)
+            with around():
+                y = model(xx)
             return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
     return run
 
@@ -119,13 +123,7 @@ class PassThroughMode(TorchFunctionMode):
 def floor_input_seen(model: nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
     """:func:`floor_input` with the forward pass inside a :class:`PassThroughMode`: the least
     any method that intercepts the model's operations (a rule context) costs."""
-    def run():
-        with frozen(model):
-            xx = x.detach().requires_grad_(True)
-            with PassThroughMode():
-                y = model(xx)
-            return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
-    return run
+    return floor_input(model, x, target, PassThroughMode)
 
 
 def floor_input_hooked(model: nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
@@ -141,17 +139,16 @@ def floor_input_hooked(model: nn.Module, x: torch.Tensor, target) -> Callable[[]
         if output.requires_grad:
             output.register_hook(keep)
 
-    def run():
-        with frozen(model):
-            handles = [m.register_forward_hook(hook) for m in relus]
-            try:
-                xx = x.detach().requires_grad_(True)
-                y = model(xx)
-            finally:
-                for h in handles:
-                    h.remove()
-            return torch.autograd.grad(y, xx, get_backward_gradient(y, target))[0]
-    return run
+    @contextlib.contextmanager
+    def hooked() -> Iterator[None]:
+        handles = [m.register_forward_hook(hook) for m in relus]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    return floor_input(model, x, target, hooked)
 
 
 def floor_layer(model: nn.Module, x: torch.Tensor, target, layer) -> Callable[[], object]:
