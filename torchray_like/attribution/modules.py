@@ -94,7 +94,9 @@ class ModelScan:
             kind = MODULE_CLASSES.get(type(m))
             if kind is None:
                 kind = _module_kind(type(m))
-            if kind or "_compiled_call_impl" in m.__dict__:
+            if "_compiled_call_impl" in m.__dict__:
+                kind |= _MAYBE_OPAQUE  # compiled in place: this instance, not its class
+            if kind:
                 found |= _special_flags(m, kind)
         self.unset, self.inference = unset, inference
         self.opaque = bool(found & _MAYBE_OPAQUE)
@@ -119,17 +121,21 @@ def _module_kind(cls: type) -> int:
              or cls.__name__ == "OptimizedModule" else 0)
             | (_BATCH_NORM if issubclass(cls, _BATCH_NORMS) else 0)
             | (_DATA_PARALLEL if issubclass(cls, nn.DataParallel) else 0))
-    if len(MODULE_CLASSES) >= CLASS_CACHE_SIZE:
-        MODULE_CLASSES.clear()
-    MODULE_CLASSES[cls] = kind
-    return kind
+    return _learn(MODULE_CLASSES, cls, kind)
+
+
+def _learn(cache: Dict[type, Any], cls: type, value: Any) -> Any:
+    """``cache[cls] = value`` (``cache`` emptied first when full); returns ``value``."""
+    if len(cache) >= CLASS_CACHE_SIZE:
+        cache.clear()
+    cache[cls] = value
+    return value
 
 
 def _special_flags(m: nn.Module, kind: int) -> int:
-    """The flags that hold for ``m``, a module whose class is of ``kind`` (or compiled)."""
+    """The flags that hold for ``m``, a module of ``kind`` (its class's, or compiled)."""
     flags = 0
-    if (kind & _MAYBE_OPAQUE or "_compiled_call_impl" in m.__dict__) \
-            and opaque_kind(m) is not None:
+    if kind & _MAYBE_OPAQUE and opaque_kind(m) is not None:
         flags |= _MAYBE_OPAQUE
     if kind & _BATCH_NORM and m.running_mean is None:
         flags |= _BATCH_NORM
@@ -139,14 +145,9 @@ def _special_flags(m: nn.Module, kind: int) -> int:
 
 
 def _unset_class(cls: type) -> bool:
-    """Whether tensors of class ``cls`` are uninitialised (``torch.nn.Lazy*`` parameters)."""
-    unset = TENSOR_CLASSES.get(cls)
-    if unset is None:
-        unset = issubclass(cls, UninitializedTensorMixin)
-        if len(TENSOR_CLASSES) >= CLASS_CACHE_SIZE:
-            TENSOR_CLASSES.clear()
-        TENSOR_CLASSES[cls] = unset
-    return unset
+    """Whether tensors of class ``cls`` are uninitialised (``torch.nn.Lazy*`` parameters);
+    learnt into :data:`TENSOR_CLASSES` (the scan looks there first)."""
+    return _learn(TENSOR_CLASSES, cls, issubclass(cls, UninitializedTensorMixin))
 
 
 def _preorder(model: nn.Module) -> List[nn.Module]:
