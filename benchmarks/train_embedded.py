@@ -213,9 +213,16 @@ def train_vgg16(out: str, seed: int, recipe: Dict[str, float], batch_size: int, 
             ev = evaluate(model, EmbeddedShapes("test", size=500, seed=0), classes=NUM_CLASSES)
             print(f"epoch {epoch + 1}: loss {loss.item():.4f}, test mAP {100 * ev['map']:.2f} % "
                   "(500 images)", flush=True)
-    model = trim_vgg16(model.eval())
+    return save_and_test(trim_vgg16(model.eval()), "embedded-vgg16", out, test_size, workers,
+                         start)
+
+def save_and_test(model: nn.Module, name: str, out: str, test_size: int, workers: int,
+                  start: float) -> Dict:
+    """Save ``model``'s weights under the shipped file name of ``name`` in ``out``, and return
+    what a training run reports: the path, its SHA-256, the minutes since ``start``, the test
+    metrics on ``test_size`` images and the exact-match rate on the first 64."""
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, EMBEDDED_WEIGHTS["embedded-vgg16"][0])
+    path = os.path.join(out, EMBEDDED_WEIGHTS[name][0])
     torch.save(model.state_dict(), path)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -223,6 +230,7 @@ def train_vgg16(out: str, seed: int, recipe: Dict[str, float], batch_size: int, 
     small = evaluate(model, EmbeddedShapes("test", size=64, seed=0))
     return {"path": path, "sha256": digest, "minutes": (time.time() - start) / 60,
             "test": test, "exact_match_64": small["exact_match"]}
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: EmbeddedShapes, batch_size: int = 100,
@@ -339,16 +347,8 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
             ev = evaluate(model, EmbeddedShapes("test", size=500, seed=0), classes=NUM_CLASSES)
             bar.write(f"epoch {_epoch + 1}: test mAP {100 * ev['map']:.2f} % (500 images)")
     bar.close()
-    model = trim_head(model.eval().cpu(), name)
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, EMBEDDED_WEIGHTS[name][0])
-    torch.save(model.state_dict(), path)
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    test = evaluate(model, EmbeddedShapes("test", size=test_size, seed=0), workers=workers)
-    small = evaluate(model, EmbeddedShapes("test", size=64, seed=0))
-    return {"path": path, "sha256": digest, "minutes": (time.time() - start) / 60,
-            "test": test, "exact_match_64": small["exact_match"]}
+    return save_and_test(trim_head(model.eval().cpu(), name), name, out, test_size, workers,
+                         start)
 
 
 def _positive(kind: type, what: str):
