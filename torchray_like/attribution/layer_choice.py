@@ -18,14 +18,7 @@ import torch.nn as nn
 
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_input, layout_hint
-from .modules import (
-    call_scan,
-    check_model,
-    current_scan,
-    opaque_modules,
-    scan_model,
-    unwrap_compiled,
-)
+from .modules import ModelScan, call_scan, check_model, opaque_modules, unwrap_compiled
 from .state import model_state_guard
 from .targets import Target, parse_target
 from .tokens import infer_token_layout, is_token_model
@@ -45,13 +38,12 @@ _LAYER_CACHE_LOCK = threading.Lock()
 _LAYER_CACHE_PER_MODEL = 8
 
 
-def _cache_key(model: nn.Module, input: torch.Tensor) -> Tuple:
+def _cache_key(scan: ModelScan, input: torch.Tensor) -> Tuple:
     # The structure part changes when a sub-module is replaced, added, removed or renamed,
     # which can change the answer: every module (identity, in ``named_modules`` order) with the
     # names of its children determines every dotted name.  It reads the call's scan of the
-    # tree when there is one (no second walk, and no dotted names built: on small models they
-    # cost more than the rest of a short call's checks).
-    scan = current_scan(model) or scan_model(model)  # (the first: find_saliency_layer's)
+    # tree (no second walk, and no dotted names built: on small models they cost more than the
+    # rest of a short call's checks).
     structure = tuple((id(m), tuple(m._modules.keys())) for m in scan.modules)
     return (tuple(input.shape[1:]), input.dtype, input.device.type, structure)
 
@@ -383,11 +375,11 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
         check_model(model)  # the TypeError saying what a model must be
     # One walk of the module tree for the checks and the cache key (the scan of the method
     # call this runs in, if any).
-    with call_scan(model):
-        return _find_saliency_layer(model, input)
+    with call_scan(model) as scan:
+        return _find_saliency_layer(model, input, scan)
 
 
-def _find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
+def _find_saliency_layer(model: nn.Module, input: torch.Tensor, scan: ModelScan) -> str:
     check_model(model)
     model = unwrap_compiled(model)  # torch.compile(model): the names of the original module
     check_input(input, needs_grad=False)
@@ -401,7 +393,7 @@ def _find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     hint = layout_hint(model, input, certain_only=True)
     if hint is not None:
         raise ValueError(hint)
-    key = _cache_key(model, input)
+    key = _cache_key(scan, input)
     with _LAYER_CACHE_LOCK:
         name = LAYER_CACHE.get(model, {}).get(key)
     if name is not None:
