@@ -22,6 +22,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # oversubscription (which made small-op-heavy tests several times slower).
     torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): for modules of small tensors, where two threads on a busy 2-core machine make
+    every small op wait for the other (several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TORCHVISION_NAMES = ("vgg11", "resnet18", "densenet121", "squeezenet1_1", "mobilenet_v2")
 
 
