@@ -389,6 +389,22 @@ class RuleContext(TorchFunctionMode):
                 "contexts do not reach, so the result would mix the rule with the plain "
                 f"gradient; {THREAD_ADVICE}")
 
+    def plain_forward(self, model: nn.Module, rules: Sequence[Any] = ()) -> bool:
+        """Whether a method may run ``model``'s forward pass outside the context and
+        :meth:`attach` the rules to its graph afterwards (the fast path of
+        :class:`~.rules.ReLUContext`); the base class: never."""
+        return False
+
+    def attach(self, output: Any, model: nn.Module) -> bool:
+        """Apply the rules to the graph of ``output`` computed outside the context; ``False``
+        when that cannot be done exactly (the base class: never)."""
+        return False
+
+    def learn(self, output: Any, model: nn.Module) -> None:
+        """Called after a forward pass inside the context that passed every check, with the
+        differentiated tensor: a context may remember whether :meth:`plain_forward` can serve
+        ``model`` next time (the base class does not)."""
+
     def switch_rule(self, rule: Any) -> None:
         """Make the nodes of the last forward pass apply ``rule`` in the next backward passes
         (``retain_graph=True``): one forward serves several rules.  Contexts whose rules are

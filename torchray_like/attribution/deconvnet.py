@@ -33,6 +33,10 @@ class DeConvNetRule(ReLURule):
         return torch.ops.aten.hardtanh_backward.grad_input(
             positive, output, float("-inf"), upper, grad_input=positive)
 
+    def backward_relu(self, plain: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``p⁺``: the incoming signal, clamped (the forward mask is not used)."""
+        return grad.clamp(min=0)
+
 
 #: The DeConvNet rule (a shared, stateless instance).
 DECONVNET_RULE = DeConvNetRule()

@@ -229,8 +229,8 @@ class ForwardPass:
 @contextlib.contextmanager
 def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType, Target],
                  layers: Dict[str, Union[str, nn.Module, None]], context: Any = None,
-                 get_backward_gradient: Callable = get_backward_gradient
-                 ) -> Iterator[ForwardPass]:
+                 get_backward_gradient: Callable = get_backward_gradient,
+                 rules: Sequence[Any] = ()) -> Iterator[ForwardPass]:
     """Run ``model(input)`` as every backprop method does and yield a :class:`ForwardPass`.
 
     Checks the model, input and target (parsed once with :func:`~.targets.parse_target`,
@@ -247,6 +247,12 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
     ``torch.compile(model)`` itself is explained through its original module.  After the
     forward pass: a :class:`RuleContext` that replaced nothing, and target scores that are not
     finite (NaN / Inf in the input or an overflow), raise :class:`ValueError` too.
+
+    A rule context that can put its rules on the graph of a plain forward pass
+    (:meth:`~.context.RuleContext.plain_forward`; ``rules`` are the rules the caller switches
+    to between backward passes) is not entered when ``model``'s graph is known to allow it:
+    the model runs plainly and the rules are attached to the graph (see :mod:`.graph_rules`);
+    a graph that turns out not to allow it runs again inside the context.
 
     Backpropagation from ``scores`` reaches only what the readings need: the input requires
     grad only when it is read, a probed layer is a leaf of the graph, and
@@ -267,7 +273,13 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
     # Reading layers only, with the plain gradient: no graph below the first layer reached
     # (GraphFromLayers), unless that leaves the scores without a graph (a reentrant checkpoint
     # or a custom autograd.Function around the layer): then the forward runs again, whole.
-    attempts = [True, False] if not reads_input and context is None else [False]
+    # Attempts: (below_free, plain).  A rule context that can put its rules on the graph of a
+    # plain forward pass (graph_rules) runs the model outside the context first, and inside it
+    # when the graph turns out to need the context's view of the calls.
+    attempts = ([(True, False), (False, False)] if not reads_input and context is None
+                else [(False, True), (False, False)]
+                if isinstance(context, RuleContext) and context.plain_forward(model, rules)
+                else [(False, False)])
     if context is None:
         context = NullContext()
     if isinstance(context, RuleContext):
@@ -275,7 +287,7 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
     with suspend_rule_contexts(), model_state_guard(model, freeze=False), \
             torch.enable_grad():
         x = input.detach().requires_grad_(reads_input)
-        for below_free in attempts:
+        for below_free, plain in attempts:
             # The model runs on a tensor of its own: an in-place operation in its forward pass
             # (x.sub_(mean).div_(std)) changes neither the caller's input nor the leaf ``x``.
             model_input = x.clone() if reads_input else input.detach().clone()
@@ -283,15 +295,20 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
             probes: Dict[str, Probe] = {}
             try:
                 attach_probes(modules, probes, graph_from)
-                output = run_model(model, model_input, input, context, below_free)
+                output = run_model(model, model_input, input,
+                                   NullContext() if plain else context, below_free)
                 reads = {label: x if module is None else single_call(probes[label], label,
                                                                       layers[label])
                          for label, module in modules.items()}
                 scores, seed = seed_scores(model, input, output, parsed, get_backward_gradient)
                 if below_free and not scores.requires_grad:
                     continue
+                if plain and not context.attach(scores, model):
+                    continue
                 check_scores(context, model, scores, seed, input, reads,
                              describe_reads(modules, layers))
+                if not plain and isinstance(context, RuleContext):
+                    context.learn(scores, model)
                 yield ForwardPass(x, output, scores, seed, context, reads, dict(layers),
                                   type(model).__name__, batch_statistics_layers(model))
                 return

@@ -235,8 +235,10 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
     passes = _passes(jobs, switched)
     single = len(jobs) == 1 and len(jobs[0].reads) == 1
     results: Dict[str, Result] = {}
+    rules = [rule for rule, _, _ in passes if rule is not None]
     with debug_probes(model, debug and single) as probes, forward_pass(
-            model, input, target, readings.layers, context, get_backward_gradient) as fp:
+            model, input, target, readings.layers, context, get_backward_gradient,
+            rules) as fp:
         tokens = _check_reads(fp, jobs, model, input)
         grads = _gradients(fp, passes, switched, keep_graph=bool(probes))
         if probes:

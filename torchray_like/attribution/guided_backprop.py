@@ -34,6 +34,10 @@ class GuidedBackpropRule(ReLURule):
         return torch.ops.aten.hardtanh_backward.grad_input(
             positive, output, 0.0, upper, grad_input=positive)
 
+    def backward_relu(self, plain: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``(p · [x > 0])⁺ = p⁺ · [x > 0]``: the plain ReLU gradient, clamped."""
+        return plain.clamp(min=0)
+
 
 #: The guided-backprop rule (a shared, stateless instance).
 GUIDED_BACKPROP_RULE = GuidedBackpropRule()

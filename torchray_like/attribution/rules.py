@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from . import graph_rules
 from .call_args import arg, first_arg, with_first_arg
 from .context import RuleContext
 
@@ -52,6 +53,16 @@ class ReLURule:
         if upper is None:
             return torch.ops.aten.threshold_backward(grad, output, 0)
         return torch.ops.aten.hardtanh_backward(grad, output, 0.0, upper)
+
+    def backward_relu(self, plain: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The rule through a plain ReLU, from what PyTorch's own backward gives:
+        ``plain = grad · [x > 0]`` (``grad`` is the incoming signal).
+
+        The same rule as :meth:`backward` with ``upper=None``, written for the methods' fast
+        path (:mod:`.graph_rules`: the rule put on the graph of a plain forward pass).  A
+        subclass that overrides :meth:`backward` only is not used there.
+        """
+        return plain
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -275,6 +286,7 @@ class ReLUContext(RuleContext):
                 "autograd.Function subclass such as GuidedBackpropReLU")
         function_class = relu_func if relu_func is not None else function_class
         super().__init__()
+        self._attached = False
         self._cell: Optional[RuleCell] = None
         self._function: Any = None
         if isinstance(function_class, ReLURule):
@@ -286,6 +298,15 @@ class ReLUContext(RuleContext):
             raise TypeError(
                 "ReLUContext: relu_func / function_class must be a ReLURule instance or a "
                 f"subclass of torch.autograd.Function, got {function_class!r}")
+
+    def __enter__(self):
+        # The table is built when the context is first entered: the methods' fast path
+        # (graph_rules) never enters it, and building it is most of a context's creation.
+        if not self.handlers:
+            self._fill_handlers()
+        return super().__enter__()
+
+    def _fill_handlers(self) -> None:
         h = self.handlers
         aten = torch.ops.aten
         h[F.relu] = self._relu_kw
@@ -332,6 +353,45 @@ class ReLUContext(RuleContext):
         for func in funcs:
             if func is not None:
                 self.handlers[func] = handler
+
+    # -- the methods' fast path (graph_rules) -------------------------------------------------
+    def plain_forward(self, model: torch.nn.Module, rules: Iterable[Any] = ()) -> bool:
+        """Whether a method may run ``model``'s forward pass outside this context and
+        :meth:`attach` the rule to its graph: the rule (and ``rules``, those the method switches
+        to later) can be written with the plain ReLU gradient, and ``model``'s last pass inside
+        a ReLU context showed a graph of ReLUs and plain operations only."""
+        if self._cell is None or not all(graph_rules.graph_capable(rule)
+                                         for rule in (self._cell.rule, *rules)):
+            return False
+        return graph_rules.qualifies(model)
+
+    def attach(self, output: Any, model: torch.nn.Module) -> bool:
+        """Put the rule on the ReLU nodes of the graph of ``output``, computed outside the
+        context; ``False`` (nothing attached) when the graph holds anything else — then run the
+        forward pass inside the context.  Sets :attr:`counts` to the ReLUs attached."""
+        nodes = (graph_rules.relu_nodes(output)
+                 if self._cell is not None and isinstance(output, torch.Tensor) else None)
+        if nodes is None:
+            graph_rules.forget(model)
+            return False
+        self.reset_counts()
+        self.count("relu", graph_rules.attach_relu_rule(nodes, self._cell))
+        self._attached = True
+        return True
+
+    def learn(self, output: Any, model: torch.nn.Module) -> None:
+        """After a forward pass inside this context: remember whether ``model``'s next passes
+        can take the fast path (see :mod:`.graph_rules`)."""
+        if self._cell is not None and isinstance(output, torch.Tensor):
+            graph_rules.learn(model, output, self.counts, self.unhandled, RectifierFunction)
+
+    def reset_counts(self) -> None:
+        super().reset_counts()
+        self._attached = False
+
+    def check_path(self, output: torch.Tensor, reads: Any, where: str = "the tensor read") -> None:
+        if not self._attached:  # attached to the graph: every ReLU on it has the rule
+            super().check_path(output, reads, where)
 
     @property
     def rule(self) -> Union[ReLURule, type]:
