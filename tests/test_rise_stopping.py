@@ -20,7 +20,7 @@ from torchray_like.attribution.rise import DEFAULT_TOL, generate_masks, rise
 from torchray_like.attribution.rise_masks import MaskSampler
 from torchray_like.attribution.seeding import make_generator
 
-from .test_rise import BoxModel, LinearModel, SmallNet, interp_matrix
+from .rise_helpers import BoxModel, LinearModel, SmallNet, interp_matrix
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,7 +182,7 @@ def test_a_flat_map_does_not_hold_up_the_others():
 
 def test_the_estimate_is_unbiased_and_less_noisy_than_the_plain_map():
     """Over 40 seeds at 128 masks, against the exact expectation enumerated over every mask."""
-    from .test_rise import all_masks
+    from .rise_helpers import all_masks
     w = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(LinearModel(w))
     x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(2)) + 0.5
