@@ -182,6 +182,12 @@ def test_a_model_changed_between_calls_is_seen(x):
         out = guided_backprop(model, x, 1)
     assert not graph_rules.qualifies(model)
     torch.testing.assert_close(out, context_grad(model, x, GUIDED_BACKPROP_RULE, 1))
+    model.act2 = nn.ReLU()  # a model that stopped qualifying is not learnt again ...
+    guided_backprop(model, x, 1)
+    assert not graph_rules.qualifies(model)
+    graph_rules.forget(model)  # ... until told to
+    guided_backprop(model, x, 1)
+    assert graph_rules.qualifies(model)
 
 
 class Switching(Small):

@@ -21,7 +21,8 @@ makes a node outside the list), so both give the same numbers.  Anything else â€
 node, a custom :class:`torch.autograd.Function`, a compiled graph, a ``x * (x > 0)`` â€” and the
 method runs its forward pass inside the context instead, as it always did.  Which models
 qualify is learnt from a pass inside the context (:func:`learn`) and remembered per model; a
-model that no longer qualifies is caught by the check of each call, and run inside the context.
+model that no longer qualifies is caught by the check of each call, and run inside the context
+from then on (:func:`forget` lets it learn anew).
 
 A rule qualifies when it can be written with the plain gradient through the ReLU: its class
 defines :meth:`~.rules.ReLURule.backward_relu` next to (or below) its ``backward``.
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["PLAIN_NODES", "RELU_NODE", "graph_capable", "relu_nodes", "attach_relu_rule",
-           "learn", "qualifies"]
+           "learn", "qualifies", "disqualify", "forget"]
 
 #: The autograd node of ``relu`` / ``relu_`` in every spelling (module, functional, method).
 RELU_NODE = "ReluBackward0"
@@ -167,6 +168,8 @@ def learn(model: nn.Module, output: torch.Tensor, counts: dict, unhandled: dict,
     no other non-linearity, and the graph holds nothing but the context's rectifier nodes
     (``function_class``) and :data:`PLAIN_NODES`.
     """
+    if model in _QUALIFIED:
+        return  # learnt already (a model that stopped qualifying is not walked each call)
     ok = set(counts) == {"relu"} and not unhandled
 
     def accept(node: Any, kind: str) -> Optional[bool]:
@@ -182,6 +185,16 @@ def learn(model: nn.Module, output: torch.Tensor, counts: dict, unhandled: dict,
         pass
 
 
+def disqualify(model: nn.Module) -> None:
+    """Run ``model``'s next passes inside the context: its graph stopped qualifying (it is not
+    learnt again; :func:`forget` makes the next pass inside the context learn anew)."""
+    try:
+        _QUALIFIED[model] = False
+    except TypeError:
+        pass
+
+
 def forget(model: nn.Module) -> None:
-    """Run ``model``'s next passes inside the context (its graph stopped qualifying)."""
+    """Forget what was learnt about ``model``: its next pass inside a ReLU context learns
+    anew."""
     _QUALIFIED.pop(model, None)

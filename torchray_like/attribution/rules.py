@@ -372,7 +372,7 @@ class ReLUContext(RuleContext):
         nodes = (graph_rules.relu_nodes(output)
                  if self._cell is not None and isinstance(output, torch.Tensor) else None)
         if nodes is None:
-            graph_rules.forget(model)
+            graph_rules.disqualify(model)
             return False
         self.reset_counts()
         self.count("relu", graph_rules.attach_relu_rule(nodes, self._cell))
