@@ -287,3 +287,4 @@ def test_qualification_is_forgotten_with_the_model():
     del model
     gc.collect()
     assert ref() is None
+

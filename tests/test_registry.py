@@ -121,6 +121,33 @@ def test_every_entry_returns_one_map_per_sample_for_the_target(name, dims):
     assert torch.isfinite(smap).all()
 
 
+class UnhashableSequential(torch.nn.Sequential):
+    """A model whose class defines ``__eq__`` without ``__hash__``: its instances cannot be
+    hashed, which PyTorch's own ``model.modules()`` and ``model.eval()`` need."""
+
+    def __eq__(self, other):
+        return self is other
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_entry_refuses_an_unhashable_model_clearly(name):
+    torch.manual_seed(0)
+    model = UnhashableSequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                 torch.nn.Linear(6, 4))
+    with pytest.raises(TypeError):
+        hash(model)
+    with pytest.raises(TypeError, match=r"UnhashableSequential cannot be hashed.*__hash__ = "):
+        METHODS[name](model, torch.rand(2, 3, 12, 12), [1, 2])
+    if name not in TRANSFORMER_ONLY_METHODS:
+        model.__class__ = torch.nn.Sequential  # what the message says: a hashable class
+        fast = {"rise": {"num_masks": 32, "num_cells": 4},
+                "extremal_perturbation": {"max_iter": 3, "areas": [0.1], "step": 2,
+                                          "sigma": 3}}.get(name, {})
+        smap = METHODS[name](model, torch.rand(2, 3, 12, 12), [1, 2], **fast)
+        assert smap.shape == (2, 1, 12, 12)
+
+
 def test_uniform_views_keep_the_functions_return_values():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),

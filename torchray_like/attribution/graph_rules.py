@@ -157,7 +157,7 @@ def attach_relu_rule(nodes: Iterable[Any], cell: Any) -> int:
 
 def qualifies(model: nn.Module) -> bool:
     """Whether ``model``'s last pass inside a ReLU context showed a graph the hooks can serve."""
-    return _QUALIFIED.get(model, False)
+    return _QUALIFIED.get(model, False)  # (the methods refuse unhashable modules first)
 
 
 def learn(model: nn.Module, output: torch.Tensor, counts: dict, unhandled: dict,
@@ -179,19 +179,13 @@ def learn(model: nn.Module, output: torch.Tensor, counts: dict, unhandled: dict,
 
     if ok:
         ok = bool(_walk(output, accept))
-    try:
-        _QUALIFIED[model] = ok
-    except TypeError:  # a module that cannot be weakly referenced: always inside the context
-        pass
+    _QUALIFIED[model] = ok
 
 
 def disqualify(model: nn.Module) -> None:
     """Run ``model``'s next passes inside the context: its graph stopped qualifying (it is not
     learnt again; :func:`forget` makes the next pass inside the context learn anew)."""
-    try:
-        _QUALIFIED[model] = False
-    except TypeError:
-        pass
+    _QUALIFIED[model] = False
 
 
 def forget(model: nn.Module) -> None:

@@ -68,16 +68,21 @@ class ModelScan:
         Some batch norm normalises with the batch's statistics in eval mode.
     data_parallel : bool
         Some ``nn.DataParallel`` spans several devices.
+    unhashable : type or None
+        The class of a module that cannot be hashed (``__eq__`` defined without
+        ``__hash__``), which PyTorch's own walks of the tree (``model.modules()``,
+        ``model.eval()``) cannot handle.
     """
 
     __slots__ = ("model", "modules", "unset", "inference", "opaque", "batch_statistics",
-                 "data_parallel")
+                 "data_parallel", "unhashable")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.modules = modules = _preorder(model)
         unset = inference = False
         found = 0  # _MAYBE_OPAQUE | _BATCH_NORM | _DATA_PARALLEL bits that hold
+        self.unhashable: Optional[type] = None
         for m in modules:
             for table in (m._parameters, m._buffers):
                 for t in table.values():
@@ -96,6 +101,8 @@ class ModelScan:
                 kind = _module_kind(type(m))
             if "_compiled_call_impl" in m.__dict__:
                 kind |= _MAYBE_OPAQUE  # compiled in place: this instance, not its class
+            if kind & _UNHASHABLE:
+                self.unhashable = type(m)
             if kind:
                 found |= _special_flags(m, kind)
         self.unset, self.inference = unset, inference
@@ -107,7 +114,7 @@ class ModelScan:
 # What a module's class tells the scan (flags), found once per class: the per-call scan then
 # costs a dict lookup per module instead of four isinstance tests (on a small model the walk
 # is most of a short call's fixed cost).
-_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL = 1, 2, 4
+_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL, _UNHASHABLE = 1, 2, 4, 8
 #: What the scan learnt per module class (flags) and per tensor class (uninitialised or not);
 #: each holds at most :data:`CLASS_CACHE_SIZE` classes (it is emptied when full), so classes
 #: made on the fly (tests, notebooks) cannot grow it without bound.
@@ -120,7 +127,8 @@ def _module_kind(cls: type) -> int:
     kind = ((_MAYBE_OPAQUE if issubclass(cls, torch.jit.ScriptModule)
              or cls.__name__ == "OptimizedModule" else 0)
             | (_BATCH_NORM if issubclass(cls, _BATCH_NORMS) else 0)
-            | (_DATA_PARALLEL if issubclass(cls, nn.DataParallel) else 0))
+            | (_DATA_PARALLEL if issubclass(cls, nn.DataParallel) else 0)
+            | (_UNHASHABLE if cls.__hash__ is None else 0))
     return _learn(MODULE_CLASSES, cls, kind)
 
 
@@ -230,11 +238,15 @@ def check_model(model: Any, needs_autograd: bool = True, method: str = "") -> nn
                 "in an nn.Module whose forward calls it")
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     scan = current_scan(model)
-    if scan is not None:
-        if not (scan.unset or (needs_autograd and scan.inference)):
-            return model
-    elif not any(is_lazy(t) or (needs_autograd and t.is_inference()) or t.is_meta
-                 for _, t in iter_tensors(model)):
+    if scan is None:
+        scan = ModelScan(model)
+    if scan.unhashable is not None:
+        name = scan.unhashable.__name__
+        raise TypeError(
+            f"model: module class {name} cannot be hashed (it defines __eq__ without "
+            "__hash__), and PyTorch's walks of a module tree (model.modules(), model.eval()) "
+            f"need hashable modules; add `__hash__ = torch.nn.Module.__hash__` to {name}")
+    if not (scan.unset or (needs_autograd and scan.inference)):
         return model
     # Something is wrong: find its name (the slow walk, on the error path only).
     prefix = f"{method}: " if method else ""
