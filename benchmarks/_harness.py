@@ -72,6 +72,28 @@ REFERENCES = ("captum", "grad-cam", "zennit")
 _FROZEN: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def module_hooks(model: nn.Module) -> Dict[str, int]:
+    """Module name -> number of forward, pre-forward and backward hooks on it (those present)."""
+    found = {}
+    for name, module in model.named_modules():
+        n = sum(len(getattr(module, attr)) for attr in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+        if n:
+            found[name or "(model)"] = n
+    return found
+
+
+def check_no_hooks_left(model: nn.Module, before: Dict[str, int], what: str) -> None:
+    """Refuse to time anything while ``what`` has left hooks on ``model``: every row and floor
+    would silently pay for them (a reference library object that hooks its layer from its
+    construction until released did so once)."""
+    after = module_hooks(model)
+    if after != before:
+        raise RuntimeError(
+            f"{what} left hooks on the model ({after}, before: {before}); every timing after "
+            "it would include them — build such objects inside the timed call and release them")
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad`` off for good, as the methods run the model.
 

@@ -140,24 +140,28 @@ def grad_cam_method(method: str, model: nn.Module, x: torch.Tensor, target: List
         return NOT_INSTALLED
     targets_mod = _import("pytorch_grad_cam.utils.model_targets")
     cls = getattr(cams, GRAD_CAM_CLASSES[method])
-    cam = cls(model=model, target_layers=[layer])
-    if batch is not None:
-        cam.batch_size = batch
     targets = [targets_mod.ClassifierOutputTarget(c) for c in target]
-    params = [p for p in model.parameters()] if cam.uses_gradients else []
+    params = list(model.parameters())
 
     def run():
-        # The benchmark's model is frozen; pytorch-grad-cam backpropagates from the score with
-        # ``backward()``, which needs trainable parameters (as a user's model has them).
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's tqdm bar per image
-                return cam(input_tensor=x, targets=targets)
-        finally:
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+        # pytorch-grad-cam's objects hook the layer from their construction until released:
+        # made and released per call (its documented ``with`` form), so that its hooks are never
+        # on the model while our rows and floors are timed.  The benchmark's model is frozen;
+        # pytorch-grad-cam backpropagates from the score with ``backward()``, which needs
+        # trainable parameters (as a user's model has them).
+        with cls(model=model, target_layers=[layer]) as cam:
+            if batch is not None:
+                cam.batch_size = batch
+            trained = params if cam.uses_gradients else []
+            for p in trained:
+                p.requires_grad_(True)
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's bar per image
+                    return cam(input_tensor=x, targets=targets)
+            finally:
+                for p in trained:
+                    p.requires_grad_(False)
+                    p.grad = None
     return run
 
 

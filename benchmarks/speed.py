@@ -59,6 +59,7 @@ from _harness import (  # noqa: E402
     HEADER,
     NOISE,
     Case,
+    check_no_hooks_left,
     floor_input,
     floor_input_hooked,
     floor_input_seen,
@@ -70,6 +71,7 @@ from _harness import (  # noqa: E402
     freeze,
     frozen,
     measure,
+    module_hooks,
 )
 from _memory import bounded_cases, case_peaks, peak_bytes  # noqa: E402,F401  (re-exported)
 
@@ -527,6 +529,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     start = time.perf_counter()
     for name in args.models:
         s = setup(name, args, device)
+        hooks = module_hooks(s.model)
         every = [c for family in CASES for c in family(s)]
         missing = [m for m in args.methods if m not in {c.method for c in every}]
         if missing:  # say so rather than leave rows out silently
@@ -539,6 +542,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
                   f"{', '.join(heavy)}", flush=True)
         cases = [c for c in cases if c.name not in heavy]
         attach_captum(cases, s)
+        check_no_hooks_left(s.model, hooks, "building the rows")
         for case in cases:
             try:
                 drop_failing(case)
@@ -548,6 +552,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
                 print(f"{name:9s} {case.name:46s} ERROR {type(exc).__name__}: {exc}", flush=True)
                 errors.append(f"{name} {case.name}")
                 continue
+            check_no_hooks_left(s.model, hooks, case.name)
             print(format_row(name, case, res), flush=True)
             rows.append(_row(name, case, res))
     _report(rows, args, errors, time.perf_counter() - start)
@@ -578,8 +583,10 @@ def run_memory(args: argparse.Namespace, argv=None) -> int:
     start = time.perf_counter()
     for name in args.models:
         s = setup(name, args, device)
+        hooks = module_hooks(s.model)
         cases = [c for family in CASES for c in family(s) if c.method in args.methods]
         attach_captum(cases, s)
+        check_no_hooks_left(s.model, hooks, "building the rows")
         for case in cases:
             drop_failing(case)
             res = case_peaks(case.run, case.floor, case.others, device)

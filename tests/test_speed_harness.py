@@ -1,0 +1,59 @@
+"""The timing harness of ``benchmarks/speed.py``: nothing it builds may stay attached to the model
+while rows are timed (a reference library object that hooks its layer from construction until
+released made every row and floor pay for its hooks)."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import _harness  # noqa: E402
+import _references  # noqa: E402
+import speed  # noqa: E402
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_a_hook_left_behind_stops_the_timing():
+    model = net()
+    before = _harness.module_hooks(model)
+    assert before == {}
+    handle = model[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match=r"left hooks on the model \(\{'0': 1\}"):
+        _harness.check_no_hooks_left(model, before, "a reference")
+    handle.remove()
+    _harness.check_no_hooks_left(model, before, "a reference")  # nothing left: silent
+
+
+@pytest.mark.parametrize("method", sorted(_references.GRAD_CAM_CLASSES))
+def test_pytorch_grad_cam_references_hook_only_inside_their_call(method):
+    pytest.importorskip("pytorch_grad_cam")
+    model, x = net(), torch.rand(1, 3, 12, 12)
+    batch = 4 if method in ("score_cam", "ablation_cam") else None
+    run = _references.grad_cam_method(method, model, x, [1], model[0], batch)
+    assert _harness.module_hooks(model) == {}  # built: no hook yet
+    out = run()
+    assert out.shape == (1, 12, 12)
+    assert _harness.module_hooks(model) == {}  # called: released
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_building_every_row_leaves_no_hook():
+    args = speed.parse_args(["--models", "embedded-vgg"])  # with the reference libraries
+    s = speed.setup("embedded-vgg", args, torch.device("cpu"))
+    before = _harness.module_hooks(s.model)
+    cases = [c for family in speed.CASES for c in family(s)]  # alive while checked
+    _harness.check_no_hooks_left(s.model, before, "building the rows")
+    assert len(cases) > 30
