@@ -288,3 +288,28 @@ def test_qualification_is_forgotten_with_the_model():
     gc.collect()
     assert ref() is None
 
+
+
+def test_a_context_subclass_that_handles_calls_itself_sees_every_call(x):
+    """A user's ReLUContext subclass overriding how a call is handled keeps seeing the calls:
+    the fast path is for the library's own contexts (and subclasses that only configure)."""
+    class Counting(ReLUContext):
+        seen = 0
+
+        def _relu_kw(self, func, args, kwargs):
+            type(self).seen += 1
+            return super()._relu_kw(func, args, kwargs)
+
+    class Configured(ReLUContext):
+        def __init__(self):
+            super().__init__(GUIDED_BACKPROP_RULE)
+
+    model = Small().eval()
+    guided_backprop(model, x, 1)
+    assert graph_rules.qualifies(model)
+    for _ in range(2):
+        out = saliency(model, x, 1, context_builder=lambda: Counting(GUIDED_BACKPROP_RULE))
+        torch.testing.assert_close(out, reference_map(model, x, 1, RefGuidedReLU))
+    assert Counting.seen == 4  # both nn.ReLU modules call F.relu, in each of the two calls
+    ctx = Configured()
+    assert ctx.plain_forward(model) and not Counting(GUIDED_BACKPROP_RULE).plain_forward(model)

@@ -219,6 +219,19 @@ UNHANDLED_NODES: Dict[str, Tuple[str, ...]] = {
 }
 
 
+def _only_configures(cls: type) -> bool:
+    """Whether ``cls`` is :class:`ReLUContext` or a subclass that defines no method but
+    ``__init__`` (``GuidedBackpropContext``): a subclass that changes how calls are handled
+    must see them, so the methods' fast path is not for it."""
+    for klass in cls.__mro__:
+        if klass is ReLUContext:
+            return True
+        if any(callable(value) or isinstance(value, (property, staticmethod, classmethod))
+               for name, value in vars(klass).items() if name != "__init__"):
+            return False
+    return False
+
+
 class ReLUContext(RuleContext):
     """Replace the backward of every rectifier the model calls.
 
@@ -360,8 +373,8 @@ class ReLUContext(RuleContext):
         :meth:`attach` the rule to its graph: the rule (and ``rules``, those the method switches
         to later) can be written with the plain ReLU gradient, and ``model``'s last pass inside
         a ReLU context showed a graph of ReLUs and plain operations only."""
-        if self._cell is None or not all(graph_rules.graph_capable(rule)
-                                         for rule in (self._cell.rule, *rules)):
+        if (self._cell is None or not _only_configures(type(self))
+                or not all(graph_rules.graph_capable(rule) for rule in (self._cell.rule, *rules))):
             return False
         return graph_rules.qualifies(model)
 
