@@ -341,7 +341,8 @@ def attach_probes(modules: Dict[str, Optional[nn.Module]], probes: Dict[str, Pro
         if module is not None:
             if graph_from is not None:
                 graph_from.attach(module)
-            probes[label] = Probe(module, "output", this_thread_only=True, accumulate=True)
+            probes[label] = Probe(module, "output", this_thread_only=True, accumulate=True,
+                                  keep_grad=False)
 
 
 def describe_reads(modules: Dict[str, Optional[nn.Module]], layers: Dict[str, Any]) -> str:
@@ -398,11 +399,13 @@ class GraphFromLayers:
     :func:`torch.no_grad` and these hooks, at the first layer read that finishes, switch grad
     mode back on (thread-local: other threads are not affected; the ``no_grad`` block restores
     the caller's mode on exit, also on errors) and give that layer a fresh leaf
-    ``output.detach().requires_grad_()`` — cloned, so that an in-place operation after the
-    layer (``F.relu(x, inplace=True)``) is allowed.  Later layers read are left alone: their
-    output already carries the graph from the first one.  Tensors computed below the layer that
-    reach the output by another way (skip connections into the head) are constants with respect
-    to the layer, as they are in the full graph, so the gradient is unchanged.
+    ``output.detach().requires_grad_()``; the probe of the layer, attached after these hooks
+    (:func:`attach_probes`), hands the network a copy of it, so that an in-place operation
+    after the layer (``F.relu(x, inplace=True)``) is allowed.  Later layers read are left
+    alone: their output already carries the graph from the first one.  Tensors computed below
+    the layer that reach the output by another way (skip connections into the head) are
+    constants with respect to the layer, as they are in the full graph, so the gradient is
+    unchanged.
     """
 
     def __init__(self) -> None:
@@ -417,7 +420,7 @@ class GraphFromLayers:
                 or not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return None
         torch.set_grad_enabled(True)
-        return output.detach().requires_grad_().clone()
+        return output.detach().requires_grad_()
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -239,8 +239,10 @@ class _ProbeHook:
                 # module), a tensor other code may also use (a skip connection): read a copy
                 # of its own, so that its gradient is only what flows through this layer.
                 rec = value.clone()
-            rec.retain_grad()
-        rec.register_hook(_ContrastHook(probe, len(probe.data)))
+            if probe.keep_grad:
+                rec.retain_grad()
+        if probe.keep_grad:
+            rec.register_hook(_ContrastHook(probe, len(probe.data)))
         probe.data.append(rec)
         # The network continues from a copy: an in-place operation downstream (VGG's
         # ReLU(inplace=True)) then cannot change the recorded values or its gradient.
@@ -296,6 +298,11 @@ class Probe:
     strict : bool
         ``True``: a non-tensor input/output is a :class:`TypeError`; ``False``: it is recorded
         as it is (the debug probes of :func:`attach_debug_probes` use this).
+    keep_grad : bool
+        ``True``: after backward each recorded tensor holds its ``.grad``, and :attr:`contrast`
+        applies.  ``False``: the tensors are only recorded, for a reader that takes their
+        gradient with :func:`torch.autograd.grad` (the methods' own probes: no gradient kept,
+        no hook run in backward).
 
     Attributes
     ----------
@@ -340,7 +347,7 @@ class Probe:
 
     def __init__(self, module: nn.Module, target: str = "input",
                  this_thread_only: bool = False, accumulate: bool = False,
-                 strict: bool = True) -> None:
+                 strict: bool = True, keep_grad: bool = True) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Probe: module must be a torch.nn.Module, got {type(module).__name__}")
         if target not in ("output", "input"):
@@ -350,6 +357,7 @@ class Probe:
         self.thread = threading.get_ident() if this_thread_only else None
         self.accumulate = bool(accumulate)
         self.strict = bool(strict)
+        self.keep_grad = bool(keep_grad)
         self.data: List[Any] = []
         self.contrast: Union[torch.Tensor, Sequence[torch.Tensor], None] = None
         self.non_negative_contrast = False
