@@ -513,3 +513,26 @@ def test_ignored_other_thread_calls_are_counted():
         assert probe.data == [] and probe.other_thread_calls == 1
         net(torch.randn(1, 3, 5, 5))
         assert len(probe.data) == 1 and probe.other_thread_calls == 1
+
+
+def test_a_probe_without_kept_gradients_records_only():
+    """``keep_grad=False`` (the methods' own probes): the recorded tensor's gradient is read with
+    autograd.grad, equal to a keeping probe's ``.grad``; nothing is kept, no contrast applies,
+    and the network still continues from a copy (in-place successors are fine)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(2, 3, 8, 8)
+    keeping = Probe(model[0], "output")
+    model(x)[:, 1].sum().backward()
+    expected = keeping.data[0].grad.clone()
+    keeping.remove()
+    model.zero_grad()
+    light = Probe(model[0], "output", keep_grad=False)
+    light.contrast = torch.full_like(expected, 1e3)  # ignored without kept gradients
+    out = model(x)
+    (grad,) = torch.autograd.grad(out[:, 1].sum(), light.data[0])
+    torch.testing.assert_close(grad, expected)
+    assert not light.data[0].retains_grad and light.keep_grad is False
+    assert light.data[0].min() < 0  # recorded before the in-place ReLU, which acted on a copy
+    light.remove()
