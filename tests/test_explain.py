@@ -24,15 +24,8 @@ from .conftest import (
     snapshot,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The comparisons are exact whatever the thread count; one thread keeps a shared machine
-    # responsive (2 threads on a loaded 2-core machine were 10× slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for the module (conftest.one_thread): small tensors on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,8 @@ from torchray_like.attribution.seeding import make_generator
 
 from .rise_helpers import BoxModel, LinearModel, SmallNet, interp_matrix
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread for the module (conftest.one_thread): small tensors on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _box():

@@ -33,14 +33,8 @@ from torchray_like.attribution.xgrad_cam import xgrad_cam
 from .conftest import ConvNet, hook_reference
 from .transformer_models import tv_vit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest (and the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for the module (conftest.one_thread): small tensors on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
