@@ -313,3 +313,36 @@ def test_a_context_subclass_that_handles_calls_itself_sees_every_call(x):
     assert Counting.seen == 4  # both nn.ReLU modules call F.relu, in each of the two calls
     ctx = Configured()
     assert ctx.plain_forward(model) and not Counting(GUIDED_BACKPROP_RULE).plain_forward(model)
+
+
+def test_threads_explaining_one_model_at_once_on_the_fast_path(x):
+    """Several threads on one qualifying model: each call hooks its own graph, so every map is
+    the single-thread one, and a plain gradient computed meanwhile stays plain."""
+    model = Small().eval()
+    want_guided = guided_backprop(model, x, 2)
+    want_deconv = deconvnet(model, x, 2)
+    want_plain = reference_map(model, x, 2)
+    assert graph_rules.qualifies(model)
+    failures = []
+
+    def work(method, want):
+        for _ in range(15):
+            got = method(model, x, 2)
+            if not torch.equal(got, want):
+                failures.append(method.__name__)
+
+    def plain():
+        for _ in range(15):
+            xx = x.detach().clone().requires_grad_()
+            (g,) = torch.autograd.grad(model(xx)[:, 2].sum(), xx)
+            if not torch.allclose(g.abs().amax(1, keepdim=True), want_plain):
+                failures.append("plain")
+
+    threads = [threading.Thread(target=work, args=(guided_backprop, want_guided)),
+               threading.Thread(target=work, args=(deconvnet, want_deconv)),
+               threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
