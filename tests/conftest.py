@@ -4,8 +4,11 @@ nets, reference rectifier rules written independently of the library, and state 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import pathlib
 import threading
+import types
 from typing import Any, Dict
 
 import pytest
@@ -32,6 +35,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` loaded as a fresh module (the scripts are no package): each call
+    executes the script anew, so a test that patches its globals leaves other tests alone."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 TORCHVISION_NAMES = ("vgg11", "resnet18", "densenet121", "squeezenet1_1", "mobilenet_v2")

@@ -25,7 +25,7 @@ from torchray_like.benchmark.deletion_insertion import (
 )
 from torchray_like.benchmark.settings import method_options
 
-from .conftest import ConvNet, inputs, trained_embedded_model
+from .conftest import ConvNet, inputs, load_benchmark, trained_embedded_model
 
 
 class Linear(nn.Module):
@@ -529,21 +529,10 @@ def test_embedded_methods_beat_random(name):
 # The script
 
 
-def _script(name):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_runs_resumes_and_rebuilds(tmp_path, capsys):
     import json
 
-    script = _script("deletion_insertion")
+    script = load_benchmark("deletion_insertion")
     base = ["--weights", "random", "--models", "embedded-vgg", "--methods", "random,gradient",
             "--limit", "2", "--steps", "4", "--no-progress", "--out", str(tmp_path)]
     assert script.main(base) == 0
@@ -572,7 +561,7 @@ def test_script_summary_intervals_and_comparisons_with_the_random_map():
     comparison with the random map is paired image by image (deletion: lower is better)."""
     from torchray_like.benchmark.intervals import mean_interval, paired_mean_difference
 
-    script = _script("deletion_insertion")
+    script = load_benchmark("deletion_insertion")
     rng = np.random.default_rng(0)
     base = rng.uniform(0.3, 0.7, size=12)
     records = []

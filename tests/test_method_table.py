@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("method_table_script",
-                                                  ROOT / "benchmarks" / "method_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mt = _load()
+mt = load_benchmark("method_table")
 
 
 def test_correlation_by_hand():

@@ -9,7 +9,6 @@ single-process one.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -26,22 +25,16 @@ import torch
 
 from torchray_like.benchmark.runner import ResultsStore
 
+from .conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "pointing_game.py"
-COMPARE = ROOT / "benchmarks" / "compare.py"
 EXPERIMENT = "pointing_game/embedded"
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pg = _load(SCRIPT, "pointing_game_script")
+pg = load_benchmark("pointing_game")
 
 
 @pytest.fixture(autouse=True)
@@ -507,7 +500,7 @@ def test_coco14_protocol_on_a_tiny_tree(tmp_path, capsys):
 
 
 def test_compare_on_the_vit_lists_the_methods_that_do_not_apply(tmp_path, capsys):
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     path = tmp_path / "vit.png"
     assert compare.main(["--model", "embedded-vit", "--weights", "random", "--limit", "1",
                          "--methods", "gradient,guided_backprop,grad_rollout",
@@ -518,7 +511,7 @@ def test_compare_on_the_vit_lists_the_methods_that_do_not_apply(tmp_path, capsys
 
 
 def test_compare_embedded_figure(tmp_path, capsys):
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     path = tmp_path / "fig.png"
     assert compare.main(["--weights", "random", "--limit", "2", "--methods",
                          "gradient,grad_cam,contrastive_excitation_backprop,rise",
@@ -533,7 +526,7 @@ def test_compare_embedded_figure(tmp_path, capsys):
 
 def test_compare_image_file(tmp_path, capsys):
     from PIL import Image
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
                     ).save(tmp_path / "cat.jpg")
     assert compare.main(["--image", str(tmp_path / "cat.jpg"), "--model", "resnet18",
@@ -553,7 +546,7 @@ def test_compare_image_file(tmp_path, capsys):
     (["--rise-masks", "-1"], "positive integer"),
 ])
 def test_compare_bad_arguments(argv, message, capsys):
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     with pytest.raises(SystemExit) as info:
         compare.main(argv + ["--weights", "random"])
     assert info.value.code == 2
@@ -562,7 +555,7 @@ def test_compare_bad_arguments(argv, message, capsys):
 
 
 def test_compare_missing_weights_file_is_an_argparse_error(capsys, tmp_path):
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     with pytest.raises(SystemExit) as info:
         compare.main(["--weights", str(tmp_path / "none.pt")])
     assert info.value.code == 2
@@ -577,7 +570,7 @@ def test_compare_options_are_the_settings_table(tmp_path):
 
     from torchray_like.benchmark.settings import method_options
 
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     model = torch.nn.Sequential()   # only used for models outside the table
     args = argparse.Namespace(model="embedded-resnet", image=None, rise_masks=7,
                               rise_batch=None, ep_iters=None, ep_area=0.3, seed=5)
@@ -653,7 +646,7 @@ def test_smooth_grad_is_seeded_per_image(tmp_path):
 
 
 def test_compare_leaves_out_the_methods_the_model_refuses(tmp_path, capsys):
-    compare = _load(COMPARE, "compare_script")
+    compare = load_benchmark("compare")
     path = tmp_path / "fig.png"
     assert compare.main(["--weights", "random", "--limit", "1", "--methods",
                          "grad_cam,attention_rollout", "--out", str(path)]) == 0

@@ -8,10 +8,8 @@ maps we computed beforehand (``a_batch``), on the same seeded perturbations.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from torchray_like.benchmark.embedded_data import EmbeddedShapes
 from torchray_like.benchmark.quantus import QUANTUS_HINT, explain
 from torchray_like.benchmark.settings import method_options
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -230,16 +228,8 @@ def test_quantus_mprt_explains_randomised_copies_and_leaves_the_model(vgg, batch
 # The script
 
 
-def _script():
-    path = ROOT / "benchmarks" / "quantus_metrics.py"
-    spec = importlib.util.spec_from_file_location("_bench_quantus_metrics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_without_quantus_says_how_to_install(monkeypatch, capsys, tmp_path):
-    script = _script()
+    script = load_benchmark("quantus_metrics")
     monkeypatch.setitem(sys.modules, "quantus", None)   # import quantus -> ImportError
     code = script.main(["--weights", "random", "--methods", "gradient", "--limit", "1",
                         "--out", str(tmp_path)])
@@ -257,7 +247,7 @@ def test_script_without_quantus_says_how_to_install(monkeypatch, capsys, tmp_pat
 ])
 def test_script_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
-        _script().main(argv)
+        load_benchmark("quantus_metrics").main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -266,7 +256,7 @@ def test_script_tiny_run(tmp_path, capsys):
     _quantus()
     import json
 
-    script = _script()
+    script = load_benchmark("quantus_metrics")
     state = np.random.get_state()
     threads = torch.get_num_threads()
     code = script.main(["--weights", "random", "--models", "embedded-vgg", "--methods",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.util
 import io
 import json
 import shutil
@@ -25,19 +24,12 @@ from torchray_like.benchmark.embedded_cli import load_benchmark_model
 from torchray_like.benchmark.embedded_data import EMBEDDED_CLASSES, EmbeddedShapes
 from torchray_like.benchmark.intervals import Interval
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("report")
+report = load_benchmark("report")
 
 
 class Page(HTMLParser):
@@ -105,15 +97,15 @@ def out_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert _load("pointing_game").main([
+        assert load_benchmark("pointing_game").main([
             "--weights", "random", "--models", "embedded-vgg,embedded-resnet", "--limit", "3",
             "--no-progress", "--no-report",
             "--methods", "center,gradient,grad_cam", "--out", str(out / "pointing_game")]) == 0
-        assert _load("deletion_insertion").main([
+        assert load_benchmark("deletion_insertion").main([
             "--weights", "random", "--models", "embedded-vgg", "--methods", "random,gradient",
             "--limit", "2", "--steps", "4", "--no-progress",
             "--out", str(out / "deletion_insertion")]) == 0
-        assert _load("sanity_checks").main([
+        assert load_benchmark("sanity_checks").main([
             "--weights", "random", "--models", "embedded-vgg", "--methods", "gradient",
             "guided_backprop", "--limit", "2", "--modes", "cascading", "--no-progress",
             "--out", str(out / "sanity_checks")]) == 0
@@ -257,7 +249,7 @@ def test_pointing_game_prints_the_path_of_its_report(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = _load("pointing_game").main([
+        code = load_benchmark("pointing_game").main([
             "--weights", "random", "--models", "embedded-vgg", "--limit", "2", "--no-progress",
             "--methods", "center,gradient", "--out", str(tmp_path)])
     finally:
@@ -282,7 +274,7 @@ def test_pointing_game_gallery_shows_the_maps_it_scored(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert _load("pointing_game").main([
+        assert load_benchmark("pointing_game").main([
             "--weights", "random", "--models", "embedded-vgg", "--limit", "3", "--no-progress",
             "--methods", "center,gradient,grad_cam", "--out", str(tmp_path)]) == 0
     finally:
@@ -347,7 +339,7 @@ def test_the_scripts_report_the_settings_n_a_pairs_instead_of_running_them(tmp_p
         ("embedded-vgg", "grad_rollout", not_applicable_pairs(
             ["embedded-vgg"], ["grad_rollout"])[0][2])]
     out = tmp_path / "di"
-    assert _load("deletion_insertion").main([
+    assert load_benchmark("deletion_insertion").main([
         "--weights", "random", "--models", "embedded-vit", "--limit", "1", "--no-progress",
         "--methods", "gradient,guided_backprop", "--out", str(out)]) == 0
     text = capsys.readouterr().out

@@ -27,7 +27,7 @@ from torchray_like.benchmark.sanity_checks import (
     summarize,
 )
 
-from .conftest import ConvNet, inputs, trained_embedded_model
+from .conftest import ConvNet, inputs, load_benchmark, trained_embedded_model
 
 
 class Net(nn.Module):
@@ -376,14 +376,9 @@ def test_embedded_methods_after_top_layers_randomisation(name):
 
 
 def test_script_runs_and_rebuilds(tmp_path, capsys):
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "sanity_checks.py"
-    spec = importlib.util.spec_from_file_location("_bench_sanity_checks", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("sanity_checks")
     base = ["--weights", "random", "--models", "embedded-vgg", "--methods", "gradient",
             "guided_backprop", "--limit", "1", "--modes", "cascading", "--no-progress",
             "--out", str(tmp_path)]
@@ -408,15 +403,9 @@ def test_script_summary_intervals_and_published_findings():
     """Synthetic records: the summary's intervals are the bootstrap over images (undefined
     values left out), the headline carries them, and guided backprop's robustness to the
     top-layer randomisation is compared with the gradient's image by image."""
-    import importlib.util
-    import pathlib
-
     from torchray_like.benchmark.intervals import mean_interval
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "sanity_checks.py"
-    spec = importlib.util.spec_from_file_location("_bench_sanity_checks_summary", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("sanity_checks")
     rng = np.random.default_rng(1)
     records = []
     for image in range(10):

@@ -3,9 +3,6 @@ passes serve every class of an image (issue 22)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -14,7 +11,7 @@ from torchray_like.attribution.occlusion import occlusion
 from torchray_like.benchmark.runner import ResultsStore
 from torchray_like.benchmark.shared_passes import ReplayedForward
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
 
 class Counting(nn.Module):
@@ -158,14 +155,6 @@ def test_bad_arguments(model, max_bytes, error, message):
 # ------------------------------------------------------------------------- the pointing game
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("pointing_game_shared",
-                                                  ROOT / "benchmarks" / "pointing_game.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pointing_game_explains_every_class_from_one_set_of_passes(tmp_path, capsys):
     """Occlusion's replayed passes give the points of each class's own call; the settings say
     ``all_classes_once``."""
@@ -174,7 +163,7 @@ def test_pointing_game_explains_every_class_from_one_set_of_passes(tmp_path, cap
     from torchray_like.benchmark.embedded_data import EmbeddedShapes
     from torchray_like.benchmark.pointing_game import saliency_to_point
 
-    pg = _script()
+    pg = load_benchmark("pointing_game")
     methods = ["occlusion"]
     assert pg.main(["--weights", "random", "--models", "embedded-vit", "--limit", "3",
                     "--no-report", "--no-progress", "--methods", ",".join(methods),
@@ -209,7 +198,7 @@ def test_extremal_perturbation_batches_images_with_their_own_seeds(tmp_path):
     from torchray_like.benchmark.pointing_game import saliency_to_point
     from torchray_like.benchmark.settings import method_options
 
-    pg = _script()
+    pg = load_benchmark("pointing_game")
     assert pg.main(["--weights", "random", "--models", "embedded-resnet", "--limit", "4",
                     "--ep-limit", "4", "--ep-iters", "3", "--no-report", "--no-progress",
                     "--methods", "extremal_perturbation", "--out", str(tmp_path)]) == 0
