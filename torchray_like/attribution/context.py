@@ -36,7 +36,7 @@ from .modules import current_scan
 
 __all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
            "UnhandledActivationWarning", "TorchRayDifferenceWarning", "nodes_on_path",
-           "check_data_parallel"]
+           "graph_nodes", "check_data_parallel"]
 
 
 class NoRuleAppliedWarning(UserWarning):
@@ -144,24 +144,37 @@ def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],
     if root is None or not stop_nodes:
         return []
     stops = {id(node) for node in stop_nodes}
-    nodes = {id(root): root}  # id -> node; holding the nodes keeps the ids unique
-    stack, found = [root], []
-    while stack:
-        node = stack.pop()
-        if id(node) in stops:
-            continue  # backward stops at an input: what lies below it is not on the path
-        if type(node).__name__ in kinds:
+    nodes = {}  # id -> node; holding the nodes keeps the ids unique
+    found = []
+    for node in graph_nodes(root, stops):
+        nodes[id(node)] = node
+        # Backward stops at an input: what lies below it is not on the path.
+        if id(node) not in stops and type(node).__name__ in kinds:
             found.append(node)
-        for child, _ in node.next_functions:
-            # Leaves (a parameter's AccumulateGrad) lead nowhere: half the nodes, skipped.
-            if (child is not None and id(child) not in nodes
-                    and type(child).__name__ != "AccumulateGrad"):
-                nodes[id(child)] = child
-                stack.append(child)
     if not found:
         return []
     on_path = _ancestors(nodes, stops)
     return [node for node in found if id(node) in on_path]
+
+
+def graph_nodes(root: Any, stops: Collection[int] = ()) -> Iterator[Any]:
+    """Every node of the autograd graph from ``root`` down, once each (depth first).
+
+    Parameters' leaves (``AccumulateGrad``: half the nodes, and they lead nowhere) are left
+    out; a node whose ``id`` is in ``stops`` is given, but nothing below it is visited.
+    """
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        if id(node) in stops:
+            continue
+        for child, _ in node.next_functions:
+            if (child is not None and id(child) not in seen
+                    and type(child).__name__ != "AccumulateGrad"):
+                seen.add(id(child))
+                stack.append(child)
 
 
 def _ancestors(nodes: Dict[int, Any], stops: Set[int]) -> Set[int]:

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from .context import graph_nodes
+
 __all__ = ["PLAIN_NODES", "RELU_NODE", "graph_capable", "relu_nodes", "attach_relu_rule",
            "learn", "qualifies", "disqualify", "forget"]
 
@@ -95,25 +97,17 @@ def _bool_operand(node: Any) -> Optional[bool]:
 def _walk(output: torch.Tensor, accept: Callable[[Any, str], Optional[bool]]
           ) -> Optional[List[Any]]:
     """The nodes ``accept(node, kind)`` calls rectifiers (``True``), over the whole graph of
-    ``output``; ``None`` as soon as a node is neither a rectifier nor plain (``accept`` gives
-    ``None``).  Parameters' leaves (``AccumulateGrad``, half the nodes) are not visited."""
-    root = output.grad_fn
-    if root is None:
+    ``output`` (:func:`~.context.graph_nodes`); ``None`` as soon as a node is neither a
+    rectifier nor plain (``accept`` gives ``None``)."""
+    if output.grad_fn is None:
         return None
-    seen = {id(root)}
-    stack, found = [root], []
-    while stack:
-        node = stack.pop()
+    found = []
+    for node in graph_nodes(output.grad_fn):
         verdict = accept(node, type(node).__name__)
         if verdict is None:
             return None
         if verdict:
             found.append(node)
-        for child, _ in node.next_functions:
-            if (child is not None and id(child) not in seen
-                    and type(child).__name__ != "AccumulateGrad"):
-                seen.add(id(child))
-                stack.append(child)
     return found
 
 
