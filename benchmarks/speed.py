@@ -166,17 +166,6 @@ def attach_captum(cases: List[Case], s: Setup) -> None:
 # The cases: one function per family
 
 
-def block_gradient(model: torch.nn.Module, x: torch.Tensor, target) -> Callable[[], object]:
-    """What a user writes: forward inside ``with ReLUContext(GRADIENT_RULE)``, then
-    ``torch.autograd.grad`` to the input (no checks, no map)."""
-    def run():
-        xx = x.detach().requires_grad_(True)
-        with ReLUContext(GRADIENT_RULE):
-            y = model(xx)
-        return torch.autograd.grad(y[:, target].sum(), xx)[0]
-    return run
-
-
 def rule_cases(s: Setup) -> List[Case]:
     """Gradient, guided backprop, DeConvNet against forward + grad to the input; and the rule
     context with the plain-gradient rule, through the driver (which takes the fast path of
@@ -191,7 +180,8 @@ def rule_cases(s: Setup) -> List[Case]:
                                        context_builder=lambda: ReLUContext(GRADIENT_RULE)),
                       floor, "fwd+grad(input)"))
     cases.append(Case("relu_context", "with ReLUContext(gradient rule): a user's block",
-                      block_gradient(model, x, target), floor, "fwd+grad(input)",
+                      floor_input(model, x, target, lambda: ReLUContext(GRADIENT_RULE)),
+                      floor, "fwd+grad(input)",
                       target_ratio=1.25, note="the mode and a Python function per ReLU"))
     # What interception itself costs, with no rule and no check: the floor with every torch
     # call seen by a pass-through mode (what a rule context pays before doing anything), and
