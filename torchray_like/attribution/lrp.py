@@ -127,28 +127,24 @@ class _Node:
         # The input is a ReLU's output (x >= 0, no gradient through its zeros): lrp_closed.
         self.rectified = False
 
-    def effective(self, g: torch.Tensor) -> AffineCall:
-        """The operation the rule sees: with its batch norm folded when the gradient came
-        through that batch norm only."""
-        if self.fold is None:
-            return self.call
+    def folded(self, g: torch.Tensor) -> AffineCall:
+        """The operation the rule sees: with its batch norm folded (the merged weight and
+        bias), which needs the gradient to have come through that batch norm only."""
         if self.fold_grad is None or g.data_ptr() != self.fold_grad.data_ptr():
             raise ValueError(
                 "LRPContext: a layer's output feeds its batch norm and also another operation; "
                 "the batch norm cannot be folded into the layer for LRP. Read relevance above "
                 "the batch norm, or restructure the model so that only the batch norm reads "
                 "the layer's output")
-        return self.call.folded(*self.fold)
+        return self.call.folded(*cast(Tuple[torch.Tensor, torch.Tensor], self.fold))
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
-        """The output of :meth:`effective` from the layer's own output ``z``: ``z`` itself, or
-        with its batch norm applied (``scale ⊙ z + shift`` per output channel)."""
-        if self.fold is None:
-            return z
-        scale, shift = self.fold
+        """The output of :meth:`folded` from the layer's own output ``z``: ``scale ⊙ z +
+        shift`` per output channel."""
+        scale, shift = cast(Tuple[torch.Tensor, torch.Tensor], self.fold)
         if self.call.kind != "linear":
             shape = [1, -1] + [1] * (z.dim() - 2)
-            scale, shift = scale.reshape(shape), shift.reshape(shape)
+            scale, shift = scale.view(shape), shift.view(shape)
         return torch.addcmul(shift, z, scale)
 
 
@@ -160,47 +156,85 @@ class LRPFunction(torch.autograd.Function):
     def forward(ctx, x, node):
         ctx.save_for_backward(x)
         ctx.node = node
-        out = node.call.output(x)
+        call = node.call
+        with torch._C.DisableTorchFunction():
+            out = call.func(x, call.weight, call.bias, *call.rest, **call.kwargs)
         # Backward needs the output (R = z ⊙ g); a copy, since the next ReLU may work in place.
         ctx.z = out.clone()
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        node: _Node = ctx.node
-        if node.call.weight._version != node.version:
-            raise RuntimeError("LRPContext: a layer's weight was modified in place between the "
-                               "forward pass and backward; run the forward pass again")
-        node.owner.applied += 1
-        with torch._C.DisableTorchFunction():
-            return _rule_gradient(x, node, g, ctx.z), None
+        if torch.is_grad_enabled():  # create_graph=True: the rule is not differentiable
+            return _lrp_backward_once(ctx, g)
+        return _lrp_backward(ctx, g)
+
+
+def _lrp_backward(ctx: Any, g: torch.Tensor) -> Tuple[torch.Tensor, None]:
+    (x,) = ctx.saved_tensors
+    node: _Node = ctx.node
+    if node.call.weight._version != node.version:
+        raise RuntimeError("LRPContext: a layer's weight was modified in place between the "
+                           "forward pass and backward; run the forward pass again")
+    node.owner.applied += 1
+    with torch._C.DisableTorchFunction():
+        return _rule_gradient(x, node, g, ctx.z), None
+
+
+# The backward under create_graph=True (grad mode on): once_differentiable runs it without a
+# graph and makes differentiating its result an error.  Backward without it (the usual case)
+# skips that wrapper's cost: grad mode is already off there.
+_lrp_backward_once = once_differentiable(_lrp_backward)
 
 
 def _rule_gradient(x: torch.Tensor, node: _Node, g: torch.Tensor,
                    z: torch.Tensor) -> torch.Tensor:
+    if x.dtype in (torch.float16, torch.bfloat16) or g.dtype != x.dtype:
+        return _rule_gradient_cast(x, node, g, z)
+    # Grad mode is off here (backward without create_graph, or once_differentiable).
+    if node.fold is None:
+        call, zc = node.call, z
+    else:
+        call, zc = node.folded(g), node.output(z)
+    r = zc * g
+    rule = node.rule
+    if rule.proportional:
+        fast = closed_gradient(rule, x, call, zc, r, node.rectified)
+        return rule.gradient(x, call, r) if fast is None else fast
+    return _input_free(x, node, rule.relevance(x, call, r))
+
+
+def _rule_gradient_cast(x: torch.Tensor, node: _Node, g: torch.Tensor,
+                        z: torch.Tensor) -> torch.Tensor:
+    """:func:`_rule_gradient` where the rule computes in another dtype (float32 for 16-bit
+    inputs) or the gradient's dtype differs."""
     dtype = compute_dtype(x.dtype)
-    call = node.effective(g).cast(dtype)
     xc, gc = x.to(dtype), g.to(dtype)
-    with torch.no_grad():
-        # The forward pass's output where it is in the compute dtype, else computed again.
-        zc = node.output(z) if z.dtype == dtype else call.output(xc)
-        r = zc * gc
-        if node.rule.proportional:
-            fast = closed_gradient(node.rule, xc, call, zc, r, node.rectified)
-            if fast is None:
-                fast = node.rule.gradient(xc, call, r)
-            return fast.to(x.dtype)
-    relevance = node.rule.relevance(xc, call, r)
+    call = (node.call if node.fold is None else node.folded(g)).cast(dtype)
+    # The forward pass's output where it is in the compute dtype, else computed again.
+    if z.dtype != dtype:
+        zc = call.output(xc)
+    else:
+        zc = z if node.fold is None else node.output(z)
+    r = zc * gc
+    if node.rule.proportional:
+        fast = closed_gradient(node.rule, xc, call, zc, r, node.rectified)
+        if fast is None:
+            fast = node.rule.gradient(xc, call, r)
+        return fast.to(x.dtype)
+    return _input_free(xc, node, node.rule.relevance(xc, call, r)).to(x.dtype)
+
+
+def _input_free(xc: torch.Tensor, node: _Node, relevance: torch.Tensor) -> torch.Tensor:
+    """``R / x`` of a first-layer rule, reporting the relevance of inputs equal to zero."""
     zero = xc == 0
     if not bool(zero.any()):  # the usual case (an image has no exact zeros): nothing lost
-        return (relevance / xc).to(x.dtype)
+        return relevance / xc
     lost = relevance.masked_fill(~zero, 0)
     if bool(lost.any()):
         node.owner.report_lost(node.rule, int((lost != 0).sum()),
                                float(lost.abs().sum() / relevance.abs().sum().clamp(min=1e-30)))
-    return torch.where(zero, 0.0, relevance / torch.where(zero, 1.0, xc)).to(x.dtype)
+    return torch.where(zero, 0.0, relevance / torch.where(zero, 1.0, xc))
 
 
 class BatchNormFoldFunction(torch.autograd.Function):
@@ -208,16 +242,16 @@ class BatchNormFoldFunction(torch.autograd.Function):
     the gradient unchanged (the layer's rule uses the merged weights)."""
 
     @staticmethod
-    def forward(ctx, x, node, call):
+    def forward(ctx, x, node, func, rest):
         ctx.node = node
         with torch._C.DisableTorchFunction():
-            return call(x)
+            return func(x, *rest)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        # The identity: differentiable as it is (no once_differentiable needed).
         ctx.node.fold_grad = g
-        return g, None, None
+        return g, None, None, None
 
 
 _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
@@ -395,10 +429,14 @@ class LRPContext(RuleContext):
 
     # -- handlers ---------------------------------------------------------------------------
     def _affine(self, func, args, kwargs, kind: str):
-        x, weight, bias, rest, other = _affine_args(args, kwargs)
+        if kwargs or len(args) < 2:
+            x, weight, bias, rest, other = _affine_args(args, kwargs)
+        else:  # the usual positional call (what the modules make): no parsing
+            x, weight, bias, rest, other = args[0], args[1], (
+                args[2] if len(args) > 2 else None), args[3:], None
         # The first layer by position, also when autograd does not record it (a layer read).
         first, self._first_pending = self._first_pending, False
-        if not (isinstance(x, torch.Tensor) and records_gradient((x,), {})):
+        if not _records(x):
             self.skip(kind)
             return func(*args, **kwargs)
         if not isinstance(weight, torch.Tensor) or (
@@ -407,11 +445,11 @@ class LRPContext(RuleContext):
                           else "linear with an activation as weight")
             return func(*args, **kwargs)
         module = self._stack[-1] if self._stack else None
-        rule = self.composite.rule_for(kind, module, first, self._named)
+        rule = self._composite.rule_for(kind, module, first, self._named)
         node = _Node(AffineCall(func, weight, bias, rest, other, kind), rule, self,
                      weight._version, module, first)
         node.rectified = rectified(x)
-        self.count(kind)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         self.rules.append((kind, rule.name))
         self._nodes.append(weakref.ref(node))
         out = LRPFunction.apply(x, node)
@@ -419,11 +457,15 @@ class LRPContext(RuleContext):
         return out
 
     def _batch_norm(self, func, args, kwargs):
-        values = _batch_norm_args(args, kwargs)
-        x = values["input"]
-        if not (isinstance(x, torch.Tensor) and records_gradient((x,), {})):
+        if len(args) == 8 and not kwargs:  # nn.BatchNorm*'s positional call: no parsing
+            x, mean, var, weight, bias, training, _, eps = args
+        else:
+            values = _batch_norm_args(args, kwargs)
+            x, mean, var, weight, bias, training, eps = (values[n] for n in (
+                "input", "running_mean", "running_var", "weight", "bias", "training", "eps"))
+        if not _records(x):
             return func(*args, **kwargs)
-        if values["training"] or values["running_mean"] is None:
+        if training or mean is None:
             self.unhandle("batch_norm with batch statistics (training mode)")
             return func(*args, **kwargs)
         entry = self._outputs.get(id(x))
@@ -431,10 +473,12 @@ class LRPContext(RuleContext):
         if node is None or node.fold is not None or node.call.kind not in ("conv", "linear"):
             # Not after a layer: an element-wise affine map, whose plain gradient is LRP-0.
             return func(*args, **kwargs)
-        node.fold = _bn_scale_shift(values, x.dtype)
-        self.count("batch_norm_fold")
+        node.fold = _bn_scale_shift(mean, var, weight, bias, eps, x.dtype)
+        self.counts["batch_norm_fold"] = self.counts.get("batch_norm_fold", 0) + 1
+        if len(args) == 8 and not kwargs:
+            return BatchNormFoldFunction.apply(x, node, func, args[1:])
         rest = {k: v for k, v in values.items() if k != "input"}
-        return BatchNormFoldFunction.apply(x, node, lambda t: func(t, **rest))
+        return BatchNormFoldFunction.apply(x, node, functools.partial(func, **rest), ())
 
     def _uncovered(self, func, args, kwargs, name: str):
         if records_gradient(args, kwargs):
@@ -464,27 +508,32 @@ class LRPContext(RuleContext):
             RelevanceLostWarning, stacklevel=2)
 
 
-def _bn_scale_shift(values: Dict[str, Any], dtype: torch.dtype
+def _records(x: Any) -> bool:
+    """:func:`~.context.records_gradient` of one argument: a tensor autograd records a call
+    on, that is not a parameter."""
+    return (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+            and not (x.grad_fn is None and isinstance(x, nn.Parameter)))
+
+
+def _bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], eps: float, dtype: torch.dtype
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)`` with ``batch_norm(y) = a ⊙ y + c`` per channel (running statistics)."""
     dtype = compute_dtype(dtype)
-
-    def vector(name: str) -> Optional[torch.Tensor]:
-        t = values[name]
-        return None if t is None else t.to(dtype) if t.dtype != dtype else t
-
-    # Few small operations (this runs once per batch norm and call): no graph is recorded,
-    # and a conversion only where the dtype differs.
+    # Few small operations (this runs once per batch norm and call): no graph is recorded
+    # (the handler runs inside the mode, where parameters do not require grad after the
+    # model's freeze; no_grad for the others), and a conversion only where the dtype differs.
     with torch.no_grad():
-        var, mean, weight, bias = (vector(n) for n in ("running_var", "running_mean", "weight",
-                                                       "bias"))
-        scale = torch.rsqrt(cast(torch.Tensor, var) + values["eps"])
+        var = var if var.dtype == dtype else var.to(dtype)
+        mean = mean if mean.dtype == dtype else mean.to(dtype)
+        scale = torch.rsqrt(var + eps)
         if weight is not None:
-            scale.mul_(weight)
+            scale.mul_(weight if weight.dtype == dtype else weight.to(dtype))
         if bias is None:
-            shift = cast(torch.Tensor, mean) * -scale
+            shift = mean * -scale
         else:
-            shift = torch.addcmul(bias, cast(torch.Tensor, mean), scale, value=-1)
+            shift = torch.addcmul(bias if bias.dtype == dtype else bias.to(dtype), mean,
+                                  scale, value=-1)
     return scale, shift
 
 

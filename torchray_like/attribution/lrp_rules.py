@@ -118,8 +118,10 @@ class AffineCall:
 
     def _like(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "AffineCall":
         """The same operation with another weight and bias (and the same closed form)."""
-        call = AffineCall(self.func, weight, bias, self.rest, self.kwargs, self.kind)
-        call._map = self._map
+        # Not through __init__: the weights are the rule's own (no detach), the rest shared.
+        call = AffineCall.__new__(AffineCall)
+        call.func, call.rest, call.kwargs, call.kind = self.func, self.rest, self.kwargs, self.kind
+        call.weight, call.bias, call._map = weight, bias, self._map
         return call
 
     def linear_map(self, x: torch.Tensor) -> Optional["LinearMap"]:
