@@ -314,6 +314,9 @@ class _Optimisation:
                                  cfg.weights[0], REWARD_RATIO, device, dtype)
         self.shifts = (_draw_shifts(cfg.seeds, k, cfg.max_iter, cfg.jitter).to(device)
                        if any(cfg.jitter) else None)
+        # The shifts as window starts, made once (2-D masks).
+        self.starts = (self.gen.starts(self.shifts) if self.shifts is not None
+                       and len(spatial) == 2 else None)
         w0, w1 = cfg.weights
         self.weights = torch.tensor([w0 * (w1 / w0) ** (t / max(cfg.max_iter - 1, 1))
                                      for t in range(cfg.max_iter)], dtype=dtype, device=device)
@@ -398,7 +401,8 @@ class _Optimisation:
 
     def iterate(self, t: int) -> None:
         """One step: perturb, score, and move the masks down the energy's gradient."""
-        mask_g, moved_g = self.opt.masks(None if self.shifts is None else self.shifts[t])
+        mask_g, moved_g = self.opt.masks(None if self.shifts is None else self.shifts[t],
+                                         None if self.starts is None else self.starts[t])
         # The reward and the area loss are differentiated apart (the reward is rescaled by its
         # gradient) at a copy of the masks ...
         mask = mask_g.detach()

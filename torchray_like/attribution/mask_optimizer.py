@@ -217,18 +217,49 @@ class MaskOptimizer:
         self.scale = 1 / generator.footprint() if precondition else None
         self.lr, self.momentum, self.dampening = learning_rate, momentum, dampening
         self.buffer: Optional[torch.Tensor] = None
+        # The masks of the last masks() call and their backward, when made without autograd.
+        self.made: Optional[Tuple[torch.Tensor, torch.Tensor, Any]] = None
 
-    def masks(self, shift: Optional[torch.Tensor] = None
+    def masks(self, shift: Optional[torch.Tensor] = None, start: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The masks of the current parameters and their shifted copies (the same tensor when
-        ``shift`` is ``None``), in the graph that :meth:`step` differentiates."""
+        ``shift`` is ``None``), for :meth:`step` to differentiate.
+
+        ``start``: ``shift`` as window starts (its iteration of :meth:`MaskGenerator.starts`).
+        Without a shift, or with its starts, 2-D softmax masks are made without autograd
+        (:meth:`MaskGenerator.pair_with_backward`, the same numbers); otherwise in an autograd
+        graph."""
+        self.made = None
+        if shift is None or start is not None:
+            made = self.generator.pair_with_backward(self.params,
+                                                     None if shift is None else start)
+            if made is not None:
+                self.made = made
+                return made[0], made[1]
         return self.generator.pair(self.params.requires_grad_(True), shift)
+
+    def _backward(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+                  ) -> torch.Tensor:
+        """The gradient at the parameters of masks made without autograd."""
+        assert self.made is not None
+        mask, moved, backward = self.made
+        self.made = None
+        outs = list(outputs)
+        if len(outs) == 1 and outs[0] is mask and moved is mask:
+            return backward(grads[0])
+        if len(outs) == 2 and outs[0] is mask and outs[1] is moved and moved is not mask:
+            return backward(torch.cat(list(grads)))
+        raise ValueError("MaskOptimizer.step: outputs must be the masks the last masks() call "
+                         "returned: [mask] when it has no shift, [mask, moved] otherwise")
 
     def step(self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """Backpropagate ``grads`` (the energy's gradient at ``outputs``, tensors returned by
         :meth:`masks`) to the parameters and update them."""
-        (g,) = torch.autograd.grad(list(outputs), self.params, list(grads))
-        self.params = self.params.detach()
+        if self.made is not None:
+            g = self._backward(outputs, grads)
+        else:
+            (g,) = torch.autograd.grad(list(outputs), self.params, list(grads))
+            self.params = self.params.detach()
         if self.scale is not None:
             g = g * self.scale
         if self.buffer is None:

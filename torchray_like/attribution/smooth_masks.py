@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .arguments import is_number, per_axis
-from .smooth_max import SmoothMaxAxis, smooth_max_grid
+from .smooth_max import SmoothMaxAxis, smooth_max_grid, smooth_max_grid_vjp
 
 __all__ = ["POOLING_METHODS", "MaskGenerator", "shared_generator", "clamp01", "PerAxis"]
 
@@ -85,26 +85,51 @@ class _Axis:
             self.fast.to(device)
 
 
+def _crop(grid: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
+    return (ry @ grid) @ rx.t()
+
+
+def _crop_backward(ry: torch.Tensor, rx: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    shapes = grad.shape[:-1] + (rx.shape[1],)                      # the rows (B, 1, H, Px)
+    g_rows = (grad.reshape(-1, grad.shape[-1]) @ rx).view(shapes)
+    b = g_rows.shape[0]
+    g = ry.t().expand((b, 1) + ry.t().shape).reshape(-1, *ry.t().shape).bmm(
+        g_rows.reshape(-1, *g_rows.shape[2:]))
+    return g.view(b, 1, *g.shape[1:])
+
+
 class _Crop2d(torch.autograd.Function):
     """``ry @ grid @ rxᵀ`` for ``grid`` ``(B, 1, Py, Px)``, one node; the backward runs the
     products autograd's graph would, in its order (the same numbers)."""
 
     @staticmethod
     def forward(ctx, grid, ry, rx):
-        rows = ry @ grid                                           # (B, 1, H, Px)
         ctx.save_for_backward(ry, rx)
-        ctx.shapes = rows.shape
-        return rows @ rx.t()
+        return _crop(grid, ry, rx)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         ry, rx = ctx.saved_tensors
-        g_rows = (grad.reshape(-1, grad.shape[-1]) @ rx).view(ctx.shapes)
-        b = g_rows.shape[0]
-        g = ry.t().expand((b, 1) + ry.t().shape).reshape(-1, *ry.t().shape).bmm(
-            g_rows.reshape(-1, *g_rows.shape[2:]))
-        return g.view(b, 1, *g.shape[1:]), None, None
+        return _crop_backward(ry, rx, grad), None, None
+
+
+def _shifted_crops(grid: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    rows = ry.bmm(grid.repeat(2, 1, 1, 1).squeeze(1))        # (2B, H, Px)
+    both = rows.bmm(rx.transpose(1, 2)).unsqueeze(1)
+    b = grid.shape[0]
+    return both[:b], both[b:]
+
+
+def _shifted_crops_backward(ry: torch.Tensor, rx: torch.Tensor, g_both: torch.Tensor
+                            ) -> torch.Tensor:
+    """The gradient at the grid for ``g_both`` ``(2B, 1, H, W)``, the gradients at the masks
+    and at the shifted masks, one after the other."""
+    b = ry.shape[0] // 2
+    g_rows = g_both.squeeze(1).bmm(rx)
+    g = ry.transpose(1, 2).bmm(g_rows)                       # (2B, Py, Px)
+    return g.view(2, b, 1, *g.shape[1:]).sum(0)
 
 
 class _ShiftedCrops2d(torch.autograd.Function):
@@ -113,24 +138,18 @@ class _ShiftedCrops2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grid, ry, rx):
-        rows = ry.bmm(grid.repeat(2, 1, 1, 1).squeeze(1))        # (2B, H, Px)
         ctx.save_for_backward(ry, rx)
-        both = rows.bmm(rx.transpose(1, 2)).unsqueeze(1)
-        b = grid.shape[0]
-        return both[:b], both[b:]
+        return _shifted_crops(grid, ry, rx)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_mask, g_moved):
         ry, rx = ctx.saved_tensors
-        b = ry.shape[0] // 2
         if g_mask is None:
             g_mask = torch.zeros_like(g_moved)
         if g_moved is None:
             g_moved = torch.zeros_like(g_mask)
-        g_rows = torch.cat([g_mask, g_moved]).squeeze(1).bmm(rx)
-        g = ry.transpose(1, 2).bmm(g_rows)                       # (2B, Py, Px)
-        return g.view(2, b, 1, *g.shape[1:]).sum(0), None, None
+        return _shifted_crops_backward(ry, rx, torch.cat([g_mask, g_moved])), None, None
 
 
 def _tuple(value: Any, d: int, name: str) -> Tuple[Any, ...]:
@@ -431,6 +450,50 @@ class MaskGenerator:
         start = torch.cat([centre.expand(b, 2), centre - shift])
         mask, moved = _ShiftedCrops2d.apply(grid, ry[start[:, 0]], rx[start[:, 1]])
         return mask, moved
+
+    def starts(self, shifts: torch.Tensor) -> torch.Tensor:
+        """``(T, 2B, 2)`` window starts for the shifts ``(T, B, 2)`` of ``T`` iterations: the
+        centre for the ``B`` masks, then ``jitter − shift`` for their shifted copies (what
+        :meth:`pair` computes per call, made once for an optimisation)."""
+        t, b = shifts.shape[:2]
+        centre = torch.tensor([a.jitter for a in self.axes], device=shifts.device)
+        return torch.cat([centre.expand(t, b, 2), centre - shifts], dim=1)
+
+    def pair_with_backward(self, params: torch.Tensor, start: Optional[torch.Tensor] = None
+                           ) -> Optional[Tuple[torch.Tensor, torch.Tensor,
+                                               Callable[[torch.Tensor], torch.Tensor]]]:
+        """``(mask, moved, backward)``: :meth:`pair` without autograd, for 2-D masks with the
+        ``"softmax"`` pooling in single or double precision (``None`` otherwise).  ``start``
+        is one iteration of :meth:`starts` (``None``: no shift); ``backward`` takes the
+        gradients at ``mask`` and at ``moved`` stacked ``(2B, 1, H, W)`` (only ``mask``'s,
+        ``(B, 1, H, W)``, when ``moved`` is ``mask``) to the gradient at ``params``.  The same
+        operations as :meth:`pair` and its autograd nodes' backwards, hence the same numbers,
+        without building and walking a graph for every iteration; ``backward`` may run once.
+        """
+        if len(self.axes) != 2 or any(a.fast is None for a in self.axes):
+            return None
+        self._check_params(params)
+        grid, grid_backward = smooth_max_grid_vjp(
+            params.to(self.dtype), [a.fast for a in self.axes if a.fast is not None],
+            self.temperature, self.clamp)
+        ry, rx = self.windows(0), self.windows(1)
+        if start is None or not any(a.jitter for a in self.axes):
+            cy, cx = ry[self.axes[0].jitter], rx[self.axes[1].jitter]
+            with torch.no_grad():
+                mask = _crop(grid, cy, cx)
+
+            def backward(grad: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return grid_backward(_crop_backward(cy, cx, grad))
+            return mask, mask, backward
+        sy, sx = ry[start[:, 0]], rx[start[:, 1]]
+        with torch.no_grad():
+            mask, moved = _shifted_crops(grid, sy, sx)
+
+        def backward_shifted(g_both: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return grid_backward(_shifted_crops_backward(sy, sx, g_both))
+        return mask, moved, backward_shifted
 
     def __call__(self, params: torch.Tensor, shift: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:

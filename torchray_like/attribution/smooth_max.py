@@ -20,13 +20,13 @@ pooling in single and double precision.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SmoothMaxAxis", "smooth_max_grid"]
+__all__ = ["SmoothMaxAxis", "smooth_max_grid", "smooth_max_grid_vjp"]
 
 
 class SmoothMaxAxis:
@@ -63,7 +63,11 @@ class SmoothMaxAxis:
         """``(..., count)`` → ``(..., points)`` and what :meth:`backward` needs."""
         r = self.radius
         # Parameters capped at 50·T: exp(u) ≤ e^50, no overflow and no shift by the maximum.
-        win = F.pad(x.clamp(max=cap), (r, r + 1)).unfold(-1, self.w, 1)   # (..., count, w)
+        # Masks' values are far below the cap: one reduction tells, and saves the clamp here
+        # and the comparison and selection of the backward (``capped`` False: x ≤ cap
+        # everywhere, so the clamp is the identity; NaN counts as capped).
+        capped = not bool(x.amax() <= cap)
+        win = F.pad(x.clamp(max=cap) if capped else x, (r, r + 1)).unfold(-1, self.w, 1)
         # (The product's memory layout follows the window view's strides, and the sums below
         # reduce in an order that follows the layout: keep both as they are.)
         u = win.unsqueeze(-2) * self.scaled                                # (..., count, sub, w)
@@ -72,12 +76,12 @@ class SmoothMaxAxis:
         out = (u * e).sum(dim=-1).div_(den)                                # (..., count, sub)
         flat = out.flatten(-2)[..., :self.points]
         y = flat if self.scale is None else flat * self.scale
-        return y, (x, u, e, den, out)
+        return y, (x, u, e, den, out, capped)
 
     def backward(self, grad: torch.Tensor, saved: Tuple[Any, ...], cap: float) -> torch.Tensor:
         """The gradient at ``x`` ``(..., count)`` for ``grad`` ``(..., points)``: the operations
         autograd runs for :meth:`forward`, in its order (the same numbers)."""
-        x, u, e, den, out = saved
+        x, u, e, den, out, capped = saved
         r = self.radius
         g = grad * self.scale
         g = F.pad(g, (0, self.count * self.sub - self.points)).view(out.shape)
@@ -86,7 +90,9 @@ class SmoothMaxAxis:
         size = list(x.shape)
         size[-1] += 2 * r + 1
         gpad = torch.ops.aten.unfold_backward(gwin, size, x.dim() - 1, self.w, 1)
-        return torch.where(x <= cap, gpad[..., r:r + self.count], 0.0)
+        inner = gpad[..., r:r + self.count]
+        # (Where no value was capped, the selection would copy ``inner`` bit for bit.)
+        return torch.where(x <= cap, inner, 0.0) if capped else inner
 
 
     def _sum_phases(self, p: torch.Tensor) -> torch.Tensor:
@@ -119,6 +125,14 @@ def _pool(x: torch.Tensor, axes: Sequence[SmoothMaxAxis], cap: float
     return out, saved
 
 
+def _unpool(grad: torch.Tensor, axes: Sequence[SmoothMaxAxis], saved: List[Tuple[Any, ...]],
+            cap: float) -> torch.Tensor:
+    g = grad
+    for i in reversed(range(len(axes))):
+        g = axes[i].backward(g.movedim(2 + i, -1), saved[i], cap).movedim(-1, 2 + i)
+    return g
+
+
 class _SmoothMaxGrid(torch.autograd.Function):
     """Pool every axis in turn, then clamp to ``[0, 1]`` with the identity's gradient."""
 
@@ -131,11 +145,25 @@ class _SmoothMaxGrid(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        axes, cap, saved = ctx.axes, ctx.cap, ctx.saved
-        g = grad
-        for i in reversed(range(len(axes))):
-            g = axes[i].backward(g.movedim(2 + i, -1), saved[i], cap).movedim(-1, 2 + i)
-        return g, None, None, None
+        return _unpool(grad, ctx.axes, ctx.saved, ctx.cap), None, None, None
+
+
+def smooth_max_grid_vjp(params: torch.Tensor, axes: Sequence[SmoothMaxAxis], temperature: float,
+                        clamp: bool) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """:func:`smooth_max_grid` without autograd: the pooled grid and a function that takes the
+    gradient at the grid to the gradient at ``params`` — the node's forward and backward, the
+    same numbers, without the graph and the engine (an extremal perturbation iteration calls it
+    once).  The backward may run once."""
+    cap = 50.0 * temperature
+    with torch.no_grad():
+        out, saved = _pool(params.detach(), axes, cap)
+        if clamp:
+            out.clamp_(0, 1)
+
+    def backward(grad: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _unpool(grad, axes, saved, cap)
+    return out, backward
 
 
 def smooth_max_grid(params: torch.Tensor, axes: Sequence[SmoothMaxAxis], temperature: float,
