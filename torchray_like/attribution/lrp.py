@@ -50,7 +50,7 @@ from .context import RuleContext, records_gradient
 from .driver import SaliencyDebug
 from .engine import Job, saliency
 from .linear_approx import gradient_to_linear_approx_saliency
-from .lrp_closed import closed_gradient, rectified
+from .lrp_closed import closed_gradient, rectified, zplus_folded
 from .lrp_composites import Composite, CompositeSpec, make_composite
 from .lrp_rules import AffineCall, Rule, compute_dtype
 from .maps import SizeType
@@ -127,15 +127,18 @@ class _Node:
         # The input is a ReLU's output (x >= 0, no gradient through its zeros): lrp_closed.
         self.rectified = False
 
-    def folded(self, g: torch.Tensor) -> AffineCall:
-        """The operation the rule sees: with its batch norm folded (the merged weight and
-        bias), which needs the gradient to have come through that batch norm only."""
+    def check_fold(self, g: torch.Tensor) -> None:
+        """Check that the gradient ``g`` came through the folded batch norm only."""
         if self.fold_grad is None or g.data_ptr() != self.fold_grad.data_ptr():
             raise ValueError(
                 "LRPContext: a layer's output feeds its batch norm and also another operation; "
                 "the batch norm cannot be folded into the layer for LRP. Read relevance above "
                 "the batch norm, or restructure the model so that only the batch norm reads "
                 "the layer's output")
+
+    def folded(self) -> AffineCall:
+        """The operation the rule sees: with its batch norm folded (the merged weight and
+        bias; :meth:`check_fold` first)."""
         return self.call.folded(*cast(Tuple[torch.Tensor, torch.Tensor], self.fold))
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
@@ -192,12 +195,20 @@ def _rule_gradient(x: torch.Tensor, node: _Node, g: torch.Tensor,
     if x.dtype in (torch.float16, torch.bfloat16) or g.dtype != x.dtype:
         return _rule_gradient_cast(x, node, g, z)
     # Grad mode is off here (backward without create_graph, or once_differentiable).
+    rule = node.rule
     if node.fold is None:
         call, zc = node.call, z
+        r = zc * g
     else:
-        call, zc = node.folded(g), node.output(z)
-    r = zc * g
-    rule = node.rule
+        node.check_fold(g)
+        zc = node.output(z)
+        r = zc * g
+        if node.rectified:
+            fast = zplus_folded(rule, x, node.call, *cast(Tuple[torch.Tensor, torch.Tensor],
+                                                         node.fold), r)
+            if fast is not None:
+                return fast
+        call = node.folded()
     if rule.proportional:
         fast = closed_gradient(rule, x, call, zc, r, node.rectified)
         return rule.gradient(x, call, r) if fast is None else fast
@@ -210,7 +221,9 @@ def _rule_gradient_cast(x: torch.Tensor, node: _Node, g: torch.Tensor,
     inputs) or the gradient's dtype differs."""
     dtype = compute_dtype(x.dtype)
     xc, gc = x.to(dtype), g.to(dtype)
-    call = (node.call if node.fold is None else node.folded(g)).cast(dtype)
+    if node.fold is not None:
+        node.check_fold(g)
+    call = (node.call if node.fold is None else node.folded()).cast(dtype)
     # The forward pass's output where it is in the compute dtype, else computed again.
     if z.dtype != dtype:
         zc = call.output(xc)

@@ -42,7 +42,7 @@ from .lrp_rules import (
     safe_divide,
 )
 
-__all__ = ["closed_gradient", "rectified"]
+__all__ = ["closed_gradient", "rectified", "zplus_folded"]
 
 # Autograd nodes whose output is >= 0 and whose gradient is zero where the output is zero.
 _RECTIFIERS = frozenset({"ReluBackward0"})
@@ -68,6 +68,16 @@ def rectified(x: torch.Tensor) -> bool:
             return False
         node = node.next_functions[0][0]
     return False
+
+
+_TINY = {}  # dtype -> torch.finfo(dtype).tiny (finfo is slow to build for each layer)
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    tiny = _TINY.get(dtype)
+    if tiny is None:
+        tiny = _TINY[dtype] = float(torch.finfo(dtype).tiny)
+    return tiny
 
 
 def _channel(kind: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -114,17 +124,45 @@ def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tens
     wp = w.clamp(min=0)
     bp = None if b is None else b.clamp(min=0)
     if kind is ZPlus:
-        zp = op.forward(x, wp, bp)
         eps = cast(ZPlus, rule).epsilon
-        if eps >= torch.finfo(zp.dtype).tiny:
+        if bp is not None and eps >= _tiny(r.dtype):
             # x, w⁺, b⁺ ≥ 0: z⁺ ≥ 0 (+0 or -0 at the least), whose stabilised form
-            # z⁺ + ε·sign(z⁺) (sign(±0) = 1) is z⁺ + ε: the numbers safe_divide gives, in one
-            # pass instead of four.
+            # z⁺ + ε·sign(z⁺) (sign(±0) = 1) is z⁺ + ε: ε joins the bias of the product (one
+            # operation on the bias instead of a pass over the outputs).
+            return op.transpose(torch.div(r, op.forward(x, wp, bp.add_(eps))), wp, x)
+        zp = op.forward(x, wp, bp)
+        if eps >= _tiny(zp.dtype):
+            # The same without a bias: z⁺ + ε in one pass instead of safe_divide's four.
             return op.transpose(torch.div(r, zp.add_(eps)), wp, x)
         return op.transpose(safe_divide(r, zp, eps), wp, x)
     if kind is AlphaBeta:
         return _alpha_beta(op, cast(AlphaBeta, rule), x, w, wp, b, r)
     return _gamma(op, cast(Gamma, rule), x, z, w, wp, bp, r)
+
+
+def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Tensor,
+                 shift: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
+    """z⁺ on ``x ≥ 0`` of ``call`` followed by a batch norm ``y ↦ a ⊙ y + c`` (``scale``,
+    ``shift``) folded into it, without building the folded weight, or ``None``.
+
+    The folded layer has ``w' = a ⊙ w`` and ``b' = a ⊙ b + c`` per output channel.  Where every
+    ``a > 0``, ``w'⁺ = a ⊙ w⁺``, so ``z̃ = a ⊙ op(x, w⁺) + b'⁺`` and
+    ``op_{w'⁺}ᵀ(R / (z̃ + ε)) = op_{w⁺}ᵀ(R / (op(x, w⁺) + (b'⁺ + ε) / a))``: the scale moves
+    from the weight (a pass over it) into the bias of the product (one number per channel).
+    ``None`` where some ``a ≤ 0`` (``w'⁺`` is then not ``a ⊙ w⁺``), ``ε`` vanishes in the dtype
+    or the call has no closed form: the caller folds the weight."""
+    if type(rule) is not ZPlus:
+        return None
+    eps = cast(ZPlus, rule).epsilon
+    op = linear_map(call, x)
+    if op is None or op.kind == "conv_transpose" or eps < _tiny(r.dtype):
+        return None
+    if not bool((scale > 0).all()):
+        return None
+    bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+    wp = call.weight.clamp(min=0)
+    return op.transpose(torch.div(r, op.forward(x, wp, bias.clamp(min=0).add_(eps).div_(scale))),
+                        wp, x)
 
 
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
