@@ -68,8 +68,7 @@ def _reference(flat: torch.Tensor, ones: Sequence[int]) -> torch.Tensor:
         n1 = min(max(ones[j], 1), p)    # rows with no (or all) ones are set below
         taus.append(rows[:, j].kthvalue(p - n1 + 1, dim=1).values)
     tau = torch.stack(taus, dim=1).view(b, 1)
-    above = (flat > tau).to(flat.dtype)
-    tied = (flat == tau).to(flat.dtype)
+    above, tied = _indicators(flat, tau)
     share = (_counts(ones, flat) - above.sum(1, keepdim=True)) / tied.sum(1, keepdim=True)
     ref = torch.addcmul(above, tied, share)
     if min(ones) <= 0 or max(ones) >= p:
@@ -78,14 +77,20 @@ def _reference(flat: torch.Tensor, ones: Sequence[int]) -> torch.Tensor:
     return ref
 
 
+def _indicators(flat: torch.Tensor, tau: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``flat > tau`` and ``flat == tau`` as 1/0 in ``flat``'s dtype, each written by its
+    comparison (several times cheaper than a comparison and a conversion from bool)."""
+    above = torch.gt(flat, tau, out=torch.empty_like(flat))
+    return above, torch.eq(flat, tau, out=torch.empty_like(flat))
+
+
 def _reference_rows(flat: torch.Tensor, n1: int) -> torch.Tensor:
     """:func:`_reference` for rows that share the number of ones ``n1``."""
     b, p = flat.shape
     if n1 <= 0 or n1 >= p:
         return torch.full((b, p), 0.0 if n1 <= 0 else 1.0, dtype=flat.dtype, device=flat.device)
     tau = flat.kthvalue(p - n1 + 1, dim=1, keepdim=True).values
-    above = (flat > tau).to(flat.dtype)
-    tied = (flat == tau).to(flat.dtype)
+    above, tied = _indicators(flat, tau)
     share = (n1 - above.sum(1, keepdim=True)) / tied.sum(1, keepdim=True)
     return torch.addcmul(above, tied, share)
 

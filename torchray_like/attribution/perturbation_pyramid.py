@@ -216,11 +216,12 @@ class _Blend(torch.autograd.Function):
         # (A NaN mask — from a model whose output is not finite — must not become an index.)
         lower = torch.nan_to_num(t, nan=0.0).floor_().clamp_(0, levels - 2)
         frac = (t - lower).view((n, k, 1, 1) + spatial)
-        index = lower.long().view((n, k, 1, 1) + spatial).expand((n, k, 1, c) + spatial)
-        # Gather from a broadcast view: the K masks of an image share its pyramid, no copy.
+        level = lower.long().view((n, k, 1, 1) + spatial)
+        # Gather from a broadcast view: the K masks of an image share its pyramid, no copy
+        # (and the channels share each pixel's level: an expanded index).
         view = pyr.unsqueeze(1).expand((n, k) + tuple(pyr.shape[1:]))
-        low = view.gather(2, index)
-        high = view.gather(2, index + 1)
+        low = view.gather(2, level.expand((n, k, 1, c) + spatial))
+        high = view.gather(2, (level + 1).expand((n, k, 1, c) + spatial))
         out = torch.lerp(low, high, frac)
         ctx.save_for_backward(low, high)
         ctx.levels = levels
