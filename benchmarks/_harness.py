@@ -10,6 +10,11 @@ A row is flagged ``SLOW`` only when a repeat confirms it: a ratio above ``target
 is measured again, and only a second ratio above that bound flags the row.  The clock is a
 parameter: the wall clock (``time.perf_counter``, default) or the process's CPU time
 (``time.process_time``), steadier on a machine shared with other jobs.
+
+:func:`blas_threads` caps the thread pools of the BLAS libraries loaded besides PyTorch's
+(NumPy's OpenBLAS, which pytorch-grad-cam's SVD and products use) for a run: their threads spin
+for milliseconds after each call, and on a 2-core machine that spinning was charged to whatever
+was timed next (the process's CPU time counts every thread, and the wall clock lost a core).
 """
 
 from __future__ import annotations
@@ -282,6 +287,22 @@ def floor_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 # ---------------------------------------------------------------------------------------------
 # Timing
+
+
+def blas_threads(threads: int) -> ContextManager[object]:
+    """A block in which every BLAS / OpenMP pool that ``threadpoolctl`` finds (NumPy's OpenBLAS,
+    loaded by the reference libraries) uses at most ``threads`` threads; restored on exit.
+
+    PyTorch's own pools are set with :func:`torch.set_num_threads` by the scripts.  Without
+    ``threadpoolctl`` (it comes with scikit-learn, which pytorch-grad-cam and Quantus need) the
+    block does nothing: the references that would start such pools are then not installed
+    either.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads)
 
 
 def _synchronizer(device: Optional[torch.device]) -> Callable[[], None]:

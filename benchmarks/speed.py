@@ -59,6 +59,7 @@ from _harness import (  # noqa: E402
     HEADER,
     NOISE,
     Case,
+    blas_threads,
     check_no_hooks_left,
     floor_input,
     floor_input_hooked,
@@ -464,7 +465,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        with warnings.catch_warnings():
+        # NumPy's BLAS threads (pytorch-grad-cam's references) would spin into the next row.
+        with warnings.catch_warnings(), blas_threads(torch.get_num_threads()):
             warnings.simplefilter("ignore")  # Captum warns on every call; the table is the output
             return (run_memory if args.memory else run)(args, argv)
     finally:

@@ -57,3 +57,22 @@ def test_building_every_row_leaves_no_hook():
     cases = [c for family in speed.CASES for c in family(s)]  # alive while checked
     _harness.check_no_hooks_left(s.model, before, "building the rows")
     assert len(cases) > 30
+
+
+def test_blas_threads_caps_numpy_blas_for_the_run_and_restores_it():
+    # NumPy's OpenBLAS threads spin after each call (pytorch-grad-cam's SVD): uncapped, the
+    # Eigen-CAM row was charged their spinning (3.0 -> 7.9 ms of process CPU time measured).
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pytest.importorskip("numpy")
+    before = {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}
+    with _harness.blas_threads(1):
+        inside = threadpoolctl.threadpool_info()
+        assert inside and all(p["num_threads"] == 1 for p in inside)
+    after = {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}
+    assert after == before
+
+
+def test_blas_threads_without_threadpoolctl_does_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
+    with _harness.blas_threads(1) as value:
+        assert value is None
