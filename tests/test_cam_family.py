@@ -12,7 +12,12 @@ import torch.nn as nn
 
 import torchray_like
 from torchray_like.attribution.context import TorchRayDifferenceWarning
-from torchray_like.attribution.eigen_cam import eigen_cam, eigen_cam_map, eigen_cam_projection
+from torchray_like.attribution.eigen_cam import (
+    eigen_cam,
+    eigen_cam_map,
+    eigen_cam_projection,
+    first_right_singular_vector,
+)
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.grad_cam import grad_cam
 from torchray_like.attribution.grad_cam_plus_plus import (
@@ -227,6 +232,20 @@ def test_eigen_cam_is_the_first_principal_component_with_a_fixed_sign():
     assert (p * (centred.mean(1, keepdim=True))).sum() > 0
 
 
+@pytest.mark.parametrize("p, k", [(5, 12), (12, 5), (7, 7), (1, 4)])
+def test_first_right_singular_vector_is_the_svds_up_to_sign(p, k):
+    g = torch.Generator().manual_seed(p * 31 + k)
+    x = torch.randn(3, p, k, generator=g, dtype=torch.float64)
+    v = first_right_singular_vector(x)
+    want = torch.linalg.svd(x, full_matrices=False)[2][:, 0]
+    sign = torch.sign((v * want).sum(1, keepdim=True))
+    assert v.shape == (3, k) and v.dtype == torch.float64
+    assert torch.allclose(v * sign, want, atol=1e-12)
+    assert torch.allclose(v.norm(dim=1), torch.ones(3, dtype=torch.float64), atol=1e-13)
+    assert torch.equal(first_right_singular_vector(torch.zeros(2, p, k, dtype=torch.float64))
+                       .isfinite(), torch.ones(2, k, dtype=torch.bool))
+
+
 def test_eigen_cam_without_spatial_variation_is_zero_and_ignores_the_gradient():
     a = torch.ones(2, 3, 4, 4)
     assert torch.equal(eigen_cam_map(a), torch.zeros(2, 1, 4, 4))
@@ -348,3 +367,98 @@ def test_flattener_name_in_the_docstring_and_manual_probe_use():
     with pytest.raises(ValueError, match="gradient_to_grad_cam_plus_plus_saliency: the tensor "
                                          "has no .grad"):
         gradient_to_grad_cam_plus_plus_saliency(torch.ones(1, 2, 3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigen-CAM reads no gradient: a call of its own runs no backward pass
+# ---------------------------------------------------------------------------------------------
+
+
+class _CountBackward(torch.autograd.Function):
+    """The identity, counting (or refusing) its backward passes."""
+
+    calls = 0
+    refuse = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _CountBackward.calls += 1
+        if _CountBackward.refuse:
+            raise RuntimeError("no backward pass was expected")
+        return grad
+
+
+class _Counted(nn.Module):
+    """``make(2)``'s network with the counting identity on the head's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make(2, relu_after=True)
+
+    def forward(self, x):
+        self.net.act.register_forward_hook(lambda m, a, o: _CountBackward.apply(o))
+        try:
+            return self.net(x)
+        finally:
+            self.net.act._forward_hooks.clear()
+
+
+def test_eigen_cam_alone_runs_no_backward_pass_and_equals_its_map(monkeypatch):
+    model, x = make(2, relu_after=True), batch(2)
+    counted = _Counted()
+    counted.net.load_state_dict(model.state_dict())
+    monkeypatch.setattr(_CountBackward, "calls", 0)
+    monkeypatch.setattr(_CountBackward, "refuse", True)
+    smap = eigen_cam(counted, x, 1, "net.act")
+    assert _CountBackward.calls == 0
+    activation = hook_reference(model, x, [1, 1, 1], "act")[0]
+    assert torch.allclose(smap, eigen_cam_map(activation), atol=1e-12)
+    assert smap.shape == (3, 1) + tuple(x.shape[2:]) and smap.dtype == torch.float64
+    # Grad-CAM on the same model needs the backward pass (the counting identity refuses it).
+    with pytest.raises(RuntimeError, match="no backward pass was expected"):
+        grad_cam(counted, x, 1, "net.act")
+
+
+def test_eigen_cam_computes_the_gradient_where_something_reads_it(monkeypatch):
+    model, x = make(2, relu_after=True), batch(2)
+    monkeypatch.setattr(_CountBackward, "refuse", False)
+    _, g = hook_reference(model, x, [1, 1, 1], "act")
+    # A caller's own flattener may read .grad: it gets the plain gradient.
+    seen = []
+
+    def flatten(t):
+        seen.append(t.grad.clone())
+        return t.grad.sum(1, keepdim=True)
+
+    smap = eigen_cam(model, x, 1, "act", gradient_to_saliency=flatten)
+    assert len(seen) == 1 and torch.allclose(seen[0], g, atol=1e-12)
+    assert torch.allclose(smap, g.sum(1, keepdim=True), atol=1e-12)
+    # debug=True records the gradient as for every method.
+    smap, record = eigen_cam(model, x, 1, "act", debug=True)
+    assert torch.allclose(record.gradient, g, atol=1e-12)
+    # explain with Grad-CAM: one pass, the same maps as the separate calls.
+    got = explain(model, x, 1, ["eigen_cam", "grad_cam"],
+                  {"eigen_cam": {"saliency_layer": "act"}, "grad_cam": {"saliency_layer": "act"}})
+    assert torch.equal(got["eigen_cam"], eigen_cam(model, x, 1, "act"))
+    assert torch.equal(got["grad_cam"], grad_cam(model, x, 1, "act"))
+
+
+def test_eigen_cam_still_refuses_a_layer_off_the_output_path():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(2, 3, 3), nn.Conv2d(2, 3, 3)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.head(self.used(x).mean((2, 3)))
+
+    model, x = TwoHeads().double().eval(), batch(2)
+    with pytest.raises(ValueError, match="scores do not depend on saliency_layer 'unused'"):
+        eigen_cam(model, x, 1, "unused")
+    assert eigen_cam(model, x, 1, "used").shape == (3, 1, x.shape[2] - 2, x.shape[3] - 2)

@@ -21,6 +21,7 @@ from torchray_like.attribution.context import (
     UnhandledActivationWarning,
     active_rule_contexts,
     check_data_parallel,
+    depends_on,
     nodes_on_path,
 )
 from torchray_like.attribution.deconvnet import deconvnet
@@ -186,6 +187,20 @@ def test_nodes_on_path_keeps_only_nodes_between_output_and_inputs():
     assert nodes_on_path(out, [w], {"ReluBackward0"}) == [off.grad_fn]
     assert nodes_on_path(out.detach(), [x], {"ReluBackward0"}) == []
     assert nodes_on_path(out, [x.detach()], {"ReluBackward0"}) == []
+
+
+def test_depends_on_answers_what_autograd_grad_would_find():
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    read = torch.relu(x) * 2
+    side = (unused * 3).sum()             # a graph of its own, never reaching the output
+    out = (torch.relu(read) + w).sum()
+    for t in (x, w, read, unused):        # the independent answer: autograd itself
+        found = torch.autograd.grad(out, t, retain_graph=True, allow_unused=True)[0]
+        assert depends_on(out, t) is (found is not None)
+    assert depends_on(out, out) and depends_on(side, unused) and not depends_on(side, x)
+    assert not depends_on(out.detach(), x) and not depends_on(out, x.detach())
 
 
 def test_data_parallel_on_one_device_gives_the_modules_maps():

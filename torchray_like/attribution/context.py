@@ -36,7 +36,7 @@ from .modules import current_scan
 
 __all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
            "UnhandledActivationWarning", "TorchRayDifferenceWarning", "nodes_on_path",
-           "graph_nodes", "check_data_parallel"]
+           "graph_nodes", "depends_on", "check_data_parallel"]
 
 
 class NoRuleAppliedWarning(UserWarning):
@@ -155,6 +155,30 @@ def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],
         return []
     on_path = _ancestors(nodes, stops)
     return [node for node in found if id(node) in on_path]
+
+
+def depends_on(output: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether a backward pass from ``output`` reaches ``tensor`` (which requires grad): the
+    answer of ``torch.autograd.grad(output, tensor, allow_unused=True) is not None`` from a walk
+    of the graph, without computing any gradient."""
+    root = output.grad_fn
+    if root is None or not tensor.requires_grad:
+        return False
+    target = _gradient_node(tensor)  # held: the ids below stay unique during the walk
+    if root is target:
+        return True
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None or id(child) in seen:
+                continue
+            if child is target:
+                return True
+            seen.add(id(child))
+            if type(child).__name__ != "AccumulateGrad":  # a parameter's leaf: nothing below
+                stack.append(child)
+    return False
 
 
 def graph_nodes(root: Any, stops: Collection[int] = ()) -> Iterator[Any]:

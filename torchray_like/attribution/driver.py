@@ -22,6 +22,7 @@ from .context import (
     RuleContext,
     UnhandledActivationWarning,
     check_data_parallel,
+    depends_on,
     suspend_rule_contexts,
 )
 from .inputs import call_model, check_input, layout_hint
@@ -209,6 +210,12 @@ class ForwardPass:
         return [None if any(r[k] is None for r in rows)
                 else torch.stack([r[k][i] for i, r in enumerate(rows)])
                 for k in range(len(tensors))]
+
+    def check_reached(self, label: str) -> None:
+        """For a reading whose gradient is not computed: that the scores depend on it (what a
+        backward pass would have checked), or a :class:`ValueError`."""
+        if not depends_on(self.scores, self.reads[label]):
+            raise ValueError(f"the target scores do not depend on {self.where(label)}")
 
     def check_gradient(self, label: str, grad: Optional[torch.Tensor]) -> None:
         """A gradient that does not exist or is not finite is a :class:`ValueError`."""

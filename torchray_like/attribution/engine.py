@@ -123,24 +123,38 @@ def _rule_context(jobs: List[Job]) -> Tuple[Any, bool]:
     return None, False
 
 
-def _passes(jobs: List[Job], switched: bool) -> List[Tuple[Any, bool, List[str]]]:
+def _passes(jobs: List[Job], switched: bool, debug: bool = False
+            ) -> List[Tuple[Any, bool, List[str]]]:
     """The backward passes: ``(rule, check_rules, reading labels)``, the plain rule first.
 
     Without rule switching every reading is one pass under the context as it is, checked as
-    :func:`saliency` always did."""
+    :func:`saliency` always did.  Readings whose gradient no map uses (:attr:`Read.gradient`)
+    get none, unless ``debug`` records it; a call left with no reading needs no pass."""
+    needed = [(read, label) for job in jobs for read, label in job.reads
+              if debug or job.method.uses_gradient(read, job.options)]
+    if not needed:
+        return []
     if not switched:
-        labels = list(dict.fromkeys(label for job in jobs for _, label in job.reads))
-        return [(None, True, labels)]
-    order = list(dict.fromkeys(read.rule for job in jobs for read, _ in job.reads))
+        return [(None, True, list(dict.fromkeys(label for _, label in needed)))]
+    order = list(dict.fromkeys(read.rule for read, _ in needed))
     order.sort(key=lambda rule: rule is not GRADIENT_RULE)
     passes = []
     for rule in order:
-        labels = list(dict.fromkeys(label for job in jobs for read, label in job.reads
-                                    if read.rule is rule))
+        labels = list(dict.fromkeys(label for read, label in needed if read.rule is rule))
         check = rule is not GRADIENT_RULE and any(
-            read.check_rules for job in jobs for read, _ in job.reads if read.rule is rule)
+            read.check_rules for read, _ in needed if read.rule is rule)
         passes.append((rule, check, labels))
     return passes
+
+
+def read_pair(convert: Any, tensor: torch.Tensor, grad: Optional[torch.Tensor]
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A read tensor and its gradient (``None`` where no map uses it) as the map sees them
+    (:func:`~.tokens.tokens_to_map`)."""
+    if grad is None:
+        return tokens_to_map(convert, tensor)[0], None
+    first, second = tokens_to_map(convert, tensor, grad)
+    return first, second
 
 
 def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switched: bool,
@@ -187,9 +201,10 @@ def _debug_record(job: Job, fp: ForwardPass, reading: Reading, extras: Dict[str,
     record_type = job.method.debug_type or SaliencyDebug
     if job.auto is not None:
         print(f"{job.method.name}: saliency_layer chosen automatically: {job.auto!r}")
-    return record_type(detach_all(fp.output), reading.tensors[0].detach(),
-                       reading.grads[0].detach(), dict(getattr(fp.context, "counts", {})),
-                       probes, job.layer, **extras)
+    grad = reading.grads[0]
+    assert grad is not None  # debug computes every read's gradient (_passes)
+    return record_type(detach_all(fp.output), reading.tensors[0].detach(), grad.detach(),
+                       dict(getattr(fp.context, "counts", {})), probes, job.layer, **extras)
 
 
 def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
@@ -232,7 +247,7 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
          debug: bool) -> Dict[str, Result]:
     """:func:`run_jobs` once the layers are known."""
     context, switched = _rule_context(jobs)
-    passes = _passes(jobs, switched)
+    passes = _passes(jobs, switched, debug)
     single = len(jobs) == 1 and len(jobs[0].reads) == 1
     results: Dict[str, Result] = {}
     rules = [rule for rule, _, _ in passes if rule is not None]
@@ -241,12 +256,16 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
             rules) as fp:
         tokens = _check_reads(fp, jobs, model, input)
         grads = _gradients(fp, passes, switched, keep_graph=bool(probes))
+        computed = {label for _, _, labels in passes for label in labels}
+        for label in dict.fromkeys(label for job in jobs for _, label in job.reads):
+            if label not in computed:  # no map uses its gradient: the graph says it matters
+                fp.check_reached(label)
         if probes:
             fill_probe_gradients(probes, fp.scores, fp.seed)
         for job in jobs:
             keys = [((read.rule if switched else None), label) for read, label in job.reads]
-            pairs = [tokens_to_map(tokens.get((job.label, key[1])), fp.reads[key[1]], grads[key])
-                     for key in keys]
+            pairs = [read_pair(tokens.get((job.label, key[1])), fp.reads[key[1]],
+                               grads.get(key)) for key in keys]
             reading = Reading(input, fp.x, tuple(a for a, _ in pairs),
                               tuple(g for _, g in pairs), job.layer, job.options)
             smap, extras = job.method.make_map(job.method, reading)

@@ -32,7 +32,7 @@ Differences from the paper and from the libraries, all measured (``tests/test_ca
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -133,13 +133,17 @@ def gradient_cam_doc(title: str, flattener: str) -> str:
 
 
 def gradient_cam_method(name: str, module: str, title: str,
-                        layer_map: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        flattener: Callable[[torch.Tensor], torch.Tensor]) -> BackpropMethod:
+                        layer_map: Callable[[torch.Tensor, Any], torch.Tensor],
+                        flattener: Callable[[torch.Tensor], torch.Tensor],
+                        gradient: bool = True) -> BackpropMethod:
     """The description of a CAM computed from a layer's activation and plain gradient: it reads
     what Grad-CAM reads, so :func:`~torchray_like.attribution.explain.explain` computes it
-    from Grad-CAM's forward and backward pass."""
+    from Grad-CAM's forward and backward pass.  ``gradient=False``: the map uses the
+    activation only (``layer_map`` gets ``None`` for the gradient), and a call of its own runs
+    no backward pass."""
     return BackpropMethod(
-        name=name, reads=(Read(),), module=module, saliency_layer=None, auto_layer=True,
+        name=name, reads=(Read(gradient=gradient),), module=module, saliency_layer=None,
+        auto_layer=True,
         gradient_to_saliency=flattener, layer_map=layer_map,
         layer_hint=f"{title.split(' ')[0]} needs (N, C, *spatial): choose a convolutional layer "
                    "(or omit saliency_layer to pick one automatically)",

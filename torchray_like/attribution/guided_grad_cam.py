@@ -87,6 +87,7 @@ def guided_grad_cam_reading(method: BackpropMethod, reading: Reading
                             ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """The map from the two readings: the layer's plain gradient and the input's guided one."""
     (read, _), (layer_grad, input_grad) = reading.tensors, reading.grads
+    assert layer_grad is not None and input_grad is not None  # both reads use their gradient
     smap, cam = guided_grad_cam_map(
         reading.input, reading.x, read, layer_grad, input_grad, reading.layer,
         reading.options.get("resize_mode", "bilinear"),

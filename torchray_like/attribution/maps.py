@@ -43,11 +43,14 @@ class ActivationMap:
     :func:`~torchray_like.attribution.driver.check_spatial`, naming the method's hint).
     """
 
-    def __init__(self, map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 method: str, layer: Any, hint: str) -> None:
+    def __init__(self, map_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+                 method: str, layer: Any, hint: str, gradient: bool = True) -> None:
         self.map_fn, self.method, self.layer, self.hint = map_fn, method, layer, hint
+        self.gradient = gradient  # False: map_fn reads the activation only (Eigen-CAM)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gradient and x.grad is None:
+            return self.map_fn(x.detach(), None)
         return self.map_fn(x.detach(), saliency_gradient(x, self.method))
 
 

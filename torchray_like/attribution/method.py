@@ -70,12 +70,18 @@ class Read:
     check_rules : bool
         Whether a backward pass that goes through none of the rule's nodes is an error (the
         result would be the plain gradient under the method's name).
+    gradient : bool
+        Whether the map uses the tensor's gradient.  ``False`` (Eigen-CAM reads the activation
+        only): a call that needs no other gradient runs no backward pass, and the map gets
+        ``None`` for the gradient (it is computed when ``debug=True`` asks for it, or when
+        :func:`~torchray_like.attribution.explain.explain` computes it for another method).
     """
 
     rule: ReLURule = GRADIENT_RULE
     context: Optional[Callable[[], Any]] = None
     at_layer: bool = True
     check_rules: bool = True
+    gradient: bool = True
 
 
 @dataclass
@@ -99,12 +105,12 @@ class Reading:
     input: torch.Tensor
     x: torch.Tensor
     tensors: Tuple[torch.Tensor, ...]
-    grads: Tuple[torch.Tensor, ...]
+    grads: Tuple[Optional[torch.Tensor], ...]
     layer: Any
     options: Dict[str, Any] = field(default_factory=dict)
 
 
-def with_grad(tensor: torch.Tensor, grad: torch.Tensor,
+def with_grad(tensor: torch.Tensor, grad: Optional[torch.Tensor],
               fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``fn(tensor)`` with ``tensor.grad`` set to ``grad`` for the call (TorchRay's flatteners
     read the gradient from ``.grad``)."""
@@ -189,8 +195,16 @@ class BackpropMethod:
         """The ``gradient_to_saliency`` of a call: the option, or the method's layer map."""
         flatten = options.get("gradient_to_saliency", self.gradient_to_saliency)
         if flatten is self.gradient_to_saliency and self.layer_map is not None:
-            return ActivationMap(self.layer_map, self.name, layer, self.layer_hint)
+            return ActivationMap(self.layer_map, self.name, layer, self.layer_hint,
+                                 gradient=all(read.gradient for read in self.reads))
         return flatten
+
+    def uses_gradient(self, read: Read, options: Dict[str, Any]) -> bool:
+        """Whether a call's map uses ``read``'s gradient: the read's own say
+        (:attr:`Read.gradient`), unless the call passes its own ``gradient_to_saliency``
+        (which may read ``.grad``)."""
+        return read.gradient or options.get(
+            "gradient_to_saliency", self.gradient_to_saliency) is not self.gradient_to_saliency
 
     def default_context(self, options: Dict[str, Any]) -> bool:
         """Whether the call keeps the method's own rule context (so its rules decide)."""
