@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from .driver import all_finite
 from .grad_cam_plus_plus import check_cam_reading, gradient_cam_method
 
 __all__ = ["eigen_cam", "EIGEN_CAM", "eigen_cam_map", "eigen_cam_projection",
@@ -55,7 +56,7 @@ def eigen_cam_projection(activation: torch.Tensor) -> torch.Tensor:
         For an activation that is not ``(N, K, *spatial)`` or not finite.
     """
     check_cam_reading("Eigen-CAM", activation, activation)
-    if not bool(torch.isfinite(activation).all()):
+    if not all_finite(activation) and not bool(torch.isfinite(activation).all()):
         # LAPACK's SVD would fail to converge (a RuntimeError) or return NaN.
         raise ValueError("Eigen-CAM: the activation holds NaN or infinite values; check the "
                          "model on this input (or read another layer)")
