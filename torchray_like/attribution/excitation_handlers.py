@@ -274,8 +274,8 @@ class ExcitationHandlers:
                 or not _is_activation(b) or not _is_real(alpha)):
             return func(*args, **kwargs)
         da, db = self.differentiated(a), self.differentiated(b)
-        try:
-            shape = torch.broadcast_shapes(a.shape, b.shape)
+        try:  # (torch.broadcast_shapes costs 12 µs even for equal shapes, the usual case)
+            shape = a.shape if a.shape == b.shape else torch.broadcast_shapes(a.shape, b.shape)
         except RuntimeError:
             return func(*args, **kwargs)  # PyTorch's error
         # An operand of the output's shape is an activation; a smaller one that autograd does
