@@ -205,7 +205,10 @@ class MaskGenerator:
     jitter : int or tuple of int
         Largest shift in pixels per axis (≥ 0), see :meth:`crop`.
     temperature : float
-        ``T`` of the ``"softmax"`` pooling (> 0; use ``"max"`` for ``T = 0``).
+        ``T`` of the ``"softmax"`` pooling (> 0; use ``"max"`` for ``T = 0``).  From 0.03
+        up (the default 0.05) in single and double precision, a fused pooling that caps its
+        inputs at ``50·T``; below, and in half precision, the formula shifted by its maximum
+        (exact at any temperature, slower).
     subdivision : int or tuple of int, optional
         Evaluation points per grid step (1 to ``step``).
     device, dtype
@@ -266,8 +269,13 @@ class MaskGenerator:
         self.axes: List[_Axis] = []
         for length, s, sg, j, f in zip(self.shape, steps, sigmas, jitters, subs):
             self.axes.append(self._axis(length, int(s), float(sg), int(j), f, device, dtype))
-        # exp(50) is far from overflow in single and double precision (not in half).
-        safe = math.log(torch.finfo(dtype).max) > 70
+        # The fused pooling caps its inputs at 50·T, so that exp(u) ≤ e^50 needs no shift by
+        # the maximum: far from overflow in single and double precision (not in half), and
+        # harmless while the cap is above every value it pools (1.5: parameters in [0, 1], and
+        # the first axis overshoots 1 by a few percent).  At lower temperatures the cap would
+        # bind — a grid of ones pooling to 50·T, or to NaN once exp(1/T) overflows — and the
+        # shifted formula below (no cap) is used instead.
+        safe = math.log(torch.finfo(dtype).max) > 70 and 50 * self.temperature >= 1.5
         for a in self.axes:
             a.valid = (a.bias == 0).to(dtype) if safe else None
             a.scaled = a.weights / self.temperature if self.temperature > 0 else None

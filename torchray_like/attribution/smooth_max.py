@@ -15,7 +15,8 @@ optimisation is chaotic — the ranking constraint's threshold is discontinuous 
 difference would change the masks), without the graph's per-node cost.  The one liberty: the
 backward's sum over two to four phases is a running sum where that is the reduction's own order
 (checked once per axis).  :class:`~.smooth_masks.MaskGenerator` uses it for its ``"softmax"``
-pooling in single and double precision.
+pooling in single and double precision at temperatures from 0.03 up (where the cap at ``50·T``
+is above every value a mask pools).
 """
 
 from __future__ import annotations
