@@ -98,7 +98,8 @@ def _reference_rows(flat: torch.Tensor, n1: int) -> torch.Tensor:
 def _ranking_loss(flat: torch.Tensor, ref: torch.Tensor, ones: Sequence[int]) -> torch.Tensor:
     """``mean((vecsort(m) − r)²)`` per row, as ``(Σ m² − 2·Σ m·r̂ + ones) / P``."""
     count = _counts(tuple(int(n) for n in ones), flat).view(-1)
-    return (flat.pow(2).sum(1) - 2 * (flat * ref).sum(1) + count) / flat.shape[1]
+    # (a − 2·b as one subtraction: 2·b is exact, so the same number.)
+    return (torch.sub(flat.pow(2).sum(1), (flat * ref).sum(1), alpha=2) + count) / flat.shape[1]
 
 
 class _RankingLoss(torch.autograd.Function):
@@ -181,12 +182,14 @@ class RewardScale:
         self.ones = [max(1, int(round(a * pixels))) for a in areas]
         self.ranks = torch.tensor(self.ones, device=device).view(-1, 1)
         self.factor = pixels / (2.0 * ratio * first_weight)
-        self.value = torch.zeros(len(areas), device=device, dtype=dtype)
+        # A fixed unit is written once (update returns it as it is).
+        self.value = torch.full((len(areas),), 0.0 if self.fixed is None else self.fixed,
+                                device=device, dtype=dtype)
 
     def update(self, grad: torch.Tensor) -> torch.Tensor:
         """Take the reward's gradient ``(B, ...)`` at the masks; return the unit ``(B,)``."""
         if self.fixed is not None:
-            return self.value.fill_(self.fixed)
+            return self.value
         flat = grad.detach().flatten(1).abs()
         k = max(self.ones)
         top = flat.topk(min(k, flat.shape[1]), dim=1).values
