@@ -313,6 +313,16 @@ def test_stabilize_adds_epsilon_in_the_dtype_with_sign_of_zero_one():
     assert torch.equal(stabilize(z, 0.1), want)
     assert stabilize(z, 0.1).dtype == DT
     assert torch.equal(stabilize(z, 0.0), z)
+    # float32 after float64 (ε kept per dtype): ε rounded to float32, not float64's 0.1
+    z32 = z.float()
+    assert torch.equal(stabilize(z32, 0.1), torch.tensor([0.1, 0.1, 2.1, -3.1, 0.1]))
+    # differentiable where autograd records it (slope one), and under inference mode
+    leaf = z.clone().requires_grad_()
+    stabilize(leaf, 0.1).sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(z))
+    with torch.inference_mode():
+        assert torch.equal(stabilize(z, 0.1), want)
+    assert torch.equal(stabilize(z, 0.1), want)
 
 
 @pytest.mark.parametrize("rule", [Epsilon(1e-6), ZPlus(), Gamma(0.25), AlphaBeta(2.0, 1.0)],
@@ -505,3 +515,28 @@ def test_zplus_folded_takes_positive_scales_only():
     assert zplus_folded(Epsilon(1e-6), x, call, scale, shift, r) is None
     same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
     assert zplus_folded(ZPlus(), x, same, scale, shift, r) is None
+
+
+@pytest.mark.parametrize("rule", [AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0), AlphaBeta(3.0, 2.0)],
+                         ids=repr)
+def test_alpha_beta_on_signed_linear_input_equals_matrix_form(rule):
+    """α-β on a linear layer whose input is signed (both sign blocks in one product, and one
+    ``s @ Ŵ`` for the transposed one: the weight is smaller than the batch's input), against
+    the matrix form."""
+    torch.manual_seed(45)
+    l1, l2 = nn.Linear(6, 3), nn.Linear(3, 3)
+    net = nn.Sequential(l1, nn.ReLU(), l2).to(DT).eval()
+    x = torch.randn(4, 6, dtype=DT)
+    x[0, 2] = 0.0  # an exact zero: relevance zero, whichever sign block its gradient takes
+    call = AffineCall(F.linear, l1.weight, l1.bias)
+    with torch.no_grad():
+        z = l1(x)
+        assert closed_gradient(rule, x, call, z, z, False) is not None  # the stacked path
+    with LRPContext({"linear": rule}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
+    got = (xx * g).detach()[0]
+    with torch.no_grad():
+        want = hand_lrp([("affine", l1, None), ("relu",), ("affine", l2, None)], x[:1], 1, rule)
+    assert got.shape == (6,) and float(got[2]) == 0.0 and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))

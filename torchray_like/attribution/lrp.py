@@ -251,20 +251,22 @@ def _input_free(xc: torch.Tensor, node: _Node, relevance: torch.Tensor) -> torch
 
 
 class BatchNormFoldFunction(torch.autograd.Function):
-    """A batch norm folded into the layer before it: forward is the plain call, backward passes
-    the gradient unchanged (the layer's rule uses the merged weights)."""
+    """A batch norm folded into the layer before it: forward is the plain call (what
+    ``F.batch_norm`` calls with running statistics), backward passes the gradient unchanged (the
+    layer's rule uses the merged weights)."""
 
     @staticmethod
-    def forward(ctx, x, node, func, rest):
+    def forward(ctx, x, node, weight, bias, mean, var, momentum, eps):
         ctx.node = node
         with torch._C.DisableTorchFunction():
-            return func(x, *rest)
+            return torch.batch_norm(x, weight, bias, mean, var, False, momentum, eps,
+                                    torch._C._get_cudnn_enabled())
 
     @staticmethod
     def backward(ctx, g):
         # The identity: differentiable as it is (no once_differentiable needed).
         ctx.node.fold_grad = g
-        return g, None, None, None
+        return (g,) + (None,) * 7
 
 
 _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
@@ -272,11 +274,16 @@ _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training
 _BN_DEFAULTS = (None, None, None, None, None, False, 0.1, 1e-5)
 
 
-def _batch_norm_args(args: tuple, kwargs: dict) -> Dict[str, Any]:
+def _batch_norm_args(args: tuple, kwargs: dict) -> tuple:
+    """The arguments of an ``F.batch_norm`` call in its signature's order."""
+    if len(args) == 3 and len(kwargs) == 5 and "weight" in kwargs:
+        # How F.batch_norm hands itself to the mode (handle_torch_function): no parsing.
+        return args + (kwargs["weight"], kwargs["bias"], kwargs["training"],
+                       kwargs["momentum"], kwargs["eps"])
     values = dict(zip(_BN_NAMES, _BN_DEFAULTS))
     values.update(zip(_BN_NAMES, args))
     values.update(kwargs)
-    return values
+    return tuple(values[n] for n in _BN_NAMES)
 
 
 def _affine_args(args: tuple, kwargs: dict) -> Tuple[Any, Any, Any, tuple, dict]:
@@ -470,12 +477,7 @@ class LRPContext(RuleContext):
         return out
 
     def _batch_norm(self, func, args, kwargs):
-        if len(args) == 8 and not kwargs:  # nn.BatchNorm*'s positional call: no parsing
-            x, mean, var, weight, bias, training, _, eps = args
-        else:
-            values = _batch_norm_args(args, kwargs)
-            x, mean, var, weight, bias, training, eps = (values[n] for n in (
-                "input", "running_mean", "running_var", "weight", "bias", "training", "eps"))
+        x, mean, var, weight, bias, training, momentum, eps = _batch_norm_args(args, kwargs)
         if not _records(x):
             return func(*args, **kwargs)
         if training or mean is None:
@@ -483,15 +485,14 @@ class LRPContext(RuleContext):
             return func(*args, **kwargs)
         entry = self._outputs.get(id(x))
         node = entry[1] if entry is not None and entry[0]() is x else None
-        if node is None or node.fold is not None or node.call.kind not in ("conv", "linear"):
-            # Not after a layer: an element-wise affine map, whose plain gradient is LRP-0.
+        if node is None or node.fold is not None or node.call.kind not in ("conv", "linear") \
+                or var is None or not eps >= 0:
+            # Not after a layer: an element-wise affine map, whose plain gradient is LRP-0
+            # (F.batch_norm refuses a negative eps itself).
             return func(*args, **kwargs)
         node.fold = _bn_scale_shift(mean, var, weight, bias, eps, x.dtype)
         self.counts["batch_norm_fold"] = self.counts.get("batch_norm_fold", 0) + 1
-        if len(args) == 8 and not kwargs:
-            return BatchNormFoldFunction.apply(x, node, func, args[1:])
-        rest = {k: v for k, v in values.items() if k != "input"}
-        return BatchNormFoldFunction.apply(x, node, functools.partial(func, **rest), ())
+        return BatchNormFoldFunction.apply(x, node, weight, bias, mean, var, momentum, eps)
 
     def _uncovered(self, func, args, kwargs, name: str):
         if records_gradient(args, kwargs):
@@ -533,9 +534,8 @@ def _bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torc
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)`` with ``batch_norm(y) = a ⊙ y + c`` per channel (running statistics)."""
     dtype = compute_dtype(dtype)
-    # Few small operations (this runs once per batch norm and call): no graph is recorded
-    # (the handler runs inside the mode, where parameters do not require grad after the
-    # model's freeze; no_grad for the others), and a conversion only where the dtype differs.
+    # Few small operations (this runs once per batch norm and call): no graph is recorded,
+    # and a conversion only where the dtype differs.
     with torch.no_grad():
         var = var if var.dtype == dtype else var.to(dtype)
         mean = mean if mean.dtype == dtype else mean.to(dtype)

@@ -54,9 +54,26 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     if epsilon == 0:
         return z
     # ε with z's sign bit, after z + 0.0 has turned -0.0 into +0.0 (sign(±0) = 1): the same
-    # values as z + where(z >= 0, ε, -ε), in fewer passes over z (no where of two numbers).
+    # values as z + where(z >= 0, ε, -ε), in fewer passes over z (no where of two numbers;
+    # ε a 0-dimensional tensor of z's dtype that copysign broadcasts, not a filled copy).
     z0 = z + 0.0
-    return torch.copysign(torch.full_like(z0, epsilon), z0).add_(z0)
+    signed = torch.copysign(_scalar(epsilon, z0), z0)
+    # In place, unless autograd records it (copysign keeps its output for backward).
+    return signed + z0 if z0.requires_grad else signed.add_(z0)
+
+
+_SCALARS: dict = {}  # (value, dtype, device) -> 0-dimensional tensor (constants, never written)
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    key = (value, like.dtype, like.device)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 64:
+            _SCALARS.clear()
+        with torch.inference_mode(False):  # a normal tensor, also when first made in one
+            t = _SCALARS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return t
 
 
 def safe_divide(r: torch.Tensor, z: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -92,8 +109,9 @@ class AffineCall:
                  rest: Sequence[Any] = (), kwargs: Optional[dict] = None,
                  kind: str = "linear") -> None:
         self.func, self.kind = func, kind
-        self.weight = weight.detach()
-        self.bias = None if bias is None else bias.detach()
+        # Detached where autograd tracks them (a frozen parameter is used as it is).
+        self.weight = weight.detach() if weight.requires_grad else weight
+        self.bias = bias.detach() if bias is not None and bias.requires_grad else bias
         self.rest, self.kwargs = tuple(rest), dict(kwargs or {})
         # The closed form (LinearMap) of the operation, parsed once: see linear_map().
         self._map: Any = _UNPARSED
