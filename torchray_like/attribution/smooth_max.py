@@ -64,10 +64,11 @@ class SmoothMaxAxis:
         """``(..., count)`` → ``(..., points)`` and what :meth:`backward` needs."""
         r = self.radius
         # Parameters capped at 50·T: exp(u) ≤ e^50, no overflow and no shift by the maximum.
-        # Masks' values are far below the cap: one reduction tells, and saves the clamp here
-        # and the comparison and selection of the backward (``capped`` False: x ≤ cap
-        # everywhere, so the clamp is the identity; NaN counts as capped).
-        capped = not bool(x.amax() <= cap)
+        # Masks' values are far below the cap: on the CPU one reduction tells, and saves the
+        # clamp here and the comparison and selection of the backward (``capped`` False: x ≤
+        # cap everywhere, so the clamp is the identity; NaN counts as capped).  Elsewhere the
+        # answer would wait for the device: clamp and select as before.
+        capped = x.device.type != "cpu" or not bool(x.amax() <= cap)
         win = F.pad(x.clamp(max=cap) if capped else x, (r, r + 1)).unfold(-1, self.w, 1)
         # (The product's memory layout follows the window view's strides, and the sums below
         # reduce in an order that follows the layout: keep both as they are.)
