@@ -23,6 +23,7 @@ from torchray_like.attribution.lrp_rules import (
     Flat,
     Gamma,
     LinearMap,
+    ZBox,
     ZPlus,
     safe_divide,
     stabilize,
@@ -540,3 +541,42 @@ def test_alpha_beta_on_signed_linear_input_equals_matrix_form(rule):
         want = hand_lrp([("affine", l1, None), ("relu",), ("affine", l2, None)], x[:1], 1, rule)
     assert got.shape == (6,) and float(got[2]) == 0.0 and want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("bounds", ["numbers", "channels", "none", "none-batch", "pixels"])
+def test_zbox_bounds_equal_matrix_form(bounds, monkeypatch):
+    """z^B with bounds constant per input channel (numbers, ``(1, C, 1, 1)``, ``None`` on one
+    sample: one product over ``C + 1`` channels) and with bounds that vary over the batch or
+    the positions (the three-term product), against the matrix form of each sample."""
+    torch.manual_seed(46)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+    n = 2 if bounds == "none-batch" else 1
+    x = torch.rand(n, 3, 5, 5, dtype=DT) * 2 - 1
+    low, high = {
+        "numbers": (-1.5, 1.5),
+        "channels": (torch.tensor([-1.0, -2.0, -1.5], dtype=DT).reshape(1, 3, 1, 1),
+                     torch.tensor([1.0, 2.5, 1.5], dtype=DT).reshape(1, 3, 1, 1)),
+        "none": (None, None), "none-batch": (None, None),
+        "pixels": (-1.0 - torch.rand(1, 3, 5, 5, dtype=DT), 1.0 + torch.rand(1, 3, 5, 5, dtype=DT)),
+    }[bounds]
+    rule = ZBox(low, high)
+    call = AffineCall(F.conv2d, conv.weight, conv.bias, (1, 1), kind="conv")
+    r = torch.randn(n, 4, 5, 5, dtype=DT)
+    channels = []  # input channels of each forward product
+    forward = LinearMap.forward
+    monkeypatch.setattr(LinearMap, "forward",
+                        lambda op, t, *a: channels.append(t.shape[1]) or forward(op, t, *a))
+    with torch.no_grad():
+        got = rule.relevance(x, call, r)
+        W, _ = matrix(conv, (3, 5, 5))
+        assert channels == ([4] if bounds in ("numbers", "channels", "none") else [9])
+        for i in range(n):
+            xi = x[i].flatten()
+            lo = (xi.min() if low is None else torch.as_tensor(low, dtype=DT)).expand(x[:1].shape)
+            hi = (xi.max() if high is None else torch.as_tensor(high, dtype=DT)).expand(x[:1].shape)
+            Zb = (xi[None] * W - lo.flatten()[None] * W.clamp(min=0)
+                  - hi.flatten()[None] * W.clamp(max=0))
+            want = (Zb / stab(Zb.sum(1), rule.epsilon)[:, None] * r[i].flatten()[:, None]).sum(0)
+            assert got.shape == x.shape and got.dtype == DT
+            torch.testing.assert_close(got[i].flatten(), want, rtol=1e-9,
+                                       atol=1e-12 * float(want.abs().max()))

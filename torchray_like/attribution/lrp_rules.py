@@ -569,7 +569,53 @@ class ZBox(Rule):
                 f"layer's input of shape {tuple(x.shape)}; give a number or a tensor such as "
                 "(1, C, 1, 1) for per-channel bounds") from None
 
+    def _channel_bound(self, value: Optional[Bound], x: torch.Tensor, what: str
+                       ) -> Optional[torch.Tensor]:
+        """The bound as one value per input channel, or ``None`` where it varies over the
+        batch or the positions (or does not broadcast: :meth:`_bound` then says so)."""
+        if value is None:
+            if x.shape[0] != 1:  # each sample's own extreme
+                return None
+            edge = x.detach().amin() if what == "low" else x.detach().amax()
+            return edge.expand(x.shape[1])
+        if not isinstance(value, torch.Tensor):
+            return torch.full((x.shape[1],), float(value), dtype=x.dtype, device=x.device)
+        if value.dim() > x.dim():
+            return None
+        shape = (1,) * (x.dim() - value.dim()) + tuple(value.shape)
+        if shape[0] != 1 or any(n != 1 for n in shape[2:]) or shape[1] not in (1, x.shape[1]):
+            return None
+        return value.detach().to(x.device, x.dtype).reshape(-1).expand(x.shape[1])
+
+    def _constant_bounds(self, x: torch.Tensor, call: AffineCall,
+                         r: torch.Tensor) -> Optional[torch.Tensor]:
+        """z^B on an ungrouped convolution whose bounds are constant per input channel (a
+        number, a ``(1, C, 1, 1)`` tensor, or ``None`` on one sample): with
+        ``w_lh = l ⊙ w⁺ + h ⊙ w⁻`` (per input channel), ``z̃ = op(x, w) − op(1, Σ_c w_lh)``
+        (a one-channel image of ones beside ``x``: one product over ``C + 1`` channels instead
+        of ``3C``), and ``R = x ⊙ op_wᵀ(s) − op_{w_lh}ᵀ(s)`` (``s = R / z̃``): the same sums as
+        the three terms of :meth:`relevance`, in another order."""
+        op = linear_map(call, x)
+        if op is None or op.kind != "conv" or op.groups != 1:
+            return None
+        low = self._channel_bound(self.low, x, "low")
+        high = self._channel_bound(self.high, x, "high")
+        if low is None or high is None:
+            return None
+        w = call.weight
+        shape = (1, -1) + (1,) * (w.dim() - 2)
+        w_lh = torch.addcmul(w.clamp(min=0) * low.reshape(shape), w.clamp(max=0),
+                             high.reshape(shape))
+        ones = torch.ones((x.shape[0], 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+        s = safe_divide(r, op.forward(torch.cat([x, ones], 1),
+                                      torch.cat([w, -w_lh.sum(1, keepdim=True)], 1)),
+                        self.epsilon)
+        return x * op.transpose(s, w, x) - op.transpose(s, w_lh, x)
+
     def relevance(self, x: torch.Tensor, call: AffineCall, r: torch.Tensor) -> torch.Tensor:
+        fast = self._constant_bounds(x, call, r)
+        if fast is not None:
+            return fast
         low, high = self._bound(self.low, x, "low"), self._bound(self.high, x, "high")
         w = call.weight
         terms = [(x, w), (low, -positive(w)), (high, -negative(w))]
