@@ -580,3 +580,23 @@ def test_zbox_bounds_equal_matrix_form(bounds, monkeypatch):
             assert got.shape == x.shape and got.dtype == DT
             torch.testing.assert_close(got[i].flatten(), want, rtol=1e-9,
                                        atol=1e-12 * float(want.abs().max()))
+
+
+def test_create_graph_gives_the_same_gradient_which_is_not_differentiable_again():
+    """Backward with ``create_graph=True`` (grad mode on inside backward) takes the
+    once_differentiable path: the same numbers as without it, and differentiating them again
+    is refused by PyTorch (the rules are not differentiable) instead of giving a wrong
+    second derivative."""
+    net = FoldNet(True, [1.5, 0.7, 0.9])
+    torch.manual_seed(47)
+    x = torch.randn(1, 2, 6, 6, dtype=DT)
+    grads = []
+    for create_graph in (False, True):
+        with LRPContext("EpsilonPlusFlat", model=net):
+            xx = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx, create_graph=create_graph)
+        grads.append(g)
+    assert not grads[0].requires_grad and grads[1].requires_grad
+    assert torch.equal(grads[0], grads[1].detach())
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[1].sum().backward()

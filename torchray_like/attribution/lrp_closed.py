@@ -226,7 +226,7 @@ def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torc
     gamma = rule.gamma
     q = op.forward(x, wp, bp)
     positive = z > 0
-    zt = torch.where(positive, torch.add(z, q, alpha=gamma), torch.add(z, z - q, alpha=gamma))
+    zt = torch.add(z, torch.where(positive, q, z - q), alpha=gamma)  # z + γq or z + γ(z − q)
     s = safe_divide(r, zt, rule.epsilon)
     # (not s * where(positive, 1, 1 + γ): a where of two numbers is float32 whatever s is)
     first = torch.where(positive, s, s * (1.0 + gamma))
