@@ -555,3 +555,51 @@ def test_zero_denominator_drops_the_signal_without_nan():
         got, _ = excite(lin, torch.tensor([[value]], dtype=torch.float64),
                         torch.ones(1, 1, dtype=torch.float64))
         assert got.item() == expected
+
+
+class SameConv(nn.Module):
+    """A ``padding="same"`` convolution (no closed form) beside strided, dilated, grouped and
+    transposed ones (closed form)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.same = nn.Conv2d(2, 4, 3, padding="same")
+        self.grouped = nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.grouped(F.relu(self.same(x))))
+        h = F.relu(self.up(h))
+        return self.fc(F.conv2d(h, self.up.weight[:3, :3], padding=1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_closed_form_convolutions_equal_the_autograd_replay(monkeypatch, contrastive):
+    """The convolutions' transposed products in closed form (``aten.convolution_backward``)
+    are autograd's own: the maps are bit for bit those of the replay through autograd, which a
+    call the closed form does not cover (``padding="same"``) still takes."""
+    from torchray_like.attribution import excitation_rules
+    m = SameConv().double().eval()
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    taken = []
+    closed = excitation_rules.closed_form
+
+    def recording(call, t):
+        op = closed(call, t)
+        taken.append(op is not None)
+        return op
+
+    def run():
+        if contrastive:
+            return contrastive_excitation_backprop(m, x, [0, 2], saliency_layer="same",
+                                                   contrast_layer="up")
+        seed = torch.tensor(onehot(2, [0, 2], 3))
+        return excite(m, x, seed)[0]
+
+    monkeypatch.setattr(excitation_rules, "closed_form", recording)
+    got = run()
+    assert any(taken) and not all(taken)  # the mean (and "same" padding): replayed
+    monkeypatch.setattr(excitation_rules, "closed_form", lambda call, t: None)
+    assert torch.equal(got, run())

@@ -31,13 +31,14 @@ warning.
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .call_args import Call
+from .lrp_rules import AffineCall, LinearMap, linear_map
 from .rules import ReLURule
 
 __all__ = [
@@ -108,7 +109,7 @@ class ExcitationCell:
         self.cache: Dict[Tuple[int, bool, torch.dtype], Tuple[torch.Tensor, int,
                                                               torch.Tensor]] = {}
         self.keep = False
-        self.replays: Dict[Tuple[int, bool], Tuple[torch.Tensor, ...]] = {}
+        self.replays: Dict[Tuple[int, bool], Tuple[Any, ...]] = {}
 
     # -- the rule's pieces --------------------------------------------------------------------
     def rule_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,26 +220,51 @@ class ExciteFunction(torch.autograd.Function):
         return g, None
 
 
+def closed_form(call: Call, x: torch.Tensor) -> Optional[LinearMap]:
+    """The transposed map of a convolution the context replaced, without autograd
+    (:class:`~.lrp_rules.LinearMap`: ``aten.convolution_backward``, what autograd's own node
+    runs), or ``None``: another operation, arguments passed by keyword, ``padding="same"``.
+    """
+    if call.kind not in ("conv", "conv_transpose") or call.weight is None \
+            or call.x_slot != 0 or call.w_slot != 1 or call.b_slot not in (2, None, "bias"):
+        return None
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "bias"}
+    return linear_map(AffineCall(call.func, call.weight, None, call.args[3:], kwargs,
+                                 call.kind), x)
+
+
 def _operator_rule(x: torch.Tensor, call: Call, p: torch.Tensor, negate: bool,
                    cell: ExcitationCell, key: Tuple[int, bool],
-                   replay: Optional[Tuple[torch.Tensor, ...]], keep: bool) -> torch.Tensor:
-    """``r(x) ⊙ op⁺ᵀ(P / op⁺(r(x)))`` with ``op⁺`` replayed on a leaf (its transpose by
-    autograd)."""
+                   replay: Optional[Tuple[Any, ...]], keep: bool) -> torch.Tensor:
+    """``r(x) ⊙ op⁺ᵀ(P / op⁺(r(x)))``: a convolution's transpose in closed form
+    (:func:`closed_form`; the same products as autograd's), other operations replayed on a leaf
+    and transposed by autograd."""
     dtype = compute_dtype(x.dtype)
+    leaf: Optional[torch.Tensor] = None
+    closed: Optional[Tuple[LinearMap, torch.Tensor]] = None  # (transposed map, its weight)
     if replay is None:
         xr = cell.rule_input(x, dtype)
         weight = None if call.weight is None else cell.positive_weight(call.weight, negate,
                                                                        dtype)
-        with torch.enable_grad():
-            leaf = xr.detach().requires_grad_(True)
-            z = call(leaf, weight, drop_bias=True)
+        op = closed_form(call, xr)
+        if op is not None and weight is not None:
+            closed = (op, weight)
+            z = op.forward(xr, weight)
+        else:
+            with torch.enable_grad():
+                leaf = xr.detach().requires_grad_(True)
+                z = call(leaf, weight, drop_bias=True)
         denominator = cell.denominator(z.detach())
     else:
-        z, leaf, xr, denominator = replay
+        z, leaf, closed, xr, denominator = replay
     if keep:
-        cell.replays[key] = (z, leaf, xr, denominator)
+        cell.replays[key] = (z, leaf, closed, xr, denominator)
     s = torch.div(p.to(dtype), denominator)
-    (g,) = torch.autograd.grad(z, leaf, s, retain_graph=keep)
+    if closed is not None:
+        g = closed[0].transpose(s, closed[1], xr)
+    else:
+        assert leaf is not None
+        (g,) = torch.autograd.grad(z, leaf, s, retain_graph=keep)
     # In place when the transposed operation returned a fresh dense tensor (convolutions);
     # a sum's or mean's gradient is an expanded view of ``s``.
     dense = g.is_contiguous() or (g.dim() == 4 and g.is_contiguous(
