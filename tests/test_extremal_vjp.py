@@ -199,3 +199,24 @@ def test_extremal_perturbation_at_a_low_temperature_finds_the_box():
                                         progress=False)
     assert bool(torch.isfinite(masks).all()) and bool(torch.isfinite(hist).all())
     assert float(masks[0, 0, 4:12, 14:22].mean()) > float(masks.mean()) + 0.3
+
+
+@pytest.mark.parametrize("variant", ["preserve", "delete"])
+def test_class_index_scores_equal_a_callable_targets_bit_for_bit(variant):
+    # From the second iteration the class scores are one gather (not Target.scores): the
+    # same numbers as the callable path, which scores the output itself.
+    from torchray_like.attribution.extremal_perturbation import extremal_perturbation
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 5)).eval()
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(4))
+    common = dict(areas=[0.1, 0.2], max_iter=25, step=3, sigma=5.0, variant=variant,
+                  generator=1, progress=False)
+    m1, h1 = extremal_perturbation(model, x, [3, 1], **common)
+    cls = torch.tensor([3, 3, 1, 1])
+    m2, h2 = extremal_perturbation(model, x, lambda out: out.gather(1, cls[:, None])[:, 0],
+                                   **common)
+    assert torch.equal(m1, m2) and torch.equal(h1, h2)
+    assert float((m1 - m1.mean()).abs().max()) > 0.1            # the masks did take shape

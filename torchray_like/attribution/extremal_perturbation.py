@@ -310,6 +310,10 @@ class _Optimisation:
         # The image of each mask (sample-major), for the target's own score.
         self.samples = torch.arange(input.shape[0], device=device).repeat_interleave(k)
         self.ones = area_ones(self.mask_areas, b, math.prod(spatial))
+        # Each mask's class: from the second iteration on, a (B, C) output's scores by a gather.
+        self.columns = (cfg.target.indices.index_select(0, self.samples).view(-1, 1)
+                        if cfg.target.function is None and cfg.target.indices is not None
+                        else None)
         self.scale = RewardScale(cfg.reward_scale, self.mask_areas, math.prod(spatial),
                                  cfg.weights[0], REWARD_RATIO, device, dtype)
         self.shifts = (_draw_shifts(cfg.seeds, k, cfg.max_iter, cfg.jitter).to(device)
@@ -367,6 +371,11 @@ class _Optimisation:
         whole output, ``2·N·K`` rows for ``"dual"``)."""
         target, b, name = self.cfg.target, self.batch, "extremal_perturbation"
         dual = self.cfg.variant == DUAL_VARIANT
+        if not (first or dual or self.columns is None) and isinstance(output, torch.Tensor) \
+                and output.dim() == 2 and output.shape[0] == b and output.shape[1] > 1 \
+                and output.device == self.columns.device:
+            keep = output.gather(1, self.columns).view(-1)     # Target.scores' selection
+            return keep if self.cfg.variant == PRESERVE_VARIANT else -keep
         if target.function is not None:
             scores = target.scores(output, samples=self.samples.repeat(2 if dual else 1),
                                    check_range=False, name=name)
