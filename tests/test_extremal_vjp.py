@@ -62,6 +62,14 @@ def test_pair_with_backward_declines_what_it_does_not_cover_and_checks_params():
     gen = MaskGenerator((12, 12), 3, 4.0)
     with pytest.raises(ValueError, match=r"mask parameters must have shape \(K, 1, "):
         gen.pair_with_backward(torch.rand(1, 1, 3, 3))
+    # Double-precision parameters for a single-precision generator: single-precision masks,
+    # a double-precision gradient (as autograd's through the cast).
+    p64 = torch.rand((2, 1) + gen.param_shape, dtype=torch.float64)
+    mask, _, backward = gen.pair_with_backward(p64)
+    ref_mask, _, ref_grad = _autograd_pair(gen, p64, None, [torch.ones(2, 1, 12, 12)])
+    got = backward(torch.ones(2, 1, 12, 12))
+    assert mask.dtype == torch.float32 and torch.equal(mask, ref_mask)
+    assert got.dtype == torch.float64 and torch.equal(got, ref_grad)
 
 
 def _run(opt, shifts, starts, steps):

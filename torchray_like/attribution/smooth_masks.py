@@ -476,14 +476,20 @@ class MaskGenerator:
         gradients at ``mask`` and at ``moved`` stacked ``(2B, 1, H, W)`` (only ``mask``'s,
         ``(B, 1, H, W)``, when ``moved`` is ``mask``) to the gradient at ``params``.  The same
         operations as :meth:`pair` and its autograd nodes' backwards, hence the same numbers,
-        without building and walking a graph for every iteration; ``backward`` may run once.
+        without building and walking a graph for every iteration.  The gradient has the
+        dtype of ``params`` (as autograd's would).
         """
         if len(self.axes) != 2 or any(a.fast is None for a in self.axes):
             return None
         self._check_params(params)
-        grid, grid_backward = smooth_max_grid_vjp(
+        grid, pooled_backward = smooth_max_grid_vjp(
             params.to(self.dtype), [a.fast for a in self.axes if a.fast is not None],
             self.temperature, self.clamp)
+        dtype = params.dtype
+
+        def grid_backward(grad: torch.Tensor) -> torch.Tensor:
+            g = pooled_backward(grad)
+            return g if g.dtype == dtype else g.to(dtype)
         ry, rx = self.windows(0), self.windows(1)
         if start is None or not any(a.jitter for a in self.axes):
             cy, cx = ry[self.axes[0].jitter], rx[self.axes[1].jitter]
