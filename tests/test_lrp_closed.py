@@ -600,3 +600,17 @@ def test_create_graph_gives_the_same_gradient_which_is_not_differentiable_again(
     assert torch.equal(grads[0], grads[1].detach())
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grads[1].sum().backward()
+
+
+def test_batch_norm_fold_of_parameters_that_require_grad():
+    """A model whose parameters are not frozen (the context used by hand): the same relevance
+    as the frozen model, and the parameters get no gradient from the input's."""
+    torch.manual_seed(48)
+    x = torch.randn(1, 2, 6, 6, dtype=DT)
+    frozen = FoldNet(True, [1.5, -0.7, 0.9]).requires_grad_(False)
+    live = FoldNet(True, [1.5, -0.7, 0.9])
+    assert all(p.requires_grad for p in live.parameters())
+    got = ours(live, x, 1, ZPlus())
+    want = ours(frozen, x, 1, ZPlus())
+    assert torch.equal(got, want) and want.abs().max() > 0
+    assert all(p.grad is None for p in live.parameters())

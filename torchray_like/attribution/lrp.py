@@ -534,19 +534,23 @@ def _bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torc
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)`` with ``batch_norm(y) = a ⊙ y + c`` per channel (running statistics)."""
     dtype = compute_dtype(dtype)
-    # Few small operations (this runs once per batch norm and call): no graph is recorded,
-    # and a conversion only where the dtype differs.
-    with torch.no_grad():
-        var = var if var.dtype == dtype else var.to(dtype)
-        mean = mean if mean.dtype == dtype else mean.to(dtype)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale.mul_(weight if weight.dtype == dtype else weight.to(dtype))
-        if bias is None:
-            shift = mean * -scale
-        else:
-            shift = torch.addcmul(bias if bias.dtype == dtype else bias.to(dtype), mean,
-                                  scale, value=-1)
+    if any(t is not None and t.requires_grad for t in (mean, var, weight, bias)):
+        with torch.no_grad():  # parameters that are not frozen: no graph recorded
+            return _bn_scale_shift(mean.detach(), var.detach(),
+                                   None if weight is None else weight.detach(),
+                                   None if bias is None else bias.detach(), eps, dtype)
+    # Few small operations (this runs once per batch norm and call), and a conversion only
+    # where the dtype differs.
+    var = var if var.dtype == dtype else var.to(dtype)
+    mean = mean if mean.dtype == dtype else mean.to(dtype)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale.mul_(weight if weight.dtype == dtype else weight.to(dtype))
+    if bias is None:
+        shift = mean * -scale
+    else:
+        shift = torch.addcmul(bias if bias.dtype == dtype else bias.to(dtype), mean, scale,
+                              value=-1)
     return scale, shift
 
 
