@@ -26,7 +26,7 @@ Montavon et al., "Layer-wise relevance propagation: an overview", 2019, state th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, cast
+from typing import Dict, Optional, Sequence, Tuple, cast
 
 import torch
 
@@ -70,7 +70,8 @@ def rectified(x: torch.Tensor) -> bool:
     return False
 
 
-_TINY = {}  # dtype -> torch.finfo(dtype).tiny (finfo is slow to build for each layer)
+# dtype -> torch.finfo(dtype).tiny (finfo is slow to build for each layer)
+_TINY: Dict[torch.dtype, float] = {}
 
 
 def _tiny(dtype: torch.dtype) -> float:
