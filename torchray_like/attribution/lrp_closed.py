@@ -22,6 +22,10 @@ Montavon et al., "Layer-wise relevance propagation: an overview", 2019, state th
   transposed products only set the gradient at elements where ``x = 0``, whose relevance
   ``x ⊙ g`` is zero and which the ReLU does not pass on (its gradient is zero where its output
   is): no relevance anywhere changes.
+
+:func:`zplus_folded` is z⁺ behind a folded batch norm whose scales are all positive, without
+the folded weight (the scale moves into the bias of the product); α-β on a signed input (a first
+layer) splits and stacks the input's signs once for both of its shares.
 """
 
 from __future__ import annotations
