@@ -76,3 +76,11 @@ def test_blas_threads_without_threadpoolctl_does_nothing(monkeypatch):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
     with _harness.blas_threads(1) as value:
         assert value is None
+
+
+def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys):
+    # The embedded VGG takes 64² images only: a raw shape error from the first row before.
+    with pytest.raises(SystemExit, match=r"embedded-vgg does not take 96×96 inputs .*"
+                                         r"--input-size it was made for \(64"):
+        speed.main(["--models", "embedded-vgg", "--input-size", "96", "--methods", "gradient",
+                    "--repeats", "1", "--no-references"])
