@@ -494,7 +494,8 @@ def test_zplus_through_folded_batch_norm_equals_matrix_form(bias, scales):
 
 def test_zplus_folded_takes_positive_scales_only():
     """``zplus_folded`` equals z⁺ on the folded call where every scale is positive, and
-    declines (``None``) a scale ≤ 0, ε = 0, another rule, and a call without a closed form."""
+    declines (``None``) a scale ≤ 0, ε = 0, another rule, a call without a closed form, and
+    tensors off the CPU."""
     torch.manual_seed(43)
     conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
     x = torch.rand(1, 3, 5, 5, dtype=DT)  # x ≥ 0, as after a ReLU
@@ -514,6 +515,8 @@ def test_zplus_folded_takes_positive_scales_only():
                         shift, r) is None
     assert zplus_folded(ZPlus(epsilon=0.0), x, call, scale, shift, r) is None
     assert zplus_folded(Epsilon(1e-6), x, call, scale, shift, r) is None
+    # off the CPU (here the meta device) the sign test would wait for the device: declined
+    assert zplus_folded(ZPlus(), x, call, scale.to("meta"), shift, r) is None
     same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
     assert zplus_folded(ZPlus(), x, same, scale, shift, r) is None
 

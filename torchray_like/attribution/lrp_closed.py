@@ -148,9 +148,12 @@ def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
     ``a > 0``, ``w'⁺ = a ⊙ w⁺``, so ``z̃ = a ⊙ op(x, w⁺) + b'⁺`` and
     ``op_{w'⁺}ᵀ(R / (z̃ + ε)) = op_{w⁺}ᵀ(R / (op(x, w⁺) + (b'⁺ + ε) / a))``: the scale moves
     from the weight (a pass over it) into the bias of the product (one number per channel).
-    ``None`` where some ``a ≤ 0`` (``w'⁺`` is then not ``a ⊙ w⁺``), ``ε`` vanishes in the dtype
-    or the call has no closed form: the caller folds the weight."""
-    if type(rule) is not ZPlus:
+    ``None`` where some ``a ≤ 0`` (``w'⁺`` is then not ``a ⊙ w⁺``), ``ε`` vanishes in the dtype,
+    the call has no closed form or the tensors are not on the CPU: the caller folds the
+    weight."""
+    if type(rule) is not ZPlus or scale.device.type != "cpu":
+        # (On an accelerator the test of the scales' signs would wait for the device at every
+        # layer: the folded weight is cheaper there.)
         return None
     eps = cast(ZPlus, rule).epsilon
     op = linear_map(call, x)
