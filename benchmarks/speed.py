@@ -260,8 +260,8 @@ def extremal_cases(s: Setup) -> List[Case]:
     """Extremal perturbation against ``max_iter`` plain forward passes of the ``N·K``
     perturbed images (``K`` areas) with grad down to that batch: the method adds the blur
     pyramid (once), the smooth masks, the perturbation, the ranking constraint and the SGD
-    step; target ≤ 1.25× (issue 22's bound).  The ratio does not depend on the count beyond the one-off pyramid,
-    which a small count over-weights."""
+    step; target ≤ 1.25× (issue 22's bound).  The ratio does not depend on the count beyond
+    the one-off pyramid, which a small count over-weights."""
     options = dict(s.options["extremal_perturbation"], progress=False)
     iters, k = options["max_iter"], len(options["areas"])
     batch = s.x.repeat_interleave(k, dim=0)
