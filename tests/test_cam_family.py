@@ -465,3 +465,12 @@ def test_eigen_cam_still_refuses_a_layer_off_the_output_path():
     with pytest.raises(ValueError, match="scores do not depend on saliency_layer 'unused'"):
         eigen_cam(model, x, 1, "unused")
     assert eigen_cam(model, x, 1, "used").shape == (3, 1, x.shape[2] - 2, x.shape[3] - 2)
+
+
+@pytest.mark.parametrize("others", [["guided_backprop"], ["deconvnet", "grad_cam"]])
+def test_eigen_cam_in_explain_beside_rule_methods_equals_its_own_call(others):
+    # Eigen-CAM's reading needs no pass; the rule methods' passes switch the context's rule.
+    model, x = make_torchvision("resnet18"), torch.randn(2, 3, 64, 64)
+    got = explain(model, x, [1, 2], ["eigen_cam"] + others)
+    for name in ["eigen_cam"] + others:
+        assert torch.equal(got[name], METHODS[name](model, x, [1, 2])), name
