@@ -359,3 +359,60 @@ def test_tokens_to_grid_reads_the_layout_from_the_model(vit):
     assert grid.shape == (2, 1, 4, 4) and torch.equal(grid.flatten(1), values[:, 1:])
     with pytest.raises(ValueError, match=r"cannot lay the 17 tokens.*\(tokens:"):
         tokens_to_grid(values, x, grid=(5, 5), model=vit)
+
+
+class _Windowed(nn.Module):
+    """Self-attention within 2 × 2 windows of a 4 × 4 patch grid, then over a 2 × 2 grid of
+    merged patches (Swin's layout): the windows are folded into the batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x):                                   # (N, 3, 4, 4)
+        n = x.shape[0]
+        w = x.reshape(n, 3, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(n * 4, 4, 3)
+        w = F.scaled_dot_product_attention(w, w, w)         # (4N, 4, 3): one window a row
+        merged = w.mean(1).reshape(n, 4, 3)                 # 2 × 2 merged patches
+        merged = F.scaled_dot_product_attention(merged, merged, merged)
+        return self.head(merged.mean(1))
+
+
+def test_windowed_attention_is_refused_not_a_shape_error():
+    # Before: torchvision's swin_t reached rollout's matrix product and raised PyTorch's
+    # "size of tensor a (16) must match the size of tensor b (64)".
+    x = torch.randn(2, 3, 4, 4)
+    for fn in (attention_rollout, lambda m, x: grad_rollout(m, x, 1)):
+        with pytest.raises(ValueError, match=r"batches of \[8, 2\] sequences for 2 image\(s\)"
+                                             r".*attends within windows.*grad_cam on a stage"):
+            fn(_Windowed().eval(), x)
+
+
+class _Blocked(nn.Module):
+    """MaxViT's layout: ``(N, G, H, P, P)`` scores of G blocks by an explicit softmax."""
+
+    def __init__(self, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x):                                   # (N, 3, 4, 4)
+        n = x.shape[0]
+        t = x.reshape(n, 3, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(n, 4, 1, 4, 3)
+        t = t.expand(n, 4, self.heads, 4, 3)                # (N, G, H, P, D)
+        probs = torch.softmax(t @ t.transpose(-1, -2), dim=-1)
+        return self.head((probs @ t).mean((1, 2, 3)))
+
+
+def test_attention_within_blocks_is_refused_not_rolled_out_as_heads():
+    # Before: MaxViT's (1, G, H, 49, 49) scores were merged into "heads" and rolled out over
+    # window-local positions: a map with no meaning, returned without a word.
+    x = torch.randn(2, 3, 4, 4)
+    for fn in (attention_rollout, attention_flow, lambda m, x: grad_rollout(m, x, 1)):
+        with pytest.raises(ValueError, match=r"attention of shape \(2, 4, 2, 4, 4\) — more than "
+                                             r"\(N, heads, T, T\).*within windows or blocks"):
+            fn(_Blocked().eval(), x)
+    # One non-singleton dimension besides the batch is read as heads, as before.
+    with AttentionCapture() as capture:
+        _Blocked(heads=1)(x)
+    assert capture.blocked == [] and capture.attentions[0].shape == (2, 4, 4, 4)

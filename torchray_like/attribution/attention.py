@@ -311,6 +311,11 @@ class AttentionCapture(RuleContext):
     sources : list of str
         Which operation each came from (``"scaled_dot_product_attention"``,
         ``"multi_head_attention_forward"`` or ``"softmax"``).
+    blocked : list of tuple
+        The original shapes of calls with more than one non-singleton dimension between the
+        batch and the ``L × S`` scores (recorded with those dimensions merged into ``H``):
+        ``(N, G, H, L, S)`` of attention within ``G`` windows or blocks (MaxViT), which a
+        method that follows tokens across layers cannot tell from heads.
 
     Examples
     --------
@@ -329,6 +334,7 @@ class AttentionCapture(RuleContext):
         self.warn_if_unused = False
         self.attentions: List[torch.Tensor] = []
         self.sources: List[str] = []
+        self.blocked: List[Tuple[int, ...]] = []
         self._ops = _Recorder(self)
         self.handlers[F.scaled_dot_product_attention] = self._sdpa
         self.handlers[F.multi_head_attention_forward] = self._mha
@@ -338,7 +344,7 @@ class AttentionCapture(RuleContext):
             self.handlers[func] = self._fused
 
     def __enter__(self):
-        self.attentions, self.sources = [], []
+        self.attentions, self.sources, self.blocked = [], [], []
         return super().__enter__()
 
     def add(self, probs: torch.Tensor, source: str) -> None:
@@ -348,6 +354,8 @@ class AttentionCapture(RuleContext):
         elif probs.dim() == 2:
             probs = probs.unsqueeze(0).unsqueeze(0)
         elif probs.dim() > 4:
+            if sum(1 for d in probs.shape[1:-2] if d != 1) > 1:
+                self.blocked.append(tuple(probs.shape))
             probs = probs.flatten(1, -3)
         self.attentions.append(probs if self.differentiable else probs.detach())
         self.sources.append(source)

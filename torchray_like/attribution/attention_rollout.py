@@ -64,6 +64,13 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
         with grad, AttentionCapture(differentiable=differentiable) as capture:
             output = model(input.detach().requires_grad_(differentiable))
     attentions = capture.attentions
+    if capture.blocked:
+        raise NoAttentionError(
+            f"{method}: {type(model).__name__} computes attention of shape "
+            f"{capture.blocked[0]} — more than (N, heads, T, T): attention within windows or "
+            "blocks (as MaxViT's), whose tokens are positions inside each window, not one "
+            "token sequence per image, so attention cannot be rolled out across its layers; "
+            "use a method that reads gradients (grad_cam on a stage, integrated_gradients)")
     if not attentions:
         raise NoAttentionError(
             f"{method}: {type(model).__name__} computed no attention: no "
@@ -77,6 +84,16 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
             f"{method}: the attention layers have score matrices of shapes "
             f"{sorted(tokens)}; rollout needs self-attention over one token sequence "
             "(square, equal T × T in every layer)")
+    batches = list(dict.fromkeys(int(a.shape[0]) for a in attentions))
+    if batches != [input.shape[0]]:
+        # Windowed attention (Swin's shifted windows, MaxViT's blocks) folds the windows into
+        # the batch: each matrix mixes the tokens of one window, not the image's sequence.
+        raise NoAttentionError(
+            f"{method}: the attention layers attend over batches of {batches} sequences for "
+            f"{input.shape[0]} image(s): the model attends within windows (as Swin and MaxViT "
+            "do), not over one token sequence per image, so attention cannot be rolled out "
+            "across its layers; use a method that reads gradients (grad_cam on a stage, "
+            "integrated_gradients)")
     return attentions, output
 
 
