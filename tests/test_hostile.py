@@ -370,6 +370,31 @@ def test_unbatched_and_channels_last_images_say_what_to_do(method):
         method(model, torch.randn(1, 1, 32, 32), 1)
 
 
+class _FixedPool(nn.Module):
+    """A convolution then a fixed 7 × 7 average pool (S3D's head): inputs below 7 × 7 fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(F.avg_pool2d(F.relu(self.conv(x)), 7).flatten(1))
+
+
+@pytest.mark.parametrize("method", [gradient, guided_backprop, grad_cam, excitation_backprop])
+def test_an_input_too_small_for_the_model_says_so(method):
+    # Before: PyTorch's "input image (T: 2 H: 2 W: 2) smaller than kernel size" from the model's
+    # pooling (torchvision's s3d on a 16 × 64 × 64 clip), as it is.
+    model = _FixedPool().eval()
+    kwargs = {"saliency_layer": "conv"} if method in (grad_cam, excitation_backprop) else {}
+    with pytest.raises(ValueError, match=r"_FixedPool failed on input of shape \(1, 3, 4, 4\) "
+                                         r"\(RuntimeError: .*\); the input's spatial size \(4, 4\) "
+                                         r"is too small for the model's convolution or pooling"):
+        method(model, torch.randn(1, 3, 4, 4), 1, **kwargs)
+    assert method(model, torch.randn(1, 3, 7, 7), 1, **kwargs).shape == (1, 1, 7, 7)
+
+
 def test_uint8_hint_is_one_correct_sentence():
     with pytest.raises(TypeError) as info:
         gradient(Small(), torch.zeros(1, 3, 6, 6, dtype=torch.uint8), 0)

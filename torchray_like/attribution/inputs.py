@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .modules import current_scan
 
-__all__ = ["check_input", "layout_hint", "dtype_hint", "forward_failure", "call_model",
+__all__ = ["check_input", "layout_hint", "dtype_hint", "size_hint", "forward_failure", "call_model",
            "FORWARD_ERRORS", "outputs_agree", "ChannelsLastBatches"]
 
 
@@ -123,12 +123,27 @@ def dtype_hint(model: nn.Module, input: torch.Tensor) -> Optional[str]:
             f"model.to(torch.{str(input.dtype).replace('torch.', '')})")
 
 
+#: PyTorch's words when a pooling or convolution window does not fit its input.
+_TOO_SMALL = ("smaller than kernel size", "Output size is too small",
+              "Kernel size can't be greater than actual input size")
+
+
+def size_hint(input: torch.Tensor, exc: BaseException) -> Optional[str]:
+    """A sentence when ``exc`` says a window of the model did not fit (PyTorch's "input image
+    ... smaller than kernel size"): the input is too small for the model."""
+    if not any(words in str(exc) for words in _TOO_SMALL):
+        return None
+    return (f"the input's spatial size {tuple(input.shape[2:])} is too small for the model's "
+            "convolution or pooling windows at some layer; give larger inputs (the size the "
+            "model was made for)")
+
+
 def forward_failure(model: nn.Module, input: torch.Tensor, exc: BaseException
                     ) -> Optional[ValueError]:
     """The :class:`ValueError` to raise instead of ``exc`` when the model's forward pass failed
     on ``input`` for a reason :func:`layout_hint` or :func:`dtype_hint` can name; ``None`` when
     neither can (re-raise ``exc`` then)."""
-    hint = layout_hint(model, input) or dtype_hint(model, input)
+    hint = layout_hint(model, input) or dtype_hint(model, input) or size_hint(input, exc)
     if hint is None:
         return None
     text = str(exc).strip()
