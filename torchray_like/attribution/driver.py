@@ -228,9 +228,24 @@ class ForwardPass:
             rows = (~finite).nonzero().flatten().tolist()
             raise ValueError(
                 f"the gradient with respect to {self.where(label)} is not finite (NaN or Inf) "
-                f"for sample(s) {rows[:10]} although the scores are: the model's backward pass "
-                "meets 0 × inf or a non-differentiable point (sqrt or log at 0, division by "
-                "zero); a map from it would be meaningless")
+                f"for sample(s) {rows[:10]} although the scores are: {self.nonfinite_cause()}; "
+                "a map from it would be meaningless")
+
+    def nonfinite_cause(self) -> str:
+        """Why a backward pass from finite scores can end non-finite: the model's own backward,
+        or — under a rule context that passed its signal through operations its rules do not
+        model — those operations, which rescale a signal that is not a gradient."""
+        ctx = self.context
+        unmodeled = dict(getattr(ctx, "unmodeled", None) or getattr(ctx, "unhandled", None)
+                         or {})
+        if unmodeled:
+            names = ", ".join(f"{k} ×{v}" for k, v in sorted(unmodeled.items()))
+            return (f"{type(ctx).__name__} sent its signal through operations its rules do not "
+                    f"model ({names}), whose plain gradients can blow it up; the method is not "
+                    "meant for such a model (try a plain-gradient method: gradient, grad_cam, "
+                    "integrated_gradients)")
+        return ("the model's backward pass meets 0 × inf or a non-differentiable point (sqrt or "
+                "log at 0, division by zero)")
 
 
 @contextlib.contextmanager
