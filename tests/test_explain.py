@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
 import warnings
 
@@ -448,7 +449,9 @@ def test_explain_refuses_a_rule_method_whose_relus_are_off_the_path(name):
         METHODS[name](model, x, 1, **options.get(name, {}))
     with pytest.raises(ValueError, match="none of them lies between") as shared:
         explain(model, x, 1, ["gradient", name], options)
-    assert str(shared.value) == str(alone.value)
+    # The method's own message, then which methods of the call need the rules.
+    assert str(shared.value) == (f"{alone.value} (so do {name} in this call; the other methods "
+                                 "need no rule: ask for them alone, methods=['gradient'])")
     # The plain gradient of the same model works in both.
     assert torch.equal(explain(model, x, 1, ["gradient"])["gradient"],
                        METHODS["gradient"](model, x, 1))
@@ -514,3 +517,23 @@ def test_a_new_backprop_method_is_one_description():
                                          Job("grad", description(METHODS["gradient"]), {})])
     assert torch.equal(shared["l1"][0], alone)
     assert torch.equal(shared["grad"][0], METHODS["gradient"](model, x, target))
+
+
+def test_default_explain_on_a_model_without_relu_says_which_methods_to_drop():
+    # Before: the default call on any GELU/SiLU model (ViT, ConvNeXt, EfficientNet) ended in
+    # guided backprop's own "replaced no ReLU", naming none of the methods it had not asked for.
+    from torchray_like.attribution.context import NoRuleAppliedError
+    model, x = GeluNet().eval(), torch.randn(2, 3, 6, 6)
+    with pytest.raises(NoRuleAppliedError) as info:
+        explain(model, x, 1)
+    message = str(info.value)
+    assert message.startswith("GuidedBackpropContext replaced no ReLU in GeluNet's forward pass")
+    assert "(so do guided_backprop, deconvnet, guided_grad_cam in this call;" in message
+    asked = ast.literal_eval(message.split("methods=")[1][:-1])  # the list it suggests
+    assert "guided_backprop" not in asked and "gradient" in asked
+    got = explain(model, x, 1, asked)
+    assert torch.equal(got["grad_cam"], METHODS["grad_cam"](model, x, 1))
+    # Labels that are not method names are suggested as the mapping they were given in.
+    with pytest.raises(NoRuleAppliedError, match=r"methods=\{'g': 'gradient'\}"):
+        explain(model, x, 1, {"g": "gradient", "gb": "guided_backprop"})
+    assert isinstance(info.value, ValueError)

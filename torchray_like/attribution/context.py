@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .modules import current_scan
 
-__all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
+__all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning", "NoRuleAppliedError",
            "UnhandledActivationWarning", "TorchRayDifferenceWarning", "nodes_on_path",
            "graph_nodes", "depends_on", "check_data_parallel"]
 
@@ -43,6 +43,15 @@ class NoRuleAppliedWarning(UserWarning):
     """A rule context saw a forward pass but replaced no call.
 
     The gradient computed from such a pass is the plain gradient, not the method's.
+    """
+
+
+class NoRuleAppliedError(ValueError):
+    """A method's rules would not change its result: its rule context replaced no call of the
+    model, or none of the calls it replaced lies between the tensor read and the output.
+
+    The result would be the plain gradient under the method's name, so the call is refused.
+    :func:`~torchray_like.attribution.explain.explain` adds which of its methods need the rules.
     """
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .context import (
+    NoRuleAppliedError,
     NullContext,
     RuleContext,
     UnhandledActivationWarning,
@@ -178,7 +179,7 @@ class ForwardPass:
             self.check_gradient(label, grad)
         if before is not None and self.context.applied == before:
             ctx = self.context
-            raise ValueError(
+            raise NoRuleAppliedError(
                 f"{type(ctx).__name__} replaced {ctx.replaced} {ctx.replaces} call(s) in "
                 f"{self.model_name}'s forward pass, but none of them lies between "
                 f"{self.where(labels[0])} and the output (they act on constants, frozen "
@@ -563,7 +564,7 @@ def check_spatial(read: torch.Tensor, saliency_layer: Any, hint: str = "") -> No
 def check_context_used(context: RuleContext, model: nn.Module) -> None:
     if context.replaced == 0:
         skipped = sum(getattr(context, "skipped", {}).values())
-        raise ValueError(
+        raise NoRuleAppliedError(
             f"{type(context).__name__} replaced no {context.replaces} in "
             f"{type(model).__name__}'s forward pass, so the result would be the plain gradient; "
             f"this method needs {context.requirement}" + (

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 import torch
 import torch.nn as nn
 
-from .context import suspend_rule_contexts
+from .context import NoRuleAppliedError, suspend_rule_contexts
 from .driver import (
     ForwardPass,
     SaliencyDebug,
@@ -232,6 +232,8 @@ def _run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: L
     readings = _plan(model, input, jobs)
     try:
         return _run(model, input, parsed, jobs, readings, smooth, get_backward_gradient, debug)
+    except NoRuleAppliedError as exc:
+        raise _which_jobs(exc, jobs) from exc
     except ValueError as exc:
         auto = next((job.auto for job in jobs if job.auto is not None), None)
         if auto is None or "do not depend on" not in str(exc):
@@ -240,6 +242,21 @@ def _run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: L
     # choose among the layers the target reaches.
     readings = _plan(model, input, jobs, reachable_saliency_layer(model, input, parsed))
     return _run(model, input, parsed, jobs, readings, smooth, get_backward_gradient, debug)
+
+
+def _which_jobs(exc: NoRuleAppliedError, jobs: List[Job]) -> NoRuleAppliedError:
+    """``exc`` as it is for one method; for several sharing a pass (``explain``), with which of
+    them need the rules and how to ask for the others."""
+    needing = [job.label for job in jobs
+               if any(read.context is not None for read, _ in job.reads)]
+    others = {job.label: job.method.name for job in jobs if job.label not in needing}
+    if not needing or not others:
+        return exc
+    ask = (list(others) if all(label == name for label, name in others.items())
+           else others)
+    return NoRuleAppliedError(
+        f"{exc} (so do {', '.join(needing)} in this call; the other methods need no rule: ask "
+        f"for them alone, methods={ask!r})")
 
 
 def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],

@@ -220,7 +220,10 @@ def explain(model: nn.Module, input: torch.Tensor, target: TargetType,
     every tensor read under that rule (a reading under a rule that must be checked gets a pass
     of its own when several are read under it, so that every check is exact).  The shared
     pass is the very engine the methods' own functions run (:func:`~.engine.run_jobs`), so
-    the maps, errors and warnings are the same.  Several LRP calls (``lrp``, ``lrp_epsilon_plus``
+    the maps, errors and warnings are the same — except that a rule method refused because its
+    rules would change nothing (:class:`~.context.NoRuleAppliedError`: a model without ReLU,
+    say) names the methods of the call that need the rules and the ``methods`` to ask for
+    without them.  Several LRP calls (``lrp``, ``lrp_epsilon_plus``
     ... with the options above and ``composite``) share one forward pass of their own, with
     one backward pass per distinct composite.  Everything else runs by its own function.
     Several layers read in one pass are probed at once; a layer two methods read is probed
