@@ -456,7 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:
-        args.models = embedded_cli.name_list(args.models, None, "--models")
+        args.models = embedded_cli.model_names(args.models)
         args.named_methods = [] if args.methods == ["all"] else embedded_cli.name_list(
             args.methods, tuple(METHODS) + EXTRA_ROWS, "--methods")
         args.methods = embedded_cli.name_list(args.methods, tuple(METHODS) + EXTRA_ROWS,

@@ -39,6 +39,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
+from torchray_like.benchmark import embedded_cli  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory, one subprocess per measurement
@@ -230,16 +232,17 @@ def main(argv=None) -> int:
                         help="TorchRay's RISE vs ours in float32 and bfloat16")
     parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"], metavar="MODEL",
                         help="torchvision models (default: resnet50 vgg16)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int_arg, default=5,
                         help="timed calls per measurement (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--input-size", type=int, default=224, metavar="PX",
+    parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
                         help="input side (default: %(default)s)")
-    parser.add_argument("--rise-masks", type=int, nargs="+", default=[32, 256], metavar="N",
+    parser.add_argument("--rise-masks", type=positive_int_arg, nargs="+", default=[32, 256],
+                        metavar="N",
                         help="num_masks values: --memory measures each, --overhead and "
                              "--vs-torchray use the last (default: 32 256)")
-    parser.add_argument("--rise-batch", type=int, default=32, metavar="N",
+    parser.add_argument("--rise-batch", type=positive_int_arg, default=32, metavar="N",
                         help="RISE masked images per forward pass (default: %(default)s)")
     parser.add_argument("--target", choices=["one", "all"], default="all",
                         help="--memory: one class or every class (default: %(default)s)")
@@ -250,7 +253,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.torchray_path:
         sys.path.insert(0, args.torchray_path)
-    models = [n for v in args.models for n in v.split(",") if n]
+    try:
+        models = embedded_cli.model_names(args.models, embedded=False)
+    except ValueError as error:
+        parser.error(str(error))
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

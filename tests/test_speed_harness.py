@@ -5,6 +5,7 @@ released made every row and floor pay for its hooks)."""
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 
 import pytest
@@ -84,3 +85,22 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
                                          r"--input-size it was made for \(64"):
         speed.main(["--models", "embedded-vgg", "--input-size", "96", "--methods", "gradient",
                     "--repeats", "1", "--no-references"])
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("speed", ["--models", "resnet19"], r"--models: unknown model\(s\) resnet19; give embedded "
+                                        r"or torchvision classification models, e\.g\."),
+    ("speed_rise", ["--models", "resnet19"], r"--models: unknown model\(s\) resnet19; give "
+                                             r"torchvision classification models"),
+    ("speed_rise", ["--repeats", "0"], r"--repeats: expected a positive integer, got 0"),
+    ("speed_rise", ["--rise-masks", "8", "0"], r"--rise-masks: expected a positive integer"),
+])
+def test_bad_command_lines_are_argparse_errors(script, argv, message, capsys):
+    # Before: AttributeError from torchvision.models for an unknown name, and
+    # statistics.StatisticsError ("no median for empty data") for --repeats 0.
+    from .conftest import load_benchmark
+    main = speed.main if script == "speed" else load_benchmark(script).main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

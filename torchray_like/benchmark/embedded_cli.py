@@ -41,7 +41,7 @@ from .settings import not_applicable
 
 __all__ = ["add_model_arguments", "add_perturbation_arguments", "perturbation_overrides",
            "add_embedded_arguments", "parse_embedded_arguments", "script_options",
-           "name_list", "split_weights", "check_weights", "load_benchmark_model",
+           "name_list", "model_names", "split_weights", "check_weights", "load_benchmark_model",
            "weights_label", "write_csv", "with_threads", "EmbeddedWorker", "load_models_or_exit",
            "run_items", "run_benchmark", "refused_methods", "not_applicable_pairs"]
 
@@ -51,6 +51,31 @@ WEIGHTS_HELP = ("a state-dict FILE, one for all models or one per model (comma-s
                 "the order of --models); random: untrained weights seeded by --seed; DEFAULT: "
                 "torchvision's ImageNet weights (torchvision models). Omitted: the embedded "
                 "models' shipped weights")
+
+
+def model_names(values: Sequence[str], what: str = "--models", embedded: bool = True
+                ) -> List[str]:
+    """:func:`name_list` of model names, each an embedded model (with ``embedded``) or a
+    torchvision classification model (``torchvision.models.list_models``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` and the unknown names, with examples of known ones.
+    """
+    import torchvision
+    names = name_list(values, None, what)
+    known = set(torchvision.models.list_models(module=torchvision.models))
+    if embedded:
+        known |= set(EMBEDDED_MODELS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        examples = ", ".join((sorted(EMBEDDED_MODELS) if embedded else [])
+                             + ["resnet18", "vgg16", "resnet50"])
+        raise ValueError(f"{what}: unknown model(s) {', '.join(unknown)}; give "
+                         f"{'embedded or ' if embedded else ''}torchvision classification "
+                         f"models, e.g. {examples} (torchvision.models.list_models())")
+    return names
 
 
 def name_list(values: Sequence[str], choices: Optional[Sequence[str]], what: str) -> List[str]:
