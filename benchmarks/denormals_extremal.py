@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.extremal_perturbation import extremal_perturbation  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
                         help="timed calls per setting, alternating (default: %(default)s)")
     parser.add_argument("--input-size", type=int, default=64, metavar="PX",
                         help="image side (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int_arg, default=1,
                         help="torch.set_num_threads for the run (default: %(default)s)")
     parser.add_argument("--no-count", action="store_true",
                         help="skip the run that counts denormal values (the slowest part)")

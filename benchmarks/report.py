@@ -396,6 +396,7 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
     (the pointing game's); the methods it lacks for some gallery image are computed here.
     """
     from torchray_like.benchmark.embedded_data import EMBEDDED_CLASSES, EMBEDDED_MEAN, EMBEDDED_STD
+    from torchray_like.benchmark.settings import not_applicable
     from torchray_like.visualize import overlay
 
     methods = [m for m in methods if m != "center"]
@@ -403,9 +404,12 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
     std = torch.tensor(EMBEDDED_STD)[:, None, None]
     out = []
     for name, model in models.items():
+        # What the settings say does not apply to this model (guided backprop on the ViT)
+        # gets an n/a cell instead of stopping the page.
+        skipped = {m: why for m in methods if (why := not_applicable(name, m)) is not None}
         ready = _given_maps((given or {}).get(name), methods, images)
         x, targets, present, maps, notes = gallery_maps(
-            model, name, [m for m in methods if m not in ready], images)
+            model, name, [m for m in methods if m not in ready and m not in skipped], images)
         maps.update(ready)
         rows = []
         for i in range(len(x)):
@@ -415,6 +419,9 @@ def gallery_section(models: Mapping[str, torch.nn.Module], methods: Sequence[str
             cells = [f'<img src="{_png(rgb.permute(1, 2, 0).numpy())}" alt="test image {i}">'
                      f"{label}"]
             for method in methods:
+                if method in skipped:
+                    cells.append(f"n/a: {_esc(skipped[method])}")
+                    continue
                 blend = overlay(rgb, maps[method][i], alpha=0.5)
                 cells.append(f'<img src="{_png(blend)}" alt="{_esc(method)}, image {i}">')
             rows.append(cells)

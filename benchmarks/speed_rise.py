@@ -234,7 +234,7 @@ def main(argv=None) -> int:
                         help="torchvision models (default: resnet50 vgg16)")
     parser.add_argument("--repeats", type=positive_int_arg, default=5,
                         help="timed calls per measurement (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int_arg, default=None,
                         help="CPU threads (default: PyTorch's)")
     parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
                         help="input side (default: %(default)s)")

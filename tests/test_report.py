@@ -346,3 +346,17 @@ def test_the_scripts_report_the_settings_n_a_pairs_instead_of_running_them(tmp_p
     assert "embedded-vit guided_backprop: n/a (rectifier method" in text
     rows = list(csv.DictReader(open(out / "deletion_insertion.csv")))
     assert {r["method"] for r in rows} == {"gradient"}
+
+
+def test_gallery_marks_methods_that_do_not_apply_to_a_model_instead_of_stopping(out_dir,
+                                                                             tmp_path):
+    # Before: report.py's default gallery ran guided backprop on the embedded ViT and stopped
+    # with its "replaced no ReLU" error.
+    model, _ = load_benchmark_model("embedded-vit", "random", seed=1)
+    path = report.write_report(str(out_dir), str(tmp_path / "vit.html"),
+                               gallery_models={"embedded-vit": model.eval()},
+                               gallery_methods=["gradient", "guided_backprop"],
+                               gallery_images=1)
+    rows = parse(path).tables[-1]["rows"]
+    assert rows[0] == ["image", "gradient", "guided_backprop"]
+    assert rows[1][2].startswith("n/a: rectifier method") and "ViT has none" in rows[1][2]

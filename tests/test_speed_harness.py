@@ -94,6 +94,10 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
                                              r"torchvision classification models"),
     ("speed_rise", ["--repeats", "0"], r"--repeats: expected a positive integer, got 0"),
     ("speed_rise", ["--rise-masks", "8", "0"], r"--rise-masks: expected a positive integer"),
+    # Before: torch's RuntimeError from set_num_threads, and the library's seed error as a
+    # traceback.
+    ("speed", ["--threads", "-1"], r"--threads: expected a positive integer, got -1"),
+    ("compare", ["--seed", "-1"], r"--seed: expected a non-negative integer, got -1"),
 ])
 def test_bad_command_lines_are_argparse_errors(script, argv, message, capsys):
     # Before: AttributeError from torchvision.models for an unknown name, and

@@ -47,6 +47,7 @@ import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
+           "non_negative_int_arg",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
 _BUSY_TIMEOUT_S = 120.0
@@ -561,6 +562,18 @@ def _collect_on_rank0(store: ResultsStore, my_keys: List[str], rank: int) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
+def non_negative_int_arg(text: str) -> int:
+    """argparse type: an int ≥ 0 (a seed; a thread count where 0 keeps PyTorch's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def positive_int_arg(text: str) -> int:
     """argparse type: an int ≥ 1 from the command line's text (the library's checks of
     arguments given in Python are :func:`torchray_like.attribution.arguments.positive_int`)."""
@@ -602,7 +615,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: Optional[
                        default="cuda" if torch.cuda.is_available() else "cpu",
                        help="device: cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N "
                             "(default: %(default)s)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=non_negative_int_arg, default=0,
                        help="seed of the random parts (masks, jitter) (default: %(default)s)")
     group.add_argument("--out", default=default_out, metavar="DIR",
                        help="folder for the tables and the results store "
