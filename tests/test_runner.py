@@ -418,7 +418,8 @@ def test_common_arguments_defaults_and_store(tmp_path):
     (["--limit", "0"], "positive integer"),
     (["--limit", "x"], "positive integer"),
     (["--device", "potato"], "not a device"),
-    (["--seed", "1.5"], "invalid int"),
+    (["--seed", "1.5"], "expected a non-negative integer, got '1.5'"),
+    (["--seed", "-1"], "expected a non-negative integer, got -1"),
 ])
 def test_common_arguments_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
