@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import statistics
 import sys
@@ -42,6 +43,7 @@ from torchray_like.benchmark.embedded_models import (  # noqa: E402
     EMBEDDED_MODELS,
     load_embedded_model,
 )
+from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
 
 
 class BoxLogit(nn.Module):
@@ -106,6 +108,26 @@ def _model(name: str, side: int) -> nn.Module:
     return model
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
+    return value
+
+
+def _area(text: str) -> float:
+    """argparse type: an area fraction strictly between 0 and 1."""
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got "
+                                         f"{value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,14 +135,15 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         default=["box", "embedded-vgg", "embedded-resnet"],
                         help="'box' (the toy) and embedded models (default: %(default)s)")
-    parser.add_argument("--ep-iters", type=int, default=300, metavar="N",
+    parser.add_argument("--ep-iters", type=positive_int_arg, default=300, metavar="N",
                         help="iterations per call (default: %(default)s)")
-    parser.add_argument("--areas", type=float, nargs="+", default=[0.05, 0.1],
+    parser.add_argument("--areas", type=_area, nargs="+", default=[0.05, 0.1],
                         help="area fractions (default: %(default)s)")
-    parser.add_argument("--step", type=int, default=4, help="grid step (default: %(default)s)")
-    parser.add_argument("--sigma", type=float, default=8.0,
+    parser.add_argument("--step", type=positive_int_arg, default=4,
+                        help="grid step (default: %(default)s)")
+    parser.add_argument("--sigma", type=_positive_float, default=8.0,
                         help="mask smoothing sigma (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=positive_int_arg, default=3,
                         help="timed calls of each, interleaved (default: %(default)s)")
     parser.add_argument("--torchray-path", default=None, metavar="DIR",
                         help="folder holding an unpacked torchray package, put first on "

@@ -98,6 +98,10 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
     # traceback.
     ("speed", ["--threads", "-1"], r"--threads: expected a positive integer, got -1"),
     ("compare", ["--seed", "-1"], r"--seed: expected a non-negative integer, got -1"),
+    # Before: the library's ValueError as a traceback.
+    ("speed_extremal", ["--areas", "0.1", "1.5"], r"--areas: expected a fraction strictly "
+                                                   r"between 0 and 1, got 1\.5"),
+    ("speed_extremal", ["--sigma", "0"], r"--sigma: expected a finite number > 0, got 0\.0"),
 ])
 def test_bad_command_lines_are_argparse_errors(script, argv, message, capsys):
     # Before: AttributeError from torchvision.models for an unknown name, and
