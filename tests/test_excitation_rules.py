@@ -463,29 +463,18 @@ def test_1d_and_3d_nets_match_dense_rule(net, shape):
                    lambda t: F.avg_pool1d(t, 2),
                    lambda t: F.conv1d(t, m.conv2.weight.clamp(min=0), None, 1, 2, 2),
                    lambda t: F.adaptive_avg_pool1d(t, 3)]
-            acts = [xn]
-            a = F.relu(m.conv(xn))
-            acts.append(a)
-            a = F.avg_pool1d(a, 2)
-            acts.append(a)
-            a = F.relu(m.conv2(a))
-            acts.append(a)
-            a = F.adaptive_avg_pool1d(a, 3)
-            acts.append(a)
+            steps = [lambda t: F.relu(m.conv(t)), lambda t: F.avg_pool1d(t, 2),
+                     lambda t: F.relu(m.conv2(t)), lambda t: F.adaptive_avg_pool1d(t, 3)]
         else:
             ops = [lambda t: F.conv3d(t, m.conv.weight.clamp(min=0), None, 1, 1),
                    lambda t: F.avg_pool3d(t, 2),
                    lambda t: F.conv_transpose3d(t, m.convt.weight.clamp(min=0), None, 2),
                    lambda t: F.adaptive_avg_pool3d(t, 2)]
-            acts = [xn]
-            a = F.relu(m.conv(xn))
-            acts.append(a)
-            a = F.avg_pool3d(a, 2)
-            acts.append(a)
-            a = F.relu(m.convt(a))
-            acts.append(a)
-            a = F.adaptive_avg_pool3d(a, 2)
-            acts.append(a)
+            steps = [lambda t: F.relu(m.conv(t)), lambda t: F.avg_pool3d(t, 2),
+                     lambda t: F.relu(m.convt(t)), lambda t: F.adaptive_avg_pool3d(t, 2)]
+        acts = [xn]  # each operator's input, then the last one's output
+        for step in steps:
+            acts.append(step(acts[-1]))
         acts = [t.detach() for t in acts]
         top = torch.tensor(np_linear_ebp(acts[-1].reshape(-1).numpy(),
                                          m.fc.weight.detach().numpy(), seed[n].numpy()))

@@ -49,6 +49,11 @@ __all__ = ["attention_rollout", "attention_flow", "grad_rollout", "rollout", "fu
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
+#: How the refusals of windowed attention end (Swin's windows in the batch, MaxViT's blocks).
+_WINDOWED = ("so attention cannot be rolled out across its layers; use a method that reads "
+             "gradients (grad_cam on a stage, integrated_gradients)")
+
+
 def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
                     differentiable: bool = False) -> Tuple[List[torch.Tensor], Any]:
     """Run ``model`` on ``input`` in an :class:`~.attention.AttentionCapture` (eval mode, the
@@ -69,8 +74,7 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
             f"{method}: {type(model).__name__} computes attention of shape "
             f"{capture.blocked[0]} — more than (N, heads, T, T): attention within windows or "
             "blocks (as MaxViT's), whose tokens are positions inside each window, not one "
-            "token sequence per image, so attention cannot be rolled out across its layers; "
-            "use a method that reads gradients (grad_cam on a stage, integrated_gradients)")
+            f"token sequence per image, {_WINDOWED}")
     if not attentions:
         raise NoAttentionError(
             f"{method}: {type(model).__name__} computed no attention: no "
@@ -91,9 +95,7 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
         raise NoAttentionError(
             f"{method}: the attention layers attend over batches of {batches} sequences for "
             f"{input.shape[0]} image(s): the model attends within windows (as Swin and MaxViT "
-            "do), not over one token sequence per image, so attention cannot be rolled out "
-            "across its layers; use a method that reads gradients (grad_cam on a stage, "
-            "integrated_gradients)")
+            f"do), not over one token sequence per image, {_WINDOWED}")
     return attentions, output
 
 

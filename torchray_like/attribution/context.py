@@ -169,25 +169,13 @@ def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],
 def depends_on(output: torch.Tensor, tensor: torch.Tensor) -> bool:
     """Whether a backward pass from ``output`` reaches ``tensor`` (which requires grad): the
     answer of ``torch.autograd.grad(output, tensor, allow_unused=True) is not None`` from a walk
-    of the graph, without computing any gradient."""
+    of the graph (:func:`graph_nodes`), without computing any gradient."""
     root = output.grad_fn
     if root is None or not tensor.requires_grad:
         return False
-    target = _gradient_node(tensor)  # held: the ids below stay unique during the walk
-    if root is target:
-        return True
-    seen = {id(root)}
-    stack = [root]
-    while stack:
-        for child, _ in stack.pop().next_functions:
-            if child is None or id(child) in seen:
-                continue
-            if child is target:
-                return True
-            seen.add(id(child))
-            if type(child).__name__ != "AccumulateGrad":  # a parameter's leaf: nothing below
-                stack.append(child)
-    return False
+    target = _gradient_node(tensor)  # a leaf's AccumulateGrad, which graph_nodes leaves out
+    return any(node is target or any(child is target for child, _ in node.next_functions)
+               for node in graph_nodes(root))
 
 
 def graph_nodes(root: Any, stops: Collection[int] = ()) -> Iterator[Any]:

@@ -564,25 +564,23 @@ def _collect_on_rank0(store: ResultsStore, my_keys: List[str], rank: int) -> Non
 
 def non_negative_int_arg(text: str) -> int:
     """argparse type: an int ≥ 0 (a seed; a thread count where 0 keeps PyTorch's default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") \
-            from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+    return _int_arg(text, 0, "non-negative")
 
 
 def positive_int_arg(text: str) -> int:
     """argparse type: an int ≥ 1 from the command line's text (the library's checks of
     arguments given in Python are :func:`torchray_like.attribution.arguments.positive_int`)."""
+    return _int_arg(text, 1, "positive")
+
+
+def _int_arg(text: str, minimum: int, kind: str) -> int:
+    """``int(text)`` if at least ``minimum``, else an argparse error naming ``kind``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
     return value
 
 
