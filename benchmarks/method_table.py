@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from torchray_like.attribution.registry import METHODS, TRANSFORMER_ONLY_METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
-from torchray_like.benchmark.runner import non_negative_int_arg, positive_int_arg  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg, seed_arg  # noqa: E402
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
 #: Mean correlation of two classes' maps under which a method is class-discriminative.
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(".", "out", "method_table"),
                         metavar="DIR", help="folder of the outputs (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int_arg, default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="seed of RISE, extremal perturbation and SmoothGrad")
     parser.add_argument("--reuse", action="store_true",
                         help="measure nothing: take the correlations and costs of "

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the first N embedded test images (default: %(default)s)")
     embedded_cli.add_model_arguments(parser)
     parser.add_argument("--device", default="cpu", help="device (default: %(default)s)")
-    parser.add_argument("--seed", type=runner.non_negative_int_arg, default=0,
+    parser.add_argument("--seed", type=runner.seed_arg, default=0,
                         help="seed of Quantus's perturbations and of the bootstrap "
                              "(default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(".", "out", "quantus_metrics"),

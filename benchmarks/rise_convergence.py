@@ -45,7 +45,7 @@ from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, saliency_to_point  # noqa: E402
-from torchray_like.benchmark.runner import non_negative_int_arg, positive_int_arg  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg, seed_arg  # noqa: E402
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -162,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "proxy) of the next seed: yardsticks that share no mask")
     parser.add_argument("--threads", type=positive_int_arg, default=1,
                         help="torch.set_num_threads for the run (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int_arg, default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="RISE's seed (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--weights", default=None, metavar="FILE|random",

@@ -50,6 +50,11 @@ from torchray_like.benchmark.embedded_models import (  # noqa: E402
     build_embedded_model,
 )
 from torchray_like.benchmark.embedded_vgg16 import deepen_embedded_vgg  # noqa: E402
+from torchray_like.benchmark.runner import (  # noqa: E402
+    non_negative_int_arg,
+    positive_int_arg,
+    seed_arg,
+)
 
 #: The shipped recipe, per model.
 RECIPE: Dict[str, Dict[str, float]] = {
@@ -351,30 +356,6 @@ def train_one(name: str, out: str, seed: int, device: str, epochs: Optional[int]
                          start)
 
 
-def _positive(kind: type, what: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a {kind.__name__}, got {text!r}")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{what} must be positive, got {text!r}")
-        return value
-    return parse
-
-
-def _non_negative_int(what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an int, got {text!r}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {text!r}")
-        return value
-    return parse
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train the embedded models (multi-label, BCEWithLogits) on the embedded data "
@@ -383,21 +364,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"models to train, among "
                              f"{', '.join(EMBEDDED_MODELS + EMBEDDED_EXAMPLE_MODELS)}, comma- or "
                              "space-separated (default: all)")
-    parser.add_argument("--seed", type=_non_negative_int("--seed"), default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="seed of the data split, initialisation and batch order (default 0)")
     parser.add_argument("--out", default=os.path.join("torchray_like", "benchmark", "weights"),
                         help="output folder (default: the package's weights folder)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--epochs", type=_positive(int, "--epochs"), default=None,
+    parser.add_argument("--epochs", type=positive_int_arg, default=None,
                         help="epochs (default: the shipped recipe's)")
-    parser.add_argument("--train-size", type=_positive(int, "--train-size"), default=None,
+    parser.add_argument("--train-size", type=positive_int_arg, default=None,
                         help="training images (default: the shipped recipe's)")
-    parser.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=64)
-    parser.add_argument("--test-size", type=_positive(int, "--test-size"), default=1000,
+    parser.add_argument("--batch-size", type=positive_int_arg, default=64)
+    parser.add_argument("--test-size", type=positive_int_arg, default=1000,
                         help="test images for the reported mAP (default 1000)")
-    parser.add_argument("--workers", type=_non_negative_int("--workers"), default=1,
+    parser.add_argument("--workers", type=non_negative_int_arg, default=1,
                         help="data-loading processes (default 1; images are drawn on the fly)")
-    parser.add_argument("--threads", type=_positive(int, "--threads"), default=2,
+    parser.add_argument("--threads", type=positive_int_arg, default=2,
                         help="torch intra-op threads (default 2)")
     parser.add_argument("--monitor", action="store_true",
                         help="print the test mAP on 500 images after every epoch")

@@ -98,6 +98,12 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
     # traceback.
     ("speed", ["--threads", "-1"], r"--threads: expected a positive integer, got -1"),
     ("compare", ["--seed", "-1"], r"--seed: expected a non-negative integer, got -1"),
+    # Before: NumPy's "Seed must be between 0 and 2**32 - 1" as a traceback (Quantus seeds
+    # NumPy's legacy generator); train_embedded.py had its own copies of the int types.
+    ("quantus_metrics", ["--seed", str(2 ** 32)], r"--seed: a seed must be at most 2\*\*32 - 1"),
+    ("train_embedded", ["--seed", str(2 ** 32)], r"--seed: a seed must be at most 2\*\*32 - 1"),
+    ("train_embedded", ["--epochs", "0"], r"--epochs: expected a positive integer, got 0"),
+    ("train_embedded", ["--workers", "-1"], r"--workers: expected a non-negative integer"),
     # Before: the library's ValueError as a traceback.
     ("speed_extremal", ["--areas", "0.1", "1.5"], r"--areas: expected a fraction strictly "
                                                    r"between 0 and 1, got 1\.5"),

@@ -47,7 +47,7 @@ import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
-           "non_negative_int_arg",
+           "non_negative_int_arg", "seed_arg", "MAX_SEED",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
 _BUSY_TIMEOUT_S = 120.0
@@ -567,6 +567,21 @@ def non_negative_int_arg(text: str) -> int:
     return _int_arg(text, 0, "non-negative")
 
 
+#: The largest seed every generator the benchmarks seed accepts (NumPy's legacy
+#: ``np.random.seed``, which Quantus draws from, stops at 2**32 - 1).
+MAX_SEED = 2 ** 32 - 1
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: a seed, an int in ``[0, 2**32 - 1]`` (NumPy's range, the narrowest of the
+    generators seeded)."""
+    value = _int_arg(text, 0, "non-negative")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must be at most 2**32 - 1 = {MAX_SEED} "
+                                         f"(NumPy's range), got {value}")
+    return value
+
+
 def positive_int_arg(text: str) -> int:
     """argparse type: an int ≥ 1 from the command line's text (the library's checks of
     arguments given in Python are :func:`torchray_like.attribution.arguments.positive_int`)."""
@@ -613,7 +628,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: Optional[
                        default="cuda" if torch.cuda.is_available() else "cpu",
                        help="device: cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N "
                             "(default: %(default)s)")
-    group.add_argument("--seed", type=non_negative_int_arg, default=0,
+    group.add_argument("--seed", type=seed_arg, default=0,
                        help="seed of the random parts (masks, jitter) (default: %(default)s)")
     group.add_argument("--out", default=default_out, metavar="DIR",
                        help="folder for the tables and the results store "
