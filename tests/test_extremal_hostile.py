@@ -63,6 +63,10 @@ class Constant(nn.Module):
     (dict(perturbation="noise"), ValueError, r"perturbation must be one of \('blur', 'fade'\)"),
     (dict(max_iter=0), ValueError, "max_iter must be an integer ≥ 1, got 0"),
     (dict(max_iter=2.5), ValueError, "max_iter must be an integer ≥ 1, got 2.5"),
+    # Before: the allocator's RuntimeError (or a Python loop over every iteration first).
+    (dict(max_iter=2 ** 42), ValueError, r"max_iter=4398046511104 does not fit in memory: the "
+                                         r"optimisation's history .* needs \d.* GiB on cpu for 2 "
+                                         r"masks; use fewer iterations"),
     (dict(num_levels=1), ValueError, "num_levels must be an integer ≥ 2"),
     (dict(step=0), ValueError, "step must be a finite integer ≥ 1, got 0"),
     (dict(step=1.5), ValueError, "step must be a finite integer ≥ 1, got 1.5"),

@@ -287,6 +287,23 @@ def _draw_shifts(seeds: Sequence[int], k: int, iters: int, jitter: Tuple[int, ..
     return torch.cat(out, dim=1)
 
 
+def _history(iters: int, b: int, dtype: torch.dtype, device: Any
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(iters, 3, b)``, ``(iters, b)`` and ``(iters, b)`` history tensors (energy, reward,
+    area loss; area; reward unit), or a :class:`ValueError` naming ``max_iter`` where they do
+    not fit in memory (the allocator's error would not say which argument asked for it)."""
+    try:
+        return (torch.empty(iters, 3, b, dtype=dtype, device=device),
+                torch.empty(iters, b, dtype=dtype, device=device),
+                torch.empty(iters, b, dtype=dtype, device=device))
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        size = 5 * iters * b * torch.empty(0, dtype=dtype).element_size() / 2 ** 30
+        raise ValueError(
+            f"max_iter={iters} does not fit in memory: the optimisation's history (energy, "
+            f"reward, area per mask and iteration) needs {size:.3g} GiB on {device} for "
+            f"{b} masks; use fewer iterations (the paper's is 800)") from error
+
+
 class _Optimisation:
     """One call's state: the pyramid, the mask generator, the optimiser, the history."""
 
@@ -316,6 +333,9 @@ class _Optimisation:
                         else None)
         self.scale = RewardScale(cfg.reward_scale, self.mask_areas, math.prod(spatial),
                                  cfg.weights[0], REWARD_RATIO, device, dtype)
+        # The history first: the largest tensors per iteration, so that a max_iter beyond
+        # memory is refused before the shifts and weights are drawn one per iteration.
+        self.series, self.area, self.units = _history(cfg.max_iter, b, dtype, device)
         self.shifts = (_draw_shifts(cfg.seeds, k, cfg.max_iter, cfg.jitter).to(device)
                        if any(cfg.jitter) else None)
         # The shifts as window starts, made once (2-D masks).
@@ -325,9 +345,6 @@ class _Optimisation:
         self.weights = torch.tensor([w0 * (w1 / w0) ** (t / max(cfg.max_iter - 1, 1))
                                      for t in range(cfg.max_iter)], dtype=dtype, device=device)
         self.weight_values = self.weights.tolist()
-        self.series = torch.empty(cfg.max_iter, 3, b, dtype=dtype, device=device)
-        self.area = torch.empty(cfg.max_iter, b, dtype=dtype, device=device)
-        self.units = torch.empty(cfg.max_iter, b, dtype=dtype, device=device)
         self.last: Optional[torch.Tensor] = None
         # (reward, area loss, area, unit) of the iterations not yet in the history tensors.
         self.pending: List[Tuple[torch.Tensor, ...]] = []
