@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .arguments import check_finite
 from .attention import AttentionCapture, NoAttentionError
 from .context import suspend_rule_contexts
-from .inputs import check_input
+from .inputs import call_model, check_input
 from .maps import SizeType, finish_map
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
@@ -64,10 +65,13 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
     """
     check_model(model, needs_autograd=differentiable, method=method)
     check_input(input, min_dim=3, needs_grad=differentiable)
+    # A NaN pixel spreads through attention to every token: a NaN map, or (attention flow's
+    # integer capacities) a finite map without meaning.
+    check_finite(input, "input", method)
     with model_state_guard(model, freeze=False), suspend_rule_contexts():
         grad = torch.enable_grad() if differentiable else torch.no_grad()
         with grad, AttentionCapture(differentiable=differentiable) as capture:
-            output = model(input.detach().requires_grad_(differentiable))
+            output = call_model(model, input.detach().requires_grad_(differentiable), input)
     attentions = capture.attentions
     if capture.blocked:
         raise NoAttentionError(
@@ -276,9 +280,10 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
     """
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # errors before any work
     _check_discard(discard_ratio)
-    parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
-                 allow_none=True)
-    attentions, _ = read_attentions(model, input, "attention_rollout")
+    parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
+                          allow_none=True)
+    attentions, output = read_attentions(model, input, "attention_rollout")
+    parsed.check_range(output)  # class-agnostic, but a class the model lacks is a mistake
     matrix = rollout(attentions, head_fusion, discard_ratio)
     smap = _token_row(matrix, input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)
@@ -337,9 +342,10 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     :func:`attention_rollout`; returns ``(N, 1, h, w)``."""
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)
     _check_discard(discard_ratio)
-    parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
-                 allow_none=True)
-    attentions, _ = read_attentions(model, input, "attention_flow")
+    parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
+                          allow_none=True)
+    attentions, output = read_attentions(model, input, "attention_flow")
+    parsed.check_range(output)  # class-agnostic, but a class the model lacks is a mistake
     t = attentions[0].shape[-1]
     if num_prefix_tokens is None:
         shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid, model).shape

@@ -14,8 +14,9 @@ import torch.nn as nn
 
 from .modules import current_scan
 
-__all__ = ["check_input", "layout_hint", "dtype_hint", "size_hint", "forward_failure", "call_model",
-           "FORWARD_ERRORS", "outputs_agree", "ChannelsLastBatches"]
+__all__ = ["check_input", "layout_hint", "dtype_hint", "size_hint", "assertion_hint",
+           "forward_failure", "call_model", "FORWARD_ERRORS", "outputs_agree",
+           "ChannelsLastBatches"]
 
 
 def check_input(input: Any, name: str = "input", min_dim: int = 3,
@@ -138,12 +139,24 @@ def size_hint(input: torch.Tensor, exc: BaseException) -> Optional[str]:
             "model was made for)")
 
 
+def assertion_hint(input: torch.Tensor, exc: BaseException) -> Optional[str]:
+    """A sentence when the model's own check refused the input (``torch._assert`` raises an
+    :class:`AssertionError`: torchvision's ViT "Wrong image height! Expected 224 but got
+    232!"): its message says what the model expects."""
+    if not isinstance(exc, AssertionError):
+        return None
+    return ("the model's own check refused it; give inputs of the size "
+            "and shape the model was built for (resize the images, or build the model for "
+            "this size)")
+
+
 def forward_failure(model: nn.Module, input: torch.Tensor, exc: BaseException
                     ) -> Optional[ValueError]:
     """The :class:`ValueError` to raise instead of ``exc`` when the model's forward pass failed
-    on ``input`` for a reason :func:`layout_hint` or :func:`dtype_hint` can name; ``None`` when
-    neither can (re-raise ``exc`` then)."""
-    hint = layout_hint(model, input) or dtype_hint(model, input) or size_hint(input, exc)
+    on ``input`` for a reason :func:`layout_hint`, :func:`dtype_hint`, :func:`size_hint` or
+    :func:`assertion_hint` can name; ``None`` when none can (re-raise ``exc`` then)."""
+    hint = layout_hint(model, input) or dtype_hint(model, input) or size_hint(input, exc) \
+        or assertion_hint(input, exc)
     if hint is None:
         return None
     text = str(exc).strip()
@@ -153,9 +166,9 @@ def forward_failure(model: nn.Module, input: torch.Tensor, exc: BaseException
 
 
 #: What a model raises when it gets a batch it cannot take (a shape or dtype error, or an index
-#: out of range once an unbatched image has lost a dimension): the errors that
-#: :func:`forward_failure` may explain.
-FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
+#: out of range once an unbatched image has lost a dimension, or the model's own
+#: ``torch._assert`` on the input's size): the errors that :func:`forward_failure` may explain.
+FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError)
 
 
 def call_model(model: nn.Module, batch: Any, input: torch.Tensor) -> Any:

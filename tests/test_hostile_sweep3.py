@@ -1,0 +1,66 @@
+"""Hostile inputs found by the third sweep of the public API (the methods beyond TorchRay's,
+the rule contexts and probes): each test is one case that used to end in a foreign exception
+or a silently wrong answer, with the message or the numbers it must give now."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchray_like as trl
+from tests.conftest import assert_same_state, snapshot
+from tests.transformer_models import make_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    return make_vit()  # 32² images, 8² patches, 5 classes
+
+
+def _images(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's own input check (torch._assert: torchvision's ViT on a wrong image size) was an
+# AssertionError from inside torchvision; it is a ValueError naming the input and what to do.
+
+@pytest.mark.parametrize("method", ["gradient", "grad_cam_plus_plus", "score_cam", "occlusion",
+                                    "integrated_gradients", "lrp", "attn_lrp", "grad_rollout",
+                                    "attention_rollout"])
+def test_model_assertion_on_input_size_is_a_value_error(small_vit, method):
+    x = _images(2, 3, 40, 40)
+    before = snapshot(small_vit, x)
+    with pytest.raises(ValueError, match=r"VisionTransformer failed on input of shape "
+                       r"\(2, 3, 40, 40\) \(AssertionError: Wrong image height! Expected 32 but "
+                       r"got 40!\); the model's own check refused it; give inputs of the size"):
+        trl.METHODS[method](small_vit, x, 1)
+    assert_same_state(before, snapshot(small_vit, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention rollout / flow / gradient-weighted rollout: a NaN pixel gave a NaN map (rollout) or
+# a finite map without meaning (flow's integer capacities); a class the model lacks was
+# accepted by the class-agnostic two.
+
+@pytest.mark.parametrize("method", ["attention_rollout", "attention_flow", "grad_rollout"])
+def test_attention_methods_refuse_nan_input(small_vit, method):
+    x = _images(2, 3, 32, 32)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=rf"{method}: input has 1 NaN value\(s\) \(shape "
+                       r"\(2, 3, 32, 32\)\); replace them first, e.g. with torch.nan_to_num"):
+        trl.METHODS[method](small_vit, x, 1)
+
+
+@pytest.mark.parametrize("method", ["attention_rollout", "attention_flow"])
+def test_class_agnostic_attention_methods_check_the_target_range(small_vit, method):
+    x = _images(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"target class 7 is out of range: the model output "
+                       r"has 5 classes \(valid: 0..4\)"):
+        trl.METHODS[method](small_vit, x, [1, 7])
+    # A valid class, a callable or no target: the same class-agnostic map.
+    plain = trl.METHODS[method](small_vit, x)
+    assert torch.equal(trl.METHODS[method](small_vit, x, [1, 4]), plain)
+    assert torch.equal(trl.METHODS[method](small_vit, x, lambda out: out[:, 0]), plain)
