@@ -10,6 +10,7 @@ import torch
 import torchray_like as trl
 from tests.conftest import assert_same_state, snapshot
 from tests.transformer_models import make_vit
+from torchray_like.attribution.layer_choice import find_saliency_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,3 +65,22 @@ def test_class_agnostic_attention_methods_check_the_target_range(small_vit, meth
     plain = trl.METHODS[method](small_vit, x)
     assert torch.equal(trl.METHODS[method](small_vit, x, [1, 4]), plain)
     assert torch.equal(trl.METHODS[method](small_vit, x, lambda out: out[:, 0]), plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# A transformer whose parameters are all frozen (a fine-tuning setup, a deployed model): the
+# automatic layer choice found no graph to ask which tokens matter and refused ("could not
+# choose saliency_layer automatically"); it chooses what it chooses for the unfrozen model.
+
+@pytest.mark.parametrize("method", ["grad_cam_plus_plus", "layer_cam", "eigen_cam"])
+def test_frozen_transformer_gets_the_same_automatic_layer(method):
+    x = _images(2, 3, 32, 32)
+    model, frozen = make_vit(), make_vit()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    before = snapshot(frozen, x)
+    assert find_saliency_layer(frozen, x) == \
+        "encoder.layers.encoder_layer_1.ln_1"
+    torch.testing.assert_close(trl.METHODS[method](frozen, x, [1, 3]),
+                               trl.METHODS[method](model, x, [1, 3]))
+    assert_same_state(before, snapshot(frozen, x))

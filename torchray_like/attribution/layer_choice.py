@@ -107,7 +107,11 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
         # input (in-place normalisation).
         with suspend_rule_contexts(), model_state_guard(model, freeze=False), grad_mode, \
                 _rng_fork(input.device):
-            output = call_model(model, (input if keep else input[:1]).detach().clone(), input)
+            # With ``keep`` the copy comes from a leaf that requires grad: the outputs are on a
+            # graph even when every parameter is frozen, and the copy itself is no leaf (an
+            # in-place normalisation of the input in the forward pass still works).
+            output = call_model(model, (input if keep else input[:1]).detach()
+                                .requires_grad_(keep).clone(), input)
     finally:
         for handle in handles:
             handle.remove()
