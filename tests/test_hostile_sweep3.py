@@ -10,6 +10,7 @@ import torch
 import torchray_like as trl
 from tests.conftest import assert_same_state, snapshot
 from tests.transformer_models import make_vit
+from torchray_like.attribution.guided_backprop import GuidedBackpropContext
 from torchray_like.attribution.layer_choice import find_saliency_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,3 +85,35 @@ def test_frozen_transformer_gets_the_same_automatic_layer(method):
     torch.testing.assert_close(trl.METHODS[method](frozen, x, [1, 3]),
                                trl.METHODS[method](model, x, [1, 3]))
     assert_same_state(before, snapshot(frozen, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchRay's function-valued options given something else (a context *instance*, a string)
+# ended in Python's "'X' object is not callable", naming no argument.
+
+def _convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+
+
+@pytest.mark.parametrize("method, option, value, example", [
+    ("gradient", "context_builder", GuidedBackpropContext(),
+     r"context_builder=GuidedBackpropContext, not GuidedBackpropContext\(\)"),
+    ("excitation_backprop", "context_builder", 3, "context_builder=GuidedBackpropContext"),
+    ("grad_cam_plus_plus", "gradient_to_saliency", "max", "gradient_to_saliency=my_function"),
+    ("lrp", "gradient_to_saliency", 3, "gradient_to_saliency=my_function"),
+    ("linear_approx", "get_backward_gradient", 3, "get_backward_gradient=my_function"),
+    ("attn_lrp", "get_backward_gradient", 3, "get_backward_gradient=my_function"),
+    ("contrastive_excitation_backprop", "get_backward_gradient", 3,
+     "get_backward_gradient=my_function"),
+])
+def test_function_options_must_be_callable(method, option, value, example):
+    model, x = _convnet(), _images(2, 3, 8, 8)
+    before = snapshot(model, x)
+    with pytest.raises(TypeError, match=rf"^{option} must be a function \(or a class\), got "
+                       rf"{type(value).__name__} .*; pass the function itself, not the result "
+                       rf"of calling it \({example}"):
+        trl.METHODS[method](model, x, 1, **{option: value})
+    assert_same_state(before, snapshot(model, x))

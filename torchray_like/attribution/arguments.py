@@ -21,7 +21,8 @@ import torch.nn as nn
 from .inputs import FORWARD_ERRORS, check_input, layout_hint  # FORWARD_ERRORS: re-exported
 from .maps import Shape
 
-__all__ = ["is_number", "positive_int", "check_number", "check_flag", "number_list",
+__all__ = ["is_number", "positive_int", "check_number", "check_flag", "check_function",
+           "number_list",
            "per_axis", "check_finite", "check_progress", "check_batch", "check_resize",
            "FORWARD_ERRORS"]
 
@@ -59,6 +60,20 @@ def check_flag(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_function(value: Any, name: str) -> None:
+    """A :class:`TypeError` naming ``name`` when ``value`` cannot be called (Python's own
+    "'int' object is not callable", raised later, names no argument).  An instance given
+    where a class is expected (``context_builder=GuidedBackpropContext()``) is the usual
+    mistake: the message says so."""
+    if not callable(value):
+        example = ("GuidedBackpropContext, not GuidedBackpropContext()"
+                   if name == "context_builder" else "my_function, not my_function(...)")
+        raise TypeError(
+            f"{name} must be a function (or a class), got {type(value).__name__} "
+            f"{value!r:.60}; pass the function itself, not the result of calling it "
+            f"({name}={example})")
 
 
 def number_list(value: Any) -> Optional[List[Any]]:

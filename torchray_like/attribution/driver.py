@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from .arguments import check_function
 from .context import (
     NoRuleAppliedError,
     NullContext,
@@ -287,6 +288,7 @@ def forward_pass(model: nn.Module, input: torch.Tensor, target: Union[TargetType
         model = compiled
         layers = {label: strip_compiled_prefix(layer, model) for label, layer in layers.items()}
     check_input(input)
+    check_function(get_backward_gradient, "get_backward_gradient")
     parsed = (target if isinstance(target, Target)
               else parse_target(target, input.shape[0]))
     modules = {label: None if is_input(layer) else get_module(model, layer)

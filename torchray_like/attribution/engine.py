@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 import torch
 import torch.nn as nn
 
+from .arguments import check_function
 from .context import NoRuleAppliedError, suspend_rule_contexts
 from .driver import (
     ForwardPass,
@@ -216,9 +217,18 @@ def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: Li
     run alone.  Returns ``label -> (map, debug record or None)`` in the order of ``jobs``.
     """
     smooth = {job.label: check_smooth(job.options.get("smooth", 0)) for job in jobs}
+    for job in jobs:
+        for key in _FUNCTION_OPTIONS:
+            if job.options.get(key) is not None:
+                check_function(job.options[key], key)
     # One walk of the module tree for the whole call: every check below reads it.
     with (call_scan(model) if isinstance(model, nn.Module) else contextlib.nullcontext()):
         return _run_jobs(model, input, target, jobs, smooth, get_backward_gradient, debug)
+
+
+#: TorchRay's function-valued options (``context_builder`` may also be ``None``: no context;
+#: ``get_backward_gradient`` is checked by :func:`~.driver.forward_pass`).
+_FUNCTION_OPTIONS = ("context_builder", "gradient_to_saliency")
 
 
 def _run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: List[Job],
