@@ -117,3 +117,24 @@ def test_function_options_must_be_callable(method, option, value, example):
                        rf"of calling it \({example}"):
         trl.METHODS[method](model, x, 1, **{option: value})
     assert_same_state(before, snapshot(model, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# SmoothGrad over another method: method_kwargs that is no mapping was dict()'s own error
+# ("cannot convert dictionary update sequence element #0 to a sequence"); an error the inner
+# method raises names the noisy batch's shapes (6 rows for 2 images), now with a note.
+
+def test_smooth_grad_method_kwargs_must_be_a_mapping():
+    with pytest.raises(TypeError, match=r"method_kwargs must be a mapping of the method's "
+                       r"options \(e.g. dict\(saliency_layer='layer4'\)\), got list"):
+        trl.smooth_grad(_convnet(), _images(2, 3, 8, 8), 1, "grad_cam", method_kwargs=[1])
+
+
+@pytest.mark.parametrize("method", ["gradient", "grad_cam", "integrated_gradients"])
+def test_smooth_grad_inner_errors_say_the_batch_is_noisy_copies(method):
+    x = _images(2, 3, 8, 8).double()  # a float32 model
+    with pytest.raises(ValueError, match=r"failed on input of shape \(6, 3, 8, 8\)") as info:
+        trl.smooth_grad(_convnet(), x, 1, method, n_samples=3, seed=0)
+    assert info.value.__notes__ == [
+        f"(smooth_grad: raised by {method} on a batch of 6 noisy copies of the input of shape "
+        "(2, 3, 8, 8), row r a copy of image r mod 2: the shapes above are that batch's)"]

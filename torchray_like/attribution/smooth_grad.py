@@ -126,6 +126,20 @@ def _row_target(target: Target, image: torch.Tensor) -> Any:
     return target.function
 
 
+def _call(function: Callable[..., Any], model: nn.Module, noisy: torch.Tensor, target: Any,
+          options: Dict[str, Any], name: str, input: torch.Tensor) -> Any:
+    """``function`` on a batch of noisy copies; an error it raises gets a note saying that
+    the shapes it names are that batch's (R copies of the N images), not the caller's input."""
+    try:
+        return function(model, noisy, target, **options)
+    except (ValueError, TypeError) as exc:
+        exc.add_note(
+            f"(smooth_grad: raised by {name} on a batch of {noisy.shape[0]} noisy copies of "
+            f"the input of shape {tuple(input.shape)}, row r a copy of image r mod "
+            f"{input.shape[0]}: the shapes above are that batch's)")
+        raise
+
+
 def _check_maps(maps: Any, rows: int, name: str) -> torch.Tensor:
     if isinstance(maps, tuple):
         raise ValueError(f"smooth_grad: {name} returned a tuple, not maps; pass options that make "
@@ -203,6 +217,9 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
     if kind not in SMOOTH_GRAD_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, SMOOTH_GRAD_KINDS))}, got "
                          f"{kind!r}")
+    if method_kwargs is not None and not isinstance(method_kwargs, Mapping):
+        raise TypeError(f"method_kwargs must be a mapping of the method's options (e.g. "
+                        f"dict(saliency_layer='layer4')), got {type(method_kwargs).__name__}")
     options = {**dict(method_kwargs or {}), **method_options}
     function = _resolve_method(method, options)
     parsed = parse_target(target, input.shape[0], device=input.device)
@@ -221,8 +238,8 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
             index = torch.arange(r0, min(r0 + batch, count), device=input.device)
             image = index % n
             noisy = x.index_select(0, image) + sampler.rows(index)
-            maps = _check_maps(function(model, noisy, _row_target(parsed, image), **options),
-                               index.numel(), name).detach()
+            maps = _check_maps(_call(function, model, noisy, _row_target(parsed, image),
+                                     options, name, input), index.numel(), name).detach()
             if total is None:
                 total = maps.new_zeros((n,) + maps.shape[1:], dtype=torch.float64)
                 squares = torch.zeros_like(total)
