@@ -4,6 +4,8 @@ or a silently wrong answer, with the message or the numbers it must give now."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -139,3 +141,50 @@ def test_smooth_grad_inner_errors_say_the_batch_is_noisy_copies(method):
         f"model.to(torch.float64) (smooth_grad: {method} raised this on a batch of 6 noisy "
         "copies of the input of shape (2, 3, 8, 8), row r a copy of image r mod 2; the shapes "
         "it names are that batch's)")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.utils.checkpoint(use_reentrant=False) under the LRP rules: the recomputation in backward
+# runs outside the context (plain convolutions), so PyTorch's CheckpointError ("Recomputed
+# values ... have different metadata") came out of the backward pass.  LRPContext refuses
+# saved-tensor hooks in its block, as excitation backprop already did (one shared guard).
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _convnet()
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("method, context", [
+    ("lrp", "LRPContext"), ("lrp_epsilon_gamma_box", "LRPContext"),
+    ("attn_lrp", "TransformerLRPContext"), ("excitation_backprop", "ExcitationBackpropContext")])
+def test_rule_methods_refuse_non_reentrant_checkpoints(method, context):
+    model, x = _Checkpointed().eval(), _images(2, 3, 8, 8)
+    before = snapshot(model, x)
+    name = "excitation backprop" if method == "excitation_backprop" else "LRP"
+    with pytest.raises(RuntimeError, match=rf"^{name} does not support torch.utils.checkpoint\("
+                       rf"use_reentrant=False\) \(or other saved-tensor hooks\) inside "
+                       rf"{context}: .* Run the model without activation checkpointing"):
+        trl.METHODS[method](model, x, 1)
+    assert_same_state(before, snapshot(model, x))
+    # The plain-gradient methods go through the checkpoint exactly.
+    torch.testing.assert_close(trl.gradient_x_input(model, x, 1),
+                               trl.gradient_x_input(model.inner, x, 1))
+
+
+def test_lrp_context_by_hand_refuses_checkpoints_in_its_thread_only():
+    model, x = _Checkpointed().eval(), _images(2, 3, 8, 8).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"LRP does not support .* inside LRPContext"):
+        with trl.LRPContext("EpsilonPlus", model=model):
+            model(x)
+    done = []
+    with trl.LRPContext("EpsilonPlus", model=model.inner):
+        thread = threading.Thread(target=lambda: done.append(model(x).sum().backward()))
+        thread.start()
+        thread.join()
+    assert done == [None] and x.grad is not None  # another thread checkpoints as usual
+    model(x).sum().backward()  # and so does this one after the block

@@ -288,6 +288,25 @@ def suspend_rule_contexts() -> Iterator[Tuple["RuleContext", ...]]:
             context._suspended -= 1
 
 
+def _refuse_checkpoints(context: "RuleContext") -> Optional[Any]:
+    """Refuse saved-tensor hooks (a non-reentrant checkpoint) in this thread for ``context``'s
+    block when it sets :attr:`RuleContext.refuses_checkpoints`; the guard to exit, or ``None``.
+    Hooks already active around the block (``save_on_cpu``) change no rule and stay."""
+    if context.refuses_checkpoints is None:
+        return None
+    guard = torch.autograd.graph.disable_saved_tensors_hooks(
+        f"{context.refuses_checkpoints} does not support torch.utils.checkpoint(use_reentrant="
+        f"False) (or other saved-tensor hooks) inside {type(context).__name__}: the checkpoint "
+        "recomputes the forward pass during backward, outside the context, where its rules do "
+        "not apply. Run the model without activation checkpointing for attribution (it saves "
+        "memory only while training).")
+    try:
+        guard.__enter__()
+    except RuntimeError:
+        return None
+    return guard
+
+
 class RuleContext(TorchFunctionMode):
     """Base of every context that swaps backward rules (thread-local, restorable, nestable).
 
@@ -341,6 +360,12 @@ class RuleContext(TorchFunctionMode):
     #: Autograd node kinds of non-linearities the rule does not cover: kind -> the names the
     #: context reports them under (the first is used for nodes it did not see).
     unhandled_kinds: Dict[str, Tuple[str, ...]] = {}
+    #: Set (to the method's name) by contexts whose rules ``torch.utils.checkpoint(use_reentrant
+    #: =False)`` would escape: its recomputation runs the forward pass again during backward,
+    #: outside the block, with the plain operations, so their rules' saved tensors no longer
+    #: match.  Saved-tensor hooks are then refused inside the block (thread-local), with a
+    #: message naming the checkpoint, instead of PyTorch's CheckpointError after the pass.
+    refuses_checkpoints: Optional[str] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -471,10 +496,14 @@ class RuleContext(TorchFunctionMode):
         self._suspended = 0
         out = super().__enter__()
         _ACTIVE.stack.append(self)
+        self._no_checkpoints = _refuse_checkpoints(self)
         return out
 
     def __exit__(self, exc_type, exc_val, exc_tb):
+        guard, self._no_checkpoints = getattr(self, "_no_checkpoints", None), None
         try:
+            if guard is not None:
+                guard.__exit__(None, None, None)
             super().__exit__(exc_type, exc_val, exc_tb)
         finally:
             self._thread = None

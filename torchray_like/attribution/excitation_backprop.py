@@ -165,14 +165,6 @@ class UnhandledOperationWarning(UnhandledActivationWarning):
 # The context
 # ---------------------------------------------------------------------------------------------
 
-_CHECKPOINT_MESSAGE = (
-    "excitation backprop does not support torch.utils.checkpoint(use_reentrant=False) (or other "
-    "saved-tensor hooks) inside ExcitationBackpropContext: the checkpoint recomputes the forward "
-    "pass during backward, outside the context, where the excitation rules do not apply. Run "
-    "the model without activation checkpointing for attribution (it saves memory only while "
-    "training).")
-
-
 class ExcitationBackpropContext(RuleContext):
     """Inside this context, backpropagation computes excitation (marginal winning probability).
 
@@ -244,6 +236,8 @@ class ExcitationBackpropContext(RuleContext):
     requirement = "a model made of convolutions / linear layers"
     report_other_activations = True
 
+    refuses_checkpoints = "excitation backprop"
+
     def __init__(self, enable: bool = True, debug: bool = False, *, signed: bool = True) -> None:
         super().__init__()
         self.enable = bool(enable)
@@ -253,7 +247,6 @@ class ExcitationBackpropContext(RuleContext):
                                          signed=self.signed, debug=self.debug)
         if self.enable:
             self.handlers.update(self._rules.table())
-        self._no_hooks: Optional[Any] = None
         self._warned: set = set()
 
     @property
@@ -279,25 +272,12 @@ class ExcitationBackpropContext(RuleContext):
         out = super().__enter__()
         self._rules.reset()
         self._warned = set()
-        guard = torch.autograd.graph.disable_saved_tensors_hooks(_CHECKPOINT_MESSAGE)
-        try:
-            guard.__enter__()
-            self._no_hooks = guard
-        except RuntimeError:
-            # Saved-tensor hooks are already active around the block (save_on_cpu ...): they
-            # do not change the rules, so leave them be.
-            self._no_hooks = None
         return out
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         if not self.enable:
             return False
-        try:
-            if self._no_hooks is not None:
-                guard, self._no_hooks = self._no_hooks, None
-                guard.__exit__(None, None, None)
-        finally:
-            super().__exit__(exc_type, exc_val, exc_tb)
+        super().__exit__(exc_type, exc_val, exc_tb)
         if exc_type is None and "no_grad" in self._rules.unmodeled:
             self._warn_unmodeled("no_grad", stacklevel=3)
         return False

@@ -169,6 +169,8 @@ class LRPContext(RuleContext):
     escaped_kinds = {"ConvolutionBackward0": _escaped_conv}
     unhandled_kinds = _UNCOVERED_NODES
 
+    refuses_checkpoints = "LRP"
+
     def __init__(self, composite: CompositeSpec = "EpsilonPlusFlat",
                  model: Optional[nn.Module] = None, *, track_modules: bool = False) -> None:
         super().__init__()

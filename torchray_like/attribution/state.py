@@ -117,8 +117,8 @@ REENTRANT_CHECKPOINT_MESSAGE = (
     "cannot differentiate through (the attribution methods read gradients with it): "
     "checkpoint with use_reentrant=False — the recomputed forward pass keeps the rules of the "
     "original one, so gradient, guided backprop, DeConvNet, Grad-CAM and linear approximation "
-    "give exact maps (excitation backprop refuses any checkpoint) — or run the model without "
-    "activation checkpointing for attribution")
+    "give exact maps (excitation backprop and LRP refuse any checkpoint) — or run the model "
+    "without activation checkpointing for attribution")
 
 
 def autograd_grad(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
