@@ -58,6 +58,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from torchray_like.attribution.maps import MAX_KERNEL_RADIUS  # noqa: E402
 from torchray_like.attribution.registry import METHODS, TRANSFORMER_ONLY_METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli, runner  # noqa: E402
 from torchray_like.benchmark.deletion_insertion import (  # noqa: E402
@@ -83,6 +84,8 @@ ALL_METHODS = ("random",) + tuple(METHODS)
 #: have no attention: they refuse them).
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m not in TRANSFORMER_ONLY_METHODS)
 DOCS_FIGURE = os.path.join(ROOT, "docs", "_static", "deletion_insertion_curves.png")
+# The widest blur whose kernel (cut at 4σ, scipy's rule) the library makes.
+MAX_BLUR_SIGMA = MAX_KERNEL_RADIUS // 4 - 1
 
 #: The games played for every map: name -> (mode, substrate).  Deletion to zeros is the paper's;
 #: deletion to the blurred image is reported beside it because a constant fill keeps an
@@ -119,6 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.blur_sigma is not None and not (args.blur_sigma >= 0 and math.isfinite(
             args.blur_sigma)):
         parser.error(f"--blur-sigma must be a non-negative number, got {args.blur_sigma}")
+    if args.blur_sigma is not None and args.blur_sigma > MAX_BLUR_SIGMA:
+        parser.error(f"--blur-sigma must be at most {MAX_BLUR_SIGMA:g} px (a wider blur is "
+                     f"constant over any image), got {args.blur_sigma:g}")
     return args
 
 

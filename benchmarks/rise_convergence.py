@@ -45,7 +45,7 @@ from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, saliency_to_point  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg, seed_arg  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg, seed_arg, threads_arg  # noqa: E402
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--independent", action="store_true",
                         help="also measure against the 8000-mask maps (plain and converged "
                              "proxy) of the next seed: yardsticks that share no mask")
-    parser.add_argument("--threads", type=positive_int_arg, default=1,
+    parser.add_argument("--threads", type=threads_arg, default=1,
                         help="torch.set_num_threads for the run (default: %(default)s)")
     parser.add_argument("--seed", type=seed_arg, default=0,
                         help="RISE's seed (default 0)")

@@ -83,7 +83,7 @@ from torchray_like.attribution.layer_choice import find_saliency_layer  # noqa: 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg, threads_arg  # noqa: E402
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
 #: Models on which the heavy rows (occlusion, Score-CAM, Ablation-CAM: hundreds of forward
@@ -427,14 +427,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                         help="rows of these methods only, comma- or space-separated, among "
                              + ", ".join(tuple(METHODS) + EXTRA_ROWS) + " (default: all)")
-    parser.add_argument("--input-size", type=int, default=None, metavar="PX",
+    parser.add_argument("--input-size", type=positive_int_arg, default=None, metavar="PX",
                         help="input side (64; --full: 224)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int_arg, default=None, metavar="N",
                         help="images per input batch (1; --full: 4)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=positive_int_arg, default=5,
                         help="timed calls of each function per measurement; the median is "
                              "reported (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int_arg, default=None,
+    parser.add_argument("--threads", type=threads_arg, default=None,
                         help="CPU threads (1; --full: PyTorch's default)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall clock (default) or the process's CPU time (steadier on a "

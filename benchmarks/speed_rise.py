@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg  # noqa: E402
+from torchray_like.benchmark.runner import positive_int_arg, threads_arg  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory, one subprocess per measurement
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
                         help="torchvision models (default: resnet50 vgg16)")
     parser.add_argument("--repeats", type=positive_int_arg, default=5,
                         help="timed calls per measurement (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int_arg, default=None,
+    parser.add_argument("--threads", type=threads_arg, default=None,
                         help="CPU threads (default: PyTorch's)")
     parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
                         help="input side (default: %(default)s)")

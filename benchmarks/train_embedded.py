@@ -54,6 +54,7 @@ from torchray_like.benchmark.runner import (  # noqa: E402
     non_negative_int_arg,
     positive_int_arg,
     seed_arg,
+    threads_arg,
 )
 
 #: The shipped recipe, per model.
@@ -378,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="test images for the reported mAP (default 1000)")
     parser.add_argument("--workers", type=non_negative_int_arg, default=1,
                         help="data-loading processes (default 1; images are drawn on the fly)")
-    parser.add_argument("--threads", type=positive_int_arg, default=2,
+    parser.add_argument("--threads", type=threads_arg, default=2,
                         help="torch intra-op threads (default 2)")
     parser.add_argument("--monitor", action="store_true",
                         help="print the test mAP on 500 images after every epoch")

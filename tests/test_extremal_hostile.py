@@ -75,6 +75,9 @@ class Constant(nn.Module):
     (dict(sigma=0), ValueError, "sigma must be a finite number > 0, got 0"),
     (dict(sigma=float("nan")), ValueError, "sigma must be a finite number > 0"),
     (dict(max_blur=-2), ValueError, "max_blur must be a finite number ≥ 0"),
+    # Before: the allocator's RuntimeError from the pyramid's kernel.
+    (dict(max_blur=1e12), ValueError, r"a Gaussian blur of sigma=1e\+12 px would need a kernel "
+                                      r"of .* taps .* use a smaller sigma \(max_blur"),
     (dict(reward_func="simple"), TypeError, "reward_func must be callable"),
     (dict(reward_func=lambda a, t, v: a[:, 0:1]), ValueError,
      r"reward_func must return a tensor of 2 rewards \(one per mask\), got \(2, 1\)"),

@@ -93,6 +93,28 @@ def test_smoothing_matches_scipy(dims):
     torch.testing.assert_close(smooth_saliency(const, 2.0), const)
 
 
+def test_very_wide_smoothing_is_scipys_and_bounded():
+    # A kernel far wider than the map runs as the dense (L, L) operator: scipy's numbers, in
+    # float32 too, at a cost that does not grow with sigma (the padded convolution's did).
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(2, 1, 7, 11, generator=g, dtype=torch.float64)
+    for sigma in (3.0, 40.0, 5000.0):
+        out = smooth_saliency(maps, sigma)
+        for i in range(2):
+            ref = ndimage.gaussian_filter(maps[i, 0].numpy(), sigma, mode="nearest",
+                                          truncate=4.0)
+            np.testing.assert_allclose(out[i, 0].numpy(), ref, rtol=1e-9, atol=1e-12)
+        out32 = smooth_saliency(maps.float(), sigma)
+        assert out32.dtype == torch.float32
+        torch.testing.assert_close(out32, out.float(), rtol=1e-5, atol=1e-6)
+    # Before: torch.arange's OverflowError (1e99) or the allocator's error (4e12).
+    for sigma in (1e99, 4e12):
+        with pytest.raises(ValueError, match=r"a Gaussian blur of sigma=\S+ px would need a "
+                                             r"kernel of .* taps \(at most 2097153\); a blur "
+                                             r"that wide is constant over any image"):
+            smooth_saliency(maps, sigma)
+
+
 @SETTINGS
 @given(dims=st.integers(1, 3), sigma=st.floats(0.3, 6.0), size=st.integers(2, 9))
 def test_smoothing_equals_scipy_for_any_sigma(dims, sigma, size):

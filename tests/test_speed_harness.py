@@ -104,6 +104,15 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
     ("train_embedded", ["--seed", str(2 ** 32)], r"--seed: a seed must be at most 2\*\*32 - 1"),
     ("train_embedded", ["--epochs", "0"], r"--epochs: expected a positive integer, got 0"),
     ("train_embedded", ["--workers", "-1"], r"--workers: expected a non-negative integer"),
+    # Before: torch.set_num_threads's "Overflow when unpacking long", and for a blur wider
+    # than the library's largest kernel an OverflowError / the allocator's error.
+    ("deletion_insertion", ["--threads", str(2 ** 42)], r"--threads: a thread count must be "
+                                                        r"at most 1024, got 4398046511104"),
+    ("speed", ["--threads", "1025"], r"--threads: a thread count must be at most 1024"),
+    ("speed", ["--repeats", "0"], r"--repeats: expected a positive integer, got 0"),
+    ("deletion_insertion", ["--blur-sigma", "1e99"], r"--blur-sigma must be at most 262143 px "
+                                                     r"\(a wider blur is constant over any "
+                                                     r"image\), got 1e\+99"),
     # Before: the library's ValueError as a traceback.
     ("speed_extremal", ["--areas", "0.1", "1.5"], r"--areas: expected a fraction strictly "
                                                    r"between 0 and 1, got 1\.5"),

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from .arguments import per_axis
 from .inputs import check_input
-from .maps import gaussian_kernel
+from .maps import gaussian_matrix
 from .smooth_masks import PerAxis, clamp01
 
 __all__ = ["BLUR_PERTURBATION", "FADE_PERTURBATION", "PERTURBATIONS", "Perturbation",
@@ -25,32 +25,6 @@ BLUR_PERTURBATION = "blur"
 #: Fade-to-baseline perturbation.
 FADE_PERTURBATION = "fade"
 PERTURBATIONS = (BLUR_PERTURBATION, FADE_PERTURBATION)
-
-
-def gaussian_matrix(length: int, sigma: float, truncate: float = 4.0,
-                    dtype: torch.dtype = torch.float32,
-                    device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """The ``(length, length)`` matrix of a 1-D Gaussian blur with replicated borders.
-
-    ``K @ v`` applies :func:`~torchray_like.attribution.maps.smooth_saliency`'s operator (the
-    kernel of :func:`~torchray_like.attribution.maps.gaussian_kernel`, cut at
-    ``int(truncate·σ + 0.5)`` pixels, borders replicated) — scipy's
-    ``gaussian_filter1d(v, sigma, mode="nearest", truncate=truncate)``.  A dense product is far
-    faster on CPUs than a long 1-D convolution (σ = 20 px needs 161 taps).
-    """
-    k = gaussian_kernel(sigma, truncate, torch.float64, "cpu")
-    radius = (k.numel() - 1) // 2
-    # Row i, column j holds k[j − i + radius] (the band) ...
-    i = torch.arange(length).view(-1, 1)
-    offset = torch.arange(length).view(1, -1) - i
-    mat = torch.where(offset.abs() <= radius, k[(offset + radius).clamp(0, 2 * radius)],
-                      torch.zeros((), dtype=torch.float64))
-    # ... plus, in the first and last columns, the taps that fall off the border (replicated).
-    cum = torch.cat([torch.zeros(1, dtype=torch.float64), k.cumsum(0)])   # cum[n] = Σ k[:n]
-    rows = i.view(-1)
-    mat[:, 0] += cum[(radius - rows).clamp(0, 2 * radius + 1)]
-    mat[:, -1] += 1 - cum[(radius + length - rows).clamp(0, 2 * radius + 1)]
-    return mat.to(dtype=dtype, device=device)
 
 
 _MATRICES: Dict[Tuple[Any, ...], torch.Tensor] = {}

@@ -109,7 +109,7 @@ def name_list(values: Sequence[str], choices: Optional[Sequence[str]], what: str
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--weights FILE|random[,...]`` and ``--threads`` (default 1)."""
     parser.add_argument("--weights", default=None, metavar="FILE|random", help=WEIGHTS_HELP)
-    parser.add_argument("--threads", type=runner.non_negative_int_arg, default=1,
+    parser.add_argument("--threads", type=runner.threads_or_default_arg, default=1,
                         help="torch.set_num_threads; 0 keeps PyTorch's default (default: "
                              "%(default)s: the many small operations gain little from more, and "
                              "suffer when cores are shared; use torchrun to use more cores)")

@@ -47,7 +47,8 @@ import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
-           "non_negative_int_arg", "seed_arg", "MAX_SEED",
+           "non_negative_int_arg", "seed_arg", "MAX_SEED", "threads_arg",
+           "threads_or_default_arg", "MAX_THREADS",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
 _BUSY_TIMEOUT_S = 120.0
@@ -579,6 +580,27 @@ def seed_arg(text: str) -> int:
     if value > MAX_SEED:
         raise argparse.ArgumentTypeError(f"a seed must be at most 2**32 - 1 = {MAX_SEED} "
                                          f"(NumPy's range), got {value}")
+    return value
+
+
+#: The most threads a ``--threads`` accepts (``torch.set_num_threads`` overflows at 2**31,
+#: and far fewer already only oversubscribe the cores).
+MAX_THREADS = 1024
+
+
+def threads_arg(text: str) -> int:
+    """argparse type: a thread count in ``[1, MAX_THREADS]``."""
+    return _at_most(_int_arg(text, 1, "positive"), MAX_THREADS, "a thread count")
+
+
+def threads_or_default_arg(text: str) -> int:
+    """argparse type: a thread count in ``[0, MAX_THREADS]``, 0 keeping PyTorch's default."""
+    return _at_most(_int_arg(text, 0, "non-negative"), MAX_THREADS, "a thread count")
+
+
+def _at_most(value: int, maximum: int, what: str) -> int:
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"{what} must be at most {maximum}, got {value}")
     return value
 
 
