@@ -12,6 +12,7 @@ import torch
 import torchray_like as trl
 from tests.conftest import assert_same_state, snapshot
 from tests.transformer_models import make_vit
+from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
 from torchray_like.attribution.guided_backprop import GuidedBackpropContext
 from torchray_like.attribution.layer_choice import find_saliency_layer
 
@@ -188,3 +189,16 @@ def test_lrp_context_by_hand_refuses_checkpoints_in_its_thread_only():
         thread.join()
     assert done == [None] and x.grad is not None  # another thread checkpoints as usual
     model(x).sum().backward()  # and so does this one after the block
+
+
+@pytest.mark.filterwarnings("ignore:.*replaced no")  # the refused call below ran nothing
+def test_a_method_inside_a_users_rule_context_may_checkpoint():
+    """A method suspends the caller's contexts: their refusal of checkpoints too (a plain
+    gradient inside ``with LRPContext():`` was refused before), restored after the call."""
+    model, x = _Checkpointed().eval(), _images(2, 3, 8, 8)
+    expected = trl.gradient(model, x, 1)
+    with trl.LRPContext("EpsilonPlus"), ExcitationBackpropContext():
+        torch.testing.assert_close(trl.gradient(model, x, 1), expected)
+        with pytest.raises(RuntimeError, match="^excitation backprop does not support"):
+            model(x.clone().requires_grad_())
+    model(x.clone().requires_grad_()).sum().backward()

@@ -276,16 +276,26 @@ def suspend_rule_contexts() -> Iterator[Tuple["RuleContext", ...]]:
     decide its result: ``gradient(model, x, c)`` called inside ``with GuidedBackpropContext():``
     is the plain gradient, and ``guided_backprop`` inside ``with DeConvNetContext():`` is guided
     backpropagation.  Contexts entered *inside* the block work normally; the suspended ones see
-    (and count) nothing until the block ends.  Other threads are not affected.
+    (and count) nothing until the block ends, and their refusal of activation checkpoints
+    (:attr:`RuleContext.refuses_checkpoints`) is lifted meanwhile.  Other threads are not
+    affected.
     """
     suspended = tuple(_ACTIVE.stack)
+    # Checkpoint guards of the contexts suspended now for the first time (nested suspensions
+    # leave them to the outermost), lifted innermost first and restored outermost first.
+    guarded = [c for c in suspended
+               if c._suspended == 0 and getattr(c, "_no_checkpoints", None) is not None]
     for context in suspended:
         context._suspended += 1
+    for context in reversed(guarded):
+        context._no_checkpoints.__exit__(None, None, None)
     try:
         yield suspended
     finally:
         for context in suspended:
             context._suspended -= 1
+        for context in guarded:  # a guard is used once (a generator context manager)
+            context._no_checkpoints = _refuse_checkpoints(context)
 
 
 def _refuse_checkpoints(context: "RuleContext") -> Optional[Any]:
