@@ -33,6 +33,7 @@ import math
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["SmoothMaxAxis", "smooth_max_grid", "smooth_max_grid_vjp"]
@@ -60,9 +61,13 @@ class SmoothMaxAxis:
 
     def __init__(self, scaled: torch.Tensor, valid: torch.Tensor, scale: Any,
                  points: int) -> None:
+        # Slots that are no candidate anywhere (beyond 3σ for every phase) are left out.
+        used = (valid.flatten(0, 1) > 0).any(0).nonzero().flatten().tolist()
+        lo, hi = used[0], used[-1] + 1
+        self.radius = (scaled.shape[1] - 2) // 2 - lo       # the slot of window q's parameter q
+        scaled, valid = scaled[:, lo:hi], valid[..., lo:hi]
         self.sub, self.w = scaled.shape
         self.count = valid.shape[0]
-        self.radius = (self.w - 2) // 2
         self.points = points
         dtype = scaled.dtype
         # (w, sub, 1, 1) weights in log₂ units, and (w, sub, count, 1) the exclusion bias.
@@ -137,8 +142,7 @@ class SmoothMaxAxis:
         r, w, sub, count = self.radius, self.w, self.sub, self.count
         lead = x.shape[:-1]
         rows = den.shape[-1]
-        g = grad.new_zeros(lead + (count * sub,))
-        g[..., :self.points].copy_(grad)
+        g = F.pad(grad, (0, count * sub - self.points))
         gd = torch.empty_like(den)                       # (sub, count, rows), contiguous
         torch.mul(g.view(rows, count, sub).permute(2, 1, 0), self._grad_scale, out=gd)
         gd.div_(den)
