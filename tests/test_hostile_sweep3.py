@@ -202,3 +202,41 @@ def test_a_method_inside_a_users_rule_context_may_checkpoint():
         with pytest.raises(RuntimeError, match="^excitation backprop does not support"):
             model(x.clone().requires_grad_())
     model(x.clone().requires_grad_()).sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention methods' layout options: num_prefix_tokens='1' was Python's "'>' not supported
+# between 'str' and 'int'", grid='4x4' int()'s "invalid literal", a 3-int grid on an image a
+# 3-D map (N, 1, 4, 4, 1) for a 2-D input, max_work='big' a TypeError from a comparison and
+# max_work=NaN no bound at all.
+
+@pytest.mark.parametrize("method", ["attention_rollout", "attention_flow", "grad_rollout"])
+@pytest.mark.parametrize("option, value, message", [
+    ("num_prefix_tokens", "1", r"num_prefix_tokens must be an int \(the class and other "
+     r"non-patch tokens first in the sequence\) or None, got '1'"),
+    ("num_prefix_tokens", 2.5, r"num_prefix_tokens must be an int .* got 2.5"),
+    ("grid", "4x4", r"grid must be the patch grid: 2 positive int\(s\), one per spatial "
+     r"dimension of the input \(e.g. \(14, 14\) for a 224² image in 16² patches\), got '4x4'"),
+    ("grid", (4, 4, 1), r"grid must be the patch grid: 2 positive int\(s\).*got \(4, 4, 1\)"),
+    ("grid", (4, -4), r"grid must be the patch grid.*got \(4, -4\)"),
+    ("grid", (2.5, 4), r"grid must be the patch grid.*got \(2.5, 4\)"),
+])
+def test_attention_layout_options_are_checked(small_vit, method, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        trl.METHODS[method](small_vit, _images(2, 3, 32, 32), 1, **{option: value})
+
+
+@pytest.mark.parametrize("max_work", ["big", float("nan"), -1, 0])
+def test_attention_flow_max_work_is_checked(small_vit, max_work):
+    with pytest.raises(ValueError, match=r"max_work must be a positive number "
+                       r"\(float\('inf'\): no bound\), got"):
+        trl.attention_flow(small_vit, _images(2, 3, 32, 32), max_work=max_work)
+
+
+def test_attention_layout_options_in_other_spellings(small_vit):
+    x = _images(2, 3, 32, 32)
+    expected = trl.attention_rollout(small_vit, x, num_prefix_tokens=1, grid=(4, 4))
+    for grid in (torch.Size([4, 4]), [4, 4], torch.tensor([4, 4])):
+        assert torch.equal(trl.attention_rollout(small_vit, x, grid=grid), expected)
+    assert torch.equal(trl.attention_flow(small_vit, x, max_work=float("inf")),
+                       trl.attention_flow(small_vit, x))

@@ -28,13 +28,14 @@ grid (``(N, 1, n)`` for 1-D inputs), resized to the input with ``resize=True``.
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .arguments import check_finite
+from .arguments import check_finite, is_number, number_list
 from .attention import AttentionCapture, NoAttentionError
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_input
@@ -113,6 +114,27 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tens
         return attention.amin(1)
     raise ValueError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}, got "
                      f"{head_fusion!r}")
+
+
+def _check_layout_args(num_prefix_tokens: Any, grid: Any, input: Any) -> Optional[Tuple[int, ...]]:
+    """Check ``num_prefix_tokens`` (an int or ``None``; its range is checked against the
+    tokens later) and ``grid`` (``None``, or one positive int per spatial dimension of the
+    input: a grid of another rank made maps of another rank than the input's); the grid as
+    a tuple."""
+    if num_prefix_tokens is not None and not (
+            isinstance(num_prefix_tokens, Integral) and not isinstance(num_prefix_tokens, bool)):
+        raise ValueError(f"num_prefix_tokens must be an int (the class and other non-patch "
+                         f"tokens first in the sequence) or None, got {num_prefix_tokens!r}")
+    if grid is None:
+        return None
+    rank = input.dim() - 2 if isinstance(input, torch.Tensor) else None
+    values = number_list(grid)
+    if values is None or any(not isinstance(v, Integral) or isinstance(v, bool) or v < 1
+                             for v in values) or (rank is not None and len(values) != rank):
+        raise ValueError(
+            f"grid must be the patch grid: {rank} positive int(s), one per spatial dimension "
+            f"of the input (e.g. (14, 14) for a 224² image in 16² patches), got {grid!r}")
+    return tuple(int(v) for v in values)
 
 
 def _check_discard(discard_ratio: Any) -> float:
@@ -280,6 +302,7 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
     """
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # errors before any work
     _check_discard(discard_ratio)
+    grid = _check_layout_args(num_prefix_tokens, grid, input)
     parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
                           allow_none=True)
     attentions, output = read_attentions(model, input, "attention_rollout")
@@ -342,6 +365,10 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     :func:`attention_rollout`; returns ``(N, 1, h, w)``."""
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)
     _check_discard(discard_ratio)
+    grid = _check_layout_args(num_prefix_tokens, grid, input)
+    if not is_number(max_work) or math.isnan(max_work) or max_work <= 0:
+        raise ValueError(f"max_work must be a positive number (float('inf'): no bound), got "
+                         f"{max_work!r}")
     parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
                           allow_none=True)
     attentions, output = read_attentions(model, input, "attention_flow")
@@ -379,6 +406,7 @@ def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
         attention raises the target).
     """
     parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1)
+    grid = _check_layout_args(num_prefix_tokens, grid, input)
     attentions, output = read_attentions(model, input, "grad_rollout", differentiable=True)
     scores, seed = parsed.seed(output)
     grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)
