@@ -4,6 +4,7 @@ or a silently wrong answer, with the message or the numbers it must give now."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -15,6 +16,7 @@ from tests.transformer_models import make_vit
 from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
 from torchray_like.attribution.guided_backprop import GuidedBackpropContext
 from torchray_like.attribution.layer_choice import find_saliency_layer
+from torchray_like.attribution.tokens import TokenLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,3 +242,16 @@ def test_attention_layout_options_in_other_spellings(small_vit):
         assert torch.equal(trl.attention_rollout(small_vit, x, grid=grid), expected)
     assert torch.equal(trl.attention_flow(small_vit, x, max_work=float("inf")),
                        trl.attention_flow(small_vit, x))
+
+
+# A TokenLayout grid of another rank than the input's spatial rank: the backprop layer methods
+# returned (N, 1, 16) maps for images (Score-/Ablation-CAM refused it with another message).
+
+@pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "eigen_cam", "score_cam"])
+@pytest.mark.parametrize("grid", [(16,), (4, 4, 1)])
+def test_token_grid_must_have_the_inputs_rank(small_vit, method, grid):
+    layout = TokenLayout(prefix=1, grid=grid)
+    with pytest.raises(ValueError, match=rf"tokens: the grid {re.escape(str(grid))} has "
+                       rf"{len(grid)} dimension\(s\) but the input of shape \(2, 3, 32, 32\) "
+                       r"has 2 spatial dimension\(s\); give one grid size per spatial"):
+        trl.METHODS[method](small_vit, _images(2, 3, 32, 32), 1, tokens=layout)

@@ -233,6 +233,12 @@ def infer_token_layout(model: nn.Module, shape: Sequence[int], input_shape: Sequ
     shape, input_shape = tuple(shape), tuple(input_shape)
     spatial = input_shape[2:]
     given = layout or TokenLayout()
+    if given.grid is not None and len(given.grid) != len(spatial):
+        # A (16,) grid on an image made (N, 1, 16) maps: no map of the input.
+        raise ValueError(
+            f"tokens: the grid {given.grid} has {len(given.grid)} dimension(s) but the input of "
+            f"shape {input_shape} has {len(spatial)} spatial dimension(s); give one grid size "
+            "per spatial dimension, e.g. TokenLayout(prefix=1, grid=(14, 14)) for an image")
     if len(shape) == len(input_shape):
         if given.channels_last or (layout is None and _channels_last_model(model)
                                    and _is_grid(shape[1:-1], spatial)
