@@ -255,3 +255,38 @@ def test_token_grid_must_have_the_inputs_rank(small_vit, method, grid):
                        rf"{len(grid)} dimension\(s\) but the input of shape \(2, 3, 32, 32\) "
                        r"has 2 spatial dimension\(s\); give one grid size per spatial"):
         trl.METHODS[method](small_vit, _images(2, 3, 32, 32), 1, tokens=layout)
+
+
+# A saliency_layer returning a tuple (an LSTM, a block returning (features, aux)) or an integer
+# tensor: the backprop methods raised the probe's "Probe: the output of X is a tuple" TypeError,
+# naming no argument.
+
+class _TupleBlock(torch.nn.Module):
+    def forward(self, x):
+        return x * 1.0, x.sum()
+
+
+class _WithTupleBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.block = _TupleBlock()
+        self.fc = torch.nn.Linear(3, 5)
+
+    def forward(self, x):
+        h, _ = self.block(self.conv(x))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["grad_cam_plus_plus", "layer_cam", "eigen_cam", "lrp",
+                                    "attn_lrp", "gradient_x_input", "grad_cam"])
+def test_a_tuple_returning_layer_is_refused_naming_saliency_layer(method):
+    model, x = _WithTupleBlock().eval(), _images(2, 3, 8, 8)
+    before = snapshot(model, x)
+    with pytest.raises(ValueError, match=r"^saliency_layer 'block' returned a tuple, not a "
+                       r"floating-point tensor; choose a layer whose output is one"):
+        trl.METHODS[method](model, x, 1, saliency_layer="block")
+    assert_same_state(before, snapshot(model, x))
+    # The layer before it works.
+    assert trl.METHODS[method](model, x, 1, saliency_layer="conv").shape == (2, 1, 8, 8)

@@ -366,8 +366,11 @@ def attach_probes(modules: Dict[str, Optional[nn.Module]], probes: Dict[str, Pro
         if module is not None:
             if graph_from is not None:
                 graph_from.attach(module)
+            # strict=False: a layer returning a tuple or an int tensor is recorded as it is,
+            # and single_call refuses it naming the argument (the probe's own TypeError said
+            # "Probe", naming no argument).
             probes[label] = Probe(module, "output", this_thread_only=True, accumulate=True,
-                                  keep_grad=False)
+                                  keep_grad=False, strict=False)
 
 
 def describe_reads(modules: Dict[str, Optional[nn.Module]], layers: Dict[str, Any]) -> str:

@@ -465,6 +465,13 @@ def single_call(probe: Probe, label: str = "saliency_layer", name: Any = None) -
             "such as torchvision ResNet's 'relu'), so which call to read is ambiguous; choose a "
             "module called once (e.g. the enclosing block)")
     read = probe.data[0]
+    if not isinstance(read, torch.Tensor) or not read.is_floating_point():
+        got = (f"a {read.dtype} tensor" if isinstance(read, torch.Tensor)
+               else f"a {type(read).__name__}")
+        raise ValueError(
+            f"{what} returned {got}, not a floating-point tensor; choose a layer whose output "
+            "is one, (N, C, *spatial) (for a module returning a tuple, the sub-module that "
+            "computes the part to read)")
     if not read.requires_grad:
         raise ValueError(
             f"{what} produced a tensor autograd cannot follow: the layer runs under "
