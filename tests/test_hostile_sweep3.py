@@ -13,6 +13,7 @@ import torch
 import torchray_like as trl
 from tests.conftest import assert_same_state, snapshot
 from tests.transformer_models import make_vit
+from torchray_like.attribution.common import Probe
 from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
 from torchray_like.attribution.guided_backprop import GuidedBackpropContext
 from torchray_like.attribution.layer_choice import find_saliency_layer
@@ -290,3 +291,22 @@ def test_a_tuple_returning_layer_is_refused_naming_saliency_layer(method):
     assert_same_state(before, snapshot(model, x))
     # The layer before it works.
     assert trl.METHODS[method](model, x, 1, saliency_layer="conv").shape == (2, 1, 8, 8)
+
+
+# Probe.contrast as a list: one contrast per recorded call; a longer list (from a pass with more
+# calls) was silently cut to the calls there were.
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_probe_contrast_list_must_match_the_calls(count):
+    layer = torch.nn.Linear(4, 4)
+    x = _images(2, 4).requires_grad_()
+    with Probe(layer, target="output") as probe:
+        probe.contrast = [torch.ones(2, 4)] * count
+        y = layer(x)
+        with pytest.raises(ValueError, match=rf"Probe.contrast holds {count} tensor\(s\) but "
+                           r"Linear was called 1 time\(s\) \(call 0 is being backpropagated\); "
+                           "give one contrast per recorded call"):
+            y.sum().backward()
+        probe.contrast = [torch.ones(2, 4)]
+        layer(x).sum().backward()
+        torch.testing.assert_close(probe.data[0].grad, torch.zeros(2, 4))

@@ -175,11 +175,14 @@ class _ContrastHook:
             return None
         contrast = probe.contrast
         if isinstance(contrast, (list, tuple)):
-            if self.index >= len(contrast):
+            # One per recorded call: a longer list (contrasts of another pass) was silently
+            # cut to the calls there are.
+            if self.index >= len(contrast) or len(contrast) != len(probe.data):
                 raise ValueError(
-                    f"Probe.contrast holds {len(contrast)} tensor(s) but call {self.index} of "
-                    f"{type(probe.module).__name__} is being backpropagated; give one contrast "
-                    "per recorded call (or a single tensor for all calls)")
+                    f"Probe.contrast holds {len(contrast)} tensor(s) but "
+                    f"{type(probe.module).__name__} was called {len(probe.data)} time(s) (call "
+                    f"{self.index} is being backpropagated); give one contrast per recorded "
+                    "call (or a single tensor for all calls)")
             contrast = contrast[self.index]
         if not isinstance(contrast, torch.Tensor):
             raise TypeError(
