@@ -310,3 +310,9 @@ def test_probe_contrast_list_must_match_the_calls(count):
         probe.contrast = [torch.ones(2, 4)]
         layer(x).sum().backward()
         torch.testing.assert_close(probe.data[0].grad, torch.zeros(2, 4))
+
+
+def test_smooth_grad_leaves_messages_without_batch_shapes_alone():
+    with pytest.raises(ValueError, match=r"no module named 'nope'; top-level names: '0'.*'6'$"):
+        trl.smooth_grad(_convnet(), _images(2, 3, 8, 8), 1, "grad_cam", n_samples=2, seed=0,
+                        saliency_layer="nope")

@@ -128,15 +128,18 @@ def _row_target(target: Target, image: torch.Tensor) -> Any:
 
 def _call(function: Callable[..., Any], model: nn.Module, noisy: torch.Tensor, target: Any,
           options: Dict[str, Any], name: str, input: torch.Tensor) -> Any:
-    """``function`` on a batch of noisy copies; the message of an error it raises ends with
-    a note that the shapes it names are that batch's (R copies of the N images), not the
-    caller's input (the same exception: ``add_note`` needs Python 3.11)."""
+    """``function`` on a batch of noisy copies; the message of an error it raises that names
+    a shape of that batch ends with a note saying so (R copies of the N images, not the
+    caller's input; the same exception: ``add_note`` needs Python 3.11)."""
     try:
         return function(model, noisy, target, **options)
     except (ValueError, TypeError) as exc:
-        if exc.args and isinstance(exc.args[0], str):
+        rows = noisy.shape[0]
+        # Only a message naming a shape of the noisy batch ("(6, 3, 8, 8)", "(6,)") needs it.
+        if exc.args and isinstance(exc.args[0], str) and (
+                f"({rows}, " in exc.args[0] or f"({rows},)" in exc.args[0]):
             exc.args = (f"{exc.args[0]} (smooth_grad: {name} raised this on a batch of "
-                        f"{noisy.shape[0]} noisy copies of the input of shape "
+                        f"{rows} noisy copies of the input of shape "
                         f"{tuple(input.shape)}, row r a copy of image r mod {input.shape[0]}; "
                         "the shapes it names are that batch's)",) + exc.args[1:]
         raise
