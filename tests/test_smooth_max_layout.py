@@ -14,8 +14,10 @@ import torch
 
 from torchray_like.attribution.smooth_masks import MaskGenerator
 
+# 1-D; 2-D (two to six phases); 3-D, and 3-D with one phase along time (every grid point an
+# evaluation point: nothing dropped past the last one).
 CONFIGS = [((23,), 3, 5.0, 1), ((40, 36), 4, 8.0, 2), ((30, 8), (6, 2), (5.0, 3.0), (3, 1)),
-           ((6, 10, 12), 2, 3.0, 1)]
+           ((6, 10, 12), 2, 3.0, 1), ((8, 12, 10), (1, 2, 2), (1.0, 3.0, 3.0), (0, 1, 1))]
 
 
 def _per_axis(value, d):

@@ -30,7 +30,7 @@ mask pools).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,7 @@ class SmoothMaxAxis:
             self.w, self.sub, 1, 1)
         self.bias = torch.where(valid.permute(2, 1, 0) > 0, 0.0, _EXCLUDED).to(
             dtype).unsqueeze(-1).contiguous()
+        self._log2e = torch.tensor(_LOG2E, dtype=dtype)      # (a 0-dim operand: no wrapping)
         # The weights spread over the rows, per row count (an operand that is constant along
         # the inner dimension would take the scalar loop a second time).
         self._spread: Dict[int, torch.Tensor] = {}
@@ -97,10 +98,14 @@ class SmoothMaxAxis:
                           device=ref.device)
         full = torch.cat([unit, pad]).view(self.count, self.sub).t().unsqueeze(-1)
         self._out_scale = full.to(ref.dtype).contiguous()
+        # The largest output per unit of input: a weighted mean of v = x·w is at most the
+        # largest, so an axis's output is at most max(x) times this.
+        self.gain = float(self.weights.max()) * float(self._out_scale.max())
         self._grad_scale = (full * _LN2).to(ref.dtype).contiguous()
 
     def to(self, device: Any) -> None:
         self.weights, self.bias = self.weights.to(device), self.bias.to(device)
+        self._log2e = self._log2e.to(device)
         self._out_scale = self._out_scale.to(device)
         self._grad_scale = self._grad_scale.to(device)
         self._spread = {}
@@ -114,8 +119,10 @@ class SmoothMaxAxis:
             self._spread[rows] = out
         return out
 
-    def forward(self, x: torch.Tensor, cap: float) -> Tuple[torch.Tensor, Tuple[Any, ...]]:
-        """``(..., count)`` → ``(..., points)`` and what :meth:`backward` needs."""
+    def forward(self, x: torch.Tensor, cap: Optional[float]
+                ) -> Tuple[torch.Tensor, Tuple[Any, ...]]:
+        """``(..., count)`` → ``(..., points)`` and what :meth:`backward` needs (``cap``
+        ``None``: no value reaches the cap, known beforehand)."""
         r, w, count = self.radius, self.w, self.count
         lead = x.shape[:-1]
         rows = lead.numel()
@@ -123,7 +130,10 @@ class SmoothMaxAxis:
         # The padded parameters, transposed: row j holds parameter j − r of every pooled row,
         # capped at 50·T (2^v ≤ e^50: no overflow, no shift by the maximum).
         xp = x.new_zeros((length,) + lead)
-        torch.clamp(x.movedim(-1, 0), max=cap, out=xp[r:r + count])
+        if cap is None:
+            xp[r:r + count].copy_(x.movedim(-1, 0))
+        else:
+            torch.clamp(x.movedim(-1, 0), max=cap, out=xp[r:r + count])
         win = xp.view(length, rows).as_strided((w, 1, count, rows), (rows, 0, rows, 1))
         # p[0]: v·2^v, p[1]: 2^v, per slot, phase, window and row; their sums over the slots.
         p = x.new_empty((2, w, self.sub, count, rows))
@@ -136,7 +146,8 @@ class SmoothMaxAxis:
         torch.mul(pooled, self._out_scale, out=y.view(rows, count, self.sub).permute(2, 1, 0))
         return y[..., :self.points], (x, p, sums[1], pooled)
 
-    def backward(self, grad: torch.Tensor, saved: Tuple[Any, ...], cap: float) -> torch.Tensor:
+    def backward(self, grad: torch.Tensor, saved: Tuple[Any, ...], cap: Optional[float]
+                 ) -> torch.Tensor:
         """The gradient at ``x`` ``(..., count)`` for ``grad`` ``(..., points)``."""
         x, p, den, pooled = saved
         r, w, sub, count = self.radius, self.w, self.sub, self.count
@@ -144,7 +155,7 @@ class SmoothMaxAxis:
         rows = den.shape[-1]
         g = F.pad(grad, (0, count * sub - self.points))
         gd = torch.empty_like(den)                       # (sub, count, rows), contiguous
-        torch.mul(g.view(rows, count, sub).permute(2, 1, 0), self._grad_scale, out=gd)
+        torch.mul(g.reshape(rows, count, sub).permute(2, 1, 0), self._grad_scale, out=gd)
         gd.div_(den)
         # ∂y/∂v_i ∝ 2^v_i (v_i − y + log₂e) = v·2^v − 2^v (y − log₂e), written into a buffer
         # laid out so that slot i of window q and parameter q + i − r line up: the gradient
@@ -154,25 +165,43 @@ class SmoothMaxAxis:
         buf = grad.new_zeros(w * (sub * block + rows))
         t = buf.as_strided((w, sub, count, rows), (sub * block + rows, block, rows, 1),
                            (w - 1 - r) * rows)
-        torch.addcmul(p[0], p[1], pooled - _LOG2E, value=-1, out=t).mul_(gd)
+        torch.addcmul(p[0], p[1], torch.sub(pooled, self._log2e), value=-1, out=t).mul_(gd)
         aligned = buf.as_strided((w * sub, count * rows), (block, 1), (w - 1) * rows)
         gx = torch.mm(self.weights.view(1, w * sub), aligned).view((count,) + lead)
-        return torch.where(x <= cap, gx.movedim(0, -1), 0.0)
+        gx = gx.movedim(0, -1)
+        return gx if cap is None else torch.where(x <= cap, gx, 0.0)
+
+
+def _effective_cap(x: torch.Tensor, axes: Sequence[SmoothMaxAxis], cap: float
+                   ) -> Optional[float]:
+    """``None`` when no axis's input can reach ``cap`` (then nothing is clamped or masked),
+    else ``cap``.  Masks' parameters are far below it: on the CPU one reduction of the
+    parameters tells, with each earlier axis's gain as the bound on its output (NaN counts as
+    reaching it).  Elsewhere the answer would wait for the device."""
+    if x.device.type != "cpu":
+        return cap
+    if x.numel() == 0:
+        return None
+    bound = cap * (1 - 1e-5)
+    for a in axes[:-1]:
+        bound /= a.gain
+    return None if x.max().item() <= bound else cap
 
 
 def _pool(x: torch.Tensor, axes: Sequence[SmoothMaxAxis], cap: float
-          ) -> Tuple[torch.Tensor, List[Tuple[Any, ...]]]:
+          ) -> Tuple[torch.Tensor, List[Tuple[Any, ...]], Optional[float]]:
+    cap_used = _effective_cap(x, axes, cap)
     saved = []
     out = x
     for i, a in enumerate(axes):
-        y, s = a.forward(out.movedim(2 + i, -1), cap)
+        y, s = a.forward(out.movedim(2 + i, -1), cap_used)
         saved.append(s)
         out = y.movedim(-1, 2 + i)
-    return out.contiguous(), saved
+    return out.contiguous(), saved, cap_used
 
 
 def _unpool(grad: torch.Tensor, axes: Sequence[SmoothMaxAxis], saved: List[Tuple[Any, ...]],
-            cap: float) -> torch.Tensor:
+            cap: Optional[float]) -> torch.Tensor:
     g = grad
     for i in reversed(range(len(axes))):
         g = axes[i].backward(g.movedim(2 + i, -1), saved[i], cap).movedim(-1, 2 + i)
@@ -199,8 +228,8 @@ class _SmoothMaxGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, params, axes, cap, clamp):
-        out, saved = _pool(params, axes, cap)
-        ctx.axes, ctx.cap, ctx.saved = axes, cap, saved
+        out, saved, ctx.cap = _pool(params, axes, cap)
+        ctx.axes, ctx.saved = axes, saved
         return _clamp(out, len(axes)) if clamp else out
 
     @staticmethod
@@ -217,13 +246,13 @@ def smooth_max_grid_vjp(params: torch.Tensor, axes: Sequence[SmoothMaxAxis], tem
     once).  The backward may run once."""
     cap = 50.0 * temperature
     with torch.no_grad():
-        out, saved = _pool(params.detach(), axes, cap)
+        out, saved, cap_used = _pool(params.detach(), axes, cap)
         if clamp:
             _clamp(out, len(axes))
 
     def backward(grad: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return _unpool(grad, axes, saved, cap)
+            return _unpool(grad, axes, saved, cap_used)
     return out, backward
 
 
@@ -234,6 +263,6 @@ def smooth_max_grid(params: torch.Tensor, axes: Sequence[SmoothMaxAxis], tempera
     cap = 50.0 * temperature
     if not (params.requires_grad and torch.is_grad_enabled()):
         with torch.no_grad():
-            out, _ = _pool(params, axes, cap)
+            out = _pool(params, axes, cap)[0]
         return _clamp(out, len(axes)) if clamp else out
     return _SmoothMaxGrid.apply(params, tuple(axes), cap, clamp)
