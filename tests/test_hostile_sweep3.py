@@ -316,3 +316,39 @@ def test_smooth_grad_leaves_messages_without_batch_shapes_alone():
     with pytest.raises(ValueError, match=r"no module named 'nope'; top-level names: '0'.*'6'$"):
         trl.smooth_grad(_convnet(), _images(2, 3, 8, 8), 1, "grad_cam", n_samples=2, seed=0,
                         saliency_layer="nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# The automatic layer of a model ending "conv -> ReLU(inplace=True)": the in-place ReLU was taken
+# for a renaming (as nn.Identity) and the conv chosen, so the CAM family read pre-ReLU values
+# and its maps changed with the inplace flag alone.
+
+def _conv_relu(inplace: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace), nn.Conv2d(4, 4, 3),
+                         nn.ReLU(inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5)).eval()
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "layer_cam", "eigen_cam",
+                                    "score_cam", "ablation_cam"])
+def test_automatic_layer_does_not_depend_on_inplace(method):
+    x = _images(2, 3, 8, 8)
+    inplace, plain = _conv_relu(True), _conv_relu(False)
+    assert find_saliency_layer(inplace, x) == find_saliency_layer(plain, x) == "3"
+    torch.testing.assert_close(trl.METHODS[method](inplace, x, [1, 3]),
+                               trl.METHODS[method](plain, x, [1, 3]))
+    # Eigen-CAM reads the activation only: post-ReLU, so no negative value enters it.
+    assert (trl.eigen_cam(inplace, x, 1, saliency_layer="3")
+            == trl.eigen_cam(inplace, x, 1)).all()
+
+
+def test_identity_after_a_layer_still_only_renames_it():
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.LazyLinear(5)).eval()
+    x = _images(2, 3, 8, 8)
+    model(x)
+    assert find_saliency_layer(model, x) == "0"

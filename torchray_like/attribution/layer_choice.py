@@ -74,7 +74,7 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
     keeping the outputs.  A failure is explained with the whole input's shape."""
     records: List[_Record] = []
     calls: Dict[str, int] = {}
-    outputs: Dict[int, torch.Tensor] = {}
+    outputs: Dict[int, Tuple[torch.Tensor, int]] = {}  # id -> (output, its version then)
     thread = threading.get_ident()
 
     def make_hook(name: str, has_params: bool, own_params: bool) -> Callable:
@@ -83,13 +83,16 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
                 return  # another thread running the same model meanwhile: not our pass
             calls[name] = calls.get(name, 0) + 1
             floating = isinstance(output, torch.Tensor) and output.is_floating_point()
-            # Returning an input that an earlier module output only renames that output.
-            alias = floating and id(output) in outputs and any(output is i for i in inputs)
+            # Returning an input that an earlier module output only renames that output —
+            # unless the module changed it in place (ReLU(inplace=True)): then it computed the
+            # values that continue, as the same module without inplace would have.
+            alias = floating and id(output) in outputs and any(output is i for i in inputs) \
+                and output._version == outputs[id(output)][1]
             records.append(_Record(
                 name, tuple(output.shape) if floating else None, has_params, own_params,
                 alias, output if keep and floating else None))
             if floating:
-                outputs[id(output)] = output  # held for the pass: ids stay unique
+                outputs[id(output)] = (output, output._version)  # held: ids stay unique
         return hook
 
     # Hooks cannot be put inside TorchScript / compiled sub-modules: skip them (they are never
@@ -250,8 +253,8 @@ def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
     # Hooks fire when a module *finishes*, so an enclosing module returning the very same tensor
     # as its last child (ResNet's layer4 / layer4.1 / layer4.1.relu) comes after it: the last
     # record is the outermost.  Modules called more than once (a shared ReLU) are ambiguous;
-    # a module returning an earlier module's output it was given (Identity, eval-mode Dropout)
-    # only renames it: the module that computed it is chosen.
+    # a module returning an earlier module's output it was given unchanged (Identity,
+    # eval-mode Dropout) only renames it: the module that computed it is chosen.
     chosen = next((i for i in range(end - 1, -1, -1)
                    if _spatial(records[i].shape, rank, batch) and calls[records[i].name] == 1
                    and not records[i].alias), None)
@@ -326,8 +329,12 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     (2-D and 3-D data), or rank 3 only when the input itself is 1-D ``(N, C, L)``: for image
     models a rank-3 output is a token sequence ``(N, tokens, dim)`` or a flattened map, not a
     map.  When nested modules return the very same tensor the outermost finishes last and is
-    chosen (ResNet: ``"layer4"``, not ``"layer4.1"``).  The model itself is never chosen, nor a
-    module inside a TorchScript or compiled sub-module (hooks cannot see there).
+    chosen (ResNet: ``"layer4"``, not ``"layer4.1"``).  A module returning its input unchanged
+    (``nn.Identity``, eval-mode dropout) only renames the previous module's output, which is
+    chosen instead; one that changed it in place (``nn.ReLU(inplace=True)``) is chosen as the
+    same module without ``inplace`` would be (the map does not depend on that flag).  The model
+    itself is never chosen, nor a module inside a TorchScript or compiled sub-module (hooks
+    cannot see there).
 
     Token models — an image or video model that works on tokens
     (:func:`~.tokens.is_token_model`) whose last layer with parameters before the head outputs
