@@ -352,3 +352,25 @@ def test_identity_after_a_layer_still_only_renames_it():
     x = _images(2, 3, 8, 8)
     model(x)
     assert find_saliency_layer(model, x) == "0"
+
+
+# A patch grid that contradicts the model's declared prefix tokens: grid=(3, 3) on a ViT with
+# 16 patches and a class token took 8 of its 17 tokens for prefix tokens and made a 3×3 map.
+
+@pytest.mark.parametrize("method, options", [
+    ("attention_rollout", dict(grid=(3, 3))), ("grad_rollout", dict(grid=(3, 3))),
+    ("grad_cam", dict(tokens=TokenLayout(grid=(3, 3)))),
+    ("score_cam", dict(tokens=TokenLayout(grid=(3, 3))))])
+def test_grid_contradicting_the_models_prefix_tokens_is_refused(small_vit, method, options):
+    with pytest.raises(ValueError, match=r"tokens: the grid \(3, 3\) leaves 8 of the layer's 17 "
+                       r"tokens as prefix tokens, but VisionTransformer declares 1 \(class / "
+                       r"register tokens\); check the grid, or give the prefix count too"):
+        trl.METHODS[method](small_vit, _images(2, 3, 32, 32), 1, **options)
+
+
+def test_grid_with_the_prefix_count_given_is_taken_as_said(small_vit):
+    x = _images(2, 3, 32, 32)
+    assert trl.attention_rollout(small_vit, x, grid=(3, 3), num_prefix_tokens=8).shape == \
+        (2, 1, 3, 3)
+    torch.testing.assert_close(trl.grad_cam(small_vit, x, 1, tokens=TokenLayout(grid=(4, 4))),
+                               trl.grad_cam(small_vit, x, 1))

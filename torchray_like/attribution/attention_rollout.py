@@ -220,6 +220,8 @@ def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
             reason = f" ({exc})"
     prefixes = (num_prefix_tokens,) if num_prefix_tokens is not None else (1, 0) + tuple(
         range(2, 9))
+    if reason and grid is not None and num_prefix_tokens is None:
+        prefixes = ()  # the model contradicts the grid given: no guess of the prefix
     for prefix in prefixes:
         shape = _grid_for(t - prefix, spatial, grid)
         if shape is not None:

@@ -262,7 +262,16 @@ def infer_token_layout(model: nn.Module, shape: Sequence[int], input_shape: Sequ
             raise ValueError(f"tokens: the layer outputs shape {shape}: {count} tokens are "
                              f"fewer than the grid {given.grid}'s {math.prod(given.grid)}; "
                              + _ADVICE)
-        return TokenLayout(prefix=count - math.prod(given.grid), grid=given.grid)
+        derived, declared = count - math.prod(given.grid), _model_prefix(model)
+        if declared is not None and derived != declared:
+            # ViT with grid=(3, 3) for its 4×4 patches took 8 of 17 tokens for prefix tokens.
+            raise ValueError(
+                f"tokens: the grid {given.grid} leaves {derived} of the layer's {count} tokens "
+                f"as prefix tokens, but {type(model).__name__} declares {declared} "
+                "(class / register tokens); check the grid, or give the prefix count too "
+                "(TokenLayout(prefix=...); num_prefix_tokens= for the attention methods) if "
+                "this layer has another number of prefix tokens")
+        return TokenLayout(prefix=derived, grid=given.grid)
     prefix = given.prefix if given.prefix is not None else _model_prefix(model)
     grids = _grids(spatial, _patch_strides(model, len(spatial)))
     found = [(count - math.prod(g), g) for g in grids
