@@ -33,7 +33,7 @@ from torchray_like.attribution.explain import explain  # noqa: E402
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg, seed_arg  # noqa: E402
+from torchray_like.benchmark.runner import device_arg, positive_int_arg, seed_arg  # noqa: E402
 from torchray_like.benchmark.settings import not_applicable, options_table  # noqa: E402
 
 EMBEDDED = EMBEDDED_MODELS
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 0.1)")
     parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
                         help="with --image: network input side (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="device (default: %(default)s)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="device (default: %(default)s)")
     parser.add_argument("--seed", type=seed_arg, default=0,
                         help="seed (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(".", "out", "compare"),

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=runner.positive_int_arg, default=8, metavar="N",
                         help="the first N embedded test images (default: %(default)s)")
     embedded_cli.add_model_arguments(parser)
-    parser.add_argument("--device", default="cpu", help="device (default: %(default)s)")
+    parser.add_argument("--device", type=runner.device_arg, default="cpu",
+                        help="device (default: %(default)s)")
     parser.add_argument("--seed", type=runner.seed_arg, default=0,
                         help="seed of Quantus's perturbations and of the bootstrap "
                              "(default: %(default)s)")

@@ -563,6 +563,7 @@ def rst_pointing_game(data: Mapping[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from torchray_like.benchmark.runner import device_arg
     parser = argparse.ArgumentParser(
         prog="report.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -582,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None, metavar="FILE|random",
                         help="the gallery models' weights: a state-dict FILE, one per model "
                              "(comma-separated), or random (default: the shipped weights)")
-    parser.add_argument("--device", default="cpu", help="device of the gallery's maps "
-                                                        "(default: %(default)s)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="device of the gallery's maps (default: %(default)s)")
     parser.add_argument("--rst", action="store_true",
                         help="print the pointing game's table and orderings as "
                              "reStructuredText (for the docs) instead of writing the page")

@@ -45,7 +45,12 @@ from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_data import IMAGE_SIZE, NUM_CLASSES, EmbeddedShapes  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
 from torchray_like.benchmark.pointing_game import PointingGame, saliency_to_point  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg, seed_arg, threads_arg  # noqa: E402
+from torchray_like.benchmark.runner import (  # noqa: E402
+    device_arg,
+    positive_int_arg,
+    seed_arg,
+    threads_arg,
+)
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="torch.set_num_threads for the run (default: %(default)s)")
     parser.add_argument("--seed", type=seed_arg, default=0,
                         help="RISE's seed (default 0)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="torch device (default cpu)")
     parser.add_argument("--weights", default=None, metavar="FILE|random",
                         help="a state-dict FILE (e.g. from train_embedded.py) or random "
                              "(untrained, seeded by --seed); omitted: the shipped weights")

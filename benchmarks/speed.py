@@ -83,7 +83,7 @@ from torchray_like.attribution.layer_choice import find_saliency_layer  # noqa: 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg, threads_arg  # noqa: E402
+from torchray_like.benchmark.runner import device_arg, positive_int_arg, threads_arg  # noqa: E402
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
 #: Models on which the heavy rows (occlusion, Score-CAM, Ablation-CAM: hundreds of forward
@@ -356,7 +356,12 @@ def setup(name: str, args: argparse.Namespace, device: torch.device) -> Setup:
     with torch.random.fork_rng(devices=[]):   # the same weights and inputs in every run
         torch.manual_seed(0)
         model = freeze(make_model(name).to(device))
-        x = torch.randn(args.batch_size, 3, args.input_size, args.input_size).to(device)
+        try:
+            x = torch.randn(args.batch_size, 3, args.input_size, args.input_size).to(device)
+        except RuntimeError as exc:   # the allocator's or the size computation's error
+            raise SystemExit(
+                f"speed.py: a batch of {args.batch_size} × 3 × {args.input_size}² does not fit "
+                f"({exc}); use a smaller --batch-size or --input-size") from exc
     check_input_size(model, name, x)
     options = options_table(list(METHODS), name, "speed", network=model,
                             input_size=args.input_size,
@@ -439,7 +444,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall clock (default) or the process's CPU time (steadier on a "
                              "busy machine; use with --threads 1 on the CPU)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-captum", action="store_true", help="skip the Captum columns")
     parser.add_argument("--no-references", action="store_true",
                         help="skip every other library (Captum, pytorch-grad-cam, Zennit)")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg, threads_arg  # noqa: E402
+from torchray_like.benchmark.runner import device_arg, positive_int_arg, threads_arg  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory, one subprocess per measurement
@@ -246,7 +246,8 @@ def main(argv=None) -> int:
                         help="RISE masked images per forward pass (default: %(default)s)")
     parser.add_argument("--target", choices=["one", "all"], default="all",
                         help="--memory: one class or every class (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--torchray-path", default=None, metavar="DIR",
                         help="folder holding an unpacked torchray package, put first on "
                              "sys.path (default: the installed torchray, if any)")

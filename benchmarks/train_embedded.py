@@ -51,6 +51,7 @@ from torchray_like.benchmark.embedded_models import (  # noqa: E402
 )
 from torchray_like.benchmark.embedded_vgg16 import deepen_embedded_vgg  # noqa: E402
 from torchray_like.benchmark.runner import (  # noqa: E402
+    device_arg,
     non_negative_int_arg,
     positive_int_arg,
     seed_arg,
@@ -369,7 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="seed of the data split, initialisation and batch order (default 0)")
     parser.add_argument("--out", default=os.path.join("torchray_like", "benchmark", "weights"),
                         help="output folder (default: the package's weights folder)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="torch device (default cpu)")
     parser.add_argument("--epochs", type=positive_int_arg, default=None,
                         help="epochs (default: the shipped recipe's)")
     parser.add_argument("--train-size", type=positive_int_arg, default=None,

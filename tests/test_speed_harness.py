@@ -87,6 +87,15 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
                     "--repeats", "1", "--no-references"])
 
 
+@pytest.mark.parametrize("size", [["--input-size", str(2 ** 42)], ["--batch-size", str(2 ** 42)]])
+def test_a_batch_beyond_memory_stops_the_run_with_what_to_do(size):
+    # Before: the allocator's error, or "Storage size calculation overflowed", as a traceback.
+    with pytest.raises(SystemExit, match=r"speed\.py: a batch of .* does not fit \(.*\); use "
+                                         r"a smaller --batch-size or --input-size"):
+        speed.main(["--models", "embedded-vgg", "--methods", "gradient", "--repeats", "1",
+                    "--no-references", *size])
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("speed", ["--models", "resnet19"], r"--models: unknown model\(s\) resnet19; give embedded "
                                         r"or torchvision classification models, e\.g\."),
@@ -110,6 +119,10 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
                                                         r"at most 1024, got 4398046511104"),
     ("speed", ["--threads", "1025"], r"--threads: a thread count must be at most 1024"),
     ("speed", ["--repeats", "0"], r"--repeats: expected a positive integer, got 0"),
+    # Before: torch.device's RuntimeError ("Invalid device string") as a traceback.
+    ("speed", ["--device", "nan"], r"--device: not a device: 'nan' \(use cpu, cuda"),
+    ("speed_rise", ["--device", "0"], r"--device: not a device: '0'"),
+    ("compare", ["--device", "-1"], r"--device: not a device: '-1'"),
     ("deletion_insertion", ["--blur-sigma", "1e99"], r"--blur-sigma must be at most 262143 px "
                                                      r"\(a wider blur is constant over any "
                                                      r"image\), got 1e\+99"),

@@ -47,6 +47,7 @@ import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
+           "device_arg",
            "non_negative_int_arg", "seed_arg", "MAX_SEED", "threads_arg",
            "threads_or_default_arg", "MAX_THREADS",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
@@ -621,7 +622,8 @@ def _int_arg(text: str, minimum: int, kind: str) -> int:
     return value
 
 
-def _device(text: str) -> str:
+def device_arg(text: str) -> str:
+    """argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
@@ -646,7 +648,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: Optional[
         name = os.path.splitext(os.path.basename(parser.prog or "benchmark"))[0]
         default_out = os.path.join(".", "out", name)
     group = parser.add_argument_group("common options")
-    group.add_argument("--device", type=_device,
+    group.add_argument("--device", type=device_arg,
                        default="cuda" if torch.cuda.is_available() else "cpu",
                        help="device: cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N "
                             "(default: %(default)s)")
