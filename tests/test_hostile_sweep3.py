@@ -374,3 +374,22 @@ def test_grid_with_the_prefix_count_given_is_taken_as_said(small_vit):
         (2, 1, 3, 3)
     torch.testing.assert_close(trl.grad_cam(small_vit, x, 1, tokens=TokenLayout(grid=(4, 4))),
                                trl.grad_cam(small_vit, x, 1))
+
+
+# A model whose convolutions all sit in a torch.compile'd sub-module: "could not choose
+# saliency_layer automatically: no sub-module ... outputs a tensor (N, C, *spatial)" read as if
+# the model had none; the message names the compiled sub-module now.
+
+def test_automatic_layer_names_the_compiled_sub_module_it_cannot_see():
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.compile(_convnet(), backend="eager")
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with pytest.raises(ValueError, match=r"the layers inside 'inner' \(torch.compile\) cannot "
+                       r"be seen \(hooks do not reach into compiled or scripted modules\): "
+                       r"explain the uncompiled model, or name a layer outside them"):
+        trl.grad_cam_plus_plus(Outer(), _images(2, 3, 8, 8), 1)

@@ -279,12 +279,18 @@ def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
             + "), which have no spatial layout; " + _ADVICE)
     seen = sorted({f"{r.name} {r.shape}" for r in records
                    if r.shape is not None and len(r.shape) >= 3})
+    # The layers of a compiled or scripted sub-module are never seen: say so, or the message
+    # reads as if the model had no convolutional layer at all.
+    hidden = [f"{name!r} ({kind})" for name, _, kind in opaque_modules(model) if name]
     raise ValueError(
         f"could not choose saliency_layer automatically: no sub-module of "
         f"{type(model).__name__} called once outputs a tensor (N, C, *spatial) of the input's "
         f"rank with more than one spatial position for an input of shape "
         f"{tuple(input.shape)}" + (f" (outputs seen: {', '.join(seen[:8])})" if seen else "")
         + ("; its (N, tokens, dim) outputs have no spatial layout" if tokens else "")
+        + (f"; the layers inside {', '.join(hidden[:4])} cannot be seen (hooks do not reach "
+           "into compiled or scripted modules): explain the uncompiled model, or name a layer "
+           "outside them" if hidden else "")
         + "; " + _ADVICE)
 
 
