@@ -393,3 +393,18 @@ def test_automatic_layer_names_the_compiled_sub_module_it_cannot_see():
                        r"be seen \(hooks do not reach into compiled or scripted modules\): "
                        r"explain the uncompiled model, or name a layer outside them"):
         trl.grad_cam_plus_plus(Outer(), _images(2, 3, 8, 8), 1)
+
+
+# A target list of 0-d integer tensors (list(t) of a 1-D tensor, [y.argmax() for y in ...]) was
+# refused as "found the Tensor tensor(1)"; it is one class per sample, as the ints are.
+
+@pytest.mark.parametrize("method", ["gradient", "grad_cam_plus_plus", "occlusion",
+                                    "integrated_gradients", "score_cam", "lrp"])
+def test_target_list_of_0d_integer_tensors(method):
+    model, x = _convnet(), _images(2, 3, 8, 8)
+    expected = trl.METHODS[method](model, x, [1, 3])
+    for target in (list(torch.tensor([1, 3])), [torch.tensor(1, dtype=torch.int32), 3]):
+        assert torch.equal(trl.METHODS[method](model, x, target), expected)
+    with pytest.raises(ValueError, match=r"target sequence must hold integer class indices, "
+                       r"found the Tensor tensor\(1.\)"):
+        trl.METHODS[method](model, x, [torch.tensor(1.0), 3])

@@ -93,6 +93,10 @@ def _tensor_indices(target: torch.Tensor, device: Union[str, torch.device]) -> t
 
 
 def _sequence_indices(values: List[Any], device: Union[str, torch.device]) -> torch.Tensor:
+    # 0-d integer tensors are class indices too (list(t) of a 1-D tensor, [y.argmax() ...]).
+    values = [int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_meta
+              and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)
+              else v for v in values]
     for v in values:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, Integral):
             kind = ("float" if isinstance(v, Real) and not isinstance(v, (bool, np.bool_))
