@@ -408,3 +408,30 @@ def test_target_list_of_0d_integer_tensors(method):
     with pytest.raises(ValueError, match=r"target sequence must hold integer class indices, "
                        r"found the Tensor tensor\(1.\)"):
         trl.METHODS[method](model, x, [torch.tensor(1.0), 3])
+
+
+# LRPContext without model=, a loop over batches in one block: the first layer of the second
+# pass got the middle layers' rule instead of the first-layer rule (Flat, z^B), silently.
+
+def _lrp_input_gradient(call, x):
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(call(x)[:, 1].sum(), x)
+    return grad
+
+
+@pytest.mark.parametrize("composite", ["EpsilonPlusFlat", "EpsilonGammaBox"])
+def test_lrp_context_without_model_restarts_each_pass(composite):
+    model, batches = _convnet(), [_images(2, 3, 8, 8), _images(2, 3, 8, 8) * 2]
+    with trl.LRPContext(composite, model=model):
+        expected = [_lrp_input_gradient(model, x) for x in batches]
+    with trl.LRPContext(composite):
+        got = [_lrp_input_gradient(model, x) for x in batches]
+    # A forward pass split by hand (features, then the head) is one pass; the features called
+    # again start the next.
+    features, head = model[:4], model[4:]
+    with trl.LRPContext(composite):
+        split = [_lrp_input_gradient(lambda x: head(features(x)), x) for x in batches]
+    for a, b, c in zip(got, split, expected):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+    assert not torch.allclose(expected[0], _lrp_input_gradient(model, batches[0]))

@@ -139,7 +139,8 @@ class LRPContext(RuleContext):
         The model: needed when the composite selects layers by name; when given, each call of
         the model starts a new forward pass (its first linear operation gets the first-layer
         rule again).  Without it, the first linear operation after entering the block is the
-        first layer.
+        first layer, and again after each new call of the first module called in the block
+        (a loop over batches; module hooks on every call then cost a little).
     track_modules : bool, keyword-only
         Record the running module of every replaced call also when ``composite`` does not
         look at modules, so that :attr:`composite` can later be set to one that does.
@@ -188,6 +189,7 @@ class LRPContext(RuleContext):
         self._first_pending = True
         self._outputs: Dict[int, Tuple[Any, LayerNode]] = {}
         self._stack: List[nn.Module] = []
+        self._outermost: Optional[Any] = None  # weakref to the first outermost module called
         self._hooks: List[Any] = []
         for func, kind in _CONV.items():
             self.handlers[func] = functools.partial(self._affine, kind=kind)
@@ -253,13 +255,15 @@ class LRPContext(RuleContext):
     def __enter__(self):
         out = super().__enter__()
         self.applied, self.rules, self._outputs, self._nodes = 0, [], {}, []
-        self._first_pending, self._stack = True, []
+        self._first_pending, self._stack, self._outermost = True, [], None
         thread = threading.get_ident()
         ref = weakref.ref(self)
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(
                 functools.partial(_new_pass, ref, thread)))
-        if self._track:
+        # Without a model, the module stack tells a new call of the first outermost module (a
+        # loop over batches in one block): its first layer gets the first-layer rule again.
+        if self._track or self.model is None:
             hooks = nn.modules.module
             self._hooks.append(hooks.register_module_forward_pre_hook(
                 functools.partial(_push, ref, thread)))
@@ -364,6 +368,15 @@ def _new_pass(ref: Any, thread: int, module: nn.Module, args: Any) -> None:
 def _push(ref: Any, thread: int, module: nn.Module, args: Any) -> None:
     context = _owner(ref, thread)
     if context is not None:
+        if not context._stack and context.model is None:
+            # An outermost module call: the first one's module, called again, starts a new
+            # forward pass (another module, such as a classifier called after the features
+            # by hand, continues the same pass).
+            first = context._outermost
+            if first is None:
+                context._outermost = weakref.ref(module)
+            elif first() is module:
+                context._first_pending = True
         context._stack.append(module)
 
 
