@@ -115,6 +115,8 @@ class SmoothMaxAxis:
     def _spread_weights(self, rows: int) -> torch.Tensor:
         out = self._spread.get(rows)
         if out is None:
+            if len(self._spread) >= 8:          # a few batch sizes in turn, not every one
+                self._spread.clear()
             out = self.weights.expand(self.w, self.sub, 1, rows).contiguous()
             self._spread[rows] = out
         return out
