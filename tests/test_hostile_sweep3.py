@@ -435,3 +435,10 @@ def test_lrp_context_without_model_restarts_each_pass(composite):
         torch.testing.assert_close(a, c)
         torch.testing.assert_close(b, c)
     assert not torch.allclose(expected[0], _lrp_input_gradient(model, batches[0]))
+
+
+def test_smooth_grad_option_given_twice_is_refused():
+    with pytest.raises(ValueError, match=r"smooth_grad: 'saliency_layer' given both in "
+                       r"method_kwargs and as a keyword argument; give it once"):
+        trl.smooth_grad(_convnet(), _images(2, 3, 8, 8), 1, "grad_cam", n_samples=2,
+                        method_kwargs=dict(saliency_layer="0"), saliency_layer="2")

@@ -225,6 +225,10 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
     if method_kwargs is not None and not isinstance(method_kwargs, Mapping):
         raise TypeError(f"method_kwargs must be a mapping of the method's options (e.g. "
                         f"dict(saliency_layer='layer4')), got {type(method_kwargs).__name__}")
+    both = sorted(set(method_kwargs or {}) & set(method_options))
+    if both:  # one of the two would silently win
+        raise ValueError(f"smooth_grad: {', '.join(map(repr, both))} given both in method_kwargs "
+                         "and as a keyword argument; give it once")
     options = {**dict(method_kwargs or {}), **method_options}
     function = _resolve_method(method, options)
     parsed = parse_target(target, input.shape[0], device=input.device)
