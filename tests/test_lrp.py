@@ -477,3 +477,30 @@ def test_float32_and_batch_of_targets():
         torch.testing.assert_close(smap[i:i + 1], lrp(net, x[i:i + 1], i,
                                                       composite="EpsilonAlpha2Beta1"),
                                    rtol=1e-5, atol=1e-7)
+
+
+class _PoolWritten(nn.Module):
+    """Two convolutions, then average pooling written as a module or as a tensor method."""
+
+    def __init__(self, as_module: bool) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc, self.pool, self.as_module = nn.Linear(8, 4), nn.AdaptiveAvgPool2d(1), as_module
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(self.pool(h).flatten(1) if self.as_module else h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("composite", ["EpsilonPlus", "EpsilonPlusFlat", "EpsilonGammaBox",
+                                       "EpsilonAlpha2Beta1"])
+def test_relevance_does_not_depend_on_how_pooling_is_written(composite):
+    # The rules follow the operation, not the module type (Zennit's relevance changes by 70 %
+    # of its largest value on this network when the pooling is a tensor method).
+    torch.manual_seed(0)
+    as_module, as_method = _PoolWritten(True).eval(), _PoolWritten(False).eval()
+    as_method.load_state_dict(as_module.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    maps = [lrp(m, x, [1, 2], composite=composite) for m in (as_module, as_method)]
+    assert maps[0].shape == (2, 1, 16, 16) and maps[0].abs().max() > 0
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-6, atol=1e-7 * float(maps[0].abs().max()))
