@@ -140,7 +140,9 @@ class LRPContext(RuleContext):
         the model starts a new forward pass (its first linear operation gets the first-layer
         rule again).  Without it, the first linear operation after entering the block is the
         first layer, and again after each new call of the first module called in the block
-        (a loop over batches; module hooks on every call then cost a little).
+        (a loop over batches).  A model other than ``model`` called in the block is delimited
+        the same way: each of its outermost calls after a call of ``model``, and each new call
+        of the first of them, starts a new forward pass.
     track_modules : bool, keyword-only
         Record the running module of every replaced call also when ``composite`` does not
         look at modules, so that :attr:`composite` can later be set to one that does.
@@ -261,14 +263,14 @@ class LRPContext(RuleContext):
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(
                 functools.partial(_new_pass, ref, thread)))
-        # Without a model, the module stack tells a new call of the first outermost module (a
-        # loop over batches in one block): its first layer gets the first-layer rule again.
-        if self._track or self.model is None:
-            hooks = nn.modules.module
-            self._hooks.append(hooks.register_module_forward_pre_hook(
-                functools.partial(_push, ref, thread)))
-            self._hooks.append(hooks.register_module_forward_hook(
-                functools.partial(_pop, ref, thread), always_call=True))
+        # The module stack tells a new call of the first outermost module (a loop over batches
+        # in one block; another model than ``model`` called in the block): its first layer
+        # gets the first-layer rule again.
+        hooks = nn.modules.module
+        self._hooks.append(hooks.register_module_forward_pre_hook(
+            functools.partial(_push, ref, thread)))
+        self._hooks.append(hooks.register_module_forward_hook(
+            functools.partial(_pop, ref, thread), always_call=True))
         return out
 
     def __exit__(self, exc_type, exc_val, exc_tb):
@@ -362,19 +364,23 @@ def _owner(ref: Any, thread: int) -> Optional[LRPContext]:
 def _new_pass(ref: Any, thread: int, module: nn.Module, args: Any) -> None:
     context = _owner(ref, thread)
     if context is not None:
-        context._first_pending = True
+        # A call of the model: the next outermost call of another module starts a new pass.
+        context._first_pending, context._outermost = True, None
 
 
 def _push(ref: Any, thread: int, module: nn.Module, args: Any) -> None:
     context = _owner(ref, thread)
     if context is not None:
-        if not context._stack and context.model is None:
-            # An outermost module call: the first one's module, called again, starts a new
-            # forward pass (another module, such as a classifier called after the features
-            # by hand, continues the same pass).
+        if not context._stack and module is not context.model:
+            # An outermost module call (the model's own calls are _new_pass's): the first one
+            # since the block began or the model last ran starts a new forward pass, and so
+            # does that module called again; another module (a classifier called after the
+            # features by hand) continues the same pass.  So a model B called in a block
+            # built with model=A gets the first-layer rule on each of its passes.
             first = context._outermost
             if first is None:
                 context._outermost = weakref.ref(module)
+                context._first_pending = True
             elif first() is module:
                 context._first_pending = True
         context._stack.append(module)

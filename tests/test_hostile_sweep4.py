@@ -1,0 +1,58 @@
+"""Hostile inputs, fourth sweep: what the third sweep found and left (see test_hostile_sweep3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchray_like as trl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+nn = torch.nn
+
+
+def _images(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+def _convnet(seed: int = 0, width: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.Conv2d(width, 4, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# LRPContext(composite, model=A) with a model B called in the block: passes were delimited by
+# A's forward pre-hook only, so B's second pass lost the first-layer rule (Flat / z^B), silently.
+
+def _pass(ctx_rules: list, call, x: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(call(x)[:, 1].sum(), x)
+    return grad
+
+
+@pytest.mark.parametrize("composite", ["EpsilonPlusFlat", "EpsilonGammaBox"])
+def test_lrp_context_delimits_passes_of_another_model(composite):
+    model_a, model_b = _convnet(0), _convnet(1, width=6)
+    batches = [_images(2, 3, 8, 8), _images(2, 3, 8, 8) * 2]
+    calls = [model_a, model_b, model_b, model_a, model_b]
+    with trl.LRPContext(composite, model=model_a) as shared:
+        got = [_pass(shared.rules, m, x) for m, x in zip(calls, batches * 3)]
+    expected, rules = [], []
+    for m, x in zip(calls, batches * 3):  # each model with its own context, one pass each
+        with trl.LRPContext(composite, model=m) as own:
+            expected.append(_pass(own.rules, m, x))
+        rules += own.rules
+    assert shared.rules == rules
+    first = rules[0][1]
+    assert [r for (_, r) in rules[::3]] == [first] * 5  # every pass's first layer
+    assert first != rules[1][1]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    # The model's own call after another model's is a new pass too, and the other model's
+    # layers split by hand (features, then head) stay one pass.
+    features, head = model_b[:4], model_b[4:]
+    with trl.LRPContext(composite, model=model_a) as split:
+        _pass(split.rules, lambda x: head(features(x)), batches[0])
+        _pass(split.rules, lambda x: head(features(x)), batches[1])
+    assert split.rules == rules[3:9]
+
