@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import torchray_like as trl
+from torchray_like.attribution.context import NoRuleAppliedError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 nn = torch.nn
@@ -56,3 +57,34 @@ def test_lrp_context_delimits_passes_of_another_model(composite):
         _pass(split.rules, lambda x: head(features(x)), batches[1])
     assert split.rules == rules[3:9]
 
+
+# ---------------------------------------------------------------------------------------------
+# A model wrapping its body in torch.utils.checkpoint(use_reentrant=True): the rule methods said
+# "replaced no ReLU" (the ReLUs run under no_grad in the checkpoint's first pass).
+
+class _ReentrantCheckpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _convnet()
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.body, x, use_reentrant=True)
+
+
+@pytest.mark.filterwarnings("ignore:ExcitationBackpropContext. the model calls an operation")
+@pytest.mark.parametrize("method, context, advice", [
+    ("guided_backprop", "GuidedBackpropContext", "checkpoint with use_reentrant=False"),
+    ("deconvnet", "DeConvNetContext", "checkpoint with use_reentrant=False"),
+    ("excitation_backprop", "ExcitationBackpropContext",
+     "excitation backprop refuses any activation checkpoint, so run the model without"),
+    ("lrp", "LRPContext", "LRP refuses any activation checkpoint, so run the model without"),
+    ("attn_lrp", "TransformerLRPContext", "LRP refuses any activation checkpoint")])
+def test_rule_methods_name_the_reentrant_checkpoint(method, context, advice):
+    model, x = _ReentrantCheckpointed().eval(), _images(2, 3, 8, 8)
+    with pytest.raises(NoRuleAppliedError, match=(
+            rf"^{context} replaced no .* in _ReentrantCheckpointed's forward pass because the "
+            r"model runs them inside torch.utils.checkpoint\(use_reentrant=True\), whose first "
+            rf"pass runs the checkpointed layers under torch.no_grad\(\) .*: {advice}")):
+        trl.METHODS[method](model, x, 1)
+    assert isinstance(trl.METHODS[method](model.body, x, 1), torch.Tensor)  # without: fine

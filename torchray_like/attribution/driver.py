@@ -31,7 +31,7 @@ from .inputs import call_model, check_input, layout_hint
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import Probe, get_module, layer_label, single_call
 from .reporting import warn_caller
-from .state import autograd_grad, model_state_guard
+from .state import autograd_grad, model_state_guard, uses_reentrant_checkpoint
 from .targets import Target, TargetType, get_backward_gradient, parse_target
 
 __all__ = ["SaliencyDebug", "ForwardPass", "forward_pass", "GraphFromLayers"]
@@ -388,7 +388,7 @@ def check_scores(context: Any, model: nn.Module, scores: torch.Tensor, seed: tor
         # it replaced: a model whose ReLUs all run in threads gets the thread error, not
         # "replaced no ReLU".
         context.check_path(scores, list(reads.values()), where)
-        check_context_used(context, model)
+        check_context_used(context, model, scores)
     if not scores.requires_grad:
         raise ValueError(
             f"the model output does not depend on {where} through autograd (is the layer on "
@@ -566,9 +566,26 @@ def check_spatial(read: torch.Tensor, saliency_layer: Any, hint: str = "") -> No
             + (hint or "choose a convolutional layer, or the input (saliency_layer=None)"))
 
 
-def check_context_used(context: RuleContext, model: nn.Module) -> None:
+def _reentrant_checkpoint_message(context: RuleContext, model: nn.Module) -> str:
+    name = type(context).__name__
+    exact = (f"{context.refuses_checkpoints} refuses any activation checkpoint, so run the "
+             "model without activation checkpointing for attribution"
+             if context.refuses_checkpoints else
+             "checkpoint with use_reentrant=False (the recomputed forward pass keeps the "
+             f"rules of the original one, so {name} gives an exact map), or run the model "
+             "without activation checkpointing for attribution")
+    return (f"{name} replaced no {context.replaces} in {type(model).__name__}'s forward pass "
+            "because the model runs them inside torch.utils.checkpoint(use_reentrant=True), "
+            "whose first pass runs the checkpointed layers under torch.no_grad() (where no "
+            f"rule applies) and which torch.autograd.grad cannot differentiate through: {exact}")
+
+
+def check_context_used(context: RuleContext, model: nn.Module,
+                       scores: Optional[torch.Tensor] = None) -> None:
     if context.replaced == 0:
         skipped = sum(getattr(context, "skipped", {}).values())
+        if scores is not None and uses_reentrant_checkpoint(scores):
+            raise NoRuleAppliedError(_reentrant_checkpoint_message(context, model))
         raise NoRuleAppliedError(
             f"{type(context).__name__} replaced no {context.replaces} in "
             f"{type(model).__name__}'s forward pass, so the result would be the plain gradient; "

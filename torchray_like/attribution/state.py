@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -119,6 +119,23 @@ REENTRANT_CHECKPOINT_MESSAGE = (
     "original one, so gradient, guided backprop, DeConvNet, Grad-CAM and linear approximation "
     "give exact maps (excitation backprop and LRP refuse any checkpoint) — or run the model "
     "without activation checkpointing for attribution")
+
+
+def uses_reentrant_checkpoint(tensor: torch.Tensor, limit: int = 100_000) -> bool:
+    """Whether ``tensor``'s autograd graph holds a ``torch.utils.checkpoint(use_reentrant=True)``
+    node (its first pass ran the checkpointed layers under ``torch.no_grad()``); looks at
+    ``limit`` nodes at most (for error messages, not for the common path)."""
+    stack = [tensor.grad_fn]
+    seen: Set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def autograd_grad(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
