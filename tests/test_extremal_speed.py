@@ -2,8 +2,7 @@
 pyramid blend as single autograd nodes with hand-written backwards, the mask generator shared
 across calls, the blur matrices kept.  Each must give exactly the numbers of the autograd graph
 it replaces (the optimisation is chaotic: a rounding difference changes the masks), and refuse
-what it cannot do.  The smooth max is the exception since round 5: its vectorised layout sums in
-another order, and equals the graph of the formula to float rounding (float64 reference)."""
+what it cannot do."""
 
 from __future__ import annotations
 
@@ -37,46 +36,39 @@ class _SmoothMax(torch.autograd.Function):
 
 
 def _graph_grid(gen: MaskGenerator, params: torch.Tensor) -> torch.Tensor:
-    """The smooth-max grid as an autograd graph of the formula, axis by axis (the reference),
-    in the dtype of ``params``."""
+    """The smooth-max grid as an autograd graph of the formula, axis by axis (the reference)."""
     out = params
     temperature = gen.temperature
-    dtype = params.dtype
     for i, a in enumerate(gen.axes):
         x = out.movedim(2 + i, -1).clamp(max=50.0 * temperature)
         w = a.weights.shape[1]
         radius = (w - 2) // 2
         win = F.pad(x, (radius, radius + 1)).unfold(-1, w, 1)
-        u = win.unsqueeze(-2) * (a.weights.to(dtype) / temperature)
+        u = win.unsqueeze(-2) * (a.weights / temperature)
         pooled = _SmoothMax.apply(u, (a.bias == 0).to(u.dtype))
-        ones = F.pad(torch.ones(a.count, dtype=dtype), (radius, radius + 1)).unfold(-1, w, 1)
-        u1 = ones.unsqueeze(-2) * (a.weights.to(dtype) / temperature)
-        norm = _SmoothMax.apply(u1, (a.bias == 0).to(dtype)).flatten(-2)[..., :a.points]
-        pooled = pooled.flatten(-2)[..., :a.points] / norm
+        pooled = pooled.flatten(-2)[..., :a.points] * (temperature / a.norm)
         out = pooled.movedim(-1, 2 + i)
     return out + (out.clamp(0, 1) - out).detach()
 
 
 @pytest.mark.parametrize("shape,step,sigma", [((40, 36), 4, 8.0), ((23,), 3, 5.0),
                                               ((6, 10, 12), 2, 3.0), ((30, 8), 6, 5.0)])
-def test_fused_smooth_max_pooling_equals_the_autograd_graph_to_float_rounding(shape, step, sigma):
+def test_fused_smooth_max_pooling_equals_the_autograd_graph_bit_for_bit(shape, step, sigma):
     # Two to six phases per grid step (the phases' sum takes two paths, up to four and more).
     gen = MaskGenerator(shape, step, sigma, jitter=step // 2)
     assert {a.sub for a in gen.axes} & {2, 3, 6}
     g = torch.Generator().manual_seed(0)
     params = torch.rand((3, 1) + gen.param_shape, generator=g).requires_grad_(True)
     fused = gen.grid(params)
-    p64 = params.detach().double().requires_grad_(True)
-    reference = _graph_grid(gen, p64)
+    reference = _graph_grid(gen, params)
     seed = torch.randn(fused.shape, generator=g)
     (g_fused,) = torch.autograd.grad(fused, params, seed)
-    (g_reference,) = torch.autograd.grad(reference, p64, seed.double())
+    (g_reference,) = torch.autograd.grad(reference, params, seed)
     assert fused.shape == (3, 1) + tuple(a.points for a in gen.axes)
     assert fused.dtype == torch.float32
-    # Another summation order (round 5's layout): the formula to float32 rounding.
-    assert float((fused.detach().double() - reference).abs().max()) <= 1e-6
-    assert float((g_fused.double() - g_reference).abs().max()
-                 / g_reference.abs().max()) <= 1e-5
+    # The same operations in the same order: the same numbers, bit for bit.
+    assert torch.equal(fused, reference)
+    assert torch.equal(g_fused, g_reference)
     # Without a graph, the same values.
     assert torch.equal(gen.grid(params.detach()), fused.detach())
 

@@ -1,9 +1,10 @@
-"""The smooth-max pooling of extremal perturbation's masks in its vectorised layout (issue 22,
-round 5): the window slots and phases outer, the pooled rows inner, ``2^v`` for ``e^u``.  It no
-longer reproduces the earlier layout bit for bit; it must equal the smooth-max formula to float
-rounding, values and gradients, in 1-D, 2-D and 3-D, at the default and at low temperatures,
-in single and double precision, and keep the half-precision paths working.  The reference is a
-dense float64 formulation written here from the definition (Fong, Patrick, Vedaldi, ICCV 2019)."""
+"""The smooth-max pooling of extremal perturbation's masks against the formula: values and
+gradients equal to float rounding in 1-D, 2-D and 3-D, at the default and at low temperatures,
+in single and double precision, the half-precision paths working, and rows independent of the
+batch and of the parameters' memory layout (empty batches included).  The reference is a dense
+float64 formulation written here from the definition (Fong, Patrick, Vedaldi, ICCV 2019).
+(Written for issue 22's round 5, a faster layout that was measured and not kept: see
+docs/speed_perturbation.rst.)"""
 
 from __future__ import annotations
 
@@ -136,32 +137,9 @@ def test_layout_does_not_care_about_the_parameters_memory_or_batch_size():
     assert g.shape == p.shape
 
 
-def test_the_vectorised_pooling_leaves_ones_at_one_and_zeros_at_zero():
+def test_the_pooling_leaves_ones_at_one_and_zeros_at_zero():
     for shape, step, sigma, jitter in CONFIGS:
         gen = MaskGenerator(shape, step, sigma, clamp=False, jitter=jitter)
         ones = torch.ones((1, 1) + gen.param_shape)
         assert float((gen.grid(ones) - 1).abs().max()) <= 1e-6
         assert torch.equal(gen.grid(torch.zeros_like(ones)), torch.zeros_like(gen.grid(ones)))
-
-
-@pytest.mark.parametrize("shape,step,sigma,jitter", CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_saturated_parameters_pool_to_exactly_one_after_the_clamp(shape, step, sigma, jitter,
-                                                                  dtype):
-    # Ones pool to 1 ± a few units of rounding; the clamp snaps that to exactly 1, so that the
-    # ranking constraint sees saturated pixels tied (as in exact arithmetic), whatever the
-    # summation order.  Elsewhere the clamp changes nothing but the range.
-    gen = MaskGenerator(shape, step, sigma, jitter=jitter, dtype=dtype)
-    raw = MaskGenerator(shape, step, sigma, jitter=jitter, dtype=dtype, clamp=False)
-    ones = torch.ones((2, 1) + gen.param_shape, dtype=dtype)
-    assert torch.equal(gen.grid(ones), torch.ones_like(gen.grid(ones)))
-    half = ones.clone()
-    half.view(2, -1)[:, ::2] = 0.3
-    got, want = gen.grid(half), raw.grid(half).clamp(0, 1)
-    tol = 4 * len(shape) * torch.finfo(dtype).eps
-    assert float((got - want).abs().max()) <= tol
-    assert torch.equal(got[want < 1 - tol], want[want < 1 - tol])
-    # The autograd-free path snaps alike (the same operations).
-    p = half.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(gen.grid(p), p, torch.ones_like(got))
-    assert torch.equal(gen.grid(p).detach(), got) and bool(torch.isfinite(g).all())
