@@ -5,10 +5,21 @@ import pytest
 import torch
 
 import torchray_like as trl
+from tests.transformer_models import make_vit
 from torchray_like.attribution.context import NoRuleAppliedError
+from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
+from torchray_like.attribution.inputs import InferenceModeError
+from torchray_like.attribution.lrp_rules import ModifiedWeightError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 nn = torch.nn
+_TRANSFORMER_METHODS = {"attention_rollout", "attention_flow", "grad_rollout", "attn_lrp",
+                        "cp_lrp"}
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    return make_vit()  # 32² images, 8² patches, 5 classes
 
 
 def _images(*shape: int) -> torch.Tensor:
@@ -88,3 +99,58 @@ def test_rule_methods_name_the_reentrant_checkpoint(method, context, advice):
             rf"pass runs the checkpointed layers under torch.no_grad\(\) .*: {advice}")):
         trl.METHODS[method](model, x, 1)
     assert isinstance(trl.METHODS[method](model.body, x, 1), torch.Tensor)  # without: fine
+
+
+# ---------------------------------------------------------------------------------------------
+# A method inside torch.inference_mode() raised a RuntimeError; the refusals of a caller's state
+# are ValueErrors that stay RuntimeErrors (InferenceModeError, ModifiedWeightError,
+# ContextActiveError derive from both), with the same messages.
+
+_INFERENCE = (r"^attribution needs autograd, which torch.inference_mode\(\) disables; call it "
+              r"outside the inference_mode block \(torch.no_grad\(\) is fine\)$")
+_NO_AUTOGRAD = {"rise", "occlusion", "attention_rollout", "attention_flow"}  # run as they are
+
+
+@pytest.mark.parametrize("method", sorted(set(trl.METHODS) - _NO_AUTOGRAD))
+def test_inference_mode_is_a_value_error_and_a_runtime_error(method, small_vit):
+    model, x = ((small_vit, _images(2, 3, 32, 32)) if method in _TRANSFORMER_METHODS
+                else (_convnet(), _images(2, 3, 12, 12)))
+    for kind in (ValueError, RuntimeError, InferenceModeError):
+        with torch.inference_mode(), pytest.raises(kind, match=_INFERENCE):
+            trl.METHODS[method](model, x, 1)
+    try:  # both spellings of the caller's except clause
+        with torch.inference_mode():
+            trl.METHODS[method](model, x, 1)
+    except ValueError as exc:
+        assert isinstance(exc, RuntimeError) and type(exc) is trl.InferenceModeError
+
+
+def test_methods_without_autograd_run_in_inference_mode():
+    model, x = _convnet(), _images(2, 3, 12, 12)
+    with torch.inference_mode():
+        got = trl.occlusion(model, x, 1)
+    torch.testing.assert_close(got, trl.occlusion(model, x, 1))
+
+
+@pytest.mark.parametrize("context", ["LRPContext", "ExcitationBackpropContext"])
+def test_weight_changed_before_backward_is_a_value_error_too(context):
+    model = _convnet()
+    x = _images(1, 3, 8, 8).requires_grad_()
+    builder = trl.LRPContext if context == "LRPContext" else ExcitationBackpropContext
+    with builder():
+        y = model(x)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    with pytest.raises(ModifiedWeightError, match=r"weight .*modified in place between the "
+                       r"forward pass and backward; run the forward pass again") as info:
+        y[0, 1].backward()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_context_entered_twice_is_a_value_error_too():
+    ctx = trl.LRPContext()
+    with ctx:
+        for kind in (ValueError, RuntimeError):
+            with pytest.raises(kind, match=r"^LRPContext is already active; create a new "
+                               r"context object to nest contexts"):
+                ctx.__enter__()

@@ -59,3 +59,8 @@ from .attribution.transformer_lrp import TransformerLRPContext, attn_lrp, cp_lrp
 
 __all__ += ["attention_rollout", "attention_flow", "grad_rollout", "attn_lrp", "cp_lrp",
             "TransformerLRPContext"]
+
+# A method called inside torch.inference_mode() (a ValueError and a RuntimeError).
+from .attribution.inputs import InferenceModeError  # noqa: E402
+
+__all__ += ["InferenceModeError"]

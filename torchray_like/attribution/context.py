@@ -34,9 +34,15 @@ from torch.overrides import TorchFunctionMode
 
 from .modules import current_scan
 
-__all__ = ["RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning", "NoRuleAppliedError",
+__all__ = ["ContextActiveError", "RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
+           "NoRuleAppliedError",
            "UnhandledActivationWarning", "TorchRayDifferenceWarning", "nodes_on_path",
            "graph_nodes", "depends_on", "check_data_parallel"]
+
+
+class ContextActiveError(ValueError, RuntimeError):
+    """A rule context object entered while it is already active (nesting needs a new object):
+    a :class:`ValueError` about the caller's use, and a :class:`RuntimeError` as before."""
 
 
 class NoRuleAppliedWarning(UserWarning):
@@ -330,7 +336,8 @@ class RuleContext(TorchFunctionMode):
     is replaced, whichever way the model makes it (module, functional, tensor method).  Other
     threads, and the code after the block, see plain PyTorch.  Contexts nest (the innermost
     handles a call first) and are removed even when the block raises.  Entering the same context
-    object twice at once is a :class:`RuntimeError`.  The attribution methods suspend the
+    object twice at once is a :class:`ContextActiveError` (a :class:`ValueError` and a
+    :class:`RuntimeError`).  The attribution methods suspend the
     contexts their caller entered (:func:`suspend_rule_contexts`): a method's result depends on
     its own rules only.
 
@@ -498,7 +505,7 @@ class RuleContext(TorchFunctionMode):
 
     def __enter__(self):
         if self._thread is not None:
-            raise RuntimeError(
+            raise ContextActiveError(
                 f"{type(self).__name__} is already active; create a new context object to nest "
                 "contexts")
         self._thread = threading.get_ident()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .call_args import Call
-from .lrp_rules import AffineCall, LinearMap, linear_map
+from .lrp_rules import AffineCall, LinearMap, ModifiedWeightError, linear_map
 from .rules import ReLURule
 
 __all__ = [
@@ -196,7 +196,7 @@ class ExciteFunction(torch.autograd.Function):
         if call.weight is not None and call.weight._version != call.weight_version:
             # What autograd says when a saved tensor changed: the rule would silently use
             # weights the forward pass did not.
-            raise RuntimeError(
+            raise ModifiedWeightError(
                 "excitation backprop: the weight of a layer was modified in place between the "
                 "forward pass and backward; run the forward pass again")
         cell.applied += 1

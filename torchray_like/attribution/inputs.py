@@ -14,9 +14,26 @@ import torch.nn as nn
 
 from .modules import current_scan
 
-__all__ = ["check_input", "layout_hint", "dtype_hint", "size_hint", "assertion_hint",
+__all__ = ["InferenceModeError", "check_grad_mode", "check_input", "layout_hint", "dtype_hint",
+           "size_hint", "assertion_hint",
            "forward_failure", "call_model", "FORWARD_ERRORS", "outputs_agree",
            "ChannelsLastBatches"]
+
+
+class InferenceModeError(ValueError, RuntimeError):
+    """A method called inside :func:`torch.inference_mode`, which disables autograd.
+
+    A :class:`ValueError` like the package's other refusals of a caller's state, and a
+    :class:`RuntimeError` as it was before (``except RuntimeError`` still catches it)."""
+
+
+def check_grad_mode() -> None:
+    """Raise :class:`InferenceModeError` inside :func:`torch.inference_mode` (the methods
+    need autograd; :func:`torch.no_grad` around a call is fine: they enable it themselves)."""
+    if torch.is_inference_mode_enabled():
+        raise InferenceModeError(
+            "attribution needs autograd, which torch.inference_mode() disables; call it outside "
+            "the inference_mode block (torch.no_grad() is fine)")
 
 
 def check_input(input: Any, name: str = "input", min_dim: int = 3,
@@ -25,8 +42,9 @@ def check_input(input: Any, name: str = "input", min_dim: int = 3,
 
     Raises :class:`TypeError` for non-tensors and integer / boolean / complex tensors (with the
     conversion to use), :class:`ValueError` for a wrong rank or an empty batch.  When
-    ``needs_grad`` (the method differentiates), also :class:`RuntimeError` inside
-    :func:`torch.inference_mode` and :class:`ValueError` for an inference tensor.
+    ``needs_grad`` (the method differentiates), also :class:`InferenceModeError` (a
+    :class:`ValueError` and a :class:`RuntimeError`) inside :func:`torch.inference_mode` and
+    :class:`ValueError` for an inference tensor.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
@@ -51,10 +69,7 @@ def check_input(input: Any, name: str = "input", min_dim: int = 3,
         raise ValueError(f"{name} is an empty batch (shape {tuple(input.shape)})")
     if not needs_grad:
         return input
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "attribution needs autograd, which torch.inference_mode() disables; call it outside "
-            "the inference_mode block (torch.no_grad() is fine)")
+    check_grad_mode()
     if input.is_inference():
         raise ValueError(
             f"{name} is an inference tensor (created under torch.inference_mode()); autograd "

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .context import suspend_rule_contexts
-from .inputs import call_model, check_input, layout_hint
+from .inputs import call_model, check_grad_mode, check_input, layout_hint
 from .modules import ModelScan, call_scan, check_model, opaque_modules, unwrap_compiled
 from .state import model_state_guard
 from .targets import Target, parse_target
@@ -400,6 +400,8 @@ def _find_saliency_layer(model: nn.Module, input: torch.Tensor, scan: ModelScan)
     check_model(model)
     model = unwrap_compiled(model)  # torch.compile(model): the names of the original module
     check_input(input, needs_grad=False)
+    # The discovery reads output versions (in-place changes), which inference mode lacks.
+    check_grad_mode()
     for opaque_name, _, kind in opaque_modules(model):
         if opaque_name == "":
             raise ValueError(

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from .lrp_closed import closed_gradient, zplus_folded
-from .lrp_rules import AffineCall, Rule, compute_dtype
+from .lrp_rules import AffineCall, ModifiedWeightError, Rule, compute_dtype
 
 __all__ = ["LayerNode", "LRPFunction", "BatchNormFoldFunction", "batch_norm_args",
            "affine_args", "records", "bn_scale_shift"]
@@ -91,8 +91,8 @@ def _lrp_backward(ctx: Any, g: torch.Tensor) -> Tuple[torch.Tensor, None]:
     (x,) = ctx.saved_tensors
     node: LayerNode = ctx.node
     if node.call.weight._version != node.version:
-        raise RuntimeError("LRPContext: a layer's weight was modified in place between the "
-                           "forward pass and backward; run the forward pass again")
+        raise ModifiedWeightError("LRPContext: a layer's weight was modified in place between "
+                                  "the forward pass and backward; run the forward pass again")
     node.owner.applied += 1
     with torch._C.DisableTorchFunction():
         return _rule_gradient(x, node, g, ctx.z), None

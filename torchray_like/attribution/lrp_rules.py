@@ -32,9 +32,18 @@ from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Uni
 
 import torch
 
-__all__ = ["AffineCall", "LinearMap", "linear_map", "share_terms", "Rule", "Epsilon", "Gamma",
+__all__ = ["ModifiedWeightError", "AffineCall", "LinearMap", "linear_map", "share_terms", "Rule",
+           "Epsilon", "Gamma",
            "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "stabilize", "safe_divide",
            "compute_dtype", "scale_shift", "share", "RULES"]
+
+
+class ModifiedWeightError(ValueError, RuntimeError):
+    """A layer's weight changed in place between the forward pass and the backward pass of a
+    rule (LRP, excitation backprop), which would silently use weights the forward pass did not:
+    a :class:`ValueError` about the caller's state, and a :class:`RuntimeError` as autograd's
+    own error for a modified saved tensor (``except RuntimeError`` still catches it)."""
+
 
 Term = Tuple[torch.Tensor, torch.Tensor]  # (modified input, modified weight)
 _UNPARSED = object()  # AffineCall._map before the call's closed form is parsed
