@@ -1,6 +1,9 @@
 """Hostile inputs, fourth sweep: what the third sweep found and left (see test_hostile_sweep3)."""
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import torch
 
@@ -154,3 +157,39 @@ def test_context_entered_twice_is_a_value_error_too():
             with pytest.raises(kind, match=r"^LRPContext is already active; create a new "
                                r"context object to nest contexts"):
                 ctx.__enter__()
+
+
+# ---------------------------------------------------------------------------------------------
+# debug="x" and resize_mode="foo" (with resize=False, the default) passed unnoticed.
+
+def _takes(method: str, option: str) -> bool:
+    params = inspect.signature(trl.METHODS[method]).parameters
+    return option in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _model_input(method: str, vit: nn.Module):
+    if method in _TRANSFORMER_METHODS:
+        return vit, _images(2, 3, 32, 32)
+    return _convnet(), _images(2, 3, 12, 12)
+
+
+@pytest.mark.filterwarnings("ignore:extremal_perturbation. sigma")  # the 12² test images
+@pytest.mark.parametrize("method", sorted(trl.METHODS))
+def test_debug_and_resize_mode_are_checked_whatever_the_other_options(method, small_vit):
+    model, x = _model_input(method, small_vit)
+    fn = trl.METHODS[method]
+    assert _takes(method, "resize_mode"), method
+    for options in (dict(resize_mode="foo"), dict(resize_mode="foo", resize=False),
+                    dict(resize_mode="foo", resize=True)):
+        with pytest.raises(ValueError, match=r"^resize_mode must be one of linear/bilinear/"
+                           r"trilinear, bicubic \(2-D\), nearest, nearest-exact, area; "
+                           r"got 'foo'$"):
+            fn(model, x, 1, **options)
+    with pytest.raises(TypeError, match=r"^resize_mode must be a string, one of linear/"
+                       r"bilinear/trilinear, .*; got \['bilinear'\]$"):
+        fn(model, x, 1, resize_mode=["bilinear"])
+    if _takes(method, "debug"):
+        for value in ("x", 1, None):
+            with pytest.raises(TypeError, match=rf"^debug must be True or False, got "
+                               rf"{re.escape(repr(value))}$"):
+                fn(model, x, 1, debug=value)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .inputs import FORWARD_ERRORS, check_input, layout_hint  # FORWARD_ERRORS: re-exported
-from .maps import Shape
+from .maps import Shape, check_resize_mode
 
 __all__ = ["is_number", "positive_int", "check_number", "check_flag", "check_function",
            "number_list",
@@ -168,12 +168,7 @@ def check_batch(model: nn.Module, input: Any, method: str, needs_grad: bool) -> 
     return input
 
 
-
-
 # What resize_saliency accepts (maps.py), checked before the work rather than after it.
-_LINEAR_MODES = ("linear", "bilinear", "trilinear")
-_RANK_MODES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
-_ANY_RANK_MODES = ("nearest", "nearest-exact", "area")
 _TORCH_NAMES = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}
 _TORCHRAY_NAMES = {1: "(L,)", 2: "(W, H)", 3: "(W, H, T)"}
 
@@ -200,6 +195,7 @@ def check_resize(resize: Any, resize_mode: Any, spatial: int) -> Any:
     (a :class:`~torchray_like.attribution.maps.Shape` is returned as it is)."""
     if isinstance(resize, np.ndarray) and resize.ndim == 1:
         resize = tuple(resize.tolist())
+    check_resize_mode(resize_mode)  # also when the map keeps its size
     if resize is None or (isinstance(resize, (bool, np.bool_)) and not resize):
         return None if resize is None else False
     if isinstance(resize, (bool, np.bool_)):
@@ -214,16 +210,5 @@ def check_resize(resize: Any, resize_mode: Any, spatial: int) -> Any:
             f"resize must be False, True, an int, a tuple of {spatial} ints in TorchRay's "
             f"order {_TORCHRAY_NAMES[spatial]} or Shape{_TORCH_NAMES[spatial]} in torch "
             f"order; got {resize!r}")
-    _check_mode(resize_mode, spatial)
+    check_resize_mode(resize_mode, spatial)
     return resize
-
-
-def _check_mode(resize_mode: Any, spatial: int) -> None:
-    if resize_mode in _RANK_MODES and resize_mode not in _LINEAR_MODES and \
-            _RANK_MODES[resize_mode] != spatial:
-        raise ValueError(f"resize_mode {resize_mode!r} needs {_RANK_MODES[resize_mode]} spatial "
-                         f"dimensions, the map has {spatial}")
-    if resize_mode not in _RANK_MODES and resize_mode not in _ANY_RANK_MODES:
-        raise ValueError(
-            "resize_mode must be one of linear/bilinear/trilinear, bicubic (2-D), nearest, "
-            f"nearest-exact, area; got {resize_mode!r}")

@@ -39,7 +39,7 @@ from .arguments import check_finite, is_number, number_list
 from .attention import AttentionCapture, NoAttentionError
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_input
-from .maps import SizeType, finish_map
+from .maps import SizeType, check_resize_mode, finish_map
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, parse_target
@@ -305,6 +305,7 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # errors before any work
     _check_discard(discard_ratio)
     grid = _check_layout_args(num_prefix_tokens, grid, input)
+    check_resize_mode(resize_mode)  # before the work, also when the map keeps its size
     parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
                           allow_none=True)
     attentions, output = read_attentions(model, input, "attention_rollout")
@@ -368,6 +369,7 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)
     _check_discard(discard_ratio)
     grid = _check_layout_args(num_prefix_tokens, grid, input)
+    check_resize_mode(resize_mode)  # before the work, also when the map keeps its size
     if not is_number(max_work) or math.isnan(max_work) or max_work <= 0:
         raise ValueError(f"max_work must be a positive number (float('inf'): no bound), got "
                          f"{max_work!r}")
@@ -409,6 +411,7 @@ def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
     """
     parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1)
     grid = _check_layout_args(num_prefix_tokens, grid, input)
+    check_resize_mode(resize_mode)  # before the work, also when the map keeps its size
     attentions, output = read_attentions(model, input, "grad_rollout", differentiable=True)
     scores, seed = parsed.seed(output)
     grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)

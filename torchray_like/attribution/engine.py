@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
 import torch
 import torch.nn as nn
 
-from .arguments import check_function
+from .arguments import check_flag, check_function
 from .context import NoRuleAppliedError, suspend_rule_contexts
 from .driver import (
     ForwardPass,
@@ -36,7 +36,7 @@ from .driver import (
 )
 from .inputs import check_input
 from .layer_choice import reachable_saliency_layer, resolve_layer
-from .maps import check_smooth, finish_map
+from .maps import check_resize_mode, check_smooth, finish_map
 from .method import BackpropMethod, Read, Reading
 from .modules import call_scan, check_model, unwrap_compiled
 from .probe import debug_probes, fill_probe_gradients, get_module
@@ -216,8 +216,10 @@ def run_jobs(model: nn.Module, input: torch.Tensor, target: TargetType, jobs: Li
     Every option is validated before any work; a job with its own ``context_builder`` must
     run alone.  Returns ``label -> (map, debug record or None)`` in the order of ``jobs``.
     """
+    debug = check_flag(debug, "debug")
     smooth = {job.label: check_smooth(job.options.get("smooth", 0)) for job in jobs}
     for job in jobs:
+        check_resize_mode(job.options.get("resize_mode", "bilinear"))  # also without resize
         for key in _FUNCTION_OPTIONS:
             if job.options.get(key) is not None:
                 check_function(job.options[key], key)

@@ -112,6 +112,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .arguments import check_flag
 from .context import RuleContext, TorchRayDifferenceWarning, UnhandledActivationWarning
 from .driver import SaliencyDebug, detach_all, forward_pass, strip_compiled_prefix
 from .engine import saliency
@@ -125,7 +126,7 @@ from .excitation_contrast import (
 )
 from .excitation_handlers import UNMODELED_HINTS, ExcitationHandlers
 from .excitation_rules import excitation_eps
-from .maps import SizeType, check_smooth, finish_map, saliency_gradient
+from .maps import SizeType, check_resize_mode, check_smooth, finish_map, saliency_gradient
 from .reporting import warn_caller
 from .state import check_model, unwrap_compiled
 from .targets import TargetType, get_backward_gradient
@@ -557,6 +558,8 @@ def contrastive_excitation_backprop(
     """
     # Validation
     smooth = check_smooth(smooth)
+    check_resize_mode(resize_mode)  # also when the map keeps its size
+    debug = check_flag(debug, "debug")
     check_model(model)
     # torch.compile(model) is explained through its original module, as every method does.
     model = unwrap_compiled(model)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
            "gaussian_matrix", "MAX_KERNEL_RADIUS",
            "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
-           "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel"]
+           "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel",
+           "check_resize_mode"]
 
 #: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
 SizeType = Union[bool, int, Sequence[int], torch.Size, None]
@@ -86,6 +87,23 @@ _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _RANK_MODES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
 _ANY_RANK_MODES = ("nearest", "nearest-exact", "area")
 _TORCH_NAMES = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}
+_MODES_TEXT = "linear/bilinear/trilinear, bicubic (2-D), nearest, nearest-exact, area"
+
+
+def check_resize_mode(mode: Any, spatial: Optional[int] = None) -> str:
+    """``mode`` if it is a ``resize_mode`` :func:`resize_saliency` accepts (for a map with
+    ``spatial`` spatial dimensions when given), else a :class:`ValueError` (a :class:`TypeError`
+    for a non-string) naming ``resize_mode`` and the accepted modes.  Checked whether or not
+    the map is resized, so that a typo never passes unnoticed."""
+    if not isinstance(mode, str):
+        raise TypeError(f"resize_mode must be a string, one of {_MODES_TEXT}; got {mode!r}")
+    if mode not in _RANK_MODES and mode not in _ANY_RANK_MODES:
+        raise ValueError(f"resize_mode must be one of {_MODES_TEXT}; got {mode!r}")
+    if spatial is not None and mode in _RANK_MODES and mode not in _LINEAR_MODES.values() \
+            and _RANK_MODES[mode] != spatial:
+        raise ValueError(f"resize_mode {mode!r} needs {_RANK_MODES[mode]} spatial dimensions, "
+                         f"the map has {spatial}")
+    return mode
 _TORCHRAY_NAMES = {1: "(L,)", 2: "(W, H)", 3: "(W, H, T)"}
 
 
@@ -179,6 +197,7 @@ def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType
         adapted to the rank, so the default ``"bilinear"`` works for 1-D and 3-D maps too.
     """
     spatial = saliency.dim() - 2
+    check_resize_mode(mode)  # also when the map keeps its size
     if size is True and tensor.dim() != saliency.dim():
         raise ValueError(
             f"resize=True: the map has {spatial} spatial dimensions (shape "
@@ -189,17 +208,9 @@ def resize_saliency(tensor: torch.Tensor, saliency: torch.Tensor, size: SizeType
         return saliency
     if spatial < 1 or spatial > 3:
         raise ValueError(f"resize works for 1 to 3 spatial dimensions, got {spatial}")
+    check_resize_mode(mode, spatial)
     if mode in ("linear", "bilinear", "trilinear"):
         mode = _LINEAR_MODES[spatial]
-    elif mode in _RANK_MODES:
-        if _RANK_MODES[mode] != spatial:
-            raise ValueError(
-                f"resize_mode {mode!r} needs {_RANK_MODES[mode]} spatial dimensions, the map has "
-                f"{spatial}")
-    elif mode not in _ANY_RANK_MODES:
-        raise ValueError(
-            f"resize_mode must be one of linear/bilinear/trilinear, bicubic (2-D), nearest, "
-            f"nearest-exact, area; got {mode!r}")
     if tuple(saliency.shape[2:]) == out_size:
         return saliency
     if mode in _ANY_RANK_MODES:

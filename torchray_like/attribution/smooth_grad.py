@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .arguments import check_batch, check_number, check_progress, positive_int
+from .arguments import check_batch, check_flag, check_number, check_progress, positive_int
 from .integrated_gradients import check_independent_rows
 from .modules import check_model
 from .reporting import progress_bar
@@ -71,7 +71,7 @@ def _resolve_method(method: Any, options: Dict[str, Any]) -> Callable[..., Any]:
             raise ValueError(f"smooth_grad: {method} has no option "
                              f"{', '.join(map(repr, unknown))}; its options: "
                              f"{', '.join(sorted(accepted))}")
-    if options.get("debug"):
+    if "debug" in options and check_flag(options["debug"], "debug"):
         raise ValueError("smooth_grad averages maps: debug=True is not available through it")
     return function
 
