@@ -78,7 +78,7 @@ def test_pooled_grid_equals_the_formula_in_single_and_double_precision(shape, st
                                        (torch.float32, 1e-6, 1e-5)):
         gen = MaskGenerator(shape, step, sigma, clamp=False, jitter=jitter,
                             temperature=temperature, dtype=dtype)
-        assert all(a.fast is not None for a in gen.axes)       # the vectorised pooling
+        assert all(a.fast is not None for a in gen.axes)       # the fused pooling
         got, value_err, grad_err = _compare(gen, step, sigma)
         assert got.dtype == dtype and got.shape == (3, 1) + tuple(a.points for a in gen.axes)
         assert value_err <= value_tol, (dtype, value_err)
@@ -89,7 +89,7 @@ def test_pooled_grid_equals_the_formula_in_single_and_double_precision(shape, st
 def test_below_the_fused_temperatures_the_shifted_formula_still_equals_the_formula(
         shape, step, sigma, jitter):
     # T = 0.02: the cap 50·T would bind on a grid of ones, so the generator takes the formula
-    # shifted by its maximum (not the vectorised pooling); still the formula, still finite.
+    # shifted by its maximum (not the fused pooling); still the formula, still finite.
     for dtype, value_tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         gen = MaskGenerator(shape, step, sigma, clamp=False, jitter=jitter, temperature=0.02,
                             dtype=dtype)
@@ -143,3 +143,14 @@ def test_the_pooling_leaves_ones_at_one_and_zeros_at_zero():
         ones = torch.ones((1, 1) + gen.param_shape)
         assert float((gen.grid(ones) - 1).abs().max()) <= 1e-6
         assert torch.equal(gen.grid(torch.zeros_like(ones)), torch.zeros_like(gen.grid(ones)))
+
+
+@pytest.mark.parametrize("sigma", [60.0, 1e6, 1e99])
+def test_a_kernel_wider_than_the_grid_is_still_the_formula(sigma):
+    # The window is cut at the grid's length (slots beyond hold no parameter for any window):
+    # before, sigma = 1e99 was Python's OverflowError and 4e12 the allocator's error.
+    gen = MaskGenerator((32, 28), 4, sigma, clamp=False, jitter=2, dtype=torch.float64)
+    assert all(a.weights.shape[1] <= 2 * a.count + 2 for a in gen.axes)
+    got, value_err, grad_err = _compare(gen, 4, sigma)
+    assert got.shape == (3, 1) + tuple(a.points for a in gen.axes)
+    assert value_err <= 1e-12 and grad_err <= 1e-11, (value_err, grad_err)

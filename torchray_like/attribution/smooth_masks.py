@@ -301,7 +301,9 @@ class MaskGenerator:
         first = -((j + s - 1) // s)                       # last grid point ≤ −jitter
         last = (length - 1 + j + s - 1) // s              # first grid point ≥ length−1+jitter
         count = last - first + 1
-        radius = max(1, math.ceil(_TRUNCATE * sg / s))
+        # Slots farther than the grid's length from the centre hold no parameter for any
+        # window: a kernel wider than the grid (a huge sigma) needs no more of them.
+        radius = max(1, min(count, math.ceil(_TRUNCATE * sg / s)))
         phase = torch.arange(f, dtype=torch.float64).view(-1, 1) * s / f
         dist = phase - s * torch.arange(-radius, radius + 2, dtype=torch.float64).view(1, -1)
         near = dist.abs() <= _TRUNCATE * sg
