@@ -33,7 +33,12 @@ from torchray_like.attribution.explain import explain  # noqa: E402
 from torchray_like.attribution.registry import METHODS  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.runner import device_arg, positive_int_arg, seed_arg  # noqa: E402
+from torchray_like.benchmark.runner import (  # noqa: E402
+    device_arg,
+    image_side_arg,
+    positive_int_arg,
+    seed_arg,
+)
 from torchray_like.benchmark.settings import not_applicable, options_table  # noqa: E402
 
 EMBEDDED = EMBEDDED_MODELS
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ep-area", type=float, default=None,
                         help="extremal perturbation: the area fraction of the mask shown "
                              "(default: 0.1)")
-    parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
+    parser.add_argument("--input-size", type=image_side_arg, default=224, metavar="PX",
                         help="with --image: network input side (default: %(default)s)")
     parser.add_argument("--device", type=device_arg, default="cpu",
                         help="device (default: %(default)s)")

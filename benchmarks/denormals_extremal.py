@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.extremal_perturbation import extremal_perturbation  # noqa: E402
-from torchray_like.benchmark.runner import positive_int_arg, threads_arg  # noqa: E402
+from torchray_like.benchmark.runner import image_side_arg, positive_int_arg, threads_arg  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                         help="extremal perturbation iterations per call (default: %(default)s)")
     parser.add_argument("--repeats", type=positive_int_arg, default=2,
                         help="timed calls per setting, alternating (default: %(default)s)")
-    parser.add_argument("--input-size", type=positive_int_arg, default=64, metavar="PX",
+    parser.add_argument("--input-size", type=image_side_arg, default=64, metavar="PX",
                         help="image side (default: %(default)s)")
     parser.add_argument("--threads", type=threads_arg, default=1,
                         help="torch.set_num_threads for the run (default: %(default)s)")

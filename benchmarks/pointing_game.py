@@ -86,6 +86,7 @@ from torchray_like.benchmark.runner import (  # noqa: E402
     ConfigMismatchError,
     add_common_arguments,
     distributed,
+    image_side_arg,
     local_device,
     open_store,
     positive_int_arg,
@@ -489,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest in ("rise_masks", "rise_batch", "ep_iters"):
             action.help = action.help[:-1] + " embedded; voc07/coco14: the paper's)"
-    parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
+    parser.add_argument("--input-size", type=image_side_arg, default=224, metavar="PX",
                         help="voc07/coco14: shorter side of the network input "
                              "(default: %(default)s)")
     embedded_cli.add_model_arguments(parser)

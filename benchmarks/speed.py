@@ -83,7 +83,12 @@ from torchray_like.attribution.layer_choice import find_saliency_layer  # noqa: 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
 from torchray_like.benchmark.embedded_models import EMBEDDED_MODELS  # noqa: E402
-from torchray_like.benchmark.runner import device_arg, positive_int_arg, threads_arg  # noqa: E402
+from torchray_like.benchmark.runner import (  # noqa: E402
+    device_arg,
+    image_side_arg,
+    positive_int_arg,
+    threads_arg,
+)
 from torchray_like.benchmark.settings import options_table  # noqa: E402
 
 #: Models on which the heavy rows (occlusion, Score-CAM, Ablation-CAM: hundreds of forward
@@ -432,7 +437,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                         help="rows of these methods only, comma- or space-separated, among "
                              + ", ".join(tuple(METHODS) + EXTRA_ROWS) + " (default: all)")
-    parser.add_argument("--input-size", type=positive_int_arg, default=None, metavar="PX",
+    parser.add_argument("--input-size", type=image_side_arg, default=None, metavar="PX",
                         help="input side (64; --full: 224)")
     parser.add_argument("--batch-size", type=positive_int_arg, default=None, metavar="N",
                         help="images per input batch (1; --full: 4)")

@@ -40,7 +40,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from torchray_like.attribution.rise import generate_masks, rise  # noqa: E402
 from torchray_like.benchmark import embedded_cli  # noqa: E402
-from torchray_like.benchmark.runner import device_arg, positive_int_arg, threads_arg  # noqa: E402
+from torchray_like.benchmark.runner import (  # noqa: E402
+    device_arg,
+    image_side_arg,
+    positive_int_arg,
+    threads_arg,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory, one subprocess per measurement
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
                         help="timed calls per measurement (default: %(default)s)")
     parser.add_argument("--threads", type=threads_arg, default=None,
                         help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--input-size", type=positive_int_arg, default=224, metavar="PX",
+    parser.add_argument("--input-size", type=image_side_arg, default=224, metavar="PX",
                         help="input side (default: %(default)s)")
     parser.add_argument("--rise-masks", type=positive_int_arg, nargs="+", default=[32, 256],
                         metavar="N",

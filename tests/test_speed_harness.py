@@ -87,7 +87,8 @@ def test_a_model_that_does_not_take_the_input_size_stops_the_run_clearly(capsys)
                     "--repeats", "1", "--no-references"])
 
 
-@pytest.mark.parametrize("size", [["--input-size", str(2 ** 42)], ["--batch-size", str(2 ** 42)]])
+@pytest.mark.parametrize("size", [["--batch-size", str(2 ** 42)],
+                                  ["--batch-size", str(2 ** 30), "--input-size", "16384"]])
 def test_a_batch_beyond_memory_stops_the_run_with_what_to_do(size):
     # Before: the allocator's error, or "Storage size calculation overflowed", as a traceback.
     with pytest.raises(SystemExit, match=r"speed\.py: a batch of .* does not fit \(.*\); use "
@@ -121,6 +122,9 @@ def test_a_batch_beyond_memory_stops_the_run_with_what_to_do(size):
     ("speed", ["--repeats", "0"], r"--repeats: expected a positive integer, got 0"),
     # Before: torch.device's RuntimeError ("Invalid device string") as a traceback.
     ("speed", ["--device", "nan"], r"--device: not a device: 'nan' \(use cpu, cuda"),
+    # Before: "Storage size calculation overflowed" as a traceback.
+    ("speed_rise", ["--input-size", str(2 ** 42)], r"--input-size: an image side \(px\) must be "
+                                                   r"at most 16384, got 4398046511104"),
     ("speed_rise", ["--device", "0"], r"--device: not a device: '0'"),
     ("compare", ["--device", "-1"], r"--device: not a device: '-1'"),
     ("deletion_insertion", ["--blur-sigma", "1e99"], r"--blur-sigma must be at most 262143 px "

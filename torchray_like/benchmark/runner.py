@@ -49,7 +49,7 @@ __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_ar
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
            "device_arg",
            "non_negative_int_arg", "seed_arg", "MAX_SEED", "threads_arg",
-           "threads_or_default_arg", "MAX_THREADS",
+           "threads_or_default_arg", "MAX_THREADS", "image_side_arg", "MAX_IMAGE_SIDE",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
 _BUSY_TIMEOUT_S = 120.0
@@ -603,6 +603,15 @@ def _at_most(value: int, maximum: int, what: str) -> int:
     if value > maximum:
         raise argparse.ArgumentTypeError(f"{what} must be at most {maximum}, got {value}")
     return value
+
+
+#: The largest image side an ``--input-size`` accepts (a 16 384² RGB float image is 3 GiB).
+MAX_IMAGE_SIDE = 16384
+
+
+def image_side_arg(text: str) -> int:
+    """argparse type: an image side in pixels, in ``[1, MAX_IMAGE_SIDE]``."""
+    return _at_most(_int_arg(text, 1, "positive"), MAX_IMAGE_SIDE, "an image side (px)")
 
 
 def positive_int_arg(text: str) -> int:
