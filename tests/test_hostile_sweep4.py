@@ -193,3 +193,46 @@ def test_debug_and_resize_mode_are_checked_whatever_the_other_options(method, sm
             with pytest.raises(TypeError, match=rf"^debug must be True or False, got "
                                rf"{re.escape(repr(value))}$"):
                 fn(model, x, 1, debug=value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A callable target returning integer scores: occlusion and score_cam took the truncated scores
+# (silently wrong), the gradient methods said the scores "do not depend on the input".
+
+def _rounded(out: torch.Tensor) -> torch.Tensor:
+    return (out[:, 1] * 100).long()
+
+
+_CNN_METHODS = sorted(set(trl.METHODS) - _TRANSFORMER_METHODS)
+# The backpropagation methods read the target through one shared seed: no method name there.
+_GRADIENT_TARGETS = {"gradient", "guided_backprop", "deconvnet", "linear_approx", "grad_cam",
+                     "guided_grad_cam", "excitation_backprop", "contrastive_excitation_backprop",
+                     "gradient_x_input", "smooth_grad", "grad_cam_plus_plus", "layer_cam",
+                     "xgrad_cam", "hires_cam", "eigen_cam", "lrp", "lrp_epsilon_plus",
+                     "lrp_epsilon_plus_flat", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_gamma_box"}
+
+
+@pytest.mark.filterwarnings("ignore:extremal_perturbation. sigma")
+@pytest.mark.parametrize("method", _CNN_METHODS)
+@pytest.mark.parametrize("target", [_rounded, lambda out: out[:, 1] > 0])
+def test_callable_target_with_integer_scores_is_refused(method, target):
+    model, x = _convnet(), _images(2, 3, 12, 12)
+    name = "" if method in _GRADIENT_TARGETS else f"{method}: "
+    with pytest.raises(TypeError, match=rf"^{name}target is a callable that returned scores of "
+                       r"dtype torch.(int64|bool); scores must be floating point \(an integer "
+                       r"or boolean score is already rounded"):
+        trl.METHODS[method](model, x, target)
+
+
+def test_callable_score_with_integer_scores_is_refused():
+    model, x = _convnet(), _images(2, 3, 12, 12)
+    with pytest.raises(TypeError, match=r"^score is a callable that returned scores of dtype "
+                       r"torch.int64; .* e.g. score=lambda out: out.softmax\(1\)"):
+        trl.rise(model, x, 1, num_masks=8, score=lambda out: (out * 100).long())
+
+
+def test_float_callable_target_still_gives_the_class_map():
+    model, x = _convnet(), _images(2, 3, 12, 12)
+    for method in ("occlusion", "score_cam", "gradient"):
+        torch.testing.assert_close(trl.METHODS[method](model, x, lambda out: out[:, 1]),
+                                   trl.METHODS[method](model, x, 1))

@@ -26,7 +26,7 @@ from .reporting import warn_caller
 
 __all__ = ["get_backward_gradient", "get_pointing_gradient", "class_indices", "TargetType",
            "Target", "parse_target", "backward_seed", "class_seed", "check_output_tensor",
-           "target_logits", "output_scores", "SCORES"]
+           "target_logits", "output_scores", "SCORES", "check_score_dtype"]
 
 TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
 
@@ -202,6 +202,7 @@ def output_scores(output: Any, score: Union[str, Callable[[Any], torch.Tensor]],
             raise TypeError(
                 f"a callable score must return a tensor of shape ({batch}, K), got "
                 f"{type(s).__name__}")
+        check_score_dtype(s, "", "score")
         if s.dim() == 1:
             s = s[:, None]
         if s.dim() != 2 or s.shape[0] != batch:
@@ -336,6 +337,22 @@ def get_pointing_gradient(pred_y: torch.Tensor, y: TargetType,
     return seed
 
 
+def check_score_dtype(scores: torch.Tensor, name: str, argument: str = "target") -> None:
+    """Refuse the scores of a callable ``target`` (or ``score``) that are not floating point
+    (a :class:`TypeError` naming the argument).  Integer or boolean scores are already
+    rounded by the function (``.long()``, ``argmax``, a comparison): casting them afterwards
+    cannot restore the differences the perturbation methods measure, and autograd cannot
+    differentiate them."""
+    if not scores.is_floating_point():
+        raise TypeError(
+            f"{name + ': ' if name else ''}{argument} is a callable that returned scores of "
+            f"dtype {scores.dtype}; scores must be floating point (an integer or boolean score "
+            "is already rounded, so the map would be wrong): return the logits or "
+            f"probabilities as they are, e.g. {argument}=lambda out: out"
+            f"{'[:, 3]' if argument == 'target' else '.softmax(1)'}, without .long(), .int() "
+            "or argmax")
+
+
 def target_scores(output: Any, target: Callable, batch: int) -> torch.Tensor:
     """Evaluate a callable target on the model output and check it gives ``(batch,)`` scores
     that autograd can differentiate (the backpropagation methods' view)."""
@@ -344,6 +361,7 @@ def target_scores(output: Any, target: Callable, batch: int) -> torch.Tensor:
         raise TypeError(
             f"a callable target must return a tensor of {batch} scores, got "
             f"{type(scores).__name__}")
+    check_score_dtype(scores, "")
     if scores.dim() == 2 and scores.shape[1] == 1:
         scores = scores[:, 0]
     if tuple(scores.shape) != (batch,):
@@ -366,6 +384,7 @@ def _row_scores(output: Any, target: Callable, rows: int, name: str) -> torch.Te
         raise TypeError(
             f"{name}: a callable target must return a tensor of one score per row of the model "
             f"output, got {type(scores).__name__}")
+    check_score_dtype(scores, name)
     if scores.dim() == 2 and scores.shape[1] == 1:
         scores = scores[:, 0]
     if tuple(scores.shape) != (rows,):
