@@ -388,7 +388,8 @@ def test_calls_inside_custom_functions_warn():
     assert torch.isfinite(smap).all()
     # A reentrant checkpoint refuses torch.autograd.grad: a ValueError saying what to do.
     with pytest.warns(UnhandledOperationWarning), pytest.raises(
-            ValueError, match="use_reentrant=True.*excitation backprop and LRP refuse any checkpoint"):
+            ValueError,
+            match="use_reentrant=True.*excitation backprop and LRP refuse any checkpoint"):
         excitation_backprop(Net(True), x.detach(), 0)
 
 
