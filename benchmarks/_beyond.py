@@ -185,7 +185,8 @@ def cam_cases(s: Any) -> List[Case]:
 
 
 #: The LRP rows: (method, its composite as the row says it).
-LRP_ROWS = (("lrp", "EpsilonPlusFlat"), ("lrp_epsilon_gamma_box", "EpsilonGammaBox"),
+LRP_ROWS = (("lrp", "EpsilonPlusFlat"), ("lrp_epsilon_plus", "EpsilonPlus"),
+            ("lrp_epsilon_gamma_box", "EpsilonGammaBox"),
             ("lrp_epsilon_alpha2_beta1", "EpsilonAlpha2Beta1"))
 #: LRP against forward + grad to the input: the rules' own backward (z⁺ needs the positive
 #: weights' convolution and its transpose, γ the same, α-β both signs) costs up to one more

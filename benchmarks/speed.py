@@ -101,6 +101,9 @@ QUICK = {"models": ["resnet18", "embedded-vgg", "embedded-resnet"], "input_size"
 FULL = {"models": ["resnet50", "vgg16"], "input_size": 224, "batch_size": 4, "threads": None}
 #: What --methods selects besides the methods: the rule context alone, and explain().
 EXTRA_ROWS = ("relu_context", "explain")
+#: Methods that are another row's computation under their own name: ``lrp``'s default
+#: composite is EpsilonPlusFlat, so ``--methods lrp_epsilon_plus_flat`` times the ``lrp`` row.
+SAME_ROW = {"lrp_epsilon_plus_flat": "lrp"}
 #: TorchRay's six methods sharing explain's forward pass (the "explain(6 methods)" rows).
 TORCHRAY_SHARED = ("gradient", "guided_backprop", "deconvnet", "linear_approx", "grad_cam",
                    "guided_grad_cam")
@@ -468,10 +471,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     try:
         args.models = embedded_cli.model_names(args.models)
-        args.named_methods = [] if args.methods == ["all"] else embedded_cli.name_list(
-            args.methods, tuple(METHODS) + EXTRA_ROWS, "--methods")
-        args.methods = embedded_cli.name_list(args.methods, tuple(METHODS) + EXTRA_ROWS,
-                                              "--methods")
+        args.named_methods = [] if args.methods == ["all"] else [
+            SAME_ROW.get(m, m) for m in embedded_cli.name_list(
+                args.methods, tuple(METHODS) + EXTRA_ROWS, "--methods")]
+        args.methods = list(dict.fromkeys(SAME_ROW.get(m, m) for m in embedded_cli.name_list(
+            args.methods, tuple(METHODS) + EXTRA_ROWS, "--methods")))
     except ValueError as error:
         parser.error(str(error))
     for flag in ("input_size", "batch_size", "repeats"):

@@ -16,6 +16,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import _harness  # noqa: E402
 import _references  # noqa: E402
 import speed  # noqa: E402
+from _beyond import LRP_ROWS  # noqa: E402
+
+from torchray_like.attribution.registry import METHODS  # noqa: E402
 
 
 def net() -> nn.Module:
@@ -144,3 +147,14 @@ def test_bad_command_lines_are_argparse_errors(script, argv, message, capsys):
         main(argv)
     assert info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_every_lrp_method_has_a_speed_row():
+    # lrp_epsilon_plus had no row ("no speed case"); lrp_epsilon_plus_flat is the lrp row's
+    # computation (lrp's default composite), timed under that row.
+    args = speed.parse_args(["--methods", "lrp_epsilon_plus_flat", "lrp", "lrp_epsilon_plus"])
+    assert args.methods == ["lrp", "lrp_epsilon_plus"]
+    assert sorted(args.named_methods) == ["lrp", "lrp", "lrp_epsilon_plus"]
+    cnn_lrp = [m for m in METHODS if m.startswith("lrp")]
+    rows = {speed.SAME_ROW.get(m, m) for m in cnn_lrp}
+    assert rows <= {method for method, _ in LRP_ROWS}
