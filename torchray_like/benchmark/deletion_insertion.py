@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..attribution.arguments import check_number, check_progress
+from ..attribution.arguments import check_finite, check_number, check_progress
+from ..attribution.inputs import call_model
 from ..attribution.maps import Shape, resize_saliency, smooth_saliency
 from ..attribution.reporting import progress_bar
 from ..attribution.seeding import GeneratorType, make_generator
@@ -122,10 +123,18 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_not_meta(tensor: torch.Tensor, name: str) -> None:
+    """A meta tensor has no values to order pixels by or to paint with."""
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
+                         "with values")
+
+
 def _check_saliency(saliency: Any, input: torch.Tensor) -> torch.Tensor:
     """``(N, 1, *spatial)`` (or ``(N, *spatial)``) finite real maps, resized to the input."""
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a torch.Tensor, got {type(saliency).__name__}")
+    _check_not_meta(saliency, "saliency")
     if saliency.is_complex() or saliency.dtype == torch.bool:
         raise ValueError(f"saliency must be a real tensor, got dtype {saliency.dtype}")
     spatial = input.dim() - 2
@@ -175,6 +184,7 @@ def _named_substrate(name: str, input: torch.Tensor, blur_sigma: Optional[float]
 
 def _tensor_substrate(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """A tensor substrate, checked and broadcast to the input's shape, dtype and device."""
+    _check_not_meta(out, "substrate")
     if not out.is_floating_point():
         raise ValueError(f"substrate must be a floating-point tensor, got dtype {out.dtype}")
     try:
@@ -291,6 +301,8 @@ def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Te
     """
     check_model(model)
     check_input(input, "input", needs_grad=False)
+    # A NaN pixel makes every perturbed image NaN: the curves would be NaN with no word why.
+    check_finite(input, "input", "deletion_insertion")
     if mode not in MODES:
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
@@ -331,7 +343,8 @@ def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Te
             img, k = flat // num_points, flat % num_points
             changed = (rank[img] < counts[k][:, None]).view((len(flat), 1) + spatial)
             x = torch.where(changed, first[img], rest[img])
-            output = model(x)
+            # A dtype mismatch (float64 input, float32 model) is named, not PyTorch's words.
+            output = call_model(model, x, input)
             probs = output_scores(output, score, len(flat), input.dtype)
             if start == 0:
                 classes = probs.shape[1]

@@ -1,0 +1,53 @@
+"""Hostile inputs, fifth sweep: the evaluation and plotting functions a researcher calls directly
+(benchmark.pointing_game, deletion_insertion, sanity_checks, intervals, quantus, plot; visualize;
+utils)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchray_like.benchmark import deletion_insertion as di
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+nn = torch.nn
+
+
+def _convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 5)).eval()
+
+
+def _images(*shape: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# deletion_insertion: a meta saliency was "Cannot copy out of meta tensor" (NotImplementedError),
+# a meta substrate "does not broadcast" to a same-shaped input; a float64 batch for a float32
+# model was PyTorch's "Input type (double) and bias type (float)"; a NaN pixel gave NaN curves
+# and a NaN AUC without a word.
+
+
+def test_deletion_insertion_meta_saliency_and_substrate():
+    model, x, s = _convnet(), _images(1, 3, 8, 8), _images(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="saliency is on the meta device"):
+        di.deletion_insertion(model, x, s.to("meta"), 1, step=16)
+    with pytest.raises(ValueError, match="substrate is on the meta device"):
+        di.deletion_insertion(model, x, s, 1, step=16,
+                              substrate=torch.zeros(1, 3, 8, 8, device="meta"))
+
+
+def test_deletion_insertion_dtype_mismatch_is_named():
+    model, x, s = _convnet(), _images(1, 3, 8, 8), _images(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"input is float64 but the model's parameters are "
+                                         r"float32: pass x.to\(torch.float32\)"):
+        di.deletion_insertion(model, x.double(), s, 1, step=16)
+    assert not model.training
+
+
+def test_deletion_insertion_nan_input_is_refused():
+    model, x, s = _convnet(), _images(1, 3, 8, 8), _images(1, 1, 8, 8)
+    x[0, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"deletion_insertion: input has 1 NaN value"):
+        di.deletion_insertion(model, x, s, 1, step=16)
