@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from torchray_like.benchmark import deletion_insertion as di
+from torchray_like.benchmark import pointing_game as pg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 nn = torch.nn
@@ -51,3 +52,30 @@ def test_deletion_insertion_nan_input_is_refused():
     x[0, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match=r"deletion_insertion: input has 1 NaN value"):
         di.deletion_insertion(model, x, s, 1, step=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# pointing game: a complex saliency took its real part (a torch warning only when resized), a
+# NaN mask pixel counted as object (NaN != 0), meta tensors were NotImplementedError /
+# "Tensor.item() cannot be called on meta tensors".
+
+
+def test_saliency_to_point_refuses_complex_and_meta():
+    s = _images(1, 1, 7, 9)
+    for size in [(7, 9), (14, 18)]:
+        with pytest.raises(TypeError, match=r"saliency must be real, got dtype torch.complex64"):
+            pg.saliency_to_point(s.to(torch.complex64), size)
+        with pytest.raises(ValueError, match="saliency is on the meta device"):
+            pg.saliency_to_point(s.to("meta"), size)
+
+
+def test_pointing_game_mask_nan_and_meta():
+    game = pg.PointingGame(3, tolerance=1)
+    mask = torch.zeros(10, 10)
+    mask[2:4, 2:4] = 1.0
+    assert game.evaluate(mask, (3, 3)) == 1
+    mask[8, 8] = float("nan")
+    with pytest.raises(ValueError, match="mask contains NaN or infinite values"):
+        game.evaluate(mask, (8, 8))
+    with pytest.raises(ValueError, match="mask is on the meta device"):
+        game.evaluate(torch.zeros(10, 10, dtype=torch.bool, device="meta"), (3, 3))

@@ -72,11 +72,27 @@ def _as_bool_mask(mask: Any) -> torch.Tensor:
         raise TypeError(
             f"mask must be a torch.Tensor or numpy array of shape (H, W), got "
             f"{type(mask).__name__}")
+    _check_values(mask, "mask")
     if mask.dim() == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.dim() != 2:
         raise ValueError(f"mask must have shape (H, W) (or (1, H, W)), got {tuple(mask.shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        # NaN != 0 is True: a NaN pixel would silently count as object.
+        raise ValueError("mask contains NaN or infinite values; pass a boolean or 0/1 mask")
+    return mask != 0
+
+
+def _check_values(tensor: torch.Tensor, name: str) -> None:
+    """A meta tensor has no values; a complex one has no order (argmax, non-zero as object)."""
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
+                         "with values")
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {tensor.dtype}; pass its real part or "
+                        "its magnitude (.abs()) explicitly")
 
 
 def _as_point(point: Any) -> Point:
@@ -162,6 +178,7 @@ def saliency_to_point(saliency: Any, size: Sequence[int]) -> tuple[int, int]:
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a torch.Tensor or numpy array, got "
                         f"{type(saliency).__name__}")
+    _check_values(saliency, "saliency")
     if saliency.dim() < 2 or any(s != 1 for s in saliency.shape[:-2]) or saliency.dim() > 4:
         raise ValueError(
             "saliency must be one map of shape (h, w), (1, h, w) or (1, 1, h, w), got "
