@@ -3,6 +3,7 @@
 utils)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,37 @@ def test_pointing_game_mask_nan_and_meta():
         game.evaluate(mask, (8, 8))
     with pytest.raises(ValueError, match="mask is on the meta device"):
         game.evaluate(torch.zeros(10, 10, dtype=torch.bool, device="meta"), (3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# top_present_class: a class beyond the scores was an IndexError, a negative one wrapped around
+# (-1 was the last class), a float was truncated, a flat list was "'int' object is not iterable";
+# auc with decreasing fractions returned a negative area.
+
+
+def test_top_present_class_checks_present():
+    model, x = _convnet(), _images(2, 3, 8, 8)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)
+    expected = [max([1, 2], key=lambda c: float(probs[0, c])), 3]
+    assert di.top_present_class(model, x, [[1, 2], np.array([3])]) == expected
+    with pytest.raises(ValueError, match=r"present\[0\] holds class 9, out of range: the scores "
+                                         r"have 5 classes"):
+        di.top_present_class(model, x, [[9], [1]])
+    with pytest.raises(ValueError, match=r"present\[1\] holds class -1, out of range"):
+        di.top_present_class(model, x, [[1], [-1]])
+    with pytest.raises(TypeError, match=r"present\[0\] must hold int class indices, got 1.5"):
+        di.top_present_class(model, x, [[1.5], [1]])
+    with pytest.raises(TypeError, match=r"present\[0\] must be a list of class indices, got 1"):
+        di.top_present_class(model, x, [1, 2])
+    with pytest.raises(TypeError, match="present must be a sequence of class-index lists"):
+        di.top_present_class(model, x, None)
+
+
+def test_auc_refuses_decreasing_fractions():
+    curve = torch.tensor([1.0, 0.5, 0.0])
+    assert float(di.auc(curve, torch.tensor([0.0, 0.5, 1.0]))) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="fractions must be finite and non-decreasing"):
+        di.auc(curve, torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="fractions must be finite and non-decreasing"):
+        di.auc(curve, torch.tensor([0.0, float("nan"), 1.0]))

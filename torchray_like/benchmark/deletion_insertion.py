@@ -113,6 +113,10 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
         raise ValueError(
             f"fractions must have shape ({curve.shape[-1]},) like the curve's last dimension, "
             f"got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()) or bool((x[1:] < x[:-1]).any()):
+        # Decreasing fractions would flip the trapezoids' sign: a negative "area", silently.
+        raise ValueError(f"fractions must be finite and non-decreasing (the fraction of pixels "
+                         f"changed at each point), got {x.tolist()}")
     area = ((x[1:] - x[:-1]) * (c[..., 1:] + c[..., :-1]) / 2).sum(-1)
     return area.to(device=curve.device,
                    dtype=curve.dtype if curve.is_floating_point() else torch.float32)
@@ -447,15 +451,33 @@ def top_present_class(model: nn.Module, input: torch.Tensor,
     object that is there)."""
     check_model(model)
     check_input(input, "input", needs_grad=False)
+    if isinstance(present, (str, bytes)) or not hasattr(present, "__len__"):
+        raise TypeError(f"present must be a sequence of class-index lists, one per image, got "
+                        f"{type(present).__name__}")
     if len(present) != input.shape[0]:
         raise ValueError(
             f"present has {len(present)} entries but the input has {input.shape[0]} images")
     with model_state_guard(model), torch.no_grad():
-        probs = output_scores(model(input), score, input.shape[0], input.dtype)
-    out = []
-    for i, classes in enumerate(present):
-        classes = [int(c) for c in classes]
-        if not classes:
-            raise ValueError(f"present[{i}] is empty: image {i} has no class to explain")
-        out.append(max(classes, key=lambda c: (float(probs[i, c]), -c)))
-    return out
+        probs = output_scores(call_model(model, input, input), score, input.shape[0],
+                              input.dtype)
+    return [_top_class(probs[i], classes, i) for i, classes in enumerate(present)]
+
+
+def _top_class(probs: torch.Tensor, classes: Any, i: int) -> int:
+    """The class of ``classes`` (image ``i``'s) with the highest score, ties to the lower index;
+    each checked to be an int in range (a negative index would wrap, a float be truncated)."""
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise TypeError(f"present[{i}] must be a list of class indices, got {classes!r}")
+    classes = list(classes)
+    if not classes:
+        raise ValueError(f"present[{i}] is empty: image {i} has no class to explain")
+    num_classes = probs.shape[0]
+    for c in classes:
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (Integral, torch.Tensor)) or (
+                isinstance(c, torch.Tensor) and (c.dim() != 0 or c.is_floating_point()
+                                                 or c.dtype == torch.bool)):
+            raise TypeError(f"present[{i}] must hold int class indices, got {c!r}")
+        if not 0 <= int(c) < num_classes:
+            raise ValueError(f"present[{i}] holds class {int(c)}, out of range: the scores have "
+                             f"{num_classes} classes (valid: 0..{num_classes - 1})")
+    return max((int(c) for c in classes), key=lambda c: (float(probs[c]), -c))
