@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from torchray_like.benchmark import deletion_insertion as di
+from torchray_like.benchmark import intervals as iv
 from torchray_like.benchmark import pointing_game as pg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,3 +115,28 @@ def test_auc_refuses_decreasing_fractions():
         di.auc(curve, torch.tensor([1.0, 0.5, 0.0]))
     with pytest.raises(ValueError, match="fractions must be finite and non-decreasing"):
         di.auc(curve, torch.tensor([0.0, float("nan"), 1.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# intervals: complex values lost their imaginary part with only NumPy's ComplexWarning; verdict
+# of a tuple was an AttributeError and took a negative or float min_images.
+
+
+def test_mean_interval_refuses_complex():
+    values = np.linspace(0.0, 1.0, 10)
+    with pytest.raises(TypeError, match="values must be real numbers, got complex"):
+        iv.mean_interval(values.astype(complex), resamples=100)
+    with pytest.raises(TypeError, match="values_a must be real numbers"):
+        iv.paired_mean_difference(torch.tensor(values, dtype=torch.complex128), values,
+                                  resamples=100)
+
+
+def test_verdict_checks_its_arguments():
+    interval = iv.mean_interval(np.linspace(1.0, 2.0, 10), resamples=100)
+    assert iv.verdict(interval) == "reproduced"
+    with pytest.raises(TypeError, match="interval must be an Interval"):
+        iv.verdict((0.0, 1.0))
+    for bad in (-1, 0, 1.5, None, True):
+        with pytest.raises(ValueError, match="min_images must be a positive int"):
+            iv.verdict(interval, min_images=bad)
+

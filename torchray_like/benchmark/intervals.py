@@ -130,6 +130,11 @@ def verdict(interval: Interval, positive: str = "reproduced", negative: str = "r
     """What a difference's interval says: ``positive`` (above zero), ``negative`` (below),
     ``"not resolved"`` (zero inside, or undefined), or ``"too few images"`` (fewer than
     ``min_images``: the bootstrap cannot be trusted to say)."""
+    if not isinstance(interval, Interval):
+        raise TypeError(f"interval must be an Interval (from mean_interval, "
+                        f"paired_mean_difference, ...), got {type(interval).__name__}")
+    if isinstance(min_images, bool) or not isinstance(min_images, Integral) or min_images < 1:
+        raise ValueError(f"min_images must be a positive int, got {min_images!r}")
     if interval.n < min_images:
         return "too few images"
     if interval.low > 0:
@@ -281,6 +286,10 @@ def mean_contributions(values: Any, name: str = "values") -> np.ndarray:
     ValueError
         For a value that is infinite, or not a 1-D sequence of numbers.
     """
+    if np.iscomplexobj(values):  # arrays, lists and tensors alike
+        # NumPy would drop the imaginary part with only a ComplexWarning.
+        raise TypeError(f"{name} must be real numbers, got complex values; pass their real "
+                        "part or magnitude explicitly")
     try:
         v = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as error:
