@@ -10,6 +10,7 @@ import torch
 from torchray_like.benchmark import deletion_insertion as di
 from torchray_like.benchmark import intervals as iv
 from torchray_like.benchmark import pointing_game as pg
+from torchray_like.benchmark import sanity_checks as sc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 nn = torch.nn
@@ -140,3 +141,53 @@ def test_verdict_checks_its_arguments():
         with pytest.raises(ValueError, match="min_images must be a positive int"):
             iv.verdict(interval, min_images=bad)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# sanity checks: an unbatched or float64 input was PyTorch's "mat1 and mat2 shapes cannot be
+# multiplied" / "Input type (double)"; a meta map was NotImplementedError, a complex one lost
+# its imaginary part silently; summarize with an unknown key (or keys="method") was a KeyError;
+# randomize_layer took seed=1.5 (truncated) and seed=-1 (wrapped).
+
+
+def test_sanity_checks_names_unbatched_and_float64_inputs():
+    model, x = _convnet(), _images(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="a single sample without the batch dimension"):
+        sc.sanity_checks(model, x[0], 1, "gradient")
+    with pytest.raises(ValueError, match="input is float64 but the model's parameters are "
+                                         "float32"):
+        sc.sanity_checks(model, x.double(), 1, "gradient")
+    assert len(sc.sanity_checks(model, x, 1, "gradient", seed=np.int64(1))) == 3
+
+
+def test_compare_maps_refuses_meta_and_complex():
+    a = _images(8, 8)
+    assert sc.compare_maps(a, a)["spearman"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="other is on the meta device"):
+        sc.compare_maps(a, a.to("meta"))
+    with pytest.raises(TypeError, match="reference must be a real map, got complex"):
+        sc.compare_maps(a.to(torch.complex64), a)
+    with pytest.raises(TypeError, match="other must be a real map, got complex"):
+        sc.compare_maps(a.numpy(), a.numpy().astype(complex))
+
+
+def test_summarize_checks_keys_and_records():
+    records = [{"method": "m", "layer": "x", "spearman_abs": 0.5},
+               {"method": "m", "layer": "x", "spearman_abs": 0.7}]
+    (row,) = sc.summarize(records, keys=["method"])
+    assert row["n"] == 2 and row["spearman_abs"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="records\\[0\\] has no field 'nope' to group by"):
+        sc.summarize(records, keys=("nope",))
+    with pytest.raises(TypeError, match="keys must be a sequence of record field names"):
+        sc.summarize(records, keys="method")
+    with pytest.raises(TypeError, match="records\\[1\\] must be a dict"):
+        sc.summarize([records[0], 3], keys=("method",))
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, 2 ** 64])
+def test_randomize_layer_checks_seed(seed):
+    layer = nn.Linear(2, 2)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="seed must be an int in \\[0, 2\\*\\*64\\)"):
+        sc.randomize_layer(layer, seed)
+    assert torch.equal(layer.weight, before)

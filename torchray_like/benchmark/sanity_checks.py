@@ -42,12 +42,14 @@ import copy
 import hashlib
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from numbers import Integral
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..attribution.inputs import call_model
 from ..attribution.state import check_input, check_model, model_state_guard
 from .deletion_insertion import method_saliency
 
@@ -90,7 +92,7 @@ def randomization_layers(model: nn.Module, input: torch.Tensor) -> List[str]:
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         with model_state_guard(model), torch.no_grad():
-            model(input)
+            call_model(model, input, input)   # an unbatched or float64 input is named
     finally:
         for h in handles:
             h.remove()
@@ -113,6 +115,9 @@ def randomize_layer(module: nn.Module, seed: int) -> None:
     restored afterwards), otherwise each own parameter is redrawn from a normal distribution
     with mean 0 and the parameter's standard deviation (0.01 when that is 0).
     """
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2 ** 64:
+        # torch.manual_seed would truncate 1.5 and wrap -1 around, silently.
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     params = list(module.parameters(recurse=False))
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -246,6 +251,13 @@ def compare_maps(reference: Any, other: Any) -> Dict[str, float]:
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor) and x.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
+                         "with values")
+    if np.iscomplexobj(x):
+        # Casting would keep the real part only, with at most a ComplexWarning.
+        raise TypeError(f"{name} must be a real map, got complex values; pass its real part or "
+                        "magnitude (.abs()) explicitly")
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().to(torch.float64).numpy()
     x = np.asarray(x, dtype=np.float64)
@@ -288,7 +300,7 @@ def _check_arguments(model: nn.Module, input: torch.Tensor, method: Any, mode: A
     check_input(input, "input", needs_grad=False)
     if mode not in MODES:
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if method_kwargs is None:
         method_kwargs = {}
@@ -413,6 +425,22 @@ def _target_list(target: Any, n: int) -> List[Any]:
     return [None] * n
 
 
+def _check_summary_keys(records: Any, keys: Any) -> Tuple[str, ...]:
+    """``keys`` as a tuple of names that every record (a mapping) has."""
+    if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"keys must be a sequence of record field names, e.g. ('method', "
+                        f"'layer'), got {keys!r}")
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"records[{i}] must be a dict (a record of sanity_checks), got "
+                            f"{type(r).__name__}")
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"records[{i}] has no field {missing[0]!r} to group by; its "
+                             f"fields: {', '.join(map(str, r))}")
+    return tuple(keys)
+
+
 def summarize(records: Sequence[Dict[str, Any]],
               keys: Sequence[str] = ("method", "mode", "step", "layer"), *,
               seed: int = 0) -> List[Dict[str, Any]]:
@@ -424,6 +452,7 @@ def summarize(records: Sequence[Dict[str, Any]],
     """
     from .intervals import mean_interval
 
+    keys = _check_summary_keys(records, keys)
     groups: Dict[Tuple, List[Dict[str, Any]]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
