@@ -3,14 +3,23 @@
 utils)."""
 from __future__ import annotations
 
-import numpy as np
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: before pyplot is imported anywhere
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest
 import torch
 
+from torchray_like import utils, visualize
 from torchray_like.benchmark import deletion_insertion as di
 from torchray_like.benchmark import intervals as iv
 from torchray_like.benchmark import pointing_game as pg
 from torchray_like.benchmark import sanity_checks as sc
+from torchray_like.benchmark.plot import plot_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 nn = torch.nn
@@ -191,3 +200,75 @@ def test_randomize_layer_checks_seed(seed):
     with pytest.raises(ValueError, match="seed must be an int in \\[0, 2\\*\\*64\\)"):
         sc.randomize_layer(layer, seed)
     assert torch.equal(layer.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots and display helpers: a meta tensor was "Cannot copy out of meta tensor"
+# (NotImplementedError) in every plot and in imsc / imarraysc / im_to_numpy; plot_example and
+# imsc showed a complex tensor's real part (plot_example with a PyTorch warning, imsc silently);
+# imsc of an empty image was PyTorch's "min(): Expected reduction dim"; a save path in a missing
+# folder was FileNotFoundError after the drawing, a folder was written as "<folder>.png",
+# plot_example(save_path=3) an AttributeError, show_plot="no" showed the plot; imread(None) an
+# AttributeError.
+
+
+@pytest.fixture
+def agg():
+    yield
+    plt.close("all")
+
+
+def test_plots_refuse_meta_and_complex(agg):
+    x, s = _images(1, 3, 8, 8), _images(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="saliency is on the meta device"):
+        visualize.saliency_plot(x, s.to("meta"))
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        visualize.saliency_plot(x.to("meta"), s)
+    with pytest.raises(ValueError, match=r"maps\['a'\] is on the meta device"):
+        visualize.plot_methods(x, {"a": s.to("meta")})
+    with pytest.raises(ValueError, match="image is on the meta device"):
+        visualize.overlay(x.to("meta"), s)
+    with pytest.raises(ValueError, match="saliency is on the meta device"):
+        plot_example(x, s.to("meta"), "gradient", 1)
+    with pytest.raises(TypeError, match=r"saliency is complex; pass its magnitude"):
+        plot_example(x, s.to(torch.complex64), "gradient", 1)
+    with pytest.raises(TypeError, match=r"input is complex; pass its magnitude"):
+        plot_example(x.to(torch.complex64), s, "gradient", 1)
+
+
+def test_display_helpers_refuse_meta_complex_and_empty():
+    img = _images(3, 8, 8)
+    with pytest.raises(ValueError, match="img is on the meta device"):
+        utils.imsc(img.to("meta"), quiet=True)
+    with pytest.raises(TypeError, match=r"img is complex; pass its magnitude \(img.abs\(\)\)"):
+        utils.imsc(img.to(torch.complex64), quiet=True)
+    with pytest.raises(ValueError, match=r"img is empty \(shape \(3, 0, 8\)\)"):
+        utils.imsc(torch.rand(3, 0, 8), quiet=True)
+    with pytest.raises(ValueError, match="tiles is on the meta device"):
+        utils.imarraysc(img[None].to("meta"), quiet=True)
+    with pytest.raises(ValueError, match="tensor is on the meta device"):
+        utils.tensor_to_im(img.to("meta"))
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match="file must be a path, a URL or an open binary file"):
+            utils.imread(bad)
+
+
+def test_save_paths_are_checked_before_drawing(agg, tmp_path):
+    x, s = _images(1, 3, 8, 8), _images(1, 1, 8, 8)
+    missing = tmp_path / "missing" / "a.png"
+    with pytest.raises(ValueError, match="save: the folder .*missing' does not exist; create it"):
+        visualize.saliency_plot(x, s, save=missing)
+    with pytest.raises(ValueError, match="save_path: the folder .*missing' does not exist"):
+        plot_example(x, s, "gradient", 1, save_path=str(missing))
+    with pytest.raises(ValueError, match="save is a folder"):
+        visualize.plot_methods(x, {"a": s}, save=tmp_path)
+    with pytest.raises(ValueError, match="save_path has the extension 'xyz', which matplotlib "
+                                         "cannot write; use one of .*png"):
+        plot_example(x, s, "gradient", 1, save_path=tmp_path / "a.xyz")
+    with pytest.raises(TypeError, match="save_path must be None or a file path, got int"):
+        plot_example(x, s, "gradient", 1, save_path=3)
+    with pytest.raises(TypeError, match="show_plot must be True or False, got 'no'"):
+        plot_example(x, s, "gradient", 1, show_plot="no")
+    assert os.listdir(tmp_path) == []
+    plot_example(x, s, "gradient", 1, save_path=tmp_path / "a.PDF")
+    assert os.listdir(tmp_path) == ["a.PDF"]

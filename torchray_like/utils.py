@@ -76,12 +76,56 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
     ------
     TypeError
         If ``value`` is neither a tensor nor a NumPy array.
+    ValueError
+        If ``value`` is a tensor on the meta device (it has no values to show).
     """
     if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise ValueError(f"{name} is on the meta device (a tensor without data); pass a "
+                             "tensor with values")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
     raise TypeError(f"{name} must be a torch.Tensor (or a NumPy array), got {type(value).__name__}")
+
+
+def check_output_path(path: Any, name: str) -> None:
+    """Check, before any drawing, that a figure can be saved to ``path``.
+
+    Parameters
+    ----------
+    path : str or path-like or None
+        Where the figure goes (``None``: nowhere, nothing to check).
+    name : str
+        The argument's name, used in the error messages.
+
+    Raises
+    ------
+    TypeError
+        If ``path`` is not a path.
+    ValueError
+        If ``path`` is a folder, its folder does not exist, or its extension is not a format
+        matplotlib writes (no extension: PNG, as matplotlib does).
+    """
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be None or a file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{name} is a folder ({path!r}); give a file name in it, e.g. "
+                         f"{os.path.join(path, 'figure.png')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}: the folder {folder!r} does not exist; create it first "
+                         "(os.makedirs(folder, exist_ok=True))")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        raise ValueError(f"{name} has the extension {ext!r}, which matplotlib cannot write; use "
+                         f"one of {', '.join(sorted(formats))}")
 
 
 def _check_lim(lim: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
@@ -114,6 +158,11 @@ def _rescale(img: torch.Tensor, lim: Optional[Tuple[float, float]]) -> torch.Ten
 def _image_chw(img: Any, name: str = "img") -> torch.Tensor:
     """Validate a displayable image and return it as ``(C, H, W)`` with ``C`` in ``{1, 3}``."""
     img = as_tensor(img, name)
+    if img.is_complex():
+        # The rescale would keep the real part only, silently.
+        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
+    if img.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(img.shape)}): there is nothing to show")
     if img.dim() == 4:
         if img.shape[0] != 1:
             raise ValueError(f"{name} has a batch of {img.shape[0]} images; imsc shows one image: "
@@ -287,6 +336,9 @@ def imread(file: Union[PathLike, Any], as_pil: bool = False,
     """
     from PIL import Image
 
+    if not isinstance(file, (str, os.PathLike)) and not hasattr(file, "read"):
+        raise TypeError(f"file must be a path, a URL or an open binary file, got "
+                        f"{type(file).__name__}")
     if is_url(file):
         import urllib.request
 

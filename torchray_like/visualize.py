@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import as_tensor
+from .utils import as_tensor, check_output_path
 
 __all__ = ["saliency_plot", "overlay", "plot_methods", "PlotWarning", "DPI", "IMAGE_PANEL",
            "IMAGE_PANEL_COLORBAR", "SIGNAL_PANEL", "COLORBAR_WIDTH", "NONFINITE_COLOR"]
@@ -121,8 +121,8 @@ def _check_alpha(alpha: Any) -> float:
 
 
 def _check_save(save: Any) -> None:
-    if save is not None and not isinstance(save, (str, os.PathLike)):
-        raise TypeError(f"save must be None or a file path, got {type(save).__name__}")
+    # Before drawing: a missing folder or an unknown extension would fail after the work.
+    check_output_path(save, "save")
 
 
 def _check_labels(labels: Any, count: int, name: str, what: str) -> Optional[List[str]]:

@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..attribution.arguments import check_flag
+from ..utils import check_output_path
 from ..visualize import NONFINITE_COLOR, PlotWarning
 
 __all__ = ["plot_example"]
@@ -42,6 +44,12 @@ def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
     """``value`` as a CPU float ``(C, H, W)``; a leading batch of one is dropped."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
+                         "with values")
+    if value.is_complex():
+        # .float() would keep the real part with only a PyTorch warning.
+        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
     t = value.detach().cpu().float()
     if t.dim() == 4:
         if t.shape[0] != 1:
@@ -159,6 +167,8 @@ def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
     """
     import matplotlib.pyplot as plt  # lazy: no backend selected at import time
 
+    check_flag(show_plot, "show_plot")
+    check_output_path(save_path, "save_path")  # before drawing, not after
     image = _as_image(input, "input", 3)
     if not bool(torch.isfinite(image).all()):
         raise ValueError("input has NaN or infinite values and cannot be shown; fix it or "
