@@ -14,12 +14,15 @@ import numpy as np  # noqa: E402
 import pytest
 import torch
 
+from tests.test_datasets import make_voc
 from torchray_like import utils, visualize
+from torchray_like.benchmark import datasets, runner, settings
 from torchray_like.benchmark import deletion_insertion as di
 from torchray_like.benchmark import intervals as iv
 from torchray_like.benchmark import pointing_game as pg
 from torchray_like.benchmark import sanity_checks as sc
 from torchray_like.benchmark.plot import plot_example
+from torchray_like.benchmark.quantus import explain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 nn = torch.nn
@@ -272,3 +275,61 @@ def test_save_paths_are_checked_before_drawing(agg, tmp_path):
     assert os.listdir(tmp_path) == []
     plot_example(x, s, "gradient", 1, save_path=tmp_path / "a.PDF")
     assert os.listdir(tmp_path) == ["a.PDF"]
+
+
+# ---------------------------------------------------------------------------------------------
+# quantus.explain: a meta input was "Tensor.item() cannot be called on meta tensors";
+# channel_first="no" (truthy) was taken as channels first.  settings: torchvision_layers(None)
+# was an AttributeError, options_table("grad_cam", ...) "unknown method 'g'".  runner:
+# run_sharded(store=None) an AttributeError, items=None "'NoneType' object is not iterable",
+# progress="yes" accepted; ResultsStore(None) "expected str, bytes or os.PathLike object".
+# datasets: voc[1.5] / voc["a"] an IndexError "out of range", get_dataset(dataset_dir=3)
+# "expected str, bytes or os.PathLike object".
+
+
+def test_quantus_explain_refuses_meta_inputs_and_a_non_bool_layout():
+    model, x = _convnet(), _images(2, 3, 8, 8)
+    maps = explain(model, x.numpy(), [1, 2])
+    assert maps.shape == (2, 1, 8, 8) and maps.dtype == np.float32
+    with pytest.raises(ValueError, match="inputs are on the meta device"):
+        explain(model, x.to("meta"), [1, 2])
+    with pytest.raises(TypeError, match="channel_first must be True or False, got 'no'"):
+        explain(model, x.numpy(), [1, 2], channel_first="no")
+
+
+def test_settings_check_model_and_method_list():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
+        settings.torchvision_layers(None)
+    with pytest.raises(TypeError, match=r"methods must be a list of method names, got the str "
+                                         r"'grad_cam'; pass \['grad_cam'\]"):
+        settings.options_table("grad_cam", "vgg16")
+    assert settings.options_table(["grad_cam"], "vgg16") == {
+        "grad_cam": settings.method_options("grad_cam", "vgg16")}
+
+
+def test_runner_checks_store_items_progress_and_path(tmp_path):
+    store = runner.ResultsStore(tmp_path / "r.sqlite", "exp", {"a": 1})
+    with pytest.raises(TypeError, match="store must be a ResultsStore, got NoneType"):
+        runner.run_sharded([1], lambda i: {"v": i}, None, progress=False)
+    with pytest.raises(TypeError, match="items must be a sequence of work items, got NoneType"):
+        runner.run_sharded(None, lambda i: {"v": i}, store, progress=False)
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        runner.run_sharded([1], lambda i: {"v": i}, store, progress="yes")
+    assert store.records() == []
+    runner.run_sharded((1, 2), lambda i: {"v": i * 10}, store, progress=False)
+    assert sorted(r["v"] for r in store.records()) == [10, 20]
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match="path must be a file path"):
+            runner.ResultsStore(bad, "exp")
+
+
+def test_voc_index_type_and_dataset_dir_type(tmp_path):
+    voc = datasets.get_dataset("voc_2007", "test", dataset_dir=str(make_voc(tmp_path / "voc")))
+    assert voc[np.int64(0)][1] == voc[0][1]
+    for bad in (1.5, "a", torch.tensor(0)):
+        with pytest.raises(TypeError, match="index must be an int"):
+            voc[bad]
+    with pytest.raises(IndexError, match="index 3 is out of range for a data set of 3 items"):
+        voc[3]  # IndexError: iteration stops on it
+    with pytest.raises(TypeError, match="dataset_dir must be a folder path"):
+        datasets.get_dataset("voc_2007", "test", dataset_dir=3)

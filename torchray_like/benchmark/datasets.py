@@ -312,7 +312,9 @@ class VOCDetection(torchvision.datasets.VOCDetection):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         """``(image, label)``; a malformed annotation file is named (:func:`voc_load_label`)."""
-        if not isinstance(index, (int, np.integer)) or not -len(self) <= index < len(self):
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__} {index!r}")
+        if not -len(self) <= index < len(self):
             # IndexError (not ValueError): iteration over a data set stops on it.
             raise IndexError(f"index {index!r} is out of range for a data set of "
                              f"{len(self)} items")
@@ -659,6 +661,9 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         raise ValueError(f"subset must be a non-empty string, got {subset!r}")
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
+    if dataset_dir is not None and not isinstance(dataset_dir, (str, os.PathLike)):
+        raise TypeError(f"dataset_dir must be a folder path (str or os.PathLike), got "
+                        f"{type(dataset_dir).__name__}")
     root = (Path(dataset_dir) if dataset_dir is not None else _default_dir(name)).expanduser()
 
     if name == "voc_2007":

@@ -99,6 +99,9 @@ def _inputs(inputs: Any, channel_first: bool) -> torch.Tensor:
     elif isinstance(inputs, torch.Tensor):
         if not inputs.is_floating_point():
             raise TypeError(f"inputs must be floating-point, got {inputs.dtype}")
+        if inputs.is_meta:
+            raise ValueError("inputs are on the meta device (a tensor without data); pass a "
+                             "tensor or array with values")
         x = inputs.detach()
     else:
         raise TypeError(f"inputs must be a NumPy array or a tensor (N, C, *spatial), got "
@@ -192,6 +195,9 @@ def explain(model: nn.Module, inputs: ArrayLike, targets: Any, *, method: str = 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(channel_first, (bool, np.bool_)):
+        # "no" is truthy: the layout would silently be taken as channels first.
+        raise TypeError(f"channel_first must be True or False, got {channel_first!r}")
     fn = _method(method)
     kwargs = _check_options(method, fn, options)
     x = _inputs(inputs, channel_first)

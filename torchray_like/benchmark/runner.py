@@ -176,6 +176,9 @@ class ResultsStore:
             raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
         if reset and not writable:
             raise ValueError("reset=True deletes records: it needs writable=True")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or os.PathLike), got "
+                            f"{type(path).__name__}")
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self.experiment = experiment
         self.writable = bool(writable)
@@ -510,6 +513,12 @@ def run_sharded(items: Sequence[Any], fn: Callable[[Any], Mapping[str, Any]],
     """
     if not callable(fn) or not callable(key):
         raise TypeError("fn and key must be callable")
+    if not isinstance(store, ResultsStore):
+        raise TypeError(f"store must be a ResultsStore, got {type(store).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"items must be a sequence of work items, got {type(items).__name__}")
     rank, world_size = dist_info()
     items = list(items)
     keys = [key(item) for item in items]

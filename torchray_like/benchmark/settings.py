@@ -205,6 +205,8 @@ def torchvision_layers(model: nn.Module) -> Dict[str, str]:
     ValueError
         For a model that is neither (its layers must then be given to the methods).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = dict(model.named_modules())
     if {"layer3", "layer4", "avgpool"} <= set(names):
         return {"grad_cam": "layer4", "excitation_backprop": "layer3", "contrast": "avgpool"}
@@ -309,6 +311,10 @@ def options_table(methods: Sequence[str], model: str, benchmark: str = "paper", 
                   ) -> Dict[str, Dict[str, Any]]:
     """:func:`method_options` of several methods: ``{method: options}``, ``overrides`` given
     per method (``{"rise": {"num_masks": 100}}``)."""
+    if isinstance(methods, str):
+        # A str is a sequence of letters: 'grad_cam' would be read as methods 'g', 'r', ...
+        raise TypeError(f"methods must be a list of method names, got the str {methods!r}; "
+                        f"pass [{methods!r}]")
     return {m: method_options(m, model, benchmark, network=network, input_size=input_size,
                               overrides=(overrides or {}).get(m)) for m in methods}
 
