@@ -333,3 +333,18 @@ def test_voc_index_type_and_dataset_dir_type(tmp_path):
         voc[3]  # IndexError: iteration stops on it
     with pytest.raises(TypeError, match="dataset_dir must be a folder path"):
         datasets.get_dataset("voc_2007", "test", dataset_dir=3)
+
+
+# visualize: colorbar="no" and normalize="no" are truthy strings: a colour bar was drawn and the
+# map stretched, against what the caller wrote.
+
+
+def test_visualize_flags_must_be_bools(agg):
+    x, s = _images(1, 3, 8, 8), _images(1, 1, 8, 8)
+    with pytest.raises(TypeError, match="colorbar must be True or False, got 'no'"):
+        visualize.saliency_plot(x, s, colorbar="no")
+    with pytest.raises(TypeError, match="colorbar must be True or False, got 'no'"):
+        visualize.plot_methods(x, {"a": s}, colorbar="no")
+    with pytest.raises(TypeError, match="normalize must be True or False, got 'no'"):
+        visualize.overlay(x, s, normalize="no")
+    assert len(visualize.saliency_plot(x, s, colorbar=np.bool_(False)).axes) == 1

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attribution.arguments import check_flag
 from .utils import as_tensor, check_output_path
 
 __all__ = ["saliency_plot", "overlay", "plot_methods", "PlotWarning", "DPI", "IMAGE_PANEL",
@@ -514,7 +515,7 @@ def saliency_plot(x: Any, saliency: Any = None, *, alpha: float = 0.5,
     if sal is not None:
         drawn = [(sal[i] if t is None else sal[i, t]).numpy() for i, t, _, _ in cells]
         maps, lims = list(drawn), _scales(drawn, shared, vmin, vmax)
-    bar = colorbar and sal is not None
+    bar = check_flag(colorbar, "colorbar") and sal is not None  # "no" is truthy
     one_bar = bar and shared and lims[0] is not None
     panel = (SIGNAL_PANEL if rank == 1
              else IMAGE_PANEL_COLORBAR if bar and not shared else IMAGE_PANEL)
@@ -587,7 +588,7 @@ def plot_methods(x: Any, maps: Mapping[str, Any], *, titles: Optional[Sequence[s
         mid, rank = x.shape[2] // 2, 2
         x, checked = x[:, :, mid], [m[:, mid] for m in checked]
     x_disp = None if rank == 1 else _to_display_range(x, denormalize is not None)
-    show_bar = colorbar and bool(names)
+    show_bar = check_flag(colorbar, "colorbar") and bool(names)
     panel = (SIGNAL_PANEL if rank == 1 else IMAGE_PANEL_COLORBAR if show_bar else IMAGE_PANEL)
     fig, axes = _new_figure(1 + len(names), n, panel, standalone=save is not None)
     style = dict(alpha=alpha, cmap=colormap)
@@ -648,7 +649,7 @@ def overlay(image: Any, saliency: Any, *, alpha: float = 0.5, cmap: Any = "jet",
     TypeError
         If ``image`` or ``saliency`` is not a tensor or an array.
     """
-    alpha = _check_alpha(alpha)
+    alpha, normalize = _check_alpha(alpha), check_flag(normalize, "normalize")
     colormap = _colormap(cmap)
     x, single = _overlay_batch(image, saliency)
     note = "normalize=True has no range to stretch, so the blend shows the colormap's 0 colour"
