@@ -75,7 +75,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -361,9 +361,58 @@ class _Optimisation:
             batch = torch.cat([apply(moved), apply(1 - moved)])
         return batch.to(self.input_dtype)
 
-    def reward(self, moved: torch.Tensor, first: bool) -> torch.Tensor:
+    def perturbed_with_backward(self, moved: torch.Tensor
+                                ) -> Optional[Tuple[torch.Tensor, Callable[[torch.Tensor],
+                                                                           torch.Tensor]]]:
+        """:meth:`perturbed` without autograd and the map from the batch's gradient to the
+        masks' (what autograd computes through :meth:`perturbed`, in its order: ``1 − m``
+        gives ``−g``, and the dual's two halves add); ``None`` for the fade pyramid."""
+        apply = self.pyramid.apply_with_backward
+        variant, b = self.cfg.variant, moved.shape[0]
+        keep = apply(moved) if variant != DELETE_VARIANT else None
+        drop = apply(1 - moved) if variant != PRESERVE_VARIANT else None
+        if keep is None and drop is None:
+            return None
+        keep_back = None if keep is None else keep[1]
+        drop_back = None if drop is None else drop[1]
+        parts = [h[0] for h in (keep, drop) if h is not None]
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        dtype = batch.dtype
+
+        def backward(grad: torch.Tensor) -> torch.Tensor:
+            g = grad.to(dtype)
+            if drop_back is None:
+                assert keep_back is not None
+                return keep_back(g)
+            if keep_back is None:
+                return -drop_back(g)
+            return keep_back(g[:b]) + -drop_back(g[b:])
+        return batch.to(self.input_dtype), backward
+
+    def reward_and_gradient(self, moved: torch.Tensor, first: bool
+                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The reward of the jittered masks ``moved`` and its gradient at them (``None``
+        where the reward does not depend on them).  With the blur pyramid, autograd runs
+        through the model only, from the perturbed batch, and the pyramid's backward is
+        applied to its gradient by hand (the same numbers, fewer autograd nodes)."""
+        made = self.perturbed_with_backward(moved)
+        if made is None:
+            moved = moved.requires_grad_(True)
+            reward = self.reward(moved, first)
+            (grad,) = autograd_grad(reward.sum(), moved, allow_unused=True)
+            return reward, grad
+        batch, backward = made
+        leaf = batch.requires_grad_(True)
+        # (The model gets a copy, as before a non-leaf: one that writes into its input in
+        # place is still allowed to.)
+        reward = self.reward(leaf.clone(), first, perturbed=True)
+        (grad,) = autograd_grad(reward.sum(), leaf, allow_unused=True)
+        return reward, None if grad is None else backward(grad)
+
+    def reward(self, moved: torch.Tensor, first: bool, perturbed: bool = False) -> torch.Tensor:
+        """The reward of the masks ``moved`` (with ``perturbed``: of the batch ``moved``)."""
         with autocast_forward(self.cfg.autocast, moved.device):
-            output = self.forward(self.perturbed(moved))
+            output = self.forward(moved if perturbed else self.perturbed(moved))
         if self.cfg.autocast is not None and isinstance(output, torch.Tensor) and \
                 output.is_floating_point():
             output = output.float()  # the reward and the energy in float32
@@ -432,9 +481,8 @@ class _Optimisation:
         # The reward and the area loss are differentiated apart (the reward is rescaled by its
         # gradient) at a copy of the masks ...
         mask = mask_g.detach()
-        moved = moved_g.detach().requires_grad_(True)
-        reward = self.reward(moved, t == 0)
-        (g_reward,) = autograd_grad(reward.sum(), moved, allow_unused=True)
+        moved = moved_g.detach()
+        reward, g_reward = self.reward_and_gradient(moved, t == 0)
         area_loss, g_area = ranking_loss_and_gradient(mask, self.ones)
         if g_reward is None:
             g_reward = torch.zeros_like(moved)

@@ -7,7 +7,7 @@ interpolates the level of each pixel.  :mod:`.extremal_perturbation` re-exports
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -142,6 +142,41 @@ class Perturbation:
             self._fade = (self._fade[0].to(device), self._fade[1].to(device))
         return self
 
+    def _masks_per_image(self, mask: Any) -> int:
+        """``K`` for ``(N·K, 1, *spatial)`` masks; anything else is a ValueError."""
+        pyr = self.pyramid
+        n = pyr.shape[0]
+        spatial = tuple(pyr.shape[3:])
+        if not isinstance(mask, torch.Tensor) or mask.dim() != pyr.dim() - 1 or \
+                mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial or \
+                mask.shape[0] % n != 0:
+            raise ValueError(
+                f"mask must have shape (N·K, 1, {', '.join(map(str, spatial))}) with N·K a "
+                f"multiple of the {n} images, got {tuple(getattr(mask, 'shape', ()))}")
+        return mask.shape[0] // n
+
+    def apply_with_backward(self, mask: torch.Tensor
+                            ) -> Optional[Tuple[torch.Tensor, Callable[[torch.Tensor],
+                                                                       torch.Tensor]]]:
+        """:meth:`apply` without autograd, and its backward: ``(out, backward)`` with
+        ``backward(grad_out)`` the gradient at ``mask`` that autograd gives through
+        :meth:`apply` (the same operations, the same numbers), for a caller that
+        differentiates the model with respect to ``out`` itself (one autograd node less per
+        call).  ``None`` for the ``"fade"`` pyramid: use :meth:`apply` and autograd.
+        """
+        if self._fade is not None:
+            self._masks_per_image(mask)
+            return None
+        pyr = self.pyramid
+        k = self._masks_per_image(mask)
+        with torch.no_grad():
+            out, low, high = _blend(mask.to(pyr.dtype), pyr, k)
+        levels, dtype = pyr.shape[1], mask.dtype
+
+        def backward(grad: torch.Tensor) -> torch.Tensor:
+            return _blend_backward(grad, low, high, levels).to(dtype)
+        return out, backward
+
     def apply(self, mask: torch.Tensor) -> torch.Tensor:
         """Perturb the images with ``mask``.
 
@@ -161,13 +196,7 @@ class Perturbation:
         pyr = self.pyramid
         n, levels, c = pyr.shape[:3]
         spatial = tuple(pyr.shape[3:])
-        if not isinstance(mask, torch.Tensor) or mask.dim() != pyr.dim() - 1 or \
-                mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial or \
-                mask.shape[0] % n != 0:
-            raise ValueError(
-                f"mask must have shape (N·K, 1, {', '.join(map(str, spatial))}) with N·K a "
-                f"multiple of the {n} images, got {tuple(getattr(mask, 'shape', ()))}")
-        k = mask.shape[0] // n
+        k = self._masks_per_image(mask)
         if self._fade is None:
             return _Blend.apply(mask.to(pyr.dtype), pyr, k)
         m = clamp01(mask.to(pyr.dtype))
@@ -176,34 +205,74 @@ class Perturbation:
         return out.reshape((n * k, c) + spatial)
 
 
+_BASES: Dict[Tuple[Any, ...], torch.Tensor] = {}
+
+
+def _flat_base(pyr: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, 1, C, *spatial)``: the flat index of pixel ``(n, 0, c, u)`` of a contiguous
+    pyramid shaped like ``pyr``, made once per (shape, device)."""
+    key = (tuple(pyr.shape), pyr.device)
+    base = _BASES.get(key)
+    if base is None:
+        if len(_BASES) > 16:
+            _BASES.clear()
+        n, levels = pyr.shape[:2]
+        base = torch.arange(pyr[:, 0].numel(), device=pyr.device).view(
+            (n, 1, 1) + tuple(pyr.shape[2:]))
+        base = base + (torch.arange(n, device=pyr.device) * ((levels - 1) * pyr[0, 0].numel())
+                       ).view((n,) + (1,) * (pyr.dim()))
+        _BASES[key] = base
+    return base
+
+
+def _blend(m: torch.Tensor, pyr: torch.Tensor, k: int
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two pyramid levels around ``m·(L − 1)`` interpolated linearly (``m`` clamped to
+    ``[0, 1]``): ``(out, low, high)``, the last two kept for :func:`_blend_backward`."""
+    n, levels, c = pyr.shape[:3]
+    spatial = tuple(pyr.shape[3:])
+    t = m.clamp(0, 1) * (levels - 1)
+    # (A NaN mask — from a model whose output is not finite — must not become an index.)
+    lower = torch.nan_to_num(t, nan=0.0).floor_().clamp_(0, levels - 2)
+    frac = (t - lower).view((n, k, 1, 1) + spatial)
+    # Both levels by one flat index (``index_select`` of a 1-D tensor: a third cheaper than
+    # a gather from an expanded view): pixel (n, level, channel, u) of the contiguous pyramid
+    # is element ``level·C·|Ω| + base[n, channel, u]``, and the level above it the same
+    # element of the pyramid shifted by one level.  The same elements, so the same numbers;
+    # ``lerp`` sees the same shapes and strides as before (its vectorised and scalar paths
+    # round apart).
+    flat = pyr.reshape(-1)
+    plane = c * frac[0, 0, 0, 0].numel()
+    index = torch.add(_flat_base(pyr), lower.long().mul_(plane).view((n, k, 1, 1) + spatial))
+    shape = index.shape
+    index = index.view(-1)
+    low = flat.index_select(0, index).view(shape)
+    high = flat[plane:].index_select(0, index).view(shape)
+    out = torch.lerp(low, high, frac)
+    return out.reshape((n * k, c) + spatial), low, high
+
+
+def _blend_backward(grad: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                    levels: int) -> torch.Tensor:
+    """``∂out/∂m = (L − 1)·Σ_c g·(high − low)``: the operations autograd ran for the same
+    graph, in its order (the same numbers)."""
+    g = (grad.view(low.shape) * (high - low)).sum(3, keepdim=True)
+    return g.view((-1, 1) + tuple(low.shape[4:])) * (levels - 1)
+
+
 class _Blend(torch.autograd.Function):
-    """The two pyramid levels around ``m·(L − 1)`` interpolated linearly, one autograd node
-    (``m`` clamped to ``[0, 1]`` with the identity's gradient); the backward runs the
-    operations autograd ran for the same graph, in its order (the same numbers):
-    ``∂out/∂m = (L − 1)·Σ_c g·(high − low)``."""
+    """:func:`_blend` as one autograd node (``m`` clamped to ``[0, 1]`` with the identity's
+    gradient)."""
 
     @staticmethod
     def forward(ctx, m, pyr, k):
-        n, levels, c = pyr.shape[:3]
-        spatial = tuple(pyr.shape[3:])
-        t = m.clamp(0, 1) * (levels - 1)
-        # (A NaN mask — from a model whose output is not finite — must not become an index.)
-        lower = torch.nan_to_num(t, nan=0.0).floor_().clamp_(0, levels - 2)
-        frac = (t - lower).view((n, k, 1, 1) + spatial)
-        level = lower.long().view((n, k, 1, 1) + spatial)
-        # Gather from a broadcast view: the K masks of an image share its pyramid, no copy
-        # (and the channels share each pixel's level: an expanded index).
-        view = pyr.unsqueeze(1).expand((n, k) + tuple(pyr.shape[1:]))
-        low = view.gather(2, level.expand((n, k, 1, c) + spatial))
-        high = view.gather(2, (level + 1).expand((n, k, 1, c) + spatial))
-        out = torch.lerp(low, high, frac)
+        out, low, high = _blend(m, pyr, k)
         ctx.save_for_backward(low, high)
-        ctx.levels = levels
-        return out.reshape((n * k, c) + spatial)
+        ctx.levels = pyr.shape[1]
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         low, high = ctx.saved_tensors
-        g = (grad.view(low.shape) * (high - low)).sum(3, keepdim=True)
-        return (g.view((-1, 1) + tuple(low.shape[4:])) * (ctx.levels - 1)), None, None
+        return _blend_backward(grad, low, high, ctx.levels), None, None

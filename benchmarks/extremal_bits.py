@@ -1,0 +1,131 @@
+"""Extremal perturbation's masks and histories, dumped for a bit-for-bit comparison of two
+versions of the code (docs/speed_perturbation.rst, round 6).
+
+Run once per version, then compare::
+
+    PYTHONPATH=/path/to/old/worktree python benchmarks/extremal_bits.py dump /tmp/old.pt
+    python benchmarks/extremal_bits.py dump /tmp/new.pt
+    python benchmarks/extremal_bits.py compare /tmp/old.pt /tmp/new.pt
+
+``compare`` checks ``torch.equal`` on every mask, the history tensor and each history attribute
+(the weights, the reward units, the areas) of every case, and exits 1 on any difference.  Cases:
+1-D, 2-D and 3-D masks; one and two images; one to three areas; the preserve, delete and dual
+games; blur and fade; single and double precision; the 64² box toy and the embedded models.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from torchray_like.attribution.extremal_perturbation import extremal_perturbation
+from torchray_like.benchmark.embedded_models import load_embedded_model
+
+
+class _Box(nn.Module):
+    """The toy of speed_extremal.py: class 0 is 20 × the mean inside a box (class 1 another)."""
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        w = torch.zeros(2, side, side)
+        a = side // 8
+        w[0, a:a + side // 4, 4 * a + a // 2:4 * a + a // 2 + side // 4] = 1.0
+        w[1, 5 * a:5 * a + side // 4, a:a + side // 4] = 1.0
+        self.register_buffer("w", w / w[0].sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * torch.einsum("nchw,khw->nk", x, self.w.to(x.dtype)) / x.shape[1]
+
+
+class _Linear(nn.Module):
+    """A fixed random linear classifier of ``(N, C, *spatial)`` inputs (1-D and 3-D cases)."""
+
+    def __init__(self, numel: int, classes: int = 4) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(numel, classes,
+                                              generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x.flatten(1) @ self.w.to(x.dtype))
+
+
+def _cases() -> List[Dict]:
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 64, 64, generator=g) * 0.2 + 0.8
+    box = _Box(64)
+    cases: List[Dict] = []
+    for variant in ("preserve", "delete", "dual"):
+        for pert in ("blur", "fade"):
+            for dtype in (torch.float32, torch.float64):
+                cases.append(dict(name=f"box-2d-{variant}-{pert}-{dtype}", model=box,
+                                  x=img[:1].to(dtype), target=0, areas=[0.05, 0.1],
+                                  perturbation=pert, variant=variant, max_iter=120,
+                                  step=4, sigma=8))
+    cases.append(dict(name="box-2d-two-images-three-areas", model=box, x=img, target=[0, 1],
+                      areas=[0.05, 0.1, 0.2], max_iter=120, step=4, sigma=8))
+    cases.append(dict(name="box-2d-one-area-200", model=box, x=img[:1], target=0,
+                      areas=[0.1], max_iter=200, step=4, sigma=8))
+    seq = torch.rand(2, 3, 96, generator=g)
+    for variant in ("preserve", "dual"):
+        cases.append(dict(name=f"linear-1d-{variant}", model=_Linear(3 * 96), x=seq,
+                          target=[1, 2], areas=[0.1, 0.3], variant=variant, max_iter=100,
+                          step=5, sigma=9))
+    vid = torch.rand(1, 3, 6, 20, 20, generator=g)
+    for pert in ("blur", "fade"):
+        cases.append(dict(name=f"linear-3d-{pert}", model=_Linear(3 * 6 * 20 * 20), x=vid,
+                          target=2, areas=[0.1, 0.2, 0.3], perturbation=pert, max_iter=80,
+                          step=4, sigma=8))
+        cases.append(dict(name=f"linear-3d-{pert}-double", model=_Linear(3 * 6 * 20 * 20),
+                          x=vid.double(), target=2, areas=[0.2], perturbation=pert,
+                          max_iter=60, step=4, sigma=8))
+    photo = (torch.rand(1, 3, 64, 64, generator=g) - 0.5) / 0.25
+    for name in ("embedded-vgg", "embedded-resnet"):
+        model = load_embedded_model(name).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cases.append(dict(name=f"{name}-preserve", model=model, x=photo, target=0,
+                          areas=[0.05, 0.1], max_iter=100, step=4, sigma=8))
+        cases.append(dict(name=f"{name}-dual-fade", model=model, x=photo, target=1,
+                          areas=[0.1], variant="dual", perturbation="fade", max_iter=60,
+                          step=4, sigma=8))
+    return cases
+
+
+def dump(path: str) -> None:
+    import torchray_like
+    print("torchray_like from", torchray_like.__file__, flush=True)
+    torch.set_num_threads(1)
+    out = {}
+    for case in _cases():
+        kw = dict(case)
+        name, model, x, target = kw.pop("name"), kw.pop("model"), kw.pop("x"), kw.pop("target")
+        masks, hist = extremal_perturbation(model, x, target, progress=False, generator=0, **kw)
+        out[name] = dict(masks=masks, history=torch.Tensor.as_subclass(hist, torch.Tensor),
+                         weight=hist.weight, units=hist.reward_scale, area=hist.area,
+                         achieved=hist.achieved_area)
+        print(name, flush=True)
+    torch.save(out, path)
+
+
+def compare(a: str, b: str) -> int:
+    old, new = torch.load(a), torch.load(b)
+    bad = 0
+    if set(old) != set(new):
+        print("different cases:", sorted(set(old) ^ set(new)))
+        bad += 1
+    for name in sorted(set(old) & set(new)):
+        diff = [k for k in old[name] if not torch.equal(old[name][k], new[name][k])]
+        print(f"{name:45s} {'DIFFERENT ' + ', '.join(diff) if diff else 'identical'}")
+        bad += bool(diff)
+    print(f"{len(old)} cases, {bad} different")
+    return int(bad > 0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["dump"]:
+        dump(sys.argv[2])
+    else:
+        sys.exit(compare(sys.argv[2], sys.argv[3]))
