@@ -348,3 +348,16 @@ def test_visualize_flags_must_be_bools(agg):
     with pytest.raises(TypeError, match="normalize must be True or False, got 'no'"):
         visualize.overlay(x, s, normalize="no")
     assert len(visualize.saliency_plot(x, s, colorbar=np.bool_(False)).axes) == 1
+
+
+# read_difficult_file of a binary file was a bare UnicodeDecodeError that did not name the file.
+
+
+def test_read_difficult_file_names_a_binary_file(tmp_path):
+    good = tmp_path / "difficult.txt"
+    good.write_text("000042 0 1 0\n")
+    assert pg.read_difficult_file(good, 3)["42"].tolist() == [False, True, False]
+    binary = tmp_path / "difficult.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match=r"difficult-pair file .*difficult.bin is not UTF-8 text"):
+        pg.read_difficult_file(binary, 3)

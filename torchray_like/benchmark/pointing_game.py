@@ -373,20 +373,24 @@ def read_difficult_file(path: PathLike, num_classes: int) -> dict[str, torch.Ten
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"difficult-pair file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:  # a ValueError that would not name the file
+        raise ValueError(f"difficult-pair file {path} is not UTF-8 text ({error}); pass the "
+                         "text list of image names and 0/1 flags") from None
     table: dict[str, torch.Tensor] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            fields = line.replace(",", " ").split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            flags = fields[1:]
-            if len(flags) != num_classes or any(f not in ("0", "1") for f in flags):
-                raise ValueError(
-                    f"{path}, line {number}: expected an image name and {num_classes} "
-                    f"0/1 flags, got {len(flags)} fields after the name: {line.strip()!r}")
-            value = torch.tensor([f == "1" for f in flags], dtype=torch.bool)
-            for key in _name_keys(fields[0]):
-                table[key] = value
+    for number, line in enumerate(lines, 1):
+        fields = line.replace(",", " ").split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        flags = fields[1:]
+        if len(flags) != num_classes or any(f not in ("0", "1") for f in flags):
+            raise ValueError(
+                f"{path}, line {number}: expected an image name and {num_classes} "
+                f"0/1 flags, got {len(flags)} fields after the name: {line.strip()!r}")
+        value = torch.tensor([f == "1" for f in flags], dtype=torch.bool)
+        for key in _name_keys(fields[0]):
+            table[key] = value
     if not table:
         raise ValueError(f"difficult-pair file {path} has no entries")
     return table
