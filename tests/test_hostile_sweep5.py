@@ -361,3 +361,14 @@ def test_read_difficult_file_names_a_binary_file(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(ValueError, match=r"difficult-pair file .*difficult.bin is not UTF-8 text"):
         pg.read_difficult_file(binary, 3)
+
+
+# intervals with a huge resamples: NumPy's MemoryError "Unable to allocate 1.46 TiB".
+
+
+def test_huge_resamples_is_refused_with_the_memory_it_needs():
+    with pytest.raises(ValueError, match=r"resamples=10000000000 of 20 images need 2980 GiB.*use "
+                                         r"fewer resamples"):
+        iv.mean_interval(np.linspace(0.0, 1.0, 20), resamples=10 ** 10)
+    with pytest.raises(ValueError, match="use fewer resamples"):
+        iv.resample_counts(10 ** 6, resamples=10 ** 6)

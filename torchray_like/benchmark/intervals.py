@@ -176,8 +176,18 @@ def _check_contributions(contributions: Any, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+#: The resample counts are a dense (resamples, images) array (int64, then float64): refused
+#: above this many bytes, with what to do, rather than a MemoryError from NumPy.
+MAX_COUNTS_BYTES = 4 * 2 ** 30
+
+
 @functools.lru_cache(maxsize=16)
 def _counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    if 16 * n * resamples > MAX_COUNTS_BYTES:
+        raise ValueError(
+            f"resamples={resamples} of {n} images need {16 * n * resamples / 2 ** 30:.0f} GiB "
+            f"(more than {MAX_COUNTS_BYTES / 2 ** 30:.0f}); use fewer resamples (2000 is the "
+            "default, 10000 is plenty for a 95 % interval)")
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
     counts.setflags(write=False)  # shared by the cache: nobody may change it
