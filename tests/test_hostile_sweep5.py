@@ -372,3 +372,13 @@ def test_huge_resamples_is_refused_with_the_memory_it_needs():
         iv.mean_interval(np.linspace(0.0, 1.0, 20), resamples=10 ** 10)
     with pytest.raises(ValueError, match="use fewer resamples"):
         iv.resample_counts(10 ** 6, resamples=10 ** 6)
+
+
+def test_a_meta_target_in_deletion_insertion_is_named():
+    # Before: PyTorch's NotImplementedError from copying the meta tensor to the input's device.
+    from torchray_like.benchmark.deletion_insertion import deletion_insertion
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"target is on the meta device \(a tensor without "
+                                         r"values\); pass class indices"):
+        deletion_insertion(model, x, torch.rand(1, 1, 8, 8), torch.tensor([1], device="meta"))

@@ -79,7 +79,13 @@ def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "c
     return idx
 
 
+_META_TARGET = ("target is on the meta device (a tensor without values); pass class indices as "
+                "ints or as a tensor with values")
+
+
 def _tensor_indices(target: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    if target.is_meta:  # (copying it elsewhere is PyTorch's NotImplementedError)
+        raise ValueError(_META_TARGET)
     if target.is_floating_point() or target.is_complex():
         raise ValueError(
             f"target is a {target.dtype} tensor of shape {tuple(target.shape)}: a floating "
@@ -639,9 +645,7 @@ def parse_target(target: Any, batch: int, *, allow_none: bool = False,
     value = _from_numpy(target)
     if isinstance(value, torch.Tensor):
         if value.is_meta:
-            raise ValueError(
-                "target is on the meta device (a tensor without values); pass class indices "
-                "as ints or as a tensor with values")
+            raise ValueError(_META_TARGET)
         if value.is_floating_point():
             if value.dim() == 0 or value.shape[0] != batch:
                 raise ValueError(
