@@ -6,6 +6,7 @@ interpolates the level of each pixel.  :mod:`.extremal_perturbation` re-exports
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -170,11 +171,11 @@ class Perturbation:
         pyr = self.pyramid
         k = self._masks_per_image(mask)
         with torch.no_grad():
-            out, low, high = _blend(mask.to(pyr.dtype), pyr, k)
+            out, diff = _blend(mask.to(pyr.dtype), pyr, k)
         levels, dtype = pyr.shape[1], mask.dtype
 
         def backward(grad: torch.Tensor) -> torch.Tensor:
-            return _blend_backward(grad, low, high, levels).to(dtype)
+            return _blend_backward(grad, diff, levels).to(dtype)
         return out, backward
 
     def apply(self, mask: torch.Tensor) -> torch.Tensor:
@@ -225,10 +226,10 @@ def _flat_base(pyr: torch.Tensor) -> torch.Tensor:
     return base
 
 
-def _blend(m: torch.Tensor, pyr: torch.Tensor, k: int
-           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _blend(m: torch.Tensor, pyr: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two pyramid levels around ``m·(L − 1)`` interpolated linearly (``m`` clamped to
-    ``[0, 1]``): ``(out, low, high)``, the last two kept for :func:`_blend_backward`."""
+    ``[0, 1]``): ``(out, high − low)``, the difference kept for :func:`_blend_backward`
+    (taken here, while both levels are in the cache: the backward's operation, moved)."""
     n, levels, c = pyr.shape[:3]
     spatial = tuple(pyr.shape[3:])
     t = m.clamp(0, 1) * (levels - 1)
@@ -242,22 +243,21 @@ def _blend(m: torch.Tensor, pyr: torch.Tensor, k: int
     # ``lerp`` sees the same shapes and strides as before (its vectorised and scalar paths
     # round apart).
     flat = pyr.reshape(-1)
-    plane = c * frac[0, 0, 0, 0].numel()
+    plane = c * math.prod(spatial)
     index = torch.add(_flat_base(pyr), lower.long().mul_(plane).view((n, k, 1, 1) + spatial))
     shape = index.shape
     index = index.view(-1)
     low = flat.index_select(0, index).view(shape)
     high = flat[plane:].index_select(0, index).view(shape)
     out = torch.lerp(low, high, frac)
-    return out.reshape((n * k, c) + spatial), low, high
+    return out.reshape((n * k, c) + spatial), high - low
 
 
-def _blend_backward(grad: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                    levels: int) -> torch.Tensor:
+def _blend_backward(grad: torch.Tensor, diff: torch.Tensor, levels: int) -> torch.Tensor:
     """``∂out/∂m = (L − 1)·Σ_c g·(high − low)``: the operations autograd ran for the same
     graph, in its order (the same numbers)."""
-    g = (grad.view(low.shape) * (high - low)).sum(3, keepdim=True)
-    return g.view((-1, 1) + tuple(low.shape[4:])) * (levels - 1)
+    g = (grad.view(diff.shape) * diff).sum(3, keepdim=True)
+    return g.view((-1, 1) + tuple(diff.shape[4:])) * (levels - 1)
 
 
 class _Blend(torch.autograd.Function):
@@ -266,13 +266,13 @@ class _Blend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m, pyr, k):
-        out, low, high = _blend(m, pyr, k)
-        ctx.save_for_backward(low, high)
+        out, diff = _blend(m, pyr, k)
+        ctx.save_for_backward(diff)
         ctx.levels = pyr.shape[1]
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        low, high = ctx.saved_tensors
-        return _blend_backward(grad, low, high, ctx.levels), None, None
+        (diff,) = ctx.saved_tensors
+        return _blend_backward(grad, diff, ctx.levels), None, None
