@@ -211,7 +211,8 @@ _BASES: Dict[Tuple[Any, ...], torch.Tensor] = {}
 
 def _flat_base(pyr: torch.Tensor) -> torch.Tensor:
     """``(N, 1, 1, C, *spatial)``: the flat index of pixel ``(n, 0, c, u)`` of a contiguous
-    pyramid shaped like ``pyr``, made once per (shape, device)."""
+    pyramid shaped like ``pyr``, made once per (shape, device); 32-bit where every index fits
+    (``index_select`` takes them, and the index arithmetic costs a third of 64-bit's)."""
     key = (tuple(pyr.shape), pyr.device)
     base = _BASES.get(key)
     if base is None:
@@ -222,7 +223,7 @@ def _flat_base(pyr: torch.Tensor) -> torch.Tensor:
             (n, 1, 1) + tuple(pyr.shape[2:]))
         base = base + (torch.arange(n, device=pyr.device) * ((levels - 1) * pyr[0, 0].numel())
                        ).view((n,) + (1,) * (pyr.dim()))
-        _BASES[key] = base
+        _BASES[key] = base = base.int() if pyr.numel() < 2 ** 31 else base
     return base
 
 
@@ -244,7 +245,8 @@ def _blend(m: torch.Tensor, pyr: torch.Tensor, k: int) -> Tuple[torch.Tensor, to
     # round apart).
     flat = pyr.reshape(-1)
     plane = c * math.prod(spatial)
-    index = torch.add(_flat_base(pyr), lower.long().mul_(plane).view((n, k, 1, 1) + spatial))
+    base = _flat_base(pyr)
+    index = torch.add(base, lower.to(base.dtype).mul_(plane).view((n, k, 1, 1) + spatial))
     shape = index.shape
     index = index.view(-1)
     low = flat.index_select(0, index).view(shape)
