@@ -169,6 +169,31 @@ def test_apply_with_backward_refuses_what_apply_refuses_and_leaves_fade_to_autog
         fade.apply_with_backward(torch.rand(4, 2, 8, 8))
 
 
+@pytest.mark.parametrize("keep,drop", [(True, False), (False, True), (True, True)])
+def test_games_with_backward_equal_autograd_through_the_games(keep, drop):
+    g = torch.Generator().manual_seed(8)
+    pert = Perturbation(torch.rand(2, 3, 9, 7, generator=g), num_levels=6, max_blur=2)
+    mask = _hard_masks(4, (9, 7), torch.float32, seed=9)
+    m = mask.clone().requires_grad_(True)
+    parts = ([_old_apply(pert, m)] if keep else []) + ([_old_apply(pert, 1 - m)] if drop else [])
+    old = torch.cat(parts)
+    grad = torch.randn(old.shape, generator=g)
+    (old_grad,) = torch.autograd.grad(old, m, grad)
+    made = pert.games_with_backward(mask, keep, drop)
+    assert made is not None
+    assert torch.equal(made[0], old.detach()) and torch.equal(made[1](grad), old_grad)
+    assert made[0].shape == (4 * (keep + drop), 3, 9, 7)
+
+
+def test_games_with_backward_leaves_fade_and_no_game_to_the_caller():
+    fade = Perturbation(torch.rand(1, 3, 8, 8), num_levels=4, type="fade")
+    assert fade.games_with_backward(torch.rand(2, 1, 8, 8), True, True) is None
+    blur = Perturbation(torch.rand(1, 3, 8, 8), num_levels=4, max_blur=2)
+    assert blur.games_with_backward(torch.rand(2, 1, 8, 8), False, False) is None
+    with pytest.raises(ValueError, match="mask must have shape"):
+        blur.games_with_backward(torch.rand(2, 1, 8, 9), True, False)
+
+
 def test_blend_follows_a_moved_or_replaced_pyramid():
     """The flat indices are made per pyramid shape: a pyramid replaced by one of another
     batch size is blended right."""

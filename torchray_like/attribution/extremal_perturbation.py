@@ -75,7 +75,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -361,53 +361,26 @@ class _Optimisation:
             batch = torch.cat([apply(moved), apply(1 - moved)])
         return batch.to(self.input_dtype)
 
-    def perturbed_with_backward(self, moved: torch.Tensor
-                                ) -> Optional[Tuple[torch.Tensor, Callable[[torch.Tensor],
-                                                                           torch.Tensor]]]:
-        """:meth:`perturbed` without autograd and the map from the batch's gradient to the
-        masks' (what autograd computes through :meth:`perturbed`, in its order: ``1 − m``
-        gives ``−g``, and the dual's two halves add); ``None`` for the fade pyramid."""
-        apply = self.pyramid.apply_with_backward
-        variant, b = self.cfg.variant, moved.shape[0]
-        keep = apply(moved) if variant != DELETE_VARIANT else None
-        drop = apply(1 - moved) if variant != PRESERVE_VARIANT else None
-        if keep is None and drop is None:
-            return None
-        keep_back = None if keep is None else keep[1]
-        drop_back = None if drop is None else drop[1]
-        parts = [h[0] for h in (keep, drop) if h is not None]
-        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-        dtype = batch.dtype
-
-        def backward(grad: torch.Tensor) -> torch.Tensor:
-            g = grad.to(dtype)
-            if drop_back is None:
-                assert keep_back is not None
-                return keep_back(g)
-            if keep_back is None:
-                return -drop_back(g)
-            return keep_back(g[:b]) + -drop_back(g[b:])
-        return batch.to(self.input_dtype), backward
-
     def reward_and_gradient(self, moved: torch.Tensor, first: bool
                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The reward of the jittered masks ``moved`` and its gradient at them (``None``
         where the reward does not depend on them).  With the blur pyramid, autograd runs
         through the model only, from the perturbed batch, and the pyramid's backward is
         applied to its gradient by hand (the same numbers, fewer autograd nodes)."""
-        made = self.perturbed_with_backward(moved)
+        variant = self.cfg.variant
+        made = self.pyramid.games_with_backward(moved, variant != DELETE_VARIANT,
+                                                variant != PRESERVE_VARIANT)
         if made is None:
             moved = moved.requires_grad_(True)
             reward = self.reward(moved, first)
             (grad,) = autograd_grad(reward.sum(), moved, allow_unused=True)
             return reward, grad
         batch, backward = made
-        leaf = batch.requires_grad_(True)
-        # (The model gets a copy, as before a non-leaf: one that writes into its input in
-        # place is still allowed to.)
+        leaf = batch.to(self.input_dtype).requires_grad_(True)
+        # (The model gets a copy: it may write into its input in place.)
         reward = self.reward(leaf.clone(), first, perturbed=True)
         (grad,) = autograd_grad(reward.sum(), leaf, allow_unused=True)
-        return reward, None if grad is None else backward(grad)
+        return reward, None if grad is None else backward(grad.to(batch.dtype))
 
     def reward(self, moved: torch.Tensor, first: bool, perturbed: bool = False) -> torch.Tensor:
         """The reward of the masks ``moved`` (with ``perturbed``: of the batch ``moved``)."""

@@ -178,6 +178,32 @@ class Perturbation:
             return _blend_backward(grad, diff, levels).to(dtype)
         return out, backward
 
+    def games_with_backward(self, mask: torch.Tensor, keep: bool, drop: bool
+                            ) -> Optional[Tuple[torch.Tensor, Callable[[torch.Tensor],
+                                                                       torch.Tensor]]]:
+        """The batch ``[apply(m)]`` (``keep``) followed by ``[apply(1 − m)]`` (``drop``) without
+        autograd, and the map from its gradient to the gradient at ``mask`` that autograd
+        computes through the same expression, in its order (``1 − m`` gives ``−g``; the two
+        halves add).  ``None`` for the ``"fade"`` pyramid (see :meth:`apply_with_backward`).
+        """
+        halves = [self.apply_with_backward(mask) if keep else None,
+                  self.apply_with_backward(1 - mask) if drop else None]
+        if not (keep or drop) or any(h is None for h, on in zip(halves, (keep, drop)) if on):
+            return None
+        keep_back = halves[0][1] if halves[0] is not None else None
+        drop_back = halves[1][1] if halves[1] is not None else None
+        parts = [h[0] for h in halves if h is not None]
+        b = mask.shape[0]
+
+        def backward(grad: torch.Tensor) -> torch.Tensor:
+            if drop_back is None:
+                assert keep_back is not None
+                return keep_back(grad)
+            if keep_back is None:
+                return -drop_back(grad)
+            return keep_back(grad[:b]) + -drop_back(grad[b:])
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), backward
+
     def apply(self, mask: torch.Tensor) -> torch.Tensor:
         """Perturb the images with ``mask``.
 
