@@ -7,6 +7,9 @@ Run once per version, then compare::
     python benchmarks/extremal_bits.py dump /tmp/new.pt
     python benchmarks/extremal_bits.py compare /tmp/old.pt /tmp/new.pt
 
+With no arguments it runs the cases and prints a digest of each (a hash of the masks' and the
+history's bytes), to compare two versions by eye.
+
 ``compare`` checks ``torch.equal`` on every mask, the history tensor and each history attribute
 (the weights, the reward units, the areas) of every case, and exits 1 on any difference.  Cases:
 1-D, 2-D and 3-D masks; one and two images; one to three areas; the preserve, delete and dual
@@ -15,8 +18,10 @@ games; blur and fade; single and double precision; the 64² box toy and the embe
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -94,7 +99,7 @@ def _cases() -> List[Dict]:
     return cases
 
 
-def dump(path: str) -> None:
+def _run_cases() -> Dict[str, Dict[str, torch.Tensor]]:
     import torchray_like
     print("torchray_like from", torchray_like.__file__, flush=True)
     torch.set_num_threads(1)
@@ -106,7 +111,20 @@ def dump(path: str) -> None:
         out[name] = dict(masks=masks, history=torch.Tensor.as_subclass(hist, torch.Tensor),
                          weight=hist.weight, units=hist.reward_scale, area=hist.area,
                          achieved=hist.achieved_area)
-        print(name, flush=True)
+    return out
+
+
+def _digest(record: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(record):
+        h.update(record[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dump(path: str) -> None:
+    out = _run_cases()
+    for name, record in out.items():
+        print(f"{name:45s} {_digest(record)}", flush=True)
     torch.save(out, path)
 
 
@@ -124,8 +142,25 @@ def compare(a: str, b: str) -> int:
     return int(bad > 0)
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("dump", help="run the cases and save them").add_argument("path")
+    cmp = sub.add_parser("compare", help="compare two dumps bit for bit (exit 1 if not)")
+    cmp.add_argument("old")
+    cmp.add_argument("new")
+    args = parser.parse_args(argv)
+    if args.command == "dump":
+        dump(args.path)
+        return 0
+    if args.command == "compare":
+        return compare(args.old, args.new)
+    for name, record in _run_cases().items():
+        print(f"{name:45s} {_digest(record)}", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["dump"]:
-        dump(sys.argv[2])
-    else:
-        sys.exit(compare(sys.argv[2], sys.argv[3]))
+    sys.exit(main())
