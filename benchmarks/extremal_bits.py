@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import pathlib
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -29,20 +30,8 @@ import torch.nn as nn
 from torchray_like.attribution.extremal_perturbation import extremal_perturbation
 from torchray_like.benchmark.embedded_models import load_embedded_model
 
-
-class _Box(nn.Module):
-    """The toy of speed_extremal.py: class 0 is 20 × the mean inside a box (class 1 another)."""
-
-    def __init__(self, side: int) -> None:
-        super().__init__()
-        w = torch.zeros(2, side, side)
-        a = side // 8
-        w[0, a:a + side // 4, 4 * a + a // 2:4 * a + a // 2 + side // 4] = 1.0
-        w[1, 5 * a:5 * a + side // 4, a:a + side // 4] = 1.0
-        self.register_buffer("w", w / w[0].sum())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 20.0 * torch.einsum("nchw,khw->nk", x, self.w.to(x.dtype)) / x.shape[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from speed_extremal import BoxLogit  # noqa: E402  (the toy of the speed comparison)
 
 
 class _Linear(nn.Module):
@@ -60,7 +49,7 @@ class _Linear(nn.Module):
 def _cases() -> List[Dict]:
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, 3, 64, 64, generator=g) * 0.2 + 0.8
-    box = _Box(64)
+    box = BoxLogit(64)
     cases: List[Dict] = []
     for variant in ("preserve", "delete", "dual"):
         for pert in ("blur", "fade"):
