@@ -329,7 +329,9 @@ def test_compare_orderings_pairs_the_shared_images_and_judges():
     rng = np.random.default_rng(5)
     n = 40
     truth = {"grad_cam": 0.95, "center": 0.3, "gradient": 0.8, "rise": 0.9}
-    hits = {m: [[(int(rng.integers(0, 4)), 1 if rng.random() < p else -1)] for _ in range(n)]
+    # Every method scored on the same (image, class) pairs, as the benchmark does.
+    classes = [int(rng.integers(0, 4)) for _ in range(n)]
+    hits = {m: [[(classes[i], 1 if rng.random() < p else -1)] for i in range(n)]
             for m, p in truth.items()}
 
     def pairs_of(model, method, subset):
@@ -351,3 +353,16 @@ def test_compare_orderings_pairs_the_shared_images_and_judges():
     assert "Grad-CAM - centre" in text and "m: 1 of 4 reproduced significantly" not in text
     assert text.splitlines()[-1].startswith("  m: ")
     assert format_orderings([]) == ""
+
+
+def test_paired_difference_refuses_pairs_of_other_classes():
+    # Before: [(0, hit)] against [(1, hit)] on one image gave a difference of 0 with n = 1,
+    # comparing two different questions.
+    with pytest.raises(ValueError, match=r"image 0 was scored on classes \[0\] in pairs_a and "
+                                         r"\[1\] in pairs_b"):
+        paired_pointing_game_difference([[(0, 1)]], [[(1, 1)]], 3, resamples=100)
+    # The same pairs in another order per image are the same questions: 1 of 2 hits
+    # against 2 of 2.
+    d = paired_pointing_game_difference([[(0, 1), (2, -1)]] * 3, [[(2, 1), (0, 1)]] * 3, 3,
+                                        resamples=100)
+    assert d.estimate == pytest.approx(-0.5) and d.n == 3

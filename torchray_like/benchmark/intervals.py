@@ -439,7 +439,21 @@ def paired_pointing_game_difference(pairs_a: Sequence[Pairs], pairs_b: Sequence[
                                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0
                                     ) -> Interval:
     """Paired bootstrap of accuracy(a) - accuracy(b), entry ``i`` of both being image ``i``
-    (each accuracy averaged over its classes, as the benchmark does)."""
+    (each accuracy averaged over its classes, as the benchmark does).
+
+    Raises
+    ------
+    ValueError
+        Where the two lists differ in length (:func:`paired_difference`), or image ``i`` was
+        scored on other classes by ``a`` than by ``b``: the difference would compare other
+        questions, not the methods.
+    """
+    for i, (pa, pb) in enumerate(zip(pairs_a, pairs_b)):
+        if sorted(int(c) for c, _ in pa) != sorted(int(c) for c, _ in pb):
+            raise ValueError(
+                f"image {i} was scored on classes {sorted(int(c) for c, _ in pa)} in pairs_a "
+                f"and {sorted(int(c) for c, _ in pb)} in pairs_b: a paired difference needs "
+                "both methods scored on the same (image, class) pairs")
     a = pointing_game_contributions(pairs_a, num_classes)
     b = pointing_game_contributions(pairs_b, num_classes)
     return paired_difference(a, b, pointing_game_accuracy, level=level, resamples=resamples,
