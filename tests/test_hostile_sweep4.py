@@ -236,3 +236,13 @@ def test_float_callable_target_still_gives_the_class_map():
     for method in ("occlusion", "score_cam", "gradient"):
         torch.testing.assert_close(trl.METHODS[method](model, x, lambda out: out[:, 1]),
                                    trl.METHODS[method](model, x, 1))
+
+
+@pytest.mark.parametrize("flag", ["enable", "debug", "signed"])
+def test_excitation_backprop_context_flags_are_bools(flag):
+    # Before: bool("no") is True (debug="no" printed the debug notes; enable="no" enabled).
+    from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
+    with pytest.raises(TypeError, match=f"ExcitationBackpropContext: {flag} must be True or "
+                                        "False, got 'no'"):
+        ExcitationBackpropContext(**{flag: "no"})
+    assert getattr(ExcitationBackpropContext(**{flag: False}), flag) is False

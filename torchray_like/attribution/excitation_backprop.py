@@ -241,9 +241,10 @@ class ExcitationBackpropContext(RuleContext):
 
     def __init__(self, enable: bool = True, debug: bool = False, *, signed: bool = True) -> None:
         super().__init__()
-        self.enable = bool(enable)
-        self.debug = bool(debug)
-        self.signed = bool(signed)
+        # ("no" or 0.5 would be truthy: a TypeError naming the flag instead.)
+        self.enable = check_flag(enable, "ExcitationBackpropContext: enable")
+        self.debug = check_flag(debug, "ExcitationBackpropContext: debug")
+        self.signed = check_flag(signed, "ExcitationBackpropContext: signed")
         self._rules = ExcitationHandlers(self.count, self.skip, self._warn_unmodeled,
                                          signed=self.signed, debug=self.debug)
         if self.enable:
