@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 import numpy as np
 import torch
 
+from .attribution.arguments import check_not_meta
 from .image_filters import imsmooth, resample
 
 __all__ = [
@@ -80,9 +81,7 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
         If ``value`` is a tensor on the meta device (it has no values to show).
     """
     if isinstance(value, torch.Tensor):
-        if value.is_meta:
-            raise ValueError(f"{name} is on the meta device (a tensor without data); pass a "
-                             "tensor with values")
+        check_not_meta(value, name)
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))

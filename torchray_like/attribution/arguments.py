@@ -22,6 +22,7 @@ from .inputs import FORWARD_ERRORS, check_input, layout_hint  # FORWARD_ERRORS: 
 from .maps import Shape, check_resize_mode
 
 __all__ = ["is_number", "positive_int", "check_number", "check_flag", "check_function",
+           "check_not_meta",
            "number_list",
            "per_axis", "check_finite", "check_progress", "check_batch", "check_resize",
            "FORWARD_ERRORS"]
@@ -60,6 +61,14 @@ def check_flag(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_not_meta(tensor: torch.Tensor, name: str) -> None:
+    """A :class:`ValueError` naming ``name`` for a tensor on the meta device: it has no values
+    to order, compare, paint or show (reading them is PyTorch's NotImplementedError)."""
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
+                         "with values")
 
 
 def check_function(value: Any, name: str) -> None:

@@ -41,7 +41,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..attribution.arguments import check_finite, check_number, check_progress
+from ..attribution.arguments import (
+    check_finite,
+    check_not_meta,
+    check_number,
+    check_progress,
+)
 from ..attribution.inputs import call_model
 from ..attribution.maps import Shape, resize_saliency, smooth_saliency
 from ..attribution.reporting import progress_bar
@@ -127,18 +132,11 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_not_meta(tensor: torch.Tensor, name: str) -> None:
-    """A meta tensor has no values to order pixels by or to paint with."""
-    if tensor.is_meta:
-        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
-                         "with values")
-
-
 def _check_saliency(saliency: Any, input: torch.Tensor) -> torch.Tensor:
     """``(N, 1, *spatial)`` (or ``(N, *spatial)``) finite real maps, resized to the input."""
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a torch.Tensor, got {type(saliency).__name__}")
-    _check_not_meta(saliency, "saliency")
+    check_not_meta(saliency, "saliency")
     if saliency.is_complex() or saliency.dtype == torch.bool:
         raise ValueError(f"saliency must be a real tensor, got dtype {saliency.dtype}")
     spatial = input.dim() - 2
@@ -188,7 +186,7 @@ def _named_substrate(name: str, input: torch.Tensor, blur_sigma: Optional[float]
 
 def _tensor_substrate(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """A tensor substrate, checked and broadcast to the input's shape, dtype and device."""
-    _check_not_meta(out, "substrate")
+    check_not_meta(out, "substrate")
     if not out.is_floating_point():
         raise ValueError(f"substrate must be a floating-point tensor, got dtype {out.dtype}")
     try:

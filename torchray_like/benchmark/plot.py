@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..attribution.arguments import check_flag
+from ..attribution.arguments import check_flag, check_not_meta
 from ..utils import check_output_path
 from ..visualize import NONFINITE_COLOR, PlotWarning
 
@@ -44,9 +44,7 @@ def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
     """``value`` as a CPU float ``(C, H, W)``; a leading batch of one is dropped."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.is_meta:
-        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
-                         "with values")
+    check_not_meta(value, name)
     if value.is_complex():
         # .float() would keep the real part with only a PyTorch warning.
         raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from ..attribution.arguments import check_not_meta
 from . import datasets as ads
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -87,9 +88,7 @@ def _as_bool_mask(mask: Any) -> torch.Tensor:
 
 def _check_values(tensor: torch.Tensor, name: str) -> None:
     """A meta tensor has no values; a complex one has no order (argmax, non-zero as object)."""
-    if tensor.is_meta:
-        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
-                         "with values")
+    check_not_meta(tensor, name)
     if tensor.is_complex():
         raise TypeError(f"{name} must be real, got dtype {tensor.dtype}; pass its real part or "
                         "its magnitude (.abs()) explicitly")

@@ -47,6 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attribution.arguments import check_flag
+
 __all__ = ["explain", "QUANTUS_HINT"]
 
 #: What to do when Quantus is missing (the scripts print it).
@@ -195,9 +197,8 @@ def explain(model: nn.Module, inputs: ArrayLike, targets: Any, *, method: str = 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(channel_first, (bool, np.bool_)):
-        # "no" is truthy: the layout would silently be taken as channels first.
-        raise TypeError(f"channel_first must be True or False, got {channel_first!r}")
+    # ("no" is truthy: the layout would silently be taken as channels first.)
+    check_flag(channel_first, "channel_first")
     fn = _method(method)
     kwargs = _check_options(method, fn, options)
     x = _inputs(inputs, channel_first)

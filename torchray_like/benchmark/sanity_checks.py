@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..attribution.arguments import check_not_meta
 from ..attribution.inputs import call_model
 from ..attribution.state import check_input, check_model, model_state_guard
 from .deletion_insertion import method_saliency
@@ -251,9 +252,8 @@ def compare_maps(reference: Any, other: Any) -> Dict[str, float]:
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor) and x.is_meta:
-        raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
-                         "with values")
+    if isinstance(x, torch.Tensor):
+        check_not_meta(x, name)
     if np.iscomplexobj(x):
         # Casting would keep the real part only, with at most a ComplexWarning.
         raise TypeError(f"{name} must be a real map, got complex values; pass its real part or "
