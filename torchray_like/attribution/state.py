@@ -9,13 +9,15 @@ code written against this module).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import weakref
-from typing import Any, Iterator, List, Set, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
 
+from .context import graph_nodes
 from .inputs import check_input, dtype_hint, layout_hint
 from .modules import (
     check_model,
@@ -125,17 +127,10 @@ def uses_reentrant_checkpoint(tensor: torch.Tensor, limit: int = 100_000) -> boo
     """Whether ``tensor``'s autograd graph holds a ``torch.utils.checkpoint(use_reentrant=True)``
     node (its first pass ran the checkpointed layers under ``torch.no_grad()``); looks at
     ``limit`` nodes at most (for error messages, not for the common path)."""
-    stack = [tensor.grad_fn]
-    seen: Set[int] = set()
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    if tensor.grad_fn is None:
+        return False
+    nodes = itertools.islice(graph_nodes(tensor.grad_fn), limit)
+    return any(type(node).__name__ == "CheckpointFunctionBackward" for node in nodes)
 
 
 def autograd_grad(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
