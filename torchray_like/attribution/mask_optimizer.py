@@ -60,13 +60,13 @@ def _thresholds(flat: torch.Tensor, ones: Tuple[int, ...]) -> torch.Tensor:
     which compares the same below).
     """
     b, p = flat.shape
-    k = _period(ones)
-    ranks = [p - min(max(n, 1), p) for n in ones[:k]]       # 0-based, ascending order
+    ones = tuple(min(max(n, 1), p) for n in ones)
     if flat.device.type == "cpu":
-        rows = flat.detach().numpy()
-        part = np.partition(rows, sorted(set(ranks)), axis=1)
-        picked = part[np.arange(b), np.tile(ranks, b // k)]
-        return torch.from_numpy(np.ascontiguousarray(picked)).view(b, 1)
+        distinct, rank, rows, _ = _ranks(ones, p)
+        picked = np.partition(flat.detach().numpy(), distinct, axis=1)[rows, rank]
+        return torch.from_numpy(picked).view(b, 1)
+    k = _period(ones)
+    ranks = [p - n for n in ones[:k]]                         # 0-based, ascending order
     view = flat.view(b // k, k, p)
     taus = [view[:, j].kthvalue(ranks[j] + 1, dim=1).values for j in range(k)]
     return torch.stack(taus, dim=1).view(b, 1)
@@ -182,8 +182,8 @@ def _ranking_numpy(flat: torch.Tensor, ones: Tuple[int, ...]
     if min(ones) <= 0 or max(ones) >= p:
         return None
     dt = a.dtype.type
-    distinct, rank, rows, count = _ranks(ones, p)
-    tau = np.partition(a, distinct, axis=1)[rows, rank][:, None]
+    count = _ranks(ones, p)[3]
+    tau = _thresholds(flat, ones).numpy()
     above = a > tau
     tied = a == tau
     n_tied = tied.view(np.uint8).sum(1, dtype=np.int64)
