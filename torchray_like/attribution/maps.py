@@ -87,6 +87,7 @@ _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _RANK_MODES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
 _ANY_RANK_MODES = ("nearest", "nearest-exact", "area")
 _TORCH_NAMES = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}
+_TORCHRAY_NAMES = {1: "(L,)", 2: "(W, H)", 3: "(W, H, T)"}
 _MODES_TEXT = "linear/bilinear/trilinear, bicubic (2-D), nearest, nearest-exact, area"
 
 
@@ -104,7 +105,6 @@ def check_resize_mode(mode: Any, spatial: Optional[int] = None) -> str:
         raise ValueError(f"resize_mode {mode!r} needs {_RANK_MODES[mode]} spatial dimensions, "
                          f"the map has {spatial}")
     return mode
-_TORCHRAY_NAMES = {1: "(L,)", 2: "(W, H)", 3: "(W, H, T)"}
 
 
 class Shape(tuple):
@@ -248,8 +248,7 @@ def gaussian_matrix(length: int, sigma: float, truncate: float = 4.0,
     """The ``(length, length)`` matrix of a 1-D Gaussian blur with replicated borders.
 
     ``K @ v`` applies :func:`smooth_saliency`'s operator (the kernel of :func:`gaussian_kernel`,
-    cut at
-    ``int(truncate·σ + 0.5)`` pixels, borders replicated) — scipy's
+    cut at ``int(truncate·σ + 0.5)`` pixels, borders replicated) — scipy's
     ``gaussian_filter1d(v, sigma, mode="nearest", truncate=truncate)``.  A dense product is far
     faster on CPUs than a long 1-D convolution (σ = 20 px needs 161 taps).
     """

@@ -47,8 +47,7 @@ import torch
 
 __all__ = ["ResultsStore", "distributed", "shard", "run_sharded", "add_common_arguments",
            "open_store", "store_path", "dist_info", "barrier", "local_device", "positive_int_arg",
-           "device_arg",
-           "non_negative_int_arg", "seed_arg", "MAX_SEED", "threads_arg",
+           "device_arg", "non_negative_int_arg", "seed_arg", "MAX_SEED", "threads_arg",
            "threads_or_default_arg", "MAX_THREADS", "image_side_arg", "MAX_IMAGE_SIDE",
            "format_table", "ConfigMismatchError", "ResultsStoreError"]
 
@@ -586,11 +585,8 @@ MAX_SEED = 2 ** 32 - 1
 def seed_arg(text: str) -> int:
     """argparse type: a seed, an int in ``[0, 2**32 - 1]`` (NumPy's range, the narrowest of the
     generators seeded)."""
-    value = _int_arg(text, 0, "non-negative")
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"a seed must be at most 2**32 - 1 = {MAX_SEED} "
-                                         f"(NumPy's range), got {value}")
-    return value
+    return _at_most(_int_arg(text, 0, "non-negative"), MAX_SEED, "a seed",
+                    f"2**32 - 1 = {MAX_SEED} (NumPy's range)")
 
 
 #: The most threads a ``--threads`` accepts (``torch.set_num_threads`` overflows at 2**31,
@@ -608,9 +604,12 @@ def threads_or_default_arg(text: str) -> int:
     return _at_most(_int_arg(text, 0, "non-negative"), MAX_THREADS, "a thread count")
 
 
-def _at_most(value: int, maximum: int, what: str) -> int:
+def _at_most(value: int, maximum: int, what: str, shown: Optional[str] = None) -> int:
+    """``value`` if at most ``maximum`` (written ``shown`` in the message), else an argparse
+    error naming ``what``."""
     if value > maximum:
-        raise argparse.ArgumentTypeError(f"{what} must be at most {maximum}, got {value}")
+        raise argparse.ArgumentTypeError(f"{what} must be at most {shown or maximum}, got "
+                                         f"{value}")
     return value
 
 
