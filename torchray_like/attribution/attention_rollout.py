@@ -137,6 +137,28 @@ def _check_layout_args(num_prefix_tokens: Any, grid: Any, input: Any) -> Optiona
     return tuple(int(v) for v in values)
 
 
+def _check_options(head_fusion: Any, discard_ratio: Any, num_prefix_tokens: Any, grid: Any,
+                   input: Any, resize_mode: Any) -> Optional[Tuple[int, ...]]:
+    """The class-agnostic methods' options, checked before any work (the resize mode also
+    when the map keeps its size); the grid as a tuple (:func:`_check_layout_args`)."""
+    fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)
+    _check_discard(discard_ratio)
+    checked = _check_layout_args(num_prefix_tokens, grid, input)
+    check_resize_mode(resize_mode)
+    return checked
+
+
+def _class_agnostic_attentions(model: nn.Module, input: torch.Tensor, target: Any,
+                               method: str) -> List[torch.Tensor]:
+    """:func:`read_attentions` for a class-agnostic method; a ``target`` (accepted for a
+    uniform signature) is checked against the model's classes: one it lacks is a mistake."""
+    parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
+                          allow_none=True)
+    attentions, output = read_attentions(model, input, method)
+    parsed.check_range(output)
+    return attentions
+
+
 def _check_discard(discard_ratio: Any) -> float:
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not (
             0.0 <= discard_ratio < 1.0):
@@ -302,14 +324,9 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
         A model without attention (naming what was looked for), an unknown ``head_fusion``,
         ``discard_ratio`` outside ``[0, 1)``, tokens that fit no grid.
     """
-    fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # errors before any work
-    _check_discard(discard_ratio)
-    grid = _check_layout_args(num_prefix_tokens, grid, input)
-    check_resize_mode(resize_mode)  # before the work, also when the map keeps its size
-    parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
-                          allow_none=True)
-    attentions, output = read_attentions(model, input, "attention_rollout")
-    parsed.check_range(output)  # class-agnostic, but a class the model lacks is a mistake
+    grid = _check_options(head_fusion, discard_ratio, num_prefix_tokens, grid, input,
+                          resize_mode)
+    attentions = _class_agnostic_attentions(model, input, target, "attention_rollout")
     matrix = rollout(attentions, head_fusion, discard_ratio)
     smap = _token_row(matrix, input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)
@@ -366,17 +383,12 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     Class-agnostic; needs a class token.  Costly: ``N × T`` max-flows on ``L × T²`` edges,
     bounded by ``max_work`` (raise it knowingly).  Other arguments as
     :func:`attention_rollout`; returns ``(N, 1, h, w)``."""
-    fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)
-    _check_discard(discard_ratio)
-    grid = _check_layout_args(num_prefix_tokens, grid, input)
-    check_resize_mode(resize_mode)  # before the work, also when the map keeps its size
+    grid = _check_options(head_fusion, discard_ratio, num_prefix_tokens, grid, input,
+                          resize_mode)
     if not is_number(max_work) or math.isnan(max_work) or max_work <= 0:
         raise ValueError(f"max_work must be a positive number (float('inf'): no bound), got "
                          f"{max_work!r}")
-    parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1,
-                          allow_none=True)
-    attentions, output = read_attentions(model, input, "attention_flow")
-    parsed.check_range(output)  # class-agnostic, but a class the model lacks is a mistake
+    attentions = _class_agnostic_attentions(model, input, target, "attention_flow")
     t = attentions[0].shape[-1]
     if num_prefix_tokens is None:
         shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid, model).shape
