@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -186,23 +186,23 @@ class Perturbation:
         computes through the same expression, in its order (``1 − m`` gives ``−g``; the two
         halves add).  ``None`` for the ``"fade"`` pyramid (see :meth:`apply_with_backward`).
         """
-        halves = [self.apply_with_backward(mask) if keep else None,
-                  self.apply_with_backward(1 - mask) if drop else None]
-        if not (keep or drop) or any(h is None for h, on in zip(halves, (keep, drop)) if on):
+        if not (keep or drop):
             return None
-        keep_back = halves[0][1] if halves[0] is not None else None
-        drop_back = halves[1][1] if halves[1] is not None else None
-        parts = [h[0] for h in halves if h is not None]
+        kept = self.apply_with_backward(mask) if keep else None
+        dropped = self.apply_with_backward(1 - mask) if drop else None
+        if (kept or dropped) is None:            # the fade pyramid: autograd
+            return None
         b = mask.shape[0]
 
         def backward(grad: torch.Tensor) -> torch.Tensor:
-            if drop_back is None:
-                assert keep_back is not None
-                return keep_back(grad)
-            if keep_back is None:
-                return -drop_back(grad)
-            return keep_back(grad[:b]) + -drop_back(grad[b:])
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), backward
+            if dropped is None:
+                return cast(Tuple[Any, Callable], kept)[1](grad)
+            if kept is None:
+                return -dropped[1](grad)
+            return kept[1](grad[:b]) + -dropped[1](grad[b:])
+        if kept is not None and dropped is not None:
+            return torch.cat([kept[0], dropped[0]]), backward
+        return cast(Tuple[torch.Tensor, Any], kept or dropped)[0], backward
 
     def apply(self, mask: torch.Tensor) -> torch.Tensor:
         """Perturb the images with ``mask``.
