@@ -130,9 +130,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-count", action="store_true",
                         help="skip the run that counts denormal values (the slowest part)")
     args = parser.parse_args(argv)
-    for flag in ("ep_iters", "repeats", "input_size", "threads"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     flushing = flushes_denormals()       # the caller's setting, put back afterwards

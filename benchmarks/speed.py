@@ -478,9 +478,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.methods, tuple(METHODS) + EXTRA_ROWS, "--methods")))
     except ValueError as error:
         parser.error(str(error))
-    for flag in ("input_size", "batch_size", "repeats"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if args.clock == "cpu" and not args.device.startswith("cpu"):

@@ -149,9 +149,6 @@ def main(argv=None) -> int:
                         help="folder holding an unpacked torchray package, put first on "
                              "sys.path (default: the installed torchray, if any)")
     args = parser.parse_args(argv)
-    for flag in ("ep_iters", "repeats", "step"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
     unknown = [m for m in args.models if m != "box" and m not in EMBEDDED_MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}: use 'box' or one of {EMBEDDED_MODELS}")
