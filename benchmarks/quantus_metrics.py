@@ -111,8 +111,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace,
         args.device = str(torch.device(args.device))
     except (RuntimeError, ValueError):
         parser.error(f"--device: not a device: {args.device!r} (cpu, cuda, cuda:N)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
     embedded_cli.check_weights(parser, args, args.models)
     return args, parser
 
