@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import torchray_like.attribution.extremal_perturbation as ep_module
+import torchray_like.attribution.extremal_optimisation as optimisation_module
 from torchray_like.attribution.extremal_perturbation import extremal_perturbation
 from torchray_like.attribution.mask_optimizer import ranking_area_loss, ranking_loss_and_gradient
 from torchray_like.attribution.perturbation_pyramid import Perturbation
@@ -293,7 +293,7 @@ def _runs(monkeypatch, model, x, target, **kw):
     with monkeypatch.context() as mp:
         mp.setattr(Perturbation, "apply", _old_apply)
         mp.setattr(Perturbation, "apply_with_backward", lambda self, mask: None)
-        mp.setattr(ep_module, "ranking_loss_and_gradient", _old_ranking)
+        mp.setattr(optimisation_module, "ranking_loss_and_gradient", _old_ranking)
         old = extremal_perturbation(model, x, target, progress=False, generator=0, **kw)
     return new, old
 
