@@ -146,7 +146,7 @@ def test_bad_composites_fail_before_any_forward(x):
 def test_context_rule_switch_equals_separate_contexts(x):
     model = conv_bn_net()
     inp = x.clone().requires_grad_()
-    with LRPContext("EpsilonPlus", model=model, track_modules=True) as ctx:
+    with LRPContext("EpsilonPlus", model=model, track_modules=True) as ctx:  # (ignored)
         y = model(inp)
     (g_plus,) = torch.autograd.grad(y[:, 1].sum(), inp, retain_graph=True)
     assert ctx.rules[0] == ("conv", "zplus")
@@ -161,15 +161,25 @@ def test_context_rule_switch_equals_separate_contexts(x):
         assert torch.equal(grad, ref)
 
 
-def test_switching_to_a_module_composite_needs_tracking(x):
+def test_switching_to_a_module_composite_needs_no_tracking_flag(x):
+    """The running modules are always recorded: a block begun with a composite that selects
+    by kind switches to one that selects by module type after the forward pass, with the
+    numbers of a block begun with it; an unknown composite is still refused."""
     model = conv_bn_net()
+    inp = x.clone().requires_grad_()
+    user = {nn.Conv2d: Gamma(0.25), "first": Flat()}
     with LRPContext("EpsilonPlus", model=model) as ctx:
-        model(x.clone().requires_grad_())
-    with pytest.raises(ValueError, match="track_modules=True"):
-        ctx.composite = {nn.Conv2d: ZPlus()}
+        y = model(inp)
+    ctx.composite = user
+    assert ctx.rules[0] == ("conv", "flat") and ctx.rules[1] == ("conv", "gamma")
+    (got,) = torch.autograd.grad(y[:, 1].sum(), inp)
+    inp2 = x.clone().requires_grad_()
+    with LRPContext(user, model=model):
+        (want,) = torch.autograd.grad(model(inp2)[:, 1].sum(), inp2)
+    assert torch.equal(got, want)
     with pytest.raises(ValueError, match="unknown LRP composite"):
         ctx.composite = "Nope"
-    assert ctx.composite.name == "EpsilonPlus"  # unchanged after a refused assignment
+    assert ctx.composite.rules[0][0] is nn.Conv2d  # unchanged after a refused assignment
 
 
 def test_shared_lrp_jobs_selects_only_lrp_calls_with_shared_options():

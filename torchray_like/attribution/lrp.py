@@ -144,8 +144,9 @@ class LRPContext(RuleContext):
         the same way: each of its outermost calls after a call of ``model``, and each new call
         of the first of them, starts a new forward pass.
     track_modules : bool, keyword-only
-        Record the running module of every replaced call also when ``composite`` does not
-        look at modules, so that :attr:`composite` can later be set to one that does.
+        Accepted for compatibility and ignored: the running module of every replaced call is
+        always recorded, so :attr:`composite` can be set to one that selects layers by module
+        after the forward pass whatever the composite the block began with.
 
     Attributes
     ----------
@@ -183,7 +184,7 @@ class LRPContext(RuleContext):
                             f"{type(model).__name__}")
         self.model = None if model is None else unwrap_compiled(model)
         self._named = self._resolve_names(self.composite)
-        self._track = bool(track_modules) or self.composite.needs_modules
+        del track_modules  # always tracked (see the docstring)
         self._nodes: List[Any] = []   # weak references to this forward pass's nodes, in order
         self.applied = 0
         self.rules: List[Tuple[str, str]] = []
@@ -231,11 +232,6 @@ class LRPContext(RuleContext):
     @composite.setter
     def composite(self, value: CompositeSpec) -> None:
         composite = make_composite(value)
-        if composite.needs_modules and not self._track:
-            raise ValueError(
-                f"LRPContext: composite {composite.name!r} selects layers by module, but the "
-                "forward pass did not record the running modules; build the context with "
-                "track_modules=True to switch to it after the forward pass")
         named = self._resolve_names(composite)
         self._composite, self._named = composite, named
         rules = []
@@ -549,11 +545,10 @@ def shared_lrp_jobs(model: nn.Module, calls: Sequence[Tuple[str, Callable[..., A
         # Equal composites are one object: the engine gives each distinct rule one pass.
         composite = next((c for _, _, _, c in chosen if c == composite), composite)
         chosen.append((label, name, options, composite))
-    track = any(composite.needs_modules for _, _, _, composite in chosen)
     first = chosen[0][3] if chosen else None
 
     def context() -> LRPContext:
-        return LRPContext(cast(Composite, first), model=owner, track_modules=track)
+        return LRPContext(cast(Composite, first), model=owner)
 
     jobs = {}
     for label, name, options, composite in chosen:
