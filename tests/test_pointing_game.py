@@ -24,6 +24,7 @@ from tests.test_datasets import (
 )
 from torchray_like.benchmark.datasets import VOC_CLASSES, get_dataset
 from torchray_like.benchmark.pointing_game import (
+    MAX_NUM_CLASSES,
     PointingGame,
     PointingGameBenchmark,
     centre_point,
@@ -149,6 +150,27 @@ def test_bad_arguments():
         PointingGame(0)
     with pytest.raises(ValueError, match="class_names"):
         PointingGame(3, class_names=["a"])
+
+
+@pytest.mark.parametrize("num_classes", [10 ** 12, MAX_NUM_CLASSES + 1, 2 ** 63, np.int64(2 ** 40)])
+def test_huge_num_classes_is_refused_before_allocating(num_classes):
+    # Was the allocator's RuntimeError (10**12: 16 TB of counts) or torch's overflow TypeError.
+    with pytest.raises(ValueError) as info:
+        PointingGame(num_classes)
+    message = str(info.value)
+    assert message.startswith(f"num_classes={num_classes} is more than "
+                              f"MAX_NUM_CLASSES={MAX_NUM_CLASSES}")
+    assert "GiB" in message and "give the number of classes of the data set" in message
+
+
+def test_large_but_legal_num_classes_works():
+    assert MAX_NUM_CLASSES == 2 ** 24
+    game = PointingGame(10 ** 6)                     # 16 MB of counts
+    assert game.hits.shape == game.misses.shape == (10 ** 6,)
+    assert game.hits.dtype == torch.int64
+    game.aggregate(1, 10 ** 6 - 1)
+    game.aggregate(-1, 10 ** 6 - 1)
+    assert int(game.hits[-1]) == 1 and int(game.misses[-1]) == 1 and game.accuracy == 0.5
 
 
 # ------------------------------------------------------------------ statistics

@@ -38,7 +38,7 @@ Points are ``(u, v)`` = (column, row) pixel coordinates in the original image.
 from __future__ import annotations
 
 __all__ = ["PointingGame", "PointingGameBenchmark", "centre_point", "saliency_to_point",
-           "read_difficult_file", "DIFFICULT_AREA_FRACTION"]
+           "read_difficult_file", "DIFFICULT_AREA_FRACTION", "MAX_NUM_CLASSES"]
 
 import math
 import os
@@ -60,6 +60,11 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 DIFFICULT_AREA_FRACTION = 0.25
 """[EBP]'s difficult pairs: the class's objects cover less than this fraction of the image."""
+
+#: The most classes a :class:`PointingGame` accepts: 2**24 (16.8 million, far above any detection
+#: data set; the hit and miss counts then take 256 MiB).  A larger ``num_classes`` is refused
+#: with a ValueError rather than an allocator error.
+MAX_NUM_CLASSES = 2 ** 24
 
 
 # ----------------------------------------------------------------------- helpers
@@ -211,7 +216,7 @@ class PointingGame:
     Parameters
     ----------
     num_classes:
-        Number of classes of the data set.
+        Number of classes of the data set, at most :data:`MAX_NUM_CLASSES`.
     tolerance:
         A point whose Euclidean distance (pixels) to the object mask is less than
         this is a hit; 15 in [EBP].  Positive: 1 requires an integer point to lie
@@ -230,6 +235,13 @@ class PointingGame:
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
                 or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_classes > MAX_NUM_CLASSES:
+            # Two int64 counts per class: 10**12 classes would ask the allocator for 16 TB.
+            raise ValueError(
+                f"num_classes={num_classes} is more than MAX_NUM_CLASSES={MAX_NUM_CLASSES} "
+                f"(the per-class hit and miss counts would take "
+                f"{16 * num_classes / 2 ** 30:.3g} GiB); give the number of classes of the "
+                "data set (20 for PASCAL VOC, 80 for COCO)")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.number)) \
                 or not math.isfinite(tolerance) or tolerance <= 0:
             # A hit is a distance < tolerance: 0 would make every point a silent miss.
