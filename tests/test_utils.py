@@ -20,6 +20,7 @@ from scipy import ndimage  # noqa: E402
 
 from torchray_like import utils  # noqa: E402
 from torchray_like.utils import (  # noqa: E402
+    MAX_MOSAIC_BYTES,
     get_config,
     get_device,
     im_to_numpy,
@@ -133,6 +134,47 @@ def test_imarraysc_grey_batch_and_errors():
         imarraysc(torch.rand(2, 1, 3, 3), spacing=-1, quiet=True)
     with pytest.raises(ValueError, match="tiles must have shape"):
         imarraysc(torch.rand(2, 2, 3, 3), quiet=True)
+
+
+@pytest.mark.parametrize("spacing", [10 ** 4, 10 ** 6, np.int64(10 ** 6), 10 ** 400])
+def test_imarraysc_huge_spacing_is_refused_before_allocating(spacing):
+    # Was the allocator's RuntimeError (10**6: 192 TB for four 8x8 tiles).
+    assert MAX_MOSAIC_BYTES == 4 * 2 ** 30
+    with pytest.raises(ValueError) as info:
+        imarraysc(torch.rand(4, 3, 8, 8), spacing=spacing, quiet=True)
+    message = str(info.value)
+    assert message.startswith(f"spacing={spacing} makes a mosaic of ")
+    # 2x2 cells of 3 x (8 + 2s)^2 float32 fit in 4 GiB for s <= 4725.
+    assert "(2×2 tiles of 3×8×8 with their border), more than MAX_MOSAIC_BYTES (4 GiB)" in message
+    assert message.endswith("use at most 4725 (a few pixels are usual)")
+
+
+def test_imarraysc_suggested_spacing_is_the_largest_that_fits(monkeypatch):
+    monkeypatch.setattr(utils, "MAX_MOSAIC_BYTES", 10_000)     # 2500 float32 values
+    tiles = torch.rand(3, 1, 3, 5)                               # 2x2 cells
+    with pytest.raises(ValueError, match=r"use at most (\d+) ") as info:
+        imarraysc(tiles, spacing=100, quiet=True)
+    best = int(str(info.value).split("use at most ")[1].split()[0])
+    assert best == 10                 # 4 * (3 + 20) * (5 + 20) = 2300 <= 2500 < 4 * 25 * 27
+    mosaic, _ = imarraysc(tiles, spacing=best, quiet=True)
+    assert mosaic.shape == (1, 2 * 23, 2 * 25) and mosaic.numel() * 4 <= 10_000
+    with pytest.raises(ValueError, match="use at most 10 "):
+        imarraysc(tiles, spacing=best + 1, quiet=True)
+    # Without a border the mosaic is the tiles' own size: never refused.
+    monkeypatch.setattr(utils, "MAX_MOSAIC_BYTES", 8)
+    assert imarraysc(tiles, spacing=0, quiet=True)[0].shape == (1, 6, 10)
+
+
+def test_imarraysc_large_but_legal_spacing_works():
+    tiles = torch.rand(2, 1, 2, 2)
+    mosaic, _ = imarraysc(tiles, spacing=1000, quiet=True)      # 1 x 2002 x 4004: 32 MB
+    assert mosaic.shape == (1, 2002, 4004) and mosaic.dtype == torch.float32
+    for i in range(2):
+        x0 = i * 2002 + 1000
+        t = tiles[i]
+        torch.testing.assert_close(mosaic[:, 1000:1002, x0:x0 + 2],
+                                   (t - t.min()) / (t.max() - t.min()))
+    assert float(mosaic.sum()) == pytest.approx(float(mosaic[:, 1000:1002].sum()))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -227,6 +227,34 @@ def imsc(img: Any, *args: Any, quiet: bool = False, lim: Optional[Sequence[float
     return bitmap, handle
 
 
+#: The largest mosaic :func:`imarraysc` builds with a border (``spacing > 0``), in bytes: a
+#: larger one is refused with a ValueError naming the largest spacing that fits, rather than an
+#: allocator error.  (Without a border the mosaic is the tiles' own size and is not capped.)
+MAX_MOSAIC_BYTES = 4 * 2 ** 30
+
+
+def _check_spacing(spacing: int, c: int, h: int, w: int, grid: Tuple[int, int]) -> int:
+    """``spacing`` if the mosaic of a ``grid`` of ``c × h × w`` tiles with that border fits in
+    :data:`MAX_MOSAIC_BYTES`, else a ValueError naming the largest spacing that fits."""
+    item = torch.empty(0).element_size()          # the mosaic is in the default dtype
+    cells = grid[0] * grid[1]
+    size = c * cells * (h + 2 * spacing) * (w + 2 * spacing) * item
+    if spacing == 0 or size <= MAX_MOSAIC_BYTES:
+        return spacing
+    # The largest s with (h + 2s)(w + 2s) <= area: the positive root of a quadratic, then
+    # stepped down past rounding.
+    area = MAX_MOSAIC_BYTES // (c * cells * item)
+    best = max(0, int((math.sqrt((h - w) ** 2 + 4 * area) - (h + w)) // 4))
+    while best > 0 and (h + 2 * best) * (w + 2 * best) > area:
+        best -= 1
+    gib = f"{size / 2 ** 30:.3g}" if size < 2 ** 1000 else "over 1e290"  # (no float overflow)
+    raise ValueError(
+        f"spacing={spacing} makes a mosaic of {gib} GiB ({grid[0]}×{grid[1]} tiles of "
+        f"{c}×{h}×{w} with their border), more than MAX_MOSAIC_BYTES "
+        f"({MAX_MOSAIC_BYTES / 2 ** 30:.3g} GiB); spacing is the border around each tile in "
+        f"pixels: use at most {best} (a few pixels are usual)")
+
+
 def imarraysc(tiles: Any, spacing: int = 0, quiet: bool = False,
               lim: Optional[Sequence[float]] = None,
               interpolation: str = "lanczos") -> Tuple[torch.Tensor, Any]:
@@ -239,7 +267,9 @@ def imarraysc(tiles: Any, spacing: int = 0, quiet: bool = False,
         Batch of shape :math:`K\times C\times H\times W` (``C = 1`` or ``3``) or
         :math:`K\times H\times W` (grey).
     spacing : int, optional
-        Thickness, in pixels, of the zero border drawn around each tile.  Default: 0.
+        Thickness, in pixels, of the zero border drawn around each tile.  Default: 0.  A
+        border that would make the mosaic larger than :data:`MAX_MOSAIC_BYTES` (4 GiB) is
+        refused with a :class:`ValueError` naming the largest that fits.
     quiet : bool, optional
         If ``True``, build the mosaic without displaying it.  Default: ``False``.
     lim : (float, float), optional
@@ -268,6 +298,7 @@ def imarraysc(tiles: Any, spacing: int = 0, quiet: bool = False,
     k, c, h, w = tiles.shape
     ncols = math.ceil(math.sqrt(k))
     nrows = math.ceil(k / ncols)
+    spacing = _check_spacing(int(spacing), c, h, w, (nrows, ncols))
     th, tw = h + 2 * spacing, w + 2 * spacing
     mosaic = torch.zeros(c, nrows * th, ncols * tw)
     for i in range(k):

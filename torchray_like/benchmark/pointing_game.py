@@ -237,11 +237,11 @@ class PointingGame:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if num_classes > MAX_NUM_CLASSES:
             # Two int64 counts per class: 10**12 classes would ask the allocator for 16 TB.
+            gib = 16 * int(num_classes) / 2 ** 30 if num_classes < 2 ** 1000 else math.inf
             raise ValueError(
                 f"num_classes={num_classes} is more than MAX_NUM_CLASSES={MAX_NUM_CLASSES} "
-                f"(the per-class hit and miss counts would take "
-                f"{16 * num_classes / 2 ** 30:.3g} GiB); give the number of classes of the "
-                "data set (20 for PASCAL VOC, 80 for COCO)")
+                f"(the per-class hit and miss counts would take {gib:.3g} GiB); give the "
+                "number of classes of the data set (20 for PASCAL VOC, 80 for COCO)")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.number)) \
                 or not math.isfinite(tolerance) or tolerance <= 0:
             # A hit is a distance < tolerance: 0 would make every point a silent miss.
