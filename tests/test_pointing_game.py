@@ -152,7 +152,8 @@ def test_bad_arguments():
         PointingGame(3, class_names=["a"])
 
 
-@pytest.mark.parametrize("num_classes", [10 ** 12, MAX_NUM_CLASSES + 1, 2 ** 63, np.int64(2 ** 40)])
+@pytest.mark.parametrize("num_classes", [10 ** 12, MAX_NUM_CLASSES + 1, 2 ** 63, np.int64(2 ** 40),
+                                         10 ** 400])
 def test_huge_num_classes_is_refused_before_allocating(num_classes):
     # Was the allocator's RuntimeError (10**12: 16 TB of counts) or torch's overflow TypeError.
     with pytest.raises(ValueError) as info:
