@@ -329,6 +329,40 @@ def test_first_layer_rule_applies_once_per_forward_pass_with_model():
     assert [r for _, r in context.rules] == ["flat", "zplus", "epsilon"] * 2
 
 
+class Twice(nn.Module):
+    """A stem applied twice (weights shared) inside one forward pass, then a head: the stem's
+    second call is not a new forward pass, its convolution not a first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+
+    def forward(self, x):
+        return self.head(self.stem(self.stem(x)))
+
+
+@pytest.mark.parametrize("composite", ["EpsilonPlusFlat",
+                                       {nn.Conv2d: Gamma(0.25), "first": Flat()}])
+def test_a_methods_context_equals_a_users_block(composite):
+    """lrp() runs the model once per block; with a composite that selects by kind its context
+    keeps no module stack (a user's block always does): the same rules, the same relevance,
+    also for a sub-module called twice in one pass (only the very first call is the first
+    layer), and with a composite that selects by module type."""
+    net = Twice().to(DT).eval()
+    x = torch.randn(2, 2, 5, 5, dtype=DT)
+    with LRPContext(composite, model=net) as context:
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
+    first = "flat"
+    middle = "zplus" if composite == "EpsilonPlusFlat" else "gamma"
+    assert [r for _, r in context.rules] == [first, middle, middle, "epsilon"]
+    got = lrp(net, x, 1, composite=composite)
+    torch.testing.assert_close(got, (xx.detach() * g).sum(1, keepdim=True), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("spec, error, match", [
     ("Nope", ValueError, "unknown LRP composite 'Nope'; standard composites: EpsilonAlpha2Beta1"),
     (3, TypeError, "composite must be a Composite"),

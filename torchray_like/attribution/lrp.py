@@ -185,6 +185,9 @@ class LRPContext(RuleContext):
         self.model = None if model is None else unwrap_compiled(model)
         self._named = self._resolve_names(self.composite)
         del track_modules  # always tracked (see the docstring)
+        # Set by the methods (lrp, shared_lrp_jobs), which run one model once per block and
+        # know every composite they will switch to: no module stack to keep (see __enter__).
+        self._one_pass_of_model = False
         self._nodes: List[Any] = []   # weak references to this forward pass's nodes, in order
         self.applied = 0
         self.rules: List[Tuple[str, str]] = []
@@ -256,6 +259,11 @@ class LRPContext(RuleContext):
         self._first_pending, self._stack, self._outermost = True, [], None
         thread = threading.get_ident()
         ref = weakref.ref(self)
+        if self._one_pass_of_model:
+            # One call of ``model`` per block and composites that select by kind: the first
+            # linear operation after entering is the first layer, and no rule needs the
+            # running module; the hooks below would cost two Python calls per module call.
+            return out
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(
                 functools.partial(_new_pass, ref, thread)))
@@ -393,6 +401,16 @@ def _pop(ref: Any, thread: int, module: nn.Module, args: Any, output: Any) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+def _method_context(composites: Sequence[Composite], model: nn.Module) -> LRPContext:
+    """The context of a method call: ``model`` runs once in its block, and the engine switches
+    it only among ``composites`` (the first is the initial one; see :attr:`LRPContext.composite`).
+    Where none of them selects by module, the context keeps no module stack: no rule needs the
+    running module, and the first linear operation after entering is the first layer."""
+    context = LRPContext(composites[0], model=model)
+    context._one_pass_of_model = not any(c.needs_modules for c in composites)
+    return context
+
+
 def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
         saliency_layer: Layer = "", resize: SizeType = False, resize_mode: str = "bilinear",
         smooth: float = 0,
@@ -451,7 +469,7 @@ def lrp(model: nn.Module, input: torch.Tensor, target: TargetType,
     owner = unwrap_compiled(model)
     return saliency(model, input, target, saliency_layer=saliency_layer, resize=resize,
                     resize_mode=resize_mode, smooth=smooth,
-                    context_builder=lambda: LRPContext(spec, model=owner),
+                    context_builder=lambda: _method_context([spec], owner),
                     gradient_to_saliency=gradient_to_saliency,
                     get_backward_gradient=get_backward_gradient, debug=debug, tokens=tokens)
 
@@ -545,10 +563,11 @@ def shared_lrp_jobs(model: nn.Module, calls: Sequence[Tuple[str, Callable[..., A
         # Equal composites are one object: the engine gives each distinct rule one pass.
         composite = next((c for _, _, _, c in chosen if c == composite), composite)
         chosen.append((label, name, options, composite))
-    first = chosen[0][3] if chosen else None
+
+    composites = [composite for _, _, _, composite in chosen]
 
     def context() -> LRPContext:
-        return LRPContext(cast(Composite, first), model=owner)
+        return _method_context(composites, owner)
 
     jobs = {}
     for label, name, options, composite in chosen:
