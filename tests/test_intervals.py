@@ -12,6 +12,8 @@ import pytest
 
 from torchray_like.benchmark.intervals import (
     DEFAULT_RESAMPLES,
+    MAX_COUNTS_BYTES,
+    MAX_NUM_CLASSES,
     Interval,
     bootstrap,
     mean_contributions,
@@ -25,6 +27,7 @@ from torchray_like.benchmark.intervals import (
     pointing_game_interval,
     resample_counts,
 )
+from torchray_like.benchmark.pointing_game import MAX_NUM_CLASSES as GAME_MAX_NUM_CLASSES
 from torchray_like.benchmark.pointing_game import PointingGame
 
 
@@ -284,6 +287,49 @@ def test_bad_values(values, match):
 def test_bad_pairs(pairs, num_classes, match):
     with pytest.raises(ValueError, match=match):
         pointing_game_interval(pairs, num_classes)
+
+
+@pytest.mark.parametrize("function", ["interval", "contributions", "paired"])
+@pytest.mark.parametrize("num_classes", [10 ** 12, MAX_NUM_CLASSES + 1, np.int64(2 ** 40),
+                                         10 ** 400])
+def test_huge_num_classes_is_refused_before_allocating(function, num_classes):
+    # Was NumPy's MemoryError (10**12 classes: a 14.6 TiB array), as PointingGame's allocator
+    # error was: the same bound, the same message.
+    pairs = [[(0, 1)], [(1, -1)]]
+    call = {"interval": lambda: pointing_game_interval(pairs, num_classes),
+            "contributions": lambda: pointing_game_contributions(pairs, num_classes),
+            "paired": lambda: paired_pointing_game_difference(pairs, pairs, num_classes)}
+    with pytest.raises(ValueError) as info:
+        call[function]()
+    message = str(info.value)
+    assert message.startswith(f"num_classes={num_classes} is more than "
+                              f"MAX_NUM_CLASSES={MAX_NUM_CLASSES} (each image's per-class "
+                              "contributions would take ")
+    assert "GiB" in message and "give the number of classes of the data set" in message
+    assert GAME_MAX_NUM_CLASSES is MAX_NUM_CLASSES  # one home
+
+
+def test_the_interval_keeps_only_the_scored_classes():
+    # The largest legal num_classes costs no memory in the bootstrap: the classes without a
+    # scored pair are never "seen" and are left out, which changes no value.
+    pairs = [[(3, 1), (MAX_NUM_CLASSES - 1, -1)], [(3, -1)], [(0, 0)], [(3, 1)]]
+    big = pointing_game_interval(pairs, MAX_NUM_CLASSES, resamples=200)
+    small_pairs = [[(3, 1), (4, -1)], [(3, -1)], [(0, 0)], [(3, 1)]]
+    small = pointing_game_interval(small_pairs, 5, resamples=200)
+    assert big == small and big.estimate == pytest.approx((2 / 3 + 0) / 2)
+    d = paired_pointing_game_difference(pairs, pairs, MAX_NUM_CLASSES, resamples=200)
+    assert d.estimate == 0 and d.low == d.high == 0 and d.degenerate
+    # Nothing scored: an undefined interval, as before.
+    empty = pointing_game_interval([[(2, 0)], []], 10 ** 6, resamples=200)
+    assert np.isnan(empty.estimate) and np.isnan(empty.low) and empty.degenerate
+
+
+def test_contributions_above_the_byte_limit_are_refused():
+    n = MAX_COUNTS_BYTES // (16 * MAX_NUM_CLASSES) + 1      # 17 images of 2**24 classes: 4.25 GiB
+    with pytest.raises(ValueError, match=rf"num_classes={MAX_NUM_CLASSES} for {n} images needs "
+                                         r"a 4.25 GiB array .* call pointing_game_interval"):
+        pointing_game_contributions([[]] * n, MAX_NUM_CLASSES)
+    assert pointing_game_contributions([[(1, 1)]] * 3, 2).tolist() == [[0, 1, 0, 1]] * 3
 
 
 def test_paired_arguments_must_hold_the_same_images():

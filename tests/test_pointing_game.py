@@ -164,6 +164,29 @@ def test_huge_num_classes_is_refused_before_allocating(num_classes):
     assert "GiB" in message and "give the number of classes of the data set" in message
 
 
+def test_class_names_from_a_generator_are_read_once():
+    # Was "object of type 'generator' has no len()".
+    game = PointingGame(3, class_names=(name for name in ["cat", "dog", "cow"]))
+    assert game.class_names == ["cat", "dog", "cow"]
+    assert "\ncow " in str(game)
+    assert PointingGame(2, class_names=("a", "a")).class_names == ["a", "a"]  # labels only
+    assert PointingGame(2, class_names={"x": 0, "y": 1}).class_names == ["x", "y"]
+
+
+@pytest.mark.parametrize("class_names, error, match", [
+    ("abc", TypeError, r"class_names must be an iterable of num_classes=3 strings .*got str"),
+    (b"abc", TypeError, "class_names must be an iterable.*got bytes"),
+    (3, TypeError, "class_names must be an iterable.*got int"),
+    (["a", 1, "c"], TypeError, r"class_names\[1\] is int 1; pass str\(name\)"),
+    ([None, "b", "c"], TypeError, r"class_names\[0\] is NoneType"),
+    ((n for n in "ab"), ValueError, "class_names must have num_classes=3 names, got 2"),
+    (["a", "b", "c", "d"], ValueError, "got 4"),
+])
+def test_bad_class_names(class_names, error, match):
+    with pytest.raises(error, match=match):
+        PointingGame(3, class_names=class_names)
+
+
 def test_large_but_legal_num_classes_works():
     assert MAX_NUM_CLASSES == 2 ** 24
     game = PointingGame(10 ** 6)                     # 16 MB of counts

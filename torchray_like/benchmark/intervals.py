@@ -39,13 +39,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "MIN_IMAGES", "verdict",
+__all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "MIN_IMAGES", "MAX_NUM_CLASSES",
+           "MAX_COUNTS_BYTES", "check_num_classes", "verdict",
            "resample_counts", "bootstrap",
            "paired_difference", "mean_contributions", "mean_of_sums", "mean_interval",
            "paired_mean_difference", "pointing_game_contributions", "pointing_game_accuracy",
@@ -62,6 +64,12 @@ DEFAULT_RESAMPLES = 2000
 #: few images is far narrower than its level says (with two images, two methods that do not
 #: differ agree in sign on both half of the time, and the interval then excludes zero).
 MIN_IMAGES = 8
+
+#: The most classes a pointing game accepts: 2**24 (16.8 million, far above any detection data
+#: set; :class:`~torchray_like.benchmark.pointing_game.PointingGame`'s hit and miss counts then
+#: take 256 MiB).  A larger ``num_classes`` is refused with a ValueError rather than an
+#: allocator error (:func:`check_num_classes`).
+MAX_NUM_CLASSES = 2 ** 24
 
 #: ``(..., k)`` sums of contributions -> ``(...)`` values of the statistic.
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -147,6 +155,40 @@ def verdict(interval: Interval, positive: str = "reproduced", negative: str = "r
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
+
+
+def check_num_classes(num_classes: Any, bytes_per_class: int, what: str) -> int:
+    """``num_classes`` as an int, checked to be positive and at most :data:`MAX_NUM_CLASSES`.
+
+    The one home of the check that :class:`~torchray_like.benchmark.pointing_game.PointingGame`
+    and this module's pointing-game functions share.
+
+    Parameters
+    ----------
+    num_classes : int
+        Classes of the data set.
+    bytes_per_class : int
+        What one class would take in the caller's arrays, for the message.
+    what : str
+        Those arrays, for the message (``"the per-class hit and miss counts"``).
+
+    Raises
+    ------
+    ValueError
+        For a value that is not a positive int, or one above :data:`MAX_NUM_CLASSES`: the
+        message names the value, the limit, the memory it would take and what to give.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
+    if num_classes > MAX_NUM_CLASSES:
+        # 10**12 classes would ask the allocator for terabytes; 10**400 is beyond float range.
+        gib = bytes_per_class * num_classes / 2 ** 30 if num_classes < 2 ** 900 else math.inf
+        raise ValueError(
+            f"num_classes={num_classes} is more than MAX_NUM_CLASSES={MAX_NUM_CLASSES} "
+            f"({what} would take {gib:.3g} GiB); give the number of classes of the data set "
+            "(20 for PASCAL VOC, 80 for COCO)")
+    return num_classes
 
 
 def _check_options(level: Any, resamples: Any, seed: Any) -> Tuple[float, int, int]:
@@ -238,7 +280,15 @@ def bootstrap(contributions: Any, statistic: Statistic, *, level: float = DEFAUL
 def _bootstrap(c: np.ndarray, statistic: Statistic, level: float, resamples: int,
                seed: int) -> Interval:
     estimate = float(np.asarray(statistic(c.sum(0)[None]), dtype=np.float64).reshape(-1)[0])
-    values = np.asarray(statistic(_counts(len(c), resamples, seed) @ c), dtype=np.float64)
+    counts = _counts(len(c), resamples, seed)
+    if 8 * resamples * c.shape[1] > MAX_COUNTS_BYTES:
+        # The resampled sums are a dense (resamples, k) array: refused before NumPy's MemoryError.
+        raise ValueError(
+            f"resamples={resamples} of {c.shape[1]} sums need "
+            f"{8 * resamples * c.shape[1] / 2 ** 30:.3g} GiB (more than "
+            f"MAX_COUNTS_BYTES={MAX_COUNTS_BYTES}); use fewer resamples or fewer columns of "
+            "contributions")
+    values = np.asarray(statistic(counts @ c), dtype=np.float64)
     if values.shape != (resamples,):
         raise ValueError(f"statistic must map sums (..., k) to values (...): got shape "
                          f"{values.shape} for sums {(resamples, c.shape[1])}")
@@ -371,41 +421,90 @@ def pointing_game_contributions(pairs: Sequence[Pairs], num_classes: int) -> np.
         its ``(class_id, hit)`` pairs, hit ``+1`` (hit), ``-1`` (miss) or ``0`` (not scored,
         e.g. outside the difficult subset).
     num_classes : int
-        Classes of the data set.
+        Classes of the data set, at most :data:`MAX_NUM_CLASSES`.
 
     Raises
     ------
+    TypeError
+        For ``pairs`` (or one image's entry) that is not a sequence of pairs.
     ValueError
-        For a class outside ``[0, num_classes)``, a hit other than +1 / -1 / 0, or no image.
+        For a class outside ``[0, num_classes)``, a hit other than +1 / -1 / 0, no image,
+        a ``num_classes`` that is not a positive int or above :data:`MAX_NUM_CLASSES`, or an
+        array above :data:`MAX_COUNTS_BYTES` (the interval functions keep only the classes
+        scored, and take no such memory).
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if len(pairs) == 0:
-        raise ValueError("pairs must hold at least one image (one list of (class_id, hit) "
-                         "pairs per image)")
-    out = np.zeros((len(pairs), 2 * num_classes), dtype=np.float64)
+    num_classes = check_num_classes(num_classes, 16, _PER_IMAGE)
+    images = _scored_pairs(pairs, num_classes, "pairs")
+    if 16 * len(images) * num_classes > MAX_COUNTS_BYTES:
+        raise ValueError(
+            f"num_classes={num_classes} for {len(images)} images needs a "
+            f"{16 * len(images) * num_classes / 2 ** 30:.3g} GiB array (more than "
+            f"MAX_COUNTS_BYTES={MAX_COUNTS_BYTES}); give the number of classes of the data set, "
+            "or call pointing_game_interval, which keeps only the classes scored")
+    return _contributions(images, range(num_classes))
+
+
+#: What :func:`check_num_classes` says the pointing-game functions here would allocate.
+_PER_IMAGE = "each image's per-class contributions"
+
+
+def _scored_pairs(pairs: Any, num_classes: int, name: str) -> List[List[Tuple[int, int]]]:
+    """Every image's checked ``(class_id, hit)`` pairs, materialised once (a generator is
+    read once; its images are then counted)."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError(f"{name} must be a sequence holding one list of (class_id, hit) pairs "
+                        f"per image, got {type(pairs).__name__}")
+    images = []
     for i, image in enumerate(pairs):
-        for pair in image:
-            c, hit = _check_pair(pair, num_classes, i)
+        if isinstance(image, (str, bytes)) or not isinstance(image, Iterable):
+            raise TypeError(f"{name}[{i}] must be a list of (class_id, hit) pairs (empty for "
+                            f"an image without one), got {type(image).__name__}")
+        images.append([_check_pair(pair, num_classes, i, name) for pair in image])
+    if not images:
+        raise ValueError(f"{name} must hold at least one image (one list of (class_id, hit) "
+                         "pairs per image)")
+    return images
+
+
+def _contributions(images: Sequence[Sequence[Tuple[int, int]]],
+                   classes: Sequence[int]) -> np.ndarray:
+    """``(n, 2 · len(classes))``: hits then scored pairs, one column per class of ``classes``
+    (every scored class must be among them)."""
+    column = {c: j for j, c in enumerate(classes)}
+    k = len(column)
+    out = np.zeros((len(images), 2 * k), dtype=np.float64)
+    for i, image in enumerate(images):
+        for c, hit in image:
             if hit != 0:
-                out[i, c] += hit == 1
-                out[i, num_classes + c] += 1
+                out[i, column[c]] += hit == 1
+                out[i, k + column[c]] += 1
     return out
 
 
-def _check_pair(pair: Any, num_classes: int, image: int) -> Tuple[int, int]:
+def _scored_classes(*images: Sequence[Sequence[Tuple[int, int]]]) -> List[int]:
+    """The classes with a scored pair (at least one, so that the arrays are not empty).
+
+    A class without one adds nothing to any resample and is never "seen" by
+    :func:`pointing_game_accuracy`: leaving its columns out changes no value, and keeps the
+    bootstrap's memory independent of ``num_classes``."""
+    classes = sorted({c for group in images for image in group for c, hit in image if hit != 0})
+    return classes or [0]
+
+
+def _check_pair(pair: Any, num_classes: int, image: int, name: str = "pairs") -> Tuple[int, int]:
     try:
         c, hit = pair
     except (TypeError, ValueError):
-        raise ValueError(f"pairs[{image}] must hold (class_id, hit) pairs, got {pair!r}"
+        raise ValueError(f"{name}[{image}] must hold (class_id, hit) pairs, got {pair!r}"
                          ) from None
     if isinstance(c, bool) or not isinstance(c, Integral) or not 0 <= int(c) < num_classes:
-        raise ValueError(f"pairs[{image}]: class_id must be an int in [0, {num_classes}), "
+        raise ValueError(f"{name}[{image}]: class_id must be an int in [0, {num_classes}), "
                          f"got {c!r}")
-    if isinstance(hit, bool) or hit not in (-1, 0, 1):
-        raise ValueError(f"pairs[{image}]: hit must be +1 (hit), -1 (miss) or 0 (not scored), "
+    # A Real first: an array's "in" would raise NumPy's ambiguous-truth error.
+    if isinstance(hit, bool) or not isinstance(hit, Real) or hit not in (-1, 0, 1):
+        raise ValueError(f"{name}[{image}]: hit must be +1 (hit), -1 (miss) or 0 (not scored), "
                          f"got {hit!r}")
-    return int(c), int(hit)
+    return int(c), int(float(hit))
 
 
 def pointing_game_accuracy(sums: np.ndarray) -> np.ndarray:
@@ -430,7 +529,9 @@ def pointing_game_interval(pairs: Sequence[Pairs], num_classes: int, *,
     image given, also those without a scored pair (they are drawn like the others).
     """
     level, resamples, seed = _check_options(level, resamples, seed)
-    c = pointing_game_contributions(pairs, num_classes)
+    num_classes = check_num_classes(num_classes, 16, _PER_IMAGE)
+    images = _scored_pairs(pairs, num_classes, "pairs")
+    c = _contributions(images, _scored_classes(images))
     return _bootstrap(c, pointing_game_accuracy, level, resamples, seed)
 
 
@@ -448,14 +549,17 @@ def paired_pointing_game_difference(pairs_a: Sequence[Pairs], pairs_b: Sequence[
         scored on other classes by ``a`` than by ``b``: the difference would compare other
         questions, not the methods.
     """
-    for i, (pa, pb) in enumerate(zip(pairs_a, pairs_b)):
-        if sorted(int(c) for c, _ in pa) != sorted(int(c) for c, _ in pb):
+    num_classes = check_num_classes(num_classes, 16, _PER_IMAGE)
+    images_a = _scored_pairs(pairs_a, num_classes, "pairs_a")
+    images_b = _scored_pairs(pairs_b, num_classes, "pairs_b")
+    for i, (pa, pb) in enumerate(zip(images_a, images_b)):
+        if sorted(c for c, _ in pa) != sorted(c for c, _ in pb):
             raise ValueError(
-                f"image {i} was scored on classes {sorted(int(c) for c, _ in pa)} in pairs_a "
-                f"and {sorted(int(c) for c, _ in pb)} in pairs_b: a paired difference needs "
+                f"image {i} was scored on classes {sorted(c for c, _ in pa)} in pairs_a "
+                f"and {sorted(c for c, _ in pb)} in pairs_b: a paired difference needs "
                 "both methods scored on the same (image, class) pairs")
-    a = pointing_game_contributions(pairs_a, num_classes)
-    b = pointing_game_contributions(pairs_b, num_classes)
+    classes = _scored_classes(images_a, images_b)
+    a, b = _contributions(images_a, classes), _contributions(images_b, classes)
     return paired_difference(a, b, pointing_game_accuracy, level=level, resamples=resamples,
                              seed=seed)
 

@@ -42,6 +42,7 @@ __all__ = ["PointingGame", "PointingGameBenchmark", "centre_point", "saliency_to
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -52,6 +53,7 @@ from torch.utils.data import Subset
 
 from ..attribution.arguments import check_not_meta
 from . import datasets as ads
+from .intervals import MAX_NUM_CLASSES, check_num_classes
 
 PathLike = Union[str, "os.PathLike[str]"]
 Point = tuple[float, float]
@@ -60,11 +62,6 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 DIFFICULT_AREA_FRACTION = 0.25
 """[EBP]'s difficult pairs: the class's objects cover less than this fraction of the image."""
-
-#: The most classes a :class:`PointingGame` accepts: 2**24 (16.8 million, far above any detection
-#: data set; the hit and miss counts then take 256 MiB).  A larger ``num_classes`` is refused
-#: with a ValueError rather than an allocator error.
-MAX_NUM_CLASSES = 2 ** 24
 
 
 # ----------------------------------------------------------------------- helpers
@@ -222,26 +219,22 @@ class PointingGame:
         this is a hit; 15 in [EBP].  Positive: 1 requires an integer point to lie
         on the mask.
     class_names:
-        Optional names for the :meth:`__str__` table.
+        Optional names for the :meth:`__str__` table: any iterable of ``num_classes``
+        strings (read once; a generator is fine).  Names label rows only, so a repeated
+        name is accepted.
 
     Attributes
     ----------
     hits, misses:
         Int64 tensors of shape ``(num_classes,)``.
+    class_names:
+        A list of ``num_classes`` strings, or ``None``.
     """
 
     def __init__(self, num_classes: int, tolerance: float = 15,
                  class_names: Optional[Sequence[str]] = None) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-                or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if num_classes > MAX_NUM_CLASSES:
-            # Two int64 counts per class: 10**12 classes would ask the allocator for 16 TB.
-            gib = 16 * int(num_classes) / 2 ** 30 if num_classes < 2 ** 1000 else math.inf
-            raise ValueError(
-                f"num_classes={num_classes} is more than MAX_NUM_CLASSES={MAX_NUM_CLASSES} "
-                f"(the per-class hit and miss counts would take {gib:.3g} GiB); give the "
-                "number of classes of the data set (20 for PASCAL VOC, 80 for COCO)")
+        # Two int64 counts per class: 10**12 classes would ask the allocator for 16 TB.
+        num_classes = check_num_classes(num_classes, 16, "the per-class hit and miss counts")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.number)) \
                 or not math.isfinite(tolerance) or tolerance <= 0:
             # A hit is a distance < tolerance: 0 would make every point a silent miss.
@@ -249,12 +242,9 @@ class PointingGame:
                 f"tolerance must be a positive number of pixels (a hit is a point at a "
                 f"distance < tolerance from the mask), got {tolerance!r}; use tolerance=1 to "
                 "require the point to lie on the mask")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names must have num_classes={num_classes} names, got "
-                             f"{len(class_names)}")
-        self.num_classes = int(num_classes)
+        self.num_classes = num_classes
         self.tolerance = float(tolerance) if not float(tolerance).is_integer() else int(tolerance)
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = _check_class_names(class_names, num_classes)
         self.hits = torch.zeros(self.num_classes, dtype=torch.int64)
         self.misses = torch.zeros(self.num_classes, dtype=torch.int64)
 
@@ -341,6 +331,25 @@ class PointingGame:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self.num_classes}, "
                 f"tolerance={self.tolerance}, accuracy={self.accuracy:.4f})")
+
+
+def _check_class_names(class_names: Any, num_classes: int) -> Optional[list[str]]:
+    """``class_names`` materialised once as a list of ``num_classes`` strings (or ``None``)."""
+    if class_names is None:
+        return None
+    # A string is an iterable of characters: "abc" would silently name three classes.
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Iterable):
+        raise TypeError(f"class_names must be an iterable of num_classes={num_classes} strings "
+                        f"(or None), got {type(class_names).__name__}")
+    names = list(class_names)
+    for k, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"class_names must hold strings: class_names[{k}] is "
+                            f"{type(name).__name__} {name!r}; pass str(name) for each class")
+    if len(names) != num_classes:
+        raise ValueError(f"class_names must have num_classes={num_classes} names, got "
+                         f"{len(names)}")
+    return names
 
 
 # ------------------------------------------------------------- difficult file
