@@ -41,10 +41,24 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from ..attribution.arguments import check_function, is_number
+from .interval_checks import (
+    MAX_COUNTS_BYTES,
+    MAX_NUM_CLASSES,
+    PER_IMAGE,
+    as_float_array,
+    check_contributions,
+    check_names,
+    check_num_classes,
+    check_options,
+    check_pairs,
+    check_sums,
+)
 
 __all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "MIN_IMAGES", "MAX_NUM_CLASSES",
            "MAX_COUNTS_BYTES", "check_num_classes", "verdict",
@@ -64,12 +78,6 @@ DEFAULT_RESAMPLES = 2000
 #: few images is far narrower than its level says (with two images, two methods that do not
 #: differ agree in sign on both half of the time, and the interval then excludes zero).
 MIN_IMAGES = 8
-
-#: The most classes a pointing game accepts: 2**24 (16.8 million, far above any detection data
-#: set; :class:`~torchray_like.benchmark.pointing_game.PointingGame`'s hit and miss counts then
-#: take 256 MiB).  A larger ``num_classes`` is refused with a ValueError rather than an
-#: allocator error (:func:`check_num_classes`).
-MAX_NUM_CLASSES = 2 ** 24
 
 #: ``(..., k)`` sums of contributions -> ``(...)`` values of the statistic.
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -106,6 +114,18 @@ class Interval:
     resamples: int = DEFAULT_RESAMPLES
     degenerate: bool = False
 
+    def __post_init__(self) -> None:
+        # A string or a tensor given for a number would fail later, in format(), far from here.
+        for name in ("estimate", "low", "high", "level"):
+            if not is_number(getattr(self, name)):
+                raise TypeError(f"Interval.{name} must be a real number, got "
+                                f"{getattr(self, name)!r}")
+        for name in ("n", "resamples"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral) \
+                    or value < 0:
+                raise TypeError(f"Interval.{name} must be a non-negative int, got {value!r}")
+
     @property
     def significant(self) -> bool:
         """The interval excludes zero (for a difference: the sign is resolved)."""
@@ -115,6 +135,13 @@ class Interval:
         """``"86.6 [80.1, 92.0]"`` (values times ``scale``); ``signed`` writes ``+`` on
         positive values (differences); ``*`` marks a degenerate interval; ``-`` when the
         statistic is undefined."""
+        if not is_number(scale) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number (100.0 for percent), got {scale!r}")
+        if isinstance(digits, (bool, np.bool_)) or not isinstance(digits, Integral) \
+                or not 0 <= digits <= 17:
+            raise ValueError(f"digits must be an int in [0, 17] (digits after the point), "
+                             f"got {digits!r}")
+        digits = int(digits)
         if not math.isfinite(self.estimate):
             return "-"
         spec = ("+" if signed else "") + f".{digits}f"
@@ -130,6 +157,8 @@ class Interval:
 
     def as_dict(self, prefix: str) -> Dict[str, Any]:
         """``{prefix: estimate, prefix_low: low, prefix_high: high}`` (the files' columns)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str (the column name), got {prefix!r}")
         return {prefix: self.estimate, f"{prefix}_low": self.low, f"{prefix}_high": self.high}
 
 
@@ -157,70 +186,9 @@ def verdict(interval: Interval, positive: str = "reproduced", negative: str = "r
 # ---------------------------------------------------------------------------------------------
 
 
-def check_num_classes(num_classes: Any, bytes_per_class: int, what: str) -> int:
-    """``num_classes`` as an int, checked to be positive and at most :data:`MAX_NUM_CLASSES`.
-
-    The one home of the check that :class:`~torchray_like.benchmark.pointing_game.PointingGame`
-    and this module's pointing-game functions share.
-
-    Parameters
-    ----------
-    num_classes : int
-        Classes of the data set.
-    bytes_per_class : int
-        What one class would take in the caller's arrays, for the message.
-    what : str
-        Those arrays, for the message (``"the per-class hit and miss counts"``).
-
-    Raises
-    ------
-    ValueError
-        For a value that is not a positive int, or one above :data:`MAX_NUM_CLASSES`: the
-        message names the value, the limit, the memory it would take and what to give.
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    num_classes = int(num_classes)
-    if num_classes > MAX_NUM_CLASSES:
-        # 10**12 classes would ask the allocator for terabytes; 10**400 is beyond float range.
-        gib = bytes_per_class * num_classes / 2 ** 30 if num_classes < 2 ** 900 else math.inf
-        raise ValueError(
-            f"num_classes={num_classes} is more than MAX_NUM_CLASSES={MAX_NUM_CLASSES} "
-            f"({what} would take {gib:.3g} GiB); give the number of classes of the data set "
-            "(20 for PASCAL VOC, 80 for COCO)")
-    return num_classes
-
-
-def _check_options(level: Any, resamples: Any, seed: Any) -> Tuple[float, int, int]:
-    if isinstance(level, bool) or not isinstance(level, Real) or not 0 < float(level) < 1:
-        raise ValueError(f"level must be a coverage in (0, 1), e.g. 0.95, got {level!r}")
-    if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 100:
-        raise ValueError(f"resamples must be an int >= 100 (2000 by default: fewer make the "
-                         f"percentiles themselves noisy), got {resamples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return float(level), int(resamples), int(seed)
-
-
-def _check_contributions(contributions: Any, name: str) -> np.ndarray:
-    c = np.asarray(contributions, dtype=np.float64)
-    if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
-        raise ValueError(f"{name} must be a non-empty (images, k) array of per-image "
-                         f"contributions, got shape {c.shape}")
-    if not np.isfinite(c).all():
-        raise ValueError(f"{name} must be finite (encode an undefined value as a zero "
-                         "contribution, as mean_contributions does)")
-    return c
-
-
 # ---------------------------------------------------------------------------------------------
 # The bootstrap
 # ---------------------------------------------------------------------------------------------
-
-
-#: The resample counts are a dense (resamples, images) array (int64, then float64): refused
-#: above this many bytes, with what to do, rather than a MemoryError from NumPy.
-MAX_COUNTS_BYTES = 4 * 2 ** 30
 
 
 @functools.lru_cache(maxsize=16)
@@ -241,7 +209,7 @@ def resample_counts(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -
     every row summing to ``n`` (a read-only array, the same for the same arguments)."""
     if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
         raise ValueError(f"n must be a positive int (images), got {n!r}")
-    _, resamples, seed = _check_options(DEFAULT_LEVEL, resamples, seed)
+    _, resamples, seed = check_options(DEFAULT_LEVEL, resamples, seed)
     return _counts(int(n), resamples, seed)
 
 
@@ -272,14 +240,15 @@ def bootstrap(contributions: Any, statistic: Statistic, *, level: float = DEFAUL
     ValueError
         For an empty or non-finite ``contributions`` or a bad option.
     """
-    level, resamples, seed = _check_options(level, resamples, seed)
-    c = _check_contributions(contributions, "contributions")
+    level, resamples, seed = check_options(level, resamples, seed)
+    check_function(statistic, "statistic")
+    c = check_contributions(contributions, "contributions")
     return _bootstrap(c, statistic, level, resamples, seed)
 
 
 def _bootstrap(c: np.ndarray, statistic: Statistic, level: float, resamples: int,
                seed: int) -> Interval:
-    estimate = float(np.asarray(statistic(c.sum(0)[None]), dtype=np.float64).reshape(-1)[0])
+    estimate = float(_statistic_values(statistic, c.sum(0)[None]).reshape(-1)[0])
     counts = _counts(len(c), resamples, seed)
     if 8 * resamples * c.shape[1] > MAX_COUNTS_BYTES:
         # The resampled sums are a dense (resamples, k) array: refused before NumPy's MemoryError.
@@ -288,7 +257,7 @@ def _bootstrap(c: np.ndarray, statistic: Statistic, level: float, resamples: int
             f"{8 * resamples * c.shape[1] / 2 ** 30:.3g} GiB (more than "
             f"MAX_COUNTS_BYTES={MAX_COUNTS_BYTES}); use fewer resamples or fewer columns of "
             "contributions")
-    values = np.asarray(statistic(counts @ c), dtype=np.float64)
+    values = _statistic_values(statistic, counts @ c)
     if values.shape != (resamples,):
         raise ValueError(f"statistic must map sums (..., k) to values (...): got shape "
                          f"{values.shape} for sums {(resamples, c.shape[1])}")
@@ -301,6 +270,15 @@ def _bootstrap(c: np.ndarray, statistic: Statistic, level: float, resamples: int
     spread = float(finite.max() - finite.min())
     degenerate = len(c) < 2 or spread <= 1e-12 * max(1.0, abs(float(finite.max())))
     return Interval(estimate, float(low), float(high), len(c), level, resamples, degenerate)
+
+
+def _statistic_values(statistic: Statistic, sums: np.ndarray) -> np.ndarray:
+    values = statistic(sums)
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"statistic must return numbers (one per row of sums), got "
+                         f"{values!r:.80}") from None
 
 
 def paired_difference(contributions_a: Any, contributions_b: Any, statistic: Statistic, *,
@@ -317,9 +295,12 @@ def paired_difference(contributions_a: Any, contributions_b: Any, statistic: Sta
         When the two arrays do not hold the same number of images (pass the images both
         methods were run on), or as :func:`bootstrap`.
     """
-    level, resamples, seed = _check_options(level, resamples, seed)
-    a = _check_contributions(contributions_a, "contributions_a")
-    b = _check_contributions(contributions_b, "contributions_b")
+    level, resamples, seed = check_options(level, resamples, seed)
+    check_function(statistic, "statistic")
+    if statistic_b is not None:
+        check_function(statistic_b, "statistic_b")
+    a = check_contributions(contributions_a, "contributions_a")
+    b = check_contributions(contributions_b, "contributions_b")
     if len(a) != len(b):
         raise ValueError(f"contributions_a and contributions_b must hold the same images, row "
                          f"for row: got {len(a)} and {len(b)} images; pass the images both "
@@ -346,15 +327,7 @@ def mean_contributions(values: Any, name: str = "values") -> np.ndarray:
     ValueError
         For a value that is infinite, or not a 1-D sequence of numbers.
     """
-    if np.iscomplexobj(values):  # arrays, lists and tensors alike
-        # NumPy would drop the imaginary part with only a ComplexWarning.
-        raise TypeError(f"{name} must be real numbers, got complex values; pass their real "
-                        "part or magnitude explicitly")
-    try:
-        v = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a 1-D sequence of numbers, one per image ({error})"
-                         ) from None
+    v = as_float_array(values, name, "a 1-D sequence of numbers, one per image")
     if v.ndim != 1 or v.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence, one value per image, got "
                          f"shape {v.shape}")
@@ -362,11 +335,16 @@ def mean_contributions(values: Any, name: str = "values") -> np.ndarray:
         raise ValueError(f"{name} holds infinite values: a mean over images would be "
                          "meaningless (NaN marks an undefined value, which is ignored)")
     defined = ~np.isnan(v)
+    if defined.any() and np.abs(v[defined]).max() > np.finfo(np.float64).max / len(v):
+        # The sums of a resample would overflow to inf: an infinite mean, with only a warning.
+        raise ValueError(f"{name} holds values up to {np.abs(v[defined]).max():.3g}: their sum "
+                         f"over {len(v)} images overflows float64; rescale them")
     return np.stack([np.where(defined, v, 0.0), defined.astype(np.float64)], axis=1)
 
 
 def mean_of_sums(sums: np.ndarray) -> np.ndarray:
     """The statistic of :func:`mean_contributions`: sum of values / number defined."""
+    sums = check_sums(sums, "mean_of_sums", even=False)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(sums[..., 1] > 0, sums[..., 0] / sums[..., 1], np.nan)
 
@@ -378,7 +356,7 @@ def mean_interval(values: Any, *, level: float = DEFAULT_LEVEL,
     ``n`` of the result counts the images with a defined value.
     """
     c = mean_contributions(values)
-    level, resamples, seed = _check_options(level, resamples, seed)
+    level, resamples, seed = check_options(level, resamples, seed)
     interval = _bootstrap(c, mean_of_sums, level, resamples, seed)
     return _with_n(interval, int(c[:, 1].sum()))
 
@@ -433,8 +411,8 @@ def pointing_game_contributions(pairs: Sequence[Pairs], num_classes: int) -> np.
         array above :data:`MAX_COUNTS_BYTES` (the interval functions keep only the classes
         scored, and take no such memory).
     """
-    num_classes = check_num_classes(num_classes, 16, _PER_IMAGE)
-    images = _scored_pairs(pairs, num_classes, "pairs")
+    num_classes = check_num_classes(num_classes, 16, PER_IMAGE)
+    images = check_pairs(pairs, num_classes, "pairs")
     if 16 * len(images) * num_classes > MAX_COUNTS_BYTES:
         raise ValueError(
             f"num_classes={num_classes} for {len(images)} images needs a "
@@ -442,28 +420,6 @@ def pointing_game_contributions(pairs: Sequence[Pairs], num_classes: int) -> np.
             f"MAX_COUNTS_BYTES={MAX_COUNTS_BYTES}); give the number of classes of the data set, "
             "or call pointing_game_interval, which keeps only the classes scored")
     return _contributions(images, range(num_classes))
-
-
-#: What :func:`check_num_classes` says the pointing-game functions here would allocate.
-_PER_IMAGE = "each image's per-class contributions"
-
-
-def _scored_pairs(pairs: Any, num_classes: int, name: str) -> List[List[Tuple[int, int]]]:
-    """Every image's checked ``(class_id, hit)`` pairs, materialised once (a generator is
-    read once; its images are then counted)."""
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
-        raise TypeError(f"{name} must be a sequence holding one list of (class_id, hit) pairs "
-                        f"per image, got {type(pairs).__name__}")
-    images = []
-    for i, image in enumerate(pairs):
-        if isinstance(image, (str, bytes)) or not isinstance(image, Iterable):
-            raise TypeError(f"{name}[{i}] must be a list of (class_id, hit) pairs (empty for "
-                            f"an image without one), got {type(image).__name__}")
-        images.append([_check_pair(pair, num_classes, i, name) for pair in image])
-    if not images:
-        raise ValueError(f"{name} must hold at least one image (one list of (class_id, hit) "
-                         "pairs per image)")
-    return images
 
 
 def _contributions(images: Sequence[Sequence[Tuple[int, int]]],
@@ -491,26 +447,11 @@ def _scored_classes(*images: Sequence[Sequence[Tuple[int, int]]]) -> List[int]:
     return classes or [0]
 
 
-def _check_pair(pair: Any, num_classes: int, image: int, name: str = "pairs") -> Tuple[int, int]:
-    try:
-        c, hit = pair
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}[{image}] must hold (class_id, hit) pairs, got {pair!r}"
-                         ) from None
-    if isinstance(c, bool) or not isinstance(c, Integral) or not 0 <= int(c) < num_classes:
-        raise ValueError(f"{name}[{image}]: class_id must be an int in [0, {num_classes}), "
-                         f"got {c!r}")
-    # A Real first: an array's "in" would raise NumPy's ambiguous-truth error.
-    if isinstance(hit, bool) or not isinstance(hit, Real) or hit not in (-1, 0, 1):
-        raise ValueError(f"{name}[{image}]: hit must be +1 (hit), -1 (miss) or 0 (not scored), "
-                         f"got {hit!r}")
-    return int(c), int(float(hit))
-
-
 def pointing_game_accuracy(sums: np.ndarray) -> np.ndarray:
     """The statistic of :func:`pointing_game_contributions`: the mean over the classes with a
     scored pair of hits / pairs (NaN when no class has one) — as
     :attr:`~torchray_like.benchmark.pointing_game.PointingGame.accuracy`."""
+    sums = check_sums(sums, "pointing_game_accuracy", even=True)
     k = sums.shape[-1] // 2
     hits, totals = sums[..., :k], sums[..., k:]
     seen = totals > 0
@@ -528,9 +469,9 @@ def pointing_game_interval(pairs: Sequence[Pairs], num_classes: int, *,
     See :func:`pointing_game_contributions` for ``pairs``; ``n`` of the result counts every
     image given, also those without a scored pair (they are drawn like the others).
     """
-    level, resamples, seed = _check_options(level, resamples, seed)
-    num_classes = check_num_classes(num_classes, 16, _PER_IMAGE)
-    images = _scored_pairs(pairs, num_classes, "pairs")
+    level, resamples, seed = check_options(level, resamples, seed)
+    num_classes = check_num_classes(num_classes, 16, PER_IMAGE)
+    images = check_pairs(pairs, num_classes, "pairs")
     c = _contributions(images, _scored_classes(images))
     return _bootstrap(c, pointing_game_accuracy, level, resamples, seed)
 
@@ -549,9 +490,9 @@ def paired_pointing_game_difference(pairs_a: Sequence[Pairs], pairs_b: Sequence[
         scored on other classes by ``a`` than by ``b``: the difference would compare other
         questions, not the methods.
     """
-    num_classes = check_num_classes(num_classes, 16, _PER_IMAGE)
-    images_a = _scored_pairs(pairs_a, num_classes, "pairs_a")
-    images_b = _scored_pairs(pairs_b, num_classes, "pairs_b")
+    num_classes = check_num_classes(num_classes, 16, PER_IMAGE)
+    images_a = check_pairs(pairs_a, num_classes, "pairs_a")
+    images_b = check_pairs(pairs_b, num_classes, "pairs_b")
     for i, (pa, pb) in enumerate(zip(images_a, images_b)):
         if sorted(c for c, _ in pa) != sorted(c for c, _ in pb):
             raise ValueError(
@@ -611,12 +552,16 @@ def compare_orderings(pairs_of: PairsOf, models: Sequence[str], methods: Sequenc
         ``model, subset, better, worse, published`` (the published difference in points),
         ``difference, difference_low, difference_high`` (fractions), ``images, verdict``.
     """
+    check_function(pairs_of, "pairs_of")
+    models, methods = check_names(models, "models"), check_names(methods, "methods")
+    orderings = _check_orderings(orderings)
     out = []
     for model in models:
         for subset, better, worse, pub_better, pub_worse in orderings:
             if better not in methods or worse not in methods:
                 continue
-            a, b = pairs_of(model, better, subset), pairs_of(model, worse, subset)
+            a, b = _pairs_by_image(pairs_of, model, better, subset), \
+                _pairs_by_image(pairs_of, model, worse, subset)
             shared = sorted(set(a) & set(b))
             if not shared:
                 continue
@@ -629,10 +574,47 @@ def compare_orderings(pairs_of: PairsOf, models: Sequence[str], methods: Sequenc
     return out
 
 
+def _check_orderings(orderings: Any) -> List[Tuple[str, str, str, float, float]]:
+    if isinstance(orderings, (str, bytes)) or not isinstance(orderings, Iterable):
+        raise TypeError(f"orderings must be a sequence of (subset, better, worse, published "
+                        f"accuracy of better, of worse) tuples, got {type(orderings).__name__}")
+    out = []
+    for k, ordering in enumerate(orderings):
+        if not isinstance(ordering, (tuple, list)) or len(ordering) != 5 \
+                or not all(isinstance(x, str) for x in ordering[:3]) \
+                or not all(is_number(x) for x in ordering[3:]):
+            raise ValueError(f"orderings[{k}] must be (subset, better, worse, published accuracy "
+                             f"of better, of worse), e.g. {PUBLISHED_ORDERINGS[0]}, got "
+                             f"{ordering!r:.80}")
+        subset, better, worse, pub_better, pub_worse = ordering
+        out.append((subset, better, worse, float(pub_better), float(pub_worse)))
+    return out
+
+
+def _pairs_by_image(pairs_of: PairsOf, model: str, method: str, subset: str
+                    ) -> Mapping[int, Pairs]:
+    pairs = pairs_of(model, method, subset)
+    if not isinstance(pairs, Mapping):
+        raise TypeError(f"pairs_of({model!r}, {method!r}, {subset!r}) must return a mapping "
+                        f"{{image index: that image's (class_id, hit) pairs}}, got "
+                        f"{type(pairs).__name__}")
+    return pairs
+
+
+#: The keys :func:`format_orderings` reads from each comparison.
+_COMPARISON_KEYS = ("model", "subset", "better", "worse", "published", "difference",
+                    "difference_low", "difference_high", "images", "verdict")
+
+
 def format_orderings(comparisons: Sequence[Mapping[str, Any]]) -> str:
     """:func:`compare_orderings`'s result, one line each, and a count per model."""
     if not comparisons:
         return ""
+    for k, c in enumerate(comparisons):
+        missing = [key for key in _COMPARISON_KEYS if not isinstance(c, Mapping) or key not in c]
+        if missing:
+            raise ValueError(f"comparisons[{k}] must be a dict of compare_orderings, missing "
+                             f"{', '.join(missing)}; pass compare_orderings' result")
     lines = ["published orderings (Fong et al. 2019, Table 1, VOC07 VGG16), paired 95 % "
              "bootstrap of the difference (points) on the images both methods ran on:"]
     names = [f"{SHORT_NAMES.get(c['better'], c['better'])} - "

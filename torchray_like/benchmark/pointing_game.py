@@ -53,7 +53,7 @@ from torch.utils.data import Subset
 
 from ..attribution.arguments import check_not_meta
 from . import datasets as ads
-from .intervals import MAX_NUM_CLASSES, check_num_classes
+from .interval_checks import MAX_NUM_CLASSES, check_num_classes
 
 PathLike = Union[str, "os.PathLike[str]"]
 Point = tuple[float, float]

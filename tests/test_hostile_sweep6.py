@@ -1,0 +1,182 @@
+"""Hostile arguments for the evaluation side (sweep 6): intervals, the pointing game and its
+table, deletion/insertion, sanity checks and plot_example.  Each case was a foreign exception
+(NumPy's, PyTorch's, a KeyError, a bare TypeError) or a silently wrong value before; each now
+asserts the message that names the argument and what to give."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from torchray_like.benchmark import intervals as I
+from torchray_like.benchmark.interval_checks import MAX_COUNTS_BYTES, check_num_classes
+from torchray_like.benchmark.intervals import Interval
+
+META = "is on the meta device"
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def test_check_num_classes_is_the_one_home_of_the_bound():
+    assert check_num_classes(np.int64(20), 16, "x") == 20
+    assert type(check_num_classes(np.int64(20), 16, "x")) is int
+    with pytest.raises(ValueError, match=r"num_classes=16777217 is more than MAX_NUM_CLASSES="
+                                         r"16777216 \(my arrays would take 0.25 GiB\)"):
+        check_num_classes(2 ** 24 + 1, 16, "my arrays")
+    for bad in ("3", 3.0, True, 0, -1, None, torch.tensor(3)):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            check_num_classes(bad, 16, "x")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"digits": -1}, ValueError, r"digits must be an int in \[0, 17\]"),
+    ({"digits": "1"}, ValueError, "digits must be an int"),
+    ({"digits": 1.5}, ValueError, "digits must be an int"),
+    ({"digits": 99}, ValueError, "digits must be an int"),
+    ({"scale": "1"}, ValueError, r"scale must be a finite number \(100.0 for percent\)"),
+    ({"scale": math.nan}, ValueError, "scale must be a finite number"),
+    ({"scale": math.inf}, ValueError, "scale must be a finite number"),
+])
+def test_interval_format_refuses_bad_options(kwargs, error, match):
+    # Were Python's "Format specifier missing precision", "can't multiply sequence", or a
+    # silent "nan [nan, nan]" for scale=nan.
+    with pytest.raises(error, match=match):
+        Interval(0.1, 0.0, 0.2, 10).format(**kwargs)
+    assert Interval(0.1234, 0.0, 0.2, 10).format(100.0, digits=0) == "12 [0, 20]"
+    assert Interval(0.1234, 0.0, 0.2, 10).format(np.float32(100.0), digits=np.int64(2)) \
+        == "12.34 [0.00, 20.00]"
+
+
+@pytest.mark.parametrize("args, match", [
+    (("a", 0.0, 0.2, 10), "Interval.estimate must be a real number, got 'a'"),
+    ((0.1, None, 0.2, 10), "Interval.low must be a real number"),
+    ((0.1, 0.0, 0.2, 10.0), "Interval.n must be a non-negative int, got 10.0"),
+    ((0.1, 0.0, 0.2, -1), "Interval.n must be a non-negative int"),
+    ((0.1, 0.0, 0.2, 10, "0.95"), "Interval.level must be a real number"),
+])
+def test_interval_refuses_non_numbers(args, match):
+    with pytest.raises(TypeError, match=match):
+        Interval(*args)
+
+
+def test_interval_as_dict_needs_a_string_prefix():
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        Interval(0.1, 0.0, 0.2, 10).as_dict(1)
+    assert Interval(0.1, 0.0, 0.2, 10).as_dict("auc") == {"auc": 0.1, "auc_low": 0.0,
+                                                          "auc_high": 0.2}
+
+
+def test_bootstrap_refuses_what_numpy_would_mangle():
+    with pytest.raises(TypeError, match="statistic must be a function"):
+        I.bootstrap(np.ones((3, 2)), None)
+    with pytest.raises(TypeError, match="statistic_b must be a function"):
+        I.paired_difference(np.ones((3, 2)), np.ones((3, 2)), I.mean_of_sums, statistic_b=1)
+    # Complex contributions were a ComplexWarning and a silent NaN interval.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="contributions must be real numbers"):
+            I.bootstrap(np.ones((3, 2)) * 1j, I.mean_of_sums)
+    with pytest.raises(ValueError, match=r"contributions must be a non-empty \(images, k\) "
+                                         r"array of numbers \(setting an array element"):
+        I.bootstrap([[1, 2], [1]], I.mean_of_sums)                      # ragged
+    with pytest.raises(ValueError, match="contributions must be a non-empty.*could not convert"):
+        I.bootstrap([["a", "b"]], I.mean_of_sums)
+    with pytest.raises(ValueError, match="contributions " + META):
+        I.bootstrap(torch.ones(3, 2, device="meta"), I.mean_of_sums)
+    with pytest.raises(ValueError, match=r"statistic must return numbers .*'a'"):
+        I.bootstrap(np.ones((3, 2)), lambda s: np.array(["a"] * len(s)))
+    # A (1, 10**6) array is 8 MB, but its 2000 resampled sums would be 15 GiB.
+    with pytest.raises(ValueError, match=r"resamples=2000 of 1000000 sums need 14.9 GiB \(more "
+                                         rf"than MAX_COUNTS_BYTES={MAX_COUNTS_BYTES}\); use "
+                                         "fewer resamples"):
+        I.bootstrap(np.zeros((1, 10 ** 6)), lambda s: s[..., 0])
+    interval = I.bootstrap(torch.tensor([[1.0, 1.0], [3.0, 1.0]]), I.mean_of_sums, resamples=100)
+    assert interval.estimate == 2.0 and interval.n == 2
+
+
+def test_means_refuse_meta_values_and_an_overflowing_sum():
+    with pytest.raises(ValueError, match="values " + META):
+        I.mean_interval(torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="values_b " + META):
+        I.paired_mean_difference([1.0, 2.0], torch.ones(2, device="meta"))
+    # Was an infinite mean with two RuntimeWarnings.
+    with pytest.raises(ValueError, match=r"values holds values up to 1e\+308: their sum over 2 "
+                                         "images overflows float64; rescale them"):
+        I.mean_interval([1e308, -1e308])
+    assert I.mean_interval([1e300, 3e300], resamples=100).estimate == pytest.approx(2e300)
+
+
+@pytest.mark.parametrize("function, sums, match", [
+    (I.mean_of_sums, np.ones((3, 1)), r"mean_of_sums reads sums \(..., k\) with k 2 \(sum, "
+                                      r"count\), got shape \(3, 1\)"),
+    (I.mean_of_sums, np.ones((3, 3)), "mean_of_sums reads sums"),
+    (I.pointing_game_accuracy, np.ones(3), r"k an even number .*got shape \(3,\)"),
+    (I.pointing_game_accuracy, np.ones((2, 0)), "k an even number"),
+    (I.pointing_game_accuracy, np.float64(1.0), r"got shape \(\)"),
+])
+def test_statistics_refuse_sums_of_the_wrong_width(function, sums, match):
+    # Were an IndexError (1 column), an AttributeError (a list) or a silently wrong value (the
+    # pointing game read 3 columns as one class and dropped the third).
+    with pytest.raises(ValueError, match=match):
+        function(sums)
+
+
+def test_statistics_accept_lists():
+    assert I.mean_of_sums([6.0, 3.0]) == 2.0
+    assert I.pointing_game_accuracy([[1, 0, 2, 0]]).tolist() == [0.5]
+
+
+def test_pointing_game_pairs_from_any_iterable_and_bad_images():
+    interval = I.pointing_game_interval(([(0, 1)] for _ in range(3)), 2, resamples=100)
+    assert interval.estimate == 1.0 and interval.n == 3
+    with pytest.raises(TypeError, match=r"pairs\[0\] must be a list of \(class_id, hit\) "
+                                        "pairs .*got NoneType"):
+        I.pointing_game_interval([None], 2)
+    with pytest.raises(TypeError, match="pairs must be a sequence holding one list"):
+        I.pointing_game_interval(None, 2)
+    with pytest.raises(TypeError, match="pairs_b must be a sequence"):
+        I.paired_pointing_game_difference([[(0, 1)]], 5, 2)
+    with pytest.raises(ValueError, match=r"pairs\[0\]: hit must be \+1"):   # ambiguous truth
+        I.pointing_game_interval([[(0, np.array([1, 1]))]], 2)
+    with pytest.raises(ValueError, match=r"pairs_a\[0\] must hold \(class_id, hit\) pairs, got 0"):
+        I.paired_pointing_game_difference([[0]], [[(0, 1)]], 2)    # was "cannot unpack"
+
+
+def _pairs_of(model, method, subset):
+    return {0: [(0, 1)], 1: [(1, -1)]}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"pairs_of": None}, TypeError, "pairs_of must be a function"),
+    ({"pairs_of": lambda *a: None}, TypeError,
+     r"pairs_of\('vgg16', 'grad_cam', 'all'\) must return a mapping .*got NoneType"),
+    ({"models": "vgg16"}, TypeError, r"models must be a list of names, got str 'vgg16'; pass "
+                                     r"\['vgg16'\]"),
+    ({"methods": "grad_cam"}, TypeError, "methods must be a list of names"),
+    ({"orderings": [("all", "a")]}, ValueError, r"orderings\[0\] must be \(subset, better, "
+                                                r"worse, .* got \('all', 'a'\)"),
+    ({"orderings": [("all", "a", "b", "86", 60.0)]}, ValueError, r"orderings\[0\] must be"),
+    ({"orderings": 3}, TypeError, "orderings must be a sequence"),
+])
+def test_compare_orderings_refuses_bad_arguments(kwargs, error, match):
+    # Were "'NoneType' object is not callable / iterable", Python's unpacking error, or (a
+    # string of models) one model per letter, silently.
+    arguments = {"pairs_of": _pairs_of, "models": ["vgg16"], "methods": ["grad_cam", "center"],
+                 "num_classes": 20, "resamples": 100, **kwargs}
+    with pytest.raises(error, match=match):
+        I.compare_orderings(**arguments)
+
+
+def test_format_orderings_names_the_missing_keys():
+    with pytest.raises(ValueError, match=r"comparisons\[0\] must be a dict of compare_orderings, "
+                                         "missing subset, better"):
+        I.format_orderings([{"model": "m"}])     # was KeyError: 'better'
+    with pytest.raises(ValueError, match=r"comparisons\[0\].*missing model"):
+        I.format_orderings([3])
+    rows = I.compare_orderings(_pairs_of, ["vgg16"], ["grad_cam", "center"], 20, resamples=100)
+    assert len(rows) == 1 and "vgg16" in I.format_orderings(rows)
