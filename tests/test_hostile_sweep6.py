@@ -15,6 +15,12 @@ import torch
 from torchray_like.benchmark import intervals as I
 from torchray_like.benchmark.interval_checks import MAX_COUNTS_BYTES, check_num_classes
 from torchray_like.benchmark.intervals import Interval
+from torchray_like.benchmark.pointing_game import (
+    MAX_IMAGE_PIXELS,
+    PointingGame,
+    read_difficult_file,
+    saliency_to_point,
+)
 
 META = "is on the meta device"
 
@@ -180,3 +186,90 @@ def test_format_orderings_names_the_missing_keys():
         I.format_orderings([3])
     rows = I.compare_orderings(_pairs_of, ["vgg16"], ["grad_cam", "center"], 20, resamples=100)
     assert len(rows) == 1 and "vgg16" in I.format_orderings(rows)
+
+
+# -------------------------------------------------------------------------- pointing game
+
+
+def test_saliency_to_point_refuses_a_huge_size_and_non_numeric_arrays():
+    # Was the allocator's RuntimeError (a 4 TB resized map) and torch.from_numpy's TypeError.
+    with pytest.raises(ValueError, match=r"size=\(1000000, 1000000\) has 1000000000000 pixels, "
+                                         rf"more than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} \(the "
+                                         r"resized map would take 3.73e\+03 GiB\)"):
+        saliency_to_point(torch.ones(4, 4), (10 ** 6, 10 ** 6))
+    with pytest.raises(TypeError, match="saliency must hold numbers, got a numpy array of dtype "
+                                        "object"):
+        saliency_to_point(np.array([[None, 1]]), (4, 4))
+    with pytest.raises(TypeError, match="saliency must hold numbers.*<U1"):
+        saliency_to_point(np.array([["a"]]), (4, 4))
+    assert saliency_to_point(np.array([[0, 1], [0, 0]], dtype=np.uint8), (2, 2)) == (1, 0)
+    assert MAX_IMAGE_PIXELS == 2 ** 28
+
+
+def test_evaluate_refuses_meta_points_object_and_empty_masks():
+    game = PointingGame(3)
+    # Were NotImplementedError ("Cannot copy out of meta tensor") and RuntimeError (.item()).
+    with pytest.raises(ValueError, match="point " + META):
+        game.evaluate(torch.ones(4, 4), torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="point " + META):
+        game.evaluate(torch.ones(4, 4), (torch.zeros((), device="meta"), 1))
+    with pytest.raises(TypeError, match="mask must hold numbers, got a numpy array of dtype "
+                                        "object"):
+        game.evaluate(np.array([[None, 1]]), (0, 0))
+    with pytest.raises(ValueError, match=r"mask must have shape \(H, W\) .*H, W > 0, got "
+                                         r"\(0, 0\)"):
+        game.evaluate(torch.ones(0, 0), (0, 0))     # was "u is a column in [0, -1]"
+    assert game.evaluate(torch.ones(4, 4), (torch.tensor(1), torch.tensor(2.0))) == 1
+
+
+@pytest.mark.parametrize("hit", [np.array([1, 1]), torch.tensor([1, 1]), torch.tensor(0.5),
+                                 np.array([0.5]), 1 + 0j, "1", None, math.nan])
+def test_aggregate_refuses_hits_that_are_not_one_number(hit):
+    # Were NumPy's / PyTorch's ambiguous-truth errors; tensor(0.5) truncated to a silent skip.
+    game = PointingGame(3)
+    with pytest.raises(ValueError, match=r"hit must be \+1 \(hit\), -1 \(miss\) or 0 \(skip\)"):
+        game.aggregate(hit, 0)
+    assert int(game.hits.sum()) == int(game.misses.sum()) == 0
+
+
+def test_aggregate_accepts_one_element_tensors_and_arrays():
+    game = PointingGame(3)
+    game.aggregate(torch.tensor(1), 0)
+    game.aggregate(np.array([-1]), 0)
+    game.aggregate(torch.tensor([1.0]), 2)
+    game.aggregate(np.int8(0), 1)
+    assert game.hits.tolist() == [1, 0, 1] and game.misses.tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="hit " + META):
+        game.aggregate(torch.tensor(1, device="meta"), 0)
+
+
+def test_tolerance_beyond_int_and_float_range():
+    # 1e300 was stored as a 301-digit int and overflowed torch's comparison; 10**400 was
+    # math.isfinite's OverflowError.
+    game = PointingGame(3, tolerance=1e300)
+    assert game.tolerance == 1e300 and isinstance(game.tolerance, float)
+    assert game.evaluate(torch.eye(4), (3, 0)) == 1
+    assert PointingGame(3, tolerance=15.0).tolerance == 15
+    assert isinstance(PointingGame(3, tolerance=np.float32(15)).tolerance, int)
+    for bad in (10 ** 400, 1 + 0j, np.complex64(1), torch.tensor(15.0), True):
+        with pytest.raises(ValueError, match="tolerance must be a positive finite number of "
+                                             "pixels"):
+            PointingGame(3, tolerance=bad)
+
+
+def test_read_difficult_file_checks_its_arguments(tmp_path):
+    path = tmp_path / "difficult.txt"
+    path.write_text("img1 0 1 0\n")
+    # Were Path's "expected str, bytes or os.PathLike object, not NoneType", and "expected 0
+    # 0/1 flags" for num_classes=0 or "3".
+    for bad in (None, 123):
+        with pytest.raises(TypeError, match=r"path must be a str or os.PathLike \(the "
+                                            "difficult-pair file\\), got"):
+            read_difficult_file(bad, 3)
+    for bad in (0, "3", 3.0):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            read_difficult_file(path, bad)
+    with pytest.raises(ValueError, match="num_classes=1000000000000 is more than MAX_NUM_"
+                                         "CLASSES"):
+        read_difficult_file(path, 10 ** 12)
+    assert read_difficult_file(str(path), np.int64(3))["img1"].tolist() == [False, True, False]

@@ -38,7 +38,8 @@ Points are ``(u, v)`` = (column, row) pixel coordinates in the original image.
 from __future__ import annotations
 
 __all__ = ["PointingGame", "PointingGameBenchmark", "centre_point", "saliency_to_point",
-           "read_difficult_file", "DIFFICULT_AREA_FRACTION", "MAX_NUM_CLASSES"]
+           "read_difficult_file", "DIFFICULT_AREA_FRACTION", "MAX_NUM_CLASSES",
+           "MAX_IMAGE_PIXELS"]
 
 import math
 import os
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from ..attribution.arguments import check_not_meta
+from ..attribution.arguments import check_not_meta, is_number
 from . import datasets as ads
 from .interval_checks import MAX_NUM_CLASSES, check_num_classes
 
@@ -64,13 +65,19 @@ DIFFICULT_AREA_FRACTION = 0.25
 """[EBP]'s difficult pairs: the class's objects cover less than this fraction of the image."""
 
 
+#: The largest image :func:`saliency_to_point` resizes a map to: 2**28 pixels (16384 x 16384;
+#: the resized float32 map then takes 1 GiB).  A larger ``size`` is refused with a ValueError
+#: rather than an allocator error.
+MAX_IMAGE_PIXELS = 2 ** 28
+
+
 # ----------------------------------------------------------------------- helpers
 
 
 def _as_bool_mask(mask: Any) -> torch.Tensor:
     """A 2-D boolean tensor from a tensor or array (non-zero counts as object)."""
     if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        mask = _from_numpy(mask, "mask")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(
             f"mask must be a torch.Tensor or numpy array of shape (H, W), got "
@@ -78,14 +85,35 @@ def _as_bool_mask(mask: Any) -> torch.Tensor:
     _check_values(mask, "mask")
     if mask.dim() == 3 and mask.shape[0] == 1:
         mask = mask[0]
-    if mask.dim() != 2:
-        raise ValueError(f"mask must have shape (H, W) (or (1, H, W)), got {tuple(mask.shape)}")
+    if mask.dim() != 2 or mask.numel() == 0:
+        raise ValueError(f"mask must have shape (H, W) (or (1, H, W)), H, W > 0, got "
+                         f"{tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
         # NaN != 0 is True: a NaN pixel would silently count as object.
         raise ValueError("mask contains NaN or infinite values; pass a boolean or 0/1 mask")
     return mask != 0
+
+
+def _from_numpy(array: np.ndarray, name: str) -> torch.Tensor:
+    # torch.from_numpy's own TypeError for strings or objects lists dtypes but no argument.
+    if array.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {array.dtype}; "
+                        "pass a boolean or numeric array")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _as_hit(hit: Any) -> int:
+    """``+1``, ``-1`` or ``0`` from a number or a one-element tensor or array."""
+    if isinstance(hit, torch.Tensor):
+        check_not_meta(hit, "hit")
+    if isinstance(hit, (torch.Tensor, np.ndarray)) and hit.ndim <= 1 and math.prod(hit.shape) == 1:
+        hit = hit.item()  # .item(), not int(): 0.5 would truncate to a silent skip
+    # A Real first: an array's "in" would raise an ambiguous-truth error.
+    if not is_number(hit) or hit not in (-1, 0, 1):
+        raise ValueError(f"hit must be +1 (hit), -1 (miss) or 0 (skip), got {hit!r}")
+    return int(hit)
 
 
 def _check_values(tensor: torch.Tensor, name: str) -> None:
@@ -98,6 +126,9 @@ def _check_values(tensor: torch.Tensor, name: str) -> None:
 
 def _as_point(point: Any) -> Point:
     """``(u, v)`` floats from a pair of numbers (tuple, list, tensor or array)."""
+    for x in point if isinstance(point, (tuple, list)) else [point]:
+        if isinstance(x, torch.Tensor):
+            check_not_meta(x, "point")
     if isinstance(point, (torch.Tensor, np.ndarray)) and point.ndim == 1 and len(point) == 2:
         point = point.tolist()
     if isinstance(point, (tuple, list)):  # e.g. (tensor(3), tensor(4)) from an argmax
@@ -174,8 +205,14 @@ def saliency_to_point(saliency: Any, size: Sequence[int]) -> tuple[int, int]:
         order on ties.
     """
     height, width = _check_size(size)
+    if height * width > MAX_IMAGE_PIXELS:
+        # The map is resized to the image: a float32 (height, width) array.
+        raise ValueError(
+            f"size={tuple(size)} has {height * width} pixels, more than MAX_IMAGE_PIXELS="
+            f"{MAX_IMAGE_PIXELS} (the resized map would take {height * width / 2 ** 28:.3g} GiB); "
+            "give the image's (height, width), e.g. from voc_as_image_size")
     if isinstance(saliency, np.ndarray):
-        saliency = torch.from_numpy(np.ascontiguousarray(saliency))
+        saliency = _from_numpy(saliency, "saliency")
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a torch.Tensor or numpy array, got "
                         f"{type(saliency).__name__}")
@@ -235,15 +272,8 @@ class PointingGame:
                  class_names: Optional[Sequence[str]] = None) -> None:
         # Two int64 counts per class: 10**12 classes would ask the allocator for 16 TB.
         num_classes = check_num_classes(num_classes, 16, "the per-class hit and miss counts")
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.number)) \
-                or not math.isfinite(tolerance) or tolerance <= 0:
-            # A hit is a distance < tolerance: 0 would make every point a silent miss.
-            raise ValueError(
-                f"tolerance must be a positive number of pixels (a hit is a point at a "
-                f"distance < tolerance from the mask), got {tolerance!r}; use tolerance=1 to "
-                "require the point to lie on the mask")
         self.num_classes = num_classes
-        self.tolerance = float(tolerance) if not float(tolerance).is_integer() else int(tolerance)
+        self.tolerance = _check_tolerance(tolerance)
         self.class_names = _check_class_names(class_names, num_classes)
         self.hits = torch.zeros(self.num_classes, dtype=torch.int64)
         self.misses = torch.zeros(self.num_classes, dtype=torch.int64)
@@ -281,10 +311,7 @@ class PointingGame:
         class_id:
             Index of the class in ``[0, num_classes)``.
         """
-        if isinstance(hit, torch.Tensor) and hit.numel() == 1:
-            hit = int(hit)
-        if isinstance(hit, bool) or hit not in (-1, 0, 1):
-            raise ValueError(f"hit must be +1 (hit), -1 (miss) or 0 (skip), got {hit!r}")
+        hit = _as_hit(hit)
         if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
             raise TypeError(f"class_id must be an int, got {class_id!r}")
         if not 0 <= class_id < self.num_classes:
@@ -331,6 +358,22 @@ class PointingGame:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self.num_classes}, "
                 f"tolerance={self.tolerance}, accuracy={self.accuracy:.4f})")
+
+
+def _check_tolerance(tolerance: Any) -> Union[int, float]:
+    """A positive, finite number of pixels: an int when integral (as the table prints it)."""
+    try:
+        value = float(tolerance) if is_number(tolerance) else math.nan
+    except OverflowError:  # an int beyond float range (10**400)
+        value = math.inf
+    if not math.isfinite(value) or value <= 0:
+        # A hit is a distance < tolerance: 0 would make every point a silent miss.
+        raise ValueError(
+            f"tolerance must be a positive finite number of pixels (a hit is a point at a "
+            f"distance < tolerance from the mask), got {tolerance!r:.40}; use tolerance=1 to "
+            "require the point to lie on the mask")
+    # An int only where exact: int(1e300) would overflow the distance comparison in torch.
+    return int(value) if value.is_integer() and value < 2 ** 53 else value
 
 
 def _check_class_names(class_names: Any, num_classes: int) -> Optional[list[str]]:
@@ -390,6 +433,11 @@ def read_difficult_file(path: PathLike, num_classes: int) -> dict[str, torch.Ten
         under its name's stem and, when numeric, its number (``'000042'`` and
         ``'42'``).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (the difficult-pair file), got "
+                        f"{type(path).__name__}")
+    # One bool flag per class and image; the file's lines say how many images.
+    num_classes = check_num_classes(num_classes, 1, "each image's flags")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"difficult-pair file not found: {path}")
