@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _harness import floor_input, frozen, time_interleaved  # noqa: E402
+from _harness import floor_input, freeze, frozen, time_interleaved  # noqa: E402
 
 from torchray_like.attribution.lrp import lrp  # noqa: E402
 from torchray_like.benchmark.embedded_models import (  # noqa: E402
@@ -184,7 +184,8 @@ def main(argv=None) -> None:
     print(f"{'model':16} {'floor ms':>9} {'bound ms':>9} {'lrp ms':>8} {'bound×':>7} "
           f"{'lrp×':>6} {'lrp/bound':>9}  check")
     for name in args.models:
-        model = load_embedded_model(name)
+        # Frozen once, as benchmarks/speed.py does: no call pays for switching flags.
+        model = freeze(load_embedded_model(name))
         x = torch.randn(1, 3, args.input_size, args.input_size)
         target = 3
         try:
