@@ -21,6 +21,12 @@ from torchray_like.benchmark.pointing_game import (
     read_difficult_file,
     saliency_to_point,
 )
+from torchray_like.benchmark.pointing_game_table import (
+    make_table,
+    pairs_of_records,
+    print_table,
+    write_outputs,
+)
 
 META = "is on the meta device"
 
@@ -273,3 +279,72 @@ def test_read_difficult_file_checks_its_arguments(tmp_path):
                                          "CLASSES"):
         read_difficult_file(path, 10 ** 12)
     assert read_difficult_file(str(path), np.int64(3))["img1"].tolist() == [False, True, False]
+
+
+# -------------------------------------------------------------------- pointing-game table
+
+
+def _record(**changes):
+    return {"model": "m", "method": "g", "index": 0, "size": [4, 4],
+            "pairs": [[0, 1, 0, [1, 1]]], "seconds": 0.1, **changes}
+
+
+@pytest.mark.parametrize("records, error, match", [
+    (None, TypeError, "records must be a list of the benchmark's records"),
+    ({"model": "m"}, TypeError, "records must be a list"),
+    ([None], ValueError, r"records\[0\] must be a dict with keys model, method, index, pairs, "
+                         "seconds; missing model"),
+    ([{"model": "m", "method": "g", "index": 0}], ValueError, "missing pairs, seconds"),
+    ([_record(index=1.5)], ValueError, r"records\[0\]\['index'\] must be an int .*got 1.5"),
+    ([_record(index="a")], ValueError, r"records\[0\]\['index'\] must be an int"),
+    ([_record(seconds=math.nan)], ValueError, r"records\[0\]\['seconds'\] must be a finite "
+                                              "number >= 0, got nan"),
+    ([_record(seconds="1")], ValueError, r"\['seconds'\] must be"),
+    ([_record(), _record(pairs=[[0, 1]])], ValueError, r"records\[1\]\['pairs'\] must be a list "
+                                                       r"of \[class, all, difficult, point\]"),
+    ([_record(pairs=[["0", 1, 0, None]])], ValueError, r"records\[0\]: class_id must be an int "
+                                                       r"in \[0, 3\), got '0'"),
+    ([_record(pairs=[[0, 1, 0.5, None]])], ValueError, r"records\[0\]: hit must be \+1"),
+])
+def test_make_table_names_the_bad_record(records, error, match):
+    # Were KeyError('pairs'), "'NoneType' object is not subscriptable", int('a')'s message, a
+    # record of index 1.5 filed under image 1 and a NaN seconds per image, silently.
+    with pytest.raises(error, match=match):
+        make_table(records, 3, ["m"], ["g"])
+
+
+def test_make_table_and_pairs_of_records_other_arguments():
+    with pytest.raises(TypeError, match=r"models must be a list of names, got str 'm'"):
+        make_table([_record()], 3, "m", ["g"])
+    with pytest.raises(ValueError, match="num_classes=1000000000000 is more than MAX_NUM_"):
+        make_table([_record()], 10 ** 12, ["m"], ["g"])
+    with pytest.raises(ValueError, match=r"subset must be one of \['all', 'difficult'\], got "
+                                         "'easy'"):
+        pairs_of_records([_record()])("m", "g", "easy")         # was KeyError: 'easy'
+    assert pairs_of_records([_record()])("m", "g", "all") == {0: [(0, 1)]}
+    rows = make_table([_record(), _record(index=1, pairs=[[2, -1, -1, None]])], 3, ["m"], ["g"])
+    assert rows[0]["all"] == 0.5 and rows[0]["difficult"] == 0.0 and rows[0]["images"] == 2
+    assert "50.0 [" in print_table(rows)
+
+
+def test_print_table_and_write_outputs_check_their_arguments(tmp_path):
+    rows = make_table([_record()], 3, ["m"], ["g"])
+    with pytest.raises(ValueError, match=r"rows\[0\] is missing model, all, .*pass the rows "
+                                         "make_table"):
+        print_table([{"method": "g"}])                           # was KeyError: 'model'
+    with pytest.raises(TypeError, match="rows must be a list of dicts, got NoneType"):
+        print_table(None)
+    with pytest.raises(TypeError, match=r"out must be a directory path \(str or os.PathLike\), "
+                                        "got NoneType"):
+        write_outputs(None, rows, {})
+    with pytest.raises(TypeError, match=r"meta must be a dict \(written to the JSON file\)"):
+        write_outputs(str(tmp_path), rows, None)
+    with pytest.raises(ValueError, match=r"rows\[0\] is missing method"):
+        write_outputs(str(tmp_path), [{"zzz": 1}], {})           # was a CSV of empty cells
+    with pytest.raises(ValueError, match=r"comparisons\[0\] is missing model"):
+        write_outputs(str(tmp_path), rows, {}, [{}])
+    with pytest.raises(TypeError, match=r"meta must hold JSON values .*not JSON serializable"):
+        write_outputs(str(tmp_path / "new"), rows, {"a": object()})
+    assert not (tmp_path / "new").exists()                        # nothing half-written
+    csv_path, json_path = write_outputs(tmp_path / "out", rows, {"seed": 0})
+    assert open(json_path).read().count('"difficult": null') == 1

@@ -12,19 +12,65 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable
+from numbers import Integral
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+from ..attribution.arguments import is_number
 from . import intervals
+from .interval_checks import check_names, check_num_classes, check_pair
 from .pointing_game import PointingGame
 from .runner import format_table
 
-__all__ = ["make_table", "pairs_of_records", "print_table", "write_outputs", "TABLE_COLUMNS",
+__all__ = ["make_table", "pairs_of_records", "print_table", "write_outputs", "check_records",
+           "RECORD_KEYS", "TABLE_COLUMNS",
            "COMPARISON_COLUMNS"]
 
 
 
 #: Where a record's pair holds the hit of each subset: ``[class, all, difficult, point]``.
 _SUBSET_COLUMN = {"all": 1, "difficult": 2}
+
+
+#: The keys :func:`make_table` reads from each record.
+RECORD_KEYS = ("model", "method", "index", "pairs", "seconds")
+
+
+def check_records(records: Any) -> List[Mapping[str, Any]]:
+    """``records`` as a list, each a mapping with :data:`RECORD_KEYS`, an int ``index``, a
+    finite non-negative ``seconds`` and ``pairs`` of ``[class, all, difficult, point]``; a
+    ValueError or TypeError naming the record otherwise (a missing key was a KeyError)."""
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise TypeError(f"records must be a list of the benchmark's records (dicts), got "
+                        f"{type(records).__name__}")
+    records = list(records)
+    for i, r in enumerate(records):
+        missing = [k for k in RECORD_KEYS if not isinstance(r, Mapping) or k not in r]
+        if missing:
+            raise ValueError(f"records[{i}] must be a dict with keys {', '.join(RECORD_KEYS)}; "
+                             f"missing {', '.join(missing)}")
+        if isinstance(r["index"], bool) or not isinstance(r["index"], Integral):
+            # int(1.5) would file the record under image 1, silently.
+            raise ValueError(f"records[{i}]['index'] must be an int (the image), got "
+                             f"{r['index']!r}")
+        if not is_number(r["seconds"]) or not 0 <= r["seconds"] < math.inf:
+            raise ValueError(f"records[{i}]['seconds'] must be a finite number >= 0, got "
+                             f"{r['seconds']!r}")
+        pairs = r["pairs"]
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable) or not all(
+                isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 4
+                for p in pairs):
+            raise ValueError(f"records[{i}]['pairs'] must be a list of [class, all, difficult, "
+                             f"point] entries, got {pairs!r:.80}")
+    return records
+
+
+def _check_hits(records: Sequence[Mapping[str, Any]], num_classes: int) -> None:
+    """Each pair's class and its two hits, named by record (the game would not say which)."""
+    for i, r in enumerate(records):
+        for p in r["pairs"]:
+            for column in (1, 2):
+                check_pair((p[0], p[column]), num_classes, i, "records")
 
 
 def _by_image(records: Sequence[Mapping[str, Any]], arch: str, method: str
@@ -45,6 +91,10 @@ def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
     bootstrap intervals over images (``all_low``, ``all_high`` ...; classes averaged in every
     resample, :mod:`torchray_like.benchmark.intervals`, resamples seeded by ``seed``), seconds
     per image, images and pairs."""
+    records = check_records(records)
+    models, methods = check_names(models, "models"), check_names(methods, "methods")
+    num_classes = check_num_classes(num_classes, 16, "the per-class hit and miss counts")
+    _check_hits(records, num_classes)
     rows = []
     for arch in models:
         for method in methods:
@@ -77,7 +127,11 @@ def make_table(records: Sequence[Mapping[str, Any]], num_classes: int,
 def pairs_of_records(records: Sequence[Mapping[str, Any]]) -> Any:
     """``(model, method, subset) -> {image: pairs}``, what
     :func:`~torchray_like.benchmark.intervals.compare_orderings` reads."""
+    records = check_records(records)
+
     def pairs_of(arch: str, method: str, subset: str) -> Dict[int, List[Tuple[int, int]]]:
+        if subset not in _SUBSET_COLUMN:
+            raise ValueError(f"subset must be one of {sorted(_SUBSET_COLUMN)}, got {subset!r}")
         mine = _by_image(records, arch, method)
         return dict(zip(mine, _pairs(list(mine.values()), subset)))
 
@@ -92,6 +146,7 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
 
 def print_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The table, accuracies in % with their 95 % intervals ("86.6 [80.1, 92.0]")."""
+    _check_rows(rows, TABLE_COLUMNS, "rows")
     shown = [{"method": r["method"], "model": r["model"],
               "all % [95 % CI]": _cell(r, "all"), "difficult % [95 % CI]": _cell(r, "difficult"),
               "s/image": r["seconds_per_image"], "images": r["images"], "pairs": r["pairs"],
@@ -102,6 +157,18 @@ def print_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if any("*" in row["all % [95 % CI]"] + row["difficult % [95 % CI]"] for row in shown):
         text += "\n* zero width: every image scored alike; the uncertainty is understated"
     return text
+
+
+def _check_rows(rows: Any, columns: Sequence[str], name: str) -> None:
+    """Rows of :func:`make_table` (or comparisons of ``compare_orderings``): a missing column
+    was a KeyError, or an empty CSV cell."""
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+        raise TypeError(f"{name} must be a list of dicts, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        missing = [k for k in columns if not isinstance(row, Mapping) or k not in row]
+        if missing:
+            raise ValueError(f"{name}[{i}] is missing {', '.join(missing)}; pass the rows "
+                             "make_table (or compare_orderings) returns")
 
 
 def _json_clean(value: Any) -> Any:
@@ -131,6 +198,20 @@ def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str
     """``pointing_game.csv`` (the table, with the interval columns),
     ``pointing_game_comparisons.csv`` (the published orderings) and ``pointing_game.json``
     (both, and ``meta``) in ``out``."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a directory path (str or os.PathLike), got "
+                        f"{type(out).__name__}")
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict (written to the JSON file), got "
+                        f"{type(meta).__name__}")
+    _check_rows(rows, TABLE_COLUMNS, "rows")
+    _check_rows(comparisons, COMPARISON_COLUMNS, "comparisons")
+    try:  # before any file is written: no half-written output
+        text = json.dumps(_json_clean({**meta, "rows": list(rows),
+                                       "comparisons": list(comparisons)}), indent=2)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"meta must hold JSON values (str, numbers, lists, dicts): {error}"
+                        ) from None
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "pointing_game.csv")
     json_path = os.path.join(out, "pointing_game.json")
@@ -138,8 +219,7 @@ def write_outputs(out: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str
     _write_csv(os.path.join(out, "pointing_game_comparisons.csv"), comparisons,
                COMPARISON_COLUMNS)
     with open(json_path, "w") as f:
-        json.dump(_json_clean({**meta, "rows": list(rows), "comparisons": list(comparisons)}),
-                  f, indent=2)
+        f.write(text)
     return csv_path, json_path
 
 
