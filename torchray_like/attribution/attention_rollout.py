@@ -6,7 +6,10 @@ r"""Attention rollout, attention flow and gradient-weighted rollout for vision t
   connection is added and the rows are normalised: ``Â = (A + I) / rowsum`` — equal to
   ``0.5·A + 0.5·I`` for mean fusion without discarding, since then ``A``'s rows sum to one.
   The rollout is ``Â_L ⋯ Â_2 Â_1`` (first layer applied first); its class-token row over the
-  patch tokens is the map.
+  patch tokens is the map — the mean of the patch tokens' rows for a model without a class
+  token (average-pooled patches, also behind register tokens, or timm's ``global_pool="avg"``:
+  :func:`~.tokens.has_class_token`).  DeiT's distillation token is dropped with the other
+  prefix tokens; its row is not read.
 * **Attention flow** (same paper): the layers form a graph whose nodes are the tokens at each
   layer's input and whose edge ``(l, j) → (l + 1, i)`` has capacity ``Â_l[i, j]``; a patch's
   value is the maximum flow from that patch at the input to the class token at the top.  One
@@ -43,7 +46,7 @@ from .maps import SizeType, check_resize_mode, finish_map
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, parse_target
-from .tokens import TokenLayout, infer_token_layout
+from .tokens import TokenLayout, has_class_token, infer_token_layout, patch_grids
 
 __all__ = ["attention_rollout", "attention_flow", "grad_rollout", "rollout", "fuse_heads",
            "grad_weighted_rollout", "flow_to_token", "tokens_to_grid", "read_attentions"]
@@ -222,7 +225,8 @@ def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
     and the rest laid out row-major on ``grid``.  Both are inferred when not given: from the
     ``model`` (its patch stride and prefix-token parameters,
     :func:`~.tokens.infer_token_layout`) for image and video inputs, else as the first prefix
-    among 1, 0, 2 … 8 leaving a grid with the input's aspect ratio (``h·W == w·H``).  A
+    among 1, 0, 2 … 8 leaving a grid with the input's aspect ratio (``h·W == w·H``) — and,
+    when the model's own layout did not fit, a grid of its patch stride.  A
     ``ValueError`` says what to pass when nothing fits.
     """
     n, t = values.shape
@@ -244,9 +248,13 @@ def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
         range(2, 9))
     if reason and grid is not None and num_prefix_tokens is None:
         prefixes = ()  # the model contradicts the grid given: no guess of the prefix
+    # The model's inference failed (prefix tokens it does not declare): a guess must still be
+    # a grid of its patch stride (8 undeclared registers + a class token on a 4 × 4 grid made
+    # 25 tokens, guessed as a 5 × 5 grid).
+    allowed = set(patch_grids(model, spatial)) if reason and model is not None else None
     for prefix in prefixes:
         shape = _grid_for(t - prefix, spatial, grid)
-        if shape is not None:
+        if shape is not None and (allowed is None or shape in allowed):
             return values[:, prefix:].reshape((n, 1) + shape)
     raise ValueError(
         f"cannot lay the {t} tokens out on a patch grid of the input {spatial}"
@@ -272,16 +280,30 @@ def _grid_for(count: int, spatial: Tuple[int, ...], grid: Optional[Sequence[int]
     return None
 
 
+def _prefix_count(t: int, input: torch.Tensor, num_prefix_tokens: Optional[int],
+                  grid: Optional[Tuple[int, ...]], model: nn.Module) -> int:
+    if num_prefix_tokens is not None:
+        return num_prefix_tokens
+    shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid, model).shape
+    return t - math.prod(shape[2:])
+
+
+def _reads_class_token(model: nn.Module, num_prefix_tokens: int) -> bool:
+    """Whether token 0 is a class token: there are prefix tokens, and the model does not say
+    they are registers only or that its head pools the patches
+    (:func:`~.tokens.has_class_token`)."""
+    return num_prefix_tokens > 0 and has_class_token(model) is not False
+
+
 def _token_row(matrix: torch.Tensor, input: torch.Tensor, num_prefix_tokens: Optional[int],
-               grid: Optional[Sequence[int]], model: nn.Module) -> torch.Tensor:
-    """The class token's row (token 0), or the mean row for a model without prefix tokens."""
-    t = matrix.shape[-1]
-    if num_prefix_tokens is None:
-        probe = torch.zeros(1, t)
-        shape = tokens_to_grid(probe, input[:1], None, grid, model).shape
-        num_prefix_tokens = t - math.prod(shape[2:])
-    row = matrix[:, 0] if num_prefix_tokens > 0 else matrix.mean(1)
-    return tokens_to_grid(row, input, num_prefix_tokens, grid, model)
+               grid: Optional[Tuple[int, ...]], model: nn.Module) -> torch.Tensor:
+    """The class token's row (token 0; DeiT's distillation token, token 1, is not read), or
+    the mean of the patch tokens' rows for a model without a class token (average-pooled
+    patches, with or without register tokens before them: a register's row is no readout)."""
+    prefix = _prefix_count(matrix.shape[-1], input, num_prefix_tokens, grid, model)
+    row = (matrix[:, 0] if _reads_class_token(model, prefix)
+           else matrix[:, prefix:].mean(1))
+    return tokens_to_grid(row, input, prefix, grid, model)
 
 
 def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[TargetType] = None,
@@ -309,7 +331,8 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
         residual is added.
     num_prefix_tokens, grid : optional
         The non-patch tokens at the start of the sequence and the patch grid (inferred; see
-        :func:`tokens_to_grid`).  Without prefix tokens the mean row is used.
+        :func:`tokens_to_grid`).  Without a class token (no prefix tokens, or only
+        registers before average-pooled patches) the mean of the patch rows is used.
     resize, resize_mode
         As in :func:`~torchray_like.attribution.common.saliency`.
 
@@ -389,13 +412,17 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
         raise ValueError(f"max_work must be a positive number (float('inf'): no bound), got "
                          f"{max_work!r}")
     attentions = _class_agnostic_attentions(model, input, target, "attention_flow")
-    t = attentions[0].shape[-1]
-    if num_prefix_tokens is None:
-        shape = tokens_to_grid(torch.zeros(1, t), input[:1], None, grid, model).shape
-        num_prefix_tokens = t - math.prod(shape[2:])
+    num_prefix_tokens = _prefix_count(attentions[0].shape[-1], input, num_prefix_tokens, grid,
+                                      model)
     if num_prefix_tokens < 1:
         raise ValueError("attention_flow needs a class token to flow into: the model's tokens "
                          "are all patches (num_prefix_tokens=0); use attention_rollout")
+    if not _reads_class_token(model, num_prefix_tokens):
+        raise ValueError(
+            f"attention_flow needs a class token to flow into: {type(model).__name__}'s "
+            f"{num_prefix_tokens} prefix token(s) are no class token (register tokens, or a "
+            "head that pools the patch tokens); use attention_rollout (it reads the mean of the "
+            "patch tokens' rows)")
     flows = flow_to_token(attentions, 0, head_fusion, discard_ratio, max_work)
     smap = tokens_to_grid(flows.to(input.device), input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["TokenLayout", "TokensType", "layer_tokens", "tokens_to_map", "infer_token_layout",
-           "is_token_model", "check_tokens"]
+           "is_token_model", "check_tokens", "patch_grids", "has_class_token"]
 
 _ADVICE = ("pass tokens=TokenLayout(prefix=..., grid=(h, w)) (prefix tokens to drop, patch "
            "grid), or a callable tensor -> (N, C, *grid), or tokens=False to read the tensor "
@@ -139,6 +139,37 @@ def _model_prefix(model: nn.Module) -> Optional[int]:
     if isinstance(getattr(pos, "class_token", None), torch.Tensor):
         found, count = True, count + 1
     return count if found else None
+
+
+_CLASS_PARAMETERS = ("class_token", "cls_token")
+
+
+def has_class_token(model: nn.Module) -> Optional[bool]:
+    """Whether ``model``'s first token is a class token the head reads: ``True`` when it has a
+    ``class_token`` / ``cls_token`` tensor (torchvision, timm; MViT's
+    ``pos_encoding.class_token``) and does not pool the patch tokens (timm's ``global_pool``
+    ``"avg"``, ``"max"``, ``"avgmax"``); ``False`` when it pools them, or declares its prefix
+    tokens (timm's ``num_prefix_tokens``, ``reg_token``, ``dist_token``, a ``cls_token`` set
+    to ``None``) without a class token (registers before average-pooled patches); ``None``
+    when nothing says."""
+    if getattr(model, "global_pool", None) in ("avg", "max", "avgmax"):
+        return False  # timm: the head pools the patch tokens, also when a class token exists
+    pos = getattr(model, "pos_encoding", None)   # torchvision MViT
+    if any(isinstance(getattr(model, name, None), torch.Tensor) for name in _CLASS_PARAMETERS
+           ) or isinstance(getattr(pos, "class_token", None), torch.Tensor):
+        return True
+    # (a class-token attribute that is not a tensor: timm's ``cls_token = None``)
+    declares = any(hasattr(model, name) for name in _CLASS_PARAMETERS) or (
+        _model_prefix(model) is not None)
+    return False if declares else None
+
+
+def patch_grids(model: nn.Module, spatial: Sequence[int]) -> List[Tuple[int, ...]]:
+    """The patch grids an input of spatial size ``spatial`` may have in ``model``'s layers:
+    ``spatial`` over the patch stride (from ``patch_size``, ``patch_embed.patch_size`` or the
+    first convolution's stride) times 1, 2, 4 ... (rounded down or up)."""
+    spatial = tuple(int(s) for s in spatial)
+    return _grids(spatial, _patch_strides(model, len(spatial)))
 
 
 def _as_strides(value: Any, dims: int) -> Optional[Tuple[int, ...]]:

@@ -1,0 +1,292 @@
+"""Architecture sweep of the transformer methods: every method on the vision-transformer variants
+users have (tests/transformer_variants.py): no class token (average pooling), DeiT's class and
+distillation tokens, register tokens (declared as timm names them, before average-pooled
+patches, or under a name no library reads), separate q/k/v projections, explicit softmax or
+``F.scaled_dot_product_attention``, LayerNorm or RMSNorm, non-square images and patches, a batch
+with one target per sample, float64, a model in train mode with dropout.
+
+Each (method, variant) gives the right map — rollout equal to an independent computation from
+the model's own attention (Abnar & Zuidema 2020; Chefer et al. 2021) on the right tokens and
+grid, CP-LRP conserving the target score on bias-free variants (Ali et al. 2022), per-sample
+maps equal to the maps of the samples run alone — or a ValueError saying what to pass."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.transformer_variants import VariantViT
+from torchray_like.attribution.attention_rollout import (
+    attention_flow,
+    attention_rollout,
+    grad_rollout,
+)
+from torchray_like.attribution.grad_cam import grad_cam
+from torchray_like.attribution.gradient import gradient
+from torchray_like.attribution.lrp import lrp
+from torchray_like.attribution.tokens import TokenLayout, has_class_token
+from torchray_like.attribution.transformer_lrp import attn_lrp, cp_lrp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: The variants by name: VariantViT's keyword arguments.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "cls": {},
+    "gap": {"pool": "gap"},
+    "deit": {"pool": "distill"},
+    "registers": {"registers": 4},
+    "gap_registers": {"pool": "gap", "registers": 4},
+    "separate_qkv_sdpa": {"qkv": "separate", "attention": "sdpa"},
+    "rmsnorm": {"norm": "rms"},
+    "non_square": {"image": (32, 48)},
+    "non_square_patch": {"image": (32, 48), "patch": (8, 12)},
+    "deit_registers_tall": {"pool": "distill", "registers": 4, "image": (48, 32)},
+}
+
+METHODS: Dict[str, Callable[..., torch.Tensor]] = {
+    "attention_rollout": attention_rollout, "attention_flow": attention_flow,
+    "grad_rollout": grad_rollout, "attn_lrp": attn_lrp, "cp_lrp": cp_lrp,
+    "grad_cam": grad_cam, "gradient": gradient, "lrp": lrp}
+TOKEN_METHODS = ("attention_rollout", "attention_flow", "grad_rollout", "grad_cam")
+
+
+def _image(kwargs: Dict[str, Any]) -> Tuple[int, int]:
+    image = kwargs.get("image", 32)
+    return (image, image) if isinstance(image, int) else tuple(image)  # type: ignore[return-value]
+
+
+def _grid(kwargs: Dict[str, Any]) -> Tuple[int, int]:
+    patch = kwargs.get("patch", 8)
+    patch = (patch, patch) if isinstance(patch, int) else patch
+    height, width = _image(kwargs)
+    return height // patch[0], width // patch[1]
+
+
+def _input(kwargs: Dict[str, Any], n: int = 3, dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, *_image(kwargs), generator=generator).to(dtype)
+
+
+def _explicit(kwargs: Dict[str, Any], **extra: Any) -> VariantViT:
+    """The variant with its attention written out (the same weights as its sdpa twin)."""
+    return VariantViT(**{**kwargs, "attention": "explicit", **extra})
+
+
+def _kept(model: VariantViT, x: torch.Tensor, target: Optional[List[int]] = None
+          ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, ...]]]:
+    """Each block's ``(N, H, T, T)`` probabilities, and their gradients of the targets."""
+    attentions = [block.attn for block in model.blocks]
+    for attention in attentions:
+        attention.kept = []
+    try:
+        with torch.enable_grad():
+            y = model(x)
+            kept = [attention.kept[0] for attention in attentions]
+            grads = None
+            if target is not None:
+                score = y[torch.arange(len(target)), torch.tensor(target)].sum()
+                grads = torch.autograd.grad(score, kept)
+    finally:
+        for attention in attentions:
+            attention.kept = None
+    return [k.detach().double() for k in kept], grads
+
+
+def _readout(matrix: torch.Tensor, kwargs: Dict[str, Any], model: VariantViT,
+             mean: Optional[bool] = None) -> torch.Tensor:
+    """The class token's row (token 0), or the mean patch row without a class token (or with
+    ``mean=True``), on the patch grid: written from the variant's construction, not inferred."""
+    prefix = model.num_prefix
+    mean = kwargs.get("pool", "cls") == "gap" if mean is None else mean
+    row = matrix[:, prefix:].mean(1) if mean else matrix[:, 0]
+    return row[:, prefix:].reshape(matrix.shape[0], 1, *_grid(kwargs))
+
+
+def _reference_rollout(kwargs: Dict[str, Any], x: torch.Tensor,
+                       mean: Optional[bool] = None) -> torch.Tensor:
+    model = _explicit(kwargs)
+    result = None
+    for attention in _kept(model, x)[0]:
+        fused = attention.mean(1)
+        layer = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], dtype=fused.dtype)
+        # the rows are distributions before any row is taken
+        assert (layer >= 0).all()
+        torch.testing.assert_close(layer.sum(-1), torch.ones(layer.shape[:2], dtype=layer.dtype))
+        result = layer if result is None else layer @ result
+    assert result is not None
+    torch.testing.assert_close(result.sum(-1), torch.ones(result.shape[:2], dtype=result.dtype))
+    return _readout(result, kwargs, model, mean)
+
+
+def _reference_grad_rollout(kwargs: Dict[str, Any], x: torch.Tensor, target: List[int]
+                            ) -> torch.Tensor:
+    model = _explicit(kwargs)
+    attentions, grads = _kept(model, x, target)
+    assert grads is not None
+    t = attentions[0].shape[-1]
+    relevance = torch.eye(t, dtype=torch.float64).expand(x.shape[0], t, t)
+    for attention, grad in zip(attentions, grads):
+        relevance = relevance + (grad.double() * attention).clamp(min=0).mean(1) @ relevance
+    return _readout(relevance, kwargs, model)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_rollout_and_grad_rollout_read_the_right_tokens_and_grid(name):
+    """The maps equal the papers' formulas computed from the model's own attention, with the
+    readout row and the patch tokens taken from how the variant was built (class token row;
+    mean patch row without one; DeiT's distillation token and the registers dropped)."""
+    kwargs = VARIANTS[name]
+    model, x, target = VariantViT(**kwargs), _input(kwargs), [0, 1, 2]
+    want = _reference_rollout(kwargs, x)
+    got = attention_rollout(model, x)
+    assert got.shape == (3, 1) + _grid(kwargs) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
+    assert float(got.flatten(1).sum(1).max()) <= 1 + 1e-6  # a part of a distribution
+    got = grad_rollout(model, x, target)
+    torch.testing.assert_close(got, _reference_grad_rollout(kwargs, x, target).float(),
+                               atol=1e-6, rtol=1e-4)
+
+
+def _call(method: str, model: nn.Module, x: torch.Tensor, target: Any) -> torch.Tensor:
+    if method != "lrp":
+        return METHODS[method](model, x, target)
+    # LRP's composites have no transformer rules: it says so, naming the constructs.
+    with pytest.warns(UserWarning, match=r"does not cover \(.*(layer_norm|rms_norm)"):
+        return lrp(model, x, target)
+
+
+@pytest.mark.parametrize("name", ["gap", "deit", "registers", "non_square_patch"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gives_per_sample_maps_of_the_documented_shape(name, method):
+    """A batch of three with one target each: the map of each sample is its map run alone, on
+    the patch grid (token methods) or the input (the others); flow refuses a model without a
+    class token by name."""
+    kwargs = VARIANTS[name]
+    model, x = VariantViT(**kwargs), _input(kwargs)
+    if method == "attention_flow" and name == "gap":
+        with pytest.raises(ValueError, match="attention_flow needs a class token"):
+            attention_flow(model, x)
+        return
+    got = _call(method, model, x, [0, 1, 2])
+    shape = _grid(kwargs) if method in TOKEN_METHODS else _image(kwargs)
+    assert got.shape == (3, 1) + shape and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    alone = torch.cat([_call(method, model, x[i:i + 1], i) for i in range(3)])
+    torch.testing.assert_close(got, alone, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cls", "gap", "deit", "registers", "separate_qkv_sdpa",
+                                  "rmsnorm", "non_square"])
+def test_cp_lrp_conserves_the_score_on_bias_free_variants(name):
+    """Ali et al. 2022: with no biases (nor positional embedding or token values) and a ReLU
+    MLP, the input relevance sums to the target score; AttnLRP's softmax rule has a bias
+    term, so its sum is finite and near, not equal (as tests/test_transformer_lrp.py)."""
+    kwargs = VARIANTS[name]
+    model = VariantViT(bias=False, activation="relu", **kwargs)
+    x = _input(kwargs, 4)
+    with torch.no_grad():
+        score = model(x)[:, 1]
+    torch.testing.assert_close(cp_lrp(model, x, 1).flatten(1).sum(1), score,
+                               atol=1e-5, rtol=1e-4)
+    attn = attn_lrp(model, x, 1, epsilon=0.0).flatten(1).sum(1)
+    assert torch.isfinite(attn).all() and float(((attn - score).abs() / score.abs()).max()) < 1
+
+
+def test_sdpa_and_separate_projections_give_the_explicit_maps():
+    """The same weights with ``F.scaled_dot_product_attention`` or the softmax written out:
+    the same maps from every attention method."""
+    kwargs = VARIANTS["separate_qkv_sdpa"]
+    sdpa, explicit, x = VariantViT(**kwargs), _explicit(kwargs), _input(kwargs)
+    for method in ("attention_rollout", "grad_rollout", "attn_lrp", "cp_lrp"):
+        torch.testing.assert_close(METHODS[method](sdpa, x, [0, 1, 2]),
+                                   METHODS[method](explicit, x, [0, 1, 2]),
+                                   atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_float64_inputs_give_float64_maps_equal_to_float32(method):
+    kwargs = VARIANTS["registers"]
+    model = VariantViT(**kwargs)
+    x = _input(kwargs, 2)
+    want = _call(method, model, x, 1)
+    got = _call(method, model.double(), x.double(), 1)
+    model.float()
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_a_model_in_train_mode_is_explained_in_eval_mode_and_given_back(attention):
+    """Dropout after attention and MLP, attention dropout in the sdpa call: every method
+    explains the model in eval mode and gives it back in train mode."""
+    model = VariantViT(attention=attention, dropout=0.3)
+    x = _input({}, 2)
+    for method in METHODS:
+        want = _call(method, model.eval(), x, 1)
+        model.train()
+        got = _call(method, model, x, 1)
+        assert all(module.training for module in model.modules()), method
+        assert torch.equal(got, want), method
+
+
+def test_registers_before_average_pooled_patches_are_no_class_token():
+    """Registers but no class token (timm's ``class_token=False`` with ``reg_tokens``): the
+    rollout reads the mean of the patch rows (it read register 0's row), flow refuses."""
+    kwargs = VARIANTS["gap_registers"]
+    model, x = VariantViT(**kwargs), _input(kwargs, 2)
+    assert has_class_token(model) is False
+    with pytest.raises(ValueError, match=r"4 prefix token\(s\) are no class token"):
+        attention_flow(model, x)
+    model.cls_token = None  # timm's spelling of "no class token": the same answer
+    assert has_class_token(model) is False
+    torch.testing.assert_close(attention_rollout(model, x),
+                               _reference_rollout(kwargs, x).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_a_class_token_model_that_pools_its_patches_reads_the_mean_row():
+    """timm's ``global_pool="avg"`` (BEiT-style heads): the class token exists but the head
+    reads the mean of the patch tokens, so the rollout reads their mean row."""
+    model, x = VariantViT(), _input({}, 2)
+    model.global_pool = "avg"
+    rows = _reference_rollout({}, x, mean=True)
+    assert has_class_token(model) is False and has_class_token(VariantViT()) is True
+    torch.testing.assert_close(attention_rollout(model, x), rows.float(), atol=1e-6, rtol=1e-5)
+    assert has_class_token(nn.Linear(2, 2)) is None
+
+
+def test_undeclared_registers_are_refused_not_guessed_on_a_wrong_grid():
+    """A class token (``cls_token``) and eight registers under a name no library reads: 25
+    tokens on a 4 × 4 patch grid were read as a 5 × 5 grid of all tokens (the aspect-ratio
+    guess ignored the patch stride).  Now a ValueError asks for the prefix; given it, the maps
+    equal those of the declared model."""
+    hidden = VariantViT(registers=8, register_name="registers")
+    declared = VariantViT(registers=8)
+    x = _input({}, 2)
+    for method in (attention_rollout, grad_rollout, attention_flow):
+        with pytest.raises(ValueError, match=r"cannot lay the 25 tokens.*num_prefix_tokens="):
+            method(hidden, x, 1)
+        torch.testing.assert_close(method(hidden, x, 1, num_prefix_tokens=9),
+                                   method(declared, x, 1))
+    with pytest.raises(ValueError, match="tokens="):
+        grad_cam(hidden, x, 1)
+    layout = TokenLayout(prefix=9)
+    torch.testing.assert_close(grad_cam(hidden, x, 1, saliency_layer="blocks.1", tokens=layout),
+                               grad_cam(declared, x, 1, saliency_layer="blocks.1"))
+
+
+def test_undeclared_tokens_are_inferred_from_the_patch_stride():
+    """No attribute says the patch size or the prefix tokens (only the convolution's stride):
+    four undeclared registers and DeiT's two tokens are found from the shapes alone."""
+    x = _input({}, 2)
+    for kwargs in ({"registers": 4}, {"pool": "distill"}):
+        hidden, declared = VariantViT(declare=False, **kwargs), VariantViT(**kwargs)
+        assert not hasattr(hidden.patch_embed, "patch_size")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for method in ("attention_rollout", "grad_rollout", "grad_cam"):
+                torch.testing.assert_close(METHODS[method](hidden, x, 1),
+                                           METHODS[method](declared, x, 1))
