@@ -290,3 +290,15 @@ def test_undeclared_tokens_are_inferred_from_the_patch_stride():
             for method in ("attention_rollout", "grad_rollout", "grad_cam"):
                 torch.testing.assert_close(METHODS[method](hidden, x, 1),
                                            METHODS[method](declared, x, 1))
+
+
+def test_two_dimensional_register_tensors_count_every_register():
+    """``register_tokens`` of shape ``(R, D)`` (not timm's ``(1, R, D)``) declare R tokens:
+    they were counted as one, so the declared prefix contradicted the shapes (grad_cam
+    refused; rollout fell back to a guess)."""
+    declared, x = VariantViT(registers=4), _input({}, 2)
+    flat = VariantViT(registers=4, register_name="register_tokens")
+    flat.register_tokens = nn.Parameter(flat.register_tokens.detach()[0])
+    assert flat.register_tokens.shape == (4, 16) and flat.num_prefix == 5
+    for method in ("attention_rollout", "grad_rollout", "grad_cam"):
+        torch.testing.assert_close(METHODS[method](flat, x, 1), METHODS[method](declared, x, 1))

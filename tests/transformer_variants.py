@@ -163,13 +163,14 @@ class VariantViT(nn.Module):
     @property
     def num_prefix(self) -> int:
         """Tokens before the patch tokens (class, distillation, registers)."""
-        return len(self.prefix_names) + sum(int(getattr(self, n).shape[1])
+        return len(self.prefix_names) + sum(int(getattr(self, n).shape[-2])
                                             for n in self.register_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         patches = self.patch_embed(x)
-        prefix = [getattr(self, name).expand(n, -1, -1)
+        # (a register parameter may be 2-D, (R, D), as in some implementations)
+        prefix = [getattr(self, name).reshape(1, -1, patches.shape[-1]).expand(n, -1, -1)
                   for name in self.prefix_names + self.register_names]
         z = torch.cat(prefix + [patches], dim=1) + self.positions
         z = self.norm(self.blocks(z))

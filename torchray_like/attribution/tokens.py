@@ -134,7 +134,8 @@ def _model_prefix(model: nn.Module) -> Optional[int]:
         value = getattr(model, name, None)
         if isinstance(value, torch.Tensor):
             found = True
-            count += int(value.shape[-2]) if value.dim() >= 3 else 1
+            # (1, R, D) as timm, or (R, D): a 2-D (4, D) register tensor was counted as 1
+            count += int(value.shape[-2]) if value.dim() >= 2 else 1
     pos = getattr(model, "pos_encoding", None)   # torchvision MViT
     if isinstance(getattr(pos, "class_token", None), torch.Tensor):
         found, count = True, count + 1
