@@ -302,3 +302,29 @@ def test_two_dimensional_register_tensors_count_every_register():
     assert flat.register_tokens.shape == (4, 16) and flat.num_prefix == 5
     for method in ("attention_rollout", "grad_rollout", "grad_cam"):
         torch.testing.assert_close(METHODS[method](flat, x, 1), METHODS[method](declared, x, 1))
+
+
+def test_class_token_argument_says_what_the_model_does_not():
+    """A model that declares nothing (registers before average-pooled patches, under names no
+    library reads): token 0 is read as a class token unless ``class_token=False`` says the
+    head pools the patches; a bad value is a TypeError by name."""
+    kwargs = VARIANTS["gap_registers"]
+    hidden, x = VariantViT(declare=False, **kwargs), _input(kwargs, 2)
+    assert has_class_token(hidden) is None and hidden.num_prefix == 4
+    mean_rows = _reference_rollout(kwargs, x)
+    torch.testing.assert_close(attention_rollout(hidden, x, class_token=False),
+                               mean_rows.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attention_rollout(hidden, x, class_token=True),
+                               _reference_rollout(kwargs, x, mean=False).float(),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_rollout(hidden, x, [0, 1], class_token=False),
+                               grad_rollout(VariantViT(**kwargs), x, [0, 1]))
+    with pytest.raises(ValueError, match="class_token=True if token 0 is one"):
+        attention_flow(hidden, x, class_token=False)
+    with pytest.raises(ValueError, match=r"class_token=True, but the tokens are all patches"):
+        attention_rollout(VariantViT(pool="gap"), x, class_token=True)
+    for method in (attention_rollout, attention_flow):
+        with pytest.raises(TypeError, match="class_token must be None"):
+            method(hidden, x, class_token="yes")
+    with pytest.raises(TypeError, match="class_token must be None"):
+        grad_rollout(hidden, x, 1, class_token=1)

@@ -288,20 +288,35 @@ def _prefix_count(t: int, input: torch.Tensor, num_prefix_tokens: Optional[int],
     return t - math.prod(shape[2:])
 
 
-def _reads_class_token(model: nn.Module, num_prefix_tokens: int) -> bool:
-    """Whether token 0 is a class token: there are prefix tokens, and the model does not say
-    they are registers only or that its head pools the patches
-    (:func:`~.tokens.has_class_token`)."""
+def _check_class_token(class_token: Any) -> Optional[bool]:
+    if class_token is not None and not isinstance(class_token, bool):
+        raise TypeError(f"class_token must be None (from the model), True (token 0 is the class "
+                        f"token the head reads) or False (the head pools the patch tokens), "
+                        f"got {class_token!r}")
+    return class_token
+
+
+def _reads_class_token(model: nn.Module, num_prefix_tokens: int,
+                       class_token: Optional[bool] = None) -> bool:
+    """Whether token 0 is a class token: ``class_token`` when given, else there are prefix
+    tokens and the model does not say they are registers only or that its head pools the
+    patches (:func:`~.tokens.has_class_token`)."""
+    if class_token and num_prefix_tokens < 1:
+        raise ValueError("class_token=True, but the tokens are all patches "
+                         "(num_prefix_tokens=0); pass num_prefix_tokens= too")
+    if class_token is not None:
+        return class_token
     return num_prefix_tokens > 0 and has_class_token(model) is not False
 
 
 def _token_row(matrix: torch.Tensor, input: torch.Tensor, num_prefix_tokens: Optional[int],
-               grid: Optional[Tuple[int, ...]], model: nn.Module) -> torch.Tensor:
+               grid: Optional[Tuple[int, ...]], model: nn.Module,
+               class_token: Optional[bool] = None) -> torch.Tensor:
     """The class token's row (token 0; DeiT's distillation token, token 1, is not read), or
     the mean of the patch tokens' rows for a model without a class token (average-pooled
     patches, with or without register tokens before them: a register's row is no readout)."""
     prefix = _prefix_count(matrix.shape[-1], input, num_prefix_tokens, grid, model)
-    row = (matrix[:, 0] if _reads_class_token(model, prefix)
+    row = (matrix[:, 0] if _reads_class_token(model, prefix, class_token)
            else matrix[:, prefix:].mean(1))
     return tokens_to_grid(row, input, prefix, grid, model)
 
@@ -310,7 +325,8 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
                       head_fusion: str = "mean", discard_ratio: float = 0.0, *,
                       num_prefix_tokens: Optional[int] = None,
                       grid: Optional[Sequence[int]] = None, resize: SizeType = False,
-                      resize_mode: str = "bilinear") -> torch.Tensor:
+                      resize_mode: str = "bilinear",
+                      class_token: Optional[bool] = None) -> torch.Tensor:
     """Attention rollout map (Abnar & Zuidema 2020): how much the class token attends to each
     patch through all layers.  Class-agnostic: ``target`` is accepted for the common
     signature and checked, but does not change the map.
@@ -333,6 +349,11 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
         The non-patch tokens at the start of the sequence and the patch grid (inferred; see
         :func:`tokens_to_grid`).  Without a class token (no prefix tokens, or only
         registers before average-pooled patches) the mean of the patch rows is used.
+    class_token : bool, optional, keyword-only
+        Whether token 0 is the class token the head reads (its row is the map) or the head
+        pools the patch tokens (their mean row is the map).  ``None``: from the model
+        (:func:`~.tokens.has_class_token`; a model that does not say is read by token 0 when
+        it has prefix tokens).
     resize, resize_mode
         As in :func:`~torchray_like.attribution.common.saliency`.
 
@@ -349,9 +370,10 @@ def attention_rollout(model: nn.Module, input: torch.Tensor, target: Optional[Ta
     """
     grid = _check_options(head_fusion, discard_ratio, num_prefix_tokens, grid, input,
                           resize_mode)
+    _check_class_token(class_token)
     attentions = _class_agnostic_attentions(model, input, target, "attention_rollout")
     matrix = rollout(attentions, head_fusion, discard_ratio)
-    smap = _token_row(matrix, input, num_prefix_tokens, grid, model)
+    smap = _token_row(matrix, input, num_prefix_tokens, grid, model, class_token)
     return finish_map(input, smap, resize, resize_mode)
 
 
@@ -400,7 +422,8 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
                    head_fusion: str = "mean", discard_ratio: float = 0.0, *,
                    num_prefix_tokens: Optional[int] = None,
                    grid: Optional[Sequence[int]] = None, max_work: float = 1e9,
-                   resize: SizeType = False, resize_mode: str = "bilinear") -> torch.Tensor:
+                   resize: SizeType = False, resize_mode: str = "bilinear",
+                   class_token: Optional[bool] = None) -> torch.Tensor:
     """Attention flow map (Abnar & Zuidema 2020): the maximum flow from each patch at the
     input to the class token at the top of the layer graph (:func:`flow_to_token`).
     Class-agnostic; needs a class token.  Costly: ``N × T`` max-flows on ``L × T²`` edges,
@@ -411,18 +434,19 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     if not is_number(max_work) or math.isnan(max_work) or max_work <= 0:
         raise ValueError(f"max_work must be a positive number (float('inf'): no bound), got "
                          f"{max_work!r}")
+    _check_class_token(class_token)
     attentions = _class_agnostic_attentions(model, input, target, "attention_flow")
     num_prefix_tokens = _prefix_count(attentions[0].shape[-1], input, num_prefix_tokens, grid,
                                       model)
     if num_prefix_tokens < 1:
         raise ValueError("attention_flow needs a class token to flow into: the model's tokens "
                          "are all patches (num_prefix_tokens=0); use attention_rollout")
-    if not _reads_class_token(model, num_prefix_tokens):
+    if not _reads_class_token(model, num_prefix_tokens, class_token):
         raise ValueError(
             f"attention_flow needs a class token to flow into: {type(model).__name__}'s "
             f"{num_prefix_tokens} prefix token(s) are no class token (register tokens, or a "
-            "head that pools the patch tokens); use attention_rollout (it reads the mean of the "
-            "patch tokens' rows)")
+            "head that pools the patch tokens; class_token=True if token 0 is one); use "
+            "attention_rollout (it reads the mean of the patch tokens' rows)")
     flows = flow_to_token(attentions, 0, head_fusion, discard_ratio, max_work)
     smap = tokens_to_grid(flows.to(input.device), input, num_prefix_tokens, grid, model)
     return finish_map(input, smap, resize, resize_mode)
@@ -430,13 +454,14 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
 
 def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
                  num_prefix_tokens: Optional[int] = None, grid: Optional[Sequence[int]] = None,
-                 resize: SizeType = False, resize_mode: str = "bilinear") -> torch.Tensor:
+                 resize: SizeType = False, resize_mode: str = "bilinear",
+                 class_token: Optional[bool] = None) -> torch.Tensor:
     """Gradient-weighted attention rollout (Chefer, Gur, Wolf, ICCV 2021): the class token's
     row of ``R`` (:func:`grad_weighted_rollout`) over the patches, for ``target``.
 
     Parameters
     ----------
-    model, input, num_prefix_tokens, grid, resize, resize_mode
+    model, input, num_prefix_tokens, grid, resize, resize_mode, class_token
         As in :func:`attention_rollout`.
     target : int, sequence, torch.Tensor or callable
         The output unit(s) to explain (as every method).
@@ -451,10 +476,11 @@ def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
     parsed = parse_target(target, input.shape[0] if isinstance(input, torch.Tensor) else 1)
     grid = _check_layout_args(num_prefix_tokens, grid, input)
     check_resize_mode(resize_mode)  # before the work, also when the map keeps its size
+    _check_class_token(class_token)
     attentions, output = read_attentions(model, input, "grad_rollout", differentiable=True)
     scores, seed = parsed.seed(output)
     grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)
     with torch.no_grad():
         matrix = grad_weighted_rollout([a.detach() for a in attentions], list(grads))
-    smap = _token_row(matrix, input, num_prefix_tokens, grid, model)
+    smap = _token_row(matrix, input, num_prefix_tokens, grid, model, class_token)
     return finish_map(input, smap, resize, resize_mode)
