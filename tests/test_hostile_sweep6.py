@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from torchray_like.benchmark import deletion_insertion as D
 from torchray_like.benchmark import intervals as I
 from torchray_like.benchmark.interval_checks import MAX_COUNTS_BYTES, check_num_classes
 from torchray_like.benchmark.intervals import Interval
@@ -348,3 +349,103 @@ def test_print_table_and_write_outputs_check_their_arguments(tmp_path):
     assert not (tmp_path / "new").exists()                        # nothing half-written
     csv_path, json_path = write_outputs(tmp_path / "out", rows, {"seed": 0})
     assert open(json_path).read().count('"difficult": null') == 1
+
+
+# --------------------------------------------------------------------- deletion / insertion
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: D.default_step("a"), TypeError, "num_pixels must be a positive int, got 'a'"),
+    (lambda: D.default_step(0), ValueError, r"num_pixels must be a positive int \(>= 1\), got 0"),
+    (lambda: D.default_step(math.nan), TypeError, "num_pixels must be a positive int"),
+    (lambda: D.default_blur_sigma([]), TypeError, "spatial must be a non-empty sequence"),
+    (lambda: D.default_blur_sigma("ab"), TypeError, "spatial must be a non-empty sequence"),
+    (lambda: D.default_blur_sigma([-16]), ValueError, "spatial sizes must be a positive int"),
+    (lambda: D.step_fractions(10 ** 12, 1), ValueError,
+     r"step=1 over 1000000000000 pixels gives 1000000000001 points, more than MAX_CURVE_POINTS"
+     r"=16777216 \(a forward pass each\); use step >= 59605"),
+])
+def test_step_helpers_refuse_bad_sizes(call, error, match):
+    # Were "unsupported operand type(s) for /", "max() arg is an empty sequence", a silent
+    # step 1 for 0 pixels, a negative sigma, and the allocator's error for 8 TB of fractions.
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_step_fractions_at_the_limit():
+    assert D.MAX_CURVE_POINTS == 2 ** 24
+    fits = math.ceil(10 ** 12 / (D.MAX_CURVE_POINTS - 1))
+    assert D.step_fractions(10 ** 12, fits).numel() <= D.MAX_CURVE_POINTS
+    assert D.default_blur_sigma((112, 224)) == 14.0 and D.default_step(224 * 224) == 224
+
+
+@pytest.mark.parametrize("curve, fractions, error, match", [
+    (torch.zeros(3, device="meta"), None, ValueError, "curve " + META),
+    (torch.ones(3, dtype=torch.complex64), None, TypeError, "curve must be real"),
+    (torch.tensor([0.0, math.nan]), None, ValueError, "curve holds NaN or infinite values"),
+    (torch.ones(3), torch.zeros(3, device="meta"), ValueError, "fractions " + META),
+    (torch.ones(3), "abc", TypeError, "fractions must be a 1-D tensor or sequence of numbers"),
+    (torch.ones(3), torch.ones(3, dtype=torch.complex64), TypeError, "fractions must be real"),
+    (torch.ones(3), torch.tensor([2.0, 3.0, 5.0]), ValueError,
+     r"fractions must be finite, non-decreasing and in \[0, 1\]"),
+    (torch.ones(3), [-0.5, 0.5, 1.0], ValueError, r"in \[0, 1\]"),
+])
+def test_auc_refuses_what_has_no_area(curve, fractions, error, match):
+    # Were NotImplementedError (meta), a ComplexWarning and the real part, a NaN area, torch's
+    # "new(): invalid data type 'str'", and complex or out-of-range fractions (0 or 3).
+    with pytest.raises(error, match=match):
+        D.auc(curve, fractions)
+
+
+def test_auc_values():
+    assert float(D.auc(torch.tensor([0.0, 1.0]), [0.0, 1.0])) == 0.5
+    assert float(D.auc(torch.tensor([True, True]))) == 1.0
+    assert D.auc(torch.ones(2, 3, dtype=torch.int64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("saliency, error, match", [
+    ([1, 2], TypeError, r"saliency must be a tensor \(N, 1, \*spatial\), got list"),
+    (torch.tensor(1.0), TypeError, r"saliency must be a tensor .*got torch.Size\(\[\]\)"),
+    (torch.ones(1, 1, 2, 2, device="meta"), ValueError, "saliency " + META),
+    (torch.ones(1, 1, 2, 2, dtype=torch.complex64), TypeError, "saliency must be real"),
+    (torch.tensor([[[[True, False]]]]), ValueError, r"dtype torch.bool; pass saliency.float\(\)"),
+    (torch.tensor([[[[math.nan, 1.0]]]]), ValueError, "saliency holds NaN values"),
+])
+def test_pixel_order_refuses_what_has_no_order(saliency, error, match):
+    # Were AttributeError, IndexError, a meta "order", PyTorch's sort/negation errors and a NaN
+    # ranked wherever sort put it.
+    with pytest.raises(error, match=match):
+        D.pixel_order(saliency)
+
+
+def test_pixel_order_values():
+    assert D.pixel_order(torch.tensor([[[[1.0, 3.0], [3.0, 0.0]]]])).tolist() == [[1, 2, 0, 3]]
+    assert D.pixel_order(torch.ones(0, 1, 2, 2)).shape == (0, 4)   # was a reshape error
+
+
+def test_deletion_insertion_substrate_target_and_method_saliency():
+    model, x, s = _tiny_model(), torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"substrate=1e\+300 does not fit the input's dtype "
+                                         "torch.float32"):
+        D.deletion_insertion(model, x, s, 1, substrate=1e300)   # was torch's overflow error
+    with pytest.raises(ValueError, match="target " + META):
+        D.deletion_insertion(model, x, s, torch.tensor(1, device="meta"))
+    # A NumPy number is a number (was "substrate must be ... a number, ..., got float32").
+    a = D.deletion_insertion(model, x, s, 1, substrate=np.float32(0.5), step=16)
+    b = D.deletion_insertion(model, x, s, 1, substrate=0.5, step=16)
+    assert torch.equal(a[0], b[0]) and a[0].shape == (2, 5)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        D.method_saliency(lambda m, i, t: torch.ones(2, 1, 8, 8), model, [[1.0]], 1)
+    for out, match in ((torch.full((2, 1, 8, 8), math.nan), "holding NaN or infinite values"),
+                       (torch.ones(2, 1, 8, 8, device="meta"), "on meta: expected real values"),
+                       (torch.ones(2, 1, 8, 8, dtype=torch.complex64), "dtype torch.complex64")):
+        with pytest.raises(ValueError, match="method <function .* returned maps .*" + match):
+            D.method_saliency(lambda m, i, t, out=out: out, model, x, 1)
+    with pytest.raises(ValueError, match=r"score must be one of \('softmax'"):
+        D.top_present_class(model, x, [[1], [2]], score="nope")   # was accepted, silently

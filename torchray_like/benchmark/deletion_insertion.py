@@ -46,6 +46,8 @@ from ..attribution.arguments import (
     check_not_meta,
     check_number,
     check_progress,
+    is_number,
+    positive_int,
 )
 from ..attribution.inputs import call_model
 from ..attribution.maps import Shape, resize_saliency, smooth_saliency
@@ -56,10 +58,15 @@ from ..attribution.targets import SCORES, class_indices, output_scores
 
 __all__ = ["deletion_insertion", "deletion_insertion_both", "step_fractions", "auc",
            "random_saliency", "default_step", "default_blur_sigma", "MODES",
-           "method_saliency", "top_present_class"]
+           "method_saliency", "top_present_class", "pixel_order", "MAX_CURVE_POINTS"]
 
 #: The two games.
 MODES = ("deletion", "insertion")
+
+#: The most points a curve may have (:func:`step_fractions`): 2**24, a forward pass each; a
+#: ``step`` that would give more is refused with the smallest step that fits, rather than an
+#: allocator error (step 1 on a 10**12-pixel input asked for 8 TB of fractions).
+MAX_CURVE_POINTS = 2 ** 24
 
 SubstrateType = Union[None, str, float, int, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -72,12 +79,16 @@ SubstrateType = Union[None, str, float, int, torch.Tensor, Callable[[torch.Tenso
 def default_step(num_pixels: int) -> int:
     """Pixels per step by default: ``ceil(P / 224)`` — the paper's 224 pixels per step (one
     224th of a 224² image), i.e. at most 224 steps whatever the size."""
-    return max(1, math.ceil(num_pixels / 224))
+    # 0 pixels would give step 1 of nothing, silently.
+    return max(1, math.ceil(positive_int(num_pixels, "num_pixels") / 224))
 
 
 def default_blur_sigma(spatial: Sequence[int]) -> float:
     """The insertion canvas's default blur: ``max(spatial) / 16`` pixels."""
-    return max(spatial) / 16.0
+    if isinstance(spatial, (str, bytes)) or not isinstance(spatial, Sequence) or not spatial:
+        raise TypeError(f"spatial must be a non-empty sequence of sizes (the input's "
+                        f"shape[2:]), got {spatial!r}")
+    return max(positive_int(size, "spatial sizes") for size in spatial) / 16.0
 
 
 def _check_step(step: Any, num_pixels: int) -> int:
@@ -98,6 +109,12 @@ def step_fractions(num_pixels: int, step: int) -> torch.Tensor:
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     k = math.ceil(num_pixels / step)
+    if k + 1 > MAX_CURVE_POINTS:
+        fits = math.ceil(num_pixels / (MAX_CURVE_POINTS - 1))
+        raise ValueError(
+            f"step={step} over {num_pixels} pixels gives {k + 1} points, more than "
+            f"MAX_CURVE_POINTS={MAX_CURVE_POINTS} (a forward pass each); use step >= {fits}, "
+            "or step=None for the default (at most 225 points)")
     counts = torch.clamp(torch.arange(k + 1, dtype=torch.float64) * step, max=num_pixels)
     return counts / num_pixels
 
@@ -110,18 +127,42 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
         raise ValueError(
             f"curve must be a tensor (..., K + 1) with at least two points, got "
             f"{getattr(curve, 'shape', type(curve).__name__)}")
-    c = curve.detach().cpu().to(torch.float64)      # float64 on the CPU (MPS has none)
+    _check_real(curve, "curve")
+    if not bool(torch.isfinite(curve).all()):
+        raise ValueError("curve holds NaN or infinite values: its area is undefined")
     if fractions is None:
         fractions = torch.linspace(0, 1, curve.shape[-1], dtype=torch.float64)
-    x = torch.as_tensor(fractions).detach().cpu().to(torch.float64)
+    elif not isinstance(fractions, torch.Tensor):
+        try:
+            fractions = torch.as_tensor(fractions, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"fractions must be a 1-D tensor or sequence of numbers, got "
+                            f"{type(fractions).__name__}") from None
+    _check_real(fractions, "fractions")
+    x = fractions.detach().cpu().to(torch.float64)
     if x.shape != (curve.shape[-1],):
         raise ValueError(
             f"fractions must have shape ({curve.shape[-1]},) like the curve's last dimension, "
             f"got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()) or bool((x[1:] < x[:-1]).any()):
+    if not bool(torch.isfinite(x).all()) or bool((x[1:] < x[:-1]).any()) \
+            or bool((x < 0).any()) or bool((x > 1).any()):
         # Decreasing fractions would flip the trapezoids' sign: a negative "area", silently.
-        raise ValueError(f"fractions must be finite and non-decreasing (the fraction of pixels "
-                         f"changed at each point), got {x.tolist()}")
+        raise ValueError(f"fractions must be finite, non-decreasing and in [0, 1] (the "
+                         f"fraction of pixels changed at each point), got {x.tolist()}")
+    return _area(curve, x)
+
+
+def _check_real(tensor: torch.Tensor, name: str) -> None:
+    """No meta (no values) or complex (PyTorch drops the imaginary part with a warning)."""
+    check_not_meta(tensor, name)
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {tensor.dtype}; pass its real part or "
+                        "magnitude explicitly")
+
+
+def _area(curve: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The trapezoid area over float64 fractions ``x`` (a NaN score of the model stays NaN)."""
+    c = curve.detach().cpu().to(torch.float64)      # float64 on the CPU (MPS has none)
     area = ((x[1:] - x[:-1]) * (c[..., 1:] + c[..., :-1]) / 2).sum(-1)
     return area.to(device=curve.device,
                    dtype=curve.dtype if curve.is_floating_point() else torch.float32)
@@ -211,8 +252,11 @@ def _substrate(substrate: SubstrateType, input: torch.Tensor, mode: str,
         return _named_substrate(substrate, input, blur_sigma)
     if isinstance(substrate, bool):
         raise ValueError(f"substrate must not be a bool, got {substrate!r}")
-    if isinstance(substrate, (int, float)):
+    if is_number(substrate):
         value = check_number(substrate, "substrate")
+        if abs(value) > torch.finfo(input.dtype).max:
+            raise ValueError(f"substrate={value:g} does not fit the input's dtype {input.dtype} "
+                             f"(at most {torch.finfo(input.dtype).max:g} in magnitude)")
         return torch.full_like(input, value), f"constant({value:g})"
     if isinstance(substrate, torch.Tensor):
         return _tensor_substrate(substrate, input), "tensor"
@@ -232,8 +276,23 @@ def pixel_order(saliency: torch.Tensor) -> torch.Tensor:
     """``(N, P)`` flat pixel indices by decreasing saliency, ties by increasing index.
 
     ``saliency`` is ``(N, 1, *spatial)``; the order is deterministic (a stable sort).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a ``saliency`` that is not a real tensor of at least two dimensions, on the meta
+        device, boolean, or holding NaN (which has no place in the order).
     """
-    flat = saliency.reshape(saliency.shape[0], -1)
+    if not isinstance(saliency, torch.Tensor) or saliency.dim() < 2:
+        raise TypeError(f"saliency must be a tensor (N, 1, *spatial), got "
+                        f"{getattr(saliency, 'shape', type(saliency).__name__)}")
+    _check_real(saliency, "saliency")
+    if saliency.dtype == torch.bool:
+        raise ValueError("saliency must be a real tensor, got dtype torch.bool; pass "
+                         "saliency.float()")
+    if bool(torch.isnan(saliency).any()):
+        raise ValueError("saliency holds NaN values; the pixel order is undefined")
+    flat = saliency.flatten(1)
     return torch.sort(-flat, dim=1, stable=True).indices
 
 
@@ -321,6 +380,8 @@ def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Te
         raise ValueError(f"input must have spatial dimensions (N, C, *spatial), got "
                          f"{tuple(input.shape)}")
     step = _check_step(step, num_pixels)
+    if isinstance(target, torch.Tensor):
+        check_not_meta(target, "target")
     idx = class_indices(target, n, input.device)
     saliency = _check_saliency(saliency, input)
     input = input.detach()
@@ -361,7 +422,7 @@ def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Te
                 curve.device)
             bar.update(len(flat))
     curve = curve.view(n, num_points)
-    return curve, auc(curve, fractions)
+    return curve, _area(curve, fractions)
 
 
 def deletion_insertion_both(model: nn.Module, input: torch.Tensor, saliency: torch.Tensor,
@@ -426,9 +487,13 @@ def method_saliency(method: Union[str, Callable[..., Any]], model: nn.Module,
         fn = method
     else:
         raise TypeError(f"method must be a name or a callable, got {type(method).__name__}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor (N, C, *spatial), got "
+                        f"{type(input).__name__}")
     out = fn(model, input, target, **kwargs)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"method {method!r} returned {type(out).__name__}, not a tensor of maps")
+    _check_maps(out, method)
     n = input.shape[0]
     if out.dim() != input.dim() or out.shape[0] != n or out.shape[1] != 1:
         # Silently summing or picking maps would score something else than the method.
@@ -437,6 +502,16 @@ def method_saliency(method: Union[str, Callable[..., Any]], model: nn.Module,
             f"per sample for the target, ({n}, 1, *spatial) with {input.dim() - 2} spatial "
             "dimensions")
     return resize_saliency(input, out.detach(), Shape(input.shape[2:]), "bilinear")
+
+
+def _check_maps(out: torch.Tensor, method: Any) -> None:
+    # Maps with no values, complex or NaN maps would fail later, in deletion_insertion, with
+    # no word of the method that made them.
+    if out.is_meta or out.is_complex() or out.dtype == torch.bool:
+        raise ValueError(f"method {method!r} returned maps of dtype {out.dtype} on "
+                         f"{out.device}: expected real values to rank")
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"method {method!r} returned maps holding NaN or infinite values")
 
 
 def top_present_class(model: nn.Module, input: torch.Tensor,
@@ -449,6 +524,8 @@ def top_present_class(model: nn.Module, input: torch.Tensor,
     object that is there)."""
     check_model(model)
     check_input(input, "input", needs_grad=False)
+    if not (callable(score) or score in SCORES):
+        raise ValueError(f"score must be one of {SCORES} or a callable, got {score!r}")
     if isinstance(present, (str, bytes)) or not hasattr(present, "__len__"):
         raise TypeError(f"present must be a sequence of class-index lists, one per image, got "
                         f"{type(present).__name__}")
