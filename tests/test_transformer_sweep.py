@@ -28,7 +28,7 @@ from torchray_like.attribution.attention_rollout import (
 from torchray_like.attribution.grad_cam import grad_cam
 from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.lrp import lrp
-from torchray_like.attribution.tokens import TokenLayout, has_class_token
+from torchray_like.attribution.tokens import TokenLayout, TokenOrderError, has_class_token
 from torchray_like.attribution.transformer_lrp import attn_lrp, cp_lrp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -292,16 +292,27 @@ def test_undeclared_tokens_are_inferred_from_the_patch_stride():
                                            METHODS[method](declared, x, 1))
 
 
-def test_two_dimensional_register_tensors_count_every_register():
-    """``register_tokens`` of shape ``(R, D)`` (not timm's ``(1, R, D)``) declare R tokens:
-    they were counted as one, so the declared prefix contradicted the shapes (grad_cam
-    refused; rollout fell back to a guess)."""
+def test_two_dimensional_register_tensors_are_refused_not_guessed():
+    """``register_tokens`` of shape ``(R, D)`` (not timm's ``(1, R, D)``) is how vit-pytorch's
+    SimpleViT keeps the registers it packs *after* the patch tokens: no prefix layout is
+    inferred or guessed (the rollout guessed 4 prefix tokens and read registers as patches);
+    given the prefix count (registers first, as here), the maps are the declared model's."""
     declared, x = VariantViT(registers=4), _input({}, 2)
     flat = VariantViT(registers=4, register_name="register_tokens")
     flat.register_tokens = nn.Parameter(flat.register_tokens.detach()[0])
     assert flat.register_tokens.shape == (4, 16) and flat.num_prefix == 5
-    for method in ("attention_rollout", "grad_rollout", "grad_cam"):
-        torch.testing.assert_close(METHODS[method](flat, x, 1), METHODS[method](declared, x, 1))
+    for method in (attention_rollout, grad_rollout, attention_flow):
+        with pytest.raises(TokenOrderError, match=r"register_tokens of shape \(4, 16\).*after"):
+            method(flat, x, 1)
+        torch.testing.assert_close(method(flat, x, 1, num_prefix_tokens=5),
+                                   method(declared, x, 1))
+    with pytest.raises(ValueError, match="tokens=TokenLayout"):
+        grad_cam(flat, x, 1)  # the automatic layer choice finds no layer it can read
+    with pytest.raises(ValueError, match="after the patch tokens"):
+        grad_cam(flat, x, 1, saliency_layer="blocks.1")
+    torch.testing.assert_close(
+        grad_cam(flat, x, 1, saliency_layer="blocks.1", tokens=TokenLayout(prefix=5)),
+        grad_cam(declared, x, 1, saliency_layer="blocks.1"))
 
 
 def test_class_token_argument_says_what_the_model_does_not():

@@ -46,7 +46,13 @@ from .maps import SizeType, check_resize_mode, finish_map
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, parse_target
-from .tokens import TokenLayout, has_class_token, infer_token_layout, patch_grids
+from .tokens import (
+    TokenLayout,
+    TokenOrderError,
+    has_class_token,
+    infer_token_layout,
+    patch_grids,
+)
 
 __all__ = ["attention_rollout", "attention_flow", "grad_rollout", "rollout", "fuse_heads",
            "grad_weighted_rollout", "flow_to_token", "tokens_to_grid", "read_attentions"]
@@ -242,6 +248,8 @@ def tokens_to_grid(values: torch.Tensor, input: torch.Tensor,
                 prefix=num_prefix_tokens, grid=None if grid is None else tuple(grid)))
             if layout is not None and not layout.channels_last:
                 return layout(values.unsqueeze(-1))
+        except TokenOrderError:
+            raise  # registers that may follow the patches: no guess
         except ValueError as exc:
             reason = f" ({exc})"
     prefixes = (num_prefix_tokens,) if num_prefix_tokens is not None else (1, 0) + tuple(

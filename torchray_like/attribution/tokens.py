@@ -27,7 +27,10 @@ How the layout is inferred (``tokens=None``), duck-typed from the model and the 
   ``num_prefix_tokens``; ``class_token`` / ``cls_token`` / ``dist_token`` / ``reg_token``
   parameters; MViT's ``pos_encoding.class_token``), otherwise any count up to the number of
   patch tokens.  Exactly one answer is taken; none, or several, is a :class:`ValueError` naming
-  the shape and asking for ``tokens=``.
+  the shape and asking for ``tokens=``.  The prefix tokens must come *first*: a model that
+  keeps its registers as a 2-D ``(R, D)`` tensor (vit-pytorch's SimpleViT with registers,
+  which packs them after the patches) gets a :class:`TokenOrderError` unless the prefix
+  count is given.
 * a read of the input's rank is a channels-last map ``(N, *grid, C)`` only in a model that
   says it works channels-last (torchvision's ``SwinTransformer``, timm's ``output_fmt ==
   "NHWC"``) and whose dimensions say so (the middle ones are a grid of the input, the last
@@ -50,7 +53,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["TokenLayout", "TokensType", "layer_tokens", "tokens_to_map", "infer_token_layout",
-           "is_token_model", "check_tokens", "patch_grids", "has_class_token"]
+           "is_token_model", "check_tokens", "patch_grids", "has_class_token",
+           "TokenOrderError"]
 
 _ADVICE = ("pass tokens=TokenLayout(prefix=..., grid=(h, w)) (prefix tokens to drop, patch "
            "grid), or a callable tensor -> (N, C, *grid), or tokens=False to read the tensor "
@@ -173,6 +177,34 @@ def patch_grids(model: nn.Module, spatial: Sequence[int]) -> List[Tuple[int, ...
     return _grids(spatial, _patch_strides(model, len(spatial)))
 
 
+class TokenOrderError(ValueError):
+    """The model's tokens may not be prefix tokens followed by the patch tokens: no layout is
+    inferred, and the attention methods make no guess."""
+
+
+def _suffix_registers(model: nn.Module) -> Optional[str]:
+    """A 2-D ``(R, D)`` register tensor (R > 1): implementations that keep registers so
+    (vit-pytorch's SimpleViT with registers) pack them *after* the patch tokens."""
+    for name in ("reg_token", "register_tokens"):
+        value = getattr(model, name, None)
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] > 1:
+            return f"{name} of shape {tuple(value.shape)}"
+    return None
+
+
+def _check_register_order(model: nn.Module, given: TokenLayout) -> None:
+    """A :class:`TokenOrderError` unless the prefix is given or the registers' place known."""
+    suffix = None if given.prefix is not None else _suffix_registers(model)
+    if suffix is not None:
+        raise TokenOrderError(
+            f"tokens: {type(model).__name__} keeps its registers as {suffix}; models that do "
+            "(vit-pytorch's SimpleViT with registers) put them after the patch tokens, which "
+            "a prefix layout cannot express: pass tokens= a callable tensor -> (N, C, *grid) "
+            "that drops them (layer methods), or the prefix count (TokenLayout(prefix=...), "
+            "num_prefix_tokens=) if they come first; the attention methods cannot read "
+            "registers after the patches")
+
+
 def _as_strides(value: Any, dims: int) -> Optional[Tuple[int, ...]]:
     if isinstance(value, Integral) and not isinstance(value, bool) and int(value) > 0:
         return (int(value),) * dims
@@ -289,6 +321,7 @@ def infer_token_layout(model: nn.Module, shape: Sequence[int], input_shape: Sequ
     count = shape[1]
     if given.prefix is not None and given.grid is not None:
         return given  # complete: its call checks the count
+    _check_register_order(model, given)
     if given.grid is not None:
         if count < math.prod(given.grid):
             raise ValueError(f"tokens: the layer outputs shape {shape}: {count} tokens are "
