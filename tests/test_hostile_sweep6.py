@@ -14,6 +14,7 @@ import torch
 
 from torchray_like.benchmark import deletion_insertion as D
 from torchray_like.benchmark import intervals as I
+from torchray_like.benchmark import sanity_checks as S
 from torchray_like.benchmark.interval_checks import MAX_COUNTS_BYTES, check_num_classes
 from torchray_like.benchmark.intervals import Interval
 from torchray_like.benchmark.pointing_game import (
@@ -449,3 +450,75 @@ def test_deletion_insertion_substrate_target_and_method_saliency():
             D.method_saliency(lambda m, i, t, out=out: out, model, x, 1)
     with pytest.raises(ValueError, match=r"score must be one of \('softmax'"):
         D.top_present_class(model, x, [[1], [2]], score="nope")   # was accepted, silently
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+
+def _record_of(**changes):
+    return {"method": "g", "mode": "cascading", "step": 0, "layer": "original",
+            "spearman_abs": 1.0, "spearman": 1.0, "ssim": 1.0, "hog": 1.0, **changes}
+
+
+def test_randomize_layer_checks_its_module():
+    with pytest.raises(TypeError, match=r"module must be a torch.nn.Module \(a layer of the "
+                                        "model\\), got NoneType"):
+        S.randomize_layer(None, 0)                      # was AttributeError
+    module = torch.nn.Module()
+    module.register_parameter("w", torch.nn.Parameter(torch.ones(2, 2, dtype=torch.int64),
+                                                      requires_grad=False))
+    with pytest.raises(TypeError, match="randomize_layer redraws floating-point parameters; w "
+                                        "has dtype torch.int64: pass reinit="):
+        S.randomize_layer(module, 0)                    # was NotImplementedError
+    assert module.w.tolist() == [[1, 1], [1, 1]]
+
+
+def test_compare_maps_names_unreadable_maps_and_takes_a_batch_of_one():
+    # Were NumPy's "could not convert string to float" / "inhomogeneous shape" naming no map.
+    with pytest.raises(ValueError, match=r"reference must be a map of numbers \(could not "):
+        S.compare_maps("abc", "abc")
+    with pytest.raises(ValueError, match=r"other must be a map of numbers \(setting an array"):
+        S.compare_maps([[1.0, 2.0], [3.0, 4.0]], [[1, 2], [1]])
+    # A (1, 1, H, W) map (a method's output for one image) was read as a 3-D volume: SSIM and
+    # HOG were NaN, silently.
+    torch.manual_seed(0)
+    a, b = torch.rand(8, 8), torch.rand(8, 8)
+    assert S.compare_maps(a[None, None], b[None, None]) == S.compare_maps(a, b)
+    assert math.isfinite(S.compare_maps(a[None, None], b[None, None])["hog"])
+
+
+def test_sanity_checks_targets_and_return_maps():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 3, padding=1),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="return_maps must be True or False, got 'no'"):
+        S.sanity_checks(model, x, 1, "gradient", layers=["2"], return_maps="no")
+    # A NumPy array of targets was recorded as target None, silently.
+    records = S.sanity_checks(model, x, np.array([1, 3]), "gradient", layers=["2"])
+    assert [r["target"] for r in records] == [1, 3, 1, 3]
+
+
+@pytest.mark.parametrize("records, keys, error, match", [
+    (None, ("method",), TypeError, "records must be a list of sanity_checks' records"),
+    ({"a": 1}, ("method",), TypeError, "records must be a list"),
+    ([_record_of()], None, TypeError, "keys must be a sequence of record field names"),
+    ([_record_of(ssim="x")], ("method",), ValueError,
+     r"records\[0\]\['ssim'\] must be a real number \(NaN where undefined\), got 'x'"),
+    ([_record_of(), _record_of(hog=1j)], ("method",), ValueError, r"records\[1\]\['hog'\]"),
+    ([_record_of(layer=["a"])], ("layer",), TypeError,
+     r"records\[0\]\['layer'\] must be a hashable value to group by"),
+])
+def test_summarize_names_the_bad_record(records, keys, error, match):
+    # Were Python's "'NoneType' object is not iterable", NumPy's "could not convert string to
+    # float", float()'s complex error and "unhashable type: 'list'".
+    with pytest.raises(error, match=match):
+        S.summarize(records, keys)
+
+
+def test_summarize_reads_a_generator_once_and_none_as_undefined():
+    rows = S.summarize((r for r in [_record_of(ssim=None), _record_of(ssim=0.5)]), ("method",))
+    assert rows[0]["n"] == 2 and rows[0]["ssim"] == 0.5 and rows[0]["hog"] == 1.0
+    assert S.summarize([_record_of(ssim=torch.tensor(0.25))], ["method"])[0]["ssim"] == 0.25

@@ -42,6 +42,7 @@ import copy
 import hashlib
 import math
 import warnings
+from collections.abc import Hashable, Iterable
 from numbers import Integral
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..attribution.arguments import check_not_meta
+from ..attribution.arguments import check_flag, check_not_meta, is_number
 from ..attribution.inputs import call_model
 from ..attribution.state import check_input, check_model, model_state_guard
 from .deletion_insertion import method_saliency
@@ -116,10 +117,18 @@ def randomize_layer(module: nn.Module, seed: int) -> None:
     restored afterwards), otherwise each own parameter is redrawn from a normal distribution
     with mean 0 and the parameter's standard deviation (0.01 when that is 0).
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module (a layer of the model), got "
+                        f"{type(module).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2 ** 64:
         # torch.manual_seed would truncate 1.5 and wrap -1 around, silently.
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     params = list(module.parameters(recurse=False))
+    for name, p in module.named_parameters(recurse=False):
+        if not (p.is_floating_point() or p.is_complex()):
+            # normal_ has no integer kernel: PyTorch's NotImplementedError names no parameter.
+            raise TypeError(f"randomize_layer redraws floating-point parameters; {name} has "
+                            f"dtype {p.dtype}: pass reinit= a function for this module")
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
@@ -254,15 +263,23 @@ def compare_maps(reference: Any, other: Any) -> Dict[str, float]:
 def _as_array(x: Any, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         check_not_meta(x, name)
-    if np.iscomplexobj(x):
+    try:
+        complex_values = np.iscomplexobj(x)
+    except (TypeError, ValueError) as error:  # ragged lists
+        raise ValueError(f"{name} must be a map of numbers ({error})") from None
+    if complex_values:
         # Casting would keep the real part only, with at most a ComplexWarning.
         raise TypeError(f"{name} must be a real map, got complex values; pass its real part or "
                         "magnitude (.abs()) explicitly")
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().to(torch.float64).numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim >= 2 and x.shape[0] == 1:
-        x = x[0]
+    try:
+        x = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as error:  # strings, ragged lists
+        raise ValueError(f"{name} must be a map of numbers ({error})") from None
+    for _ in range(2):  # a (1, 1, *spatial) map of a batch of one: HOG and SSIM need the 2-D
+        if x.ndim >= 2 and x.shape[0] == 1:
+            x = x[0]
     if x.ndim < 1 or x.size < 2:
         raise ValueError(f"{name} must be a map with at least two values, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -374,6 +391,7 @@ def sanity_checks(model: nn.Module, input: torch.Tensor, target: Any,
     """
     method_kwargs, reinit = _check_arguments(model, input, method, mode, seed, method_kwargs,
                                              reinit)
+    return_maps = check_flag(return_maps, "return_maps")  # "no" is truthy
     names = _resolve_layers(model, layers, input)
     try:
         twin = copy.deepcopy(model)
@@ -419,15 +437,26 @@ def _target_list(target: Any, n: int) -> List[Any]:
         return [int(t) for t in target.tolist()]
     if isinstance(target, (list, tuple)):
         return list(target)
+    if isinstance(target, np.ndarray) and target.ndim == 1 and target.dtype.kind in "iu":
+        return [int(t) for t in target.tolist()]
     if isinstance(target, (int, np.integer)) or (isinstance(target, torch.Tensor)
                                                  and target.dim() == 0):
         return [int(target)] * n
     return [None] * n
 
 
-def _check_summary_keys(records: Any, keys: Any) -> Tuple[str, ...]:
-    """``keys`` as a tuple of names that every record (a mapping) has."""
-    if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+def _check_summary_keys(records: Any, keys: Any
+                        ) -> Tuple[List[Mapping[str, Any]], Tuple[str, ...]]:
+    """``records`` as a list of mappings with real metrics, and ``keys`` as a tuple of names
+    that every record has, with hashable values."""
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise TypeError(f"records must be a list of sanity_checks' records (dicts), got "
+                        f"{type(records).__name__}")
+    if isinstance(keys, str) or not isinstance(keys, Iterable):
+        raise TypeError(f"keys must be a sequence of record field names, e.g. ('method', "
+                        f"'layer'), got {keys!r}")
+    keys, records = tuple(keys), list(records)
+    if not all(isinstance(k, str) for k in keys):
         raise TypeError(f"keys must be a sequence of record field names, e.g. ('method', "
                         f"'layer'), got {keys!r}")
     for i, r in enumerate(records):
@@ -438,7 +467,18 @@ def _check_summary_keys(records: Any, keys: Any) -> Tuple[str, ...]:
         if missing:
             raise ValueError(f"records[{i}] has no field {missing[0]!r} to group by; its "
                              f"fields: {', '.join(map(str, r))}")
-    return tuple(keys)
+        for k in keys:
+            if not isinstance(r[k], Hashable):
+                raise TypeError(f"records[{i}][{k!r}] must be a hashable value to group by "
+                                f"(a str or a number), got {type(r[k]).__name__}")
+        for m in METRICS:
+            value = r.get(m)
+            # None marks a metric not computed; a str or complex would be NumPy's error.
+            if value is not None and not (is_number(value) or isinstance(value, torch.Tensor)
+                                          and value.numel() == 1 and not value.is_complex()):
+                raise ValueError(f"records[{i}][{m!r}] must be a real number (NaN where "
+                                 f"undefined), got {value!r:.40}")
+    return records, keys
 
 
 def summarize(records: Sequence[Dict[str, Any]],
@@ -452,16 +492,17 @@ def summarize(records: Sequence[Dict[str, Any]],
     """
     from .intervals import mean_interval
 
-    keys = _check_summary_keys(records, keys)
-    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
-    for r in records:
+    checked, keys = _check_summary_keys(records, keys)
+    groups: Dict[Tuple, List[Mapping[str, Any]]] = {}
+    for r in checked:  # a generator of records is read once
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = []
     for key, rows in groups.items():
         summary: Dict[str, Any] = dict(zip(keys, key))
         summary["n"] = len(rows)
         for m in METRICS:
-            values = np.array([r[m] for r in rows if m in r], dtype=np.float64)
+            values = np.array([np.nan if r[m] is None else float(r[m]) for r in rows if m in r],
+                              dtype=np.float64)
             finite = values[np.isfinite(values)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
