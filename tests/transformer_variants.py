@@ -16,6 +16,9 @@ random weights.
 * ``bias=False``: no biases, no positional embedding, zero prefix tokens (a function of the
   input that is homogeneous of degree one once the attention and σ are held constant: the
   conservation checks of CP-LRP); ``activation="relu"`` for them;
+* ``attention="bmm"``: the heads folded into the batch, ``(N·H, T, T)`` scores by
+  ``torch.bmm``; ``layer_scale``: LayerScale (Touvron et al. 2021, CaiT); ``qk_norm``:
+  LayerNorm on each head's queries and keys; ``activation="swiglu"``: a SwiGLU MLP;
 * ``dropout``: dropout after attention and MLP, and attention dropout in the sdpa call,
   active in train mode only.
 
@@ -70,6 +73,8 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
         #: A list to append each call's probabilities to (on the autograd graph), or None.
         self.kept: Optional[list] = None
+        self.q_norm: nn.Module = nn.Identity()   # qk-norm: LayerNorm over each head's q, k
+        self.k_norm: nn.Module = nn.Identity()
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, t, d = x.shape
@@ -83,7 +88,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = self._qkv(x)
-        if self.kind == "sdpa":
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.kind == "bmm":  # heads folded into the batch: (N·H, T, T) scores
+            h = self.heads
+            q, k, v = (z.reshape(n * h, t, d // h) for z in (q, k, v))
+            a = (torch.bmm(q, k.transpose(1, 2)) * (d // h) ** -0.5).softmax(-1)
+            o = torch.bmm(self.attn_drop(a), v).reshape(n, h, t, d // h)
+        elif self.kind == "sdpa":
             o = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -104,14 +115,25 @@ class Block(nn.Module):
                      else (lambda: nn.RMSNorm(dim)))
         self.norm1, self.norm2 = make_norm(), make_norm()
         self.attn = Attention(dim, heads, qkv, attention, bias, dropout)
-        self.fc1 = nn.Linear(dim, 2 * dim, bias=bias)
+        self.fc1 = nn.Linear(dim, (4 if activation == "swiglu" else 2) * dim, bias=bias)
         self.fc2 = nn.Linear(2 * dim, dim, bias=bias)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = nn.GELU() if activation in ("gelu", "swiglu") else nn.ReLU()
+        self.swiglu = activation == "swiglu"
         self.drop = nn.Dropout(dropout)
+        self.gamma1: Optional[nn.Parameter] = None   # LayerScale (CaiT, DeiT III, DINOv2)
+        self.gamma2: Optional[nn.Parameter] = None
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:  # SwiGLU (EVA-02, DINOv2-g): silu(x W1) ⊙ (x W2)
+            gate, value = self.fc1(x).chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * value)
+        return self.fc2(self.act(self.fc1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(self.fc2(self.act(self.fc1(self.norm2(x)))))
+        z = self.drop(self.attn(self.norm1(x)))
+        x = x + (z if self.gamma1 is None else self.gamma1 * z)
+        z = self.drop(self._mlp(self.norm2(x)))
+        return x + (z if self.gamma2 is None else self.gamma2 * z)
 
 
 class VariantViT(nn.Module):
@@ -122,7 +144,7 @@ class VariantViT(nn.Module):
                  patch: Pair = 8, dim: int = 16, heads: int = 2, depth: int = 2,
                  classes: int = 5, bias: bool = True, activation: str = "gelu",
                  dropout: float = 0.0, declare: bool = True, register_name: str = "",
-                 seed: int = 0) -> None:
+                 layer_scale: bool = False, qk_norm: bool = False, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         image, patch = _pair(image), _pair(patch)
@@ -158,6 +180,13 @@ class VariantViT(nn.Module):
                     p.normal_(std=0.5 if name.endswith("weight") else 0.1)
                 elif name.endswith("norm1.weight") or name.endswith("norm2.weight"):
                     p.uniform_(0.5, 1.5)
+        for block in self.blocks:  # added last: the other weights stay those of the base
+            if layer_scale:
+                block.gamma1 = nn.Parameter(torch.rand(dim) + 0.5)
+                block.gamma2 = nn.Parameter(torch.rand(dim) + 0.5)
+            if qk_norm:
+                block.attn.q_norm = nn.LayerNorm(dim // heads, bias=bias)
+                block.attn.k_norm = nn.LayerNorm(dim // heads, bias=bias)
         self.eval()
 
     @property

@@ -106,10 +106,15 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
     if batches != [input.shape[0]]:
         # Windowed attention (Swin's shifted windows, MaxViT's blocks) folds the windows into
         # the batch: each matrix mixes the tokens of one window, not the image's sequence.
+        # Heads folded into the batch ((N·H, T, T) scores of torch.bmm) look the same: the
+        # windows cannot be told from heads by shape, so neither is guessed.
         raise NoAttentionError(
             f"{method}: the attention layers attend over batches of {batches} sequences for "
             f"{input.shape[0]} image(s): the model attends within windows (as Swin and MaxViT "
-            f"do), not over one token sequence per image, {_WINDOWED}")
+            f"do), not over one token sequence per image, {_WINDOWED}. If it instead folds its "
+            "heads into the batch ((N·heads, T, T) scores, as torch.bmm over (N·heads, T, d) "
+            "does), compute the scores as (N, heads, T, T) before the softmax, or use "
+            "F.scaled_dot_product_attention / nn.MultiheadAttention")
     return attentions, output
 
 
