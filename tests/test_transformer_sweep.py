@@ -388,3 +388,16 @@ def test_layer_scale_is_a_linear_layer_for_the_relevance_rules():
     for method in (attn_lrp, cp_lrp):
         torch.testing.assert_close(method(model, x, 1), method(folded, x, 1),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_a_hugging_face_config_with_mean_pooling_says_no_class_token_readout():
+    """Hugging Face's BEiT keeps its class token but pools the patches
+    (``config.use_mean_pooling``): the mean patch row is read."""
+    model, x = VariantViT(), _input({}, 2)
+    model.config = type("Config", (), {"use_mean_pooling": True})()
+    assert has_class_token(model) is False
+    torch.testing.assert_close(attention_rollout(model, x),
+                               _reference_rollout({}, x, mean=True).float(), atol=1e-6,
+                               rtol=1e-5)
+    model.config.use_mean_pooling = False
+    assert has_class_token(model) is True

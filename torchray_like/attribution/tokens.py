@@ -153,12 +153,16 @@ def has_class_token(model: nn.Module) -> Optional[bool]:
     """Whether ``model``'s first token is a class token the head reads: ``True`` when it has a
     ``class_token`` / ``cls_token`` tensor (torchvision, timm; MViT's
     ``pos_encoding.class_token``) and does not pool the patch tokens (timm's ``global_pool``
-    ``"avg"``, ``"max"``, ``"avgmax"``); ``False`` when it pools them, or declares its prefix
+    ``"avg"``, ``"max"``, ``"avgmax"``; Hugging Face's ``config.use_mean_pooling``);
+    ``False`` when it pools them, or declares its prefix
     tokens (timm's ``num_prefix_tokens``, ``reg_token``, ``dist_token``, a ``cls_token`` set
     to ``None``) without a class token (registers before average-pooled patches); ``None``
     when nothing says."""
-    if getattr(model, "global_pool", None) in ("avg", "max", "avgmax"):
-        return False  # timm: the head pools the patch tokens, also when a class token exists
+    if getattr(model, "global_pool", None) in ("avg", "max", "avgmax") or getattr(
+            getattr(model, "config", None), "use_mean_pooling", None) is True:
+        # timm's pooled heads, Hugging Face's BEiT / Data2Vec-vision: the head pools the
+        # patch tokens, also when a class token exists
+        return False
     pos = getattr(model, "pos_encoding", None)   # torchvision MViT
     if any(isinstance(getattr(model, name, None), torch.Tensor) for name in _CLASS_PARAMETERS
            ) or isinstance(getattr(pos, "class_token", None), torch.Tensor):
