@@ -17,6 +17,7 @@ from torchray_like.benchmark import intervals as I
 from torchray_like.benchmark import sanity_checks as S
 from torchray_like.benchmark.interval_checks import MAX_COUNTS_BYTES, check_num_classes
 from torchray_like.benchmark.intervals import Interval
+from torchray_like.benchmark.plot import plot_example
 from torchray_like.benchmark.pointing_game import (
     MAX_IMAGE_PIXELS,
     PointingGame,
@@ -522,3 +523,52 @@ def test_summarize_reads_a_generator_once_and_none_as_undefined():
     rows = S.summarize((r for r in [_record_of(ssim=None), _record_of(ssim=0.5)]), ("method",))
     assert rows[0]["n"] == 2 and rows[0]["ssim"] == 0.5 and rows[0]["hog"] == 1.0
     assert S.summarize([_record_of(ssim=torch.tensor(0.25))], ["method"])[0]["ssim"] == 0.25
+
+
+# ---------------------------------------------------------------------------- plot_example
+
+
+@pytest.fixture
+def agg():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    yield
+    plt.close("all")
+
+
+@pytest.mark.parametrize("category_id, error, match", [
+    (torch.tensor(1, device="meta"), ValueError, "category_id " + META),
+    (torch.tensor(1.5), TypeError, r"category_id must be an int \(or a one-element integer "
+                                   r"tensor\), got tensor\(1.5000\)"),
+    (torch.tensor(True), TypeError, "category_id must be an int"),
+    (np.array([1]), TypeError, "category_id must be an int"),
+])
+def test_plot_example_category_id(agg, category_id, error, match):
+    # Were .item()'s RuntimeError on meta, and tensor(1.5) / tensor(True) titled category 1.
+    with pytest.raises(error, match=match):
+        plot_example(torch.rand(1, 3, 8, 8), torch.rand(1, 1, 4, 4), "g", category_id)
+
+
+def test_plot_example_class_names(agg):
+    x, s = torch.rand(1, 3, 8, 8), torch.rand(1, 1, 4, 4)
+    title = lambda **k: plot_example(x, s, "g", torch.tensor(1), **k).axes[1].get_title()
+    assert title(class_names={"1": "goldfish"}) == "g (goldfish (1))"   # JSON keys: was unnamed
+    assert title(class_names=np.array(["a", "b"])) == "g (b (1))"      # was a TypeError
+    with pytest.raises(TypeError, match="class_names must be .*got bytes; pass a list indexed"):
+        title(class_names=b"ab")                                        # was titled "98"
+    with pytest.raises(TypeError, match="class_names must be .*got set"):
+        title(class_names={"a", "b"})
+
+
+def test_plot_example_keeps_float64_range(agg):
+    # float64 values beyond float32 were cast to inf: the input refused as "NaN or infinite",
+    # the map painted magenta with a NaN warning.
+    x = torch.tensor([1e300, -1e300], dtype=torch.float64).repeat(24).view(1, 3, 4, 4)
+    s = torch.tensor([[1e308, -1e308], [0.0, 1.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_example(x, s, "g", 1)
+    image = np.asarray(fig.axes[0].images[0].get_array())
+    assert image.min() == 0.0 and image.max() == 1.0
+    assert np.asarray(fig.axes[1].images[0].get_array()).tolist() == [[1.0, 0.0], [0.5, 0.5]]

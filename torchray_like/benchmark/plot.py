@@ -32,12 +32,29 @@ def _category_name(category_id: int, class_names: Any) -> Optional[str]:
 
         class_names = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
     if isinstance(class_names, Mapping):
-        name = class_names.get(category_id)
+        # A dict read from JSON has str keys ("1": "goldfish").
+        name = class_names.get(category_id, class_names.get(str(category_id)))
         return None if name is None else str(name)
-    if isinstance(class_names, Sequence):
+    if isinstance(class_names, np.ndarray) and class_names.ndim == 1:
+        class_names = class_names.tolist()
+    if isinstance(class_names, Sequence) and not isinstance(class_names, (bytes, bytearray)):
         return str(class_names[category_id]) if 0 <= category_id < len(class_names) else None
-    raise TypeError(f"class_names must be None, 'imagenet', a sequence or a mapping, "
-                    f"got {type(class_names).__name__}")
+    raise TypeError(f"class_names must be None, 'imagenet', a sequence or a mapping, got "
+                    f"{type(class_names).__name__}; pass a list indexed by category_id or a dict")
+
+
+def _category_id(category_id: Any) -> int:
+    """An int from an int or a one-element integer tensor (a float would be truncated)."""
+    if isinstance(category_id, torch.Tensor):
+        check_not_meta(category_id, "category_id")
+        if category_id.numel() == 1 and not (category_id.is_floating_point()
+                                             or category_id.is_complex()
+                                             or category_id.dtype == torch.bool):
+            category_id = int(category_id.item())
+    if not isinstance(category_id, Integral) or isinstance(category_id, (bool, np.bool_)):
+        raise TypeError(f"category_id must be an int (or a one-element integer tensor), got "
+                        f"{category_id!r}")
+    return int(category_id)
 
 
 def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
@@ -48,7 +65,8 @@ def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
     if value.is_complex():
         # .float() would keep the real part with only a PyTorch warning.
         raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
-    t = value.detach().cpu().float()
+    # float64: a float64 value beyond float32's range would show as infinite.
+    t = value.detach().cpu().double()
     if t.dim() == 4:
         if t.shape[0] != 1:
             raise ValueError(f"{name} must hold one example (batch size 1), got "
@@ -67,7 +85,8 @@ def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
 def _stretch(t: torch.Tensor) -> torch.Tensor:
     """Min → 0, max → 1 (zeros for a constant tensor): undoes any affine normalisation."""
     lo, hi = t.min(), t.max()
-    return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
+    # Halved: a range of ±1e308 would overflow to inf and show as zeros.
+    return (t / 2 - lo / 2) / (hi / 2 - lo / 2) if hi > lo else torch.zeros_like(t)
 
 
 def _map_for_display(smap: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, Optional[str]]:
@@ -81,7 +100,7 @@ def _map_for_display(smap: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, Option
     lo, hi = float(kept.min()), float(kept.max())
     if hi == lo:
         return np.zeros_like(m), ~finite, "all zero" if lo == 0 else f"constant {lo:.3g}"
-    return np.where(finite, (m - lo) / (hi - lo), 0.0), ~finite, None
+    return np.where(finite, (m / 2 - lo / 2) / (hi / 2 - lo / 2), 0.0), ~finite, None
 
 
 def _warn_map(bad: np.ndarray, note: Optional[str]) -> None:
@@ -177,11 +196,7 @@ def plot_example(input: torch.Tensor, saliency: torch.Tensor, method: str,
                          "must not be empty")
     if not isinstance(method, str):
         raise TypeError(f"method must be the method's name (a str), got {type(method).__name__}")
-    if isinstance(category_id, torch.Tensor) and category_id.numel() == 1:
-        category_id = int(category_id.item())
-    if not isinstance(category_id, Integral) or isinstance(category_id, bool):
-        raise TypeError(f"category_id must be an int, got {category_id!r}")
-    category_id = int(category_id)
+    category_id = _category_id(category_id)
     name = _category_name(category_id, class_names)
     label = f"{name} ({category_id})" if name is not None else f"category {category_id}"
 
