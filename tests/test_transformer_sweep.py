@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.transformer_variants import VariantViT
 from torchray_like.attribution.attention_rollout import (
@@ -27,6 +28,7 @@ from torchray_like.attribution.attention_rollout import (
 )
 from torchray_like.attribution.grad_cam import grad_cam
 from torchray_like.attribution.gradient import gradient
+from torchray_like.attribution.gradient_x_input import gradient_x_input
 from torchray_like.attribution.lrp import lrp
 from torchray_like.attribution.tokens import TokenLayout, TokenOrderError, has_class_token
 from torchray_like.attribution.transformer_lrp import attn_lrp, cp_lrp
@@ -401,3 +403,105 @@ def test_a_hugging_face_config_with_mean_pooling_says_no_class_token_readout():
                                rtol=1e-5)
     model.config.use_mean_pooling = False
     assert has_class_token(model) is True
+
+
+def test_a_float64_input_to_a_float32_model_is_refused_by_name():
+    model, x = VariantViT(), _input({}, 2, torch.float64)
+    for method in METHODS:
+        if method == "lrp":
+            continue
+        with pytest.raises(ValueError, match="input is float64 but the model's parameters "
+                                             "are float32"):
+            METHODS[method](model, x, 1)
+
+
+# -- the rules written as detach tricks on the variants (gradient × input of these is the
+#    relevance the papers define; cf. tests/transformer_models.ExplicitViT) -----------------
+
+def _epsilon(z: torch.Tensor, rule: str, epsilon: float) -> torch.Tensor:
+    if rule != "attnlrp":
+        return z  # CP-LRP: LRP-0 on the linear layers, the plain gradient
+    ratio = (z / (z + torch.where(z >= 0, epsilon, -epsilon))).detach()
+    return z * ratio + (z * (1 - ratio)).detach()
+
+
+def _half(z: torch.Tensor, rule: str) -> torch.Tensor:
+    return 0.5 * z + 0.5 * z.detach() if rule == "attnlrp" else z
+
+
+def _rule_norm(norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    if isinstance(norm, nn.LayerNorm):
+        centred = z - z.mean(-1, keepdim=True)
+        sigma = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps).detach()
+        out = centred / sigma * norm.weight
+        return out if norm.bias is None else out + norm.bias
+    eps = norm.eps if norm.eps is not None else torch.finfo(z.dtype).eps
+    return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + eps).detach() * norm.weight
+
+
+def _rule_block(block: nn.Module, z: torch.Tensor, rule: str, eps: float) -> torch.Tensor:
+    def linear(module: nn.Linear, t: torch.Tensor) -> torch.Tensor:
+        return _epsilon(F.linear(t, module.weight, module.bias), rule, eps)
+
+    attn, (n, t, d) = block.attn, z.shape
+    h = attn.heads
+    y = _rule_norm(block.norm1, z)
+    if hasattr(attn, "qkv"):
+        q, k, v = linear(attn.qkv, y).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    else:
+        q, k, v = (linear(m, y).reshape(n, t, h, d // h).transpose(1, 2)
+                   for m in (attn.q, attn.k, attn.v))
+    a = (_half(q @ k.transpose(-2, -1), rule) * (d // h) ** -0.5).softmax(-1)
+    a = a.detach() if rule == "cp-lrp" else a
+    o = linear(attn.proj, _half(a @ v, rule).transpose(1, 2).reshape(n, t, d))
+    z = z + (o if block.gamma1 is None else block.gamma1 * o)
+    y = linear(block.fc1, _rule_norm(block.norm2, z))
+    g = F.gelu(y)
+    if rule == "attnlrp":  # the identity rule: g_x = (y / x) g_y
+        g = y * torch.where(y == 0, torch.zeros_like(y), g / torch.where(y == 0, 1, y)).detach()
+    o = linear(block.fc2, g)
+    return z + (o if block.gamma2 is None else block.gamma2 * o)
+
+
+def _rule_relevance(model: VariantViT, x: torch.Tensor, target: int, rule: str,
+                    eps: float = 1e-6) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    conv = model.patch_embed.proj
+    patches = _epsilon(F.conv2d(x, conv.weight, conv.bias, conv.stride), rule, eps)
+    n = x.shape[0]
+    prefix = [getattr(model, name).reshape(1, -1, patches.shape[1]).expand(n, -1, -1)
+              for name in model.prefix_names + model.register_names]
+    z = torch.cat(prefix + [patches.flatten(2).transpose(1, 2)], 1) + model.positions
+    for block in model.blocks:
+        z = _rule_block(block, z, rule, eps)
+    z = _rule_norm(model.norm, z)
+
+    def head(module: nn.Linear, t: torch.Tensor) -> torch.Tensor:
+        return _epsilon(F.linear(t, module.weight, module.bias), rule, eps)
+
+    if model.pool == "gap":
+        y = head(model.head, z[:, model.num_prefix:].mean(1))
+    elif model.pool == "distill":
+        y = (head(model.head, z[:, 0]) + head(model.head_dist, z[:, 1])) / 2
+    else:
+        y = head(model.head, z[:, 0])
+    (grad,) = torch.autograd.grad(y[:, target].sum(), x)
+    return (x * grad).sum(1, keepdim=True).detach()
+
+
+@pytest.mark.parametrize("name", ["cls", "gap", "deit", "registers", "separate_qkv_sdpa",
+                                  "rmsnorm", "non_square_patch", "layer_scale"])
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_attn_lrp_and_cp_lrp_equal_the_rules_written_out(name, rule):
+    """Each variant's relevance equals gradient × input of the same network with the rules
+    written as detach tricks (ε on linear layers and the patch embedding, σ held constant in
+    LayerNorm and RMSNorm, the uniform rule on q kᵀ and A v, the identity rule on GELU for
+    AttnLRP; the attention held constant for CP-LRP): the readout tokens, registers, separate
+    projections, sdpa and LayerScale change nothing in the rules."""
+    kwargs = VARIANTS[name]
+    model, x = VariantViT(**kwargs), _input(kwargs, 2)
+    want = _rule_relevance(model, x, 1, rule)
+    got = attn_lrp(model, x, 1, rule=rule)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    plain = gradient_x_input(model, x, 1)  # the rules matter on every variant (0.37-0.61)
+    assert float((want - plain).norm() / plain.norm()) > 0.1
