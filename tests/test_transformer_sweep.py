@@ -505,3 +505,28 @@ def test_attn_lrp_and_cp_lrp_equal_the_rules_written_out(name, rule):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     plain = gradient_x_input(model, x, 1)  # the rules matter on every variant (0.37-0.61)
     assert float((want - plain).norm() / plain.norm()) > 0.1
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_attention_pooling_is_attention_however_it_is_computed(attention):
+    """A learned query attending over the tokens (``(N, H, 1, T)`` scores): with an explicit
+    softmax the rollout ignored it (and read the mean patch row the head does not read) and
+    CP-LRP gave it its plain gradient (a warning, relevance not conserved: 0.95 of the score);
+    now both spellings are read as with sdpa: the rollout refuses by name, CP-LRP holds the
+    pooling weights constant and conserves the score."""
+    model = VariantViT(pool="map", attention=attention, bias=False, activation="relu")
+    x = _input({}, 2)
+    for method in (attention_rollout, grad_rollout):
+        with pytest.raises(ValueError, match=r"\[\(1, 16\), \(16, 16\)\].*attention pooling"):
+            method(model, x, 1)
+    with torch.no_grad():
+        score = model(x)[:, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relevance = cp_lrp(model, x, 1)
+    torch.testing.assert_close(relevance.flatten(1).sum(1), score, atol=1e-5, rtol=1e-4)
+    other = VariantViT(pool="map", attention="sdpa" if attention == "explicit" else "explicit",
+                       bias=False, activation="relu")
+    for method in (cp_lrp, attn_lrp):
+        torch.testing.assert_close(method(model, x, 1), method(other, x, 1),
+                                   atol=1e-6, rtol=1e-4)

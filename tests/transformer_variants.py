@@ -3,6 +3,8 @@ written here from the papers (no timm): one configurable :class:`VariantViT` wit
 random weights.
 
 * ``pool``: ``"cls"`` (a class token read by the head, ViT: Dosovitskiy et al. 2021),
+  ``"map"`` (attention pooling: a learned query attends over the patch tokens, ``(N, H, 1,
+  T)`` scores, explicit or sdpa as the blocks),
   ``"gap"`` (no class token; the head reads the mean of the patch tokens), ``"distill"``
   (DeiT: a class and a distillation token, the head averages its two heads' logits; Touvron et
   al. 2021);
@@ -153,7 +155,7 @@ class VariantViT(nn.Module):
         self.patch_embed = PatchEmbed(patch, dim, bias)
         if not declare:
             del self.patch_embed.patch_size  # nothing but the convolution's stride says it
-        prefix = {"cls": 1, "gap": 0, "distill": 2}[pool]
+        prefix = {"cls": 1, "gap": 0, "distill": 2, "map": 0}[pool]
         tokens = [nn.Parameter(torch.randn(1, 1, dim) * 0.5 * bias) for _ in range(prefix)]
         names = ("cls_token", "dist_token") if declare else ("start", "start2")
         for name, token in zip(names, tokens):
@@ -180,6 +182,10 @@ class VariantViT(nn.Module):
                     p.normal_(std=0.5 if name.endswith("weight") else 0.1)
                 elif name.endswith("norm1.weight") or name.endswith("norm2.weight"):
                     p.uniform_(0.5, 1.5)
+        if pool == "map":  # a learned query attends over the tokens (timm's "map" pooling)
+            self.latent = nn.Parameter(torch.randn(1, 1, dim))
+            self.pool_kv = nn.Linear(dim, 2 * dim, bias=bias)
+            self.heads, self.attention_kind = heads, attention
         for block in self.blocks:  # added last: the other weights stay those of the base
             if layer_scale:
                 block.gamma1 = nn.Parameter(torch.rand(dim) + 0.5)
@@ -188,6 +194,17 @@ class VariantViT(nn.Module):
                 block.attn.q_norm = nn.LayerNorm(dim // heads, bias=bias)
                 block.attn.k_norm = nn.LayerNorm(dim // heads, bias=bias)
         self.eval()
+
+    def _map(self, z: torch.Tensor) -> torch.Tensor:
+        n, t, d = z.shape
+        h = self.heads
+        k, v = self.pool_kv(z).reshape(n, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        q = self.latent.reshape(1, 1, h, d // h).transpose(1, 2).expand(n, -1, -1, -1)
+        if self.attention_kind == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = ((q @ k.transpose(-2, -1)) * (d // h) ** -0.5).softmax(-1) @ v
+        return o.reshape(n, d)
 
     @property
     def num_prefix(self) -> int:
@@ -205,6 +222,8 @@ class VariantViT(nn.Module):
         z = self.norm(self.blocks(z))
         if self.pool == "gap":
             return self.head(z[:, self.num_prefix:].mean(1))
+        if self.pool == "map":
+            return self.head(self._map(z))
         if self.pool == "distill":
             assert self.head_dist is not None
             return (self.head(z[:, 0]) + self.head_dist(z[:, 1])) / 2

@@ -273,9 +273,12 @@ def softmax_dim(args: tuple, kwargs: dict) -> Any:
 
 def is_attention_softmax(x: Any, dim: Any) -> bool:
     """Whether a softmax over ``dim`` of ``x`` looks like attention: the last dimension of a
-    ``(…, T, T)`` (square) score matrix of at least three dimensions."""
+    ``(…, T, T)`` (square) score matrix of at least three dimensions, or of any
+    ``(N, heads, L, S)`` score tensor (cross-attention, attention pooling with a learned
+    query as timm's ``global_pool="map"``: ``(N, heads, 1, T)``, which the fused
+    ``F.scaled_dot_product_attention`` path records as well)."""
     return (isinstance(x, torch.Tensor) and x.dim() >= 3 and isinstance(dim, int)
-            and dim in (-1, x.dim() - 1) and x.shape[-1] == x.shape[-2])
+            and dim in (-1, x.dim() - 1) and (x.shape[-1] == x.shape[-2] or x.dim() >= 4))
 
 
 class _Recorder(AttentionOps):

@@ -93,7 +93,8 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
         raise NoAttentionError(
             f"{method}: {type(model).__name__} computed no attention: no "
             "F.scaled_dot_product_attention, nn.MultiheadAttention (F.multi_head_attention_"
-            "forward) or softmax over a square (…, T, T) score matrix was called in its forward "
+            "forward) or softmax over a square (…, T, T) or (N, heads, L, S) score tensor was "
+            "called in its forward "
             "pass. These methods explain transformers; for a convolutional network use e.g. "
             "grad_cam or lrp")
     tokens = {tuple(a.shape[-2:]) for a in attentions}
@@ -101,7 +102,10 @@ def read_attentions(model: nn.Module, input: torch.Tensor, method: str,
         raise NoAttentionError(
             f"{method}: the attention layers have score matrices of shapes "
             f"{sorted(tokens)}; rollout needs self-attention over one token sequence "
-            "(square, equal T × T in every layer)")
+            "(square, equal T × T in every layer). Fewer queries than keys is cross-attention "
+            "or attention pooling by a learned query (timm's global_pool='map', CaiT's class "
+            "attention), whose query is no token of the sequence: use grad_cam, attn_lrp or "
+            "cp_lrp")
     batches = list(dict.fromkeys(int(a.shape[0]) for a in attentions))
     if batches != [input.shape[0]]:
         # Windowed attention (Swin's shifted windows, MaxViT's blocks) folds the windows into

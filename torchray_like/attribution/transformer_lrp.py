@@ -321,7 +321,8 @@ class TransformerLRPContext(LRPContext):
             self.count("softmax")
             # CP-LRP: attention probabilities held constant (a counted ``.detach()``)
             return _HeldConstant.apply(x, [out.detach()], self)
-        self.unhandle("softmax that is not attention over a square (…, T, T) score matrix "
+        self.unhandle("softmax that is not attention over a square (…, T, T) or (N, heads, L, S) "
+                      "score tensor "
                       "(an output layer? plain gradient)")
         return out
 
