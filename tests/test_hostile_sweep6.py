@@ -395,7 +395,7 @@ def test_step_fractions_at_the_limit():
     (torch.ones(3), "abc", TypeError, "fractions must be a 1-D tensor or sequence of numbers"),
     (torch.ones(3), torch.ones(3, dtype=torch.complex64), TypeError, "fractions must be real"),
     (torch.ones(3), torch.tensor([2.0, 3.0, 5.0]), ValueError,
-     r"fractions must be finite, non-decreasing and in \[0, 1\]"),
+     r"fractions must be finite and non-decreasing, in \[0, 1\]"),
     (torch.ones(3), [-0.5, 0.5, 1.0], ValueError, r"in \[0, 1\]"),
 ])
 def test_auc_refuses_what_has_no_area(curve, fractions, error, match):
@@ -431,13 +431,11 @@ def test_pixel_order_values():
     assert D.pixel_order(torch.ones(0, 1, 2, 2)).shape == (0, 4)   # was a reshape error
 
 
-def test_deletion_insertion_substrate_target_and_method_saliency():
+def test_deletion_insertion_substrate_and_method_saliency():
     model, x, s = _tiny_model(), torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"substrate=1e\+300 does not fit the input's dtype "
                                          "torch.float32"):
         D.deletion_insertion(model, x, s, 1, substrate=1e300)   # was torch's overflow error
-    with pytest.raises(ValueError, match="target " + META):
-        D.deletion_insertion(model, x, s, torch.tensor(1, device="meta"))
     # A NumPy number is a number (was "substrate must be ... a number, ..., got float32").
     a = D.deletion_insertion(model, x, s, 1, substrate=np.float32(0.5), step=16)
     b = D.deletion_insertion(model, x, s, 1, substrate=0.5, step=16)

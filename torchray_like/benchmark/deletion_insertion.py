@@ -147,7 +147,7 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
     if not bool(torch.isfinite(x).all()) or bool((x[1:] < x[:-1]).any()) \
             or bool((x < 0).any()) or bool((x > 1).any()):
         # Decreasing fractions would flip the trapezoids' sign: a negative "area", silently.
-        raise ValueError(f"fractions must be finite, non-decreasing and in [0, 1] (the "
+        raise ValueError(f"fractions must be finite and non-decreasing, in [0, 1] (the "
                          f"fraction of pixels changed at each point), got {x.tolist()}")
     return _area(curve, x)
 
@@ -380,8 +380,6 @@ def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Te
         raise ValueError(f"input must have spatial dimensions (N, C, *spatial), got "
                          f"{tuple(input.shape)}")
     step = _check_step(step, num_pixels)
-    if isinstance(target, torch.Tensor):
-        check_not_meta(target, "target")
     idx = class_indices(target, n, input.device)
     saliency = _check_saliency(saliency, input)
     input = input.detach()
