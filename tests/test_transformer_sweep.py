@@ -281,8 +281,10 @@ def test_undeclared_registers_are_refused_not_guessed_on_a_wrong_grid():
     with pytest.raises(ValueError, match="tokens="):
         grad_cam(hidden, x, 1)
     layout = TokenLayout(prefix=9)
-    torch.testing.assert_close(grad_cam(hidden, x, 1, saliency_layer="blocks.1", tokens=layout),
-                               grad_cam(declared, x, 1, saliency_layer="blocks.1"))
+    want = grad_cam(declared, x, 1, saliency_layer="blocks.0")
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(grad_cam(hidden, x, 1, saliency_layer="blocks.0", tokens=layout),
+                               want)
 
 
 def test_undeclared_tokens_are_inferred_from_the_patch_stride():
@@ -316,10 +318,10 @@ def test_two_dimensional_register_tensors_are_refused_not_guessed():
     with pytest.raises(ValueError, match="tokens=TokenLayout"):
         grad_cam(flat, x, 1)  # the automatic layer choice finds no layer it can read
     with pytest.raises(ValueError, match="after the patch tokens"):
-        grad_cam(flat, x, 1, saliency_layer="blocks.1")
+        grad_cam(flat, x, 1, saliency_layer="blocks.0")
     torch.testing.assert_close(
-        grad_cam(flat, x, 1, saliency_layer="blocks.1", tokens=TokenLayout(prefix=5)),
-        grad_cam(declared, x, 1, saliency_layer="blocks.1"))
+        grad_cam(flat, x, 1, saliency_layer="blocks.0", tokens=TokenLayout(prefix=5)),
+        grad_cam(declared, x, 1, saliency_layer="blocks.0"))
 
 
 def test_class_token_argument_says_what_the_model_does_not():
@@ -530,3 +532,32 @@ def test_attention_pooling_is_attention_however_it_is_computed(attention):
     for method in (cp_lrp, attn_lrp):
         torch.testing.assert_close(method(model, x, 1), method(other, x, 1),
                                    atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["deit_registers_tall", "gap_registers", "non_square_patch"])
+def test_grad_cam_reads_the_patch_tokens_on_their_grid(name):
+    """Grad-CAM at a block: the block's tokens ``(N, P + h·w, D)`` with the P class /
+    distillation / register tokens dropped and the patches laid row-major on the (non-square)
+    grid, written by hand from the variant's construction (Selvaraju et al. 2017).  The first
+    block: after the last one a class-token model's patch tokens have no gradient."""
+    kwargs = VARIANTS[name]
+    model, x = VariantViT(**kwargs), _input(kwargs)
+    seen: List[torch.Tensor] = []
+    handle = model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            y = model(x)
+            (grad,) = torch.autograd.grad(y[torch.arange(3), torch.tensor([0, 1, 2])].sum(),
+                                          seen[0])
+    finally:
+        handle.remove()
+    h, w = _grid(kwargs)
+
+    def on_grid(t: torch.Tensor) -> torch.Tensor:
+        return t[:, model.num_prefix:].reshape(3, h, w, -1).permute(0, 3, 1, 2)
+
+    act, grad = on_grid(seen[0].detach()), on_grid(grad)
+    want = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    got = grad_cam(model, x, [0, 1, 2], saliency_layer="blocks.0")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert float(want.abs().max()) > 0
