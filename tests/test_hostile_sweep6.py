@@ -330,6 +330,18 @@ def test_make_table_and_pairs_of_records_other_arguments():
     assert "50.0 [" in print_table(rows)
 
 
+def test_an_image_recorded_twice_with_different_pairs_is_refused():
+    """Was: the last record of the image kept, silently (two runs' results merged)."""
+    twice = [_record(), _record(pairs=[[0, -1, -1, [1, 1]]])]
+    with pytest.raises(ValueError, match=r"records: image 0 is recorded twice for model 'm' and "
+                                         r"method 'g', with different pairs"):
+        make_table(twice, 3, ["m"], ["g"])
+    with pytest.raises(ValueError, match="recorded twice"):
+        pairs_of_records(twice)("m", "g", "all")
+    # The same record twice (a file merged with itself) counts once.
+    assert make_table([_record(), _record()], 3, ["m"], ["g"])[0]["images"] == 1
+
+
 def test_print_table_and_write_outputs_check_their_arguments(tmp_path):
     rows = make_table([_record()], 3, ["m"], ["g"])
     with pytest.raises(ValueError, match=r"rows\[0\] is missing model, all, .*pass the rows "

@@ -15,6 +15,7 @@ from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.attribution.targets import (
     backward_seed,
+    class_indices,
     get_backward_gradient,
     get_pointing_gradient,
     parse_target,
@@ -290,6 +291,14 @@ def test_seed_of_a_seed_gradient_a_callable_and_a_custom_function():
 def test_parse_target_refuses_what_needs_no_forward_pass(target, batch, error, match):
     with pytest.raises(error, match=match):
         parse_target(target, batch)
+
+
+@pytest.mark.parametrize("target", [torch.tensor(1, device="meta"),
+                                    torch.tensor([0, 1], device="meta")])
+def test_class_indices_refuses_a_meta_target_of_any_rank(target):
+    # A 0-d meta target was int()'s RuntimeError ("Tensor.item() cannot be called on meta").
+    with pytest.raises(ValueError, match="target is on the meta device"):
+        class_indices(target, 2)
 
 
 def test_parse_target_none_devices_and_kinds():

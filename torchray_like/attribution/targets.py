@@ -60,6 +60,8 @@ def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "c
             f"target must be an integer class index, got the float {target!r}; pass "
             f"int({target!r}) or a tensor shaped like the output for a custom seed gradient")
     if isinstance(target, torch.Tensor):
+        if target.is_meta:  # (no value to read: int() of it is PyTorch's own error)
+            raise ValueError(_META_TARGET)
         if target.dim() == 0 and not (target.is_floating_point() or target.is_complex()):
             return torch.full((batch,), int(target), dtype=torch.long, device=device)
         idx = _tensor_indices(target, device)

@@ -75,7 +75,22 @@ def _check_hits(records: Sequence[Mapping[str, Any]], num_classes: int) -> None:
 
 def _by_image(records: Sequence[Mapping[str, Any]], arch: str, method: str
               ) -> Dict[int, Mapping[str, Any]]:
-    return {int(r["index"]): r for r in records if r["model"] == arch and r["method"] == method}
+    """``image index -> record`` of ``arch`` and ``method``; an image recorded twice with
+    different pairs is refused (which one is right cannot be told), twice alike is kept once."""
+    found: Dict[int, Mapping[str, Any]] = {}
+    for r in records:
+        if r["model"] != arch or r["method"] != method:
+            continue
+        index = int(r["index"])
+        other = found.get(index)
+        if other is not None and [tuple(p) for p in other["pairs"]] != \
+                [tuple(p) for p in r["pairs"]]:
+            raise ValueError(
+                f"records: image {index} is recorded twice for model {arch!r} and method "
+                f"{method!r}, with different pairs; give each image once (were two runs' "
+                "results merged?)")
+        found[index] = r
+    return found
 
 
 def _pairs(records: Sequence[Mapping[str, Any]], subset: str) -> List[List[Tuple[int, int]]]:
