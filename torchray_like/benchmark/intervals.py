@@ -437,12 +437,18 @@ def _contributions(images: Sequence[Sequence[Tuple[int, int]]],
     return out
 
 
-def _scored_classes(*images: Sequence[Sequence[Tuple[int, int]]]) -> List[int]:
-    """The classes with a scored pair (at least one, so that the arrays are not empty).
+def _columns(num_classes: int, rows: int, *images: Sequence[Sequence[Tuple[int, int]]]
+             ) -> Sequence[int]:
+    """The classes given columns in the bootstrap: all of them where the arrays of ``rows``
+    rows (images or resamples) fit in :data:`MAX_COUNTS_BYTES` — the same arithmetic, bit for
+    bit, whatever the data — else only those with a scored pair (at least one).
 
-    A class without one adds nothing to any resample and is never "seen" by
-    :func:`pointing_game_accuracy`: leaving its columns out changes no value, and keeps the
-    bootstrap's memory independent of ``num_classes``."""
+    A class without a scored pair adds nothing to any resample and is never "seen" by
+    :func:`pointing_game_accuracy`: leaving its columns out changes no value (up to the order
+    in which the classes' mean is summed, the last bit), and keeps the bootstrap's memory
+    independent of ``num_classes``."""
+    if 16 * num_classes * rows <= MAX_COUNTS_BYTES:
+        return range(num_classes)
     classes = sorted({c for group in images for image in group for c, hit in image if hit != 0})
     return classes or [0]
 
@@ -472,7 +478,8 @@ def pointing_game_interval(pairs: Sequence[Pairs], num_classes: int, *,
     level, resamples, seed = check_options(level, resamples, seed)
     num_classes = check_num_classes(num_classes, 16, PER_IMAGE)
     images = check_pairs(pairs, num_classes, "pairs")
-    c = _contributions(images, _scored_classes(images))
+    c = _contributions(images, _columns(num_classes, max(resamples, len(images)),
+                                        images))
     return _bootstrap(c, pointing_game_accuracy, level, resamples, seed)
 
 
@@ -490,6 +497,7 @@ def paired_pointing_game_difference(pairs_a: Sequence[Pairs], pairs_b: Sequence[
         scored on other classes by ``a`` than by ``b``: the difference would compare other
         questions, not the methods.
     """
+    level, resamples, seed = check_options(level, resamples, seed)
     num_classes = check_num_classes(num_classes, 16, PER_IMAGE)
     images_a = check_pairs(pairs_a, num_classes, "pairs_a")
     images_b = check_pairs(pairs_b, num_classes, "pairs_b")
@@ -499,7 +507,7 @@ def paired_pointing_game_difference(pairs_a: Sequence[Pairs], pairs_b: Sequence[
                 f"image {i} was scored on classes {sorted(c for c, _ in pa)} in pairs_a "
                 f"and {sorted(c for c, _ in pb)} in pairs_b: a paired difference needs "
                 "both methods scored on the same (image, class) pairs")
-    classes = _scored_classes(images_a, images_b)
+    classes = _columns(num_classes, max(len(images_a), resamples), images_a, images_b)
     a, b = _contributions(images_a, classes), _contributions(images_b, classes)
     return paired_difference(a, b, pointing_game_accuracy, level=level, resamples=resamples,
                              seed=seed)
