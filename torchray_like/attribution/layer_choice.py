@@ -141,6 +141,24 @@ def _spatial(shape: Optional[Tuple[int, ...]], rank: int, batch: int) -> bool:
     return positions > 1
 
 
+def _channels_last(records: List[_Record], i: int, end: int, input_shape: torch.Size) -> bool:
+    """Whether record ``i`` holds a channels-last tensor ``(N, *spatial, C)`` rather than a map
+    ``(N, C, *spatial)``: one of its "spatial" axes is longer than the input's (the channels)
+    while another is shorter, or a later record (before the head) holds the same shape
+    permuted to ``(N, C, *spatial)``.  ConvNeXt's and Swin's blocks compute in that layout
+    between two permutes; when the model's last ``(N, C, 1, 1)`` map has a single position (a
+    small input) the rule would otherwise read a block's ``(N, 1, 1, C)`` linear layer as one
+    channel over a 1×C image."""
+    shape = records[i].shape
+    if shape is None or len(shape) < 4:
+        return False  # 1-D data: one axis, nothing to compare
+    pairs = list(zip(shape[2:], input_shape[2:]))
+    if any(s > d for s, d in pairs) and any(s < d for s, d in pairs):
+        return True
+    permuted = (shape[0], shape[-1]) + tuple(shape[1:-1])
+    return shape[1] != shape[-1] and any(r.shape == permuted for r in records[i + 1:end])
+
+
 def _head_start(records: List[_Record], classes: Set[int], rank: int, batch: int) -> int:
     """Where the classifier head starts: the last module with parameters of its own, when it
     outputs a class-score map (N, K, *spatial) with K a class count of the output (SqueezeNet's
@@ -257,7 +275,8 @@ def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
     # eval-mode Dropout) only renames it: the module that computed it is chosen.
     chosen = next((i for i in range(end - 1, -1, -1)
                    if _spatial(records[i].shape, rank, batch) and calls[records[i].name] == 1
-                   and not records[i].alias), None)
+                   and not records[i].alias
+                   and not _channels_last(records, i, end, input.shape)), None)
     tokens = [r for r in records if r.has_params and rank >= 4 and r.shape is not None
               and len(r.shape) == 3 and r.shape[1] > 1]
     if chosen is not None:
