@@ -229,3 +229,30 @@ def test_lrp_conserves_relevance_through_grouped_conv_shuffle_and_concat() -> No
     assert bool((sums["score"].abs() > 1e-3).all())
     for key in ("input", "stem"):
         torch.testing.assert_close(sums[key], sums["score"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, method, named, not_named", [
+    # EfficientNet's SiLU / sigmoid all lie below "features"; its head is pooling + linear.
+    ("efficientnet_b0", "excitation_backprop", (), ("silu", "sigmoid")),
+    ("efficientnet_b0", "lrp", ("mul of two activations",), ("silu", "sigmoid")),
+    # MobileNet-v3's head calls Hardswish (above "features"), its SE blocks Hardsigmoid.
+    ("mobilenet_v3_small", "excitation_backprop", ("hardswish",), ("hardsigmoid",)),
+    ("mobilenet_v3_small", "lrp", ("hardswish",), ("hardsigmoid",)),
+    # ConvNeXt's head has a LayerNorm2d (above "features"), its blocks GELU.
+    ("convnext_tiny", "lrp", ("layer_norm",), ("gelu",)),
+])
+def test_warnings_name_only_what_lies_above_the_layer_read(name, method, named, not_named):
+    """Read at ``features``, the map does not depend on the non-linearities below it.  Before:
+    the warning named every one the forward pass called (EfficientNet: "sigmoid ×16, silu ×49
+    ... keep their plain gradient" for a map no SiLU touches).  Now only those on the path from
+    the output to the layer; at the input, all of them still.  (The product of an SE block is
+    no node kind of its own, so LRP still names it: a warning too many, never one too few.)"""
+    model = zoo_model(name)
+    x = zoo_input(ZOO[name][1])
+    _, caught = run(model, x, method, saliency_layer="features")
+    text = unhandled_text(caught)
+    assert all(a in text for a in named) and not any(a in text for a in not_named), text
+    assert bool(named) == any(w.category is UnhandledActivationWarning for w in caught), text
+    _, caught = run(model, x, method)
+    text = unhandled_text(caught)
+    assert all(a in text for a in named + not_named), text

@@ -447,14 +447,17 @@ class RuleContext(TorchFunctionMode):
         if not kinds or not isinstance(output, torch.Tensor):
             return
         escaped: Dict[str, int] = {}
+        on_path: Set[str] = set()
         for node in nodes_on_path(output, reads, kinds):
             kind = type(node).__name__
             test = self.escaped_kinds.get(kind)
             if test is not None and test(node, self):
                 escaped[kind] = escaped.get(kind, 0) + 1
             names = self.unhandled_kinds.get(kind, ())
+            on_path.update(names)
             if names and not any(n in self.unhandled for n in names):
                 self.unhandle(names[0])
+        self._forget_off_path(output, on_path)
         if escaped:
             seen = ", ".join(f"{k} ×{v}" for k, v in sorted(escaped.items()))
             raise ValueError(
@@ -464,6 +467,23 @@ class RuleContext(TorchFunctionMode):
                 "concurrent.futures pool, nn.DataParallel over several devices), where rule "
                 "contexts do not reach, so the result would mix the rule with the plain "
                 f"gradient; {THREAD_ADVICE}")
+
+    def _forget_off_path(self, output: torch.Tensor, on_path: Set[str]) -> None:
+        """Drop from :attr:`unhandled` the non-linearities whose every node lies off the path
+        from ``output`` to the tensors read (below a probed layer, on a branch the target does
+        not use): they do not touch the map, and naming them would say it mixes the rule with
+        their plain gradient.  Only kinds seen as nodes of the graph are dropped; a call the
+        graph does not show (no node kind known for it, a forward pass under ``no_grad``
+        below the layer) stays named."""
+        known = {n for names in self.unhandled_kinds.values() for n in names}
+        doubtful = {n for n in self.unhandled if n in known and n not in on_path}
+        if not doubtful or output.grad_fn is None:
+            return
+        seen: Set[str] = set()
+        for node in graph_nodes(output.grad_fn):
+            seen.update(self.unhandled_kinds.get(type(node).__name__, ()))
+        for name in doubtful & seen:
+            del self.unhandled[name]
 
     def plain_forward(self, model: nn.Module, rules: Sequence[Any] = ()) -> bool:
         """Whether a method may run ``model``'s forward pass outside the context and

@@ -128,6 +128,7 @@ from .excitation_handlers import UNMODELED_HINTS, ExcitationHandlers
 from .excitation_rules import excitation_eps
 from .maps import SizeType, check_resize_mode, check_smooth, finish_map, saliency_gradient
 from .reporting import warn_caller
+from .rules import UNHANDLED_NODES
 from .state import check_model, unwrap_compiled
 from .targets import TargetType, get_backward_gradient
 from .tokens import layer_tokens, tokens_to_map
@@ -236,6 +237,10 @@ class ExcitationBackpropContext(RuleContext):
     replaces = "convolution, linear, average-pooling or residual-sum call"
     requirement = "a model made of convolutions / linear layers"
     report_other_activations = True
+    # The node kinds of those activations: the ones on the path from the output to the tensor
+    # read are named even when made where the context could not see them, the others (below a
+    # layer read) are not (:meth:`~.context.RuleContext.check_path`).
+    unhandled_kinds = UNHANDLED_NODES
 
     refuses_checkpoints = "excitation backprop"
 
