@@ -481,8 +481,8 @@ class EmbeddedShapes(Dataset):
 
     Items
     -----
-    ``dataset[i]`` is ``(image, target)``: ``image`` a ``(3, 112, 112)`` float32 tensor, and
-    ``target`` a dict in the style of torchvision's VOC detection targets:
+    ``dataset[i]`` is ``(image, target)``: ``image`` a ``(3, 64, 64)`` float32 tensor
+    (:data:`IMAGE_SIZE`), and ``target`` a dict in the style of torchvision's VOC detection targets:
 
     ``boxes``
         ``(K, 4)`` float32, ``x1, y1, x2, y2`` in pixels, the inclusive bounding box of the

@@ -9,13 +9,15 @@ r"""The embedded models: two small CNNs trained on :mod:`~torchray_like.benchmar
     basic blocks (two 3×3 convolutions with batch norm, ``out += identity``), global average
     pooling and ``fc``.
 
-Both take ``(N, 3, 112, 112)`` images normalised by
+Both take ``(N, 3, 64, 64)`` images (:data:`~torchray_like.benchmark.embedded_data.IMAGE_SIZE`)
+normalised by
 :func:`~torchray_like.benchmark.embedded_data.normalize` (what
 :class:`~torchray_like.benchmark.embedded_data.EmbeddedShapes` returns by default) and return
 ``(N, 8)`` logits, one independent (sigmoid) score per class of
 :data:`~torchray_like.benchmark.embedded_data.EMBEDDED_CLASSES`: they were trained multi-label
-with ``BCEWithLogitsLoss`` by ``benchmarks/train_embedded.py``.  Both are fully convolutional
-up to the head and accept other sizes, but were trained at 112 pixels only.
+with ``BCEWithLogitsLoss`` by ``benchmarks/train_embedded.py``, at 64 pixels only.  The ResNet
+is fully convolutional up to its global pooling and accepts other sizes; the VGG's classifier
+reads a 4×4 feature map, so it takes 64² images only.
 
 The weights ship with the package (``torchray_like/benchmark/weights/*.pt``, state dicts); their
 SHA-256 digests are recorded in :data:`EMBEDDED_WEIGHTS` and checked on every load.
