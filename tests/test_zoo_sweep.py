@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from torchray_like.attribution.context import UnhandledActivationWarning
+from torchray_like.attribution.explain import explain
 from torchray_like.attribution.layer_choice import find_saliency_layer
 from torchray_like.attribution.lrp import lrp_conservation
 from torchray_like.attribution.registry import METHODS
@@ -256,3 +257,23 @@ def test_warnings_name_only_what_lies_above_the_layer_read(name, method, named, 
     _, caught = run(model, x, method)
     text = unhandled_text(caught)
     assert all(a in text for a in named + not_named), text
+
+
+def test_a_pass_reading_the_input_and_a_layer_names_what_lies_between_them() -> None:
+    """The paths from the output pass through the layer read on their way to the input:
+    the non-linearities below the layer still shape the input's map and stay named — in
+    ``explain``'s shared pass (guided backprop at the input, Grad-CAM at ``features``) and in
+    contrastive excitation backprop (the contrast layer, then the input; checked on every
+    model by ``test_input_methods``)."""
+    model = zoo_model("mobilenet_v3_small")
+    x = zoo_input(ZOO["mobilenet_v3_small"][1])
+    before = snapshot(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = explain(model, x, TARGET, {"gb": "guided_backprop", "gc": "grad_cam"},
+                       {"gc": {"saliency_layer": "features"}})
+    assert_same_state(before, snapshot(model, x))
+    text = unhandled_text([w for w in caught
+                           if issubclass(w.category, UnhandledActivationWarning)])
+    assert "hardsigmoid" in text and "hardswish" in text, text
+    assert maps["gb"].shape == (2, 1, 64, 64) and maps["gc"].shape == (2, 1, 2, 2)

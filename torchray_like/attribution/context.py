@@ -447,17 +447,17 @@ class RuleContext(TorchFunctionMode):
         if not kinds or not isinstance(output, torch.Tensor):
             return
         escaped: Dict[str, int] = {}
-        on_path: Set[str] = set()
+        found: Set[str] = set()  # on a path that stops at the first tensor read
         for node in nodes_on_path(output, reads, kinds):
             kind = type(node).__name__
             test = self.escaped_kinds.get(kind)
             if test is not None and test(node, self):
                 escaped[kind] = escaped.get(kind, 0) + 1
             names = self.unhandled_kinds.get(kind, ())
-            on_path.update(names)
+            found.update(names)
             if names and not any(n in self.unhandled for n in names):
                 self.unhandle(names[0])
-        self._forget_off_path(output, on_path)
+        self._forget_off_path(output, reads, found)
         if escaped:
             seen = ", ".join(f"{k} ×{v}" for k, v in sorted(escaped.items()))
             raise ValueError(
@@ -468,21 +468,45 @@ class RuleContext(TorchFunctionMode):
                 "contexts do not reach, so the result would mix the rule with the plain "
                 f"gradient; {THREAD_ADVICE}")
 
-    def _forget_off_path(self, output: torch.Tensor, on_path: Set[str]) -> None:
-        """Drop from :attr:`unhandled` the non-linearities whose every node lies off the path
-        from ``output`` to the tensors read (below a probed layer, on a branch the target does
-        not use): they do not touch the map, and naming them would say it mixes the rule with
-        their plain gradient.  Only kinds seen as nodes of the graph are dropped; a call the
-        graph does not show (no node kind known for it, a forward pass under ``no_grad``
-        below the layer) stays named."""
+    def _forget_off_path(self, output: torch.Tensor, reads: Sequence[torch.Tensor],
+                         found: Set[str]) -> None:
+        """Drop from :attr:`unhandled` the non-linearities whose every node lies off the paths
+        from ``output`` to the tensors read (below the layers read, on a branch the target
+        does not use): they do not touch the map, and naming them would say it mixes the rule
+        with their plain gradient.  A path may pass through another tensor read (contrastive
+        excitation backprop reads the contrast layer and, below it, the input).  Only kinds
+        seen as nodes of the graph are dropped; a call the graph does not show (no node kind
+        known for it, a forward pass under ``no_grad`` below the layer) stays named.  ``found``:
+        names already seen on a path (no second walk when every name is)."""
         known = {n for names in self.unhandled_kinds.values() for n in names}
-        doubtful = {n for n in self.unhandled if n in known and n not in on_path}
-        if not doubtful or output.grad_fn is None:
+        doubtful = {n for n in self.unhandled if n in known and n not in found}
+        stops = {id(_gradient_node(t)) for t in reads
+                 if isinstance(t, torch.Tensor) and t.requires_grad}
+        if not doubtful or output.grad_fn is None or not stops:
             return
+        nodes = {id(node): node for node in graph_nodes(output.grad_fn)}
+        # The nodes backward goes through: those strictly above a tensor read (the node that
+        # made a read tensor counts only when another read lies below it).
+        parents: Dict[int, List[int]] = {}
+        for key, node in nodes.items():
+            for child, _ in node.next_functions:
+                if child is not None:
+                    parents.setdefault(id(child), []).append(key)
+        used: Set[int] = set()
+        frontier = list(stops)
+        while frontier:
+            for parent in parents.get(frontier.pop(), ()):
+                if parent not in used:
+                    used.add(parent)
+                    frontier.append(parent)
         seen: Set[str] = set()
-        for node in graph_nodes(output.grad_fn):
-            seen.update(self.unhandled_kinds.get(type(node).__name__, ()))
-        for name in doubtful & seen:
+        kept: Set[str] = set()
+        for key, node in nodes.items():
+            names = self.unhandled_kinds.get(type(node).__name__, ())
+            seen.update(names)
+            if key in used:
+                kept.update(names)
+        for name in (doubtful & seen) - kept:
             del self.unhandled[name]
 
     def plain_forward(self, model: nn.Module, rules: Sequence[Any] = ()) -> bool:
