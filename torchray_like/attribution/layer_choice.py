@@ -159,6 +159,57 @@ def _channels_last(records: List[_Record], i: int, end: int, input_shape: torch.
     return shape[1] != shape[-1] and any(r.shape == permuted for r in records[i + 1:end])
 
 
+def _collapsed(shape: Optional[Tuple[int, ...]], rank: int, batch: int) -> bool:
+    """A layout (N, C, 1, ..., 1) of the input's batch and rank: a map with one position."""
+    return shape is not None and len(shape) == rank and shape[0] == batch and \
+        all(s == 1 for s in shape[2:])
+
+
+def _collapsing_block(model: nn.Module, records: List[_Record], i: int, end: int, rank: int,
+                      batch: int) -> Optional[str]:
+    """The name of a module enclosing record ``i`` (not an ``nn.Sequential``, a chain) whose
+    output has one position and at least two children whose outputs have one position too
+    — parallel paths reduced inside the block (Inception's Mixed_7a, a bottleneck with a
+    strided shortcut, a ShuffleNet unit) — else ``None``.  Inside such a block a layer is a
+    branch: the output also depends on the input through its other paths, and Grad-CAM there
+    would explain part of the network."""
+    name = records[i].name
+    for r in records[i + 1:end]:
+        if not name.startswith(r.name + ".") or not _collapsed(r.shape, rank, batch) or \
+                isinstance(model.get_submodule(r.name), nn.Sequential):
+            continue
+        prefix = r.name + "."
+        children = {c.name for c in records[:end] if c.name.startswith(prefix)
+                    and "." not in c.name[len(prefix):] and not c.alias
+                    and _collapsed(c.shape, rank, batch)}
+        if len(children) >= 2:
+            return r.name
+    return None
+
+
+def _last_candidate(model: nn.Module, records: List[_Record], calls: Dict[str, int], end: int,
+                    input_shape: torch.Size, batch: int) -> Optional[int]:
+    """The index of the last record before ``end`` that qualifies as a map (see
+    :func:`find_saliency_layer`), preferring one outside blocks that reduce parallel paths to
+    a single position (:func:`_collapsing_block`; small inputs: ResNet-50 at 32² would read
+    ``layer4.0.bn1``, which its strided shortcut goes around, instead of ``layer3``); when no
+    record outside qualifies, the last one inside."""
+    rank = len(input_shape)
+    outside: Tuple[str, ...] = ()
+    chosen = None
+    for i in range(end - 1, -1, -1):
+        r = records[i]
+        if not _spatial(r.shape, rank, batch) or calls[r.name] != 1 or r.alias or \
+                r.name.startswith(outside) or _channels_last(records, i, end, input_shape):
+            continue
+        block = _collapsing_block(model, records, i, end, rank, batch)
+        if block is None:
+            return i
+        chosen = i if chosen is None else chosen
+        outside += (block + ".",)
+    return chosen
+
+
 def _head_start(records: List[_Record], classes: Set[int], rank: int, batch: int) -> int:
     """Where the classifier head starts: the last module with parameters of its own, when it
     outputs a class-score map (N, K, *spatial) with K a class count of the output (SqueezeNet's
@@ -273,10 +324,7 @@ def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
     # record is the outermost.  Modules called more than once (a shared ReLU) are ambiguous;
     # a module returning an earlier module's output it was given unchanged (Identity,
     # eval-mode Dropout) only renames it: the module that computed it is chosen.
-    chosen = next((i for i in range(end - 1, -1, -1)
-                   if _spatial(records[i].shape, rank, batch) and calls[records[i].name] == 1
-                   and not records[i].alias
-                   and not _channels_last(records, i, end, input.shape)), None)
+    chosen = _last_candidate(model, records, calls, end, input.shape, batch)
     tokens = [r for r in records if r.has_params and rank >= 4 and r.shape is not None
               and len(r.shape) == 3 and r.shape[1] > 1]
     if chosen is not None:
@@ -360,6 +408,15 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     same module without ``inplace`` would be (the map does not depend on that flag).  The model
     itself is never chosen, nor a module inside a TorchScript or compiled sub-module (hooks
     cannot see there).
+
+    Small inputs, whose last feature maps have a single position, get two more rules.  A
+    channels-last tensor ``(N, *spatial, C)`` (ConvNeXt's and Swin's blocks) is no map. And
+    a layer inside a block whose parallel paths meet at a single position (a module other than
+    ``nn.Sequential`` whose output and two or more of its children's outputs have one
+    position: a bottleneck with a strided shortcut, Inception's ``Mixed_7a``, a ShuffleNet
+    unit) is a branch that the other paths go around; the last map outside such blocks is
+    chosen (ResNet-50 at 32²: ``"layer3"``, not ``"layer4.0.bn1"``; Inception-v3 at 75²:
+    ``"Mixed_6e"``), or the branch when there is none.
 
     Token models — an image or video model that works on tokens
     (:func:`~.tokens.is_token_model`) whose last layer with parameters before the head outputs
