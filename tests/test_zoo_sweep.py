@@ -298,3 +298,15 @@ def test_a_pass_reading_the_input_and_a_layer_names_what_lies_between_them() -> 
                            if issubclass(w.category, UnhandledActivationWarning)])
     assert "hardsigmoid" in text and "hardswish" in text, text
     assert maps["gb"].shape == (2, 1, 64, 64) and maps["gc"].shape == (2, 1, 2, 2)
+
+
+def test_excitation_refusal_reads_as_english() -> None:
+    """A contrast layer with nothing to replace above it is refused by name; the message said
+    "residual-sum call call(s)" (the context's ``replaces`` ended in "call")."""
+    model, x = zoo_model("efficientnet_b0"), zoo_input(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnhandledActivationWarning)
+        with pytest.raises(ValueError, match=r"residual-sum call\(s\) in EfficientNet's") as exc:
+            METHODS["contrastive_excitation_backprop"](model, x, TARGET, saliency_layer="features",
+                                                       contrast_layer="classifier")
+    assert "call call" not in str(exc.value) and "'classifier'" in str(exc.value)

@@ -234,7 +234,7 @@ class ExcitationBackpropContext(RuleContext):
     >>> excitation = x.grad           # sums to 1 over a non-negative input
     """
 
-    replaces = "convolution, linear, average-pooling or residual-sum call"
+    replaces = "convolution, linear, average-pooling or residual-sum"
     requirement = "a model made of convolutions / linear layers"
     report_other_activations = True
     # The node kinds of those activations: the ones on the path from the output to the tensor
