@@ -61,7 +61,7 @@ from .interval_checks import (
 )
 
 __all__ = ["Interval", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "MIN_IMAGES", "MAX_NUM_CLASSES",
-           "MAX_COUNTS_BYTES", "check_num_classes", "verdict",
+           "MAX_COUNTS_BYTES", "DENSE_BYTES", "check_num_classes", "verdict",
            "resample_counts", "bootstrap",
            "paired_difference", "mean_contributions", "mean_of_sums", "mean_interval",
            "paired_mean_difference", "pointing_game_contributions", "pointing_game_accuracy",
@@ -437,17 +437,23 @@ def _contributions(images: Sequence[Sequence[Tuple[int, int]]],
     return out
 
 
+#: Up to this size (64 MiB: 1 000 classes × 2 000 resamples take 32 MiB) the pointing-game
+#: intervals give every class its columns, as :func:`pointing_game_contributions` does; above it
+#: only the scored classes (the same values up to the last bit, in bounded memory).
+DENSE_BYTES = 64 * 2 ** 20
+
+
 def _columns(num_classes: int, rows: int, *images: Sequence[Sequence[Tuple[int, int]]]
              ) -> Sequence[int]:
     """The classes given columns in the bootstrap: all of them where the arrays of ``rows``
-    rows (images or resamples) fit in :data:`MAX_COUNTS_BYTES` — the same arithmetic, bit for
+    rows (images or resamples) take at most :data:`DENSE_BYTES` — the same arithmetic, bit for
     bit, whatever the data — else only those with a scored pair (at least one).
 
     A class without a scored pair adds nothing to any resample and is never "seen" by
     :func:`pointing_game_accuracy`: leaving its columns out changes no value (up to the order
     in which the classes' mean is summed, the last bit), and keeps the bootstrap's memory
     independent of ``num_classes``."""
-    if 16 * num_classes * rows <= MAX_COUNTS_BYTES:
+    if 16 * num_classes * rows <= DENSE_BYTES:
         return range(num_classes)
     classes = sorted({c for group in images for image in group for c, hit in image if hit != 0})
     return classes or [0]
