@@ -204,16 +204,20 @@ def graph_nodes(root: Any, stops: Collection[int] = ()) -> Iterator[Any]:
                 stack.append(child)
 
 
-def _ancestors(nodes: Dict[int, Any], stops: Set[int]) -> Set[int]:
-    """The ids of the nodes from which a node of ``stops`` can be reached (stops included)."""
+def _ancestors(nodes: Dict[int, Any], stops: Set[int], through_stops: bool = False) -> Set[int]:
+    """The ids of the nodes from which a node of ``stops`` can be reached.
+
+    By default the stops are included and nothing is reached through them (a stop's own
+    inputs are below it).  With ``through_stops`` a stop counts only when another stop lies
+    below it (the nodes a backward pass to several tensors read goes through)."""
     parents: Dict[int, List[int]] = {}
     for key, node in nodes.items():
-        if key in stops:
+        if key in stops and not through_stops:
             continue
         for child, _ in node.next_functions:
             if child is not None:
                 parents.setdefault(id(child), []).append(key)
-    reached = set(stops)
+    reached: Set[int] = set() if through_stops else set(stops)
     frontier = list(stops)
     while frontier:
         for parent in parents.get(frontier.pop(), ()):
@@ -487,18 +491,7 @@ class RuleContext(TorchFunctionMode):
         nodes = {id(node): node for node in graph_nodes(output.grad_fn)}
         # The nodes backward goes through: those strictly above a tensor read (the node that
         # made a read tensor counts only when another read lies below it).
-        parents: Dict[int, List[int]] = {}
-        for key, node in nodes.items():
-            for child, _ in node.next_functions:
-                if child is not None:
-                    parents.setdefault(id(child), []).append(key)
-        used: Set[int] = set()
-        frontier = list(stops)
-        while frontier:
-            for parent in parents.get(frontier.pop(), ()):
-                if parent not in used:
-                    used.add(parent)
-                    frontier.append(parent)
+        used = _ancestors(nodes, stops, through_stops=True)
         seen: Set[str] = set()
         kept: Set[str] = set()
         for key, node in nodes.items():
