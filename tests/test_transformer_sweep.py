@@ -265,6 +265,16 @@ def test_a_class_token_model_that_pools_its_patches_reads_the_mean_row():
     assert has_class_token(nn.Linear(2, 2)) is None
 
 
+def _refused_then_given_the_prefix(model, declared, x, prefix, error, match):
+    """The rollout methods refuse ``model``'s token layout with ``error``; given the prefix
+    count, their maps are ``declared``'s."""
+    for method in (attention_rollout, grad_rollout, attention_flow):
+        with pytest.raises(error, match=match):
+            method(model, x, 1)
+        torch.testing.assert_close(method(model, x, 1, num_prefix_tokens=prefix),
+                                   method(declared, x, 1))
+
+
 def test_undeclared_registers_are_refused_not_guessed_on_a_wrong_grid():
     """A class token (``cls_token``) and eight registers under a name no library reads: 25
     tokens on a 4 × 4 patch grid were read as a 5 × 5 grid of all tokens (the aspect-ratio
@@ -273,11 +283,8 @@ def test_undeclared_registers_are_refused_not_guessed_on_a_wrong_grid():
     hidden = VariantViT(registers=8, register_name="registers")
     declared = VariantViT(registers=8)
     x = _input({}, 2)
-    for method in (attention_rollout, grad_rollout, attention_flow):
-        with pytest.raises(ValueError, match=r"cannot lay the 25 tokens.*num_prefix_tokens="):
-            method(hidden, x, 1)
-        torch.testing.assert_close(method(hidden, x, 1, num_prefix_tokens=9),
-                                   method(declared, x, 1))
+    _refused_then_given_the_prefix(hidden, declared, x, 9, ValueError,
+                                   r"cannot lay the 25 tokens.*num_prefix_tokens=")
     with pytest.raises(ValueError, match="tokens="):
         grad_cam(hidden, x, 1)
     layout = TokenLayout(prefix=9)
@@ -310,11 +317,8 @@ def test_two_dimensional_register_tensors_are_refused_not_guessed():
     flat = VariantViT(registers=4, register_name="register_tokens")
     flat.register_tokens = nn.Parameter(flat.register_tokens.detach()[0])
     assert flat.register_tokens.shape == (4, 16) and flat.num_prefix == 5
-    for method in (attention_rollout, grad_rollout, attention_flow):
-        with pytest.raises(TokenOrderError, match=r"register_tokens of shape \(4, 16\).*after"):
-            method(flat, x, 1)
-        torch.testing.assert_close(method(flat, x, 1, num_prefix_tokens=5),
-                                   method(declared, x, 1))
+    _refused_then_given_the_prefix(flat, declared, x, 5, TokenOrderError,
+                                   r"register_tokens of shape \(4, 16\).*after")
     with pytest.raises(ValueError, match="tokens=TokenLayout"):
         grad_cam(flat, x, 1)  # the automatic layer choice finds no layer it can read
     with pytest.raises(ValueError, match="after the patch tokens"):
