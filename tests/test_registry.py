@@ -99,25 +99,31 @@ def test_every_method_is_registered():
         assert METHODS[name].__name__ == (f"{name}_map" if name in UNIFORM_VIEWS else name)
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+#: dims -> (convolution, adaptive pooling, input's spatial shape); 3-D is video / volumes.
+LAYERS = {1: (torch.nn.Conv1d, torch.nn.AdaptiveAvgPool1d, (16,)),
+          2: (torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d, (16, 16)),
+          3: (torch.nn.Conv3d, torch.nn.AdaptiveAvgPool3d, (6, 8, 8))}
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_entry_returns_one_map_per_sample_for_the_target(name, dims):
     """One contract for METHODS: (N, 1, *spatial) maps of that target, by name alone."""
     if name in TRANSFORMER_ONLY_METHODS:
         pytest.skip("explains transformers only (contract on a ViT: test_attention_rollout.py)")
     torch.manual_seed(0)
-    conv, pool = (torch.nn.Conv1d, torch.nn.AdaptiveAvgPool1d) if dims == 1 else (
-        torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d)
+    conv, pool, spatial = LAYERS[dims]
     model = torch.nn.Sequential(conv(3, 6, 3, padding=1), torch.nn.ReLU(),
                                 conv(6, 6, 3, padding=1), torch.nn.ReLU(), pool(1),
                                 torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
-    x = torch.rand((2, 3) + (16,) * dims)
+    x = torch.rand((2, 3) + spatial)
+    # sigma 1.5 on the 6x8x8 volume: 3 would be over a quarter of its sides (a warning).
     fast = {"rise": {"num_masks": 32, "num_cells": 4},
             "extremal_perturbation": {"max_iter": 3, "areas": [0.1, 0.3], "step": 2,
-                                      "sigma": 3}}.get(name, {})
+                                      "sigma": 3 if dims < 3 else 1.5}}.get(name, {})
     smap = METHODS[name](model, x, [1, 2], **fast)
     assert isinstance(smap, torch.Tensor) and smap.dtype == x.dtype
-    assert smap.dim() == x.dim() and smap.shape[:2] == (2, 1)
+    assert smap.shape == (2, 1) + spatial  # padding 1 keeps every layer at the input size
     assert torch.isfinite(smap).all()
 
 
