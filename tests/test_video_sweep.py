@@ -149,7 +149,10 @@ def test_video_networks_every_method_gives_a_finite_spatio_temporal_map(name):
     layer = layer_output(model, "layer4", x)
     assert layer.dim() == 5 and layer.shape[2] > 1  # T x H x W positions, T > 1
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LRP / excitation say what they pass through
+        # Only excitation backprop's note on torchvision's residual '+' (8 blocks) is expected.
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "excitation backprop split the signal of 8 residual",
+                                TorchRayDifferenceWarning)
         for method in INPUT_RES:
             check_map(call(method, model, x, 3, **VIDEO_OPTIONS.get(method, {})),
                       (1, 1) + tuple(x.shape[2:]), x)
@@ -201,8 +204,34 @@ def test_volume_every_method_gives_its_map_for_both_binary_targets(method, targe
     model, x = volume()
     expected = (2, 1, 3, 4, 4) if method in LAYER_RES else (2, 1, 6, 8, 8)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # target 0's TorchRay note, excitation's residual sum
+        # Expected: target 0's TorchRay note, excitation's note on the residual sum; no other.
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "target 0 on a single-logit head",
+                                TorchRayDifferenceWarning)
+        warnings.filterwarnings("ignore", "excitation backprop split the signal of 1 residual",
+                                TorchRayDifferenceWarning)
         check_map(call(method, model, x, target), expected, x)
+
+
+@pytest.mark.parametrize("method", ["linear_approx", "excitation_backprop",
+                                    "lrp_epsilon_plus_flat", "occlusion",
+                                    "integrated_gradients"])
+def test_volume_binary_target_zero_is_the_negated_logit_for_signed_methods(method):
+    """Target 0 explains -logit: a method linear in the explained score negates its map."""
+    model, x = volume()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchRayDifferenceWarning)
+        pos, neg = (call(method, model, x, t) for t in (1, 0))
+    assert pos.abs().sum() > 0
+    torch.testing.assert_close(neg, -pos)
+
+
+def test_volume_rise_scores_the_binary_head_by_its_probabilities():
+    """RISE weighs masks by sigmoid(z) for target 1 and 1 - sigmoid(z) for target 0."""
+    model, x = volume()
+    for target, prob in ((1, lambda out: torch.sigmoid(out[:, 0])),
+                         (0, lambda out: 1 - torch.sigmoid(out[:, 0]))):
+        torch.testing.assert_close(call("rise", model, x, target), call("rise", model, x, prob))
 
 
 def test_volume_grad_cam_layer_and_map_by_hand():
