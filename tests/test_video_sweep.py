@@ -317,36 +317,39 @@ def test_volume_maps_are_smoothed_and_resized_in_3d():
 # ---------------------------------------------------------------------------------------------
 
 
-def occlusion_by_hand(weight: torch.Tensor, x: torch.Tensor, window: tuple,
-                      stride: tuple) -> torch.Tensor:
-    """Mean over the windows covering each element of ``w · (x in the window)`` (the score drop
-    of a linear model when the window, every channel, is set to 0); the last window along an
-    axis is cut at the border."""
+def occlusion_by_hand(weight: torch.Tensor, x: torch.Tensor, window: tuple, stride: tuple,
+                      baseline: torch.Tensor) -> torch.Tensor:
+    """Mean over the windows covering each element of ``w · (x - baseline)`` in the window (the
+    score drop of a linear model when the window, every channel, is set to the baseline); the
+    last window along an axis is cut at the border."""
     spatial = x.shape[2:]
     total = torch.zeros(x.shape[0], 1, *spatial, dtype=x.dtype)
     count = torch.zeros(spatial, dtype=x.dtype)
     starts = [range(0, max(size - w, 0) + s, s) for size, w, s in zip(spatial, window, stride)]
+    diff = x - baseline
     for corner in itertools.product(*starts):
         sl = tuple(slice(c, min(c + w, size)) for c, w, size in zip(corner, window, spatial))
-        drop = (weight[(slice(None), slice(None)) + sl] * x[(slice(None), slice(None)) + sl]).sum(
-            tuple(range(1, x.dim())))
+        drop = (weight[(slice(None), slice(None)) + sl]
+                * diff[(slice(None), slice(None)) + sl]).sum(tuple(range(1, x.dim())))
         total[(slice(None), slice(None)) + sl] += drop.view(-1, 1, 1, 1, 1)
         count[sl] += 1
     return total / count
 
 
-@pytest.mark.parametrize("window, stride", [((2, 3, 3), (1, 2, 2)), ((1, 2, 3), (1, 2, 3)),
-                                            (2, 1)])
-def test_occlusion_of_a_linear_volume_model_by_hand(window, stride):
+@pytest.mark.parametrize("window, stride, baseline", [
+    ((2, 3, 3), (1, 2, 2), 0.0), ((1, 2, 3), (1, 2, 3), 0.0), (2, 1, 0.0),
+    # One value per channel, shaped (1, C, 1, 1, 1).
+    ((2, 3, 3), (2, 3, 3), torch.tensor([0.5, -1.0]).view(1, 2, 1, 1, 1))])
+def test_occlusion_of_a_linear_volume_model_by_hand(window, stride, baseline):
     torch.manual_seed(4)
     spatial = (4, 6, 5)  # 6 and 5 with window 3, stride 2: the last window is cut (6)
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 6 * 5, 3)).eval()
     x = torch.randn(2, 2, *spatial)
-    smap = call("occlusion", model, x, 1, window=window, stride=stride)
+    smap = call("occlusion", model, x, 1, window=window, stride=stride, baseline=baseline)
     weight = model[1].weight[1].detach().view(1, 2, *spatial)
     win = window if isinstance(window, tuple) else (window,) * 3
     step = stride if isinstance(stride, tuple) else (stride,) * 3
-    expected = occlusion_by_hand(weight, x, win, step)
+    expected = occlusion_by_hand(weight, x, win, step, torch.as_tensor(baseline))
     assert smap.shape == (2, 1) + spatial
     # reduce="mean": the map is the attribution of a position (every channel shares it).
     torch.testing.assert_close(smap, expected, rtol=1e-5, atol=1e-6)
@@ -361,3 +364,47 @@ def test_occlusion_refuses_a_3d_window_of_the_wrong_length_or_too_large():
         METHODS["occlusion"](model, x, 1, window=(5, 2, 2))
     with pytest.raises(ValueError, match="stride"):
         METHODS["occlusion"](model, x, 1, window=(2, 2, 2), stride=(1, 3, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-axis options on 3-D input, and what is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def test_volume_perturbation_options_take_three_values_or_refuse_two():
+    model, x = volume()
+    smap = call("rise", model, x, 1, num_cells=(2, 3, 3))
+    check_map(smap, (2, 1, 6, 8, 8), x)
+    with pytest.raises(ValueError, match=r"num_cells must be an int or 3 ints"):
+        METHODS["rise"](model, x, 1, num_masks=16, num_cells=(2, 3))
+    smap = call("extremal_perturbation", model, x, 1, step=(1, 2, 2), sigma=(1.0, 1.5, 1.5))
+    check_map(smap, (2, 1, 6, 8, 8), x)
+    with pytest.raises(ValueError, match=r"step must be one integer .* or 3 of them"):
+        METHODS["extremal_perturbation"](model, x, 1, max_iter=3, step=(1, 2), sigma=1.5)
+
+
+def test_volume_map_options_that_do_not_fit_3d_are_refused_clearly():
+    model, x = volume()
+    with pytest.raises(ValueError, match=r"resize_mode 'bicubic' needs 2 spatial dimensions, "
+                                         r"the map has 3"):
+        METHODS["grad_cam"](model, x, 1, resize=True, resize_mode="bicubic")
+    for mode in ("trilinear", "nearest", "area"):
+        assert call("grad_cam", model, x, 1, resize=True, resize_mode=mode).shape == (
+            2, 1, 6, 8, 8)
+    with pytest.raises(ValueError, match="smooth must be a non-negative number"):
+        METHODS["gradient"](model, x, 1, smooth=(0.1, 0.1, 0.1))
+    with pytest.raises(ValueError, match="saliency_layer 'head' outputs shape .2, 1., which has "
+                                         "no spatial dimensions"):
+        METHODS["grad_cam"](model, x, 1, saliency_layer="head")
+
+
+def test_volume_contrastive_excitation_refuses_a_contrast_layer_inside_the_residual_sum():
+    """The automatic contrast layer (relu2) lies on one branch of the residual sum: refused,
+    naming contrast_layer; a layer every path crosses (the pooling) works."""
+    model, x = volume()
+    with pytest.raises(ValueError, match=r"contrast_layer 'relu2' does not cut the network"):
+        METHODS["contrastive_excitation_backprop"](model, x, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchRayDifferenceWarning)
+        smap = call("contrastive_excitation_backprop", model, x, 1, contrast_layer="pool")
+    check_map(smap, (2, 1, 6, 8, 8), x)
