@@ -26,7 +26,13 @@ from torchray_like.attribution.lrp import lrp_conservation
 from torchray_like.attribution.maps import Shape
 from torchray_like.attribution.targets import TorchRayDifferenceWarning
 
-from .conftest import assert_same_state, snapshot
+from .conftest import (
+    RefDeconvReLU,
+    RefGuidedReLU,
+    assert_same_state,
+    reference_map,
+    snapshot,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,6 +181,19 @@ def test_video_networks_gradient_and_grad_cam_by_hand(name):
     assert cam.shape[2:].numel() == expected.shape[2:].numel() == 2 * 2 * (
         4 if name == "mc3_18" else 2)
     torch.testing.assert_close(cam, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(VIDEO) + ["volume"])
+def test_guided_backprop_and_deconvnet_by_hand(name):
+    """Against plain autograd with hand-written rectifier rules (conftest's references)."""
+    if name == "volume":
+        (model, x), target, column = volume(), 1, 0  # target 1 of the binary head: column 0
+    else:
+        model, x, target, column = video_model(name), video_input(name), 3, 3
+    for method, rule in (("guided_backprop", RefGuidedReLU), ("deconvnet", RefDeconvReLU)):
+        expected = reference_map(model, x, column, rule)
+        torch.testing.assert_close(call(method, model, x, target), expected,
+                                   rtol=1e-4, atol=1e-7)
 
 
 def test_video_occlusion_takes_a_3d_window_and_stride():
