@@ -24,6 +24,7 @@ from torchray_like.attribution.driver import SaliencyDebug
 from torchray_like.attribution.layer_choice import find_saliency_layer
 from torchray_like.attribution.lrp import lrp_conservation
 from torchray_like.attribution.maps import Shape
+from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
 from torchray_like.attribution.targets import TorchRayDifferenceWarning
 
 from .conftest import (
@@ -45,7 +46,7 @@ VIDEO = {"r3d_18": (1, 3, 16, 32, 32), "mc3_18": (1, 3, 4, 32, 32),
 INPUT_RES = ["gradient", "guided_backprop", "deconvnet", "linear_approx", "excitation_backprop",
              "lrp_epsilon_plus_flat", "integrated_gradients", "occlusion"]
 LAYER_RES = ["grad_cam"]
-FAST = {"integrated_gradients": {"n_steps": 2},
+FAST = {"integrated_gradients": {"n_steps": 2}, "smooth_grad": {"n_samples": 2},
         "occlusion": {"window": (2, 4, 4), "stride": (2, 4, 4)},
         "rise": {"num_masks": 16, "num_cells": 2},
         "extremal_perturbation": {"max_iter": 3, "areas": [0.3], "step": 2, "sigma": 1.5}}
@@ -251,6 +252,25 @@ def test_volume_rise_scores_the_binary_head_by_its_probabilities():
     for target, prob in ((1, lambda out: torch.sigmoid(out[:, 0])),
                          (0, lambda out: 1 - torch.sigmoid(out[:, 0]))):
         torch.testing.assert_close(call("rise", model, x, target), call("rise", model, x, prob))
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(TRANSFORMER_ONLY_METHODS)))
+def test_volume_in_training_mode_every_method_explains_eval_and_restores_the_state(method):
+    """A volume model left in training mode (BatchNorm3d would use batch statistics), its stem
+    frozen, a stale .grad on the head and an input that requires grad: each method explains
+    the eval-mode network and leaves every flag, hook, gradient and value as it found them."""
+    model, x = volume()
+    kwargs = {"contrast_layer": "pool"} if method == "contrastive_excitation_backprop" else {}
+    expected = METHODS[method](model, x, 1, **{**FAST.get(method, {}), **kwargs})
+    model.train()
+    model.stem.requires_grad_(False)
+    model.head.weight.grad = torch.ones_like(model.head.weight)
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchRayDifferenceWarning)
+        smap = call(method, model, x, 1, **kwargs)
+    torch.testing.assert_close(smap, expected)
+    assert model.training and model.bn.training and not model.stem.weight.requires_grad
 
 
 def test_volume_grad_cam_layer_and_map_by_hand():
