@@ -124,10 +124,11 @@ def layer_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return outs[0]
 
 
-def grad_cam_by_hand(model: nn.Module, layer: str, x: torch.Tensor,
-                     sign_target: tuple) -> torch.Tensor:
-    """ReLU(Σ_k mean_u(∂y/∂A_k) A_k) at ``layer``, with a forward hook and autograd.  ReLUs made
-    out of place on a copy (the numbers are the same) so the hooked output stays intact."""
+def layer_by_hand(model: nn.Module, layer: str, x: torch.Tensor, sign: float,
+                  columns: list) -> tuple:
+    """``(A, ∂y/∂A)`` at ``layer`` for ``y = Σ_n sign · out[n, columns[n]]``, with a forward hook
+    and autograd.  ReLUs made out of place on a copy (the numbers are the same) so the hooked
+    output stays intact."""
     model = copy.deepcopy(model)
     for m in model.modules():
         if isinstance(m, nn.ReLU):
@@ -135,12 +136,16 @@ def grad_cam_by_hand(model: nn.Module, layer: str, x: torch.Tensor,
     outs = []
     handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: outs.append(o))
     try:
-        sign, col = sign_target
-        score = sign * model(x)[:, col]
+        out = model(x)
+        score = sign * out[torch.arange(len(columns)), torch.tensor(columns)]
         (grad,) = torch.autograd.grad(score.sum(), outs[0])
     finally:
         handle.remove()
-    act = outs[0].detach()
+    return outs[0].detach(), grad
+
+
+def grad_cam_by_hand(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """ReLU(Σ_k mean_u(∂y/∂A_k) A_k), Selvaraju et al. 2017 eq. 1-2."""
     alpha = grad.mean(dim=tuple(range(2, act.dim())), keepdim=True)
     return (alpha * act).sum(1, keepdim=True).clamp(min=0)
 
@@ -169,19 +174,24 @@ def test_video_networks_every_method_gives_a_finite_spatio_temporal_map(name):
 
 @pytest.mark.parametrize("name", sorted(VIDEO))
 def test_video_networks_gradient_and_grad_cam_by_hand(name):
-    model, x = video_model(name), video_input(name)
+    # Two clips (the second reversed in time), one class each.
+    x = video_input(name)
+    model, x, targets = video_model(name), torch.cat([x, x.flip(2)]), [3, 1]
     xg = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xg)[:, 3].sum(), xg)
-    torch.testing.assert_close(call("gradient", model, x, 3), grad.abs().amax(1, keepdim=True))
-    torch.testing.assert_close(call("linear_approx", model, x, 3),
+    (grad,) = torch.autograd.grad(model(xg)[[0, 1], targets].sum(), xg)
+    torch.testing.assert_close(call("gradient", model, x, targets),
+                               grad.abs().amax(1, keepdim=True))
+    torch.testing.assert_close(call("linear_approx", model, x, targets),
                                (grad * x).sum(1, keepdim=True))
     # The automatic layer: layer4, the last block before pooling, read as (N, C, T, H, W).
     assert find_saliency_layer(model, x) == "layer4"
-    cam = call("grad_cam", model, x, 3)
-    expected = grad_cam_by_hand(model, "layer4", x, (1, 3))
-    assert cam.shape[2:].numel() == expected.shape[2:].numel() == 2 * 2 * (
-        4 if name == "mc3_18" else 2)
-    torch.testing.assert_close(cam, expected, rtol=1e-4, atol=1e-6)
+    act, grad = layer_by_hand(model, "layer4", x, 1.0, targets)
+    cam = call("grad_cam", model, x, targets)
+    assert cam.shape == (2, 1) + act.shape[2:]
+    assert cam.shape[2:].numel() == 2 * 2 * (4 if name == "mc3_18" else 2)  # T x H x W
+    torch.testing.assert_close(cam, grad_cam_by_hand(act, grad), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(call("linear_approx", model, x, targets, saliency_layer="layer4"),
+                               (act * grad).sum(1, keepdim=True), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(VIDEO) + ["volume"])
@@ -281,7 +291,7 @@ def test_volume_grad_cam_layer_and_map_by_hand():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TorchRayDifferenceWarning)
             cam = call("grad_cam", model, x, target)
-        expected = grad_cam_by_hand(model, "relu2", x, (sign, 0))
+        expected = grad_cam_by_hand(*layer_by_hand(model, "relu2", x, sign, [0, 0]))
         assert cam.shape == (2, 1, 3, 4, 4)  # T x H x W = 3 x 4 x 4 positions
         torch.testing.assert_close(cam, expected, rtol=1e-5, atol=1e-7)
     # +logit and -logit give complementary maps: where one is positive the other is zero.
