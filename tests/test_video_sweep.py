@@ -457,3 +457,30 @@ def test_volume_contrastive_excitation_refuses_a_contrast_layer_inside_the_resid
         warnings.simplefilter("ignore", TorchRayDifferenceWarning)
         smap = call("contrastive_excitation_backprop", model, x, 1, contrast_layer="pool")
     check_map(smap, (2, 1, 6, 8, 8), x)
+
+
+@pytest.mark.parametrize("method", ["gradient", "grad_cam", "integrated_gradients", "rise",
+                                    "occlusion", "lrp", "extremal_perturbation"])
+def test_an_image_given_to_a_volume_model_is_a_value_error_naming_the_dimensions(method):
+    """Was conv3d's RuntimeError about a 5-D input the caller never made ("expected
+    input[1, 50, 3, 16, 16]" from integrated gradients' batch of steps)."""
+    model = VolumeNet().eval()
+    image = torch.rand(2, 1, 16, 16)  # (two images: (1, 1, 16, 16) is also one unbatched clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (extremal perturbation's sigma note on small inputs)
+        with pytest.raises(ValueError, match=r"input has shape \(2, 1, 16, 16\), 2 spatial "
+                                             r"dimension\(s\); the model's first convolution "
+                                             r"\(Conv3d, in_channels=1\) takes a batch \(N, C, "
+                                             r"T, H, W\) with C=1, 3 spatial dimension\(s\) "
+                                             r"\(one frame as a clip: x.unsqueeze\(2\)\)"):
+            METHODS[method](model, image, 1)
+
+
+def test_a_clip_given_to_an_image_model_names_the_dimensions():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError, match=r"input has shape \(1, 3, 4, 8, 8\), 3 spatial "
+                                         r"dimension\(s\); the model's first convolution "
+                                         r"\(Conv2d, in_channels=3\) takes a batch \(N, C, H, "
+                                         r"W\) with C=3, 2 spatial dimension\(s\)$"):
+        METHODS["gradient"](model, torch.rand(1, 3, 4, 8, 8), 1)

@@ -118,6 +118,14 @@ def layout_hint(model: nn.Module, input: torch.Tensor,
                 f"{first}: pass x.unsqueeze(0)")
     if input.dim() == spatial + 2 and shape[1] != c:
         return f"input has shape {shape} with {shape[1]} channels; {first}"
+    if input.dim() != spatial + 2 and input.dim() >= 3:
+        # Another number of spatial dimensions: an image given to a video or volume model
+        # (conv3d's own message then speaks of a 5-D input the caller never made), a clip
+        # given to an image model.
+        frames = (" (one frame as a clip: x.unsqueeze(2))" if spatial == 3 and input.dim() == 4
+                  else "")
+        return (f"input has shape {shape}, {input.dim() - 2} spatial dimension(s); {first}, "
+                f"{spatial} spatial dimension(s){frames}")
     return None
 
 
