@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union, cast
 import numpy as np
 import torch
 
-from .attribution.arguments import check_not_meta
+from .attribution.arguments import check_not_meta, check_real
 from .image_filters import imsmooth, resample
 
 __all__ = [
@@ -157,9 +157,7 @@ def _rescale(img: torch.Tensor, lim: Optional[Tuple[float, float]]) -> torch.Ten
 def _image_chw(img: Any, name: str = "img") -> torch.Tensor:
     """Validate a displayable image and return it as ``(C, H, W)`` with ``C`` in ``{1, 3}``."""
     img = as_tensor(img, name)
-    if img.is_complex():
-        # The rescale would keep the real part only, silently.
-        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
+    check_real(img, name)  # (the rescale would keep the real part only, silently)
     if img.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(img.shape)}): there is nothing to show")
     if img.dim() == 4:

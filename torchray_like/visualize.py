@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attribution.arguments import check_flag
+from .attribution.arguments import check_flag, check_real
 from .utils import as_tensor, check_output_path
 
 __all__ = ["saliency_plot", "overlay", "plot_methods", "PlotWarning", "DPI", "IMAGE_PANEL",
@@ -91,8 +91,7 @@ def _check_x(x: Any, saliency: Any = None, name: str = "x") -> torch.Tensor:
     """``x`` as a float batch ``(N, C, *spatial)``, channel-last images transposed."""
     one_image = isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] in (3, 4)
     x = as_tensor(x, name)
-    if x.is_complex():
-        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
+    check_real(x, name)
     if one_image:
         x = x.unsqueeze(0)  # a NumPy (H, W, C) image, as overlay takes it
     # A batch (N, C, H, W) follows PyTorch's layout when it may, without a warning.
@@ -232,8 +231,7 @@ def _check_map(saliency: Any, x: torch.Tensor, name: str,
                                                  "invented for it") -> torch.Tensor:
     """A saliency map for batch ``x`` as ``(N, *spatial)``, resized to ``x``'s spatial size."""
     s = as_tensor(saliency, name)
-    if s.is_complex():
-        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
+    check_real(s, name)
     s = s.float()
     shape, n, rank = tuple(s.shape), x.shape[0], x.dim() - 2
     if s.dim() == rank and n == 1:

@@ -22,7 +22,7 @@ from .inputs import FORWARD_ERRORS, check_input, layout_hint  # FORWARD_ERRORS: 
 from .maps import Shape, check_resize_mode
 
 __all__ = ["is_number", "positive_int", "check_number", "check_flag", "check_function",
-           "check_not_meta",
+           "check_not_meta", "check_real",
            "number_list",
            "per_axis", "check_finite", "check_progress", "check_batch", "check_resize",
            "FORWARD_ERRORS"]
@@ -69,6 +69,16 @@ def check_not_meta(tensor: torch.Tensor, name: str) -> None:
     if tensor.is_meta:
         raise ValueError(f"{name} is on the meta device (a tensor without data); pass a tensor "
                          "with values")
+
+
+def check_real(tensor: torch.Tensor, name: str) -> None:
+    """That ``tensor`` holds real values: :func:`check_not_meta`, and a :class:`TypeError`
+    naming ``name`` for a complex tensor (PyTorch's conversions keep its real part with at most
+    a warning, and ordering, comparing, rescaling or painting it has no meaning)."""
+    check_not_meta(tensor, name)
+    if tensor.is_complex():
+        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part "
+                        f"({name} must be real, got dtype {tensor.dtype})")
 
 
 def check_function(value: Any, name: str) -> None:

@@ -46,6 +46,7 @@ from ..attribution.arguments import (
     check_not_meta,
     check_number,
     check_progress,
+    check_real,
     is_number,
     positive_int,
 )
@@ -127,7 +128,7 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
         raise ValueError(
             f"curve must be a tensor (..., K + 1) with at least two points, got "
             f"{getattr(curve, 'shape', type(curve).__name__)}")
-    _check_real(curve, "curve")
+    check_real(curve, "curve")
     if not bool(torch.isfinite(curve).all()):
         raise ValueError("curve holds NaN or infinite values: its area is undefined")
     if fractions is None:
@@ -138,7 +139,7 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"fractions must be a 1-D tensor or sequence of numbers, got "
                             f"{type(fractions).__name__}") from None
-    _check_real(fractions, "fractions")
+    check_real(fractions, "fractions")
     x = fractions.detach().cpu().to(torch.float64)
     if x.shape != (curve.shape[-1],):
         raise ValueError(
@@ -150,14 +151,6 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
         raise ValueError(f"fractions must be finite and non-decreasing, in [0, 1] (the "
                          f"fraction of pixels changed at each point), got {x.tolist()}")
     return _area(curve, x)
-
-
-def _check_real(tensor: torch.Tensor, name: str) -> None:
-    """No meta (no values) or complex (PyTorch drops the imaginary part with a warning)."""
-    check_not_meta(tensor, name)
-    if tensor.is_complex():
-        raise TypeError(f"{name} must be real, got dtype {tensor.dtype}; pass its real part or "
-                        "magnitude explicitly")
 
 
 def _area(curve: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +279,7 @@ def pixel_order(saliency: torch.Tensor) -> torch.Tensor:
     if not isinstance(saliency, torch.Tensor) or saliency.dim() < 2:
         raise TypeError(f"saliency must be a tensor (N, 1, *spatial), got "
                         f"{getattr(saliency, 'shape', type(saliency).__name__)}")
-    _check_real(saliency, "saliency")
+    check_real(saliency, "saliency")
     if saliency.dtype == torch.bool:
         raise ValueError("saliency must be a real tensor, got dtype torch.bool; pass "
                          "saliency.float()")

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..attribution.arguments import check_flag, check_not_meta
+from ..attribution.arguments import check_flag, check_not_meta, check_real
 from ..utils import check_output_path
 from ..visualize import NONFINITE_COLOR, PlotWarning
 
@@ -61,10 +61,7 @@ def _as_image(value: Any, name: str, channels: Optional[int]) -> torch.Tensor:
     """``value`` as a CPU float ``(C, H, W)``; a leading batch of one is dropped."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    check_not_meta(value, name)
-    if value.is_complex():
-        # .float() would keep the real part with only a PyTorch warning.
-        raise TypeError(f"{name} is complex; pass its magnitude ({name}.abs()) or its real part")
+    check_real(value, name)  # (.float() would keep the real part with only a warning)
     # float64: a float64 value beyond float32's range would show as infinite.
     t = value.detach().cpu().double()
     if t.dim() == 4:

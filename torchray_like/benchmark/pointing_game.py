@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from ..attribution.arguments import check_not_meta, is_number
+from ..attribution.arguments import check_not_meta, check_real, is_number
 from . import datasets as ads
 from .interval_checks import MAX_NUM_CLASSES, check_num_classes
 
@@ -82,7 +82,7 @@ def _as_bool_mask(mask: Any) -> torch.Tensor:
         raise TypeError(
             f"mask must be a torch.Tensor or numpy array of shape (H, W), got "
             f"{type(mask).__name__}")
-    _check_values(mask, "mask")
+    check_real(mask, "mask")
     if mask.dim() == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.dim() != 2 or mask.numel() == 0:
@@ -114,14 +114,6 @@ def _as_hit(hit: Any) -> int:
     if not is_number(hit) or hit not in (-1, 0, 1):
         raise ValueError(f"hit must be +1 (hit), -1 (miss) or 0 (skip), got {hit!r}")
     return int(hit)
-
-
-def _check_values(tensor: torch.Tensor, name: str) -> None:
-    """A meta tensor has no values; a complex one has no order (argmax, non-zero as object)."""
-    check_not_meta(tensor, name)
-    if tensor.is_complex():
-        raise TypeError(f"{name} must be real, got dtype {tensor.dtype}; pass its real part or "
-                        "its magnitude (.abs()) explicitly")
 
 
 def _as_point(point: Any) -> Point:
@@ -216,7 +208,7 @@ def saliency_to_point(saliency: Any, size: Sequence[int]) -> tuple[int, int]:
     if not isinstance(saliency, torch.Tensor):
         raise TypeError(f"saliency must be a torch.Tensor or numpy array, got "
                         f"{type(saliency).__name__}")
-    _check_values(saliency, "saliency")
+    check_real(saliency, "saliency")
     if saliency.dim() < 2 or any(s != 1 for s in saliency.shape[:-2]) or saliency.dim() > 4:
         raise ValueError(
             "saliency must be one map of shape (h, w), (1, h, w) or (1, 1, h, w), got "
