@@ -34,6 +34,10 @@ TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tenso
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
+_META_TARGET = ("target is on the meta device (a tensor without values); pass class indices as "
+                "ints or as a tensor with values")
+
+
 def _check_int64(value: int) -> None:
     # A Python int beyond int64 cannot be a class index; torch would raise OverflowError.
     if not _INT64[0] <= value <= _INT64[1]:
@@ -60,7 +64,7 @@ def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "c
             f"target must be an integer class index, got the float {target!r}; pass "
             f"int({target!r}) or a tensor shaped like the output for a custom seed gradient")
     if isinstance(target, torch.Tensor):
-        if target.is_meta:  # (no value to read: int() of it is PyTorch's own error)
+        if target.is_meta:  # (no value to read or copy: PyTorch's own errors)
             raise ValueError(_META_TARGET)
         if target.dim() == 0 and not (target.is_floating_point() or target.is_complex()):
             return torch.full((batch,), int(target), dtype=torch.long, device=device)
@@ -81,13 +85,7 @@ def class_indices(target: Any, batch: int, device: Union[str, torch.device] = "c
     return idx
 
 
-_META_TARGET = ("target is on the meta device (a tensor without values); pass class indices as "
-                "ints or as a tensor with values")
-
-
 def _tensor_indices(target: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
-    if target.is_meta:  # (copying it elsewhere is PyTorch's NotImplementedError)
-        raise ValueError(_META_TARGET)
     if target.is_floating_point() or target.is_complex():
         raise ValueError(
             f"target is a {target.dtype} tensor of shape {tuple(target.shape)}: a floating "
