@@ -442,6 +442,41 @@ def test_uncovered_operations_are_named_in_a_warning(kind, name):
     assert smap.shape == (1, 1, 4, 4)
 
 
+class NormGelu(nn.Module):
+    """ConvNeXt's pattern: a layer norm over the channels (channels last) and a GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+        self.norm = nn.LayerNorm(4, elementwise_affine=False)
+
+    def forward(self, x):
+        x = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(F.gelu(x).mean((2, 3)))
+
+
+def test_layer_norm_and_gelu_warnings_point_to_attn_lrp_which_conserves_through_them():
+    net, x = NormGelu().to(DT).eval(), torch.randn(1, 2, 5, 5, dtype=DT)
+    with pytest.warns(UnhandledActivationWarning,
+                      match=r"\(gelu ×1, layer_norm ×1\).*attn_lrp \(TransformerLRPContext\) has "
+                            r"LRP rules for gelu, layer_norm"):
+        lrp(net, x, 1)
+    with pytest.warns(UnhandledActivationWarning, match="attn_lrp"):
+        with LRPContext("EpsilonPlusFlat", model=net):
+            net(x)
+    # The advice holds: AttnLRP's rules give the score back (no bias, ε = 1e-6).
+    relevance = METHODS["attn_lrp"](net, x, 1)
+    with torch.no_grad():
+        score = float(net(x)[0, 1])
+    assert float(relevance.sum()) == pytest.approx(score, rel=1e-4)
+    # An uncovered operation AttnLRP does not cover either gets no such advice.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lrp(Odd("group_norm").to(DT).eval(), torch.randn(1, 2, 4, 4, dtype=DT), 0)
+    assert seen and not any("attn_lrp" in str(w.message) for w in seen)
+
+
 def test_a_covered_model_gives_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

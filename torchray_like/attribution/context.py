@@ -417,6 +417,11 @@ class RuleContext(TorchFunctionMode):
         """Record ``n`` calls of a non-linearity the rule does not cover (warned about)."""
         self.unhandled[kind] = self.unhandled.get(kind, 0) + n
 
+    def unhandled_advice(self) -> str:
+        """What to use instead for the uncovered operations seen (appended to the warning that
+        names them; empty when nothing better is known)."""
+        return ""
+
     def reset_counts(self) -> None:
         """Forget what was counted so far."""
         self.counts.clear()
@@ -587,7 +592,7 @@ class RuleContext(TorchFunctionMode):
             warnings.warn(
                 f"{name} replaced {self.replaced} {self.replaces} calls, but the model also calls "
                 f"non-linearities the rule does not cover ({others}); those keep their plain "
-                "gradient.", UnhandledActivationWarning, stacklevel=3)
+                "gradient." + self.unhandled_advice(), UnhandledActivationWarning, stacklevel=3)
 
 
 class NullContext(contextlib.AbstractContextManager):

@@ -599,5 +599,5 @@ def check_context_used(context: RuleContext, model: nn.Module,
         seen = ", ".join(f"{k} ×{v}" for k, v in sorted(context.unhandled.items()))
         warn_caller(
             f"{type(context).__name__}: {type(model).__name__} also calls non-linearities the "
-            f"rule does not cover ({seen}); those keep their plain gradient.",
-            UnhandledActivationWarning)
+            f"rule does not cover ({seen}); those keep their plain gradient."
+            + context.unhandled_advice(), UnhandledActivationWarning)

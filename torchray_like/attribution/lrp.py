@@ -205,6 +205,20 @@ class LRPContext(RuleContext):
         for func, name in _PRODUCTS.items():
             self.handlers[func] = functools.partial(self._product, name=name)
 
+    #: Uncovered operations that AttnLRP's rules cover (:mod:`.transformer_lrp`).
+    transformer_rule_kinds = frozenset({"layer_norm", "rms_norm", "gelu", "silu", "softmax",
+                                        "scaled_dot_product_attention", "attention"})
+
+    def unhandled_advice(self) -> str:
+        """Points to AttnLRP when the uncovered operations are ones its rules cover."""
+        kinds = sorted(k for k in self.unhandled if k in self.transformer_rule_kinds)
+        if not kinds:
+            return ""
+        return (f" attn_lrp (TransformerLRPContext) has LRP rules for {', '.join(kinds)} "
+                "(AttnLRP, Achtibat et al. 2024: normalisation's σ held constant, relevance "
+                "passed through GELU / SiLU and softmax) and conserves relevance through them: "
+                "use it for such models (ConvNeXt, transformers).")
+
     def _resolve_names(self, composite: Composite) -> Dict[str, nn.Module]:
         names = composite.names
         if not names:
