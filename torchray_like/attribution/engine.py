@@ -187,7 +187,7 @@ def _check_reads(fp: ForwardPass, jobs: List[Job], model: nn.Module, input: torc
                     "(or drop tokens=)")
             if not is_input(job.layer):  # a transformer block's tokens as (N, C, *grid)
                 convert = layer_tokens(unwrap_compiled(model), tensor, input,
-                                       job.options.get("tokens"))
+                                       job.options.get("tokens"), layer=job.layer)
                 tokens[job.label, label] = convert
                 tensor = tokens_to_map(convert, tensor)[0]
             if job.method.check_read is not None:

@@ -52,6 +52,8 @@ from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, Union, c
 import torch
 import torch.nn as nn
 
+from .layer_layout import explicit_layout
+
 __all__ = ["TokenLayout", "TokensType", "layer_tokens", "tokens_to_map", "infer_token_layout",
            "is_token_model", "check_tokens", "patch_grids", "has_class_token",
            "TokenOrderError"]
@@ -386,7 +388,8 @@ def check_tokens(tokens: Any) -> TokensType:
 
 
 def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
-                 tokens: TokensType = None) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+                 tokens: TokensType = None, layer: Any = None
+                 ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """The rearrangement that turns a layer's output ``read`` into ``(N, C, *grid)``, or
     ``None`` when it is read as it is (every CNN layer).
 
@@ -402,13 +405,21 @@ def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
         ``None`` (default): inferred (:func:`infer_token_layout`); ``False``: ``None`` is
         returned; a :class:`TokenLayout`, completed by inference; a callable ``tensor -> (N, C,
         *grid)``, returned as it is (checked when called).
+    layer : str or torch.nn.Module, optional
+        The layer read (as the caller names it: a module or its dotted name).  With ``tokens``
+        ``None``, the module that produced ``read`` decides first where its layout is certain
+        (:func:`~torchray_like.attribution.layer_layout.explicit_layout`: a ``Linear``,
+        ``LayerNorm`` or channels-last ``Permute`` inside ConvNeXt's block is read
+        channels-last, a convolution's output as it is, MaxViT's window partitions are
+        refused).
 
     Raises
     ------
     TypeError
         ``tokens`` of another type.
     ValueError
-        A token layout that cannot be inferred (the message says what to pass).
+        A token layout that cannot be inferred, or a layer whose output is no map of the
+        input (the message says what to pass).
     """
     tokens = check_tokens(tokens)
     if tokens is False:
@@ -416,6 +427,12 @@ def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
     if tokens is not None and not isinstance(tokens, TokenLayout):
         return _checked(cast(Callable[[torch.Tensor], torch.Tensor], tokens),
                         int(read.shape[0]))
+    if tokens is None and layer is not None:
+        read_as = explicit_layout(model, layer, read.shape, input.shape)
+        if read_as is False:
+            return None
+        if read_as == "last":
+            return TokenLayout(grid=tuple(read.shape[1:-1]), channels_last=True)
     return infer_token_layout(model, read.shape, input.shape, tokens)
 
 

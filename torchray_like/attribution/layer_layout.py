@@ -1,0 +1,258 @@
+r"""The layout of an explicitly named layer's output, from the module that produced it.
+
+Layer methods read ``saliency_layer``'s output as ``(N, C, *spatial)``.  Inside the blocks of
+ConvNeXt, Swin and MaxViT, modules compute on other layouts: torchvision's ConvNeXt block runs
+``Permute([0, 2, 3, 1])``, ``LayerNorm``, ``Linear``, ``GELU``, ``Linear`` on a channels-last
+``(N, H, W, C)`` map (Liu et al. 2022, "A ConvNet for the 2020s", arXiv 2201.03545); MaxViT's
+attention runs on window partitions ``(N, windows, window tokens, C)`` (Tu et al. 2022, arXiv
+2204.01697).  Read as it is, such an output is a silently wrong map (``C = H``), and with
+``resize=True`` even one of the right shape.  :func:`module_layout` says what the module that
+produced the tensor makes certain:
+
+* ``nn.Linear`` acts on the last axis: its output's features are last.  So are those of an
+  ``nn.LayerNorm`` over the last axis only (``normalized_shape`` of length 1; torchvision's
+  ``LayerNorm2d``, which overrides ``forward`` to normalise the channels of ``(N, C, H, W)``,
+  gives no such verdict), and those of a ``Permute`` module (torchvision's
+  ``torchvision.ops.misc.Permute``: a ``dims`` list) that moves axis 1 last (``[0, 2, 3, 1]``).
+  A ``Permute`` that moves the last axis to 1 (``[0, 3, 1, 2]``) gives a channels-first map;
+  another permutation is refused.
+* convolutions, batch / group / instance norms and pooling give channels-first maps.
+* a module that keeps its input's layout (activations, dropout, ``Identity``, torchvision's
+  ``StochasticDepth``) has the layout of the module run before it when both are children of an
+  ``nn.Sequential`` (whose order is its execution order); an ``nn.Sequential`` has the layout
+  of its last child.  Elsewhere nothing is certain and nothing is decided here.
+* anything inside a window-partitioned attention layer (a module with ``partition_op`` and
+  ``departition_op``: torchvision's MaxViT) except the departition itself is refused.
+
+:func:`explicit_layout` turns the verdict into a read: a features-last output of the input's
+rank whose middle axes are a grid of the input (one common stride) is read channels-last
+(``(N, *grid, C)`` → ``(N, C, *grid)``); one whose middle axes are no such grid (MaxViT's
+windows) is refused with a :class:`ValueError` naming ``saliency_layer``, the module, its
+output shape and what to pass instead.  Token sequences ``(N, T, D)`` are left to the token
+inference (:mod:`~torchray_like.attribution.tokens`).  ``tokens=`` given (``False``, a
+``TokenLayout``, a callable) overrides all of this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+__all__ = ["module_layout", "explicit_layout", "Verdict"]
+
+#: ``"first"`` (channels-first map), ``"last"`` (features last), ``("refuse", why)`` or None.
+Verdict = Union[None, str, Tuple[str, str]]
+
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                   nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+                   nn.GroupNorm, nn.LocalResponseNorm, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                   nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+#: Modules whose output has their input's layout (element-wise, or the identity).
+_KEEPS_LAYOUT = (nn.Identity, nn.modules.dropout._DropoutNd, nn.GELU, nn.ReLU, nn.ReLU6,
+                 nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+                 nn.ELU, nn.Mish, nn.Softplus, nn.PReLU)
+_KEEPS_LAYOUT_NAMES = ("StochasticDepth", "DropPath")
+
+
+def _keeps_layout(module: nn.Module) -> bool:
+    return isinstance(module, _KEEPS_LAYOUT) or type(module).__name__ in _KEEPS_LAYOUT_NAMES
+
+
+def _permute_verdict(module: nn.Module, rank: int) -> Verdict:
+    dims = getattr(module, "dims", None)
+    if not isinstance(dims, (list, tuple)) or sorted(dims) != list(range(rank)):
+        return None
+    dims = list(dims)
+    if dims == list(range(rank)):
+        return "keep"
+    if dims == [0] + list(range(2, rank)) + [1]:
+        return "last"
+    if dims == [0, rank - 1] + list(range(1, rank - 1)):
+        return "first"
+    return ("refuse", f"it permutes the axes by {dims}, which is neither channels-last "
+                      f"{[0] + list(range(2, rank)) + [1]} nor channels-first")
+
+
+def _own_verdict(module: nn.Module, rank: int) -> Verdict:
+    """What the module's own kind says of its output (``"keep"``: its input's layout)."""
+    if isinstance(module, nn.Linear):
+        return "last"
+    if isinstance(module, nn.LayerNorm):
+        # torchvision's LayerNorm2d overrides forward (channels of an NCHW map): no verdict
+        plain = type(module).forward is nn.LayerNorm.forward
+        return "last" if plain and len(module.normalized_shape) == 1 else None
+    if isinstance(module, _CHANNELS_FIRST):
+        return "first"
+    if type(module).__name__ == "Permute":
+        return _permute_verdict(module, rank)
+    if _keeps_layout(module):
+        return "keep"
+    return None
+
+
+class _Tree:
+    """The parent of each of ``model``'s modules (one walk, without building the dotted names,
+    which cost more than the walk; :meth:`name` builds them for an error message)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.parent: Dict[int, Tuple[nn.Module, str]] = {}
+        stack = [model]
+        while stack:
+            module = stack.pop()
+            for child_name, child in module.named_children():
+                if id(child) not in self.parent and child is not model:
+                    self.parent[id(child)] = (module, child_name)
+                    stack.append(child)
+
+    def name(self, module: nn.Module) -> str:
+        parts: List[str] = []
+        while id(module) in self.parent and len(parts) < 64:
+            module, part = self.parent[id(module)]
+            parts.append(part)
+        return ".".join(reversed(parts))
+
+    def ancestors(self, module: nn.Module) -> List[nn.Module]:
+        out: List[nn.Module] = []
+        while id(module) in self.parent and len(out) < 64:
+            module = self.parent[id(module)][0]
+            out.append(module)
+        return out
+
+
+def _verdict(tree: _Tree, module: nn.Module, rank: int, depth: int = 0) -> Verdict:
+    own = _own_verdict(module, rank)
+    if isinstance(module, nn.Sequential) and len(module) > 0 and depth < 32:
+        own = _verdict(tree, module[len(module) - 1], rank, depth + 1)
+    if own != "keep" or depth >= 32:
+        return own
+    # The module before it in an nn.Sequential decides (the first child: the Sequential's).
+    parent = tree.parent.get(id(module))
+    if parent is None or not isinstance(parent[0], nn.Sequential):
+        return None
+    children = list(parent[0])
+    index = next(i for i, child in enumerate(children) if child is module)
+    if index == 0:
+        return _verdict_before(tree, parent[0], rank, depth + 1)
+    return _verdict(tree, children[index - 1], rank, depth + 1)
+
+
+def _verdict_before(tree: _Tree, module: nn.Module, rank: int, depth: int) -> Verdict:
+    """The layout of ``module``'s input, when an enclosing nn.Sequential makes it known."""
+    parent = tree.parent.get(id(module))
+    if parent is None or not isinstance(parent[0], nn.Sequential) or depth >= 32:
+        return None
+    children = list(parent[0])
+    index = next(i for i, child in enumerate(children) if child is module)
+    if index == 0:
+        return _verdict_before(tree, parent[0], rank, depth + 1)
+    return _verdict(tree, children[index - 1], rank, depth + 1)
+
+
+def _partitioned(tree: _Tree, module: nn.Module) -> Optional[nn.Module]:
+    """The window-partitioned attention layer ``module`` lies inside (MaxViT), if any."""
+    for ancestor in tree.ancestors(module):
+        if isinstance(getattr(ancestor, "partition_op", None), nn.Module) and isinstance(
+                getattr(ancestor, "departition_op", None), nn.Module):
+            return None if module is ancestor.departition_op else ancestor
+    return None
+
+
+def module_layout(model: nn.Module, module: nn.Module, rank: int) -> Verdict:
+    """What ``module`` (a sub-module of ``model``) makes certain of the layout of its output
+    of rank ``rank``: ``"first"`` (``(N, C, *spatial)``), ``"last"`` (features on the last
+    axis), ``("refuse", reason)`` or ``None`` (nothing certain; module docstring)."""
+    tree = _Tree(model)
+    window = _partitioned(tree, module)
+    if window is not None:
+        return ("refuse", f"it lies inside {type(window).__name__} "
+                          f"{tree.name(window)!r}, which computes on window "
+                          "partitions (N, windows, window tokens, C), no map of the input")
+    verdict = _verdict(tree, module, rank)
+    return None if verdict == "keep" else verdict
+
+
+def _is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
+    """Whether ``dims`` is ``spatial`` divided by one common stride (rounded down or up)."""
+    if len(dims) != len(spatial):
+        return False
+    return any(all(d in {n // s, -(-n // s)} for d, n in zip(dims, spatial))
+               for s in range(1, max(spatial) + 1))
+
+
+def _enclosing(model: nn.Module, module: nn.Module, rank: int) -> str:
+    """The closest enclosing module read as a map or left to the usual read (for advice)."""
+    tree = _Tree(model)
+    window = _partitioned(tree, module)
+    if window is not None:
+        return tree.name(window)
+    for ancestor in tree.ancestors(module):
+        if ancestor is not model and not isinstance(_verdict(tree, ancestor, rank), tuple) \
+                and _verdict(tree, ancestor, rank) != "last":
+            return tree.name(ancestor)
+    return ""
+
+
+def _resolve(model: nn.Module, layer: Any) -> Optional[nn.Module]:
+    """``layer`` (a module, or its dotted name, ``torch.compile``'s ``_orig_mod.`` prefix
+    allowed) as a module of ``model``; ``None`` for the input or a name not found (the
+    callers resolve the layer themselves and say what is wrong with it)."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if not isinstance(layer, str) or layer == "":
+        return None
+    while layer.startswith("_orig_mod."):
+        layer = layer[len("_orig_mod."):]
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        return None
+
+
+def explicit_layout(model: nn.Module, layer: Any, shape: Sequence[int],
+                    input_shape: Sequence[int]) -> Any:
+    """How the output of ``shape`` of the explicitly named ``layer`` (a module of ``model`` or
+    its name) is read for an input of ``input_shape``: ``None`` (no verdict: the token inference
+    decides), ``False`` (read as it is, a map) or ``"last"`` (a channels-last map
+    ``(N, *grid, C)``).
+
+    Raises
+    ------
+    ValueError
+        The module makes the output no map of the input (a window partition, a features-last
+        tensor whose middle axes are no grid of the input, an unknown permutation); the message
+        names ``saliency_layer``, the module, the shape and what to pass instead.
+    """
+    shape, input_shape = tuple(shape), tuple(input_shape)
+    module = _resolve(model, layer)
+    if module is None or module is model or len(input_shape) < 3:
+        return None
+    verdict = module_layout(model, module, len(shape))
+    why: Optional[str] = None
+    if isinstance(verdict, tuple):
+        why = verdict[1]
+    elif len(shape) != len(input_shape):
+        return None  # a token sequence (N, T, D) or another rank: the token inference decides
+    elif verdict == "first":
+        return False
+    elif verdict == "last":
+        if _is_grid(shape[1:-1], input_shape[2:]):
+            return "last"
+        why = (f"its features are on the last axis, and the other axes {shape[1:-1]} are no "
+               f"grid of the input's {input_shape[2:]}")
+    if why is None:
+        return None
+    label = repr(layer) if isinstance(layer, str) else type(layer).__name__
+    block = _enclosing(model, module, len(shape))
+    raise ValueError(
+        f"saliency_layer {label} ({type(module).__name__}) outputs shape {shape}, which is no "
+        f"(N, C, *spatial) map of the input of shape {input_shape}: {why}; pass instead the "
+        f"enclosing block" + (f" (saliency_layer={block!r})" if block else "")
+        + " whose output is a map, or, where the method takes tokens=, a callable tensor -> "
+        "(N, C, *grid) (tokens=TokenLayout(channels_last=True) for a channels-last map, "
+        "tokens=False to read the tensor as it is)")
