@@ -590,7 +590,8 @@ def contrastive_excitation_backprop(
     read = fp.reads["saliency_layer"].detach()
     if not is_input_layer(saliency_layer):
         # A transformer block's tokens on their patch grid, as every layer method reads them.
-        read, excitation = tokens_to_map(layer_tokens(model, read, input), read, excitation)
+        read, excitation = tokens_to_map(layer_tokens(model, read, input, layer=saliency_layer),
+                                        read, excitation)
     smap = excitation.sum(dim=1, keepdim=True).clamp_(min=0)
     smap = finish_map(input, smap, resize, resize_mode, smooth)
     if debug:

@@ -468,7 +468,7 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
     attribution = (path.diff * total).to(input.dtype)
     # A transformer block's tokens on their patch grid (the products commute with that).
     maps = attribution if module is None or reduce is None else tokens_to_map(
-        layer_tokens(model, attribution, input, tokens), attribution)[0]
+        layer_tokens(model, attribution, input, tokens, layer=saliency_layer), attribution)[0]
     smap = reduce_channels(maps, reduce, "integrated_gradients", where)
     if reduce is not None:
         smap = finish_map(input, smap, resize, resize_mode)

@@ -213,7 +213,8 @@ def _checked_activation(cfg: ChannelConfig, input: torch.Tensor, outputs: List[A
         raise ValueError(f"{where} returned {type(act).__name__}, not a floating tensor; "
                          + _layer_advice(cfg))
     try:
-        convert = layer_tokens(cfg.model, act, input, cfg.tokens) if act.dim() > 0 else None
+        convert = layer_tokens(cfg.model, act, input, cfg.tokens,
+                               layer=cfg.layer) if act.dim() > 0 else None
         (grid,) = tokens_to_map(convert, act)
     except ValueError as error:  # the layout's own message says what to pass as tokens=
         raise ValueError(f"{where}: {error}") from None
