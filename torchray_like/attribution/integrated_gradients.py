@@ -430,6 +430,9 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
         Resize the map (see :func:`~torchray_like.attribution.maps.resize_saliency`).
     generator : torch.Generator, int or None
         Draws the ``"uniform"`` baseline (``None``: seeded from the global RNG, not advanced).
+        It is drawn for the whole batch at once, so an image's baseline depends on its position
+        in the batch: to explain an image alone with the baseline it had in a batch, pass that
+        baseline as a tensor (``resolve_baseline("uniform", x, generator)[i:i + 1]``).
     progress : bool, optional
         A progress bar (``None``: when stderr is a terminal).
     tokens : None, False, TokenLayout or callable

@@ -570,7 +570,10 @@ def rise(model: nn.Module, input: torch.Tensor, target: Any = None, seed: Option
         Monte-Carlo noise, from running sums), and RISE stops when :math:`\hat\rho \ge 1 -
         tol` for every map — with ``target=None``, every map whose estimated signal is at
         least half of its image's strongest (near-flat maps of absent classes are not waited
-        for; pass the classes as ``target`` to hold them to the rule).  *Guarantee*: an
+        for; pass the classes as ``target`` to hold them to the rule).  *Batches*: the count
+        is the batch's, that of its slowest map (the masks are shared), so an image's map in a
+        batch is its single call with ``num_masks`` that count and a ``tol`` it cannot reach,
+        not its own ``"auto"`` call (which may stop sooner).  *Guarantee*: an
         estimate, not a bound: it assumes independent masks and treats the noise as
         independent of the signal, and a map can stop just above the threshold by chance —
         hence the default 0.015, a margin of 0.005 over the 0.98 aimed at.  Measured on the

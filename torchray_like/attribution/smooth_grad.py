@@ -197,7 +197,11 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
     kind : {"smoothgrad", "smoothgrad_sq", "vargrad"}
         The mean of the maps, the mean of their squares, or their variance.
     generator, seed : torch.Generator or int, optional
-        Draw the noise (``None``: seeded from the global RNG, which is not advanced).
+        Draw the noise (``None``: seeded from the global RNG, which is not advanced).  The
+        draws go row by row over the batch (copy ``k`` of image ``i`` is row ``k · N + i``),
+        so the noise an image gets depends on its position in the batch and on ``N``: a seeded
+        batch row is not the seeded call of that image alone.  To reproduce a row alone, pass
+        a noise bank and that image's slice of it (``noise[:, i:i + 1]``).
     batch_size : int
         Noisy copies per call of the method (default 32).
     noise : torch.Tensor, optional
