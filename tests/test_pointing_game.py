@@ -27,6 +27,7 @@ from torchray_like.benchmark.pointing_game import (
     MAX_NUM_CLASSES,
     PointingGame,
     PointingGameBenchmark,
+    as_class_id,
     centre_point,
     read_difficult_file,
     saliency_to_point,
@@ -422,3 +423,35 @@ def test_coco_benchmark_labels_and_difficult(coco, tmp_path):
     results = [benchmark.evaluate(i, c, p) for i, c, p, _ in COCO_PLAY]
     assert results == [0, 0, -1, 0, 0, 0]
     assert benchmark.accuracy == 0
+
+
+@pytest.mark.parametrize("class_id", [2, np.int64(2), torch.tensor(2), torch.tensor([2]),
+                                      np.array(2), np.array([2], dtype=np.uint8),
+                                      torch.tensor(2, dtype=torch.uint8)])
+def test_a_data_sets_integer_label_is_a_class_id(class_id):
+    """Labels straight from a data set (0-d / one-element integer tensors or arrays) are
+    class ids, counted where an int would be."""
+    game = PointingGame(3)
+    game.aggregate(1, class_id)
+    game.aggregate(-1, class_id)
+    assert game.hits.tolist() == [0, 0, 1] and game.misses.tolist() == [0, 0, 1]
+    assert as_class_id(class_id, 3) == 2 and type(as_class_id(class_id, 3)) is int
+
+
+@pytest.mark.parametrize("class_id, error, pattern", [
+    (torch.tensor(2.0), TypeError, r"class_id must be one int, got a Tensor of shape \(\) and "
+                                   r"dtype torch.float32"),
+    (torch.tensor([1, 2]), TypeError, r"one int, got a Tensor of shape \(2,\)"),
+    (torch.tensor(True), TypeError, "dtype torch.bool"),
+    (np.array([0.5]), TypeError, "dtype float64"),
+    (np.array([], dtype=np.int64), TypeError, r"shape \(0,\)"),
+    (True, TypeError, "class_id must be an int, got True"),
+    (torch.tensor(3), ValueError, r"class_id must be in \[0, 3\), got 3"),
+    (np.int32(-1), ValueError, r"got -1"),
+])
+def test_class_ids_that_are_no_single_integer_are_refused_naming_class_id(class_id, error,
+                                                                         pattern):
+    game = PointingGame(3)
+    with pytest.raises(error, match=pattern):
+        game.aggregate(1, class_id)
+    assert game.hits.sum() == 0 and game.misses.sum() == 0

@@ -37,8 +37,8 @@ Points are ``(u, v)`` = (column, row) pixel coordinates in the original image.
 
 from __future__ import annotations
 
-__all__ = ["PointingGame", "PointingGameBenchmark", "centre_point", "saliency_to_point",
-           "read_difficult_file", "DIFFICULT_AREA_FRACTION", "MAX_NUM_CLASSES",
+__all__ = ["PointingGame", "PointingGameBenchmark", "as_class_id", "centre_point",
+           "saliency_to_point", "read_difficult_file", "DIFFICULT_AREA_FRACTION", "MAX_NUM_CLASSES",
            "MAX_IMAGE_PIXELS"]
 
 import math
@@ -236,6 +236,30 @@ def _check_size(size: Any) -> tuple[int, int]:
 # ------------------------------------------------------------------ the game
 
 
+def as_class_id(class_id: Any, num_classes: int) -> int:
+    """``class_id`` as an int in ``[0, num_classes)``: an int, a NumPy integer, or a tensor /
+    array holding one integer (a data set's label, ``labels[i]``); anything else — a bool, a
+    float, several values — is a :class:`TypeError` and an index out of range a
+    :class:`ValueError`, naming ``class_id``."""
+    value = class_id
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(value, torch.Tensor):
+            size = value.numel()
+            integral = not (value.is_floating_point() or value.is_complex()
+                            or value.dtype == torch.bool)
+        else:
+            size, integral = value.size, bool(np.issubdtype(value.dtype, np.integer))
+        if size != 1 or not integral:
+            raise TypeError(f"class_id must be one int, got a {type(value).__name__} of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"class_id must be an int, got {class_id!r}")
+    if not 0 <= value < num_classes:
+        raise ValueError(f"class_id must be in [0, {num_classes}), got {value}")
+    return int(value)
+
+
 class PointingGame:
     """The pointing game: hits and misses per class.
 
@@ -304,10 +328,7 @@ class PointingGame:
             Index of the class in ``[0, num_classes)``.
         """
         hit = _as_hit(hit)
-        if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
-            raise TypeError(f"class_id must be an int, got {class_id!r}")
-        if not 0 <= class_id < self.num_classes:
-            raise ValueError(f"class_id must be in [0, {self.num_classes}), got {class_id}")
+        class_id = as_class_id(class_id, self.num_classes)
         if hit == 1:
             self.hits[class_id] += 1
         elif hit == -1:
@@ -615,11 +636,7 @@ class PointingGameBenchmark(PointingGame):
             image, all its VOC objects are *difficult*, or the pair is outside the
             difficult subset when ``difficult`` is set.
         """
-        if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
-            raise TypeError(f"class_id must be an int, got {class_id!r}")
-        if not 0 <= class_id < self.num_classes:
-            raise ValueError(f"class_id must be in [0, {self.num_classes}), got {class_id}")
-        class_id = int(class_id)
+        class_id = as_class_id(class_id, self.num_classes)
         label = self._label(label)
         size = self._image_size(label)
         point = self._point(point, size)
