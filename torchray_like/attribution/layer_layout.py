@@ -35,7 +35,7 @@ inference (:mod:`~torchray_like.attribution.tokens`).  ``tokens=`` given (``Fals
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
@@ -125,33 +125,32 @@ class _Tree:
         return out
 
 
-def _verdict(tree: _Tree, module: nn.Module, rank: int, depth: int = 0) -> Verdict:
+Decision = Tuple[Verdict, Optional[nn.Module]]
+
+
+def _decide(tree: _Tree, module: nn.Module, rank: int, depth: int = 0) -> Decision:
+    """The verdict on ``module``'s output and the module whose kind gave it."""
+    if depth >= 32:
+        return None, None
+    if isinstance(module, nn.Sequential) and len(module) > 0:
+        return _decide(tree, module[len(module) - 1], rank, depth + 1)
     own = _own_verdict(module, rank)
-    if isinstance(module, nn.Sequential) and len(module) > 0 and depth < 32:
-        own = _verdict(tree, module[len(module) - 1], rank, depth + 1)
-    if own != "keep" or depth >= 32:
-        return own
-    # The module before it in an nn.Sequential decides (the first child: the Sequential's).
-    parent = tree.parent.get(id(module))
-    if parent is None or not isinstance(parent[0], nn.Sequential):
-        return None
-    children = list(parent[0])
-    index = next(i for i, child in enumerate(children) if child is module)
-    if index == 0:
-        return _verdict_before(tree, parent[0], rank, depth + 1)
-    return _verdict(tree, children[index - 1], rank, depth + 1)
+    if own != "keep":
+        return own, module if own is not None else None
+    return _decide_before(tree, module, rank, depth + 1)
 
 
-def _verdict_before(tree: _Tree, module: nn.Module, rank: int, depth: int) -> Verdict:
-    """The layout of ``module``'s input, when an enclosing nn.Sequential makes it known."""
+def _decide_before(tree: _Tree, module: nn.Module, rank: int, depth: int) -> Decision:
+    """The verdict on ``module``'s input, when an enclosing nn.Sequential (whose order is the
+    execution order) makes it known: the previous child's output, or the Sequential's input."""
     parent = tree.parent.get(id(module))
     if parent is None or not isinstance(parent[0], nn.Sequential) or depth >= 32:
-        return None
+        return None, None
     children = list(parent[0])
     index = next(i for i, child in enumerate(children) if child is module)
     if index == 0:
-        return _verdict_before(tree, parent[0], rank, depth + 1)
-    return _verdict(tree, children[index - 1], rank, depth + 1)
+        return _decide_before(tree, parent[0], rank, depth + 1)
+    return _decide(tree, children[index - 1], rank, depth + 1)
 
 
 def _partitioned(tree: _Tree, module: nn.Module) -> Optional[nn.Module]:
@@ -163,18 +162,20 @@ def _partitioned(tree: _Tree, module: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def _module_decision(tree: _Tree, module: nn.Module, rank: int) -> Decision:
+    window = _partitioned(tree, module)
+    if window is not None:
+        return ("refuse", f"it lies inside {type(window).__name__} {tree.name(window)!r}, "
+                          "which computes on window partitions (N, windows, window tokens, C), "
+                          "no map of the input"), window
+    return _decide(tree, module, rank)
+
+
 def module_layout(model: nn.Module, module: nn.Module, rank: int) -> Verdict:
     """What ``module`` (a sub-module of ``model``) makes certain of the layout of its output
     of rank ``rank``: ``"first"`` (``(N, C, *spatial)``), ``"last"`` (features on the last
     axis), ``("refuse", reason)`` or ``None`` (nothing certain; module docstring)."""
-    tree = _Tree(model)
-    window = _partitioned(tree, module)
-    if window is not None:
-        return ("refuse", f"it lies inside {type(window).__name__} "
-                          f"{tree.name(window)!r}, which computes on window "
-                          "partitions (N, windows, window tokens, C), no map of the input")
-    verdict = _verdict(tree, module, rank)
-    return None if verdict == "keep" else verdict
+    return _module_decision(_Tree(model), module, rank)[0]
 
 
 def _is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
@@ -185,15 +186,14 @@ def _is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
                for s in range(1, max(spatial) + 1))
 
 
-def _enclosing(model: nn.Module, module: nn.Module, rank: int) -> str:
-    """The closest enclosing module read as a map or left to the usual read (for advice)."""
-    tree = _Tree(model)
+def _enclosing(tree: _Tree, module: nn.Module, rank: int) -> str:
+    """The closest enclosing module the rules read as a map or leave to the usual read (for
+    the advice of a refusal)."""
     window = _partitioned(tree, module)
     if window is not None:
         return tree.name(window)
     for ancestor in tree.ancestors(module):
-        if ancestor is not model and not isinstance(_verdict(tree, ancestor, rank), tuple) \
-                and _verdict(tree, ancestor, rank) != "last":
+        if ancestor is not tree.model and _decide(tree, ancestor, rank)[0] in (None, "first"):
             return tree.name(ancestor)
     return ""
 
@@ -214,45 +214,69 @@ def _resolve(model: nn.Module, layer: Any) -> Optional[nn.Module]:
         return None
 
 
+def _mixes_tokens(decider: Optional[nn.Module], patches: Collection[int]) -> bool:
+    """A linear layer with as many inputs or outputs as the input has patches: it may mix the
+    tokens (MLP-Mixer's token-mixing MLP, run on ``(N, D, T)``), so its last axis may hold
+    tokens, not features."""
+    return isinstance(decider, nn.Linear) and bool(
+        {decider.in_features, decider.out_features} & set(patches))
+
+
 def explicit_layout(model: nn.Module, layer: Any, shape: Sequence[int],
-                    input_shape: Sequence[int]) -> Any:
+                    input_shape: Sequence[int], patches: Collection[int] = ()) -> Any:
     """How the output of ``shape`` of the explicitly named ``layer`` (a module of ``model`` or
-    its name) is read for an input of ``input_shape``: ``None`` (no verdict: the token inference
-    decides), ``False`` (read as it is, a map) or ``"last"`` (a channels-last map
-    ``(N, *grid, C)``).
+    its name) is read for an input of ``input_shape`` whose patch grid (at the patch
+    embedding's stride) may have any count in ``patches``: ``None`` (nothing certain: the
+    token inference decides), ``False`` (read as it is, a map), ``"last"`` (a channels-last
+    map ``(N, *grid, C)``) or ``"tokens"`` (a features-last token sequence ``(N, T, D)`` of an
+    image or video, inferred as in a token model).
 
     Raises
     ------
     ValueError
         The module makes the output no map of the input (a window partition, a features-last
-        tensor whose middle axes are no grid of the input, an unknown permutation); the message
-        names ``saliency_layer``, the module, the shape and what to pass instead.
+        tensor whose middle axes are no grid of the input, an unknown permutation, a linear
+        layer that may mix tokens); the message names ``saliency_layer``, the module, the
+        shape and what to pass instead.
     """
     shape, input_shape = tuple(shape), tuple(input_shape)
     module = _resolve(model, layer)
     if module is None or module is model or len(input_shape) < 3:
         return None
-    verdict = module_layout(model, module, len(shape))
-    why: Optional[str] = None
-    if isinstance(verdict, tuple):
-        why = verdict[1]
-    elif len(shape) != len(input_shape):
-        return None  # a token sequence (N, T, D) or another rank: the token inference decides
-    elif verdict == "first":
-        return False
-    elif verdict == "last":
-        if _is_grid(shape[1:-1], input_shape[2:]):
-            return "last"
-        why = (f"its features are on the last axis, and the other axes {shape[1:-1]} are no "
-               f"grid of the input's {input_shape[2:]}")
+    tree = _Tree(model)
+    verdict, decider = _module_decision(tree, module, len(shape))
+    why = _refusal(verdict, decider, shape, input_shape, patches)
     if why is None:
-        return None
+        if verdict == "last":
+            return "last" if len(shape) == len(input_shape) else (
+                "tokens" if len(shape) == 3 and len(input_shape) >= 4 else None)
+        return False if verdict == "first" and len(shape) == len(input_shape) else None
     label = repr(layer) if isinstance(layer, str) else type(layer).__name__
-    block = _enclosing(model, module, len(shape))
+    block = _enclosing(tree, module, len(shape))
     raise ValueError(
         f"saliency_layer {label} ({type(module).__name__}) outputs shape {shape}, which is no "
         f"(N, C, *spatial) map of the input of shape {input_shape}: {why}; pass instead the "
         f"enclosing block" + (f" (saliency_layer={block!r})" if block else "")
         + " whose output is a map, or, where the method takes tokens=, a callable tensor -> "
         "(N, C, *grid) (tokens=TokenLayout(channels_last=True) for a channels-last map, "
-        "tokens=False to read the tensor as it is)")
+        "TokenLayout(prefix=..., grid=(h, w)) for a token sequence, tokens=False to read the "
+        "tensor as it is)")
+
+
+def _refusal(verdict: Verdict, decider: Optional[nn.Module], shape: Tuple[int, ...],
+             input_shape: Tuple[int, ...], patches: Collection[int]) -> Optional[str]:
+    """Why the output cannot be read (``None``: it can)."""
+    if isinstance(verdict, tuple):
+        return verdict[1]
+    if verdict != "last":
+        return None
+    if len(shape) == len(input_shape) and not _is_grid(shape[1:-1], input_shape[2:]):
+        return (f"its features are on the last axis, and the other axes {shape[1:-1]} are no "
+                f"grid of the input's {input_shape[2:]}")
+    if len(shape) == 3 and len(input_shape) >= 4 and _mixes_tokens(decider, patches):
+        assert isinstance(decider, nn.Linear)
+        return (f"it comes from {type(decider).__name__}({decider.in_features}, "
+                f"{decider.out_features}), and the input has {sorted(patches)} patches: a "
+                "linear layer over the tokens (MLP-Mixer's token mixing, run on (N, D, T)) "
+                "has the tokens last, which cannot be told from a features-last (N, T, D)")
+    return None

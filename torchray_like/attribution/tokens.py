@@ -428,12 +428,23 @@ def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
         return _checked(cast(Callable[[torch.Tensor], torch.Tensor], tokens),
                         int(read.shape[0]))
     if tokens is None and layer is not None:
-        read_as = explicit_layout(model, layer, read.shape, input.shape)
+        read_as = explicit_layout(model, layer, read.shape, input.shape,
+                                  _patch_counts(model, input.shape) if read.dim() == 3 else ())
         if read_as is False:
             return None
         if read_as == "last":
             return TokenLayout(grid=tuple(read.shape[1:-1]), channels_last=True)
+        if read_as == "tokens":  # features last: a token sequence, in any model
+            return infer_token_layout(model, read.shape, input.shape, TokenLayout())
     return infer_token_layout(model, read.shape, input.shape, tokens)
+
+
+def _patch_counts(model: nn.Module, input_shape: Sequence[int]) -> Set[int]:
+    """The numbers of patches an input has at the patch embedding's stride (rounded)."""
+    spatial = tuple(int(s) for s in input_shape[2:])
+    strides = _patch_strides(model, len(spatial))
+    return {math.prod(g) for g in itertools.product(
+        *(_sizes(n, s) for n, s in zip(spatial, strides)))}
 
 
 def tokens_to_map(convert: Optional[Callable[[torch.Tensor], torch.Tensor]],
