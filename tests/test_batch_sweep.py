@@ -27,6 +27,8 @@ The contract, by family (float32, CPU):
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from typing import Any, Callable, Dict, List
 
@@ -38,7 +40,7 @@ from tests.transformer_models import ExplicitViT, make_vit
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.integrated_gradients import integrated_gradients, resolve_baseline
-from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
+from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS, MethodRegistry
 from torchray_like.attribution.rise import rise
 from torchray_like.attribution.smooth_grad import smooth_grad
 
@@ -144,8 +146,9 @@ def assert_rows_equal(batched: torch.Tensor, single: torch.Tensor, name: str) ->
     """Row ``i`` of the batch equals the single call of sample ``i``, up to float rounding
     relative to that row's own scale (a leak into a small row would pass a global scale)."""
     assert batched.shape == single.shape and batched.dtype == single.dtype
+    assert bool(torch.isfinite(batched).all())  # the zero image too
     for i in range(single.shape[0]):
-        scale = single[i].abs().max().item()
+        scale = single[i].abs().nan_to_num(0.0, 0.0, 0.0).max().item()
         atol = 2e-6 if name.startswith("occlusion") else 1e-5 * scale + 1e-30
         torch.testing.assert_close(batched[i], single[i], rtol=1e-5, atol=atol,
                                    msg=lambda m, i=i: f"{name}, sample {i}: {m}")
@@ -195,6 +198,40 @@ def test_batch_norm_residual_in_place_model(name):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", GENERIC)
+def test_batch_of_different_scales(name):
+    """Images of very different ranges (one 50 times wider and shifted, one negated): a map
+    normalised or clipped by the batch's extremes would differ from the single call's."""
+    torch.manual_seed(11)
+    a, b = torch.rand(1, 3, 12, 12), torch.rand(1, 3, 12, 12)
+    x = torch.cat([a, 50 * b - 20, -a])
+    model = conv_net(2)
+    assert_rows_equal(call(name, model, x, TARGETS, **options(name, x)),
+                      singles(name, model, x, lambda i: [TARGETS[i]],
+                              lambda i: options(name, x, i)), name)
+
+
+#: Options that act on the finished maps or on the perturbation: each stays per sample.
+MAP_OPTIONS = [("gradient", {"smooth": 1.0}), ("grad_cam", {"smooth": 1.0}),
+               ("lrp", {"resize": (20, 20)}), ("score_cam", {"resize": (20, 20), "smooth": 1.0}),
+               ("excitation_backprop", {"smooth": 1.0}), ("guided_backprop", {"resize": (7, 7)}),
+               ("linear_approx", {"saliency_layer": "2"}), ("grad_cam", {"saliency_layer": ""}),
+               ("extremal_perturbation", {"perturbation": "fade", "fade_to": "mean"}),
+               ("extremal_perturbation", {"variant": "delete", "reward_scale": "auto"}),
+               ("occlusion", {"reduce": None, "baseline": 0.3}),
+               ("integrated_gradients", {"reduce": None, "baseline": "blur"}),
+               ("rise", {"normalize": "torchray"}), ("rise", {"score": "logit", "p": 0.3}),
+               ("smooth_grad", {"method": "grad_cam", "kind": "vargrad"})]
+
+
+@pytest.mark.parametrize("name,extra", MAP_OPTIONS)
+def test_map_and_perturbation_options_stay_per_sample(name, extra):
+    model, x = conv_net(2), hostile_batch((12, 12), seed=12)
+    batched = call(name, model, x, TARGETS, **options(name, x), **extra)
+    assert_rows_equal(batched, singles(name, model, x, lambda i: [TARGETS[i]],
+                                       lambda i: {**options(name, x, i), **extra}), name)
+
+
 def mixture(out: torch.Tensor) -> torch.Tensor:
     """A per-row score mixing classes: what a callable target is for."""
     return out.softmax(1)[:, 1] - 0.5 * out[:, 3]
@@ -242,6 +279,19 @@ def test_vit_batch_rows_equal_single_calls(name, kind, vits):
     assert_rows_equal(batched, singles(name, vits[kind], x, lambda i: [TARGETS[i]],
                                        lambda i: {}), name)
     assert_targets_read_per_row(name, batched)
+
+
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("name", ["attention_rollout", "attention_flow"])
+def test_vit_rollout_options_stay_per_sample(name, head_fusion, vits):
+    """Discarding the weakest attention is a per-image quantile, not the batch's."""
+    torch.manual_seed(11)
+    a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    x = torch.cat([a, 50 * b - 20, -a])
+    extra = {"head_fusion": head_fusion, "discard_ratio": 0.5}
+    batched = call(name, vits["torchvision"], x, None, **extra)
+    assert_rows_equal(batched, singles(name, vits["torchvision"], x, lambda i: None,
+                                       lambda i: extra), name)
 
 
 @pytest.mark.parametrize("name", ["integrated_gradients", "occlusion", "score_cam", "rise"])
@@ -439,3 +489,52 @@ def test_explain_batch_equals_one_by_one(dims):
         assert_rows_equal(batched[label], torch.cat([a[label] for a in alone]), name)
         if name != "extremal_perturbation":  # explain's EP entry returns the masks per area
             assert_targets_read_per_row(name, batched[label])
+
+
+def test_explain_with_a_callable_target_equals_one_by_one():
+    """A callable target (a per-row mixture of scores) through explain's shared passes: each
+    row is the single call's."""
+    model, x = residual_bn(), hostile_batch((12, 12), seed=13)
+    names = ["gradient", "guided_backprop", "grad_cam", "eigen_cam", "lrp", "occlusion", "rise",
+             "extremal_perturbation"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = explain(model, x, mixture, names,
+                          {n: options(n, x) for n in names if n in FAST})
+        alone = [explain(model, x[i:i + 1], mixture, names,
+                         {n: options(n, x, i) for n in names if n in FAST}) for i in range(3)]
+    for name in names:
+        assert_rows_equal(batched[name], torch.cat([a[name] for a in alone]), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep itself: it catches the leaks it is for
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaks() -> Dict[str, Callable[..., torch.Tensor]]:
+    plain = METHODS["grad_cam"]
+    return {
+        "batch max": lambda m, x, t, **k: (lambda s: s / s.abs().amax().clamp(min=1e-12))(
+            plain(m, x, t, **k)),
+        "first target for all": lambda m, x, t, **k: plain(
+            m, x, int(torch.as_tensor(t).reshape(-1)[0]), **k),
+        "1e-3 of the batch mean": lambda m, x, t, **k: (lambda s: s - 1e-3 * s.mean(
+            0, keepdim=True))(plain(m, x, t, **k)),
+    }
+
+
+@pytest.mark.parametrize("leak", sorted(_leaks()))
+def test_the_sweep_catches_a_leaking_method(leak, monkeypatch):
+    leaky = MethodRegistry({**dict(METHODS), "grad_cam": _leaks()[leak]})
+    monkeypatch.setattr(sys.modules[__name__], "METHODS", leaky)
+    caught = 0
+    for test, args in ((test_batch_rows_equal_single_calls, ("grad_cam", 2)),
+                       (test_batch_of_different_scales, ("grad_cam",))):
+        with contextlib.suppress(AssertionError):
+            test(*args)
+            continue
+        caught += 1
+    # Grad-CAM's rectified maps of the first batch can all be zero but one row's (a batch
+    # maximum then changes nothing): the batch of different scales is there for that.
+    assert caught >= 1 if leak == "batch max" else caught == 2
