@@ -538,3 +538,16 @@ def test_the_sweep_catches_a_leaking_method(leak, monkeypatch):
     # Grad-CAM's rectified maps of the first batch can all be zero but one row's (a batch
     # maximum then changes nothing): the batch of different scales is there for that.
     assert caught >= 1 if leak == "batch max" else caught == 2
+
+
+def test_attention_flow_work_bound_is_the_batchs(vits):
+    """``max_work`` bounds the whole call (``N × T × L × T²``, documented): a batch over it is
+    refused with the cost named, while each image alone (a third of the work) runs; never a
+    different map."""
+    x = hostile_batch((32, 32), seed=2)
+    with pytest.raises(ValueError, match=r"max_work=2e\+04"):
+        call("attention_flow", vits["torchvision"], x, None, max_work=2e4)
+    alone = singles("attention_flow", vits["torchvision"], x, lambda i: None,
+                    lambda i: {"max_work": 2e4})
+    assert_rows_equal(call("attention_flow", vits["torchvision"], x, None), alone,
+                      "attention_flow")
