@@ -277,6 +277,32 @@ def test_swin_stages(request: pytest.FixtureRequest, which: str) -> None:
     assert conv.shape == (2, 1, 8, 8)
 
 
+def test_video_swin_stages_channels_last() -> None:
+    """torchvision's SwinTransformer3d computes channels-last (N, T, H, W, C) with a tubelet
+    stride of its own in time: its stages (and the automatic layer, its final norm) were read
+    as (N, C=T, ...) before."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(0)
+    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1],
+                              num_heads=[2, 2], window_size=[2, 2, 2], num_classes=3).eval()
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def to_map(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 4, 1, 2, 3)
+
+    for layer, grid in (("features.0", (2, 8, 8)), ("features.0.0.mlp", (2, 8, 8)),
+                        ("features.1.reduction", (2, 4, 4)), ("norm", (2, 4, 4))):
+        smap = trl.grad_cam(model, x, 0, saliency_layer=layer)
+        assert smap.shape == (2, 1) + grid
+        _close(smap, _hand_grad_cam(model, layer, x, 0, to_map))
+    auto = trl.grad_cam(model, x, 0)
+    assert auto.shape == (2, 1, 2, 4, 4)
+    _close(auto, _hand_grad_cam(model, "norm", x, 0, to_map))
+    conv = trl.grad_cam(model, x, 0, saliency_layer="patch_embed.proj")
+    _close(conv, _hand_grad_cam(model, "patch_embed.proj", x, 0, lambda t: t))
+
+
 def test_vit_tokens_and_patch_embedding(vit: nn.Module) -> None:
     x = _x()
     conv = trl.eigen_cam(vit, x, 0, saliency_layer="conv_proj")  # (Grad-CAM's maps vanish here)

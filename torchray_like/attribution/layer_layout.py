@@ -24,13 +24,25 @@ produced the tensor makes certain:
 * anything inside a window-partitioned attention layer (a module with ``partition_op`` and
   ``departition_op``: torchvision's MaxViT) except the departition itself is refused.
 
-:func:`explicit_layout` turns the verdict into a read: a features-last output of the input's
-rank whose middle axes are a grid of the input (one common stride) is read channels-last
-(``(N, *grid, C)`` → ``(N, C, *grid)``); one whose middle axes are no such grid (MaxViT's
-windows) is refused with a :class:`ValueError` naming ``saliency_layer``, the module, its
-output shape and what to pass instead.  Token sequences ``(N, T, D)`` are left to the token
-inference (:mod:`~torchray_like.attribution.tokens`).  ``tokens=`` given (``False``, a
-``TokenLayout``, a callable) overrides all of this.
+:func:`explicit_layout` turns the verdict into a read:
+
+* a features-last output of the input's rank whose middle axes are a grid of the input (one
+  common stride) is read channels-last (``(N, *grid, C)`` → ``(N, C, *grid)``); one whose
+  middle axes are no such grid (MaxViT's windows, MobileViT's unfolded patches, a linear
+  layer over a map's width) is refused;
+* a features-last ``(N, T, D)`` of an image or video is a token sequence, inferred as in a
+  token model (:mod:`~torchray_like.attribution.tokens`) even in a model that does not say it
+  works on tokens (it was read as a 1-D map ``(N, C=T, D)``) — except that of a linear layer
+  with as many inputs or outputs as the input has patches: MLP-Mixer's token-mixing MLP
+  (Tolstikhin et al. 2021, arXiv 2105.01601) runs on ``(N, D, T)`` and puts the *tokens*
+  last, which its shape cannot tell apart, so it is refused;
+* a channels-first verdict at the input's rank reads the tensor as it is (also in a model
+  whose stages are channels-last: Swin's patch-embedding convolution);
+* anything else is left to the token inference, as before.
+
+A refusal is a :class:`ValueError` naming ``saliency_layer``, the module, its output shape and
+what to pass instead (the enclosing block whose output is a map; or ``tokens=``).
+``tokens=`` given (``False``, a ``TokenLayout``, a callable) overrides all of this.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-__all__ = ["module_layout", "explicit_layout", "Verdict"]
+__all__ = ["module_layout", "explicit_layout", "is_grid", "Verdict"]
 
 #: ``"first"`` (channels-first map), ``"last"`` (features last), ``("refuse", why)`` or None.
 Verdict = Union[None, str, Tuple[str, str]]
@@ -178,12 +190,19 @@ def module_layout(model: nn.Module, module: nn.Module, rank: int) -> Verdict:
     return _module_decision(_Tree(model), module, rank)[0]
 
 
-def _is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
-    """Whether ``dims`` is ``spatial`` divided by one common stride (rounded down or up)."""
-    if len(dims) != len(spatial):
+def is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
+    """Whether ``dims`` is ``spatial`` divided by one common stride (rounded down or up); for
+    video ``(T, H, W)`` the time axis may have a stride of its own (a tubelet embedding's)."""
+    if len(dims) != len(spatial) or not spatial:
         return False
-    return any(all(d in {n // s, -(-n // s)} for d, n in zip(dims, spatial))
-               for s in range(1, max(spatial) + 1))
+
+    def divides(d: Sequence[int], n: Sequence[int]) -> bool:
+        return any(all(a in {b // s, -(-b // s)} for a, b in zip(d, n))
+                   for s in range(1, max(n) + 1))
+
+    if len(spatial) == 3:
+        return divides(dims[:1], spatial[:1]) and divides(dims[1:], spatial[1:])
+    return divides(dims, spatial)
 
 
 def _enclosing(tree: _Tree, module: nn.Module, rank: int) -> str:
@@ -270,7 +289,7 @@ def _refusal(verdict: Verdict, decider: Optional[nn.Module], shape: Tuple[int, .
         return verdict[1]
     if verdict != "last":
         return None
-    if len(shape) == len(input_shape) and not _is_grid(shape[1:-1], input_shape[2:]):
+    if len(shape) == len(input_shape) and not is_grid(shape[1:-1], input_shape[2:]):
         return (f"its features are on the last axis, and the other axes {shape[1:-1]} are no "
                 f"grid of the input's {input_shape[2:]}")
     if len(shape) == 3 and len(input_shape) >= 4 and _mixes_tokens(decider, patches):

@@ -36,6 +36,12 @@ How the layout is inferred (``tokens=None``), duck-typed from the model and the 
   "NHWC"``) and whose dimensions say so (the middle ones are a grid of the input, the last
   ones are not); every other read of the input's rank — any CNN — is read as it is.
 
+* an explicitly named layer (``layer=``) is first read by the module that produced it, where
+  that makes the layout certain (:mod:`~torchray_like.attribution.layer_layout`): a
+  ``Linear``, a last-axis ``LayerNorm`` or a ``Permute([0, 2, 3, 1])`` inside ConvNeXt's
+  block is read channels-last in any model, a convolution's output as it is, MaxViT's window
+  partitions and MLP-Mixer's token-mixing layers are refused.
+
 ``tokens=`` overrides: ``False`` (read the tensor as it is), a :class:`TokenLayout` (any field
 left ``None`` is inferred), or a callable ``tensor -> (N, C, *grid)`` applied to the
 activation and to the gradient alike (a pure rearrangement: slicing, reshaping, permuting).
@@ -52,7 +58,7 @@ from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, Union, c
 import torch
 import torch.nn as nn
 
-from .layer_layout import explicit_layout
+from .layer_layout import explicit_layout, is_grid
 
 __all__ = ["TokenLayout", "TokensType", "layer_tokens", "tokens_to_map", "infer_token_layout",
            "is_token_model", "check_tokens", "patch_grids", "has_class_token",
@@ -255,14 +261,6 @@ def _grids(spatial: Sequence[int], strides: Sequence[int]) -> List[Tuple[int, ..
     return grids
 
 
-def _is_grid(dims: Sequence[int], spatial: Sequence[int]) -> bool:
-    """Whether ``dims`` is ``spatial`` divided by one common stride (rounded)."""
-    if len(dims) != len(spatial):
-        return False
-    return any(all(d in _sizes(length, s) for d, length in zip(dims, spatial))
-               for s in range(1, max(spatial) + 1))
-
-
 _TOKEN_ATTRIBUTES = _PREFIX_PARAMETERS + ("num_prefix_tokens", "patch_size", "patch_embed",
                                           "pos_embed", "pos_encoding", "seq_length")
 _TOKEN_CLASS_WORDS = ("Attention", "Transformer", "ViT", "Vit", "Swin", "MViT", "DeiT")
@@ -284,7 +282,9 @@ def is_token_model(model: nn.Module) -> bool:
 def _channels_last_model(model: nn.Module) -> bool:
     """Models that say their stages are channels-last (torchvision Swin, timm NHWC models)."""
     return getattr(model, "output_fmt", None) == "NHWC" or (
-        type(model).__name__.startswith("Swin") and hasattr(model, "permute"))
+        type(model).__name__.startswith("Swin") and (
+            hasattr(model, "permute")  # torchvision's SwinTransformer (v1, v2)
+            or type(model).__module__.startswith("torchvision.models.video.swin")))
 
 
 def infer_token_layout(model: nn.Module, shape: Sequence[int], input_shape: Sequence[int],
@@ -311,8 +311,8 @@ def infer_token_layout(model: nn.Module, shape: Sequence[int], input_shape: Sequ
             "per spatial dimension, e.g. TokenLayout(prefix=1, grid=(14, 14)) for an image")
     if len(shape) == len(input_shape):
         if given.channels_last or (layout is None and _channels_last_model(model)
-                                   and _is_grid(shape[1:-1], spatial)
-                                   and not _is_grid(shape[2:], spatial)):
+                                   and is_grid(shape[1:-1], spatial)
+                                   and not is_grid(shape[2:], spatial)):
             return TokenLayout(grid=shape[1:-1], channels_last=True)
         if layout is None:
             return None
