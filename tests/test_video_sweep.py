@@ -21,7 +21,13 @@ from scipy import ndimage
 
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.driver import SaliencyDebug
-from torchray_like.attribution.layer_choice import find_saliency_layer
+from torchray_like.attribution.layer_choice import (
+    BranchLayerWarning,
+    LayerChoice,
+    choose_layer,
+    find_contrast_layer,
+    find_saliency_layer,
+)
 from torchray_like.attribution.lrp import lrp_conservation
 from torchray_like.attribution.maps import Shape
 from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
@@ -234,8 +240,11 @@ def test_volume_every_method_gives_its_map_for_both_binary_targets(method, targe
     model, x = volume()
     expected = (2, 1, 3, 4, 4) if method in LAYER_RES else (2, 1, 6, 8, 8)
     with warnings.catch_warnings():
-        # Expected: target 0's TorchRay note, excitation's note on the residual sum; no other.
+        # Expected: target 0's TorchRay note, excitation's note on the residual sum, the
+        # automatic layer's note that it is a branch (test below); no other.
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "saliency_layer was chosen automatically: 'relu2'",
+                                BranchLayerWarning)
         warnings.filterwarnings("ignore", "target 0 on a single-logit head",
                                 TorchRayDifferenceWarning)
         warnings.filterwarnings("ignore", "excitation backprop split the signal of 1 residual",
@@ -447,16 +456,46 @@ def test_volume_map_options_that_do_not_fit_3d_are_refused_clearly():
         METHODS["grad_cam"](model, x, 1, saliency_layer="head")
 
 
-def test_volume_contrastive_excitation_refuses_a_contrast_layer_inside_the_residual_sum():
-    """The automatic contrast layer (relu2) lies on one branch of the residual sum: refused,
-    naming contrast_layer; a layer every path crosses (the pooling) works."""
+def test_volume_automatic_layer_on_a_branch_warns_and_names_the_last_cut():
+    """The residual sum is written in forward (h + relu2(block(h))): Grad-CAM's rule picks
+    relu2, which the skip goes around; it warns naming the last layer every path crosses (the
+    pooling), and Grad-CAM there equals the call naming it."""
     model, x = volume()
-    with pytest.raises(ValueError, match=r"contrast_layer 'relu2' does not cut the network"):
-        METHODS["contrastive_excitation_backprop"](model, x, 1)
+    assert choose_layer(model, x) == LayerChoice("relu2", "pool")
+    with pytest.warns(BranchLayerWarning, match=r"'relu2', the last layer that qualifies, lies "
+                      r"on one branch of VolumeNet .* pass saliency_layer='pool' for the whole "
+                      r"network, or pass saliency_layer='relu2' to keep this one"):
+        assert find_saliency_layer(model, x) == "relu2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a named layer: no warning
+        at_pool = call("grad_cam", model, x, 1, saliency_layer="pool")
+        at_relu2 = call("grad_cam", model, x, 1, saliency_layer="relu2")
+    with pytest.warns(BranchLayerWarning):
+        torch.testing.assert_close(call("grad_cam", model, x, 1), at_relu2)
+    assert not torch.allclose(at_pool, at_relu2)
+    # Without the skip, relu2 cuts the network: no warning.
+    plain = copy.deepcopy(model)
+    plain.forward = lambda h: plain.head(plain.gap(plain.relu2(plain.block(plain.pool(
+        plain.relu(plain.bn(plain.stem(h))))))).flatten(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_saliency_layer(plain, x) == "relu2"
+
+
+def test_volume_contrastive_excitation_contrasts_at_the_last_layer_that_cuts_the_network():
+    """The contrast needs a layer every path crosses: the automatic contrast layer is the
+    pooling, not Grad-CAM's relu2 (which the skip goes around); the map equals the call naming
+    it, and naming relu2 is refused, naming contrast_layer."""
+    model, x = volume()
+    assert find_contrast_layer(model, x) == "pool"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TorchRayDifferenceWarning)
+        auto = call("contrastive_excitation_backprop", model, x, 1)
         smap = call("contrastive_excitation_backprop", model, x, 1, contrast_layer="pool")
+        with pytest.raises(ValueError, match=r"contrast_layer 'relu2' does not cut the network"):
+            METHODS["contrastive_excitation_backprop"](model, x, 1, contrast_layer="relu2")
     check_map(smap, (2, 1, 6, 8, 8), x)
+    torch.testing.assert_close(auto, smap)
 
 
 @pytest.mark.parametrize("method", ["gradient", "grad_cam", "integrated_gradients", "rise",

@@ -15,24 +15,27 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import get_gradient_edge
 
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_grad_mode, check_input, layout_hint
 from .modules import ModelScan, call_scan, check_model, opaque_modules, unwrap_compiled
+from .reporting import warn_caller
 from .state import model_state_guard
 from .targets import Target, parse_target
 from .tokens import infer_token_layout, is_token_model
 
-__all__ = ["find_saliency_layer", "resolve_layer", "reachable_saliency_layer", "LayerType",
+__all__ = ["find_saliency_layer", "find_contrast_layer", "choose_layer", "LayerChoice",
+           "BranchLayerWarning", "resolve_layer", "reachable_saliency_layer", "LayerType",
            "LAYER_CACHE"]
 
 LayerType = Union[str, nn.Module, None]
 
 
-#: The automatic choices made so far: model -> {(input signature, module structure): layer
-#: name}.  Weak keys: the cache never keeps a model alive, and its entries go with the model.
-#: Read it, or drop a model's entries with ``LAYER_CACHE.pop(model, None)``.
-LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple, str]]" = (
+#: The automatic choices made so far: model -> {(input signature, module structure):
+#: :class:`LayerChoice`}.  Weak keys: the cache never keeps a model alive, and its entries go
+#: with the model.  Read it, or drop a model's entries with ``LAYER_CACHE.pop(model, None)``.
+LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple, LayerChoice]]" = (
     weakref.WeakKeyDictionary())
 _LAYER_CACHE_LOCK = threading.Lock()
 _LAYER_CACHE_PER_MODEL = 8
@@ -65,13 +68,18 @@ class _Record:
     own_params: bool                   # the module itself holds parameters
     alias: bool                        # it returned an earlier module's output it was given
     tensor: Optional[torch.Tensor] = None  # the output, kept by reachable_saliency_layer
+    edge: Any = None  # with keep: the output's gradient edge when the module returned it
 
 
-def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
-                    ) -> Tuple[List[_Record], Dict[str, int], Any]:
+def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
+                    first_only: Optional[bool] = None
+                    ) -> Tuple[List[_Record], Dict[str, int], Any, Any]:
     """Run the model once with a forward hook on every named module: on the first sample
-    only, under ``no_grad``; or, with ``keep``, on the whole batch with autograd recording,
-    keeping the outputs.  A failure is explained with the whole input's shape."""
+    only, under ``no_grad``; or, with ``keep``, with autograd recording, keeping the outputs
+    and their gradient edges (on the whole batch unless ``first_only``).  Returns the records,
+    the calls per module, the output and (with ``keep``) the input leaf's gradient edge node.
+    A failure is explained with the whole input's shape."""
+    first_only = not keep if first_only is None else first_only
     records: List[_Record] = []
     calls: Dict[str, int] = {}
     outputs: Dict[int, Tuple[torch.Tensor, int]] = {}  # id -> (output, its version then)
@@ -90,7 +98,9 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
                 and output._version == outputs[id(output)][1]
             records.append(_Record(
                 name, tuple(output.shape) if floating else None, has_params, own_params,
-                alias, output if keep and floating else None))
+                alias, output if keep and floating else None,
+                get_gradient_edge(output) if keep and floating and output.requires_grad
+                else None))
             if floating:
                 outputs[id(output)] = (output, output._version)  # held: ids stay unique
         return hook
@@ -113,12 +123,12 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool
             # With ``keep`` the copy comes from a leaf that requires grad: the outputs are on a
             # graph even when every parameter is frozen, and the copy itself is no leaf (an
             # in-place normalisation of the input in the forward pass still works).
-            output = call_model(model, (input if keep else input[:1]).detach()
-                                .requires_grad_(keep).clone(), input)
+            leaf = (input[:1] if first_only else input).detach().requires_grad_(keep)
+            output = call_model(model, leaf.clone(), input)
     finally:
         for handle in handles:
             handle.remove()
-    return records, calls, output
+    return records, calls, output, get_gradient_edge(leaf).node if keep else None
 
 
 def _class_counts(output: Any) -> Set[int]:
@@ -188,19 +198,22 @@ def _collapsing_block(model: nn.Module, records: List[_Record], i: int, end: int
 
 
 def _last_candidate(model: nn.Module, records: List[_Record], calls: Dict[str, int], end: int,
-                    input_shape: torch.Size, batch: int) -> Optional[int]:
+                    input_shape: torch.Size, batch: int,
+                    accept: Optional[Callable[[int], bool]] = None) -> Optional[int]:
     """The index of the last record before ``end`` that qualifies as a map (see
     :func:`find_saliency_layer`), preferring one outside blocks that reduce parallel paths to
     a single position (:func:`_collapsing_block`; small inputs: ResNet-50 at 32² would read
     ``layer4.0.bn1``, which its strided shortcut goes around, instead of ``layer3``); when no
-    record outside qualifies, the last one inside."""
+    record outside qualifies, the last one inside.  ``accept`` (index -> bool) rules out more
+    records (:func:`_cut_choice`: those the network goes around)."""
     rank = len(input_shape)
     outside: Tuple[str, ...] = ()
     chosen = None
     for i in range(end - 1, -1, -1):
         r = records[i]
         if not _spatial(r.shape, rank, batch) or calls[r.name] != 1 or r.alias or \
-                r.name.startswith(outside) or _channels_last(records, i, end, input_shape):
+                r.name.startswith(outside) or _channels_last(records, i, end, input_shape) or \
+                (accept is not None and not accept(i)):
             continue
         block = _collapsing_block(model, records, i, end, rank, batch)
         if block is None:
@@ -266,7 +279,7 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
     (torchvision ``encoder.layers.encoder_layer_{L-1}.ln_1``, timm ``blocks.{L-1}.norm1``,
     MViT ``blocks.{L-1}.norm1``), pytorch-grad-cam's usual choice; with a pooled head, on the
     last block's output.  One forward and backward pass on the first sample, with autograd."""
-    records, calls, output = _record_forward(model, input[:1], keep=True)
+    records, calls, output, _ = _record_forward(model, input[:1], keep=True)
     end = _head_start(records, classes, input.dim(), 1)
     width = (last.shape or (0,))[-1]
     candidates = [r for r in records[:end] if r.tensor is not None and r.has_params
@@ -361,9 +374,101 @@ def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
         + "; " + _ADVICE)
 
 
-def _discover_layer(model: nn.Module, input: torch.Tensor) -> str:
-    records, calls, output = _record_forward(model, input, keep=False)
-    return _choose(model, input, records, calls, output, 1)
+@dataclass(frozen=True)
+class LayerChoice:
+    """An automatic choice of :func:`find_saliency_layer` (the values of :data:`LAYER_CACHE`).
+
+    Attributes
+    ----------
+    name : str
+        The layer chosen.
+    cut : str or None
+        ``name`` when every path from the input to the output goes through that layer's
+        output; else the last layer that qualifies and does, ``None`` when none does.  A
+        transformer's token layer is taken as it is (its residual stream goes around it by
+        design).
+    """
+
+    name: str
+    cut: Optional[str]
+
+
+class BranchLayerWarning(UserWarning):
+    """The automatically chosen layer lies on one branch of the network: the output also
+    depends on the input by a path around it (a skip or residual sum written in ``forward``),
+    so a map read there explains part of the network."""
+
+
+def _cuts(roots: List[Any], stop: Any, leaf: Any) -> bool:
+    """Whether every path of the autograd graph to the node ``leaf`` from each edge of
+    ``roots`` that reaches the edge ``stop`` goes through it (``stop``: a module's output, as
+    :func:`get_gradient_edge` gave it when the module returned it; in-place changes made later
+    hang below their own nodes).  Outputs that do not depend on ``stop`` (another head) do not
+    count."""
+    def blocked(node: Any, nr: int) -> bool:
+        return node is stop.node and nr == stop.output_nr
+
+    for root in roots:
+        stack = [root.node]
+        seen = set()
+        if blocked(root.node, root.output_nr):
+            continue  # the output is the layer's own
+        met = around = False
+        while stack:
+            node = stack.pop()
+            if node is leaf:
+                around = True
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for nxt, nr in node.next_functions:
+                if nxt is None:
+                    continue
+                if blocked(nxt, nr):
+                    met = True
+                else:
+                    stack.append(nxt)
+        if met and around:
+            return False
+    return True
+
+
+def _floating_outputs(output: Any) -> List[torch.Tensor]:
+    values = output.values() if isinstance(output, dict) else (
+        output if isinstance(output, (tuple, list)) else [output])
+    return [t for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
+                calls: Dict[str, int], output: Any, leaf: Any, name: str) -> Optional[str]:
+    """:attr:`LayerChoice.cut` for the layer ``name`` chosen from ``records`` (a pass with
+    ``keep`` on the first sample)."""
+    index = next(i for i in range(len(records) - 1, -1, -1) if records[i].name == name)
+    roots = [get_gradient_edge(t) for t in _floating_outputs(output) if t.requires_grad]
+    if not _spatial(records[index].shape, input.dim(), 1) or not roots:
+        return name  # a token layer, or an output autograd does not see: taken as it is
+
+    def cut(i: int) -> bool:
+        return records[i].edge is not None and _cuts(roots, records[i].edge, leaf)
+
+    if cut(index):
+        return name
+    end = _head_start(records, _class_counts(output), input.dim(), 1)
+    found = _last_candidate(model, records, calls, end, input.shape, 1, accept=cut)
+    return None if found is None else records[found].name
+
+
+def _discover_layer(model: nn.Module, input: torch.Tensor) -> LayerChoice:
+    # One pass on the first sample with autograd: the rule reads the module outputs, the cut
+    # check their graph.
+    records, calls, output, leaf = _record_forward(model, input, keep=True, first_only=True)
+    try:
+        name = _choose(model, input, records, calls, output, 1)
+        return LayerChoice(name, _cut_choice(model, input, records, calls, output, leaf, name))
+    finally:
+        for r in records:
+            r.tensor = r.edge = None  # free the graph
 
 
 def reachable_saliency_layer(model: nn.Module, input: torch.Tensor, target: Any) -> str:
@@ -375,7 +480,7 @@ def reachable_saliency_layer(model: nn.Module, input: torch.Tensor, target: Any)
     target's scores down to every module output, and applies the same rule to the modules they
     reach.  Raises a :class:`ValueError` listing what was seen when none qualifies.
     """
-    records, calls, output = _record_forward(model, input, keep=True)
+    records, calls, output, _ = _record_forward(model, input, keep=True)
     parsed = target if isinstance(target, Target) else parse_target(target, input.shape[0])
     scores, seed = parsed.seed(output)
     kept = [(r, r.tensor) for r in records if r.tensor is not None and r.tensor.requires_grad]
@@ -439,10 +544,19 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
     ``F.relu``: the layer is read before that ReLU (the probe keeps a copy).  Pass a layer
     explicitly when you want another one.
 
-    Cost: the discovery runs one forward pass on the first sample, without autograd, in eval mode
-    and with the global RNG state restored.  The answer is cached per model (held by a weak
-    reference, so the cache never keeps a model alive) and per input shape, dtype, device type
-    and module structure, so repeated calls cost nothing more.  The cache assumes the model's
+    A layer the network goes around — the output also depends on the input by another path, a
+    skip or residual sum written in the model's ``forward`` (``h = h + self.block(h)``) — is
+    still chosen by the rule, but with a :class:`BranchLayerWarning` naming the last layer that
+    qualifies and that every path crosses (:class:`LayerChoice`; a map there explains the whole
+    network, one on a branch only part of it).  Blocks that hold their residual sum inside a
+    module (torchvision's) are cut by their outputs: no warning.  Token layers are exempt
+    (a transformer's residual stream goes around every block by design).
+
+    Cost: the discovery runs one forward pass on the first sample, with autograd (the cut
+    check walks its graph), in eval mode and with the global RNG state restored.  The answer is
+    cached per model (held by a weak reference, so the cache never keeps a model alive) and
+    per input shape, dtype, device type and module structure, so repeated calls cost nothing
+    more.  The cache assumes the model's
     layer shapes depend only on the input shape (no data-dependent control flow).
 
     Parameters
@@ -464,15 +578,42 @@ def find_saliency_layer(model: nn.Module, input: torch.Tensor) -> str:
         or a token model none of whose token layers has an inferable layout), or the model is
         a TorchScript module.
     """
+    choice = choose_layer(model, input)
+    if choice.cut != choice.name:
+        warn_caller(
+            f"saliency_layer was chosen automatically: {choice.name!r}, the last layer that "
+            f"qualifies, lies on one branch of {type(model).__name__} — the output also "
+            "depends on the input by a path around it (a skip or residual sum written in "
+            "forward), so a map read there explains part of the network; "
+            + (f"{choice.cut!r} is the last layer every path goes through: pass "
+               f"saliency_layer={choice.cut!r} for the whole network, or "
+               if choice.cut is not None else "no layer that qualifies cuts the network: ")
+            + f"pass saliency_layer={choice.name!r} to keep this one", BranchLayerWarning)
+    return choice.name
+
+
+def choose_layer(model: nn.Module, input: torch.Tensor) -> LayerChoice:
+    """The :class:`LayerChoice` behind :func:`find_saliency_layer` (no warning): the layer and
+    the last one that cuts the network (cached alike)."""
     if not isinstance(model, nn.Module):
         check_model(model)  # the TypeError saying what a model must be
     # One walk of the module tree for the checks and the cache key (the scan of the method
     # call this runs in, if any).
     with call_scan(model) as scan:
-        return _find_saliency_layer(model, input, scan)
+        return _choose_layer(model, input, scan)
 
 
-def _find_saliency_layer(model: nn.Module, input: torch.Tensor, scan: ModelScan) -> str:
+def find_contrast_layer(model: nn.Module, input: torch.Tensor) -> str:
+    """The automatic ``contrast_layer`` of contrastive excitation backprop: the automatic
+    saliency layer when the network cannot go around it, else the last layer that qualifies
+    and cuts the network (:attr:`LayerChoice.cut`); the contrast needs a layer every path
+    crosses.  When none does, the automatic layer (the method then says it does not cut the
+    network)."""
+    choice = choose_layer(model, input)
+    return choice.name if choice.cut is None else choice.cut
+
+
+def _choose_layer(model: nn.Module, input: torch.Tensor, scan: ModelScan) -> LayerChoice:
     check_model(model)
     model = unwrap_compiled(model)  # torch.compile(model): the names of the original module
     check_input(input, needs_grad=False)
@@ -490,16 +631,16 @@ def _find_saliency_layer(model: nn.Module, input: torch.Tensor, scan: ModelScan)
         raise ValueError(hint)
     key = _cache_key(scan, input)
     with _LAYER_CACHE_LOCK:
-        name = LAYER_CACHE.get(model, {}).get(key)
-    if name is not None:
-        return name
-    name = _discover_layer(model, input)
+        choice = LAYER_CACHE.get(model, {}).get(key)
+    if choice is not None:
+        return choice
+    choice = _discover_layer(model, input)
     with _LAYER_CACHE_LOCK:
         entries = LAYER_CACHE.setdefault(model, {})
         if len(entries) >= _LAYER_CACHE_PER_MODEL:
             entries.pop(next(iter(entries)))  # oldest first: dicts keep insertion order
-        entries[key] = name
-    return name
+        entries[key] = choice
+    return choice
 
 
 def resolve_layer(model: nn.Module, input: torch.Tensor, saliency_layer: LayerType

@@ -28,7 +28,7 @@ from .guided_grad_cam import guided_grad_cam
 from .hires_cam import hires_cam
 from .integrated_gradients import integrated_gradients
 from .layer_cam import layer_cam
-from .layer_choice import find_saliency_layer
+from .layer_choice import find_contrast_layer
 from .linear_approx import linear_approx
 from .method import description
 from .occlusion import occlusion
@@ -118,9 +118,11 @@ def contrastive_excitation_backprop_map(model: nn.Module, input: torch.Tensor,
     """:func:`~.excitation_backprop.contrastive_excitation_backprop` with default layers
     (``METHODS["contrastive_excitation_backprop"]``): the map at the input
     (``saliency_layer=""``) and the contrast at the layer Grad-CAM would choose
-    (:func:`~.layer_choice.find_saliency_layer`: the last spatial layer)."""
+    (:func:`~.layer_choice.find_saliency_layer`: the last spatial layer), or — when the
+    network goes around that layer (a residual sum written in ``forward``) — at the last such
+    layer that every path crosses (:func:`~.layer_choice.find_contrast_layer`)."""
     if contrast_layer is None:
-        contrast_layer = find_saliency_layer(model, input)
+        contrast_layer = find_contrast_layer(model, input)
     smap = contrastive_excitation_backprop(model, input, target, saliency_layer, contrast_layer,
                                            *args, **options)
     return smap[0] if isinstance(smap, tuple) else smap  # debug=True: the map
