@@ -474,3 +474,18 @@ def test_module_layout_verdicts(convnext: nn.Module, maxvit: nn.Module) -> None:
     assert verdicts["features.1.0"] is None and verdicts["features.0.1"] is None  # LayerNorm2d
     refused = module_layout(maxvit, maxvit.get_submodule(f"{MAXVIT_WINDOW}.partition_op"), 4)
     assert isinstance(refused, tuple) and refused[0] == "refuse"
+
+
+def test_sequential_order_trusted_only_when_forward_is_sequentials() -> None:
+    """A GELU after a convolution in an nn.Sequential has the convolution's layout; inside an
+    nn.Sequential subclass with its own forward (a residual here) nothing is decided."""
+
+    class Residual(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GELU(), Residual(nn.GELU()),
+                          nn.Sequential(nn.GELU()), Permute([0, 2, 3, 1]), nn.GELU())
+    verdicts = [module_layout(model, model[i], 4) for i in range(6)]
+    assert verdicts == ["first", "first", None, None, "last", "last"]
+    assert module_layout(model, model[2][0], 4) is None

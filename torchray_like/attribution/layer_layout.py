@@ -19,8 +19,9 @@ produced the tensor makes certain:
 * convolutions, batch / group / instance norms and pooling give channels-first maps.
 * a module that keeps its input's layout (activations, dropout, ``Identity``, torchvision's
   ``StochasticDepth``) has the layout of the module run before it when both are children of an
-  ``nn.Sequential`` (whose order is its execution order); an ``nn.Sequential`` has the layout
-  of its last child.  Elsewhere nothing is certain and nothing is decided here.
+  ``nn.Sequential`` (whose order is its execution order, unless a subclass overrides
+  ``forward``); such an ``nn.Sequential`` has the layout of its last child.  Elsewhere
+  nothing is certain and nothing is decided here.
 * anything inside a window-partitioned attention layer (a module with ``partition_op`` and
   ``departition_op``: torchvision's MaxViT) except the departition itself is refused.
 
@@ -140,11 +141,16 @@ class _Tree:
 Decision = Tuple[Verdict, Optional[nn.Module]]
 
 
+def _in_order(module: nn.Module) -> bool:
+    """An nn.Sequential that runs its children in order (its forward not overridden)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def _decide(tree: _Tree, module: nn.Module, rank: int, depth: int = 0) -> Decision:
     """The verdict on ``module``'s output and the module whose kind gave it."""
     if depth >= 32:
         return None, None
-    if isinstance(module, nn.Sequential) and len(module) > 0:
+    if _in_order(module) and len(module) > 0:
         return _decide(tree, module[len(module) - 1], rank, depth + 1)
     own = _own_verdict(module, rank)
     if own != "keep":
@@ -156,7 +162,7 @@ def _decide_before(tree: _Tree, module: nn.Module, rank: int, depth: int) -> Dec
     """The verdict on ``module``'s input, when an enclosing nn.Sequential (whose order is the
     execution order) makes it known: the previous child's output, or the Sequential's input."""
     parent = tree.parent.get(id(module))
-    if parent is None or not isinstance(parent[0], nn.Sequential) or depth >= 32:
+    if parent is None or not _in_order(parent[0]) or depth >= 32:
         return None, None
     children = list(parent[0])
     index = next(i for i, child in enumerate(children) if child is module)
