@@ -726,3 +726,48 @@ def test_automatic_layer_of_a_video_model_has_the_inputs_rank():
     x = torch.randn(1, 3, 4, 6, 6)
     assert find_saliency_layer(model, x) == "conv"
     assert grad_cam(model, x, 1).shape == (1, 1, 4, 6, 6)
+
+
+class SkipInForward(nn.Module):
+    """Residual sums written in forward: an in-place ``+=`` on a module's output (the skip
+    joins the graph *after* the module returned) and a long skip from the stem to the head."""
+
+    def __init__(self, long_skip: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.long_skip = long_skip
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        h = torch.relu(self.conv1(s))
+        out = self.conv2(h)
+        out += s                      # conv2's output is a branch: s goes around it
+        if self.long_skip:
+            out = out + self.stem[0](x)  # stem.0 called twice: no layer qualifies and cuts
+        return self.head(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("long_skip, cut", [(False, "stem"), (True, None)])
+def test_automatic_layer_on_a_branch_warns_naming_the_last_cut(long_skip, cut):
+    model, x = SkipInForward(long_skip).eval(), torch.randn(2, 3, 6, 6)
+    choice = layer_choice.choose_layer(model, x)
+    assert choice == layer_choice.LayerChoice("conv2", cut)
+    advice = (rf"'{cut}' is the last layer every path goes through: pass saliency_layer='{cut}'"
+              if cut else "no layer that qualifies cuts the network")
+    with pytest.warns(layer_choice.BranchLayerWarning, match=rf"'conv2', the last layer that "
+                      rf"qualifies, lies on one branch of SkipInForward .*; {advice}"):
+        smap = grad_cam(model, x, [0, 1])
+    torch.testing.assert_close(smap, grad_cam(model, x, [0, 1], saliency_layer="conv2"))
+    assert layer_choice.find_contrast_layer(model, x) == (cut or "conv2")
+
+
+def test_a_layer_feeding_one_head_whole_is_a_cut():
+    """Outputs that do not depend on a layer do not make it a branch: each head's own layers
+    cut the network for the output they feed (no warning on TwoHeads' auxiliary head)."""
+    model, x = TwoHeads().eval(), torch.randn(1, 3, 8, 8)
+    assert layer_choice.choose_layer(model, x) == layer_choice.LayerChoice(
+        "aux_classifier.1", "aux_classifier.1")
