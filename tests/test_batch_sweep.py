@@ -39,7 +39,7 @@ import torch.nn as nn
 from tests.transformer_models import ExplicitViT, make_vit
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.explain import explain
-from torchray_like.attribution.integrated_gradients import integrated_gradients, resolve_baseline
+from torchray_like.attribution.integrated_gradients import integrated_gradients
 from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS, MethodRegistry
 from torchray_like.attribution.rise import rise
 from torchray_like.attribution.smooth_grad import smooth_grad
@@ -417,20 +417,22 @@ def test_smooth_grad_noise_bank_slices_reproduce_rows():
             assert_rows_equal(batched, single, f"smooth_grad {kind} {method}")
 
 
-def test_smooth_grad_seeded_noise_depends_on_the_batch_position_as_documented():
-    """A seed draws the noise row by row over the batch (copy k of image i is row k·N + i): the
-    noise an image gets depends on N and on its position, so a seeded batch row is not the
-    seeded single call; the noise bank is the way to reproduce a row alone (test above)."""
+def test_smooth_grad_seeded_noise_is_the_images_own():
+    """A seed draws each image's noise with its own generator (image n: seed s + n), so a
+    seeded batch row is the seeded single call of that image (up to float rounding of the
+    batched forward passes), whatever the batch size."""
     model, x = conv_net(2), hostile_batch((12, 12), seed=8)
     batched = smooth_grad(model, x, TARGETS, n_samples=4, seed=3)
-    first = smooth_grad(model, x[:1], TARGETS[0], n_samples=4, seed=3)
-    assert not torch.allclose(batched[:1], first)
-    assert "position in the batch" in " ".join(smooth_grad.__doc__.split())
+    single = torch.cat([smooth_grad(model, x[i:i + 1], TARGETS[i], n_samples=4, seed=3 + i)
+                        for i in range(3)])
+    assert_rows_equal(batched, single, "smooth_grad seed=3")
+    assert_rows_equal(smooth_grad(model, x, TARGETS, n_samples=4, seed=3, batch_size=5), single,
+                      "smooth_grad seed=3 batch_size=5")
 
 
 def test_integrated_gradients_baselines():
     """A tensor baseline (one per image) reproduces each row alone; the ``"uniform"`` baseline
-    is drawn for the whole batch (its docstring says so), like SmoothGrad's seeded noise."""
+    is drawn image by image (seed s + n), like SmoothGrad's seeded noise."""
     model, x = conv_net(2), hostile_batch((12, 12), seed=9)
     base = torch.rand(x.shape, generator=torch.Generator().manual_seed(2))
     fast = {"n_steps": 6, "internal_batch_size": 4}
@@ -442,17 +444,9 @@ def test_integrated_gradients_baselines():
             **fast) for i in range(3)])
         assert_rows_equal(batched, single, f"integrated_gradients baseline={type(baseline)}")
     batched = integrated_gradients(model, x, TARGETS, baseline="uniform", generator=3, **fast)
-    first = integrated_gradients(model, x[:1], TARGETS[0], baseline="uniform", generator=3,
-                                 **fast)
-    assert torch.allclose(batched[:1], first, rtol=1e-5, atol=1e-9)  # row 0 draws first
-    second = integrated_gradients(model, x[1:2], TARGETS[1], baseline="uniform", generator=3,
-                                  **fast)
-    assert not torch.allclose(batched[1:2], second)
-    drawn = resolve_baseline("uniform", x, 3)  # the docstring's way to reproduce a row alone
-    assert_rows_equal(batched, torch.cat([integrated_gradients(
-        model, x[i:i + 1], TARGETS[i], baseline=drawn[i:i + 1], **fast) for i in range(3)]),
-        "integrated_gradients uniform baseline as a tensor")
-    assert "drawn for the whole batch at once" in " ".join(integrated_gradients.__doc__.split())
+    single = torch.cat([integrated_gradients(model, x[i:i + 1], TARGETS[i], baseline="uniform",
+                                             generator=3 + i, **fast) for i in range(3)])
+    assert_rows_equal(batched, single, "integrated_gradients uniform baseline, seed 3 + n")
 
 
 # ---------------------------------------------------------------------------------------------

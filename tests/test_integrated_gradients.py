@@ -197,9 +197,15 @@ def test_uniform_baseline_is_seeded_and_leaves_the_global_rng():
     x = data()
     state = torch.get_rng_state()
     a = resolve_baseline("uniform", x, generator=3)
-    b = resolve_baseline("uniform", x, generator=torch.Generator().manual_seed(3))
+    b = resolve_baseline("uniform", x, generator=[3, 4])
     c = resolve_baseline("uniform", x)
     assert torch.equal(a, b) and not torch.equal(a, resolve_baseline("uniform", x, 4))
+    # Image n's baseline is drawn with seed s + n: the same as that image's alone.
+    assert torch.equal(a[1:], resolve_baseline("uniform", x[1:], 4))
+    g = resolve_baseline("uniform", x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(g, resolve_baseline("uniform", x, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="generator has 3 entries but the batch has 2 images"):
+        resolve_baseline("uniform", x, generator=[1, 2, 3])
     assert torch.equal(c, resolve_baseline("uniform", x))
     assert torch.equal(state, torch.get_rng_state())
     for i in range(2):

@@ -134,9 +134,18 @@ def test_seeded_batch_size_independent_and_global_rng_untouched():
     state = torch.get_rng_state()
     a = smooth_grad(nn.Identity(), x, 0, identity, n_samples=5, generator=3, batch_size=1)
     b = smooth_grad(nn.Identity(), x, 0, identity, n_samples=5, seed=3, batch_size=7)
-    c = smooth_grad(nn.Identity(), x, 0, identity, n_samples=5,
-                    generator=torch.Generator().manual_seed(3), batch_size=10)
+    c = smooth_grad(nn.Identity(), x, 0, identity, n_samples=5, generator=[3, 4],
+                    batch_size=10)
     assert torch.equal(a, b) and torch.equal(a, c)
+    # A generator gives the seed s by one draw (image n: s + n), reproducibly.
+    g = smooth_grad(nn.Identity(), x, 0, identity, n_samples=5,
+                    generator=torch.Generator().manual_seed(3))
+    assert torch.equal(g, smooth_grad(nn.Identity(), x, 0, identity, n_samples=5,
+                                      generator=torch.Generator().manual_seed(3)))
+    # Image n of a seeded batch is the call of that image alone with seed s + n.
+    for n in range(x.shape[0]):
+        assert torch.equal(a[n:n + 1], smooth_grad(nn.Identity(), x[n:n + 1], 0, identity,
+                                                   n_samples=5, generator=3 + n))
     assert not torch.equal(a, smooth_grad(nn.Identity(), x, 0, identity, n_samples=5,
                                           generator=4))
     d = smooth_grad(model, x, 1, n_samples=6)

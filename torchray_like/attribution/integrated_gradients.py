@@ -48,7 +48,7 @@ from .maps import finish_map, smooth_saliency
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import get_module, layer_label
 from .reporting import progress_bar
-from .seeding import GeneratorType, make_generator
+from .seeding import GeneratorsType, image_generators
 from .state import autograd_grad, model_state_guard
 from .targets import Target, TargetType, parse_target
 from .tokens import TokensType, check_tokens, layer_tokens, tokens_to_map
@@ -186,13 +186,24 @@ def blur_baseline(sigma: Union[float, Sequence[float]]) -> Callable[[torch.Tenso
     return blur
 
 
-def uniform_baseline(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Uniform noise between each image's minimum and maximum, drawn with ``generator`` (on the
-    CPU, so that a seed gives the same baseline on every device)."""
+def uniform_baseline(x: torch.Tensor,
+                     generator: Union[torch.Generator, Sequence[torch.Generator]]
+                     ) -> torch.Tensor:
+    """Uniform noise between each image's minimum and maximum, drawn with ``generator`` — one
+    for the whole batch, or one per image (:func:`~.seeding.image_generators`: then an image's
+    baseline does not depend on the rest of the batch) — on the CPU, so that a seed gives the
+    same baseline on every device."""
     flat = x.detach().flatten(1)
     low, high = flat.amin(1), flat.amax(1)
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    u = torch.rand(x.shape, generator=generator, dtype=dtype).to(x.device, x.dtype)
+    if isinstance(generator, torch.Generator):
+        u = torch.rand(x.shape, generator=generator, dtype=dtype)
+    else:
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"generator has {len(generator)} entries but the batch has "
+                             f"{x.shape[0]} images; give one per image, or a single one")
+        u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=dtype) for g in generator])
+    u = u.to(x.device, x.dtype)
     shape = (-1,) + (1,) * (x.dim() - 1)
     return low.view(shape) + u * (high - low).view(shape)
 
@@ -217,12 +228,13 @@ def _check_baseline_tensor(value: Any, input: torch.Tensor, what: str) -> torch.
 
 
 def resolve_baseline(baseline: BaselineType, input: torch.Tensor,
-                     generator: GeneratorType = None) -> torch.Tensor:
+                     generator: GeneratorsType = None) -> torch.Tensor:
     """The baseline as a tensor shaped like ``input``.
 
     ``None`` or ``"zeros"``: zeros; a number: that constant; ``"blur"``: the input blurred by
     a Gaussian of a tenth of its largest spatial size (:func:`blur_baseline` for another
-    sigma); ``"uniform"``: :func:`uniform_baseline` drawn with ``generator``; a tensor
+    sigma); ``"uniform"``: :func:`uniform_baseline` drawn image by image with the generators
+    of ``generator`` (:func:`~.seeding.image_generators`: seed ``s + n`` for image ``n``); a tensor
     broadcastable to the input; a callable ``input -> tensor``.
     """
     x = input.detach()
@@ -232,7 +244,7 @@ def resolve_baseline(baseline: BaselineType, input: torch.Tensor,
         if baseline == "blur":
             return blur_baseline(0.1 * max(x.shape[2:]))(x)
         if baseline == "uniform":
-            return uniform_baseline(x, make_generator(generator))
+            return uniform_baseline(x, image_generators(generator, x.shape[0]))
         raise ValueError(f"baseline must be one of {', '.join(map(repr, BASELINES))}, a number, "
                          f"a tensor or a callable input -> tensor, got {baseline!r}")
     if isinstance(baseline, Real) and not isinstance(baseline, (bool, np.bool_)):
@@ -392,7 +404,7 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
                          rule: str = "gausslegendre", internal_batch_size: int = 64,
                          return_convergence_delta: bool = False, reduce: Optional[str] = "sum",
                          resize: Any = False, resize_mode: str = "bilinear",
-                         generator: GeneratorType = None, progress: Optional[bool] = None,
+                         generator: GeneratorsType = None, progress: Optional[bool] = None,
                          tokens: TokensType = None
                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r"""Integrated-gradients maps (Sundararajan et al. 2017), at the input or at a layer.
@@ -428,11 +440,11 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
         per-channel attribution (Captum's output).
     resize, resize_mode
         Resize the map (see :func:`~torchray_like.attribution.maps.resize_saliency`).
-    generator : torch.Generator, int or None
-        Draws the ``"uniform"`` baseline (``None``: seeded from the global RNG, not advanced).
-        It is drawn for the whole batch at once, so an image's baseline depends on its position
-        in the batch: to explain an image alone with the baseline it had in a batch, pass that
-        baseline as a tensor (``resolve_baseline("uniform", x, generator)[i:i + 1]``).
+    generator : torch.Generator, int, a sequence of them, or None
+        Draws the ``"uniform"`` baseline image by image (:func:`~.seeding.image_seeds`: an int
+        ``s`` seeds image ``n`` with ``s + n``; ``None``: ``s`` from the global RNG, not
+        advanced), so row ``n`` of a seeded batch is the call of that image alone with seed
+        ``s + n``.
     progress : bool, optional
         A progress bar (``None``: when stderr is a terminal).
     tokens : None, False, TokenLayout or callable

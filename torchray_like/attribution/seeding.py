@@ -15,7 +15,8 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["GeneratorType", "GeneratorsType", "global_seed", "make_generator", "image_seeds"]
+__all__ = ["GeneratorType", "GeneratorsType", "global_seed", "make_generator", "image_seeds",
+           "image_generators"]
 
 GeneratorType = Union[torch.Generator, int, None]
 #: A generator per image is accepted too by methods that seed each image on its own.
@@ -98,3 +99,14 @@ def image_seeds(generator: Any, n: int) -> List[int]:
     else:
         base = _seed_from(generator, "generator")
     return [(base + i) % 2 ** 64 for i in range(n)]
+
+
+def image_generators(generator: Any, n: int, seed: Optional[int] = None
+                     ) -> List[torch.Generator]:
+    """One private CPU generator per image, seeded by :func:`image_seeds` (``seed``:
+    TorchRay's spelling of ``generator=int``; giving both is an error)."""
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either generator or seed (an alias of generator=int), not both")
+        generator = seed
+    return [torch.Generator(device="cpu").manual_seed(s) for s in image_seeds(generator, n)]

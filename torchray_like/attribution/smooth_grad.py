@@ -18,15 +18,16 @@ This is not the ``smooth=`` option of the backprop methods, which blurs the fini
 a Gaussian filter; SmoothGrad perturbs the *input* and averages maps.
 
 Every noisy copy is one row of a batch given to the method (copies × images, ``batch_size``
-rows at a time).  The noise is drawn row by row from a private CPU generator, so a seed gives
-the same maps whatever ``batch_size`` and device; ``noise=`` takes the draws themselves (a
-noise bank).
+rows at a time).  Each image's noise is drawn from a private CPU generator of its own (seed
+``s + n`` for image ``n``, as extremal perturbation seeds its images), so a seed gives the same
+maps whatever ``batch_size``, device and batch the image comes in; ``noise=`` takes the draws
+themselves (a noise bank).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,7 @@ from .arguments import check_batch, check_flag, check_number, check_progress, po
 from .integrated_gradients import check_independent_rows
 from .modules import check_model
 from .reporting import progress_bar
-from .seeding import GeneratorType, make_generator
+from .seeding import GeneratorsType, image_generators
 from .targets import Target, TargetType, parse_target
 
 __all__ = ["smooth_grad", "SMOOTH_GRAD_KINDS", "DEFAULT_NOISE_LEVEL", "DEFAULT_SAMPLES"]
@@ -97,11 +98,12 @@ def _check_noise(noise: Any, input: torch.Tensor, n_samples: Any,
 
 class _Noise:
     """The noise of each row (copy k of image i is row ``k · N + i``): from a bank, or drawn
-    row by row with the generator and scaled by each image's σ."""
+    with image i's own generator, copy after copy (rows come in increasing order), and scaled
+    by the image's σ — so an image's noise does not depend on the rest of the batch."""
 
     def __init__(self, input: torch.Tensor, bank: Optional[torch.Tensor], level: float,
-                 generator: Optional[torch.Generator]) -> None:
-        self.input, self.bank, self.generator = input, bank, generator
+                 generators: Optional[List[torch.Generator]]) -> None:
+        self.input, self.bank, self.generators = input, bank, generators
         flat = input.detach().flatten(1)
         self.sigma = (level * (flat.amax(1) - flat.amin(1))).tolist()
         self.dtype = input.dtype if input.dtype in (torch.float32, torch.float64) \
@@ -111,9 +113,9 @@ class _Noise:
         n = self.input.shape[0]
         if self.bank is not None:
             return self.bank[index // n, index % n]
-        assert self.generator is not None
-        draws = [torch.randn(self.input.shape[1:], generator=self.generator, dtype=self.dtype)
-                 * self.sigma[r % n] for r in index.tolist()]
+        assert self.generators is not None
+        draws = [torch.randn(self.input.shape[1:], generator=self.generators[r % n],
+                             dtype=self.dtype) * self.sigma[r % n] for r in index.tolist()]
         return torch.stack(draws).to(self.input.device, self.input.dtype)
 
 
@@ -164,13 +166,13 @@ def _configure_noise(input: torch.Tensor, n_samples: Any, noise_level: Any, nois
         return _Noise(input, _check_noise(noise, input, n_samples, noise_level), 0.0, None)
     level = DEFAULT_NOISE_LEVEL if noise_level is None else check_number(
         noise_level, "noise_level", 0.0)
-    return _Noise(input, None, level, make_generator(generator, seed))
+    return _Noise(input, None, level, image_generators(generator, input.shape[0], seed))
 
 
 def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
                 method: MethodType = "gradient", *, n_samples: Optional[int] = None,
                 noise_level: Optional[float] = None, kind: str = "smoothgrad",
-                generator: GeneratorType = None, seed: Optional[int] = None,
+                generator: GeneratorsType = None, seed: Optional[int] = None,
                 batch_size: int = 32, noise: Optional[torch.Tensor] = None,
                 progress: Optional[bool] = None,
                 method_kwargs: Optional[Mapping[str, Any]] = None,
@@ -196,12 +198,13 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
         σ as a fraction of each image's range ``max − min`` (default 0.15).
     kind : {"smoothgrad", "smoothgrad_sq", "vargrad"}
         The mean of the maps, the mean of their squares, or their variance.
-    generator, seed : torch.Generator or int, optional
-        Draw the noise (``None``: seeded from the global RNG, which is not advanced).  The
-        draws go row by row over the batch (copy ``k`` of image ``i`` is row ``k · N + i``),
-        so the noise an image gets depends on its position in the batch and on ``N``: a seeded
-        batch row is not the seeded call of that image alone.  To reproduce a row alone, pass
-        a noise bank and that image's slice of it (``noise[:, i:i + 1]``).
+    generator, seed : torch.Generator, int or a sequence of them, optional
+        Draw the noise, image by image (:func:`~.seeding.image_seeds`): an int ``s`` seeds
+        image ``n`` with ``s + n``, a generator gives ``s`` by one draw, a sequence gives one
+        seed or generator per image, ``None`` takes ``s`` from the global RNG (not advanced).
+        An image's noise therefore does not depend on the rest of the batch: row ``n`` of a
+        seeded batch is the call of that image alone with seed ``s + n``, as for extremal
+        perturbation.
     batch_size : int
         Noisy copies per call of the method (default 32).
     noise : torch.Tensor, optional
