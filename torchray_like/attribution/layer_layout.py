@@ -48,7 +48,7 @@ what to pass instead (the enclosing block whose output is a map; or ``tokens=``)
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, TypeGuard, Union
 
 import torch.nn as nn
 
@@ -141,7 +141,7 @@ class _Tree:
 Decision = Tuple[Verdict, Optional[nn.Module]]
 
 
-def _in_order(module: nn.Module) -> bool:
+def _in_order(module: nn.Module) -> TypeGuard[nn.Sequential]:
     """An nn.Sequential that runs its children in order (its forward not overridden)."""
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
