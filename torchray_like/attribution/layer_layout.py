@@ -52,6 +52,8 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, TypeG
 
 import torch.nn as nn
 
+from .modules import current_scan, iter_modules
+
 __all__ = ["module_layout", "explicit_layout", "is_grid", "Verdict"]
 
 #: ``"first"`` (channels-first map), ``"last"`` (features last), ``("refuse", why)`` or None.
@@ -109,19 +111,38 @@ def _own_verdict(module: nn.Module, rank: int) -> Verdict:
 
 
 class _Tree:
-    """The parent of each of ``model``'s modules (one walk, without building the dotted names,
-    which cost more than the walk; :meth:`name` builds them for an error message)."""
+    """The parent of each of ``model``'s modules (one walk, made only when a verdict needs a
+    parent: most reads are decided by the module's own kind; without building the dotted
+    names, which cost more than the walk; :meth:`name` builds them for an error message)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.parent: Dict[int, Tuple[nn.Module, str]] = {}
-        stack = [model]
-        while stack:
-            module = stack.pop()
-            for child_name, child in module.named_children():
-                if id(child) not in self.parent and child is not model:
-                    self.parent[id(child)] = (module, child_name)
-                    stack.append(child)
+        self._parent: Optional[Dict[int, Tuple[nn.Module, str]]] = None
+        self._windows: Optional[bool] = None
+
+    @property
+    def parent(self) -> Dict[int, Tuple[nn.Module, str]]:
+        if self._parent is None:
+            self._parent = {}
+            stack = [self.model]
+            while stack:
+                module = stack.pop()
+                for child_name, child in module._modules.items():
+                    if child is not None and id(child) not in self._parent \
+                            and child is not self.model:
+                        self._parent[id(child)] = (module, child_name)
+                        stack.append(child)
+        return self._parent
+
+    @property
+    def has_windows(self) -> bool:
+        """Whether some module is a window-partitioned attention layer (one look per module,
+        through the call's scan of the tree when there is one)."""
+        if self._windows is None:
+            scan = current_scan(self.model)
+            modules = scan.modules if scan is not None else iter_modules(self.model)
+            self._windows = any(_is_window_layer(m) for m in modules)
+        return self._windows
 
     def name(self, module: nn.Module) -> str:
         parts: List[str] = []
@@ -171,12 +192,19 @@ def _decide_before(tree: _Tree, module: nn.Module, rank: int, depth: int) -> Dec
     return _decide(tree, children[index - 1], rank, depth + 1)
 
 
+def _is_window_layer(module: nn.Module) -> bool:
+    # Sub-modules assigned as attributes are registered children: a dict lookup each.
+    children = module._modules
+    return "partition_op" in children and "departition_op" in children
+
+
 def _partitioned(tree: _Tree, module: nn.Module) -> Optional[nn.Module]:
     """The window-partitioned attention layer ``module`` lies inside (MaxViT), if any."""
+    if not tree.has_windows:
+        return None
     for ancestor in tree.ancestors(module):
-        if isinstance(getattr(ancestor, "partition_op", None), nn.Module) and isinstance(
-                getattr(ancestor, "departition_op", None), nn.Module):
-            return None if module is ancestor.departition_op else ancestor
+        if _is_window_layer(ancestor):
+            return None if module is ancestor._modules["departition_op"] else ancestor
     return None
 
 
