@@ -26,7 +26,8 @@ from .reporting import warn_caller
 
 __all__ = ["get_backward_gradient", "get_pointing_gradient", "class_indices", "TargetType",
            "Target", "parse_target", "backward_seed", "class_seed", "check_output_tensor",
-           "target_logits", "output_scores", "SCORES", "check_score_dtype"]
+           "target_logits", "output_scores", "SCORES", "check_score_dtype",
+           "check_output_dtype"]
 
 TargetType = Union[int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
 
@@ -160,6 +161,22 @@ def check_target_range(output: torch.Tensor, idx: torch.Tensor) -> None:
         check_class_range(idx, 0, c, f"the model output has {c} classes (valid: 0..{c - 1})")
 
 
+def check_output_dtype(output: Any, name: str = "") -> None:
+    """Refuse a tensor model output that is not floating point (a :class:`TypeError` starting
+    with ``name``).  An integer or boolean output (an ``argmax`` head, predicted labels, a
+    thresholded mask) is already rounded: autograd cannot differentiate it, and a perturbation
+    changes it only when the prediction flips, so no method's map would explain the model.
+    Without this check an ``(N,)`` argmax head read as a single-logit head (classes 0/1), and
+    a one-hot ``(N, K)`` integer output read as class scores, gave maps silently."""
+    if isinstance(output, torch.Tensor) and not output.is_floating_point():
+        raise TypeError(
+            f"{name + ': ' if name else ''}the model output has dtype {output.dtype} (shape "
+            f"{tuple(output.shape)}); it must be floating point: an integer or boolean output "
+            "(argmax, predicted labels, a threshold) is already rounded, so no map can explain "
+            "it. Make the model return the logits or probabilities (before argmax, .long() or "
+            "the threshold), or pass a callable target that reads floating scores from it")
+
+
 def check_output_tensor(output: Any, name: str) -> torch.Tensor:
     """``output`` if it is a tensor with a batch dimension; else a :class:`TypeError` (another
     type: say to pass a callable target) or :class:`ValueError` (a scalar), starting with
@@ -171,6 +188,7 @@ def check_output_tensor(output: Any, name: str) -> torch.Tensor:
             "target=lambda out: out['logits'][:, 3]")
     if output.dim() == 0:
         raise ValueError(f"{name}: the model output is a scalar; it needs a batch dimension")
+    check_output_dtype(output, name)
     return output
 
 
@@ -222,6 +240,7 @@ def output_scores(output: Any, score: Union[str, Callable[[Any], torch.Tensor]],
             "a callable target mapping the output to one score per row (e.g. target=lambda "
             "out: out['logits'].softmax(1)[:, 3]), or score=callable mapping it to (batch, K) "
             "scores, e.g. score=lambda out: out['logits'].softmax(1)")
+    check_output_dtype(output)
     if output.dim() == 0 or output.shape[0] != batch:
         raise ValueError(
             f"the model output has shape {tuple(output.shape)}, whose first dimension is not the "
@@ -287,6 +306,7 @@ def _check_output(pred_y: Any) -> None:
             f"the model returned a {type(pred_y).__name__}, not a tensor: pass a callable target "
             "that maps the output to one score per sample, e.g. target=lambda out: "
             "out['logits'][:, 3]")
+    check_output_dtype(pred_y)
 
 
 def _given_seed(pred_y: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -552,6 +572,7 @@ class Target:
             return out if dtype is None else out.to(dtype)
         if self.seed_gradient is not None:
             raise ValueError(f"{name}: {SEED_NOT_A_SCORE}")
+        check_output_dtype(output, name)  # before the range check reads it as a binary head
         idx = self._rows(samples)
         if score is None:
             if idx is None:
