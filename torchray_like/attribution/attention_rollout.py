@@ -496,6 +496,11 @@ def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
     _check_class_token(class_token)
     attentions, output = read_attentions(model, input, "grad_rollout", differentiable=True)
     scores, seed = parsed.seed(output)
+    if not scores.requires_grad:  # a detached head: autograd's own error names no argument
+        raise ValueError(
+            "grad_rollout: the model output does not depend on the input through autograd "
+            "(does the model detach its output or run under torch.no_grad()?); the gradient "
+            "weights of the attention need it")
     grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)
     with torch.no_grad():
         matrix = grad_weighted_rollout([a.detach() for a in attentions], list(grads))
