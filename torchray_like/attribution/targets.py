@@ -153,7 +153,10 @@ def binary_sign(idx: torch.Tensor) -> torch.Tensor:
 
 def check_target_range(output: torch.Tensor, idx: torch.Tensor) -> None:
     """Check class indices ``idx`` against a model output: ``{0, 1}`` for a binary head,
-    ``0 .. C-1`` for ``(N, C, ...)`` scores; a :class:`ValueError` says what is valid."""
+    ``0 .. C-1`` for ``(N, C, ...)`` scores; a :class:`ValueError` says what is valid.  An
+    integer output is refused first (:func:`check_output_dtype`): an ``(N,)`` argmax is no
+    binary head."""
+    check_output_dtype(output)
     if is_binary_head(output):
         check_class_range(idx, 0, 2, BINARY_HEAD_RULE)
     else:
