@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional
 import pytest
 import torch
 import torch.nn as nn
+from torchvision import tv_tensors
 
 from tests.conftest import assert_same_state, snapshot
 from tests.test_batch_sweep import GENERIC, LAYERS, conv_net, options
@@ -120,6 +121,8 @@ INPUT_FORMS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "non_leaf": non_leaf,
     "parameter": lambda x: nn.Parameter(x.clone()),
     "subclass": lambda x: x.clone().as_subclass(Trivial),
+    # torchvision's transforms v2 image: a subclass whose ops return plain tensors.
+    "tv_image": lambda x: tv_tensors.Image(x.clone()),
 }
 
 
@@ -254,7 +257,8 @@ class Wrapped(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         features = self.body(x)
         y = self.head(features)
-        return {"tuple": lambda: (y, features), "dict": lambda: {"logits": y, "aux": features},
+        return {"tuple": lambda: (y, features), "list": lambda: [y, features],
+                "dict": lambda: {"logits": y, "aux": features},
                 "namedtuple": lambda: Pair(y, features),
                 "model_output": lambda: ModelOutput(y, features),
                 "nk11": lambda: y[:, :, None, None], "n": lambda: y[:, 1],
@@ -265,7 +269,8 @@ class Wrapped(nn.Module):
 
 #: How a callable target reads class 1's logit from each container.
 PICK: Dict[str, Callable[[Any], torch.Tensor]] = {
-    "tuple": lambda out: out[0][:, 1], "dict": lambda out: out["logits"][:, 1],
+    "tuple": lambda out: out[0][:, 1], "list": lambda out: out[0][:, 1],
+    "dict": lambda out: out["logits"][:, 1],
     "namedtuple": lambda out: out.logits[:, 1], "model_output": lambda out: out.logits[:, 1]}
 
 _CALLABLE_PLAIN: Dict[str, torch.Tensor] = {}
@@ -393,3 +398,45 @@ def test_transformer_only_entries_input_forms(name, small_vit):
             assert_tensor_unchanged(x, before)
         with pytest.raises(ValueError, match=r"float64 .*float32"):
             METHODS[name](small_vit, base.double(), target)
+
+
+class WrappedViT(nn.Module):
+    """The small ViT with its output in another form."""
+
+    def __init__(self, vit: nn.Module, form: str) -> None:
+        super().__init__()
+        self.vit, self.form = vit, form
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.vit(x)
+        return {"dict": lambda: {"logits": y}, "model_output": lambda: ModelOutput(y),
+                "detached": lambda: y.detach(), "argmax": lambda: y.argmax(1)}[self.form]()
+
+
+#: The rollouts read the attention alone: the output's form does not matter to them.
+CLASS_AGNOSTIC = {"attention_rollout", "attention_flow"}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMER_ONLY_METHODS))
+def test_transformer_only_entries_output_forms(name, small_vit):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = METHODS[name](small_vit, x, lambda out: out[:, 1])
+        for form in ("dict", "model_output"):
+            model = WrappedViT(small_vit, form)
+            if name in CLASS_AGNOSTIC:
+                assert_same_map(METHODS[name](model, x, TARGETS), ref, True, f"{name} {form}")
+            else:
+                with pytest.raises(TypeError, match=r"not a tensor.*callable target"):
+                    METHODS[name](model, x, TARGETS)
+            assert_same_map(METHODS[name](model, x, PICK[form]), ref, False, f"{name} {form}")
+        detached = WrappedViT(small_vit, "detached")
+        if name in CLASS_AGNOSTIC:
+            assert_same_map(METHODS[name](detached, x, TARGETS), ref, True, f"{name} detached")
+        else:  # grad_rollout raised autograd's RuntimeError
+            with pytest.raises(ValueError, match=r"does not depend on the input through autograd"):
+                METHODS[name](detached, x, TARGETS)
+        # A target is read against an integer output: its dtype is named, not the binary rule.
+        with pytest.raises(TypeError, match=r"dtype torch\.int64 .*must be floating point"):
+            METHODS[name](WrappedViT(small_vit, "argmax"), x, TARGETS)
