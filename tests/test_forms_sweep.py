@@ -396,8 +396,10 @@ def test_transformer_only_entries_input_forms(name, small_vit):
             assert_same_map(METHODS[name](small_vit, x, target), ref,
                             form != "channels_last", f"{name} {form}")
             assert_tensor_unchanged(x, before)
-        with pytest.raises(ValueError, match=r"float64 .*float32"):
-            METHODS[name](small_vit, base.double(), target)
+        for dtype in (torch.float64, torch.float16, torch.bfloat16):
+            short = str(dtype).replace("torch.", "")
+            with pytest.raises(ValueError, match=rf"input is {short} .*pass x\.to\(torch\.float32"):
+                METHODS[name](small_vit, base.to(dtype), target)
 
 
 class WrappedViT(nn.Module):
@@ -440,3 +442,35 @@ def test_transformer_only_entries_output_forms(name, small_vit):
         # A target is read against an integer output: its dtype is named, not the binary rule.
         with pytest.raises(TypeError, match=r"dtype torch\.int64 .*must be floating point"):
             METHODS[name](WrappedViT(small_vit, "argmax"), x, TARGETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by this sweep, in files this sweep does not own (the fix is named in each reason)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="driver.detach_all rebuilds a tuple with type(value)(generator): a "
+                          "namedtuple needs type(value)(*values) (Pair.__new__() missing "
+                          "'features'); fix in driver.py (lead)")
+def test_debug_record_of_a_namedtuple_output():
+    smap, record = METHODS["gradient"](Wrapped("namedtuple").eval(), image(),
+                                       PICK["namedtuple"], debug=True)
+    assert isinstance(record.output, Pair) and not record.output.logits.requires_grad
+    assert_same_map(smap, METHODS["gradient"](conv_net(2), image(), lambda out: out[:, 1]),
+                    True, "gradient namedtuple debug")
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="layer_choice reads an output's tensors from a tensor, dict, tuple or "
+                          "list only: a dataclass output (ModelOutput-like, not a dict) hides "
+                          "the scores, and the token layer is not found ('could not choose "
+                          "saliency_layer automatically'); fix in layer_choice.py (lead)")
+def test_vit_automatic_layer_with_a_dataclass_output(small_vit):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = METHODS["grad_cam"](WrappedViT(small_vit, "dict"), x, PICK["dict"])
+        out = METHODS["grad_cam"](WrappedViT(small_vit, "model_output"), x,
+                                  PICK["model_output"])
+    assert_same_map(out, ref, True, "grad_cam ViT model_output")
