@@ -166,11 +166,10 @@ def check_target_range(output: torch.Tensor, idx: torch.Tensor) -> None:
 
 def check_output_dtype(output: Any, name: str = "") -> None:
     """Refuse a tensor model output that is not floating point (a :class:`TypeError` starting
-    with ``name``).  An integer or boolean output (an ``argmax`` head, predicted labels, a
-    thresholded mask) is already rounded: autograd cannot differentiate it, and a perturbation
-    changes it only when the prediction flips, so no method's map would explain the model.
-    Without this check an ``(N,)`` argmax head read as a single-logit head (classes 0/1), and
-    a one-hot ``(N, K)`` integer output read as class scores, gave maps silently."""
+    with ``name``).  An integer or boolean output (argmax, labels, a thresholded mask) is
+    already rounded: autograd cannot differentiate it and a perturbation changes it only when
+    the prediction flips (an ``(N,)`` argmax was read as a binary head, one-hot labels as
+    scores)."""
     if isinstance(output, torch.Tensor) and not output.is_floating_point():
         raise TypeError(
             f"{name + ': ' if name else ''}the model output has dtype {output.dtype} (shape "
