@@ -165,11 +165,9 @@ def check_target_range(output: torch.Tensor, idx: torch.Tensor) -> None:
 
 
 def check_output_dtype(output: Any, name: str = "") -> None:
-    """Refuse a tensor model output that is not floating point (a :class:`TypeError` starting
-    with ``name``).  An integer or boolean output (argmax, labels, a thresholded mask) is
-    already rounded: autograd cannot differentiate it and a perturbation changes it only when
-    the prediction flips (an ``(N,)`` argmax was read as a binary head, one-hot labels as
-    scores)."""
+    """Refuse a non-floating tensor output (a :class:`TypeError` starting with ``name``): an
+    integer or boolean output (argmax, labels, a threshold) is already rounded, so autograd
+    cannot differentiate it and a perturbation changes it only when the prediction flips."""
     if isinstance(output, torch.Tensor) and not output.is_floating_point():
         raise TypeError(
             f"{name + ': ' if name else ''}the model output has dtype {output.dtype} (shape "
