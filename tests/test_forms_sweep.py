@@ -34,6 +34,7 @@ from tests.conftest import assert_same_state, snapshot
 from tests.test_batch_sweep import GENERIC, LAYERS, conv_net, options
 from tests.transformer_models import make_vit
 from torchray_like.attribution import METHODS
+from torchray_like.attribution.driver import detach_all
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
 
@@ -154,11 +155,6 @@ def assert_tensor_unchanged(x: torch.Tensor, before: Dict[str, Any]) -> None:
 @pytest.mark.parametrize("form", list(INPUT_FORMS))
 @pytest.mark.parametrize("name", GENERIC)
 def test_input_form_gives_the_plain_map(name, form):
-    if name == "eigen_cam" and form == "subclass":
-        pytest.xfail("context.depends_on's get_gradient_edge runs through the subclass's "
-                     "__torch_function__ (a ViewBackward, not the leaf's node): Eigen-CAM "
-                     "says 'the target scores do not depend on saliency_layer'; fix in "
-                     "context._gradient_node (lead)")
     model, x = conv_net(2), INPUT_FORMS[form](image())
     view = x[0]  # a view the caller keeps
     view_before = view.detach().clone()
@@ -501,14 +497,12 @@ def test_explain_on_a_vit_input_and_output_forms(small_vit):
 
 
 # ---------------------------------------------------------------------------------------------
-# Found by this sweep, in files this sweep does not own (the fix is named in each reason)
+# Found by this sweep and fixed: a subclass's node (context._gradient_node), a namedtuple
+# debug record (driver.detach_all), a ViT's automatic layer behind a dataclass, integer or
+# detached output (layer_choice)
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="driver.detach_all rebuilds a tuple with type(value)(generator): a "
-                          "namedtuple needs type(value)(*values) (Pair.__new__() missing "
-                          "'features'); fix in driver.py (lead)")
 def test_debug_record_of_a_namedtuple_output():
     smap, record = METHODS["gradient"](Wrapped("namedtuple").eval(), image(),
                                        PICK["namedtuple"], debug=True)
@@ -517,11 +511,6 @@ def test_debug_record_of_a_namedtuple_output():
                     True, "gradient namedtuple debug")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="layer_choice reads an output's tensors from a tensor, dict, tuple or "
-                          "list only: a dataclass output (ModelOutput-like, not a dict) hides "
-                          "the scores, and the token layer is not found ('could not choose "
-                          "saliency_layer automatically'); fix in layer_choice.py (lead)")
 def test_vit_automatic_layer_with_a_dataclass_output(small_vit):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
@@ -532,13 +521,25 @@ def test_vit_automatic_layer_with_a_dataclass_output(small_vit):
     assert_same_map(out, ref, True, "grad_cam ViT model_output")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="layer_choice looks for the token layer with the output's floating "
-                          "scores that require grad; an integer (argmax) output has none and "
-                          "the refusal says 'could not choose saliency_layer automatically' "
-                          "instead of naming the dtype (targets.check_output_dtype); fix in "
-                          "layer_choice.py (lead)")
 def test_vit_automatic_layer_with_an_integer_output(small_vit):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with pytest.raises(TypeError, match=r"dtype torch\.int64 .*must be floating point"):
         METHODS["grad_cam"](WrappedViT(small_vit, "argmax"), x, TARGETS)
+
+
+def test_vit_automatic_layer_with_a_detached_output_says_why(small_vit):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"could not choose saliency_layer automatically: "
+                                         r"WrappedViT's output does not depend on its input "
+                                         r"through autograd \(a detached head"):
+        METHODS["grad_cam"](WrappedViT(small_vit, "detached"), x, TARGETS)
+
+
+def test_detach_all_keeps_the_containers():
+    """The debug record's output: every tensor detached, in the container the model made."""
+    y = torch.ones(2, 3, requires_grad=True) * 2
+    out = detach_all({"a": Pair(y, [y]), "b": ModelOutput(y), "c": (y,)})
+    assert isinstance(out["a"], Pair) and isinstance(out["a"].features, list)
+    assert isinstance(out["b"], ModelOutput) and isinstance(out["c"], tuple)
+    assert not any(t.requires_grad for t in (out["a"].logits, out["a"].features[0],
+                                            out["b"].logits, out["c"][0]))

@@ -138,8 +138,11 @@ def records_gradient(args: tuple, kwargs: dict) -> bool:
 
 
 def _gradient_node(tensor: torch.Tensor) -> Any:
-    """The autograd node a gradient with respect to ``tensor`` is taken at."""
-    return torch.autograd.graph.get_gradient_edge(tensor).node
+    """The autograd node a gradient with respect to ``tensor`` is taken at (a tensor subclass's
+    ``__torch_function__`` is not run: it would answer with a node of its own making, such as
+    a view's)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.autograd.graph.get_gradient_edge(tensor).node
 
 
 def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],

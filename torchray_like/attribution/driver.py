@@ -8,6 +8,7 @@ r"""The driver every backpropagation method is built on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from collections import OrderedDict
@@ -96,12 +97,28 @@ class SaliencyDebug:
 
 
 def detach_all(value: Any) -> Any:
+    """``value`` with every tensor detached, in the same container: a dict (its own type when
+    it can be rebuilt from pairs), a list, a tuple, a namedtuple, a dataclass (``replace``:
+    HuggingFace's ``ModelOutput``-like outputs)."""
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, dict):
-        return {k: detach_all(v) for k, v in value.items()}
+        items = {k: detach_all(v) for k, v in value.items()}
+        try:
+            return type(value)(items)
+        except TypeError:  # a dict subclass not built from pairs (defaultdict, ...)
+            return items
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):  # a namedtuple
+        return type(value)(*(detach_all(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(detach_all(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: detach_all(getattr(value, f.name)) for f in dataclasses.fields(value)
+                  if f.init and hasattr(value, f.name)}
+        try:
+            return dataclasses.replace(value, **fields)
+        except (TypeError, ValueError):  # a dataclass that cannot be rebuilt so: as it is
+            return value
     return value
 
 

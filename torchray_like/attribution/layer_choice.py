@@ -8,6 +8,7 @@ cache.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .inputs import call_model, check_grad_mode, check_input, layout_hint
 from .modules import ModelScan, call_scan, check_model, opaque_modules, unwrap_compiled
 from .reporting import warn_caller
 from .state import model_state_guard
-from .targets import Target, parse_target
+from .targets import Target, check_output_dtype, parse_target
 from .tokens import infer_token_layout, is_token_model
 
 __all__ = ["find_saliency_layer", "find_contrast_layer", "choose_layer", "LayerChoice",
@@ -131,12 +132,24 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
     return records, calls, output, get_gradient_edge(leaf).node if keep else None
 
 
+def _output_tensors(output: Any) -> List[torch.Tensor]:
+    """The tensors of a model output: a tensor, or the entries of a dict, tuple, list or
+    dataclass (HuggingFace's ``ModelOutput``-like ``.logits``), one level deep."""
+    if isinstance(output, dict):
+        values: Any = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        values = [getattr(output, f.name, None) for f in dataclasses.fields(output)]
+    else:
+        values = [output]
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
 def _class_counts(output: Any) -> Set[int]:
     """The numbers of classes of a model output (a tensor, or the tensors of a tuple / dict)."""
-    values = output.values() if isinstance(output, dict) else (
-        output if isinstance(output, (tuple, list)) else [output])
-    return {int(t.shape[1]) if t.dim() >= 2 else 1 for t in values
-            if isinstance(t, torch.Tensor) and t.dim() >= 1}
+    return {int(t.shape[1]) if t.dim() >= 2 else 1 for t in _output_tensors(output)
+            if t.dim() >= 1}
 
 
 def _spatial(shape: Optional[Tuple[int, ...]], rank: int, batch: int) -> bool:
@@ -286,10 +299,9 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
                   and r.shape is not None and len(r.shape) == 3 and r.shape[-1] <= width
                   and calls[r.name] == 1 and not r.alias and r.tensor.requires_grad]
     tensors = [cast(torch.Tensor, r.tensor) for r in candidates]
-    values = output.values() if isinstance(output, dict) else (
-        output if isinstance(output, (tuple, list)) else [output])
-    scores = [t.sum() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()
-              and t.requires_grad]
+    scores = [t.sum() for t in _floating_outputs(output) if t.requires_grad]
+    if not scores:
+        _no_scores(model, output)
     final = next((i for i, r in enumerate(candidates) if r.name == last.name), None)
     try:
         if not scores or final is None:
@@ -435,9 +447,22 @@ def _cuts(roots: List[Any], stop: Any, leaf: Any) -> bool:
 
 
 def _floating_outputs(output: Any) -> List[torch.Tensor]:
-    values = output.values() if isinstance(output, dict) else (
-        output if isinstance(output, (tuple, list)) else [output])
-    return [t for t in values if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for t in _output_tensors(output) if t.is_floating_point()]
+
+
+def _no_scores(model: nn.Module, output: Any) -> None:
+    """Why a token model's output gives no score to find its layer with: an integer output
+    (the :class:`TypeError` of :func:`~.targets.check_output_dtype`), or one autograd does not
+    record (a :class:`ValueError`)."""
+    tensors = _output_tensors(output)
+    for t in tensors:
+        check_output_dtype(t, "saliency_layer=None")
+    raise ValueError(
+        f"could not choose saliency_layer automatically: {type(model).__name__}'s output "
+        + ("holds no tensor" if not tensors else
+           "does not depend on its input through autograd (a detached head, or one run under "
+           "torch.no_grad())")
+        + ", so which token layer it reads cannot be found; " + _ADVICE)
 
 
 def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
