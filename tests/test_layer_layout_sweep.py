@@ -489,3 +489,12 @@ def test_sequential_order_trusted_only_when_forward_is_sequentials() -> None:
     verdicts = [module_layout(model, model[i], 4) for i in range(6)]
     assert verdicts == ["first", "first", None, None, "last", "last"]
     assert module_layout(model, model[2][0], 4) is None
+
+
+def test_score_cam_names_saliency_layer_once_in_a_layout_refusal():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Permute([0, 1, 3, 2]), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match=r"^score_cam: saliency_layer '1' \(Permute\) outputs "
+                                         r"shape \(1, 4, 10, 8\)") as info:
+        trl.score_cam(model, torch.randn(1, 3, 8, 10), 1, saliency_layer="1")
+    assert str(info.value).count("saliency_layer '1'") == 1

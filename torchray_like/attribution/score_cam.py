@@ -217,7 +217,10 @@ def _checked_activation(cfg: ChannelConfig, input: torch.Tensor, outputs: List[A
                                layer=cfg.layer) if act.dim() > 0 else None
         (grid,) = tokens_to_map(convert, act)
     except ValueError as error:  # the layout's own message says what to pass as tokens=
-        raise ValueError(f"{where}: {error}") from None
+        text = str(error)
+        # It may name saliency_layer itself (layer_layout's refusals): the method's name only.
+        raise ValueError(f"{cfg.name}: {text}" if text.startswith("saliency_layer ")
+                         else f"{where}: {text}") from None
     if grid.dim() != input.dim() or grid.shape[0] != input.shape[0]:
         read = "" if convert is None else f" (read as {tuple(grid.shape)})"
         raise ValueError(
