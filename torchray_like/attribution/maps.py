@@ -2,20 +2,25 @@ r"""Maps: flatten a (pseudo-)gradient over channels, resize and smooth saliency 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 from numbers import Integral, Real
-from typing import Any, Callable, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .reporting import warn_caller
+
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
            "gaussian_matrix", "MAX_KERNEL_RADIUS",
            "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
            "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel",
-           "check_resize_mode"]
+           "check_resize_mode", "DegenerateMapWarning", "warn_degenerate", "quiet_degenerate",
+           "zero_rows", "constant_rows", "samples_text", "REDUCED_PRECISION"]
 
 #: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
 SizeType = Union[bool, int, Sequence[int], torch.Size, None]
@@ -133,6 +138,61 @@ class Shape(tuple):
 
 class ResizeOrderWarning(UserWarning):
     """A ``torch.Size`` was given as ``resize``: it is read in TorchRay's (reversed) order."""
+
+
+class DegenerateMapWarning(UserWarning):
+    """The call succeeded but a map says nothing about the input, and the warning says why: the
+    gradient of the target's score is exactly zero (a step, rounding or saturation in the model,
+    every rectifier off), the score did not change under any perturbation, or the model's
+    reduced-precision output rounds the score differences a perturbation method compares."""
+
+
+_QUIET = threading.local()
+
+#: Output dtypes whose rounding a perturbation method's score differences can fall under, and
+#: their relative precision (the spacing of values near 1: ``torch.finfo(dtype).eps``).
+REDUCED_PRECISION = {torch.float16: torch.finfo(torch.float16).eps,
+                     torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+
+
+@contextlib.contextmanager
+def quiet_degenerate() -> Iterator[None]:
+    """No :class:`DegenerateMapWarning` from the calls inside, in this thread only: a method
+    that runs another on copies of the input (SmoothGrad) checks its own result instead, and
+    names the caller's samples, not the copies'."""
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+
+
+def warn_degenerate(message: str) -> None:
+    """A :class:`DegenerateMapWarning` pointing at the caller's line (unless quieted)."""
+    if not getattr(_QUIET, "on", False):
+        warn_caller(message, DegenerateMapWarning)
+
+
+def zero_rows(tensor: torch.Tensor) -> List[int]:
+    """The samples (dim 0) of ``tensor`` that are exactly zero everywhere (NaN is not zero)."""
+    if tensor.dim() == 0:
+        return [] if bool(tensor != 0) else [0]
+    nonzero = (tensor != 0).reshape(tensor.shape[0], -1).any(1)
+    return (~nonzero).nonzero().flatten().tolist()
+
+
+def constant_rows(tensor: torch.Tensor) -> List[int]:
+    """The samples (dim 0) of ``tensor`` whose values are all equal (zero included)."""
+    flat = tensor.reshape(tensor.shape[0], -1)
+    return (flat == flat[:, :1]).all(1).nonzero().flatten().tolist()
+
+
+def samples_text(rows: Sequence[int]) -> str:
+    """``[0, 2]`` (at most ten samples named, then how many more)."""
+    rows = list(rows)
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return f"{rows[:10]}{more}"
 
 
 def _spatial_size(size: Any, spatial: int, like: torch.Tensor) -> Optional[Tuple[int, ...]]:
