@@ -29,6 +29,7 @@ from .context import (
     suspend_rule_contexts,
 )
 from .inputs import call_model, check_input, layout_hint
+from .maps import samples_text, warn_degenerate, zero_rows
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import Probe, get_module, layer_label, single_call
 from .reporting import warn_caller
@@ -240,7 +241,7 @@ class ForwardPass:
         """A gradient that does not exist or is not finite is a :class:`ValueError`."""
         if grad is None:
             raise ValueError(f"the target scores do not depend on {self.where(label)}")
-        if all_finite(grad):
+        if nonzero_finite_rows(grad, self.seed.shape[0] if self.seed.dim() else 1):
             return
         finite = torch.isfinite(grad).reshape(grad.shape[0] if grad.dim() else 1, -1).all(1)
         if not bool(finite.all()):
@@ -249,6 +250,22 @@ class ForwardPass:
                 f"the gradient with respect to {self.where(label)} is not finite (NaN or Inf) "
                 f"for sample(s) {rows[:10]} although the scores are: {self.nonfinite_cause()}; "
                 "a map from it would be meaningless")
+        self.warn_zero(label, grad)
+
+    def warn_zero(self, label: str, grad: torch.Tensor) -> None:
+        """A :class:`~.maps.DegenerateMapWarning` naming the samples whose (finite) gradient
+        is exactly zero: their map says nothing (rare path: the quick check found a zero)."""
+        n = self.seed.shape[0] if self.seed.dim() else 1
+        rows = zero_rows(grad) if grad.dim() and grad.shape[0] == n else (
+            [] if bool((grad != 0).any()) else list(range(n)))
+        if rows:
+            warn_degenerate(
+                f"the (pseudo-)gradient of the target score with respect to {self.where(label)} is "
+                f"exactly zero for sample(s) {samples_text(rows)}: the score does not change "
+                "through autograd there (a constant output, a step, rounding, sign or argmax "
+                "in the model, a saturated sigmoid/softmax, or every rectifier off) — the map "
+                "is all zeros; explain a score that varies smoothly with the input (e.g. the "
+                "logit before the step), or use a perturbation method (occlusion, rise)")
 
     def nonfinite_cause(self) -> str:
         """Why a backward pass from finite scores can end non-finite: the model's own backward,
@@ -537,6 +554,20 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if not tensor.is_floating_point():
         return False
     return math.isfinite(tensor.sum().item())  # two operations, where isfinite takes five
+
+
+def nonzero_finite_rows(grad: torch.Tensor, n: int) -> bool:
+    """A quick proof that ``grad`` is finite and that no sample's gradient (dim 0, ``n``
+    samples) is all zero: the product of the samples' sums is then finite and non-zero (one
+    sum for one sample, the cost :func:`all_finite` had).  ``False`` — a non-finite element, a
+    zero sum, an overflow or underflow — sends the caller to its exact checks."""
+    if not grad.is_floating_point():
+        return False
+    if n == 1 or grad.dim() == 0 or grad.shape[0] != n:
+        total = grad.sum().item()
+    else:  # dims, not a reshape: a channels-last gradient is not copied
+        total = math.prod(grad.sum(tuple(range(1, grad.dim()))).tolist())
+    return math.isfinite(total) and total != 0.0
 
 
 def check_finite_scores(scores: torch.Tensor, seed: torch.Tensor, input: torch.Tensor) -> None:
