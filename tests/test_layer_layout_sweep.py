@@ -28,7 +28,7 @@ from torchvision.models.swin_transformer import (
 from torchvision.ops.misc import Permute
 
 import torchray_like as trl
-from torchray_like.attribution.layer_layout import module_layout
+from torchray_like.attribution.layer_layout import explicit_layout, module_layout
 from torchray_like.attribution.tokens import TokenLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -498,3 +498,12 @@ def test_score_cam_names_saliency_layer_once_in_a_layout_refusal():
                                          r"shape \(1, 4, 10, 8\)") as info:
         trl.score_cam(model, torch.randn(1, 3, 8, 10), 1, saliency_layer="1")
     assert str(info.value).count("saliency_layer '1'") == 1
+
+
+def test_a_compiled_models_layer_is_read_by_its_module_with_or_without_the_prefix():
+    """torch.compile(model) is explained through its original module: a layer named without
+    the ``_orig_mod.`` prefix is found there too (it fell back to the shape-only inference)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Permute([0, 2, 3, 1]), nn.Linear(4, 4))
+    compiled = torch.compile(model)
+    for layer in ("2", "_orig_mod.2"):
+        assert explicit_layout(compiled, layer, (1, 8, 8, 4), (1, 3, 8, 8)) == "last"

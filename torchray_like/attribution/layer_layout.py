@@ -52,7 +52,7 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, TypeG
 
 import torch.nn as nn
 
-from .modules import current_scan, iter_modules
+from .modules import current_scan, iter_modules, unwrap_compiled
 
 __all__ = ["module_layout", "explicit_layout", "is_grid", "Verdict"]
 
@@ -293,6 +293,7 @@ def explicit_layout(model: nn.Module, layer: Any, shape: Sequence[int],
         shape and what to pass instead.
     """
     shape, input_shape = tuple(shape), tuple(input_shape)
+    model = unwrap_compiled(model)  # torch.compile(model): the original module's names
     module = _resolve(model, layer)
     if module is None or module is model or len(input_shape) < 3:
         return None
