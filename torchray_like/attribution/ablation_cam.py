@@ -46,7 +46,12 @@ import torch.nn as nn
 from .context import suspend_rule_contexts
 from .grad_cam_plus_plus import channel_sum
 from .maps import finish_map
-from .score_cam import channel_scores, configure_channels, layer_forward
+from .score_cam import (
+    channel_scores,
+    check_channel_scores,
+    configure_channels,
+    layer_forward,
+)
 from .state import model_state_guard
 from .targets import TargetType
 from .tokens import TokensType
@@ -143,8 +148,9 @@ def ablation_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
                 ablated.view(rows.numel(), -1)[rows[:, None], where[chans]] = 0
             return ablated
 
-        drops = ablation_weights(read.scores, channel_scores(cfg, input, act.shape[1], fill,
-                                                             "copy", replaces=True))
+        ablated = channel_scores(cfg, input, act.shape[1], fill, "copy", replaces=True)
+        drops = ablation_weights(read.scores, ablated)
+        check_channel_scores(cfg.name, read.scores, ablated)
         smap = channel_sum(drops, act.to(drops.dtype))
     return finish_map(input, smap, cfg.resize, cfg.resize_mode, cfg.smooth)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .extremal_rewards import DELETE_VARIANT, DUAL_VARIANT, PRESERVE_VARIANT, RewardFunc
 from .inputs import call_model
+from .maps import samples_text, warn_degenerate
 from .mask_optimizer import (
     ExtremalHistory,
     MaskOptimizer,
@@ -333,9 +334,27 @@ class MaskOptimisation:
                 f"extremal_perturbation: the reward became non-finite (NaN or inf) at iteration "
                 f"{first}: the model's output is not finite for some perturbed images")
 
+    def check_varied(self) -> None:
+        """Warn (:class:`~.maps.DegenerateMapWarning`) for the images whose reward never
+        changed while their masks moved (read from the history): their masks followed the area
+        constraint alone.  Checked over two iterations or more."""
+        rewards = self.series[:self.cfg.max_iter, 1]
+        if rewards.shape[0] < 2:
+            return
+        same = (rewards == rewards[:1]).all(0).view(-1, len(self.cfg.areas)).all(1)
+        if bool(same.any()):
+            rows = same.nonzero().flatten().tolist()
+            warn_degenerate(
+                f"extremal_perturbation: the reward never changed over {rewards.shape[0]} "
+                f"iterations for sample(s) {samples_text(rows)}: the target's score does not "
+                "depend on the input there, or a step, rounding or a saturated sigmoid/softmax "
+                "hides the change — the masks follow the area constraint alone and say nothing "
+                "about the target (explain the logit, or check the model)")
+
     def result(self) -> Tuple[torch.Tensor, ExtremalHistory]:
         """The masks of the last iteration and the history."""
         self.check_finite(self.cfg.max_iter)
+        self.check_varied()
         self.fill_energy(0, self.cfg.max_iter)
         masks = self.last
         assert masks is not None, "no iteration ran"

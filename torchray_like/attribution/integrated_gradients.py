@@ -44,7 +44,7 @@ from .arguments import (
 )
 from .context import suspend_rule_contexts
 from .inputs import call_model
-from .maps import finish_map, smooth_saliency
+from .maps import finish_map, samples_text, smooth_saliency, warn_degenerate, zero_rows
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import get_module, layer_label
 from .reporting import progress_bar
@@ -398,6 +398,20 @@ def _integrate(model: nn.Module, input: torch.Tensor, path: _Path, target: Targe
     return total
 
 
+def _warn_zero_gradient(total: torch.Tensor, where: str) -> None:
+    """A :class:`~.maps.DegenerateMapWarning` for the samples whose gradient is exactly zero
+    at every point of the path (the map is then zero whatever the baseline)."""
+    rows = zero_rows(total)
+    if rows:
+        warn_degenerate(
+            f"integrated_gradients: the gradient of the target score with respect to {where} "
+            f"is exactly zero at every point of the path for sample(s) {samples_text(rows)}: "
+            "the score does not change through autograd there (a constant output, a step, "
+            "rounding, sign or argmax in the model, a saturated sigmoid/softmax, or every "
+            "rectifier off) — the map is all zeros; explain a score that varies smoothly with "
+            "the input, or use a perturbation method (occlusion, rise)")
+
+
 def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetType, *,
                          saliency_layer: Union[str, nn.Module, None] = "",
                          baseline: BaselineType = None, n_steps: int = 50,
@@ -480,6 +494,7 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
     finally:
         if swap is not None:
             swap.handle.remove()
+    _warn_zero_gradient(total, where)
     attribution = (path.diff * total).to(input.dtype)
     # A transformer block's tokens on their patch grid (the products commute with that).
     maps = attribution if module is None or reduce is None else tokens_to_map(

@@ -20,7 +20,8 @@ __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape"
            "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
            "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel",
            "check_resize_mode", "DegenerateMapWarning", "warn_degenerate", "quiet_degenerate",
-           "zero_rows", "constant_rows", "samples_text", "REDUCED_PRECISION"]
+           "zero_rows", "constant_rows", "samples_text", "REDUCED_PRECISION",
+           "check_precision"]
 
 #: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
 SizeType = Union[bool, int, Sequence[int], torch.Size, None]
@@ -156,21 +157,26 @@ REDUCED_PRECISION = {torch.float16: torch.finfo(torch.float16).eps,
 
 
 @contextlib.contextmanager
-def quiet_degenerate() -> Iterator[None]:
-    """No :class:`DegenerateMapWarning` from the calls inside, in this thread only: a method
-    that runs another on copies of the input (SmoothGrad) checks its own result instead, and
-    names the caller's samples, not the copies'."""
-    before = getattr(_QUIET, "on", False)
-    _QUIET.on = True
+def quiet_degenerate() -> Iterator[List[str]]:
+    """No :class:`DegenerateMapWarning` from the calls inside, in this thread only; yields the
+    list their messages are collected in.  A method that runs another on copies of the input
+    (SmoothGrad) warns itself, naming the caller's samples, not the copies'."""
+    before = getattr(_QUIET, "heard", None)
+    heard: List[str] = []
+    _QUIET.heard = heard
     try:
-        yield
+        yield heard
     finally:
-        _QUIET.on = before
+        _QUIET.heard = before
 
 
 def warn_degenerate(message: str) -> None:
-    """A :class:`DegenerateMapWarning` pointing at the caller's line (unless quieted)."""
-    if not getattr(_QUIET, "on", False):
+    """A :class:`DegenerateMapWarning` pointing at the caller's line (collected instead inside
+    :func:`quiet_degenerate`)."""
+    heard = getattr(_QUIET, "heard", None)
+    if heard is not None:
+        heard.append(message)
+    else:
         warn_caller(message, DegenerateMapWarning)
 
 
@@ -193,6 +199,31 @@ def samples_text(rows: Sequence[int]) -> str:
     rows = list(rows)
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
     return f"{rows[:10]}{more}"
+
+
+def check_precision(name: str, dtype: torch.dtype, scores: torch.Tensor,
+                    changes: torch.Tensor, what: str = "score change") -> None:
+    """Warn when a reduced-precision model output (float16 / bfloat16) rounds the score
+    differences a perturbation method's map is made of: for the samples (dim 0) where the
+    rounding step at the score, ``eps · 2^⌊log2 |score|⌋``, is over 1 % of the largest
+    ``|changes|`` (``scores`` ``(N,)`` and ``changes`` ``(N, ...)``, in float32/64)."""
+    eps = REDUCED_PRECISION.get(dtype)
+    if eps is None:
+        return
+    _, exponent = torch.frexp(scores.abs().double())
+    step = eps * torch.pow(2.0, exponent.double() - 1)
+    spread = changes.abs().reshape(changes.shape[0], -1).amax(1).double()
+    bad = (step > 0.01 * spread).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        warn_degenerate(
+            f"{name}: the model's output is {dtype} (relative precision {eps:.1e}), so the "
+            f"target's score rounds in steps of {step[i].item():.2g} (sample {i}: score "
+            f"{scores[i].item():.4g}) against a largest {what} of {spread[i].item():.3g}: the "
+            f"map of sample(s) {samples_text(bad)} is quantised to that step (errors up to "
+            f"{min(100 * step[i].item() / max(spread[i].item(), 1e-300), 1e9):.3g} % of its "
+            "largest value); run the model's head in float32 (drop the .half() / .bfloat16() "
+            "on its output, or call model.float())")
 
 
 def _spatial_size(size: Any, spatial: int, like: torch.Tensor) -> Optional[Tuple[int, ...]]:

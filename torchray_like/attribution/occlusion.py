@@ -37,7 +37,7 @@ from .integrated_gradients import (
     reduce_channels,
     row_scores,
 )
-from .maps import finish_map
+from .maps import check_precision, finish_map, samples_text, warn_degenerate, zero_rows
 from .modules import check_model, unwrap_compiled
 from .reporting import progress_bar
 from .state import model_state_guard
@@ -132,8 +132,9 @@ def _score_drops(model: nn.Module, input: torch.Tensor, target: Target, base: to
     drops = torch.empty(n, math.prod(grid), dtype=torch.float64, device=input.device)
     with torch.no_grad():
         rows = torch.arange(n, device=input.device)
-        clean = row_scores(target, forward_rows(model, x.clone(), input), rows, True,
-                           "occlusion").double()
+        first = row_scores(target, forward_rows(model, x.clone(), input), rows, True,
+                           "occlusion")
+        clean = first.double()
         # The copies in channels-last memory (faster CPU convolutions; checked on the first
         # batch against the plain layout, which stays if the model disagrees).
         layout = ChannelsLastBatches(input, 0)
@@ -149,7 +150,23 @@ def _score_drops(model: nn.Module, input: torch.Tensor, target: Target, base: to
     if not bool(torch.isfinite(drops).all()):
         raise ValueError("occlusion: the target scores are not finite (NaN or inf) for the "
                          "input or some occluded copies")
+    _check_drops(drops, clean, first.dtype)
     return drops
+
+
+def _check_drops(drops: torch.Tensor, clean: torch.Tensor, dtype: torch.dtype) -> None:
+    """Warn (:class:`~.maps.DegenerateMapWarning`) when a sample's map is all zeros — no
+    occlusion changed its score — or when the model's reduced-precision output rounds the
+    drops."""
+    rows = zero_rows(drops)
+    if rows:
+        warn_degenerate(
+            f"occlusion: the target's score did not change under any occlusion for sample(s) "
+            f"{samples_text(rows)}: the score does not depend on the input there, a step, "
+            "rounding or a saturated sigmoid/softmax hides the change, or every window's change "
+            "rounds away — the map is all zeros; try a larger window or another baseline, or "
+            "explain the logit rather than a saturated probability")
+    check_precision("occlusion", dtype, clean, drops, "drop")
 
 
 def _spread(drops: torch.Tensor, spatial: Tuple[int, ...],

@@ -72,7 +72,7 @@ from .arguments import (
 )
 from .context import TorchRayDifferenceWarning
 from .inputs import ChannelsLastBatches
-from .maps import resize_saliency
+from .maps import resize_saliency, samples_text, warn_degenerate
 from .modules import check_model
 from .precision import autocast_forward, check_autocast
 from .reporting import progress_bar, warn_caller
@@ -283,6 +283,8 @@ class _MapAccumulator:
         self.masks = torch.empty(fold, self.pixels, dtype=dtype, device=self.device)
         self.maps: Optional[torch.Tensor] = None
         self.lhs: Optional[torch.Tensor] = None
+        self.low: Optional[torch.Tensor] = None    # each row's smallest and largest score
+        self.high: Optional[torch.Tensor] = None
         # With tol: the control variates, a work buffer like the maps, the staged grids.
         self.cv: Optional[ControlVariates] = None
         self.work: Optional[torch.Tensor] = None
@@ -320,8 +322,15 @@ class _MapAccumulator:
         self.finite &= torch.isfinite(scores).all()
         assert self.lhs is not None
         # lhs row (image i, class c), column j: the score under mask offset + j.
-        self.lhs[i0 * k:(i0 + gi) * k, offset:offset + mb] = scores.permute(1, 2, 0).reshape(
-            gi * k, mb)
+        block = scores.permute(1, 2, 0).reshape(gi * k, mb)
+        self.lhs[i0 * k:(i0 + gi) * k, offset:offset + mb] = block
+        # The range of each row's scores: a row whose scores never vary makes a map of the
+        # masks' coverage alone (see check_varied).
+        assert self.low is not None and self.high is not None
+        torch.minimum(self.low[i0 * k:(i0 + gi) * k], block.amin(1),
+                      out=self.low[i0 * k:(i0 + gi) * k])
+        torch.maximum(self.high[i0 * k:(i0 + gi) * k], block.amax(1),
+                      out=self.high[i0 * k:(i0 + gi) * k])
 
     def _allocate(self, k: int) -> None:
         self.num_classes = k
@@ -335,6 +344,25 @@ class _MapAccumulator:
                 None if sampler is None else sampler.cell_covariance(self.device, self.dtype),
                 None if sampler is None else sampler.p, self.dtype, self.device)
         self.lhs = torch.empty(rows, self.fold, dtype=self.dtype, device=self.device)
+        self.low = torch.full((rows,), math.inf, dtype=self.dtype, device=self.device)
+        self.high = torch.full((rows,), -math.inf, dtype=self.dtype, device=self.device)
+
+    def check_varied(self) -> None:
+        """Warn (:class:`~.maps.DegenerateMapWarning`) for the images whose every score was
+        the same under every mask: their map is that score times the masks' coverage."""
+        if self.low is None or self.high is None:
+            return
+        same = (self.low == self.high).view(self.n_img, -1).all(1)
+        if not bool(same.any()):
+            return
+        rows = same.nonzero().flatten().tolist()
+        value = self.low.view(self.n_img, -1)[rows[0], 0].item()
+        warn_degenerate(
+            f"rise: the target's score is the same under every mask for sample(s) "
+            f"{samples_text(rows)} (sample {rows[0]}: {value:.4g}): the map is that score times "
+            "the masks' coverage (mask noise), not an attribution; the score does not depend on "
+            "the input there, or a step, rounding or a saturated sigmoid/softmax hides the "
+            "change (explain the logit: score='logit')")
 
     def fold_in(self, first: bool, n: int) -> None:
         """Add the staged ``n`` masks to the maps."""
@@ -469,6 +497,7 @@ def _run(model: nn.Module, input: torch.Tensor, cfg: _Config, started: float
                 next_check = f1 + _CHECK_EVERY
                 if error <= cfg.tol:
                     break
+    acc.check_varied()
     return acc.result(used), used, error, rho
 
 

@@ -56,7 +56,14 @@ from .grad_cam_plus_plus import channel_sum
 from .inputs import ChannelsLastBatches
 from .integrated_gradients import check_independent_rows, forward_rows, row_scores
 from .layer_choice import resolve_layer
-from .maps import check_smooth, finish_map
+from .maps import (
+    check_precision,
+    check_smooth,
+    constant_rows,
+    finish_map,
+    samples_text,
+    warn_degenerate,
+)
 from .modules import check_model, unwrap_compiled
 from .probe import get_module, layer_label
 from .reporting import progress_bar
@@ -65,7 +72,8 @@ from .targets import Target, TargetType, parse_target
 from .tokens import TokensType, check_tokens, layer_tokens, tokens_to_map
 
 __all__ = ["score_cam", "score_cam_masks", "ChannelConfig", "configure_channels",
-           "LayerActivation", "LayerRead", "layer_forward", "channel_scores"]
+           "LayerActivation", "LayerRead", "layer_forward", "channel_scores",
+           "check_channel_scores"]
 
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -353,6 +361,23 @@ def _one_copy_forward(cfg: ChannelConfig, hook: LayerActivation, input: torch.Te
     return output
 
 
+def check_channel_scores(name: str, clean: torch.Tensor, scores: torch.Tensor) -> None:
+    """Warn (:class:`~.maps.DegenerateMapWarning`) when the target's score is the same for
+    every perturbed channel of a sample — its channel weights are then all equal, and the map
+    the channels' sum scaled (or zero), whatever the target — or when a reduced-precision output (``clean``'s dtype) rounds the scores' differences."""
+    rows = constant_rows(scores) if scores.shape[1] > 1 else []
+    if rows:
+        warn_degenerate(
+            f"{name}: the target's score is the same for every perturbed channel of sample(s) "
+            f"{samples_text(rows)}: the channel weights are all equal, so the map is the "
+            "channels' sum scaled (or zero), whatever the target; the score does not "
+            "depend on the layer there, or a step, rounding or a saturated sigmoid/softmax "
+            "hides the change (explain the logit, or another layer)")
+    reference = clean if name == "ablation_cam" else scores.mean(1)
+    check_precision(name, clean.dtype, reference.to(scores.dtype),
+                    scores - reference.to(scores.dtype)[:, None])
+
+
 def score_cam_masks(activation: torch.Tensor, size: Tuple[int, ...],
                     align_corners: bool = False) -> torch.Tensor:
     """Score-CAM's masks: each channel ``(B, *spatial)`` upsampled (linear family, by rank) to
@@ -437,7 +462,8 @@ def score_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
     align_corners = check_flag(align_corners, "align_corners")
     x = input.detach()
     with suspend_rule_contexts(), model_state_guard(cfg.model, freeze=False), torch.no_grad():
-        act = layer_forward(cfg, input).grid  # a token layer's activation on its patch grid
+        read = layer_forward(cfg, input)
+        act = read.grid  # a token layer's activation on its patch grid
         size = tuple(input.shape[2:])
 
         def fill(images: torch.Tensor, chans: torch.Tensor, batch: torch.Tensor) -> None:
@@ -446,6 +472,7 @@ def score_cam(model: nn.Module, input: torch.Tensor, target: TargetType,
                 batch.dtype))
 
         scores = channel_scores(cfg, input, act.shape[1], fill, "mask")
+        check_channel_scores(cfg.name, read.scores, scores)
         weights = torch.softmax(scores, dim=1)
         smap = channel_sum(weights, act.to(weights.dtype))
     return finish_map(input, smap, cfg.resize, cfg.resize_mode, cfg.smooth)

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .arguments import check_batch, check_flag, check_number, check_progress, positive_int
 from .integrated_gradients import check_independent_rows
+from .maps import quiet_degenerate, samples_text, warn_degenerate, zero_rows
 from .modules import check_model
 from .reporting import progress_bar
 from .seeding import GeneratorsType, image_generators
@@ -249,13 +250,16 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
     total: Optional[torch.Tensor] = None
     squares: Optional[torch.Tensor] = None
     x = input.detach()
+    notes: List[str] = []
     with progress_bar(count, progress, "SmoothGrad", unit="copy") as bar:
         for r0 in range(0, count, batch):
             index = torch.arange(r0, min(r0 + batch, count), device=input.device)
             image = index % n
             noisy = x.index_select(0, image) + sampler.rows(index)
-            maps = _check_maps(_call(function, model, noisy, _row_target(parsed, image),
-                                     options, name, input), index.numel(), name).detach()
+            with quiet_degenerate() as heard:  # named below for the caller's samples
+                maps = _check_maps(_call(function, model, noisy, _row_target(parsed, image),
+                                         options, name, input), index.numel(), name).detach()
+            notes = notes or heard
             if total is None:
                 total = maps.new_zeros((n,) + maps.shape[1:], dtype=torch.float64)
                 squares = torch.zeros_like(total)
@@ -268,7 +272,17 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
             del noisy, maps, wide  # not alive during the next batch: memory is one batch's
     assert total is not None and squares is not None
     result = _combine(total / copies, squares / copies, kind)
+    _warn_zero(total, notes, name)
     return result.to(dtype)
+
+
+def _warn_zero(total: torch.Tensor, notes: List[str], name: str) -> None:
+    """The samples whose every noisy copy gave a zero map while ``name`` warned of a zero
+    gradient (:class:`~.maps.DegenerateMapWarning`), named as the caller's samples."""
+    rows = zero_rows(total) if notes else []
+    if rows:
+        warn_degenerate(f"smooth_grad: the map of sample(s) {samples_text(rows)} is all zeros, "
+                        f"and {name} said of its noisy copies: {notes[0]}")
 
 
 def _combine(mean: torch.Tensor, mean_sq: torch.Tensor, kind: str) -> torch.Tensor:
