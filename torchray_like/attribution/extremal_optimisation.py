@@ -347,9 +347,10 @@ class MaskOptimisation:
             warn_degenerate(
                 f"extremal_perturbation: the reward never changed over {rewards.shape[0]} "
                 f"iterations for sample(s) {samples_text(rows)}: the target's score does not "
-                "depend on the input there, or a step, rounding or a saturated sigmoid/softmax "
-                "hides the change — the masks follow the area constraint alone and say nothing "
-                "about the target (explain the logit, or check the model)")
+                "depend on the input there, the perturbation leaves the image unchanged (a "
+                "constant image is its own blur), or a step, rounding or a saturated "
+                "sigmoid/softmax hides the change — the masks follow the area constraint alone "
+                "and say nothing about the target (explain the logit, or check the model)")
 
     def result(self) -> Tuple[torch.Tensor, ExtremalHistory]:
         """The masks of the last iteration and the history."""

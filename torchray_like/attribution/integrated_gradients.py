@@ -398,9 +398,10 @@ def _integrate(model: nn.Module, input: torch.Tensor, path: _Path, target: Targe
     return total
 
 
-def _warn_zero_gradient(total: torch.Tensor, where: str) -> None:
-    """A :class:`~.maps.DegenerateMapWarning` for the samples whose gradient is exactly zero
-    at every point of the path (the map is then zero whatever the baseline)."""
+def _warn_zero_gradient(total: torch.Tensor, diff: torch.Tensor, where: str) -> None:
+    """A :class:`~.maps.DegenerateMapWarning` for the samples whose attribution is zero for a
+    reason the user should hear: the gradient is exactly zero at every point of the path, or
+    the input equals the baseline (at a layer: the same activation)."""
     rows = zero_rows(total)
     if rows:
         warn_degenerate(
@@ -410,6 +411,13 @@ def _warn_zero_gradient(total: torch.Tensor, where: str) -> None:
             "rounding, sign or argmax in the model, a saturated sigmoid/softmax, or every "
             "rectifier off) — the map is all zeros; explain a score that varies smoothly with "
             "the input, or use a perturbation method (occlusion, rise)")
+    same = sorted(set(zero_rows(diff)) - set(rows))
+    if same:
+        warn_degenerate(
+            f"integrated_gradients: the input equals the baseline (the path has length zero "
+            f"at {where}) for sample(s) {samples_text(same)}, so the attribution is zero by "
+            "definition (it sums to f(x) - f(baseline) = 0); choose another baseline (a number, "
+            "'blur', 'uniform' or a tensor)")
 
 
 def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetType, *,
@@ -494,7 +502,7 @@ def integrated_gradients(model: nn.Module, input: torch.Tensor, target: TargetTy
     finally:
         if swap is not None:
             swap.handle.remove()
-    _warn_zero_gradient(total, where)
+    _warn_zero_gradient(total, path.diff, where)
     attribution = (path.diff * total).to(input.dtype)
     # A transformer block's tokens on their patch grid (the products commute with that).
     maps = attribution if module is None or reduce is None else tokens_to_map(

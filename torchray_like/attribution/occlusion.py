@@ -163,9 +163,10 @@ def _check_drops(drops: torch.Tensor, clean: torch.Tensor, dtype: torch.dtype) -
         warn_degenerate(
             f"occlusion: the target's score did not change under any occlusion for sample(s) "
             f"{samples_text(rows)}: the score does not depend on the input there, a step, "
-            "rounding or a saturated sigmoid/softmax hides the change, or every window's change "
-            "rounds away — the map is all zeros; try a larger window or another baseline, or "
-            "explain the logit rather than a saturated probability")
+            "rounding or a saturated sigmoid/softmax hides the change, the occluded image equals "
+            "the image (it equals the baseline there), or every window's change rounds away — "
+            "the map is all zeros; try a larger window or another baseline, or explain the "
+            "logit rather than a saturated probability")
     check_precision("occlusion", dtype, clean, drops, "drop")
 
 

@@ -361,8 +361,9 @@ class _MapAccumulator:
             f"rise: the target's score is the same under every mask for sample(s) "
             f"{samples_text(rows)} (sample {rows[0]}: {value:.4g}): the map is that score times "
             "the masks' coverage (mask noise), not an attribution; the score does not depend on "
-            "the input there, or a step, rounding or a saturated sigmoid/softmax hides the "
-            "change (explain the logit: score='logit')")
+            "the input there, masking leaves the image unchanged (an all-zero image), or a "
+            "step, rounding or a saturated sigmoid/softmax hides the change (explain the "
+            "logit: score='logit')")
 
     def fold_in(self, first: bool, n: int) -> None:
         """Add the staged ``n`` masks to the maps."""

@@ -364,15 +364,17 @@ def _one_copy_forward(cfg: ChannelConfig, hook: LayerActivation, input: torch.Te
 def check_channel_scores(name: str, clean: torch.Tensor, scores: torch.Tensor) -> None:
     """Warn (:class:`~.maps.DegenerateMapWarning`) when the target's score is the same for
     every perturbed channel of a sample — its channel weights are then all equal, and the map
-    the channels' sum scaled (or zero), whatever the target — or when a reduced-precision output (``clean``'s dtype) rounds the scores' differences."""
+    the channels' sum scaled (or zero), whatever the target — or when a reduced-precision
+    output (``clean``'s dtype) rounds the differences of the scores."""
     rows = constant_rows(scores) if scores.shape[1] > 1 else []
     if rows:
         warn_degenerate(
             f"{name}: the target's score is the same for every perturbed channel of sample(s) "
             f"{samples_text(rows)}: the channel weights are all equal, so the map is the "
             "channels' sum scaled (or zero), whatever the target; the score does not "
-            "depend on the layer there, or a step, rounding or a saturated sigmoid/softmax "
-            "hides the change (explain the logit, or another layer)")
+            "depend on the layer there, the perturbation leaves the input unchanged (an "
+            "all-zero image), or a step, rounding or a saturated sigmoid/softmax hides the "
+            "change (explain the logit, or another layer)")
     reference = clean if name == "ablation_cam" else scores.mean(1)
     check_precision(name, clean.dtype, reference.to(scores.dtype),
                     scores - reference.to(scores.dtype)[:, None])
