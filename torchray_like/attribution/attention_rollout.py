@@ -42,7 +42,7 @@ from .arguments import check_finite, is_number, number_list
 from .attention import AttentionCapture, NoAttentionError
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_input
-from .maps import SizeType, check_resize_mode, finish_map
+from .maps import SizeType, check_resize_mode, finish_map, samples_text, warn_degenerate
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, parse_target
@@ -469,6 +469,28 @@ def attention_flow(model: nn.Module, input: torch.Tensor, target: Optional[Targe
     return finish_map(input, smap, resize, resize_mode)
 
 
+def _warn_zero_gradients(grads: List[Optional[torch.Tensor]], n: int) -> None:
+    """A :class:`~.maps.DegenerateMapWarning` for the samples whose attention gradients are
+    exactly zero in every layer: their map is then the class token's row of ``I`` (zero on the
+    patches) whatever the image."""
+    present = [g for g in grads if g is not None]
+    if present and any(g.shape[0] != n for g in present):
+        return
+    rows = list(range(n))
+    if present:
+        nonzero = torch.zeros(n, dtype=torch.bool, device=present[0].device)
+        for g in present:
+            nonzero |= (g != 0).reshape(n, -1).any(1)
+        rows = (~nonzero).nonzero().flatten().tolist()
+    if rows:
+        warn_degenerate(
+            f"grad_rollout: the gradient of the target score with respect to every attention "
+            f"map is exactly zero for sample(s) {samples_text(rows)}: the score does not change "
+            "through autograd there (a constant output, a step, rounding, sign or argmax in the "
+            "model, a saturated sigmoid/softmax) — the map is all zeros; explain a score that "
+            "varies smoothly with the input (attention_rollout does not use the target)")
+
+
 def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
                  num_prefix_tokens: Optional[int] = None, grid: Optional[Sequence[int]] = None,
                  resize: SizeType = False, resize_mode: str = "bilinear",
@@ -502,6 +524,7 @@ def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,
             "(does the model detach its output or run under torch.no_grad()?); the gradient "
             "weights of the attention need it")
     grads = autograd_grad(scores, attentions, grad_outputs=seed, allow_unused=True)
+    _warn_zero_gradients(list(grads), input.shape[0])
     with torch.no_grad():
         matrix = grad_weighted_rollout([a.detach() for a in attentions], list(grads))
     smap = _token_row(matrix, input, num_prefix_tokens, grid, model, class_token)
