@@ -37,7 +37,7 @@ from .integrated_gradients import (
     reduce_channels,
     row_scores,
 )
-from .maps import check_precision, finish_map, samples_text, warn_degenerate, zero_rows
+from .maps import check_precision, constant_rows, finish_map, samples_text, warn_degenerate
 from .modules import check_model, unwrap_compiled
 from .reporting import progress_bar
 from .state import model_state_guard
@@ -155,18 +155,21 @@ def _score_drops(model: nn.Module, input: torch.Tensor, target: Target, base: to
 
 
 def _check_drops(drops: torch.Tensor, clean: torch.Tensor, dtype: torch.dtype) -> None:
-    """Warn (:class:`~.maps.DegenerateMapWarning`) when a sample's map is all zeros — no
-    occlusion changed its score — or when the model's reduced-precision output rounds the
-    drops."""
-    rows = zero_rows(drops)
+    """Warn (:class:`~.maps.DegenerateMapWarning`) when a sample's map is flat — every
+    occlusion changed its score by the same amount: zero, or the float rounding between the
+    clean pass and the batched copies — or when the model's reduced-precision output rounds
+    the drops."""
+    rows = constant_rows(drops) if drops.shape[1] > 1 else []  # one window: nothing to compare
     if rows:
+        value = drops[rows[0], 0].item()
         warn_degenerate(
             f"occlusion: the target's score did not change under any occlusion for sample(s) "
-            f"{samples_text(rows)}: the score does not depend on the input there, a step, "
-            "rounding or a saturated sigmoid/softmax hides the change, the occluded image equals "
-            "the image (it equals the baseline there), or every window's change rounds away — "
-            "the map is all zeros; try a larger window or another baseline, or explain the "
-            "logit rather than a saturated probability")
+            f"{samples_text(rows)} (every drop is {value:.3g}: zero, or float rounding between "
+            "batch sizes): the score does not depend on the input there, a step, rounding or a "
+            "saturated sigmoid/softmax hides the change, the occluded image equals the image "
+            "(it equals the baseline there), or every window's change rounds away — the map is "
+            "flat; try a larger window or another baseline, or explain the logit rather than a "
+            "saturated probability")
     check_precision("occlusion", dtype, clean, drops, "drop")
 
 

@@ -350,7 +350,7 @@ class _MapAccumulator:
     def check_varied(self) -> None:
         """Warn (:class:`~.maps.DegenerateMapWarning`) for the images whose every score was
         the same under every mask: their map is that score times the masks' coverage."""
-        if self.low is None or self.high is None:
+        if self.low is None or self.high is None or self.cfg.num_masks < 2:
             return
         same = (self.low == self.high).view(self.n_img, -1).all(1)
         if not bool(same.any()):
