@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from .autograd_guards import first_order
 from .call_args import Call
 from .lrp_rules import AffineCall, LinearMap, ModifiedWeightError, linear_map
 from .rules import ReLURule
@@ -188,7 +188,7 @@ class ExciteFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order("excitation backprop")
     def backward(ctx, p):
         (x,) = ctx.saved_tensors
         call: Call = ctx.call
@@ -358,7 +358,7 @@ class ExciteSumFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order("excitation backprop")
     def backward(ctx, p):
         a, b = ctx.saved_tensors
         cell: ExcitationCell = ctx.cell
@@ -387,7 +387,7 @@ class ExciteScaleFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order("excitation backprop")
     def backward(ctx, p):
         ctx.cell.applied += 1
         with torch._C.DisableTorchFunction():
@@ -408,7 +408,7 @@ class PassThroughFunction(torch.autograd.Function):
             return call(x)
 
     @staticmethod
-    @once_differentiable
+    @first_order("excitation backprop")
     def backward(ctx, p):
         ctx.cell.applied += 1
         return p, None, None

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.nn.modules import module as module_hooks
 from torch.utils.hooks import RemovableHandle
 
+from .autograd_guards import TransformNotSupportedError, is_functorch_tensor
 from .context import THREAD_ADVICE
 from .modules import current_scan, iter_modules
 from .state import autograd_grad
@@ -231,6 +232,12 @@ class _ProbeHook:
             # The network continues from a copy, so an in-place operation downstream cannot
             # change the recorded values.
             return value.clone()
+        if probe.keep_grad and is_functorch_tensor(value):
+            raise TransformNotSupportedError(
+                f"Probe on {type(probe.module).__name__}: the model runs under a torch.func "
+                "transform (torch.func.grad, vjp, jacrev, vmap), where the probe cannot keep the "
+                "recorded tensor's gradient (.grad); run the forward pass without the transform "
+                "and read the gradient with torch.autograd.grad(output, probe.data)")
         rec = value
         if not rec.requires_grad:
             # Frozen model or input: the recorded tensor becomes a leaf, so backward both reaches

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import graph_rules
+from .autograd_guards import first_order
 from .call_args import arg, first_arg, with_first_arg
 from .context import RuleContext
 
@@ -104,8 +105,11 @@ class RectifierFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("the rectifier rule (guided backprop, DeConvNet)")
     def backward(ctx, grad):
-        """``cell.rule.backward(grad, output, upper)``, counted in ``cell.applied``."""
+        """``cell.rule.backward(grad, output, upper)``, counted in ``cell.applied``.  Under
+        ``create_graph=True`` the result is exact but cannot be differentiated again
+        (:class:`~.autograd_guards.SecondOrderError`); batched gradients (vmap) are refused."""
         (out,) = ctx.saved_tensors
         cell = ctx.cell
         cell.applied += 1
