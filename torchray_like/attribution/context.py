@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .autograd_guards import check_transform_error
 from .modules import current_scan
 
 __all__ = ["ContextActiveError", "RuleContext", "NullContext", "Patch", "NoRuleAppliedWarning",
@@ -541,7 +542,11 @@ class RuleContext(TorchFunctionMode):
         self.calls += 1
         handler = self.handlers.get(func)
         if handler is not None:
-            return handler(func, args, kwargs)
+            try:
+                return handler(func, args, kwargs)
+            except RuntimeError as exc:  # a torch.func transform: say so (ValueError)
+                check_transform_error(exc, type(self).__name__)
+                raise
         if self.report_other_activations:
             name = OTHER_ACTIVATIONS.get(func)
             if name is not None and records_gradient(args, kwargs):
