@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from .autograd_guards import first_order
 from .lrp_closed import closed_gradient, zplus_folded
 from .lrp_rules import AffineCall, ModifiedWeightError, Rule, compute_dtype
 
@@ -81,6 +82,7 @@ class LRPFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("LRP")  # create_graph: exact, but a second derivative raises SecondOrderError
     def backward(ctx, g):
         if torch.is_grad_enabled():  # create_graph=True: the rule is not differentiable
             return _lrp_backward_once(ctx, g)
