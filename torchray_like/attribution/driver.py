@@ -259,13 +259,17 @@ class ForwardPass:
         rows = zero_rows(grad) if grad.dim() and grad.shape[0] == n else (
             [] if bool((grad != 0).any()) else list(range(n)))
         if rows:
+            ctx = self.context
+            rules = "" if isinstance(ctx, NullContext) or ctx is None else (
+                f", or {type(ctx).__name__}'s rules let no signal through (guided backprop "
+                "when every path lowers the score)")
             warn_degenerate(
                 f"the (pseudo-)gradient of the target score with respect to {self.where(label)} is "
                 f"exactly zero for sample(s) {samples_text(rows)}: the score does not change "
                 "through autograd there (a constant output, a step, rounding, sign or argmax "
-                "in the model, a saturated sigmoid/softmax, or every rectifier off) — the map "
-                "is all zeros; explain a score that varies smoothly with the input (e.g. the "
-                "logit before the step), or use a perturbation method (occlusion, rise)")
+                f"in the model, a saturated sigmoid/softmax, or every rectifier off{rules}) — "
+                "the map is all zeros; explain a score that varies smoothly with the input (e.g. "
+                "the logit before the step), or use a perturbation method (occlusion, rise)")
 
     def nonfinite_cause(self) -> str:
         """Why a backward pass from finite scores can end non-finite: the model's own backward,
