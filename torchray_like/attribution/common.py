@@ -33,7 +33,14 @@ from .context import (
 )
 from .driver import SaliencyDebug
 from .engine import saliency
-from .maps import ResizeOrderWarning, Shape, gradient_to_saliency, resize_saliency, smooth_saliency
+from .maps import (
+    DegenerateMapWarning,
+    ResizeOrderWarning,
+    Shape,
+    gradient_to_saliency,
+    resize_saliency,
+    smooth_saliency,
+)
 from .probe import Probe, attach_debug_probes, get_module
 from .rules import GRADIENT_RULE, ReLUContext, ReLURule
 from .state import model_state_guard
@@ -47,5 +54,6 @@ __all__ = [
     # ours
     "RuleContext", "ReLURule", "GRADIENT_RULE", "NoRuleAppliedWarning",
     "UnhandledActivationWarning", "TorchRayDifferenceWarning", "ResizeOrderWarning",
+    "DegenerateMapWarning",
     "SaliencyDebug", "Shape", "smooth_saliency", "model_state_guard",
 ]
