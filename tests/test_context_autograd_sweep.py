@@ -34,6 +34,7 @@ from torchray_like.attribution.probe import Probe
 from torchray_like.attribution.transformer_lrp import TransformerLRPContext
 
 from .conftest import RefDeconvReLU, RefGuidedReLU, hook_counts
+from .transformer_models import make_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -602,3 +603,55 @@ def test_two_threads_two_contexts_and_one_context_in_two_threads():
         opened.set()
         holder.join()
     assert not failed and torch._C._len_torch_function_stack() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A rectifier inside a user's autograd.Function, and transformer LRP on a small ViT
+
+
+class HandReLU(torch.autograd.Function):
+    """A user's ReLU with its own (plain) backward: the rule cannot reach inside it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = F.relu(x)  # grad mode is off here: the context cannot make it a rule node
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * (out > 0)
+
+
+@pytest.mark.parametrize("kind", REFERENCE_RULES)
+def test_rectifier_inside_a_custom_function_is_named_not_silently_plain(kind):
+    # Before: no warning, the map silently mixed the rule with HandReLU's plain gradient.
+    xx = X.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="custom autograd.Function") as record:
+        with CONTEXTS[kind]() as ctx:
+            Net(custom=HandReLU)(xx)[:, CLASS].sum().backward()
+    assert ctx.counts == {"relu": 3} and ctx.skipped == {"relu": 1}
+    assert any("keep their plain gradient" in str(w.message) for w in record)
+    with pytest.warns(UserWarning, match="replaced no ReLU.*custom autograd.Function"):
+        with CONTEXTS[kind]():
+            HandReLU.apply(X.clone().requires_grad_())
+
+
+def test_transformer_lrp_on_a_vit_refuses_second_order_and_torch_func():
+    vit = make_vit().eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    xx = x.clone().requires_grad_()
+    with TransformerLRPContext("attnlrp"):
+        y = vit(xx)
+        (g0,) = torch.autograd.grad(y[:, 1].sum(), xx, retain_graph=True)
+        (g,) = torch.autograd.grad(y[:, 1].sum(), xx, create_graph=True)
+    assert torch.equal(g0, g.detach())
+    with pytest.raises(SecondOrderError):
+        torch.autograd.grad((g * g).sum(), xx)
+    for rule in ("attnlrp", "cp-lrp"):
+        # cp-lrp before: "Cannot access data pointer of Tensor that doesn't have storage"
+        with pytest.raises(TransformNotSupportedError, match="TransformerLRPContext"):
+            with TransformerLRPContext(rule):
+                torch.func.grad(lambda t: vit(t)[:, 1].sum())(x.clone())
+    assert torch._C._len_torch_function_stack() == 0

@@ -70,7 +70,10 @@ def check_transform_error(exc: BaseException, name: str) -> None:
     """Turn PyTorch's refusal of a rule's autograd function under a ``torch.func`` transform
     into a :class:`TransformNotSupportedError` naming the context ``name``; return quietly for
     any other error (the caller re-raises it)."""
-    if isinstance(exc, RuntimeError) and "functorch transforms" in str(exc):
+    # Any failure of a handler while a transform runs (PyTorch's refusal of autograd functions
+    # without setup_context, a kernel reading a wrapped tensor's storage ...).
+    active = torch._C._functorch.peek_interpreter_stack() is not None
+    if isinstance(exc, RuntimeError) and (active or "functorch transforms" in str(exc)):
         raise TransformNotSupportedError(
             f"{name} cannot run under torch.func transforms (torch.func.grad, vjp, jacrev, "
             "vmap, functional_call with grad): its backward rules are autograd functions "

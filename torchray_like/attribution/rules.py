@@ -32,7 +32,8 @@ from .autograd_guards import first_order
 from .call_args import arg, first_arg, with_first_arg
 from .context import RuleContext
 
-__all__ = ["ReLURule", "GRADIENT_RULE", "ReLUContext", "RectifierFunction", "RuleCell"]
+__all__ = ["ReLURule", "GRADIENT_RULE", "ReLUContext", "RectifierFunction", "RuleCell",
+           "UNRECORDED_RECTIFIER"]
 
 
 class ReLURule:
@@ -221,6 +222,12 @@ UNHANDLED_NODES: Dict[str, Tuple[str, ...]] = {
     "Expm1Backward0": ("exp",), "SinBackward0": ("sin",), "SincBackward0": ("sin",),
     "CosBackward0": ("cos",), "AtanBackward0": ("atan",),
 }
+
+
+#: The name under which rectifiers run without autograd on a tensor requiring grad are reported
+#: (:attr:`ReLUContext.unhandled`): their backward, if any, is not the rule.
+UNRECORDED_RECTIFIER = ("rectifier without autograd (inside a custom autograd.Function, whose "
+                        "own backward applies, or torch.no_grad())")
 
 
 def _only_configures(cls: type) -> bool:
@@ -446,6 +453,11 @@ class ReLUContext(RuleContext):
         if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
             # Nothing will be differentiated: the plain op is the same and cheaper.
             self.skip(kind)
+            if isinstance(x, torch.Tensor) and x.requires_grad and not torch.is_grad_enabled():
+                # A custom autograd.Function's forward (its own backward will be used, not the
+                # rule), a reentrant checkpoint, or no_grad on a tensor requiring grad: named
+                # in the warning on exit, as excitation backprop does.
+                self.unhandle(UNRECORDED_RECTIFIER)
             with torch._C.DisableTorchFunction():
                 if compute is not None:
                     return compute(x)
