@@ -62,6 +62,7 @@ from .attention import (
     softmax_dim,
     substitute,
 )
+from .autograd_guards import first_order
 from .context import records_gradient
 from .driver import SaliencyDebug
 from .engine import saliency
@@ -89,6 +90,7 @@ class _ScaleGradient(torch.autograd.Function):
         return x.clone()
 
     @staticmethod
+    @first_order("transformer LRP")  # a second derivative / vmap: a clear error
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         if ctx.owner is not None:
             ctx.owner.applied += 1
@@ -130,6 +132,7 @@ class IdentityRuleFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("transformer LRP")
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         x, out = ctx.saved_tensors
         if ctx.owner is not None:
