@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .autograd_guards import first_order
 from .method import BackpropMethod, Read
 from .rules import ReLUContext, ReLURule
 
@@ -58,6 +59,7 @@ class DeConvNetReLU(torch.autograd.Function):
         return input.clamp(min=0)
 
     @staticmethod
+    @first_order("DeConvNet")  # create_graph: first order only; vmap refused
     def backward(ctx, grad_output):
         return grad_output.clamp(min=0)
 

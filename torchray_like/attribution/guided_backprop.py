@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .autograd_guards import first_order
 from .method import BackpropMethod, Read
 from .rules import ReLUContext, ReLURule
 
@@ -62,6 +63,7 @@ class GuidedBackpropReLU(torch.autograd.Function):
         return output
 
     @staticmethod
+    @first_order("guided backprop")  # create_graph: first order only; vmap refused
     def backward(ctx, grad_output):
         (output,) = ctx.saved_tensors
         return GUIDED_BACKPROP_RULE.backward(grad_output, output, None)
