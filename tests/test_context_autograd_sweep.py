@@ -26,11 +26,12 @@ from torchray_like.attribution.autograd_guards import (
     TransformNotSupportedError,
 )
 from torchray_like.attribution.context import active_rule_contexts
-from torchray_like.attribution.deconvnet import DECONVNET_RULE, DeConvNetContext
+from torchray_like.attribution.deconvnet import DECONVNET_RULE, DeConvNetContext, DeConvNetReLU
 from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
-from torchray_like.attribution.guided_backprop import GuidedBackpropContext
+from torchray_like.attribution.guided_backprop import GuidedBackpropContext, GuidedBackpropReLU
 from torchray_like.attribution.lrp import LRPContext
 from torchray_like.attribution.probe import Probe
+from torchray_like.attribution.rules import ReLUContext
 from torchray_like.attribution.transformer_lrp import TransformerLRPContext
 
 from .conftest import RefDeconvReLU, RefGuidedReLU, hook_counts
@@ -655,3 +656,17 @@ def test_transformer_lrp_on_a_vit_refuses_second_order_and_torch_func():
             with TransformerLRPContext(rule):
                 torch.func.grad(lambda t: vit(t)[:, 1].sum())(x.clone())
     assert torch._C._len_torch_function_stack() == 0
+
+
+@pytest.mark.parametrize("kind", REFERENCE_RULES)
+def test_torchray_style_function_class_under_create_graph(kind):
+    # ReLUContext(GuidedBackpropReLU): before, create_graph=True raised PyTorch's
+    # "threshold_backward(): functions with out=... arguments" even for the first order.
+    function = GuidedBackpropReLU if kind == "guided" else DeConvNetReLU
+    xx = X.clone().requires_grad_()
+    with ReLUContext(function):
+        y = NET(xx)
+        (g,) = torch.autograd.grad(y[:, CLASS].sum(), xx, create_graph=True)
+    assert close(g.detach(), REF[kind])
+    with pytest.raises(SecondOrderError, match="second derivative"):
+        torch.autograd.grad((g * g).sum(), xx)
