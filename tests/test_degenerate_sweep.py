@@ -207,6 +207,18 @@ def test_smooth_grad_names_the_callers_samples_not_the_copies():
     assert len(said) == 1 and said[0].startswith("smooth_grad: the map of sample(s) [1] ")
 
 
+def test_smooth_grad_passes_on_what_its_method_said():
+    """A note that is not about a zero map (occlusion's float16 rounding) reaches the user
+    once, saying that its rows are noisy copies."""
+    body, x = conv_net(2), image()
+    _, said = run("smooth_grad", Head(lambda y: y.half(), body), x, method="occlusion",
+                  window=3, stride=2)
+    assert len(said) == 1
+    assert said[0].startswith("smooth_grad: occlusion said of a batch of noisy copies (row r a "
+                              "copy of image r mod 2): occlusion: the model's output is "
+                              "torch.float16")
+
+
 def test_integrated_gradients_input_equal_to_baseline():
     x = image()
     x[1] = 0.0

@@ -272,17 +272,22 @@ def smooth_grad(model: nn.Module, input: torch.Tensor, target: TargetType,
             del noisy, maps, wide  # not alive during the next batch: memory is one batch's
     assert total is not None and squares is not None
     result = _combine(total / copies, squares / copies, kind)
-    _warn_zero(total, notes, name)
+    _warn_zero(total, notes, name, n)
     return result.to(dtype)
 
 
-def _warn_zero(total: torch.Tensor, notes: List[str], name: str) -> None:
-    """The samples whose every noisy copy gave a zero map while ``name`` warned of a zero
-    gradient (:class:`~.maps.DegenerateMapWarning`), named as the caller's samples."""
-    rows = zero_rows(total) if notes else []
+def _warn_zero(total: torch.Tensor, notes: List[str], name: str, n: int) -> None:
+    """Pass on what ``name`` warned (:class:`~.maps.DegenerateMapWarning`) on the noisy copies:
+    naming the caller's samples whose every copy gave a zero map, or else the copies' rows."""
+    if not notes:
+        return
+    rows = zero_rows(total)
     if rows:
         warn_degenerate(f"smooth_grad: the map of sample(s) {samples_text(rows)} is all zeros, "
                         f"and {name} said of its noisy copies: {notes[0]}")
+    else:
+        warn_degenerate(f"smooth_grad: {name} said of a batch of noisy copies (row r a copy of "
+                        f"image r mod {n}): {notes[0]}")
 
 
 def _combine(mean: torch.Tensor, mean_sq: torch.Tensor, kind: str) -> torch.Tensor:
