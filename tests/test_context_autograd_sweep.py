@@ -249,7 +249,21 @@ def test_second_derivative_through_a_rule_is_refused(kind):
     assert torch._C._len_torch_function_stack() == 0
 
 
-@pytest.mark.parametrize("kind", CONTEXTS)
+def test_a_rule_whose_kernels_batch_gives_the_loops_gradients():
+    """Batched gradients are recognised only when a rule fails on them (no cost on the common
+    path): DeConvNet's rule (a ReLU of the signal) batches, and gives exactly the loop's."""
+    f = score_in("deconv")
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, X.clone(), vectorize=True),
+                               torch.autograd.functional.jacobian(f, X.clone()), rtol=0, atol=0)
+    xx = X.clone().requires_grad_()
+    with CONTEXTS["deconv"]():
+        y = NET(xx)[:, CLASS]
+    batched = torch.autograd.grad(y, xx, torch.eye(2), is_grads_batched=True, retain_graph=True)
+    loop = [torch.autograd.grad(y, xx, row, retain_graph=True)[0] for row in torch.eye(2)]
+    torch.testing.assert_close(batched[0], torch.stack(loop), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", [k for k in CONTEXTS if k != "deconv"])
 def test_batched_backward_passes_are_refused(kind):
     # Before: "Batching rule not implemented for aten::threshold_backward.grad_input" (guided),
     # "... aten::alias" (excitation), "Cannot access data pointer ..." (LRP).

@@ -13,8 +13,10 @@ a foreign PyTorch error, or give a number that is silently not the method's:
   (before, excitation backprop and LRP returned ``None`` / zeros, guided backprop raised a
   PyTorch error about ``out=`` arguments, DeConvNet returned a mixed second derivative);
 * **batched backward passes** (``torch.autograd.grad(..., is_grads_batched=True)``,
-  ``torch.autograd.functional.jacobian(..., vectorize=True)``): the rules' kernels have no vmap
-  rule; :class:`TransformNotSupportedError` says to loop instead (``vectorize=False``);
+  ``torch.autograd.functional.jacobian(..., vectorize=True)``): where a rule's kernels have no
+  vmap rule (guided backprop, excitation backprop, LRP), :class:`TransformNotSupportedError`
+  says to loop instead (``vectorize=False``); a rule whose kernels batch (DeConvNet's) gives
+  the loop's gradients;
 * **torch.func transforms** (``torch.func.grad``, ``vjp``, ``jacrev``, ``vmap(grad(...))``)
   over a forward pass run inside a rule context: the rule nodes do not take part in functorch's
   autograd, :class:`TransformNotSupportedError` says what to use.
@@ -116,20 +118,26 @@ def first_order(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     :class:`TransformNotSupportedError`, and under ``create_graph=True`` the rule runs without
     a graph and its results are marked so that differentiating them raises
     :class:`SecondOrderError` (``what`` names the method in both messages).  Without
-    ``create_graph`` the backward runs as it is (no cost beyond one check per node)."""
+    ``create_graph`` the backward runs as it is (no cost beyond one check per node; batched
+    gradients are recognised when the rule fails on them)."""
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(backward)
         def wrapper(ctx: Any, *grads: Any) -> Any:
-            if any(is_functorch_tensor(g) for g in grads):
-                raise TransformNotSupportedError(
-                    f"{what}: batched backward passes (torch.autograd.grad(..., "
-                    "is_grads_batched=True), torch.autograd.functional.jacobian(..., "
-                    "vectorize=True), vmap) are not supported by its backward rules; "
-                    + TRANSFORM_ADVICE)
-            if not torch.is_grad_enabled():
-                return backward(ctx, *grads)
-            with torch.no_grad():
-                out = backward(ctx, *grads)
+            try:
+                if not torch.is_grad_enabled():
+                    return backward(ctx, *grads)
+                with torch.no_grad():
+                    out = backward(ctx, *grads)
+            except RuntimeError as exc:
+                # Batched gradients are looked for only when the rule failed (the rules'
+                # kernels have no vmap rule): the common path pays nothing for the check.
+                if any(is_functorch_tensor(g) for g in grads):
+                    raise TransformNotSupportedError(
+                        f"{what}: batched backward passes (torch.autograd.grad(..., "
+                        "is_grads_batched=True), torch.autograd.functional.jacobian(..., "
+                        "vectorize=True), vmap) are not supported by its backward rules; "
+                        + TRANSFORM_ADVICE) from exc
+                raise
             anchor = _anchor(ctx, grads)
             if anchor is None:
                 return out

@@ -15,7 +15,6 @@ from typing import Any, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from .autograd_guards import first_order
 from .lrp_closed import closed_gradient, zplus_folded
@@ -84,9 +83,7 @@ class LRPFunction(torch.autograd.Function):
     @staticmethod
     @first_order("LRP")  # create_graph: exact, but a second derivative raises SecondOrderError
     def backward(ctx, g):
-        if torch.is_grad_enabled():  # create_graph=True: the rule is not differentiable
-            return _lrp_backward_once(ctx, g)
-        return _lrp_backward(ctx, g)
+        return _lrp_backward(ctx, g)  # (first_order runs it without a graph)
 
 
 def _lrp_backward(ctx: Any, g: torch.Tensor) -> Tuple[torch.Tensor, None]:
@@ -98,12 +95,6 @@ def _lrp_backward(ctx: Any, g: torch.Tensor) -> Tuple[torch.Tensor, None]:
     node.owner.applied += 1
     with torch._C.DisableTorchFunction():
         return _rule_gradient(x, node, g, ctx.z), None
-
-
-# The backward under create_graph=True (grad mode on): once_differentiable runs it without a
-# graph and makes differentiating its result an error.  Backward without it (the usual case)
-# skips that wrapper's cost: grad mode is already off there.
-_lrp_backward_once = once_differentiable(_lrp_backward)
 
 
 def _rule_gradient(x: torch.Tensor, node: LayerNode, g: torch.Tensor,
