@@ -33,6 +33,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from tests.conftest import assert_same_state, snapshot
 from tests.test_batch_sweep import GENERIC, conv_net, options
@@ -461,3 +462,23 @@ def test_transformer_entries_on_degenerate_inputs(name, kind, vit):
         agnostic = name in ("attention_rollout", "attention_flow")
         m = METHODS[name](vit, x, None if agnostic else TARGETS)
     assert m.shape[:2] == (2, 1) and bool(torch.isfinite(m).all())
+
+
+def test_patch_tokens_a_class_token_head_does_not_read_are_warned_about():
+    """After a ViT's last attention, a class-token head reads only its own token: Grad-CAM at
+    the final LayerNorm is all zeros although the layer's gradient is not (the class token's
+    row), and says so; the automatic layer (the last block whose patch tokens the head reads)
+    gives a map and no warning."""
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1,
+                                               num_heads=2, hidden_dim=16, mlp_dim=32,
+                                               num_classes=3).eval()
+    nn.init.normal_(vit.heads.head.weight)  # (torchvision starts the head at zero)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(DegenerateMapWarning, match=r"saliency_layer 'encoder.ln': the target "
+                      r"score reads nothing of its patch tokens for sample\(s\) \[0, 1\]"):
+        smap = METHODS["grad_cam"](vit, x, 1, saliency_layer="encoder.ln")
+    assert smap.shape == (2, 1, 4, 4) and not smap.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateMapWarning)
+        assert METHODS["grad_cam"](vit, x, 1).abs().sum() > 0

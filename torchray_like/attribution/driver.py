@@ -263,11 +263,15 @@ class ForwardPass:
             rules = "" if isinstance(ctx, NullContext) or ctx is None else (
                 f", or {type(ctx).__name__}'s rules let no signal through (guided backprop "
                 "when every path lowers the score)")
+            layer = "" if is_input(self.layers[label]) else (
+                ", or the score reads nothing of this layer's values (a transformer's patch "
+                "tokens after its last attention, under a class-token head)")
             warn_degenerate(
                 f"the (pseudo-)gradient of the target score with respect to {self.where(label)} is "
                 f"exactly zero for sample(s) {samples_text(rows)}: the score does not change "
                 "through autograd there (a constant output, a step, rounding, sign or argmax "
-                f"in the model, a saturated sigmoid/softmax, or every rectifier off{rules}) — "
+                f"in the model, a saturated sigmoid/softmax, or every rectifier off{rules}"
+                f"{layer}) — "
                 "the map is all zeros; explain a score that varies smoothly with the input (e.g. "
                 "the logit before the step), or use a perturbation method (occlusion, rise)")
 

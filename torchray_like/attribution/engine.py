@@ -36,10 +36,17 @@ from .driver import (
 )
 from .inputs import check_input
 from .layer_choice import reachable_saliency_layer, resolve_layer
-from .maps import check_resize_mode, check_smooth, finish_map
+from .maps import (
+    check_resize_mode,
+    check_smooth,
+    finish_map,
+    samples_text,
+    warn_degenerate,
+    zero_rows,
+)
 from .method import BackpropMethod, Read, Reading
 from .modules import call_scan, check_model, unwrap_compiled
-from .probe import debug_probes, fill_probe_gradients, get_module
+from .probe import debug_probes, fill_probe_gradients, get_module, layer_label
 from .rules import GRADIENT_RULE
 from .targets import Target, TargetType, get_backward_gradient, parse_target
 from .tokens import layer_tokens, tokens_to_map
@@ -156,6 +163,21 @@ def read_pair(convert: Any, tensor: torch.Tensor, grad: Optional[torch.Tensor]
         return tokens_to_map(convert, tensor)[0], None
     first, second = tokens_to_map(convert, tensor, grad)
     return first, second
+
+
+def warn_unread_tokens(grad: torch.Tensor, layer: Any) -> None:
+    """A :class:`~.maps.DegenerateMapWarning` when a token layer's patch tokens (as the map
+    reads them) get an all-zero gradient for some sample although the layer's whole gradient
+    did not (the check of :meth:`~.driver.ForwardPass.check_gradient`): the prefix tokens took
+    it all — after a transformer's last attention, a class-token head reads its own token."""
+    rows = zero_rows(grad) if grad.dim() else []
+    if rows:
+        warn_degenerate(
+            f"saliency_layer {layer_label(layer)}: the target score reads nothing of its patch "
+            f"tokens for sample(s) {samples_text(rows)} — only its class or register tokens, as "
+            "after a transformer's last attention a class-token head does — so the map is all "
+            "zeros there; read an earlier block (the automatic layer, saliency_layer=None, is "
+            "the last one whose patch tokens the score reads)")
 
 
 def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switched: bool,
@@ -295,6 +317,9 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
             keys = [((read.rule if switched else None), label) for read, label in job.reads]
             pairs = [read_pair(tokens.get((job.label, key[1])), fp.reads[key[1]],
                                grads.get(key)) for key in keys]
+            for key, (_, grad) in zip(keys, pairs):
+                if tokens.get((job.label, key[1])) is not None and grad is not None:
+                    warn_unread_tokens(grad, job.layer)
             reading = Reading(input, fp.x, tuple(a for a, _ in pairs),
                               tuple(g for _, g in pairs), job.layer, job.options)
             smap, extras = job.method.make_map(job.method, reading)
