@@ -25,7 +25,7 @@ from torchray_like.attribution.autograd_guards import (
     SecondOrderError,
     TransformNotSupportedError,
 )
-from torchray_like.attribution.context import active_rule_contexts
+from torchray_like.attribution.context import NoRuleAppliedWarning, active_rule_contexts
 from torchray_like.attribution.deconvnet import DECONVNET_RULE, DeConvNetContext, DeConvNetReLU
 from torchray_like.attribution.excitation_backprop import ExcitationBackpropContext
 from torchray_like.attribution.guided_backprop import GuidedBackpropContext, GuidedBackpropReLU
@@ -551,9 +551,21 @@ def test_nesting_same_kind_two_kinds_and_a_method_inside():
         NET(xx)[:, CLASS].sum().backward()
     assert close(xx.grad, REF["guided"])
     xx.grad = None
-    with DeConvNetContext() as outer, GuidedBackpropContext():  # the innermost handles a call
-        NET(xx)[:, CLASS].sum().backward()
+    with warnings.catch_warnings():
+        # The outer context replaced nothing because the inner one did: no "plain gradients"
+        # warning (it said so before).
+        warnings.simplefilter("error", NoRuleAppliedWarning)
+        with DeConvNetContext() as outer, GuidedBackpropContext() as inner:
+            NET(xx)[:, CLASS].sum().backward()  # the innermost handles a call
     assert close(xx.grad, REF["guided"]) and outer.replaced == 0
+    assert outer.inner_replaced == inner.replaced > 0
+    # An outer context around an inner one that replaced nothing still says so.
+    with pytest.warns(NoRuleAppliedWarning, match="GuidedBackpropContext saw 3 torch calls "
+                                                  "but replaced no"):
+        with GuidedBackpropContext():
+            with DeConvNetContext():
+                pass
+            torch.sigmoid(torch.ones(2, requires_grad=True) * 2)
     xx.grad = None
     alone = METHODS["guided_backprop"](NET, X[:1], CLASS)
     with DeConvNetContext() as ctx:

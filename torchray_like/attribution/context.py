@@ -16,7 +16,6 @@ import warnings
 from typing import (
     Any,
     Callable,
-    Collection,
     Dict,
     Iterator,
     List,
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .autograd_graph import ancestors, depends_on, gradient_node, graph_nodes, nodes_on_path
 from .autograd_guards import check_transform_error
 from .modules import current_scan
 
@@ -136,99 +136,6 @@ def records_gradient(args: tuple, kwargs: dict) -> bool:
                 and not (value.grad_fn is None and isinstance(value, nn.Parameter))):
             return True
     return False
-
-
-def _gradient_node(tensor: torch.Tensor) -> Any:
-    """The autograd node a gradient with respect to ``tensor`` is taken at (a tensor subclass's
-    ``__torch_function__`` is not run: it would answer with a node of its own making, such as
-    a view's)."""
-    with torch._C.DisableTorchFunctionSubclass():
-        return torch.autograd.graph.get_gradient_edge(tensor).node
-
-
-def nodes_on_path(output: torch.Tensor, inputs: Sequence[torch.Tensor],
-                  kinds: Collection[str]) -> List[Any]:
-    """The autograd nodes of a kind in ``kinds`` (class names such as ``"ReluBackward0"``)
-    that lie on a path from ``output`` back to one of ``inputs``.
-
-    Those are exactly the nodes a backward pass from ``output`` to ``inputs`` goes through:
-    nodes below an input, or on branches that reach no input, are left out.  Nodes made in any
-    thread count, which is what a rule context cannot see.  One walk over the graph (tens of
-    microseconds on a ResNet); the second walk, that decides which candidates lie on a path,
-    runs only when candidates exist.
-    """
-    root = output.grad_fn
-    stop_nodes = [_gradient_node(t) for t in inputs
-                  if isinstance(t, torch.Tensor) and t.requires_grad]
-    if root is None or not stop_nodes:
-        return []
-    stops = {id(node) for node in stop_nodes}
-    nodes = {}  # id -> node; holding the nodes keeps the ids unique
-    found = []
-    for node in graph_nodes(root, stops):
-        nodes[id(node)] = node
-        # Backward stops at an input: what lies below it is not on the path.
-        if id(node) not in stops and type(node).__name__ in kinds:
-            found.append(node)
-    if not found:
-        return []
-    on_path = _ancestors(nodes, stops)
-    return [node for node in found if id(node) in on_path]
-
-
-def depends_on(output: torch.Tensor, tensor: torch.Tensor) -> bool:
-    """Whether a backward pass from ``output`` reaches ``tensor`` (which requires grad): the
-    answer of ``torch.autograd.grad(output, tensor, allow_unused=True) is not None`` from a walk
-    of the graph (:func:`graph_nodes`), without computing any gradient."""
-    root = output.grad_fn
-    if root is None or not tensor.requires_grad:
-        return False
-    target = _gradient_node(tensor)  # a leaf's AccumulateGrad, which graph_nodes leaves out
-    return any(node is target or any(child is target for child, _ in node.next_functions)
-               for node in graph_nodes(root))
-
-
-def graph_nodes(root: Any, stops: Collection[int] = ()) -> Iterator[Any]:
-    """Every node of the autograd graph from ``root`` down, once each (depth first).
-
-    Parameters' leaves (``AccumulateGrad``: half the nodes, and they lead nowhere) are left
-    out; a node whose ``id`` is in ``stops`` is given, but nothing below it is visited.
-    """
-    seen = {id(root)}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        yield node
-        if id(node) in stops:
-            continue
-        for child, _ in node.next_functions:
-            if (child is not None and id(child) not in seen
-                    and type(child).__name__ != "AccumulateGrad"):
-                seen.add(id(child))
-                stack.append(child)
-
-
-def _ancestors(nodes: Dict[int, Any], stops: Set[int], through_stops: bool = False) -> Set[int]:
-    """The ids of the nodes from which a node of ``stops`` can be reached.
-
-    By default the stops are included and nothing is reached through them (a stop's own
-    inputs are below it).  With ``through_stops`` a stop counts only when another stop lies
-    below it (the nodes a backward pass to several tensors read goes through)."""
-    parents: Dict[int, List[int]] = {}
-    for key, node in nodes.items():
-        if key in stops and not through_stops:
-            continue
-        for child, _ in node.next_functions:
-            if child is not None:
-                parents.setdefault(id(child), []).append(key)
-    reached: Set[int] = set() if through_stops else set(stops)
-    frontier = list(stops)
-    while frontier:
-        for parent in parents.get(frontier.pop(), ()):
-            if parent not in reached:
-                reached.add(parent)
-                frontier.append(parent)
-    return reached
 
 
 THREAD_ADVICE = (
@@ -368,8 +275,12 @@ class RuleContext(TorchFunctionMode):
         Non-linearities seen that the rule does not cover (GELU, SiLU, sigmoid ...).
     calls : int
         How many torch calls the context saw in total (a forward pass makes many).
+    inner_replaced : int
+        Calls replaced by contexts entered inside this one's block (which this one then does
+        not see): with them it does not warn that it replaced nothing.
     warn_if_unused : bool
-        Warn with :class:`NoRuleAppliedWarning` when the block saw calls but replaced none, and
+        Warn with :class:`NoRuleAppliedWarning` when the block saw calls but replaced none (nor
+        did a context nested in it), and
         with :class:`UnhandledActivationWarning` when it saw unhandled non-linearities.
     """
 
@@ -399,6 +310,7 @@ class RuleContext(TorchFunctionMode):
         self.skipped: Dict[str, int] = {}
         self.unhandled: Dict[str, int] = {}
         self.calls = 0
+        self.inner_replaced = 0
         self.warn_if_unused = True
         self._thread: Optional[int] = None
         self._suspended = 0
@@ -432,6 +344,7 @@ class RuleContext(TorchFunctionMode):
         self.skipped.clear()
         self.unhandled.clear()
         self.calls = 0
+        self.inner_replaced = 0
 
     # -- after the forward pass ----------------------------------------------------------------
     def check_path(self, output: torch.Tensor, reads: Sequence[torch.Tensor],
@@ -493,14 +406,14 @@ class RuleContext(TorchFunctionMode):
         names already seen on a path (no second walk when every name is)."""
         known = {n for names in self.unhandled_kinds.values() for n in names}
         doubtful = {n for n in self.unhandled if n in known and n not in found}
-        stops = {id(_gradient_node(t)) for t in reads
+        stops = {id(gradient_node(t)) for t in reads
                  if isinstance(t, torch.Tensor) and t.requires_grad}
         if not doubtful or output.grad_fn is None or not stops:
             return
         nodes = {id(node): node for node in graph_nodes(output.grad_fn)}
         # The nodes backward goes through: those strictly above a tensor read (the node that
         # made a read tensor counts only when another read lies below it).
-        used = _ancestors(nodes, stops, through_stops=True)
+        used = ancestors(nodes, stops, through_stops=True)
         seen: Set[str] = set()
         kept: Set[str] = set()
         for key, node in nodes.items():
@@ -579,6 +492,8 @@ class RuleContext(TorchFunctionMode):
                 if stack[i] is self:
                     del stack[i]
                     break
+            for outer in stack:  # what they did not see, because this one replaced it
+                outer.inner_replaced += self.replaced + self.inner_replaced
         if exc_type is None and self.warn_if_unused:
             self._warn()
         return False
@@ -586,7 +501,7 @@ class RuleContext(TorchFunctionMode):
     def _warn(self) -> None:
         name = type(self).__name__
         others = ", ".join(f"{k} ×{v}" for k, v in sorted(self.unhandled.items()))
-        if self.calls and not self.replaced:
+        if self.calls and not self.replaced and not self.inner_replaced:
             skipped = sum(self.skipped.values())
             why = (f"the {skipped} it saw are not recorded by autograd (gradients disabled, or "
                    "inputs that do not require grad such as constants or frozen parameters)"

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 
 from .arguments import check_function
+from .autograd_graph import depends_on
 from .context import (
     NoRuleAppliedError,
     NullContext,
     RuleContext,
     UnhandledActivationWarning,
     check_data_parallel,
-    depends_on,
     suspend_rule_contexts,
 )
 from .inputs import call_model, check_input, layout_hint

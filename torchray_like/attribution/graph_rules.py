@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from .context import graph_nodes
+from .autograd_graph import graph_nodes
 
 __all__ = ["PLAIN_NODES", "RELU_NODE", "graph_capable", "relu_nodes", "attach_relu_rule",
            "learn", "qualifies", "disqualify", "forget"]

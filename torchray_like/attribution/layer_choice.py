@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
+from .autograd_graph import cuts
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_grad_mode, check_input, layout_hint
 from .modules import ModelScan, call_scan, check_model, opaque_modules, unwrap_compiled
@@ -411,41 +412,6 @@ class BranchLayerWarning(UserWarning):
     so a map read there explains part of the network."""
 
 
-def _cuts(roots: List[Any], stop: Any, leaf: Any) -> bool:
-    """Whether every path of the autograd graph to the node ``leaf`` from each edge of
-    ``roots`` that reaches the edge ``stop`` goes through it (``stop``: a module's output, as
-    :func:`get_gradient_edge` gave it when the module returned it; in-place changes made later
-    hang below their own nodes).  Outputs that do not depend on ``stop`` (another head) do not
-    count."""
-    def blocked(node: Any, nr: int) -> bool:
-        return node is stop.node and nr == stop.output_nr
-
-    for root in roots:
-        stack = [root.node]
-        seen = set()
-        if blocked(root.node, root.output_nr):
-            continue  # the output is the layer's own
-        met = around = False
-        while stack:
-            node = stack.pop()
-            if node is leaf:
-                around = True
-                continue
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for nxt, nr in node.next_functions:
-                if nxt is None:
-                    continue
-                if blocked(nxt, nr):
-                    met = True
-                else:
-                    stack.append(nxt)
-        if met and around:
-            return False
-    return True
-
-
 def _floating_outputs(output: Any) -> List[torch.Tensor]:
     return [t for t in _output_tensors(output) if t.is_floating_point()]
 
@@ -475,7 +441,7 @@ def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
         return name  # a token layer, or an output autograd does not see: taken as it is
 
     def cut(i: int) -> bool:
-        return records[i].edge is not None and _cuts(roots, records[i].edge, leaf)
+        return records[i].edge is not None and cuts(roots, records[i].edge, leaf)
 
     if cut(index):
         return name

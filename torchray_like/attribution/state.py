@@ -17,7 +17,7 @@ from typing import Any, Iterator, List, Tuple
 import torch
 import torch.nn as nn
 
-from .context import graph_nodes
+from .autograd_graph import graph_nodes
 from .inputs import check_input, dtype_hint, layout_hint
 from .modules import (
     check_model,
