@@ -566,16 +566,19 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def nonzero_finite_rows(grad: torch.Tensor, n: int) -> bool:
     """A quick proof that ``grad`` is finite and that no sample's gradient (dim 0, ``n``
-    samples) is all zero: the product of the samples' sums is then finite and non-zero (one
-    sum for one sample, the cost :func:`all_finite` had).  ``False`` — a non-finite element, a
-    zero sum, an overflow or underflow — sends the caller to its exact checks."""
+    samples) is all zero: every sample's sum is then finite and non-zero (one sum for one
+    sample, the cost :func:`all_finite` had).  ``False`` — a non-finite element, a zero sum, a
+    sum that overflows — sends the caller to its exact checks.  Each sum is tested on its own:
+    their product underflows for a large batch of small gradients (64 sums of 1e-6), which
+    would send every such call down the exact path."""
     if not grad.is_floating_point():
         return False
     if n == 1 or grad.dim() == 0 or grad.shape[0] != n:
         total = grad.sum().item()
-    else:  # dims, not a reshape: a channels-last gradient is not copied
-        total = math.prod(grad.sum(tuple(range(1, grad.dim()))).tolist())
-    return math.isfinite(total) and total != 0.0
+        return math.isfinite(total) and total != 0.0
+    # dims, not a reshape: a channels-last gradient is not copied
+    sums = grad.sum(tuple(range(1, grad.dim()))).tolist()
+    return all(s != 0.0 and math.isfinite(s) for s in sums)
 
 
 def check_finite_scores(scores: torch.Tensor, seed: torch.Tensor, input: torch.Tensor) -> None:
