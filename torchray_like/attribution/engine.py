@@ -32,6 +32,7 @@ from .driver import (
     detach_all,
     forward_pass,
     is_input,
+    nonzero_finite_rows,
     strip_compiled_prefix,
 )
 from .inputs import check_input
@@ -170,7 +171,9 @@ def warn_unread_tokens(grad: torch.Tensor, layer: Any) -> None:
     reads them) get an all-zero gradient for some sample although the layer's whole gradient
     did not (the check of :meth:`~.driver.ForwardPass.check_gradient`): the prefix tokens took
     it all — after a transformer's last attention, a class-token head reads its own token."""
-    rows = zero_rows(grad) if grad.dim() else []
+    if not grad.dim() or nonzero_finite_rows(grad, grad.shape[0]):
+        return  # every row sums to non-zero (2 us; the exact look, 18-330 us, on doubt only)
+    rows = zero_rows(grad)
     if rows:
         warn_degenerate(
             f"saliency_layer {layer_label(layer)}: the target score reads nothing of its patch "
