@@ -1,9 +1,12 @@
 """Hostile cases found in the review of the day's changes (one test per fix)."""
 
+import pytest
 import torch
 import torch.nn as nn
 
+from torchray_like.attribution import METHODS
 from torchray_like.attribution.grad_cam import grad_cam
+from torchray_like.attribution.layer_choice import find_contrast_layer, find_saliency_layer
 from torchray_like.attribution.layer_layout import explicit_layout
 
 
@@ -31,3 +34,18 @@ def test_a_shared_module_is_read_through_the_path_named():
     assert explicit_layout(model, "b.1", (2, 8, 8, 8), (2, 3, 8, 8)) is False
     torch.testing.assert_close(grad_cam(model, x, [0, 1], saliency_layer="b.1"),
                                grad_cam(model, x, [0, 1], saliency_layer="b.1", tokens=False))
+
+
+def test_the_automatic_layer_of_an_inference_tensor_is_that_of_its_clone():
+    """The layer choice runs the model with autograd (the cut check): an input made under
+    ``torch.inference_mode()`` (a data pipeline's) is copied there, not refused with
+    PyTorch's RuntimeError about requires_grad on inference tensors; the methods that need its
+    gradient still refuse it with their own ValueError."""
+    model = SharedReLU().eval()
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 8, 8)
+    assert x.is_inference()
+    assert find_saliency_layer(model, x) == find_saliency_layer(model, x.clone()) == "b"
+    assert find_contrast_layer(model, x) == "b"
+    with pytest.raises(ValueError, match="inference tensor"):
+        METHODS["contrastive_excitation_backprop"](model, x, 0)

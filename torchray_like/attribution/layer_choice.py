@@ -125,7 +125,10 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
             # With ``keep`` the copy comes from a leaf that requires grad: the outputs are on a
             # graph even when every parameter is frozen, and the copy itself is no leaf (an
             # in-place normalisation of the input in the forward pass still works).
-            leaf = (input[:1] if first_only else input).detach().requires_grad_(keep)
+            leaf = (input[:1] if first_only else input).detach()
+            if keep and leaf.is_inference():  # made under inference_mode: no graph on it
+                leaf = leaf.clone()
+            leaf.requires_grad_(keep)
             output = call_model(model, leaf.clone(), input)
     finally:
         for handle in handles:
