@@ -1,12 +1,20 @@
 """Hostile cases found in the review of the day's changes (one test per fix)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.grad_cam import grad_cam
-from torchray_like.attribution.layer_choice import find_contrast_layer, find_saliency_layer
+from torchray_like.attribution.layer_choice import (
+    BranchLayerWarning,
+    LayerChoice,
+    choose_layer,
+    find_contrast_layer,
+    find_saliency_layer,
+)
 from torchray_like.attribution.layer_layout import explicit_layout
 
 
@@ -49,3 +57,31 @@ def test_the_automatic_layer_of_an_inference_tensor_is_that_of_its_clone():
     assert find_contrast_layer(model, x) == "b"
     with pytest.raises(ValueError, match="inference tensor"):
         METHODS["contrastive_excitation_backprop"](model, x, 0)
+
+
+class FrozenBackbone(nn.Module):
+    """A backbone run under ``torch.no_grad()`` in ``forward``, a head that learns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            f = self.backbone(x)
+        return self.head(f.mean((2, 3)))
+
+
+def test_a_layer_off_the_graph_is_no_branch():
+    """A layer autograd does not record (no_grad in forward) is not said to lie on a branch
+    ("a path around it"): no BranchLayerWarning, only the driver's own ValueError, which says
+    why its gradient cannot be read."""
+    model, x = FrozenBackbone().eval(), torch.randn(1, 3, 8, 8)
+    assert choose_layer(model, x) == LayerChoice("backbone", "backbone")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BranchLayerWarning)
+        assert find_saliency_layer(model, x) == "backbone"
+        with pytest.raises(ValueError, match="torch.no_grad"):
+            grad_cam(model, x, 0)

@@ -440,8 +440,12 @@ def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
     ``keep`` on the first sample)."""
     index = next(i for i in range(len(records) - 1, -1, -1) if records[i].name == name)
     roots = [get_gradient_edge(t) for t in _floating_outputs(output) if t.requires_grad]
-    if not _spatial(records[index].shape, input.dim(), 1) or not roots:
-        return name  # a token layer, or an output autograd does not see: taken as it is
+    if not _spatial(records[index].shape, input.dim(), 1) or not roots \
+            or records[index].edge is None:
+        # A token layer, or an output autograd does not see, or a layer off the graph (run
+        # under no_grad / a reentrant checkpoint: the driver refuses it, saying so): taken as
+        # it is, no claim of a path around it.
+        return name
 
     def cut(i: int) -> bool:
         return records[i].edge is not None and cuts(roots, records[i].edge, leaf)
