@@ -12,6 +12,7 @@ to pass instead where it is not, and keep every ordinary ``(N, C, H, W)`` read a
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Dict
 
 import pytest
@@ -29,6 +30,7 @@ from torchvision.ops.misc import Permute
 
 import torchray_like as trl
 from torchray_like.attribution.layer_layout import explicit_layout, module_layout
+from torchray_like.attribution.maps import DegenerateMapWarning
 from torchray_like.attribution.tokens import TokenLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -309,12 +311,27 @@ def test_vit_tokens_and_patch_embedding(vit: nn.Module) -> None:
     assert conv.shape == (2, 1, 4, 4) and float(conv.max()) > 0
     assert torch.equal(conv, trl.eigen_cam(vit, x, 0, saliency_layer="conv_proj", tokens=False))
     layout = TokenLayout(prefix=1, grid=(4, 4))
+    # torchvision's ViT starts with a zero head (every gradient zero): a head that reads
+    # something, so that Grad-CAM's maps are no zeros that any layout would match.
+    model = copy.deepcopy(vit)
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     for layer in ("encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_0.mlp",
                   "encoder.layers.encoder_layer_0.ln_1", "encoder.ln"):
-        smap = trl.grad_cam(vit, x, 0, saliency_layer=layer)
-        assert smap.shape == (2, 1, 4, 4)
-        torch.testing.assert_close(smap, trl.grad_cam(vit, x, 0, saliency_layer=layer,
-                                                      tokens=layout))
+        # EigenCAM reads the activations alone: non-zero maps at every layer.
+        smap = trl.eigen_cam(model, x, 0, saliency_layer=layer)
+        assert smap.shape == (2, 1, 4, 4) and float(smap.amax((1, 2, 3)).min()) > 0
+        torch.testing.assert_close(smap, trl.eigen_cam(model, x, 0, saliency_layer=layer,
+                                                       tokens=layout))
+    ln_1 = "encoder.layers.encoder_layer_0.ln_1"  # before the only attention: patches read
+    smap = trl.grad_cam(model, x, 0, saliency_layer=ln_1)
+    assert smap.shape == (2, 1, 4, 4) and float(smap.amax((1, 2, 3)).min()) > 0
+    torch.testing.assert_close(smap, trl.grad_cam(model, x, 0, saliency_layer=ln_1,
+                                                  tokens=layout))
+    # After it, the class-token head reads no patch token: zero maps, said so.
+    with pytest.warns(DegenerateMapWarning, match="reads nothing of its patch tokens"):
+        smap = trl.grad_cam(model, x, 0, saliency_layer="encoder.layers.encoder_layer_0.mlp")
+    assert not smap.any()
 
 
 # ---------------------------------------------------------------------------------------------
