@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.grad_cam import grad_cam
@@ -16,6 +17,7 @@ from torchray_like.attribution.layer_choice import (
     find_saliency_layer,
 )
 from torchray_like.attribution.layer_layout import explicit_layout
+from torchray_like.attribution.maps import DegenerateMapWarning
 
 
 class SharedReLU(nn.Module):
@@ -85,3 +87,29 @@ def test_a_layer_off_the_graph_is_no_branch():
         assert find_saliency_layer(model, x) == "backbone"
         with pytest.raises(ValueError, match="torch.no_grad"):
             grad_cam(model, x, 0)
+
+
+def test_a_zero_gradient_at_a_token_layer_is_said_once():
+    """torchvision's ViT starts with a zero head: every gradient is zero.  The driver says so
+    (with the causes that apply); the note that the class-token head reads no patch token —
+    false here, the first block's patch tokens are read — is not added."""
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        smap = grad_cam(vit, x, 0, saliency_layer="encoder.layers.encoder_layer_0.ln_1")
+    said = [str(w.message) for w in heard if issubclass(w.category, DegenerateMapWarning)]
+    assert not smap.any() and len(said) == 1, said
+    assert "is exactly zero for sample(s) [0, 1]" in said[0]
+    # With a head that reads the class token, the patch tokens after the only attention are
+    # unread: that note alone.
+    with torch.no_grad():
+        vit.heads.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        grad_cam(vit, x, 0, saliency_layer="encoder.layers.encoder_layer_0.mlp")
+    said = [str(w.message) for w in heard if issubclass(w.category, DegenerateMapWarning)]
+    assert len(said) == 1 and "reads nothing of its patch tokens for sample(s) [0, 1]" in said[0]

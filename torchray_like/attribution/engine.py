@@ -166,14 +166,20 @@ def read_pair(convert: Any, tensor: torch.Tensor, grad: Optional[torch.Tensor]
     return first, second
 
 
-def warn_unread_tokens(grad: torch.Tensor, layer: Any) -> None:
+def warn_unread_tokens(grad: torch.Tensor, layer: Any,
+                       whole: Optional[torch.Tensor] = None) -> None:
     """A :class:`~.maps.DegenerateMapWarning` when a token layer's patch tokens (as the map
-    reads them) get an all-zero gradient for some sample although the layer's whole gradient
-    did not (the check of :meth:`~.driver.ForwardPass.check_gradient`): the prefix tokens took
-    it all — after a transformer's last attention, a class-token head reads its own token."""
+    reads them, ``grad``) get an all-zero gradient for some sample although the layer's whole
+    gradient (``whole``, as the layer output it) did not: the prefix tokens took it all — after
+    a transformer's last attention, a class-token head reads its own token.  A sample whose
+    whole gradient is zero is left to :meth:`~.driver.ForwardPass.check_gradient`, which
+    says so with the causes that apply."""
     if not grad.dim() or nonzero_finite_rows(grad, grad.shape[0]):
         return  # every row sums to non-zero (2 us; the exact look, 18-330 us, on doubt only)
     rows = zero_rows(grad)
+    if rows and whole is not None and whole.dim() and whole.shape[0] == grad.shape[0]:
+        silent = set(zero_rows(whole))
+        rows = [r for r in rows if r not in silent]
     if rows:
         warn_degenerate(
             f"saliency_layer {layer_label(layer)}: the target score reads nothing of its patch "
@@ -322,7 +328,7 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
                                grads.get(key)) for key in keys]
             for key, (_, grad) in zip(keys, pairs):
                 if tokens.get((job.label, key[1])) is not None and grad is not None:
-                    warn_unread_tokens(grad, job.layer)
+                    warn_unread_tokens(grad, job.layer, grads.get(key))
             reading = Reading(input, fp.x, tuple(a for a, _ in pairs),
                               tuple(g for _, g in pairs), job.layer, job.options)
             smap, extras = job.method.make_map(job.method, reading)
