@@ -284,7 +284,8 @@ def _patch_tokens_reached(model: nn.Module, input: torch.Tensor, records: List[_
 
 
 def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
-                   classes: Set[int]) -> Optional[str]:
+                   classes: Set[int], kept: Optional[Tuple[List[_Record], Dict[str, int], Any]]
+                   = None) -> Optional[str]:
     """The automatic layer of a token model: the last module called once, with parameters,
     whose output is a token sequence with an inferable layout, no wider than the final tokens
     (not an attention's q/k/v projection nor an MLP's hidden layer), and whose patch tokens
@@ -295,8 +296,10 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
     Grad-CAM there would be blank.  The rule then lands on the last block's first LayerNorm
     (torchvision ``encoder.layers.encoder_layer_{L-1}.ln_1``, timm ``blocks.{L-1}.norm1``,
     MViT ``blocks.{L-1}.norm1``), pytorch-grad-cam's usual choice; with a pooled head, on the
-    last block's output.  One forward and backward pass on the first sample, with autograd."""
-    records, calls, output, _ = _record_forward(model, input[:1], keep=True)
+    last block's output.  One forward and backward pass on the first sample, with autograd
+    (``kept``: the records, calls and output of such a forward pass already made)."""
+    records, calls, output = kept if kept is not None else _record_forward(
+        model, input[:1], keep=True)[:3]
     end = _head_start(records, classes, input.dim(), 1)
     width = (last.shape or (0,))[-1]
     candidates = [r for r in records[:end] if r.tensor is not None and r.has_params
@@ -333,13 +336,17 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
 
 
 def _choose(model: nn.Module, input: torch.Tensor, records: List[_Record],
-            calls: Dict[str, int], output: Any, batch: int) -> str:
-    """The rule of :func:`find_saliency_layer` on the records of a pass of ``batch`` samples."""
+            calls: Dict[str, int], output: Any, batch: int, reuse: bool = False) -> str:
+    """The rule of :func:`find_saliency_layer` on the records of a pass of ``batch`` samples
+    (``reuse``: all the records of a pass on the first sample with autograd and the outputs
+    kept, which the token rule then reads instead of making its own)."""
     rank = input.dim()
     end = _head_start(records, _class_counts(output), rank, batch)
     last = _token_model(records, end, rank)
     if last is not None and is_token_model(model):
-        name = _choose_tokens(model, input, last, _class_counts(output))
+        # The discovery's pass (first sample, autograd, outputs kept) serves the token rule.
+        name = _choose_tokens(model, input, last, _class_counts(output),
+                              (records, calls, output) if reuse else None)
         if name is not None:
             return name
         raise ValueError(
@@ -462,7 +469,7 @@ def _discover_layer(model: nn.Module, input: torch.Tensor) -> LayerChoice:
     # check their graph.
     records, calls, output, leaf = _record_forward(model, input, keep=True, first_only=True)
     try:
-        name = _choose(model, input, records, calls, output, 1)
+        name = _choose(model, input, records, calls, output, 1, reuse=True)
         return LayerChoice(name, _cut_choice(model, input, records, calls, output, leaf, name))
     finally:
         for r in records:
