@@ -17,7 +17,7 @@ from torchray_like.attribution.layer_choice import (
     find_saliency_layer,
 )
 from torchray_like.attribution.layer_layout import explicit_layout
-from torchray_like.attribution.maps import DegenerateMapWarning
+from torchray_like.attribution.maps import DegenerateMapWarning, constant_rows, zero_rows
 
 
 class SharedReLU(nn.Module):
@@ -130,3 +130,13 @@ def test_the_automatic_layer_of_a_token_model_costs_one_forward_pass():
     finally:
         handle.remove()
     assert name == "encoder.layers.encoder_layer_1.ln_1" and runs == [1]
+
+
+def test_row_helpers_take_a_scalar_and_an_empty_batch():
+    """``zero_rows`` / ``constant_rows`` (public in maps): a 0-d tensor is one sample, an empty
+    batch has none (an IndexError and a RuntimeError from reshape before)."""
+    assert zero_rows(torch.tensor(0.0)) == [0] and zero_rows(torch.tensor(2.0)) == []
+    assert constant_rows(torch.tensor(2.0)) == [0]
+    assert zero_rows(torch.empty(0, 3)) == [] and constant_rows(torch.empty(0, 3, 4)) == []
+    rows = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    assert zero_rows(rows) == [0] and constant_rows(rows) == [0, 1]

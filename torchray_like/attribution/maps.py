@@ -180,17 +180,24 @@ def warn_degenerate(message: str) -> None:
         warn_caller(message, DegenerateMapWarning)
 
 
+def _per_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``(N, values)`` (a 0-d tensor: one sample; an empty batch: no row)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1, 1)
+    n = tensor.shape[0]
+    # reshape(n, -1) cannot infer the width of an empty batch
+    return tensor.reshape(n, -1) if n else tensor.reshape(0, 0)
+
+
 def zero_rows(tensor: torch.Tensor) -> List[int]:
     """The samples (dim 0) of ``tensor`` that are exactly zero everywhere (NaN is not zero)."""
-    if tensor.dim() == 0:
-        return [] if bool(tensor != 0) else [0]
-    nonzero = (tensor != 0).reshape(tensor.shape[0], -1).any(1)
+    nonzero = (_per_sample(tensor) != 0).any(1)
     return (~nonzero).nonzero().flatten().tolist()
 
 
 def constant_rows(tensor: torch.Tensor) -> List[int]:
     """The samples (dim 0) of ``tensor`` whose values are all equal (zero included)."""
-    flat = tensor.reshape(tensor.shape[0], -1)
+    flat = _per_sample(tensor)
     return (flat == flat[:, :1]).all(1).nonzero().flatten().tolist()
 
 
