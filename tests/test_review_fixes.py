@@ -9,6 +9,7 @@ import torchvision
 
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.grad_cam import grad_cam
+from torchray_like.attribution.integrated_gradients import resolve_baseline, uniform_baseline
 from torchray_like.attribution.layer_choice import (
     BranchLayerWarning,
     LayerChoice,
@@ -140,3 +141,23 @@ def test_row_helpers_take_a_scalar_and_an_empty_batch():
     assert zero_rows(torch.empty(0, 3)) == [] and constant_rows(torch.empty(0, 3, 4)) == []
     rows = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
     assert zero_rows(rows) == [0] and constant_rows(rows) == [0, 1]
+
+
+def test_uniform_baseline_takes_the_seeds_resolve_baseline_takes():
+    """``uniform_baseline`` (public) with an int, seeds or None draws image by image as
+    ``resolve_baseline("uniform", ...)`` does (PyTorch's TypeError about rand() or len()
+    before); a wrong count or type is the seeding's own error naming ``generator``."""
+    x = torch.randn(2, 3, 4, 4)
+    a = uniform_baseline(x, 3)
+    assert torch.equal(a, uniform_baseline(x, [3, 4]))
+    assert torch.equal(a, resolve_baseline("uniform", x, generator=3))
+    assert torch.equal(a[1:], uniform_baseline(x[1:], 4))
+    low, high = x.flatten(1).amin(1), x.flatten(1).amax(1)
+    assert bool((a.flatten(1).amin(1) >= low).all() and (a.flatten(1).amax(1) <= high).all())
+    state = torch.get_rng_state()
+    uniform_baseline(x, None)
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(ValueError, match="generator has 3 entries but the batch has 2"):
+        uniform_baseline(x, [1, 2, 3])
+    with pytest.raises(TypeError, match="generator must be"):
+        uniform_baseline(x, "seed")

@@ -186,19 +186,22 @@ def blur_baseline(sigma: Union[float, Sequence[float]]) -> Callable[[torch.Tenso
     return blur
 
 
-def uniform_baseline(x: torch.Tensor,
-                     generator: Union[torch.Generator, Sequence[torch.Generator]]
-                     ) -> torch.Tensor:
+def uniform_baseline(x: torch.Tensor, generator: GeneratorsType) -> torch.Tensor:
     """Uniform noise between each image's minimum and maximum, drawn with ``generator`` — one
-    for the whole batch, or one per image (:func:`~.seeding.image_generators`: then an image's
-    baseline does not depend on the rest of the batch) — on the CPU, so that a seed gives the
-    same baseline on every device."""
+    CPU generator for the whole batch, or a sequence of them, one per image (then an image's
+    baseline does not depend on the rest of the batch); an int ``s``, ``None`` or a sequence
+    of seeds draw image by image with :func:`~.seeding.image_generators` (image ``n``: seed
+    ``s + n``), as :func:`resolve_baseline` does — on the CPU, so that a seed gives the same
+    baseline on every device."""
     flat = x.detach().flatten(1)
     low, high = flat.amin(1), flat.amax(1)
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     if isinstance(generator, torch.Generator):
         u = torch.rand(x.shape, generator=generator, dtype=dtype)
     else:
+        if not (isinstance(generator, (list, tuple))
+                and all(isinstance(g, torch.Generator) for g in generator)):
+            generator = image_generators(generator, x.shape[0])  # seeds: one generator each
         if len(generator) != x.shape[0]:
             raise ValueError(f"generator has {len(generator)} entries but the batch has "
                              f"{x.shape[0]} images; give one per image, or a single one")
