@@ -409,7 +409,8 @@ class LayerChoice:
         ``name`` when every path from the input to the output goes through that layer's
         output; else the last layer that qualifies and does, ``None`` when none does.  A
         transformer's token layer is taken as it is (its residual stream goes around it by
-        design).
+        design), and so is a layer autograd does not record (run under ``torch.no_grad()``
+        in ``forward``: the methods then refuse it, saying why).
     """
 
     name: str
