@@ -161,3 +161,26 @@ def test_uniform_baseline_takes_the_seeds_resolve_baseline_takes():
         uniform_baseline(x, [1, 2, 3])
     with pytest.raises(TypeError, match="generator must be"):
         uniform_baseline(x, "seed")
+
+
+def test_automatic_contrast_layer_of_a_vit_is_the_last_block():
+    """A ViT's automatic layer is a token layer (the last block's ln_1), which the residual
+    stream goes around: contrastive excitation backprop refused it as its contrast layer, so
+    METHODS["contrastive_excitation_backprop"] failed on every ViT.  The automatic contrast
+    is now the innermost enclosing block every path crosses (the benchmark's choice for the
+    embedded ViT), and the map is that of the explicit call."""
+    from torchray_like.benchmark.embedded_models import EMBEDDED_LAYERS, load_embedded_model
+
+    model, x = load_embedded_model("embedded-vit"), torch.randn(2, 3, 64, 64)
+    choice = choose_layer(model, x)
+    assert choice.name == EMBEDDED_LAYERS["embedded-vit"]["grad_cam"]
+    assert choice == LayerChoice(choice.name, choice.name)  # no BranchLayerWarning for tokens
+    contrast = find_contrast_layer(model, x)
+    assert contrast == EMBEDDED_LAYERS["embedded-vit"]["contrast"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        smap = METHODS["contrastive_excitation_backprop"](model, x, [1, 2])
+        explicit = METHODS["contrastive_excitation_backprop"](model, x, [1, 2],
+                                                              contrast_layer=contrast)
+    assert smap.shape == (2, 1, 64, 64) and float(smap.amax((1, 2, 3)).min()) > 0
+    torch.testing.assert_close(smap, explicit)

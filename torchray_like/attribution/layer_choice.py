@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union, cast
 
 import torch
@@ -411,10 +411,16 @@ class LayerChoice:
         transformer's token layer is taken as it is (its residual stream goes around it by
         design), and so is a layer autograd does not record (run under ``torch.no_grad()``
         in ``forward``: the methods then refuse it, saying why).
+    contrast : str or None
+        For a token layer: it or the innermost module enclosing it (by dotted name) whose
+        output every path crosses — the last block's output for a ViT's ``ln_1`` — the
+        automatic ``contrast_layer`` (:func:`find_contrast_layer`); ``None`` otherwise (not
+        compared: two choices are equal by ``name`` and ``cut``).
     """
 
     name: str
     cut: Optional[str]
+    contrast: Optional[str] = field(default=None, compare=False)
 
 
 class BranchLayerWarning(UserWarning):
@@ -465,13 +471,32 @@ def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
     return None if found is None else records[found].name
 
 
+def _token_contrast(input: torch.Tensor, records: List[_Record], calls: Dict[str, int],
+                    output: Any, leaf: Any, name: str) -> Optional[str]:
+    """:attr:`LayerChoice.contrast` for the token layer ``name``: it or the innermost module
+    enclosing it whose (N, T, D) output every path crosses (``None`` for a map layer)."""
+    record = next((r for r in reversed(records) if r.name == name), None)
+    roots = [get_gradient_edge(t) for t in _floating_outputs(output) if t.requires_grad]
+    if record is None or _spatial(record.shape, input.dim(), 1) or not roots or leaf is None:
+        return None
+    last = {r.name: r for r in records}  # the outermost record of a name comes last
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        r = last.get(".".join(parts[:k]))
+        if r is not None and calls.get(r.name) == 1 and not r.alias and r.edge is not None \
+                and r.shape is not None and len(r.shape) == 3 and cuts(roots, r.edge, leaf):
+            return r.name
+    return None
+
+
 def _discover_layer(model: nn.Module, input: torch.Tensor) -> LayerChoice:
     # One pass on the first sample with autograd: the rule reads the module outputs, the cut
     # check their graph.
     records, calls, output, leaf = _record_forward(model, input, keep=True, first_only=True)
     try:
         name = _choose(model, input, records, calls, output, 1, reuse=True)
-        return LayerChoice(name, _cut_choice(model, input, records, calls, output, leaf, name))
+        return LayerChoice(name, _cut_choice(model, input, records, calls, output, leaf, name),
+                           _token_contrast(input, records, calls, output, leaf, name))
     finally:
         for r in records:
             r.tensor = r.edge = None  # free the graph
@@ -613,9 +638,12 @@ def find_contrast_layer(model: nn.Module, input: torch.Tensor) -> str:
     """The automatic ``contrast_layer`` of contrastive excitation backprop: the automatic
     saliency layer when the network cannot go around it, else the last layer that qualifies
     and cuts the network (:attr:`LayerChoice.cut`); the contrast needs a layer every path
-    crosses.  When none does, the automatic layer (the method then says it does not cut the
-    network)."""
+    crosses.  For a token layer (whose residual stream goes around it), the innermost block
+    enclosing it that every path crosses (:attr:`LayerChoice.contrast`: a ViT's last block).
+    When none does, the automatic layer (the method then says it does not cut the network)."""
     choice = choose_layer(model, input)
+    if choice.contrast is not None:
+        return choice.contrast
     return choice.name if choice.cut is None else choice.cut
 
 
