@@ -237,7 +237,9 @@ def _is_window_layer(module: nn.Module) -> bool:
 
 def _partitioned(tree: _Tree, module: nn.Module) -> Optional[nn.Module]:
     """The window-partitioned attention layer ``module`` lies inside (MaxViT), if any."""
-    if not tree.has_windows:
+    # Its ancestors known along the dotted name: a look at each (cheaper than asking whether
+    # the model has such a layer at all, a look at every module).
+    if id(module) not in tree._known and not tree.has_windows:
         return None
     for ancestor in tree.ancestors(module):
         if _is_window_layer(ancestor):
