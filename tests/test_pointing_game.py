@@ -448,6 +448,8 @@ def test_a_data_sets_integer_label_is_a_class_id(class_id):
     (True, TypeError, "class_id must be an int, got True"),
     (torch.tensor(3), ValueError, r"class_id must be in \[0, 3\), got 3"),
     (np.int32(-1), ValueError, r"got -1"),
+    (torch.empty((), dtype=torch.long, device="meta"), ValueError,
+     "class_id is on the meta device"),
 ])
 def test_class_ids_that_are_no_single_integer_are_refused_naming_class_id(class_id, error,
                                                                          pattern):

@@ -230,8 +230,8 @@ def outputs_agree(output: Any, reference: Any, reduced: bool) -> bool:
             and not isinstance(output, type):
         # A dataclass holding the tensors (``.logits``): its fields are the output; comparing
         # the type alone let a model whose numbers depend on the layout through.
-        return all(outputs_agree(getattr(output, f.name), getattr(reference, f.name), reduced)
-                   for f in dataclasses.fields(output))
+        return all(outputs_agree(getattr(output, f.name, None), getattr(reference, f.name, None),
+                                 reduced) for f in dataclasses.fields(output))
     return type(output) is type(reference)
 
 

@@ -244,6 +244,7 @@ def as_class_id(class_id: Any, num_classes: int) -> int:
     value = class_id
     if isinstance(value, (torch.Tensor, np.ndarray)):
         if isinstance(value, torch.Tensor):
+            check_not_meta(value, "class_id")
             size = value.numel()
             integral = not (value.is_floating_point() or value.is_complex()
                             or value.dtype == torch.bool)
