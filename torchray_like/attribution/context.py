@@ -493,7 +493,8 @@ class RuleContext(TorchFunctionMode):
                     del stack[i]
                     break
             for outer in stack:  # what they did not see, because this one replaced it
-                outer.inner_replaced += self.replaced + self.inner_replaced
+                if not outer._suspended:  # (a method's own context, inside a call, is not)
+                    outer.inner_replaced += self.replaced + self.inner_replaced
         if exc_type is None and self.warn_if_unused:
             self._warn()
         return False
