@@ -461,7 +461,11 @@ def test_linear_over_width_refused_and_layernorm_chw_kept() -> None:
 
 
 def test_channels_last_1d() -> None:
-    """A 1-D model: a linear layer over the features of ``(N, L, D)`` is read channels-last."""
+    """A 1-D model that is no token model: a linear layer's ``(N, L, D)`` output cannot be told
+    from one over the length axis of ``(N, C, L)``, so it is refused, saying what to pass;
+    ``tokens=TokenLayout(channels_last=True)`` reads the features last (a hand Grad-CAM), and
+    a linear layer over the length of a 1-D CNN's ``(N, C, L)`` (which the grid test let
+    through as channels-last) is refused the same way."""
 
     class Seq(nn.Module):
         def __init__(self) -> None:
@@ -475,7 +479,11 @@ def test_channels_last_1d() -> None:
     torch.manual_seed(0)
     model = Seq().eval()
     x = torch.randn(2, 2, 32)
-    smap = trl.grad_cam(model, x, 0, saliency_layer="mix")
+    with pytest.raises(ValueError, match=r"saliency_layer 'mix' \(Linear\) outputs shape "
+                                         r"\(2, 8, 12\).*for 1-D data a features-last output"):
+        trl.grad_cam(model, x, 0, saliency_layer="mix")
+    smap = trl.grad_cam(model, x, 0, saliency_layer="mix",
+                        tokens=TokenLayout(channels_last=True))
     assert smap.shape == (2, 1, 8)
     _close(smap, _hand_grad_cam(model, "mix", x, 0,
                                                     lambda t: t.transpose(1, 2)))
@@ -524,3 +532,13 @@ def test_a_compiled_models_layer_is_read_by_its_module_with_or_without_the_prefi
     compiled = torch.compile(model)
     for layer in ("2", "_orig_mod.2"):
         assert explicit_layout(compiled, layer, (1, 8, 8, 4), (1, 3, 8, 8)) == "last"
+
+
+def test_a_linear_layer_over_a_1d_cnns_length_is_refused() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.Linear(32, 16), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 16, 3)).eval()
+    with pytest.raises(ValueError, match="cannot be told from a linear layer over the length"):
+        trl.grad_cam(model, torch.randn(2, 2, 32), 0, saliency_layer="1")
+    # Read as it is on request: the map over the 8 channels' 16 mixed positions.
+    assert trl.grad_cam(model, torch.randn(2, 2, 32), 0, saliency_layer="1",
+                        tokens=False).shape == (2, 1, 16)

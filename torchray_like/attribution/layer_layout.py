@@ -316,13 +316,17 @@ def _mixes_tokens(decider: Optional[nn.Module], patches: Collection[int]) -> boo
 
 
 def explicit_layout(model: nn.Module, layer: Any, shape: Sequence[int],
-                    input_shape: Sequence[int], patches: Collection[int] = ()) -> Any:
+                    input_shape: Sequence[int], patches: Collection[int] = (),
+                    token_model: bool = True) -> Any:
     """How the output of ``shape`` of the explicitly named ``layer`` (a module of ``model`` or
     its name) is read for an input of ``input_shape`` whose patch grid (at the patch
     embedding's stride) may have any count in ``patches``: ``None`` (nothing certain: the
     token inference decides), ``False`` (read as it is, a map), ``"last"`` (a channels-last
     map ``(N, *grid, C)``) or ``"tokens"`` (a features-last token sequence ``(N, T, D)`` of an
-    image or video, inferred as in a token model).
+    image or video, inferred as in a token model).  For 1-D data a features-last output
+    ``(N, L, D)`` is read channels-last only in a ``token_model``
+    (:func:`~.tokens.is_token_model`): elsewhere it cannot be told from a linear layer over the
+    length axis of ``(N, C, L)`` (a grid of almost any length passes), and it is refused.
 
     Raises
     ------
@@ -339,7 +343,8 @@ def explicit_layout(model: nn.Module, layer: Any, shape: Sequence[int],
         return None
     tree = _Tree(model, path)
     verdict, decider = _module_decision(tree, module, len(shape))
-    why = _refusal(verdict, decider, shape, input_shape, patches)
+    why = _refusal(verdict, decider, shape, input_shape, patches) or (
+        _ambiguous_1d(verdict, shape, input_shape) if not token_model else None)
     if why is None:
         if verdict == "last":
             return "last" if len(shape) == len(input_shape) else (
@@ -355,6 +360,16 @@ def explicit_layout(model: nn.Module, layer: Any, shape: Sequence[int],
         "(N, C, *grid) (tokens=TokenLayout(channels_last=True) for a channels-last map, "
         "TokenLayout(prefix=..., grid=(h, w)) for a token sequence, tokens=False to read the "
         "tensor as it is)")
+
+
+def _ambiguous_1d(verdict: Verdict, shape: Tuple[int, ...],
+                  input_shape: Tuple[int, ...]) -> Optional[str]:
+    if verdict == "last" and len(shape) == len(input_shape) == 3:
+        return ("for 1-D data a features-last output (N, L, D) cannot be told from a linear "
+                "layer over the length axis of (N, C, L); pass tokens=TokenLayout("
+                "channels_last=True) if its last axis holds the features, tokens=False if it "
+                "holds positions")
+    return None
 
 
 def _refusal(verdict: Verdict, decider: Optional[nn.Module], shape: Tuple[int, ...],

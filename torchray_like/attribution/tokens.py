@@ -429,7 +429,8 @@ def layer_tokens(model: nn.Module, read: torch.Tensor, input: torch.Tensor,
                         int(read.shape[0]))
     if tokens is None and layer is not None:
         read_as = explicit_layout(model, layer, read.shape, input.shape,
-                                  _patch_counts(model, input.shape) if read.dim() == 3 else ())
+                                  _patch_counts(model, input.shape) if read.dim() == 3 else (),
+                                  token_model=input.dim() != 3 or is_token_model(model))
         if read_as is False:
             return None
         if read_as == "last":
