@@ -126,6 +126,19 @@ class RefGuidedReLU(_RefRectifier):
         return g * mask, None
 
 
+class ScaleByTwo(torch.autograd.Function):
+    """A user's custom autograd function, ``2 x`` with its own backward (the rule contexts
+    must keep it: it is a legitimate part of a model)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
 class RefDeconvReLU(_RefRectifier):
     """Zeiler & Fergus: p' = max(p, 0) (and the upper clamp of ReLU6 keeps its gradient)."""
 

@@ -34,7 +34,7 @@ from torchray_like.attribution.probe import Probe
 from torchray_like.attribution.rules import ReLUContext
 from torchray_like.attribution.transformer_lrp import TransformerLRPContext
 
-from .conftest import RefDeconvReLU, RefGuidedReLU, hook_counts
+from .conftest import RefDeconvReLU, RefGuidedReLU, ScaleByTwo, hook_counts
 from .transformer_models import make_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,17 +51,7 @@ REFUSE_SAVED_HOOKS = ("ebp", "lrp", "tlrp")
 CLASS = 1
 
 
-class Scale2(torch.autograd.Function):
-    """A user's custom function: ``2 x`` with its own backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
+Scale2 = ScaleByTwo  # a user's custom function: ``2 x`` with its own backward
 
 class Scale2Once(Scale2):
     @staticmethod

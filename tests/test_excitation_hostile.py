@@ -23,7 +23,7 @@ from torchray_like.attribution.excitation_backprop import (
     excitation_to_saliency,
 )
 
-from .conftest import assert_same_state, snapshot
+from .conftest import ScaleByTwo, assert_same_state, snapshot
 from .excitation_helpers import ConvHead, excite
 
 # ---------------------------------------------------------------------------------------------
@@ -355,15 +355,6 @@ def test_calls_inside_custom_functions_warn():
     legitimate part of the model)."""
     from torch.utils.checkpoint import checkpoint
 
-    class Double(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 2
-
     class Net(nn.Module):
         def __init__(self, reentrant):
             super().__init__()
@@ -375,7 +366,7 @@ def test_calls_inside_custom_functions_warn():
             if self.reentrant:
                 h = checkpoint(lambda t: F.relu(self.c1(t)), x, use_reentrant=True)
             else:
-                h = F.relu(Double.apply(self.c1(x)))
+                h = F.relu(ScaleByTwo.apply(self.c1(x)))
             return self.fc(h.mean((2, 3)))
 
     x = torch.rand(1, 3, 6, 6, requires_grad=True)
