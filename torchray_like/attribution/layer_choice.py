@@ -69,19 +69,16 @@ class _Record:
     has_params: bool                   # the module or its children hold parameters
     own_params: bool                   # the module itself holds parameters
     alias: bool                        # it returned an earlier module's output it was given
-    tensor: Optional[torch.Tensor] = None  # the output, kept by reachable_saliency_layer
-    edge: Any = None  # with keep: the output's gradient edge when the module returned it
+    tensor: Optional[torch.Tensor] = None  # the output (floating), freed by the caller
+    edge: Any = None  # the output's gradient edge when the module returned it
 
 
-def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
-                    first_only: Optional[bool] = None
+def _record_forward(model: nn.Module, input: torch.Tensor, first_only: bool = False
                     ) -> Tuple[List[_Record], Dict[str, int], Any, Any]:
-    """Run the model once with a forward hook on every named module: on the first sample
-    only, under ``no_grad``; or, with ``keep``, with autograd recording, keeping the outputs
-    and their gradient edges (on the whole batch unless ``first_only``).  Returns the records,
-    the calls per module, the output and (with ``keep``) the input leaf's gradient edge node.
-    A failure is explained with the whole input's shape."""
-    first_only = not keep if first_only is None else first_only
+    """Run the model once with a forward hook on every named module, with autograd recording,
+    keeping the outputs and their gradient edges (on the whole batch, or on the first sample
+    only with ``first_only``).  Returns the records, the calls per module, the output and the
+    input leaf's gradient edge node.  A failure is explained with the whole input's shape."""
     records: List[_Record] = []
     calls: Dict[str, int] = {}
     outputs: Dict[int, Tuple[torch.Tensor, int]] = {}  # id -> (output, its version then)
@@ -100,9 +97,8 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
                 and output._version == outputs[id(output)][1]
             records.append(_Record(
                 name, tuple(output.shape) if floating else None, has_params, own_params,
-                alias, output if keep and floating else None,
-                get_gradient_edge(output) if keep and floating and output.requires_grad
-                else None))
+                alias, output if floating else None,
+                get_gradient_edge(output) if floating and output.requires_grad else None))
             if floating:
                 outputs[id(output)] = (output, output._version)  # held: ids stay unique
         return hook
@@ -111,7 +107,6 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
     # candidates; the driver refuses to probe them).
     hidden = {id(m) for _, om, _ in opaque_modules(model) for m in om.modules()}
     handles = []
-    grad_mode = torch.enable_grad() if keep else torch.no_grad()
     try:
         for name, module in model.named_modules():
             if name and id(module) not in hidden:
@@ -120,20 +115,20 @@ def _record_forward(model: nn.Module, input: torch.Tensor, keep: bool,
                     next(module.parameters(recurse=False), None) is not None)))
         # Model state and RNG restored, the caller's rule contexts suspended, and a copy of the
         # input (in-place normalisation).
-        with suspend_rule_contexts(), model_state_guard(model, freeze=False), grad_mode, \
-                _rng_fork(input.device):
-            # With ``keep`` the copy comes from a leaf that requires grad: the outputs are on a
-            # graph even when every parameter is frozen, and the copy itself is no leaf (an
-            # in-place normalisation of the input in the forward pass still works).
+        with suspend_rule_contexts(), model_state_guard(model, freeze=False), \
+                torch.enable_grad(), _rng_fork(input.device):
+            # The copy comes from a leaf that requires grad: the outputs are on a graph even
+            # when every parameter is frozen, and the copy itself is no leaf (an in-place
+            # normalisation of the input in the forward pass still works).
             leaf = (input[:1] if first_only else input).detach()
-            if keep and leaf.is_inference():  # made under inference_mode: no graph on it
+            if leaf.is_inference():  # made under inference_mode: no graph on it
                 leaf = leaf.clone()
-            leaf.requires_grad_(keep)
+            leaf.requires_grad_(True)
             output = call_model(model, leaf.clone(), input)
     finally:
         for handle in handles:
             handle.remove()
-    return records, calls, output, get_gradient_edge(leaf).node if keep else None
+    return records, calls, output, get_gradient_edge(leaf).node
 
 
 def _output_tensors(output: Any) -> List[torch.Tensor]:
@@ -298,8 +293,7 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
     MViT ``blocks.{L-1}.norm1``), pytorch-grad-cam's usual choice; with a pooled head, on the
     last block's output.  One forward and backward pass on the first sample, with autograd
     (``kept``: the records, calls and output of such a forward pass already made)."""
-    records, calls, output = kept if kept is not None else _record_forward(
-        model, input[:1], keep=True)[:3]
+    records, calls, output = kept if kept is not None else _record_forward(model, input[:1])[:3]
     end = _head_start(records, classes, input.dim(), 1)
     width = (last.shape or (0,))[-1]
     candidates = [r for r in records[:end] if r.tensor is not None and r.has_params
@@ -448,12 +442,18 @@ def _no_scores(model: nn.Module, output: Any) -> None:
         + ", so which token layer it reads cannot be found; " + _ADVICE)
 
 
+def _output_edges(output: Any) -> List[Any]:
+    """The gradient edges of the model output's floating tensors on the graph (the roots of
+    the cut checks)."""
+    return [get_gradient_edge(t) for t in _floating_outputs(output) if t.requires_grad]
+
+
 def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
-                calls: Dict[str, int], output: Any, leaf: Any, name: str) -> Optional[str]:
-    """:attr:`LayerChoice.cut` for the layer ``name`` chosen from ``records`` (a pass with
-    ``keep`` on the first sample)."""
+                calls: Dict[str, int], output: Any, roots: List[Any], leaf: Any,
+                name: str) -> Optional[str]:
+    """:attr:`LayerChoice.cut` for the layer ``name`` chosen from ``records`` (the pass of
+    :func:`_record_forward` on the first sample; ``roots``: :func:`_output_edges`)."""
     index = next(i for i in range(len(records) - 1, -1, -1) if records[i].name == name)
-    roots = [get_gradient_edge(t) for t in _floating_outputs(output) if t.requires_grad]
     if not _spatial(records[index].shape, input.dim(), 1) or not roots \
             or records[index].edge is None:
         # A token layer, or an output autograd does not see, or a layer off the graph (run
@@ -472,12 +472,11 @@ def _cut_choice(model: nn.Module, input: torch.Tensor, records: List[_Record],
 
 
 def _token_contrast(input: torch.Tensor, records: List[_Record], calls: Dict[str, int],
-                    output: Any, leaf: Any, name: str) -> Optional[str]:
+                    roots: List[Any], leaf: Any, name: str) -> Optional[str]:
     """:attr:`LayerChoice.contrast` for the token layer ``name``: it or the innermost module
     enclosing it whose (N, T, D) output every path crosses (``None`` for a map layer)."""
     record = next((r for r in reversed(records) if r.name == name), None)
-    roots = [get_gradient_edge(t) for t in _floating_outputs(output) if t.requires_grad]
-    if record is None or _spatial(record.shape, input.dim(), 1) or not roots or leaf is None:
+    if record is None or _spatial(record.shape, input.dim(), 1) or not roots:
         return None
     last = {r.name: r for r in records}  # the outermost record of a name comes last
     parts = name.split(".")
@@ -492,11 +491,13 @@ def _token_contrast(input: torch.Tensor, records: List[_Record], calls: Dict[str
 def _discover_layer(model: nn.Module, input: torch.Tensor) -> LayerChoice:
     # One pass on the first sample with autograd: the rule reads the module outputs, the cut
     # check their graph.
-    records, calls, output, leaf = _record_forward(model, input, keep=True, first_only=True)
+    records, calls, output, leaf = _record_forward(model, input, first_only=True)
     try:
         name = _choose(model, input, records, calls, output, 1, reuse=True)
-        return LayerChoice(name, _cut_choice(model, input, records, calls, output, leaf, name),
-                           _token_contrast(input, records, calls, output, leaf, name))
+        roots = _output_edges(output)
+        return LayerChoice(name,
+                           _cut_choice(model, input, records, calls, output, roots, leaf, name),
+                           _token_contrast(input, records, calls, roots, leaf, name))
     finally:
         for r in records:
             r.tensor = r.edge = None  # free the graph
@@ -511,7 +512,7 @@ def reachable_saliency_layer(model: nn.Module, input: torch.Tensor, target: Any)
     target's scores down to every module output, and applies the same rule to the modules they
     reach.  Raises a :class:`ValueError` listing what was seen when none qualifies.
     """
-    records, calls, output, _ = _record_forward(model, input, keep=True)
+    records, calls, output, _ = _record_forward(model, input)
     parsed = target if isinstance(target, Target) else parse_target(target, input.shape[0])
     scores, seed = parsed.seed(output)
     kept = [(r, r.tensor) for r in records if r.tensor is not None and r.tensor.requires_grad]
