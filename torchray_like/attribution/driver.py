@@ -30,7 +30,13 @@ from .context import (
 )
 from .inputs import call_model, check_input, layout_hint
 from .maps import samples_text, warn_degenerate, zero_rows
-from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
+from .modules import (
+    batch_statistics_layers,
+    check_model,
+    opaque_modules,
+    strip_compiled_prefix,
+    unwrap_compiled,
+)
 from .probe import Probe, get_module, layer_label, single_call
 from .reporting import warn_caller
 from .state import autograd_grad, model_state_guard, uses_reentrant_checkpoint
@@ -496,19 +502,6 @@ class GraphFromLayers:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-
-
-_COMPILED_PREFIX = "_orig_mod."
-
-
-def strip_compiled_prefix(layer: Any, original: nn.Module) -> Any:
-    """A layer name in ``torch.compile(model)`` → the same layer in its original module:
-    ``"_orig_mod.layer4"`` → ``"layer4"``, ``"_orig_mod"`` → the original module itself."""
-    while isinstance(layer, str) and layer.startswith(_COMPILED_PREFIX):
-        layer = layer[len(_COMPILED_PREFIX):]
-    if isinstance(layer, str) and layer == _COMPILED_PREFIX[:-1]:
-        return original
-    return layer
 
 
 def check_visible(model: nn.Module, modules: Dict[str, Optional[nn.Module]],

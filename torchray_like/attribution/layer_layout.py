@@ -52,7 +52,7 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, TypeG
 
 import torch.nn as nn
 
-from .modules import current_scan, iter_modules, unwrap_compiled
+from .modules import current_scan, iter_modules, strip_compiled_prefix, unwrap_compiled
 
 __all__ = ["module_layout", "explicit_layout", "is_grid", "Verdict"]
 
@@ -203,9 +203,10 @@ def _decide(tree: _Tree, module: nn.Module, rank: int, depth: int = 0) -> Decisi
         return None, None
     if _in_order(module) and len(module) > 0:
         name, last = next(reversed(module._modules.items()))
-        if last is not None:
-            tree.note(last, module, name)
-        return _decide(tree, module[len(module) - 1], rank, depth + 1)
+        if last is None:
+            return None, None
+        tree.note(last, module, name)
+        return _decide(tree, last, rank, depth + 1)
     own = _own_verdict(module, rank)
     if own != "keep":
         return own, module if own is not None else None
@@ -297,10 +298,9 @@ def _resolve(model: nn.Module, layer: Any) -> Tuple[Optional[nn.Module], str]:
     and say what is wrong with it)."""
     if isinstance(layer, nn.Module):
         return layer, ""
+    layer = strip_compiled_prefix(layer, model)
     if not isinstance(layer, str) or layer == "":
         return None, ""
-    while layer.startswith("_orig_mod."):
-        layer = layer[len("_orig_mod."):]
     try:
         return model.get_submodule(layer), layer
     except AttributeError:

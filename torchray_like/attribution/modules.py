@@ -18,7 +18,7 @@ from torch.nn.parameter import UninitializedTensorMixin, is_lazy  # type: ignore
 
 __all__ = ["check_model", "iter_modules", "iter_tensors", "is_compiled_wrapper",
            "unwrap_compiled", "opaque_kind", "opaque_modules", "batch_statistics_layers",
-           "ModelScan", "scan_model", "call_scan", "current_scan"]
+           "ModelScan", "scan_model", "call_scan", "current_scan", "strip_compiled_prefix"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -292,6 +292,19 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
+
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def strip_compiled_prefix(layer: Any, original: nn.Module) -> Any:
+    """A layer name in ``torch.compile(model)`` → the same layer in its original module:
+    ``"_orig_mod.layer4"`` → ``"layer4"``, ``"_orig_mod"`` → the original module itself."""
+    while isinstance(layer, str) and layer.startswith(_COMPILED_PREFIX):
+        layer = layer[len(_COMPILED_PREFIX):]
+    if isinstance(layer, str) and layer == _COMPILED_PREFIX[:-1]:
+        return original
+    return layer
 
 
 def opaque_kind(module: nn.Module) -> Optional[str]:
