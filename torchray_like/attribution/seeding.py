@@ -38,6 +38,16 @@ def global_seed() -> int:
     return int.from_bytes(hashlib.sha256(state).digest()[:8], "little")
 
 
+def _with_seed(generator: Any, seed: Optional[int]) -> Any:
+    """``generator``, or ``seed`` (TorchRay's spelling of ``generator=int``); both is an
+    error."""
+    if seed is None:
+        return generator
+    if generator is not None:
+        raise ValueError("pass either generator or seed (an alias of generator=int), not both")
+    return seed
+
+
 def make_generator(generator: GeneratorType, seed: Optional[int] = None) -> torch.Generator:
     """A private CPU generator following the policy of this module.
 
@@ -53,10 +63,7 @@ def make_generator(generator: GeneratorType, seed: Optional[int] = None) -> torc
     -------
     torch.Generator
     """
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("pass either generator or seed (an alias of generator=int), not both")
-        generator = seed
+    generator = _with_seed(generator, seed)
     if isinstance(generator, torch.Generator):
         return generator
     value = global_seed() if generator is None else _seed_from(generator, "generator")
@@ -105,8 +112,5 @@ def image_generators(generator: Any, n: int, seed: Optional[int] = None
                      ) -> List[torch.Generator]:
     """One private CPU generator per image, seeded by :func:`image_seeds` (``seed``:
     TorchRay's spelling of ``generator=int``; giving both is an error)."""
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("pass either generator or seed (an alias of generator=int), not both")
-        generator = seed
+    generator = _with_seed(generator, seed)
     return [torch.Generator(device="cpu").manual_seed(s) for s in image_seeds(generator, n)]
