@@ -42,7 +42,14 @@ from .arguments import check_finite, is_number, number_list
 from .attention import AttentionCapture, NoAttentionError
 from .context import suspend_rule_contexts
 from .inputs import call_model, check_input
-from .maps import SizeType, check_resize_mode, finish_map, samples_text, warn_degenerate
+from .maps import (
+    FLAT_SCORE_CAUSES,
+    SizeType,
+    check_resize_mode,
+    finish_map,
+    samples_text,
+    warn_degenerate,
+)
 from .modules import check_model
 from .state import autograd_grad, model_state_guard
 from .targets import TargetType, parse_target
@@ -486,9 +493,9 @@ def _warn_zero_gradients(grads: List[Optional[torch.Tensor]], n: int) -> None:
         warn_degenerate(
             f"grad_rollout: the gradient of the target score with respect to every attention "
             f"map is exactly zero for sample(s) {samples_text(rows)}: the score does not change "
-            "through autograd there (a constant output, a step, rounding, sign or argmax in the "
-            "model, a saturated sigmoid/softmax) — the map is all zeros; explain a score that "
-            "varies smoothly with the input (attention_rollout does not use the target)")
+            f"through autograd there ({FLAT_SCORE_CAUSES}) — the map is all zeros; explain a "
+            "score that varies smoothly with the input (attention_rollout does not use the "
+            "target)")
 
 
 def grad_rollout(model: nn.Module, input: torch.Tensor, target: TargetType, *,

@@ -29,7 +29,7 @@ from .context import (
     suspend_rule_contexts,
 )
 from .inputs import call_model, check_input, layout_hint
-from .maps import samples_text, warn_degenerate, zero_rows
+from .maps import FLAT_SCORE_CAUSES, samples_text, warn_degenerate, zero_rows
 from .modules import (
     batch_statistics_layers,
     check_model,
@@ -275,8 +275,7 @@ class ForwardPass:
             warn_degenerate(
                 f"the (pseudo-)gradient of the target score with respect to {self.where(label)} is "
                 f"exactly zero for sample(s) {samples_text(rows)}: the score does not change "
-                "through autograd there (a constant output, a step, rounding, sign or argmax "
-                f"in the model, a saturated sigmoid/softmax, or every rectifier off{rules}"
+                f"through autograd there ({FLAT_SCORE_CAUSES}, or every rectifier off{rules}"
                 f"{layer}) — "
                 "the map is all zeros; explain a score that varies smoothly with the input (e.g. "
                 "the logit before the step), or use a perturbation method (occlusion, rise)")

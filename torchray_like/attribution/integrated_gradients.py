@@ -44,7 +44,14 @@ from .arguments import (
 )
 from .context import suspend_rule_contexts
 from .inputs import call_model
-from .maps import finish_map, samples_text, smooth_saliency, warn_degenerate, zero_rows
+from .maps import (
+    FLAT_SCORE_CAUSES,
+    finish_map,
+    samples_text,
+    smooth_saliency,
+    warn_degenerate,
+    zero_rows,
+)
 from .modules import batch_statistics_layers, check_model, opaque_modules, unwrap_compiled
 from .probe import get_module, layer_label
 from .reporting import progress_bar
@@ -410,8 +417,7 @@ def _warn_zero_gradient(total: torch.Tensor, diff: torch.Tensor, where: str) -> 
         warn_degenerate(
             f"integrated_gradients: the gradient of the target score with respect to {where} "
             f"is exactly zero at every point of the path for sample(s) {samples_text(rows)}: "
-            "the score does not change through autograd there (a constant output, a step, "
-            "rounding, sign or argmax in the model, a saturated sigmoid/softmax, or every "
+            f"the score does not change through autograd there ({FLAT_SCORE_CAUSES}, or every "
             "rectifier off) — the map is all zeros; explain a score that varies smoothly with "
             "the input, or use a perturbation method (occlusion, rise)")
     same = sorted(set(zero_rows(diff)) - set(rows))

@@ -20,7 +20,7 @@ __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape"
            "ResizeOrderWarning", "SizeType", "ActivationMap", "check_layer_map",
            "saliency_gradient", "finish_map", "check_smooth", "gaussian_kernel",
            "check_resize_mode", "DegenerateMapWarning", "warn_degenerate", "quiet_degenerate",
-           "zero_rows", "constant_rows", "samples_text", "REDUCED_PRECISION",
+           "zero_rows", "constant_rows", "samples_text", "REDUCED_PRECISION", "FLAT_SCORE_CAUSES",
            "check_precision"]
 
 #: What ``resize`` accepts: ``False``/``True``, an int, a tuple in TorchRay's order, a Shape.
@@ -149,6 +149,11 @@ class DegenerateMapWarning(UserWarning):
 
 
 _QUIET = threading.local()
+
+#: Why a target's score can have an exactly zero gradient although the call succeeded (one
+#: wording for every :class:`DegenerateMapWarning` about a zero gradient).
+FLAT_SCORE_CAUSES = ("a constant output, a step, rounding, sign or argmax in the model, a "
+                     "saturated sigmoid/softmax")
 
 #: Output dtypes whose rounding a perturbation method's score differences can fall under, and
 #: their relative precision (the spacing of values near 1: ``torch.finfo(dtype).eps``).
