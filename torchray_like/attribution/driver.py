@@ -172,6 +172,11 @@ class ForwardPass:
     model_name: str = "the model"
     batch_statistics: List[str] = field(default_factory=list)
 
+    @property
+    def samples(self) -> int:
+        """The number of samples the seed has (one for a scalar seed)."""
+        return self.seed.shape[0] if self.seed.dim() else 1
+
     def where(self, label: str) -> str:
         layer = self.layers[label]
         return "the input" if is_input(layer) else f"{label} {layer_label(layer)}"
@@ -223,7 +228,7 @@ class ForwardPass:
         explains that sample's own score, in the batch it was computed with (``N`` backward
         passes instead of one).
         """
-        n = self.seed.shape[0] if self.seed.dim() else 1
+        n = self.samples
         if not self.batch_statistics or n == 1:
             return list(autograd_grad(self.scores, tensors, self.seed,
                                       retain_graph=retain_graph, allow_unused=True))
@@ -247,7 +252,7 @@ class ForwardPass:
         """A gradient that does not exist or is not finite is a :class:`ValueError`."""
         if grad is None:
             raise ValueError(f"the target scores do not depend on {self.where(label)}")
-        if nonzero_finite_rows(grad, self.seed.shape[0] if self.seed.dim() else 1):
+        if nonzero_finite_rows(grad, self.samples):
             return
         finite = torch.isfinite(grad).reshape(grad.shape[0] if grad.dim() else 1, -1).all(1)
         if not bool(finite.all()):
@@ -261,7 +266,7 @@ class ForwardPass:
     def warn_zero(self, label: str, grad: torch.Tensor) -> None:
         """A :class:`~.maps.DegenerateMapWarning` naming the samples whose (finite) gradient
         is exactly zero: their map says nothing (rare path: the quick check found a zero)."""
-        n = self.seed.shape[0] if self.seed.dim() else 1
+        n = self.samples
         rows = zero_rows(grad) if grad.dim() and grad.shape[0] == n else (
             [] if bool((grad != 0).any()) else list(range(n)))
         if rows:
