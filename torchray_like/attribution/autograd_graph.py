@@ -8,7 +8,8 @@ from typing import Any, Collection, Dict, Iterator, List, Sequence, Set
 
 import torch
 
-__all__ = ["gradient_node", "nodes_on_path", "depends_on", "graph_nodes", "ancestors", "cuts"]
+__all__ = ["gradient_node", "nodes_on_path", "depends_on", "graph_nodes", "ancestors", "cuts",
+           "parameter_function"]
 
 
 def gradient_node(tensor: torch.Tensor) -> Any:
@@ -59,6 +60,37 @@ def depends_on(output: torch.Tensor, tensor: torch.Tensor) -> bool:
     target = gradient_node(tensor)  # a leaf's AccumulateGrad, which graph_nodes leaves out
     return any(node is target or any(child is target for child, _ in node.next_functions)
                for node in graph_nodes(root))
+
+
+def parameter_function(tensor: torch.Tensor, limit: int = 32) -> bool:
+    """Whether ``tensor`` is computed from parameters alone: every leaf its autograd graph
+    reaches is an ``nn.Parameter`` (and the graph has at most ``limit`` nodes).
+
+    The weights that PyTorch's own tools compute in the forward pass are such tensors —
+    ``torch.nn.utils.parametrizations`` (``weight_norm``, ``spectral_norm``, ``orthogonal``),
+    ``torch.nn.utils.prune`` (``weight_orig * weight_mask``), quantization-aware training's
+    fake-quantized weights — constants of the input like a parameter, not activations.  Their
+    graphs have a few nodes; a larger graph (an activation, which reaches the input) answers
+    ``False`` after ``limit`` nodes.
+    """
+    root = tensor.grad_fn
+    if root is None:
+        return isinstance(tensor, torch.nn.Parameter)
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "AccumulateGrad":  # a leaf: a parameter, or the input
+            if not isinstance(getattr(node, "variable", None), torch.nn.Parameter):
+                return False
+            continue
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                if len(seen) >= limit:
+                    return False
+                seen.add(id(child))
+                stack.append(child)
+    return True
 
 
 def graph_nodes(root: Any, stops: Collection[int] = ()) -> Iterator[Any]:

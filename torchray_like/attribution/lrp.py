@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autograd_graph import parameter_function
 from .context import RuleContext, records_gradient
 from .driver import SaliencyDebug
 from .engine import Job, saliency
@@ -310,7 +311,8 @@ class LRPContext(RuleContext):
             self.skip(kind)
             return func(*args, **kwargs)
         if not isinstance(weight, torch.Tensor) or (
-                weight.requires_grad and not isinstance(weight, nn.Parameter)):
+                weight.requires_grad and not isinstance(weight, nn.Parameter)
+                and not parameter_function(weight)):  # parametrized / pruned: a constant
             self.unhandle("conv with an activation as weight" if kind != "linear"
                           else "linear with an activation as weight")
             return func(*args, **kwargs)
@@ -354,7 +356,7 @@ class LRPContext(RuleContext):
         if name == "einsum" and args and isinstance(args[-1], (list, tuple)):
             tensors += [t for t in args[-1] if isinstance(t, torch.Tensor)]
         active = [t for t in tensors if records_gradient((t,), {})
-                  and not isinstance(t, nn.Parameter)]
+                  and not isinstance(t, nn.Parameter) and not parameter_function(t)]
         if len(active) > 1 or (name == "div" and active and active[-1] is not tensors[0]):
             self.unhandle(f"{name} of two activations" if len(active) > 1 else "reciprocal")
         return func(*args, **kwargs)
