@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 import weakref
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,31 +46,59 @@ class _GuardState:
     undo what another thread's ``backward()`` accumulated meanwhile.
     """
 
-    __slots__ = ("count", "model", "switched", "frozen")
+    __slots__ = ("count", "model", "switched", "frozen", "observers")
 
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
         self.model = model
         self.switched: List[nn.Module] = []
         self.frozen: List[torch.Tensor] = []
+        self.observers: List[Tuple[nn.Module, Dict[str, Any]]] = []
 
     def apply(self, freeze: bool) -> None:
         scan = current_scan(self.model)  # the call's one walk, when there is one
+        observer = _observer_class()
         for m in (scan.modules if scan is not None else iter_modules(self.model)):
             if m.training:
                 m.training = False
                 self.switched.append(m)
+            if observer is not None and (isinstance(m, observer)
+                                         or "observer_enabled" in m._buffers):
+                self._hide_observer(m)
         if freeze:
             for kind, p in iter_tensors(self.model):
                 if kind == "parameter" and p.requires_grad:
                     p.requires_grad_(False)
                     self.frozen.append(p)
 
+    def _hide_observer(self, m: nn.Module) -> None:
+        """Quantization observers record statistics in every forward pass, in eval mode too
+        (a fake-quantize module of quantization-aware training also changes its scale, hence
+        the output, as it records): for the block, a fake-quantize module observes nothing and
+        an observer records into copies of its buffers; the originals come back untouched."""
+        if any(saved_m is m for saved_m, _ in self.observers):
+            return  # another thread's guard hid it already
+        saved = dict(m._buffers)
+        for name, t in saved.items():
+            if t is not None:
+                m._buffers[name] = (torch.zeros_like(t) if name == "observer_enabled"
+                                    else t.detach().clone())
+        self.observers.append((m, saved))
+
     def restore(self) -> None:
         for p in self.frozen:
             p.requires_grad_(True)
         for m in self.switched:
             m.training = True
+        for m, saved in self.observers:
+            m._buffers.update(saved)
+
+
+def _observer_class() -> Any:
+    """``torch.ao.quantization``'s observer base class when it is loaded (a model with
+    observers imported it), else ``None``: models without quantization pay nothing."""
+    module = sys.modules.get("torch.ao.quantization.observer")
+    return getattr(module, "ObserverBase", None)
 
 
 _GUARD_LOCK = threading.Lock()
