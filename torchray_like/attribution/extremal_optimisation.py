@@ -88,11 +88,12 @@ def _draw_shifts(seeds: Sequence[int], k: int, iters: int, jitter: Tuple[int, ..
                  ) -> torch.Tensor:
     """``(iters, N·K, d)`` integer shifts, image ``n``'s drawn from its own CPU generator, so that
     a batch and per-image calls with the same seeds draw the same shifts."""
-    bound = torch.tensor(jitter, dtype=torch.long)
+    bound = torch.tensor(jitter, dtype=torch.long, device="cpu")  # whatever the default
     out = []
     for s in seeds:
         g = torch.Generator().manual_seed(s)
-        u = torch.randint(-2 ** 30, 2 ** 30, (iters, k, len(jitter)), generator=g)
+        u = torch.randint(-2 ** 30, 2 ** 30, (iters, k, len(jitter)), generator=g,
+                          device="cpu")
         out.append(u % (2 * bound + 1) - bound)
     return torch.cat(out, dim=1)
 

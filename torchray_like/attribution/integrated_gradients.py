@@ -204,7 +204,7 @@ def uniform_baseline(x: torch.Tensor, generator: GeneratorsType) -> torch.Tensor
     low, high = flat.amin(1), flat.amax(1)
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     if isinstance(generator, torch.Generator):
-        u = torch.rand(x.shape, generator=generator, dtype=dtype)
+        u = torch.rand(x.shape, generator=generator, dtype=dtype, device=generator.device)
     else:
         if not (isinstance(generator, (list, tuple))
                 and all(isinstance(g, torch.Generator) for g in generator)):
@@ -212,7 +212,8 @@ def uniform_baseline(x: torch.Tensor, generator: GeneratorsType) -> torch.Tensor
         if len(generator) != x.shape[0]:
             raise ValueError(f"generator has {len(generator)} entries but the batch has "
                              f"{x.shape[0]} images; give one per image, or a single one")
-        u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=dtype) for g in generator])
+        u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=dtype, device=g.device)
+                         for g in generator])
     u = u.to(x.device, x.dtype)
     shape = (-1,) + (1,) * (x.dim() - 1)
     return low.view(shape) + u * (high - low).view(shape)

@@ -24,7 +24,7 @@ def denormals_flushed() -> bool:
     hardware: ``2**-126 * 0.5`` (the smallest normal float32 halved) is a denormal, or zero when
     flushing is on.  The product runs on one element, in the calling thread.
     """
-    smallest = torch.full((1,), torch.finfo(torch.float32).tiny, dtype=torch.float32)
+    smallest = torch.full((1,), torch.finfo(torch.float32).tiny, dtype=torch.float32, device="cpu")
     return bool(smallest.mul(0.5).item() == 0.0)
 
 

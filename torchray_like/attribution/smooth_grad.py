@@ -115,8 +115,10 @@ class _Noise:
         if self.bank is not None:
             return self.bank[index // n, index % n]
         assert self.generators is not None
-        draws = [torch.randn(self.input.shape[1:], generator=self.generators[r % n],
-                             dtype=self.dtype) * self.sigma[r % n] for r in index.tolist()]
+        gens = self.generators
+        draws = [torch.randn(self.input.shape[1:], generator=gens[r % n], dtype=self.dtype,
+                             device=gens[r % n].device)  # not the caller's default device
+                 * self.sigma[r % n] for r in index.tolist()]
         return torch.stack(draws).to(self.input.device, self.input.dtype)
 
 
