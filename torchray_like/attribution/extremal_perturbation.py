@@ -111,7 +111,7 @@ from .mask_optimizer import (
 )
 from .modules import check_model
 from .perturbation_pyramid import BLUR_PERTURBATION, FADE_PERTURBATION, PERTURBATIONS, Perturbation
-from .precision import check_autocast
+from .precision import caller_autocast, check_autocast, without_autocast
 from .precision import flush_denormals as flushing
 from .reporting import progress_bar, warn_caller
 from .seeding import GeneratorsType, image_seeds
@@ -350,7 +350,8 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
         ``torch.bfloat16`` (CPUs and GPUs) or ``torch.float16`` (GPUs): the model's forward
         (and so its backward) passes run under :class:`torch.autocast` to that dtype; a tensor
         output is read back in float32, and the masks, rewards, energies and optimiser state
-        stay in float32.
+        stay in float32.  Called inside the caller's ``torch.autocast``, that autocast is this
+        option (the model's passes only; the masks are optimised in float32 all the same).
 
     Returns
     -------
@@ -409,19 +410,23 @@ def extremal_perturbation(model: nn.Module, input: torch.Tensor, target: TargetA
         print_iter=None if print_iter is None else positive_int(print_iter, "print_iter"),
         debug=check_flag(debug, "debug"), progress=check_progress(progress),
         flush_denormals=check_flag(flush_denormals, "flush_denormals"),
-        autocast=check_autocast(autocast, input.device),
+        autocast=check_autocast(autocast, input.device) or caller_autocast(input.device),
         resize=check_resize(resize, resize_mode, len(spatial)), resize_mode=resize_mode,
         smooth=check_smooth(float(smooth) if is_number(smooth) else smooth))
-    run = MaskOptimisation(model, input, cfg)
-    with model_state_guard(model), torch.enable_grad(), flushing(cfg.flush_denormals), \
-            progress_bar(cfg.max_iter, cfg.progress, "extremal perturbation") as bar:
-        for t in range(cfg.max_iter):
-            run.iterate(t)
-            bar.update(1)
-    masks, history = run.result()
-    # Not maps.finish_map, which casts to the input's dtype: masks of half-precision inputs
-    # stay in the single precision they were optimised in.
-    masks = resize_saliency(input, masks, cfg.resize, cfg.resize_mode)
-    if cfg.smooth:
-        masks = smooth_saliency(masks, cfg.smooth * max(masks.shape[2:]))
+    # The caller's autocast is cfg.autocast (the forward passes); the masks' own arithmetic
+    # (blur, pooling, ranking) stays in float32, as with autocast= (before: NumPy's TypeError
+    # on a bfloat16 mask).
+    with without_autocast(input.device):
+        run = MaskOptimisation(model, input, cfg)
+        with model_state_guard(model), torch.enable_grad(), flushing(cfg.flush_denormals), \
+                progress_bar(cfg.max_iter, cfg.progress, "extremal perturbation") as bar:
+            for t in range(cfg.max_iter):
+                run.iterate(t)
+                bar.update(1)
+        masks, history = run.result()
+        # Not maps.finish_map, which casts to the input's dtype: masks of half-precision inputs
+        # stay in the single precision they were optimised in.
+        masks = resize_saliency(input, masks, cfg.resize, cfg.resize_mode)
+        if cfg.smooth:
+            masks = smooth_saliency(masks, cfg.smooth * max(masks.shape[2:]))
     return masks, history

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .precision import without_autocast
 from .reporting import warn_caller
 
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
@@ -387,6 +388,11 @@ def smooth_saliency(saliency: torch.Tensor, sigma: Union[float, Sequence[float]]
               else [float(s) for s in sigma])
     if len(sigmas) != spatial or any(s < 0 or not math.isfinite(s) for s in sigmas):
         raise ValueError(f"sigma must be {spatial} non-negative numbers, got {sigma!r}")
+    with without_autocast(saliency.device):  # the caller's would make a bfloat16 map
+        return _smooth_axes(saliency, sigmas, truncate)
+
+
+def _smooth_axes(saliency: torch.Tensor, sigmas: List[float], truncate: float) -> torch.Tensor:
     out = saliency
     for d, s in enumerate(sigmas):
         if s == 0:

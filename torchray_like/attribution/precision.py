@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 __all__ = ["denormals_flushed", "flush_denormals", "AUTOCAST_DTYPES", "check_autocast",
-           "autocast_forward"]
+           "autocast_forward", "caller_autocast", "without_autocast"]
 
 
 def denormals_flushed() -> bool:
@@ -92,3 +92,21 @@ def autocast_forward(autocast: Optional[torch.dtype], device: torch.device
     if autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=autocast)
+
+
+def caller_autocast(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype of the caller's :class:`torch.autocast` for ``device``'s type, or ``None``
+    when it is off there (or PyTorch has no autocast for that device type, e.g. meta)."""
+    if not torch.amp.is_autocast_available(device.type) or \
+            not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Suspend the caller's :class:`torch.autocast` for ``device``'s type in the block: a map's or
+    a mask's own arithmetic (a blur, a mask's pooling) is not the model's forward pass, and in
+    bfloat16 it would return a bfloat16 map of a float32 input.  Nothing when autocast is off."""
+    if caller_autocast(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
