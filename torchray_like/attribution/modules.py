@@ -68,6 +68,9 @@ class ModelScan:
         Some batch norm normalises with the batch's statistics in eval mode.
     data_parallel : bool
         Some ``nn.DataParallel`` spans several devices.
+    quantized : bool
+        Some module is a quantized (integer) module of ``torch.ao.quantization.convert`` or
+        ``quantize_dynamic``, which autograd cannot differentiate through.
     unhashable : type or None
         The class of a module that cannot be hashed (``__eq__`` defined without
         ``__hash__``), which PyTorch's own walks of the tree (``model.modules()``,
@@ -75,7 +78,7 @@ class ModelScan:
     """
 
     __slots__ = ("model", "modules", "unset", "inference", "opaque", "batch_statistics",
-                 "data_parallel", "unhashable")
+                 "data_parallel", "unhashable", "quantized")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -109,12 +112,17 @@ class ModelScan:
         self.opaque = bool(found & _MAYBE_OPAQUE)
         self.batch_statistics = bool(found & _BATCH_NORM)
         self.data_parallel = bool(found & _DATA_PARALLEL)
+        self.quantized = bool(found & _QUANTIZED)
 
 
 # What a module's class tells the scan (flags), found once per class: the per-call scan then
 # costs a dict lookup per module instead of four isinstance tests (on a small model the walk
 # is most of a short call's fixed cost).
-_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL, _UNHASHABLE = 1, 2, 4, 8
+_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL, _UNHASHABLE, _QUANTIZED = 1, 2, 4, 8, 16
+#: The packages of PyTorch's quantized (integer) modules: no autograd runs through them.
+_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                       "torch.ao.nn.sparse.quantized", "torch.nn.quantized",
+                       "torch.nn.intrinsic.quantized")
 #: What the scan learnt per module class (flags) and per tensor class (uninitialised or not);
 #: each holds at most :data:`CLASS_CACHE_SIZE` classes (it is emptied when full), so classes
 #: made on the fly (tests, notebooks) cannot grow it without bound.
@@ -128,7 +136,9 @@ def _module_kind(cls: type) -> int:
              or cls.__name__ == "OptimizedModule" else 0)
             | (_BATCH_NORM if issubclass(cls, _BATCH_NORMS) else 0)
             | (_DATA_PARALLEL if issubclass(cls, nn.DataParallel) else 0)
-            | (_UNHASHABLE if cls.__hash__ is None else 0))
+            | (_UNHASHABLE if cls.__hash__ is None else 0)
+            | (_QUANTIZED if cls.__module__.startswith(_QUANTIZED_PACKAGES)
+               and ".reference" not in cls.__module__ else 0))  # reference modules are float
     return _learn(MODULE_CLASSES, cls, kind)
 
 
@@ -149,7 +159,7 @@ def _special_flags(m: nn.Module, kind: int) -> int:
         flags |= _BATCH_NORM
     if kind & _DATA_PARALLEL and len(getattr(m, "device_ids", None) or []) > 1:
         flags |= _DATA_PARALLEL
-    return flags
+    return flags | (kind & _QUANTIZED)
 
 
 def _unset_class(cls: type) -> bool:
@@ -246,7 +256,7 @@ def check_model(model: Any, needs_autograd: bool = True, method: str = "") -> nn
             f"model: module class {name} cannot be hashed (it defines __eq__ without "
             "__hash__), and PyTorch's walks of a module tree (model.modules(), model.eval()) "
             f"need hashable modules; add `__hash__ = torch.nn.Module.__hash__` to {name}")
-    if not (scan.unset or (needs_autograd and scan.inference)):
+    if not (scan.unset or (needs_autograd and (scan.inference or scan.quantized))):
         return model
     # Something is wrong: find its name (the slow walk, on the error path only).
     prefix = f"{method}: " if method else ""
@@ -269,7 +279,22 @@ def check_model(model: Any, needs_autograd: bool = True, method: str = "") -> nn
                     f"{prefix}model {kind} {name!r} is on the meta device (it has no values); "
                     "materialise the model first, e.g. model.to_empty(device='cpu') then "
                     "load_state_dict(...)")
+    if needs_autograd and scan.quantized:
+        _refuse_quantized(model, prefix)
     return model
+
+
+def _refuse_quantized(model: nn.Module, prefix: str) -> None:
+    """The ValueError for a model with quantized (integer) modules, naming the first."""
+    for name, m in model.named_modules():
+        if _module_kind(type(m)) & _QUANTIZED:
+            raise ValueError(
+                f"{prefix}model module {name!r} ({type(m).__module__}.{type(m).__name__}) is "
+                "a quantized module (torch.ao.quantization.convert or quantize_dynamic): "
+                "autograd does not run through integer kernels, so no gradient-based method "
+                "can explain it; explain the float model, or the model prepared for "
+                "quantization-aware training before convert (its fake-quantized weights have "
+                "gradients); the forward-only methods (rise, occlusion) accept it as it is")
 
 
 def is_compiled_wrapper(module: nn.Module) -> bool:

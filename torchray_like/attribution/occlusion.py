@@ -230,7 +230,7 @@ def occlusion(model: nn.Module, input: torch.Tensor, target: TargetType, *,
         ``(N, 1, *spatial)`` signed maps (positive: occluding lowers the score), in the input's
         dtype (``(N, C, *spatial)`` with ``reduce=None``).
     """
-    check_model(model)
+    check_model(model, needs_autograd=False, method="occlusion")  # forward passes only
     check_batch(model, input, "occlusion", needs_grad=False)
     model = unwrap_compiled(model)
     check_independent_rows(model, "occlusion")
