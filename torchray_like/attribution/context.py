@@ -144,6 +144,20 @@ THREAD_ADVICE = (
     "device), and run model-parallel branches sequentially while explaining")
 
 
+#: What to do about a model that calls ATen operators (an exported program's module).
+ATEN_ADVICE = (
+    "explain the original model rather than torch.export(...).module() (or explain a "
+    "torch.fx.symbolic_trace of it, which keeps the torch / torch.nn.functional calls)")
+
+
+def calls_aten(model: nn.Module) -> bool:
+    """Whether ``model`` is or holds a ``torch.fx`` graph whose nodes call ATen operators
+    (``torch.ops.aten.*``: what ``torch.export(...).module()`` runs), for error messages."""
+    graphs = [m.graph for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    return any(type(node.target).__name__ in ("OpOverload", "OpOverloadPacket")
+               for graph in graphs for node in graph.nodes)
+
+
 def check_data_parallel(model: nn.Module) -> None:
     """Refuse ``nn.DataParallel`` wrappers that would run replicas in worker threads.
 
@@ -391,8 +405,9 @@ class RuleContext(TorchFunctionMode):
                 f"path from the output to {where} were made outside the context ({seen}): the "
                 "model runs part of its forward pass in another thread (threading.Thread, a "
                 "concurrent.futures pool, nn.DataParallel over several devices), where rule "
-                "contexts do not reach, so the result would mix the rule with the plain "
-                f"gradient; {THREAD_ADVICE}")
+                "contexts do not reach, or calls ATen operators directly (torch.ops.aten.*, "
+                "as torch.export(...).module() does), which they do not replace, so the result "
+                f"would mix the rule with the plain gradient; {THREAD_ADVICE}; {ATEN_ADVICE}")
 
     def _forget_off_path(self, output: torch.Tensor, reads: Sequence[torch.Tensor],
                          found: Set[str]) -> None:

@@ -21,10 +21,12 @@ import torch.nn as nn
 from .arguments import check_function
 from .autograd_graph import depends_on
 from .context import (
+    ATEN_ADVICE,
     NoRuleAppliedError,
     NullContext,
     RuleContext,
     UnhandledActivationWarning,
+    calls_aten,
     check_data_parallel,
     suspend_rule_contexts,
 )
@@ -650,7 +652,9 @@ def check_context_used(context: RuleContext, model: nn.Module,
                 if context.unhandled else "") + (
                 f" (the {skipped} call(s) it saw act on tensors autograd does not record: "
                 "constants or frozen parameters, off the path from the tensor read to the "
-                "output)" if skipped else ""))
+                "output)" if skipped else "") + (
+                f"; the model calls ATen operators (torch.ops.aten.*), which rule contexts do "
+                f"not replace: {ATEN_ADVICE}" if calls_aten(model) else ""))
     if context.unhandled:
         seen = ", ".join(f"{k} ×{v}" for k, v in sorted(context.unhandled.items()))
         warn_caller(
