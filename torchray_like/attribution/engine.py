@@ -52,7 +52,7 @@ from .rules import GRADIENT_RULE
 from .targets import Target, TargetType, get_backward_gradient, parse_target
 from .tokens import layer_tokens, tokens_to_map
 
-__all__ = ["Job", "run_jobs", "run_method", "saliency", "SALIENCY"]
+__all__ = ["Job", "run_jobs", "run_method", "saliency", "SALIENCY", "warn_dead_layer"]
 
 Result = Tuple[torch.Tensor, Optional[SaliencyDebug]]
 
@@ -187,6 +187,33 @@ def warn_unread_tokens(grad: torch.Tensor, layer: Any,
             "after a transformer's last attention a class-token head does — so the map is all "
             "zeros there; read an earlier block (the automatic layer, saliency_layer=None, is "
             "the last one whose patch tokens the score reads)")
+
+
+def warn_dead_layer(smap: torch.Tensor, activation: torch.Tensor, layer: Any,
+                    name: str) -> None:
+    """A :class:`~.maps.DegenerateMapWarning` for the samples whose map is constant because
+    the saliency layer's output is the same at every position there (all zeros, or each
+    channel its bias: every rectifier before it off for that image, so the layer sees nothing
+    of the image).  Such a map says nothing about where; a CAM that is zero because every
+    channel lowers the score is the right map and is not warned about."""
+    n = smap.shape[0] if smap.dim() else 0
+    if smap.dim() < 3 or not smap[0].numel() > 1 or activation.dim() < 3 \
+            or activation.shape[0] != n:
+        return
+    flat = smap.reshape(n, -1)
+    constant = (flat == flat[:, :1]).all(1)   # about 5 us on a CAM-sized map
+    if not bool(constant.any()):
+        return
+    values = activation.reshape(n, activation.shape[1], -1)
+    flat_layer = (values == values[:, :, :1]).all(2).all(1)
+    rows = (constant & flat_layer).nonzero().flatten().tolist()
+    if rows:
+        warn_degenerate(
+            f"{name}: the output of saliency_layer {layer_label(layer)} is the same at every "
+            f"position for sample(s) {samples_text(rows)} (all zeros or each channel its bias: "
+            "e.g. every ReLU before it off for that image, so it sees nothing of the image), "
+            "and the map made from it is constant: it says nothing about where; read an "
+            "earlier layer (saliency_layer=...)")
 
 
 def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switched: bool,
@@ -332,6 +359,8 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
             reading = Reading(input, fp.x, tuple(a for a, _ in pairs),
                               tuple(g for _, g in pairs), job.layer, job.options)
             smap, extras = job.method.make_map(job.method, reading)
+            if not is_input(job.layer) and reading.tensors:
+                warn_dead_layer(smap, reading.tensors[0], job.layer, job.method.name)
             smap = finish_map(input, smap, job.options.get("resize", False),
                               job.options.get("resize_mode", "bilinear"), smooth[job.label])
             record = _debug_record(job, fp, reading, extras, probes) if debug else None
