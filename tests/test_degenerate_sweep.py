@@ -440,6 +440,37 @@ def test_explain_warns_like_the_single_methods():
     assert any(s.startswith("occlusion:") for s in said)
 
 
+def test_a_layer_that_sees_nothing_of_the_image_is_named():
+    """Every ReLU before the layer off for one sample: its output is each channel's bias, so
+    a CAM of it is constant — zero (negative bias) or not (positive bias) — and says nothing;
+    ``explain`` warns per method as the single calls do, naming that sample only.  A 1x1
+    layer (one position) and the input are never called constant."""
+    x = image()
+    x[0] *= 100
+    for bias in (-0.5, 0.5):
+        net = dead_net()
+        with torch.no_grad():
+            net[2].bias.fill_(bias)
+        for name in ("grad_cam", "layer_cam", "eigen_cam"):
+            m, said = run(name, net, x, saliency_layer="3")
+            assert bool((m[1] == m[1].flatten()[0]).all()) and not bool(
+                (m[0] == m[0].flatten()[0]).all())
+            assert len(said) == 1 and "saliency_layer '3' is the same at every position for " \
+                "sample(s) [1] (" in said[0] and said[0].startswith(f"{name}:")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            explain(net, x, TARGETS, ["grad_cam", "linear_approx", "gradient"],
+                    {"grad_cam": {"saliency_layer": "3"},
+                     "linear_approx": {"saliency_layer": "3"}})
+        said = sorted(str(w.message)[:14] for w in caught if w.category is DegenerateMapWarning)
+        # gradient: its own zero-gradient warning (the input's gradient is zero there too)
+        assert said == ["grad_cam: the ", *(["linear_approx:"] if bias < 0 else []),
+                        "the (pseudo-)g"], said
+    pooled = nn.Sequential(dead_net()[:4], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    _, said = run("grad_cam", pooled, x, saliency_layer="1")   # (N, 6, 1, 1): no positions
+    assert said == []
+
+
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
     return make_vit()
