@@ -543,3 +543,22 @@ def test_detach_all_keeps_the_containers():
     assert isinstance(out["b"], ModelOutput) and isinstance(out["c"], tuple)
     assert not any(t.requires_grad for t in (out["a"].logits, out["a"].features[0],
                                             out["b"].logits, out["c"][0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A frozen output whose ``__post_init__`` refuses to be rebuilt by ``replace``."""
+
+    logits: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.logits.requires_grad is False and self.scale == 1.0:
+            raise ValueError("rebuilt")
+
+
+def test_detach_all_of_a_dataclass_replace_refuses():
+    y = torch.ones(2, 3, requires_grad=True) * 2
+    out = detach_all(Checked(y))
+    assert isinstance(out, Checked) and not out.logits.requires_grad
+    torch.testing.assert_close(out.logits, y.detach())

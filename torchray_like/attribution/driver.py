@@ -8,6 +8,7 @@ r"""The driver every backpropagation method is built on.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import threading
@@ -126,9 +127,21 @@ def detach_all(value: Any) -> Any:
                   if f.init and hasattr(value, f.name)}
         try:
             return dataclasses.replace(value, **fields)
-        except (TypeError, ValueError):  # a dataclass that cannot be rebuilt so: as it is
-            return value
+        except (TypeError, ValueError):  # a __post_init__ that refuses its own fields
+            return _with_fields(value, fields)
     return value
+
+
+def _with_fields(value: Any, fields: Dict[str, Any]) -> Any:
+    """A shallow copy of ``value`` with ``fields`` set (also on a frozen dataclass), or
+    ``value`` itself when it cannot be copied so (it then keeps its graph, never wrong)."""
+    try:
+        clone = copy.copy(value)
+        for name, field_value in fields.items():
+            object.__setattr__(clone, name, field_value)
+    except Exception:  # noqa: BLE001 - any object: keeping the original is always right
+        return value
+    return clone
 
 
 def is_input(layer: Any) -> bool:
