@@ -339,7 +339,10 @@ def load_embedded_model(name: str, pretrained: bool = True, *,
         raise TypeError(f"pretrained must be a bool, got {type(pretrained).__name__}")
     if (path is None) != (sha256 is None):
         raise ValueError("path and sha256 go together: pass both or neither")
-    model = build_embedded_model(name)
+    # Shipped weights replace the random initialisation: draw it from a forked RNG so that
+    # loading a trained model leaves the caller's global RNG as it was.
+    with torch.random.fork_rng(devices=[], enabled=pretrained):
+        model = build_embedded_model(name)
     if pretrained:
         if path is None:
             path, sha256 = weights_path(name), EMBEDDED_WEIGHTS[name][1]

@@ -261,8 +261,9 @@ def _embedded_example(arch: str, name: str, shape: object
         # scripts running; the warning says the maps are of an untrained model.
         warnings.warn(f"get_example_data: {error}; using {name!r} with RANDOM weights, so the "
                       "maps are of an untrained model", UserWarning, stacklevel=3)
-        torch.manual_seed(0)
-        model = load_embedded_model(name, pretrained=False)
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
+            torch.manual_seed(0)
+            model = load_embedded_model(name, pretrained=False)
     index = EXAMPLE_INDICES.get(name, EXAMPLE_INDEX)   # a model added later: the common image
     x, target = EmbeddedShapes("test", size=index + 1, seed=0)[index]
     x = x.unsqueeze(0)
