@@ -319,6 +319,13 @@ def test_precision_check_numbers():
         check_precision("occlusion", torch.float32, scores, changes * 0)
     assert len(caught) == 1 and "sample(s) [0]" in str(caught[0].message)
     assert "steps of 0.00024" in str(caught[0].message)
+    # a score of exactly 0: the step is that of the perturbed scores (before: eps / 2 = 4.9e-4,
+    # which flagged a change of 0.01 rounded in steps of 7.6e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_precision("occlusion", torch.float16, torch.tensor([0.0, 0.0]),
+                        torch.tensor([[0.0, 0.01], [0.0, 1e-6]]))  # subnormal: 6e-8 steps
+    assert len(caught) == 1 and "sample(s) [1]" in str(caught[0].message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,14 +220,17 @@ def check_precision(name: str, dtype: torch.dtype, scores: torch.Tensor,
                     changes: torch.Tensor, what: str = "score change") -> None:
     """Warn when a reduced-precision model output (float16 / bfloat16) rounds the score
     differences a perturbation method's map is made of: for the samples (dim 0) where the
-    rounding step at the score, ``eps · 2^⌊log2 |score|⌋``, is over 1 % of the largest
-    ``|changes|`` (``scores`` ``(N,)`` and ``changes`` ``(N, ...)``, in float32/64)."""
+    rounding step of the scores met, ``eps · 2^⌊log2 (|score| + max |change|)⌋`` (the
+    largest magnitude among the clean and perturbed scores, so a score of 0 is no special
+    case; never below the subnormal spacing), is over 1 % of the largest ``|changes|``
+    (``scores`` ``(N,)`` and ``changes`` ``(N, ...)``, in float32/64)."""
     eps = REDUCED_PRECISION.get(dtype)
     if eps is None:
         return
-    _, exponent = torch.frexp(scores.abs().double())
-    step = eps * torch.pow(2.0, exponent.double() - 1)
     spread = changes.abs().reshape(changes.shape[0], -1).amax(1).double()
+    _, exponent = torch.frexp(scores.abs().double() + spread)
+    # below the smallest normal number the spacing stops shrinking (subnormals)
+    step = (eps * torch.pow(2.0, exponent.double() - 1)).clamp(min=torch.finfo(dtype).tiny * eps)
     bad = (step > 0.01 * spread).nonzero().flatten().tolist()
     if bad:
         i = bad[0]
