@@ -57,13 +57,14 @@ class _GuardState:
 
     def apply(self, freeze: bool) -> None:
         scan = current_scan(self.model)  # the call's one walk, when there is one
-        observer = _observer_class()
         for m in (scan.modules if scan is not None else iter_modules(self.model)):
             if m.training:
                 m.training = False
                 self.switched.append(m)
-            if observer is not None and (isinstance(m, observer)
-                                         or "observer_enabled" in m._buffers):
+            observes = _OBSERVER_CLASSES.get(type(m))
+            if observes is None:
+                observes = _observer_class(type(m))
+            if observes:
                 self._hide_observer(m)
         if freeze:
             for kind, p in iter_tensors(self.model):
@@ -94,11 +95,23 @@ class _GuardState:
             m._buffers.update(saved)
 
 
-def _observer_class() -> Any:
-    """``torch.ao.quantization``'s observer base class when it is loaded (a model with
-    observers imported it), else ``None``: models without quantization pay nothing."""
-    module = sys.modules.get("torch.ao.quantization.observer")
-    return getattr(module, "ObserverBase", None)
+#: Module class -> whether it is a quantization observer or fake-quantize module (learnt once
+#: per class: a dict lookup per module and call; emptied when full, like modules.MODULE_CLASSES).
+_OBSERVER_CLASSES: Dict[type, bool] = {}
+
+
+def _observer_class(cls: type) -> bool:
+    """Whether ``cls`` subclasses ``torch.ao.quantization``'s ``ObserverBase`` or
+    ``FakeQuantizeBase`` (looked up only when those modules are loaded), learnt into
+    :data:`_OBSERVER_CLASSES`."""
+    bases = tuple(getattr(sys.modules.get(f"torch.ao.quantization.{module}"), name, None)
+                  for module, name in (("observer", "ObserverBase"),
+                                       ("fake_quantize", "FakeQuantizeBase")))
+    observes = any(base is not None and issubclass(cls, base) for base in bases)
+    if len(_OBSERVER_CLASSES) >= 4096:
+        _OBSERVER_CLASSES.clear()
+    _OBSERVER_CLASSES[cls] = observes
+    return observes
 
 
 _GUARD_LOCK = threading.Lock()
