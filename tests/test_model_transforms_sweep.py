@@ -55,6 +55,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tests.conftest import assert_same_state, snapshot
 from tests.test_batch_sweep import GENERIC, options, residual_bn
+from tests.test_forms_sweep import EXPLAIN
 from tests.transformer_models import make_vit
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.explain import explain
@@ -397,3 +398,180 @@ def test_distributed_data_parallel_named_layer(ddp):
     x = image()
     assert_close_map(quiet("grad_cam", ddp, x, saliency_layer="module.relu2"),
                      quiet("grad_cam", residual_bn(), x, saliency_layer="relu2"), "grad_cam")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization: QAT-prepared (fake quantize), calibrating observers, converted int8
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantization():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notes
+        import torch.ao.quantization as quant
+        yield quant
+
+
+def qat_model(quant: Any) -> nn.Module:
+    """ResidualBN prepared for quantization-aware training and run on a few batches in training
+    mode (observers and fake quantization on, as training leaves them), then put in eval mode —
+    which does *not* switch observers off."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = residual_bn().train()
+        model.qconfig = quant.get_default_qat_qconfig("fbgemm")
+        quant.prepare_qat(model, inplace=True)
+        with torch.no_grad():
+            model(image(4, seed=9))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_qat_model_gives_its_map_and_keeps_its_observers(name, quantization):
+    """The map of the model as it is (the map of a copy whose observers are off), and the
+    observers' statistics, scales, flags and tensors untouched."""
+    model = qat_model(quantization)
+    frozen = copy.deepcopy(model).apply(quantization.disable_observer)
+    x = image()
+    flag = model.conv1.activation_post_process.observer_enabled
+    before = snapshot(model, x)
+    out = quiet(name, model, x)
+    assert_same_state(before, snapshot(model, x))  # min/max, scale, zero point, flags
+    assert model.conv1.activation_post_process.observer_enabled is flag and int(flag) == 1
+    assert_close_map(out, quiet(name, frozen, x), f"{name} on QAT")
+    assert torch.equal(quiet(name, model, x), out)  # a second call: the same map
+
+
+def test_observers_still_observe_the_users_own_passes(quantization):
+    model = qat_model(quantization)
+    quiet("gradient", model, image())
+    fake = model.conv1.activation_post_process
+    before = fake.activation_post_process.max_val.clone()
+    with torch.no_grad():
+        model(10 * image(4, seed=11))  # the user's own pass, outside any call
+    assert not torch.equal(fake.activation_post_process.max_val, before)
+
+
+def test_calibrating_observers_record_nothing_of_a_call(quantization):
+    """Post-training quantization's ``prepare``: plain observers record every forward pass."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = residual_bn()
+        model.qconfig = quantization.get_default_qconfig("fbgemm")
+        quantization.prepare(model, inplace=True)
+        model(image(4, seed=9))
+    x = 10 * image()
+    before = snapshot(model, x)
+    for name in ("gradient", "grad_cam", "lrp", "rise", "occlusion", "excitation_backprop"):
+        plain = quiet(name, residual_bn(), x)
+        assert_close_map(quiet(name, model, x), plain, f"{name} on a calibrating model")
+        assert_same_state(before, snapshot(model, x))
+
+
+class Quantized(nn.Module):
+    """A float model between QuantStub / DeQuantStub, for ``convert``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), (
+            torch.ao.quantization.DeQuantStub())
+        self.conv1, self.relu = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()
+        self.conv2, self.pool, self.fc = nn.Conv2d(6, 6, 3, padding=1), nn.AdaptiveAvgPool2d(
+            1), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.relu(self.conv2(self.relu(self.conv1(self.quant(x))))))
+        return self.dequant(self.fc(h.flatten(1)))
+
+
+@pytest.fixture(scope="module")
+def int8(quantization) -> Dict[str, nn.Module]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Quantized().eval()
+        model.qconfig = quantization.get_default_qconfig("fbgemm")
+        quantization.prepare(model, inplace=True)
+        model(image(8, seed=9))
+        dynamic = quantization.quantize_dynamic(residual_bn(), {nn.Linear}, dtype=torch.qint8)
+        return {"static": quantization.convert(model), "dynamic": dynamic}
+
+
+FORWARD_ONLY = {"rise", "occlusion"}
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+@pytest.mark.parametrize("name", GENERIC)
+def test_int8_models_are_refused_by_gradient_methods(name, kind, int8):
+    """No autograd through integer kernels: a ValueError naming the quantized module and what
+    to do; the forward-only methods explain the int8 model as it is."""
+    model, x = int8[kind], image()
+    before = snapshot(model, x)
+    if name in FORWARD_ONLY:
+        out = quiet(name, model, x)
+        assert out.shape == (3, 1, 12, 12) and bool(torch.isfinite(out).all())
+        assert torch.equal(quiet(name, model, x), out)
+    else:
+        module = "'quant'" if kind == "static" else "'fc'"
+        with pytest.raises(ValueError, match=rf"model module {module} \(torch\.ao\.nn\.quantized"
+                                             r".*quantized module.*explain the float model"):
+            quiet(name, model, x)
+    assert_same_state(before, snapshot(model, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# explain on transformed models; the transformer-only entries on a transformed ViT
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "prune", "spectral_norm", "trace", "qat"])
+def test_explain_on_transformed_models(kind, quantization):
+    if kind == "trace":
+        model, plain = torch.fx.symbolic_trace(residual_bn()), residual_bn()
+    elif kind == "qat":
+        model = qat_model(quantization)
+        plain = copy.deepcopy(model).apply(quantization.disable_observer)
+    else:
+        model, plain = pair(kind)
+    x = image()
+    names = EXPLAIN + ["lrp_epsilon_gamma_box", "excitation_backprop", "linear_approx"]
+    opts = {n: options(n, x) for n in names if options(n, x)}
+    before = snapshot(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = explain(model, x, TARGETS, names, opts)
+        ref = explain(plain, x, TARGETS, names, opts)
+    assert_same_state(before, snapshot(model, x))
+    for name in names:
+        assert_close_map(out[name], ref[name], f"explain {name} on {kind}")
+
+
+def vit_transformed(kind: str) -> nn.Module:
+    vit = make_vit()
+    linears = [m for m in vit.encoder.modules() if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(linears):
+        if kind == "weight_norm":
+            parametrizations.weight_norm(layer)
+        else:
+            prune.l1_unstructured(layer, "weight", 0.2 + 0.1 * (i % 3))
+    return vit.eval()
+
+
+VIT_ENTRIES = sorted(set(TRANSFORMER_ONLY_METHODS) | {"attn_lrp", "lrp", "gradient", "grad_cam"})
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "prune"])
+def test_transformer_entries_on_a_transformed_vit(kind):
+    """weight norm / pruning of the attention's output projection and the MLPs."""
+    model, plain = vit_transformed(kind), bake(vit_transformed(kind))
+    x = image(2, 32)
+    before = snapshot(model, x)
+    for name in VIT_ENTRIES:
+        target = None if name in ("attention_rollout", "attention_flow") else TARGETS[:2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = METHODS[name](model, x, target)
+            ref = METHODS[name](plain, x, target)
+        assert_close_map(out, ref, f"{name} on a {kind} ViT")
+        assert_same_state(before, snapshot(model, x))
