@@ -32,7 +32,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .arguments import check_batch, check_flag, check_number, check_progress, positive_int
+from .arguments import (
+    check_batch,
+    check_flag,
+    check_not_meta,
+    check_number,
+    check_progress,
+    positive_int,
+)
 from .integrated_gradients import check_independent_rows
 from .maps import quiet_degenerate, samples_text, warn_degenerate, zero_rows
 from .modules import check_model
@@ -89,6 +96,7 @@ def _check_noise(noise: Any, input: torch.Tensor, n_samples: Any,
     if noise.dim() != input.dim() + 1 or noise.shape[1:] != input.shape or noise.shape[0] < 1:
         raise ValueError(f"noise must have shape (n_samples, *input.shape) = (n, "
                          f"{', '.join(map(str, input.shape))}), got {tuple(noise.shape)}")
+    check_not_meta(noise, "noise")  # (before: PyTorch's "item() cannot be called on meta")
     if n_samples is not None and positive_int(n_samples, "n_samples") != noise.shape[0]:
         raise ValueError(f"n_samples={n_samples} but the noise bank holds {noise.shape[0]} "
                          "copies; omit n_samples")
