@@ -175,6 +175,9 @@ class ForwardPass:
         For messages.
     batch_statistics : list of str
         The model's layers that normalise with batch statistics (see :meth:`backward`).
+    methods : dict
+        Label → the methods that read it (``"grad_cam, linear_approx"``), named by the
+        warnings about its gradient; empty outside the engine.
     """
 
     x: torch.Tensor
@@ -186,6 +189,7 @@ class ForwardPass:
     layers: Dict[str, Any]
     model_name: str = "the model"
     batch_statistics: List[str] = field(default_factory=list)
+    methods: Dict[str, str] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -292,8 +296,10 @@ class ForwardPass:
             layer = "" if is_input(self.layers[label]) else (
                 ", or the score reads nothing of this layer's values (a transformer's patch "
                 "tokens after its last attention, under a class-token head)")
+            who = f"{self.methods[label]}: " if self.methods.get(label) else ""
             warn_degenerate(
-                f"the (pseudo-)gradient of the target score with respect to {self.where(label)} is "
+                f"{who}the (pseudo-)gradient of the target score with respect to "
+                f"{self.where(label)} is "
                 f"exactly zero for sample(s) {samples_text(rows)}: the score does not change "
                 f"through autograd there ({FLAT_SCORE_CAUSES}, or every rectifier off{rules}"
                 f"{layer}) — "

@@ -217,11 +217,16 @@ def warn_dead_layer(smap: torch.Tensor, activation: torch.Tensor, layer: Any,
 
 
 def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switched: bool,
-               keep_graph: bool) -> Dict[Tuple[Any, str], torch.Tensor]:
+               keep_graph: bool, jobs: List[Job]) -> Dict[Tuple[Any, str], torch.Tensor]:
     grads: Dict[Tuple[Any, str], torch.Tensor] = {}
     for i, (rule, check, labels) in enumerate(passes):
         if switched:  # a context a read built: its rule is read at backward time
             fp.context.switch_rule(rule)
+        # the methods that read each label under this pass's rule (named by its warnings)
+        fp.methods = {label: ", ".join(
+            job.label for job in jobs if any(
+                read_label == label and (not switched or read.rule == rule)
+                for read, read_label in job.reads)) for label in labels}
         retain = keep_graph or i < len(passes) - 1
         for label, grad in zip(labels, fp.grads(labels, retain, check)):
             grads[rule, label] = grad
@@ -342,7 +347,7 @@ def _run(model: nn.Module, input: torch.Tensor, target: Target, jobs: List[Job],
             model, input, target, readings.layers, context, get_backward_gradient,
             rules) as fp:
         tokens = _check_reads(fp, jobs, model, input)
-        grads = _gradients(fp, passes, switched, keep_graph=bool(probes))
+        grads = _gradients(fp, passes, switched, keep_graph=bool(probes), jobs=jobs)
         computed = {label for _, _, labels in passes for label in labels}
         for label in dict.fromkeys(label for job in jobs for _, label in job.reads):
             if label not in computed:  # no map uses its gradient: the graph says it matters
