@@ -38,6 +38,7 @@ import torch.nn as nn
 from .arguments import (
     check_batch,
     check_flag,
+    check_not_meta,
     check_progress,
     check_resize,
     positive_int,
@@ -223,6 +224,7 @@ def _check_baseline_tensor(value: Any, input: torch.Tensor, what: str) -> torch.
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         got = f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{what} must be a floating-point tensor, got {got}")
+    check_not_meta(value, what)  # (before: PyTorch's "Cannot copy out of meta tensor")
     try:
         shape = torch.broadcast_shapes(value.shape, input.shape)
     except RuntimeError:

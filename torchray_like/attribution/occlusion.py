@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arguments import check_batch, check_progress, per_axis, positive_int
+from .arguments import check_batch, check_not_meta, check_progress, per_axis, positive_int
 from .context import suspend_rule_contexts
 from .inputs import ChannelsLastBatches
 from .integrated_gradients import (
@@ -90,6 +90,7 @@ def _check_baseline(baseline: Any, input: torch.Tensor) -> torch.Tensor:
     if not isinstance(baseline, torch.Tensor) or not baseline.is_floating_point():
         raise TypeError(f"baseline must be a number or a floating-point tensor broadcastable to "
                         f"the input, got {type(baseline).__name__}")
+    check_not_meta(baseline, "baseline")  # (before: PyTorch's "item() ... on meta tensors")
     try:
         ok = torch.broadcast_shapes(baseline.shape, input.shape) == input.shape
     except RuntimeError:

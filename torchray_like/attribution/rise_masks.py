@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .arguments import number_list, positive_int
+from .arguments import check_not_meta, number_list, positive_int
 from .seeding import GeneratorType, make_generator
 
 __all__ = ["MaskSampler", "MaskBank", "generate_masks", "check_bank", "check_p", "check_size",
@@ -232,6 +232,7 @@ def check_bank(masks: Any, input: torch.Tensor, num_masks: Optional[int], p: flo
         raise TypeError(f"masks must be a tensor from generate_masks, got {type(masks).__name__}")
     if not masks.is_floating_point():
         raise TypeError(f"masks must be a floating-point tensor, got dtype {masks.dtype}")
+    check_not_meta(masks, "masks")  # (before: PyTorch's "item() ... on meta tensors")
     want = (1,) + tuple(input.shape[2:])
     if masks.dim() != input.dim() or tuple(masks.shape[1:]) != want or masks.shape[0] == 0:
         raise ValueError(
