@@ -458,6 +458,22 @@ def layer_label(name: Any) -> str:
     return repr(name) if isinstance(name, str) else type(name).__name__
 
 
+def _container_hint(module: Any, name: Any) -> str:
+    """Why a module holding sub-modules can be skipped: a traced graph calls its leaves."""
+    path, leaf = [], module
+    while isinstance(leaf, nn.Module) and leaf._modules:
+        last = next(reversed(leaf._modules))
+        path.append(last)
+        leaf = leaf._modules[last]
+    if not path:
+        return ""
+    prefix = f"{name}." if isinstance(name, str) and name else ""
+    return ("; it holds sub-modules, which a torch.fx GraphModule (symbolic_trace, "
+            "create_feature_extractor) or a torch.export program calls directly without "
+            f"calling it: read one of them (e.g. {prefix + '.'.join(path)!r}), or trace with "
+            "a torch.fx.Tracer whose is_leaf_module keeps it whole")
+
+
 def single_call(probe: Probe, label: str = "saliency_layer", name: Any = None) -> torch.Tensor:
     """The one tensor ``probe`` recorded, or a ValueError naming ``label`` (the argument)."""
     what = f"{label} {layer_label(name if name is not None else probe.module)}"
@@ -468,7 +484,8 @@ def single_call(probe: Probe, label: str = "saliency_layer", name: Any = None) -
                 "never in the thread running the method: the model runs it in a worker thread "
                 "(threading, concurrent.futures, nn.DataParallel over several devices), which "
                 f"probes and rule contexts do not reach; {THREAD_ADVICE}")
-        raise ValueError(f"{what} was not called in the forward pass")
+        raise ValueError(f"{what} was not called in the forward pass"
+                         + _container_hint(probe.module, name))
     if len(probe.data) > 1:
         raise ValueError(
             f"{what} was called {len(probe.data)} times in one forward pass (a shared module "
