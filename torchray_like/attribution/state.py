@@ -53,7 +53,7 @@ class _GuardState:
         self.model = model
         self.switched: List[nn.Module] = []
         self.frozen: List[torch.Tensor] = []
-        self.observers: List[Tuple[nn.Module, Dict[str, Any]]] = []
+        self.observers: Dict[int, Tuple[nn.Module, Dict[str, Any]]] = {}  # id -> buffers
 
     def apply(self, freeze: bool) -> None:
         scan = current_scan(self.model)  # the call's one walk, when there is one
@@ -77,21 +77,21 @@ class _GuardState:
         (a fake-quantize module of quantization-aware training also changes its scale, hence
         the output, as it records): for the block, a fake-quantize module observes nothing and
         an observer records into copies of its buffers; the originals come back untouched."""
-        if any(saved_m is m for saved_m, _ in self.observers):
-            return  # another thread's guard hid it already
+        if id(m) in self.observers:
+            return  # a guard entered before (nested, another thread) hid it already
         saved = dict(m._buffers)
         for name, t in saved.items():
             if t is not None:
                 m._buffers[name] = (torch.zeros_like(t) if name == "observer_enabled"
                                     else t.detach().clone())
-        self.observers.append((m, saved))
+        self.observers[id(m)] = (m, saved)
 
     def restore(self) -> None:
         for p in self.frozen:
             p.requires_grad_(True)
         for m in self.switched:
             m.training = True
-        for m, saved in self.observers:
+        for m, saved in self.observers.values():
             m._buffers.update(saved)
 
 
