@@ -479,6 +479,32 @@ def test_observers_still_observe_the_users_own_passes(quantization):
     assert not torch.equal(fake.activation_post_process.max_val, before)
 
 
+def test_observers_come_back_after_a_failing_call_and_concurrent_calls(quantization):
+    import threading
+    model = qat_model(quantization)
+    x = image()
+    flag = model.fc.activation_post_process.observer_enabled
+    before = snapshot(model, x)
+
+    def failing(out: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the target raised")
+
+    with pytest.raises(RuntimeError, match="the target raised"):
+        METHODS["gradient"](model, x, failing)
+    assert_same_state(before, snapshot(model, x))
+    assert model.fc.activation_post_process.observer_enabled is flag
+    expected = quiet("grad_cam", model, x)
+    maps: list = []
+    threads = [threading.Thread(target=lambda: maps.append(quiet("grad_cam", model, x)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(maps) == 3 and all(torch.equal(m, expected) for m in maps)
+    assert_same_state(before, snapshot(model, x))
+
+
 def test_calibrating_observers_record_nothing_of_a_call(quantization):
     """Post-training quantization's ``prepare``: plain observers record every forward pass."""
     with warnings.catch_warnings():
