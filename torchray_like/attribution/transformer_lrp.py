@@ -62,7 +62,6 @@ from .attention import (
     softmax_dim,
     substitute,
 )
-from .autograd_graph import parameter_function
 from .autograd_guards import first_order
 from .context import records_gradient
 from .driver import SaliencyDebug
@@ -346,7 +345,7 @@ class TransformerLRPContext(LRPContext):
         if name == "einsum" and args and isinstance(args[-1], (list, tuple)):
             tensors += [t for t in args[-1] if isinstance(t, torch.Tensor)]
         active = [t for t in tensors if records_gradient((t,), {})
-                  and not isinstance(t, nn.Parameter) and not parameter_function(t)]
+                  and not isinstance(t, nn.Parameter)]
         if len(active) < 2 or name == "div":
             return super()._product(func, args, kwargs, name)
         if self.rule == "attnlrp":
