@@ -36,6 +36,10 @@ What the sweep found (and the package now does):
   dimension; a static one is refused by the model's own guard, named); LRP and excitation
   backprop refuse, now saying it is the ATen graph (before: blamed threads); the CAM family
   finds no module to read (an unlifted graph has none) and says to pass ``saliency_layer``.
+* A named container that a traced graph never calls (``saliency_layer="layer4"`` on a
+  ``symbolic_trace`` of resnet18) said only "was not called"; it now says why and names a leaf
+  inside it.  A graph node's name (``layer4.1.relu_1``) is no module (refused with the
+  modules' names); a module the graph calls twice is refused as ambiguous, as before.
 * Weight norm, spectral norm (eval: no power iteration), orthogonal, prune, ``symbolic_trace``,
   conv-bn fusion (float rounding), DDP and tied weights gave the plain map everywhere else.
 """
