@@ -31,8 +31,10 @@ class DeConvNetRule(ReLURule):
         positive = grad.clamp(min=0)
         if upper is None:
             return positive
-        return torch.ops.aten.hardtanh_backward.grad_input(
-            positive, output, float("-inf"), upper, grad_input=positive)
+        args = (positive, output, float("-inf"), upper)
+        if torch._C._len_torch_dispatch_stack():  # as in guided_backprop: not the out= form
+            return torch.ops.aten.hardtanh_backward.default(*args)
+        return torch.ops.aten.hardtanh_backward.grad_input(*args, grad_input=positive)
 
     def backward_relu(self, plain: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``p⁺``: the incoming signal, clamped (the forward mask is not used)."""
