@@ -158,6 +158,25 @@ def counting_saved_tensors_hooks() -> Iterator[List[int]]:
         yield packed
 
 
+@contextlib.contextmanager
+def default_dtype_bfloat16() -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@contextlib.contextmanager
+def warnings_as_errors() -> Iterator[None]:
+    """The caller's ``simplefilter("error")``: no warning, PyTorch's own included, reaches it
+    from these plain cases (the sweep's calls are not silenced under it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
 AMBIENT: Dict[str, Callable[[], Any]] = {
     "default_dtype_float64": default_dtype_float64,
     "with_device_meta": lambda: torch.device("meta"),
@@ -174,6 +193,13 @@ AMBIENT: Dict[str, Callable[[], Any]] = {
     "save_on_cpu": torch.autograd.graph.save_on_cpu,
     "forward_ad_dual_level": torch.autograd.forward_ad.dual_level,
     "deterministic_algorithms": deterministic_algorithms,
+    "default_dtype_bfloat16": default_dtype_bfloat16,
+    # Before: guided backprop raised KeyError 'out' (the mode reads out= arguments so).
+    "allow_mutation_on_saved_tensors": torch.autograd.graph.allow_mutation_on_saved_tensors,
+    "disable_saved_tensors_hooks": lambda: torch.autograd.graph.disable_saved_tensors_hooks(
+        "the caller forbids saved-tensor hooks"),
+    "autograd_multithreading_off": lambda: torch.autograd.set_multithreading_enabled(False),
+    "warnings_as_errors": warnings_as_errors,
 }
 
 
@@ -200,7 +226,8 @@ def test_ambient_state_gives_the_plain_map(state, name):
     ref = plain(name)
     with AMBIENT[state]() as ctx:
         before = inner_state()
-        out = call(name, model, x, opts)
+        out = (METHODS[name](model, x, TARGETS, **opts) if state == "warnings_as_errors"
+               else call(name, model, x, opts))
         assert inner_state() == before, f"{name} changed the caller's {state}"
     assert out.device == x.device
     assert_same_map(out, ref, False, f"{name} under {state}")
