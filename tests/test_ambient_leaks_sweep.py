@@ -41,6 +41,7 @@ import scipy.sparse.csgraph  # noqa: F401  (scipy's import-time warnings filter,
 import torch
 
 import torchray_like.benchmark.example_data as example_data
+from tests.conftest import global_hook_counts, hook_counts
 from tests.test_ambient_state_sweep import TARGETS, subject
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.explain import explain
@@ -130,6 +131,51 @@ def test_every_entry_leaves_the_world_as_found(name):
     model, x, opts = subject(name)  # (conv_net seeds the global RNG: made before the snapshot)
     out = unchanged(name, lambda: METHODS[name](model, x, TARGETS, **opts))
     assert out.shape[:2] == (2, 1)
+
+
+class Boom(Exception):
+    """The user's own exception, raised from inside the model."""
+
+
+class FailsAfter(torch.nn.Module):
+    """``module`` for the first ``calls`` calls, then raises :class:`Boom`."""
+
+    def __init__(self, module: torch.nn.Module, calls: int) -> None:
+        super().__init__()
+        self.module, self.calls = module, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls -= 1
+        if self.calls < 0:
+            raise Boom("the model failed")
+        return self.module(x)
+
+
+@pytest.mark.parametrize("calls", [0, 1])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_model_that_raises_midway_leaves_the_world_as_found(name, calls):
+    """The head raises on the first call, or on the second (mid-way through the methods that
+    run the model several times): the user's exception comes through as it is, and the world,
+    the model's hooks, modes and flags are as before."""
+    model, x, opts = subject(name)
+    if name in TRANSFORMER_ONLY_METHODS:
+        model.heads = FailsAfter(model.heads, calls)
+    else:
+        model[-1] = FailsAfter(model[-1], calls)
+    hooks, global_hooks = hook_counts(model), global_hook_counts()
+    training = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = world()
+    try:
+        METHODS[name](model, x, TARGETS, **opts)
+    except Boom:
+        pass
+    else:
+        assert calls > 0, f"{name} did not call the model"
+    assert_same_world(before, world(), name)
+    assert hook_counts(model) == hooks and global_hook_counts() == global_hooks
+    assert training == {n: m.training for n, m in model.named_modules()}
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def test_explain_leaves_the_world_as_found():
