@@ -196,14 +196,20 @@ def warn_dead_layer(smap: torch.Tensor, activation: torch.Tensor, layer: Any,
     channel its bias: every rectifier before it off for that image, so the layer sees nothing
     of the image).  Such a map says nothing about where; a CAM that is zero because every
     channel lowers the score is the right map and is not warned about."""
-    n = smap.shape[0] if smap.dim() else 0
-    if smap.dim() < 3 or not smap[0].numel() > 1 or activation.dim() < 3 \
-            or activation.shape[0] != n:
-        return
-    flat = smap.reshape(n, -1)
-    constant = (flat == flat[:, :1]).all(1)   # about 5 us on a CAM-sized map
-    if not bool(constant.any()):
-        return
+    shape = smap.shape
+    n = shape[0] if len(shape) >= 3 else 0
+    if not n or smap.numel() == n or activation.dim() < 3 or activation.shape[0] != n:
+        return  # no map, one position per map, or no (N, C, *grid) layer
+    if n == 1:  # a short call's case: one reduction and two reads (2 us)
+        low, high = torch.aminmax(smap)
+        if low.item() != high.item():
+            return
+        constant = torch.ones(1, dtype=torch.bool, device=smap.device)
+    else:
+        low, high = torch.aminmax(smap.reshape(n, -1), dim=1)
+        constant = low == high
+        if not bool(constant.any()):
+            return
     values = activation.reshape(n, activation.shape[1], -1)
     flat_layer = (values == values[:, :, :1]).all(2).all(1)
     rows = (constant & flat_layer).nonzero().flatten().tolist()
