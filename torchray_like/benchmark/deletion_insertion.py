@@ -116,7 +116,8 @@ def step_fractions(num_pixels: int, step: int) -> torch.Tensor:
             f"step={step} over {num_pixels} pixels gives {k + 1} points, more than "
             f"MAX_CURVE_POINTS={MAX_CURVE_POINTS} (a forward pass each); use step >= {fits}, "
             "or step=None for the default (at most 225 points)")
-    counts = torch.clamp(torch.arange(k + 1, dtype=torch.float64) * step, max=num_pixels)
+    counts = torch.clamp(torch.arange(k + 1, dtype=torch.float64, device="cpu") * step,
+                         max=num_pixels)  # on the CPU whatever the default device
     return counts / num_pixels
 
 
@@ -132,7 +133,7 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
     if not bool(torch.isfinite(curve).all()):
         raise ValueError("curve holds NaN or infinite values: its area is undefined")
     if fractions is None:
-        fractions = torch.linspace(0, 1, curve.shape[-1], dtype=torch.float64)
+        fractions = torch.linspace(0, 1, curve.shape[-1], dtype=torch.float64, device="cpu")
     elif not isinstance(fractions, torch.Tensor):
         try:
             fractions = torch.as_tensor(fractions, dtype=torch.float64)
@@ -444,7 +445,7 @@ def random_saliency(input: torch.Tensor, *, generator: GeneratorType = None,
     g = make_generator(generator, seed)
     shape = (input.shape[0], 1) + tuple(input.shape[2:])
     dtype = input.dtype if input.is_floating_point() else torch.float32
-    return torch.rand(shape, generator=g, dtype=dtype).to(input.device)
+    return torch.rand(shape, generator=g, dtype=dtype, device=g.device).to(input.device)
 
 
 # ---------------------------------------------------------------------------------------------
