@@ -155,8 +155,9 @@ def _point_hits_mask(mask: torch.Tensor, point: Point, tolerance: float) -> bool
     window = mask[r0:r1 + 1, c0:c1 + 1]
     if not bool(window.any()):
         return False
-    rows = torch.arange(r0, r1 + 1, dtype=torch.float64)[:, None] - v
-    cols = torch.arange(c0, c1 + 1, dtype=torch.float64)[None, :] - u
+    # On the mask's device, whatever the caller's default device.
+    rows = torch.arange(r0, r1 + 1, dtype=torch.float64, device=mask.device)[:, None] - v
+    cols = torch.arange(c0, c1 + 1, dtype=torch.float64, device=mask.device)[None, :] - u
     disk = rows * rows + cols * cols < tolerance * tolerance
     return bool((window & disk).any())
 
@@ -292,8 +293,8 @@ class PointingGame:
         self.num_classes = num_classes
         self.tolerance = _check_tolerance(tolerance)
         self.class_names = _check_class_names(class_names, num_classes)
-        self.hits = torch.zeros(self.num_classes, dtype=torch.int64)
-        self.misses = torch.zeros(self.num_classes, dtype=torch.int64)
+        self.hits = torch.zeros(self.num_classes, dtype=torch.int64, device="cpu")
+        self.misses = torch.zeros(self.num_classes, dtype=torch.int64, device="cpu")
 
     def evaluate(self, mask: Any, point: Any) -> int:
         """Score one point against an object mask (does not aggregate).
