@@ -21,8 +21,14 @@ Found and fixed (before): ``get_example_data`` and ``load_embedded_model(pretrai
 advanced torch's global RNG (the random initialisation the shipped weights replace), and
 ``get_example_data``'s missing-weights fallback called ``torch.manual_seed(0)`` on it.
 
-Not ours: importing ``scipy.sparse`` (attention flow imports it on first use) adds a
-``warnings`` filter of scipy's own; it is imported here first, as any earlier import would.
+The benchmark functions a user calls (deletion / insertion, the random-map baseline, the sanity
+checks, the pointing game) leave the world alone too, and give the same numbers under a meta
+default device and a float64 default dtype (before: the curve's x-axis, the random map and the
+pointing game's disc and counts followed the default device: PyTorch's device errors).
+
+Not ours: importing ``scipy.sparse`` (attention flow) or ``scipy.stats`` (the sanity checks)
+adds ``warnings`` filters of scipy's own; they are imported here first, as any earlier import
+would.
 """
 
 from __future__ import annotations
@@ -37,18 +43,26 @@ from typing import Any, Callable, Dict, List, Tuple
 import matplotlib
 import numpy as np
 import pytest
-import scipy.sparse.csgraph  # noqa: F401  (scipy's import-time warnings filter, see above)
+import scipy.sparse.csgraph  # noqa: F401  (scipy's import-time warnings filters, see above)
+import scipy.stats  # noqa: F401
 import torch
 
 import torchray_like.benchmark.example_data as example_data
 from tests.conftest import global_hook_counts, hook_counts
-from tests.test_ambient_state_sweep import TARGETS, subject
+from tests.test_ambient_state_sweep import AMBIENT, TARGETS, subject
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.precision import denormals_flushed
 from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
 from torchray_like.benchmark import get_example_data, plot_example
+from torchray_like.benchmark.deletion_insertion import (
+    deletion_insertion,
+    deletion_insertion_both,
+    random_saliency,
+)
 from torchray_like.benchmark.embedded_models import WeightsError, load_embedded_model
+from torchray_like.benchmark.pointing_game import PointingGame
+from torchray_like.benchmark.sanity_checks import sanity_checks
 from torchray_like.visualize import overlay, plot_methods, saliency_plot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -300,3 +314,61 @@ def test_example_data_random_weights_fallback_leaves_the_global_rng_alone(monkey
     reference = load_embedded_model("embedded-vgg16", pretrained=False)
     assert calls == [True, False]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark functions
+# ---------------------------------------------------------------------------------------------
+
+
+OBJECT = torch.zeros(12, 12, dtype=torch.bool)
+OBJECT[3:6, 3:6] = True
+
+
+def pointing_game() -> Tuple[List[int], float]:
+    game = PointingGame(4, tolerance=2)  # (made under the state, as a user's would be)
+    hits = [game.evaluate(OBJECT, point) for point in ((6, 6), (7, 7), (0, 11))]
+    for hit in hits:
+        game.aggregate(hit, 1)
+    return hits, game.accuracy
+
+
+BENCHMARKS: Dict[str, Callable[[torch.nn.Module, torch.Tensor], Any]] = {
+    "deletion": lambda m, x: deletion_insertion(m, x, MAP, TARGETS),
+    "insertion_blur": lambda m, x: deletion_insertion(m, x, MAP, TARGETS, mode="insertion"),
+    "deletion_insertion_both": lambda m, x: deletion_insertion_both(m, x, MAP, TARGETS),
+    "random_saliency": lambda m, x: random_saliency(x, generator=3),
+    "random_saliency_global": lambda m, x: random_saliency(x),
+    "sanity_checks": lambda m, x: sanity_checks(m, x, TARGETS, "gradient"),
+    "pointing_game": lambda m, x: pointing_game(),
+}
+
+
+def numbers(out: Any) -> List[Any]:
+    """The tensors and numbers of a benchmark's result, in order."""
+    if isinstance(out, (torch.Tensor, int, float, str)):
+        return [out]
+    if isinstance(out, dict):
+        return [v for value in out.values() for v in numbers(value)]
+    if isinstance(out, (list, tuple)):
+        return [v for value in out for v in numbers(value)]
+    return numbers(vars(out)) if hasattr(out, "__dict__") else []
+
+
+@pytest.mark.parametrize("state", [None, "with_device_meta", "default_dtype_float64"])
+@pytest.mark.parametrize("function", BENCHMARKS)
+def test_benchmark_functions(function, state):
+    model, x, _ = subject("gradient")
+    ref = unchanged(function, lambda: BENCHMARKS[function](model, x))
+    if state is None:
+        return
+    with AMBIENT[state]():
+        out = BENCHMARKS[function](model, x)
+    got, want = numbers(out), numbers(ref)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and a.device == b.device, (function, state)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+        else:
+            assert a == b or (a != a and b != b), (function, state)  # (NaN == NaN)
