@@ -361,6 +361,14 @@ def affine_output(t: torch.Tensor) -> torch.Tensor:
     return t * 2 + 0.1
 
 
+def normalise(t: torch.Tensor) -> torch.Tensor:
+    return (t - 0.5) / 0.25
+
+
+def log_probabilities(t: torch.Tensor) -> torch.Tensor:
+    return t.log_softmax(1) * 3
+
+
 def reference(pre: Callable = lambda t: t, post: Callable = lambda t: t) -> nn.Module:
     model = conv_net(2)
     model[2] = Wrap(model[2], pre, post)
@@ -389,6 +397,11 @@ HOOKS: Dict[str, Tuple[Callable[[nn.Module], Any], Callable[[], nn.Module]]] = {
     "global_forward_pre_hook": (lambda m: nn_module.register_module_forward_pre_hook(
         lambda mod, a: (double_input(a[0]),) if mod is m[2] else None),
         lambda: reference(pre=double_input)),
+    # On the whole model: a normalisation in a pre-hook, log-probabilities in a hook.
+    "model_forward_pre_hook": (lambda m: m.register_forward_pre_hook(
+        lambda mod, a: (normalise(a[0]),)), lambda: Wrap(conv_net(2), pre=normalise)),
+    "model_forward_hook": (lambda m: m.register_forward_hook(
+        lambda mod, i, o: log_probabilities(o)), lambda: Wrap(conv_net(2), post=log_probabilities)),
     "full_backward_hook": (lambda m: m[2].register_full_backward_hook(
         lambda mod, gi, go: None), lambda: conv_net(2)),
     "global_full_backward_hook": (lambda m: nn_module.register_module_full_backward_hook(
