@@ -8,7 +8,7 @@ For ReLU6 the saturated side is masked too: ``p' = p⁺ · [0 < x < 6]``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,7 @@ class GuidedBackpropRule(ReLURule):
     def backward(self, grad: torch.Tensor, output: torch.Tensor,
                  upper: Optional[float]) -> torch.Tensor:
         positive = grad.clamp(min=0)
+        args: Tuple[Any, ...]
         if upper is None:
             op, args = torch.ops.aten.threshold_backward, (positive, output, 0)
         else:
