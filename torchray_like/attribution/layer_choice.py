@@ -314,7 +314,7 @@ def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
             # tokens reach the final tokens a head reads, the prefix tokens (or all), along a
             # fixed random direction (a constant one sums a LayerNorm's output: zero gradient).
             layout = infer_token_layout(model, tensors[final].shape, input.shape)
-            noise = torch.randn(tensors[final].shape,
+            noise = torch.randn(tensors[final].shape, device="cpu",  # not the default device
                                 generator=torch.Generator().manual_seed(0))
             seed = torch.zeros_like(tensors[final])
             upto = layout.prefix if layout is not None and layout.prefix else None
