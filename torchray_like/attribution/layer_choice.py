@@ -278,6 +278,7 @@ def _patch_tokens_reached(model: nn.Module, input: torch.Tensor, records: List[_
     return names
 
 
+@torch.enable_grad()  # the scores' sum differentiated below, under the caller's no_grad too
 def _choose_tokens(model: nn.Module, input: torch.Tensor, last: _Record,
                    classes: Set[int], kept: Optional[Tuple[List[_Record], Dict[str, int], Any]]
                    = None) -> Optional[str]:
