@@ -11,11 +11,9 @@ downloaded by torchvision); the data are read from ``dataset_dir``.  See
 
 Conventions
 -----------
-* **Class ids** are 0-based indices into :data:`VOC_CLASSES` (20 names) or
-  :data:`COCO_CLASSES` (80 names, COCO's sparse category ids 1..90 mapped to
-  0..79 in increasing order).
-* **Image sizes** are ``(height, width)`` tuples, the order of a tensor's
-  trailing dimensions.
+* **Class ids** are 0-based indices into :data:`VOC_CLASSES` (20 names) or :data:`COCO_CLASSES`
+  (80 names, COCO's sparse category ids 1..90 mapped to 0..79 in increasing order).
+* **Image sizes** are ``(height, width)`` tuples, the order of a tensor's trailing dimensions.
 * **Masks** are boolean :class:`torch.Tensor` of shape ``(height, width)``.
 """
 
@@ -24,7 +22,8 @@ from __future__ import annotations
 __all__ = [
     "coco_as_class_ids", "coco_as_image_size", "coco_as_mask", "voc_as_class_ids",
     "voc_as_image_size", "voc_as_mask", "voc_as_image_name", "voc_load_label",
-    "coco_as_image_id", "ImageFolder", "VOCDetection", "CocoDetection", "get_dataset",
+    "coco_as_image_id", "coco_as_image_name", "ImageFolder", "VOCDetection", "CocoDetection",
+    "get_dataset",
     "DatasetNotFoundError", "DatasetFormatError", "CocoTarget", "VOC_CLASSES",
     "COCO_CLASSES", "COCO_CATEGORY_IDS", "IMAGENET_CLASSES", "DATASET_NAMES",
 ]
@@ -42,61 +41,24 @@ import torchvision
 from PIL import Image
 from torch.utils.data.dataloader import default_collate
 
+from .dataset_names import (
+    COCO_CATEGORY_IDS,
+    COCO_CLASSES,
+    IMAGENET_CLASSES,
+    VOC_CLASSES,
+    DatasetFormatError,
+    DatasetNotFoundError,
+)
+
 PathLike = Union[str, "os.PathLike[str]"]
-
-VOC_CLASSES: list[str] = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]
-"""The 20 PASCAL VOC class names; a VOC class id indexes this list."""
-
-COCO_CLASSES: list[str] = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench",
-    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup",
-    "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
-    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-]
-"""The 80 MS COCO (2014/2017) category names; a COCO class id indexes this list."""
-
-# COCO's category ids are sparse (1..90 with 10 gaps); class id k is the k-th smallest.
-COCO_CATEGORY_IDS: list[int] = [
-    i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
-]
-"""COCO category id of each class id (``COCO_CATEGORY_IDS[class_id]``)."""
 
 _COCO_CATEGORY_TO_CLASS = {cat: k for k, cat in enumerate(COCO_CATEGORY_IDS)}
 _VOC_CLASS_TO_ID = {name: k for k, name in enumerate(VOC_CLASSES)}
-
-# Read offline from torchvision's weight metadata (no file shipped, nothing downloaded).
-IMAGENET_CLASSES: list[str] = list(
-    torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-"""The 1000 ImageNet ILSVRC-2012 class names, in the usual class-index order."""
 
 DATASET_NAMES = ("voc_2007", "coco", "imagenet")
 """Names accepted by :func:`get_dataset`."""
 
 _VOC_SUBSETS = ("train", "trainval", "val", "test")
-
-
-class DatasetNotFoundError(FileNotFoundError, ValueError):
-    """A data set directory is missing or not laid out as expected.
-
-    Derives from both :class:`FileNotFoundError` and :class:`ValueError` so that
-    either ``except`` clause catches it.
-    """
-
-
-class DatasetFormatError(ValueError):
-    """An annotation file or label is malformed (the message names the file)."""
 
 
 # --------------------------------------------------------------------------- VOC
@@ -304,8 +266,13 @@ class VOCDetection(torchvision.datasets.VOCDetection):
     classes = VOC_CLASSES
     num_classes = len(VOC_CLASSES)
 
+    def __init__(self, *args: Any, limiter: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.images, self.targets = _limit(self.images, limiter), _limit(self.targets, limiter)  # type: ignore[has-type]
+
     # The converters are the module's functions (their docstrings apply).
     as_class_ids = staticmethod(voc_as_class_ids)
+    as_image_name = staticmethod(voc_as_image_name)
     as_image_size = staticmethod(voc_as_image_size)
     as_mask = staticmethod(voc_as_mask)
     collate = staticmethod(_detection_collate)
@@ -406,6 +373,16 @@ def coco_as_image_id(label: Any) -> Optional[int]:
             raise ValueError(f"the COCO label mixes annotations of images {sorted(ids)}")
         image_id = ids.pop() if ids else None
     return image_id
+
+
+def coco_as_image_name(dataset: Any, label: Any) -> str:
+    """Image name (file stem) of a COCO label, looked up in ``dataset.coco`` (TorchRay's form)."""
+    imgs = getattr(getattr(dataset, "coco", None), "imgs", None)
+    image_id = coco_as_image_id(label)
+    if imgs is None or image_id not in imgs:
+        raise ValueError(f"coco_as_image_name: image id {image_id} is not in the data set "
+                         "passed as dataset (pass the CocoDetection the label came from)")
+    return Path(imgs[image_id]["file_name"]).stem
 
 
 def coco_as_image_size(*args: Any) -> tuple[int, int]:
@@ -510,9 +487,10 @@ class CocoDetection(torchvision.datasets.CocoDetection):
 
     def __init__(self, root: PathLike, annFile: PathLike,  # noqa: N803 - torchvision's name
                  transform: Optional[Callable] = None, target_transform: Optional[Callable] = None,
-                 transforms: Optional[Callable] = None) -> None:
+                 transforms: Optional[Callable] = None, *, limiter: Optional[int] = None) -> None:
         try:
             super().__init__(root, str(annFile), transform, target_transform, transforms)
+            self.ids = _limit(self.ids, limiter)  # type: ignore[has-type]
         except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError,
                 TypeError) as error:  # pycocotools' errors on a truncated or foreign file
             raise DatasetFormatError(
@@ -529,6 +507,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     as_class_ids = staticmethod(coco_as_class_ids)
     as_image_size = coco_as_image_size
     as_mask = coco_as_mask
+    as_image_name = coco_as_image_name
     collate = staticmethod(_detection_collate)
 
     def load_label(self, index: int) -> CocoTarget:
@@ -553,9 +532,12 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     matches :data:`IMAGENET_CLASSES`.
     """
 
-    def __init__(self, root: PathLike, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, root: PathLike, *args: Any, limiter: Optional[int] = None,
+                 **kwargs: Any) -> None:
         try:
             super().__init__(root, *args, **kwargs)
+            self.samples = self.imgs = _limit(self.samples, limiter)  # type: ignore[has-type]
+            self.targets = [target for _, target in self.samples]
         except FileNotFoundError as error:  # torchvision's message may omit the folder
             raise DatasetNotFoundError(
                 f"the image folder {root} holds no images ({error}); it must hold "
@@ -568,6 +550,16 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 
 
 # ---------------------------------------------------------------------- factory
+
+
+def _limit(items: list, limiter: Any) -> list:
+    """The first ``limiter`` items; all for ``None`` (TorchRay's 0 and -1 are refused)."""
+    if limiter is None:
+        return items
+    if isinstance(limiter, bool) or not isinstance(limiter, (int, np.integer)) or limiter < 1:
+        raise ValueError(f"limiter must be None or a positive int (the number of images to "
+                         f"keep), got {limiter!r}")
+    return items[:int(limiter)]
 
 
 def _check_index(index: Any, length: int) -> None:
@@ -620,7 +612,8 @@ def _voc_root(dataset_dir: Path, subset: str, download: bool) -> Path:
 
 
 def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
-                download: bool = False, transform: Optional[Callable] = None) -> Any:
+                annotation_dir: Optional[PathLike] = None, transform: Optional[Callable] = None,
+                limiter: Optional[int] = None, download: bool = False) -> Any:
     """Open a benchmark data set from disk.
 
     Parameters
@@ -638,11 +631,16 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         folder containing ``{subset}/<class folders>``.  When omitted, taken from
         ``torchray_like.utils.get_config()`` (keys ``voc_dir``, ``coco_dir``,
         ``imagenet_dir``) if that exists.
+    annotation_dir:
+        COCO only: the folder holding ``instances_{subset}.json`` (default
+        ``dataset_dir/annotations``).
+    transform:
+        Transform applied to the PIL image (e.g. :func:`.models.get_transform`).
+    limiter:
+        Keep only the first ``limiter`` images (a positive int); ``None`` keeps all.
     download:
         Download VOC 2007 with torchvision (needs internet).  COCO and ImageNet
         cannot be downloaded this way.
-    transform:
-        Transform applied to the PIL image (e.g. :func:`.models.get_transform`).
 
     Returns
     -------
@@ -665,13 +663,17 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         raise TypeError(f"dataset_dir must be a folder path (str or os.PathLike), got "
                         f"{type(dataset_dir).__name__}")
     root = (Path(dataset_dir) if dataset_dir is not None else _default_dir(name)).expanduser()
+    _limit([], limiter)  # checked before any file is read
+    if annotation_dir is not None and name != "coco":
+        raise ValueError(f"annotation_dir is only used for 'coco' ({name!r} reads its "
+                         f"annotations from dataset_dir), got {annotation_dir!r}")
 
     if name == "voc_2007":
         if subset not in _VOC_SUBSETS:
             raise ValueError(f"subset must be one of {_VOC_SUBSETS} for VOC 2007, got {subset!r}")
         root = _voc_root(root, subset, download)
         return _non_empty(VOCDetection(str(root), year="2007", image_set=subset,
-                                       download=download, transform=transform),
+                                       download=download, transform=transform, limiter=limiter),
                           root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / f"{subset}.txt")
 
     if download:
@@ -680,12 +682,13 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
             "dataset_dir by hand (see docs/datasets.rst)")
     if name == "coco":
         images = root / subset
-        annotations = root / "annotations" / f"instances_{subset}.json"
+        annotations = Path(annotation_dir or root / "annotations") / f"instances_{subset}.json"
         if not images.is_dir() or not annotations.is_file():
             raise DatasetNotFoundError(
                 f"MS COCO {subset!r} not found under dataset_dir={root}: expected the "
                 f"image folder {images} and the annotation file {annotations}")
-        return _non_empty(CocoDetection(str(images), str(annotations), transform=transform),
+        return _non_empty(CocoDetection(str(images), str(annotations), transform=transform,
+                                        limiter=limiter),
                           annotations)
 
     folder = root / subset
@@ -693,4 +696,4 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         raise DatasetNotFoundError(
             f"image folder {folder} not found: dataset_dir={root} must hold "
             f"{subset}/<class folder>/<images> (ImageNet: one folder per wnid)")
-    return ImageFolder(str(folder), transform=transform)
+    return ImageFolder(str(folder), transform=transform, limiter=limiter)
