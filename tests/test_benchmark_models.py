@@ -258,8 +258,8 @@ def test_transform():
 def test_replace_module():
     model = torchvision.models.resnet18(num_classes=5)
     new = nn.Identity()
-    old = replace_module(model, "layer4.1.conv2", new)
-    assert isinstance(old, nn.Conv2d) and model.layer4[1].conv2 is new
+    assert replace_module(model, "layer4.1.conv2", new) is model  # TorchRay returns the model
+    assert model.layer4[1].conv2 is new
     head = nn.Linear(512, 7)
     replace_module(model, "fc", head)
     assert model.fc is head

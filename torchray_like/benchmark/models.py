@@ -96,7 +96,9 @@ def replace_module(model: nn.Module, module_name: str, new_module: nn.Module) ->
     Returns
     -------
     torch.nn.Module
-        The module that was replaced.
+        ``model`` itself, so that TorchRay's ``model = replace_module(model, name, new)``
+        works.  (TorchRay returns a copy whose modules off the path are shared with the
+        unchanged original; to keep the original, ``copy.deepcopy`` it first.)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -113,10 +115,8 @@ def replace_module(model: nn.Module, module_name: str, new_module: nn.Module) ->
         raise ValueError(
             f"model has no sub-module {module_name!r}; names look like "
             f"{[n for n, _ in model.named_modules() if n][:6]}...")
-    old = parent._modules[child_name]
     setattr(parent, child_name, new_module)
-    assert old is not None
-    return old
+    return model
 
 
 def _linear_to_conv(linear: nn.Linear, in_channels: int, kernel_size: tuple[int, int]) -> nn.Conv2d:
