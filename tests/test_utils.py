@@ -249,19 +249,23 @@ def test_pil_to_tensor_modes():
 
 def test_im_to_numpy_and_tensor_to_im():
     t = torch.arange(24).view(2, 3, 4)
-    for fn in (im_to_numpy, tensor_to_im):
-        a = fn(t)
-        assert a.shape == (3, 4, 2)
-        assert a[1, 2, 0] == t[0, 1, 2] and a[1, 2, 1] == t[1, 1, 2]
-        assert fn(t[None]).shape == (3, 4, 2)  # batch of one dropped
-        assert fn(t[0]).shape == (3, 4)
-        a[0, 0, 0] = -1
-        assert t[0, 0, 0] == 0  # a copy
+    a = im_to_numpy(t)
+    assert a.shape == (3, 4, 2)
+    assert a[1, 2, 0] == t[0, 1, 2] and a[1, 2, 1] == t[1, 1, 2]
+    assert im_to_numpy(t[None]).shape == (3, 4, 2)  # batch of one dropped
+    assert im_to_numpy(t[0]).shape == (3, 4)
+    a[0, 0, 0] = -1
+    assert t[0, 0, 0] == 0  # a copy
     roundtrip = pil_to_tensor(Image.fromarray((im_to_numpy(torch.rand(3, 5, 6)) * 255)
                                               .astype(np.uint8)))
     assert roundtrip.shape == (3, 5, 6)
     with pytest.raises(ValueError, match="tensor must have shape"):
         im_to_numpy(torch.zeros(2, 2, 2, 2))
+    # TorchRay's tensor_to_im: (N, K, H, W) -> (N*K, 1, H, W), channel k of image n at n*K + k.
+    stack = tensor_to_im(torch.arange(48).view(2, 2, 3, 4))
+    assert stack.shape == (4, 1, 3, 4) and stack[3, 0, 2, 1] == 1 * 24 + 1 * 12 + 2 * 4 + 1
+    with pytest.raises(ValueError, match=r"shape \(N, K, H, W\), got \(2, 3, 4\).*im_to_numpy"):
+        tensor_to_im(t)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -469,23 +469,39 @@ def im_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.permute(1, 2, 0).numpy().copy()
 
 
-def tensor_to_im(tensor: Any) -> np.ndarray:
-    r"""Convert a tensor image :math:`C\times H\times W` to a NumPy image :math:`H\times W\times C`.
+def tensor_to_im(tensor: Any) -> torch.Tensor:
+    r"""Reshape a tensor :math:`N\times K\times H\times W` to a grayscale image stack
+    :math:`(NK)\times 1\times H\times W` (TorchRay's documented behaviour).
 
-    Same as :func:`im_to_numpy` (kept under both of TorchRay's names); see there for the accepted
-    shapes.
+    Each channel becomes an image of its own, ready for :func:`imarraysc`.  To turn a
+    :math:`K\times H\times W` image into a NumPy :math:`H\times W\times K` array, use
+    :func:`im_to_numpy`.
 
     Parameters
     ----------
     tensor : torch.Tensor
-        Image tensor.
+        Tensor of shape :math:`N\times K\times H\times W`.
 
     Returns
     -------
-    numpy.ndarray
-        Array of shape :math:`H\times W\times C`.
+    torch.Tensor
+        The same data (a view where possible) with shape :math:`(NK)\times 1\times H\times W`;
+        device, dtype and autograd history are kept.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a :class:`torch.Tensor`.
+    ValueError
+        If ``tensor`` does not have 4 dimensions, or is on the meta device.
     """
-    return im_to_numpy(tensor)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    check_not_meta(tensor, "tensor")
+    if tensor.dim() != 4:
+        raise ValueError(f"tensor must have shape (N, K, H, W), got {tuple(tensor.shape)}; for a "
+                         "(K, H, W) image as an (H, W, K) NumPy array use im_to_numpy")
+    return tensor.reshape(-1, 1, *tensor.shape[2:])
 
 
 # ------------------------------------------------------------------------------------------------
