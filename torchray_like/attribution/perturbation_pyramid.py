@@ -136,8 +136,9 @@ class Perturbation:
                 # The levels are linear in l: interpolating them is base + m·(x − base).
                 self._fade = (base.contiguous(), (x - base).contiguous())
 
-    def to(self, device: Union[str, torch.device]) -> "Perturbation":
-        """Move the pyramid to ``device`` (in place); returns ``self``."""
+    def to(self, dev: Union[str, torch.device]) -> "Perturbation":
+        """Move the pyramid to device ``dev`` (TorchRay's name), in place; returns ``self``."""
+        device = dev
         self.pyramid = self.pyramid.to(device)
         if self._fade is not None:
             self._fade = (self._fade[0].to(device), self._fade[1].to(device))

@@ -545,8 +545,9 @@ class MaskGenerator:
         self._windows["footprint"] = out
         return out
 
-    def to(self, device: Union[str, torch.device]) -> "MaskGenerator":
-        """Move the generator to ``device`` (in place); returns ``self``."""
+    def to(self, dev: Union[str, torch.device]) -> "MaskGenerator":
+        """Move the generator to device ``dev`` (TorchRay's name), in place; returns ``self``."""
+        device = dev
         for a in self.axes:
             a.to(device)
         self._windows = {}
