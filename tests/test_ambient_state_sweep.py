@@ -234,6 +234,41 @@ def test_ambient_state_gives_the_plain_map(state, name):
     assert_saw_the_call(state, ctx)
 
 
+#: The entries a ViT without ReLU can be explained by (guided backprop and DeConvNet refuse it).
+VIT_ENTRIES = [n for n in ALL if n not in ("guided_backprop", "deconvnet", "guided_grad_cam")]
+_VIT_PLAIN: Dict[Tuple[str, bool], torch.Tensor] = {}
+
+
+def vit_subject(name: str, zero_head: bool) -> Tuple[nn.Module, torch.Tensor, Dict[str, Any]]:
+    """A small ViT (``zero_head``: its head's weight zero, as torchvision initialises it: the
+    automatic token layer then probes the tokens along a fixed random direction; not for the
+    transformer-only entries, which read attention rather than a token layer)."""
+    model = make_vit()
+    if zero_head:
+        with torch.no_grad():
+            model.heads.head.weight.zero_()
+    x = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+    return model, x, options(name, x)
+
+
+@pytest.mark.parametrize("name, zero_head", [(n, z) for n in VIT_ENTRIES for z in (False, True)
+                                             if n in GENERIC or not z])
+@pytest.mark.parametrize("state", ["no_grad", "grad_disabled", "with_device_meta",
+                                   "default_dtype_float64", "function_mode"])
+def test_ambient_state_on_a_vit(state, name, zero_head):
+    """Token models take other paths (the automatic token layer, attention capture).  Before:
+    under no_grad the CAM family, Score-CAM, Ablation-CAM and Eigen-CAM raised PyTorch's
+    "element 0 of tensors does not require grad"; with a zero head under a meta default device,
+    "Cannot copy out of meta tensor"."""
+    key = (name, zero_head)
+    if key not in _VIT_PLAIN:
+        _VIT_PLAIN[key] = call(name, *vit_subject(name, zero_head))
+    model, x, opts = vit_subject(name, zero_head)
+    with AMBIENT[state]():
+        out = call(name, model, x, opts)
+    assert_same_map(out, _VIT_PLAIN[key], False, f"{name} on a ViT under {state}")
+
+
 @pytest.mark.parametrize("state", AMBIENT)
 def test_explain_under_an_ambient_state(state):
     model = conv_net(2)
