@@ -7,6 +7,7 @@ module holds display, reading and environment helpers only.
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Integral, Real
 from typing import Any, Sequence
 
@@ -106,6 +107,21 @@ def imsmooth(tensor: torch.Tensor, sigma: float, stride: int = 1, padding: int =
     return x
 
 
+def _from_torchray_transform(st: torch.Tensor) -> torch.Tensor:
+    """TorchRay's ``[[s_u, t_u], [s_v, t_v]]`` as our ``[A | b]`` on pixel-centre coordinates."""
+    scale, offset = st[:, 0], st[:, 1]
+    if bool((scale == 0).any()):
+        raise ValueError(f"transform: TorchRay's 2x2 form [[s_u, t_u], [s_v, t_v]] needs non-zero "
+                         f"scales, got s = {scale.tolist()}")
+    if bool((offset != 0).any()):
+        warnings.warn("resample: TorchRay's 2x2 transform with offsets t = "
+                      f"{offset.tolist()} maps source u to u' = s*u - t (TorchRay's code, "
+                      "followed here; its docstring says + t); pass a (2, 3) matrix [A | b] "
+                      "to state the map explicitly", UserWarning, stacklevel=3)
+    # u = (u' + t) / s with u = x + 1/2 (unit squares) -> x_s = x' / s + (t + 1/2) / s - 1/2.
+    return torch.cat([torch.diag(1 / scale), ((offset + 0.5) / scale - 0.5)[:, None]], dim=1)
+
+
 def resample(source: torch.Tensor, target_size: Sequence[int], transform: Any, *,
              mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     r"""Resample images through an affine map given in pixel coordinates.
@@ -132,7 +148,11 @@ def resample(source: torch.Tensor, target_size: Sequence[int], transform: Any, *
     transform : torch.Tensor or array-like
         Affine map from output to source pixel coordinates: :math:`2\times 3` (or homogeneous
         :math:`3\times 3`) for the whole batch, or :math:`N\times 2\times 3`
-        (:math:`N\times 3\times 3`) per image.
+        (:math:`N\times 3\times 3`) per image.  TorchRay's :math:`2\times 2` form
+        ``[[s_u, t_u], [s_v, t_v]]`` (scale and offset per axis, pixels as unit squares) is
+        accepted and gives TorchRay's numbers: source :math:`u = (u' + t_u)/s_u`, i.e.
+        :math:`u' = s_u u - t_u` (TorchRay's docstring says :math:`+t_u`; a non-zero offset
+        warns, pass the :math:`2\times 3` matrix to be explicit).
     mode : str, optional
         ``grid_sample`` interpolation: ``'bilinear'``, ``'nearest'`` or ``'bicubic'``.
     padding_mode : str, optional
@@ -162,6 +182,8 @@ def resample(source: torch.Tensor, target_size: Sequence[int], transform: Any, *
                          f"got {tuple(target_size)}")
     th, tw = size
     a = torch.as_tensor(transform, dtype=source.dtype, device=source.device)
+    if a.shape == (2, 2):
+        a = _from_torchray_transform(a)
     if a.dim() == 2:
         a = a.unsqueeze(0).expand(n, -1, -1)
     if a.dim() != 3 or a.shape[0] != n or a.shape[1:] not in ((2, 3), (3, 3)):
