@@ -261,6 +261,7 @@ def test_rise_default_seed_ignores_the_global_rng():
 
 MAP = torch.rand((2, 1, 12, 12), generator=torch.Generator().manual_seed(3))
 IMAGE = torch.rand((2, 3, 12, 12), generator=torch.Generator().manual_seed(4))
+FLAT = torch.zeros(1, 1, 12, 12)
 
 PLOTS: Dict[str, Callable[[str], Any]] = {
     "saliency_plot": lambda d: saliency_plot(IMAGE, MAP),
@@ -274,9 +275,29 @@ PLOTS: Dict[str, Callable[[str], Any]] = {
     "plot_example": lambda d: plot_example(IMAGE[:1], MAP[:1], "gradient", 1),
     "plot_example_save": lambda d: plot_example(IMAGE[:1], MAP[:1], "gradient", 1,
                                                 save_path=os.path.join(d, "c.png")),
-    "plot_example_flat_map": lambda d: plot_example(IMAGE[:1], torch.zeros(1, 1, 12, 12),
-                                                    "gradient", 1),
+    "plot_example_flat_map": lambda d: plot_example(IMAGE[:1], FLAT, "gradient", 1),
 }
+
+
+def pixels(out: Any) -> np.ndarray:
+    """A helper's result as pixels: a figure drawn by its canvas, or the blended array."""
+    if isinstance(out, np.ndarray):
+        return out
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(out)  # (a saved and closed figure has a bare canvas)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+@pytest.mark.parametrize("state", ["with_device_meta", "default_dtype_float64", "no_grad"])
+@pytest.mark.parametrize("helper", PLOTS)
+def test_plotting_helpers_under_an_ambient_state(helper, state, close_figures):
+    """The same pixels under the caller's default device, default dtype and grad mode."""
+    with tempfile.TemporaryDirectory() as folder:
+        ref = pixels(PLOTS[helper](folder))
+        with AMBIENT[state]():
+            out = pixels(PLOTS[helper](folder))
+    assert out.shape == ref.shape and np.array_equal(out, ref), (helper, state)
 
 
 @pytest.mark.parametrize("helper", PLOTS)
