@@ -366,8 +366,8 @@ def test_resample_rejects_bad_arguments():
         resample(x, (3, 1, 4, 4), torch.eye(3))
     with pytest.raises(ValueError, match="target_size must be"):
         resample(x, (4,), torch.eye(3))
-    with pytest.raises(ValueError, match="transform must have shape"):
-        resample(x, (4, 4), torch.eye(2))
+    with pytest.raises(ValueError, match=r"TorchRay's 2x2 form .* needs non-zero scales"):
+        resample(x, (4, 4), torch.eye(2))  # [[s_u, t_u], [s_v, t_v]] with s_v = 0
     with pytest.raises(ValueError, match="transform must have shape"):
         resample(x, (4, 4), torch.zeros(3, 2, 3))
 
