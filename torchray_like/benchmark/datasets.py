@@ -41,14 +41,17 @@ import torchvision
 from PIL import Image
 from torch.utils.data.dataloader import default_collate
 
-from .dataset_names import (
+from .dataset_common import (
     COCO_CATEGORY_IDS,
     COCO_CLASSES,
     IMAGENET_CLASSES,
     VOC_CLASSES,
     DatasetFormatError,
     DatasetNotFoundError,
+    check_limiter,
+    first_items,
 )
+from .image_folder import ImageFolder
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -268,7 +271,8 @@ class VOCDetection(torchvision.datasets.VOCDetection):
 
     def __init__(self, *args: Any, limiter: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.images, self.targets = _limit(self.images, limiter), _limit(self.targets, limiter)  # type: ignore[has-type]
+        self.images = first_items(self.images, limiter)  # type: ignore[has-type]
+        self.targets = first_items(self.targets, limiter)  # type: ignore[has-type]
 
     # The converters are the module's functions (their docstrings apply).
     as_class_ids = staticmethod(voc_as_class_ids)
@@ -299,6 +303,11 @@ class VOCDetection(torchvision.datasets.VOCDetection):
         """Image name (file stem, e.g. ``'000001'``) of item ``index``."""
         _check_index(index, len(self))
         return Path(self.images[index]).stem
+
+    def get_image_url(self, i: int) -> str:
+        """The path of image ``i`` (TorchRay's name)."""
+        _check_index(i, len(self))
+        return str(self.images[i])
 
 
 # -------------------------------------------------------------------------- COCO
@@ -490,7 +499,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
                  transforms: Optional[Callable] = None, *, limiter: Optional[int] = None) -> None:
         try:
             super().__init__(root, str(annFile), transform, target_transform, transforms)
-            self.ids = _limit(self.ids, limiter)  # type: ignore[has-type]
+            self.ids = first_items(self.ids, limiter)  # type: ignore[has-type]
         except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError,
                 TypeError) as error:  # pycocotools' errors on a truncated or foreign file
             raise DatasetFormatError(
@@ -520,46 +529,13 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         _check_index(index, len(self))
         return Path(self.coco.imgs[self.ids[index]]["file_name"]).stem
 
-
-# ---------------------------------------------------------------------- ImageNet
-
-
-class ImageFolder(torchvision.datasets.ImageFolder):
-    """Image-folder data set (ImageNet ILSVRC 2012 layout: one folder per class).
-
-    A :class:`torchvision.datasets.ImageFolder`; the label of an item is its
-    class index.  With the 1000 ImageNet folders (wnids, sorted) the index
-    matches :data:`IMAGENET_CLASSES`.
-    """
-
-    def __init__(self, root: PathLike, *args: Any, limiter: Optional[int] = None,
-                 **kwargs: Any) -> None:
-        try:
-            super().__init__(root, *args, **kwargs)
-            self.samples = self.imgs = _limit(self.samples, limiter)  # type: ignore[has-type]
-            self.targets = [target for _, target in self.samples]
-        except FileNotFoundError as error:  # torchvision's message may omit the folder
-            raise DatasetNotFoundError(
-                f"the image folder {root} holds no images ({error}); it must hold "
-                "<class folder>/<images> (ImageNet: one folder per wnid)") from None
-
-    @staticmethod
-    def as_class_ids(label: Any) -> list[int]:
-        """The label as a one-element list of class ids."""
-        return [int(label)]
+    def get_image_url(self, i: int) -> str:
+        """The file name of image ``i`` in the image folder, as TorchRay returns it."""
+        _check_index(i, len(self))
+        return str(self.coco.imgs[self.ids[i]]["file_name"])
 
 
 # ---------------------------------------------------------------------- factory
-
-
-def _limit(items: list, limiter: Any) -> list:
-    """The first ``limiter`` items; all for ``None`` (TorchRay's 0 and -1 are refused)."""
-    if limiter is None:
-        return items
-    if isinstance(limiter, bool) or not isinstance(limiter, (int, np.integer)) or limiter < 1:
-        raise ValueError(f"limiter must be None or a positive int (the number of images to "
-                         f"keep), got {limiter!r}")
-    return items[:int(limiter)]
 
 
 def _check_index(index: Any, length: int) -> None:
@@ -663,7 +639,7 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         raise TypeError(f"dataset_dir must be a folder path (str or os.PathLike), got "
                         f"{type(dataset_dir).__name__}")
     root = (Path(dataset_dir) if dataset_dir is not None else _default_dir(name)).expanduser()
-    _limit([], limiter)  # checked before any file is read
+    check_limiter(limiter)  # before any file is read
     if annotation_dir is not None and name != "coco":
         raise ValueError(f"annotation_dir is only used for 'coco' ({name!r} reads its "
                          f"annotations from dataset_dir), got {annotation_dir!r}")

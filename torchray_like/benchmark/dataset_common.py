@@ -1,14 +1,20 @@
-"""Class-name lists and error types of the benchmark data sets (PASCAL VOC, MS COCO, ImageNet).
+"""Class-name lists, error types and TorchRay's ``limiter`` for the benchmark data sets.
 
-Kept apart from :mod:`.datasets`, which re-exports every name (TorchRay's import path).
+Kept apart from :mod:`.datasets`, which re-exports the lists and errors (TorchRay's import path).
 """
 
 from __future__ import annotations
 
+from numbers import Integral
+from typing import Any, Optional, Sequence, TypeVar
+
 import torchvision
 
+T = TypeVar("T")
+
 __all__ = ["VOC_CLASSES", "COCO_CLASSES", "COCO_CATEGORY_IDS", "IMAGENET_CLASSES",
-           "DatasetNotFoundError", "DatasetFormatError"]
+           "DatasetNotFoundError", "DatasetFormatError", "check_limiter", "first_items",
+           "round_robin_selection"]
 
 VOC_CLASSES: list[str] = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -56,3 +62,45 @@ class DatasetNotFoundError(FileNotFoundError, ValueError):
 
 class DatasetFormatError(ValueError):
     """An annotation file or label is malformed (the message names the file)."""
+
+
+def check_limiter(limiter: Any) -> Optional[int]:
+    """TorchRay's ``limiter``: ``None`` (every image) or a positive int.
+
+    TorchRay reads 0 as "no limit" and -1 as "all but the last" (slicing); both are refused
+    here with a :class:`ValueError`.
+    """
+    if limiter is None:
+        return None
+    if isinstance(limiter, bool) or not isinstance(limiter, Integral) or limiter < 1:
+        raise ValueError(f"limiter must be None or a positive int (the number of images to "
+                         f"keep), got {limiter!r}")
+    return int(limiter)
+
+
+def first_items(items: Sequence[T], limiter: Any) -> list[T]:
+    """The first ``limiter`` items (all for ``None``): the VOC and COCO ``limiter``."""
+    limit = check_limiter(limiter)
+    return list(items if limit is None else items[:limit])
+
+
+def round_robin_selection(labels: Sequence[int], limiter: Any) -> list[int]:
+    """Indices of ``limiter`` items taken from each class in turn, in increasing order.
+
+    The image-folder ``limiter``: the first image of every class, then the second of every
+    class, and so on, until ``limiter`` images are chosen (all for ``None``).
+    """
+    limit = check_limiter(limiter)
+    if limit is None or limit >= len(labels):
+        return list(range(len(labels)))
+    per_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        per_class.setdefault(int(label), []).append(index)
+    queues = [per_class[k] for k in sorted(per_class)]
+    chosen: list[int] = []
+    for depth in range(max(len(q) for q in queues)):
+        chosen += [q[depth] for q in queues if depth < len(q)]
+        if len(chosen) >= limit:
+            break
+    return sorted(chosen[:limit])
+
