@@ -613,7 +613,8 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
     transform:
         Transform applied to the PIL image (e.g. :func:`.models.get_transform`).
     limiter:
-        Keep only the first ``limiter`` images (a positive int); ``None`` keeps all.
+        Keep ``limiter`` images (a positive int; ``None`` keeps all): VOC and COCO the
+        first ones, ImageNet one per class in turn (as TorchRay).
     download:
         Download VOC 2007 with torchvision (needs internet).  COCO and ImageNet
         cannot be downloaded this way.
