@@ -529,6 +529,11 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         _check_index(index, len(self))
         return Path(self.coco.imgs[self.ids[index]]["file_name"]).stem
 
+    @property
+    def images(self) -> list[str]:
+        """The file names of the images, in item order (TorchRay's attribute)."""
+        return [str(self.coco.imgs[i]["file_name"]) for i in self.ids]
+
     def get_image_url(self, i: int) -> str:
         """The file name of image ``i`` in the image folder, as TorchRay returns it."""
         _check_index(i, len(self))
