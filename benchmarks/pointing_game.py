@@ -265,10 +265,10 @@ class Task:
         else:
             from torchray_like.benchmark import datasets as ads
             if self.dataset == "voc07":
-                size = ads.voc_as_image_size(label)
+                size = ads.voc_as_image_size(label)[::-1]  # (height, width)
                 classes = ads.voc_as_class_ids(label, include_difficult=True)
             else:
-                size = ads.coco_as_image_size(self.data, label)
+                size = ads.coco_as_image_size(self.data, label)[::-1]
                 classes = ads.coco_as_class_ids(label)
             sample = {"x": x, "size": tuple(size), "pairs": [(c, None) for c in classes],
                       "label": label}

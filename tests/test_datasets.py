@@ -154,7 +154,7 @@ def test_voc_load_ids_sizes_masks(voc):
     assert isinstance(voc, VOCDetection) and len(voc) == 3
     image, label = voc[0]
     assert image.size == (100, 80)  # PIL: (width, height)
-    assert voc_as_image_size(label) == (80, 100) == voc.as_image_size(label)
+    assert voc_as_image_size(label) == (100, 80) == voc.as_image_size(label)  # TorchRay's (w, h)
     assert voc_as_class_ids(label) == [DOG, PERSON] == voc.as_class_ids(label)
     mask = voc_as_mask(label, DOG)
     assert mask.dtype == torch.bool and mask.shape == (80, 100)
@@ -258,7 +258,7 @@ def test_coco_load_ids_sizes_masks(coco):
     assert isinstance(label, CocoTarget) and isinstance(label, list) and len(label) == 3
     assert label.image_id == 42 and label.image_size == (48, 64)
     assert coco_as_class_ids(label) == [COCO_PERSON, COCO_DOG]
-    assert coco_as_image_size(label) == (48, 64) == coco_as_image_size(coco, label)
+    assert coco_as_image_size(label) == (64, 48) == coco_as_image_size(coco, label)  # (w, h)
     for class_id in (COCO_PERSON, COCO_DOG):
         mask = coco_as_mask(label, class_id)
         assert mask.dtype == torch.bool and mask.shape == (48, 64)
@@ -291,7 +291,7 @@ def test_coco_bare_list_needs_size(coco):
         coco_as_mask(label, COCO_DOG)
     assert torch.equal(coco_as_mask(label, COCO_DOG, image_size=(48, 64)),
                        coco_as_mask(coco, label, COCO_DOG))
-    assert coco_as_image_size(coco, label) == (48, 64)
+    assert coco_as_image_size(coco, label) == (64, 48)
     with pytest.raises(ValueError, match="not a COCO category id"):
         coco_as_mask(coco, label, 80)
     with pytest.raises(TypeError, match=r"coco_as_mask\(\) takes"):

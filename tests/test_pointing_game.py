@@ -298,7 +298,7 @@ def test_voc_centre_baseline(voc):
     for index in range(len(voc)):
         label = voc.load_label(index)
         for class_id in voc.as_class_ids(label):
-            benchmark.evaluate(label, class_id, centre_point(voc.as_image_size(label)))
+            benchmark.evaluate(label, class_id, centre_point(voc.as_image_size(label)[::-1]))
     # centre (50, 40) of image 0: the dog box's corner (39, 29) is 15.6 px away, a miss
     assert benchmark.hits.tolist()[DOG] == 0 and benchmark.misses.tolist()[DOG] == 1
     assert benchmark.hits[PERSON] == 1  # (60, 40) is 10 px away

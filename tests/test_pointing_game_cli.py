@@ -467,7 +467,7 @@ def test_voc07_protocol_on_a_tiny_tree(tmp_path, capsys):
     for index in range(len(data)):
         label = data.load_label(index)
         for c in ads.voc_as_class_ids(label):
-            bench.evaluate(index, c, centre_point(ads.voc_as_image_size(label)))
+            bench.evaluate(index, c, centre_point(ads.voc_as_image_size(label)[::-1]))
     assert float(rows["center"]["all"]) == pytest.approx(bench.accuracy)
     assert int(rows["center"]["pairs"]) == int((bench.hits + bench.misses).sum())
     for r in rows.values():
@@ -490,7 +490,7 @@ def test_coco14_protocol_on_a_tiny_tree(tmp_path, capsys):
     for index in range(len(data)):
         label = data.load_label(index)
         for c in ads.coco_as_class_ids(label):
-            bench.evaluate(index, c, centre_point(ads.coco_as_image_size(data, label)))
+            bench.evaluate(index, c, centre_point(ads.coco_as_image_size(data, label)[::-1]))
     assert int(rows["center"]["difficult_pairs"]) == int((bench.hits + bench.misses).sum())
     assert float(rows["center"]["difficult"]) == pytest.approx(bench.accuracy, nan_ok=True)
     assert int(rows["grad_cam"]["images"]) == 2

@@ -13,7 +13,8 @@ Conventions
 -----------
 * **Class ids** are 0-based indices into :data:`VOC_CLASSES` (20 names) or :data:`COCO_CLASSES`
   (80 names, COCO's sparse category ids 1..90 mapped to 0..79 in increasing order).
-* **Image sizes** are ``(height, width)`` tuples, the order of a tensor's trailing dimensions.
+* **Image sizes**: ``voc_as_image_size`` / ``coco_as_image_size`` return TorchRay's
+  ``(width, height)``; masks and ``CocoTarget.image_size`` are ``(height, width)``.
 * **Masks** are boolean :class:`torch.Tensor` of shape ``(height, width)``.
 """
 
@@ -148,7 +149,7 @@ def voc_as_class_ids(label: Any, include_difficult: bool = True) -> list[int]:
 
 
 def voc_as_image_size(label: Any) -> tuple[int, int]:
-    """Size ``(height, width)`` of the image of a PASCAL VOC label.
+    """Size ``(width, height)`` of the image of a PASCAL VOC label (TorchRay's order).
 
     Parameters
     ----------
@@ -158,11 +159,12 @@ def voc_as_image_size(label: Any) -> tuple[int, int]:
     Returns
     -------
     tuple of int
-        ``(height, width)`` in pixels, read from the annotation's ``size`` field.
+        ``(width, height)`` in pixels, read from the annotation's ``size`` field (the
+        order of PIL's ``image.size``; a tensor's trailing dimensions are the reverse).
     """
     size: Any = _voc_annotation(label).get("size")
     try:
-        return int(size["height"]), int(size["width"])
+        return int(size["width"]), int(size["height"])
     except (TypeError, KeyError, ValueError) as error:
         raise ValueError(f"no valid 'size' (height, width) field{_voc_where(label)}; got "
                          f"{size!r}") from error
@@ -195,7 +197,7 @@ def voc_as_mask(label: Any, class_id: int, exclude_difficult: bool = False) -> t
         outside the image): the message names the image file and the object.
     """
     class_id = _check_class_id(class_id, VOC_CLASSES, "VOC")
-    height, width = voc_as_image_size(label)
+    width, height = voc_as_image_size(label)
     mask = torch.zeros(height, width, dtype=torch.bool)
     for number, obj in enumerate(_voc_objects(label), 1):
         if _voc_class_id(obj, label) != class_id or (exclude_difficult
@@ -395,7 +397,7 @@ def coco_as_image_name(dataset: Any, label: Any) -> str:
 
 
 def coco_as_image_size(*args: Any) -> tuple[int, int]:
-    """Size ``(height, width)`` of the image of a COCO label.
+    """Size ``(width, height)`` of the image of a COCO label (TorchRay's order).
 
     Call as ``coco_as_image_size(label)`` when ``label`` comes from this
     module's :class:`CocoDetection` (a :class:`CocoTarget` that knows its
@@ -405,22 +407,22 @@ def coco_as_image_size(*args: Any) -> tuple[int, int]:
     Returns
     -------
     tuple of int
-        ``(height, width)`` in pixels.
+        ``(width, height)`` in pixels (``CocoTarget.image_size`` is the reverse).
     """
     dataset, (label,) = _split_dataset_args(args, "coco_as_image_size", 0)
     _coco_annotations(label)
-    size = getattr(label, "image_size", None)
+    size = getattr(label, "image_size", None)  # (height, width)
     if size is not None:
-        return int(size[0]), int(size[1])
+        return int(size[1]), int(size[0])
     image_id = coco_as_image_id(label)
     coco = getattr(dataset, "coco", None)
     if coco is not None and image_id in getattr(coco, "imgs", {}):
         info = coco.imgs[image_id]
-        return int(info["height"]), int(info["width"])
-    for annotation in label:  # an RLE segmentation records the image size
+        return int(info["width"]), int(info["height"])
+    for annotation in label:  # an RLE segmentation records the image size, (height, width)
         segmentation = annotation.get("segmentation")
         if isinstance(segmentation, Mapping) and "size" in segmentation:
-            return int(segmentation["size"][0]), int(segmentation["size"][1])
+            return int(segmentation["size"][1]), int(segmentation["size"][0])
     raise ValueError(
         "cannot tell the image size of this COCO label: pass the dataset too "
         "(coco_as_image_size(dataset, label)) or use a label from "
@@ -471,7 +473,7 @@ def coco_as_mask(*args: Any, image_size: Optional[tuple[int, int]] = None) -> to
                                "not a COCO category id)")
     if image_size is None:
         image_size = (coco_as_image_size(label) if dataset is None
-                      else coco_as_image_size(dataset, label))
+                      else coco_as_image_size(dataset, label))[::-1]
     height, width = (int(s) for s in image_size)
     mask = np.zeros((height, width), dtype=bool)
     for annotation in _coco_annotations(label):

@@ -168,7 +168,7 @@ def centre_point(size: Sequence[int]) -> tuple[int, int]:
     Parameters
     ----------
     size:
-        Image size ``(height, width)`` (as returned by ``voc_as_image_size``).
+        Image size ``(height, width)`` (the reverse of ``voc_as_image_size``).
 
     Returns
     -------
@@ -203,7 +203,7 @@ def saliency_to_point(saliency: Any, size: Sequence[int]) -> tuple[int, int]:
         raise ValueError(
             f"size={tuple(size)} has {height * width} pixels, more than MAX_IMAGE_PIXELS="
             f"{MAX_IMAGE_PIXELS} (the resized map would take {height * width / 2 ** 28:.3g} GiB); "
-            "give the image's (height, width), e.g. from voc_as_image_size")
+            "give the image's (height, width), e.g. voc_as_image_size(label)[::-1]")
     if isinstance(saliency, np.ndarray):
         saliency = _from_numpy(saliency, "saliency")
     if not isinstance(saliency, torch.Tensor):
@@ -575,9 +575,10 @@ class PointingGameBenchmark(PointingGame):
         return label_or_index
 
     def _image_size(self, label: Any) -> tuple[int, int]:
+        # (height, width); the converters return TorchRay's (width, height).
         if self.kind == "voc":
-            return ads.voc_as_image_size(label)
-        return ads.coco_as_image_size(self._base, label)
+            return ads.voc_as_image_size(label)[::-1]
+        return ads.coco_as_image_size(self._base, label)[::-1]
 
     def _class_ids(self, label: Any) -> list[int]:
         if self.kind == "voc":
