@@ -51,7 +51,8 @@ BEHAVIOUR_DIFFERENCES = {
     "rise.target": "an int target gives (N, 1, H, W); TorchRay ignores target and returns all "
                    "classes; TorchRay's rise_class fails on an int target (len() of a 0-d tensor)",
     "rise.values": "another mask draw for the same seed (maps agree in distribution only)",
-    "pointing_game.accuracy": "a float, NaN with nothing scored (TorchRay: a 0-d tensor, 0.0); "
+    "pointing_game.accuracy": "a float over the classes seen, NaN with nothing scored (TorchRay: "
+                              "a 0-d tensor over all classes, unseen ones as 0); "
                               "counts are int64; str() is a table; a point outside the image is "
                               "a ValueError (TorchRay: a silent miss)",
     "models.get_transform": "'voc'/'coco' use ImageNet statistics like 'imagenet' (our heads sit "
@@ -287,6 +288,34 @@ def test_pointing_game_against_torchray(tr):
     assert games[0].evaluate(mask, (-1, -1)) == -1
     with pytest.raises(ValueError, match="lies outside the image"):
         games[1].evaluate(mask, (-1, -1))
+
+
+def test_pointing_game_benchmark_torchray_loop(tr, tmp_path):
+    """TorchRay's loop, evaluate then aggregate: the same counts (ours counts in evaluate)."""
+    from torchray_like.attribution.common import TorchRayDifferenceWarning
+
+    root = make_coco(tmp_path)
+    benches = []
+    for d, p in ((tr["benchmark.datasets"], tr["benchmark.pointing_game"]),
+                 (ours("benchmark.datasets"), ours("benchmark.pointing_game"))):
+        dataset = d.get_dataset("coco", "val2014", str(root), str(root / "annotations"))
+        bench = p.PointingGameBenchmark(dataset, tolerance=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in range(len(dataset)):
+                label = dataset[k][1]
+                for class_id in sorted(set(dataset.as_class_ids(label))):
+                    for point in [(20, 20), (1, 1), (45, 15), (0, 5)]:
+                        bench.aggregate(bench.evaluate(label, class_id, point), class_id)
+        benches.append((bench, [w for w in caught if w.category is TorchRayDifferenceWarning]))
+    (theirs, _), (mine, skipped) = benches
+    assert torch.equal(theirs.hits.long(), mine.hits) and torch.equal(theirs.misses.long(),
+                                                                       mine.misses)
+    assert len(skipped) == int(mine.hits.sum() + mine.misses.sum()) == 16
+    assert "already counted" in str(skipped[0].message)
+    # pointing_game.accuracy: TorchRay averages over all 80 classes (unseen ones as 0)
+    seen = int(((mine.hits + mine.misses) > 0).sum())
+    assert seen == 2 and float(theirs.accuracy) == pytest.approx(mine.accuracy * seen / 80)
 
 
 def test_models_against_torchray(tr):

@@ -43,6 +43,7 @@ __all__ = ["PointingGame", "PointingGameBenchmark", "as_class_id", "centre_point
 
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from ..attribution.arguments import check_not_meta, check_real, is_number
+from ..attribution.context import TorchRayDifferenceWarning
 from . import datasets as ads
 from .interval_checks import MAX_NUM_CLASSES, check_num_classes
 
@@ -528,6 +530,8 @@ class PointingGameBenchmark(PointingGame):
         super().__init__(len(classes), tolerance, class_names=classes)
         self.dataset = dataset
         self._base, self._indices = base, indices
+        self._counted: Optional[tuple[int, int]] = None  # what evaluate() last counted
+
         self._difficult_table: Optional[dict[str, torch.Tensor]] = None
         if isinstance(difficult, bool):
             self.difficult: Union[bool, Path] = difficult
@@ -538,6 +542,23 @@ class PointingGameBenchmark(PointingGame):
         else:
             raise TypeError(f"difficult must be a bool or a path to a difficult-pair file, "
                             f"got {type(difficult).__name__}")
+
+    def aggregate(self, hit: int, class_id: int) -> None:
+        """Count a result (:meth:`PointingGame.aggregate`).
+
+        :meth:`evaluate` already counts its result, where TorchRay's does not: TorchRay's
+        ``hit = benchmark.evaluate(label, c, p); benchmark.aggregate(hit, c)`` would count
+        it twice, so an ``aggregate`` right after :meth:`evaluate` with the result it
+        returned is skipped with a :class:`TorchRayDifferenceWarning`.
+        """
+        counted, self._counted = self._counted, None
+        if counted is not None and counted == (_as_hit(hit),
+                                               as_class_id(class_id, self.num_classes)):
+            warnings.warn("PointingGameBenchmark.evaluate already counted this result (TorchRay's "
+                          "evaluate does not); this aggregate() call is skipped so that it is "
+                          "not counted twice: drop it", TorchRayDifferenceWarning, stacklevel=2)
+            return
+        super().aggregate(hit, class_id)
 
     # -- label access
 
@@ -639,6 +660,7 @@ class PointingGameBenchmark(PointingGame):
             image, all its VOC objects are *difficult*, or the pair is outside the
             difficult subset when ``difficult`` is set.
         """
+        self._counted = None
         class_id = as_class_id(class_id, self.num_classes)
         label = self._label(label)
         size = self._image_size(label)
@@ -651,7 +673,8 @@ class PointingGameBenchmark(PointingGame):
         if not self._in_subset(label, class_id, mask):
             return 0
         hit = 1 if _point_hits_mask(mask, point, self.tolerance) else -1
-        self.aggregate(hit, class_id)
+        super().aggregate(hit, class_id)
+        self._counted = (hit, class_id)
         return hit
 
     @staticmethod
