@@ -20,7 +20,10 @@ Found and fixed (each its own commit): ``get_dataset`` took ``download`` 4th (To
 documents and returns ``(width, height)``; ``replace_module`` returned the replaced module where
 TorchRay returns the model; ``tensor_to_im`` was an alias of ``im_to_numpy`` (TorchRay:
 ``(N, K, H, W) -> (N*K, 1, H, W)``); ``resample`` refused TorchRay's ``2x2`` transform;
-``MaskGenerator.to`` / ``Perturbation.to`` named their parameter ``device`` (TorchRay: ``dev``).
+``MaskGenerator.to`` / ``Perturbation.to`` named their parameter ``device`` (TorchRay: ``dev``);
+TorchRay's ``benchmark.aggregate(benchmark.evaluate(...), c)`` loop counted every pair twice
+(our ``evaluate`` counts; the second count is now skipped with a warning).  Behaviour
+differences kept on purpose are listed in ``test_torchray_behaviour_sweep``.
 """
 
 from __future__ import annotations
