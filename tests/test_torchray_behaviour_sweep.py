@@ -28,6 +28,7 @@ from .test_torchray_api_sweep import torchray_on_path, write_image_folder
 
 BEHAVIOUR_DIFFERENCES = {
     "utils.is_url": "file:// URLs count as URLs (imread reads them); TorchRay: False",
+    "utils.imread resize": "works; TorchRay's uses Image.ANTIALIAS, gone from Pillow 10",
     "utils.get_config": "our keys (root_dir, voc_dir, ...; no MongoDB section)",
     "utils.imsmooth padding": "the documented size, H + 2 * padding (strided: floored / s); "
                               "TorchRay's output with padding > 0 has 2 * padding more",
@@ -111,7 +112,7 @@ def test_every_behaviour_difference_has_a_reason_and_a_test():
         assert isinstance(reason, str) and len(reason) > 15 and f"# {key}" in tests, key
 
 
-def test_utils_against_torchray(tr):
+def test_utils_against_torchray(tr, tmp_path):
     t, o = tr["utils"], ours("utils")
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 10, generator=g)
@@ -127,6 +128,13 @@ def test_utils_against_torchray(tr):
             warnings.simplefilter("ignore")
             assert same(call(t), call(o), atol=1e-5)
     assert (t.is_url("file:///x"), o.is_url("file:///x")) == (False, True)  # utils.is_url
+    pil.save(tmp_path / "a.png")
+    pil.convert("L").save(tmp_path / "g.png")
+    for name, kwargs in [("a.png", {}), ("g.png", {}), ("g.png", {"to_rgb": True})]:
+        assert same(t.imread(str(tmp_path / name), **kwargs), o.imread(tmp_path / name, **kwargs))
+    with pytest.raises(AttributeError, match="ANTIALIAS"):  # utils.imread resize
+        t.imread(str(tmp_path / "a.png"), resize=(4, 3))
+    assert o.imread(tmp_path / "a.png", resize=(4, 3)).shape == (3, 3, 4)  # (width, height)
     assert "mongo" in t.get_config() and "mongo" not in o.get_config()  # utils.get_config
     # utils.imsmooth padding: the documented H + 2 * padding rows
     assert o.imsmooth(x, 1.0, padding=1).shape == (2, 3, 10, 12)

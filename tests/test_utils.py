@@ -209,23 +209,23 @@ def rgb_file(tmp_path):
 
 def test_imread_array_pil_and_file_url(rgb_file):
     path, array = rgb_file
-    out = imread(str(path))
-    assert out.dtype == np.uint8 and out.shape == (20, 40, 3)
-    np.testing.assert_array_equal(out, array)
+    out = imread(str(path))  # TorchRay's: a (C, H, W) float tensor in [0, 1]
+    assert out.dtype == torch.float32 and out.shape == (3, 20, 40)
+    torch.testing.assert_close(out, torch.from_numpy(array).permute(2, 0, 1) / 255.0)
     pil = imread(path, as_pil=True)
     assert isinstance(pil, Image.Image) and pil.size == (40, 20)
-    np.testing.assert_array_equal(imread(path.as_uri()), array)  # file:// URL, read locally
+    torch.testing.assert_close(imread(path.as_uri()), out)  # file:// URL, read locally
 
 
 def test_imread_resize_and_to_rgb(rgb_file, tmp_path):
     path, _ = rgb_file
-    assert imread(path, resize=10).shape == (10, 20, 3)  # shorter side (height 20) -> 10
-    assert imread(path, resize=(5, 7)).shape == (5, 7, 3)  # (height, width)
+    assert imread(path, resize=10).shape == (3, 10, 20)  # shorter side (height 20) -> 10
+    assert imread(path, resize=(5, 7)).shape == (3, 7, 5)  # TorchRay's (width, height)
     grey = tmp_path / "grey.png"
     Image.fromarray(np.full((3, 4), 200, np.uint8)).save(grey)
-    assert imread(grey).shape == (3, 4)
+    assert imread(grey).shape == (1, 3, 4)
     rgb = imread(grey, to_rgb=True)
-    assert rgb.shape == (3, 4, 3) and (rgb == 200).all()
+    assert rgb.shape == (3, 3, 4) and torch.allclose(rgb, torch.tensor(200 / 255.0))
     with pytest.raises(TypeError, match="resize must be None, an int"):
         imread(path, resize="big")
     with pytest.raises(ValueError, match="resize must be positive"):

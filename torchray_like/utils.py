@@ -340,7 +340,7 @@ def is_url(obj: Any) -> bool:
 def imread(file: Union[PathLike, Any], as_pil: bool = False,
            resize: Optional[Union[int, Sequence[int]]] = None,
            to_rgb: bool = False) -> Any:
-    """Read an image with PIL.
+    r"""Read an image as a float tensor :math:`C\times H\times W` in ``[0, 1]`` (TorchRay's).
 
     Parameters
     ----------
@@ -348,19 +348,20 @@ def imread(file: Union[PathLike, Any], as_pil: bool = False,
         A path, a URL (see :func:`is_url`; ``file://`` URLs are read locally, others are fetched
         with :func:`urllib.request.urlopen`), or an open binary file.
     as_pil : bool, optional
-        Return the :class:`PIL.Image.Image` instead of a NumPy array.  Default: ``False``.
+        Return the :class:`PIL.Image.Image` instead of a tensor.  Default: ``False``.
     resize : int or (int, int), optional
         If an int, scale the image so that its *shorter* side has this many pixels, keeping the
-        aspect ratio; if a pair ``(height, width)``, resize to exactly that size (torchvision's
-        convention, not PIL's ``(width, height)``).  Bilinear resampling.  Default: no resize.
+        aspect ratio; if a pair ``(width, height)`` (TorchRay's and PIL's order), resize to
+        exactly that size.  Bilinear resampling.  Default: no resize.
     to_rgb : bool, optional
         Convert to 3-channel RGB (grey, palette and RGBA images included).  Default: ``False``.
 
     Returns
     -------
-    numpy.ndarray or PIL.Image.Image
-        ``uint8`` array of shape ``(H, W, 3)`` for RGB, ``(H, W)`` for grey, ``(H, W, 4)`` for
-        RGBA; or the PIL image when ``as_pil`` is true.
+    torch.Tensor or PIL.Image.Image
+        :func:`pil_to_tensor` of the image: ``(3, H, W)`` for RGB, ``(1, H, W)`` for grey,
+        ``(4, H, W)`` for RGBA, float32 in ``[0, 1]``; or the PIL image when ``as_pil`` is true.
+        (A NumPy ``(H, W, C)`` array: :func:`im_to_numpy` of the tensor.)
     """
     from PIL import Image
 
@@ -383,7 +384,7 @@ def imread(file: Union[PathLike, Any], as_pil: bool = False,
         img = img.convert("RGB")
     if resize is not None:
         img = img.resize(_pil_size(img.size, resize), Image.Resampling.BILINEAR)
-    return img if as_pil else np.asarray(img)
+    return img if as_pil else pil_to_tensor(img)
 
 
 def _pil_size(size_wh: Tuple[int, int], resize: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -397,9 +398,9 @@ def _pil_size(size_wh: Tuple[int, int], resize: Union[int, Sequence[int]]) -> Tu
             return int(side), max(1, round(h * side / w))
         return max(1, round(w * side / h)), int(side)
     try:
-        rh, rw = (int(v) for v in cast(Sequence[int], resize))
+        rw, rh = (int(v) for v in cast(Sequence[int], resize))
     except (TypeError, ValueError):
-        raise TypeError("resize must be None, an int (shorter side) or a pair (height, width), "
+        raise TypeError("resize must be None, an int (shorter side) or a pair (width, height), "
                         f"got {resize!r}") from None
     if rh <= 0 or rw <= 0:
         raise ValueError(f"resize must hold positive sizes, got {resize!r}")
