@@ -20,6 +20,8 @@ Found and fixed (each its own commit): ``get_dataset`` took ``download`` 4th (To
 documents and returns ``(width, height)``; ``replace_module`` returned the replaced module where
 TorchRay returns the model; ``tensor_to_im`` was an alias of ``im_to_numpy`` (TorchRay:
 ``(N, K, H, W) -> (N*K, 1, H, W)``); ``resample`` refused TorchRay's ``2x2`` transform;
+``imread`` returned a ``uint8`` ``(H, W, C)`` array (TorchRay: a ``(C, H, W)`` float tensor;
+``resize`` pairs are ``(W, H)``) and ``imsc`` refused PIL images;
 ``MaskGenerator.to`` / ``Perturbation.to`` named their parameter ``device`` (TorchRay: ``dev``);
 TorchRay's ``benchmark.aggregate(benchmark.evaluate(...), c)`` loop counted every pair twice
 (our ``evaluate`` counts; the second count is now skipped with a warning).  Behaviour
@@ -368,10 +370,10 @@ def write_image_folder(root: Path, counts: dict) -> Path:
     return root
 
 
-def test_fixed_tensor_to_im_replace_module_and_to_dev():
+def test_fixed_tensor_to_im_imsc_imread_replace_module_and_to_dev(tmp_path):
     from torchray_like.attribution.extremal_perturbation import MaskGenerator, Perturbation
     from torchray_like.benchmark.models import replace_module
-    from torchray_like.utils import tensor_to_im
+    from torchray_like.utils import imread, imsc, tensor_to_im
 
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
     stack = tensor_to_im(x)
@@ -379,6 +381,12 @@ def test_fixed_tensor_to_im_replace_module_and_to_dev():
     assert torch.equal(stack[4, 0], x[1, 1])  # image n, channel k -> n*K + k
     with pytest.raises(ValueError, match=r"\(N, K, H, W\), got \(3, 4, 5\).*im_to_numpy"):
         tensor_to_im(x[0])
+    red = Image.new("RGB", (3, 2), (255, 0, 0))  # imsc takes a PIL image, as TorchRay's
+    expected = torch.tensor([1.0, 0, 0]).view(3, 1, 1).expand(3, 2, 3)
+    assert torch.equal(imsc(red, quiet=True)[0], expected)
+    red.save(tmp_path / "red.png")  # imread: TorchRay's (C, H, W) float tensor, resize (W, H)
+    assert torch.equal(imread(tmp_path / "red.png"), expected)
+    assert imread(tmp_path / "red.png", resize=(6, 4)).shape == (3, 4, 6)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), nn.Conv2d(4, 2, 1)))
     new = nn.Identity()
     assert replace_module(model, "1.0", new) is model and model[1][0] is new

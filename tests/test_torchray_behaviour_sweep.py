@@ -135,6 +135,7 @@ def test_utils_against_torchray(tr, tmp_path):
     with pytest.raises(AttributeError, match="ANTIALIAS"):  # utils.imread resize
         t.imread(str(tmp_path / "a.png"), resize=(4, 3))
     assert o.imread(tmp_path / "a.png", resize=(4, 3)).shape == (3, 3, 4)  # (width, height)
+    assert same(t.imsc(pil, quiet=True)[0], o.imsc(pil, quiet=True)[0])
     assert "mongo" in t.get_config() and "mongo" not in o.get_config()  # utils.get_config
     # utils.imsmooth padding: the documented H + 2 * padding rows
     assert o.imsmooth(x, 1.0, padding=1).shape == (2, 3, 10, 12)

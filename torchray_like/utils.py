@@ -179,9 +179,10 @@ def imsc(img: Any, *args: Any, quiet: bool = False, lim: Optional[Sequence[float
 
     Parameters
     ----------
-    img : torch.Tensor
+    img : torch.Tensor or PIL.Image.Image
         Image of shape :math:`C\times H\times W` with ``C = 1`` (grey) or ``C = 3`` (RGB),
-        :math:`H\times W` (grey), or with a leading batch dimension of size 1.
+        :math:`H\times W` (grey), or with a leading batch dimension of size 1; a PIL image (as
+        TorchRay accepts) is read with :func:`pil_to_tensor`.
     *args
         Passed to :func:`matplotlib.pyplot.imshow`.
     quiet : bool, optional
@@ -209,6 +210,8 @@ def imsc(img: Any, *args: Any, quiet: bool = False, lim: Optional[Sequence[float
     the fixed range ``[0, 1]`` (so a rescaled grey image looks the same as its RGB copy).
     """
     lim = _check_lim(lim)
+    if type(img).__module__.startswith("PIL."):  # a PIL image, without importing PIL here
+        img = pil_to_tensor(img)
     bitmap = _rescale(_image_chw(img), lim)
     if quiet:
         return bitmap, None
