@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .test_datasets import make_coco
+from .test_datasets import make_coco, make_voc
 from .test_torchray_api_sweep import torchray_on_path, write_image_folder
 
 BEHAVIOUR_DIFFERENCES = {
@@ -382,3 +382,15 @@ def test_datasets_against_torchray(tr, tmp_path):
             [sets[1].get_image_url(i) for i in range(len(sets[1]))]
     assert len(t.get_dataset("coco", "val2014", str(root), str(root / "annotations"),
                              limiter=0)) == 2  # datasets.limiter
+
+
+def test_voc_label_converters_against_torchray(tr, tmp_path):
+    """TorchRay's VOC data set fails on current torchvision, its converters do not."""
+    t, o = tr["benchmark.datasets"], ours("benchmark.datasets")
+    dataset = o.get_dataset("voc_2007", "test", make_voc(tmp_path))
+    for k in range(len(dataset)):
+        label = dataset[k][1]
+        for fn in ("voc_as_class_ids", "voc_as_image_size", "voc_as_image_name"):
+            assert same(getattr(t, fn)(label), getattr(o, fn)(label)), fn
+        for class_id in set(o.voc_as_class_ids(label)):  # difficult objects included by both
+            assert same(t.voc_as_mask(label, class_id), o.voc_as_mask(label, class_id))
