@@ -340,8 +340,9 @@ def load_embedded_model(name: str, pretrained: bool = True, *,
     if (path is None) != (sha256 is None):
         raise ValueError("path and sha256 go together: pass both or neither")
     # Shipped weights replace the random initialisation: draw it from a forked RNG so that
-    # loading a trained model leaves the caller's global RNG as it was.
-    with torch.random.fork_rng(devices=[], enabled=pretrained):
+    # loading a trained model leaves the caller's global RNG as it was.  Built on the CPU
+    # whatever the caller's default device (a meta one would leave nothing to load into).
+    with torch.random.fork_rng(devices=[], enabled=pretrained), torch.device("cpu"):
         model = build_embedded_model(name)
     if pretrained:
         if path is None:

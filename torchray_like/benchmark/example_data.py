@@ -225,7 +225,8 @@ def get_example_data(arch: str = "vgg16", shape: Shape = 224
     model : torch.nn.Module
         The network in eval mode, on the CPU.
     input : torch.Tensor
-        ``(1, 3, H, W)`` float32, normalised as the model expects.
+        ``(1, 3, H, W)`` float32 (the model's dtype: float64 under
+        ``torch.set_default_dtype(torch.float64)``), normalised as the model expects.
     category_id_1, category_id_2 : int
         Two different categories present in the image (embedded: indices into
         :data:`~torchray_like.benchmark.embedded_data.EMBEDDED_CLASSES`; photograph: ImageNet
@@ -266,7 +267,8 @@ def _embedded_example(arch: str, name: str, shape: object
             model = load_embedded_model(name, pretrained=False)
     index = EXAMPLE_INDICES.get(name, EXAMPLE_INDEX)   # a model added later: the common image
     x, target = EmbeddedShapes("test", size=index + 1, seed=0)[index]
-    x = x.unsqueeze(0)
+    # In the model's dtype: float64 under the caller's torch.set_default_dtype(torch.float64).
+    x = x.unsqueeze(0).to(next(model.parameters()).dtype)
     classes = target["class_ids"].tolist()
     with torch.no_grad():
         scores = model(x)[0]
