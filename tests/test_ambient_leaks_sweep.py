@@ -317,6 +317,24 @@ def test_example_data_and_embedded_models_leave_the_global_rng_alone():
     unchanged("load_embedded_model", lambda: load_embedded_model("embedded-resnet"))
 
 
+@pytest.mark.parametrize("state", ["with_device_meta", "set_default_device_meta",
+                                   "default_dtype_float64"])
+def test_example_data_under_the_default_device_and_dtype(state):
+    """Before: "Cannot copy out of meta tensor" (the model built on the meta default device)
+    and "Input type (float) and bias type (double)" (a float32 image, a float64 model)."""
+    ref_model, ref_x, *ref_ids = get_example_data("embedded-vgg16")
+    with AMBIENT[state]():
+        model, x, *ids = get_example_data("embedded-vgg16")
+        resnet = load_embedded_model("embedded-resnet")
+    dtype = torch.float64 if state == "default_dtype_float64" else torch.float32
+    params = list(model.parameters()) + list(resnet.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == dtype for p in params)
+    assert x.dtype == dtype and x.device.type == "cpu" and ids == ref_ids
+    torch.testing.assert_close(x.float(), ref_x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).float(), ref_model(ref_x), rtol=1e-4, atol=1e-4)
+
+
 def test_example_data_random_weights_fallback_leaves_the_global_rng_alone(monkeypatch):
     # Before: the fallback called torch.manual_seed(0) on the caller's global RNG.
     calls: List[bool] = []
