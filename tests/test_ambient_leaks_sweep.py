@@ -19,7 +19,10 @@ global state; a caller's ``torch.Generator`` is advanced, the global RNG is not.
 
 Found and fixed (before): ``get_example_data`` and ``load_embedded_model(pretrained=True)``
 advanced torch's global RNG (the random initialisation the shipped weights replace), and
-``get_example_data``'s missing-weights fallback called ``torch.manual_seed(0)`` on it.
+``get_example_data``'s missing-weights fallback called ``torch.manual_seed(0)`` on it; under a
+meta default device the embedded model was built there ("Cannot copy out of meta tensor"),
+and under a float64 default dtype ``get_example_data`` ran a float64 model on its float32
+image (PyTorch's dtype error).
 
 The benchmark functions a user calls (deletion / insertion, the random-map baseline, the sanity
 checks, the pointing game) leave the world alone too, and give the same numbers under a meta
