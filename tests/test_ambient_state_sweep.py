@@ -29,7 +29,18 @@ Found and fixed (before):
 * a noise bank, baseline or RISE mask bank on the meta device (what a bank made under the
   caller's ``with torch.device("meta")`` is) raised PyTorch's errors instead of a ValueError;
 * under the caller's autocast, ``smooth=`` returned a bfloat16 map of a float32 input, and
-  extremal perturbation raised NumPy's "Got unsupported ScalarType BFloat16".
+  extremal perturbation raised NumPy's "Got unsupported ScalarType BFloat16";
+* on a ViT under ``no_grad`` / ``set_grad_enabled(False)``, the automatic token layer of the
+  CAM family, Score-CAM, Ablation-CAM and Eigen-CAM raised PyTorch's "element 0 of tensors does
+  not require grad"; with a zero-initialised head under a meta default device, "Cannot copy out
+  of meta tensor";
+* under ``allow_mutation_on_saved_tensors``, guided backprop raised ``KeyError: 'out'`` (the
+  mode reads every ``out=`` argument as ``kwargs["out"]``; the rule's fused op names it
+  ``grad_input``).
+
+Measured, not fixed: on this small net bfloat16 autocast moves the gradient-family maps by up
+to 37 % of their largest value (still correlated > 0.9 with the float32 map); occlusion and
+Ablation-CAM, whose maps are differences of scores, warn that the scores round.
 
 The state a call leaves behind (RNGs, flags, warnings filters, ...) is
 ``tests/test_ambient_leaks_sweep.py``'s.
