@@ -39,8 +39,9 @@ Found and fixed (before):
   ``grad_input``).
 
 Measured, not fixed: on this small net bfloat16 autocast moves the gradient-family maps by up
-to 37 % of their largest value (still correlated > 0.9 with the float32 map); occlusion and
-Ablation-CAM, whose maps are differences of scores, warn that the scores round.
+to 11 % of their largest value (correlation with the float32 map > 0.997); occlusion's map
+(correlation 0.77) and Ablation-CAM's, differences of scores, come with a warning that the
+scores round.
 
 The state a call leaves behind (RNGs, flags, warnings filters, ...) is
 ``tests/test_ambient_leaks_sweep.py``'s.
@@ -359,7 +360,7 @@ def test_caller_autocast_keeps_the_input_dtype(name):
             out = call(name, model, x, opts)
         # The same map at bfloat16's precision: well correlated with the float32 one.
         corr = torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1]
-        assert float(corr) > 0.9, (name, float(corr))
+        assert float(corr) > 0.99, (name, float(corr))
     assert out.dtype == x.dtype and out.shape == ref.shape and bool(out.isfinite().all())
 
 
