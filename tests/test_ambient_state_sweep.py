@@ -69,7 +69,7 @@ from tests.transformer_models import make_vit
 from torchray_like.attribution import METHODS
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.extremal_perturbation import extremal_perturbation
-from torchray_like.attribution.registry import TRANSFORMER_ONLY_METHODS
+from torchray_like.attribution.registry import SHARED_METHODS, TRANSFORMER_ONLY_METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -291,6 +291,19 @@ def test_explain_under_an_ambient_state(state):
     assert list(out) == list(ref)
     for label in ref:
         assert_same_map(out[label], ref[label], False, f"explain {label} under {state}")
+
+
+@pytest.mark.parametrize("state", ["no_grad", "with_device_meta", "default_dtype_float64"])
+def test_explain_on_a_vit_under_an_ambient_state(state):
+    names = [n for n in VIT_ENTRIES if n in SHARED_METHODS] + list(TRANSFORMER_ONLY_METHODS)
+    model, x, _ = vit_subject("gradient", False)
+    ref = explain(model, x, TARGETS, names)
+    fresh = vit_subject("gradient", False)[0]  # (no cached layer choice)
+    with AMBIENT[state]():
+        out = explain(fresh, x, TARGETS, names)
+    assert list(out) == names
+    for label in names:
+        assert_same_map(out[label], ref[label], False, f"explain {label} on a ViT under {state}")
 
 
 @pytest.mark.parametrize("name", ALL)
