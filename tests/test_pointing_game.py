@@ -457,3 +457,34 @@ def test_class_ids_that_are_no_single_integer_are_refused_naming_class_id(class_
     with pytest.raises(error, match=pattern):
         game.aggregate(1, class_id)
     assert game.hits.sum() == 0 and game.misses.sum() == 0
+
+
+def test_torchray_loop_counts_each_pair_once_and_reset_forgets_the_last_evaluate(tmp_path):
+    """TorchRay's ``aggregate(evaluate(...), c)``: ``evaluate`` already counted the pair, so
+    the ``aggregate`` right after it with that result is skipped with a warning; another
+    result, an ``aggregate`` after a ``reset()``, or a second ``aggregate`` count as usual."""
+    from torchray_like.attribution.context import TorchRayDifferenceWarning
+
+    root = make_coco(tmp_path)
+    dataset = get_dataset("coco", "val2014", dataset_dir=str(root))
+    bench = PointingGameBenchmark(dataset, tolerance=3)
+    label = dataset[0][1]
+    class_id = sorted(set(dataset.as_class_ids(label)))[0]
+    hit = bench.evaluate(label, class_id, (1, 1))
+    assert hit in (1, -1)
+    with pytest.warns(TorchRayDifferenceWarning, match="already counted"):
+        bench.aggregate(hit, class_id)
+    assert int(bench.hits.sum() + bench.misses.sum()) == 1
+    bench.aggregate(hit, class_id)                 # a second one is the caller's own count
+    assert int(bench.hits.sum() + bench.misses.sum()) == 2
+    bench.evaluate(label, class_id, (1, 1))
+    bench.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench.aggregate(hit, class_id)             # after reset(): counted, no warning
+    assert int(bench.hits.sum() + bench.misses.sum()) == 1
+    bench.evaluate(label, class_id, (1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench.aggregate(-hit, class_id)            # another result: counted
+    assert int(bench.hits.sum() + bench.misses.sum()) == 3

@@ -560,6 +560,12 @@ class PointingGameBenchmark(PointingGame):
             return
         super().aggregate(hit, class_id)
 
+    def reset(self) -> None:
+        """Forget all hits and misses (and the last :meth:`evaluate`, so that the next
+        ``aggregate`` is counted)."""
+        super().reset()
+        self._counted = None
+
     # -- label access
 
     def _image_names(self) -> list[str]:
