@@ -29,8 +29,11 @@ pytorch-grad-cam reads DenseNet's last feature map *after* the model's in-place 
 rewrote it (rectified activations with the gradient of the unrectified ones); and
 pytorch-grad-cam's AblationCAM on an unrectified block output (MobileNet-v2, MnasNet) departs
 from zeroing the channel, which ours does (its mechanism was not established black-box).  No
-bug of ours was found.  Several random-weight zoo models give scores of 1e-8 to 1e-14, so the
-relative tolerances have no absolute floor.
+bug of ours was found.  Open (a strict ``xfail``): on Bottleneck ResNets our LRP differs from
+Zennit's ``ResNetCanonizer`` result by 0.1–0.6 % of the largest relevance, in float64 too
+(BasicBlock ResNets agree within 5e-5); who is right is not established.  Several
+random-weight zoo models give scores of 1e-8 to 1e-14, so the relative tolerances have no
+absolute floor.
 """
 
 from __future__ import annotations
@@ -450,3 +453,22 @@ def test_zennit_composites(name, composite):
     with Gradient(model, theirs_composite) as attributor:
         theirs = attributor(x, seed)[1].sum(1, keepdim=True)
     assert rel(ours, theirs) <= TOL, f"{composite} on {name}: {rel(ours, theirs):.2e}"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="open: Bottleneck ResNets differ from Zennit's result by "
+                   "0.1-0.6 % of the largest relevance (also in float64; BasicBlock "
+                   "ResNets agree within 5e-5), not yet explained")
+def test_zennit_bottleneck_resnet_open_discrepancy():
+    pytest.importorskip("zennit")
+    from zennit import composites as theirs_composites
+    from zennit import torchvision as zennit_tv
+    from zennit.attribution import Gradient
+
+    model, _ = case("resnext_toy")
+    x = zoo_input(32)
+    ours = quiet("lrp", model, x, TARGET, composite=lrp_composites.epsilon_plus_flat())
+    composite = theirs_composites.EpsilonPlusFlat(canonizers=[zennit_tv.ResNetCanonizer()])
+    with Gradient(model, composite) as attributor:
+        theirs = attributor(x, lambda out: torch.eye(out.shape[1])[TARGET] * out)[1]
+    assert rel(ours.sum(1, keepdim=True), theirs.sum(1, keepdim=True)) <= TOL
