@@ -265,6 +265,10 @@ class _ProbeHook:
         if probe.thread is not None and probe.thread != threading.get_ident():
             probe.other_thread_calls += 1  # said in the error when this thread saw no call
             return None
+        if module is not probe.module:
+            # A copy of the module (copy.deepcopy of the model copies its hook table, and the
+            # weak reference to the probe with it): its calls are another model's tensors.
+            return None
         if probe.target == "output":
             return self._record(probe, output, any(output is t for t in _tensors(inputs)))
         if not inputs:
