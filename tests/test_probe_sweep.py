@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from torchray_like.attribution.common import Probe, get_module
 from torchray_like.attribution.deconvnet import DeConvNetContext
@@ -129,6 +130,7 @@ LAYERS = [
     ("fc", "input", "linear's input"),
     ("fc", "output", "linear's output"),
     ("features", "output", "nn.Sequential container"),
+    ("", "output", "the model itself"),
 ]
 LAYER_IDS = [f"{n}-{t}" for n, t, _ in LAYERS]
 
@@ -413,6 +415,18 @@ def test_plain_gradient_on_a_token_block_matches_an_own_hook():
         assert_same(data, reference(vit, x, name, target))
 
 
+def test_guided_context_on_a_gelu_vit_warns_and_the_probe_reads_the_plain_gradient():
+    """No ReLU to replace (GELU): the context says so, and the reading is the plain gradient
+    (the warning is the user's signal that it is not guided)."""
+    vit = make_vit().double()
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    name = "encoder.layers.encoder_layer_1"
+    with pytest.warns(UserWarning, match="GELU|replaced no ReLU"):
+        data = probed(vit, x, name, "output", GuidedBackpropContext)
+    assert_same(data, reference(vit, x, name, "output"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle
 
@@ -522,3 +536,46 @@ def test_every_layer_kind_at_once_with_one_backward():
         assert_same(probes[key].data, reference(model, x, name, target, RefGuidedReLU))
         probes[key].remove()
     assert hook_counts(model) == {}
+
+
+class Checkpointed(nn.Module):
+    """``SweepNet`` with its ``features`` run under ``torch.utils.checkpoint``."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.net = SweepNet()
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        h = checkpoint(net.features, x, use_reentrant=self.reentrant)
+        h = net.act(net.block(h))
+        h = net.act(net.skip(h) + 0.5 * h - net.shift)
+        return net.fc(net.flatten(net.pool(h)))
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided"])
+def test_a_non_reentrant_checkpoint_recomputation_does_not_replace_the_reading(method):
+    """Before the fix, the checkpoint's recomputation during backward was taken for a new
+    forward pass: ``probe.data`` then held the recomputed tensors and ``.grad`` was None."""
+    context, rectifier = RECTIFIERS[method]
+    model, x = Checkpointed(reentrant=False), batch().requires_grad_(True)
+    for name in ("features.0", "features.3"):
+        probe = Probe(get_module(model.net, name), "output")
+        with context():
+            score(model(x)).backward()
+        data = list(probe.data)
+        probe.remove()
+        assert len(data) == 1
+        assert_same(data, reference(model.net, x, name, "output", rectifier))
+
+
+def test_a_reentrant_checkpoint_reading_is_the_recomputed_gradient():
+    """The reentrant checkpoint's first pass runs under no_grad; its recomputation (which
+    the inner backward reaches) is what the probe holds, with the right gradient."""
+    model, x = Checkpointed(reentrant=True), batch().requires_grad_(True)
+    probe = Probe(get_module(model.net, "features.3"), "output")
+    score(model(x)).backward()
+    data = list(probe.data)
+    probe.remove()
+    assert_same(data, reference(model.net, x, "features.3", "output"))

@@ -269,6 +269,13 @@ class _ProbeHook:
             # A copy of the module (copy.deepcopy of the model copies its hook table, and the
             # weak reference to the probe with it): its calls are another model's tensors.
             return None
+        if _in_backward() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                  for t in probe.data):
+            # torch.utils.checkpoint(use_reentrant=False) recomputing its region during
+            # backward: backward reaches the tensors recorded in the forward pass, keep them.
+            # (A reentrant checkpoint's first pass ran under no_grad: its recomputation, whose
+            # tensors do get the gradient, replaces that reading as a new pass.)
+            return None
         if probe.target == "output":
             return self._record(probe, output, any(output is t for t in _tensors(inputs)))
         if not inputs:
@@ -276,6 +283,13 @@ class _ProbeHook:
                 f"Probe: {type(module).__name__} was called without a positional input")
         new = self._record(probe, inputs[0])
         return None if new is None else (new,) + tuple(inputs[1:])
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running a backward pass (PyTorch has no public query; without
+    the private one, ``False``: the probe then behaves as before the check was added)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _tensors(values: Any) -> Iterator[Any]:
