@@ -175,9 +175,10 @@ class ForwardPass:
         For messages.
     batch_statistics : list of str
         The model's layers that normalise with batch statistics (see :meth:`backward`).
-    methods : dict
-        Label → the methods that read it (``"grad_cam, linear_approx"``), named by the
-        warnings about its gradient; empty outside the engine.
+    readers : callable
+        Label → the methods that read it under the current pass (``"grad_cam,
+        linear_approx"``), named by the warnings about its gradient (asked only when one
+        warns); ``""`` outside the engine.
     """
 
     x: torch.Tensor
@@ -189,7 +190,7 @@ class ForwardPass:
     layers: Dict[str, Any]
     model_name: str = "the model"
     batch_statistics: List[str] = field(default_factory=list)
-    methods: Dict[str, str] = field(default_factory=dict)
+    readers: Callable[[str], str] = field(default=lambda label: "")
 
     @property
     def samples(self) -> int:
@@ -296,7 +297,8 @@ class ForwardPass:
             layer = "" if is_input(self.layers[label]) else (
                 ", or the score reads nothing of this layer's values (a transformer's patch "
                 "tokens after its last attention, under a class-token head)")
-            who = f"{self.methods[label]}: " if self.methods.get(label) else ""
+            names = self.readers(label)
+            who = f"{names}: " if names else ""
             warn_degenerate(
                 f"{who}the (pseudo-)gradient of the target score with respect to "
                 f"{self.where(label)} is "

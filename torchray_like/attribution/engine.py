@@ -15,6 +15,7 @@ disagree.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
@@ -224,17 +225,24 @@ def warn_dead_layer(smap: torch.Tensor, activation: torch.Tensor, layer: Any,
             "earlier layer (saliency_layer=...)")
 
 
+_ANY_RULE = object()  # one pass for every read (a single context): every reader counts
+
+
+def _readers(jobs: List[Job], rule: Any, label: str) -> str:
+    """The labels of the jobs that read ``label`` under ``rule``, joined by commas."""
+    return ", ".join(job.label for job in jobs if any(
+        read_label == label and (rule is _ANY_RULE or read.rule == rule)
+        for read, read_label in job.reads))
+
+
 def _gradients(fp: ForwardPass, passes: List[Tuple[Any, bool, List[str]]], switched: bool,
                keep_graph: bool, jobs: List[Job]) -> Dict[Tuple[Any, str], torch.Tensor]:
     grads: Dict[Tuple[Any, str], torch.Tensor] = {}
     for i, (rule, check, labels) in enumerate(passes):
         if switched:  # a context a read built: its rule is read at backward time
             fp.context.switch_rule(rule)
-        # the methods that read each label under this pass's rule (named by its warnings)
-        fp.methods = {label: ", ".join(
-            job.label for job in jobs if any(
-                read_label == label and (not switched or read.rule == rule)
-                for read, read_label in job.reads)) for label in labels}
+        # the methods that read a label under this pass's rule (named by its warnings)
+        fp.readers = functools.partial(_readers, jobs, rule if switched else _ANY_RULE)
         retain = keep_graph or i < len(passes) - 1
         for label, grad in zip(labels, fp.grads(labels, retain, check)):
             grads[rule, label] = grad
