@@ -24,13 +24,21 @@ What it checks (``tests/test_probe.py`` holds the focused cases; nothing here re
   ``backward`` twice with ``retain_graph`` (PyTorch accumulates ``.grad``, as for any tensor);
   a new forward replaces ``data``; a ``torch.no_grad()`` forward inside a rule context.
 
-Found: one bug, fixed in ``probe.py``: ``copy.deepcopy(model)`` copies the probed module's
-hook table (with its weak reference to the probe), so the *copy's* forward passes replaced
-``probe.data`` and a backward of the original left ``.grad`` None or the copy's gradient —
-now a probe records calls of the module it was created on only.  Every other combination
-agrees with the independent computation within float64 tolerance.  Not bugs: excitation
-backprop readings are signed (``signed=True`` default), and α2β1 relevance is not conserved
-where an output has no negative contribution (excluded from the conservation test).
+Found three bugs, each fixed in ``probe.py`` (commits of their own) with its test here:
+
+1. ``copy.deepcopy(model)`` copied the probed module's hook (and its weak reference to the
+   probe): the *copy's* forward replaced ``probe.data``, so the original's ``.grad`` read None
+   or the copy's gradient.  A probe now records calls of its own module only.
+2. ``torch.utils.checkpoint(use_reentrant=False)``: the recomputation during backward was
+   taken for a new forward pass and replaced ``probe.data``: ``.grad`` read None.
+3. An input probe on the caller's leaf ``x`` recorded ``x`` itself: after a second pass its
+   ``.grad`` was the sum of both passes, and one tensor hook per pass stayed on ``x``.
+
+Every other combination agrees with the independent computation within float64 tolerance.
+Not bugs: excitation backprop readings are signed (``signed=True`` default); α2β1 relevance is
+not conserved where an output has no negative contribution (excluded from that test); a
+guided context on a GELU ViT warns and gives the plain gradient; a new ``backward`` on the
+same graph adds to ``.grad`` (PyTorch's rule).
 """
 
 from __future__ import annotations
@@ -579,3 +587,24 @@ def test_a_reentrant_checkpoint_reading_is_the_recomputed_gradient():
     data = list(probe.data)
     probe.remove()
     assert_same(data, reference(model.net, x, "features.3", "output"))
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided"])
+def test_input_probe_on_the_callers_leaf_reads_this_pass_and_leaves_no_hook(method):
+    """Before the fix, an input probe whose input was the caller's ``x`` (a leaf that
+    requires grad) recorded ``x`` itself: a second pass's ``.grad`` was the sum of both passes
+    (a leaf's ``.grad`` accumulates) and a tensor hook per pass stayed on ``x`` after
+    ``remove()``."""
+    context, rectifier = RECTIFIERS[method]
+    model, x = SweepNet(), batch().requires_grad_(True)
+    with Probe(get_module(model, "features.0"), "input") as probe:
+        for classes in ([0, 2], CLASSES):
+            with context():
+                y = model(x)
+                y[torch.arange(2), torch.tensor(classes)].sum().backward()
+        assert probe.data[0] is not x
+        assert_same(probe.data, reference(model, x, "features.0", "input", rectifier))
+    assert not x._backward_hooks  # no hook left on the caller's tensor
+    # x.grad is the caller's: it accumulates both passes, as PyTorch does.
+    latest = reference(model, x, "features.0", "input", rectifier)[0].grad
+    assert x.grad is not None and not torch.allclose(x.grad, latest)

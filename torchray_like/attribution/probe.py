@@ -249,6 +249,11 @@ class _ProbeHook:
                 # module), a tensor other code may also use (a skip connection): read a copy
                 # of its own, so that its gradient is only what flows through this layer.
                 rec = value.clone()
+            elif value.is_leaf and probe.keep_grad:
+                # The caller's own tensor (the model's input x): a leaf's .grad accumulates
+                # over passes and its hooks outlive the probe, so read a view of its own
+                # (the methods' own probes keep no gradient: they read the tensor itself).
+                rec = value.view_as(value)
             if probe.keep_grad:
                 rec.retain_grad()
         if probe.keep_grad:
@@ -368,6 +373,9 @@ class Probe:
     (``nn.Identity``, eval-mode ``nn.Dropout``, in-place modules), the probe records a copy,
     so that the recorded gradient is what flows through the module only, not what reaches the
     same tensor through a skip connection.
+    Likewise an input probe whose input is a leaf tensor (the model's input ``x``) records a
+    view of it: its ``.grad`` is this pass's gradient through the module (``x.grad`` itself
+    accumulates over passes), and no hook is left on ``x``.
 
     The probe holds no reference cycle: dropping it removes its hook; :meth:`remove` (or leaving
     its ``with`` block) removes the hook and frees the data.
