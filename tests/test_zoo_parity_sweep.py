@@ -29,9 +29,11 @@ pytorch-grad-cam reads DenseNet's last feature map *after* the model's in-place 
 rewrote it (rectified activations with the gradient of the unrectified ones); and
 pytorch-grad-cam's AblationCAM on an unrectified block output (MobileNet-v2, MnasNet) departs
 from zeroing the channel, which ours does (its mechanism was not established black-box).  No
-bug of ours was found.  Open (a strict ``xfail``): on Bottleneck ResNets our LRP differs from
-Zennit's ``ResNetCanonizer`` result by 0.1–0.6 % of the largest relevance, in float64 too
-(BasicBlock ResNets agree within 5e-5); who is right is not established.  Several
+bug of ours was found.  On Bottleneck ResNets our LRP differs from Zennit's ``ResNetCanonizer``
+result by 0.1–0.6 % of the largest relevance, in float64 too: three conventions of Zennit's
+(ε on the pooled mean and on residual sums, the folded batch norms' ``eps`` left in place),
+which ``tests/test_lrp_bottleneck.py`` pins against a matrix-form LRP that ours equals; with
+them undone the two agree (``test_zennit_bottleneck_resnet_conventions``).  Several
 random-weight zoo models give scores of 1e-8 to 1e-14, so the relative tolerances have no
 absolute floor.
 """
