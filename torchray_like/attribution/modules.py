@@ -123,6 +123,9 @@ _MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL, _UNHASHABLE, _QUANTIZED = 1, 2, 4, 8
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
                        "torch.ao.nn.sparse.quantized", "torch.nn.quantized",
                        "torch.nn.intrinsic.quantized")
+#: The float modules of those packages: the ``torch.add`` / ``torch.cat`` wrappers that
+#: quantizable float models (torchvision's ``quantize=False`` models, QAT-prepared ones) hold.
+_FLOAT_FUNCTIONALS = ("FloatFunctional", "FXFloatFunctional")
 #: What the scan learnt per module class (flags) and per tensor class (uninitialised or not);
 #: each holds at most :data:`CLASS_CACHE_SIZE` classes (it is emptied when full), so classes
 #: made on the fly (tests, notebooks) cannot grow it without bound.
@@ -138,7 +141,8 @@ def _module_kind(cls: type) -> int:
             | (_DATA_PARALLEL if issubclass(cls, nn.DataParallel) else 0)
             | (_UNHASHABLE if cls.__hash__ is None else 0)
             | (_QUANTIZED if cls.__module__.startswith(_QUANTIZED_PACKAGES)
-               and ".reference" not in cls.__module__ else 0))  # reference modules are float
+               and ".reference" not in cls.__module__  # reference modules are float
+               and cls.__name__ not in _FLOAT_FUNCTIONALS else 0))
     return _learn(MODULE_CLASSES, cls, kind)
 
 
