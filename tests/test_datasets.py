@@ -7,6 +7,7 @@ every number checked is worked out by hand from the boxes and polygons below.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -311,12 +312,23 @@ def test_coco_missing(tmp_path):
 def test_image_folder(tmp_path):
     for k, wnid in enumerate(("n01440764", "n01443537")):
         _jpeg(tmp_path / "val" / wnid / f"img{k}.jpg", 12, 10, k)
-    dataset = get_dataset("imagenet", "val", dataset_dir=tmp_path)
+    # two of ImageNet's 1000 wnid folders: the labels are positions, not ImageNet indices
+    with pytest.warns(UserWarning, match=r"2 of ImageNet's 1000 class folders.*positions 0-1"):
+        dataset = get_dataset("imagenet", "val", dataset_dir=tmp_path)
     assert isinstance(dataset, ImageFolder) and len(dataset) == 2
     assert [label for _, label in dataset] == [0, 1]
     assert ImageFolder.as_class_ids(1) == [1]
     with pytest.raises(DatasetNotFoundError, match="train"):
         get_dataset("imagenet", "train", dataset_dir=tmp_path)
+
+
+def test_image_folder_of_other_classes_does_not_warn(tmp_path):
+    for k, name in enumerate(("cat", "dog")):
+        _jpeg(tmp_path / "val" / name / f"img{k}.jpg", 12, 10, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = get_dataset("imagenet", "val", dataset_dir=tmp_path)
+    assert dataset.classes == ["cat", "dog"]
 
 
 def test_public_names():

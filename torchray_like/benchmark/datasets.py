@@ -52,7 +52,7 @@ from .dataset_common import (
     check_limiter,
     first_items,
 )
-from .image_folder import ImageFolder
+from .image_folder import ImageFolder, warn_partial_imagenet
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -680,4 +680,6 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         raise DatasetNotFoundError(
             f"image folder {folder} not found: dataset_dir={root} must hold "
             f"{subset}/<class folder>/<images> (ImageNet: one folder per wnid)")
-    return ImageFolder(str(folder), transform=transform, limiter=limiter)
+    dataset = ImageFolder(str(folder), transform=transform, limiter=limiter)
+    warn_partial_imagenet(dataset)
+    return dataset

@@ -6,13 +6,15 @@ Re-exported by :mod:`.datasets` (TorchRay's import path).
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torchvision
 
 from .dataset_common import DatasetNotFoundError, round_robin_selection
 
-__all__ = ["ImageFolder"]
+__all__ = ["ImageFolder", "warn_partial_imagenet"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -65,3 +67,20 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         if isinstance(i, bool) or not -len(self) <= int(i) < len(self):
             raise IndexError(f"image index {i!r} is out of range for {len(self)} images")
         return str(self.samples[int(i)][0])
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def warn_partial_imagenet(dataset: ImageFolder) -> None:
+    """Warn when ``dataset``'s class folders are ImageNet wnids but not all 1000 of them: its
+    labels are then the folders' positions (0 … K-1), not ImageNet class indices, and an
+    ImageNet model's score for the label would be another class's."""
+    classes = list(dataset.classes)
+    if len(classes) != 1000 and classes and all(_WNID.fullmatch(c) for c in classes):
+        warnings.warn(
+            f"the image folder holds {len(classes)} of ImageNet's 1000 class folders (wnids): "
+            f"its labels are their positions 0-{len(classes) - 1}, not ImageNet class indices, "
+            "so an ImageNet model's score for a label is another class's; keep all 1000 folders "
+            "(with a limiter=) or map dataset.classes to ImageNet indices yourself",
+            UserWarning, stacklevel=3)
