@@ -7,13 +7,13 @@ import math
 import threading
 import warnings
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .precision import without_autocast
+from .precision import CPU_FLOAT64, without_autocast
 from .reporting import warn_caller
 
 __all__ = ["gradient_to_saliency", "resize_saliency", "smooth_saliency", "Shape",
@@ -92,8 +92,6 @@ def gradient_to_saliency(x: torch.Tensor) -> torch.Tensor:
 
 _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _RANK_MODES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
-#: The constants' tensors, on the CPU whatever the caller's default device (moved after).
-_CPU64: Dict[str, Any] = {"dtype": torch.float64, "device": "cpu"}
 _ANY_RANK_MODES = ("nearest", "nearest-exact", "area")
 _TORCH_NAMES = {1: "(L,)", 2: "(H, W)", 3: "(T, H, W)"}
 _TORCHRAY_NAMES = {1: "(L,)", 2: "(W, H)", 3: "(W, H, T)"}
@@ -346,7 +344,7 @@ def gaussian_kernel(sigma: float, truncate: float, dtype: torch.dtype, device: A
             f"taps (at most {2 * MAX_KERNEL_RADIUS + 1}); a blur that wide is constant over any "
             "image: use a smaller sigma (max_blur, smooth or blur_sigma), or a constant")
     radius = max(radius, 1)
-    t = torch.arange(-radius, radius + 1, **_CPU64)
+    t = torch.arange(-radius, radius + 1, **CPU_FLOAT64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return (k / k.sum()).to(dtype=dtype, device=device)
 
@@ -367,9 +365,9 @@ def gaussian_matrix(length: int, sigma: float, truncate: float = 4.0,
     i = torch.arange(length, device="cpu").view(-1, 1)
     offset = torch.arange(length, device="cpu").view(1, -1) - i
     mat = torch.where(offset.abs() <= radius, k[(offset + radius).clamp(0, 2 * radius)],
-                      torch.zeros((), **_CPU64))
+                      torch.zeros((), **CPU_FLOAT64))
     # ... plus, in the first and last columns, the taps that fall off the border (replicated).
-    cum = torch.cat([torch.zeros(1, **_CPU64), k.cumsum(0)])   # cum[n] = Σ k[:n]
+    cum = torch.cat([torch.zeros(1, **CPU_FLOAT64), k.cumsum(0)])   # cum[n] = Σ k[:n]
     rows = i.view(-1)
     mat[:, 0] += cum[(radius - rows).clamp(0, 2 * radius + 1)]
     mat[:, -1] += 1 - cum[(radius + length - rows).clamp(0, 2 * radius + 1)]

@@ -9,12 +9,19 @@ r"""Floating-point precision of the methods that call the model many times.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
 __all__ = ["denormals_flushed", "flush_denormals", "AUTOCAST_DTYPES", "check_autocast",
-           "autocast_forward", "caller_autocast", "without_autocast"]
+           "autocast_forward", "caller_autocast", "without_autocast", "CPU_FLOAT64"]
+
+#: Factory keywords (``torch.arange(n, **CPU_FLOAT64)``) for the float64 constants the methods
+#: build (kernels, grids, positions): on the CPU whatever the caller's
+#: ``torch.set_default_device`` (a meta or CUDA default would break them), moved to the
+#: input's device and dtype after.  The one home of that rule.
+CPU_FLOAT64: Mapping[str, Any] = MappingProxyType({"dtype": torch.float64, "device": "cpu"})
 
 
 def denormals_flushed() -> bool:

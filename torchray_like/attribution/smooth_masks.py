@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .arguments import is_number, per_axis
+from .precision import CPU_FLOAT64
 from .smooth_max import SmoothMaxAxis, smooth_max_grid, smooth_max_grid_vjp
 
 __all__ = ["POOLING_METHODS", "MaskGenerator", "shared_generator", "clamp01", "PerAxis"]
@@ -30,8 +31,6 @@ POOLING_METHODS = ("softmax", "max", "sum")
 # the cost of every iteration (the pooling window); the blur's is a normalised convolution
 # computed once per call, where the tails' mass matters for matching scipy.
 _TRUNCATE = 3.0
-#: The constants' tensors, on the CPU whatever the caller's default device (moved after).
-_CPU64: Dict[str, Any] = {"dtype": torch.float64, "device": "cpu"}
 
 Number = Union[int, float]
 PerAxis = Union[Number, Sequence[Number]]
@@ -72,7 +71,7 @@ class _Axis:
     def footprint(self) -> torch.Tensor:
         """``(count,)`` share of each parameter's cell (``step`` pixels around it) inside the
         image, at least a quarter."""
-        pos = self.origin + self.step * torch.arange(self.count, **_CPU64)
+        pos = self.origin + self.step * torch.arange(self.count, **CPU_FLOAT64)
         low = torch.clamp(pos - self.step / 2, min=-0.5)
         high = torch.clamp(pos + self.step / 2, max=self.length - 0.5)
         return ((high - low).clamp(min=0) / self.step).clamp(min=0.25)
@@ -306,8 +305,8 @@ class MaskGenerator:
         # Slots farther than the grid's length from the centre hold no parameter for any
         # window: a kernel wider than the grid (a huge sigma) needs no more of them.
         radius = max(1, min(count, math.ceil(_TRUNCATE * sg / s)))
-        phase = torch.arange(f, **_CPU64).view(-1, 1) * s / f
-        dist = phase - s * torch.arange(-radius, radius + 2, **_CPU64).view(1, -1)
+        phase = torch.arange(f, **CPU_FLOAT64).view(-1, 1) * s / f
+        dist = phase - s * torch.arange(-radius, radius + 2, **CPU_FLOAT64).view(1, -1)
         near = dist.abs() <= _TRUNCATE * sg
         w = torch.where(near, torch.exp(-0.5 * (dist / sg) ** 2), torch.zeros_like(dist))
         # The pooling runs over the grid points within 3σ: window q, slot i holds parameter
@@ -318,9 +317,9 @@ class MaskGenerator:
              + torch.arange(-radius, radius + 2, device="cpu").view(1, 1, -1))
         valid = near.view(1, f, -1) & (k >= 0) & (k < count)
         valid[..., radius] |= ~valid.any(-1)
-        bias = torch.zeros(valid.shape, **_CPU64).masked_fill(~valid, -math.inf)
+        bias = torch.zeros(valid.shape, **CPU_FLOAT64).masked_fill(~valid, -math.inf)
         # Canvas pixel c is image pixel c − j, at (c − j − first·s)·f/s evaluation points.
-        coord = (torch.arange(length + 2 * j, **_CPU64) - j - first * s) * f / s
+        coord = (torch.arange(length + 2 * j, **CPU_FLOAT64) - j - first * s) * f / s
         points = f * (count - 1) + 1
         index = coord.round().long() if f == s else coord.floor().clamp(max=points - 2).long()
         frac = coord - index
@@ -333,7 +332,7 @@ class MaskGenerator:
     def points(self, axis: int) -> torch.Tensor:
         """Pixel positions (float64) of the evaluation points along ``axis``."""
         a = self.axes[axis]
-        return a.origin + torch.arange(a.points, **_CPU64) * a.step / a.sub
+        return a.origin + torch.arange(a.points, **CPU_FLOAT64) * a.step / a.sub
 
     def _pool_axis(self, x: torch.Tensor, a: _Axis) -> torch.Tensor:
         """Pool along the last dimension: ``(..., count)`` → ``(..., points)``."""
@@ -536,7 +535,7 @@ class MaskGenerator:
         cached = self._windows.get("footprint")
         if cached is not None:
             return cached
-        out = torch.ones((), **_CPU64)
+        out = torch.ones((), **CPU_FLOAT64)
         for i, a in enumerate(self.axes):
             shape = [1] * len(self.axes)
             shape[i] = a.count
