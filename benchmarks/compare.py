@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an image file to explain with a torchvision --model (default: "
                              "embedded test images)")
     parser.add_argument("--model", default=None,
-                        help="embedded-vgg (default) or embedded-resnet; with --image a "
-                             "torchvision VGG or ResNet name, e.g. resnet50 or vgg16")
+                        help="embedded-vgg (default), embedded-resnet or embedded-vit; with "
+                             "--image a torchvision VGG or ResNet name, e.g. resnet50 or vgg16")
     parser.add_argument("--weights", default=None, metavar="FILE|DEFAULT|random",
                         help="a state-dict FILE; random: untrained weights seeded by --seed; "
                              "DEFAULT: torchvision's ImageNet weights (from the local torch hub "
