@@ -15,7 +15,7 @@ import torch
 
 from .autograd_guards import first_order
 from .method import BackpropMethod, Read
-from .rules import ReLUContext, ReLURule
+from .rules import ReLUContext, ReLURule, mask_into
 
 __all__ = ["DeConvNetRule", "DECONVNET_RULE", "DeConvNetReLU", "DeConvNetContext", "deconvnet",
            "DECONVNET"]
@@ -31,10 +31,8 @@ class DeConvNetRule(ReLURule):
         positive = grad.clamp(min=0)
         if upper is None:
             return positive
-        args = (positive, output, float("-inf"), upper)
-        if torch._C._len_torch_dispatch_stack():  # as in guided_backprop: not the out= form
-            return torch.ops.aten.hardtanh_backward.default(*args)
-        return torch.ops.aten.hardtanh_backward.grad_input(*args, grad_input=positive)
+        return mask_into(torch.ops.aten.hardtanh_backward, positive, output, float("-inf"),
+                         upper)
 
     def backward_relu(self, plain: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``p⁺``: the incoming signal, clamped (the forward mask is not used)."""
