@@ -49,3 +49,14 @@ def test_converted_int8_module_is_still_refused() -> None:
                           nn.Flatten(), nn.Linear(12, 2)).eval()
     with pytest.raises(ValueError, match=r"model module '0' .*is a quantized module"):
         gradient(model, torch.randn(1, 3, 2, 2), 0)
+
+
+def test_get_dataset_refuses_a_non_path_annotation_dir(tmp_path) -> None:
+    """``get_dataset(name, subset, dir, True)`` (download passed fourth, the old order) names
+    annotation_dir, not PyTorch's/pathlib's "expected str, bytes or os.PathLike"."""
+    from torchray_like.benchmark.datasets import get_dataset
+
+    (tmp_path / "val2014").mkdir()
+    with pytest.raises(TypeError, match=r"annotation_dir must be a folder path .* got bool; "
+                                        r"pass download=\.\.\. by keyword"):
+        get_dataset("coco", "val2014", tmp_path, True)

@@ -594,6 +594,13 @@ def _voc_root(dataset_dir: Path, subset: str, download: bool) -> Path:
     return dataset_dir
 
 
+def _check_folder(value: Any, name: str, hint: str = "") -> None:
+    """A TypeError naming ``name`` unless ``value`` is ``None`` or a path."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a folder path (str or os.PathLike), got "
+                        f"{type(value).__name__}{hint}")
+
+
 def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
                 annotation_dir: Optional[PathLike] = None, transform: Optional[Callable] = None,
                 limiter: Optional[int] = None, download: bool = False) -> Any:
@@ -643,11 +650,11 @@ def get_dataset(name: str, subset: str, dataset_dir: Optional[PathLike] = None,
         raise ValueError(f"subset must be a non-empty string, got {subset!r}")
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
-    if dataset_dir is not None and not isinstance(dataset_dir, (str, os.PathLike)):
-        raise TypeError(f"dataset_dir must be a folder path (str or os.PathLike), got "
-                        f"{type(dataset_dir).__name__}")
+    _check_folder(dataset_dir, "dataset_dir")
     root = (Path(dataset_dir) if dataset_dir is not None else _default_dir(name)).expanduser()
     check_limiter(limiter)  # before any file is read
+    # (a bool as annotation_dir is download= passed fourth, the order before TorchRay's)
+    _check_folder(annotation_dir, "annotation_dir", "; pass download=... by keyword")
     if annotation_dir is not None and name != "coco":
         raise ValueError(f"annotation_dir is only used for 'coco' ({name!r} reads its "
                          f"annotations from dataset_dir), got {annotation_dir!r}")
