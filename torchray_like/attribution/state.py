@@ -8,12 +8,11 @@ code written against this module).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import threading
 import weakref
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -118,8 +117,7 @@ _GUARD_LOCK = threading.Lock()
 _GUARDS: "weakref.WeakKeyDictionary[nn.Module, _GuardState]" = weakref.WeakKeyDictionary()
 
 
-@contextlib.contextmanager
-def model_state_guard(model: nn.Module, freeze: bool = True) -> Iterator[nn.Module]:
+class model_state_guard:  # noqa: N801 - a function-like context manager, named as one
     """Put ``model`` in eval mode (and freeze its parameters) for the block; restore afterwards.
 
     On exit — also when the block raises — every sub-module's ``training`` flag and every
@@ -139,19 +137,31 @@ def model_state_guard(model: nn.Module, freeze: bool = True) -> Iterator[nn.Modu
     back.  Training the model in another thread *while* it is being explained is not
     supported: module flags are shared by all threads.
     """
-    with _GUARD_LOCK:
-        state = _GUARDS.get(model)
-        if state is None:
-            state = _GUARDS[model] = _GuardState(model)
-        state.count += 1
-        state.apply(freeze)
-    try:
-        yield model
-    finally:
+
+    __slots__ = ("model", "freeze", "state")
+
+    # A class rather than a generator context manager: entered once per method call, where
+    # contextlib's generator machinery cost more than the guard itself.
+    def __init__(self, model: nn.Module, freeze: bool = True) -> None:
+        self.model, self.freeze = model, freeze
+
+    def __enter__(self) -> nn.Module:
+        model = self.model
+        with _GUARD_LOCK:
+            state = _GUARDS.get(model)
+            if state is None:
+                state = _GUARDS[model] = _GuardState(model)
+            state.count += 1
+            self.state = state
+            state.apply(self.freeze)
+        return model
+
+    def __exit__(self, *exc: Any) -> None:
+        state = self.state
         with _GUARD_LOCK:
             state.count -= 1
             if state.count == 0:
-                del _GUARDS[model]
+                del _GUARDS[self.model]
                 state.restore()
 
 
