@@ -60,3 +60,24 @@ def test_get_dataset_refuses_a_non_path_annotation_dir(tmp_path) -> None:
     with pytest.raises(TypeError, match=r"annotation_dir must be a folder path .* got bool; "
                                         r"pass download=\.\.\. by keyword"):
         get_dataset("coco", "val2014", tmp_path, True)
+
+
+def test_image_folder_url_refuses_a_float_index(tmp_path) -> None:
+    """``get_image_url(1.5)`` was image 1 (``int(1.5)``); integers of any kind still work."""
+    import numpy as np
+    from PIL import Image
+
+    from torchray_like.benchmark.datasets import ImageFolder
+
+    for k in range(2):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "a" / f"img{k}.png")
+    folder = ImageFolder(str(tmp_path))
+    want = str(tmp_path / "a" / "img1.png")
+    assert folder.get_image_url(1) == folder.get_image_url(np.int64(1)) == want
+    assert folder.get_image_url(torch.tensor(-1)) == want
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match=r"image index must be an int, got "):
+            folder.get_image_url(bad)
+    with pytest.raises(IndexError, match="out of range for 2 images"):
+        folder.get_image_url(2)

@@ -5,6 +5,7 @@ Re-exported by :mod:`.datasets` (TorchRay's import path).
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import warnings
@@ -64,9 +65,15 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 
     def get_image_url(self, i: int) -> str:
         """The path of image ``i`` (TorchRay's name)."""
-        if isinstance(i, bool) or not -len(self) <= int(i) < len(self):
+        try:  # an int, a NumPy integer or an integer scalar tensor; not a float (int(1.5) = 1)
+            index = operator.index(i)
+        except TypeError:
+            index = None
+        if index is None or isinstance(i, bool):
+            raise TypeError(f"image index must be an int, got {i!r}")
+        if not -len(self) <= index < len(self):
             raise IndexError(f"image index {i!r} is out of range for {len(self)} images")
-        return str(self.samples[int(i)][0])
+        return str(self.samples[index][0])
 
 
 _WNID = re.compile(r"n\d{8}")
