@@ -81,3 +81,49 @@ def test_image_folder_url_refuses_a_float_index(tmp_path) -> None:
             folder.get_image_url(bad)
     with pytest.raises(IndexError, match="out of range for 2 images"):
         folder.get_image_url(2)
+
+
+def _int8_model() -> nn.Module:
+    """A converted (int8) model: quantized conv and linear between QuantStub/DeQuantStub."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notes
+        import torch.ao.quantization as tq
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.q, self.dq = tq.QuantStub(), tq.DeQuantStub()
+                self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten(), nn.Linear(4, 5))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.dq(self.body(self.q(x)))
+
+        torch.manual_seed(0)
+        model = Net().eval()
+        model.qconfig = tq.get_default_qconfig("fbgemm")
+        tq.prepare(model, inplace=True)
+        model(torch.randn(4, 3, 8, 8))
+        return tq.convert(model)
+
+
+def test_forward_only_metrics_accept_an_int8_model() -> None:
+    """deletion/insertion and top_present_class run forward passes only: an int8 model is
+    scored as before the quantized-module check (which is for gradient methods)."""
+    from torchray_like.benchmark.deletion_insertion import deletion_insertion, top_present_class
+
+    model = _int8_model()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        scores = model(x)
+    present = [[1, 2], [3]]
+    want = [max(p, key=lambda c: float(scores.softmax(1)[i, c])) for i, p in enumerate(present)]
+    assert top_present_class(model, x, present) == want
+    curves, areas = deletion_insertion(model, x, torch.rand(2, 1, 8, 8), want)
+    assert curves.shape == (2, 65) and areas.shape == (2,)
+    assert bool(torch.isfinite(curves).all()) and bool(((areas >= 0) & (areas <= 1)).all())
+    # the first point of a deletion curve is the clean image's probability of the class
+    torch.testing.assert_close(curves[:, 0].float(),
+                               scores.softmax(1)[[0, 1], want].float(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"model module 'q' .*is a quantized module"):
+        gradient(model, x, 1)

@@ -354,7 +354,7 @@ def deletion_insertion(model: nn.Module, input: torch.Tensor, saliency: torch.Te
         ``score``, a ``saliency`` of the wrong shape or with NaNs, a ``target`` of the wrong
         length or outside the model's classes.
     """
-    check_model(model)
+    check_model(model, needs_autograd=False, method="deletion_insertion")  # forward passes only
     check_input(input, "input", needs_grad=False)
     # A NaN pixel makes every perturbed image NaN: the curves would be NaN with no word why.
     check_finite(input, "input", "deletion_insertion")
@@ -514,7 +514,7 @@ def top_present_class(model: nn.Module, input: torch.Tensor,
     scores highest: the class the benchmarks explain (one per image, as in the paper, which
     explains the predicted class; restricting it to the classes present keeps the map about an
     object that is there)."""
-    check_model(model)
+    check_model(model, needs_autograd=False, method="top_present_class")  # forward passes only
     check_input(input, "input", needs_grad=False)
     if not (callable(score) or score in SCORES):
         raise ValueError(f"score must be one of {SCORES} or a callable, got {score!r}")
