@@ -17,7 +17,6 @@ from typing import (
     Any,
     Callable,
     Dict,
-    Iterator,
     List,
     Literal,
     Optional,
@@ -203,8 +202,7 @@ def active_rule_contexts() -> Tuple["RuleContext", ...]:
     return tuple(_ACTIVE.stack)
 
 
-@contextlib.contextmanager
-def suspend_rule_contexts() -> Iterator[Tuple["RuleContext", ...]]:
+class suspend_rule_contexts:  # noqa: N801 - a function-like context manager, named as one
     """Inside this block, the rule contexts the current thread entered before change nothing.
 
     The attribution methods run their forward pass in this block, so that a method's own rules
@@ -215,22 +213,32 @@ def suspend_rule_contexts() -> Iterator[Tuple["RuleContext", ...]]:
     (:attr:`RuleContext.refuses_checkpoints`) is lifted meanwhile.  Other threads are not
     affected.
     """
-    suspended = tuple(_ACTIVE.stack)
-    # Checkpoint guards of the contexts suspended now for the first time (nested suspensions
-    # leave them to the outermost), lifted innermost first and restored outermost first.
-    guarded = [c for c in suspended
-               if c._suspended == 0 and getattr(c, "_no_checkpoints", None) is not None]
-    for context in suspended:
-        context._suspended += 1
-    for context in reversed(guarded):
-        context._no_checkpoints.__exit__(None, None, None)
-    try:
-        yield suspended
-    finally:
+
+    __slots__ = ("suspended", "guarded")
+
+    # A class rather than a generator context manager: every method call enters it (twice on
+    # the engine's path), and with no rule context entered it does nothing at all.
+    def __enter__(self) -> Tuple["RuleContext", ...]:
+        self.suspended = suspended = tuple(_ACTIVE.stack)
+        if not suspended:
+            return suspended
+        # Checkpoint guards of the contexts suspended now for the first time (nested
+        # suspensions leave them to the outermost), lifted innermost first and restored
+        # outermost first.
+        self.guarded = guarded = [c for c in suspended if c._suspended == 0
+                                  and getattr(c, "_no_checkpoints", None) is not None]
         for context in suspended:
+            context._suspended += 1
+        for context in reversed(guarded):
+            context._no_checkpoints.__exit__(None, None, None)
+        return suspended
+
+    def __exit__(self, *exc: Any) -> None:
+        for context in self.suspended:
             context._suspended -= 1
-        for context in guarded:  # a guard is used once (a generator context manager)
-            context._no_checkpoints = _refuse_checkpoints(context)
+        if self.suspended:
+            for context in self.guarded:  # a guard is used once (a generator context manager)
+                context._no_checkpoints = _refuse_checkpoints(context)
 
 
 def _refuse_checkpoints(context: "RuleContext") -> Optional[Any]:
