@@ -127,3 +127,16 @@ def test_forward_only_metrics_accept_an_int8_model() -> None:
                                scores.softmax(1)[[0, 1], want].float(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"model module 'q' .*is a quantized module"):
         gradient(model, x, 1)
+
+
+def test_auc_of_listed_fractions_under_a_meta_default_device() -> None:
+    """Fractions given as a list are read on the CPU whatever the default device (the
+    evenly spaced default already was): not "fractions is on the meta device"."""
+    from torchray_like.benchmark.deletion_insertion import auc
+
+    curve = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 1.0]])
+    with torch.device("meta"):
+        area = auc(curve, [0.0, 0.25, 1.0])
+    assert area.device.type == "cpu" and area.dtype == torch.float32
+    # trapezoids: 0.25 * (1 + 0.5) / 2 + 0.75 * 0.5 / 2, and 0.25 * 1 / 2 + 0.75 * 2 / 2
+    torch.testing.assert_close(area, torch.tensor([0.375, 0.875]))

@@ -136,7 +136,7 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
         fractions = torch.linspace(0, 1, curve.shape[-1], dtype=torch.float64, device="cpu")
     elif not isinstance(fractions, torch.Tensor):
         try:
-            fractions = torch.as_tensor(fractions, dtype=torch.float64)
+            fractions = torch.as_tensor(fractions, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"fractions must be a 1-D tensor or sequence of numbers, got "
                             f"{type(fractions).__name__}") from None
