@@ -140,3 +140,33 @@ def test_auc_of_listed_fractions_under_a_meta_default_device() -> None:
     assert area.device.type == "cpu" and area.dtype == torch.float32
     # trapezoids: 0.25 * (1 + 0.5) / 2 + 0.75 * 0.5 / 2, and 0.25 * 1 / 2 + 0.75 * 2 / 2
     torch.testing.assert_close(area, torch.tensor([0.375, 0.875]))
+
+
+class _FailingClone(torch.Tensor):
+    """A buffer whose copy fails (as an out-of-memory copy would)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func is torch.Tensor.clone:
+            raise RuntimeError("clone failed")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_guard_gives_back_what_it_changed_when_hiding_an_observer_fails() -> None:
+    """An exception while the state guard is being applied (after it switched modules to eval
+    mode) leaves every ``training`` flag as it was, and the next call works."""
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    from torchray_like.attribution.state import model_state_guard
+
+    observer = MinMaxObserver()
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 2), observer).train()
+    observer.min_val = torch.zeros(()).as_subclass(_FailingClone)
+    with pytest.raises(RuntimeError, match="clone failed"):
+        with model_state_guard(model, freeze=False):
+            pass  # pragma: no cover - never entered
+    assert all(m.training for m in model.modules())
+    observer.min_val = torch.tensor(float("inf"))
+    with model_state_guard(model, freeze=False):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())

@@ -39,8 +39,9 @@ __all__ = ["model_state_guard", "autograd_grad", "REENTRANT_CHECKPOINT_MESSAGE",
 class _GuardState:
     """The original state of a model under guard, shared by every thread guarding it.
 
-    Only what a guard changed is given back: the ``training`` flags it switched off and the
-    ``requires_grad`` flags it froze.  Parameters' ``.grad`` are never touched: the methods read
+    Only what a guard changed is given back: the ``training`` flags it switched off, the
+    ``requires_grad`` flags it froze and the quantization observers' buffers it swapped for
+    copies.  Parameters' ``.grad`` are never touched: the methods read
     gradients with ``torch.autograd.grad``, which leaves them alone, so restoring them could only
     undo what another thread's ``backward()`` accumulated meanwhile.
     """
@@ -120,8 +121,10 @@ _GUARDS: "weakref.WeakKeyDictionary[nn.Module, _GuardState]" = weakref.WeakKeyDi
 class model_state_guard:  # noqa: N801 - a function-like context manager, named as one
     """Put ``model`` in eval mode (and freeze its parameters) for the block; restore afterwards.
 
-    On exit — also when the block raises — every sub-module's ``training`` flag and every
-    parameter's ``requires_grad`` the guard changed are given back.  Only what differs is
+    On exit — also when the block raises, or when entering fails half-way — every sub-module's
+    ``training`` flag, every parameter's ``requires_grad`` and every quantization observer's
+    buffers (which record into copies in the block) the guard changed are given back.  Only
+    what differs is
     changed, so a model already in eval mode with frozen weights is not touched at all, and
     parameters' ``.grad`` are never touched (another thread may be accumulating into them).
 
@@ -153,7 +156,14 @@ class model_state_guard:  # noqa: N801 - a function-like context manager, named 
                 state = _GUARDS[model] = _GuardState(model)
             state.count += 1
             self.state = state
-            state.apply(self.freeze)
+            try:
+                state.apply(self.freeze)
+            except BaseException:  # half applied (a buffer copy failed): give it back
+                state.count -= 1
+                if state.count == 0:
+                    del _GUARDS[model]
+                    state.restore()
+                raise
         return model
 
     def __exit__(self, *exc: Any) -> None:
