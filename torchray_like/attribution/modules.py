@@ -308,7 +308,8 @@ def _refuse_quantized(model: nn.Module, prefix: str) -> None:
                 "autograd does not run through integer kernels, so no gradient-based method "
                 "can explain it; explain the float model, or the model prepared for "
                 "quantization-aware training before convert (its fake-quantized weights have "
-                "gradients); the forward-only methods (rise, occlusion) accept it as it is")
+                "gradients); the forward-only methods (rise, occlusion) and the deletion / "
+                "insertion metric accept it as it is")
 
 
 def is_compiled_wrapper(module: nn.Module) -> bool:
