@@ -293,6 +293,13 @@ def test_coco_bare_list_needs_size(coco):
     assert torch.equal(coco_as_mask(label, COCO_DOG, image_size=(48, 64)),
                        coco_as_mask(coco, label, COCO_DOG))
     assert coco_as_image_size(coco, label) == (64, 48)
+    # TorchRay's (width, height) passed as image_size (height, width): the dog's triangle
+    # reaches x = 60 in a 48-wide image — refused, not a transposed mask
+    with pytest.raises(ValueError, match=r"reach x=60.*coco_as_image_size returns TorchRay's"):
+        coco_as_mask(label, COCO_DOG, image_size=coco_as_image_size(coco, label))
+    boxed = [dict(a, bbox=[40.0, 5.0, 20.0, 20.0], segmentation=[]) for a in label]
+    with pytest.raises(ValueError, match=r"reach x=60, y=25"):
+        coco_as_mask(boxed, COCO_DOG, image_size=(64, 48))
     with pytest.raises(ValueError, match="not a COCO category id"):
         coco_as_mask(coco, label, 80)
     with pytest.raises(TypeError, match=r"coco_as_mask\(\) takes"):

@@ -6,7 +6,7 @@ Kept apart from :mod:`.datasets`, which re-exports the lists and errors (TorchRa
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 import torchvision
 
@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 __all__ = ["VOC_CLASSES", "COCO_CLASSES", "COCO_CATEGORY_IDS", "IMAGENET_CLASSES",
            "DatasetNotFoundError", "DatasetFormatError", "check_limiter", "first_items",
-           "round_robin_selection"]
+           "round_robin_selection", "check_coco_image_size"]
 
 VOC_CLASSES: list[str] = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -104,3 +104,29 @@ def round_robin_selection(labels: Sequence[int], limiter: Any) -> list[int]:
             break
     return sorted(chosen[:limit])
 
+
+
+def check_coco_image_size(annotations: Sequence[Mapping[str, Any]], height: int,
+                          width: int) -> None:
+    """A :class:`ValueError` when a COCO object (its ``bbox = [x, y, w, h]``, or its polygons)
+    reaches beyond an image of ``height`` × ``width`` (1 px of slack): the size given is too
+    small or in the other order — ``coco_as_mask``'s ``image_size`` is ``(height, width)``,
+    while ``coco_as_image_size`` returns TorchRay's ``(width, height)``."""
+    right = bottom = 0.0
+    for annotation in annotations:
+        box = annotation.get("bbox") or ()
+        if len(box) == 4:
+            right = max(right, float(box[0]) + float(box[2]))
+            bottom = max(bottom, float(box[1]) + float(box[3]))
+        segmentation = annotation.get("segmentation")
+        if isinstance(segmentation, list):  # polygons: x, y, x, y, ...
+            for polygon in segmentation:
+                if isinstance(polygon, (list, tuple)) and len(polygon) >= 2:
+                    right = max(right, max(float(v) for v in polygon[0::2]))
+                    bottom = max(bottom, max(float(v) for v in polygon[1::2]))
+    if right > width + 1 or bottom > height + 1:
+        raise ValueError(
+            f"image_size=(height, width)=({height}, {width}) is smaller than the annotations' "
+            f"objects, which reach x={right:g}, y={bottom:g}: image_size is (height, width) — "
+            "coco_as_image_size returns TorchRay's (width, height), so reverse it "
+            "(image_size=size[::-1])")

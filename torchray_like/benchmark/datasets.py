@@ -49,6 +49,7 @@ from .dataset_common import (
     VOC_CLASSES,
     DatasetFormatError,
     DatasetNotFoundError,
+    check_coco_image_size,
     check_limiter,
     first_items,
 )
@@ -475,6 +476,7 @@ def coco_as_mask(*args: Any, image_size: Optional[tuple[int, int]] = None) -> to
         image_size = (coco_as_image_size(label) if dataset is None
                       else coco_as_image_size(dataset, label))[::-1]
     height, width = (int(s) for s in image_size)
+    check_coco_image_size(_coco_annotations(label), height, width)
     mask = np.zeros((height, width), dtype=bool)
     for annotation in _coco_annotations(label):
         if _coco_class_id(annotation) == class_id:
