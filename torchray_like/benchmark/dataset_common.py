@@ -114,7 +114,7 @@ def check_coco_image_size(annotations: Sequence[Mapping[str, Any]], height: int,
     while ``coco_as_image_size`` returns TorchRay's ``(width, height)``."""
     right = bottom = 0.0
     for annotation in annotations:
-        box = annotation.get("bbox") or ()
+        box: Sequence[Any] = annotation.get("bbox") or []
         if len(box) == 4:
             right = max(right, float(box[0]) + float(box[2]))
             bottom = max(bottom, float(box[1]) + float(box[3]))
