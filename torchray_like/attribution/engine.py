@@ -206,7 +206,7 @@ def warn_dead_layer(smap: torch.Tensor, activation: torch.Tensor, layer: Any,
     values = activation.detach().reshape(n, activation.shape[1], -1)  # no autograd node
     if n == 1:  # a short call
         low, high = torch.aminmax(smap)
-        if low.item() != high.item():
+        if not torch.equal(low, high):  # one read (one device sync)
             return
         rows = [0] if torch.equal(values, values[:, :, :1].expand_as(values)) else []
     else:
