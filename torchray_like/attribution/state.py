@@ -53,7 +53,7 @@ class _GuardState:
         self.model = model
         self.switched: List[nn.Module] = []
         self.frozen: List[torch.Tensor] = []
-        self.observers: Dict[int, Tuple[nn.Module, Dict[str, Any]]] = {}  # id -> buffers
+        self.observers: Dict[int, nn.Module] = {}  # id -> the observers this model's guard hid
 
     def apply(self, freeze: bool) -> None:
         scan = current_scan(self.model)  # the call's one walk, when there is one
@@ -76,23 +76,38 @@ class _GuardState:
         """Quantization observers record statistics in every forward pass, in eval mode too
         (a fake-quantize module of quantization-aware training also changes its scale, hence
         the output, as it records): for the block, a fake-quantize module observes nothing and
-        an observer records into copies of its buffers; the originals come back untouched."""
+        an observer records into copies of its buffers; the originals come back untouched.
+
+        An observer may belong to several models (a sub-module shared by two models, each
+        with its own guard): the hiding is counted per observer in :data:`_HIDDEN_OBSERVERS`
+        (under ``_GUARD_LOCK``), so the first guard saves the originals, later ones only count,
+        and the last to leave puts the originals back — never another guard's copies."""
         if id(m) in self.observers:
-            return  # a guard entered before (nested, another thread) hid it already
-        saved = dict(m._buffers)
-        for name, t in saved.items():
-            if t is not None:
-                m._buffers[name] = (torch.zeros_like(t) if name == "observer_enabled"
-                                    else t.detach().clone())
-        self.observers[id(m)] = (m, saved)
+            return  # this model's guard hid it already (reached twice in the walk)
+        entry = _HIDDEN_OBSERVERS.get(id(m))
+        if entry is None:
+            saved = dict(m._buffers)
+            # Every copy made before any is swapped in: a failing copy changes nothing.
+            copies = {name: (torch.zeros_like(t) if name == "observer_enabled"
+                             else t.detach().clone())
+                      for name, t in saved.items() if t is not None}
+            m._buffers.update(copies)
+            _HIDDEN_OBSERVERS[id(m)] = [1, m, saved]
+        else:
+            entry[0] += 1
+        self.observers[id(m)] = m
 
     def restore(self) -> None:
         for p in self.frozen:
             p.requires_grad_(True)
         for m in self.switched:
             m.training = True
-        for m, saved in self.observers.values():
-            m._buffers.update(saved)
+        for key in self.observers:
+            entry = _HIDDEN_OBSERVERS[key]
+            entry[0] -= 1
+            if entry[0] == 0:  # the last guard hiding it: the originals come back, once
+                del _HIDDEN_OBSERVERS[key]
+                entry[1]._buffers.update(entry[2])
 
 
 #: Module class -> whether it is a quantization observer or fake-quantize module (learnt once
@@ -115,6 +130,9 @@ def _observer_class(cls: type) -> bool:
 
 
 _GUARD_LOCK = threading.Lock()
+#: id(observer) -> [how many guards hide it, the observer, its original buffers] (the entry
+#: holds the observer, so the id is not reused while it is hidden); read under _GUARD_LOCK.
+_HIDDEN_OBSERVERS: Dict[int, List[Any]] = {}
 _GUARDS: "weakref.WeakKeyDictionary[nn.Module, _GuardState]" = weakref.WeakKeyDictionary()
 
 

@@ -1,0 +1,100 @@
+"""Hostile cases of small fixes: an observer shared by two guarded models, a deep-copied
+probe, a reentrant checkpoint inside a rule context."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Dict
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torchray_like.attribution.state import model_state_guard
+
+
+@pytest.fixture(scope="module")
+def quantization():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notes
+        import torch.ao.quantization as quant
+        yield quant
+
+
+def shared_observer_models(quant: Any):
+    """Two models sharing one fake-quantize module that has observed a batch (enabled)."""
+    fake = quant.FakeQuantize()
+    fake(torch.linspace(-3.0, 5.0, 32))  # some statistics: min -3, max 5
+    first = nn.Sequential(nn.Linear(4, 4), fake)
+    second = nn.Sequential(nn.Identity(), fake, nn.ReLU())
+    return first.eval(), second.eval(), fake
+
+
+def buffers(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return dict(module.named_buffers(recurse=True))
+
+
+def assert_originals(fake: nn.Module, originals: Dict[str, torch.Tensor]) -> None:
+    now = buffers(fake)
+    assert now.keys() == originals.keys()
+    for name, t in originals.items():
+        assert now[name] is t, f"{name} is not the original tensor"
+    assert int(fake.observer_enabled) == 1
+    assert float(fake.activation_post_process.min_val) == -3.0
+    assert float(fake.activation_post_process.max_val) == 5.0
+
+
+def assert_hidden(fake: nn.Module, originals: Dict[str, torch.Tensor]) -> None:
+    assert int(fake.observer_enabled) == 0
+    assert fake.observer_enabled is not originals["observer_enabled"]
+    assert fake.scale is not originals["scale"]
+
+
+@pytest.mark.parametrize("order", ["last-in-first-out", "first-in-first-out"])
+def test_shared_observer_nested_guards_restore_the_originals_once(quantization, order):
+    first, second, fake = shared_observer_models(quantization)
+    originals = buffers(fake)
+    outer, inner = model_state_guard(first), model_state_guard(second)
+    outer.__enter__()
+    assert_hidden(fake, originals)
+    inner.__enter__()
+    assert_hidden(fake, originals)
+    first(10 * torch.ones(1, 4))  # records into copies only
+    (inner if order == "last-in-first-out" else outer).__exit__(None, None, None)
+    assert_hidden(fake, originals)  # still hidden for the other model's guard
+    (outer if order == "last-in-first-out" else inner).__exit__(None, None, None)
+    assert_originals(fake, originals)
+    # and hidden afresh by a later guard, given back again
+    with model_state_guard(second):
+        assert_hidden(fake, originals)
+    assert_originals(fake, originals)
+
+
+def test_shared_observer_guards_in_two_threads(quantization):
+    first, second, fake = shared_observer_models(quantization)
+    originals = buffers(fake)
+    entered, first_left = threading.Event(), threading.Event()
+    seen: Dict[str, Any] = {}
+
+    def one() -> None:
+        with model_state_guard(first):
+            entered.set()
+            assert seen.setdefault("second_entered", second_in.wait(10))
+        first_left.set()
+
+    def two() -> None:
+        entered.wait(10)
+        with model_state_guard(second):
+            second_in.set()
+            first_left.wait(10)
+            seen["enabled_after_first_left"] = int(fake.observer_enabled)
+            second(10 * torch.ones(1, 4))
+    second_in = threading.Event()
+    threads = [threading.Thread(target=one), threading.Thread(target=two)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"second_entered": True, "enabled_after_first_left": 0}
+    assert_originals(fake, originals)
