@@ -3,6 +3,7 @@ probe, a reentrant checkpoint inside a rule context."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 from typing import Any, Dict
@@ -11,7 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from torchray_like.attribution.common import Probe
 from torchray_like.attribution.state import model_state_guard
+
+from .conftest import hook_counts
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,30 @@ def test_shared_observer_guards_in_two_threads(quantization):
         thread.join(20)
     assert seen == {"second_entered": True, "enabled_after_first_left": 0}
     assert_originals(fake, originals)
+
+
+@pytest.mark.parametrize("this_thread_only", [False, True])
+@pytest.mark.parametrize("target", ["output", "input"])
+def test_a_deep_copy_of_a_probed_model_loses_the_dead_hook(target, this_thread_only):
+    """The copy's calls (here from another thread) are no calls of the probe: before, the
+    copy kept a dead hook forever and, for a this-thread-only probe, counted its calls as the
+    probed module's calls from another thread."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(2, 3)
+    with Probe(model[1], target, this_thread_only=this_thread_only) as probe:
+        twin = copy.deepcopy(model)
+        assert hook_counts(twin) == hook_counts(model) == {
+            "1._forward_hooks" if target == "output" else "1._forward_pre_hooks": 1}
+        seen: list = []
+        thread = threading.Thread(target=lambda: seen.append(twin(x)))
+        thread.start()
+        thread.join(10)
+        assert len(seen) == 1 and hook_counts(twin) == {}  # gone at the copy's first call
+        assert probe.other_thread_calls == 0 and probe.data == []  # the copy is no call of its
+        y = model(x)
+        assert probe.active and len(probe.data) == 1
+        expected = model[0](x) if target == "input" else torch.relu(model[0](x))
+        torch.testing.assert_close(probe.data[0].detach(), expected, rtol=0, atol=0)
+        torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
+    assert hook_counts(model) == {}

@@ -265,14 +265,17 @@ class _ProbeHook:
 
     def __call__(self, module, inputs, output=None):
         probe = self.probe()
-        if probe is None:
+        if probe is None or module is not probe.module:
+            # A copy of the module (copy.deepcopy of the model copies its hook table, and the
+            # weak reference to the probe with it): its calls are another model's tensors, and
+            # the copy's hook is dead, so it leaves the copy's hook table at its first call.
+            # (No cleaner moment exists: the table's deepcopy copies every hook it holds, and
+            # a hook's __deepcopy__ cannot drop its entry.)  A dead probe's own module lost
+            # the hook when the probe was finalized.
+            self._unhook(module)
             return None
         if probe.thread is not None and probe.thread != threading.get_ident():
             probe.other_thread_calls += 1  # said in the error when this thread saw no call
-            return None
-        if module is not probe.module:
-            # A copy of the module (copy.deepcopy of the model copies its hook table, and the
-            # weak reference to the probe with it): its calls are another model's tensors.
             return None
         if _in_backward() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                   for t in probe.data):
@@ -288,6 +291,16 @@ class _ProbeHook:
                 f"Probe: {type(module).__name__} was called without a positional input")
         new = self._record(probe, inputs[0])
         return None if new is None else (new,) + tuple(inputs[1:])
+
+
+    def _unhook(self, module: nn.Module) -> None:
+        """Remove this hook from ``module``'s forward (pre-)hook tables (PyTorch's module
+        call copies a table's items before running them, so removing from inside is safe)."""
+        for table in (getattr(module, "_forward_hooks", None),
+                      getattr(module, "_forward_pre_hooks", None)):
+            if isinstance(table, dict):
+                for key in [k for k, hook in table.items() if hook is self]:
+                    del table[key]
 
 
 def _in_backward() -> bool:
