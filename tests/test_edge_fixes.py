@@ -11,8 +11,11 @@ from typing import Any, Dict
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
-from torchray_like.attribution.common import Probe
+from torchray_like.attribution.common import NoRuleAppliedWarning, Probe
+from torchray_like.attribution.guided_backprop import GuidedBackpropContext
+from torchray_like.attribution.lrp import LRPContext
 from torchray_like.attribution.state import model_state_guard
 
 from .conftest import hook_counts
@@ -129,3 +132,58 @@ def test_a_deep_copy_of_a_probed_model_loses_the_dead_hook(target, this_thread_o
         torch.testing.assert_close(probe.data[0].detach(), expected, rtol=0, atol=0)
         torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
     assert hook_counts(model) == {}
+
+
+def checkpointed(reentrant: bool, relu_outside: bool) -> Any:
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+    return lambda x: (torch.relu(x) if relu_outside else x) + checkpoint(
+        block, 2 * x, use_reentrant=reentrant).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("relu_outside", [False, True])
+def test_a_reentrant_checkpoint_in_a_users_context_is_named_in_the_warning(relu_outside):
+    """Before: 'gradients disabled, or inputs that do not require grad' when nothing else was
+    replaced, and no warning at all when a rectifier outside the checkpoint was replaced."""
+    x = torch.randn(2, 3, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GuidedBackpropContext():
+            y = checkpointed(True, relu_outside)(x)
+        y.sum().backward()
+    messages = [(str(w.message), w.category, w.filename) for w in caught]
+    assert len(messages) == 1, messages
+    message, category, filename = messages[0]
+    assert category is NoRuleAppliedWarning and filename == __file__
+    assert message.startswith("GuidedBackpropContext: operations it replaces (ReLU) ran "
+                              "inside torch.utils.checkpoint(use_reentrant=True)")
+    assert "checkpoint with use_reentrant=False" in message
+    assert ("mixes both" in message) == relu_outside
+    assert ("plain gradients, not the method's" in message) == (not relu_outside)
+
+
+def test_no_grad_and_non_reentrant_checkpoints_do_not_name_the_checkpoint():
+    x = torch.randn(2, 3, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), GuidedBackpropContext():
+            checkpointed(False, True)(x)
+        with GuidedBackpropContext():  # the rules apply in the recomputation: no warning
+            y = checkpointed(False, True)(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "gradients disabled" in messages[0]
+    assert "checkpoint" not in messages[0]
+    assert grad.shape == (2, 3) and grad.dtype == torch.float32
+
+
+def test_a_reentrant_checkpoint_in_a_context_refusing_checkpoints_says_run_without_one():
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.warns(NoRuleAppliedWarning) as caught:
+        with LRPContext():
+            checkpointed(True, False)(x)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("LRPContext: operations it replaces (convolution or linear-layer "
+                              "call) ran inside torch.utils.checkpoint(use_reentrant=True)")
+    assert message.endswith("run the model without activation checkpointing (LRP supports no "
+                            "checkpoint).")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import sys
 import threading
 import warnings
 from typing import (
@@ -334,6 +335,10 @@ class RuleContext(TorchFunctionMode):
         self.calls = 0
         self.inner_replaced = 0
         self.warn_if_unused = True
+        #: Whether a skipped call ran inside torch.utils.checkpoint(use_reentrant=True)
+        #: (looked for in the first _REENTRANT_LOOKS skipped calls made without autograd).
+        self.saw_reentrant_checkpoint = False
+        self._reentrant_looks = 0
         self._thread: Optional[int] = None
         self._suspended = 0
 
@@ -350,6 +355,12 @@ class RuleContext(TorchFunctionMode):
     def skip(self, kind: str, n: int = 1) -> None:
         """Record that ``n`` calls of kind ``kind`` were seen that autograd does not record."""
         self.skipped[kind] = self.skipped.get(kind, 0) + n
+        if (not self.saw_reentrant_checkpoint and self._reentrant_looks < _REENTRANT_LOOKS
+                and not torch.is_grad_enabled()):
+            # Only for the warning on exit: a reentrant checkpoint's first pass runs without
+            # autograd and its backward recomputes the layers outside the context.
+            self._reentrant_looks += 1
+            self.saw_reentrant_checkpoint = in_reentrant_checkpoint()
 
     def unhandle(self, kind: str, n: int = 1) -> None:
         """Record ``n`` calls of a non-linearity the rule does not cover (warned about)."""
@@ -367,6 +378,8 @@ class RuleContext(TorchFunctionMode):
         self.unhandled.clear()
         self.calls = 0
         self.inner_replaced = 0
+        self.saw_reentrant_checkpoint = False
+        self._reentrant_looks = 0
 
     # -- after the forward pass ----------------------------------------------------------------
     def check_path(self, output: torch.Tensor, reads: Sequence[torch.Tensor],
@@ -525,7 +538,9 @@ class RuleContext(TorchFunctionMode):
     def _warn(self) -> None:
         name = type(self).__name__
         others = ", ".join(f"{k} ×{v}" for k, v in sorted(self.unhandled.items()))
-        if self.calls and not self.replaced and not self.inner_replaced:
+        if self.saw_reentrant_checkpoint:
+            self._warn_reentrant(name)
+        elif self.calls and not self.replaced and not self.inner_replaced:
             skipped = sum(self.skipped.values())
             why = (f"the {skipped} it saw are not recorded by autograd (gradients disabled, or "
                    "inputs that do not require grad such as constants or frozen parameters)"
@@ -540,6 +555,41 @@ class RuleContext(TorchFunctionMode):
                 f"{name} replaced {self.replaced} {self.replaces} calls, but the model also calls "
                 f"non-linearities the rule does not cover ({others}); those keep their plain "
                 "gradient." + self.unhandled_advice(), UnhandledActivationWarning, stacklevel=3)
+
+
+    def _warn_reentrant(self, name: str) -> None:
+        """The warning for a block that ran layers inside a reentrant checkpoint."""
+        fix = ("checkpoint with use_reentrant=False (its recomputation keeps the context's "
+               "rules)" if self.refuses_checkpoints is None else
+               f"run the model without activation checkpointing ({self.refuses_checkpoints} "
+               "supports no checkpoint)")
+        done = ("it replaced no other, so gradients computed from this pass are plain "
+                "gradients, not the method's" if not (self.replaced or self.inner_replaced)
+                else f"only the {self.replaced + self.inner_replaced} calls outside it follow "
+                     "the method, the map mixes both")
+        warnings.warn(
+            f"{name}: operations it replaces ({self.replaces}) ran inside torch.utils.checkpoint("
+            "use_reentrant=True), whose first pass runs without autograd and whose backward "
+            f"recomputes them outside the context, so they keep their plain gradient; {done}. "
+            f"To explain the model, {fix}.", NoRuleAppliedWarning, stacklevel=4)
+
+
+#: How many skipped calls a context looks at for a reentrant checkpoint (a stack walk each).
+_REENTRANT_LOOKS = 64
+
+
+def in_reentrant_checkpoint(depth: int = 64) -> bool:
+    """Whether this thread runs inside ``torch.utils.checkpoint(use_reentrant=True)``'s forward
+    pass (its function's frame is on the stack, within ``depth`` frames); ``False`` where
+    PyTorch has no such function."""
+    function = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+    code = getattr(getattr(function, "forward", None), "__code__", None)
+    frame: Optional[Any] = sys._getframe(1)
+    while code is not None and frame is not None and depth > 0:
+        if frame.f_code is code:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
 
 
 class NullContext(contextlib.AbstractContextManager):
