@@ -19,8 +19,8 @@ from torchray_like.attribution.gradient import gradient
 from torchray_like.attribution.guided_backprop import guided_backprop
 from torchray_like.benchmark.sanity_checks import (
     METRICS,
-    _layer_seed,
     compare_maps,
+    layer_seed,
     randomization_layers,
     randomize_layer,
     sanity_checks,
@@ -240,7 +240,7 @@ def test_linear_model_closed_form():
     w_old = model[1].weight.detach()[2].view(2, 12, 12).abs().amax(0)
     records = sanity_checks(model, x, 2, "gradient", seed=5)
     twin = copy.deepcopy(model)
-    randomize_layer(twin[1], _layer_seed(5, "1"))      # the seed sanity_checks gives layer "1"
+    randomize_layer(twin[1], layer_seed(5, "1"))      # the seed sanity_checks gives layer "1"
     w_new = twin[1].weight.detach()[2].view(2, 12, 12).abs().amax(0)
     assert records[1]["layer"] == "1"
     assert records[1]["spearman_abs"] == pytest.approx(

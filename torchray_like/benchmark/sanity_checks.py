@@ -55,7 +55,7 @@ from ..attribution.inputs import call_model
 from ..attribution.state import check_input, check_model, model_state_guard
 from .deletion_insertion import method_saliency
 
-__all__ = ["sanity_checks", "randomization_layers", "randomize_layer", "compare_maps",
+__all__ = ["sanity_checks", "randomization_layers", "randomize_layer", "layer_seed", "compare_maps",
            "summarize", "METRICS", "MODES"]
 
 #: Metric names of a record, in the order of the paper's figures.
@@ -105,7 +105,9 @@ def randomization_layers(model: nn.Module, input: torch.Tensor) -> List[str]:
     return called[::-1]
 
 
-def _layer_seed(seed: int, name: str) -> int:
+def layer_seed(seed: int, name: str) -> int:
+    """The seed :func:`sanity_checks` re-initialises layer ``name`` with under run ``seed``
+    (a hash of both: each layer's new weights do not depend on which others are randomised)."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % 2 ** 63
 
@@ -421,7 +423,7 @@ def sanity_checks(model: nn.Module, input: torch.Tensor, target: Any,
         module = twin.get_submodule(layer)
         if mode == "independent":
             saved = {n: t.detach().clone() for n, t in module.state_dict().items()}
-        reinit(module, _layer_seed(seed, layer))
+        reinit(module, layer_seed(seed, layer))
         smap = maps()
         if mode == "independent":
             module.load_state_dict(saved)
