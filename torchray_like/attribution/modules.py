@@ -8,6 +8,7 @@ modules compiled with ``torch.compile``, inside which rule contexts and probes s
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -17,7 +18,8 @@ from torch.nn.parameter import UninitializedTensorMixin, is_lazy  # type: ignore
 
 __all__ = ["check_model", "iter_modules", "iter_tensors", "is_compiled_wrapper",
            "unwrap_compiled", "opaque_kind", "opaque_modules", "batch_statistics_layers",
-           "ModelScan", "scan_model", "call_scan", "current_scan", "strip_compiled_prefix"]
+           "ModelScan", "scan_model", "call_scan", "current_scan", "strip_compiled_prefix",
+           "is_observer"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -70,6 +72,9 @@ class ModelScan:
     quantized : bool
         Some module is a quantized (integer) module of ``torch.ao.quantization.convert`` or
         ``quantize_dynamic``, which autograd cannot differentiate through.
+    observers : list of torch.nn.Module
+        The quantization observers and fake-quantize modules (which record statistics in
+        every forward pass, eval mode included), in :attr:`modules` order.
     unhashable : type or None
         The class of a module that cannot be hashed (``__eq__`` defined without
         ``__hash__``), which PyTorch's own walks of the tree (``model.modules()``,
@@ -77,7 +82,7 @@ class ModelScan:
     """
 
     __slots__ = ("model", "modules", "unset", "inference", "opaque", "batch_statistics",
-                 "data_parallel", "unhashable", "quantized")
+                 "data_parallel", "unhashable", "quantized", "observers")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -85,6 +90,7 @@ class ModelScan:
         unset = inference = False
         found = 0  # _MAYBE_OPAQUE | _BATCH_NORM | _DATA_PARALLEL bits that hold
         self.unhashable: Optional[type] = None
+        self.observers: List[nn.Module] = []
         for m in modules:
             for table in (m._parameters, m._buffers):
                 for t in table.values():
@@ -105,6 +111,8 @@ class ModelScan:
                 kind |= _MAYBE_OPAQUE  # compiled in place: this instance, not its class
             if kind & _UNHASHABLE:
                 self.unhashable = type(m)
+            if kind & _OBSERVER:
+                self.observers.append(m)
             if kind:
                 found |= _special_flags(m, kind)
         self.unset, self.inference = unset, inference
@@ -117,7 +125,12 @@ class ModelScan:
 # What a module's class tells the scan (flags), found once per class: the per-call scan then
 # costs a dict lookup per module instead of four isinstance tests (on a small model the walk
 # is most of a short call's fixed cost).
-_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL, _UNHASHABLE, _QUANTIZED = 1, 2, 4, 8, 16
+_MAYBE_OPAQUE, _BATCH_NORM, _DATA_PARALLEL, _UNHASHABLE, _QUANTIZED, _OBSERVER = (
+    1, 2, 4, 8, 16, 32)
+#: Where ``torch.ao.quantization``'s observer and fake-quantize base classes live (read only
+#: when loaded: a class deriving from one was defined after importing it).
+_OBSERVER_BASES = (("torch.ao.quantization.observer", "ObserverBase"),
+                   ("torch.ao.quantization.fake_quantize", "FakeQuantizeBase"))
 #: The packages of PyTorch's quantized (integer) modules: no autograd runs through them.
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
                        "torch.ao.nn.sparse.quantized", "torch.nn.quantized",
@@ -141,8 +154,23 @@ def _module_kind(cls: type) -> int:
             | (_UNHASHABLE if cls.__hash__ is None else 0)
             | (_QUANTIZED if cls.__module__.startswith(_QUANTIZED_PACKAGES)
                and ".reference" not in cls.__module__  # reference modules are float
-               and cls.__name__ not in _FLOAT_FUNCTIONALS else 0))
+               and cls.__name__ not in _FLOAT_FUNCTIONALS else 0)
+            | (_OBSERVER if _is_observer_class(cls) else 0))
     return _learn(MODULE_CLASSES, cls, kind)
+
+
+def _is_observer_class(cls: type) -> bool:
+    bases = (getattr(sys.modules.get(module), name, None) for module, name in _OBSERVER_BASES)
+    return any(base is not None and issubclass(cls, base) for base in bases)
+
+
+def is_observer(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantization observer or fake-quantize module (its class learnt
+    once into :data:`MODULE_CLASSES`, as the scan does)."""
+    kind = MODULE_CLASSES.get(type(module))
+    if kind is None:
+        kind = _module_kind(type(module))
+    return bool(kind & _OBSERVER)
 
 
 def _learn(cache: Dict[type, Any], cls: type, value: Any) -> Any:

@@ -9,7 +9,6 @@ code written against this module).
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 import weakref
 from typing import Any, Dict, List, Tuple
@@ -23,6 +22,7 @@ from .modules import (
     check_model,
     current_scan,
     is_compiled_wrapper,
+    is_observer,
     iter_modules,
     iter_tensors,
     opaque_kind,
@@ -57,15 +57,13 @@ class _GuardState:
 
     def apply(self, freeze: bool) -> None:
         scan = current_scan(self.model)  # the call's one walk, when there is one
-        for m in (scan.modules if scan is not None else iter_modules(self.model)):
+        modules = scan.modules if scan is not None else list(iter_modules(self.model))
+        for m in modules:
             if m.training:
                 m.training = False
                 self.switched.append(m)
-            observes = _OBSERVER_CLASSES.get(type(m))
-            if observes is None:
-                observes = _observer_class(type(m))
-            if observes:
-                self._hide_observer(m)
+        for m in (scan.observers if scan is not None else filter(is_observer, modules)):
+            self._hide_observer(m)
         if freeze:
             for kind, p in iter_tensors(self.model):
                 if kind == "parameter" and p.requires_grad:
@@ -108,25 +106,6 @@ class _GuardState:
             if entry[0] == 0:  # the last guard hiding it: the originals come back, once
                 del _HIDDEN_OBSERVERS[key]
                 entry[1]._buffers.update(entry[2])
-
-
-#: Module class -> whether it is a quantization observer or fake-quantize module (learnt once
-#: per class: a dict lookup per module and call; emptied when full, like modules.MODULE_CLASSES).
-_OBSERVER_CLASSES: Dict[type, bool] = {}
-
-
-def _observer_class(cls: type) -> bool:
-    """Whether ``cls`` subclasses ``torch.ao.quantization``'s ``ObserverBase`` or
-    ``FakeQuantizeBase`` (looked up only when those modules are loaded), learnt into
-    :data:`_OBSERVER_CLASSES`."""
-    bases = tuple(getattr(sys.modules.get(f"torch.ao.quantization.{module}"), name, None)
-                  for module, name in (("observer", "ObserverBase"),
-                                       ("fake_quantize", "FakeQuantizeBase")))
-    observes = any(base is not None and issubclass(cls, base) for base in bases)
-    if len(_OBSERVER_CLASSES) >= 4096:
-        _OBSERVER_CLASSES.clear()
-    _OBSERVER_CLASSES[cls] = observes
-    return observes
 
 
 _GUARD_LOCK = threading.Lock()
