@@ -138,10 +138,9 @@ class Perturbation:
 
     def to(self, dev: Union[str, torch.device]) -> "Perturbation":
         """Move the pyramid to device ``dev`` (TorchRay's name), in place; returns ``self``."""
-        device = dev
-        self.pyramid = self.pyramid.to(device)
+        self.pyramid = self.pyramid.to(dev)
         if self._fade is not None:
-            self._fade = (self._fade[0].to(device), self._fade[1].to(device))
+            self._fade = (self._fade[0].to(dev), self._fade[1].to(dev))
         return self
 
     def _masks_per_image(self, mask: Any) -> int:

@@ -292,7 +292,6 @@ class _ProbeHook:
         new = self._record(probe, inputs[0])
         return None if new is None else (new,) + tuple(inputs[1:])
 
-
     def _unhook(self, module: nn.Module) -> None:
         """Remove this hook from ``module``'s forward (pre-)hook tables (PyTorch's module
         call copies a table's items before running them, so removing from inside is safe)."""

@@ -546,9 +546,8 @@ class MaskGenerator:
 
     def to(self, dev: Union[str, torch.device]) -> "MaskGenerator":
         """Move the generator to device ``dev`` (TorchRay's name), in place; returns ``self``."""
-        device = dev
         for a in self.axes:
-            a.to(device)
+            a.to(dev)
         self._windows = {}
         return self
 
