@@ -52,6 +52,7 @@ from ..attribution.arguments import (
 )
 from ..attribution.inputs import call_model
 from ..attribution.maps import Shape, resize_saliency, smooth_saliency
+from ..attribution.precision import CPU_FLOAT64
 from ..attribution.reporting import progress_bar
 from ..attribution.seeding import GeneratorType, make_generator
 from ..attribution.state import check_input, check_model, model_state_guard
@@ -116,7 +117,7 @@ def step_fractions(num_pixels: int, step: int) -> torch.Tensor:
             f"step={step} over {num_pixels} pixels gives {k + 1} points, more than "
             f"MAX_CURVE_POINTS={MAX_CURVE_POINTS} (a forward pass each); use step >= {fits}, "
             "or step=None for the default (at most 225 points)")
-    counts = torch.clamp(torch.arange(k + 1, dtype=torch.float64, device="cpu") * step,
+    counts = torch.clamp(torch.arange(k + 1, **CPU_FLOAT64) * step,
                          max=num_pixels)  # on the CPU whatever the default device
     return counts / num_pixels
 
@@ -133,10 +134,10 @@ def auc(curve: torch.Tensor, fractions: Optional[torch.Tensor] = None) -> torch.
     if not bool(torch.isfinite(curve).all()):
         raise ValueError("curve holds NaN or infinite values: its area is undefined")
     if fractions is None:
-        fractions = torch.linspace(0, 1, curve.shape[-1], dtype=torch.float64, device="cpu")
+        fractions = torch.linspace(0, 1, curve.shape[-1], **CPU_FLOAT64)
     elif not isinstance(fractions, torch.Tensor):
         try:
-            fractions = torch.as_tensor(fractions, dtype=torch.float64, device="cpu")
+            fractions = torch.as_tensor(fractions, **CPU_FLOAT64)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"fractions must be a 1-D tensor or sequence of numbers, got "
                             f"{type(fractions).__name__}") from None
