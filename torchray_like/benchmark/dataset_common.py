@@ -105,7 +105,6 @@ def round_robin_selection(labels: Sequence[int], limiter: Any) -> list[int]:
     return sorted(chosen[:limit])
 
 
-
 def check_coco_image_size(annotations: Sequence[Mapping[str, Any]], height: int,
                           width: int) -> None:
     """A :class:`ValueError` when a COCO object (its ``bbox = [x, y, w, h]``, or its polygons)
