@@ -30,6 +30,7 @@ layer) splits and stacks the input's signs once for both of its shares.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple, cast
 
 import torch
@@ -170,18 +171,48 @@ def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
                 wp: torch.Tensor, b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
     """α-β on ``x ≥ 0``: ``α op_{w⁺}ᵀ(R / z̃⁺) − β op_{w⁻}ᵀ(R / z̃⁻)``, ``z̃^± = op(x, w^±) + b^±``
-    (both products at once over stacked output channels where that pays)."""
+    (both products at once over stacked output channels where that pays).
+
+    ``z̃⁺ ≥ 0`` and ``z̃⁻ ≤ 0``, so their stabilised forms are ``z̃⁺ + ε`` and ``z̃⁻ − ε``: ε
+    joins the biases of the products, and each share is one division.  (``safe_divide`` would
+    add ``+ε`` where ``z̃⁻ = 0``; there every term ``x_j w⁻_j`` and ``b⁻`` is 0, so the share
+    ``x_j w⁻_j R / z̃⁻`` is 0 whatever the denominator: no relevance changes.)"""
     wn = w.clamp(max=0)
-    bp = None if b is None else b.clamp(min=0)
-    bn = None if b is None else b.clamp(max=0)
+    eps = rule.epsilon
+    if eps < _tiny(r.dtype):  # ε vanishes in the dtype: safe_divide masks zero denominators
+        bp = None if b is None else b.clamp(min=0)
+        bn = None if b is None else b.clamp(max=0)
+        if not op.stacks(x, w):
+            sp = safe_divide(r, op.forward(x, wp, bp), eps) * rule.alpha
+            sn = safe_divide(r, op.forward(x, wn, bn), eps) * -rule.beta
+            return _transpose_sum(op, [(sp, wp), (sn, wn)], x)
+        dim = -1 if op.kind == "linear" else 1
+        ws = torch.cat([wp, wn], 0)
+        bs = None if b is None else torch.cat([cast(torch.Tensor, bp), cast(torch.Tensor, bn)])
+        return op.transpose(_ab_share(rule, r, op.forward(x, ws, bs), dim), ws, x)
+    if b is None:
+        bp = torch.full((_channels(op, r),), eps, dtype=w.dtype, device=w.device)
+        bn = -bp
+    else:
+        bp, bn = b.clamp(min=0).add_(eps), b.clamp(max=0).sub_(eps)
+    shares = ((wp, bp, rule.alpha), (wn, bn, -rule.beta))
     if not op.stacks(x, w):
-        sp = safe_divide(r, op.forward(x, wp, bp), rule.epsilon) * rule.alpha
-        sn = safe_divide(r, op.forward(x, wn, bn), rule.epsilon) * -rule.beta
-        return _transpose_sum(op, [(sp, wp), (sn, wn)], x)
+        return _transpose_sum(op, [(_share(r, factor, op.forward(x, wk, bk)), wk)
+                                   for wk, bk, factor in shares], x)
     dim = -1 if op.kind == "linear" else 1
     ws = torch.cat([wp, wn], 0)
-    bs = None if b is None else torch.cat([cast(torch.Tensor, bp), cast(torch.Tensor, bn)])
-    return op.transpose(_ab_share(rule, r, op.forward(x, ws, bs), dim), ws, x)
+    zs = op.forward(x, ws, torch.cat([bp, bn]))
+    n = r.shape[dim]
+    for k, (_, _, factor) in enumerate(shares):  # in place of z̃: no stacked copy of R
+        _share(r, factor, zs.narrow(dim, k * n, n), out=True)
+    return op.transpose(zs, ws, x)
+
+
+def _share(r: torch.Tensor, factor: float, z: torch.Tensor, out: bool = False) -> torch.Tensor:
+    """``factor ⊙ R / z`` (the numerator scaled first: exact for the powers of two of α2β1
+    and α1β0), into ``z`` itself with ``out``."""
+    num = r if factor == 1.0 else r * factor
+    return torch.div(num, z, out=z) if out else num / z
 
 
 def _ab_share(rule: AlphaBeta, r: torch.Tensor, zs: torch.Tensor, dim: int) -> torch.Tensor:
@@ -225,15 +256,47 @@ def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torc
 
     With ``q = op(x, w⁺) + b⁺``: ``z̃⁺ = z + γq`` (outputs with ``z > 0``, which share by
     ``w + γw⁺``) and ``z̃⁻ = z + γ(z − q)`` (the others, by ``w + γw⁻``; ``w⁻ = w − w⁺``,
-    ``b⁻ = b − b⁺``).  With ``s = R / z̃`` (``z̃`` the one of each output),
-    ``op_{w+γw⁺}ᵀ(s⁺) + op_{w+γw⁻}ᵀ(s⁻) = op_wᵀ(s⁺ + (1+γ)s⁻) + γ op_{w⁺}ᵀ(s⁺ − s⁻)``:
-    two transposed products, one over stacked output channels where the layout allows."""
-    gamma = rule.gamma
-    q = op.forward(x, wp, bp)
-    positive = z > 0
-    zt = torch.add(z, torch.where(positive, q, z - q), alpha=gamma)  # z + γq or z + γ(z − q)
-    s = safe_divide(r, zt, rule.epsilon)
-    # (not s * where(positive, 1, 1 + γ): a where of two numbers is float32 whatever s is)
-    first = torch.where(positive, s, s * (1.0 + gamma))
-    second = torch.where(positive, s * gamma, s * -gamma)
-    return _transpose_sum(op, [(first, w), (second, wp)], x)
+    ``b⁻ = b − b⁺``).  With ``s = R / z̃`` (``z̃`` the one of each output) and ``s⁻`` its part
+    on outputs with ``z ≤ 0``,
+    ``op_{w+γw⁺}ᵀ(s − s⁻) + op_{w+γw⁻}ᵀ(s⁻) = op_wᵀ(s + γs⁻) + γ op_{w⁺}ᵀ(s − 2s⁻)``: two
+    transposed products, one over stacked output channels where the layout allows.  Where no
+    relevance reaches an output with ``z ≤ 0`` (``s⁻ = 0``: a ReLU after the layer, as in VGG,
+    zeroes their gradient), one: ``op_{w+γw⁺}ᵀ(s)`` — the cost of z⁺.
+
+    ``z̃⁺ > 0`` and ``z̃⁻ ≤ (1 + γ) z ≤ 0``, so their stabilised forms are ``z̃⁺ + ε`` and
+    ``z̃⁻ − ε`` — both from ``q + ε/γ`` in place of ``q``: ε joins the bias of the product.
+    (Where ``z = 0``, ``R = z ⊙ g = 0`` and the share is 0 whatever the denominator.)  The
+    choices by the sign of ``z`` are arithmetic with the 0/1 weight ``n = [z ≤ 0]`` (``lerp``
+    returns one of its ends exactly for finite values), not ``torch.where``, whose CPU kernel
+    takes about ten times as long as one pass of arithmetic over the same tensor."""
+    gamma, eps = rule.gamma, rule.epsilon
+    n = torch.le(z, 0, out=torch.empty_like(z))  # 1.0 where z ≤ 0, else 0.0
+    shift = eps / gamma if gamma > 0 else 0.0
+    if shift > 0 and math.isfinite(shift) and eps >= _tiny(r.dtype):
+        bias = (torch.full((_channels(op, r),), shift, dtype=wp.dtype, device=wp.device)
+                if bp is None else bp.add_(shift))
+        q = op.forward(x, wp, bias)  # q + ε/γ
+        s = torch.div(r, torch.add(z, torch.lerp(q, z - q, n), alpha=gamma))
+    else:  # γ = 0 or ε vanishing in the dtype: the general stabiliser
+        q = op.forward(x, wp, bp)
+        s = safe_divide(r, torch.add(z, torch.lerp(q, z - q, n), alpha=gamma), eps)
+    sn = s * n
+    if s.device.type == "cpu" and not bool(sn.any()):
+        # (On an accelerator the test would wait for the device at every layer.)
+        return op.transpose(s, torch.add(w, wp, alpha=gamma), x)
+    if op.stacks(x, w):
+        dim = -1 if op.kind == "linear" else 1
+        k = s.shape[dim]
+        shape = list(s.shape)
+        shape[dim] = 2 * k
+        stacked = s.new_empty(shape)
+        torch.add(s, sn, alpha=gamma, out=stacked.narrow(dim, 0, k))
+        torch.add(s, sn, alpha=-2.0, out=stacked.narrow(dim, k, k)).mul_(gamma)
+        return op.transpose(stacked, torch.cat([w, wp], 0), x)
+    return _transpose_sum(op, [(torch.add(s, sn, alpha=gamma), w),
+                               (torch.add(s, sn, alpha=-2.0).mul_(gamma), wp)], x)
+
+
+def _channels(op: LinearMap, r: torch.Tensor) -> int:
+    """The number of output channels of ``op`` (``r`` shaped as its output)."""
+    return r.shape[-1] if op.kind == "linear" else r.shape[1]
