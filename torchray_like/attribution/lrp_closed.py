@@ -47,7 +47,7 @@ from .lrp_rules import (
     safe_divide,
 )
 
-__all__ = ["closed_gradient", "rectified", "zplus_folded"]
+__all__ = ["closed_gradient", "gamma_folded", "rectified", "zplus_folded"]
 
 # Autograd nodes whose output is >= 0 and whose gradient is zero where the output is zero.
 _RECTIFIERS = frozenset({"ReluBackward0"})
@@ -168,6 +168,27 @@ def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
                         wp, x)
 
 
+def gamma_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Tensor,
+                 shift: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
+    """γ on ``x ≥ 0`` of ``call`` followed by a batch norm ``y ↦ a ⊙ y + c`` folded into it
+    (``z`` the folded output), without building the folded weight, or ``None``.
+
+    Where every ``a > 0``: ``w'⁺ = a ⊙ w⁺``, so ``op(x, w'⁺) + b'⁺ = a ⊙ (op(x, w⁺) + b'⁺ / a)``
+    (the scale moves to the product's bias and output) and ``op_{w'}ᵀ(s) = op_wᵀ(a ⊙ s)`` (to
+    the transposed products' input): passes over the outputs instead of over the weight, which
+    at batch 1 is the larger.  ``None`` where :func:`zplus_folded` would decline too."""
+    if type(rule) is not Gamma or scale.device.type != "cpu":
+        return None
+    op = linear_map(call, x)
+    if op is None or op.kind == "conv_transpose" or _gamma_shift(cast(Gamma, rule), r.dtype) == 0:
+        return None
+    if not bool((scale > 0).all()):
+        return None
+    bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+    return _gamma(op, cast(Gamma, rule), x, z, call.weight, call.weight.clamp(min=0),
+                  bias.clamp(min=0), r, scale)
+
+
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
                 wp: torch.Tensor, b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
     """α-β on ``x ≥ 0``: ``α op_{w⁺}ᵀ(R / z̃⁺) − β op_{w⁻}ᵀ(R / z̃⁻)``, ``z̃^± = op(x, w^±) + b^±``
@@ -251,7 +272,8 @@ def _alpha_beta_signed(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch
 
 
 def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
-           wp: torch.Tensor, bp: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+           wp: torch.Tensor, bp: Optional[torch.Tensor], r: torch.Tensor,
+           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """γ on ``x ≥ 0`` from ``z`` and one product with ``w⁺``.
 
     With ``q = op(x, w⁺) + b⁺``: ``z̃⁺ = z + γq`` (outputs with ``z > 0``, which share by
@@ -268,18 +290,27 @@ def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torc
     (Where ``z = 0``, ``R = z ⊙ g = 0`` and the share is 0 whatever the denominator.)  The
     choices by the sign of ``z`` are arithmetic with the 0/1 weight ``n = [z ≤ 0]`` (``lerp``
     returns one of its ends exactly for finite values), not ``torch.where``, whose CPU kernel
-    takes about ten times as long as one pass of arithmetic over the same tensor."""
+    takes about ten times as long as one pass of arithmetic over the same tensor.
+
+    ``scale``: the per-channel scales ``a > 0`` of a batch norm folded into the layer
+    (:func:`gamma_folded`; ``w``, ``wp`` the layer's own, ``bp`` the folded bias's ``b'⁺``)."""
     gamma, eps = rule.gamma, rule.epsilon
+    a = None if scale is None else scale.view([-1] + [1] * (z.dim() - 2) if op.conv else [-1])
     n = torch.le(z, 0, out=torch.empty_like(z))  # 1.0 where z ≤ 0, else 0.0
-    shift = eps / gamma if gamma > 0 else 0.0
-    if shift > 0 and math.isfinite(shift) and eps >= _tiny(r.dtype):
+    shift = _gamma_shift(rule, r.dtype)
+    if shift > 0:
         bias = (torch.full((_channels(op, r),), shift, dtype=wp.dtype, device=wp.device)
                 if bp is None else bp.add_(shift))
-        q = op.forward(x, wp, bias)  # q + ε/γ
+        if a is None:
+            q = op.forward(x, wp, bias)  # q + ε/γ
+        else:  # a ⊙ (op(x, w⁺) + (b'⁺ + ε/γ) / a)
+            q = op.forward(x, wp, bias.div_(scale)).mul_(a)
         s = torch.div(r, torch.add(z, torch.lerp(q, z - q, n), alpha=gamma))
     else:  # γ = 0 or ε vanishing in the dtype: the general stabiliser
         q = op.forward(x, wp, bp)
         s = safe_divide(r, torch.add(z, torch.lerp(q, z - q, n), alpha=gamma), eps)
+    if a is not None:  # op_{a⊙w}ᵀ(s) = op_wᵀ(a ⊙ s)
+        s.mul_(a)
     sn = s * n
     if s.device.type == "cpu" and not bool(sn.any()):
         # (On an accelerator the test would wait for the device at every layer.)
@@ -295,6 +326,15 @@ def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torc
         return op.transpose(stacked, torch.cat([w, wp], 0), x)
     return _transpose_sum(op, [(torch.add(s, sn, alpha=gamma), w),
                                (torch.add(s, sn, alpha=-2.0).mul_(gamma), wp)], x)
+
+
+def _gamma_shift(rule: Gamma, dtype: torch.dtype) -> float:
+    """``ε/γ``, the shift of ``q`` that stabilises both of γ's denominators, or 0 where the
+    general stabiliser applies (``γ = 0``, or ε vanishing in ``dtype``)."""
+    if rule.gamma <= 0 or rule.epsilon < _tiny(dtype):
+        return 0.0
+    shift = rule.epsilon / rule.gamma
+    return shift if math.isfinite(shift) else 0.0
 
 
 def _channels(op: LinearMap, r: torch.Tensor) -> int:
