@@ -248,3 +248,28 @@ def test_gamma_folded_takes_positive_scales_only():
     assert gamma_folded(Gamma(0.25), x, call, scale.to("meta"), shift, z, r) is None
     same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
     assert gamma_folded(Gamma(0.25), x, same, scale, shift, z, r) is None
+
+
+@pytest.mark.parametrize("rule", [Gamma(0.25), Gamma(0.25, epsilon=0.0), AlphaBeta(2.0, 1.0),
+                                  AlphaBeta(2.0, 1.0, epsilon=0.0), ZPlus()], ids=repr)
+def test_rules_on_stacked_linear_layers_equal_matrix_form(rule):
+    """Linear layers on a batch large enough that both shares run as one product over stacked
+    output features (``[..., 2·out]``), one followed by a ReLU and one read directly by the
+    next layer (γ's one- and two-product paths): each sample against the matrix form."""
+    torch.manual_seed(57)
+    l1, l2, l3, l4 = nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+    net = nn.Sequential(l1, nn.ReLU(), l2, nn.ReLU(), l3, l4).to(DT).eval()
+    x = torch.randn(6, 6, dtype=DT) * 2
+    with LRPContext({l1: Epsilon(1e-6), l2: rule, l3: rule, l4: Epsilon(1e-6)}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, 2].sum(), xx)
+    got = (xx * g).detach()
+    assert got.shape == x.shape and got.dtype == DT
+    steps = [("affine", l1, Epsilon(1e-6)), ("relu",), ("affine", l2, None), ("relu",),
+             ("affine", l3, None), ("affine", l4, Epsilon(1e-6))]
+    for n in range(x.shape[0]):
+        with torch.no_grad():
+            want = hand_lrp(steps, x[n:n + 1], 2, rule)
+        torch.testing.assert_close(got[n], want, rtol=1e-9,
+                                   atol=1e-12 * float(want.abs().max().clamp(min=1e-30)))
+    assert bool(got.abs().sum(1).gt(0).all())
