@@ -82,7 +82,9 @@ def test_batching_does_not_change_the_result_and_bounds_the_batches():
         out = occlusion(model, x, [0, 1, 2], window=2, stride=2, batch_size=4)
     finally:
         handle.remove()
-    assert torch.equal(out, ref)
+    # (Not bit for bit: on some CPUs the convolution's summation order depends on the batch
+    # size — AVX512 machines, float64, 1e-16 of the largest score.)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14 * float(ref.abs().max()))
     # The clean pass (3), the batches of the 27 copies (at most 4), and once the first batch's
     # first two rows in the plain layout (the channels-last check).
     assert sizes[0] == 3 and max(sizes[1:]) == 4 and sum(sizes[1:]) == 27 + 2

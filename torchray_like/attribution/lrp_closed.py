@@ -30,7 +30,6 @@ layer) splits and stacks the input's signs once for both of its shares.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence, Tuple, cast
 
 import torch
@@ -84,6 +83,17 @@ def _tiny(dtype: torch.dtype) -> float:
     if tiny is None:
         tiny = _TINY[dtype] = float(torch.finfo(dtype).tiny)
     return tiny
+
+
+# dtype -> torch.finfo(dtype).max / 16: bounds a shift whose sums with the values stay finite
+_HUGE: Dict[torch.dtype, float] = {}
+
+
+def _huge(dtype: torch.dtype) -> float:
+    huge = _HUGE.get(dtype)
+    if huge is None:
+        huge = _HUGE[dtype] = float(torch.finfo(dtype).max) / 16
+    return huge
 
 
 def _transpose_sum(op: LinearMap, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
@@ -180,13 +190,17 @@ def gamma_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
     if type(rule) is not Gamma or scale.device.type != "cpu":
         return None
     op = linear_map(call, x)
-    if op is None or op.kind == "conv_transpose" or _gamma_shift(cast(Gamma, rule), r.dtype) == 0:
-        return None
-    if not bool((scale > 0).all()):
+    gs = _gamma_shift(cast(Gamma, rule), r.dtype)
+    if op is None or op.kind == "conv_transpose" or gs == 0:
         return None
     bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
-    return _gamma(op, cast(Gamma, rule), x, z, call.weight, call.weight.clamp(min=0),
-                  bias.clamp(min=0), r, scale)
+    bp = bias.clamp(min=0)
+    # (b'⁺ + ε/γ) / a, the product's bias, must stay far from overflow (a scale near zero, or
+    # subnormal: q = inf there, and z̃ NaN): per channel, one test with the scales' signs.
+    if not bool(((scale > 0) & ((bp + gs) / scale <= _huge(r.dtype))).all()):
+        return None
+    return _gamma(op, cast(Gamma, rule), x, z, call.weight, call.weight.clamp(min=0), bp, r,
+                  scale)
 
 
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
@@ -304,7 +318,7 @@ def _gamma(op: LinearMap, rule: Gamma, x: torch.Tensor, z: torch.Tensor, w: torc
         if a is None:
             q = op.forward(x, wp, bias)  # q + ε/γ
         else:  # a ⊙ (op(x, w⁺) + (b'⁺ + ε/γ) / a)
-            q = op.forward(x, wp, bias.div_(scale)).mul_(a)
+            q = op.forward(x, wp, bias.div_(cast(torch.Tensor, scale))).mul_(a)
         s = torch.div(r, torch.add(z, torch.lerp(q, z - q, n), alpha=gamma))
     else:  # γ = 0 or ε vanishing in the dtype: the general stabiliser
         q = op.forward(x, wp, bp)
@@ -334,7 +348,10 @@ def _gamma_shift(rule: Gamma, dtype: torch.dtype) -> float:
     if rule.gamma <= 0 or rule.epsilon < _tiny(dtype):
         return 0.0
     shift = rule.epsilon / rule.gamma
-    return shift if math.isfinite(shift) else 0.0
+    # A normal number of the dtype (a shift that underflows leaves z̃ = 0/0 where z = q = 0),
+    # and far from its overflow (q + ε/γ and the lerp's 2(q + ε/γ) stay finite; huge γ or
+    # tiny γ: the general stabiliser).
+    return shift if _tiny(dtype) <= shift <= _huge(dtype) else 0.0
 
 
 def _channels(op: LinearMap, r: torch.Tensor) -> int:
