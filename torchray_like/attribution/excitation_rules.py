@@ -71,19 +71,6 @@ def excitation_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(compute_dtype(dtype)).tiny) ** 0.5
 
 
-_BELOW_EPS: Dict[torch.dtype, float] = {}
-
-
-def _below_eps(dtype: torch.dtype) -> float:
-    """The largest value of ``dtype`` below :func:`excitation_eps` (``v > it`` ⟺ ``v ≥ ε`` in
-    ``dtype``, as ``v < ε`` compares it)."""
-    below = _BELOW_EPS.get(dtype)
-    if below is None:
-        eps = torch.tensor(excitation_eps(dtype), dtype=dtype)
-        below = _BELOW_EPS[dtype] = float(torch.nextafter(eps, torch.zeros_like(eps)))
-    return below
-
-
 def _nonzero_threshold(dtype: torch.dtype) -> float:
     """ε, or the smallest positive value of ``dtype`` where ε underflows in it (float16)."""
     info = torch.finfo(dtype)
@@ -137,16 +124,6 @@ class ExcitationCell:
         eps = excitation_eps(z.dtype)
         small = z.abs() < eps if self.signed else z < eps
         return torch.where(small, float("inf"), z)
-
-    def divide(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``p / denominator(z)``: ``p / z`` where ``z`` is an excitatory input, 0 elsewhere.
-
-        One native selection (``threshold_backward``, the ReLU's own backward kernel) of the
-        quotient, whose inf or NaN at the other units is never read into the result: the
-        values of the division by ``+inf`` there, in a fraction of ``torch.where``'s time on
-        the CPU."""
-        gate = z.abs() if self.signed else z
-        return torch.ops.aten.threshold_backward(torch.div(p, z), gate, _below_eps(z.dtype))
 
     def excited(self, out: torch.Tensor) -> torch.Tensor:
         """Where a positive scaling ``out = c · x`` passes the signal (``out`` is its own
@@ -277,12 +254,12 @@ def _operator_rule(x: torch.Tensor, call: Call, p: torch.Tensor, negate: bool,
             with torch.enable_grad():
                 leaf = xr.detach().requires_grad_(True)
                 z = call(leaf, weight, drop_bias=True)
-        zd = z.detach()
+        denominator = cell.denominator(z.detach())
     else:
-        z, leaf, closed, xr, zd = replay
+        z, leaf, closed, xr, denominator = replay
     if keep:
-        cell.replays[key] = (z, leaf, closed, xr, zd)
-    s = cell.divide(p.to(dtype), zd)
+        cell.replays[key] = (z, leaf, closed, xr, denominator)
+    s = torch.div(p.to(dtype), denominator)
     if closed is not None:
         g = closed[0].transpose(s, closed[1], xr)
     else:
@@ -354,7 +331,7 @@ def sum_rule(terms: Sequence[torch.Tensor], weights: Sequence[float], p: torch.T
         r = cell.rule_input(t, dtype)
         scaled.append(r if alpha == 1 else r * alpha)
     total = functools.reduce(torch.add, scaled)
-    s = cell.divide(p.to(dtype), total)
+    s = torch.div(p.to(dtype), cell.denominator(total))
     return [torch.mul(r, s).sum_to_size(t.shape).to(t.dtype) for r, t in zip(scaled, terms)]
 
 
