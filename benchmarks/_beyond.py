@@ -210,10 +210,13 @@ def lrp_cases(s: Any) -> List[Case]:
     floor = floor_input(model, x, target)
     use = _use(s)
     cases = []
+    # (The targets are stated where the products dominate; below 224² the row says so.)
+    note = "" if min(x.shape[2:]) >= 224 else "target stated at 224² (--full)"
     for method, composite in LRP_ROWS:
         case = Case(method, f"{method}({composite})",
                     lambda m=method: METHODS[m](model, x, target), floor, "fwd+grad(input)",
-                    target_ratio=LRP_TARGETS[composite], ref_target=1.1, ref="zennit", heavy=True)
+                    target_ratio=LRP_TARGETS[composite], ref_target=1.1, ref="zennit", heavy=True,
+                    note=note)
         found: Dict[str, refs.Ref] = {"zennit": refs.zennit_lrp(method, model, x, target)}
         if method == "lrp":
             found["captum"] = refs.captum_lrp(model, x, target)
