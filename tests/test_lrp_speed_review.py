@@ -387,3 +387,42 @@ def test_excitation_backprop_ignores_the_callers_modes(dtype, fmt):
         with mode:
             again = _ebp_maps(net, x)
         assert all(torch.equal(a, b) for a, b in zip(again, got))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_gamma_through_batch_norm_1d_equals_matrix_form(kind):
+    """γ behind a BatchNorm1d folded into a linear layer (features last) or a 1-D convolution
+    (channels at dimension 1), outputs of both signs carrying relevance: the matrix form."""
+    torch.manual_seed(13)
+    if kind == "linear":
+        first, layer, last = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 3)
+        x = torch.randn(3, 5, dtype=DT)
+    else:
+        first, layer = nn.Conv1d(2, 6, 3, padding=1), nn.Conv1d(6, 4, 3, padding=1)
+        last = nn.Sequential(nn.Flatten(), nn.Linear(4 * 5, 3))
+        x = torch.randn(3, 2, 5, dtype=DT)
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.normal_(0, 0.3)
+        bn.weight.uniform_(0.3, 1.5)
+        bn.bias.normal_(0, 0.3)
+    net = nn.Sequential(first, nn.ReLU(), layer, bn, last).to(DT).eval()
+    rule = Gamma(0.25)
+    with LRPContext({first: Epsilon(1e-6), layer: rule, "linear": Epsilon(1e-6)}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
+    got = (xx * g).detach()
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    shift = (bn.bias - bn.running_mean * scale).detach()
+    if kind == "conv1d":
+        scale, shift = scale[:, None], shift[:, None]
+    steps = [("affine", first, Epsilon(1e-6)), ("relu",),
+             ("affine", lambda t: layer(t) * scale + shift, None),
+             ("affine", last, Epsilon(1e-6))]
+    assert got.shape == x.shape and got.dtype == DT
+    for n in range(x.shape[0]):
+        with torch.no_grad():
+            want = hand_lrp(steps, x[n:n + 1], 1, rule)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got[n], want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
