@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tests.lrp_matrix_form import DT, hand_lrp
 from torchray_like.attribution.lrp import LRPContext
-from torchray_like.attribution.lrp_closed import closed_gradient, gamma_folded
+from torchray_like.attribution.lrp_closed import alpha_beta_folded, closed_gradient, gamma_folded
 from torchray_like.attribution.lrp_rules import (
     AffineCall,
     AlphaBeta,
@@ -202,11 +202,13 @@ class GammaFoldNet(nn.Module):
 @pytest.mark.parametrize("scales", [[1.5, 0.7, 0.9], [1.5, -0.7, 0.9], [1.5, 0.0, 0.9]],
                          ids=["positive", "negative", "zero"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("rule", [Gamma(0.25), Gamma(0.1), Gamma(0.25, epsilon=0.0)], ids=repr)
-def test_gamma_through_folded_batch_norm_equals_matrix_form(rule, bias, scales, relu_after):
-    """All scales positive: no folded weight (the scale moves to the product's bias and the
-    transposed products' input); a scale ≤ 0 or ε = 0: the weight is folded.  Either way the
-    matrix-form LRP of the merged layer."""
+@pytest.mark.parametrize("rule", [Gamma(0.25), Gamma(0.1), Gamma(0.25, epsilon=0.0),
+                                  AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0),
+                                  AlphaBeta(2.0, 1.0, epsilon=0.0)], ids=repr)
+def test_rules_through_folded_batch_norm_equal_matrix_form(rule, bias, scales, relu_after):
+    """All scales positive: no folded weight (γ: the scale moves to the product's bias and the
+    transposed products' input; α-β: it cancels); a scale ≤ 0 or ε = 0: the weight is folded.
+    Either way the matrix-form LRP of the merged layer."""
     net = GammaFoldNet(bias, scales, relu_after)
     torch.manual_seed(55)
     x = torch.randn(1, 2, 6, 6, dtype=DT)
@@ -273,3 +275,33 @@ def test_rules_on_stacked_linear_layers_equal_matrix_form(rule):
         torch.testing.assert_close(got[n], want, rtol=1e-9,
                                    atol=1e-12 * float(want.abs().max().clamp(min=1e-30)))
     assert bool(got.abs().sum(1).gt(0).all())
+
+
+def test_alpha_beta_folded_takes_positive_scales_only():
+    """``alpha_beta_folded`` equals α-β on the folded call where every scale is positive, and
+    declines (``None``) a scale ≤ 0, ε = 0, another rule, a call without a closed form, and
+    tensors off the CPU."""
+    torch.manual_seed(58)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+    x = torch.rand(2, 3, 5, 5, dtype=DT)  # x ≥ 0, as after a ReLU
+    call = AffineCall(F.conv2d, conv.weight, conv.bias, (1, 1), kind="conv")
+    scale = torch.tensor([0.5, 1.5, 2.0, 0.1], dtype=DT)
+    shift = torch.tensor([0.1, -0.4, 0.0, 0.3], dtype=DT)
+    folded = call.folded(scale, shift)
+    for rule in (AlphaBeta(2.0, 1.0), AlphaBeta(3.0, 2.0)):
+        with torch.no_grad():
+            z = folded.output(x)
+            r = z * torch.randn_like(z)
+            got = alpha_beta_folded(rule, x, call, scale, shift, r)
+            want = closed_gradient(rule, x, folded, z, r, True)
+        assert got is not None and got.shape == x.shape and got.dtype == DT
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
+    rule = AlphaBeta(2.0, 1.0)
+    assert alpha_beta_folded(rule, x, call, -scale, shift, r) is None
+    assert alpha_beta_folded(rule, x, call, scale * torch.tensor([1.0, 0, 1, 1], dtype=DT),
+                             shift, r) is None
+    assert alpha_beta_folded(AlphaBeta(2.0, 1.0, epsilon=0.0), x, call, scale, shift, r) is None
+    assert alpha_beta_folded(Gamma(0.25), x, call, scale, shift, r) is None
+    assert alpha_beta_folded(rule, x, call, scale.to("meta"), shift, r) is None
+    same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
+    assert alpha_beta_folded(rule, x, same, scale, shift, r) is None

@@ -46,7 +46,8 @@ from .lrp_rules import (
     safe_divide,
 )
 
-__all__ = ["closed_gradient", "gamma_folded", "rectified", "zplus_folded"]
+__all__ = ["alpha_beta_folded", "closed_gradient", "gamma_folded", "rectified",
+           "zplus_folded"]
 
 # Autograd nodes whose output is >= 0 and whose gradient is zero where the output is zero.
 _RECTIFIERS = frozenset({"ReluBackward0"})
@@ -203,6 +204,31 @@ def gamma_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
                   scale)
 
 
+def alpha_beta_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Tensor,
+                      shift: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
+    """α-β on ``x ≥ 0`` of ``call`` followed by a batch norm ``y ↦ a ⊙ y + c`` folded into it,
+    without building the folded weight, or ``None``.
+
+    Where every ``a > 0``, ``w'^± = a ⊙ w^±``, so ``z̃^± = a ⊙ (op(x, w^±) + b'^± / a)`` and
+    ``op_{w'^±}ᵀ(R / (z̃^± ± ε)) = op_{w^±}ᵀ(R / (op(x, w^±) + (b'^± ± ε) / a))``: the scale
+    cancels (as in :func:`zplus_folded`).  ``None`` where :func:`zplus_folded` would decline
+    too."""
+    if type(rule) is not AlphaBeta or scale.device.type != "cpu":
+        return None
+    eps = cast(AlphaBeta, rule).epsilon
+    op = linear_map(call, x)
+    if op is None or op.kind == "conv_transpose" or eps < _tiny(r.dtype):
+        return None
+    if not bool((scale > 0).all()):
+        return None
+    w = call.weight
+    bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+    bp = bias.clamp(min=0).add_(eps).div_(scale)
+    bn = bias.clamp(max=0).sub_(eps).div_(scale)
+    return _alpha_beta_stabilised(op, cast(AlphaBeta, rule), x, w.clamp(min=0), w.clamp(max=0),
+                                  bp, bn, r)
+
+
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
                 wp: torch.Tensor, b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
     """α-β on ``x ≥ 0``: ``α op_{w⁺}ᵀ(R / z̃⁺) − β op_{w⁻}ᵀ(R / z̃⁻)``, ``z̃^± = op(x, w^±) + b^±``
@@ -230,8 +256,15 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
         bn = -bp
     else:
         bp, bn = b.clamp(min=0).add_(eps), b.clamp(max=0).sub_(eps)
+    return _alpha_beta_stabilised(op, rule, x, wp, wn, bp, bn, r)
+
+
+def _alpha_beta_stabilised(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, wp: torch.Tensor,
+                           wn: torch.Tensor, bp: torch.Tensor, bn: torch.Tensor,
+                           r: torch.Tensor) -> torch.Tensor:
+    """α-β's shares with the stabilised biases ``bp = b⁺ + ε`` and ``bn = b⁻ − ε``."""
     shares = ((wp, bp, rule.alpha), (wn, bn, -rule.beta))
-    if not op.stacks(x, w):
+    if not op.stacks(x, wp):
         return _transpose_sum(op, [(_share(r, factor, op.forward(x, wk, bk)), wk)
                                    for wk, bk, factor in shares], x)
     dim = -1 if op.kind == "linear" else 1
