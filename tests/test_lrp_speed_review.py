@@ -27,7 +27,7 @@ from torchray_like.attribution.excitation_rules import ExcitationCell, excitatio
 from torchray_like.attribution.explain import explain
 from torchray_like.attribution.lrp import LRPContext
 from torchray_like.attribution.lrp_closed import closed_gradient, gamma_folded
-from torchray_like.attribution.lrp_rules import AffineCall, AlphaBeta, Epsilon, Gamma
+from torchray_like.attribution.lrp_rules import AffineCall, AlphaBeta, Epsilon, Gamma, ZPlus
 
 
 def dense_relevance(rule, call: AffineCall, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -194,8 +194,10 @@ def test_gamma_folded_with_tiny_scales_declines_or_is_finite(dtype, tiny):
                                atol=1e-6 * float(want.abs().max()))
 
 
-def test_gamma_through_batch_norm_with_a_subnormal_scale_equals_matrix_form():
-    """The same through a model: a batch norm whose weight is subnormal in one channel."""
+@pytest.mark.parametrize("rule", [Gamma(0.25), AlphaBeta(2.0, 1.0), ZPlus()], ids=repr)
+def test_gamma_through_batch_norm_with_a_subnormal_scale_equals_matrix_form(rule):
+    """The same through a model: a batch norm whose weight is subnormal in one channel (for
+    z⁺ and α-β, whose folded forms divide the bias by the scale too)."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -225,7 +227,6 @@ def test_gamma_through_batch_norm_with_a_subnormal_scale_equals_matrix_form():
     net = Net()
     torch.manual_seed(8)
     x = torch.randn(1, 2, 5, 5, dtype=DT)
-    rule = Gamma(0.25)
     with LRPContext({net.c1: Epsilon(1e-6), net.c2: rule, "linear": Epsilon(1e-6)}, model=net):
         xx = x.clone().requires_grad_()
         (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
