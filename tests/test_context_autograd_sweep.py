@@ -666,6 +666,16 @@ def test_transformer_lrp_on_a_vit_refuses_second_order_and_torch_func():
     assert torch.equal(g0, g.detach())
     with pytest.raises(SecondOrderError):
         torch.autograd.grad((g * g).sum(), xx)
+    # CP-LRP holds the attention probabilities and LayerNorm's σ constant with detached
+    # tensors: before, its second derivative was that of the detached form, silently.
+    xx = x.clone().requires_grad_()
+    with TransformerLRPContext("cp-lrp"):
+        y = vit(xx)
+        (g0,) = torch.autograd.grad(y[:, 1].sum(), xx, retain_graph=True)
+        (g,) = torch.autograd.grad(y[:, 1].sum(), xx, create_graph=True)
+    assert torch.equal(g0, g.detach()) and g0.abs().max() > 0
+    with pytest.raises(SecondOrderError, match="second derivative"):
+        torch.autograd.grad((g * g).sum(), xx)
     for rule in ("attnlrp", "cp-lrp"):
         # cp-lrp before: "Cannot access data pointer of Tensor that doesn't have storage"
         with pytest.raises(TransformNotSupportedError, match="TransformerLRPContext"):

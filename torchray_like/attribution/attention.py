@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .autograd_guards import first_order
 from .context import RuleContext, records_gradient
 
 __all__ = ["AttentionCapture", "AttentionOps", "explicit_sdpa", "explicit_mha", "substitute",
@@ -59,13 +60,28 @@ class _Substitute(torch.autograd.Function):
         return grad, None, None
 
 
+class _RuleSubstitute(_Substitute):
+    """:class:`_Substitute` for a rule context: ``explicit`` holds quantities the rule keeps
+    constant (CP-LRP's attention probabilities and LayerNorm σ), so its graph's derivative is
+    the rule's first-order gradient only — differentiating that gradient again raises."""
+
+    @staticmethod
+    @first_order("transformer LRP")  # a second derivative would miss the held constants
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        ctx.owner.applied += 1
+        return grad, None, None
+
+
 def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -> torch.Tensor:
     """``exact``'s values with ``explicit``'s backward.
 
     ``exact`` is what the model's own operation returned (a fused kernel); ``explicit`` the
     same quantity written with the operations whose backward a method needs.  The result is
-    bit-identical to ``exact`` and differentiates through ``explicit``.  ``owner``: an object
-    whose ``applied`` counter each backward pass through the result increments.
+    bit-identical to ``exact`` and differentiates through ``explicit``.  ``owner``: the rule
+    context whose ``applied`` counter each backward pass through the result increments; with
+    one, a second derivative through the result raises
+    :class:`~.autograd_guards.SecondOrderError` (``explicit`` is the rule's form, whose own
+    derivative is not the method's).
     """
     if exact.shape != explicit.shape:
         raise RuntimeError(f"internal: explicit attention shape {tuple(explicit.shape)} differs "
@@ -73,7 +89,8 @@ def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -
     value = exact.detach()
     if value is exact or value.data_ptr() == exact.data_ptr():
         value = value.clone()  # never hand autograd a tensor that is also someone's input
-    return _Substitute.apply(explicit.to(exact.dtype), [value], owner)
+    kind = _Substitute if owner is None else _RuleSubstitute
+    return kind.apply(explicit.to(exact.dtype), [value], owner)
 
 
 class AttentionOps:
