@@ -151,6 +151,21 @@ def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tens
     return _gamma(op, cast(Gamma, rule), x, z, w, wp, bp, r)
 
 
+def _fold(call: AffineCall, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+          usable: bool) -> Optional[Tuple[LinearMap, torch.Tensor]]:
+    """The closed form of ``call`` and its folded bias ``b' = a ⊙ b + c``, where a batch norm's
+    scale can move out of the weight: ``usable`` (the rule's ε does not vanish in the dtype),
+    a closed form other than a transposed convolution, tensors on the CPU (on an accelerator
+    the caller's test of the scales' signs would wait for the device at every layer: the folded
+    weight is cheaper there).  ``None`` otherwise; the scales' signs are the caller's to test."""
+    if not usable or scale.device.type != "cpu":
+        return None
+    op = linear_map(call, x)
+    if op is None or op.kind == "conv_transpose":
+        return None
+    return op, shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+
+
 def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Tensor,
                  shift: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
     """z⁺ on ``x ≥ 0`` of ``call`` followed by a batch norm ``y ↦ a ⊙ y + c`` (``scale``,
@@ -163,17 +178,13 @@ def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
     ``None`` where some ``a ≤ 0`` (``w'⁺`` is then not ``a ⊙ w⁺``), ``ε`` vanishes in the dtype,
     the call has no closed form or the tensors are not on the CPU: the caller folds the
     weight."""
-    if type(rule) is not ZPlus or scale.device.type != "cpu":
-        # (On an accelerator the test of the scales' signs would wait for the device at every
-        # layer: the folded weight is cheaper there.)
+    if type(rule) is not ZPlus:
         return None
     eps = cast(ZPlus, rule).epsilon
-    op = linear_map(call, x)
-    if op is None or op.kind == "conv_transpose" or eps < _tiny(r.dtype):
+    found = _fold(call, x, scale, shift, eps >= _tiny(r.dtype))
+    if found is None or not bool((scale > 0).all()):
         return None
-    if not bool((scale > 0).all()):
-        return None
-    bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+    op, bias = found
     wp = call.weight.clamp(min=0)
     return op.transpose(torch.div(r, op.forward(x, wp, bias.clamp(min=0).add_(eps).div_(scale))),
                         wp, x)
@@ -188,13 +199,13 @@ def gamma_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Ten
     (the scale moves to the product's bias and output) and ``op_{w'}ᵀ(s) = op_wᵀ(a ⊙ s)`` (to
     the transposed products' input): passes over the outputs instead of over the weight, which
     at batch 1 is the larger.  ``None`` where :func:`zplus_folded` would decline too."""
-    if type(rule) is not Gamma or scale.device.type != "cpu":
+    if type(rule) is not Gamma:
         return None
-    op = linear_map(call, x)
     gs = _gamma_shift(cast(Gamma, rule), r.dtype)
-    if op is None or op.kind == "conv_transpose" or gs == 0:
+    found = _fold(call, x, scale, shift, gs != 0)
+    if found is None:
         return None
-    bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+    op, bias = found
     bp = bias.clamp(min=0)
     # (b'⁺ + ε/γ) / a, the product's bias, must stay far from overflow (a scale near zero, or
     # subnormal: q = inf there, and z̃ NaN): per channel, one test with the scales' signs.
@@ -213,16 +224,14 @@ def alpha_beta_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torc
     ``op_{w'^±}ᵀ(R / (z̃^± ± ε)) = op_{w^±}ᵀ(R / (op(x, w^±) + (b'^± ± ε) / a))``: the scale
     cancels (as in :func:`zplus_folded`).  ``None`` where :func:`zplus_folded` would decline
     too."""
-    if type(rule) is not AlphaBeta or scale.device.type != "cpu":
+    if type(rule) is not AlphaBeta:
         return None
     eps = cast(AlphaBeta, rule).epsilon
-    op = linear_map(call, x)
-    if op is None or op.kind == "conv_transpose" or eps < _tiny(r.dtype):
+    found = _fold(call, x, scale, shift, eps >= _tiny(r.dtype))
+    if found is None or not bool((scale > 0).all()):
         return None
-    if not bool((scale > 0).all()):
-        return None
+    op, bias = found
     w = call.weight
-    bias = shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
     bp = bias.clamp(min=0).add_(eps).div_(scale)
     bn = bias.clamp(max=0).sub_(eps).div_(scale)
     return _alpha_beta_stabilised(op, cast(AlphaBeta, rule), x, w.clamp(min=0), w.clamp(max=0),
