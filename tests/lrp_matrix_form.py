@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from torchray_like.attribution.lrp_rules import AlphaBeta, Epsilon, ZPlus
 
 DT = torch.float64
 
-__all__ = ["DT", "matrix", "stab", "share", "hand_rule", "hand_lrp"]
+__all__ = ["DT", "matrix", "stab", "share", "hand_rule", "hand_lrp", "FoldNet", "library_lrp"]
 
 
 def matrix(op, shape):
@@ -91,3 +92,50 @@ def hand_lrp(steps, x, target, rule):
         # a ReLU passes relevance unchanged (it is proportional to the activation, which the
         # ReLU zeroes where it is off)
     return R.reshape(x.shape[1:])
+
+
+class FoldNet(nn.Module):
+    """conv → ReLU → conv [bias] → BN (``scales``) → [ReLU] → flatten → linear: the second
+    conv sees a ReLU's output, and its batch norm is folded into it; without the ReLU after it
+    its negative outputs carry relevance.  ``first``: the first conv's rule in :meth:`steps`
+    (``None``: the rule under test)."""
+
+    def __init__(self, bias: bool, scales, relu_after: bool = True, first=None,
+                 seed: int = 41):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1, bias=bias)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 6 * 6, 2)
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.tensor(scales))
+            self.bn.bias.copy_(torch.tensor([0.2, -0.3, 0.05]))
+            self.bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+            self.bn.running_var.copy_(torch.tensor([0.5, 1.5, 0.8]))
+        self.relu_after, self.first = relu_after, first
+        self.to(DT).eval()
+
+    def forward(self, x):
+        t = self.bn(self.c2(torch.relu(self.c1(x))))
+        return self.fc((torch.relu(t) if self.relu_after else t).flatten(1))
+
+    def steps(self):
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        folded = ("affine", lambda t: self.c2(t) * scale[:, None, None] + shift[:, None, None],
+                  None)
+        return ([("affine", self.c1, self.first), ("relu",), folded]
+                + ([("relu",)] if self.relu_after else [])
+                + [("affine", lambda t: self.fc(t.flatten(1)), Epsilon(1e-6))])
+
+
+def library_lrp(net, x, target, composite):
+    """The library's side of the comparisons: the relevance ``x ⊙ g`` of sample 0 under
+    ``LRPContext(composite)`` (``g`` the gradient of the target's score)."""
+    from torchray_like.attribution.lrp import LRPContext
+
+    with LRPContext(composite, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[:, target].sum(), xx)
+    return (xx * g).detach()[0]

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.lrp_matrix_form import DT, hand_lrp, hand_rule, matrix, share, stab
+from tests.lrp_matrix_form import DT, FoldNet, hand_lrp, hand_rule, matrix, share, stab
 from torchray_like.attribution.lrp import LRPContext
-from torchray_like.attribution.lrp_closed import closed_gradient, rectified, zplus_folded
+from torchray_like.attribution.lrp_closed import closed_gradient, rectified
 from torchray_like.attribution.lrp_rules import (
     AffineCall,
     AlphaBeta,
@@ -363,36 +363,6 @@ def test_zplus_denominator_on_zero_outputs(eps):
 # ---------------------------------------------------------------------------------------------
 
 
-class FoldNet(nn.Module):
-    """conv → ReLU → conv [bias] → BN (``scales``) → ReLU → flatten → linear: the second conv
-    sees a ReLU's output, and its batch norm is folded into it."""
-
-    def __init__(self, bias: bool, scales):
-        super().__init__()
-        torch.manual_seed(41)
-        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1, bias=bias)
-        self.bn = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 6 * 6, 2)
-        with torch.no_grad():
-            self.bn.weight.copy_(torch.tensor(scales))
-            self.bn.bias.copy_(torch.tensor([0.2, -0.3, 0.05]))
-            self.bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
-            self.bn.running_var.copy_(torch.tensor([0.5, 1.5, 0.8]))
-        self.to(DT).eval()
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.c2(torch.relu(self.c1(x))))).flatten(1))
-
-    def steps(self):
-        bn = self.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
-        return [("affine", self.c1, None), ("relu",),
-                ("affine", lambda t: self.c2(t) * scale[:, None, None] + shift[:, None, None],
-                 None), ("relu",),
-                ("affine", lambda t: self.fc(t.flatten(1)), Epsilon(1e-6))]
-
-
 @pytest.mark.parametrize("scales", [[1.5, 0.7, 0.9], [1.5, -0.7, 0.9], [1.5, 0.0, 0.9]],
                          ids=["positive", "negative", "zero"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -408,34 +378,6 @@ def test_zplus_through_folded_batch_norm_equals_matrix_form(bias, scales):
     assert got.shape == (2, 6, 6) and want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
 
-
-def test_zplus_folded_takes_positive_scales_only():
-    """``zplus_folded`` equals z⁺ on the folded call where every scale is positive, and
-    declines (``None``) a scale ≤ 0, ε = 0, another rule, a call without a closed form, and
-    tensors off the CPU."""
-    torch.manual_seed(43)
-    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
-    x = torch.rand(1, 3, 5, 5, dtype=DT)  # x ≥ 0, as after a ReLU
-    call = AffineCall(F.conv2d, conv.weight, conv.bias, (1, 1), kind="conv")
-    scale = torch.tensor([0.5, 1.5, 2.0, 0.1], dtype=DT)
-    shift = torch.tensor([0.1, -0.4, 0.0, 0.3], dtype=DT)
-    folded = call.folded(scale, shift)
-    with torch.no_grad():
-        z = folded.output(x)
-        r = z * torch.randn_like(z)
-        got = zplus_folded(ZPlus(), x, call, scale, shift, r)
-        want = closed_gradient(ZPlus(), x, folded, z, r, True)
-    assert got is not None and got.shape == x.shape and got.dtype == DT
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
-    assert zplus_folded(ZPlus(), x, call, -scale, shift, r) is None
-    assert zplus_folded(ZPlus(), x, call, scale * torch.tensor([1.0, 0, 1, 1], dtype=DT),
-                        shift, r) is None
-    assert zplus_folded(ZPlus(epsilon=0.0), x, call, scale, shift, r) is None
-    assert zplus_folded(Epsilon(1e-6), x, call, scale, shift, r) is None
-    # off the CPU (here the meta device) the sign test would wait for the device: declined
-    assert zplus_folded(ZPlus(), x, call, scale.to("meta"), shift, r) is None
-    same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
-    assert zplus_folded(ZPlus(), x, same, scale, shift, r) is None
 
 
 @pytest.mark.parametrize("rule", [AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0), AlphaBeta(3.0, 2.0)],

@@ -20,9 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.lrp_matrix_form import DT, hand_lrp
+from tests.lrp_matrix_form import DT, FoldNet, hand_lrp, library_lrp
 from torchray_like.attribution.lrp import LRPContext
-from torchray_like.attribution.lrp_closed import alpha_beta_folded, closed_gradient, gamma_folded
+from torchray_like.attribution.lrp_closed import (
+    alpha_beta_folded,
+    closed_gradient,
+    gamma_folded,
+    zplus_folded,
+)
 from torchray_like.attribution.lrp_rules import (
     AffineCall,
     AlphaBeta,
@@ -163,41 +168,6 @@ def test_gamma_float32_on_a_residual_block_matches_float64():
 # ---------------------------------------------------------------------------------------------
 
 
-class GammaFoldNet(nn.Module):
-    """conv → ReLU → conv [bias] → BN (``scales``) → [ReLU] → flatten → linear: the second
-    conv's batch norm is folded into it; without the ReLU its negative outputs carry
-    relevance (γ's two transposed products, scaled)."""
-
-    def __init__(self, bias: bool, scales, relu_after: bool):
-        super().__init__()
-        torch.manual_seed(54)
-        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 3, 3, padding=1, bias=bias)
-        self.bn = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 6 * 6, 2)
-        with torch.no_grad():
-            self.bn.weight.copy_(torch.tensor(scales))
-            self.bn.bias.copy_(torch.tensor([0.2, -0.3, 0.05]))
-            self.bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
-            self.bn.running_var.copy_(torch.tensor([0.5, 1.5, 0.8]))
-        self.relu_after = relu_after
-        self.to(DT).eval()
-
-    def forward(self, x):
-        t = self.bn(self.c2(torch.relu(self.c1(x))))
-        return self.fc((torch.relu(t) if self.relu_after else t).flatten(1))
-
-    def steps(self):
-        bn = self.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
-        folded = ("affine", lambda t: self.c2(t) * scale[:, None, None] + shift[:, None, None],
-                  None)
-        return ([("affine", self.c1, Epsilon(1e-6)), ("relu",), folded]
-                + ([("relu",)] if self.relu_after else [])
-                + [("affine", lambda t: self.fc(t.flatten(1)), Epsilon(1e-6))])
-
-
 @pytest.mark.parametrize("relu_after", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("scales", [[1.5, 0.7, 0.9], [1.5, -0.7, 0.9], [1.5, 0.0, 0.9]],
                          ids=["positive", "negative", "zero"])
@@ -209,47 +179,15 @@ def test_rules_through_folded_batch_norm_equal_matrix_form(rule, bias, scales, r
     """All scales positive: no folded weight (γ: the scale moves to the product's bias and the
     transposed products' input; α-β: it cancels); a scale ≤ 0 or ε = 0: the weight is folded.
     Either way the matrix-form LRP of the merged layer."""
-    net = GammaFoldNet(bias, scales, relu_after)
+    net = FoldNet(bias, scales, relu_after, first=Epsilon(1e-6), seed=54)
     torch.manual_seed(55)
     x = torch.randn(1, 2, 6, 6, dtype=DT)
-    with LRPContext({net.c1: Epsilon(1e-6), net.c2: rule, "linear": Epsilon(1e-6)}, model=net):
-        xx = x.clone().requires_grad_()
-        (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
-    got = (xx * g).detach()[0]
+    got = library_lrp(net, x, 1, {net.c1: Epsilon(1e-6), net.c2: rule, "linear": Epsilon(1e-6)})
     with torch.no_grad():
         want = hand_lrp(net.steps(), x, 1, rule)
     assert got.shape == (2, 6, 6) and want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
 
-
-def test_gamma_folded_takes_positive_scales_only():
-    """``gamma_folded`` equals γ on the folded call where every scale is positive (both output
-    signs carrying relevance), and declines (``None``) a scale ≤ 0, ε = 0, γ = 0, another
-    rule, a call without a closed form, and tensors off the CPU."""
-    torch.manual_seed(56)
-    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
-    x = torch.rand(1, 3, 5, 5, dtype=DT)  # x ≥ 0, as after a ReLU
-    call = AffineCall(F.conv2d, conv.weight, conv.bias, (1, 1), kind="conv")
-    scale = torch.tensor([0.5, 1.5, 2.0, 0.1], dtype=DT)
-    shift = torch.tensor([0.1, -0.4, 0.0, 0.3], dtype=DT)
-    folded = call.folded(scale, shift)
-    with torch.no_grad():
-        z = folded.output(x)
-        r = z * torch.randn_like(z)
-        assert bool((r[z <= 0] != 0).any())
-        got = gamma_folded(Gamma(0.25), x, call, scale, shift, z, r)
-        want = closed_gradient(Gamma(0.25), x, folded, z, r, True)
-    assert got is not None and got.shape == x.shape and got.dtype == DT
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
-    assert gamma_folded(Gamma(0.25), x, call, -scale, shift, z, r) is None
-    assert gamma_folded(Gamma(0.25), x, call, scale * torch.tensor([1.0, 0, 1, 1], dtype=DT),
-                        shift, z, r) is None
-    assert gamma_folded(Gamma(0.25, epsilon=0.0), x, call, scale, shift, z, r) is None
-    assert gamma_folded(Gamma(0.0), x, call, scale, shift, z, r) is None
-    assert gamma_folded(ZPlus(), x, call, scale, shift, z, r) is None
-    assert gamma_folded(Gamma(0.25), x, call, scale.to("meta"), shift, z, r) is None
-    same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
-    assert gamma_folded(Gamma(0.25), x, same, scale, shift, z, r) is None
 
 
 @pytest.mark.parametrize("rule", [Gamma(0.25), Gamma(0.25, epsilon=0.0), AlphaBeta(2.0, 1.0),
@@ -277,31 +215,45 @@ def test_rules_on_stacked_linear_layers_equal_matrix_form(rule):
     assert bool(got.abs().sum(1).gt(0).all())
 
 
-def test_alpha_beta_folded_takes_positive_scales_only():
-    """``alpha_beta_folded`` equals α-β on the folded call where every scale is positive, and
-    declines (``None``) a scale ≤ 0, ε = 0, another rule, a call without a closed form, and
-    tensors off the CPU."""
-    torch.manual_seed(58)
+FOLDED = {"zplus": (zplus_folded, [ZPlus(), ZPlus(epsilon=1e-3)], ZPlus(epsilon=0.0)),
+          "gamma": (gamma_folded, [Gamma(0.25), Gamma(0.1)], Gamma(0.25, epsilon=0.0)),
+          "alpha_beta": (alpha_beta_folded, [AlphaBeta(2.0, 1.0), AlphaBeta(3.0, 2.0)],
+                         AlphaBeta(2.0, 1.0, epsilon=0.0))}
+
+
+@pytest.mark.parametrize("form", sorted(FOLDED))
+def test_folded_forms_take_positive_scales_only(form):
+    """Each folded form equals its rule on the folded call where every scale is positive (both
+    output signs carrying relevance), and declines (``None``) a scale ≤ 0, ε = 0, another
+    rule, a call without a closed form, and tensors off the CPU."""
+    fn, rules, no_eps = FOLDED[form]
+    torch.manual_seed(56)
     conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
     x = torch.rand(2, 3, 5, 5, dtype=DT)  # x ≥ 0, as after a ReLU
     call = AffineCall(F.conv2d, conv.weight, conv.bias, (1, 1), kind="conv")
     scale = torch.tensor([0.5, 1.5, 2.0, 0.1], dtype=DT)
     shift = torch.tensor([0.1, -0.4, 0.0, 0.3], dtype=DT)
     folded = call.folded(scale, shift)
-    for rule in (AlphaBeta(2.0, 1.0), AlphaBeta(3.0, 2.0)):
+    with torch.no_grad():
+        z = folded.output(x)
+        r = z * torch.randn_like(z)
+    assert bool((r[z <= 0] != 0).any())
+
+    def run(rule, a=scale, c=call):
         with torch.no_grad():
-            z = folded.output(x)
-            r = z * torch.randn_like(z)
-            got = alpha_beta_folded(rule, x, call, scale, shift, r)
+            return fn(rule, x, c, a, shift, z, r) if form == "gamma" else fn(rule, x, c, a,
+                                                                              shift, r)
+    for rule in rules:
+        got = run(rule)
+        with torch.no_grad():
             want = closed_gradient(rule, x, folded, z, r, True)
         assert got is not None and got.shape == x.shape and got.dtype == DT
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
-    rule = AlphaBeta(2.0, 1.0)
-    assert alpha_beta_folded(rule, x, call, -scale, shift, r) is None
-    assert alpha_beta_folded(rule, x, call, scale * torch.tensor([1.0, 0, 1, 1], dtype=DT),
-                             shift, r) is None
-    assert alpha_beta_folded(AlphaBeta(2.0, 1.0, epsilon=0.0), x, call, scale, shift, r) is None
-    assert alpha_beta_folded(Gamma(0.25), x, call, scale, shift, r) is None
-    assert alpha_beta_folded(rule, x, call, scale.to("meta"), shift, r) is None
+    assert run(rules[0], -scale) is None
+    assert run(rules[0], scale * torch.tensor([1.0, 0, 1, 1], dtype=DT)) is None
+    assert run(no_eps) is None
+    assert run(Epsilon(1e-6)) is None
+    # off the CPU (here the meta device) the sign test would wait for the device: declined
+    assert run(rules[0], scale.to("meta")) is None
     same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
-    assert alpha_beta_folded(rule, x, same, scale, shift, r) is None
+    assert run(rules[0], c=same) is None

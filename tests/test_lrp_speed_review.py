@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.lrp_matrix_form import DT, hand_lrp, hand_rule, matrix
+from tests.lrp_matrix_form import DT, FoldNet, hand_lrp, hand_rule, library_lrp, matrix
 from torchray_like.attribution.excitation_backprop import (
     contrastive_excitation_backprop,
     excitation_backprop,
@@ -198,39 +198,11 @@ def test_gamma_folded_with_tiny_scales_declines_or_is_finite(dtype, tiny):
 def test_gamma_through_batch_norm_with_a_subnormal_scale_equals_matrix_form(rule):
     """The same through a model: a batch norm whose weight is subnormal in one channel (for
     z⁺ and α-β, whose folded forms divide the bias by the scale too)."""
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(7)
-            self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
-            self.bn = nn.BatchNorm2d(3)
-            self.fc = nn.Linear(3 * 5 * 5, 2)
-            self.to(DT).eval()
-            with torch.no_grad():  # (in float64: 1e-310 is 0 in float32)
-                self.bn.weight.copy_(torch.tensor([1e-310, 0.7, 0.9], dtype=DT))
-                self.bn.bias.copy_(torch.tensor([2.0, -0.3, 0.05], dtype=DT))
-                self.bn.running_var.copy_(torch.tensor([0.5, 1.5, 0.8], dtype=DT))
-
-        def forward(self, x):
-            return self.fc(self.bn(self.c2(torch.relu(self.c1(x)))).flatten(1))
-
-        def steps(self):
-            bn = self.bn
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
-            return [("affine", self.c1, Epsilon(1e-6)), ("relu",),
-                    ("affine", lambda t: self.c2(t) * scale[:, None, None]
-                     + shift[:, None, None], None),
-                    ("affine", lambda t: self.fc(t.flatten(1)), Epsilon(1e-6))]
-
-    net = Net()
+    # (in float64: 1e-310 is 0 in float32)
+    net = FoldNet(True, [1e-310, 0.7, 0.9], relu_after=False, first=Epsilon(1e-6), seed=7)
     torch.manual_seed(8)
-    x = torch.randn(1, 2, 5, 5, dtype=DT)
-    with LRPContext({net.c1: Epsilon(1e-6), net.c2: rule, "linear": Epsilon(1e-6)}, model=net):
-        xx = x.clone().requires_grad_()
-        (g,) = torch.autograd.grad(net(xx)[:, 1].sum(), xx)
-    got = (xx * g).detach()[0]
+    x = torch.randn(1, 2, 6, 6, dtype=DT)
+    got = library_lrp(net, x, 1, {net.c1: Epsilon(1e-6), net.c2: rule, "linear": Epsilon(1e-6)})
     with torch.no_grad():
         want = hand_lrp(net.steps(), x, 1, rule)
     assert bool(torch.isfinite(got).all()) and want.abs().max() > 0
