@@ -60,16 +60,30 @@ class _Substitute(torch.autograd.Function):
         return grad, None, None
 
 
-class _RuleSubstitute(_Substitute):
+class _RuleSubstitute(torch.autograd.Function):
     """:class:`_Substitute` for a rule context: ``explicit`` holds quantities the rule keeps
     constant (CP-LRP's attention probabilities and LayerNorm σ), so its graph's derivative is
-    the rule's first-order gradient only — differentiating that gradient again raises."""
+    the rule's first-order gradient only — differentiating that gradient again raises.
+
+    ``anchor``: a one-element copy of ``explicit`` (its graph leads to the input): what
+    :func:`~.autograd_guards.first_order` ties the refusal to where the incoming gradient does
+    not depend on the input (a frozen head after the last LayerNorm), so that a second
+    derivative through ``explicit``'s graph meets it; one element, not ``explicit`` itself,
+    so as to keep no activation alive."""
+
+    @staticmethod
+    def forward(ctx: Any, explicit: torch.Tensor, holder: list, owner: Any,
+                anchor: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.owner = owner
+        if anchor is not None:
+            ctx.save_for_backward(anchor)
+        return holder.pop()
 
     @staticmethod
     @first_order("transformer LRP")  # a second derivative would miss the held constants
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
         ctx.owner.applied += 1
-        return grad, None, None
+        return grad, None, None, None
 
 
 def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -> torch.Tensor:
@@ -89,8 +103,12 @@ def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -
     value = exact.detach()
     if value is exact or value.data_ptr() == exact.data_ptr():
         value = value.clone()  # never hand autograd a tensor that is also someone's input
-    kind = _Substitute if owner is None else _RuleSubstitute
-    return kind.apply(explicit.to(exact.dtype), [value], owner)
+    explicit = explicit.to(exact.dtype)
+    if owner is None:
+        return _Substitute.apply(explicit, [value], None)
+    anchor = (explicit[(0,) * explicit.dim()].clone()
+              if explicit.requires_grad and explicit.numel() else None)
+    return _RuleSubstitute.apply(explicit, [value], owner, anchor)
 
 
 class AttentionOps:
