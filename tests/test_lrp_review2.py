@@ -174,18 +174,53 @@ class Tokens(nn.Module):
                 ("affine", lambda t: self.fc(t.flatten(1)), Epsilon(1e-6))]
 
 
-@pytest.mark.xfail(strict=True, reason="lrp.py folds a batch norm over dimension 1 into a linear "
-                   "layer on (N, T, C) as if it scaled the output features (lead: fold only "
-                   "where the layer's output channels are dimension 1)")
 @pytest.mark.parametrize("rule", [AlphaBeta(2.0, 1.0), Epsilon(1e-6)], ids=repr)
 def test_batch_norm_over_tokens_after_a_linear_layer_is_not_folded_as_features(rule):
-    net = Tokens()  # T == C: the shapes broadcast, the fold scales the wrong dimension
+    """BatchNorm1d(T) on a linear layer's ``(N, T, C)`` output scales tokens, not the layer's
+    output features: it is not folded into the layer (before: folded as if it scaled the
+    features, silently wrong with T == C) but passed as an element-wise affine map, whose
+    plain gradient is LRP-0 — the layer's rule, then LRP-0 through the batch norm."""
+    net = Tokens()  # T == C: the shapes broadcast, a fold would scale the wrong dimension
     torch.manual_seed(6)
     x = torch.randn(1, 4, 3, dtype=DT)
     got = _relevance(net, net.l1, x, 1, rule)[0]
+    steps = [("affine", net.l0, Epsilon(1e-6)), ("relu",), ("affine", net.l1, None),
+             ("affine", net.bn, Epsilon(0.0)), ("relu",),
+             ("affine", lambda t: net.fc(t.flatten(1)), Epsilon(1e-6))]
     with torch.no_grad():
-        want = hand_lrp(net.steps(), x, 1, rule)
+        want = hand_lrp(steps, x, 1, rule)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+def test_batch_norm_after_an_unbatched_convolution_is_not_folded():
+    """An unbatched conv1d's ``(C, L)`` output under BatchNorm1d(L) (dimension 1: the
+    positions): not folded into the convolution.  With LRP-0 on every layer the relevance is
+    gradient × input exactly (before: 270 % off)."""
+    torch.manual_seed(9)
+    conv, bn, fc = nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(5), nn.Linear(15, 2)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = conv, bn, fc
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).flatten())[None]
+
+    net = Unbatched().to(DT).eval()
+    x = torch.randn(2, 5, dtype=DT)
+    with LRPContext({"conv": Epsilon(0.0), "linear": Epsilon(0.0)}, model=net):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xx)[0, 1], xx)
+    xx = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(net(xx)[0, 1], xx)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(xx * g, x * plain, rtol=1e-9, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,6 +119,14 @@ def _escaped_conv(node: Any, context: "RuleContext") -> bool:
     return "conv with an activation as weight" not in context.unhandled
 
 
+def _normalises_channels(call: AffineCall, x: torch.Tensor) -> bool:
+    """Whether a batch norm of the layer output ``x`` (which normalises dimension 1) scales
+    the layer's output channels, so that it can fold into the layer: a linear layer's features
+    are dimension 1 only of a 2-D output (not of ``(N, T, C)`` tokens), a convolution's
+    channels only of a batched output (not of an unbatched ``(C, L)``)."""
+    return x.dim() == 2 if call.kind == "linear" else x.dim() == call.weight.dim()
+
+
 class LRPContext(RuleContext):
     """Inside this context, backpropagation computes layer-wise relevance (gradient form).
 
@@ -338,9 +346,9 @@ class LRPContext(RuleContext):
         entry = self._outputs.get(id(x))
         node = entry[1] if entry is not None and entry[0]() is x else None
         if node is None or node.fold is not None or node.call.kind not in ("conv", "linear") \
-                or var is None or not eps >= 0:
-            # Not after a layer: an element-wise affine map, whose plain gradient is LRP-0
-            # (F.batch_norm refuses a negative eps itself).
+                or var is None or not eps >= 0 or not _normalises_channels(node.call, x):
+            # Not after a layer, or not over its output channels: an element-wise affine map,
+            # whose plain gradient is LRP-0 (F.batch_norm refuses a negative eps itself).
             return func(*args, **kwargs)
         node.fold = bn_scale_shift(mean, var, weight, bias, eps, x.dtype)
         self.counts["batch_norm_fold"] = self.counts.get("batch_norm_fold", 0) + 1
