@@ -132,6 +132,8 @@ def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tens
     if not nonnegative:
         return _alpha_beta_signed(op, cast(AlphaBeta, rule), x, w, b, r) \
             if kind is AlphaBeta else None
+    if kind is AlphaBeta:
+        return _alpha_beta(op, cast(AlphaBeta, rule), x, w, b, r)
     wp = w.clamp(min=0)
     bp = None if b is None else b.clamp(min=0)
     if kind is ZPlus:
@@ -146,8 +148,6 @@ def closed_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, z: torch.Tens
             # The same without a bias: z⁺ + ε in one pass instead of safe_divide's four.
             return op.transpose(torch.div(r, zp.add_(eps)), wp, x)
         return op.transpose(safe_divide(r, zp, eps), wp, x)
-    if kind is AlphaBeta:
-        return _alpha_beta(op, cast(AlphaBeta, rule), x, w, wp, b, r)
     return _gamma(op, cast(Gamma, rule), x, z, w, wp, bp, r)
 
 
@@ -231,15 +231,13 @@ def alpha_beta_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torc
     if found is None or not bool((scale > 0).all()):
         return None
     op, bias = found
-    w = call.weight
     bp = bias.clamp(min=0).add_(eps).div_(scale)
     bn = bias.clamp(max=0).sub_(eps).div_(scale)
-    return _alpha_beta_stabilised(op, cast(AlphaBeta, rule), x, w.clamp(min=0), w.clamp(max=0),
-                                  bp, bn, r)
+    return _alpha_beta_stabilised(op, cast(AlphaBeta, rule), x, call.weight, bp, bn, r)
 
 
 def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
-                wp: torch.Tensor, b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+                b: Optional[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
     """α-β on ``x ≥ 0``: ``α op_{w⁺}ᵀ(R / z̃⁺) − β op_{w⁻}ᵀ(R / z̃⁻)``, ``z̃^± = op(x, w^±) + b^±``
     (both products at once over stacked output channels where that pays).
 
@@ -247,9 +245,9 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
     joins the biases of the products, and each share is one division.  (``safe_divide`` would
     add ``+ε`` where ``z̃⁻ = 0``; there every term ``x_j w⁻_j`` and ``b⁻`` is 0, so the share
     ``x_j w⁻_j R / z̃⁻`` is 0 whatever the denominator: no relevance changes.)"""
-    wn = w.clamp(max=0)
     eps = rule.epsilon
     if eps < _tiny(r.dtype):  # ε vanishes in the dtype: safe_divide masks zero denominators
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
         bp = None if b is None else b.clamp(min=0)
         bn = None if b is None else b.clamp(max=0)
         if not op.stacks(x, w):
@@ -265,22 +263,26 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
         bn = -bp
     else:
         bp, bn = b.clamp(min=0).add_(eps), b.clamp(max=0).sub_(eps)
-    return _alpha_beta_stabilised(op, rule, x, wp, wn, bp, bn, r)
+    return _alpha_beta_stabilised(op, rule, x, w, bp, bn, r)
 
 
-def _alpha_beta_stabilised(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, wp: torch.Tensor,
-                           wn: torch.Tensor, bp: torch.Tensor, bn: torch.Tensor,
-                           r: torch.Tensor) -> torch.Tensor:
-    """α-β's shares with the stabilised biases ``bp = b⁺ + ε`` and ``bn = b⁻ − ε``."""
-    shares = ((wp, bp, rule.alpha), (wn, bn, -rule.beta))
-    if not op.stacks(x, wp):
+def _alpha_beta_stabilised(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
+                           bp: torch.Tensor, bn: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """α-β's shares with the stabilised biases ``bp = b⁺ + ε`` and ``bn = b⁻ − ε`` (``w⁺`` and
+    ``w⁻`` clamped straight into the stacked weight where the products are stacked: no copy)."""
+    if not op.stacks(x, w):
+        signed = ((w.clamp(min=0), bp, rule.alpha), (w.clamp(max=0), bn, -rule.beta))
         return _transpose_sum(op, [(_share(r, factor, op.forward(x, wk, bk)), wk)
-                                   for wk, bk, factor in shares], x)
+                                   for wk, bk, factor in signed], x)
     dim = -1 if op.kind == "linear" else 1
-    ws = torch.cat([wp, wn], 0)
+    n = w.shape[0]
+    ws = w.new_empty((2 * n,) + tuple(w.shape[1:]))
+    torch.clamp(w, min=0, out=ws[:n])
+    torch.clamp(w, max=0, out=ws[n:])
     zs = op.forward(x, ws, torch.cat([bp, bn]))
+    shares = ((bp, rule.alpha), (bn, -rule.beta))
     n = r.shape[dim]
-    for k, (_, _, factor) in enumerate(shares):  # in place of z̃: no stacked copy of R
+    for k, (_, factor) in enumerate(shares):  # in place of z̃: no stacked copy of R
         _share(r, factor, zs.narrow(dim, k * n, n), out=True)
     return op.transpose(zs, ws, x)
 
