@@ -292,3 +292,45 @@ def test_attention_capture_second_derivative_equals_the_plain_models(attention):
     assert results[0][2].abs().max() > 0
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+class SoftmaxAttention(nn.Module):
+    """Self-attention written with an explicit softmax over (N, T, T) scores and no
+    LayerNorm: CP-LRP holds the probabilities constant (``_HeldConstant``), and no substitute
+    lies on the gradient's path."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.qkv, self.head = nn.Linear(6, 18), nn.Linear(6, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        probs = (q @ k.transpose(-2, -1) / 6 ** 0.5).softmax(dim=-1)
+        return self.head((probs @ v).mean(1))
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_cp_lrp_held_probabilities_refuse_a_second_derivative(frozen):
+    """Before: CP-LRP's second derivative through the held-constant probabilities was silently
+    that of the form with ``.detach()`` (``hessian`` of a model without LayerNorm: zeros or
+    None).  The first-order gradient is unchanged."""
+    model = SoftmaxAttention().eval()
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    x = torch.randn(2, 4, 6)
+    xx = x.clone().requires_grad_()
+    with TransformerLRPContext("cp-lrp") as context:
+        y = model(xx)
+        (g0,) = torch.autograd.grad(y[:, 1].sum(), xx, retain_graph=True)
+        (g,) = torch.autograd.grad(y[:, 1].sum(), xx, create_graph=True)
+    assert context.counts.get("softmax", 0) >= 1
+    assert torch.equal(g0, g.detach()) and g0.abs().max() > 0
+    # The first-order rule: the gradient with the probabilities held constant (by hand).
+    xh = x.clone().requires_grad_()
+    q, k, v = model.qkv(xh).chunk(3, dim=-1)
+    probs = (q @ k.transpose(-2, -1) / 6 ** 0.5).softmax(dim=-1).detach()
+    (want,) = torch.autograd.grad(model.head((probs @ v).mean(1))[:, 1].sum(), xh)
+    torch.testing.assert_close(g0, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(SecondOrderError, match="second derivative"):
+        torch.autograd.grad((g * g).sum(), xx)
