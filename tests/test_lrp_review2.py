@@ -334,3 +334,24 @@ def test_cp_lrp_held_probabilities_refuse_a_second_derivative(frozen):
     torch.testing.assert_close(g0, want, rtol=1e-5, atol=1e-7)
     with pytest.raises(SecondOrderError, match="second derivative"):
         torch.autograd.grad((g * g).sum(), xx)
+
+
+def test_attn_lrp_scaled_products_refuse_a_second_derivative_with_no_layer_after_them():
+    """AttnLRP's halved gradients of the two attention products, on a model with no LRP
+    layer on the gradient's path (attention of the input with itself, summed): the refusal of
+    a second derivative no longer depends on a later layer's saved input."""
+    x = torch.randn(2, 4, 6)
+
+    def model(t):
+        probs = (t @ t.transpose(-2, -1)).softmax(dim=-1)
+        return (probs @ t).sum((1, 2))
+
+    xx = x.clone().requires_grad_()
+    with TransformerLRPContext("attnlrp") as context:
+        y = model(xx)
+        (g0,) = torch.autograd.grad(y.sum(), xx, retain_graph=True)
+        (g,) = torch.autograd.grad(y.sum(), xx, create_graph=True)
+    assert context.counts.get("softmax", 0) >= 1
+    assert torch.equal(g0, g.detach()) and g0.abs().max() > 0
+    with pytest.raises(SecondOrderError, match="second derivative"):
+        torch.autograd.grad((g * g).sum(), xx)
