@@ -338,8 +338,8 @@ def test_cp_lrp_held_probabilities_refuse_a_second_derivative(frozen):
 
 def test_attn_lrp_scaled_products_refuse_a_second_derivative_with_no_layer_after_them():
     """AttnLRP's halved gradients of the two attention products, on a model with no LRP
-    layer on the gradient's path (attention of the input with itself, summed): the refusal of
-    a second derivative no longer depends on a later layer's saved input."""
+    layer on the gradient's path (attention of the input with itself, summed): a second
+    derivative is refused all the same (the scores' node ties it to the softmax's gradient)."""
     x = torch.randn(2, 4, 6)
 
     def model(t):
