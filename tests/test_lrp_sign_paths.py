@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.lrp_matrix_form import DT, FoldNet, hand_lrp, library_lrp
+from torchray_like.attribution import lrp_closed
 from torchray_like.attribution.lrp import LRPContext
 from torchray_like.attribution.lrp_closed import (
     alpha_beta_folded,
@@ -36,6 +37,13 @@ from torchray_like.attribution.lrp_rules import (
     LinearMap,
     ZPlus,
 )
+
+
+@pytest.fixture(autouse=True)
+def folded_forms_on_small_layers(monkeypatch):
+    """Reach γ's and α-β's folded forms on these small layers too (by default a small
+    weight is folded instead, ``FOLD_FIXED_COST``: the same relevance)."""
+    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)
 
 RULES = [Gamma(0.25), Gamma(0.1), Gamma(0.0), Gamma(0.25, epsilon=0.0), Gamma(0.25, epsilon=1e-2),
          Gamma(3.0), AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0), AlphaBeta(3.0, 2.0),
@@ -257,3 +265,36 @@ def test_folded_forms_take_positive_scales_only(form):
     assert run(rules[0], scale.to("meta")) is None
     same = AffineCall(F.conv2d, conv.weight, conv.bias, (1, "same"), kind="conv")
     assert run(rules[0], c=same) is None
+
+
+@pytest.mark.parametrize("form", ["gamma", "alpha_beta"])
+def test_folded_forms_leave_small_layers_to_the_folded_weight(form, monkeypatch):
+    """At the default ``FOLD_FIXED_COST`` a small layer is declined (the folded weight is
+    cheaper there) and a layer whose weight outweighs its outputs is taken; the relevance of a
+    model through both is the same to rounding."""
+    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 1 << 16)
+    fn, rules, _ = FOLDED[form]
+    torch.manual_seed(59)
+    scale = torch.rand(512, dtype=DT) + 0.5
+    shift = torch.randn(512, dtype=DT) * 0.1
+
+    def call_for(conv, x):
+        c = AffineCall(F.conv2d, conv.weight, conv.bias, (1, 1), kind="conv")
+        with torch.no_grad():
+            z = c.folded(scale[:conv.out_channels], shift[:conv.out_channels]).output(x)
+        args = (rules[0], x, c, scale[:conv.out_channels], shift[:conv.out_channels])
+        return fn(*args, z, z) if form == "gamma" else fn(*args, z)
+
+    small = nn.Conv2d(3, 4, 3, padding=1).to(DT)  # 108 weights
+    assert call_for(small, torch.rand(1, 3, 8, 8, dtype=DT)) is None
+    large = nn.Conv2d(128, 512, 3, padding=1).to(DT)  # 590 k weights, 2 k outputs
+    assert call_for(large, torch.rand(1, 128, 2, 2, dtype=DT)) is not None
+    net = FoldNet(True, [1.5, 0.7, 0.9], relu_after=False, first=Epsilon(1e-6))
+    x = torch.randn(1, 2, 6, 6, dtype=DT)
+    composite = {net.c1: Epsilon(1e-6), net.c2: rules[0], "linear": Epsilon(1e-6)}
+    weight_path = library_lrp(net, x, 1, composite)
+    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)
+    folded_path = library_lrp(net, x, 1, composite)
+    assert weight_path.abs().max() > 0
+    torch.testing.assert_close(folded_path, weight_path, rtol=1e-9,
+                               atol=1e-12 * float(weight_path.abs().max()))
