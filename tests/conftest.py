@@ -403,3 +403,13 @@ def trained_embedded_model(name):
         return em.load_embedded_model(name)
     except (em.WeightsError, FileNotFoundError) as exc:
         pytest.skip(f"weights of {name} not available: {exc}")
+
+
+@pytest.fixture
+def folded_forms_on_small_layers(monkeypatch):
+    """Reach LRP-γ's and α-β's folded forms (``lrp_closed.gamma_folded``,
+    ``alpha_beta_folded``) on small test layers too: by default a small weight is folded
+    instead (``FOLD_FIXED_COST``), which gives the same relevance by another path."""
+    from torchray_like.attribution import lrp_closed
+
+    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)

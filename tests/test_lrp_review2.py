@@ -11,19 +11,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.lrp_matrix_form import DT, hand_lrp
 from tests.transformer_models import ExplicitViT, make_vit
-from torchray_like.attribution import lrp_closed
 from torchray_like.attribution.attention import AttentionCapture
 from torchray_like.attribution.autograd_guards import SecondOrderError
 from torchray_like.attribution.lrp import LRPContext
 from torchray_like.attribution.lrp_rules import AlphaBeta, Epsilon
 from torchray_like.attribution.transformer_lrp import TransformerLRPContext
 
-
-@pytest.fixture(autouse=True)
-def folded_forms_on_small_layers(monkeypatch):
-    """Reach γ's and α-β's folded forms on these small layers too (by default a small
-    weight is folded instead, ``FOLD_FIXED_COST``: the same relevance)."""
-    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)
+# γ's and α-β's folded forms on these small layers too (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("folded_forms_on_small_layers")
 
 CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
         3: (nn.Conv3d, nn.BatchNorm3d)}

@@ -38,12 +38,8 @@ from torchray_like.attribution.lrp_rules import (
     ZPlus,
 )
 
-
-@pytest.fixture(autouse=True)
-def folded_forms_on_small_layers(monkeypatch):
-    """Reach γ's and α-β's folded forms on these small layers too (by default a small
-    weight is folded instead, ``FOLD_FIXED_COST``: the same relevance)."""
-    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)
+# γ's and α-β's folded forms on these small layers too (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("folded_forms_on_small_layers")
 
 RULES = [Gamma(0.25), Gamma(0.1), Gamma(0.0), Gamma(0.25, epsilon=0.0), Gamma(0.25, epsilon=1e-2),
          Gamma(3.0), AlphaBeta(2.0, 1.0), AlphaBeta(1.0, 0.0), AlphaBeta(3.0, 2.0),

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.lrp_matrix_form import DT, FoldNet, hand_lrp, hand_rule, library_lrp, matrix
-from torchray_like.attribution import lrp_closed
 from torchray_like.attribution.excitation_backprop import (
     contrastive_excitation_backprop,
     excitation_backprop,
@@ -30,12 +29,8 @@ from torchray_like.attribution.lrp import LRPContext
 from torchray_like.attribution.lrp_closed import closed_gradient, gamma_folded
 from torchray_like.attribution.lrp_rules import AffineCall, AlphaBeta, Epsilon, Gamma, ZPlus
 
-
-@pytest.fixture(autouse=True)
-def folded_forms_on_small_layers(monkeypatch):
-    """Reach γ's and α-β's folded forms on these small layers too (by default a small
-    weight is folded instead, ``FOLD_FIXED_COST``: the same relevance)."""
-    monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)
+# γ's and α-β's folded forms on these small layers too (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("folded_forms_on_small_layers")
 
 
 def dense_relevance(rule, call: AffineCall, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ from .autograd_guards import first_order
 from .context import RuleContext, records_gradient
 
 __all__ = ["AttentionCapture", "AttentionOps", "explicit_sdpa", "explicit_mha", "substitute",
-           "sdpa_arguments", "mha_arguments", "SOFTMAX_FUNCTIONS", "NoAttentionError",
-           "softmax_dim", "is_attention_softmax"]
+           "held_constant", "sdpa_arguments", "mha_arguments", "SOFTMAX_FUNCTIONS",
+           "NoAttentionError", "softmax_dim", "is_attention_softmax"]
 
 
 class NoAttentionError(ValueError):
@@ -60,30 +60,62 @@ class _Substitute(torch.autograd.Function):
         return grad, None, None
 
 
-class _RuleSubstitute(torch.autograd.Function):
-    """:class:`_Substitute` for a rule context: ``explicit`` holds quantities the rule keeps
-    constant (CP-LRP's attention probabilities and LayerNorm σ), so its graph's derivative is
-    the rule's first-order gradient only — differentiating that gradient again raises.
-
-    ``anchor``: a one-element copy of ``explicit`` (its graph leads to the input): what
-    :func:`~.autograd_guards.first_order` ties the refusal to where the incoming gradient does
-    not depend on the input (a frozen head after the last LayerNorm), so that a second
-    derivative through ``explicit``'s graph meets it; one element, not ``explicit`` itself,
-    so as to keep no activation alive."""
+class _Held(torch.autograd.Function):
+    """Forward: the value in ``holder``, for a rule context ``owner``.  ``anchor``: a
+    one-element copy of the input (its graph leads to the model's input), what
+    :func:`~.autograd_guards.first_order` ties its refusal of a second derivative to where the
+    incoming gradient does not depend on the input (a frozen head after the last LayerNorm);
+    one element, not the input itself, so as to keep no activation alive."""
 
     @staticmethod
-    def forward(ctx: Any, explicit: torch.Tensor, holder: list, owner: Any,
+    def forward(ctx: Any, x: torch.Tensor, holder: list, owner: Any,
                 anchor: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.owner = owner
         if anchor is not None:
             ctx.save_for_backward(anchor)
         return holder.pop()
 
+
+class _RuleSubstitute(_Held):
+    """:class:`_Substitute` for a rule context: ``explicit`` holds quantities the rule keeps
+    constant (CP-LRP's LayerNorm σ), so its graph's derivative is the rule's first-order
+    gradient only — differentiating that gradient again raises."""
+
     @staticmethod
     @first_order("transformer LRP")  # a second derivative would miss the held constants
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
         ctx.owner.applied += 1
         return grad, None, None, None
+
+
+class _HeldConstant(_Held):
+    """No gradient reaches the input (a constant, as a ``.detach()``), but the pass is
+    counted; under ``create_graph=True`` the gradient is a zero marked so that differentiating
+    it raises (the derivative of the held-constant form is not the method's)."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None]:
+        ctx.owner.applied += 1
+        if not torch.is_grad_enabled():
+            return None, None, None, None
+        return _held_constant_zero(ctx, grad)
+
+
+@first_order("transformer LRP")
+def _held_constant_zero(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
+    return torch.zeros_like(grad), None, None, None
+
+
+def _anchor(x: torch.Tensor) -> Optional[torch.Tensor]:
+    return x[(0,) * x.dim()].clone() if x.requires_grad and x.numel() else None
+
+
+def held_constant(x: torch.Tensor, value: torch.Tensor, owner: Any) -> torch.Tensor:
+    """``value`` (computed from ``x``) in the forward pass; in backward no gradient reaches
+    ``x`` — a constant, as ``value.detach()`` — but the pass is counted in ``owner.applied``
+    (the rule context), and a second derivative through it raises
+    :class:`~.autograd_guards.SecondOrderError` (CP-LRP's attention probabilities)."""
+    return _HeldConstant.apply(x, [value.detach()], owner, _anchor(x))
 
 
 def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -> torch.Tensor:
@@ -106,9 +138,7 @@ def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -
     explicit = explicit.to(exact.dtype)
     if owner is None:
         return _Substitute.apply(explicit, [value], None)
-    anchor = (explicit[(0,) * explicit.dim()].clone()
-              if explicit.requires_grad and explicit.numel() else None)
-    return _RuleSubstitute.apply(explicit, [value], owner, anchor)
+    return _RuleSubstitute.apply(explicit, [value], owner, _anchor(explicit))
 
 
 class AttentionOps:

@@ -56,6 +56,7 @@ from .attention import (
     AttentionOps,
     explicit_mha,
     explicit_sdpa,
+    held_constant,
     is_attention_softmax,
     mha_arguments,
     sdpa_arguments,
@@ -102,36 +103,6 @@ def scale_gradient(x: torch.Tensor, factor: float, owner: Any = None) -> torch.T
     """``x`` (same values) whose backward multiplies the gradient by ``factor`` (the uniform
     rule of a product of ``1/factor`` activations); ``owner.applied`` counts the passes."""
     return _ScaleGradient.apply(x, factor, owner)
-
-
-class _HeldConstant(torch.autograd.Function):
-    """``value`` in the forward pass; in backward no gradient reaches ``x`` (a constant, as a
-    ``.detach()``), but the pass is counted in ``owner.applied``.
-
-    Under ``create_graph=True`` the gradient to ``x`` is a zero marked so that differentiating
-    it raises :class:`~.autograd_guards.SecondOrderError` (the derivative of the held-constant
-    form is not the method's), tied to ``anchor``, a one-element copy of ``x`` whose graph
-    leads to the input (the incoming gradient may not depend on it)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, holder: list, owner: Any,
-                anchor: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.owner = owner
-        if anchor is not None:
-            ctx.save_for_backward(anchor)
-        return holder.pop()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None]:
-        ctx.owner.applied += 1
-        if not torch.is_grad_enabled():
-            return None, None, None, None
-        return _held_constant_zero(ctx, grad)
-
-
-@first_order("transformer LRP")
-def _held_constant_zero(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
-    return torch.zeros_like(grad), None, None, None
 
 
 class IdentityRuleFunction(torch.autograd.Function):
@@ -338,8 +309,7 @@ class TransformerLRPContext(LRPContext):
         if is_attention_softmax(x, softmax_dim(args, kwargs)):
             self.count("softmax")
             # CP-LRP: attention probabilities held constant (a counted ``.detach()``)
-            anchor = x[(0,) * x.dim()].clone() if x.numel() else None
-            return _HeldConstant.apply(x, [out.detach()], self, anchor)
+            return held_constant(x, out, self)
         self.unhandle("softmax that is not attention over a square (…, T, T) or (N, heads, L, S) "
                       "score tensor "
                       "(an output layer? plain gradient)")
