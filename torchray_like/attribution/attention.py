@@ -44,24 +44,8 @@ class NoAttentionError(ValueError):
     """The model computed no attention the capture could read."""
 
 
-class _Substitute(torch.autograd.Function):
-    """Forward: the model's own value (``holder[0]``); backward: the gradient flows to
-    ``explicit`` as if it had been returned."""
-
-    @staticmethod
-    def forward(ctx: Any, explicit: torch.Tensor, holder: list, owner: Any) -> torch.Tensor:
-        ctx.owner = owner
-        return holder.pop()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
-        if ctx.owner is not None:
-            ctx.owner.applied += 1  # the rule contexts count backward passes through rules
-        return grad, None, None
-
-
 class _Held(torch.autograd.Function):
-    """Forward: the value in ``holder``, for a rule context ``owner``.  ``anchor``: a
+    """Forward: the value in ``holder``, for a rule context ``owner`` (or none).  ``anchor``: a
     one-element copy of the input (its graph leads to the model's input), what
     :func:`~.autograd_guards.first_order` ties its refusal of a second derivative to where the
     incoming gradient does not depend on the input (a frozen head after the last LayerNorm);
@@ -74,6 +58,15 @@ class _Held(torch.autograd.Function):
         if anchor is not None:
             ctx.save_for_backward(anchor)
         return holder.pop()
+
+
+class _Substitute(_Held):
+    """Forward: the model's own value (``holder[0]``); backward: the gradient flows to
+    ``explicit`` as if it had been returned (no rule context: no ``owner``, no ``anchor``)."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
 
 
 class _RuleSubstitute(_Held):
@@ -137,7 +130,7 @@ def substitute(explicit: torch.Tensor, exact: torch.Tensor, owner: Any = None) -
         value = value.clone()  # never hand autograd a tensor that is also someone's input
     explicit = explicit.to(exact.dtype)
     if owner is None:
-        return _Substitute.apply(explicit, [value], None)
+        return _Substitute.apply(explicit, [value], None, None)
     return _RuleSubstitute.apply(explicit, [value], owner, _anchor(explicit))
 
 

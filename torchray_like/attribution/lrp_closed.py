@@ -46,8 +46,8 @@ from .lrp_rules import (
     safe_divide,
 )
 
-__all__ = ["FOLD_FIXED_COST", "alpha_beta_folded", "closed_gradient", "gamma_folded",
-           "rectified", "zplus_folded"]
+__all__ = ["FOLD_FIXED_COST", "alpha_beta_folded", "closed_gradient", "folded_gradient",
+           "gamma_folded", "rectified", "zplus_folded"]
 
 # Autograd nodes whose output is >= 0 and whose gradient is zero where the output is zero.
 _RECTIFIERS = frozenset({"ReluBackward0"})
@@ -75,26 +75,25 @@ def rectified(x: torch.Tensor) -> bool:
     return False
 
 
-# dtype -> torch.finfo(dtype).tiny (finfo is slow to build for each layer)
-_TINY: Dict[torch.dtype, float] = {}
+# dtype -> (torch.finfo(dtype).tiny, torch.finfo(dtype).max / 16) (finfo is slow to build for
+# each layer; max / 16 bounds a shift whose sums with the values stay finite)
+_LIMITS: Dict[torch.dtype, Tuple[float, float]] = {}
+
+
+def _limits(dtype: torch.dtype) -> Tuple[float, float]:
+    limits = _LIMITS.get(dtype)
+    if limits is None:
+        info = torch.finfo(dtype)
+        limits = _LIMITS[dtype] = (float(info.tiny), float(info.max) / 16)
+    return limits
 
 
 def _tiny(dtype: torch.dtype) -> float:
-    tiny = _TINY.get(dtype)
-    if tiny is None:
-        tiny = _TINY[dtype] = float(torch.finfo(dtype).tiny)
-    return tiny
-
-
-# dtype -> torch.finfo(dtype).max / 16: bounds a shift whose sums with the values stay finite
-_HUGE: Dict[torch.dtype, float] = {}
+    return _limits(dtype)[0]
 
 
 def _huge(dtype: torch.dtype) -> float:
-    huge = _HUGE.get(dtype)
-    if huge is None:
-        huge = _HUGE[dtype] = float(torch.finfo(dtype).max) / 16
-    return huge
+    return _limits(dtype)[1]
 
 
 def _transpose_sum(op: LinearMap, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
@@ -171,6 +170,23 @@ def _fold(call: AffineCall, x: torch.Tensor, scale: torch.Tensor, shift: torch.T
     if op is None or op.kind == "conv_transpose":
         return None
     return op, shift if call.bias is None else torch.addcmul(shift, call.bias, scale)
+
+
+def folded_gradient(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Tensor,
+                    shift: torch.Tensor, z: torch.Tensor, r: torch.Tensor
+                    ) -> Optional[torch.Tensor]:
+    """The rule's gradient on ``x ≥ 0`` of ``call`` followed by a batch norm ``y ↦ a ⊙ y + c``
+    folded into it (``z`` the folded output), without building the folded weight —
+    :func:`zplus_folded`, :func:`gamma_folded` or :func:`alpha_beta_folded` by the rule — or
+    ``None`` where none applies (the caller folds the weight)."""
+    kind = type(rule)
+    if kind is ZPlus:
+        return zplus_folded(rule, x, call, scale, shift, r)
+    if kind is Gamma:
+        return gamma_folded(rule, x, call, scale, shift, z, r)
+    if kind is AlphaBeta:
+        return alpha_beta_folded(rule, x, call, scale, shift, r)
+    return None
 
 
 def zplus_folded(rule: Rule, x: torch.Tensor, call: AffineCall, scale: torch.Tensor,
@@ -257,15 +273,15 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
     ``x_j w⁻_j R / z̃⁻`` is 0 whatever the denominator: no relevance changes.)"""
     eps = rule.epsilon
     if eps < _tiny(r.dtype):  # ε vanishes in the dtype: safe_divide masks zero denominators
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
         bp = None if b is None else b.clamp(min=0)
         bn = None if b is None else b.clamp(max=0)
         if not op.stacks(x, w):
+            wp, wn = w.clamp(min=0), w.clamp(max=0)
             sp = safe_divide(r, op.forward(x, wp, bp), eps) * rule.alpha
             sn = safe_divide(r, op.forward(x, wn, bn), eps) * -rule.beta
             return _transpose_sum(op, [(sp, wp), (sn, wn)], x)
         dim = -1 if op.kind == "linear" else 1
-        ws = torch.cat([wp, wn], 0)
+        ws = _signed_stack(w)
         bs = None if b is None else torch.cat([cast(torch.Tensor, bp), cast(torch.Tensor, bn)])
         return op.transpose(_ab_share(rule, r, op.forward(x, ws, bs), dim), ws, x)
     if b is None:
@@ -278,23 +294,29 @@ def _alpha_beta(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor
 
 def _alpha_beta_stabilised(op: LinearMap, rule: AlphaBeta, x: torch.Tensor, w: torch.Tensor,
                            bp: torch.Tensor, bn: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """α-β's shares with the stabilised biases ``bp = b⁺ + ε`` and ``bn = b⁻ − ε`` (``w⁺`` and
-    ``w⁻`` clamped straight into the stacked weight where the products are stacked: no copy)."""
+    """α-β's shares with the stabilised biases ``bp = b⁺ + ε`` and ``bn = b⁻ − ε``."""
     if not op.stacks(x, w):
         signed = ((w.clamp(min=0), bp, rule.alpha), (w.clamp(max=0), bn, -rule.beta))
         return _transpose_sum(op, [(_share(r, factor, op.forward(x, wk, bk)), wk)
                                    for wk, bk, factor in signed], x)
     dim = -1 if op.kind == "linear" else 1
-    n = w.shape[0]
-    ws = w.new_empty((2 * n,) + tuple(w.shape[1:]))
-    torch.clamp(w, min=0, out=ws[:n])
-    torch.clamp(w, max=0, out=ws[n:])
+    ws = _signed_stack(w)
     zs = op.forward(x, ws, torch.cat([bp, bn]))
     shares = ((bp, rule.alpha), (bn, -rule.beta))
     n = r.shape[dim]
     for k, (_, factor) in enumerate(shares):  # in place of z̃: no stacked copy of R
         _share(r, factor, zs.narrow(dim, k * n, n), out=True)
     return op.transpose(zs, ws, x)
+
+
+def _signed_stack(w: torch.Tensor) -> torch.Tensor:
+    """``[w⁺; w⁻]`` over the output channels, clamped straight into place (no concatenated
+    copy)."""
+    n = w.shape[0]
+    ws = w.new_empty((2 * n,) + tuple(w.shape[1:]))
+    torch.clamp(w, min=0, out=ws[:n])
+    torch.clamp(w, max=0, out=ws[n:])
+    return ws
 
 
 def _share(r: torch.Tensor, factor: float, z: torch.Tensor, out: bool = False) -> torch.Tensor:

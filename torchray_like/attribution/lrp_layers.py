@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .autograd_guards import first_order
-from .lrp_closed import alpha_beta_folded, closed_gradient, gamma_folded, zplus_folded
+from .lrp_closed import closed_gradient, folded_gradient
 from .lrp_rules import AffineCall, ModifiedWeightError, Rule, compute_dtype
 
 __all__ = ["LayerNode", "LRPFunction", "BatchNormFoldFunction", "batch_norm_args",
@@ -111,12 +111,8 @@ def _rule_gradient(x: torch.Tensor, node: LayerNode, g: torch.Tensor,
         zc = node.output(z)
         r = zc * g
         if node.rectified:
-            scale, shift = cast(Tuple[torch.Tensor, torch.Tensor], node.fold)
-            fast = zplus_folded(rule, x, node.call, scale, shift, r)
-            if fast is None:
-                fast = gamma_folded(rule, x, node.call, scale, shift, zc, r)
-            if fast is None:
-                fast = alpha_beta_folded(rule, x, node.call, scale, shift, r)
+            fast = folded_gradient(rule, x, node.call,
+                                   *cast(Tuple[torch.Tensor, torch.Tensor], node.fold), zc, r)
             if fast is not None:
                 return fast
         call = node.folded()

@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["ModifiedWeightError", "AffineCall", "LinearMap", "linear_map", "share_terms", "Rule",
            "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "stabilize",
-           "safe_divide", "scalar_like", "compute_dtype", "scale_shift", "share", "RULES"]
+           "safe_divide", "compute_dtype", "scale_shift", "share", "RULES"]
 
 
 class ModifiedWeightError(ValueError, RuntimeError):
@@ -65,7 +65,7 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     # values as z + where(z >= 0, ε, -ε), in fewer passes over z (no where of two numbers;
     # ε a 0-dimensional tensor of z's dtype that copysign broadcasts, not a filled copy).
     z0 = z + 0.0
-    signed = torch.copysign(scalar_like(epsilon, z0), z0)
+    signed = torch.copysign(_scalar(epsilon, z0), z0)
     # In place, unless autograd records it (copysign keeps its output for backward).
     return signed + z0 if z0.requires_grad else signed.add_(z0)
 
@@ -73,9 +73,7 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 _SCALARS: dict = {}  # (value, dtype, device) -> 0-dimensional tensor (constants, never written)
 
 
-def scalar_like(value: float, like: torch.Tensor) -> torch.Tensor:
-    """``value`` as a cached 0-dimensional tensor of ``like``'s dtype and device (a constant
-    that broadcasts without a filled copy; never write into it)."""
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     key = (value, like.dtype, like.device)
     t = _SCALARS.get(key)
     if t is None:
