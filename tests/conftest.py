@@ -413,3 +413,19 @@ def folded_forms_on_small_layers(monkeypatch):
     from torchray_like.attribution import lrp_closed
 
     monkeypatch.setattr(lrp_closed, "FOLD_FIXED_COST", 0)
+
+
+@contextlib.contextmanager
+def channel_zeroed(module: torch.nn.Module, k: int):
+    """Inside the block, ``module``'s output has channel ``k`` set to zero (a forward hook
+    that returns a copy): the ablated forward pass of Ablation-CAM's hand references."""
+    def zero(_module, _inputs, out):
+        out = out.clone()
+        out[:, k] = 0
+        return out
+
+    handle = module.register_forward_hook(zero)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from torchray_like.attribution import METHODS
 
+from .conftest import channel_zeroed
+
 
 class Counting(nn.Conv2d):
     """A convolution that counts the rows it computes (its forward, not its hooks)."""
@@ -58,15 +60,8 @@ def brute_force(model: Net, x: torch.Tensor, target: int) -> torch.Tensor:
             clean = model(xi)[0, target]
             drops = []
             for k in range(act.shape[1]):
-                def zero(m, a, o, k=k):
-                    o = o.clone()
-                    o[:, k] = 0
-                    return o
-                handle = model.block.register_forward_hook(zero)
-                try:
+                with channel_zeroed(model.block, k):
                     drops.append((clean - model(xi)[0, target]) / clean.abs())
-                finally:
-                    handle.remove()
             w = torch.stack(drops)
             maps.append(F.relu((w[:, None, None] * act[0]).sum(0, keepdim=True)))
     return torch.stack(maps)

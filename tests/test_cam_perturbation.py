@@ -13,7 +13,14 @@ from torchray_like.attribution.ablation_cam import ablation_cam, ablation_weight
 from torchray_like.attribution.registry import METHODS
 from torchray_like.attribution.score_cam import LayerActivation, score_cam, score_cam_masks
 
-from .conftest import ConvNet, assert_same_state, inputs, primed_model_and_input, snapshot
+from .conftest import (
+    ConvNet,
+    assert_same_state,
+    channel_zeroed,
+    inputs,
+    primed_model_and_input,
+    snapshot,
+)
 
 METHODS_HERE = {"score_cam": score_cam, "ablation_cam": ablation_cam}
 LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -62,16 +69,8 @@ def direct_ablation_cam(model, x, classes, layer):
         y = pick(out, c).double()
         drops = []
         for k in range(a.shape[1]):
-            def zero(m, args, o, k=k):
-                o = o.clone()
-                o[:, k] = 0
-                return o
-            handle = module.register_forward_hook(zero)
-            try:
-                with torch.no_grad():
-                    drops.append((y - pick(model(x[i:i + 1]), c).double()) / y.abs())
-            finally:
-                handle.remove()
+            with channel_zeroed(module, k), torch.no_grad():
+                drops.append((y - pick(model(x[i:i + 1]), c).double()) / y.abs())
         w = torch.stack(drops)
         maps.append((w.view(-1, *[1] * (a.dim() - 2)) * a[0].double()).sum(0).clamp(min=0))
     return torch.stack(maps)[:, None]

@@ -58,7 +58,13 @@ from torchray_like.attribution.context import NoRuleAppliedError
 from torchray_like.attribution.layer_choice import find_saliency_layer
 from torchray_like.attribution.registry import METHODS
 
-from .conftest import RefDeconvReLU, RefGuidedReLU, hook_reference, reference_map
+from .conftest import (
+    RefDeconvReLU,
+    RefGuidedReLU,
+    channel_zeroed,
+    hook_reference,
+    reference_map,
+)
 from .test_cam_parity import PGC_CLASSES, Scaled, pgc_view
 from .zoo_models import ZOO, zoo_input
 
@@ -382,16 +388,8 @@ def hand_zero_ablation(model: nn.Module, x: torch.Tensor, target: List[int],
         y = model(x)[0, target[0]]
     weights = []
     for k in range(a.shape[1]):
-        def zero(_module, _inputs, out, k=k):
-            out = out.clone()
-            out[:, k] = 0
-            return out
-        handle = module.register_forward_hook(zero)
-        try:
-            with torch.no_grad():
-                weights.append((y - model(x)[0, target[0]]) / y)
-        finally:
-            handle.remove()
+        with channel_zeroed(module, k), torch.no_grad():
+            weights.append((y - model(x)[0, target[0]]) / y)
     return (torch.stack(weights)[None, :, None, None] * a).sum(1, keepdim=True).clamp(min=0)
 
 
